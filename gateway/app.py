@@ -1,0 +1,149 @@
+"""The gateway application: OAuth2 endpoints, the REST API, middleware and error handling."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway import store
+from gateway.errors import ApiError, error_response
+from gateway.routes import audit, documents, oauth, patients, workflows
+from gateway.smart import AuthorizationServer
+from hie.audit.v1 import audit_pb2_grpc
+from hie.consent.v1 import consent_pb2_grpc
+from hie.mpi.v1 import mpi_pb2_grpc
+from hie.referral.v1 import referral_pb2_grpc
+from hie.registry.v1 import registry_pb2_grpc
+from hie.teleconsult.v1 import teleconsult_pb2_grpc
+from services.shared import migrations
+from services.shared.auth import TokenVerifier
+from services.shared.clients import open_channel
+from services.shared.config import Settings
+from services.shared.db import engine_for, session_factory
+from services.shared.keys import load_private_key
+from services.shared.tracing import current_trace_ids
+
+_log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+@dataclass
+class ServiceStubs:
+    mpi: mpi_pb2_grpc.PatientIndexStub
+    registry: registry_pb2_grpc.DocumentRegistryStub
+    consent: consent_pb2_grpc.ConsentDecisionPointStub
+    referral: referral_pb2_grpc.ReferralsStub
+    teleconsult: teleconsult_pb2_grpc.TeleconsultationsStub
+    audit: audit_pb2_grpc.AuditLogStub
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway for the services named in `settings.targets`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = engine_for(settings, "gateway")
+        await migrations.upgrade(
+            engine, schema=settings.schema_for("gateway"), versions=MIGRATIONS, metadata=store.metadata
+        )
+        sessions = session_factory(engine)
+        channels = {name: open_channel(target) for name, target in settings.targets.items()}
+        app.state.settings = settings
+        app.state.sessions = sessions
+        app.state.verifier = TokenVerifier(settings.trusted_jwks_file)
+        app.state.authorization = AuthorizationServer(
+            sessions=sessions,
+            signing_key=load_private_key(settings.gateway_signing_key_file),
+            issuer=settings.public_url,
+        )
+        app.state.stubs = ServiceStubs(
+            mpi=mpi_pb2_grpc.PatientIndexStub(channels["mpi"]),
+            registry=registry_pb2_grpc.DocumentRegistryStub(channels["registry"]),
+            consent=consent_pb2_grpc.ConsentDecisionPointStub(channels["consent"]),
+            referral=referral_pb2_grpc.ReferralsStub(channels["referral"]),
+            teleconsult=teleconsult_pb2_grpc.TeleconsultationsStub(channels["teleconsult"]),
+            audit=audit_pb2_grpc.AuditLogStub(channels["audit"]),
+        )
+        app.state.channels = channels
+        try:
+            yield
+        finally:
+            for channel in channels.values():
+                await channel.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Regional Health Information Exchange",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.include_router(oauth.router)
+    app.include_router(patients.router)
+    app.include_router(documents.router)
+    app.include_router(workflows.router)
+    app.include_router(audit.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        channels: dict[str, grpc.aio.Channel] = request.app.state.channels
+        states = {name: ch.get_state(try_to_connect=True).name for name, ch in channels.items()}
+        down = [n for n, s in states.items() if s in {"TRANSIENT_FAILURE", "SHUTDOWN"}]
+        return JSONResponse(
+            {"status": "degraded" if down else "ready", "down": down}, status_code=503 if down else 200
+        )
+
+    @app.middleware("http")
+    async def trace_and_security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response: Response = await call_next(request)
+        trace_id, span_id = current_trace_ids()
+        if trace_id:
+            response.headers["X-Trace-Id"] = trace_id
+            # W3C Trace Context Level 2 response header.
+            response.headers["traceresponse"] = f"00-{trace_id}-{span_id}-01"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = response.headers.get("Cache-Control", "no-store")
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Pydantic's own messages echo the input (possibly patient data): name the fields only.
+        fields = sorted({".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in exc.errors()})
+        return error_response(
+            request, ApiError(400, "invalid-request", "invalid fields: " + ", ".join(fields))
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {404: "no-route", 405: "method-not-allowed"}.get(exc.status_code, "http")
+        return error_response(request, ApiError(exc.status_code, reason, "request not served"))
+
+    @app.exception_handler(Exception)
+    async def unhandled(request: Request, exc: Exception) -> JSONResponse:
+        _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return error_response(request, ApiError(500, "internal", "the exchange could not complete this"))
+
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
+    return app

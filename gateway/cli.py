@@ -1,0 +1,236 @@
+"""`hie`: run the exchange, register member organisations, run the demo, check the audit chain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import httpx
+import typer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
+from services.shared.errors import DomainError
+from services.shared.keys import ensure_exchange_keys
+
+app = typer.Typer(help="Regional health information exchange.", no_args_is_help=True, add_completion=False)
+org_app = typer.Typer(help="Member organisations and their OAuth2 clients.", no_args_is_help=True)
+keys_app = typer.Typer(help="The exchange's own signing keys.", no_args_is_help=True)
+audit_app = typer.Typer(help="The exchange audit log.", no_args_is_help=True)
+app.add_typer(org_app, name="org")
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+
+DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]
+DatabaseUrl = Annotated[
+    str,
+    typer.Option(
+        envvar="HIE_DATABASE_URL", help="postgresql+asyncpg://… (default: SQLite files in the data dir)"
+    ),
+]
+_STATE_FILE = "up.json"
+
+
+def _settings(data_dir: Path, database_url: str = "") -> Settings:
+    env = dict(os.environ)
+    env["HIE_DATA_DIR"] = str(data_dir)
+    if database_url:
+        env["HIE_DATABASE_URL"] = database_url
+    return Settings.from_env(env)
+
+
+@keys_app.command("init")
+def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/keys")) -> None:
+    """Create the gateway's and the platform's signing keys and the trusted JWKS (kept if present)."""
+    for name, path in ensure_exchange_keys(directory).items():
+        typer.echo(f"{name}: {path}")
+
+
+@org_app.command("add")
+def org_add(
+    id: Annotated[str, typer.Option("--id", help="Organisation id, e.g. the institution code")],
+    name: Annotated[str, typer.Option("--name")],
+    type: Annotated[str, typer.Option("--type", help="hospital | authority | platform-admin")],
+    jwks_file: Annotated[Path, typer.Option("--jwks", exists=True, dir_okay=False, help="Public JWKS file")],
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Register a member institution and its public key(s); prints its OAuth2 client id."""
+    from gateway.organizations import register_organization
+
+    try:
+        jwks = json.loads(jwks_file.read_text(encoding="utf-8"))
+        org = asyncio.run(
+            register_organization(
+                _settings(data_dir, database_url), org_id=id, name=name, type=type, jwks=jwks
+            )
+        )
+    except (DomainError, json.JSONDecodeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(org.client_id)
+
+
+@org_app.command("list")
+def org_list(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl = "") -> None:
+    """List member organisations with their client ids."""
+    from gateway.organizations import list_organizations
+
+    for org in asyncio.run(list_organizations(_settings(data_dir, database_url))):
+        typer.echo(f"{org.id}\t{org.type}\t{org.status}\t{org.client_id}\t{org.name}")
+
+
+def _wait_for_service(target: str, deadline: float) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(target)
+            time.sleep(0.2)
+
+
+def _wait_for_gateway(url: str, deadline: float) -> None:
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.2)
+
+
+@app.command()
+def up(
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+    gateway_port: Annotated[int, typer.Option(help="Gateway HTTP port")] = GATEWAY_PORT,
+    service_base_port: Annotated[int, typer.Option(help="First of six consecutive gRPC ports")] = 7101,
+    exporter: Annotated[str, typer.Option(envvar="HIE_OTEL_EXPORTER", help="none | console | otlp")] = "none",
+) -> None:
+    """Start the six services and the gateway as separate processes on loopback; Ctrl-C stops them."""
+    data_dir = data_dir.resolve()
+    keys = ensure_exchange_keys(data_dir / "keys")
+    targets = {name: f"127.0.0.1:{service_base_port + i}" for i, name in enumerate(SERVICE_PORTS)}
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    env = {
+        **os.environ,
+        "HIE_DATA_DIR": str(data_dir),
+        "HIE_TRUSTED_JWKS_FILE": str(keys["trusted"]),
+        "HIE_GATEWAY_SIGNING_KEY_FILE": str(keys["gateway"]),
+        "HIE_SERVICE_SIGNING_KEY_FILE": str(keys["platform"]),
+        "HIE_PUBLIC_URL": gateway_url,
+        "HIE_OTEL_EXPORTER": exporter,
+        **{f"HIE_{name.upper()}_TARGET": target for name, target in targets.items()},
+    }
+    if database_url:
+        env["HIE_DATABASE_URL"] = database_url
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def stop_all(*_: object) -> None:
+        for _name, proc in processes:
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc in processes:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        # Audit first: every other service relays its audit events there.
+        for name in ("audit", "mpi", "consent", "registry", "referral", "teleconsult"):
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module names
+                [sys.executable, "-m", f"services.{name}"], env={**env, "HIE_LISTEN": targets[name]}
+            )
+            processes.append((name, proc))
+        deadline = time.monotonic() + 60
+        for name, proc in processes:
+            _wait_for_service(targets[name], deadline)
+            typer.echo(f"{name:<12} serving on {targets[name]} (pid {proc.pid})")
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], env={**env, "HIE_LISTEN": f"127.0.0.1:{gateway_port}"}
+        )
+        processes.append(("gateway", gateway))
+        _wait_for_gateway(gateway_url, deadline)
+        (data_dir / _STATE_FILE).write_text(
+            json.dumps({"gateway_url": gateway_url, "database_url": database_url, "pid": os.getpid()})
+        )
+        typer.echo(f"gateway      {gateway_url} (pid {gateway.pid})")
+        typer.echo(f"exchange up: {gateway_url}   (run `hie demo` in another terminal; Ctrl-C stops)")
+        while all(proc.poll() is None for _n, proc in processes):
+            time.sleep(0.5)
+        failed = [name for name, proc in processes if proc.poll() is not None]
+        typer.echo(f"stopped unexpectedly: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+    except TimeoutError as exc:
+        typer.echo(f"did not become healthy in time: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("stopping…")
+    finally:
+        stop_all()
+        (data_dir / _STATE_FILE).unlink(missing_ok=True)
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = Path(".hie"),
+    gateway_url: Annotated[str, typer.Option(help="Default: the running `hie up`")] = "",
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Run one real exchange between two new hospitals against a running `hie up`."""
+    from gateway.demo import DemoFailed, run_demo
+
+    state_file = data_dir / _STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    url = gateway_url or state.get("gateway_url")
+    if not url:
+        typer.echo("no running exchange found: start one with `hie up` (or pass --gateway-url)", err=True)
+        raise typer.Exit(2)
+    try:
+        asyncio.run(run_demo(_settings(data_dir, database_url or state.get("database_url", "")), url))
+    except (DemoFailed, httpx.HTTPError) as exc:
+        typer.echo(f"demo failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: DataDir = Path(".hie"),
+    target: Annotated[str, typer.Option(envvar="HIE_AUDIT_TARGET")] = "127.0.0.1:7106",
+) -> None:
+    """Verify the audit hash chain of a running audit service; exit 1 on a break."""
+    from hie.audit.v1 import audit_pb2, audit_pb2_grpc
+    from services.shared.auth import PlatformCredentials
+
+    credentials = PlatformCredentials.from_file(
+        data_dir / "keys" / "platform.pem", service="cli", issuer="urn:hie:cli"
+    )
+    with grpc.insecure_channel(target) as channel:
+        result = audit_pb2_grpc.AuditLogStub(channel).VerifyChain(
+            audit_pb2.VerifyChainRequest(), metadata=credentials.metadata(), timeout=600
+        )
+    if result.intact:
+        typer.echo(f"audit chain intact: {result.records_checked} records verified")
+        return
+    typer.echo(f"audit chain BROKEN at sequence {result.first_break_sequence}: {result.detail}", err=True)
+    raise typer.Exit(1)

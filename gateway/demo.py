@@ -1,0 +1,259 @@
+"""`hie demo`: one real exchange between two hospitals, through a running exchange.
+
+Hospital A (a tertiary hospital) and hospital B (a community health centre) register the
+same person under their own local ids; A registers a discharge summary; B, treating the
+patient, finds and retrieves it in one traced exchange; the regional authority reads the
+audit records of that exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from gateway.client import HospitalClient, new_traceparent
+from gateway.organizations import register_organization
+from services.shared.config import Settings
+from services.shared.keys import generate_ec_key, jwks
+
+# A synthetic resident id with a valid GB 11643 check digit (not a real person's).
+DEMO_NATIONAL_ID = "11010519491231002X"
+DISCHARGE_SUMMARY_LOINC = "18842-5"
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def discharge_summary_cda(patient_name: str) -> bytes:
+    """A small CDA R2 discharge summary with Chinese narrative."""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<ClinicalDocument xmlns="urn:hl7-org:v3">
+  <typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>
+  <code code="{DISCHARGE_SUMMARY_LOINC}" codeSystem="2.16.840.1.113883.6.1" displayName="Discharge summary"/>
+  <title>出院小结</title>
+  <recordTarget><patientRole><patient><name>{patient_name}</name></patient></patientRole></recordTarget>
+  <component><structuredBody><component><section>
+    <title>出院诊断</title><text>社区获得性肺炎，已好转。</text>
+  </section></component><component><section>
+    <title>出院医嘱</title><text>阿莫西林 0.5g 口服 每日三次，共七天；一周后社区卫生服务中心复诊。</text>
+  </section></component></structuredBody></component>
+</ClinicalDocument>
+""".encode()
+
+
+@dataclass
+class Step:
+    title: str
+    response: httpx.Response
+    details: dict[str, Any]
+
+
+class DemoReport:
+    def __init__(self, echo: bool) -> None:
+        self.echo = echo
+        self.steps: list[Step] = []
+
+    def step(
+        self, title: str, response: httpx.Response, expect: int | set[int], **details: Any
+    ) -> dict[str, Any]:
+        expected = {expect} if isinstance(expect, int) else expect
+        trace = response.headers.get("x-trace-id", "")
+        self.steps.append(Step(title, response, details))
+        if self.echo:
+            print(f"[{response.status_code}] {title}")
+            for key, value in {**details, "trace_id": trace}.items():
+                if value:
+                    print(f"      {key}: {value}")
+        if response.status_code not in expected:
+            raise DemoFailed(f"{title}: HTTP {response.status_code} {response.text[:300]}")
+        return (
+            response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        )
+
+
+async def _member(
+    settings: Settings, base_url: str, *, org_id: str, name: str, type: str, scopes: str
+) -> HospitalClient:
+    key = generate_ec_key()
+    org = await register_organization(settings, org_id=org_id, name=name, type=type, jwks=jwks(key))
+    return HospitalClient(base_url=base_url, client_id=org.client_id, key=key, scopes=scopes)
+
+
+async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> DemoReport:
+    """Run the exchange; raises DemoFailed at the first step that does not answer as expected."""
+    report = DemoReport(echo)
+    run = secrets.token_hex(3)
+    hospital_scopes = "system/Patient.crs system/DocumentReference.crs system/AuditEvent.rs"
+    a = await _member(
+        settings,
+        base_url,
+        org_id=f"hosp-a-{run}",
+        name="市第一人民医院",
+        type="hospital",
+        scopes=hospital_scopes,
+    )
+    b = await _member(
+        settings,
+        base_url,
+        org_id=f"chc-b-{run}",
+        name="城东社区卫生服务中心",
+        type="hospital",
+        scopes=hospital_scopes,
+    )
+    auditor = await _member(
+        settings,
+        base_url,
+        org_id=f"authority-{run}",
+        name="市卫生健康委员会",
+        type="authority",
+        scopes="system/AuditEvent.rs",
+    )
+    a.practitioner = {
+        "Practitioner-Id": "A-D0042",
+        "Practitioner-Name": "李医生",
+        "Practitioner-Role": "doctor",
+        "Department": "呼吸内科",
+    }
+    b.practitioner = {
+        "Practitioner-Id": "B-D0007",
+        "Practitioner-Name": "王医生",
+        "Practitioner-Role": "doctor",
+        "Department": "全科",
+    }
+    try:
+        if echo:
+            print(f"exchange: {base_url}")
+            print(f"hospital A: 市第一人民医院 client_id={a.client_id}")
+            print(f"hospital B: 城东社区卫生服务中心 client_id={b.client_id}")
+        report.step(
+            "SMART configuration", await a.http.get(f"{base_url}/.well-known/smart-configuration"), 200
+        )
+        for label, member in (("A", a), ("B", b), ("authority", auditor)):
+            token = await member.request_token()
+            body = report.step(f"token for {label} (private_key_jwt)", token, 200)
+            if echo:
+                print(f"      scope: {body.get('scope')}")
+
+        patient = {
+            "name": "张三",
+            "family": "张",
+            "given": "三",
+            "gender": "female",
+            "birth_date": "1949-12-31",
+            "national_id": DEMO_NATIONAL_ID,
+            "phones": ["13800138000"],
+            "address": {"province": "北京市", "city": "北京市", "district": "西城区", "line": "金融街 1 号"},
+        }
+        at_a = report.step(
+            "A registers the patient (local id A-MRN-0001)",
+            await a.call("POST", "/api/v1/patients", json={"local_id": "A-MRN-0001", **patient}),
+            201,
+        )
+        eid = at_a["enterprise_id"]
+        report.steps[-1].details.update(
+            enterprise_id=eid, link=at_a["link_method"], audit_event_ids=",".join(at_a["audit_event_ids"])
+        )
+        at_b = report.step(
+            "B registers the same person (local id B-7788)",
+            await b.call("POST", "/api/v1/patients", json={"local_id": "B-7788", **patient}),
+            201,
+        )
+        if echo:
+            print(f"      enterprise_id: {at_b['enterprise_id']} (link: {at_b['link_method']})")
+        if at_b["enterprise_id"] != eid:
+            raise DemoFailed("B's registration did not link to A's enterprise id")
+
+        content = discharge_summary_cda("张三")
+        registered = report.step(
+            "A registers a discharge summary (出院小结)",
+            await a.call(
+                "POST",
+                "/api/v1/documents",
+                json={
+                    "source_document_id": f"A-DS-{run}",
+                    "patient_local_id": "A-MRN-0001",
+                    "type": {
+                        "system": "http://loinc.org",
+                        "code": DISCHARGE_SUMMARY_LOINC,
+                        "display": "出院小结",
+                    },
+                    "title": "出院小结 — 呼吸内科",
+                    "mime_type": "text/xml",
+                    "sha256": hashlib.sha256(content).hexdigest(),
+                    "size": len(content),
+                    "content_base64": base64.b64encode(content).decode(),
+                },
+            ),
+            201,
+        )
+        document_id = registered["document_id"]
+        if echo:
+            print(f"      document_id: {document_id}  sha256: {registered['sha256'][:16]}…")
+            print(f"      audit_event_ids: {','.join(registered['audit_event_ids'])}")
+
+        # B's system starts one trace for the whole exchange: find, then retrieve.
+        trace_id = secrets.token_hex(16)
+        found = report.step(
+            "B finds the patient's documents across the region",
+            await b.call(
+                "GET",
+                "/api/v1/documents",
+                params={"patient_local_id": "B-7788"},
+                traceparent=new_traceparent(trace_id),
+            ),
+            200,
+        )
+        ids = [e["document_id"] for e in found["entries"]]
+        if echo:
+            print(f"      found: {ids}  audit_event_ids: {','.join(found['audit_event_ids'])}")
+        if document_id not in ids:
+            raise DemoFailed("B did not find A's discharge summary")
+        retrieved = await b.call(
+            "GET", f"/api/v1/documents/{document_id}/content", traceparent=new_traceparent(trace_id)
+        )
+        report.step(
+            "B retrieves the discharge summary",
+            retrieved,
+            200,
+            audit_event_ids=retrieved.headers.get("x-hie-audit-event-id", ""),
+        )
+        if hashlib.sha256(retrieved.content).hexdigest() != registered["sha256"]:
+            raise DemoFailed("retrieved content does not match the registered hash")
+        if echo:
+            print(
+                f"      content verified: {len(retrieved.content)} bytes,"
+                f" Repr-Digest {retrieved.headers.get('repr-digest')}"
+            )
+            print(f"      exchange trace id: {trace_id}")
+
+        events: list[dict[str, Any]] = []
+        for _ in range(50):
+            listed = await auditor.call(
+                "GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit"
+            )
+            events = listed.json().get("events", []) if listed.status_code == 200 else []
+            if {"document.query", "document.retrieve"} <= {e["type"] for e in events}:
+                break
+            await asyncio.sleep(0.1)
+        report.step("authority reads the exchange's audit trail", listed, 200)
+        for event in events:
+            if echo:
+                print(
+                    f"      #{event['sequence']} {event['type']:<20} {event['organization_id']:<18}"
+                    f" {event['source_service']:<9} {event['event_id']} hash={event['hash'][:12]}…"
+                )
+        if not {"document.query", "document.retrieve"} <= {e["type"] for e in events}:
+            raise DemoFailed("the exchange's audit records did not arrive")
+        if echo:
+            print("demo exchange completed")
+        return report
+    finally:
+        for member in (a, b, auditor):
+            await member.aclose()

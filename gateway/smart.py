@@ -1,0 +1,195 @@
+"""SMART Backend Services authorization (OAuth2 client credentials with RFC 7523 JWT
+client assertions) and the access tokens the exchange issues."""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway import store
+from services.shared.config import TOKEN_AUDIENCE
+from services.shared.keys import PrivateKey, algorithm_for, public_jwk
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# SMART Backend Services: clients SHALL support RS384 or ES384; RS256 / ES256 are accepted too.
+ASSERTION_ALGORITHMS = ["RS384", "ES384", "RS256", "ES256"]
+# SMART: "exp ... SHALL be no more than five minutes in the future".
+MAX_ASSERTION_LIFETIME = 300
+ACCESS_TOKEN_LIFETIME = 300
+_LEEWAY = 5
+
+# What each kind of member may be granted (SMART v2 scopes).
+ALLOWED_SCOPES: dict[str, tuple[str, ...]] = {
+    "hospital": (
+        "system/Patient.crus",
+        "system/DocumentReference.crus",
+        "system/Binary.r",
+        "system/Consent.cruds",
+        "system/ServiceRequest.crus",
+        "system/Task.crus",
+        "system/AuditEvent.rs",
+    ),
+    "authority": ("system/AuditEvent.rs", "system/Patient.rs", "system/DocumentReference.rs"),
+    "platform-admin": ("system/Patient.rs", "system/AuditEvent.rs"),
+}
+
+
+class OAuthError(Exception):
+    """RFC 6749 §5.2 error response: its code and HTTP status travel with it."""
+
+    def __init__(self, error: str, description: str, *, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: str
+    expires_in: int
+    scope: str
+
+    def response(self) -> dict[str, Any]:
+        return {
+            "access_token": self.access_token,
+            "token_type": "bearer",
+            "expires_in": self.expires_in,
+            "scope": self.scope,
+        }
+
+
+def _parse_scope(scope: str) -> tuple[str, str, str]:
+    context, _, rest = scope.partition("/")
+    resource, _, perms = rest.partition(".")
+    return context, resource, perms
+
+
+def grant_scopes(requested: str, org_type: str) -> list[str]:
+    """Each requested scope is granted if an allowed scope of the same resource covers its
+    permissions; anything else is dropped (RFC 6749 §3.3 lets the server narrow scope)."""
+    allowed = [_parse_scope(s) for s in ALLOWED_SCOPES.get(org_type, ())]
+    granted = []
+    for scope in dict.fromkeys(requested.split()):
+        context, resource, perms = _parse_scope(scope)
+        if context != "system" or not perms or not set(perms) <= set("cruds"):
+            continue
+        if any(res == resource and set(perms) <= set(p) for _, res, p in allowed):
+            granted.append(scope)
+    return granted
+
+
+class AuthorizationServer:
+    """Verifies client assertions against registered keys and issues access tokens."""
+
+    def __init__(
+        self, *, sessions: async_sessionmaker[AsyncSession], signing_key: PrivateKey, issuer: str
+    ) -> None:
+        self._sessions = sessions
+        self._key = signing_key
+        self._kid = public_jwk(signing_key)["kid"]
+        self._alg = algorithm_for(signing_key)
+        self.issuer = issuer
+        self.token_endpoint = f"{issuer}/oauth2/token"
+
+    async def issue(self, form: dict[str, str]) -> IssuedToken:
+        if form.get("grant_type") != "client_credentials":
+            raise OAuthError("unsupported_grant_type", "grant_type must be client_credentials")
+        if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            raise OAuthError("invalid_request", "client_assertion_type must be jwt-bearer")
+        assertion = form.get("client_assertion", "")
+        if not assertion:
+            raise OAuthError("invalid_request", "client_assertion is required")
+        try:
+            header = jwt.get_unverified_header(assertion)
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise OAuthError("invalid_client", "client assertion is not a valid JWT", status=401) from None
+        if header.get("alg") not in ASSERTION_ALGORITHMS:
+            raise OAuthError("invalid_client", "client assertion algorithm not accepted", status=401)
+        client_id = unverified.get("iss")
+        if not isinstance(client_id, str) or not client_id:
+            raise OAuthError("invalid_client", "client assertion has no issuer", status=401)
+        async with self._sessions() as session, session.begin():
+            org = await store.organization_by_client(session, client_id)
+            if org is None or org.status != "active":
+                raise OAuthError("invalid_client", "unknown or inactive client", status=401)
+            claims = self._verify_assertion(assertion, header, org)
+            expires_at = datetime.datetime.fromtimestamp(claims["exp"], tz=datetime.UTC)
+            if not await store.remember_assertion(
+                session, jti=str(claims["jti"])[:256], client_id=client_id, expires_at=expires_at
+            ):
+                raise OAuthError("invalid_client", "client assertion was already used", status=401)
+            scopes = grant_scopes(form.get("scope", ""), org.type)
+            if not scopes:
+                raise OAuthError("invalid_scope", "none of the requested scopes can be granted")
+            return self._access_token(org, scopes)
+
+    def _verify_assertion(
+        self, assertion: str, header: dict[str, Any], org: store.Organization
+    ) -> dict[str, Any]:
+        kid = header.get("kid")
+        candidates = [k for k in org.keys if not kid or k.get("kid") == kid]
+        if not candidates:
+            raise OAuthError("invalid_client", "no registered key matches the assertion's kid", status=401)
+        for jwk in candidates:
+            try:
+                key = jwt.PyJWK(jwk).key
+                claims = jwt.decode(
+                    assertion,
+                    key=key,
+                    algorithms=[header["alg"]],
+                    audience=self.token_endpoint,
+                    issuer=org.client_id,
+                    options={"require": ["iss", "sub", "aud", "exp", "jti"]},
+                    leeway=_LEEWAY,
+                )
+            except (jwt.PyJWTError, ValueError, KeyError):
+                continue
+            if claims["sub"] != org.client_id:
+                raise OAuthError("invalid_client", "assertion sub must equal iss (the client id)", status=401)
+            if claims["exp"] > time.time() + MAX_ASSERTION_LIFETIME + _LEEWAY:
+                raise OAuthError(
+                    "invalid_client", "assertion exp is more than five minutes ahead", status=401
+                )
+            return claims
+        raise OAuthError("invalid_client", "client assertion failed verification", status=401)
+
+    def _access_token(self, org: store.Organization, scopes: list[str]) -> IssuedToken:
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "sub": org.client_id,
+            "aud": TOKEN_AUDIENCE,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ACCESS_TOKEN_LIFETIME,
+            "jti": str(uuid.uuid4()),
+            "scope": " ".join(scopes),
+            "client_id": org.client_id,
+            "org": org.id,
+            "org_type": org.type,
+        }
+        token = jwt.encode(
+            claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "at+jwt"}
+        )
+        return IssuedToken(access_token=token, expires_in=ACCESS_TOKEN_LIFETIME, scope=" ".join(scopes))
+
+    def smart_configuration(self) -> dict[str, Any]:
+        """GET /.well-known/smart-configuration (SMART App Launch 2.x, backend services subset)."""
+        return {
+            "issuer": self.issuer,
+            "jwks_uri": f"{self.issuer}/.well-known/jwks.json",
+            "token_endpoint": self.token_endpoint,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGORITHMS,
+            "scopes_supported": sorted({s for scopes in ALLOWED_SCOPES.values() for s in scopes}),
+            "capabilities": ["client-confidential-asymmetric"],
+        }

@@ -1,0 +1,89 @@
+"""The gateway's tables: member organisations with their registered keys, and used assertion ids."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import MetaData, String, Text, delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.shared.db import UtcDateTime, utcnow
+
+metadata = MetaData()
+ORGANIZATION_TYPES = ("hospital", "authority", "platform-admin")
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class Organization(Base):
+    """A member institution and its OAuth2 client registration."""
+
+    __tablename__ = "organization"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(16))
+    client_id: Mapped[str] = mapped_column(String(64), unique=True)
+    jwks: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+    @property
+    def keys(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.jwks).get("keys", []))
+
+
+class UsedAssertion(Base):
+    """RFC 7523 §3 (7): the jti of every accepted client assertion, until it expires."""
+
+    __tablename__ = "used_assertion"
+
+    jti: Mapped[str] = mapped_column(String(256), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime, index=True)
+
+
+async def add_organization(
+    session: AsyncSession, *, org_id: str, name: str, type: str, jwks: dict[str, Any]
+) -> Organization:
+    org = Organization(
+        id=org_id,
+        name=name,
+        type=type,
+        client_id=str(uuid.uuid4()),
+        jwks=json.dumps(jwks, ensure_ascii=False),
+        status="active",
+        created_at=utcnow(),
+    )
+    session.add(org)
+    await session.flush()
+    return org
+
+
+async def organization_by_client(session: AsyncSession, client_id: str) -> Organization | None:
+    return await session.scalar(select(Organization).where(Organization.client_id == client_id))
+
+
+async def list_organizations(session: AsyncSession) -> list[Organization]:
+    return list(await session.scalars(select(Organization).order_by(Organization.id)))
+
+
+async def remember_assertion(
+    session: AsyncSession, *, jti: str, client_id: str, expires_at: datetime.datetime
+) -> bool:
+    """False if the jti was seen before (a replay)."""
+    await session.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
+    try:
+        async with session.begin_nested():
+            session.add(UsedAssertion(jti=jti, client_id=client_id, expires_at=expires_at))
+            await session.flush()
+    except IntegrityError:
+        return False
+    return True

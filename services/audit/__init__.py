@@ -1,0 +1,1 @@
+"""Audit log: the exchange's append-only, hash-chained record of every exchange."""

@@ -1,0 +1,167 @@
+"""AuditLog gRPC servicer: appends to the chain, answers queries, verifies."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hie.audit.v1 import audit_pb2, audit_pb2_grpc
+from hie.common.v1 import common_pb2
+from services.audit import chain, store
+from services.shared.auth import caller
+from services.shared.db import utcnow
+from services.shared.errors import InvalidArgument, PermissionDenied
+from services.shared.process import ServiceRuntime
+
+_MAX_BATCH = 1000
+_MAX_PAGE = 500
+
+
+def _to_datetime(ts: Timestamp) -> datetime.datetime:
+    return ts.ToDatetime(tzinfo=datetime.UTC)
+
+
+def _timestamp(value: datetime.datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _fields(event: audit_pb2.AuditEvent, recorded: datetime.datetime) -> dict[str, object]:
+    if not event.event_id or len(event.event_id) > 36 or not event.type:
+        raise InvalidArgument("audit event needs an event id and a type", reason="audit-event-invalid")
+    actor = event.actor
+    return {
+        "event_id": event.event_id,
+        "occurred": _to_datetime(event.occurred) if event.HasField("occurred") else recorded,
+        "recorded": recorded,
+        "type": event.type[:64],
+        "action": int(event.action),
+        "outcome": int(event.outcome),
+        "organization_id": actor.organization_id[:64],
+        "organization_type": actor.organization_type[:16],
+        "client_id": actor.client_id[:128],
+        "practitioner_id": actor.practitioner_id[:64],
+        "practitioner_name": actor.practitioner_name[:64],
+        "role": actor.role[:32],
+        "department": actor.department[:64],
+        "purpose_of_use": actor.purpose_of_use[:32],
+        "patient_enterprise_id": event.patient_enterprise_id[:36],
+        "entities": store.entities_json([(e.type, e.id) for e in event.entities]),
+        "source_address": event.source_address[:64],
+        "trace_id": event.trace_id[:32],
+        "span_id": event.span_id[:16],
+        "source_service": event.source_service[:32],
+    }
+
+
+def event_message(record: store.AuditRecord) -> audit_pb2.AuditEvent:
+    return audit_pb2.AuditEvent(
+        event_id=record.event_id,
+        occurred=_timestamp(record.occurred),
+        type=record.type,
+        action=record.action,  # type: ignore[arg-type]
+        outcome=record.outcome,  # type: ignore[arg-type]
+        actor=common_pb2.CallerContext(
+            organization_id=record.organization_id,
+            organization_type=record.organization_type,
+            client_id=record.client_id,
+            practitioner_id=record.practitioner_id,
+            practitioner_name=record.practitioner_name,
+            role=record.role,
+            department=record.department,
+            purpose_of_use=record.purpose_of_use,
+        ),
+        patient_enterprise_id=record.patient_enterprise_id,
+        entities=[audit_pb2.EntityRef(type=e["type"], id=e["id"]) for e in json.loads(record.entities)],
+        source_address=record.source_address,
+        trace_id=record.trace_id,
+        span_id=record.span_id,
+        source_service=record.source_service,
+        sequence=record.sequence,
+        previous_hash=record.previous_hash,
+        hash=record.hash,
+        recorded=_timestamp(record.recorded),
+    )
+
+
+class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self._rt = runtime
+        # One chain: appends in this process are serialised; PostgreSQL also takes an advisory lock.
+        self._append_lock = asyncio.Lock()
+
+    async def Append(self, request: audit_pb2.AppendRequest, context: object) -> audit_pb2.AppendResponse:
+        who = caller()
+        if not who.is_platform:
+            raise PermissionDenied("only exchange services append audit events", reason="platform-only")
+        if len(request.events) > _MAX_BATCH:
+            raise InvalidArgument(f"at most {_MAX_BATCH} events per append", reason="batch-too-large")
+        recorded = utcnow()
+        fields = [_fields(e, recorded) for e in request.events]
+        appended = 0
+        async with self._append_lock, self._rt.sessions() as session, session.begin():
+            await store.lock_chain(session)
+            seen = await store.existing_event_ids(session, [f["event_id"] for f in fields])  # type: ignore[misc]
+            head = await store.chain_head(session)
+            for item in fields:
+                if item["event_id"] in seen:
+                    continue
+                seen.add(item["event_id"])  # type: ignore[arg-type]
+                record = await store.append(session, item, head)
+                head = (record.sequence, record.hash)
+                appended += 1
+        return audit_pb2.AppendResponse(appended=appended)
+
+    async def Query(self, request: audit_pb2.QueryRequest, context: object) -> audit_pb2.QueryResponse:
+        who = caller()
+        who.require_scope("AuditEvent", "r")
+        organization_id = request.organization_id
+        if who.organization_type == "hospital":
+            # A hospital reads only the records of its own requests.
+            if organization_id and organization_id != who.organization_id:
+                raise PermissionDenied("hospitals read only their own audit records", reason="audit-scope")
+            organization_id = who.organization_id
+        elif who.organization_type not in {"authority", "platform"}:
+            raise PermissionDenied("not permitted to read the audit log", reason="audit-scope")
+        size = min(request.page.page_size or 100, _MAX_PAGE)
+        try:
+            after = int(request.page.page_token or 0)
+        except ValueError:
+            raise InvalidArgument("bad page token", reason="page-token") from None
+        async with self._rt.sessions() as session:
+            rows = await store.query(
+                session,
+                trace_id=request.trace_id,
+                organization_id=organization_id,
+                patient_enterprise_id=request.patient_enterprise_id,
+                type=request.type,
+                since=_to_datetime(request.since) if request.HasField("since") else None,
+                until=_to_datetime(request.until) if request.HasField("until") else None,
+                after_sequence=after,
+                limit=size + 1,
+            )
+        more = len(rows) > size
+        rows = rows[:size]
+        return audit_pb2.QueryResponse(
+            events=[event_message(r) for r in rows],
+            page=common_pb2.PageResponse(next_page_token=str(rows[-1].sequence) if more and rows else ""),
+        )
+
+    async def VerifyChain(
+        self, request: audit_pb2.VerifyChainRequest, context: object
+    ) -> audit_pb2.VerifyChainResponse:
+        who = caller()
+        if who.organization_type not in {"authority", "platform"}:
+            raise PermissionDenied("only the authority verifies the audit chain", reason="audit-scope")
+        async with self._rt.sessions() as session:
+            verdict = chain.verify([r async for r in store.all_records(session)])
+        return audit_pb2.VerifyChainResponse(
+            intact=verdict.intact,
+            records_checked=verdict.records_checked,
+            first_break_sequence=verdict.first_break_sequence,
+            detail=verdict.detail,
+        )

@@ -1,0 +1,1 @@
+"""Consent: the exchange's single policy decision point for clinical data."""

@@ -1,0 +1,23 @@
+"""The consent service as the process runner sees it."""
+
+from pathlib import Path
+
+from hie.consent.v1 import consent_pb2, consent_pb2_grpc
+from services.consent.servicer import ConsentDecisionPointServicer
+from services.consent.store import metadata
+from services.shared.process import ServiceRuntime, ServiceSpec
+
+
+def _build(runtime: ServiceRuntime) -> list:
+    return [
+        (
+            consent_pb2_grpc.add_ConsentDecisionPointServicer_to_server,
+            ConsentDecisionPointServicer(runtime),
+            consent_pb2.DESCRIPTOR.services_by_name["ConsentDecisionPoint"].full_name,
+        )
+    ]
+
+
+SPEC = ServiceSpec(
+    name="consent", metadata=metadata, versions=Path(__file__).parent / "migrations", build=_build
+)

@@ -1,0 +1,226 @@
+"""Patient registration rules and the link decision (pure: no I/O)."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NewType
+
+from services.shared import gb11643
+from services.shared.errors import InvalidArgument
+
+EnterpriseId = NewType("EnterpriseId", str)
+
+# HL7 v2 table 0203 identifier type for a national person identifier: "NN" + ISO 3166 alpha-3.
+NATIONAL_ID_TYPE = "NNCHN"
+# The exchange's name for the resident identity card number's assigning authority.
+NATIONAL_ID_SYSTEM = "urn:hie:identifier:cn-resident-id"
+_LOCAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}$")
+_PHONE = re.compile(r"^\+?[0-9][0-9 \-]{5,19}$")
+_MAX_NAME = 64
+
+
+class Gender(StrEnum):
+    MALE = "male"
+    FEMALE = "female"
+    OTHER = "other"
+    UNKNOWN = "unknown"
+
+
+class LinkMethod(StrEnum):
+    NEW = "new"
+    NATIONAL_ID = "national-id"
+
+
+def new_enterprise_id() -> EnterpriseId:
+    return EnterpriseId(str(uuid.uuid4()))
+
+
+@dataclass(frozen=True)
+class Identifier:
+    system: str
+    value: str
+    type: str = ""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A validated patient record of one hospital domain."""
+
+    domain: str
+    local_id: str
+    name_text: str
+    family: str = ""
+    given: str = ""
+    gender: Gender = Gender.UNKNOWN
+    birth_date: datetime.date | None = None
+    national_id: str | None = None
+    phones: tuple[str, ...] = ()
+    province: str = ""
+    city: str = ""
+    district: str = ""
+    address_line: str = ""
+    postal_code: str = ""
+    identifiers: tuple[Identifier, ...] = field(default_factory=tuple)
+
+
+def _clean_text(value: str, *, what: str, limit: int) -> str:
+    text = unicodedata.normalize("NFC", value).strip()
+    if len(text) > limit:
+        raise InvalidArgument(f"{what} is longer than {limit} characters", reason=f"{what}-too-long")
+    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co"} for ch in text):
+        raise InvalidArgument(f"{what} contains control characters", reason=f"{what}-invalid")
+    return text
+
+
+def validate_local_id(local_id: str) -> str:
+    if not _LOCAL_ID.fullmatch(local_id or ""):
+        raise InvalidArgument(
+            "local id must be 1-64 letters, digits or . _ : - and start with a letter or digit",
+            reason="local-id-invalid",
+        )
+    return local_id
+
+
+def parse_birth_date(value: str, *, today: datetime.date | None = None) -> datetime.date | None:
+    if not value:
+        return None
+    try:
+        born = datetime.date.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument("birth date must be YYYY-MM-DD", reason="birth-date-invalid") from None
+    if born > (today or datetime.date.today()) or born.year < 1880:
+        raise InvalidArgument("birth date is out of range", reason="birth-date-invalid")
+    return born
+
+
+def normalize_phone(value: str) -> str:
+    text = value.strip()
+    if not _PHONE.fullmatch(text):
+        raise InvalidArgument("phone number has an invalid format", reason="phone-invalid")
+    digits = re.sub(r"[ \-]", "", text)
+    # A mainland number written with the country code is the same number.
+    return digits.removeprefix("+86") if digits.startswith("+86") else digits
+
+
+def validate_registration(
+    *,
+    domain: str,
+    local_id: str,
+    name_text: str,
+    family: str = "",
+    given: str = "",
+    gender: Gender = Gender.UNKNOWN,
+    birth_date: str = "",
+    national_id: str = "",
+    phones: list[str] | tuple[str, ...] = (),
+    province: str = "",
+    city: str = "",
+    district: str = "",
+    address_line: str = "",
+    postal_code: str = "",
+    identifiers: list[Identifier] | tuple[Identifier, ...] = (),
+    today: datetime.date | None = None,
+) -> Registration:
+    """Check and normalise a registration; InvalidArgument names the field, never its value."""
+    validate_local_id(local_id)
+    name = _clean_text(name_text or f"{family}{given}", what="name", limit=_MAX_NAME)
+    if not name:
+        raise InvalidArgument("a patient name is required", reason="name-missing")
+    born = parse_birth_date(birth_date, today=today)
+    normalized_id: str | None = None
+    other_identifiers: list[Identifier] = []
+    raw_ids = [national_id] if national_id else []
+    for ident in identifiers:
+        if ident.type == NATIONAL_ID_TYPE or ident.system == NATIONAL_ID_SYSTEM:
+            raw_ids.append(ident.value)
+        else:
+            if not ident.system or not ident.value or len(ident.value) > 128 or len(ident.system) > 256:
+                raise InvalidArgument("identifier needs a system and a value", reason="identifier-invalid")
+            other_identifiers.append(ident)
+    for raw in raw_ids:
+        try:
+            value = gb11643.normalize(raw, today=today)
+        except gb11643.InvalidNationalId as exc:
+            raise InvalidArgument(str(exc), reason=f"national-id-{exc.reason}") from None
+        if normalized_id is not None and normalized_id != value:
+            raise InvalidArgument("two different national ids given", reason="national-id-conflict")
+        normalized_id = value
+    if len(phones) > 5:
+        raise InvalidArgument("at most 5 phone numbers", reason="phone-invalid")
+    return Registration(
+        domain=domain,
+        local_id=local_id,
+        name_text=name,
+        family=_clean_text(family, what="family", limit=_MAX_NAME),
+        given=_clean_text(given, what="given", limit=_MAX_NAME),
+        gender=gender,
+        birth_date=born,
+        national_id=normalized_id,
+        phones=tuple(dict.fromkeys(normalize_phone(p) for p in phones)),
+        province=_clean_text(province, what="province", limit=32),
+        city=_clean_text(city, what="city", limit=32),
+        district=_clean_text(district, what="district", limit=32),
+        address_line=_clean_text(address_line, what="address", limit=200),
+        postal_code=_clean_text(postal_code, what="postcode", limit=12),
+        identifiers=tuple(other_identifiers),
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An existing record that shares a blocking key with a new registration."""
+
+    enterprise_id: EnterpriseId
+    national_id: str | None
+    birth_date: datetime.date | None
+    gender: Gender
+
+
+@dataclass(frozen=True)
+class LinkDecision:
+    method: LinkMethod
+    enterprise_id: EnterpriseId
+
+
+def national_id_agrees(registration: Registration) -> bool:
+    """The birth date and gender coded in the national id agree with the declared ones."""
+    if registration.national_id is None:
+        return False
+    coded_birth = gb11643.birth_date(registration.national_id)
+    coded_gender = gb11643.gender(registration.national_id)
+    if registration.birth_date is not None and registration.birth_date != coded_birth:
+        return False
+    return (
+        registration.gender not in {Gender.MALE, Gender.FEMALE} or registration.gender.value == coded_gender
+    )
+
+
+def decide_link(registration: Registration, candidates: list[Candidate]) -> LinkDecision:
+    """Deterministic rule: an equal, valid national id whose coded birth date and gender agree
+    with both records links to that person; anything less starts a new enterprise id.
+
+    Never linking two different people outweighs missing a link: a doubtful pair is left
+    apart (probabilistic matching and steward review refine this).
+    """
+    if registration.national_id and national_id_agrees(registration):
+        for candidate in candidates:
+            if (
+                candidate.national_id == registration.national_id
+                and (
+                    candidate.birth_date is None
+                    or candidate.birth_date == registration.birth_date
+                    or registration.birth_date is None
+                )
+                and (
+                    candidate.gender in {Gender.UNKNOWN, Gender.OTHER}
+                    or registration.gender in {Gender.UNKNOWN, Gender.OTHER}
+                    or candidate.gender == registration.gender
+                )
+            ):
+                return LinkDecision(LinkMethod.NATIONAL_ID, candidate.enterprise_id)
+    return LinkDecision(LinkMethod.NEW, new_enterprise_id())

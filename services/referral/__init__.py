@@ -1,0 +1,1 @@
+"""Referrals between member hospitals, tracked as a closed loop."""

@@ -1,0 +1,98 @@
+"""Referrals gRPC servicer (create and read; the full workflow comes with the referral issue)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+
+from hie.common.v1 import common_pb2
+from hie.referral.v1 import referral_pb2, referral_pb2_grpc
+from services.referral.store import ReferralRecord
+from services.shared.audit_trail import Action
+from services.shared.auth import caller
+from services.shared.db import utcnow
+from services.shared.errors import InvalidArgument, NotFound
+from services.shared.process import ServiceRuntime
+
+
+def _message(record: ReferralRecord) -> referral_pb2.Referral:
+    created = Timestamp()
+    created.FromDatetime(record.created_at)
+    return referral_pb2.Referral(
+        referral_id=record.id,
+        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
+        requester_organization_id=record.requester_organization_id,
+        target_organization_id=record.target_organization_id,
+        direction=record.direction,  # type: ignore[arg-type]
+        reason=record.reason,
+        state=record.state,  # type: ignore[arg-type]
+        document_ids=json.loads(record.document_ids),
+        created=created,
+    )
+
+
+class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self._rt = runtime
+
+    async def CreateReferral(
+        self, request: referral_pb2.CreateReferralRequest, context: object
+    ) -> referral_pb2.CreateReferralResponse:
+        who = caller()
+        who.require_scope("ServiceRequest", "c")
+        ref = request.referral
+        if not ref.patient.local_id or not ref.target_organization_id:
+            raise InvalidArgument(
+                "a referral needs a patient and a target organisation", reason="referral-invalid"
+            )
+        key = request.idempotency_key or str(uuid.uuid4())
+        async with self._rt.sessions() as session, session.begin():
+            existing = await session.scalar(
+                select(ReferralRecord).where(
+                    ReferralRecord.requester_organization_id == who.organization_id,
+                    ReferralRecord.idempotency_key == key,
+                )
+            )
+            if existing is not None:
+                return referral_pb2.CreateReferralResponse(referral=_message(existing))
+            record = ReferralRecord(
+                id=str(uuid.uuid4()),
+                patient_domain=who.organization_id,
+                patient_local_id=ref.patient.local_id,
+                requester_organization_id=who.organization_id,
+                target_organization_id=ref.target_organization_id,
+                direction=int(ref.direction),
+                reason=ref.reason[:2000],
+                state=referral_pb2.REFERRAL_STATE_REQUESTED,
+                document_ids=json.dumps(list(ref.document_ids)),
+                idempotency_key=key,
+                created_at=utcnow(),
+            )
+            session.add(record)
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="referral.create",
+                action=Action.ACTION_CREATE,
+                entities=[("ServiceRequest", record.id)],
+            )
+        self._rt.outbox.notify()
+        return referral_pb2.CreateReferralResponse(referral=_message(record))
+
+    async def GetReferral(
+        self, request: referral_pb2.GetReferralRequest, context: object
+    ) -> referral_pb2.GetReferralResponse:
+        who = caller()
+        who.require_scope("ServiceRequest", "r")
+        async with self._rt.sessions() as session:
+            record = await session.get(ReferralRecord, request.referral_id)
+        # A referral is visible to its two parties only; to anyone else it does not exist.
+        if record is None or who.organization_id not in {
+            record.requester_organization_id,
+            record.target_organization_id,
+        }:
+            raise NotFound("no such referral", reason="referral-not-found")
+        return referral_pb2.GetReferralResponse(referral=_message(record))

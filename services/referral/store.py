@@ -1,0 +1,39 @@
+"""The referral service's tables."""
+
+from __future__ import annotations
+
+import datetime
+
+from sqlalchemy import MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.shared.db import UtcDateTime
+from services.shared.outbox import outbox_table
+
+metadata = MetaData()
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class ReferralRecord(Base):
+    __tablename__ = "referral"
+    __table_args__ = (
+        UniqueConstraint("requester_organization_id", "idempotency_key", name="uq_referral_idem"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    patient_domain: Mapped[str] = mapped_column(String(64))
+    patient_local_id: Mapped[str] = mapped_column(String(64))
+    requester_organization_id: Mapped[str] = mapped_column(String(64), index=True)
+    target_organization_id: Mapped[str] = mapped_column(String(64), index=True)
+    direction: Mapped[int]
+    reason: Mapped[str] = mapped_column(Text)
+    state: Mapped[int]
+    document_ids: Mapped[str] = mapped_column(Text, default="[]")
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+outbox_table(metadata)

@@ -1,0 +1,1 @@
+"""Document registry (metadata) and repository (content)."""

@@ -1,0 +1,70 @@
+"""Audit events as services record them: staged in the service's outbox in the same
+transaction as the change, delivered to the audit service by the relay."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie.audit.v1 import audit_pb2, audit_pb2_grpc
+from services.shared.auth import Caller, PlatformCredentials
+from services.shared.db import utcnow
+from services.shared.outbox import Outbox, Sender
+from services.shared.tracing import current_trace_ids
+
+AUDIT_TOPIC = "audit"
+Action = audit_pb2.Action
+Outcome = audit_pb2.Outcome
+
+
+class AuditTrail:
+    """Records a service's audit events through its transactional outbox."""
+
+    def __init__(self, outbox: Outbox, *, service: str) -> None:
+        self._outbox = outbox
+        self._service = service
+
+    async def record(
+        self,
+        session: AsyncSession,
+        *,
+        caller: Caller,
+        type: str,
+        action: audit_pb2.Action.ValueType,
+        outcome: audit_pb2.Outcome.ValueType = audit_pb2.OUTCOME_SUCCESS,
+        patient_enterprise_id: str = "",
+        entities: Iterable[tuple[str, str]] = (),
+    ) -> str:
+        """Stage one audit event in the caller's transaction; returns its event id."""
+        trace_id, span_id = current_trace_ids()
+        occurred = Timestamp()
+        occurred.FromDatetime(utcnow())
+        event = audit_pb2.AuditEvent(
+            event_id=str(uuid.uuid4()),
+            occurred=occurred,
+            type=type,
+            action=action,
+            outcome=outcome,
+            actor=caller.to_proto(),
+            patient_enterprise_id=patient_enterprise_id,
+            entities=[audit_pb2.EntityRef(type=t, id=i) for t, i in entities],
+            source_address=caller.client_address,
+            trace_id=trace_id,
+            span_id=span_id,
+            source_service=self._service,
+        )
+        await self._outbox.add(session, AUDIT_TOPIC, event.SerializeToString())
+        return event.event_id
+
+
+def audit_sender(stub: audit_pb2_grpc.AuditLogStub, credentials: PlatformCredentials) -> Sender:
+    """Delivers outbox batches to the audit service under the service's own platform identity."""
+
+    async def send(payloads: Sequence[bytes]) -> None:
+        events = [audit_pb2.AuditEvent.FromString(p) for p in payloads]
+        await stub.Append(audit_pb2.AppendRequest(events=events), metadata=credentials.metadata(), timeout=10)
+
+    return send

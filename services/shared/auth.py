@@ -1,0 +1,221 @@
+"""Bearer token verification and the caller context every service acts for.
+
+No service trusts the network: each verifies the bearer token itself against the trusted
+JWKS (the gateway's token key and the platform key services use for their own calls).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from hie.common.v1 import common_pb2
+from services.shared.config import TOKEN_AUDIENCE
+from services.shared.errors import PermissionDenied, Unauthenticated
+from services.shared.keys import PrivateKey, algorithm_for, load_private_key, public_jwk
+
+# Asymmetric algorithms only: "none" and HMAC (algorithm confusion) are never accepted.
+ACCEPTED_ALGORITHMS = ["ES384", "ES256", "RS384", "RS256"]
+PURPOSES_OF_USE = frozenset(
+    {"treatment", "referral", "consultation", "emergency", "research", "public-health", "audit", "operations"}
+)
+# Metadata keys that carry the acting person and purpose from the gateway to services.
+PURPOSE_KEY = "x-hie-purpose-of-use"
+PRACTITIONER_ID_KEY = "x-hie-practitioner-id"
+PRACTITIONER_NAME_KEY = "x-hie-practitioner-name-b64"
+ROLE_KEY = "x-hie-practitioner-role"
+DEPARTMENT_KEY = "x-hie-department-b64"
+CLIENT_ADDRESS_KEY = "x-hie-client-address"
+FORWARDED_KEYS = (
+    "authorization",
+    PURPOSE_KEY,
+    PRACTITIONER_ID_KEY,
+    PRACTITIONER_NAME_KEY,
+    ROLE_KEY,
+    DEPARTMENT_KEY,
+    CLIENT_ADDRESS_KEY,
+)
+PLATFORM = "platform"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The verified organisation and client, and the asserted acting person and purpose."""
+
+    organization_id: str
+    organization_type: str
+    client_id: str
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    practitioner_id: str = ""
+    practitioner_name: str = ""
+    role: str = ""
+    department: str = ""
+    purpose_of_use: str = ""
+    client_address: str = ""
+
+    @property
+    def is_platform(self) -> bool:
+        return self.organization_type == PLATFORM
+
+    def to_proto(self) -> common_pb2.CallerContext:
+        return common_pb2.CallerContext(
+            organization_id=self.organization_id,
+            organization_type=self.organization_type,
+            client_id=self.client_id,
+            practitioner_id=self.practitioner_id,
+            practitioner_name=self.practitioner_name,
+            role=self.role,
+            department=self.department,
+            purpose_of_use=self.purpose_of_use,
+            scopes=sorted(self.scopes),
+        )
+
+    def require_scope(self, resource: str, interaction: str) -> None:
+        """SMART v2 scopes: `system/<Resource>.<cruds>`; a wildcard resource matches any."""
+        for scope in self.scopes:
+            context, _, rest = scope.partition("/")
+            name, _, perms = rest.partition(".")
+            if context == "system" and name in {resource, "*"} and interaction in perms:
+                return
+        raise PermissionDenied(f"scope system/{resource}.{interaction} required", reason="scope")
+
+    def require_purpose(self) -> str:
+        if self.purpose_of_use not in PURPOSES_OF_USE:
+            raise PermissionDenied("a purpose of use is required for clinical data", reason="purpose")
+        return self.purpose_of_use
+
+
+current_caller: ContextVar[Caller | None] = ContextVar("current_caller", default=None)
+# The incoming request's metadata to forward on service-to-service calls.
+forwarded_metadata: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("forwarded_metadata", default=())
+
+
+def caller() -> Caller:
+    """The caller of the request being handled."""
+    value = current_caller.get()
+    if value is None:
+        raise Unauthenticated("no verified caller")
+    return value
+
+
+class TokenVerifier:
+    """Verifies access tokens against a JWKS file, re-reading it when it changes (key rotation)."""
+
+    def __init__(self, jwks_file: Path, *, audience: str = TOKEN_AUDIENCE) -> None:
+        self._file = jwks_file
+        self._audience = audience
+        self._mtime = -1.0
+        self._keys: dict[str, jwt.PyJWK] = {}
+
+    def _load(self) -> None:
+        mtime = self._file.stat().st_mtime
+        if mtime != self._mtime:
+            data = json.loads(self._file.read_text())
+            self._keys = {k["kid"]: jwt.PyJWK(k) for k in data["keys"]}
+            self._mtime = mtime
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The claims of a valid token; Unauthenticated otherwise (with no detail of why)."""
+        try:
+            self._load()
+            header = jwt.get_unverified_header(token)
+            key = self._keys.get(header.get("kid", ""))
+            if key is None or header.get("alg") not in ACCEPTED_ALGORITHMS:
+                raise Unauthenticated("access token not accepted", reason="token")
+            return jwt.decode(
+                token,
+                key=key.key,
+                algorithms=[header["alg"]],
+                audience=self._audience,
+                options={"require": ["exp", "iat", "iss", "sub", "aud"]},
+                leeway=5,
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated("access token not accepted", reason="token") from exc
+
+    def caller_from_metadata(self, metadata: Mapping[str, str | bytes]) -> Caller:
+        auth = metadata.get("authorization")
+        if not isinstance(auth, str) or not auth.startswith("Bearer "):
+            raise Unauthenticated("bearer token required", reason="token")
+        claims = self.verify(auth.removeprefix("Bearer ").strip())
+        return caller_from_claims(claims, metadata)
+
+
+def _text(metadata: Mapping[str, str | bytes], key: str) -> str:
+    value = metadata.get(key, "")
+    return value if isinstance(value, str) else ""
+
+
+def caller_from_claims(claims: Mapping[str, Any], metadata: Mapping[str, str | bytes]) -> Caller:
+    """Organisation and client from the token; person and purpose as asserted with the request."""
+    return Caller(
+        organization_id=str(claims.get("org", "")),
+        organization_type=str(claims.get("org_type", "")),
+        client_id=str(claims.get("client_id", claims.get("sub", ""))),
+        scopes=frozenset(str(claims.get("scope", "")).split()),
+        practitioner_id=_text(metadata, PRACTITIONER_ID_KEY),
+        practitioner_name=_b64text(metadata, PRACTITIONER_NAME_KEY),
+        role=_text(metadata, ROLE_KEY),
+        department=_b64text(metadata, DEPARTMENT_KEY),
+        purpose_of_use=_text(metadata, PURPOSE_KEY),
+        client_address=_text(metadata, CLIENT_ADDRESS_KEY),
+    )
+
+
+def _b64text(metadata: Mapping[str, str | bytes], key: str) -> str:
+    """UTF-8 text (names, departments) travels base64-encoded: gRPC metadata is ASCII."""
+    value = _text(metadata, key)
+    try:
+        return base64.b64decode(value, validate=True).decode("utf-8") if value else ""
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
+class PlatformCredentials:
+    """Short-lived tokens a service signs for its own calls (outbox relays, background work)."""
+
+    lifetime_seconds = 300
+
+    def __init__(self, key: PrivateKey, *, service: str, issuer: str) -> None:
+        self._key = key
+        self._kid = public_jwk(key)["kid"]
+        self._alg = algorithm_for(key)
+        self._service = service
+        self._issuer = issuer
+        self._token = ""
+        self._expires = 0.0
+
+    @classmethod
+    def from_file(cls, path: Path, *, service: str, issuer: str) -> PlatformCredentials:
+        return cls(load_private_key(path), service=service, issuer=issuer)
+
+    def token(self) -> str:
+        now = time.time()
+        if now > self._expires - 60:
+            self._expires = now + self.lifetime_seconds
+            claims = {
+                "iss": self._issuer,
+                "sub": f"service:{self._service}",
+                "aud": TOKEN_AUDIENCE,
+                "iat": int(now),
+                "exp": int(self._expires),
+                "jti": str(uuid.uuid4()),
+                "org": PLATFORM,
+                "org_type": PLATFORM,
+                "client_id": f"service:{self._service}",
+                "scope": "system/*.cruds",
+            }
+            self._token = jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self._kid})
+        return self._token
+
+    def metadata(self) -> Sequence[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.token()}"),)

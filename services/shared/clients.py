@@ -1,0 +1,61 @@
+"""Channels to other exchange services, carrying the original caller's context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from services.shared.auth import PlatformCredentials, forwarded_metadata
+from services.shared.server import MAX_MESSAGE_BYTES
+from services.shared.tracing import client_interceptors
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+
+class CallerForwarding(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds the incoming request's token and assertions to outgoing calls.
+
+    A call made outside any request (a relay, a background task) goes under the
+    service's own platform identity instead. Every call gets a deadline.
+    """
+
+    def __init__(self, credentials: PlatformCredentials | None) -> None:
+        self._credentials = credentials
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        metadata = list(client_call_details.metadata or ())
+        if not any(k == "authorization" for k, _ in metadata):
+            forwarded = forwarded_metadata.get()
+            if forwarded:
+                metadata.extend(forwarded)
+            elif self._credentials is not None:
+                metadata.extend(self._credentials.metadata())
+        details = grpc.aio.ClientCallDetails(
+            client_call_details.method,
+            client_call_details.timeout
+            if client_call_details.timeout is not None
+            else DEFAULT_TIMEOUT_SECONDS,
+            grpc.aio.Metadata(*metadata),
+            client_call_details.credentials,
+            client_call_details.wait_for_ready,
+        )
+        return await continuation(details, request)
+
+
+def open_channel(target: str, *, credentials: PlatformCredentials | None = None) -> grpc.aio.Channel:
+    """A channel to a service, traced and forwarding the caller."""
+    return grpc.aio.insecure_channel(
+        target,
+        interceptors=[*client_interceptors(), CallerForwarding(credentials)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )

@@ -1,0 +1,94 @@
+"""One typed settings object per process, read from HIE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICE_PORTS: dict[str, int] = {
+    "mpi": 7101,
+    "registry": 7102,
+    "consent": 7103,
+    "referral": 7104,
+    "teleconsult": 7105,
+    "audit": 7106,
+}
+GATEWAY_PORT = 8400
+# The audience of every access token the gateway issues: the exchange as a whole.
+TOKEN_AUDIENCE = "urn:hie:exchange"  # noqa: S105 - an audience URI, not a secret
+
+
+class UnsafeSettingsError(RuntimeError):
+    """A setting that is acceptable for development was left in place in production."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of one exchange process (a service or the gateway)."""
+
+    environment: str = "development"
+    data_dir: Path = Path(".hie")
+    database_url: str | None = None
+    # Prefix for PostgreSQL schema names; lets test runs live side by side in one database.
+    schema_prefix: str = ""
+    listen: str | None = None
+    targets: dict[str, str] = field(default_factory=dict)
+    trusted_jwks_file: Path | None = None
+    gateway_signing_key_file: Path | None = None
+    service_signing_key_file: Path | None = None
+    public_url: str = f"http://127.0.0.1:{GATEWAY_PORT}"
+    otel_exporter: str = "none"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
+        """Read settings from the environment; refuse unsafe defaults outside development."""
+        env = os.environ if environ is None else environ
+        data_dir = Path(env.get("HIE_DATA_DIR", ".hie"))
+        keys = data_dir / "keys"
+        targets = {
+            name: env.get(f"HIE_{name.upper()}_TARGET", f"127.0.0.1:{port}")
+            for name, port in SERVICE_PORTS.items()
+        }
+        settings = cls(
+            environment=env.get("HIE_ENV", "development"),
+            data_dir=data_dir,
+            database_url=env.get("HIE_DATABASE_URL") or None,
+            schema_prefix=env.get("HIE_DB_SCHEMA_PREFIX", ""),
+            listen=env.get("HIE_LISTEN") or None,
+            targets=targets,
+            trusted_jwks_file=Path(env.get("HIE_TRUSTED_JWKS_FILE", keys / "trusted.jwks.json")),
+            gateway_signing_key_file=Path(env.get("HIE_GATEWAY_SIGNING_KEY_FILE", keys / "gateway.pem")),
+            service_signing_key_file=Path(env.get("HIE_SERVICE_SIGNING_KEY_FILE", keys / "platform.pem")),
+            public_url=env.get("HIE_PUBLIC_URL", f"http://127.0.0.1:{GATEWAY_PORT}").rstrip("/"),
+            otel_exporter=env.get("HIE_OTEL_EXPORTER", "none"),
+            log_level=env.get("HIE_LOG_LEVEL", "INFO"),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Production must name a real database and an HTTPS public URL."""
+        if self.environment not in {"development", "production"}:
+            raise UnsafeSettingsError("HIE_ENV must be development or production")
+        if self.environment == "production":
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                raise UnsafeSettingsError("production needs HIE_DATABASE_URL pointing at PostgreSQL")
+            if not self.public_url.startswith("https://"):
+                raise UnsafeSettingsError("production needs an https:// HIE_PUBLIC_URL")
+
+    def database_url_for(self, component: str) -> str:
+        """The database URL a component uses: its own SQLite file by default."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{component}.db').resolve()}"
+
+    def schema_for(self, component: str) -> str:
+        return f"{self.schema_prefix}{component}"
+
+    def listen_for(self, component: str) -> str:
+        if self.listen:
+            return self.listen
+        port = GATEWAY_PORT if component == "gateway" else SERVICE_PORTS[component]
+        return f"127.0.0.1:{port}"

@@ -1,0 +1,162 @@
+"""Transactional outbox: events are written in the same transaction as the change that
+causes them, and a relay delivers them afterwards, retrying until acknowledged.
+
+Delivery is at least once; receivers de-duplicate by the message id (the audit service
+appends idempotently by event id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+
+from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.shared.db import UtcDateTime, utcnow
+
+_log = logging.getLogger(__name__)
+
+# A sender delivers a batch of payloads of one topic; it raises if the batch was not acknowledged.
+Sender = Callable[[Sequence[bytes]], Awaitable[None]]
+_BATCH = 200
+_MAX_BACKOFF = timedelta(minutes=5)
+_LEASE = timedelta(seconds=30)
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    """The outbox table, in a component's own metadata (and so in its own schema)."""
+    return Table(
+        "outbox",
+        metadata,
+        Column("id", String(36), primary_key=True),
+        Column("topic", String(64), nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("created_at", UtcDateTime, nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("next_attempt_at", UtcDateTime, nullable=False),
+        Column("delivered_at", UtcDateTime, nullable=True),
+        Column("last_error", String(200), nullable=True),
+        Index("ix_outbox_pending", "delivered_at", "next_attempt_at"),
+    )
+
+
+class Outbox:
+    """Writes messages into a component's outbox table and relays them to their senders."""
+
+    def __init__(self, table: Table, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._table = table
+        self._sessions = sessions
+        self._senders: dict[str, Sender] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.poll_interval = 2.0
+
+    def register(self, topic: str, sender: Sender) -> None:
+        self._senders[topic] = sender
+
+    async def add(self, session: AsyncSession, topic: str, payload: bytes) -> str:
+        """Stage a message in the caller's transaction; it is sent only if that commits."""
+        message_id = str(uuid.uuid4())
+        now = utcnow()
+        await session.execute(
+            self._table.insert().values(
+                id=message_id, topic=topic, payload=payload, created_at=now, attempts=0, next_attempt_at=now
+            )
+        )
+        return message_id
+
+    def notify(self) -> None:
+        """Tell the relay a commit added messages, so it need not wait for its next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                while await self.relay_once():
+                    pass
+            except Exception as exc:  # the relay must outlive any one failure
+                _log.warning("outbox relay pass failed: %s", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            self._wake.clear()
+
+    async def relay_once(self) -> int:
+        """Deliver one batch of due messages; returns how many were acknowledged.
+
+        Rows are claimed with a lease in a short transaction, so no lock is held while
+        sending and a relay that dies mid-send leaves them due again after the lease.
+        """
+        t = self._table
+        async with self._sessions() as session, session.begin():
+            query = (
+                select(t.c.id, t.c.topic, t.c.payload, t.c.attempts)
+                .where(t.c.delivered_at.is_(None), t.c.next_attempt_at <= utcnow())
+                .order_by(t.c.created_at)
+                .limit(_BATCH)
+            )
+            if session.bind.dialect.name == "postgresql":
+                # Several replicas may relay at once; each claims rows no other holds.
+                query = query.with_for_update(skip_locked=True)
+            rows = (await session.execute(query)).all()
+            if rows:
+                await session.execute(
+                    update(t)
+                    .where(t.c.id.in_([r.id for r in rows]))
+                    .values(next_attempt_at=utcnow() + _LEASE)
+                )
+        by_topic: dict[str, list[tuple[str, bytes, int]]] = {}
+        for row in rows:
+            by_topic.setdefault(row.topic, []).append((row.id, row.payload, row.attempts))
+        delivered = 0
+        for topic, items in by_topic.items():
+            ids = [i for i, _, _ in items]
+            sender = self._senders.get(topic)
+            try:
+                if sender is None:
+                    raise LookupError(f"no sender for topic {topic}")
+                await sender([p for _, p, _ in items])
+            except Exception as exc:
+                attempts = max(a for _, _, a in items) + 1
+                backoff = min(timedelta(seconds=2**attempts), _MAX_BACKOFF)
+                async with self._sessions() as session, session.begin():
+                    await session.execute(
+                        update(t)
+                        .where(t.c.id.in_(ids))
+                        .values(
+                            attempts=t.c.attempts + 1,
+                            next_attempt_at=utcnow() + backoff,
+                            last_error=type(exc).__name__[:200],
+                        )
+                    )
+                _log.warning("outbox delivery to %s failed (%s); will retry", topic, type(exc).__name__)
+                continue
+            async with self._sessions() as session, session.begin():
+                await session.execute(
+                    update(t).where(t.c.id.in_(ids)).values(delivered_at=utcnow(), attempts=t.c.attempts + 1)
+                )
+            delivered += len(ids)
+        return delivered
+
+    async def pending(self) -> int:
+        """Messages not yet acknowledged."""
+        async with self._sessions() as session:
+            count = await session.scalar(
+                select(func.count()).select_from(self._table).where(self._table.c.delivered_at.is_(None))
+            )
+        return int(count or 0)

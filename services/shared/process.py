@@ -1,0 +1,133 @@
+"""Runs one exchange service: settings, database and migrations, outbox relay, gRPC server.
+
+Each service describes itself with a `ServiceSpec`; `main(spec)` runs it as a process and
+`start_service(spec, settings)` starts it inside a running event loop (tests bind port 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from hie.audit.v1 import audit_pb2_grpc
+from services.shared import migrations
+from services.shared.audit_trail import AUDIT_TOPIC, AuditTrail, audit_sender
+from services.shared.auth import PlatformCredentials, TokenVerifier
+from services.shared.clients import open_channel
+from services.shared.config import Settings
+from services.shared.db import engine_for, session_factory
+from services.shared.outbox import Outbox
+from services.shared.server import ServicerBinding, configure_logging, create_server, run_until_signalled
+from services.shared.tracing import configure_tracing
+
+
+@dataclass
+class ServiceRuntime:
+    """What a service's servicer works with: its database, outbox, audit trail and peers."""
+
+    name: str
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    outbox: Outbox
+    audit: AuditTrail
+    credentials: PlatformCredentials
+    _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """A channel to a peer service, opened on first use."""
+        if service not in self._channels:
+            self._channels[service] = open_channel(
+                self.settings.targets[service], credentials=self.credentials
+            )
+        return self._channels[service]
+
+    async def close(self) -> None:
+        await self.outbox.stop()
+        for channel in self._channels.values():
+            await channel.close()
+        await self.engine.dispose()
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service: its name, tables, migration scripts and how to build its servicers."""
+
+    name: str
+    metadata: MetaData
+    versions: Path
+    build: Callable[[ServiceRuntime], Sequence[ServicerBinding]]
+    # The audit service records its own events directly, not through a relay to itself.
+    relays_audit: bool = True
+
+
+@dataclass
+class RunningService:
+    spec: ServiceSpec
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    runtime: ServiceRuntime
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.server.stop(grace)
+        await self.runtime.close()
+
+
+async def start_service(
+    spec: ServiceSpec, settings: Settings, *, listen: str | None = None
+) -> RunningService:
+    """Migrate the service's schema, start its outbox relay and serve it."""
+    engine = engine_for(settings, spec.name)
+    await migrations.upgrade(
+        engine, schema=settings.schema_for(spec.name), versions=spec.versions, metadata=spec.metadata
+    )
+    sessions = session_factory(engine)
+    outbox = Outbox(spec.metadata.tables["outbox"], sessions)
+    credentials = PlatformCredentials.from_file(
+        settings.service_signing_key_file, service=spec.name, issuer=f"urn:hie:service:{spec.name}"
+    )
+    runtime = ServiceRuntime(
+        name=spec.name,
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        outbox=outbox,
+        audit=AuditTrail(outbox, service=spec.name),
+        credentials=credentials,
+    )
+    if spec.relays_audit:
+        outbox.register(
+            AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials)
+        )
+    bindings = spec.build(runtime)
+    server, port, health_servicer = await create_server(
+        bindings=bindings,
+        listen=listen or settings.listen_for(spec.name),
+        verifier=TokenVerifier(settings.trusted_jwks_file),
+    )
+    outbox.start()
+    return RunningService(spec=spec, server=server, port=port, health=health_servicer, runtime=runtime)
+
+
+def main(spec: ServiceSpec) -> None:
+    """Entry point of `python -m services.<name>`."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    configure_tracing(spec.name, settings.otel_exporter)
+
+    async def serve() -> None:
+        running = await start_service(spec, settings)
+        try:
+            await run_until_signalled(running.server, running.health)
+        finally:
+            await running.runtime.close()
+
+    asyncio.run(serve())

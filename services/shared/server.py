@@ -1,0 +1,129 @@
+"""gRPC server bootstrap shared by every service: interceptors, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.shared.auth import FORWARDED_KEYS, TokenVerifier, current_caller, forwarded_metadata
+from services.shared.errors import REASON_METADATA_KEY, DomainError, Unauthenticated, status_for
+from services.shared.tracing import server_interceptors
+
+_log = logging.getLogger(__name__)
+_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# (add_XServicer_to_server, servicer instance, full service name)
+ServicerBinding = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
+
+
+class CallerInterceptor(grpc.aio.ServerInterceptor):
+    """Verifies the caller on every call and maps domain errors to status codes.
+
+    The caller's token is checked before the handler runs; the handler sees the caller
+    through `services.shared.auth.caller()`. No exception text from outside the domain
+    reaches the client.
+    """
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_OPEN_PREFIXES) or handler.unary_unary is None:
+            return handler
+        metadata = {k: v for k, v in handler_call_details.invocation_metadata or ()}
+        inner = handler.unary_unary
+        verifier = self._verifier
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                caller = verifier.caller_from_metadata(metadata)
+            except Unauthenticated as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            caller_token = current_caller.set(caller)
+            forwarded = tuple((k, v) for k in FORWARDED_KEYS if isinstance(v := metadata.get(k), str))
+            forwarded_token = forwarded_metadata.set(forwarded)
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except DomainError as exc:
+                context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
+                await context.abort(status_for(exc), exc.message)
+            except Exception as exc:
+                # The exception text may quote stored data: log its type and the code path only.
+                _log.error(
+                    "unhandled %s in %s\n%s",
+                    type(exc).__name__,
+                    method,
+                    "".join(traceback.format_tb(exc.__traceback__)),
+                )
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                current_caller.reset(caller_token)
+                forwarded_metadata.reset(forwarded_token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def create_server(
+    *, bindings: Sequence[ServicerBinding], listen: str, verifier: TokenVerifier
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A started server with the bindings, health and reflection; returns it and its bound port."""
+    server = grpc.aio.server(
+        interceptors=[*server_interceptors(), CallerInterceptor(verifier)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    for add, servicer, name in bindings:
+        add(servicer, server)
+        names.append(name)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {listen}")
+    await server.start()
+    for _add, _servicer, name in bindings:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+async def run_until_signalled(
+    server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, *, grace: float = 5.0
+) -> None:
+    """Serve until SIGTERM / SIGINT, then report NOT_SERVING and drain in-flight calls."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)

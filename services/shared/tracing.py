@@ -1,0 +1,63 @@
+"""OpenTelemetry set-up, once per process: tracer provider, exporter and gRPC interceptors.
+
+Span attributes carry organisation ids, operations and outcomes, never patient
+identifiers or names.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+_log = logging.getLogger(__name__)
+
+
+def configure_tracing(service_name: str, exporter: str) -> TracerProvider:
+    """Install the process's tracer provider; reuse one already installed (tests install their own)."""
+    existing = trace.get_tracer_provider()
+    if isinstance(existing, TracerProvider):
+        return existing
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    span_exporter = _exporter(exporter)
+    if span_exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _exporter(kind: str) -> SpanExporter | None:
+    if kind == "console":
+        return ConsoleSpanExporter()
+    if kind == "otlp":
+        # Imported only when used: the OTLP exporter reads OTEL_EXPORTER_OTLP_* itself.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if kind != "none":
+        _log.warning("unknown HIE_OTEL_EXPORTER %r; tracing without export", kind)
+    return None
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    return list(aio_client_interceptors(filter_=filters.negate(filters.health_check())))
+
+
+def current_trace_ids() -> tuple[str, str]:
+    """Hex trace id and span id of the current span ("" when there is none)."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return "", ""
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+tracer = trace.get_tracer("hie")

@@ -1,0 +1,1 @@
+"""Remote consultations: requests, specialist schedules and signed reports."""

@@ -1,0 +1,100 @@
+"""Teleconsultations gRPC servicer (request and read; the workflow comes with its issue)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+
+from hie.common.v1 import common_pb2
+from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
+from services.shared.audit_trail import Action
+from services.shared.auth import caller
+from services.shared.db import utcnow
+from services.shared.errors import InvalidArgument, NotFound
+from services.shared.process import ServiceRuntime
+from services.teleconsult.store import ConsultationRecord
+
+
+def _message(record: ConsultationRecord) -> teleconsult_pb2.Consultation:
+    created = Timestamp()
+    created.FromDatetime(record.created_at)
+    return teleconsult_pb2.Consultation(
+        consultation_id=record.id,
+        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
+        requester_organization_id=record.requester_organization_id,
+        consultant_organization_id=record.consultant_organization_id,
+        kind=record.kind,  # type: ignore[arg-type]
+        mode=record.mode,  # type: ignore[arg-type]
+        question=record.question,
+        state=record.state,  # type: ignore[arg-type]
+        document_ids=json.loads(record.document_ids),
+        created=created,
+    )
+
+
+class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self._rt = runtime
+
+    async def RequestConsultation(
+        self, request: teleconsult_pb2.RequestConsultationRequest, context: object
+    ) -> teleconsult_pb2.RequestConsultationResponse:
+        who = caller()
+        who.require_scope("ServiceRequest", "c")
+        c = request.consultation
+        if not c.patient.local_id or not c.consultant_organization_id or not c.kind:
+            raise InvalidArgument(
+                "a consultation needs a patient, a consultant organisation and a kind",
+                reason="consultation-invalid",
+            )
+        key = request.idempotency_key or str(uuid.uuid4())
+        async with self._rt.sessions() as session, session.begin():
+            existing = await session.scalar(
+                select(ConsultationRecord).where(
+                    ConsultationRecord.requester_organization_id == who.organization_id,
+                    ConsultationRecord.idempotency_key == key,
+                )
+            )
+            if existing is not None:
+                return teleconsult_pb2.RequestConsultationResponse(consultation=_message(existing))
+            record = ConsultationRecord(
+                id=str(uuid.uuid4()),
+                patient_domain=who.organization_id,
+                patient_local_id=c.patient.local_id,
+                requester_organization_id=who.organization_id,
+                consultant_organization_id=c.consultant_organization_id,
+                kind=int(c.kind),
+                mode=int(c.mode or teleconsult_pb2.CONSULTATION_MODE_ASYNCHRONOUS),
+                question=c.question[:4000],
+                state=teleconsult_pb2.CONSULTATION_STATE_REQUESTED,
+                document_ids=json.dumps(list(c.document_ids)),
+                idempotency_key=key,
+                created_at=utcnow(),
+            )
+            session.add(record)
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consultation.request",
+                action=Action.ACTION_CREATE,
+                entities=[("ServiceRequest", record.id)],
+            )
+        self._rt.outbox.notify()
+        return teleconsult_pb2.RequestConsultationResponse(consultation=_message(record))
+
+    async def GetConsultation(
+        self, request: teleconsult_pb2.GetConsultationRequest, context: object
+    ) -> teleconsult_pb2.GetConsultationResponse:
+        who = caller()
+        who.require_scope("ServiceRequest", "r")
+        async with self._rt.sessions() as session:
+            record = await session.get(ConsultationRecord, request.consultation_id)
+        if record is None or who.organization_id not in {
+            record.requester_organization_id,
+            record.consultant_organization_id,
+        }:
+            raise NotFound("no such consultation", reason="consultation-not-found")
+        return teleconsult_pb2.GetConsultationResponse(consultation=_message(record))
