@@ -154,7 +154,12 @@ def up(
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM stops as Ctrl-C does; SIGINT is set explicitly as a background job starts with it ignored.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         # Audit first: every other service relays its audit events there.
         for name in ("audit", "mpi", "consent", "registry", "referral", "teleconsult"):

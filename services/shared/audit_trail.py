@@ -7,13 +7,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.shared.auth import Caller, PlatformCredentials
 from services.shared.db import utcnow
 from services.shared.outbox import Outbox, Sender
-from services.shared.tracing import current_trace_ids
+from services.shared.tracing import current_trace_ids, remote_parent, tracer
 
 AUDIT_TOPIC = "audit"
 Action = audit_pb2.Action
@@ -61,10 +62,24 @@ class AuditTrail:
 
 
 def audit_sender(stub: audit_pb2_grpc.AuditLogStub, credentials: PlatformCredentials) -> Sender:
-    """Delivers outbox batches to the audit service under the service's own platform identity."""
+    """Delivers outbox batches to the audit service under the service's own platform identity.
+
+    Events are sent grouped by the trace that caused them, each group inside that trace,
+    so an exchange's trace reaches the audit service even though delivery is asynchronous.
+    """
 
     async def send(payloads: Sequence[bytes]) -> None:
-        events = [audit_pb2.AuditEvent.FromString(p) for p in payloads]
-        await stub.Append(audit_pb2.AppendRequest(events=events), metadata=credentials.metadata(), timeout=10)
+        by_trace: dict[tuple[str, str], list[audit_pb2.AuditEvent]] = {}
+        for payload in payloads:
+            event = audit_pb2.AuditEvent.FromString(payload)
+            by_trace.setdefault((event.trace_id, event.span_id), []).append(event)
+        for (trace_id, span_id), events in by_trace.items():
+            with tracer.start_as_current_span(
+                "audit.relay", context=remote_parent(trace_id, span_id), kind=SpanKind.PRODUCER
+            ) as span:
+                span.set_attribute("hie.audit.events", len(events))
+                await stub.Append(
+                    audit_pb2.AppendRequest(events=events), metadata=credentials.metadata(), timeout=10
+                )
 
     return send

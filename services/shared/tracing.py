@@ -10,10 +10,12 @@ import logging
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 _log = logging.getLogger(__name__)
 
@@ -58,6 +60,22 @@ def current_trace_ids() -> tuple[str, str]:
     if not ctx.is_valid:
         return "", ""
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+def remote_parent(trace_id: str, span_id: str) -> Context | None:
+    """A context whose parent is the given (hex) span, to continue a trace recorded earlier."""
+    try:
+        parent = SpanContext(
+            trace_id=int(trace_id, 16),
+            span_id=int(span_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+    except ValueError:
+        return None
+    if not parent.is_valid:
+        return None
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 tracer = trace.get_tracer("hie")

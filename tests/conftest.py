@@ -1,0 +1,167 @@
+"""Fixtures that build real things: keys, tokens, gRPC servers on loopback ports, the
+gateway over real HTTP, on SQLite and (when HIE_TEST_DATABASE_URL is set) PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from gateway.app import create_app
+from gateway.client import HospitalClient
+from gateway.organizations import register_organization
+from services.audit.service import SPEC as AUDIT
+from services.consent.service import SPEC as CONSENT
+from services.mpi.service import SPEC as MPI
+from services.referral.service import SPEC as REFERRAL
+from services.registry.service import SPEC as REGISTRY
+from services.shared.config import SERVICE_PORTS, Settings
+from services.shared.keys import ensure_exchange_keys, generate_ec_key, jwks
+from services.shared.process import RunningService, start_service
+from services.teleconsult.service import SPEC as TELECONSULT
+
+POSTGRES_URL = os.environ.get("HIE_TEST_DATABASE_URL", "")
+
+# One tracer provider for the whole test process, exporting to memory, installed before any
+# server or instrumentation is created.
+SPANS = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_provider)
+
+
+@dataclass
+class Exchange:
+    """A whole exchange running in the test process: six services and the gateway."""
+
+    backend: str
+    settings: Settings
+    base_url: str
+    services: dict[str, RunningService]
+
+    async def member(self, *, type: str = "hospital", scopes: str | None = None, name: str = "测试医院") -> HospitalClient:
+        """A newly registered member organisation with a fresh key, as its system would act."""
+        key = generate_ec_key()
+        org_id = f"{type[:4]}-{secrets.token_hex(4)}"
+        org = await register_organization(self.settings, org_id=org_id, name=name, type=type, jwks=jwks(key))
+        client = HospitalClient(base_url=self.base_url, client_id=org.client_id, key=key)
+        if scopes is not None:
+            client.scopes = scopes
+        client.org_id = org_id  # type: ignore[attr-defined]
+        return client
+
+    async def audit_settled(self) -> None:
+        """Wait until every service's outbox has delivered its audit events."""
+        for _ in range(200):
+            pending = 0
+            for running in self.services.values():
+                await running.runtime.outbox.relay_once()
+                pending += await running.runtime.outbox.pending()
+            if pending == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("audit events were not delivered")
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _backends() -> list[pytest.param]:
+    return [
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param(
+            "postgres",
+            id="postgres",
+            marks=pytest.mark.skipif(not POSTGRES_URL, reason="HIE_TEST_DATABASE_URL not set"),
+        ),
+    ]
+
+
+@pytest.fixture(scope="session")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("keys")
+    ensure_exchange_keys(directory)
+    return directory
+
+
+def base_settings(data_dir: Path, keys_dir: Path, backend: str) -> Settings:
+    env = {
+        "HIE_DATA_DIR": str(data_dir),
+        "HIE_TRUSTED_JWKS_FILE": str(keys_dir / "trusted.jwks.json"),
+        "HIE_GATEWAY_SIGNING_KEY_FILE": str(keys_dir / "gateway.pem"),
+        "HIE_SERVICE_SIGNING_KEY_FILE": str(keys_dir / "platform.pem"),
+    }
+    if backend == "postgres":
+        env["HIE_DATABASE_URL"] = POSTGRES_URL
+        env["HIE_DB_SCHEMA_PREFIX"] = f"t{secrets.token_hex(3)}_"
+    return Settings.from_env(env)
+
+
+async def drop_schemas(settings: Settings) -> None:
+    if not settings.database_url:
+        return
+    engine = create_async_engine(settings.database_url)
+    async with engine.begin() as conn:
+        for component in [*SERVICE_PORTS, "gateway"]:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{settings.schema_for(component)}" CASCADE'))
+    await engine.dispose()
+
+
+async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, uvicorn.Server, asyncio.Task[None]]:
+    services: dict[str, RunningService] = {}
+    # Audit first (everyone relays to it), then mpi and consent (the registry calls them).
+    for spec in (AUDIT, MPI, CONSENT, REFERRAL, TELECONSULT, REGISTRY):
+        running = await start_service(spec, settings, listen="127.0.0.1:0")
+        services[spec.name] = running
+        settings = dataclasses.replace(settings, targets={**settings.targets, spec.name: f"127.0.0.1:{running.port}"})
+    for running in services.values():
+        running.runtime.settings = settings
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    settings = dataclasses.replace(settings, public_url=f"http://127.0.0.1:{port}")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return Exchange(backend, settings, f"http://127.0.0.1:{port}", services), server, task
+
+
+@pytest.fixture(scope="session", params=_backends())
+async def exchange(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, keys_dir: Path) -> AsyncIterator[Exchange]:
+    backend = request.param
+    settings = base_settings(tmp_path_factory.mktemp(f"exchange-{backend}"), keys_dir, backend)
+    running, server, task = await start_exchange(settings, backend)
+    try:
+        yield running
+    finally:
+        server.should_exit = True
+        await task
+        for service in running.services.values():
+            await service.stop(grace=None)
+        await drop_schemas(settings)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    SPANS.clear()
+    yield SPANS

@@ -1,0 +1,163 @@
+"""The demo's exchange, asserted step by step, over real HTTP and real gRPC servers."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+
+import pytest
+
+from gateway.client import new_traceparent
+from gateway.demo import DEMO_NATIONAL_ID, discharge_summary_cda, run_demo
+from services.shared import gb11643
+from tests.conftest import Exchange
+
+PATIENT = {
+    "name": "张三",
+    "family": "张",
+    "given": "三",
+    "gender": "female",
+    "birth_date": "1949-12-31",
+    "national_id": DEMO_NATIONAL_ID,
+    "phones": ["13800138000"],
+    "address": {"province": "北京市", "city": "北京市", "district": "西城区", "line": "金融街 1 号"},
+}
+
+
+def _document(local_id: str, content: bytes, **overrides: object) -> dict[str, object]:
+    return {
+        "source_document_id": f"DS-{secrets.token_hex(4)}",
+        "patient_local_id": local_id,
+        "type": {"system": "http://loinc.org", "code": "18842-5", "display": "出院小结"},
+        "title": "出院小结",
+        "mime_type": "text/xml",
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "size": len(content),
+        "content_base64": base64.b64encode(content).decode(),
+        **overrides,
+    }
+
+
+async def test_demo_runs_against_the_exchange(exchange: Exchange) -> None:
+    report = await run_demo(exchange.settings, exchange.base_url, echo=False)
+    assert [s.response.status_code for s in report.steps] == [200, 200, 200, 200, 201, 201, 201, 200, 200, 200]
+
+
+async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None:  # type: ignore[no-untyped-def]
+    a = await exchange.member(name="市第一人民医院")
+    b = await exchange.member(name="城东社区卫生服务中心")
+    auditor = await exchange.member(type="authority", scopes="system/AuditEvent.rs", name="市卫健委")
+    national_id = _fresh_national_id()
+    patient = {
+        **PATIENT,
+        "national_id": national_id,
+        "birth_date": gb11643.birth_date(national_id).isoformat(),
+        "gender": gb11643.gender(national_id),
+    }
+
+    at_a = await a.call("POST", "/api/v1/patients", json={"local_id": "A-1", **patient})
+    assert at_a.status_code == 201, at_a.text
+    assert at_a.json()["link_method"] == "new"
+    # The national id is masked in responses.
+    assert {"type": "NNCHN", "value": gb11643.mask(national_id)} in [
+        {"type": i["type"], "value": i["value"]} for i in at_a.json()["identifiers"]
+    ]
+    assert national_id not in at_a.text
+    at_b = await b.call("POST", "/api/v1/patients", json={"local_id": "B-1", **patient})
+    assert at_b.status_code == 201
+    assert at_b.json()["link_method"] == "national-id"
+    eid = at_a.json()["enterprise_id"]
+    assert at_b.json()["enterprise_id"] == eid
+    # Registering again is idempotent: same person, 200, nothing new.
+    again = await b.call("POST", "/api/v1/patients", json={"local_id": "B-1", **patient})
+    assert again.status_code == 200
+    assert again.json()["enterprise_id"] == eid
+
+    xref = await b.call("GET", "/api/v1/patients/B-1/cross-references")
+    assert xref.status_code == 200
+    assert {(i["domain"], i["local_id"]) for i in xref.json()["identities"]} == {
+        (a.org_id, "A-1"),  # type: ignore[attr-defined]
+        (b.org_id, "B-1"),  # type: ignore[attr-defined]
+    }
+
+    content = discharge_summary_cda("张三")
+    registered = await a.call("POST", "/api/v1/documents", json=_document("A-1", content))
+    assert registered.status_code == 201, registered.text
+    document_id = registered.json()["document_id"]
+    assert registered.json()["enterprise_id"] == eid
+
+    trace_id = secrets.token_hex(16)
+    spans.clear()
+    found = await b.call(
+        "GET", "/api/v1/documents", params={"patient_local_id": "B-1"}, traceparent=new_traceparent(trace_id)
+    )
+    assert found.status_code == 200
+    assert found.headers["x-trace-id"] == trace_id
+    assert [e["document_id"] for e in found.json()["entries"]] == [document_id]
+    assert found.json()["entries"][0]["type"]["display"] == "出院小结"
+
+    retrieved = await b.call(
+        "GET", f"/api/v1/documents/{document_id}/content", traceparent=new_traceparent(trace_id)
+    )
+    assert retrieved.status_code == 200
+    assert retrieved.content == content
+    assert retrieved.headers["content-type"].startswith("text/xml")
+    assert retrieved.headers["repr-digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
+    assert retrieved.headers["x-trace-id"] == trace_id
+
+    await exchange.audit_settled()
+    # One trace: the gateway and every service the exchange touched, audit included.
+    names = {s.name for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id}
+    for expected in (
+        "GET /api/v1/documents",
+        "GET /api/v1/documents/{document_id}/content",
+        "/hie.registry.v1.DocumentRegistry/FindDocuments",
+        "/hie.registry.v1.DocumentRegistry/RetrieveDocument",
+        "/hie.mpi.v1.PatientIndex/CrossReference",
+        "/hie.consent.v1.ConsentDecisionPoint/Decide",
+        "/hie.audit.v1.AuditLog/Append",
+    ):
+        assert expected in names, f"{expected} not in trace: {sorted(names)}"
+
+    # The audit records of the exchange carry its trace id.
+    listed = await auditor.call("GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit")
+    assert listed.status_code == 200
+    events = listed.json()["events"]
+    by_type = {e["type"]: e for e in events}
+    assert {"document.query", "document.retrieve", "patient.pix-query"} <= set(by_type)
+    assert all(e["trace_id"] == trace_id for e in events)
+    assert by_type["document.retrieve"]["organization_id"] == b.org_id  # type: ignore[attr-defined]
+    assert by_type["document.retrieve"]["patient_enterprise_id"] == eid
+    assert by_type["document.retrieve"]["entities"] == [{"type": "DocumentReference", "id": document_id}]
+    assert by_type["document.retrieve"]["event_id"] == retrieved.headers["x-hie-audit-event-id"]
+    assert by_type["document.query"]["event_id"] in found.json()["audit_event_ids"]
+    # A hospital sees only its own requests' records.
+    own = await a.call("GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit")
+    assert own.status_code == 200
+    assert own.json()["events"] == []
+    for member in (a, b, auditor):
+        await member.aclose()
+
+
+async def test_chinese_names_round_trip_utf8(exchange: Exchange) -> None:
+    a = await exchange.member()
+    body = {"local_id": "U-1", "name": "欧阳娜娜", "family": "欧阳", "given": "娜娜", "gender": "female",
+            "address": {"province": "广东省", "city": "深圳市", "district": "南山区", "line": "科技园路 8 号"}}
+    created = await a.call("POST", "/api/v1/patients", json=body)
+    assert created.status_code == 201
+    assert created.json()["name"] == "欧阳娜娜"
+    assert created.json()["family"] == "欧阳"
+    assert created.json()["address"]["line"] == "科技园路 8 号"
+    await a.aclose()
+
+
+def _fresh_national_id() -> str:
+    """A synthetic id with a valid check digit, unique per test run."""
+    body = f"110105{1950 + secrets.randbelow(50)}0{1 + secrets.randbelow(9)}1{secrets.randbelow(10)}{secrets.randbelow(1000):03d}"
+    return body + gb11643.check_digit(body)
+
+
+@pytest.mark.parametrize("national_id", ["11010519491231002X"])
+def test_demo_national_id_is_valid(national_id: str) -> None:
+    assert gb11643.normalize(national_id) == national_id
