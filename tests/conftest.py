@@ -8,7 +8,7 @@ import dataclasses
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,9 @@ class Exchange:
     base_url: str
     services: dict[str, RunningService]
 
-    async def member(self, *, type: str = "hospital", scopes: str | None = None, name: str = "测试医院") -> HospitalClient:
+    async def member(
+        self, *, type: str = "hospital", scopes: str | None = None, name: str = "测试医院"
+    ) -> HospitalClient:
         """A newly registered member organisation with a fresh key, as its system would act."""
         key = generate_ec_key()
         org_id = f"{type[:4]}-{secrets.token_hex(4)}"
@@ -125,13 +127,17 @@ async def drop_schemas(settings: Settings) -> None:
     await engine.dispose()
 
 
-async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, uvicorn.Server, asyncio.Task[None]]:
+async def start_exchange(
+    settings: Settings, backend: str
+) -> tuple[Exchange, uvicorn.Server, asyncio.Task[None]]:
     services: dict[str, RunningService] = {}
     # Audit first (everyone relays to it), then mpi and consent (the registry calls them).
     for spec in (AUDIT, MPI, CONSENT, REFERRAL, TELECONSULT, REGISTRY):
         running = await start_service(spec, settings, listen="127.0.0.1:0")
         services[spec.name] = running
-        settings = dataclasses.replace(settings, targets={**settings.targets, spec.name: f"127.0.0.1:{running.port}"})
+        settings = dataclasses.replace(
+            settings, targets={**settings.targets, spec.name: f"127.0.0.1:{running.port}"}
+        )
     for running in services.values():
         running.runtime.settings = settings
     sock = _free_socket()
@@ -147,7 +153,9 @@ async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, uv
 
 
 @pytest.fixture(scope="session", params=_backends())
-async def exchange(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, keys_dir: Path) -> AsyncIterator[Exchange]:
+async def exchange(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, keys_dir: Path
+) -> AsyncIterator[Exchange]:
     backend = request.param
     settings = base_settings(tmp_path_factory.mktemp(f"exchange-{backend}"), keys_dir, backend)
     running, server, task = await start_exchange(settings, backend)
@@ -162,6 +170,6 @@ async def exchange(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
+def spans() -> InMemorySpanExporter:
     SPANS.clear()
-    yield SPANS
+    return SPANS

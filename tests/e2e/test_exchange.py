@@ -12,6 +12,7 @@ from gateway.client import new_traceparent
 from gateway.demo import DEMO_NATIONAL_ID, discharge_summary_cda, run_demo
 from services.shared import gb11643
 from tests.conftest import Exchange
+from tests.factories import document, person
 
 PATIENT = {
     "name": "张三",
@@ -25,36 +26,28 @@ PATIENT = {
 }
 
 
-def _document(local_id: str, content: bytes, **overrides: object) -> dict[str, object]:
-    return {
-        "source_document_id": f"DS-{secrets.token_hex(4)}",
-        "patient_local_id": local_id,
-        "type": {"system": "http://loinc.org", "code": "18842-5", "display": "出院小结"},
-        "title": "出院小结",
-        "mime_type": "text/xml",
-        "sha256": hashlib.sha256(content).hexdigest(),
-        "size": len(content),
-        "content_base64": base64.b64encode(content).decode(),
-        **overrides,
-    }
-
-
 async def test_demo_runs_against_the_exchange(exchange: Exchange) -> None:
     report = await run_demo(exchange.settings, exchange.base_url, echo=False)
-    assert [s.response.status_code for s in report.steps] == [200, 200, 200, 200, 201, 201, 201, 200, 200, 200]
+    assert [s.response.status_code for s in report.steps] == [
+        200,
+        200,
+        200,
+        200,
+        201,
+        201,
+        201,
+        200,
+        200,
+        200,
+    ]
 
 
 async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None:  # type: ignore[no-untyped-def]
     a = await exchange.member(name="市第一人民医院")
     b = await exchange.member(name="城东社区卫生服务中心")
     auditor = await exchange.member(type="authority", scopes="system/AuditEvent.rs", name="市卫健委")
-    national_id = _fresh_national_id()
-    patient = {
-        **PATIENT,
-        "national_id": national_id,
-        "birth_date": gb11643.birth_date(national_id).isoformat(),
-        "gender": gb11643.gender(national_id),
-    }
+    patient = {**PATIENT, **person("张三")}
+    national_id = patient["national_id"]
 
     at_a = await a.call("POST", "/api/v1/patients", json={"local_id": "A-1", **patient})
     assert at_a.status_code == 201, at_a.text
@@ -82,7 +75,7 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     }
 
     content = discharge_summary_cda("张三")
-    registered = await a.call("POST", "/api/v1/documents", json=_document("A-1", content))
+    registered = await a.call("POST", "/api/v1/documents", json=document("A-1", content))
     assert registered.status_code == 201, registered.text
     document_id = registered.json()["document_id"]
     assert registered.json()["enterprise_id"] == eid
@@ -103,7 +96,10 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     assert retrieved.status_code == 200
     assert retrieved.content == content
     assert retrieved.headers["content-type"].startswith("text/xml")
-    assert retrieved.headers["repr-digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
+    assert (
+        retrieved.headers["repr-digest"]
+        == f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
+    )
     assert retrieved.headers["x-trace-id"] == trace_id
 
     await exchange.audit_settled()
@@ -142,20 +138,20 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
 
 async def test_chinese_names_round_trip_utf8(exchange: Exchange) -> None:
     a = await exchange.member()
-    body = {"local_id": "U-1", "name": "欧阳娜娜", "family": "欧阳", "given": "娜娜", "gender": "female",
-            "address": {"province": "广东省", "city": "深圳市", "district": "南山区", "line": "科技园路 8 号"}}
+    body = {
+        "local_id": "U-1",
+        "name": "欧阳娜娜",
+        "family": "欧阳",
+        "given": "娜娜",
+        "gender": "female",
+        "address": {"province": "广东省", "city": "深圳市", "district": "南山区", "line": "科技园路 8 号"},
+    }
     created = await a.call("POST", "/api/v1/patients", json=body)
     assert created.status_code == 201
     assert created.json()["name"] == "欧阳娜娜"
     assert created.json()["family"] == "欧阳"
     assert created.json()["address"]["line"] == "科技园路 8 号"
     await a.aclose()
-
-
-def _fresh_national_id() -> str:
-    """A synthetic id with a valid check digit, unique per test run."""
-    body = f"110105{1950 + secrets.randbelow(50)}0{1 + secrets.randbelow(9)}1{secrets.randbelow(10)}{secrets.randbelow(1000):03d}"
-    return body + gb11643.check_digit(body)
 
 
 @pytest.mark.parametrize("national_id", ["11010519491231002X"])

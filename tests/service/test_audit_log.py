@@ -1,0 +1,124 @@
+"""The audit service on a real gRPC server and database: idempotent append, tamper evidence."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import text
+
+from hie.audit.v1 import audit_pb2, audit_pb2_grpc
+from hie.common.v1 import common_pb2
+from services.audit import chain
+from services.audit.service import SPEC as AUDIT
+from services.audit.store import AuditRecord
+from services.shared.auth import PlatformCredentials
+from services.shared.process import RunningService, start_service
+from tests.conftest import _backends, base_settings, drop_schemas
+
+
+@pytest.fixture(params=_backends())
+async def audit(
+    request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path
+) -> AsyncIterator[RunningService]:
+    settings = base_settings(tmp_path, keys_dir, request.param)
+    running = await start_service(AUDIT, settings, listen="127.0.0.1:0")
+    try:
+        yield running
+    finally:
+        await running.stop(grace=None)
+        await drop_schemas(settings)
+
+
+def _event(n: int) -> audit_pb2.AuditEvent:
+    return audit_pb2.AuditEvent(
+        event_id=str(uuid.uuid4()),
+        type="document.retrieve",
+        action=audit_pb2.ACTION_READ,
+        outcome=audit_pb2.OUTCOME_SUCCESS,
+        actor=common_pb2.CallerContext(
+            organization_id="hosp-b",
+            organization_type="hospital",
+            practitioner_name="王医生",
+            purpose_of_use="treatment",
+        ),
+        patient_enterprise_id=str(uuid.UUID(int=n)),
+        entities=[audit_pb2.EntityRef(type="DocumentReference", id=f"doc-{n}")],
+        trace_id=f"{n:032x}",
+        source_service="registry",
+    )
+
+
+async def _call(running: RunningService, method: str, request: object, keys_dir: Path) -> object:
+    credentials = PlatformCredentials.from_file(keys_dir / "platform.pem", service="test", issuer="urn:test")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = audit_pb2_grpc.AuditLogStub(channel)
+        return await getattr(stub, method)(request, metadata=credentials.metadata())
+
+
+async def _append(running: RunningService, keys_dir: Path, events: list[audit_pb2.AuditEvent]) -> int:
+    response = await _call(running, "Append", audit_pb2.AppendRequest(events=events), keys_dir)
+    return response.appended  # type: ignore[attr-defined]
+
+
+async def _verify(running: RunningService, keys_dir: Path) -> audit_pb2.VerifyChainResponse:
+    return await _call(running, "VerifyChain", audit_pb2.VerifyChainRequest(), keys_dir)  # type: ignore[return-value]
+
+
+async def test_append_is_idempotent_by_event_id(audit: RunningService, keys_dir: Path) -> None:
+    events = [_event(n) for n in range(1, 6)]
+    assert await _append(audit, keys_dir, events) == 5
+    assert await _append(audit, keys_dir, events[2:]) == 0
+    assert await _append(audit, keys_dir, [*events[:1], _event(6)]) == 1
+    verdict = await _verify(audit, keys_dir)
+    assert verdict.intact
+    assert verdict.records_checked == 6
+
+
+@pytest.mark.parametrize(
+    ("statement", "broken_at"),
+    [
+        ("UPDATE audit_record SET organization_id = 'hosp-z' WHERE sequence = 4", 4),
+        ("UPDATE audit_record SET practitioner_name = '张医生' WHERE sequence = 2", 2),
+        ("UPDATE audit_record SET outcome = 3 WHERE sequence = 7", 7),
+        ("DELETE FROM audit_record WHERE sequence = 5", 5),
+        ("UPDATE audit_record SET hash = previous_hash WHERE sequence = 1", 1),
+    ],
+)
+async def test_altering_any_stored_row_is_detected(
+    audit: RunningService, keys_dir: Path, statement: str, broken_at: int
+) -> None:
+    assert await _append(audit, keys_dir, [_event(n) for n in range(1, 9)]) == 8
+    assert (await _verify(audit, keys_dir)).intact
+    async with audit.runtime.engine.begin() as conn:
+        await conn.execute(text(statement))
+    verdict = await _verify(audit, keys_dir)
+    assert not verdict.intact
+    assert verdict.first_break_sequence == broken_at
+    assert verdict.detail
+
+
+async def test_rehashing_a_tampered_row_still_breaks_the_next_link(
+    audit: RunningService, keys_dir: Path
+) -> None:
+    """An attacker who recomputes the altered row's own hash is caught by the following record."""
+    assert await _append(audit, keys_dir, [_event(n) for n in range(1, 5)]) == 4
+    async with audit.runtime.sessions() as session, session.begin():
+        record = await session.get(AuditRecord, 2)
+        assert record is not None
+        record.organization_id = "hosp-z"
+        record.hash = chain.link_hash(record.previous_hash, record.as_mapping())
+    verdict = await _verify(audit, keys_dir)
+    assert not verdict.intact
+    assert verdict.first_break_sequence == 3
+
+
+async def test_only_services_append(audit: RunningService, keys_dir: Path) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{audit.port}") as channel:
+        stub = audit_pb2_grpc.AuditLogStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Append(audit_pb2.AppendRequest(events=[_event(1)]))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
