@@ -239,3 +239,7 @@ def audit_verify(
         return
     typer.echo(f"audit chain BROKEN at sequence {result.first_break_sequence}: {result.detail}", err=True)
     raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -59,7 +59,10 @@ def call_context(request: Request) -> CallContext:
     if claims.get("org_type") == auth.PLATFORM:
         # Platform tokens are for calls between services, never from outside.
         raise ApiError(
-            401, "token", "access token not accepted", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            401,
+            "token",
+            "access token not accepted",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     purpose = request.headers.get("x-hie-purpose-of-use", "")
     if purpose and purpose not in auth.PURPOSES_OF_USE:
