@@ -157,9 +157,9 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
             201,
         )
         eid = at_a["enterprise_id"]
-        report.steps[-1].details.update(
-            enterprise_id=eid, link=at_a["link_method"], audit_event_ids=",".join(at_a["audit_event_ids"])
-        )
+        if echo:
+            print(f"      enterprise_id: {eid} (link: {at_a['link_method']})")
+            print(f"      audit_event_ids: {','.join(at_a['audit_event_ids'])}")
         at_b = report.step(
             "B registers the same person (local id B-7788)",
             await b.call("POST", "/api/v1/patients", json={"local_id": "B-7788", **patient}),
@@ -167,6 +167,7 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
         )
         if echo:
             print(f"      enterprise_id: {at_b['enterprise_id']} (link: {at_b['link_method']})")
+            print(f"      audit_event_ids: {','.join(at_b['audit_event_ids'])}")
         if at_b["enterprise_id"] != eid:
             raise DemoFailed("B's registration did not link to A's enterprise id")
 
