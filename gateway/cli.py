@@ -27,7 +27,10 @@ keys_app = typer.Typer(help="The exchange's own signing keys.", no_args_is_help=
 audit_app = typer.Typer(help="The exchange audit log.", no_args_is_help=True)
 app.add_typer(org_app, name="org")
 app.add_typer(keys_app, name="keys")
+db_app = typer.Typer(help="Database schemas and migrations.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(db_app, name="db")
+COMPONENTS = (*SERVICE_PORTS, "gateway")
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]
 DatabaseUrl = Annotated[
@@ -239,6 +242,86 @@ def audit_verify(
         return
     typer.echo(f"audit chain BROKEN at sequence {result.first_break_sequence}: {result.detail}", err=True)
     raise typer.Exit(1)
+
+
+def _component_tables(component: str) -> tuple[Path, object]:
+    """A component's migration folder and table metadata."""
+    import importlib
+
+    if component == "gateway":
+        from gateway.app import MIGRATIONS
+        from gateway.store import metadata
+
+        return MIGRATIONS, metadata
+    spec = importlib.import_module(f"services.{component}.service").SPEC
+    return spec.versions, spec.metadata
+
+
+@db_app.command("migrate")
+def db_migrate(
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+    component: Annotated[list[str] | None, typer.Option(help="Default: every component")] = None,
+) -> None:
+    """Apply pending migrations (services also do this on start)."""
+    from services.shared import migrations
+    from services.shared.db import engine_for
+
+    settings = _settings(data_dir, database_url)
+
+    async def run() -> None:
+        for name in component or COMPONENTS:
+            versions, metadata = _component_tables(name)
+            engine = engine_for(settings, name)
+            try:
+                await migrations.upgrade(
+                    engine,
+                    schema=settings.schema_for(name),
+                    versions=versions,
+                    metadata=metadata,  # type: ignore[arg-type]
+                )
+            finally:
+                await engine.dispose()
+            typer.echo(f"{name}: up to date")
+
+    asyncio.run(run())
+
+
+@db_app.command("revision")
+def db_revision(
+    component: Annotated[
+        str, typer.Argument(help="mpi, registry, consent, referral, teleconsult, audit or gateway")
+    ],
+    message: Annotated[str, typer.Option("-m", "--message")],
+) -> None:
+    """Write a new migration for a component by comparing its tables with its migrated schema
+    (developer command; runs against a scratch SQLite database)."""
+    import tempfile
+
+    from services.shared import migrations
+    from services.shared.db import create_engine
+
+    if component not in COMPONENTS:
+        typer.echo(f"unknown component {component}", err=True)
+        raise typer.Exit(2)
+    versions, metadata = _component_tables(component)
+
+    async def run(scratch: str) -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{scratch}/revision.db", schema=component)
+        try:
+            await migrations.upgrade(engine, schema=component, versions=versions, metadata=metadata)  # type: ignore[arg-type]
+            await migrations.revision(
+                engine,
+                schema=component,
+                versions=versions,
+                metadata=metadata,
+                message=message,  # type: ignore[arg-type]
+            )
+        finally:
+            await engine.dispose()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        asyncio.run(run(scratch))
 
 
 if __name__ == "__main__":

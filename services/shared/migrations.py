@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, MetaData
+from sqlalchemy import Connection, MetaData, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared.db import ensure_schema
@@ -30,9 +30,15 @@ def alembic_config(versions: Path, metadata: MetaData, connection: Connection | 
 
 
 async def upgrade(engine: AsyncEngine, *, schema: str, versions: Path, metadata: MetaData) -> None:
-    """Bring a component's schema to the newest revision."""
-    await ensure_schema(engine, schema)
+    """Bring a component's schema to the newest revision.
+
+    Replicas of one service start together: on PostgreSQL they take turns under an advisory
+    lock named after the schema, so the schema is created and migrated exactly once.
+    """
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": f"migrate:{schema}"})
+            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         await conn.run_sync(lambda sync: command.upgrade(alembic_config(versions, metadata, sync), "head"))
 
 
