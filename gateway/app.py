@@ -19,6 +19,7 @@ from gateway import store
 from gateway.errors import ApiError, error_response
 from gateway.routes import audit, documents, oauth, patients, workflows
 from gateway.smart import AuthorizationServer
+from gateway.standing import OrganizationStanding
 from hie.audit.v1 import audit_pb2_grpc
 from hie.consent.v1 import consent_pb2_grpc
 from hie.mpi.v1 import mpi_pb2_grpc
@@ -61,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.verifier = TokenVerifier(settings.trusted_jwks_file)
+        app.state.standing = OrganizationStanding(sessions)
         app.state.authorization = AuthorizationServer(
             sessions=sessions,
             signing_key=load_private_key(settings.gateway_signing_key_file),
@@ -104,9 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
         channels: dict[str, grpc.aio.Channel] = request.app.state.channels
         states = {name: ch.get_state(try_to_connect=True).name for name, ch in channels.items()}
         down = [n for n, s in states.items() if s in {"TRANSIENT_FAILURE", "SHUTDOWN"}]
-        return JSONResponse(
-            {"status": "degraded" if down else "ready", "down": down}, status_code=503 if down else 200
-        )
+        return JSONResponse({"status": "degraded" if down else "ready", "down": down}, status_code=503 if down else 200)
 
     @app.middleware("http")
     async def trace_and_security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -131,9 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Pydantic's own messages echo the input (possibly patient data): name the fields only.
         fields = sorted({".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in exc.errors()})
-        return error_response(
-            request, ApiError(400, "invalid-request", "invalid fields: " + ", ".join(fields))
-        )
+        return error_response(request, ApiError(400, "invalid-request", "invalid fields: " + ", ".join(fields)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

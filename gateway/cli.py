@@ -35,9 +35,7 @@ COMPONENTS = (*SERVICE_PORTS, "gateway")
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]
 DatabaseUrl = Annotated[
     str,
-    typer.Option(
-        envvar="HIE_DATABASE_URL", help="postgresql+asyncpg://… (default: SQLite files in the data dir)"
-    ),
+    typer.Option(envvar="HIE_DATABASE_URL", help="postgresql+asyncpg://… (default: SQLite files in the data dir)"),
 ]
 _STATE_FILE = "up.json"
 
@@ -72,9 +70,7 @@ def org_add(
     try:
         jwks = json.loads(jwks_file.read_text(encoding="utf-8"))
         org = asyncio.run(
-            register_organization(
-                _settings(data_dir, database_url), org_id=id, name=name, type=type, jwks=jwks
-            )
+            register_organization(_settings(data_dir, database_url), org_id=id, name=name, type=type, jwks=jwks)
         )
     except (DomainError, json.JSONDecodeError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -230,9 +226,7 @@ def audit_verify(
     from hie.audit.v1 import audit_pb2, audit_pb2_grpc
     from services.shared.auth import PlatformCredentials
 
-    credentials = PlatformCredentials.from_file(
-        data_dir / "keys" / "platform.pem", service="cli", issuer="urn:hie:cli"
-    )
+    credentials = PlatformCredentials.from_file(data_dir / "keys" / "platform.pem", service="cli", issuer="urn:hie:cli")
     with grpc.insecure_channel(target) as channel:
         result = audit_pb2_grpc.AuditLogStub(channel).VerifyChain(
             audit_pb2.VerifyChainRequest(), metadata=credentials.metadata(), timeout=600
@@ -289,9 +283,7 @@ def db_migrate(
 
 @db_app.command("revision")
 def db_revision(
-    component: Annotated[
-        str, typer.Argument(help="mpi, registry, consent, referral, teleconsult, audit or gateway")
-    ],
+    component: Annotated[str, typer.Argument(help="mpi, registry, consent, referral, teleconsult, audit or gateway")],
     message: Annotated[str, typer.Option("-m", "--message")],
 ) -> None:
     """Write a new migration for a component by comparing its tables with its migrated schema

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,16 +16,47 @@ import httpx
 import jwt
 
 from gateway.smart import CLIENT_ASSERTION_TYPE
+from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import PrivateKey, algorithm_for, public_jwk
 
-DEFAULT_SCOPES = (
-    "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crs system/AuditEvent.rs"
-)
+DEFAULT_SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crs system/AuditEvent.rs"
 
 
 def new_traceparent(trace_id: str | None = None) -> str:
     """A W3C traceparent: version 00, trace id, a fresh parent span id, sampled."""
     return f"00-{trace_id or secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+@dataclass(frozen=True)
+class Practitioner:
+    """The person acting through the hospital's system."""
+
+    id: str = "D0001"
+    name: str = "值班医生"
+    role: str = "doctor"
+    department: str = "急诊科"
+
+
+def user_assertion(
+    *, key: PrivateKey, client_id: str, practitioner: Practitioner, purpose: str, lifetime: int = 300
+) -> str:
+    """The hospital's signed statement of who acts and why (see services/shared/user_assertion.py)."""
+    now = int(time.time())
+    jwk = public_jwk(key)
+    claims = {
+        "iss": client_id,
+        "sub": practitioner.id,
+        "aud": TOKEN_AUDIENCE,
+        "iat": now,
+        "exp": now + lifetime,
+        "jti": str(uuid.uuid4()),
+        "name": practitioner.name,
+        "role": practitioner.role,
+        "department": practitioner.department,
+        "purpose_of_use": purpose,
+    }
+    public = {k: jwk[k] for k in ("kty", "crv", "x", "y", "n", "e") if k in jwk}
+    return jwt.encode(claims, key, algorithm=algorithm_for(key), headers={"kid": jwk["kid"], "jwk": public})
 
 
 def client_assertion(*, key: PrivateKey, client_id: str, token_endpoint: str, lifetime: int = 240) -> str:
@@ -51,7 +81,7 @@ class HospitalClient:
     key: PrivateKey
     scopes: str = DEFAULT_SCOPES
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=30))
-    practitioner: dict[str, str] = field(default_factory=dict)
+    practitioner: Practitioner = field(default_factory=Practitioner)
     _token: str = ""
     _token_expires: float = 0.0
 
@@ -67,9 +97,7 @@ class HospitalClient:
                 "grant_type": "client_credentials",
                 "scope": self.scopes,
                 "client_assertion_type": CLIENT_ASSERTION_TYPE,
-                "client_assertion": client_assertion(
-                    key=self.key, client_id=self.client_id, token_endpoint=endpoint
-                ),
+                "client_assertion": client_assertion(key=self.key, client_id=self.client_id, token_endpoint=endpoint),
             },
         )
 
@@ -90,14 +118,18 @@ class HospitalClient:
         purpose: str = "treatment",
         traceparent: str | None = None,
         headers: dict[str, str] | None = None,
+        as_user: Practitioner | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
         """An API call as the practitioner, for the purpose, optionally continuing a trace."""
         sent = {
             "Authorization": f"Bearer {await self.access_token()}",
-            "X-HIE-Purpose-Of-Use": purpose,
-            # Header values are Latin-1: Chinese names travel percent-encoded UTF-8.
-            **{f"X-HIE-{k}": urllib.parse.quote(v, safe="") for k, v in self.practitioner.items()},
+            "X-HIE-User-Assertion": user_assertion(
+                key=self.key,
+                client_id=self.client_id,
+                practitioner=as_user or self.practitioner,
+                purpose=purpose,
+            ),
             **(headers or {}),
         }
         if traceparent:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from gateway.client import HospitalClient, new_traceparent
+from gateway.client import HospitalClient, Practitioner, new_traceparent
 from gateway.organizations import register_organization
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks
@@ -60,9 +60,7 @@ class DemoReport:
         self.echo = echo
         self.steps: list[Step] = []
 
-    def step(
-        self, title: str, response: httpx.Response, expect: int | set[int], **details: Any
-    ) -> dict[str, Any]:
+    def step(self, title: str, response: httpx.Response, expect: int | set[int], **details: Any) -> dict[str, Any]:
         expected = {expect} if isinstance(expect, int) else expect
         trace = response.headers.get("x-trace-id", "")
         self.steps.append(Step(title, response, details))
@@ -73,9 +71,7 @@ class DemoReport:
                     print(f"      {key}: {value}")
         if response.status_code not in expected:
             raise DemoFailed(f"{title}: HTTP {response.status_code} {response.text[:300]}")
-        return (
-            response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-        )
+        return response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
 
 
 async def _member(
@@ -115,26 +111,15 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
         type="authority",
         scopes="system/AuditEvent.rs",
     )
-    a.practitioner = {
-        "Practitioner-Id": "A-D0042",
-        "Practitioner-Name": "李医生",
-        "Practitioner-Role": "doctor",
-        "Department": "呼吸内科",
-    }
-    b.practitioner = {
-        "Practitioner-Id": "B-D0007",
-        "Practitioner-Name": "王医生",
-        "Practitioner-Role": "doctor",
-        "Department": "全科",
-    }
+    a.practitioner = Practitioner(id="A-D0042", name="李医生", role="doctor", department="呼吸内科")
+    b.practitioner = Practitioner(id="B-D0007", name="王医生", role="doctor", department="全科")
+    auditor.practitioner = Practitioner(id="AUD-01", name="陈审计", role="auditor", department="医政医管处")
     try:
         if echo:
             print(f"exchange: {base_url}")
             print(f"hospital A: 市第一人民医院 client_id={a.client_id}")
             print(f"hospital B: 城东社区卫生服务中心 client_id={b.client_id}")
-        report.step(
-            "SMART configuration", await a.http.get(f"{base_url}/.well-known/smart-configuration"), 200
-        )
+        report.step("SMART configuration", await a.http.get(f"{base_url}/.well-known/smart-configuration"), 200)
         for label, member in (("A", a), ("B", b), ("authority", auditor)):
             token = await member.request_token()
             body = report.step(f"token for {label} (private_key_jwt)", token, 200)
@@ -236,9 +221,7 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
 
         events: list[dict[str, Any]] = []
         for _ in range(50):
-            listed = await auditor.call(
-                "GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit"
-            )
+            listed = await auditor.call("GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit")
             events = listed.json().get("events", []) if listed.status_code == 200 else []
             if {"document.query", "document.retrieve"} <= {e["type"] for e in events}:
                 break

@@ -1,9 +1,8 @@
-"""Typed dependencies routes declare: the verified client and the per-request gRPC metadata."""
+"""Typed dependencies routes declare: the verified client and acting user, and the metadata
+every downstream gRPC call carries."""
 
 from __future__ import annotations
 
-import base64
-import urllib.parse
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,6 +12,9 @@ from gateway.errors import ApiError
 from services.shared import auth
 from services.shared.auth import Caller, TokenVerifier
 from services.shared.errors import PermissionDenied, Unauthenticated
+
+USER_ASSERTION_HEADER = "x-hie-user-assertion"
+_INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
 @dataclass(frozen=True)
@@ -29,57 +31,35 @@ class CallContext:
             raise ApiError(403, exc.reason, exc.message) from None
 
 
-def _header_text(request: Request, name: str, limit: int) -> str:
-    """Percent-encoded UTF-8 header text (HTTP headers are not UTF-8 themselves)."""
-    raw = request.headers.get(name, "")
-    try:
-        text = urllib.parse.unquote(raw, errors="strict")
-    except UnicodeDecodeError:
-        raise ApiError(400, "header-invalid", f"{name} must be percent-encoded UTF-8") from None
-    if len(text) > limit:
-        raise ApiError(400, "header-invalid", f"{name} is too long")
-    return text
-
-
-def call_context(request: Request) -> CallContext:
+async def call_context(request: Request) -> CallContext:
+    """Verify the access token, the organisation's standing and the user assertion."""
     verifier: TokenVerifier = request.app.state.verifier
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
+    token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "token", "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
     try:
-        claims = verifier.verify(token.strip())
+        claims = verifier.verify(token)
     except Unauthenticated:
-        raise ApiError(
-            401,
-            "token",
-            "access token not accepted",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        ) from None
-    if claims.get("org_type") == auth.PLATFORM:
+        raise ApiError(401, "token", "access token not accepted", headers=_INVALID_TOKEN) from None
+    if claims.get("org_type") == auth.PLATFORM or claims.get("iss") != request.app.state.settings.public_url:
         # Platform tokens are for calls between services, never from outside.
-        raise ApiError(
-            401,
-            "token",
-            "access token not accepted",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    purpose = request.headers.get("x-hie-purpose-of-use", "")
-    if purpose and purpose not in auth.PURPOSES_OF_USE:
-        raise ApiError(400, "purpose", "unknown purpose of use")
-    name = _header_text(request, "x-hie-practitioner-name", 64)
+        raise ApiError(401, "token", "access token not accepted", headers=_INVALID_TOKEN)
+    if not await request.app.state.standing.is_active(str(claims.get("client_id", ""))):
+        raise ApiError(401, "token", "the client or organisation has been revoked", headers=_INVALID_TOKEN)
+    assertion = request.headers.get(USER_ASSERTION_HEADER, "").strip()
+    if not assertion:
+        raise ApiError(401, "user-assertion", "a signed user assertion (X-HIE-User-Assertion) is required")
     metadata = {
-        "authorization": f"Bearer {token.strip()}",
-        auth.PURPOSE_KEY: purpose,
-        auth.PRACTITIONER_ID_KEY: _header_text(request, "x-hie-practitioner-id", 64),
-        auth.PRACTITIONER_NAME_KEY: base64.b64encode(name.encode()).decode() if name else "",
-        auth.ROLE_KEY: _header_text(request, "x-hie-practitioner-role", 32),
-        auth.DEPARTMENT_KEY: base64.b64encode(
-            _header_text(request, "x-hie-department", 64).encode()
-        ).decode(),
+        "authorization": f"Bearer {token}",
+        auth.USER_ASSERTION_KEY: assertion,
         auth.CLIENT_ADDRESS_KEY: request.client.host if request.client else "",
     }
-    caller = auth.caller_from_claims(claims, metadata)
+    try:
+        caller = auth.caller_from_claims(claims, metadata)
+    except Unauthenticated as exc:
+        raise ApiError(401, exc.reason, exc.message) from None
     return CallContext(caller=caller, metadata=tuple((k, v) for k, v in metadata.items() if v))
 
 

@@ -43,9 +43,7 @@ _FHIR_ISSUE_BY_HTTP = {
 class ApiError(Exception):
     """An error the gateway answers with; message and reason are safe for clients."""
 
-    def __init__(
-        self, status: int, reason: str, message: str, *, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, reason: str, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
@@ -58,12 +56,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
     reason = dict(exc.trailing_metadata() or ()).get(REASON_METADATA_KEY)
     if status == 500:
         # Server faults and data-integrity failures: the detail stays inside.
-        return ApiError(
-            500, reason if isinstance(reason, str) else "internal", "the exchange could not complete this"
-        )
-    return ApiError(
-        status, reason if isinstance(reason, str) else exc.code().name.lower(), exc.details() or ""
-    )
+        return ApiError(500, reason if isinstance(reason, str) else "internal", "the exchange could not complete this")
+    return ApiError(status, reason if isinstance(reason, str) else exc.code().name.lower(), exc.details() or "")
 
 
 def error_body(request: Request, error: ApiError) -> dict[str, Any]:
@@ -92,6 +86,4 @@ def error_body(request: Request, error: ApiError) -> dict[str, Any]:
 
 def error_response(request: Request, error: ApiError) -> JSONResponse:
     media = "application/fhir+json" if request.url.path.startswith("/fhir/") else "application/json"
-    return JSONResponse(
-        error_body(request, error), status_code=error.status, headers=error.headers, media_type=media
-    )
+    return JSONResponse(error_body(request, error), status_code=error.status, headers=error.headers, media_type=media)

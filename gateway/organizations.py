@@ -36,9 +36,7 @@ async def register_organization(
             engine, schema=settings.schema_for("gateway"), versions=MIGRATIONS, metadata=store.metadata
         )
         async with session_factory(engine)() as session, session.begin():
-            return await store.add_organization(
-                session, org_id=org_id, name=name, type=type, jwks=check_jwks(jwks)
-            )
+            return await store.add_organization(session, org_id=org_id, name=name, type=type, jwks=check_jwks(jwks))
     finally:
         await engine.dispose()
 

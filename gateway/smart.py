@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import store
 from services.shared.config import TOKEN_AUDIENCE
-from services.shared.keys import PrivateKey, algorithm_for, public_jwk
+from services.shared.keys import PrivateKey, algorithm_for, public_jwk, thumbprint
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART Backend Services: clients SHALL support RS384 or ES384; RS256 / ES256 are accepted too.
@@ -88,9 +88,7 @@ def grant_scopes(requested: str, org_type: str) -> list[str]:
 class AuthorizationServer:
     """Verifies client assertions against registered keys and issues access tokens."""
 
-    def __init__(
-        self, *, sessions: async_sessionmaker[AsyncSession], signing_key: PrivateKey, issuer: str
-    ) -> None:
+    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], signing_key: PrivateKey, issuer: str) -> None:
         self._sessions = sessions
         self._key = signing_key
         self._kid = public_jwk(signing_key)["kid"]
@@ -131,9 +129,7 @@ class AuthorizationServer:
                 raise OAuthError("invalid_scope", "none of the requested scopes can be granted")
             return self._access_token(org, scopes)
 
-    def _verify_assertion(
-        self, assertion: str, header: dict[str, Any], org: store.Organization
-    ) -> dict[str, Any]:
+    def _verify_assertion(self, assertion: str, header: dict[str, Any], org: store.Organization) -> dict[str, Any]:
         kid = header.get("kid")
         candidates = [k for k in org.keys if not kid or k.get("kid") == kid]
         if not candidates:
@@ -155,9 +151,7 @@ class AuthorizationServer:
             if claims["sub"] != org.client_id:
                 raise OAuthError("invalid_client", "assertion sub must equal iss (the client id)", status=401)
             if claims["exp"] > time.time() + MAX_ASSERTION_LIFETIME + _LEEWAY:
-                raise OAuthError(
-                    "invalid_client", "assertion exp is more than five minutes ahead", status=401
-                )
+                raise OAuthError("invalid_client", "assertion exp is more than five minutes ahead", status=401)
             return claims
         raise OAuthError("invalid_client", "client assertion failed verification", status=401)
 
@@ -175,10 +169,10 @@ class AuthorizationServer:
             "client_id": org.client_id,
             "org": org.id,
             "org_type": org.type,
+            # Thumbprints of the client's registered keys: services check user assertions against them.
+            "client_jkt": sorted(thumbprint(k) for k in org.keys),
         }
-        token = jwt.encode(
-            claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "at+jwt"}
-        )
+        token = jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "at+jwt"})
         return IssuedToken(access_token=token, expires_in=ACCESS_TOKEN_LIFETIME, scope=" ".join(scopes))
 
     def smart_configuration(self) -> dict[str, Any]:

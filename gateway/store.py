@@ -75,9 +75,7 @@ async def list_organizations(session: AsyncSession) -> list[Organization]:
     return list(await session.scalars(select(Organization).order_by(Organization.id)))
 
 
-async def remember_assertion(
-    session: AsyncSession, *, jti: str, client_id: str, expires_at: datetime.datetime
-) -> bool:
+async def remember_assertion(session: AsyncSession, *, jti: str, client_id: str, expires_at: datetime.datetime) -> bool:
     """False if the jti was seen before (a replay)."""
     await session.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
     try:

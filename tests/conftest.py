@@ -22,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.app import create_app
-from gateway.client import HospitalClient
+from gateway.client import HospitalClient, Practitioner
 from gateway.organizations import register_organization
 from services.audit.service import SPEC as AUDIT
 from services.consent.service import SPEC as CONSENT
@@ -63,6 +63,8 @@ class Exchange:
         client = HospitalClient(base_url=self.base_url, client_id=org.client_id, key=key)
         if scopes is not None:
             client.scopes = scopes
+        if type == "authority":
+            client.practitioner = Practitioner(id="AUD-1", name="陈审计", role="auditor", department="医政医管处")
         client.org_id = org_id  # type: ignore[attr-defined]
         return client
 
@@ -127,17 +129,13 @@ async def drop_schemas(settings: Settings) -> None:
     await engine.dispose()
 
 
-async def start_exchange(
-    settings: Settings, backend: str
-) -> tuple[Exchange, uvicorn.Server, asyncio.Task[None]]:
+async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, uvicorn.Server, asyncio.Task[None]]:
     services: dict[str, RunningService] = {}
     # Audit first (everyone relays to it), then mpi and consent (the registry calls them).
     for spec in (AUDIT, MPI, CONSENT, REFERRAL, TELECONSULT, REGISTRY):
         running = await start_service(spec, settings, listen="127.0.0.1:0")
         services[spec.name] = running
-        settings = dataclasses.replace(
-            settings, targets={**settings.targets, spec.name: f"127.0.0.1:{running.port}"}
-        )
+        settings = dataclasses.replace(settings, targets={**settings.targets, spec.name: f"127.0.0.1:{running.port}"})
     for running in services.values():
         running.runtime.settings = settings
     sock = _free_socket()

@@ -6,9 +6,16 @@ import base64
 import datetime
 import hashlib
 import secrets
+import time
+from pathlib import Path
 from typing import Any
 
+import jwt
+
+from gateway.client import Practitioner, user_assertion
 from services.shared import gb11643
+from services.shared.config import TOKEN_AUDIENCE
+from services.shared.keys import generate_ec_key, load_private_key, public_jwk
 
 
 def fresh_national_id() -> str:
@@ -43,3 +50,29 @@ def document(local_id: str, content: bytes, **overrides: object) -> dict[str, ob
         "content_base64": base64.b64encode(content).decode(),
         **overrides,
     }
+
+
+def direct_metadata(
+    gateway_key_file: Path, *, org: str, scope: str = "system/Patient.crs"
+) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata as the gateway forwards it: an access token signed with the gateway's key
+    for a hospital with a fresh registered key, and that hospital's signed user assertion."""
+    hospital_key = generate_ec_key()
+    client_id = f"client-{org}"
+    gateway_key = load_private_key(gateway_key_file)
+    now = int(time.time())
+    claims = {
+        "iss": "gateway",
+        "sub": client_id,
+        "client_id": client_id,
+        "aud": TOKEN_AUDIENCE,
+        "iat": now,
+        "exp": now + 120,
+        "org": org,
+        "org_type": "hospital",
+        "scope": scope,
+        "client_jkt": [public_jwk(hospital_key)["kid"]],
+    }
+    token = jwt.encode(claims, gateway_key, algorithm="ES384", headers={"kid": public_jwk(gateway_key)["kid"]})
+    assertion = user_assertion(key=hospital_key, client_id=client_id, practitioner=Practitioner(), purpose="treatment")
+    return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))

@@ -42,9 +42,7 @@ class AuthorIn(BaseModel):
 class DocumentIn(BaseModel):
     """Metadata and content of one document, in one atomic submission."""
 
-    source_document_id: str = Field(
-        min_length=1, max_length=128, description="The hospital's unique document id"
-    )
+    source_document_id: str = Field(min_length=1, max_length=128, description="The hospital's unique document id")
     patient_local_id: str = Field(min_length=1, max_length=64)
     type: CodingIn
     class_: CodingIn | None = Field(default=None, alias="class")
@@ -95,9 +93,7 @@ def entry_json(entry: registry_pb2.DocumentEntry) -> dict[str, Any]:
         },
         "confidentiality": entry.confidentiality,
         "security_labels": list(entry.security_labels),
-        "created": entry.created.ToDatetime(tzinfo=datetime.UTC).isoformat()
-        if entry.HasField("created")
-        else None,
+        "created": entry.created.ToDatetime(tzinfo=datetime.UTC).isoformat() if entry.HasField("created") else None,
         "title": entry.title,
         "language": entry.language,
         "mime_type": entry.mime_type,
@@ -108,9 +104,7 @@ def entry_json(entry: registry_pb2.DocumentEntry) -> dict[str, Any]:
 
 
 @router.post("", status_code=201)
-async def register_document(
-    body: DocumentIn, ctx: Context, request: Request, response: Response
-) -> dict[str, Any]:
+async def register_document(body: DocumentIn, ctx: Context, request: Request, response: Response) -> dict[str, Any]:
     """Register a document; the content's SHA-256 and size must match the declared ones."""
     ctx.require_scope("DocumentReference", "c")
     try:

@@ -82,14 +82,10 @@ def patient_json(patient: mpi_pb2.Patient) -> dict[str, Any]:
 
 
 @router.post("", status_code=201)
-async def register_patient(
-    body: PatientIn, ctx: Context, request: Request, response: Response
-) -> dict[str, Any]:
+async def register_patient(body: PatientIn, ctx: Context, request: Request, response: Response) -> dict[str, Any]:
     """Register (201) or update (200) a patient of the caller's domain, linked to their enterprise id."""
     ctx.require_scope("Patient", "c")
-    identifiers = [
-        common_pb2.Identifier(system=i.system, value=i.value, type=i.type) for i in body.identifiers
-    ]
+    identifiers = [common_pb2.Identifier(system=i.system, value=i.value, type=i.type) for i in body.identifiers]
     if body.national_id:
         identifiers.append(common_pb2.Identifier(type="NNCHN", value=body.national_id))
     message = mpi_pb2.Patient(

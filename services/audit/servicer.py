@@ -120,6 +120,10 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         who = caller()
         who.require_scope("AuditEvent", "r")
         organization_id = request.organization_id
+        if who.organization_type == "authority":
+            who.require_role("auditor")
+        elif not who.is_platform:
+            who.require_role("auditor", "admin")
         if who.organization_type == "hospital":
             # A hospital reads only the records of its own requests.
             if organization_id and organization_id != who.organization_id:

@@ -127,10 +127,7 @@ async def all_records(session: AsyncSession, *, batch: int = 5000) -> AsyncItera
     while True:
         rows = list(
             await session.scalars(
-                select(AuditRecord)
-                .where(AuditRecord.sequence > after)
-                .order_by(AuditRecord.sequence)
-                .limit(batch)
+                select(AuditRecord).where(AuditRecord.sequence > after).order_by(AuditRecord.sequence).limit(batch)
             )
         )
         if not rows:

@@ -18,6 +18,4 @@ def _build(runtime: ServiceRuntime) -> list:
     ]
 
 
-SPEC = ServiceSpec(
-    name="consent", metadata=metadata, versions=Path(__file__).parent / "migrations", build=_build
-)
+SPEC = ServiceSpec(name="consent", metadata=metadata, versions=Path(__file__).parent / "migrations", build=_build)

@@ -195,9 +195,7 @@ def national_id_agrees(registration: Registration) -> bool:
     coded_gender = gb11643.gender(registration.national_id)
     if registration.birth_date is not None and registration.birth_date != coded_birth:
         return False
-    return (
-        registration.gender not in {Gender.MALE, Gender.FEMALE} or registration.gender.value == coded_gender
-    )
+    return registration.gender not in {Gender.MALE, Gender.FEMALE} or registration.gender.value == coded_gender
 
 
 def decide_link(registration: Registration, candidates: list[Candidate]) -> LinkDecision:

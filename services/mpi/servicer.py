@@ -17,6 +17,9 @@ from services.shared.auth import Caller, caller
 from services.shared.errors import InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
 
+# Role per operation (from the hospital's verified user assertion).
+_REGISTRARS = ("doctor", "nurse", "data-steward", "admin")
+_READERS = ("doctor", "nurse", "pharmacist", "technician", "data-steward", "admin")
 _GENDER_FROM_PROTO = {
     mpi_pb2.GENDER_MALE: domain.Gender.MALE,
     mpi_pb2.GENDER_FEMALE: domain.Gender.FEMALE,
@@ -46,25 +49,20 @@ def _registration(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registrati
         district=patient.address.district,
         address_line=patient.address.line,
         postal_code=patient.address.postal_code,
-        identifiers=[
-            domain.Identifier(system=i.system, value=i.value, type=i.type) for i in patient.identifiers
-        ],
+        identifiers=[domain.Identifier(system=i.system, value=i.value, type=i.type) for i in patient.identifiers],
     )
 
 
 def patient_message(record: store.PatientRecord, *, reveal_national_id: bool) -> mpi_pb2.Patient:
     """A stored record as a message; the national id is masked unless the caller needs it."""
     identifiers = [
-        common_pb2.Identifier(system=i.system, value=i.value, type=i.type)
-        for i in store.record_identifiers(record)
+        common_pb2.Identifier(system=i.system, value=i.value, type=i.type) for i in store.record_identifiers(record)
     ]
     if record.national_id:
         value = record.national_id if reveal_national_id else gb11643.mask(record.national_id)
         identifiers.insert(
             0,
-            common_pb2.Identifier(
-                system=domain.NATIONAL_ID_SYSTEM, value=value, type=domain.NATIONAL_ID_TYPE
-            ),
+            common_pb2.Identifier(system=domain.NATIONAL_ID_SYSTEM, value=value, type=domain.NATIONAL_ID_TYPE),
         )
     updated = Timestamp()
     updated.FromDatetime(record.updated_at)
@@ -104,6 +102,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
     ) -> mpi_pb2.RegisterPatientResponse:
         who = caller()
         who.require_scope("Patient", "c")
+        who.require_role(*_REGISTRARS)
         registration = _registration(request.patient, who.organization_id)
         if self._sqlite_lock is not None:
             async with self._sqlite_lock:
@@ -114,15 +113,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             # A concurrent retry of the same (domain, local id) won the insert: answer as a retry.
             return await self._register(who, registration)
 
-    async def _register(
-        self, who: Caller, registration: domain.Registration
-    ) -> mpi_pb2.RegisterPatientResponse:
+    async def _register(self, who: Caller, registration: domain.Registration) -> mpi_pb2.RegisterPatientResponse:
         async with self._rt.sessions() as session, session.begin():
             if registration.national_id:
                 await store.lock_blocking_key(session, registration.national_id)
-            existing = await store.find_record(
-                session, domain=registration.domain, local_id=registration.local_id
-            )
+            existing = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
             if existing is None:
                 candidates = (
                     await store.national_id_candidates(session, registration.national_id)
@@ -149,9 +144,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
-            record = await store.find_record(
-                session, domain=registration.domain, local_id=registration.local_id
-            )
+            record = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
             assert record is not None
             message = patient_message(record, reveal_national_id=_reveals_national_id(who))
         self._rt.outbox.notify()
@@ -167,6 +160,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
     ) -> mpi_pb2.CrossReferenceResponse:
         who = caller()
         who.require_scope("Patient", "r")
+        who.require_role(*_READERS)
         ref = request.ref
         if not ref.domain or not ref.local_id:
             raise InvalidArgument("patient domain and local id are required", reason="patient-ref-missing")
@@ -192,15 +186,12 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         self._rt.outbox.notify()
         return mpi_pb2.CrossReferenceResponse(enterprise_id=record.enterprise_id, refs=refs)
 
-    async def GetPatient(
-        self, request: mpi_pb2.GetPatientRequest, context: object
-    ) -> mpi_pb2.GetPatientResponse:
+    async def GetPatient(self, request: mpi_pb2.GetPatientRequest, context: object) -> mpi_pb2.GetPatientResponse:
         who = caller()
         who.require_scope("Patient", "r")
+        who.require_role(*_READERS)
         async with self._rt.sessions() as session, session.begin():
-            record = await store.find_record(
-                session, domain=request.ref.domain, local_id=request.ref.local_id
-            )
+            record = await store.find_record(session, domain=request.ref.domain, local_id=request.ref.local_id)
             if record is None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
             await self._rt.audit.record(
@@ -212,6 +203,4 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
         self._rt.outbox.notify()
-        return mpi_pb2.GetPatientResponse(
-            patient=patient_message(record, reveal_national_id=_reveals_national_id(who))
-        )
+        return mpi_pb2.GetPatientResponse(patient=patient_message(record, reveal_national_id=_reveals_national_id(who)))

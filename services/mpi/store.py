@@ -159,9 +159,7 @@ async def insert_record(
     return record
 
 
-async def update_record(
-    session: AsyncSession, record: PatientRecord, registration: Registration
-) -> PatientRecord:
+async def update_record(session: AsyncSession, record: PatientRecord, registration: Registration) -> PatientRecord:
     _apply(record, registration)
     await session.flush()
     return record
@@ -169,9 +167,7 @@ async def update_record(
 
 async def records_of_person(session: AsyncSession, enterprise_id: str) -> list[PatientRecord]:
     rows = await session.scalars(
-        select(PatientRecord)
-        .where(PatientRecord.enterprise_id == enterprise_id)
-        .order_by(PatientRecord.created_at)
+        select(PatientRecord).where(PatientRecord.enterprise_id == enterprise_id).order_by(PatientRecord.created_at)
     )
     return list(rows)
 

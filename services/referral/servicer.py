@@ -43,11 +43,10 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     ) -> referral_pb2.CreateReferralResponse:
         who = caller()
         who.require_scope("ServiceRequest", "c")
+        who.require_role("doctor")
         ref = request.referral
         if not ref.patient.local_id or not ref.target_organization_id:
-            raise InvalidArgument(
-                "a referral needs a patient and a target organisation", reason="referral-invalid"
-            )
+            raise InvalidArgument("a referral needs a patient and a target organisation", reason="referral-invalid")
         key = request.idempotency_key or str(uuid.uuid4())
         async with self._rt.sessions() as session, session.begin():
             existing = await session.scalar(
@@ -87,6 +86,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     ) -> referral_pb2.GetReferralResponse:
         who = caller()
         who.require_scope("ServiceRequest", "r")
+        who.require_role("doctor", "nurse", "admin")
         async with self._rt.sessions() as session:
             record = await session.get(ReferralRecord, request.referral_id)
         # A referral is visible to its two parties only; to anyone else it does not exist.

@@ -19,9 +19,7 @@ class Base(DeclarativeBase):
 
 class ReferralRecord(Base):
     __tablename__ = "referral"
-    __table_args__ = (
-        UniqueConstraint("requester_organization_id", "idempotency_key", name="uq_referral_idem"),
-    )
+    __table_args__ = (UniqueConstraint("requester_organization_id", "idempotency_key", name="uq_referral_idem"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     patient_domain: Mapped[str] = mapped_column(String(64))

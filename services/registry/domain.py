@@ -81,7 +81,5 @@ def check_mime_type(value: str) -> str:
 def check_confidentiality(value: str) -> str:
     code = value or "N"
     if code not in CONFIDENTIALITY:
-        raise InvalidArgument(
-            "confidentiality must be an HL7 v3 Confidentiality code", reason="confidentiality"
-        )
+        raise InvalidArgument("confidentiality must be an HL7 v3 Confidentiality code", reason="confidentiality")
     return code

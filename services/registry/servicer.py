@@ -28,6 +28,9 @@ from services.shared.errors import (
 from services.shared.process import ServiceRuntime
 
 _MAX_PAGE = 200
+# Role per operation (from the hospital's verified user assertion).
+_AUTHORS = ("doctor", "nurse", "technician")
+_READERS = ("doctor", "nurse", "pharmacist", "technician")
 _CURRENT = registry_pb2.DOCUMENT_STATUS_CURRENT
 
 
@@ -55,9 +58,7 @@ def entry_message(record: store.DocumentEntryRecord) -> registry_pb2.DocumentEnt
         class_code=registry_pb2.Coding(
             system=record.class_system, code=record.class_code, display=record.class_display
         ),
-        type_code=registry_pb2.Coding(
-            system=record.type_system, code=record.type_code, display=record.type_display
-        ),
+        type_code=registry_pb2.Coding(system=record.type_system, code=record.type_code, display=record.type_display),
         confidentiality=record.confidentiality,
         security_labels=record.labels,
         created=_ts(record.created),
@@ -135,6 +136,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     ) -> registry_pb2.RegisterDocumentResponse:
         who = caller()
         who.require_scope("DocumentReference", "c")
+        who.require_role(*_AUTHORS)
         entry = request.entry
         source_document_id = domain.check_source_document_id(entry.source_document_id)
         if not entry.type_code.code:
@@ -142,9 +144,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         title = domain.clean_text(entry.title, what="title", limit=256, required=True)
         mime_type = domain.check_mime_type(entry.mime_type)
         confidentiality = domain.check_confidentiality(entry.confidentiality)
-        digest = domain.check_declared(
-            request.content, declared_sha256=entry.sha256, declared_size=entry.size
-        )
+        digest = domain.check_declared(request.content, declared_sha256=entry.sha256, declared_size=entry.size)
         if not entry.patient.local_id:
             raise InvalidArgument("the patient's local id is required", reason="patient-ref-missing")
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=entry.patient.local_id)
@@ -195,18 +195,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 size=digest.size,
                 sha256=digest.sha256,
                 status=_CURRENT,
-                created=entry.created.ToDatetime(tzinfo=datetime.UTC)
-                if entry.HasField("created")
-                else utcnow(),
+                created=entry.created.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("created") else utcnow(),
                 service_start=(
-                    entry.service_start.ToDatetime(tzinfo=datetime.UTC)
-                    if entry.HasField("service_start")
-                    else None
+                    entry.service_start.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_start") else None
                 ),
                 service_end=(
-                    entry.service_end.ToDatetime(tzinfo=datetime.UTC)
-                    if entry.HasField("service_end")
-                    else None
+                    entry.service_end.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_end") else None
                 ),
                 registered_at=utcnow(),
                 idempotency_key=request.idempotency_key[:128],
@@ -232,6 +226,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     ) -> registry_pb2.FindDocumentsResponse:
         who = caller()
         who.require_scope("DocumentReference", "r")
+        who.require_role(*_READERS)
         who.require_purpose()
         ref = common_pb2.PatientRef(
             domain=request.patient.domain or who.organization_id, local_id=request.patient.local_id
@@ -258,9 +253,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         rows = rows[:size]
         decisions = await self._decide(xref.enterprise_id, rows)
         # A document consent denies is absent from the result, not an error.
-        visible = [
-            r for r in rows if decisions.get(r.id) and decisions[r.id].decision == consent_pb2.DECISION_PERMIT
-        ]
+        visible = [r for r in rows if decisions.get(r.id) and decisions[r.id].decision == consent_pb2.DECISION_PERMIT]
         async with self._rt.sessions() as session, session.begin():
             event_id = await self._rt.audit.record(
                 session,
@@ -283,6 +276,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     ) -> registry_pb2.RetrieveDocumentResponse:
         who = caller()
         who.require_scope("DocumentReference", "r")
+        who.require_role(*_READERS)
         who.require_purpose()
         try:
             document_id = str(uuid.UUID(request.document_id))

@@ -77,9 +77,7 @@ class DocumentContent(Base):
 
     __tablename__ = "document_content"
 
-    document_id: Mapped[str] = mapped_column(
-        ForeignKey("document_entry.id", ondelete="CASCADE"), primary_key=True
-    )
+    document_id: Mapped[str] = mapped_column(ForeignKey("document_entry.id", ondelete="CASCADE"), primary_key=True)
     content: Mapped[bytes] = mapped_column(LargeBinary)
 
 
@@ -113,13 +111,9 @@ async def entries_of_patient(
         stmt = stmt.where(DocumentEntryRecord.type_code.in_(list(type_codes)))
     if statuses:
         stmt = stmt.where(DocumentEntryRecord.status.in_(list(statuses)))
-    stmt = (
-        stmt.order_by(DocumentEntryRecord.created.desc(), DocumentEntryRecord.id).offset(offset).limit(limit)
-    )
+    stmt = stmt.order_by(DocumentEntryRecord.created.desc(), DocumentEntryRecord.id).offset(offset).limit(limit)
     return list(await session.scalars(stmt))
 
 
 async def content_of(session: AsyncSession, document_id: str) -> bytes | None:
-    return await session.scalar(
-        select(DocumentContent.content).where(DocumentContent.document_id == document_id)
-    )
+    return await session.scalar(select(DocumentContent.content).where(DocumentContent.document_id == document_id))

@@ -78,8 +78,6 @@ def audit_sender(stub: audit_pb2_grpc.AuditLogStub, credentials: PlatformCredent
                 "audit.relay", context=remote_parent(trace_id, span_id), kind=SpanKind.PRODUCER
             ) as span:
                 span.set_attribute("hie.audit.events", len(events))
-                await stub.Append(
-                    audit_pb2.AppendRequest(events=events), metadata=credentials.metadata(), timeout=10
-                )
+                await stub.Append(audit_pb2.AppendRequest(events=events), metadata=credentials.metadata(), timeout=10)
 
     return send

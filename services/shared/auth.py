@@ -6,7 +6,6 @@ JWKS (the gateway's token key and the platform key services use for their own ca
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
@@ -22,28 +21,15 @@ from hie.common.v1 import common_pb2
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.errors import PermissionDenied, Unauthenticated
 from services.shared.keys import PrivateKey, algorithm_for, load_private_key, public_jwk
+from services.shared.user_assertion import PURPOSES_OF_USE, verify_user_assertion
 
 # Asymmetric algorithms only: "none" and HMAC (algorithm confusion) are never accepted.
 ACCEPTED_ALGORITHMS = ["ES384", "ES256", "RS384", "RS256"]
-PURPOSES_OF_USE = frozenset(
-    {"treatment", "referral", "consultation", "emergency", "research", "public-health", "audit", "operations"}
-)
-# Metadata keys that carry the acting person and purpose from the gateway to services.
-PURPOSE_KEY = "x-hie-purpose-of-use"
-PRACTITIONER_ID_KEY = "x-hie-practitioner-id"
-PRACTITIONER_NAME_KEY = "x-hie-practitioner-name-b64"
-ROLE_KEY = "x-hie-practitioner-role"
-DEPARTMENT_KEY = "x-hie-department-b64"
+# Metadata keys: the hospital's signed user assertion, and the client's network address as
+# the gateway saw it (for audit records).
+USER_ASSERTION_KEY = "x-hie-user-assertion"
 CLIENT_ADDRESS_KEY = "x-hie-client-address"
-FORWARDED_KEYS = (
-    "authorization",
-    PURPOSE_KEY,
-    PRACTITIONER_ID_KEY,
-    PRACTITIONER_NAME_KEY,
-    ROLE_KEY,
-    DEPARTMENT_KEY,
-    CLIENT_ADDRESS_KEY,
-)
+FORWARDED_KEYS = ("authorization", USER_ASSERTION_KEY, CLIENT_ADDRESS_KEY)
 PLATFORM = "platform"
 
 
@@ -90,8 +76,13 @@ class Caller:
 
     def require_purpose(self) -> str:
         if self.purpose_of_use not in PURPOSES_OF_USE:
-            raise PermissionDenied("a purpose of use is required for clinical data", reason="purpose")
+            raise PermissionDenied("a user assertion with a purpose of use is required", reason="purpose")
         return self.purpose_of_use
+
+    def require_role(self, *roles: str) -> None:
+        """Role per operation, from the verified user assertion."""
+        if self.role not in roles:
+            raise PermissionDenied(f"this operation needs the role {' or '.join(roles)}", reason="role")
 
 
 current_caller: ContextVar[Caller | None] = ContextVar("current_caller", default=None)
@@ -156,28 +147,22 @@ def _text(metadata: Mapping[str, str | bytes], key: str) -> str:
 
 
 def caller_from_claims(claims: Mapping[str, Any], metadata: Mapping[str, str | bytes]) -> Caller:
-    """Organisation and client from the token; person and purpose as asserted with the request."""
+    """Organisation and client from the access token; person and purpose from the hospital's
+    signed user assertion, verified here (a request without one acts as the system alone)."""
+    assertion = _text(metadata, USER_ASSERTION_KEY)
+    user = verify_user_assertion(assertion, claims) if assertion else None
     return Caller(
         organization_id=str(claims.get("org", "")),
         organization_type=str(claims.get("org_type", "")),
         client_id=str(claims.get("client_id", claims.get("sub", ""))),
         scopes=frozenset(str(claims.get("scope", "")).split()),
-        practitioner_id=_text(metadata, PRACTITIONER_ID_KEY),
-        practitioner_name=_b64text(metadata, PRACTITIONER_NAME_KEY),
-        role=_text(metadata, ROLE_KEY),
-        department=_b64text(metadata, DEPARTMENT_KEY),
-        purpose_of_use=_text(metadata, PURPOSE_KEY),
-        client_address=_text(metadata, CLIENT_ADDRESS_KEY),
+        practitioner_id=user.practitioner_id if user else "",
+        practitioner_name=user.name if user else "",
+        role=user.role if user else "",
+        department=user.department if user else "",
+        purpose_of_use=user.purpose_of_use if user else "",
+        client_address=_text(metadata, CLIENT_ADDRESS_KEY)[:64],
     )
-
-
-def _b64text(metadata: Mapping[str, str | bytes], key: str) -> str:
-    """UTF-8 text (names, departments) travels base64-encoded: gRPC metadata is ASCII."""
-    value = _text(metadata, key)
-    try:
-        return base64.b64decode(value, validate=True).decode("utf-8") if value else ""
-    except (ValueError, UnicodeDecodeError):
-        return ""
 
 
 class PlatformCredentials:

@@ -39,9 +39,7 @@ class CallerForwarding(grpc.aio.UnaryUnaryClientInterceptor):
                 metadata.extend(self._credentials.metadata())
         details = grpc.aio.ClientCallDetails(
             client_call_details.method,
-            client_call_details.timeout
-            if client_call_details.timeout is not None
-            else DEFAULT_TIMEOUT_SECONDS,
+            client_call_details.timeout if client_call_details.timeout is not None else DEFAULT_TIMEOUT_SECONDS,
             grpc.aio.Metadata(*metadata),
             client_call_details.credentials,
             client_call_details.wait_for_ready,

@@ -48,8 +48,7 @@ class Settings:
         data_dir = Path(env.get("HIE_DATA_DIR", ".hie"))
         keys = data_dir / "keys"
         targets = {
-            name: env.get(f"HIE_{name.upper()}_TARGET", f"127.0.0.1:{port}")
-            for name, port in SERVICE_PORTS.items()
+            name: env.get(f"HIE_{name.upper()}_TARGET", f"127.0.0.1:{port}") for name, port in SERVICE_PORTS.items()
         }
         settings = cls(
             environment=env.get("HIE_ENV", "development"),

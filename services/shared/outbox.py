@@ -116,9 +116,7 @@ class Outbox:
             rows = (await session.execute(query)).all()
             if rows:
                 await session.execute(
-                    update(t)
-                    .where(t.c.id.in_([r.id for r in rows]))
-                    .values(next_attempt_at=utcnow() + _LEASE)
+                    update(t).where(t.c.id.in_([r.id for r in rows])).values(next_attempt_at=utcnow() + _LEASE)
                 )
         by_topic: dict[str, list[tuple[str, bytes, int]]] = {}
         for row in rows:

@@ -44,9 +44,7 @@ class ServiceRuntime:
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to a peer service, opened on first use."""
         if service not in self._channels:
-            self._channels[service] = open_channel(
-                self.settings.targets[service], credentials=self.credentials
-            )
+            self._channels[service] = open_channel(self.settings.targets[service], credentials=self.credentials)
         return self._channels[service]
 
     async def close(self) -> None:
@@ -81,9 +79,7 @@ class RunningService:
         await self.runtime.close()
 
 
-async def start_service(
-    spec: ServiceSpec, settings: Settings, *, listen: str | None = None
-) -> RunningService:
+async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | None = None) -> RunningService:
     """Migrate the service's schema, start its outbox relay and serve it."""
     engine = engine_for(settings, spec.name)
     await migrations.upgrade(
@@ -104,9 +100,7 @@ async def start_service(
         credentials=credentials,
     )
     if spec.relays_audit:
-        outbox.register(
-            AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials)
-        )
+        outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))
     bindings = spec.build(runtime)
     server, port, health_servicer = await create_server(
         bindings=bindings,

@@ -44,6 +44,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     ) -> teleconsult_pb2.RequestConsultationResponse:
         who = caller()
         who.require_scope("ServiceRequest", "c")
+        who.require_role("doctor")
         c = request.consultation
         if not c.patient.local_id or not c.consultant_organization_id or not c.kind:
             raise InvalidArgument(
@@ -90,6 +91,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     ) -> teleconsult_pb2.GetConsultationResponse:
         who = caller()
         who.require_scope("ServiceRequest", "r")
+        who.require_role("doctor", "nurse", "admin")
         async with self._rt.sessions() as session:
             record = await session.get(ConsultationRecord, request.consultation_id)
         if record is None or who.organization_id not in {

@@ -8,7 +8,7 @@ import secrets
 
 import pytest
 
-from gateway.client import new_traceparent
+from gateway.client import Practitioner, new_traceparent
 from gateway.demo import DEMO_NATIONAL_ID, discharge_summary_cda, run_demo
 from services.shared import gb11643
 from tests.conftest import Exchange
@@ -90,15 +90,12 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     assert [e["document_id"] for e in found.json()["entries"]] == [document_id]
     assert found.json()["entries"][0]["type"]["display"] == "出院小结"
 
-    retrieved = await b.call(
-        "GET", f"/api/v1/documents/{document_id}/content", traceparent=new_traceparent(trace_id)
-    )
+    retrieved = await b.call("GET", f"/api/v1/documents/{document_id}/content", traceparent=new_traceparent(trace_id))
     assert retrieved.status_code == 200
     assert retrieved.content == content
     assert retrieved.headers["content-type"].startswith("text/xml")
     assert (
-        retrieved.headers["repr-digest"]
-        == f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
+        retrieved.headers["repr-digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
     )
     assert retrieved.headers["x-trace-id"] == trace_id
 
@@ -129,7 +126,13 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     assert by_type["document.retrieve"]["event_id"] == retrieved.headers["x-hie-audit-event-id"]
     assert by_type["document.query"]["event_id"] in found.json()["audit_event_ids"]
     # A hospital sees only its own requests' records.
-    own = await a.call("GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit")
+    own = await a.call(
+        "GET",
+        "/api/v1/audit/events",
+        params={"trace_id": trace_id},
+        purpose="audit",
+        as_user=Practitioner(id="A-ADM", name="信息科", role="admin", department="信息科"),
+    )
     assert own.status_code == 200
     assert own.json()["events"] == []
     for member in (a, b, auditor):

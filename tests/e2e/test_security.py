@@ -14,7 +14,7 @@ import httpx
 import jwt
 import pytest
 
-from gateway.client import client_assertion
+from gateway.client import HospitalClient, Practitioner, client_assertion, user_assertion
 from gateway.smart import CLIENT_ASSERTION_TYPE
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import generate_ec_key, load_private_key, public_jwk
@@ -45,9 +45,7 @@ def _gateway_token(exchange: Exchange, **overrides: object) -> str:
 async def _not_registered(exchange: Exchange, local_id: str, org_id: str) -> bool:
     """Look the record up with a valid token of the same organisation."""
     checker = await exchange.member()
-    response = await checker.call(
-        "GET", f"/api/v1/patients/{local_id}/cross-references", params={"domain": org_id}
-    )
+    response = await checker.call("GET", f"/api/v1/patients/{local_id}/cross-references", params={"domain": org_id})
     await checker.aclose()
     return response.status_code == 404
 
@@ -128,9 +126,7 @@ async def test_bad_bearer_tokens_are_refused_and_write_nothing(exchange: Exchang
                 }
             ).encode()
         )
-        signature = _b64url(
-            hmac.new(public.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-        )
+        signature = _b64url(hmac.new(public.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest())
         token = f"{header}.{payload}.{signature}"
     elif case == "wrong-audience":
         token = _gateway_token(exchange, aud="https://elsewhere.example")
@@ -150,17 +146,64 @@ async def test_bad_bearer_tokens_are_refused_and_write_nothing(exchange: Exchang
     assert await _not_registered(exchange, local_id, "hosp-x")
 
 
-async def test_gateway_signed_token_is_verified_again_by_the_service(exchange: Exchange) -> None:
-    """A valid token lets the request through the gateway; the mpi checks it again and uses its org."""
-    token = _gateway_token(exchange, org="hosp-direct")
+async def _post_patient(exchange: Exchange, client: HospitalClient, assertion: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {await client.access_token()}"}
+    if assertion is not None:
+        headers["X-HIE-User-Assertion"] = assertion
     async with httpx.AsyncClient() as http:
-        response = await http.post(
+        return await http.post(
             f"{exchange.base_url}/api/v1/patients",
-            json={"local_id": "D-1", **PATIENT},
-            headers={"Authorization": f"Bearer {token}"},
+            json={"local_id": f"UA-{secrets.token_hex(3)}", **PATIENT},
+            headers=headers,
         )
-    assert response.status_code == 201
-    assert response.json()["domain"] == "hosp-direct"
+
+
+async def test_user_assertion_is_required_and_bound_to_the_client(exchange: Exchange) -> None:
+    a = await exchange.member()
+    b = await exchange.member()
+    doctor = Practitioner(id="A-D1", name="刘医生", role="doctor", department="心内科")
+
+    def signed(key: object, client_id: str, **kwargs: object) -> str:
+        return user_assertion(key=key, client_id=client_id, practitioner=doctor, purpose="treatment", **kwargs)
+
+    refused = {
+        "missing": None,
+        "garbage": "abc.def.ghi",
+        "signed by another hospital's key": signed(b.key, a.client_id),
+        "another hospital's own assertion": signed(b.key, b.client_id),
+        "expired": signed(a.key, a.client_id, lifetime=-60),
+        "over an hour": signed(a.key, a.client_id, lifetime=7200),
+        "unknown role": user_assertion(
+            key=a.key, client_id=a.client_id, practitioner=Practitioner(role="janitor"), purpose="treatment"
+        ),
+        "unknown purpose": user_assertion(key=a.key, client_id=a.client_id, practitioner=doctor, purpose="marketing"),
+    }
+    for case, assertion in refused.items():
+        response = await _post_patient(exchange, a, assertion)
+        assert response.status_code == 401, case
+        assert response.json()["error"]["reason"] == "user-assertion", case
+    accepted = await _post_patient(exchange, a, signed(a.key, a.client_id))
+    assert accepted.status_code == 201
+    for member in (a, b):
+        await member.aclose()
+
+
+async def test_role_per_operation(exchange: Exchange) -> None:
+    hospital = await exchange.member()
+    registered = await hospital.call("POST", "/api/v1/patients", json={"local_id": "ROLE-1", **PATIENT})
+    assert registered.status_code == 201
+    auditor = Practitioner(id="H-AUD", name="院内审计", role="auditor", department="审计科")
+    search = await hospital.call("GET", "/api/v1/documents", params={"patient_local_id": "ROLE-1"}, as_user=auditor)
+    assert search.status_code == 403
+    assert search.json()["error"]["reason"] == "role"
+    nurse = Practitioner(id="H-N1", name="周护士", role="nurse", department="内科")
+    assert (
+        await hospital.call("GET", "/api/v1/documents", params={"patient_local_id": "ROLE-1"}, as_user=nurse)
+    ).status_code == 200
+    # A hospital doctor cannot read the audit log; the hospital's auditor can (its own part).
+    assert (await hospital.call("GET", "/api/v1/audit/events", purpose="audit")).status_code == 403
+    assert (await hospital.call("GET", "/api/v1/audit/events", purpose="audit", as_user=auditor)).status_code == 200
+    await hospital.aclose()
 
 
 async def _token_response(exchange: Exchange, form: dict[str, str]) -> httpx.Response:
@@ -195,14 +238,10 @@ async def test_token_endpoint_refuses_bad_assertions(exchange: Exchange) -> None
     rogue = client_assertion(key=generate_ec_key(), client_id=hospital.client_id, token_endpoint=endpoint)
     assert (await _token_response(exchange, form(rogue))).status_code == 401
     # Wrong audience.
-    wrong_aud = client_assertion(
-        key=hospital.key, client_id=hospital.client_id, token_endpoint="https://x/token"
-    )
+    wrong_aud = client_assertion(key=hospital.key, client_id=hospital.client_id, token_endpoint="https://x/token")
     assert (await _token_response(exchange, form(wrong_aud))).status_code == 401
     # exp more than five minutes ahead.
-    too_long = client_assertion(
-        key=hospital.key, client_id=hospital.client_id, token_endpoint=endpoint, lifetime=900
-    )
+    too_long = client_assertion(key=hospital.key, client_id=hospital.client_id, token_endpoint=endpoint, lifetime=900)
     assert (await _token_response(exchange, form(too_long))).status_code == 401
     # Unknown client.
     unknown = client_assertion(key=hospital.key, client_id=str(uuid.uuid4()), token_endpoint=endpoint)
@@ -241,9 +280,7 @@ async def test_scope_is_enforced_per_route(exchange: Exchange) -> None:
 
 async def test_document_with_wrong_hash_is_rejected_and_nothing_stored(exchange: Exchange) -> None:
     hospital = await exchange.member()
-    assert (
-        await hospital.call("POST", "/api/v1/patients", json={"local_id": "H-1", **PATIENT})
-    ).status_code == 201
+    assert (await hospital.call("POST", "/api/v1/patients", json={"local_id": "H-1", **PATIENT})).status_code == 201
     content = "检验报告：血常规正常".encode()
     body = document("H-1", content, sha256=hashlib.sha256(b"something else").hexdigest())
     rejected = await hospital.call("POST", "/api/v1/documents", json=body)
@@ -259,9 +296,7 @@ async def test_document_with_wrong_hash_is_rejected_and_nothing_stored(exchange:
     )
     assert accepted.status_code == 201
     assert accepted.json()["created"] is True
-    wrong_size = await hospital.call(
-        "POST", "/api/v1/documents", json=document("H-1", content, size=len(content) + 1)
-    )
+    wrong_size = await hospital.call("POST", "/api/v1/documents", json=document("H-1", content, size=len(content) + 1))
     assert wrong_size.status_code == 400
     assert wrong_size.json()["error"]["reason"] == "size-mismatch"
     await hospital.aclose()
@@ -278,17 +313,13 @@ async def test_document_for_unknown_patient_is_refused(exchange: Exchange) -> No
 async def test_invalid_national_id_error_does_not_echo_it(exchange: Exchange) -> None:
     hospital = await exchange.member()
     bad = "110105194912310021"  # wrong check digit
-    response = await hospital.call(
-        "POST", "/api/v1/patients", json={"local_id": "N-1", **PATIENT, "national_id": bad}
-    )
+    response = await hospital.call("POST", "/api/v1/patients", json={"local_id": "N-1", **PATIENT, "national_id": bad})
     assert response.status_code == 400
     assert response.json()["error"]["reason"] == "national-id-check_digit"
     assert bad not in response.text
     assert "19491231" not in response.text
     # Pydantic validation errors name fields only, never the values.
-    response = await hospital.call(
-        "POST", "/api/v1/patients", json={"local_id": "N-2", "gender": "王五的性别"}
-    )
+    response = await hospital.call("POST", "/api/v1/patients", json={"local_id": "N-2", "gender": "王五的性别"})
     assert response.status_code == 400
     assert "王五" not in response.text
     await hospital.aclose()
@@ -314,9 +345,7 @@ async def test_restricted_document_is_hidden_from_other_hospitals(exchange: Exch
     seen_by_a = await a.call("GET", "/api/v1/documents", params={"patient_local_id": "R-A"})
     assert len(seen_by_a.json()["entries"]) == 2
     # Research is not permitted by the regional default.
-    research = await b.call(
-        "GET", f"/api/v1/documents/{plain.json()['document_id']}/content", purpose="research"
-    )
+    research = await b.call("GET", f"/api/v1/documents/{plain.json()['document_id']}/content", purpose="research")
     assert research.status_code == 403
     for member in (a, b):
         await member.aclose()

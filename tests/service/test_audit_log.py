@@ -21,9 +21,7 @@ from tests.conftest import _backends, base_settings, drop_schemas
 
 
 @pytest.fixture(params=_backends())
-async def audit(
-    request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path
-) -> AsyncIterator[RunningService]:
+async def audit(request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path) -> AsyncIterator[RunningService]:
     settings = base_settings(tmp_path, keys_dir, request.param)
     running = await start_service(AUDIT, settings, listen="127.0.0.1:0")
     try:
@@ -101,9 +99,7 @@ async def test_altering_any_stored_row_is_detected(
     assert verdict.detail
 
 
-async def test_rehashing_a_tampered_row_still_breaks_the_next_link(
-    audit: RunningService, keys_dir: Path
-) -> None:
+async def test_rehashing_a_tampered_row_still_breaks_the_next_link(audit: RunningService, keys_dir: Path) -> None:
     """An attacker who recomputes the altered row's own hash is caught by the following record."""
     assert await _append(audit, keys_dir, [_event(n) for n in range(1, 5)]) == 4
     async with audit.runtime.sessions() as session, session.begin():

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import time
 from pathlib import Path
 
 import grpc
-import jwt
 import pytest
 
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -22,10 +20,9 @@ from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.audit.service import SPEC as AUDIT
 from services.mpi.service import SPEC as MPI
 from services.shared.auth import PlatformCredentials
-from services.shared.config import TOKEN_AUDIENCE
-from services.shared.keys import load_private_key, public_jwk
 from services.shared.process import start_service
 from tests.conftest import Exchange, _backends, base_settings, drop_schemas
+from tests.factories import direct_metadata
 
 CALLS = [
     ("mpi", mpi_pb2_grpc.PatientIndexStub, "RegisterPatient", mpi_pb2.RegisterPatientRequest()),
@@ -45,22 +42,6 @@ CALLS = [
     ),
     ("audit", audit_pb2_grpc.AuditLogStub, "Query", audit_pb2.QueryRequest()),
 ]
-
-
-def hospital_token(keys_dir: Path, org: str, scope: str = "system/Patient.crs") -> str:
-    key = load_private_key(keys_dir / "gateway.pem")
-    now = int(time.time())
-    claims = {
-        "iss": "gw",
-        "sub": org,
-        "aud": TOKEN_AUDIENCE,
-        "iat": now,
-        "exp": now + 120,
-        "org": org,
-        "org_type": "hospital",
-        "scope": scope,
-    }
-    return jwt.encode(claims, key, algorithm="ES384", headers={"kid": public_jwk(key)["kid"]})
 
 
 @pytest.mark.parametrize(("service", "stub", "method", "request_message"), CALLS, ids=[c[0] for c in CALLS])
@@ -104,7 +85,6 @@ async def test_audit_event_survives_audit_outage_and_service_restart(
     mpi = await start_service(MPI, settings, listen="127.0.0.1:0")
     audit = None
     try:
-        token = hospital_token(keys_dir, "hosp-outage")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{mpi.port}") as channel:
             reply = await mpi_pb2_grpc.PatientIndexStub(channel).RegisterPatient(
                 mpi_pb2.RegisterPatientRequest(
@@ -112,7 +92,7 @@ async def test_audit_event_survives_audit_outage_and_service_restart(
                         ref=common_pb2.PatientRef(local_id="O-1"), name=mpi_pb2.HumanName(text="孙七")
                     )
                 ),
-                metadata=(("authorization", f"Bearer {token}"),),
+                metadata=direct_metadata(keys_dir / "gateway.pem", org="hosp-outage"),
             )
         event_id = reply.audit_event_ids[0]
         # Audit is down: the event waits in the outbox.
@@ -129,9 +109,7 @@ async def test_audit_event_survives_audit_outage_and_service_restart(
             await session.execute(table.update().values(next_attempt_at=table.c.created_at))
         assert await mpi.runtime.outbox.relay_once() == 1
         assert await mpi.runtime.outbox.pending() == 0
-        credentials = PlatformCredentials.from_file(
-            keys_dir / "platform.pem", service="test", issuer="urn:test"
-        )
+        credentials = PlatformCredentials.from_file(keys_dir / "platform.pem", service="test", issuer="urn:test")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{audit_port}") as channel:
             stub = audit_pb2_grpc.AuditLogStub(channel)
             found = await stub.Query(audit_pb2.QueryRequest(), metadata=credentials.metadata())
@@ -139,9 +117,7 @@ async def test_audit_event_survives_audit_outage_and_service_restart(
             assert [e.event_id for e in found.events] == [event_id]
             assert found.events[0].type == "patient.register"
             assert found.events[0].actor.organization_id == "hosp-outage"
-            await stub.Append(
-                audit_pb2.AppendRequest(events=list(found.events)), metadata=credentials.metadata()
-            )
+            await stub.Append(audit_pb2.AppendRequest(events=list(found.events)), metadata=credentials.metadata())
             again = await stub.Query(audit_pb2.QueryRequest(), metadata=credentials.metadata())
             assert len(again.events) == 1
     finally:

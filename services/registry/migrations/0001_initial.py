@@ -55,9 +55,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("source_organization_id", "source_document_id", name="uq_entry_source_document"),
     )
     with op.batch_alter_table("document_entry", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_entry_patient", ["patient_domain", "patient_local_id", "created"], unique=False
-        )
+        batch_op.create_index("ix_entry_patient", ["patient_domain", "patient_local_id", "created"], unique=False)
 
     op.create_table(
         "outbox",

@@ -1,0 +1,34 @@
+"""Whether a client's organisation is still in good standing, checked on every request.
+
+Revoking an organisation stops new tokens at once (the token endpoint reads the database)
+and stops requests with already issued tokens at the gateway within `ttl_seconds`; services
+behind the gateway accept a revoked client's token until it expires (at most five minutes).
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway import store
+
+
+class OrganizationStanding:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, ttl_seconds: float = 5.0) -> None:
+        self._sessions = sessions
+        self._ttl = ttl_seconds
+        self._cache: dict[str, tuple[float, bool]] = {}
+
+    async def is_active(self, client_id: str) -> bool:
+        now = time.monotonic()
+        cached = self._cache.get(client_id)
+        if cached and now - cached[0] < self._ttl:
+            return cached[1]
+        async with self._sessions() as session:
+            org = await store.organization_by_client(session, client_id)
+        active = org is not None and org.status == "active"
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[client_id] = (now, active)
+        return active
