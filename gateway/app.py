@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,13 +12,15 @@ from pathlib import Path
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import store
 from gateway.errors import ApiError, error_response
-from gateway.routes import audit, documents, oauth, patients, workflows
+from gateway.limits import BodySizeLimit, TokenBuckets
+from gateway.routes import audit, documents, fhir, oauth, patients, workflows
 from gateway.smart import AuthorizationServer
 from gateway.standing import OrganizationStanding
 from hie.audit.v1 import audit_pb2_grpc
@@ -62,7 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.verifier = TokenVerifier(settings.trusted_jwks_file)
-        app.state.standing = OrganizationStanding(sessions)
+        app.state.standing = OrganizationStanding(sessions, ttl_seconds=settings.revocation_check_seconds)
+        app.state.buckets = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
         app.state.authorization = AuthorizationServer(
             sessions=sessions,
             signing_key=load_private_key(settings.gateway_signing_key_file),
@@ -96,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(documents.router)
     app.include_router(workflows.router)
     app.include_router(audit.router)
+    app.include_router(fhir.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -110,7 +115,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.middleware("http")
     async def trace_and_security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response: Response = await call_next(request)
+        try:
+            async with asyncio.timeout(settings.request_timeout_seconds):
+                response: Response = await call_next(request)
+        except TimeoutError:
+            response = error_response(request, ApiError(504, "timeout", "the exchange did not answer in time"))
         trace_id, span_id = current_trace_ids()
         if trace_id:
             response.headers["X-Trace-Id"] = trace_id
@@ -138,10 +147,23 @@ def create_app(settings: Settings) -> FastAPI:
         reason = {404: "no-route", 405: "method-not-allowed"}.get(exc.status_code, "http")
         return error_response(request, ApiError(exc.status_code, reason, "request not served"))
 
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return error_response(request, ApiError(400, "invalid-request", "request body nested too deeply"))
+
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
         return error_response(request, ApiError(500, "internal", "the exchange could not complete this"))
 
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-HIE-User-Assertion", "Idempotency-Key", "traceparent"],
+            expose_headers=["X-Trace-Id", "traceresponse", "Repr-Digest", "Retry-After"],
+        )
+    app.add_middleware(BodySizeLimit)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
     return app

@@ -78,6 +78,61 @@ def org_add(
     typer.echo(org.client_id)
 
 
+keys_of_org = typer.Typer(help="An organisation's registered public keys (rotation).", no_args_is_help=True)
+org_app.add_typer(keys_of_org, name="keys")
+
+
+def _org_call(coro: object) -> object:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except DomainError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@keys_of_org.command("add")
+def org_keys_add(
+    id: Annotated[str, typer.Option("--id")],
+    jwks_file: Annotated[Path, typer.Option("--jwks", exists=True, dir_okay=False)],
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Add public key(s) to an organisation; prints the kids now registered."""
+    from gateway.organizations import add_keys
+
+    jwks = json.loads(jwks_file.read_text(encoding="utf-8"))
+    kids = _org_call(add_keys(_settings(data_dir, database_url), org_id=id, jwks=jwks))
+    typer.echo("\n".join(kids))  # type: ignore[arg-type]
+
+
+@keys_of_org.command("remove")
+def org_keys_remove(
+    id: Annotated[str, typer.Option("--id")],
+    kid: Annotated[str, typer.Option("--kid")],
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Remove a key: no new token or assertion with it at once; issued tokens end within five minutes."""
+    from gateway.organizations import remove_key
+
+    kids = _org_call(remove_key(_settings(data_dir, database_url), org_id=id, kid=kid))
+    typer.echo("\n".join(kids))  # type: ignore[arg-type]
+
+
+@org_app.command("revoke")
+def org_revoke(
+    id: Annotated[str, typer.Option("--id")],
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+    reinstate: Annotated[bool, typer.Option(help="Make a revoked organisation active again")] = False,
+) -> None:
+    """Revoke an organisation: no new tokens at once; issued tokens refused by the gateway within seconds."""
+    from gateway.organizations import set_status
+
+    _org_call(set_status(_settings(data_dir, database_url), org_id=id, status="active" if reinstate else "revoked"))
+    typer.echo(f"{id}: {'active' if reinstate else 'revoked'}")
+
+
 @org_app.command("list")
 def org_list(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl = "") -> None:
     """List member organisations with their client ids."""

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.errors import ApiError
+from gateway.limits import retry_after
 from services.shared import auth
 from services.shared.auth import Caller, TokenVerifier
 from services.shared.errors import PermissionDenied, Unauthenticated
@@ -46,7 +47,11 @@ async def call_context(request: Request) -> CallContext:
     if claims.get("org_type") == auth.PLATFORM or claims.get("iss") != request.app.state.settings.public_url:
         # Platform tokens are for calls between services, never from outside.
         raise ApiError(401, "token", "access token not accepted", headers=_INVALID_TOKEN)
-    if not await request.app.state.standing.is_active(str(claims.get("client_id", ""))):
+    client_id = str(claims.get("client_id", ""))
+    wait = request.app.state.buckets.take(client_id)
+    if wait:
+        raise ApiError(429, "rate-limited", "too many requests", headers={"Retry-After": retry_after(wait)})
+    if not await request.app.state.standing.is_active(client_id):
         raise ApiError(401, "token", "the client or organisation has been revoked", headers=_INVALID_TOKEN)
     assertion = request.headers.get(USER_ASSERTION_HEADER, "").strip()
     if not assertion:

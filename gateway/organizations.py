@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import store
 from gateway.app import MIGRATIONS
 from services.shared import migrations
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
-from services.shared.errors import InvalidArgument
+from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 
 def check_jwks(jwks: dict[str, Any]) -> dict[str, Any]:
@@ -30,24 +34,53 @@ async def register_organization(
 ) -> store.Organization:
     if type not in store.ORGANIZATION_TYPES:
         raise InvalidArgument(f"organisation type must be one of {', '.join(store.ORGANIZATION_TYPES)}")
-    engine = engine_for(settings, "gateway")
-    try:
-        await migrations.upgrade(
-            engine, schema=settings.schema_for("gateway"), versions=MIGRATIONS, metadata=store.metadata
-        )
-        async with session_factory(engine)() as session, session.begin():
-            return await store.add_organization(session, org_id=org_id, name=name, type=type, jwks=check_jwks(jwks))
-    finally:
-        await engine.dispose()
+    async with _gateway_session(settings) as session, session.begin():
+        if await store.organization(session, org_id) is not None:
+            raise AlreadyExists("an organisation with that id is registered")
+        return await store.add_organization(session, org_id=org_id, name=name, type=type, jwks=check_jwks(jwks))
 
 
 async def list_organizations(settings: Settings) -> list[store.Organization]:
+    async with _gateway_session(settings) as session:
+        return await store.list_organizations(session)
+
+
+async def add_keys(settings: Settings, *, org_id: str, jwks: dict[str, Any]) -> list[str]:
+    async with _gateway_session(settings) as session, session.begin():
+        return await store.add_keys(session, await _existing(session, org_id), check_jwks(jwks))
+
+
+async def remove_key(settings: Settings, *, org_id: str, kid: str) -> list[str]:
+    async with _gateway_session(settings) as session, session.begin():
+        try:
+            return await store.remove_key(session, await _existing(session, org_id), kid)
+        except LookupError:
+            raise NotFound("the organisation has no key with that kid") from None
+        except ValueError as exc:
+            raise FailedPrecondition(str(exc)) from None
+
+
+async def set_status(settings: Settings, *, org_id: str, status: str) -> None:
+    """Revoke (or reinstate) an organisation: no new tokens at once; see gateway/standing.py."""
+    async with _gateway_session(settings) as session, session.begin():
+        (await _existing(session, org_id)).status = status
+
+
+async def _existing(session: AsyncSession, org_id: str) -> store.Organization:
+    org = await store.organization(session, org_id)
+    if org is None:
+        raise NotFound("no such organisation")
+    return org
+
+
+@asynccontextmanager
+async def _gateway_session(settings: Settings) -> AsyncIterator[AsyncSession]:
     engine = engine_for(settings, "gateway")
     try:
         await migrations.upgrade(
             engine, schema=settings.schema_for("gateway"), versions=MIGRATIONS, metadata=store.metadata
         )
         async with session_factory(engine)() as session:
-            return await store.list_organizations(session)
+            yield session
     finally:
         await engine.dispose()

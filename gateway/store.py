@@ -85,3 +85,26 @@ async def remember_assertion(session: AsyncSession, *, jti: str, client_id: str,
     except IntegrityError:
         return False
     return True
+
+
+async def organization(session: AsyncSession, org_id: str) -> Organization | None:
+    return await session.get(Organization, org_id)
+
+
+async def add_keys(session: AsyncSession, org: Organization, jwks: dict[str, Any]) -> list[str]:
+    """Register more public keys (rotation: the new key works before the old one is removed)."""
+    keys = {k["kid"]: k for k in org.keys}
+    for key in jwks["keys"]:
+        keys[key["kid"]] = key
+    org.jwks = json.dumps({"keys": list(keys.values())}, ensure_ascii=False)
+    return list(keys)
+
+
+async def remove_key(session: AsyncSession, org: Organization, kid: str) -> list[str]:
+    keys = [k for k in org.keys if k["kid"] != kid]
+    if len(keys) == len(org.keys):
+        raise LookupError("no such key")
+    if not keys:
+        raise ValueError("an organisation keeps at least one key; revoke it instead")
+    org.jwks = json.dumps({"keys": keys}, ensure_ascii=False)
+    return [k["kid"] for k in keys]

@@ -112,6 +112,8 @@ def base_settings(data_dir: Path, keys_dir: Path, backend: str) -> Settings:
         "HIE_TRUSTED_JWKS_FILE": str(keys_dir / "trusted.jwks.json"),
         "HIE_GATEWAY_SIGNING_KEY_FILE": str(keys_dir / "gateway.pem"),
         "HIE_SERVICE_SIGNING_KEY_FILE": str(keys_dir / "platform.pem"),
+        # Revocation seen on the next request (the cache is tested on its own).
+        "HIE_REVOCATION_CHECK_SECONDS": "0",
     }
     if backend == "postgres":
         env["HIE_DATABASE_URL"] = POSTGRES_URL

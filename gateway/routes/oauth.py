@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.limits import retry_after
 from gateway.smart import AuthorizationServer, OAuthError
 from services.shared.keys import jwks, load_private_key
 
@@ -35,6 +36,12 @@ async def jwks_document(request: Request) -> dict[str, Any]:
 async def token(request: Request) -> JSONResponse:
     """RFC 6749 §4.4 client credentials, client authenticated by an RFC 7523 JWT assertion."""
     headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+    wait = request.app.state.buckets.take(f"token:{request.client.host if request.client else ''}")
+    if wait:
+        headers["Retry-After"] = retry_after(wait)
+        return JSONResponse(
+            {"error": "slow_down", "error_description": "too many token requests"}, status_code=429, headers=headers
+        )
     body = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
     try:

@@ -63,13 +63,53 @@ async def create_referral(body: ReferralIn, ctx: Context, request: Request) -> d
             metadata=ctx.metadata,
         )
     )
-    r = result.referral
+    return _referral_json(result.referral)
+
+
+def _referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
     return {
         "referral_id": r.referral_id,
         "state": referral_pb2.ReferralState.Name(r.state).removeprefix("REFERRAL_STATE_").lower(),
         "requester_organization_id": r.requester_organization_id,
         "target_organization_id": r.target_organization_id,
+        "patient": {"domain": r.patient.domain, "local_id": r.patient.local_id},
+        "reason": r.reason,
     }
+
+
+def _consultation_json(c: teleconsult_pb2.Consultation) -> dict[str, Any]:
+    return {
+        "consultation_id": c.consultation_id,
+        "state": teleconsult_pb2.ConsultationState.Name(c.state).removeprefix("CONSULTATION_STATE_").lower(),
+        "requester_organization_id": c.requester_organization_id,
+        "consultant_organization_id": c.consultant_organization_id,
+        "patient": {"domain": c.patient.domain, "local_id": c.patient.local_id},
+        "question": c.question,
+    }
+
+
+@router.get("/referrals/{referral_id}")
+async def get_referral(referral_id: str, ctx: Context, request: Request) -> dict[str, Any]:
+    """A referral, to its two parties only."""
+    ctx.require_scope("ServiceRequest", "r")
+    result = await rpc(
+        request.app.state.stubs.referral.GetReferral(
+            referral_pb2.GetReferralRequest(referral_id=referral_id[:64]), metadata=ctx.metadata
+        )
+    )
+    return _referral_json(result.referral)
+
+
+@router.get("/consultations/{consultation_id}")
+async def get_consultation(consultation_id: str, ctx: Context, request: Request) -> dict[str, Any]:
+    """A consultation, to its two parties only."""
+    ctx.require_scope("ServiceRequest", "r")
+    result = await rpc(
+        request.app.state.stubs.teleconsult.GetConsultation(
+            teleconsult_pb2.GetConsultationRequest(consultation_id=consultation_id[:64]), metadata=ctx.metadata
+        )
+    )
+    return _consultation_json(result.consultation)
 
 
 @router.post("/consultations", status_code=201)
@@ -90,10 +130,4 @@ async def request_consultation(body: ConsultationIn, ctx: Context, request: Requ
             metadata=ctx.metadata,
         )
     )
-    c = result.consultation
-    return {
-        "consultation_id": c.consultation_id,
-        "state": teleconsult_pb2.ConsultationState.Name(c.state).removeprefix("CONSULTATION_STATE_").lower(),
-        "requester_organization_id": c.requester_organization_id,
-        "consultant_organization_id": c.consultant_organization_id,
-    }
+    return _consultation_json(result.consultation)

@@ -40,6 +40,13 @@ class Settings:
     public_url: str = f"http://127.0.0.1:{GATEWAY_PORT}"
     otel_exporter: str = "none"
     log_level: str = "INFO"
+    # Gateway hardening.
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: int = 100
+    request_timeout_seconds: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    # How long the gateway trusts its cached view of an organisation's standing.
+    revocation_check_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -63,6 +70,11 @@ class Settings:
             public_url=env.get("HIE_PUBLIC_URL", f"http://127.0.0.1:{GATEWAY_PORT}").rstrip("/"),
             otel_exporter=env.get("HIE_OTEL_EXPORTER", "none"),
             log_level=env.get("HIE_LOG_LEVEL", "INFO"),
+            rate_limit_per_second=float(env.get("HIE_RATE_LIMIT_PER_SECOND", "50")),
+            rate_limit_burst=int(env.get("HIE_RATE_LIMIT_BURST", "100")),
+            request_timeout_seconds=float(env.get("HIE_REQUEST_TIMEOUT_SECONDS", "30")),
+            cors_origins=tuple(o for o in env.get("HIE_CORS_ORIGINS", "").split(",") if o),
+            revocation_check_seconds=float(env.get("HIE_REVOCATION_CHECK_SECONDS", "5")),
         )
         settings.check()
         return settings
