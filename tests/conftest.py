@@ -81,11 +81,39 @@ class Exchange:
         raise AssertionError("audit events were not delivered")
 
 
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _loopback_socket() -> socket.socket:
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that name it, and without
+    # it every response waits ~40 ms on Nagle's algorithm and the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+@dataclass
+class RunningGateway:
+    settings: Settings
+    base_url: str
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+async def serve_gateway(settings: Settings) -> RunningGateway:
+    """The gateway app on a real loopback port; `settings.public_url` is set to it."""
+    sock = _loopback_socket()
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    settings = dataclasses.replace(settings, public_url=base_url)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return RunningGateway(settings, base_url, server, task)
 
 
 def _backends() -> list[pytest.param]:
@@ -131,7 +159,7 @@ async def drop_schemas(settings: Settings) -> None:
     await engine.dispose()
 
 
-async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, uvicorn.Server, asyncio.Task[None]]:
+async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, RunningGateway]:
     services: dict[str, RunningService] = {}
     # Audit first (everyone relays to it), then mpi and consent (the registry calls them).
     for spec in (AUDIT, MPI, CONSENT, REFERRAL, TELECONSULT, REGISTRY):
@@ -140,16 +168,8 @@ async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, uv
         settings = dataclasses.replace(settings, targets={**settings.targets, spec.name: f"127.0.0.1:{running.port}"})
     for running in services.values():
         running.runtime.settings = settings
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    settings = dataclasses.replace(settings, public_url=f"http://127.0.0.1:{port}")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    return Exchange(backend, settings, f"http://127.0.0.1:{port}", services), server, task
+    gateway = await serve_gateway(settings)
+    return Exchange(backend, gateway.settings, gateway.base_url, services), gateway
 
 
 @pytest.fixture(scope="session", params=_backends())
@@ -158,12 +178,11 @@ async def exchange(
 ) -> AsyncIterator[Exchange]:
     backend = request.param
     settings = base_settings(tmp_path_factory.mktemp(f"exchange-{backend}"), keys_dir, backend)
-    running, server, task = await start_exchange(settings, backend)
+    running, gateway = await start_exchange(settings, backend)
     try:
         yield running
     finally:
-        server.should_exit = True
-        await task
+        await gateway.stop()
         for service in running.services.values():
             await service.stop(grace=None)
         await drop_schemas(settings)
