@@ -47,6 +47,8 @@ async def search_events(
     organization_id: str = Query(default="", max_length=64),
     patient_enterprise_id: str = Query(default="", max_length=36),
     type: str = Query(default="", max_length=64),
+    patient_local_id: str = Query(default="", max_length=64, description="patient access report"),
+    patient_domain: str = Query(default="", max_length=64),
     page_size: int = Query(default=100, ge=1, le=500),
     page_token: str = Query(default="", max_length=32),
 ) -> dict[str, Any]:
@@ -58,6 +60,7 @@ async def search_events(
                 organization_id=organization_id,
                 patient_enterprise_id=patient_enterprise_id,
                 type=type,
+                patient=common_pb2.PatientRef(domain=patient_domain, local_id=patient_local_id),
                 page=common_pb2.PageRequest(page_size=page_size, page_token=page_token),
             ),
             metadata=ctx.metadata,

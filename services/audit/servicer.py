@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import uuid
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from hie.common.v1 import common_pb2
+from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.audit import chain, store
-from services.shared.auth import caller
+from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
-from services.shared.errors import InvalidArgument, PermissionDenied
+from services.shared.errors import InvalidArgument, PermissionDenied, error_from_rpc
 from services.shared.process import ServiceRuntime
+from services.shared.tracing import current_trace_ids
 
 _MAX_BATCH = 1000
 _MAX_PAGE = 500
@@ -101,36 +105,57 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         if len(request.events) > _MAX_BATCH:
             raise InvalidArgument(f"at most {_MAX_BATCH} events per append", reason="batch-too-large")
         recorded = utcnow()
-        fields = [_fields(e, recorded) for e in request.events]
+        return audit_pb2.AppendResponse(appended=await self._append([_fields(e, recorded) for e in request.events]))
+
+    async def _append(self, fields: list[dict[str, object]]) -> int:
+        """Append to the chain, skipping event ids already stored; returns how many were new."""
         appended = 0
         async with self._append_lock, self._rt.sessions() as session, session.begin():
             await store.lock_chain(session)
-            seen = await store.existing_event_ids(session, [f["event_id"] for f in fields])  # type: ignore[misc]
+            seen = await store.existing_event_ids(session, [str(f["event_id"]) for f in fields])
             head = await store.chain_head(session)
             for item in fields:
                 if item["event_id"] in seen:
                     continue
-                seen.add(item["event_id"])  # type: ignore[arg-type]
+                seen.add(str(item["event_id"]))
                 record = await store.append(session, item, head)
                 head = (record.sequence, record.hash)
                 appended += 1
-        return audit_pb2.AppendResponse(appended=appended)
+        return appended
+
+    async def _patient_enterprise_id(self, who: Caller, ref: common_pb2.PatientRef) -> str:
+        """The person a patient access report is about; a hospital may ask only about its own patients."""
+        if who.organization_type == "hospital" or not ref.domain:
+            ref = common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
+        try:
+            reply = await mpi_pb2_grpc.PatientIndexStub(self._rt.channel("mpi")).CrossReference(
+                mpi_pb2.CrossReferenceRequest(ref=ref)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return reply.enterprise_id
 
     async def Query(self, request: audit_pb2.QueryRequest, context: object) -> audit_pb2.QueryResponse:
         who = caller()
         who.require_scope("AuditEvent", "r")
         organization_id = request.organization_id
+        patient_enterprise_id = request.patient_enterprise_id
         if who.organization_type == "authority":
             who.require_role("auditor")
         elif not who.is_platform:
             who.require_role("auditor", "admin")
-        if who.organization_type == "hospital":
-            # A hospital reads only the records of its own requests.
+        if who.organization_type not in {"hospital", "authority", "platform"}:
+            raise PermissionDenied("not permitted to read the audit log", reason="audit-scope")
+        if request.patient.local_id:
+            # A patient access report: every access to the person's records, by anyone.
+            patient_enterprise_id = await self._patient_enterprise_id(who, request.patient)
+        elif who.organization_type == "hospital":
+            # Otherwise a hospital reads only the records of its own requests.
             if organization_id and organization_id != who.organization_id:
                 raise PermissionDenied("hospitals read only their own audit records", reason="audit-scope")
+            if patient_enterprise_id:
+                raise PermissionDenied("name the patient by your own local id", reason="audit-scope")
             organization_id = who.organization_id
-        elif who.organization_type not in {"authority", "platform"}:
-            raise PermissionDenied("not permitted to read the audit log", reason="audit-scope")
         size = min(request.page.page_size or 100, _MAX_PAGE)
         try:
             after = int(request.page.page_token or 0)
@@ -141,7 +166,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
                 session,
                 trace_id=request.trace_id,
                 organization_id=organization_id,
-                patient_enterprise_id=request.patient_enterprise_id,
+                patient_enterprise_id=patient_enterprise_id,
                 type=request.type,
                 since=_to_datetime(request.since) if request.HasField("since") else None,
                 until=_to_datetime(request.until) if request.HasField("until") else None,
@@ -150,10 +175,30 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             )
         more = len(rows) > size
         rows = rows[:size]
+        if not who.is_platform:
+            # Auditors' own searches are part of the record.
+            await self._append([self._own_event(who, "audit.query", patient_enterprise_id)])
         return audit_pb2.QueryResponse(
             events=[event_message(r) for r in rows],
             page=common_pb2.PageResponse(next_page_token=str(rows[-1].sequence) if more and rows else ""),
         )
+
+    def _own_event(self, who: Caller, type: str, patient_enterprise_id: str = "") -> dict[str, object]:
+        trace_id, span_id = current_trace_ids()
+        now = utcnow()
+        event = audit_pb2.AuditEvent(
+            event_id=str(uuid.uuid4()),
+            type=type,
+            action=audit_pb2.ACTION_EXECUTE,
+            outcome=audit_pb2.OUTCOME_SUCCESS,
+            actor=who.to_proto(),
+            patient_enterprise_id=patient_enterprise_id,
+            source_address=who.client_address,
+            trace_id=trace_id,
+            span_id=span_id,
+            source_service="audit",
+        )
+        return _fields(event, now)
 
     async def VerifyChain(
         self, request: audit_pb2.VerifyChainRequest, context: object

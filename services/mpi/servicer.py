@@ -19,7 +19,8 @@ from services.shared.process import ServiceRuntime
 
 # Role per operation (from the hospital's verified user assertion).
 _REGISTRARS = ("doctor", "nurse", "data-steward", "admin")
-_READERS = ("doctor", "nurse", "pharmacist", "technician", "data-steward", "admin")
+# Auditors resolve a person to build their access report.
+_READERS = ("doctor", "nurse", "pharmacist", "technician", "data-steward", "admin", "auditor")
 _GENDER_FROM_PROTO = {
     mpi_pb2.GENDER_MALE: domain.Gender.MALE,
     mpi_pb2.GENDER_FEMALE: domain.Gender.FEMALE,

@@ -135,6 +135,30 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     )
     assert own.status_code == 200
     assert own.json()["events"] == []
+    # ...but a patient access report for its own patient shows who else read the person's records.
+    report = await a.call(
+        "GET",
+        "/api/v1/audit/events",
+        params={"patient_local_id": "A-1"},
+        purpose="audit",
+        as_user=Practitioner(id="A-AUD", name="质控科", role="auditor", department="质控科"),
+    )
+    assert report.status_code == 200
+    readers = {(e["organization_id"], e["type"]) for e in report.json()["events"]}
+    assert (b.org_id, "document.retrieve") in readers  # type: ignore[attr-defined]
+    assert all(e["patient_enterprise_id"] == eid for e in report.json()["events"])
+    # The auditor's own search is on the record too.
+    await exchange.audit_settled()
+    searches = await auditor.call(
+        "GET",
+        "/api/v1/audit/events",
+        params={"type": "audit.query", "organization_id": auditor.org_id},
+        purpose="audit",
+    )  # type: ignore[attr-defined]
+    assert any(
+        e["organization_id"] == auditor.org_id and e["type"] == "audit.query"  # type: ignore[attr-defined]
+        for e in searches.json()["events"]
+    )
     for member in (a, b, auditor):
         await member.aclose()
 

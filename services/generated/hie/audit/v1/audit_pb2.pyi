@@ -97,7 +97,7 @@ class AppendResponse(_message.Message):
     def __init__(self, appended: _Optional[int] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("trace_id", "organization_id", "patient_enterprise_id", "type", "since", "until", "page")
+    __slots__ = ("trace_id", "organization_id", "patient_enterprise_id", "type", "since", "until", "page", "patient")
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class QueryRequest(_message.Message):
     SINCE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     PAGE_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
     trace_id: str
     organization_id: str
     patient_enterprise_id: str
@@ -112,7 +113,8 @@ class QueryRequest(_message.Message):
     since: _timestamp_pb2.Timestamp
     until: _timestamp_pb2.Timestamp
     page: _common_pb2.PageRequest
-    def __init__(self, trace_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., patient_enterprise_id: _Optional[str] = ..., type: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ...) -> None: ...
+    patient: _common_pb2.PatientRef
+    def __init__(self, trace_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., patient_enterprise_id: _Optional[str] = ..., type: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("events", "page")
