@@ -61,7 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
             engine, schema=settings.schema_for("gateway"), versions=MIGRATIONS, metadata=store.metadata
         )
         sessions = session_factory(engine)
-        channels = {name: open_channel(target) for name, target in settings.targets.items()}
+        channels = {name: open_channel(target, tls=settings.grpc_tls) for name, target in settings.targets.items()}
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.verifier = TokenVerifier(settings.trusted_jwks_file)

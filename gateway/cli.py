@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys
+from services.shared.transport import GrpcTls
 
 app = typer.Typer(help="Regional health information exchange.", no_args_is_help=True, add_completion=False)
 org_app = typer.Typer(help="Member organisations and their OAuth2 clients.", no_args_is_help=True)
@@ -142,8 +143,13 @@ def org_list(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl = "") -
         typer.echo(f"{org.id}\t{org.type}\t{org.status}\t{org.client_id}\t{org.name}")
 
 
+def _channel(target: str) -> grpc.Channel:
+    tls = GrpcTls.from_env()
+    return grpc.secure_channel(target, tls.channel_credentials()) if tls else grpc.insecure_channel(target)
+
+
 def _wait_for_service(target: str, deadline: float) -> None:
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -282,7 +288,7 @@ def audit_verify(
     from services.shared.auth import PlatformCredentials
 
     credentials = PlatformCredentials.from_file(data_dir / "keys" / "platform.pem", service="cli", issuer="urn:hie:cli")
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target) as channel:
         result = audit_pb2_grpc.AuditLogStub(channel).VerifyChain(
             audit_pb2.VerifyChainRequest(), metadata=credentials.metadata(), timeout=600
         )

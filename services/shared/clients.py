@@ -10,6 +10,7 @@ import grpc
 from services.shared.auth import PlatformCredentials, forwarded_metadata
 from services.shared.server import MAX_MESSAGE_BYTES
 from services.shared.tracing import client_interceptors
+from services.shared.transport import GrpcTls
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 
@@ -47,13 +48,15 @@ class CallerForwarding(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
-def open_channel(target: str, *, credentials: PlatformCredentials | None = None) -> grpc.aio.Channel:
-    """A channel to a service, traced and forwarding the caller."""
-    return grpc.aio.insecure_channel(
-        target,
-        interceptors=[*client_interceptors(), CallerForwarding(credentials)],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+def open_channel(
+    target: str, *, credentials: PlatformCredentials | None = None, tls: GrpcTls | None = None
+) -> grpc.aio.Channel:
+    """A channel to a service, traced and forwarding the caller; TLS when configured."""
+    interceptors = [*client_interceptors(), CallerForwarding(credentials)]
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if tls is not None:
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

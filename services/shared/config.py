@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.shared.transport import GrpcTls
+
 SERVICE_PORTS: dict[str, int] = {
     "mpi": 7101,
     "registry": 7102,
@@ -47,6 +49,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     # How long the gateway trusts its cached view of an organisation's standing.
     revocation_check_seconds: float = 5.0
+    grpc_tls: GrpcTls | None = None
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -75,6 +78,7 @@ class Settings:
             request_timeout_seconds=float(env.get("HIE_REQUEST_TIMEOUT_SECONDS", "30")),
             cors_origins=tuple(o for o in env.get("HIE_CORS_ORIGINS", "").split(",") if o),
             revocation_check_seconds=float(env.get("HIE_REVOCATION_CHECK_SECONDS", "5")),
+            grpc_tls=GrpcTls.from_env(env),
         )
         settings.check()
         return settings
@@ -88,6 +92,8 @@ class Settings:
                 raise UnsafeSettingsError("production needs HIE_DATABASE_URL pointing at PostgreSQL")
             if not self.public_url.startswith("https://"):
                 raise UnsafeSettingsError("production needs an https:// HIE_PUBLIC_URL")
+            if self.grpc_tls is None:
+                raise UnsafeSettingsError("production needs TLS between services (HIE_GRPC_TLS_*)")
 
     def database_url_for(self, component: str) -> str:
         """The database URL a component uses: its own SQLite file by default."""

@@ -44,7 +44,9 @@ class ServiceRuntime:
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to a peer service, opened on first use."""
         if service not in self._channels:
-            self._channels[service] = open_channel(self.settings.targets[service], credentials=self.credentials)
+            self._channels[service] = open_channel(
+                self.settings.targets[service], credentials=self.credentials, tls=self.settings.grpc_tls
+            )
         return self._channels[service]
 
     async def close(self) -> None:
@@ -106,6 +108,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         bindings=bindings,
         listen=listen or settings.listen_for(spec.name),
         verifier=TokenVerifier(settings.trusted_jwks_file),
+        tls=settings.grpc_tls,
     )
     outbox.start()
     return RunningService(spec=spec, server=server, port=port, health=health_servicer, runtime=runtime)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from services.shared.auth import FORWARDED_KEYS, TokenVerifier, current_caller, forwarded_metadata
 from services.shared.errors import REASON_METADATA_KEY, DomainError, Unauthenticated, status_for
 from services.shared.tracing import server_interceptors
+from services.shared.transport import GrpcTls
 
 _log = logging.getLogger(__name__)
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -84,7 +85,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def create_server(
-    *, bindings: Sequence[ServicerBinding], listen: str, verifier: TokenVerifier
+    *, bindings: Sequence[ServicerBinding], listen: str, verifier: TokenVerifier, tls: GrpcTls | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A started server with the bindings, health and reflection; returns it and its bound port."""
     server = grpc.aio.server(
@@ -101,7 +102,7 @@ async def create_server(
         add(servicer, server)
         names.append(name)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"could not bind {listen}")
     await server.start()

@@ -1,0 +1,91 @@
+"""The exchange with mutual TLS between the gateway and every service."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.demo import run_demo
+from services.shared.transport import GrpcTls
+from tests.conftest import base_settings, drop_schemas, start_exchange
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_pki(directory: Path) -> GrpcTls:
+    """A private CA and one certificate for 127.0.0.1 / localhost, used by every process."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "HIE test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hie-service")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(_pem(key))
+    return GrpcTls(directory / "tls.pem", directory / "tls.key", directory / "ca.pem", require_client_cert=True)
+
+
+async def test_exchange_runs_over_mutual_tls(tmp_path: Path, keys_dir: Path) -> None:
+    tls = make_pki(tmp_path)
+    settings = dataclasses.replace(base_settings(tmp_path, keys_dir, "sqlite"), grpc_tls=tls)
+    exchange, gateway = await start_exchange(settings, "sqlite")
+    try:
+        report = await run_demo(exchange.settings, exchange.base_url, echo=False)
+        assert report.steps[-1].response.status_code == 200
+        target = f"127.0.0.1:{exchange.services['registry'].port}"
+        # Plaintext is refused by a TLS server...
+        async with grpc.aio.insecure_channel(target) as plain:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # ...and so is TLS without a client certificate (mutual TLS).
+        anonymous = grpc.ssl_channel_credentials(root_certificates=tls.ca_file.read_bytes())
+        async with grpc.aio.secure_channel(target, anonymous) as no_cert:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_pb2_grpc.HealthStub(no_cert).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        async with grpc.aio.secure_channel(target, tls.channel_credentials()) as good:
+            reply = await health_pb2_grpc.HealthStub(good).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await gateway.stop()
+        for service in exchange.services.values():
+            await service.stop(grace=None)
+        await drop_schemas(settings)
