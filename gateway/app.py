@@ -34,7 +34,6 @@ from services.shared.auth import TokenVerifier
 from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
-from services.shared.keys import load_private_key
 from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.buckets = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
         app.state.authorization = AuthorizationServer(
             sessions=sessions,
-            signing_key=load_private_key(settings.gateway_signing_key_file),
+            signing_key_file=settings.gateway_signing_key_file,
             issuer=settings.public_url,
         )
         app.state.stubs = ServiceStubs(

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
-from services.shared.keys import ensure_exchange_keys
+from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
 from services.shared.transport import GrpcTls
 
 app = typer.Typer(help="Regional health information exchange.", no_args_is_help=True, add_completion=False)
@@ -54,6 +54,14 @@ def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/key
     """Create the gateway's and the platform's signing keys and the trusted JWKS (kept if present)."""
     for name, path in ensure_exchange_keys(directory).items():
         typer.echo(f"{name}: {path}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/keys")) -> None:
+    """Sign new access tokens with a fresh gateway key; the old public key stays trusted for
+    ten minutes (twice the token lifetime). Run `hie keys init` later to prune retired keys."""
+    old, new = rotate_gateway_key(directory)
+    typer.echo(f"gateway key rotated: {old} -> {new}")
 
 
 @org_app.command("add")

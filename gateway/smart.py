@@ -7,6 +7,7 @@ import datetime
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import store
 from services.shared.config import TOKEN_AUDIENCE
-from services.shared.keys import PrivateKey, algorithm_for, public_jwk, thumbprint
+from services.shared.keys import algorithm_for, load_private_key, public_jwk, thumbprint
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART Backend Services: clients SHALL support RS384 or ES384; RS256 / ES256 are accepted too.
@@ -88,11 +89,11 @@ def grant_scopes(requested: str, org_type: str) -> list[str]:
 class AuthorizationServer:
     """Verifies client assertions against registered keys and issues access tokens."""
 
-    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], signing_key: PrivateKey, issuer: str) -> None:
+    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], signing_key_file: Path, issuer: str) -> None:
         self._sessions = sessions
-        self._key = signing_key
-        self._kid = public_jwk(signing_key)["kid"]
-        self._alg = algorithm_for(signing_key)
+        self._key_file = signing_key_file
+        self._key_mtime = -1.0
+        self._load_signing_key()
         self.issuer = issuer
         self.token_endpoint = f"{issuer}/oauth2/token"
 
@@ -155,7 +156,16 @@ class AuthorizationServer:
             return claims
         raise OAuthError("invalid_client", "client assertion failed verification", status=401)
 
+    def _load_signing_key(self) -> None:
+        """Pick up a rotated gateway key (`hie keys rotate`) without a restart."""
+        mtime = self._key_file.stat().st_mtime
+        if mtime != self._key_mtime:
+            key = load_private_key(self._key_file)
+            self._key, self._kid, self._alg = key, public_jwk(key)["kid"], algorithm_for(key)
+            self._key_mtime = mtime
+
     def _access_token(self, org: store.Organization, scopes: list[str]) -> IssuedToken:
+        self._load_signing_key()
         now = int(time.time())
         claims = {
             "iss": self.issuer,

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from gateway.limits import retry_after
 from gateway.smart import AuthorizationServer, OAuthError
-from services.shared.keys import jwks, load_private_key
+from services.shared.keys import ISSUER_MEMBER
 
 router = APIRouter(tags=["oauth2"])
 _MAX_FORM_BYTES = 16 * 1024
@@ -25,11 +25,16 @@ async def smart_configuration(request: Request) -> dict[str, Any]:
 
 @router.get("/.well-known/jwks.json")
 async def jwks_document(request: Request) -> dict[str, Any]:
-    """The gateway's token-signing public keys (every key whose tokens may still be live)."""
+    """The gateway's token-signing public keys: the current one and retired ones whose tokens
+    may still be live (not the platform key services use among themselves)."""
     trusted = json.loads(request.app.state.settings.trusted_jwks_file.read_text())
-    gateway_key = jwks(load_private_key(request.app.state.settings.gateway_signing_key_file))["keys"][0]
-    # Publish only the gateway's keys, not the platform key services use among themselves.
-    return {"keys": [k for k in trusted["keys"] if k["kid"] == gateway_key["kid"]]}
+    return {
+        "keys": [
+            {k: v for k, v in key.items() if k != ISSUER_MEMBER}
+            for key in trusted["keys"]
+            if key.get(ISSUER_MEMBER) == "gateway"
+        ]
+    }
 
 
 @router.post("/oauth2/token")

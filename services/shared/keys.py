@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +77,60 @@ def jwks(*keys: PrivateKey | PublicKey) -> dict[str, Any]:
     return {"keys": [public_jwk(k) for k in keys]}
 
 
-def ensure_exchange_keys(directory: Path) -> dict[str, Path]:
-    """Create the gateway's and the platform's signing keys and the trusted JWKS, if missing.
+# Which signer a trusted key belongs to (an extra JWK member; RFC 7517 §4 lets verifiers ignore it).
+ISSUER_MEMBER = "hie_issuer"
+# A retired gateway key stays trusted this long: every token it signed has expired by then.
+RETIRED_KEY_RETENTION_SECONDS = 600
 
-    The trusted JWKS is what every service verifies bearer tokens against.
-    """
-    paths = {
+
+def _key_paths(directory: Path) -> dict[str, Path]:
+    return {
         "gateway": directory / "gateway.pem",
         "platform": directory / "platform.pem",
         "trusted": directory / "trusted.jwks.json",
+        "retired": directory / "retired",
     }
+
+
+def ensure_exchange_keys(directory: Path, *, now: float | None = None) -> dict[str, Path]:
+    """Create the gateway's and the platform's signing keys if missing, and write the trusted
+    JWKS every service verifies bearer tokens against: the current keys plus gateway keys
+    retired less than RETIRED_KEY_RETENTION_SECONDS ago (older ones are pruned)."""
+    paths = _key_paths(directory)
     for name in ("gateway", "platform"):
         if not paths[name].exists():
             write_private_key(paths[name], generate_ec_key())
-    trusted = jwks(load_private_key(paths["gateway"]), load_private_key(paths["platform"]))
-    paths["trusted"].write_text(json.dumps(trusted, indent=2))
+    keys = [
+        {**public_jwk(load_private_key(paths["gateway"])), ISSUER_MEMBER: "gateway"},
+        {**public_jwk(load_private_key(paths["platform"])), ISSUER_MEMBER: "platform"},
+    ]
+    cutoff = (time.time() if now is None else now) - RETIRED_KEY_RETENTION_SECONDS
+    for retired in sorted(paths["retired"].glob("*.json")) if paths["retired"].exists() else []:
+        entry = json.loads(retired.read_text())
+        if entry["retired_at"] < cutoff:
+            retired.unlink()
+        else:
+            keys.append({**entry["jwk"], ISSUER_MEMBER: "gateway"})
+    _write_atomically(paths["trusted"], json.dumps({"keys": keys}, indent=2).encode())
     return paths
+
+
+def rotate_gateway_key(directory: Path) -> tuple[str, str]:
+    """Start signing access tokens with a new gateway key; the old public key stays trusted
+    until every token it signed has expired. Returns (old kid, new kid)."""
+    paths = ensure_exchange_keys(directory)
+    old = public_jwk(load_private_key(paths["gateway"]))
+    paths["retired"].mkdir(exist_ok=True)
+    (paths["retired"] / f"{old['kid']}.json").write_text(json.dumps({"jwk": old, "retired_at": time.time()}))
+    new_key = generate_ec_key()
+    tmp = paths["gateway"].with_suffix(".pem.new")
+    write_private_key(tmp, new_key)
+    os.replace(tmp, paths["gateway"])
+    ensure_exchange_keys(directory)
+    return old["kid"], public_jwk(new_key)["kid"]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -17,7 +17,7 @@ import pytest
 from gateway.client import HospitalClient, Practitioner, client_assertion, user_assertion
 from gateway.smart import CLIENT_ASSERTION_TYPE
 from services.shared.config import TOKEN_AUDIENCE
-from services.shared.keys import generate_ec_key, load_private_key, public_jwk
+from services.shared.keys import ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk, rotate_gateway_key
 from tests.conftest import Exchange
 from tests.factories import document, person
 
@@ -266,8 +266,34 @@ async def test_smart_configuration_and_jwks(exchange: Exchange) -> None:
         assert "ES384" in config["token_endpoint_auth_signing_alg_values_supported"]
         keys = (await http.get(f"{exchange.base_url}/.well-known/jwks.json")).json()["keys"]
     gateway_kid = public_jwk(load_private_key(exchange.settings.gateway_signing_key_file))["kid"]
-    assert [k["kid"] for k in keys] == [gateway_kid]
+    platform_kid = public_jwk(load_private_key(exchange.settings.service_signing_key_file))["kid"]
+    kids = [k["kid"] for k in keys]
+    assert gateway_kid in kids
+    assert platform_kid not in kids
     assert all("d" not in k for k in keys)
+
+
+async def test_gateway_key_rotation_keeps_live_tokens_valid(exchange: Exchange) -> None:
+    keys_dir = exchange.settings.trusted_jwks_file.parent
+    hospital = await exchange.member()
+    old_token = await hospital.access_token()
+    old_kid, new_kid = rotate_gateway_key(keys_dir)
+    assert jwt.get_unverified_header(old_token)["kid"] == old_kid
+    # A token signed before the rotation still works, through the gateway and the services.
+    assert (await hospital.call("POST", "/api/v1/patients", json={"local_id": "ROT-1", **PATIENT})).status_code == 201
+    hospital._token = ""
+    new_token = await hospital.access_token()
+    assert jwt.get_unverified_header(new_token)["kid"] == new_kid
+    async with httpx.AsyncClient() as http:
+        published = {k["kid"] for k in (await http.get(f"{exchange.base_url}/.well-known/jwks.json")).json()["keys"]}
+    assert {old_kid, new_kid} <= published
+    # Once every old token has expired the old key is pruned, and a token it signed is refused.
+    ensure_exchange_keys(keys_dir, now=time.time() + 601)
+    hospital._token = old_token
+    assert (await hospital.call("GET", "/api/v1/patients/ROT-1/cross-references")).status_code == 401
+    hospital._token = new_token
+    assert (await hospital.call("GET", "/api/v1/patients/ROT-1/cross-references")).status_code == 200
+    await hospital.aclose()
 
 
 async def test_scope_is_enforced_per_route(exchange: Exchange) -> None:
