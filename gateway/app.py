@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,7 +23,7 @@ from gateway import store
 from gateway.errors import ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
 from gateway.routes import audit, documents, fhir, oauth, patients, workflows
-from gateway.smart import AuthorizationServer
+from gateway.smart import ALLOWED_SCOPES, AuthorizationServer
 from gateway.standing import OrganizationStanding
 from hie.audit.v1 import audit_pb2_grpc
 from hie.consent.v1 import consent_pb2_grpc
@@ -38,6 +40,37 @@ from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, declaring the SMART Backend Services flow and the user assertion."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "smartBackendServices": {
+            "type": "oauth2",
+            "description": "Client credentials with a private_key_jwt client assertion (RFC 7523).",
+            "flows": {
+                "clientCredentials": {
+                    "tokenUrl": "/oauth2/token",
+                    "scopes": {scope: scope for scopes in ALLOWED_SCOPES.values() for scope in scopes},
+                }
+            },
+        },
+        "userAssertion": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-HIE-User-Assertion",
+            "description": "The hospital's signed JWT naming the acting practitioner, role and purpose of use.",
+        },
+    }
+    for path, operations in schema.get("paths", {}).items():
+        if path.startswith("/api/"):
+            for operation in operations.values():
+                operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
+    app.openapi_schema = schema
+    return schema
 
 
 @dataclass
@@ -129,6 +162,8 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+        if settings.public_url.startswith("https://"):
+            response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
         return response
 
     @app.exception_handler(ApiError)
@@ -155,6 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
         _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
         return error_response(request, ApiError(500, "internal", "the exchange could not complete this"))
 
+    app.openapi = lambda: _openapi_with_security(app)  # type: ignore[method-assign]
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -387,3 +387,47 @@ async def test_unknown_route_and_document_answer_json(exchange: Exchange) -> Non
     assert nowhere.status_code == 404
     assert nowhere.json()["error"]["reason"] == "no-route"
     await hospital.aclose()
+
+
+async def test_openapi_and_capability_statement_are_published(exchange: Exchange) -> None:
+    async with httpx.AsyncClient() as http:
+        openapi = (await http.get(f"{exchange.base_url}/openapi.json")).json()
+        metadata = await http.get(f"{exchange.base_url}/fhir/R4/metadata")
+        headers = (await http.get(f"{exchange.base_url}/healthz")).headers
+    paths = set(openapi["paths"])
+    for path in (
+        "/oauth2/token",
+        "/.well-known/smart-configuration",
+        "/api/v1/patients",
+        "/api/v1/patients/{local_id}/cross-references",
+        "/api/v1/documents",
+        "/api/v1/documents/{document_id}/content",
+        "/api/v1/referrals",
+        "/api/v1/consultations",
+        "/api/v1/audit/events",
+    ):
+        assert path in paths
+    assert openapi["paths"]["/api/v1/documents"]["post"]["security"] == [
+        {"smartBackendServices": [], "userAssertion": []}
+    ]
+    assert "clientCredentials" in openapi["components"]["securitySchemes"]["smartBackendServices"]["flows"]
+    assert metadata.status_code == 200
+    assert metadata.headers["content-type"].startswith("application/fhir+json")
+    statement = metadata.json()
+    assert statement["resourceType"] == "CapabilityStatement"
+    assert statement["fhirVersion"] == "4.0.1"
+    assert statement["rest"][0]["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    # Security headers on every response; CORS stays closed unless configured.
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
+    assert "access-control-allow-origin" not in headers
+
+
+async def test_fhir_routes_answer_with_operation_outcome(exchange: Exchange) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{exchange.base_url}/fhir/R4/Patient/unknown")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "not-found"
