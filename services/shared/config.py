@@ -35,6 +35,8 @@ class Settings:
     # Prefix for PostgreSQL schema names; lets test runs live side by side in one database.
     schema_prefix: str = ""
     listen: str | None = None
+    # A plaintext port serving only grpc.health.v1 (for kubelet probes, which cannot speak TLS).
+    health_listen: str | None = None
     targets: dict[str, str] = field(default_factory=dict)
     trusted_jwks_file: Path | None = None
     gateway_signing_key_file: Path | None = None
@@ -66,6 +68,7 @@ class Settings:
             database_url=env.get("HIE_DATABASE_URL") or None,
             schema_prefix=env.get("HIE_DB_SCHEMA_PREFIX", ""),
             listen=env.get("HIE_LISTEN") or None,
+            health_listen=env.get("HIE_HEALTH_LISTEN") or None,
             targets=targets,
             trusted_jwks_file=Path(env.get("HIE_TRUSTED_JWKS_FILE", keys / "trusted.jwks.json")),
             gateway_signing_key_file=Path(env.get("HIE_GATEWAY_SIGNING_KEY_FILE", keys / "gateway.pem")),

@@ -24,7 +24,13 @@ from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
-from services.shared.server import ServicerBinding, configure_logging, create_server, run_until_signalled
+from services.shared.server import (
+    ServicerBinding,
+    configure_logging,
+    create_health_server,
+    create_server,
+    run_until_signalled,
+)
 from services.shared.tracing import configure_tracing
 
 
@@ -76,8 +82,12 @@ class RunningService:
     health: health.aio.HealthServicer
     runtime: ServiceRuntime
 
+    health_server: grpc.aio.Server | None = None
+
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
         await self.runtime.close()
 
 
@@ -110,8 +120,13 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         verifier=TokenVerifier(settings.trusted_jwks_file),
         tls=settings.grpc_tls,
     )
+    health_server = (
+        await create_health_server(settings.health_listen, health_servicer) if settings.health_listen else None
+    )
     outbox.start()
-    return RunningService(spec=spec, server=server, port=port, health=health_servicer, runtime=runtime)
+    return RunningService(
+        spec=spec, server=server, port=port, health=health_servicer, runtime=runtime, health_server=health_server
+    )
 
 
 def main(spec: ServiceSpec) -> None:
@@ -125,6 +140,8 @@ def main(spec: ServiceSpec) -> None:
         try:
             await run_until_signalled(running.server, running.health)
         finally:
+            if running.health_server is not None:
+                await running.health_server.stop(1)
             await running.runtime.close()
 
     asyncio.run(serve())

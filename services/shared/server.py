@@ -112,6 +112,20 @@ async def create_server(
     return server, port, health_servicer
 
 
+async def create_health_server(listen: str, health_servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """A plaintext server with the health service alone, sharing the main server's status.
+
+    It carries no clinical data and no credentials, so it may stay plaintext when the main port
+    uses TLS: kubelet gRPC probes do not speak TLS.
+    """
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(listen) == 0:
+        raise RuntimeError(f"could not bind {listen}")
+    await server.start()
+    return server
+
+
 async def run_until_signalled(
     server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, *, grace: float = 5.0
 ) -> None:

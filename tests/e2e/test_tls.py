@@ -89,3 +89,31 @@ async def test_exchange_runs_over_mutual_tls(tmp_path: Path, keys_dir: Path) -> 
         for service in exchange.services.values():
             await service.stop(grace=None)
         await drop_schemas(settings)
+
+
+async def test_plaintext_health_port_beside_a_tls_service(tmp_path: Path, keys_dir: Path) -> None:
+    """kubelet probes speak plaintext gRPC: a TLS service can expose health (and only health) in clear."""
+    import socket
+
+    from hie.audit.v1 import audit_pb2, audit_pb2_grpc
+    from services.audit.service import SPEC as AUDIT
+    from services.shared.process import start_service
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        health_port = sock.getsockname()[1]
+    settings = dataclasses.replace(
+        base_settings(tmp_path, keys_dir, "sqlite"),
+        grpc_tls=make_pki(tmp_path),
+        health_listen=f"127.0.0.1:{health_port}",
+    )
+    running = await start_service(AUDIT, settings, listen="127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await audit_pb2_grpc.AuditLogStub(channel).Query(audit_pb2.QueryRequest(), timeout=3)
+            assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.stop(grace=None)
