@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import store
@@ -40,6 +41,18 @@ from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+# Span attributes that would carry the request's path or query: local patient ids travel there.
+_URL_ATTRIBUTES = ("http.target", "http.url", "url.path", "url.query", "url.full")
+
+
+def _scrub_url(span: Span, scope: dict[str, Any]) -> None:
+    """Keep patient identifiers out of traces: the route template (`http.route`) names the
+    operation; the concrete path and query string are not recorded."""
+    if span.is_recording():
+        for attribute in _URL_ATTRIBUTES:
+            span.set_attribute(attribute, "[redacted]")
 
 
 def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
@@ -200,5 +213,5 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Trace-Id", "traceresponse", "Repr-Digest", "Retry-After"],
         )
     app.add_middleware(BodySizeLimit)
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz", server_request_hook=_scrub_url)
     return app
