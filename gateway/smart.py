@@ -147,7 +147,7 @@ class AuthorizationServer:
                     options={"require": ["iss", "sub", "aud", "exp", "jti"]},
                     leeway=_LEEWAY,
                 )
-            except (jwt.PyJWTError, ValueError, KeyError):
+            except (jwt.PyJWTError, ValueError, KeyError, TypeError):
                 continue
             if claims["sub"] != org.client_id:
                 raise OAuthError("invalid_client", "assertion sub must equal iss (the client id)", status=401)

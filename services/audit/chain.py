@@ -67,20 +67,44 @@ class ChainVerdict:
     detail: str = ""
 
 
+class ChainWalk:
+    """Checks records one at a time, in sequence order, so a chain of any length streams
+    through in constant memory; `broken` holds the first failure."""
+
+    def __init__(self) -> None:
+        self.previous = GENESIS_HASH
+        self.expected_sequence = 1
+        self.checked = 0
+        self.broken: ChainVerdict | None = None
+
+    def step(self, record: Mapping[str, Any]) -> bool:
+        """False (and `broken` set) at the first record that does not verify."""
+        sequence = record["sequence"]
+        if sequence != self.expected_sequence:
+            self.broken = ChainVerdict(
+                False, self.checked, self.expected_sequence, "a record is missing from the sequence"
+            )
+        elif record["previous_hash"] != self.previous:
+            self.broken = ChainVerdict(
+                False, self.checked, sequence, "previous hash does not match the preceding record"
+            )
+        elif link_hash(self.previous, record) != record["hash"]:
+            self.broken = ChainVerdict(False, self.checked, sequence, "record content does not match its hash")
+        if self.broken is not None:
+            return False
+        self.previous = record["hash"]
+        self.expected_sequence += 1
+        self.checked += 1
+        return True
+
+    def verdict(self) -> ChainVerdict:
+        return self.broken or ChainVerdict(True, self.checked)
+
+
 def verify(records: Iterable[Mapping[str, Any]]) -> ChainVerdict:
     """Walk records in sequence order and report the first one that does not verify."""
-    previous = GENESIS_HASH
-    expected_sequence = 1
-    checked = 0
+    walk = ChainWalk()
     for record in records:
-        sequence = record["sequence"]
-        if sequence != expected_sequence:
-            return ChainVerdict(False, checked, expected_sequence, "a record is missing from the sequence")
-        if record["previous_hash"] != previous:
-            return ChainVerdict(False, checked, sequence, "previous hash does not match the preceding record")
-        if link_hash(previous, record) != record["hash"]:
-            return ChainVerdict(False, checked, sequence, "record content does not match its hash")
-        previous = record["hash"]
-        expected_sequence += 1
-        checked += 1
-    return ChainVerdict(True, checked)
+        if not walk.step(record):
+            break
+    return walk.verdict()

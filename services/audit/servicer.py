@@ -129,7 +129,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             ref = common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
         try:
             reply = await mpi_pb2_grpc.PatientIndexStub(self._rt.channel("mpi")).CrossReference(
-                mpi_pb2.CrossReferenceRequest(ref=ref)
+                mpi_pb2.CrossReferenceRequest(ref=ref), metadata=self._rt.credentials.metadata()
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
@@ -144,7 +144,9 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             who.require_role("auditor")
         elif not who.is_platform:
             who.require_role("auditor", "admin")
-        if who.organization_type not in {"hospital", "authority", "platform"}:
+        # The platform operator's admins see the log as the authority does.
+        regional = who.organization_type in {"authority", "platform-admin", "platform"}
+        if not regional and who.organization_type != "hospital":
             raise PermissionDenied("not permitted to read the audit log", reason="audit-scope")
         if request.patient.local_id:
             # A patient access report: every access to the person's records, by anyone.
@@ -206,8 +208,12 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         who = caller()
         if who.organization_type not in {"authority", "platform"}:
             raise PermissionDenied("only the authority verifies the audit chain", reason="audit-scope")
+        walk = chain.ChainWalk()
         async with self._rt.sessions() as session:
-            verdict = chain.verify([r async for r in store.all_records(session)])
+            async for record in store.all_records(session):
+                if not walk.step(record):
+                    break
+        verdict = walk.verdict()
         return audit_pb2.VerifyChainResponse(
             intact=verdict.intact,
             records_checked=verdict.records_checked,

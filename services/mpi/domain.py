@@ -104,7 +104,10 @@ def normalize_phone(value: str) -> str:
         raise InvalidArgument("phone number has an invalid format", reason="phone-invalid")
     digits = re.sub(r"[ \-]", "", text)
     # A mainland number written with the country code is the same number.
-    return digits.removeprefix("+86") if digits.startswith("+86") else digits
+    digits = digits.removeprefix("+86") if digits.startswith("+86") else digits
+    if not 6 <= len(digits.lstrip("+")) <= 15:
+        raise InvalidArgument("phone number has an invalid format", reason="phone-invalid")
+    return digits
 
 
 def validate_registration(
@@ -179,6 +182,7 @@ class Candidate:
     national_id: str | None
     birth_date: datetime.date | None
     gender: Gender
+    name_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -187,20 +191,28 @@ class LinkDecision:
     enterprise_id: EnterpriseId
 
 
+def _agrees_with_id(national_id: str, birth_date: datetime.date | None, gender: Gender) -> bool:
+    """A record's declared birth date and gender (when known) agree with those the id encodes."""
+    if birth_date is not None and birth_date != gb11643.birth_date(national_id):
+        return False
+    return gender not in {Gender.MALE, Gender.FEMALE} or gender.value == gb11643.gender(national_id)
+
+
 def national_id_agrees(registration: Registration) -> bool:
     """The birth date and gender coded in the national id agree with the declared ones."""
     if registration.national_id is None:
         return False
-    coded_birth = gb11643.birth_date(registration.national_id)
-    coded_gender = gb11643.gender(registration.national_id)
-    if registration.birth_date is not None and registration.birth_date != coded_birth:
-        return False
-    return registration.gender not in {Gender.MALE, Gender.FEMALE} or registration.gender.value == coded_gender
+    return _agrees_with_id(registration.national_id, registration.birth_date, registration.gender)
+
+
+def _same_name(a: str, b: str) -> bool:
+    return "".join(a.split()).casefold() == "".join(b.split()).casefold()
 
 
 def decide_link(registration: Registration, candidates: list[Candidate]) -> LinkDecision:
-    """Deterministic rule: an equal, valid national id whose coded birth date and gender agree
-    with both records links to that person; anything less starts a new enterprise id.
+    """Deterministic rule: an equal, valid national id links two records when the birth date and
+    gender coded in it agree with both records and the names are the same (ignoring spaces and
+    case); anything less starts a new enterprise id. Candidates are taken oldest first.
 
     Never linking two different people outweighs missing a link: a doubtful pair is left
     apart (probabilistic matching and steward review refine this).
@@ -209,16 +221,8 @@ def decide_link(registration: Registration, candidates: list[Candidate]) -> Link
         for candidate in candidates:
             if (
                 candidate.national_id == registration.national_id
-                and (
-                    candidate.birth_date is None
-                    or candidate.birth_date == registration.birth_date
-                    or registration.birth_date is None
-                )
-                and (
-                    candidate.gender in {Gender.UNKNOWN, Gender.OTHER}
-                    or registration.gender in {Gender.UNKNOWN, Gender.OTHER}
-                    or candidate.gender == registration.gender
-                )
+                and _agrees_with_id(registration.national_id, candidate.birth_date, candidate.gender)
+                and _same_name(candidate.name_text, registration.name_text)
             ):
                 return LinkDecision(LinkMethod.NATIONAL_ID, candidate.enterprise_id)
     return LinkDecision(LinkMethod.NEW, new_enterprise_id())

@@ -165,6 +165,10 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         ref = request.ref
         if not ref.domain or not ref.local_id:
             raise InvalidArgument("patient domain and local id are required", reason="patient-ref-missing")
+        if who.organization_type == "hospital" and ref.domain != who.organization_id:
+            # PIX from the hospital's own record of the person: another hospital's local ids are
+            # not a key a hospital may probe with.
+            raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
         async with self._rt.sessions() as session, session.begin():
             record = await store.find_record(session, domain=ref.domain, local_id=ref.local_id)
             if record is None:
@@ -176,6 +180,9 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 for r in records
                 if not wanted or r.domain in wanted
             ]
+            if who.is_platform:
+                # An exchange service resolving identity inside an operation it audits itself.
+                return mpi_pb2.CrossReferenceResponse(enterprise_id=record.enterprise_id, refs=refs)
             await self._rt.audit.record(
                 session,
                 caller=who,
@@ -191,6 +198,8 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who = caller()
         who.require_scope("Patient", "r")
         who.require_role(*_READERS)
+        if who.organization_type == "hospital" and request.ref.domain != who.organization_id:
+            raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
         async with self._rt.sessions() as session, session.begin():
             record = await store.find_record(session, domain=request.ref.domain, local_id=request.ref.local_id)
             if record is None:

@@ -100,13 +100,16 @@ async def find_record(session: AsyncSession, *, domain: str, local_id: str) -> P
 
 
 async def national_id_candidates(session: AsyncSession, national_id: str) -> list[Candidate]:
-    rows = await session.scalars(select(PatientRecord).where(PatientRecord.national_id == national_id))
+    rows = await session.scalars(
+        select(PatientRecord).where(PatientRecord.national_id == national_id).order_by(PatientRecord.created_at)
+    )
     return [
         Candidate(
             enterprise_id=EnterpriseId(r.enterprise_id),
             national_id=r.national_id,
             birth_date=r.birth_date,
             gender=Gender(r.gender),
+            name_text=r.name_text,
         )
         for r in rows
     ]

@@ -7,6 +7,7 @@ import uuid
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
@@ -14,8 +15,15 @@ from services.referral.store import ReferralRecord
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.db import utcnow
-from services.shared.errors import InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
+
+
+def _same_request(existing: ReferralRecord, fields: dict[str, object]) -> ReferralRecord:
+    """A retry must repeat the request it retries; the same key with another request is a conflict."""
+    if any(getattr(existing, name) != value for name, value in fields.items()):
+        raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
+    return existing
 
 
 def _message(record: ReferralRecord) -> referral_pb2.Referral:
@@ -41,6 +49,13 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     async def CreateReferral(
         self, request: referral_pb2.CreateReferralRequest, context: object
     ) -> referral_pb2.CreateReferralResponse:
+        try:
+            return await self._createreferral(request)
+        except IntegrityError:
+            # A concurrent retry with the same idempotency key committed first: answer as that retry.
+            return await self._createreferral(request)
+
+    async def _createreferral(self, request: referral_pb2.CreateReferralRequest) -> referral_pb2.CreateReferralResponse:
         who = caller()
         who.require_scope("ServiceRequest", "c")
         who.require_role("doctor")
@@ -48,6 +63,11 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         if not ref.patient.local_id or not ref.target_organization_id:
             raise InvalidArgument("a referral needs a patient and a target organisation", reason="referral-invalid")
         key = request.idempotency_key or str(uuid.uuid4())
+        record_fields = {
+            "target_organization_id": ref.target_organization_id,
+            "patient_local_id": ref.patient.local_id,
+            "direction": int(ref.direction),
+        }
         async with self._rt.sessions() as session, session.begin():
             existing = await session.scalar(
                 select(ReferralRecord).where(
@@ -56,7 +76,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 )
             )
             if existing is not None:
-                return referral_pb2.CreateReferralResponse(referral=_message(existing))
+                return referral_pb2.CreateReferralResponse(referral=_message(_same_request(existing, record_fields)))
             record = ReferralRecord(
                 id=str(uuid.uuid4()),
                 patient_domain=who.organization_id,

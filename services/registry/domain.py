@@ -12,7 +12,10 @@ from services.shared.errors import DataCorruption, InvalidArgument
 MAX_CONTENT_BYTES = 50 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-^]{0,127}$")
-_MIME = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+\-]*/[a-z0-9][a-z0-9!#$&^_.+\-]*(;.*)?$")
+_TOKEN = r"[a-z0-9!#$&^_.+\-]+"  # noqa: S105 - an RFC 2045 token pattern
+_MIME = re.compile(
+    rf'^[a-z0-9][a-z0-9!#$&^_.+\-]*/[a-z0-9][a-z0-9!#$&^_.+\-]*(;[ \t]*{_TOKEN}=({_TOKEN}|"[^"\x00-\x1f\x7f]*"))*$'
+)
 # HL7 v3 Confidentiality codes.
 CONFIDENTIALITY = frozenset({"U", "L", "M", "N", "R", "V"})
 

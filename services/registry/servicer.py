@@ -7,6 +7,7 @@ import uuid
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
@@ -86,8 +87,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         return consent_pb2_grpc.ConsentDecisionPointStub(self._rt.channel("consent"))
 
     async def _cross_reference(self, ref: common_pb2.PatientRef) -> mpi_pb2.CrossReferenceResponse:
+        """The person's identities, looked up under the registry's own identity: it is part of
+        the document operation the registry authorises and audits, not a PIX query of its own."""
         try:
-            return await self._mpi.CrossReference(mpi_pb2.CrossReferenceRequest(ref=ref))
+            return await self._mpi.CrossReference(
+                mpi_pb2.CrossReferenceRequest(ref=ref), metadata=self._rt.credentials.metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -155,67 +160,79 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 "register the patient before their documents", reason="patient-not-registered"
             ) from None
 
-        async with self._rt.sessions() as session, session.begin():
-            existing = await store.find_by_source_id(
-                session, source_organization_id=who.organization_id, source_document_id=source_document_id
-            )
-            if existing is not None:
-                if existing.sha256 != digest.sha256:
-                    raise AlreadyExists(
-                        "that source document id is registered with different content",
-                        reason="document-id-reused",
-                    )
-                return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
-            record = store.DocumentEntryRecord(
-                id=str(uuid.uuid4()),
-                source_document_id=source_document_id,
-                source_organization_id=who.organization_id,
-                patient_domain=patient_ref.domain,
-                patient_local_id=patient_ref.local_id,
-                enterprise_id=xref.enterprise_id,
-                author_id=entry.author.practitioner_id[:64] or who.practitioner_id,
-                author_name=domain.clean_text(
-                    entry.author.practitioner_name or who.practitioner_name, what="author", limit=64
-                ),
-                author_role=entry.author.role[:32] or who.role,
-                author_department=domain.clean_text(
-                    entry.author.department or who.department, what="department", limit=64
-                ),
-                class_system=entry.class_code.system[:128],
-                class_code=entry.class_code.code[:64],
-                class_display=domain.clean_text(entry.class_code.display, what="class", limit=128),
-                type_system=entry.type_code.system[:128],
-                type_code=entry.type_code.code[:64],
-                type_display=domain.clean_text(entry.type_code.display, what="type", limit=128),
-                confidentiality=confidentiality,
-                security_labels=" ".join(sorted({label[:16] for label in entry.security_labels})),
-                title=title,
-                language=entry.language[:16] or "zh-CN",
-                mime_type=mime_type,
-                size=digest.size,
-                sha256=digest.sha256,
-                status=_CURRENT,
-                created=entry.created.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("created") else utcnow(),
-                service_start=(
-                    entry.service_start.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_start") else None
-                ),
-                service_end=(
-                    entry.service_end.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_end") else None
-                ),
-                registered_at=utcnow(),
-                idempotency_key=request.idempotency_key[:128],
-            )
-            session.add(record)
-            await session.flush()
-            session.add(store.DocumentContent(document_id=record.id, content=request.content))
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type="document.register",
-                action=Action.ACTION_CREATE,
-                patient_enterprise_id=xref.enterprise_id,
-                entities=[("DocumentReference", record.id)],
-            )
+        try:
+            async with self._rt.sessions() as session, session.begin():
+                existing = await store.find_by_source_id(
+                    session, source_organization_id=who.organization_id, source_document_id=source_document_id
+                )
+                if existing is not None:
+                    if existing.sha256 != digest.sha256:
+                        raise AlreadyExists(
+                            "that source document id is registered with different content",
+                            reason="document-id-reused",
+                        )
+                    return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
+                record = store.DocumentEntryRecord(
+                    id=str(uuid.uuid4()),
+                    source_document_id=source_document_id,
+                    source_organization_id=who.organization_id,
+                    patient_domain=patient_ref.domain,
+                    patient_local_id=patient_ref.local_id,
+                    enterprise_id=xref.enterprise_id,
+                    author_id=entry.author.practitioner_id[:64] or who.practitioner_id,
+                    author_name=domain.clean_text(
+                        entry.author.practitioner_name or who.practitioner_name, what="author", limit=64
+                    ),
+                    author_role=entry.author.role[:32] or who.role,
+                    author_department=domain.clean_text(
+                        entry.author.department or who.department, what="department", limit=64
+                    ),
+                    class_system=entry.class_code.system[:128],
+                    class_code=entry.class_code.code[:64],
+                    class_display=domain.clean_text(entry.class_code.display, what="class", limit=128),
+                    type_system=entry.type_code.system[:128],
+                    type_code=entry.type_code.code[:64],
+                    type_display=domain.clean_text(entry.type_code.display, what="type", limit=128),
+                    confidentiality=confidentiality,
+                    security_labels=" ".join(sorted({label[:16] for label in entry.security_labels})),
+                    title=title,
+                    language=entry.language[:16] or "zh-CN",
+                    mime_type=mime_type,
+                    size=digest.size,
+                    sha256=digest.sha256,
+                    status=_CURRENT,
+                    created=entry.created.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("created") else utcnow(),
+                    service_start=(
+                        entry.service_start.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_start") else None
+                    ),
+                    service_end=(
+                        entry.service_end.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_end") else None
+                    ),
+                    registered_at=utcnow(),
+                    idempotency_key=request.idempotency_key[:128],
+                )
+                session.add(record)
+                await session.flush()
+                session.add(store.DocumentContent(document_id=record.id, content=request.content))
+                event_id = await self._rt.audit.record(
+                    session,
+                    caller=who,
+                    type="document.register",
+                    action=Action.ACTION_CREATE,
+                    patient_enterprise_id=xref.enterprise_id,
+                    entities=[("DocumentReference", record.id)],
+                )
+        except IntegrityError:
+            # A concurrent submission of the same document committed first: answer as its retry.
+            async with self._rt.sessions() as session:
+                existing = await store.find_by_source_id(
+                    session, source_organization_id=who.organization_id, source_document_id=source_document_id
+                )
+            if existing is None or existing.sha256 != digest.sha256:
+                raise AlreadyExists(
+                    "that source document id is registered with different content", reason="document-id-reused"
+                ) from None
+            return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
         self._rt.outbox.notify()
         return registry_pb2.RegisterDocumentResponse(
             entry=entry_message(record), created=True, audit_event_ids=[event_id]
@@ -233,6 +250,9 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         )
         if not ref.local_id:
             raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
+        if ref.domain != who.organization_id and not who.is_platform:
+            # A hospital finds a person through its own record of them, never by probing another's ids.
+            raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         size = min(request.page.page_size or 50, _MAX_PAGE)
         try:
             offset = int(request.page.page_token or 0)

@@ -20,7 +20,7 @@ import jwt
 from hie.common.v1 import common_pb2
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.errors import PermissionDenied, Unauthenticated
-from services.shared.keys import PrivateKey, algorithm_for, load_private_key, public_jwk
+from services.shared.keys import ISSUER_MEMBER, PrivateKey, algorithm_for, load_private_key, public_jwk
 from services.shared.user_assertion import PURPOSES_OF_USE, verify_user_assertion
 
 # Asymmetric algorithms only: "none" and HMAC (algorithm confusion) are never accepted.
@@ -80,7 +80,10 @@ class Caller:
         return self.purpose_of_use
 
     def require_role(self, *roles: str) -> None:
-        """Role per operation, from the verified user assertion."""
+        """Role per operation, from the verified user assertion. An exchange service calling for
+        itself has no user: it acts inside an operation whose caller it already checked."""
+        if self.is_platform:
+            return
         if self.role not in roles:
             raise PermissionDenied(f"this operation needs the role {' or '.join(roles)}", reason="role")
 
@@ -106,12 +109,14 @@ class TokenVerifier:
         self._audience = audience
         self._mtime = -1.0
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._signers: dict[str, str] = {}
 
     def _load(self) -> None:
         mtime = self._file.stat().st_mtime
         if mtime != self._mtime:
             data = json.loads(self._file.read_text())
             self._keys = {k["kid"]: jwt.PyJWK(k) for k in data["keys"]}
+            self._signers = {k["kid"]: k.get(ISSUER_MEMBER, "gateway") for k in data["keys"]}
             self._mtime = mtime
 
     def verify(self, token: str) -> dict[str, Any]:
@@ -120,18 +125,24 @@ class TokenVerifier:
             self._load()
             header = jwt.get_unverified_header(token)
             key = self._keys.get(header.get("kid", ""))
-            if key is None or header.get("alg") not in ACCEPTED_ALGORITHMS:
+            alg = header.get("alg")
+            if key is None or alg not in ACCEPTED_ALGORITHMS or not alg_fits_key(alg, key.key_type):
                 raise Unauthenticated("access token not accepted", reason="token")
-            return jwt.decode(
+            claims = jwt.decode(
                 token,
                 key=key.key,
-                algorithms=[header["alg"]],
+                algorithms=[alg],
                 audience=self._audience,
                 options={"require": ["exp", "iat", "iss", "sub", "aud"]},
                 leeway=5,
             )
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
             raise Unauthenticated("access token not accepted", reason="token") from exc
+        # A key signs only for its own signer: the platform key never vouches for a hospital.
+        signer = self._signers.get(header["kid"])
+        if (signer == "platform") != (claims.get("org_type") == PLATFORM):
+            raise Unauthenticated("access token not accepted", reason="token")
+        return claims
 
     def caller_from_metadata(self, metadata: Mapping[str, str | bytes]) -> Caller:
         auth = metadata.get("authorization")
@@ -139,6 +150,11 @@ class TokenVerifier:
             raise Unauthenticated("bearer token required", reason="token")
         claims = self.verify(auth.removeprefix("Bearer ").strip())
         return caller_from_claims(claims, metadata)
+
+
+def alg_fits_key(alg: str, key_type: str) -> bool:
+    """ES* only with EC keys, RS* only with RSA keys (no algorithm / key confusion)."""
+    return {"ES": "EC", "RS": "RSA"}.get(alg[:2]) == key_type
 
 
 def _text(metadata: Mapping[str, str | bytes], key: str) -> str:

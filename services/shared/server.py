@@ -10,11 +10,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.shared.auth import FORWARDED_KEYS, TokenVerifier, current_caller, forwarded_metadata
-from services.shared.errors import REASON_METADATA_KEY, DomainError, Unauthenticated, status_for
+from services.shared.errors import REASON_METADATA_KEY, DomainError, InvalidArgument, Unauthenticated, status_for
 from services.shared.tracing import server_interceptors
 from services.shared.transport import GrpcTls
 
@@ -43,8 +45,11 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(_OPEN_PREFIXES) or handler.unary_unary is None:
+        if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
+        if handler.unary_unary is None:
+            # No streaming RPC is guarded yet, so none is served: closed until it is.
+            return _refuse_streaming(handler)
         metadata = {k: v for k, v in handler_call_details.invocation_metadata or ()}
         inner = handler.unary_unary
         verifier = self._verifier
@@ -53,11 +58,14 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 caller = verifier.caller_from_metadata(metadata)
             except Unauthenticated as exc:
+                context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
             caller_token = current_caller.set(caller)
             forwarded = tuple((k, v) for k in FORWARDED_KEYS if isinstance(v := metadata.get(k), str))
             forwarded_token = forwarded_metadata.set(forwarded)
             try:
+                if _has_nul(request):
+                    raise InvalidArgument("text fields may not contain NUL characters", reason="nul-character")
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -82,6 +90,33 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _has_nul(message: Message) -> bool:
+    """Whether any string field, at any depth, holds a NUL (PostgreSQL text cannot store it)."""
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else (value,)
+            if any("\x00" in v for v in values):
+                return True
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            values = value if field.is_repeated else (value,)
+            if any(_has_nul(v) for v in values):
+                return True
+    return False
+
+
+def _refuse_streaming(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming calls are not served")
+
+    if handler.stream_unary is not None or handler.stream_stream is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 async def create_server(

@@ -65,8 +65,10 @@ def verify_user_assertion(assertion: str, token_claims: Mapping[str, Any]) -> Ac
     try:
         jkt = thumbprint(jwk)
         key = jwt.PyJWK(jwk).key
-    except (KeyError, ValueError, jwt.PyJWTError):
+    except (KeyError, ValueError, TypeError, jwt.PyJWTError):
         raise _refuse("user assertion key is not usable") from None
+    if {"ES": "EC", "RS": "RSA"}.get(header["alg"][:2]) != jwk["kty"]:
+        raise _refuse("user assertion alg does not fit its key")
     if jkt not in token_claims.get("client_jkt", ()):
         raise _refuse("user assertion is not signed by a key registered to this client")
     try:
@@ -79,7 +81,7 @@ def verify_user_assertion(assertion: str, token_claims: Mapping[str, Any]) -> Ac
             options={"require": ["iss", "sub", "aud", "iat", "exp", "jti"]},
             leeway=_LEEWAY,
         )
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, TypeError, ValueError):
         raise _refuse("user assertion not accepted") from None
     if claims["exp"] - claims["iat"] > MAX_LIFETIME_SECONDS or claims["iat"] > time.time() + _LEEWAY:
         raise _refuse("user assertion lifetime too long or issued in the future")

@@ -7,15 +7,23 @@ import uuid
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.db import utcnow
-from services.shared.errors import InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
 from services.teleconsult.store import ConsultationRecord
+
+
+def _same_request(existing: ConsultationRecord, fields: dict[str, object]) -> ConsultationRecord:
+    """A retry must repeat the request it retries; the same key with another request is a conflict."""
+    if any(getattr(existing, name) != value for name, value in fields.items()):
+        raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
+    return existing
 
 
 def _message(record: ConsultationRecord) -> teleconsult_pb2.Consultation:
@@ -42,6 +50,15 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     async def RequestConsultation(
         self, request: teleconsult_pb2.RequestConsultationRequest, context: object
     ) -> teleconsult_pb2.RequestConsultationResponse:
+        try:
+            return await self._requestconsultation(request)
+        except IntegrityError:
+            # A concurrent retry with the same idempotency key committed first: answer as that retry.
+            return await self._requestconsultation(request)
+
+    async def _requestconsultation(
+        self, request: teleconsult_pb2.RequestConsultationRequest
+    ) -> teleconsult_pb2.RequestConsultationResponse:
         who = caller()
         who.require_scope("ServiceRequest", "c")
         who.require_role("doctor")
@@ -52,6 +69,11 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 reason="consultation-invalid",
             )
         key = request.idempotency_key or str(uuid.uuid4())
+        record_fields = {
+            "consultant_organization_id": c.consultant_organization_id,
+            "patient_local_id": c.patient.local_id,
+            "kind": int(c.kind),
+        }
         async with self._rt.sessions() as session, session.begin():
             existing = await session.scalar(
                 select(ConsultationRecord).where(
@@ -60,7 +82,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 )
             )
             if existing is not None:
-                return teleconsult_pb2.RequestConsultationResponse(consultation=_message(existing))
+                return teleconsult_pb2.RequestConsultationResponse(
+                    consultation=_message(_same_request(existing, record_fields))
+                )
             record = ConsultationRecord(
                 id=str(uuid.uuid4()),
                 patient_domain=who.organization_id,

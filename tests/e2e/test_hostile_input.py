@@ -295,3 +295,45 @@ async def test_a_thousand_requests_beyond_the_rate_limit(strict_gateway: Exchang
     lookup = await hospital.call("GET", f"/api/v1/patients/RL-{refused_index}/cross-references")
     assert lookup.status_code == 404
     await hospital.aclose()
+
+
+async def test_a_hospital_cannot_probe_another_hospitals_local_ids(exchange: Exchange) -> None:
+    a = await exchange.member()
+    b = await exchange.member()
+    assert (
+        await a.call("POST", "/api/v1/patients", json={"local_id": "PROBE-1", **person("冯十二")})
+    ).status_code == 201
+    assert (await a.call("POST", "/api/v1/documents", json=document("PROBE-1", "门诊记录".encode()))).status_code == 201
+    by_xref = await b.call("GET", "/api/v1/patients/PROBE-1/cross-references", params={"domain": a.org_id})  # type: ignore[attr-defined]
+    assert by_xref.status_code == 404
+    by_search = await b.call(
+        "GET",
+        "/api/v1/documents",
+        params={"patient_local_id": "PROBE-1", "patient_domain": a.org_id},  # type: ignore[attr-defined]
+    )
+    assert by_search.status_code == 404
+    assert "entries" not in by_search.json()
+    for member in (a, b):
+        await member.aclose()
+
+
+async def test_idempotency_keys(exchange: Exchange) -> None:
+    a = await exchange.member()
+    b = await exchange.member()
+    body = {"patient_local_id": "IDEM-1", "target_organization_id": b.org_id, "direction": "up"}  # type: ignore[attr-defined]
+    first = await a.call("POST", "/api/v1/referrals", json=body, headers={"Idempotency-Key": "ref-001"})
+    again = await a.call("POST", "/api/v1/referrals", json=body, headers={"Idempotency-Key": "ref-001"})
+    assert first.status_code == again.status_code == 201
+    assert first.json()["referral_id"] == again.json()["referral_id"]
+    different = await a.call(
+        "POST", "/api/v1/referrals", json={**body, "patient_local_id": "IDEM-2"}, headers={"Idempotency-Key": "ref-001"}
+    )
+    assert different.status_code == 409
+    assert different.json()["error"]["reason"] == "idempotency-key-reused"
+    # Concurrent retries of one submission make one record.
+    key = {"Idempotency-Key": "ref-002"}
+    burst = await asyncio.gather(*(a.call("POST", "/api/v1/referrals", json=body, headers=key) for _ in range(8)))
+    assert {r.status_code for r in burst} == {201}
+    assert len({r.json()["referral_id"] for r in burst}) == 1
+    for member in (a, b):
+        await member.aclose()

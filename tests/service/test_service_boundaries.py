@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.audit.service import SPEC as AUDIT
 from services.mpi.service import SPEC as MPI
 from services.shared.auth import PlatformCredentials
+from services.shared.config import TOKEN_AUDIENCE
 from services.shared.process import start_service
 from tests.conftest import Exchange, _backends, base_settings, drop_schemas
 from tests.factories import direct_metadata
@@ -125,3 +127,42 @@ async def test_audit_event_survives_audit_outage_and_service_restart(
         if audit is not None:
             await audit.stop(grace=None)
         await drop_schemas(settings)
+
+
+async def test_platform_key_cannot_vouch_for_a_hospital(exchange: Exchange, keys_dir: Path) -> None:
+    """A token signed with the services' platform key but claiming a hospital is refused."""
+    import jwt
+
+    from services.shared.keys import load_private_key, public_jwk
+
+    key = load_private_key(keys_dir / "platform.pem")
+    now = int(time.time())
+    claims = {
+        "iss": "x",
+        "sub": "x",
+        "aud": TOKEN_AUDIENCE,
+        "iat": now,
+        "exp": now + 60,
+        "org": "hosp-x",
+        "org_type": "hospital",
+        "scope": "system/Patient.crs",
+    }
+    token = jwt.encode(claims, key, algorithm="ES384", headers={"kid": public_jwk(key)["kid"]})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{exchange.services['mpi'].port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await mpi_pb2_grpc.PatientIndexStub(channel).GetPatient(
+                mpi_pb2.GetPatientRequest(), metadata=(("authorization", f"Bearer {token}"),)
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(refused.value.trailing_metadata())["hie-error-reason"] == "token"
+
+
+async def test_bad_user_assertion_is_refused_with_its_reason(exchange: Exchange, keys_dir: Path) -> None:
+    token_only = direct_metadata(keys_dir / "gateway.pem", org="hosp-y")[:1]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{exchange.services['mpi'].port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await mpi_pb2_grpc.PatientIndexStub(channel).GetPatient(
+                mpi_pb2.GetPatientRequest(), metadata=(*token_only, ("x-hie-user-assertion", "not.a.jwt"))
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(refused.value.trailing_metadata())["hie-error-reason"] == "user-assertion"
