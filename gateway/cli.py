@@ -286,6 +286,37 @@ def demo(
         raise typer.Exit(1) from None
 
 
+bench_app = typer.Typer(help="Benchmarks (commands, not tests).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("exchange")
+def bench_exchange(
+    exchanges: Annotated[int, typer.Option(help="How many full exchanges to run")] = 200,
+    data_dir: DataDir = Path(".hie"),
+    gateway_url: Annotated[str, typer.Option(help="Default: the running `hie up`")] = "",
+    database_url: DatabaseUrl = "",
+    output: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-results/exchange.json"),
+) -> None:
+    """Latency of register / link / register document / find / retrieve through the gateway, sequentially."""
+    from gateway.bench import run_exchange_bench, write_result
+
+    state_file = data_dir / _STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    url = gateway_url or state.get("gateway_url")
+    if not url:
+        typer.echo("no running exchange found: start one with `hie up` (or pass --gateway-url)", err=True)
+        raise typer.Exit(2)
+    settings = _settings(data_dir, database_url or state.get("database_url", ""))
+    result = asyncio.run(run_exchange_bench(settings, url, exchanges=exchanges))
+    write_result(result, output)
+    typer.echo(f"{result['exchanges']} exchanges in {result['wall_seconds']} s ({result['exchanges_per_second']}/s)")
+    typer.echo(f"{'operation':<20}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for op, row in result["operations"].items():
+        typer.echo(f"{op:<20}{row['n']:>6}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['p99_ms']:>10}{row['max_ms']:>10}")
+    typer.echo(f"written to {output}")
+
+
 @audit_app.command("verify")
 def audit_verify(
     data_dir: DataDir = Path(".hie"),

@@ -31,6 +31,7 @@ USER_ASSERTION_KEY = "x-hie-user-assertion"
 CLIENT_ADDRESS_KEY = "x-hie-client-address"
 FORWARDED_KEYS = ("authorization", USER_ASSERTION_KEY, CLIENT_ADDRESS_KEY)
 PLATFORM = "platform"
+_VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -109,20 +110,43 @@ class TokenVerifier:
         self._audience = audience
         self._mtime = -1.0
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._verified: dict[str, dict[str, Any]] = {}
         self._signers: dict[str, str] = {}
 
     def _load(self) -> None:
         mtime = self._file.stat().st_mtime
         if mtime != self._mtime:
             data = json.loads(self._file.read_text())
+            self._verified.clear()
             self._keys = {k["kid"]: jwt.PyJWK(k) for k in data["keys"]}
             self._signers = {k["kid"]: k.get(ISSUER_MEMBER, "gateway") for k in data["keys"]}
             self._mtime = mtime
 
     def verify(self, token: str) -> dict[str, Any]:
-        """The claims of a valid token; Unauthenticated otherwise (with no detail of why)."""
+        """The claims of a valid token; Unauthenticated otherwise (with no detail of why).
+
+        A token verified once is remembered until it expires (or the trusted keys change):
+        its signature cannot change, and re-checking it on every hop of every call would
+        cost more than the rest of the call.
+        """
+        self._load_safely()
+        cached = self._verified.get(token)
+        if cached is not None and cached["exp"] > time.time():
+            return cached
+        claims = self._verify_signature(token)
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = claims
+        return claims
+
+    def _load_safely(self) -> None:
         try:
             self._load()
+        except (OSError, ValueError, KeyError, jwt.PyJWTError) as exc:
+            raise Unauthenticated("access token not accepted", reason="token") from exc
+
+    def _verify_signature(self, token: str) -> dict[str, Any]:
+        try:
             header = jwt.get_unverified_header(token)
             key = self._keys.get(header.get("kid", ""))
             alg = header.get("alg")

@@ -51,8 +51,27 @@ def _refuse(message: str) -> Unauthenticated:
     return Unauthenticated(message, reason="user-assertion")
 
 
+_verified: dict[tuple[str, str, tuple[str, ...]], tuple[float, ActingUser]] = {}
+_CACHE_SIZE = 10_000
+
+
 def verify_user_assertion(assertion: str, token_claims: Mapping[str, Any]) -> ActingUser:
-    """Check the assertion against the verified access token's claims; Unauthenticated otherwise."""
+    """Check the assertion against the verified access token's claims; Unauthenticated otherwise.
+
+    A verified assertion is remembered, for the same client and registered keys, until it expires.
+    """
+    key = (assertion, str(token_claims.get("client_id", "")), tuple(token_claims.get("client_jkt", ())))
+    cached = _verified.get(key)
+    if cached is not None and cached[0] > time.time():
+        return cached[1]
+    user, expires = _verify(assertion, token_claims)
+    if len(_verified) >= _CACHE_SIZE:
+        _verified.clear()
+    _verified[key] = (expires, user)
+    return user
+
+
+def _verify(assertion: str, token_claims: Mapping[str, Any]) -> tuple[ActingUser, float]:
     try:
         header = jwt.get_unverified_header(assertion)
     except jwt.PyJWTError:
@@ -90,13 +109,14 @@ def verify_user_assertion(assertion: str, token_claims: Mapping[str, Any]) -> Ac
         raise _refuse("user assertion role is not known")
     if purpose not in PURPOSES_OF_USE:
         raise _refuse("user assertion purpose of use is not known")
-    return ActingUser(
+    user = ActingUser(
         practitioner_id=_bounded(claims["sub"], 64),
         name=_bounded(claims.get("name", ""), 64),
         role=role,
         department=_bounded(claims.get("department", ""), 64),
         purpose_of_use=purpose,
     )
+    return user, float(claims["exp"])
 
 
 def _bounded(value: object, limit: int) -> str:
