@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 from typing import Any
 
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from gateway.limits import retry_after
 from gateway.smart import AuthorizationServer, OAuthError
-from services.shared.keys import ISSUER_MEMBER
+from services.shared.keys import ISSUER_MEMBER, RETIRED_KEY_RETENTION_SECONDS, RETIRED_MEMBER
 
 router = APIRouter(tags=["oauth2"])
 _MAX_FORM_BYTES = 16 * 1024
@@ -28,11 +29,12 @@ async def jwks_document(request: Request) -> dict[str, Any]:
     """The gateway's token-signing public keys: the current one and retired ones whose tokens
     may still be live (not the platform key services use among themselves)."""
     trusted = json.loads(request.app.state.settings.trusted_jwks_file.read_text())
+    cutoff = time.time() - RETIRED_KEY_RETENTION_SECONDS
     return {
         "keys": [
-            {k: v for k, v in key.items() if k != ISSUER_MEMBER}
+            {k: v for k, v in key.items() if k not in {ISSUER_MEMBER, RETIRED_MEMBER}}
             for key in trusted["keys"]
-            if key.get(ISSUER_MEMBER) == "gateway"
+            if key.get(ISSUER_MEMBER) == "gateway" and key.get(RETIRED_MEMBER, cutoff + 1) > cutoff
         ]
     }
 

@@ -140,14 +140,14 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         who.require_scope("AuditEvent", "r")
         organization_id = request.organization_id
         patient_enterprise_id = request.patient_enterprise_id
-        if who.organization_type == "authority":
-            who.require_role("auditor")
-        elif not who.is_platform:
-            who.require_role("auditor", "admin")
         # The platform operator's admins see the log as the authority does.
         regional = who.organization_type in {"authority", "platform-admin", "platform"}
         if not regional and who.organization_type != "hospital":
             raise PermissionDenied("not permitted to read the audit log", reason="audit-scope")
+        if who.organization_type == "authority":
+            who.require_role("auditor")
+        else:
+            who.require_role("auditor", "admin")
         if request.patient.local_id:
             # A patient access report: every access to the person's records, by anyone.
             patient_enterprise_id = await self._patient_enterprise_id(who, request.patient)

@@ -67,6 +67,8 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             "target_organization_id": ref.target_organization_id,
             "patient_local_id": ref.patient.local_id,
             "direction": int(ref.direction),
+            "reason": ref.reason[:2000],
+            "document_ids": json.dumps(list(ref.document_ids)),
         }
         async with self._rt.sessions() as session, session.begin():
             existing = await session.scalar(

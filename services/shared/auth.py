@@ -20,7 +20,15 @@ import jwt
 from hie.common.v1 import common_pb2
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.errors import PermissionDenied, Unauthenticated
-from services.shared.keys import ISSUER_MEMBER, PrivateKey, algorithm_for, load_private_key, public_jwk
+from services.shared.keys import (
+    ISSUER_MEMBER,
+    RETIRED_KEY_RETENTION_SECONDS,
+    RETIRED_MEMBER,
+    PrivateKey,
+    algorithm_for,
+    load_private_key,
+    public_jwk,
+)
 from services.shared.user_assertion import PURPOSES_OF_USE, verify_user_assertion
 
 # Asymmetric algorithms only: "none" and HMAC (algorithm confusion) are never accepted.
@@ -112,6 +120,7 @@ class TokenVerifier:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._verified: dict[str, dict[str, Any]] = {}
         self._signers: dict[str, str] = {}
+        self._retired: dict[str, float] = {}
 
     def _load(self) -> None:
         mtime = self._file.stat().st_mtime
@@ -120,6 +129,7 @@ class TokenVerifier:
             self._verified.clear()
             self._keys = {k["kid"]: jwt.PyJWK(k) for k in data["keys"]}
             self._signers = {k["kid"]: k.get(ISSUER_MEMBER, "gateway") for k in data["keys"]}
+            self._retired = {k["kid"]: float(k[RETIRED_MEMBER]) for k in data["keys"] if RETIRED_MEMBER in k}
             self._mtime = mtime
 
     def verify(self, token: str) -> dict[str, Any]:
@@ -133,6 +143,7 @@ class TokenVerifier:
         cached = self._verified.get(token)
         if cached is not None and cached["exp"] > time.time():
             return cached
+        self._verified.pop(token, None)
         claims = self._verify_signature(token)
         if len(self._verified) >= _VERIFIED_CACHE_SIZE:
             self._verified.clear()
@@ -149,6 +160,9 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
             key = self._keys.get(header.get("kid", ""))
+            retired_at = self._retired.get(header.get("kid", ""))
+            if retired_at is not None and time.time() > retired_at + RETIRED_KEY_RETENTION_SECONDS:
+                key = None
             alg = header.get("alg")
             if key is None or alg not in ACCEPTED_ALGORITHMS or not alg_fits_key(alg, key.key_type):
                 raise Unauthenticated("access token not accepted", reason="token")

@@ -81,6 +81,8 @@ def jwks(*keys: PrivateKey | PublicKey) -> dict[str, Any]:
 ISSUER_MEMBER = "hie_issuer"
 # A retired gateway key stays trusted this long: every token it signed has expired by then.
 RETIRED_KEY_RETENTION_SECONDS = 600
+# When a trusted key was retired, so verifiers drop it on time even if nobody rewrites the file.
+RETIRED_MEMBER = "hie_retired_at"
 
 
 def _key_paths(directory: Path) -> dict[str, Path]:
@@ -110,7 +112,7 @@ def ensure_exchange_keys(directory: Path, *, now: float | None = None) -> dict[s
         if entry["retired_at"] < cutoff:
             retired.unlink()
         else:
-            keys.append({**entry["jwk"], ISSUER_MEMBER: "gateway"})
+            keys.append({**entry["jwk"], ISSUER_MEMBER: "gateway", RETIRED_MEMBER: int(entry["retired_at"])})
     _write_atomically(paths["trusted"], json.dumps({"keys": keys}, indent=2).encode())
     return paths
 

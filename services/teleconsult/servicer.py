@@ -73,6 +73,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             "consultant_organization_id": c.consultant_organization_id,
             "patient_local_id": c.patient.local_id,
             "kind": int(c.kind),
+            "mode": int(c.mode or teleconsult_pb2.CONSULTATION_MODE_ASYNCHRONOUS),
+            "question": c.question[:4000],
+            "document_ids": json.dumps(list(c.document_ids)),
         }
         async with self._rt.sessions() as session, session.begin():
             existing = await session.scalar(

@@ -372,3 +372,27 @@ def test_nul_characters_are_found_at_any_depth() -> None:
     assert _has_nul(mpi_pb2.Patient(ref=common_pb2.PatientRef(local_id="A\x00")))
     assert _has_nul(mpi_pb2.Patient(phones=["1", "2\x00"]))
     assert _has_nul(mpi_pb2.Patient(identifiers=[common_pb2.Identifier(system="s", value="\x00")]))
+
+
+def test_a_retired_gateway_key_stops_verifying_after_its_retention_without_a_rewrite(tmp_path: Path) -> None:
+    import json as _json
+    import time as _time
+
+    import jwt as _jwt
+
+    from services.shared.auth import TokenVerifier as _Verifier
+    from services.shared.config import TOKEN_AUDIENCE as _AUD
+    from services.shared.keys import RETIRED_MEMBER, generate_ec_key, public_jwk
+
+    old = generate_ec_key()
+    now = int(_time.time())
+    claims = {"iss": "gw", "sub": "c", "aud": _AUD, "iat": now, "exp": now + 60, "org": "h", "org_type": "hospital"}
+    token = _jwt.encode(claims, old, algorithm="ES384", headers={"kid": public_jwk(old)["kid"]})
+    jwks_file = tmp_path / "trusted.json"
+    entry = {**public_jwk(old), "hie_issuer": "gateway", RETIRED_MEMBER: now - 60}
+    jwks_file.write_text(_json.dumps({"keys": [entry]}))
+    assert _Verifier(jwks_file).verify(token)["org"] == "h"  # retired a minute ago: still trusted
+    entry[RETIRED_MEMBER] = now - 3600
+    jwks_file.write_text(_json.dumps({"keys": [entry]}))
+    with pytest.raises(Unauthenticated):
+        _Verifier(jwks_file).verify(token)
