@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import uuid
 
 import grpc
@@ -16,11 +17,17 @@ from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.audit import chain, store
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
-from services.shared.errors import InvalidArgument, PermissionDenied, error_from_rpc
+from services.shared.errors import InvalidArgument, NotFound, PermissionDenied, error_from_rpc
 from services.shared.process import ServiceRuntime
 from services.shared.tracing import current_trace_ids
 
+_log = logging.getLogger(__name__)
 _MAX_BATCH = 1000
+# The head is signed every CHECKPOINT_EVERY records, and at least every CHECKPOINT_SECONDS
+# while records arrive, so records removed from the end of the chain are detected.
+CHECKPOINT_EVERY = 1000
+CHECKPOINT_SECONDS = 60.0
+CHECKPOINT_TYPE = "hie-audit-checkpoint+jwt"
 _MAX_PAGE = 500
 
 
@@ -97,6 +104,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         self._rt = runtime
         # One chain: appends in this process are serialised; PostgreSQL also takes an advisory lock.
         self._append_lock = asyncio.Lock()
+        runtime.background(self._checkpoint_periodically(), name="audit-checkpoints")
 
     async def Append(self, request: audit_pb2.AppendRequest, context: object) -> audit_pb2.AppendResponse:
         who = caller()
@@ -108,7 +116,8 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         return audit_pb2.AppendResponse(appended=await self._append([_fields(e, recorded) for e in request.events]))
 
     async def _append(self, fields: list[dict[str, object]]) -> int:
-        """Append to the chain, skipping event ids already stored; returns how many were new."""
+        """Append to the chain, skipping event ids already stored; returns how many were new.
+        Every CHECKPOINT_EVERY records the new head is signed in the same transaction."""
         appended = 0
         async with self._append_lock, self._rt.sessions() as session, session.begin():
             await store.lock_chain(session)
@@ -121,7 +130,35 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
                 record = await store.append(session, item, head)
                 head = (record.sequence, record.hash)
                 appended += 1
+            if appended:
+                latest = await store.latest_checkpoint(session)
+                if head[0] - (latest.sequence if latest else 0) >= CHECKPOINT_EVERY:
+                    session.add(self._checkpoint(head))
         return appended
+
+    def _checkpoint(self, head: tuple[int, str]) -> store.Checkpoint:
+        signed_at = utcnow()
+        jws = self._rt.credentials.sign_statement(
+            {"sequence": head[0], "hash": head[1], "signed_at": signed_at.isoformat()}, typ=CHECKPOINT_TYPE
+        )
+        return store.Checkpoint(sequence=head[0], hash=head[1], signed_at=signed_at, jws=jws)
+
+    async def checkpoint_now(self) -> None:
+        """Sign the head if records arrived since the last checkpoint (called periodically)."""
+        async with self._append_lock, self._rt.sessions() as session, session.begin():
+            await store.lock_chain(session)
+            head = await store.chain_head(session)
+            latest = await store.latest_checkpoint(session)
+            if head[0] > (latest.sequence if latest else 0):
+                session.add(self._checkpoint(head))
+
+    async def _checkpoint_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            try:
+                await self.checkpoint_now()
+            except Exception as exc:  # the loop must outlive one failed pass
+                _log.warning("audit checkpoint failed: %s", type(exc).__name__)
 
     async def _patient_enterprise_id(self, who: Caller, ref: common_pb2.PatientRef) -> str:
         """The person a patient access report is about; a hospital may ask only about its own patients."""
@@ -135,11 +172,9 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             raise error_from_rpc(exc) from None
         return reply.enterprise_id
 
-    async def Query(self, request: audit_pb2.QueryRequest, context: object) -> audit_pb2.QueryResponse:
-        who = caller()
+    def _require_auditor(self, who: Caller) -> bool:
+        """Checks the caller may read the log; True when it reads the whole region's."""
         who.require_scope("AuditEvent", "r")
-        organization_id = request.organization_id
-        patient_enterprise_id = request.patient_enterprise_id
         # The platform operator's admins see the log as the authority does.
         regional = who.organization_type in {"authority", "platform-admin", "platform"}
         if not regional and who.organization_type != "hospital":
@@ -148,41 +183,86 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             who.require_role("auditor")
         else:
             who.require_role("auditor", "admin")
+        return regional
+
+    async def _search(self, who: Caller, request: audit_pb2.QueryRequest) -> store.AuditSearch:
+        regional = self._require_auditor(who)
+        organization_id = request.organization_id
+        patient_enterprise_id = request.patient_enterprise_id
         if request.patient.local_id:
             # A patient access report: every access to the person's records, by anyone.
             patient_enterprise_id = await self._patient_enterprise_id(who, request.patient)
-        elif who.organization_type == "hospital":
+        elif not regional:
             # Otherwise a hospital reads only the records of its own requests.
             if organization_id and organization_id != who.organization_id:
                 raise PermissionDenied("hospitals read only their own audit records", reason="audit-scope")
             if patient_enterprise_id:
                 raise PermissionDenied("name the patient by your own local id", reason="audit-scope")
             organization_id = who.organization_id
+        return store.AuditSearch(
+            trace_id=request.trace_id,
+            organization_id=organization_id,
+            patient_enterprise_id=patient_enterprise_id,
+            type=request.type,
+            practitioner_id=request.practitioner_id,
+            purpose_of_use=request.purpose_of_use,
+            outcome=int(request.outcome),
+            failures_only=request.failures_only,
+            since=_to_datetime(request.since) if request.HasField("since") else None,
+            until=_to_datetime(request.until) if request.HasField("until") else None,
+        )
+
+    async def Query(self, request: audit_pb2.QueryRequest, context: object) -> audit_pb2.QueryResponse:
+        who = caller()
+        search = await self._search(who, request)
         size = min(request.page.page_size or 100, _MAX_PAGE)
         try:
             after = int(request.page.page_token or 0)
         except ValueError:
             raise InvalidArgument("bad page token", reason="page-token") from None
         async with self._rt.sessions() as session:
-            rows = await store.query(
-                session,
-                trace_id=request.trace_id,
-                organization_id=organization_id,
-                patient_enterprise_id=patient_enterprise_id,
-                type=request.type,
-                since=_to_datetime(request.since) if request.HasField("since") else None,
-                until=_to_datetime(request.until) if request.HasField("until") else None,
-                after_sequence=after,
-                limit=size + 1,
-            )
+            rows = await store.query(session, search, after_sequence=after, limit=size + 1)
         more = len(rows) > size
         rows = rows[:size]
         if not who.is_platform:
             # Auditors' own searches are part of the record.
-            await self._append([self._own_event(who, "audit.query", patient_enterprise_id)])
+            await self._append([self._own_event(who, "audit.query", search.patient_enterprise_id)])
         return audit_pb2.QueryResponse(
             events=[event_message(r) for r in rows],
             page=common_pb2.PageResponse(next_page_token=str(rows[-1].sequence) if more and rows else ""),
+        )
+
+    async def Report(self, request: audit_pb2.ReportRequest, context: object) -> audit_pb2.ReportResponse:
+        who = caller()
+        regional = self._require_auditor(who)
+        organization_id = request.organization_id if regional else who.organization_id
+        search = store.AuditSearch(
+            organization_id=organization_id,
+            since=_to_datetime(request.since) if request.HasField("since") else None,
+            until=_to_datetime(request.until) if request.HasField("until") else None,
+        )
+        async with self._rt.sessions() as session:
+            rows = await store.volumes(session, search)
+        if not who.is_platform:
+            await self._append([self._own_event(who, "audit.report")])
+        return audit_pb2.ReportResponse(
+            rows=[
+                audit_pb2.VolumeRow(day=day, organization_id=org, type=type, outcome=outcome, count=count)  # type: ignore[arg-type]
+                for day, org, type, outcome, count in rows
+            ]
+        )
+
+    async def LatestCheckpoint(
+        self, request: audit_pb2.LatestCheckpointRequest, context: object
+    ) -> audit_pb2.LatestCheckpointResponse:
+        self._require_auditor(caller())
+        await self.checkpoint_now()
+        async with self._rt.sessions() as session:
+            latest = await store.latest_checkpoint(session)
+        if latest is None:
+            raise NotFound("the audit log is empty", reason="no-checkpoint")
+        return audit_pb2.LatestCheckpointResponse(
+            sequence=latest.sequence, hash=latest.hash, signed_at=_timestamp(latest.signed_at), jws=latest.jws
         )
 
     def _own_event(self, who: Caller, type: str, patient_enterprise_id: str = "") -> dict[str, object]:
@@ -202,21 +282,55 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         )
         return _fields(event, now)
 
+    def _anchor(self, jws: str) -> tuple[int, str]:
+        """(sequence, hash) of a checkpoint whose platform signature verifies."""
+        assert self._rt.verifier is not None
+        try:
+            claims = self._rt.verifier.verify_platform_statement(jws)
+            return int(claims["sequence"]), str(claims["hash"])
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument("the checkpoint's signature does not verify", reason="checkpoint-invalid") from None
+
     async def VerifyChain(
         self, request: audit_pb2.VerifyChainRequest, context: object
     ) -> audit_pb2.VerifyChainResponse:
         who = caller()
         if who.organization_type not in {"authority", "platform"}:
             raise PermissionDenied("only the authority verifies the audit chain", reason="audit-scope")
+        anchors: dict[int, str] = {}
+        held = self._anchor(request.expected_checkpoint) if request.expected_checkpoint else None
+        async with self._rt.sessions() as session:
+            for checkpoint in await store.all_checkpoints(session):
+                sequence, hash = self._anchor(checkpoint.jws)
+                if (sequence, hash) != (checkpoint.sequence, checkpoint.hash):
+                    return _broken(0, checkpoint.sequence, "a stored checkpoint was altered")
+                anchors[sequence] = hash
+        if held is not None and anchors.setdefault(held[0], held[1]) != held[1]:
+            return _broken(0, held[0], "the chain disagrees with the checkpoint you hold")
         walk = chain.ChainWalk()
         async with self._rt.sessions() as session:
             async for record in store.all_records(session):
                 if not walk.step(record):
                     break
+                anchored = anchors.get(record["sequence"])
+                if anchored is not None and anchored != record["hash"]:
+                    return _broken(walk.checked, record["sequence"], "record differs from its signed checkpoint")
         verdict = walk.verdict()
+        if verdict.intact and anchors and max(anchors) > verdict.records_checked:
+            return _broken(
+                verdict.records_checked,
+                verdict.records_checked + 1,
+                f"records removed from the end: a checkpoint signed sequence {max(anchors)}",
+            )
         return audit_pb2.VerifyChainResponse(
             intact=verdict.intact,
             records_checked=verdict.records_checked,
             first_break_sequence=verdict.first_break_sequence,
             detail=verdict.detail,
         )
+
+
+def _broken(checked: int, sequence: int, detail: str) -> audit_pb2.VerifyChainResponse:
+    return audit_pb2.VerifyChainResponse(
+        intact=False, records_checked=checked, first_break_sequence=sequence, detail=detail
+    )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Index, Integer, MetaData, String, Text, select, text
+from sqlalchemy import BigInteger, Index, Integer, MetaData, Select, String, Text, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -18,6 +19,7 @@ from services.shared.outbox import outbox_table
 metadata = MetaData()
 # Any constant: the advisory lock that serialises appends to the one chain on PostgreSQL.
 _CHAIN_LOCK = 0x4A1D17
+_SUCCESS = 1  # audit_pb2.OUTCOME_SUCCESS
 
 
 class Base(DeclarativeBase):
@@ -93,49 +95,105 @@ async def append(session: AsyncSession, fields: dict[str, Any], previous: tuple[
     return record
 
 
+@dataclass(frozen=True)
+class AuditSearch:
+    """What an auditor searches by; empty fields do not filter."""
+
+    trace_id: str = ""
+    organization_id: str = ""
+    patient_enterprise_id: str = ""
+    type: str = ""
+    practitioner_id: str = ""
+    purpose_of_use: str = ""
+    outcome: int = 0
+    failures_only: bool = False
+    since: datetime.datetime | None = None
+    until: datetime.datetime | None = None
+
+    def where(self, stmt: Select[Any]) -> Select[Any]:
+        t = AuditRecord
+        for column, value in (
+            (t.trace_id, self.trace_id),
+            (t.organization_id, self.organization_id),
+            (t.patient_enterprise_id, self.patient_enterprise_id),
+            (t.type, self.type),
+            (t.practitioner_id, self.practitioner_id),
+            (t.purpose_of_use, self.purpose_of_use),
+            (t.outcome, self.outcome),
+        ):
+            if value:
+                stmt = stmt.where(column == value)
+        if self.failures_only:
+            stmt = stmt.where(t.outcome != _SUCCESS)
+        if self.since:
+            stmt = stmt.where(t.occurred >= self.since)
+        if self.until:
+            stmt = stmt.where(t.occurred < self.until)
+        return stmt
+
+
 async def query(
-    session: AsyncSession,
-    *,
-    trace_id: str = "",
-    organization_id: str = "",
-    patient_enterprise_id: str = "",
-    type: str = "",
-    since: datetime.datetime | None = None,
-    until: datetime.datetime | None = None,
-    after_sequence: int = 0,
-    limit: int = 100,
+    session: AsyncSession, search: AuditSearch, *, after_sequence: int = 0, limit: int = 100
 ) -> list[AuditRecord]:
-    stmt = select(AuditRecord).where(AuditRecord.sequence > after_sequence)
-    if trace_id:
-        stmt = stmt.where(AuditRecord.trace_id == trace_id)
-    if organization_id:
-        stmt = stmt.where(AuditRecord.organization_id == organization_id)
-    if patient_enterprise_id:
-        stmt = stmt.where(AuditRecord.patient_enterprise_id == patient_enterprise_id)
-    if type:
-        stmt = stmt.where(AuditRecord.type == type)
-    if since:
-        stmt = stmt.where(AuditRecord.occurred >= since)
-    if until:
-        stmt = stmt.where(AuditRecord.occurred < until)
+    stmt = search.where(select(AuditRecord).where(AuditRecord.sequence > after_sequence))
     return list(await session.scalars(stmt.order_by(AuditRecord.sequence).limit(limit)))
 
 
-async def all_records(session: AsyncSession, *, batch: int = 5000) -> AsyncIterator[dict[str, Any]]:
-    """Every record in sequence order, streamed in batches (for verification)."""
+async def volumes(session: AsyncSession, search: AuditSearch) -> list[tuple[str, str, str, int, int]]:
+    """(day, organisation, type, outcome, count), days in UTC."""
+    occurred = AuditRecord.occurred
+    day = (
+        func.to_char(func.timezone("UTC", occurred), "YYYY-MM-DD")
+        if session.bind.dialect.name == "postgresql"
+        else func.substr(cast(occurred, String), 1, 10)
+    )
+    stmt = search.where(
+        select(day.label("day"), AuditRecord.organization_id, AuditRecord.type, AuditRecord.outcome, func.count())
+    ).group_by(day, AuditRecord.organization_id, AuditRecord.type, AuditRecord.outcome)
+    rows = await session.execute(stmt.order_by(day, AuditRecord.organization_id, AuditRecord.type))
+    return [(str(r[0]), r[1], r[2], r[3], int(r[4])) for r in rows]
+
+
+class Checkpoint(Base):
+    """A signed statement of the chain head at a moment: removing records from the end of the
+    chain leaves a checkpoint (here, and wherever an auditor kept a copy) pointing past it."""
+
+    __tablename__ = "audit_checkpoint"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sequence: Mapped[int] = mapped_column(BigInteger, index=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    signed_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    jws: Mapped[str] = mapped_column(Text)
+
+
+async def latest_checkpoint(session: AsyncSession) -> Checkpoint | None:
+    return await session.scalar(select(Checkpoint).order_by(Checkpoint.id.desc()).limit(1))
+
+
+async def all_checkpoints(session: AsyncSession) -> list[Checkpoint]:
+    return list(await session.scalars(select(Checkpoint).order_by(Checkpoint.id)))
+
+
+async def all_records(session: AsyncSession, *, batch: int = 20_000) -> AsyncIterator[Mapping[str, Any]]:
+    """Every record in sequence order, streamed in batches of plain rows (for verification)."""
+    table = AuditRecord.__table__
     after = 0
     while True:
-        rows = list(
-            await session.scalars(
-                select(AuditRecord).where(AuditRecord.sequence > after).order_by(AuditRecord.sequence).limit(batch)
+        rows = (
+            (
+                await session.execute(
+                    select(table).where(table.c.sequence > after).order_by(table.c.sequence).limit(batch)
+                )
             )
+            .mappings()
+            .all()
         )
         if not rows:
             return
         for row in rows:
-            yield row.as_mapping()
-        after = rows[-1].sequence
-        session.expunge_all()
+            yield row
+        after = rows[-1]["sequence"]
 
 
 def entities_json(entities: Sequence[tuple[str, str]]) -> str:

@@ -182,6 +182,21 @@ class TokenVerifier:
             raise Unauthenticated("access token not accepted", reason="token")
         return claims
 
+    def verify_platform_statement(self, jws: str) -> dict[str, Any]:
+        """The claims of a statement the platform signed (an audit checkpoint); ValueError if the
+        signature is not by a trusted platform key."""
+        self._load_safely()
+        try:
+            header = jwt.get_unverified_header(jws)
+            key = self._keys.get(header.get("kid", ""))
+            if key is None or self._signers.get(header["kid"]) != "platform":
+                raise ValueError("not signed by a platform key")
+            if header.get("alg") not in ACCEPTED_ALGORITHMS or not alg_fits_key(header["alg"], key.key_type):
+                raise ValueError("algorithm not accepted")
+            return jwt.decode(jws, key=key.key, algorithms=[header["alg"]], options={"verify_aud": False})
+        except (jwt.PyJWTError, TypeError, KeyError) as exc:
+            raise ValueError("statement signature does not verify") from exc
+
     def caller_from_metadata(self, metadata: Mapping[str, str | bytes]) -> Caller:
         auth = metadata.get("authorization")
         if not isinstance(auth, str) or not auth.startswith("Bearer "):
@@ -255,6 +270,10 @@ class PlatformCredentials:
             }
             self._token = jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self._kid})
         return self._token
+
+    def sign_statement(self, claims: Mapping[str, Any], *, typ: str) -> str:
+        """A compact JWS over `claims` with the platform key (e.g. an audit checkpoint)."""
+        return jwt.encode(dict(claims), self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": typ})
 
     def metadata(self) -> Sequence[tuple[str, str]]:
         return (("authorization", f"Bearer {self.token()}"),)

@@ -7,9 +7,11 @@ Each service describes itself with a `ServiceSpec`; `main(spec)` runs it as a pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
@@ -45,7 +47,13 @@ class ServiceRuntime:
     outbox: Outbox
     audit: AuditTrail
     credentials: PlatformCredentials
+    verifier: TokenVerifier | None = None
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a task for the life of the service; it is cancelled on close."""
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to a peer service, opened on first use."""
@@ -56,6 +64,11 @@ class ServiceRuntime:
         return self._channels[service]
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.outbox.stop()
         for channel in self._channels.values():
             await channel.close()
@@ -110,6 +123,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         outbox=outbox,
         audit=AuditTrail(outbox, service=spec.name),
         credentials=credentials,
+        verifier=TokenVerifier(settings.trusted_jwks_file),
     )
     if spec.relays_audit:
         outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))
@@ -117,7 +131,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
     server, port, health_servicer = await create_server(
         bindings=bindings,
         listen=listen or settings.listen_for(spec.name),
-        verifier=TokenVerifier(settings.trusted_jwks_file),
+        verifier=runtime.verifier,
         tls=settings.grpc_tls,
     )
     health_server = (

@@ -118,3 +118,66 @@ async def test_only_services_append(audit: RunningService, keys_dir: Path) -> No
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Append(audit_pb2.AppendRequest(events=[_event(1)]))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_records_removed_from_the_end_are_detected_by_the_signed_checkpoint(
+    audit: RunningService, keys_dir: Path
+) -> None:
+    assert await _append(audit, keys_dir, [_event(n) for n in range(1, 9)]) == 8
+    latest = await _call(audit, "LatestCheckpoint", audit_pb2.LatestCheckpointRequest(), keys_dir)
+    assert latest.sequence == 8  # type: ignore[attr-defined]
+    async with audit.runtime.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM audit_record WHERE sequence > 6"))
+    verdict = await _verify(audit, keys_dir)
+    assert not verdict.intact
+    assert verdict.first_break_sequence == 7
+    assert "removed from the end" in verdict.detail
+
+
+async def test_a_checkpoint_kept_outside_detects_truncation_even_if_stored_ones_are_deleted(
+    audit: RunningService, keys_dir: Path
+) -> None:
+    assert await _append(audit, keys_dir, [_event(n) for n in range(1, 6)]) == 5
+    kept = (await _call(audit, "LatestCheckpoint", audit_pb2.LatestCheckpointRequest(), keys_dir)).jws  # type: ignore[attr-defined]
+    async with audit.runtime.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM audit_record WHERE sequence = 5"))
+        await conn.execute(text("DELETE FROM audit_checkpoint"))
+    assert (await _verify(audit, keys_dir)).intact  # nothing inside the database shows it...
+    verdict = await _call(audit, "VerifyChain", audit_pb2.VerifyChainRequest(expected_checkpoint=kept), keys_dir)
+    assert not verdict.intact  # type: ignore[attr-defined]
+    assert verdict.first_break_sequence == 5  # type: ignore[attr-defined]
+
+
+async def test_altered_or_forged_checkpoints_are_refused(audit: RunningService, keys_dir: Path) -> None:
+    import jwt
+
+    from services.shared.keys import generate_ec_key, public_jwk
+
+    assert await _append(audit, keys_dir, [_event(n) for n in range(1, 4)]) == 3
+    await _call(audit, "LatestCheckpoint", audit_pb2.LatestCheckpointRequest(), keys_dir)
+    async with audit.runtime.engine.begin() as conn:
+        await conn.execute(text("UPDATE audit_checkpoint SET hash = :h"), {"h": "f" * 64})
+    verdict = await _verify(audit, keys_dir)
+    assert not verdict.intact
+    assert verdict.detail == "a stored checkpoint was altered"
+    stranger = generate_ec_key()
+    forged = jwt.encode(
+        {"sequence": 3, "hash": "0" * 64}, stranger, algorithm="ES384", headers={"kid": public_jwk(stranger)["kid"]}
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _call(audit, "VerifyChain", audit_pb2.VerifyChainRequest(expected_checkpoint=forged), keys_dir)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_checkpoints_are_signed_as_records_accumulate(
+    audit: RunningService, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.audit import servicer
+
+    monkeypatch.setattr(servicer, "CHECKPOINT_EVERY", 3)
+    for n in range(1, 8):
+        await _append(audit, keys_dir, [_event(n)])
+    async with audit.runtime.engine.begin() as conn:
+        signed = [row[0] for row in await conn.execute(text("SELECT sequence FROM audit_checkpoint ORDER BY id"))]
+    assert signed == [3, 6]
+    assert (await _verify(audit, keys_dir)).intact

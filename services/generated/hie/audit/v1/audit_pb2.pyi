@@ -97,7 +97,7 @@ class AppendResponse(_message.Message):
     def __init__(self, appended: _Optional[int] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("trace_id", "organization_id", "patient_enterprise_id", "type", "since", "until", "page", "patient")
+    __slots__ = ("trace_id", "organization_id", "patient_enterprise_id", "type", "since", "until", "page", "patient", "practitioner_id", "outcome", "purpose_of_use", "failures_only")
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,10 @@ class QueryRequest(_message.Message):
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     PAGE_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_OF_USE_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_ONLY_FIELD_NUMBER: _ClassVar[int]
     trace_id: str
     organization_id: str
     patient_enterprise_id: str
@@ -114,7 +118,11 @@ class QueryRequest(_message.Message):
     until: _timestamp_pb2.Timestamp
     page: _common_pb2.PageRequest
     patient: _common_pb2.PatientRef
-    def __init__(self, trace_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., patient_enterprise_id: _Optional[str] = ..., type: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
+    practitioner_id: str
+    outcome: Outcome
+    purpose_of_use: str
+    failures_only: bool
+    def __init__(self, trace_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., patient_enterprise_id: _Optional[str] = ..., type: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., practitioner_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., purpose_of_use: _Optional[str] = ..., failures_only: _Optional[bool] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("events", "page")
@@ -125,8 +133,10 @@ class QueryResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., page: _Optional[_Union[_common_pb2.PageResponse, _Mapping]] = ...) -> None: ...
 
 class VerifyChainRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("expected_checkpoint",)
+    EXPECTED_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    expected_checkpoint: str
+    def __init__(self, expected_checkpoint: _Optional[str] = ...) -> None: ...
 
 class VerifyChainResponse(_message.Message):
     __slots__ = ("intact", "records_checked", "first_break_sequence", "detail")
@@ -139,3 +149,49 @@ class VerifyChainResponse(_message.Message):
     first_break_sequence: int
     detail: str
     def __init__(self, intact: _Optional[bool] = ..., records_checked: _Optional[int] = ..., first_break_sequence: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("since", "until", "organization_id")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    organization_id: str
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., organization_id: _Optional[str] = ...) -> None: ...
+
+class VolumeRow(_message.Message):
+    __slots__ = ("day", "organization_id", "type", "outcome", "count")
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    day: str
+    organization_id: str
+    type: str
+    outcome: Outcome
+    count: int
+    def __init__(self, day: _Optional[str] = ..., organization_id: _Optional[str] = ..., type: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[VolumeRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[VolumeRow, _Mapping]]] = ...) -> None: ...
+
+class LatestCheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LatestCheckpointResponse(_message.Message):
+    __slots__ = ("sequence", "hash", "signed_at", "jws")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
+    JWS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    hash: str
+    signed_at: _timestamp_pb2.Timestamp
+    jws: str
+    def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ..., signed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jws: _Optional[str] = ...) -> None: ...

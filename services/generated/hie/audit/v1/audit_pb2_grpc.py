@@ -50,6 +50,16 @@ class AuditLogStub:
                 request_serializer=hie_dot_audit_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
                 response_deserializer=hie_dot_audit_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/hie.audit.v1.AuditLog/Report',
+                request_serializer=hie_dot_audit_dot_v1_dot_audit__pb2.ReportRequest.SerializeToString,
+                response_deserializer=hie_dot_audit_dot_v1_dot_audit__pb2.ReportResponse.FromString,
+                _registered_method=True)
+        self.LatestCheckpoint = channel.unary_unary(
+                '/hie.audit.v1.AuditLog/LatestCheckpoint',
+                request_serializer=hie_dot_audit_dot_v1_dot_audit__pb2.LatestCheckpointRequest.SerializeToString,
+                response_deserializer=hie_dot_audit_dot_v1_dot_audit__pb2.LatestCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class AuditLogServicer:
@@ -74,6 +84,20 @@ class AuditLogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """Exchange volumes per day, organisation, type and outcome (authority reports).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LatestCheckpoint(self, request, context):
+        """The newest signed checkpoint of the chain head, for auditors to keep outside the exchange.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditLogServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +115,16 @@ def add_AuditLogServicer_to_server(servicer, server):
                     servicer.VerifyChain,
                     request_deserializer=hie_dot_audit_dot_v1_dot_audit__pb2.VerifyChainRequest.FromString,
                     response_serializer=hie_dot_audit_dot_v1_dot_audit__pb2.VerifyChainResponse.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=hie_dot_audit_dot_v1_dot_audit__pb2.ReportRequest.FromString,
+                    response_serializer=hie_dot_audit_dot_v1_dot_audit__pb2.ReportResponse.SerializeToString,
+            ),
+            'LatestCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LatestCheckpoint,
+                    request_deserializer=hie_dot_audit_dot_v1_dot_audit__pb2.LatestCheckpointRequest.FromString,
+                    response_serializer=hie_dot_audit_dot_v1_dot_audit__pb2.LatestCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +208,60 @@ class AuditLog:
             '/hie.audit.v1.AuditLog/VerifyChain',
             hie_dot_audit_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
             hie_dot_audit_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.audit.v1.AuditLog/Report',
+            hie_dot_audit_dot_v1_dot_audit__pb2.ReportRequest.SerializeToString,
+            hie_dot_audit_dot_v1_dot_audit__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LatestCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.audit.v1.AuditLog/LatestCheckpoint',
+            hie_dot_audit_dot_v1_dot_audit__pb2.LatestCheckpointRequest.SerializeToString,
+            hie_dot_audit_dot_v1_dot_audit__pb2.LatestCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
