@@ -317,25 +317,54 @@ def bench_exchange(
     typer.echo(f"written to {output}")
 
 
-@audit_app.command("verify")
-def audit_verify(
-    data_dir: DataDir = Path(".hie"),
-    target: Annotated[str, typer.Option(envvar="HIE_AUDIT_TARGET")] = "127.0.0.1:7106",
-) -> None:
-    """Verify the audit hash chain of a running audit service; exit 1 on a break."""
-    from hie.audit.v1 import audit_pb2, audit_pb2_grpc
+def _audit_call(data_dir: Path, target: str, method: str, request: object) -> object:
+    """Call the audit service under the platform identity (an operator on the exchange's hosts)."""
+    from hie.audit.v1 import audit_pb2_grpc
     from services.shared.auth import PlatformCredentials
 
     credentials = PlatformCredentials.from_file(data_dir / "keys" / "platform.pem", service="cli", issuer="urn:hie:cli")
     with _channel(target) as channel:
-        result = audit_pb2_grpc.AuditLogStub(channel).VerifyChain(
-            audit_pb2.VerifyChainRequest(), metadata=credentials.metadata(), timeout=600
+        return getattr(audit_pb2_grpc.AuditLogStub(channel), method)(
+            request, metadata=credentials.metadata(), timeout=600
         )
-    if result.intact:
-        typer.echo(f"audit chain intact: {result.records_checked} records verified")
+
+
+AuditTarget = Annotated[str, typer.Option(envvar="HIE_AUDIT_TARGET")]
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: DataDir = Path(".hie"),
+    target: AuditTarget = "127.0.0.1:7106",
+    expect: Annotated[
+        Path | None, typer.Option(help="A checkpoint (JWS) kept from `hie audit checkpoint`; detects truncation")
+    ] = None,
+) -> None:
+    """Verify the audit hash chain and its signed checkpoints; exit 1 at the first break."""
+    from hie.audit.v1 import audit_pb2
+
+    request = audit_pb2.VerifyChainRequest(expected_checkpoint=expect.read_text().strip() if expect else "")
+    started = time.monotonic()
+    result = _audit_call(data_dir, target, "VerifyChain", request)
+    elapsed = time.monotonic() - started
+    if result.intact:  # type: ignore[attr-defined]
+        typer.echo(f"audit chain intact: {result.records_checked} records verified in {elapsed:.1f} s")  # type: ignore[attr-defined]
         return
-    typer.echo(f"audit chain BROKEN at sequence {result.first_break_sequence}: {result.detail}", err=True)
+    typer.echo(
+        f"audit chain BROKEN at sequence {result.first_break_sequence}: {result.detail}",  # type: ignore[attr-defined]
+        err=True,
+    )
     raise typer.Exit(1)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(data_dir: DataDir = Path(".hie"), target: AuditTarget = "127.0.0.1:7106") -> None:
+    """Print the newest signed checkpoint (a JWS): keep it outside the exchange and pass it to
+    `hie audit verify --expect FILE` later."""
+    from hie.audit.v1 import audit_pb2
+
+    result = _audit_call(data_dir, target, "LatestCheckpoint", audit_pb2.LatestCheckpointRequest())
+    typer.echo(result.jws)  # type: ignore[attr-defined]
 
 
 def _component_tables(component: str) -> tuple[Path, object]:
