@@ -6,11 +6,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import DateTime, TypeDecorator, event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from services.shared.config import Settings
+
+_tracer = trace.get_tracer("hie.db")
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -56,7 +60,44 @@ def create_engine(url: str, *, schema: str) -> AsyncEngine:
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    trace_statements(engine, schema=schema)
     return engine
+
+
+def trace_statements(engine: AsyncEngine, *, schema: str) -> None:
+    """A client span per SQL statement (OpenTelemetry database conventions). The statement text
+    carries placeholders only; parameter values (patient data) are never recorded."""
+    system = "postgresql" if engine.dialect.name == "postgresql" else engine.dialect.name
+
+    def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        operation = statement.lstrip().split(" ", 1)[0].upper()
+        span = _tracer.start_span(
+            f"{operation} {schema}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system": system,
+                "db.name": schema,
+                "db.operation": operation,
+                "db.statement": statement[:2000],
+            },
+        )
+        context._hie_span = span
+
+    def after(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        span = getattr(context, "_hie_span", None)
+        if span is not None:
+            span.end()
+
+    def failed(exception_context: Any) -> None:
+        span = getattr(exception_context.execution_context, "_hie_span", None)
+        if span is not None:
+            # The error's text can quote values: record its type only.
+            span.set_status(Status(StatusCode.ERROR, type(exception_context.original_exception).__name__))
+            span.end()
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before)
+    event.listen(engine.sync_engine, "after_cursor_execute", after)
+    event.listen(engine.sync_engine, "handle_error", failed)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -112,6 +112,13 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
         "/hie.audit.v1.AuditLog/Append",
     ):
         assert expected in names, f"{expected} not in trace: {sorted(names)}"
+    # Database spans of the services the exchange touched, inside the same trace.
+    db_spans = [
+        sp
+        for sp in spans.get_finished_spans()
+        if format(sp.context.trace_id, "032x") == trace_id and (sp.attributes or {}).get("db.system")
+    ]
+    assert {sp.attributes["db.name"].split("_")[-1] for sp in db_spans} >= {"registry", "mpi", "audit"}
 
     # The audit records of the exchange carry its trace id.
     listed = await auditor.call("GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit")
