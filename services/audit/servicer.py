@@ -8,16 +8,15 @@ import json
 import logging
 import uuid
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from hie.common.v1 import common_pb2
-from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.audit import chain, store
+from services.shared import identity
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
-from services.shared.errors import InvalidArgument, NotFound, PermissionDenied, error_from_rpc
+from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.process import ServiceRuntime
 from services.shared.tracing import current_trace_ids
 
@@ -164,13 +163,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         """The person a patient access report is about; a hospital may ask only about its own patients."""
         if who.organization_type == "hospital" or not ref.domain:
             ref = common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
-        try:
-            reply = await mpi_pb2_grpc.PatientIndexStub(self._rt.channel("mpi")).CrossReference(
-                mpi_pb2.CrossReferenceRequest(ref=ref), metadata=self._rt.credentials.metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        return reply.enterprise_id
+        return (await identity.cross_reference(self._rt, ref)).enterprise_id
 
     def _require_auditor(self, who: Caller) -> bool:
         """Checks the caller may read the log; True when it reads the whole region's."""

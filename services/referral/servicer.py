@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
 from services.referral.store import ReferralRecord
+from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.db import utcnow
@@ -62,6 +63,9 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         ref = request.referral
         if not ref.patient.local_id or not ref.target_organization_id:
             raise InvalidArgument("a referral needs a patient and a target organisation", reason="referral-invalid")
+        enterprise_id = await identity.registered_person(
+            self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
+        )
         key = request.idempotency_key or str(uuid.uuid4())
         record_fields = {
             "target_organization_id": ref.target_organization_id,
@@ -98,6 +102,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 caller=who,
                 type="referral.create",
                 action=Action.ACTION_CREATE,
+                patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
@@ -117,4 +122,17 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             record.target_organization_id,
         }:
             raise NotFound("no such referral", reason="referral-not-found")
+        person = await identity.cross_reference(
+            self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+        )
+        async with self._rt.sessions() as session, session.begin():
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="referral.read",
+                action=Action.ACTION_READ,
+                patient_enterprise_id=person.enterprise_id,
+                entities=[("ServiceRequest", record.id)],
+            )
+        self._rt.outbox.notify()
         return referral_pb2.GetReferralResponse(referral=_message(record))

@@ -11,9 +11,10 @@ from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
-from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
+from hie.mpi.v1 import mpi_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import domain, store
+from services.shared import identity
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -79,22 +80,11 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         self._rt = runtime
 
     @property
-    def _mpi(self) -> mpi_pb2_grpc.PatientIndexStub:
-        return mpi_pb2_grpc.PatientIndexStub(self._rt.channel("mpi"))
-
-    @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
         return consent_pb2_grpc.ConsentDecisionPointStub(self._rt.channel("consent"))
 
     async def _cross_reference(self, ref: common_pb2.PatientRef) -> mpi_pb2.CrossReferenceResponse:
-        """The person's identities, looked up under the registry's own identity: it is part of
-        the document operation the registry authorises and audits, not a PIX query of its own."""
-        try:
-            return await self._mpi.CrossReference(
-                mpi_pb2.CrossReferenceRequest(ref=ref), metadata=self._rt.credentials.metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
+        return await identity.cross_reference(self._rt, ref)
 
     async def _decide(
         self, enterprise_id: str, entries: list[store.DocumentEntryRecord]

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
+from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.db import utcnow
@@ -68,6 +69,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 "a consultation needs a patient, a consultant organisation and a kind",
                 reason="consultation-invalid",
             )
+        enterprise_id = await identity.registered_person(
+            self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
+        )
         key = request.idempotency_key or str(uuid.uuid4())
         record_fields = {
             "consultant_organization_id": c.consultant_organization_id,
@@ -108,6 +112,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 caller=who,
                 type="consultation.request",
                 action=Action.ACTION_CREATE,
+                patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
@@ -126,4 +131,17 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             record.consultant_organization_id,
         }:
             raise NotFound("no such consultation", reason="consultation-not-found")
+        person = await identity.cross_reference(
+            self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+        )
+        async with self._rt.sessions() as session, session.begin():
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consultation.read",
+                action=Action.ACTION_READ,
+                patient_enterprise_id=person.enterprise_id,
+                entities=[("ServiceRequest", record.id)],
+            )
+        self._rt.outbox.notify()
         return teleconsult_pb2.GetConsultationResponse(consultation=_message(record))

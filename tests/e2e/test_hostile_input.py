@@ -141,6 +141,7 @@ async def test_other_hospitals_referrals_and_consultations_are_invisible(exchang
     a = await exchange.member()
     b = await exchange.member()
     c = await exchange.member()
+    assert (await a.call("POST", "/api/v1/patients", json={"local_id": "P-1", **person("褚十三")})).status_code == 201
     referral = await a.call(
         "POST",
         "/api/v1/referrals",
@@ -320,6 +321,9 @@ async def test_a_hospital_cannot_probe_another_hospitals_local_ids(exchange: Exc
 async def test_idempotency_keys(exchange: Exchange) -> None:
     a = await exchange.member()
     b = await exchange.member()
+    for local_id in ("IDEM-1", "IDEM-2"):
+        registered = await a.call("POST", "/api/v1/patients", json={"local_id": local_id, **person("卫十四")})
+        assert registered.status_code == 201
     body = {"patient_local_id": "IDEM-1", "target_organization_id": b.org_id, "direction": "up"}  # type: ignore[attr-defined]
     first = await a.call("POST", "/api/v1/referrals", json=body, headers={"Idempotency-Key": "ref-001"})
     again = await a.call("POST", "/api/v1/referrals", json=body, headers={"Idempotency-Key": "ref-001"})
