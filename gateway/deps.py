@@ -13,6 +13,7 @@ from gateway.limits import retry_after
 from services.shared import auth
 from services.shared.auth import Caller, TokenVerifier
 from services.shared.errors import PermissionDenied, Unauthenticated
+from services.shared.tracing import annotate_caller
 
 USER_ASSERTION_HEADER = "x-hie-user-assertion"
 _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
@@ -65,6 +66,7 @@ async def call_context(request: Request) -> CallContext:
         caller = auth.caller_from_claims(claims, metadata)
     except Unauthenticated as exc:
         raise ApiError(401, exc.reason, exc.message) from None
+    annotate_caller(caller)
     return CallContext(caller=caller, metadata=tuple((k, v) for k, v in metadata.items() if v))
 
 

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.shared.auth import FORWARDED_KEYS, TokenVerifier, current_caller, forwarded_metadata
 from services.shared.errors import REASON_METADATA_KEY, DomainError, InvalidArgument, Unauthenticated, status_for
-from services.shared.tracing import server_interceptors
+from services.shared.tracing import annotate_caller, server_interceptors
 from services.shared.transport import GrpcTls
 
 _log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             except Unauthenticated as exc:
                 context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            annotate_caller(caller)
             caller_token = current_caller.set(caller)
             forwarded = tuple((k, v) for k in FORWARDED_KEYS if isinstance(v := metadata.get(k), str))
             forwarded_token = forwarded_metadata.set(forwarded)

@@ -7,6 +7,7 @@ identifiers or names.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -52,6 +53,22 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return list(aio_client_interceptors(filter_=filters.negate(filters.health_check())))
+
+
+def annotate_caller(caller: Any) -> None:
+    """The exchange's own attributes on the current span: who asked and why. Organisation and
+    client ids only; never a patient's identifiers or a person's name."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "hie.organization_id": caller.organization_id,
+                "hie.organization_type": caller.organization_type,
+                "hie.client_id": caller.client_id,
+                "hie.role": caller.role,
+                "hie.purpose_of_use": caller.purpose_of_use,
+            }
+        )
 
 
 def current_trace_ids() -> tuple[str, str]:

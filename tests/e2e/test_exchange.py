@@ -112,6 +112,15 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
         "/hie.audit.v1.AuditLog/Append",
     ):
         assert expected in names, f"{expected} not in trace: {sorted(names)}"
+    # Service spans name who asked and why (organisation, role, purpose), never the patient.
+    retrieve_server = next(
+        sp
+        for sp in spans.get_finished_spans()
+        if sp.name == "/hie.registry.v1.DocumentRegistry/RetrieveDocument" and sp.attributes.get("hie.organization_id")
+    )
+    assert retrieve_server.attributes["hie.organization_id"] == b.org_id  # type: ignore[attr-defined]
+    assert retrieve_server.attributes["hie.purpose_of_use"] == "treatment"
+    assert retrieve_server.attributes["hie.role"] == "doctor"
     # Database spans of the services the exchange touched, inside the same trace.
     db_spans = [
         sp
