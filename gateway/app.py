@@ -33,10 +33,12 @@ from hie.referral.v1 import referral_pb2_grpc
 from hie.registry.v1 import registry_pb2_grpc
 from hie.teleconsult.v1 import teleconsult_pb2_grpc
 from services.shared import migrations
-from services.shared.auth import TokenVerifier
+from services.shared.audit_trail import AUDIT_TOPIC, AuditTrail, audit_sender
+from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
+from services.shared.outbox import Outbox
 from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
@@ -112,10 +114,23 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.verifier = TokenVerifier(settings.trusted_jwks_file)
         app.state.standing = OrganizationStanding(sessions, ttl_seconds=settings.revocation_check_seconds)
         app.state.buckets = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
+        outbox = Outbox(store.metadata.tables["outbox"], sessions)
+        outbox.register(
+            AUDIT_TOPIC,
+            audit_sender(
+                audit_pb2_grpc.AuditLogStub(channels["audit"]),
+                PlatformCredentials.from_file(
+                    settings.service_signing_key_file, service="gateway", issuer="urn:hie:service:gateway"
+                ),
+            ),
+        )
+        app.state.outbox = outbox
         app.state.authorization = AuthorizationServer(
             sessions=sessions,
             signing_key_file=settings.gateway_signing_key_file,
             issuer=settings.public_url,
+            audit=AuditTrail(outbox, service="gateway"),
+            audit_notify=outbox.notify,
         )
         app.state.stubs = ServiceStubs(
             mpi=mpi_pb2_grpc.PatientIndexStub(channels["mpi"]),
@@ -126,9 +141,11 @@ def create_app(settings: Settings) -> FastAPI:
             audit=audit_pb2_grpc.AuditLogStub(channels["audit"]),
         )
         app.state.channels = channels
+        outbox.start()
         try:
             yield
         finally:
+            await outbox.stop()
             for channel in channels.values():
                 await channel.close()
             await engine.dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import jwt
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import store
+from services.shared.audit_trail import Action, AuditTrail, Outcome
+from services.shared.auth import Caller
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import algorithm_for, load_private_key, public_jwk, thumbprint
 
@@ -89,15 +92,59 @@ def grant_scopes(requested: str, org_type: str) -> list[str]:
 class AuthorizationServer:
     """Verifies client assertions against registered keys and issues access tokens."""
 
-    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], signing_key_file: Path, issuer: str) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        signing_key_file: Path,
+        issuer: str,
+        audit: AuditTrail | None = None,
+        audit_notify: Callable[[], None] = lambda: None,
+    ) -> None:
         self._sessions = sessions
+        self._audit = audit
+        self._audit_notify = audit_notify
         self._key_file = signing_key_file
         self._key_mtime = -1.0
         self._load_signing_key()
         self.issuer = issuer
         self.token_endpoint = f"{issuer}/oauth2/token"
 
-    async def issue(self, form: dict[str, str]) -> IssuedToken:
+    async def issue(self, form: dict[str, str], *, client_address: str = "") -> IssuedToken:
+        """Issue an access token, auditing the issue or the refusal (token.issue / token.refused)."""
+        try:
+            return await self._issue(form, client_address)
+        except OAuthError as exc:
+            if self._audit is not None:
+                await self._record_refusal(form, exc, client_address)
+            raise
+
+    async def _record_refusal(self, form: dict[str, str], error: OAuthError, client_address: str) -> None:
+        try:
+            claimed = jwt.decode(form.get("client_assertion", ""), options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            claimed = None
+        client_id = claimed[:64] if isinstance(claimed, str) else ""
+        async with self._sessions() as session, session.begin():
+            org = await store.organization_by_client(session, client_id) if client_id else None
+            who = Caller(
+                organization_id=org.id if org else "",
+                organization_type=org.type if org else "",
+                client_id=client_id,
+                client_address=client_address,
+            )
+            assert self._audit is not None
+            await self._audit.record(
+                session,
+                caller=who,
+                type="token.refused",
+                action=Action.ACTION_EXECUTE,
+                outcome=Outcome.OUTCOME_MINOR_FAILURE,
+                entities=[("Client", client_id)] if client_id else [],
+            )
+        self._audit_notify()
+
+    async def _issue(self, form: dict[str, str], client_address: str) -> IssuedToken:
         if form.get("grant_type") != "client_credentials":
             raise OAuthError("unsupported_grant_type", "grant_type must be client_credentials")
         if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
@@ -128,7 +175,23 @@ class AuthorizationServer:
             scopes = grant_scopes(form.get("scope", ""), org.type)
             if not scopes:
                 raise OAuthError("invalid_scope", "none of the requested scopes can be granted")
-            return self._access_token(org, scopes)
+            if self._audit is not None:
+                await self._audit.record(
+                    session,
+                    caller=Caller(
+                        organization_id=org.id,
+                        organization_type=org.type,
+                        client_id=org.client_id,
+                        scopes=frozenset(scopes),
+                        client_address=client_address,
+                    ),
+                    type="token.issue",
+                    action=Action.ACTION_EXECUTE,
+                    entities=[("Client", org.client_id)],
+                )
+            issued = self._access_token(org, scopes)
+        self._audit_notify()
+        return issued
 
     def _verify_assertion(self, assertion: str, header: dict[str, Any], org: store.Organization) -> dict[str, Any]:
         kid = header.get("kid")

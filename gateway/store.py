@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime, utcnow
+from services.shared.outbox import outbox_table
 
 metadata = MetaData()
 ORGANIZATION_TYPES = ("hospital", "authority", "platform-admin")
@@ -38,6 +39,10 @@ class Organization(Base):
     @property
     def keys(self) -> list[dict[str, Any]]:
         return list(json.loads(self.jwks).get("keys", []))
+
+
+# Token issuance and refusals are audited through the gateway's own transactional outbox.
+outbox_table(metadata)
 
 
 class UsedAssertion(Base):

@@ -31,6 +31,7 @@ from services.referral.service import SPEC as REFERRAL
 from services.registry.service import SPEC as REGISTRY
 from services.shared.config import SERVICE_PORTS, Settings
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, jwks
+from services.shared.outbox import Outbox
 from services.shared.process import RunningService, start_service
 from services.teleconsult.service import SPEC as TELECONSULT
 
@@ -52,6 +53,8 @@ class Exchange:
     settings: Settings
     base_url: str
     services: dict[str, RunningService]
+    # Outboxes outside the services (the gateway's), drained with theirs.
+    other_outboxes: list[Outbox] = dataclasses.field(default_factory=list)
 
     async def member(
         self, *, type: str = "hospital", scopes: str | None = None, name: str = "测试医院"
@@ -72,9 +75,9 @@ class Exchange:
         """Wait until every service's outbox has delivered its audit events."""
         for _ in range(200):
             pending = 0
-            for running in self.services.values():
-                await running.runtime.outbox.relay_once()
-                pending += await running.runtime.outbox.pending()
+            for outbox in [*(r.runtime.outbox for r in self.services.values()), *self.other_outboxes]:
+                await outbox.relay_once()
+                pending += await outbox.pending()
             if pending == 0:
                 return
             await asyncio.sleep(0.02)
@@ -169,7 +172,9 @@ async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, Ru
     for running in services.values():
         running.runtime.settings = settings
     gateway = await serve_gateway(settings)
-    return Exchange(backend, gateway.settings, gateway.base_url, services), gateway
+    exchange = Exchange(backend, gateway.settings, gateway.base_url, services)
+    exchange.other_outboxes.append(gateway.server.config.app.state.outbox)
+    return exchange, gateway
 
 
 @pytest.fixture(scope="session", params=_backends())

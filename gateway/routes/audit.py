@@ -1,28 +1,146 @@
-"""Audit log search (REST): auditors see everything, a hospital its own requests."""
+"""Audit log search, CSV export, reports and the signed chain head (REST).
+
+Who sees what is decided by the audit service: the authority's auditors the whole region's log,
+a hospital's auditors (or admins) the records of its own requests, or every access to one of its
+own patients (patient access report). The gateway checks the scope `system/AuditEvent.r` and
+turns the query string into the service's filters.
+"""
 
 from __future__ import annotations
 
+import csv
 import datetime
-from typing import Any
+import io
+import re
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from gateway.deps import Context
+from gateway.deps import CallContext, Context
+from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.audit.v1 import audit_pb2
 from hie.common.v1 import common_pb2
+from services.shared.user_assertion import PURPOSES_OF_USE
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+
+OUTCOMES: dict[str, audit_pb2.Outcome.ValueType] = {
+    "success": audit_pb2.OUTCOME_SUCCESS,
+    "minor-failure": audit_pb2.OUTCOME_MINOR_FAILURE,
+    "serious-failure": audit_pb2.OUTCOME_SERIOUS_FAILURE,
+    "major-failure": audit_pb2.OUTCOME_MAJOR_FAILURE,
+}
+_OUTCOME_NAMES = {value: name for name, value in OUTCOMES.items()}
+_ACTION_NAMES = {
+    audit_pb2.ACTION_CREATE: "create",
+    audit_pb2.ACTION_READ: "read",
+    audit_pb2.ACTION_UPDATE: "update",
+    audit_pb2.ACTION_DELETE: "delete",
+    audit_pb2.ACTION_EXECUTE: "execute",
+}
+BREAK_GLASS_TYPE = "consent.break-glass"
+# Rows one CSV export may hold; a larger result is refused (narrow the filters) rather than cut.
+MAX_EXPORT_ROWS = 100_000
+_EXPORT_PAGE = 500
+CSV_COLUMNS = (
+    "event_id",
+    "sequence",
+    "occurred",
+    "type",
+    "action",
+    "outcome",
+    "organization_id",
+    "client_id",
+    "practitioner_id",
+    "practitioner_name",
+    "role",
+    "purpose_of_use",
+    "patient_enterprise_id",
+    "entities",
+    "source_address",
+    "trace_id",
+    "source_service",
+    "hash",
+)
+# A spreadsheet evaluates a cell starting with one of these as a formula (OWASP CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# A "+" in a query string arrives as a space when the client did not percent-encode it.
+_UNENCODED_PLUS = re.compile(r" (\d{2}(?::?\d{2})?)$")
+_DATE_HELP = "ISO 8601 date-time with a time zone, e.g. 2025-12-31T16:00:00Z or 2026-01-01T00:00:00+08:00"
+
+
+async def audit_context(ctx: Context) -> CallContext:
+    """The verified caller, holding `system/AuditEvent.r`."""
+    ctx.require_scope("AuditEvent", "r")
+    return ctx
+
+
+AuditContext = Annotated[CallContext, Depends(audit_context)]
+
+
+def outcome_name(outcome: int) -> str:
+    return _OUTCOME_NAMES.get(outcome, "unspecified")  # type: ignore[call-overload]
+
+
+def action_name(action: int) -> str:
+    return _ACTION_NAMES.get(action, "unspecified")  # type: ignore[call-overload]
+
+
+def isoformat(ts: Timestamp) -> str:
+    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
+
+
+def timestamp(value: datetime.datetime, name: str) -> Timestamp:
+    """A protobuf timestamp of an aware datetime; 400 `date-invalid` when out of range."""
+    ts = Timestamp()
+    try:
+        ts.FromDatetime(value.astimezone(datetime.UTC))
+    except (OverflowError, ValueError):
+        raise ApiError(400, "date-invalid", f"{name}: date out of range") from None
+    return ts
+
+
+def parse_instant(value: str, name: str) -> Timestamp | None:
+    """An ISO 8601 date-time with a zone (`Z` or an offset); None when empty. The value is
+    never echoed back in the error."""
+    if not value:
+        return None
+    text = value.strip()
+    if "T" in text:
+        text = _UNENCODED_PLUS.sub(r"+\1", text)
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.utcoffset() is None:
+        raise ApiError(400, "date-invalid", f"{name}: {_DATE_HELP}")
+    return timestamp(parsed, name)
+
+
+def parse_outcome(value: str) -> audit_pb2.Outcome.ValueType:
+    if not value:
+        return audit_pb2.OUTCOME_UNSPECIFIED
+    if value not in OUTCOMES:
+        raise ApiError(400, "outcome-invalid", "outcome: one of " + ", ".join(OUTCOMES))
+    return OUTCOMES[value]
+
+
+def check_purpose(value: str) -> str:
+    if value and value not in PURPOSES_OF_USE:
+        raise ApiError(400, "purpose-invalid", "purpose_of_use: one of " + ", ".join(sorted(PURPOSES_OF_USE)))
+    return value
 
 
 def event_json(event: audit_pb2.AuditEvent) -> dict[str, Any]:
     return {
         "event_id": event.event_id,
         "sequence": event.sequence,
-        "occurred": event.occurred.ToDatetime(tzinfo=datetime.UTC).isoformat(),
+        "occurred": isoformat(event.occurred),
         "type": event.type,
-        "action": audit_pb2.Action.Name(event.action).removeprefix("ACTION_").lower(),
-        "outcome": audit_pb2.Outcome.Name(event.outcome).removeprefix("OUTCOME_").lower(),
+        "action": action_name(event.action),
+        "outcome": outcome_name(event.outcome),
         "organization_id": event.actor.organization_id,
         "client_id": event.actor.client_id,
         "practitioner_id": event.actor.practitioner_id,
@@ -39,31 +157,223 @@ def event_json(event: audit_pb2.AuditEvent) -> dict[str, Any]:
     }
 
 
-@router.get("/events")
-async def search_events(
-    ctx: Context,
-    request: Request,
+def _set_range(message: Any, since: str, until: str) -> None:
+    for field, value in (("since", since), ("until", until)):
+        ts = parse_instant(value, field)
+        if ts is not None:
+            getattr(message, field).CopyFrom(ts)
+
+
+def event_filter(
     trace_id: str = Query(default="", max_length=32, pattern="^[0-9a-f]*$"),
     organization_id: str = Query(default="", max_length=64),
     patient_enterprise_id: str = Query(default="", max_length=36),
     type: str = Query(default="", max_length=64),
     patient_local_id: str = Query(default="", max_length=64, description="patient access report"),
     patient_domain: str = Query(default="", max_length=64),
+    practitioner_id: str = Query(default="", max_length=64),
+    purpose_of_use: str = Query(default="", max_length=32, description=", ".join(sorted(PURPOSES_OF_USE))),
+    outcome: str = Query(default="", max_length=32, description=", ".join(OUTCOMES)),
+    failures_only: bool = Query(default=False, description="denied or failed accesses only"),
+    since: str = Query(default="", max_length=64, description=f"occurred at or after: {_DATE_HELP}"),
+    until: str = Query(default="", max_length=64, description=f"occurred before: {_DATE_HELP}"),
+) -> audit_pb2.QueryRequest:
+    """The search filters shared by the JSON search and the CSV export (no paging)."""
+    query = audit_pb2.QueryRequest(
+        trace_id=trace_id,
+        organization_id=organization_id,
+        patient_enterprise_id=patient_enterprise_id,
+        type=type,
+        practitioner_id=practitioner_id,
+        purpose_of_use=check_purpose(purpose_of_use),
+        outcome=parse_outcome(outcome),
+        failures_only=failures_only,
+    )
+    if patient_local_id or patient_domain:
+        query.patient.CopyFrom(common_pb2.PatientRef(domain=patient_domain, local_id=patient_local_id))
+    _set_range(query, since, until)
+    return query
+
+
+EventFilter = Annotated[audit_pb2.QueryRequest, Depends(event_filter)]
+
+
+async def query_page(
+    request: Request, ctx: CallContext, query: audit_pb2.QueryRequest, *, page_size: int, page_token: str
+) -> audit_pb2.QueryResponse:
+    """One page of the audit service's search."""
+    paged = audit_pb2.QueryRequest()
+    paged.CopyFrom(query)
+    paged.page.CopyFrom(common_pb2.PageRequest(page_size=page_size, page_token=page_token))
+    return await rpc(request.app.state.stubs.audit.Query(paged, metadata=ctx.metadata))
+
+
+def _events_page(result: audit_pb2.QueryResponse) -> dict[str, Any]:
+    return {"events": [event_json(e) for e in result.events], "next_page_token": result.page.next_page_token}
+
+
+@router.get("/events")
+async def search_events(
+    ctx: AuditContext,
+    request: Request,
+    query: EventFilter,
     page_size: int = Query(default=100, ge=1, le=500),
     page_token: str = Query(default="", max_length=32),
 ) -> dict[str, Any]:
-    ctx.require_scope("AuditEvent", "r")
-    result = await rpc(
-        request.app.state.stubs.audit.Query(
-            audit_pb2.QueryRequest(
-                trace_id=trace_id,
-                organization_id=organization_id,
-                patient_enterprise_id=patient_enterprise_id,
-                type=type,
-                patient=common_pb2.PatientRef(domain=patient_domain, local_id=patient_local_id),
-                page=common_pb2.PageRequest(page_size=page_size, page_token=page_token),
-            ),
-            metadata=ctx.metadata,
-        )
+    result = await query_page(request, ctx, query, page_size=page_size, page_token=page_token)
+    return _events_page(result)
+
+
+def _csv_cell(value: object) -> str:
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_row(event: audit_pb2.AuditEvent) -> list[str]:
+    values: list[object] = [
+        event.event_id,
+        event.sequence,
+        isoformat(event.occurred),
+        event.type,
+        action_name(event.action),
+        outcome_name(event.outcome),
+        event.actor.organization_id,
+        event.actor.client_id,
+        event.actor.practitioner_id,
+        event.actor.practitioner_name,
+        event.actor.role,
+        event.actor.purpose_of_use,
+        event.patient_enterprise_id,
+        ";".join(f"{e.type}/{e.id}" for e in event.entities),
+        event.source_address,
+        event.trace_id,
+        event.source_service,
+        event.hash,
+    ]
+    return [_csv_cell(v) for v in values]
+
+
+@router.get(
+    "/events.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "one row per audit event, UTF-8, no BOM"}},
+)
+async def export_events(ctx: AuditContext, request: Request, query: EventFilter) -> Response:
+    """Every matching record as CSV (RFC 4180, UTF-8), paged through in sequence order.
+
+    The export is a snapshot of the records that occurred before it started (`until` is at most
+    the request's time), so it does not list the searches it makes itself. More than
+    MAX_EXPORT_ROWS records: 422 `export-too-large`, nothing is sent.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    if not query.HasField("until") or query.until.ToDatetime(tzinfo=datetime.UTC) > now:
+        query.until.CopyFrom(timestamp(now, "until"))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    rows, token = 0, ""
+    while True:
+        result = await query_page(request, ctx, query, page_size=_EXPORT_PAGE, page_token=token)
+        if rows + len(result.events) > MAX_EXPORT_ROWS:
+            raise ApiError(
+                422, "export-too-large", f"more than {MAX_EXPORT_ROWS} records: narrow the time range or filters"
+            )
+        writer.writerows(csv_row(e) for e in result.events)
+        rows += len(result.events)
+        token = result.page.next_page_token
+        if not token:
+            break
+    return Response(
+        buffer.getvalue().encode("utf-8"),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="audit-events.csv"', "X-HIE-Record-Count": str(rows)},
     )
-    return {"events": [event_json(e) for e in result.events], "next_page_token": result.page.next_page_token}
+
+
+@router.get("/reports/volumes")
+async def volume_report(
+    ctx: AuditContext,
+    request: Request,
+    since: str = Query(default="", max_length=64, description=_DATE_HELP),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    organization_id: str = Query(default="", max_length=64),
+) -> dict[str, Any]:
+    """Exchange volumes per UTC day, organisation, event type and outcome."""
+    report = audit_pb2.ReportRequest(organization_id=organization_id)
+    _set_range(report, since, until)
+    result = await rpc(request.app.state.stubs.audit.Report(report, metadata=ctx.metadata))
+    return {
+        "rows": [
+            {
+                "day": r.day,
+                "organization_id": r.organization_id,
+                "type": r.type,
+                "outcome": outcome_name(r.outcome),
+                "count": r.count,
+            }
+            for r in result.rows
+        ]
+    }
+
+
+async def _report_events(
+    request: Request,
+    ctx: CallContext,
+    query: audit_pb2.QueryRequest,
+    *,
+    since: str,
+    until: str,
+    page_size: int,
+    page_token: str,
+) -> dict[str, Any]:
+    _set_range(query, since, until)
+    return _events_page(await query_page(request, ctx, query, page_size=page_size, page_token=page_token))
+
+
+@router.get("/reports/denied")
+async def denied_report(
+    ctx: AuditContext,
+    request: Request,
+    since: str = Query(default="", max_length=64, description=_DATE_HELP),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    organization_id: str = Query(default="", max_length=64),
+    page_size: int = Query(default=100, ge=1, le=500),
+    page_token: str = Query(default="", max_length=32),
+) -> dict[str, Any]:
+    """Denied or failed accesses (every outcome other than success)."""
+    query = audit_pb2.QueryRequest(organization_id=organization_id, failures_only=True)
+    return await _report_events(
+        request, ctx, query, since=since, until=until, page_size=page_size, page_token=page_token
+    )
+
+
+@router.get("/reports/break-glass")
+async def break_glass_report(
+    ctx: AuditContext,
+    request: Request,
+    since: str = Query(default="", max_length=64, description=_DATE_HELP),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    organization_id: str = Query(default="", max_length=64),
+    page_size: int = Query(default=100, ge=1, le=500),
+    page_token: str = Query(default="", max_length=32),
+) -> dict[str, Any]:
+    """Emergency (break-the-glass) accesses: events of type `consent.break-glass`."""
+    query = audit_pb2.QueryRequest(organization_id=organization_id, type=BREAK_GLASS_TYPE)
+    return await _report_events(
+        request, ctx, query, since=since, until=until, page_size=page_size, page_token=page_token
+    )
+
+
+@router.get("/checkpoint")
+async def latest_checkpoint(ctx: AuditContext, request: Request) -> dict[str, Any]:
+    """The newest signed checkpoint of the chain head, to keep outside the exchange and hand to
+    `hie audit verify --expect`."""
+    result = await rpc(
+        request.app.state.stubs.audit.LatestCheckpoint(audit_pb2.LatestCheckpointRequest(), metadata=ctx.metadata)
+    )
+    return {
+        "sequence": result.sequence,
+        "hash": result.hash,
+        "signed_at": isoformat(result.signed_at),
+        "jws": result.jws,
+    }

@@ -61,7 +61,7 @@ async def token(request: Request) -> JSONResponse:
         except (UnicodeDecodeError, ValueError):
             raise OAuthError("invalid_request", "token request is not a valid form") from None
         server: AuthorizationServer = request.app.state.authorization
-        issued = await server.issue(dict(pairs))
+        issued = await server.issue(dict(pairs), client_address=request.client.host if request.client else "")
     except OAuthError as exc:
         if exc.status == 401:
             headers["WWW-Authenticate"] = "Bearer"

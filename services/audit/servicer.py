@@ -248,7 +248,9 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
     async def LatestCheckpoint(
         self, request: audit_pb2.LatestCheckpointRequest, context: object
     ) -> audit_pb2.LatestCheckpointResponse:
-        self._require_auditor(caller())
+        if not self._require_auditor(caller()):
+            # The head's sequence reveals the whole region's volume: the authority's to see.
+            raise PermissionDenied("checkpoints are for the regional authority", reason="audit-scope")
         await self.checkpoint_now()
         async with self._rt.sessions() as session:
             latest = await store.latest_checkpoint(session)

@@ -127,7 +127,7 @@ CASES = [
         403,
         "document.retrieve",
         "read",
-        outcome="minor_failure",
+        outcome="minor-failure",
     ),
     Case(
         "create referral",
@@ -233,4 +233,45 @@ async def test_every_audited_operation_writes_exactly_one_record(exchange: Excha
         assert event["trace_id"] == trace_id, case.name
         assert event["source_address"] == "127.0.0.1", case.name
     for member in members.values():
+        await member.aclose()
+
+
+async def test_token_issue_and_refusal_are_audited(exchange: Exchange) -> None:
+    from gateway.client import client_assertion
+    from services.shared.keys import generate_ec_key
+
+    hospital = await exchange.member()
+    auditor = await exchange.member(type="authority", scopes="system/AuditEvent.rs")
+    assert (await hospital.request_token()).status_code == 200
+    rogue = client_assertion(
+        key=generate_ec_key(), client_id=hospital.client_id, token_endpoint=await hospital.token_endpoint()
+    )
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        refused = await http.post(
+            await hospital.token_endpoint(),
+            data={
+                "grant_type": "client_credentials",
+                "scope": "system/Patient.rs",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": rogue,
+            },
+        )
+    assert refused.status_code == 401
+    await exchange.audit_settled()
+    org = hospital.org_id  # type: ignore[attr-defined]
+    issued = await auditor.call(
+        "GET", "/api/v1/audit/events", params={"organization_id": org, "type": "token.issue"}, purpose="audit"
+    )
+    denied = await auditor.call(
+        "GET", "/api/v1/audit/events", params={"organization_id": org, "type": "token.refused"}, purpose="audit"
+    )
+    assert len(issued.json()["events"]) == 1
+    event = issued.json()["events"][0]
+    assert event["client_id"] == hospital.client_id
+    assert event["entities"] == [{"type": "Client", "id": hospital.client_id}]
+    assert event["source_service"] == "gateway"
+    assert [e["outcome"] for e in denied.json()["events"]] == ["minor-failure"]
+    for member in (hospital, auditor):
         await member.aclose()
