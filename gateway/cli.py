@@ -317,6 +317,35 @@ def bench_exchange(
     typer.echo(f"written to {output}")
 
 
+@bench_app.command("audit")
+def bench_audit(
+    records: Annotated[int, typer.Option(min=1, help="How many chained records to create and verify")] = 1_000_000,
+    database_url: Annotated[
+        str, typer.Option(help="postgresql+asyncpg://… (a bench_audit_* schema, dropped after); default: SQLite")
+    ] = "",
+    output: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-results/audit.json"),
+) -> None:
+    """Fill a fresh audit database with N chained records, then time VerifyChain on it (intact, then tampered)."""
+    from gateway.bench import write_result
+    from services.audit.bench import run
+
+    result = run(records, database_url, log=lambda message: typer.echo(message, err=True))
+    write_result(result, output)
+    fill, intact, tampered = result["fill"], result["verify"], result["tampered"]
+    typer.echo(f"audit chain bench: {result['records']} records on {result['backend']} ({result['database']})")
+    typer.echo(f"{'run':<18}{'seconds':>10}{'records/s':>12}{'intact':>8}{'checked':>10}{'break at':>10}")
+    typer.echo(f"{'fill':<18}{fill['seconds']:>10}{fill['records_per_second']:>12}{'':>8}{fill['records']:>10}{'':>10}")
+    for name, row in (("verify", intact), (f"tampered #{tampered['altered_sequence']}", tampered)):
+        typer.echo(
+            f"{name:<18}{row['seconds']:>10}{row['records_per_second']:>12}{row['intact']!s:>8}"
+            f"{row['records_checked']:>10}{row['first_break_sequence'] or '':>10}"
+        )
+    if tampered["detail"]:
+        typer.echo(f"tampered run: {tampered['detail']}")
+    verdict = "within" if result["within_target"] else "NOT within"
+    typer.echo(f"verification {verdict} the {result['target_seconds']:.0f} s target; written to {output}")
+
+
 def _audit_call(data_dir: Path, target: str, method: str, request: object) -> object:
     """Call the audit service under the platform identity (an operator on the exchange's hosts)."""
     from hie.audit.v1 import audit_pb2_grpc

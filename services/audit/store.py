@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,25 +175,94 @@ async def all_checkpoints(session: AsyncSession) -> list[Checkpoint]:
     return list(await session.scalars(select(Checkpoint).order_by(Checkpoint.id)))
 
 
-async def all_records(session: AsyncSession, *, batch: int = 20_000) -> AsyncIterator[Mapping[str, Any]]:
-    """Every record in sequence order, streamed in batches of plain rows (for verification)."""
-    table = AuditRecord.__table__
+async def all_records(session: AsyncSession, *, batch: int = 20_000) -> AsyncIterator[chain.StoredRecord]:
+    """Every record in sequence order, for verification: read by keyset in batches, so memory
+    stays constant, as `chain.StoredRecord` tuples (the columns chain.STORED_FIELDS names).
+
+    On SQLite and PostgreSQL the rows are read through the driver connection, without the ORM's
+    per-row processing, and each becomes a StoredRecord only as it is handed out (so it is freed
+    as soon as it is checked): a million records have to verify in seconds. The values are those
+    the typed columns would give (`_stored_record_sqlite` reproduces UtcDateTime on SQLite)."""
+    connection = await session.connection()
+    dialect = connection.dialect.name
+    if dialect in {"sqlite", "postgresql"}:
+        driver = (await connection.get_raw_connection()).driver_connection
+        read, stored = (
+            (_read_sqlite(driver), _stored_record_sqlite)
+            if dialect == "sqlite"
+            else (_read_postgresql(driver), chain.StoredRecord)
+        )
+    else:
+        read, stored = _read_typed(session), chain.StoredRecord
     after = 0
     while True:
-        rows = (
-            (
-                await session.execute(
-                    select(table).where(table.c.sequence > after).order_by(table.c.sequence).limit(batch)
-                )
-            )
-            .mappings()
-            .all()
-        )
+        rows = await read(after, batch)
         if not rows:
             return
         for row in rows:
-            yield row
-        after = rows[-1]["sequence"]
+            yield stored(row)
+        after = rows[-1][_SEQUENCE]
+
+
+_COLUMNS = ", ".join(chain.STORED_FIELDS)
+_SEQUENCE = chain.STORED_FIELDS.index("sequence")
+_OCCURRED = chain.STORED_FIELDS.index("occurred")
+_RECORDED = chain.STORED_FIELDS.index("recorded")
+# Reads up to `limit` rows (tuples of chain.STORED_FIELDS) after a sequence number.
+_Reader = Callable[[int, int], Awaitable[Sequence[Sequence[Any]]]]
+
+
+def _read_postgresql(driver: Any) -> _Reader:
+    """asyncpg decodes every column as the typed columns would (timestamptz as an aware UTC
+    datetime, which UtcDateTime returns unchanged)."""
+    sql = f"SELECT {_COLUMNS} FROM audit_record WHERE sequence > $1 ORDER BY sequence LIMIT $2"  # noqa: S608
+
+    async def read(after: int, limit: int) -> Sequence[Sequence[Any]]:
+        return await driver.fetch(sql, after, limit)  # type: ignore[no-any-return]
+
+    return read
+
+
+def _read_sqlite(driver: Any) -> _Reader:
+    sql = f"SELECT {_COLUMNS} FROM audit_record WHERE sequence > ? ORDER BY sequence LIMIT ?"  # noqa: S608
+
+    async def read(after: int, limit: int) -> Sequence[Sequence[Any]]:
+        async with driver.execute(sql, (after, limit)) as cursor:
+            return await cursor.fetchall()  # type: ignore[no-any-return]
+
+    return read
+
+
+def _stored_record_sqlite(row: Sequence[Any]) -> chain.StoredRecord:
+    """SQLite keeps times as text. The typed column reads one with datetime.fromisoformat
+    (SQLAlchemy's SQLite DATETIME) and UtcDateTime puts a naive result in UTC; canonical()
+    writes that datetime's isoformat(), which for UTC is the naive one plus "+00:00". Each time
+    becomes that text here (NULL stays None)."""
+    values = list(row)
+    occurred = values[_OCCURRED]
+    if occurred is not None:
+        occurred = _fromisoformat(occurred)
+        values[_OCCURRED] = occurred.isoformat() + "+00:00" if occurred.tzinfo is None else occurred.isoformat()
+    recorded = values[_RECORDED]
+    if recorded is not None:
+        recorded = _fromisoformat(recorded)
+        values[_RECORDED] = recorded.isoformat() + "+00:00" if recorded.tzinfo is None else recorded.isoformat()
+    return chain.StoredRecord(values)
+
+
+_fromisoformat = datetime.datetime.fromisoformat
+
+
+def _read_typed(session: AsyncSession) -> _Reader:
+    """Any other database: through the typed columns."""
+    table = AuditRecord.__table__
+    columns = [table.c[name] for name in chain.STORED_FIELDS]
+
+    async def read(after: int, limit: int) -> Sequence[Sequence[Any]]:
+        stmt = select(*columns).where(table.c.sequence > after).order_by(table.c.sequence).limit(limit)
+        return (await session.execute(stmt)).all()
+
+    return read
 
 
 def entities_json(entities: Sequence[tuple[str, str]]) -> str:
