@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -368,11 +369,17 @@ def audit_verify(
     expect: Annotated[
         Path | None, typer.Option(help="A checkpoint (JWS) kept from `hie audit checkpoint`; detects truncation")
     ] = None,
+    since: Annotated[datetime.datetime | None, typer.Option(help="Verify only records from this time (UTC)")] = None,
+    until: Annotated[datetime.datetime | None, typer.Option(help="...up to this time (UTC, exclusive)")] = None,
 ) -> None:
-    """Verify the audit hash chain and its signed checkpoints; exit 1 at the first break."""
+    """Verify the audit hash chain (or a time range of it) and its signed checkpoints; exit 1 at the first break."""
     from hie.audit.v1 import audit_pb2
 
     request = audit_pb2.VerifyChainRequest(expected_checkpoint=expect.read_text().strip() if expect else "")
+    for name, value in (("since", since), ("until", until)):
+        if value is not None:
+            moment = value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+            getattr(request, name).FromDatetime(moment.astimezone(datetime.UTC))
     started = time.monotonic()
     result = _audit_call(data_dir, target, "VerifyChain", request)
     elapsed = time.monotonic() - started

@@ -179,9 +179,9 @@ class ChainWalk:
     """Checks records one at a time, in sequence order, so a chain of any length streams
     through in constant memory; `broken` holds the first failure."""
 
-    def __init__(self) -> None:
-        self.previous = GENESIS_HASH
-        self.expected_sequence = 1
+    def __init__(self, *, first_sequence: int = 1, previous_hash: str = GENESIS_HASH) -> None:
+        self.previous = previous_hash
+        self.expected_sequence = first_sequence
         self.checked = 0
         self.broken: ChainVerdict | None = None
 

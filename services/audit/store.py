@@ -167,6 +167,22 @@ class Checkpoint(Base):
     jws: Mapped[str] = mapped_column(Text)
 
 
+async def sequence_range(
+    session: AsyncSession, since: datetime.datetime | None, until: datetime.datetime | None
+) -> tuple[int, int, str] | None:
+    """(first, last, hash before first) of the records that occurred in [since, until)."""
+    bounds = select(func.min(AuditRecord.sequence), func.max(AuditRecord.sequence))
+    if since:
+        bounds = bounds.where(AuditRecord.occurred >= since)
+    if until:
+        bounds = bounds.where(AuditRecord.occurred < until)
+    first, last = (await session.execute(bounds)).one()
+    if first is None:
+        return None
+    previous = await session.scalar(select(AuditRecord.hash).where(AuditRecord.sequence == first - 1))
+    return int(first), int(last), previous or chain.GENESIS_HASH
+
+
 async def latest_checkpoint(session: AsyncSession) -> Checkpoint | None:
     return await session.scalar(select(Checkpoint).order_by(Checkpoint.id.desc()).limit(1))
 
@@ -175,7 +191,9 @@ async def all_checkpoints(session: AsyncSession) -> list[Checkpoint]:
     return list(await session.scalars(select(Checkpoint).order_by(Checkpoint.id)))
 
 
-async def all_records(session: AsyncSession, *, batch: int = 20_000) -> AsyncIterator[chain.StoredRecord]:
+async def all_records(
+    session: AsyncSession, *, batch: int = 20_000, after_sequence: int = 0
+) -> AsyncIterator[chain.StoredRecord]:
     """Every record in sequence order, for verification: read by keyset in batches, so memory
     stays constant, as `chain.StoredRecord` tuples (the columns chain.STORED_FIELDS names).
 
@@ -194,7 +212,7 @@ async def all_records(session: AsyncSession, *, batch: int = 20_000) -> AsyncIte
         )
     else:
         read, stored = _read_typed(session), chain.StoredRecord
-    after = 0
+    after = after_sequence
     while True:
         rows = await read(after, batch)
         if not rows:

@@ -181,3 +181,34 @@ async def test_checkpoints_are_signed_as_records_accumulate(
         signed = [row[0] for row in await conn.execute(text("SELECT sequence FROM audit_checkpoint ORDER BY id"))]
     assert signed == [3, 6]
     assert (await _verify(audit, keys_dir)).intact
+
+
+async def test_a_time_range_is_verified_on_its_own(audit: RunningService, keys_dir: Path) -> None:
+    import datetime
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    def at(day: int) -> Timestamp:
+        ts = Timestamp()
+        ts.FromDatetime(datetime.datetime(2026, 11, day, 8, 0, tzinfo=datetime.UTC))
+        return ts
+
+    events = []
+    for n in range(1, 11):
+        event = _event(n)
+        event.occurred.CopyFrom(at(n))
+        events.append(event)
+    assert await _append(audit, keys_dir, events) == 10
+    window = audit_pb2.VerifyChainRequest(since=at(4), until=at(8))
+    verdict = await _call(audit, "VerifyChain", window, keys_dir)
+    assert verdict.intact  # type: ignore[attr-defined]
+    assert verdict.records_checked == 4  # type: ignore[attr-defined]  # days 4, 5, 6, 7
+    async with audit.runtime.engine.begin() as conn:
+        await conn.execute(text("UPDATE audit_record SET type = 'x' WHERE sequence = 9"))
+    assert (await _call(audit, "VerifyChain", window, keys_dir)).intact  # type: ignore[attr-defined]
+    assert not (await _verify(audit, keys_dir)).intact
+    async with audit.runtime.engine.begin() as conn:
+        await conn.execute(text("UPDATE audit_record SET type = 'x' WHERE sequence = 5"))
+    broken = await _call(audit, "VerifyChain", window, keys_dir)
+    assert not broken.intact  # type: ignore[attr-defined]
+    assert broken.first_break_sequence == 5  # type: ignore[attr-defined]

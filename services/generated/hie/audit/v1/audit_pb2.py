@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hie.common.v1 import common_pb2 as hie_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18hie/audit/v1/audit.proto\x12\x0chie.audit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"%\n\tEntityRef\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\xd7\x03\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12,\n\x08occurred\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12$\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x14.hie.audit.v1.Action\x12&\n\x07outcome\x18\x05 \x01(\x0e\x32\x15.hie.audit.v1.Outcome\x12+\n\x05\x61\x63tor\x18\x06 \x01(\x0b\x32\x1c.hie.common.v1.CallerContext\x12\x1d\n\x15patient_enterprise_id\x18\x07 \x01(\t\x12)\n\x08\x65ntities\x18\x08 \x03(\x0b\x32\x17.hie.audit.v1.EntityRef\x12\x16\n\x0esource_address\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x0f\n\x07span_id\x18\x0b \x01(\t\x12\x16\n\x0esource_service\x18\x0c \x01(\t\x12\x10\n\x08sequence\x18\r \x01(\x03\x12\x15\n\rprevious_hash\x18\x0e \x01(\t\x12\x0c\n\x04hash\x18\x0f \x01(\t\x12,\n\x08recorded\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\rAppendRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.hie.audit.v1.AuditEvent\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\"\x82\x03\n\x0cQueryRequest\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x1d\n\x15patient_enterprise_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x04page\x18\x07 \x01(\x0b\x32\x1a.hie.common.v1.PageRequest\x12*\n\x07patient\x18\x08 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x17\n\x0fpractitioner_id\x18\t \x01(\t\x12&\n\x07outcome\x18\n \x01(\x0e\x32\x15.hie.audit.v1.Outcome\x12\x16\n\x0epurpose_of_use\x18\x0b \x01(\t\x12\x15\n\rfailures_only\x18\x0c \x01(\x08\"d\n\rQueryResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.hie.audit.v1.AuditEvent\x12)\n\x04page\x18\x02 \x01(\x0b\x32\x1b.hie.common.v1.PageResponse\"1\n\x12VerifyChainRequest\x12\x1b\n\x13\x65xpected_checkpoint\x18\x01 \x01(\t\"l\n\x13VerifyChainResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1c\n\x14\x66irst_break_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"~\n\rReportRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\"v\n\tVolumeRow\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12&\n\x07outcome\x18\x04 \x01(\x0e\x32\x15.hie.audit.v1.Outcome\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\"7\n\x0eReportResponse\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.hie.audit.v1.VolumeRow\"\x19\n\x17LatestCheckpointRequest\"v\n\x18LatestCheckpointResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12-\n\tsigned_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03jws\x18\x04 \x01(\t*~\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x11\n\rACTION_CREATE\x10\x01\x12\x0f\n\x0b\x41\x43TION_READ\x10\x02\x12\x11\n\rACTION_UPDATE\x10\x03\x12\x11\n\rACTION_DELETE\x10\x04\x12\x12\n\x0e\x41\x43TION_EXECUTE\x10\x05*\x8a\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x19\n\x15OUTCOME_MINOR_FAILURE\x10\x02\x12\x1b\n\x17OUTCOME_SERIOUS_FAILURE\x10\x03\x12\x19\n\x15OUTCOME_MAJOR_FAILURE\x10\x04\x32\x8d\x03\n\x08\x41uditLog\x12\x43\n\x06\x41ppend\x12\x1b.hie.audit.v1.AppendRequest\x1a\x1c.hie.audit.v1.AppendResponse\x12@\n\x05Query\x12\x1a.hie.audit.v1.QueryRequest\x1a\x1b.hie.audit.v1.QueryResponse\x12R\n\x0bVerifyChain\x12 .hie.audit.v1.VerifyChainRequest\x1a!.hie.audit.v1.VerifyChainResponse\x12\x43\n\x06Report\x12\x1b.hie.audit.v1.ReportRequest\x1a\x1c.hie.audit.v1.ReportResponse\x12\x61\n\x10LatestCheckpoint\x12%.hie.audit.v1.LatestCheckpointRequest\x1a&.hie.audit.v1.LatestCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18hie/audit/v1/audit.proto\x12\x0chie.audit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"%\n\tEntityRef\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\xd7\x03\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12,\n\x08occurred\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12$\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x14.hie.audit.v1.Action\x12&\n\x07outcome\x18\x05 \x01(\x0e\x32\x15.hie.audit.v1.Outcome\x12+\n\x05\x61\x63tor\x18\x06 \x01(\x0b\x32\x1c.hie.common.v1.CallerContext\x12\x1d\n\x15patient_enterprise_id\x18\x07 \x01(\t\x12)\n\x08\x65ntities\x18\x08 \x03(\x0b\x32\x17.hie.audit.v1.EntityRef\x12\x16\n\x0esource_address\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x0f\n\x07span_id\x18\x0b \x01(\t\x12\x16\n\x0esource_service\x18\x0c \x01(\t\x12\x10\n\x08sequence\x18\r \x01(\x03\x12\x15\n\rprevious_hash\x18\x0e \x01(\t\x12\x0c\n\x04hash\x18\x0f \x01(\t\x12,\n\x08recorded\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\rAppendRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.hie.audit.v1.AuditEvent\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\"\x82\x03\n\x0cQueryRequest\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x1d\n\x15patient_enterprise_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x04page\x18\x07 \x01(\x0b\x32\x1a.hie.common.v1.PageRequest\x12*\n\x07patient\x18\x08 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x17\n\x0fpractitioner_id\x18\t \x01(\t\x12&\n\x07outcome\x18\n \x01(\x0e\x32\x15.hie.audit.v1.Outcome\x12\x16\n\x0epurpose_of_use\x18\x0b \x01(\t\x12\x15\n\rfailures_only\x18\x0c \x01(\x08\"d\n\rQueryResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.hie.audit.v1.AuditEvent\x12)\n\x04page\x18\x02 \x01(\x0b\x32\x1b.hie.common.v1.PageResponse\"\x87\x01\n\x12VerifyChainRequest\x12\x1b\n\x13\x65xpected_checkpoint\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x13VerifyChainResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1c\n\x14\x66irst_break_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"~\n\rReportRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\"v\n\tVolumeRow\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12&\n\x07outcome\x18\x04 \x01(\x0e\x32\x15.hie.audit.v1.Outcome\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\"7\n\x0eReportResponse\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.hie.audit.v1.VolumeRow\"\x19\n\x17LatestCheckpointRequest\"v\n\x18LatestCheckpointResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12-\n\tsigned_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03jws\x18\x04 \x01(\t*~\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x11\n\rACTION_CREATE\x10\x01\x12\x0f\n\x0b\x41\x43TION_READ\x10\x02\x12\x11\n\rACTION_UPDATE\x10\x03\x12\x11\n\rACTION_DELETE\x10\x04\x12\x12\n\x0e\x41\x43TION_EXECUTE\x10\x05*\x8a\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x19\n\x15OUTCOME_MINOR_FAILURE\x10\x02\x12\x1b\n\x17OUTCOME_SERIOUS_FAILURE\x10\x03\x12\x19\n\x15OUTCOME_MAJOR_FAILURE\x10\x04\x32\x8d\x03\n\x08\x41uditLog\x12\x43\n\x06\x41ppend\x12\x1b.hie.audit.v1.AppendRequest\x1a\x1c.hie.audit.v1.AppendResponse\x12@\n\x05Query\x12\x1a.hie.audit.v1.QueryRequest\x1a\x1b.hie.audit.v1.QueryResponse\x12R\n\x0bVerifyChain\x12 .hie.audit.v1.VerifyChainRequest\x1a!.hie.audit.v1.VerifyChainResponse\x12\x43\n\x06Report\x12\x1b.hie.audit.v1.ReportRequest\x1a\x1c.hie.audit.v1.ReportResponse\x12\x61\n\x10LatestCheckpoint\x12%.hie.audit.v1.LatestCheckpointRequest\x1a&.hie.audit.v1.LatestCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hie.audit.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTION']._serialized_start=1815
-  _globals['_ACTION']._serialized_end=1941
-  _globals['_OUTCOME']._serialized_start=1944
-  _globals['_OUTCOME']._serialized_end=2082
+  _globals['_ACTION']._serialized_start=1902
+  _globals['_ACTION']._serialized_end=2028
+  _globals['_OUTCOME']._serialized_start=2031
+  _globals['_OUTCOME']._serialized_end=2169
   _globals['_ENTITYREF']._serialized_start=103
   _globals['_ENTITYREF']._serialized_end=140
   _globals['_AUDITEVENT']._serialized_start=143
@@ -50,20 +50,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYREQUEST']._serialized_end=1098
   _globals['_QUERYRESPONSE']._serialized_start=1100
   _globals['_QUERYRESPONSE']._serialized_end=1200
-  _globals['_VERIFYCHAINREQUEST']._serialized_start=1202
-  _globals['_VERIFYCHAINREQUEST']._serialized_end=1251
-  _globals['_VERIFYCHAINRESPONSE']._serialized_start=1253
-  _globals['_VERIFYCHAINRESPONSE']._serialized_end=1361
-  _globals['_REPORTREQUEST']._serialized_start=1363
-  _globals['_REPORTREQUEST']._serialized_end=1489
-  _globals['_VOLUMEROW']._serialized_start=1491
-  _globals['_VOLUMEROW']._serialized_end=1609
-  _globals['_REPORTRESPONSE']._serialized_start=1611
-  _globals['_REPORTRESPONSE']._serialized_end=1666
-  _globals['_LATESTCHECKPOINTREQUEST']._serialized_start=1668
-  _globals['_LATESTCHECKPOINTREQUEST']._serialized_end=1693
-  _globals['_LATESTCHECKPOINTRESPONSE']._serialized_start=1695
-  _globals['_LATESTCHECKPOINTRESPONSE']._serialized_end=1813
-  _globals['_AUDITLOG']._serialized_start=2085
-  _globals['_AUDITLOG']._serialized_end=2482
+  _globals['_VERIFYCHAINREQUEST']._serialized_start=1203
+  _globals['_VERIFYCHAINREQUEST']._serialized_end=1338
+  _globals['_VERIFYCHAINRESPONSE']._serialized_start=1340
+  _globals['_VERIFYCHAINRESPONSE']._serialized_end=1448
+  _globals['_REPORTREQUEST']._serialized_start=1450
+  _globals['_REPORTREQUEST']._serialized_end=1576
+  _globals['_VOLUMEROW']._serialized_start=1578
+  _globals['_VOLUMEROW']._serialized_end=1696
+  _globals['_REPORTRESPONSE']._serialized_start=1698
+  _globals['_REPORTRESPONSE']._serialized_end=1753
+  _globals['_LATESTCHECKPOINTREQUEST']._serialized_start=1755
+  _globals['_LATESTCHECKPOINTREQUEST']._serialized_end=1780
+  _globals['_LATESTCHECKPOINTRESPONSE']._serialized_start=1782
+  _globals['_LATESTCHECKPOINTRESPONSE']._serialized_end=1900
+  _globals['_AUDITLOG']._serialized_start=2172
+  _globals['_AUDITLOG']._serialized_end=2569
 # @@protoc_insertion_point(module_scope)

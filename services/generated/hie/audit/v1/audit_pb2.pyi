@@ -133,10 +133,14 @@ class QueryResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., page: _Optional[_Union[_common_pb2.PageResponse, _Mapping]] = ...) -> None: ...
 
 class VerifyChainRequest(_message.Message):
-    __slots__ = ("expected_checkpoint",)
+    __slots__ = ("expected_checkpoint", "since", "until")
     EXPECTED_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
     expected_checkpoint: str
-    def __init__(self, expected_checkpoint: _Optional[str] = ...) -> None: ...
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    def __init__(self, expected_checkpoint: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class VerifyChainResponse(_message.Message):
     __slots__ = ("intact", "records_checked", "first_break_sequence", "detail")
