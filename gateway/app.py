@@ -217,7 +217,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
-        _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        # The route template, not the path: paths can carry patient local ids.
+        route = getattr(request.scope.get("route"), "path", "[unmatched route]")
+        _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route)
         return error_response(request, ApiError(500, "internal", "the exchange could not complete this"))
 
     app.openapi = lambda: _openapi_with_security(app)  # type: ignore[method-assign]
