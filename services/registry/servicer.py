@@ -11,7 +11,6 @@ from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
-from hie.mpi.v1 import mpi_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import domain, store
 from services.shared import identity
@@ -83,9 +82,6 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
         return consent_pb2_grpc.ConsentDecisionPointStub(self._rt.channel("consent"))
 
-    async def _cross_reference(self, ref: common_pb2.PatientRef) -> mpi_pb2.CrossReferenceResponse:
-        return await identity.cross_reference(self._rt, ref)
-
     async def _decide(
         self, enterprise_id: str, entries: list[store.DocumentEntryRecord]
     ) -> dict[str, consent_pb2.ItemDecision]:
@@ -144,7 +140,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise InvalidArgument("the patient's local id is required", reason="patient-ref-missing")
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=entry.patient.local_id)
         try:
-            xref = await self._cross_reference(patient_ref)
+            xref = await identity.cross_reference(self._rt, patient_ref)
         except NotFound:
             raise FailedPrecondition(
                 "register the patient before their documents", reason="patient-not-registered"
@@ -248,7 +244,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             offset = int(request.page.page_token or 0)
         except ValueError:
             raise InvalidArgument("bad page token", reason="page-token") from None
-        xref = await self._cross_reference(ref)
+        xref = await identity.cross_reference(self._rt, ref)
         statuses = [int(s) for s in request.statuses] or [_CURRENT]
         async with self._rt.sessions() as session:
             rows = await store.entries_of_patient(
@@ -298,8 +294,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if record is None or content is None:
             raise NotFound("no such document", reason="document-not-found")
         # The person's current identity, so consent follows links made since registration.
-        xref = await self._cross_reference(
-            common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+        xref = await identity.cross_reference(
+            self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
         decision = (await self._decide(xref.enterprise_id, [record])).get(record.id)
         if decision is None or decision.decision != consent_pb2.DECISION_PERMIT:
