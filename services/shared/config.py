@@ -52,6 +52,10 @@ class Settings:
     # How long the gateway trusts its cached view of an organisation's standing.
     revocation_check_seconds: float = 5.0
     grpc_tls: GrpcTls | None = None
+    # Data-protection keys (field encryption, blind indexes, document key wrapping).
+    data_keys_file: Path = Path(".hie/keys/data-keys.json")
+    # "aes" (AES-256-GCM, HMAC-SHA-256) or "sm" (SM4-GCM, HMAC-SM3, SM2) for a new key file.
+    crypto_suite: str = "aes"
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -82,6 +86,8 @@ class Settings:
             cors_origins=tuple(o for o in env.get("HIE_CORS_ORIGINS", "").split(",") if o),
             revocation_check_seconds=float(env.get("HIE_REVOCATION_CHECK_SECONDS", "5")),
             grpc_tls=GrpcTls.from_env(env),
+            data_keys_file=Path(env.get("HIE_DATA_KEYS_FILE", keys / "data-keys.json")),
+            crypto_suite=env.get("HIE_CRYPTO_SUITE", "aes"),
         )
         settings.check()
         return settings
@@ -90,6 +96,8 @@ class Settings:
         """Production must name a real database and an HTTPS public URL."""
         if self.environment not in {"development", "production"}:
             raise UnsafeSettingsError("HIE_ENV must be development or production")
+        if self.crypto_suite not in {"aes", "sm"}:
+            raise UnsafeSettingsError("HIE_CRYPTO_SUITE must be aes or sm")
         if self.environment == "production":
             if not self.database_url or self.database_url.startswith("sqlite"):
                 raise UnsafeSettingsError("production needs HIE_DATABASE_URL pointing at PostgreSQL")

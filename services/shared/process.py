@@ -26,6 +26,7 @@ from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
+from services.shared.protection import DataProtection
 from services.shared.server import (
     ServicerBinding,
     configure_logging,
@@ -48,6 +49,8 @@ class ServiceRuntime:
     audit: AuditTrail
     credentials: PlatformCredentials
     verifier: TokenVerifier | None = None
+    # Field encryption, blind indexes, document key wrapping and masking (services/shared/protection).
+    protection: DataProtection | None = None
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -124,6 +127,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         audit=AuditTrail(outbox, service=spec.name),
         credentials=credentials,
         verifier=TokenVerifier(settings.trusted_jwks_file),
+        protection=DataProtection.from_settings(settings),
     )
     if spec.relays_audit:
         outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))

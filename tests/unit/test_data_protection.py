@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gmssl_pyx
@@ -172,6 +173,15 @@ def test_key_file_is_private_and_round_trips(tmp_path: Path) -> None:
     assert inline.active.material == keyring.active.material
     with pytest.raises(KeyringError):
         DataKeyring.from_json({"format": "hie-data-keys/1", "active": "x", "keys": []})
+
+
+def test_processes_starting_together_share_one_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "data-keys.json"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keyrings = list(pool.map(lambda _: load_or_create(path, environ={}), range(16)))
+    assert len({k.active.id for k in keyrings}) == 1
+    assert DataKeyring.load(path).active.id == keyrings[0].active.id
+    assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
 
 
 def test_running_processes_follow_a_rotation_written_to_the_key_file(tmp_path: Path) -> None:

@@ -185,14 +185,26 @@ class DataKeyring:
             raise KeyringError("the data key file must not be readable by group or others (chmod 600)")
         return cls.from_json(json.loads(path.read_text()))
 
-    def save(self, path: Path) -> None:
-        """Write atomically with mode 0600, so a crash never leaves a half-written key file."""
+    def save(self, path: Path, *, exclusive: bool = False) -> None:
+        """Write atomically with mode 0600, so a crash never leaves a half-written key file.
+
+        `exclusive` refuses to replace an existing file (FileExistsError): several processes
+        starting at once must not each create their own keys.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(self.to_json(), fh, indent=2)
-        os.replace(tmp, path)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            if exclusive:
+                os.link(tmp, path)
+            else:
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _new_key(suite: CipherSuite, *, prefix: str, size: int | None = None) -> DataKey:
@@ -245,5 +257,8 @@ def load_or_create(path: Path, *, environ: dict[str, str] | None = None, suite: 
     if path.exists():
         return DataKeyring.load(path)
     keyring = DataKeyring.generate(env.get("HIE_CRYPTO_SUITE", suite))
-    keyring.save(path)
+    try:
+        keyring.save(path, exclusive=True)
+    except FileExistsError:
+        return DataKeyring.load(path)  # another process created it first: use theirs
     return keyring
