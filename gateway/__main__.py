@@ -3,6 +3,7 @@
 import uvicorn
 
 from gateway.app import create_app
+from gateway.serving import uvicorn_config
 from services.shared.config import Settings
 from services.shared.server import configure_logging
 from services.shared.tracing import configure_tracing
@@ -13,16 +14,7 @@ def main() -> None:
     configure_logging(settings.log_level)
     configure_tracing("gateway", settings.otel_exporter)
     host, _, port = settings.listen_for("gateway").rpartition(":")
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=int(port),
-        log_level=settings.log_level.lower(),
-        # Access logs carry query strings, which can hold patient ids: off.
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.Server(uvicorn_config(create_app(settings), settings, host=host, port=int(port))).run()
 
 
 if __name__ == "__main__":

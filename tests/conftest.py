@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from gateway.app import create_app
 from gateway.client import HospitalClient, Practitioner
 from gateway.organizations import register_organization
+from gateway.serving import scheme, uvicorn_config
 from services.audit.service import SPEC as AUDIT
 from services.consent.service import SPEC as CONSENT
 from services.mpi.service import SPEC as MPI
@@ -108,9 +109,9 @@ class RunningGateway:
 async def serve_gateway(settings: Settings) -> RunningGateway:
     """The gateway app on a real loopback port; `settings.public_url` is set to it."""
     sock = _loopback_socket()
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    base_url = f"{scheme(settings)}://127.0.0.1:{sock.getsockname()[1]}"
     settings = dataclasses.replace(settings, public_url=base_url)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():

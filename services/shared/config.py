@@ -56,6 +56,11 @@ class Settings:
     data_keys_file: Path = Path(".hie/keys/data-keys.json")
     # "aes" (AES-256-GCM, HMAC-SHA-256) or "sm" (SM4-GCM, HMAC-SM3, SM2) for a new key file.
     crypto_suite: str = "aes"
+    # HTTPS at the gateway itself (PEM chain and key), or "ingress" when a TLS-terminating ingress
+    # or load balancer in front of it does the HTTPS.
+    https_cert_file: Path | None = None
+    https_key_file: Path | None = None
+    https_termination: str = "gateway"
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -88,6 +93,9 @@ class Settings:
             grpc_tls=GrpcTls.from_env(env),
             data_keys_file=Path(env.get("HIE_DATA_KEYS_FILE", keys / "data-keys.json")),
             crypto_suite=env.get("HIE_CRYPTO_SUITE", "aes"),
+            https_cert_file=Path(env["HIE_HTTPS_CERT"]) if env.get("HIE_HTTPS_CERT") else None,
+            https_key_file=Path(env["HIE_HTTPS_KEY"]) if env.get("HIE_HTTPS_KEY") else None,
+            https_termination=env.get("HIE_HTTPS_TERMINATION", "gateway"),
         )
         settings.check()
         return settings
@@ -98,6 +106,10 @@ class Settings:
             raise UnsafeSettingsError("HIE_ENV must be development or production")
         if self.crypto_suite not in {"aes", "sm"}:
             raise UnsafeSettingsError("HIE_CRYPTO_SUITE must be aes or sm")
+        if self.https_termination not in {"gateway", "ingress"}:
+            raise UnsafeSettingsError("HIE_HTTPS_TERMINATION must be gateway or ingress")
+        if bool(self.https_cert_file) != bool(self.https_key_file):
+            raise UnsafeSettingsError("HIE_HTTPS_CERT and HIE_HTTPS_KEY go together")
         if self.environment == "production":
             if not self.database_url or self.database_url.startswith("sqlite"):
                 raise UnsafeSettingsError("production needs HIE_DATABASE_URL pointing at PostgreSQL")
@@ -105,6 +117,10 @@ class Settings:
                 raise UnsafeSettingsError("production needs an https:// HIE_PUBLIC_URL")
             if self.grpc_tls is None:
                 raise UnsafeSettingsError("production needs TLS between services (HIE_GRPC_TLS_*)")
+            if self.https_termination == "gateway" and self.https_cert_file is None:
+                raise UnsafeSettingsError(
+                    "production needs HTTPS: HIE_HTTPS_CERT / HIE_HTTPS_KEY, or HIE_HTTPS_TERMINATION=ingress"
+                )
 
     def database_url_for(self, component: str) -> str:
         """The database URL a component uses: its own SQLite file by default."""

@@ -88,6 +88,9 @@ class ServiceSpec:
     build: Callable[[ServiceRuntime], Sequence[ServicerBinding]]
     # The audit service records its own events directly, not through a relay to itself.
     relays_audit: bool = True
+    # Stores direct identifiers or document content: loads the data keys (only these services
+    # get the key file mounted in production).
+    protects_personal_data: bool = False
 
 
 @dataclass
@@ -127,7 +130,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         audit=AuditTrail(outbox, service=spec.name),
         credentials=credentials,
         verifier=TokenVerifier(settings.trusted_jwks_file),
-        protection=DataProtection.from_settings(settings),
+        protection=DataProtection.from_settings(settings) if spec.protects_personal_data else None,
     )
     if spec.relays_audit:
         outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import ssl
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.demo import run_demo
 from services.shared.transport import GrpcTls
 from tests.conftest import base_settings, drop_schemas, start_exchange
+from tests.factories import person
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -117,3 +120,43 @@ async def test_plaintext_health_port_beside_a_tls_service(tmp_path: Path, keys_d
             assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await running.stop(grace=None)
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+async def test_gateway_serves_https_with_tls_1_2_or_newer_and_grpc_over_mtls(tmp_path: Path, keys_dir: Path) -> None:
+    """In transit end to end: HTTPS from the hospital to the gateway, mTLS from there on."""
+    tls = make_pki(tmp_path)
+    settings = dataclasses.replace(
+        base_settings(tmp_path, keys_dir, "sqlite"),
+        grpc_tls=tls,
+        https_cert_file=tls.cert_file,
+        https_key_file=tls.key_file,
+    )
+    exchange, gateway = await start_exchange(settings, "sqlite")
+    assert exchange.base_url.startswith("https://")
+    trusting = ssl.create_default_context(cafile=str(tls.ca_file))
+    hospital = await exchange.member(name="市第一人民医院")
+    hospital.http = httpx.AsyncClient(verify=trusting, timeout=30)
+    try:
+        registered = await hospital.call("POST", "/api/v1/patients", json={"local_id": "TLS-1", **person("王芳")})
+        assert registered.status_code == 201, registered.text
+        assert registered.headers["Strict-Transport-Security"].startswith("max-age=")
+        # The token endpoint the discovery document names is an https URL as well.
+        assert (await hospital.token_endpoint()).startswith("https://")
+
+        port = exchange.base_url.rsplit(":", 1)[1]
+        async with httpx.AsyncClient(timeout=5) as plain:  # plaintext HTTP on the TLS port is refused
+            with pytest.raises(httpx.HTTPError):
+                await plain.get(f"http://127.0.0.1:{port}/.well-known/smart-configuration")
+        old = ssl.create_default_context(cafile=str(tls.ca_file))
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        async with httpx.AsyncClient(verify=old, timeout=5) as legacy:  # TLS 1.0 / 1.1 refused
+            with pytest.raises(httpx.ConnectError):
+                await legacy.get(f"{exchange.base_url}/.well-known/smart-configuration")
+    finally:
+        await hospital.aclose()
+        await gateway.stop()
+        for service in exchange.services.values():
+            await service.stop(grace=None)

@@ -180,9 +180,10 @@ class DataKeyring:
 
     @classmethod
     def load(cls, path: Path) -> DataKeyring:
-        """Read a key file, refusing one other users can read."""
-        if os.name == "posix" and path.stat().st_mode & 0o077:
-            raise KeyringError("the data key file must not be readable by group or others (chmod 600)")
+        """Read a key file, refusing one that others can read or the group can change (group read
+        is allowed: Kubernetes mounts Secrets group-readable for the pod's fsGroup)."""
+        if os.name == "posix" and path.stat().st_mode & 0o027:
+            raise KeyringError("the data key file must not be readable by others nor group-writable (chmod 600)")
         return cls.from_json(json.loads(path.read_text()))
 
     def save(self, path: Path, *, exclusive: bool = False) -> None:
