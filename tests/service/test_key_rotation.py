@@ -13,9 +13,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from services.shared.protection.envelope import new_content_key, open_content_key
 from services.shared.protection.fields import FieldCipher
 from services.shared.protection.keyring import DataKeyring, KeyringFile
-from services.shared.protection.rotation import RotationProgress, reencrypt_table
+from services.shared.protection.rotation import RotationProgress, reencrypt_table, rewrap_table, wrapped_key_id
 
 POSTGRES_URL = os.environ.get("HIE_TEST_DATABASE_URL", "")
 ROWS = 1200
@@ -167,3 +168,51 @@ async def test_a_tampered_value_is_reported_and_left_alone_not_rewritten(
     async with engine.connect() as conn:
         kept = (await conn.execute(sa.select(table.c.phone).where(table.c.id == 1))).scalar_one()
     assert kept == swapped[1][0]
+
+
+async def test_document_keys_are_rewrapped_and_content_stays_readable(
+    database: tuple[AsyncEngine, sa.Table],
+) -> None:
+    engine, phones = database
+    documents = sa.Table(
+        "protected_documents",
+        phones.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("document_id", sa.Text, nullable=False),
+        sa.Column("wrapped_key", sa.LargeBinary, nullable=False),
+        sa.Column("chunk", sa.LargeBinary, nullable=False),
+    )
+    async with engine.begin() as conn:
+        await conn.run_sync(documents.create)
+    old = DataKeyring.generate()
+    rows = []
+    for i in range(30):
+        key = new_content_key(old, document_id=f"doc-{i}", suite="aes")
+        rows.append(
+            {
+                "id": i,
+                "document_id": f"doc-{i}",
+                "wrapped_key": key.wrapped,
+                "chunk": key.seal_chunk(0, f"出院小结 {i}".encode(), final=True),
+            }
+        )
+    async with engine.begin() as conn:
+        await conn.execute(sa.insert(documents), rows)
+
+    rotated = old.rotated("sm")
+    progress = await rewrap_table(
+        engine, documents, document_id_column="document_id", wrapped_column="wrapped_key", kek=rotated, batch_size=7
+    )
+    assert (progress.reencrypted, progress.unreadable) == (30, [])
+    again = await rewrap_table(
+        engine, documents, document_id_column="document_id", wrapped_column="wrapped_key", kek=rotated
+    )
+    assert again.reencrypted == 0  # nothing left: a second run is a no-op
+
+    survivor = rotated.without({old.active.id})
+    async with engine.connect() as conn:
+        stored = (await conn.execute(sa.select(documents).order_by(documents.c.id))).mappings().all()
+    for row in stored:
+        assert wrapped_key_id(row["wrapped_key"]) == rotated.active.id
+        key = open_content_key(survivor, document_id=row["document_id"], wrapped=row["wrapped_key"])
+        assert key.open_chunk(0, row["chunk"], final=True) == f"出院小结 {row['id']}".encode()

@@ -16,10 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.shared.protection.envelope import rewrap
 from services.shared.protection.fields import FieldCipher, TamperedCiphertextError
-from services.shared.protection.keyring import UnknownKeyError
+from services.shared.protection.keyring import DataKeyring, UnknownKeyError
 
-__all__ = ["ColumnContext", "RotationProgress", "reencrypt_table"]
+__all__ = ["ColumnContext", "RotationProgress", "reencrypt_table", "rewrap_table", "wrapped_key_id"]
 
 # Builds a value's associated data (its place) from the row: must match what the writer used.
 ColumnContext = Callable[[Mapping[str, Any]], str]
@@ -107,3 +108,49 @@ async def _one_pass(
         if on_batch:
             on_batch(progress)
     return changed
+
+
+def wrapped_key_id(wrapped: bytes) -> str:
+    """The key-encryption key a stored document key is wrapped under (see envelope.new_content_key)."""
+    _suite, _, sealed = wrapped.partition(b"|")
+    return sealed[1 : 1 + sealed[0]].decode(errors="replace") if sealed else ""
+
+
+async def rewrap_table(
+    engine: AsyncEngine,
+    table: sa.Table,
+    *,
+    document_id_column: str,
+    wrapped_column: str,
+    kek: DataKeyring,
+    batch_size: int = 500,
+) -> RotationProgress:
+    """Re-wrap every document key not under the active key-encryption key. Content is untouched:
+    a rotation costs a few bytes per document, whatever the documents weigh."""
+    (pk,) = table.primary_key.columns
+    progress = RotationProgress(table=table.name)
+    after: Any = None
+    while True:
+        query = sa.select(pk, table.c[document_id_column], table.c[wrapped_column]).order_by(pk).limit(batch_size)
+        if after is not None:
+            query = query.where(pk > after)
+        async with engine.begin() as conn:
+            rows = (await conn.execute(query)).all()
+            if not rows:
+                return progress
+            for key, document_id, wrapped in rows:
+                after = key
+                if wrapped is None or wrapped_key_id(wrapped) == kek.active.id:
+                    continue
+                try:
+                    new = rewrap(kek, document_id=str(document_id), wrapped=wrapped)
+                except (TamperedCiphertextError, UnknownKeyError):
+                    progress.unreadable.append(key)
+                    continue
+                result = await conn.execute(
+                    sa.update(table).where(pk == key, table.c[wrapped_column] == wrapped).values({wrapped_column: new})
+                )
+                if result.rowcount == 1:
+                    progress.reencrypted += 1
+                else:
+                    progress.skipped_concurrent += 1
