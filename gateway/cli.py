@@ -52,9 +52,16 @@ def _settings(data_dir: Path, database_url: str = "") -> Settings:
 
 @keys_app.command("init")
 def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/keys")) -> None:
-    """Create the gateway's and the platform's signing keys and the trusted JWKS (kept if present)."""
+    """Create the gateway's and the platform's signing keys, the trusted JWKS and the data-protection
+    key file (each kept if present)."""
+    from services.shared.protection.keyring import load_or_create
+
     for name, path in ensure_exchange_keys(directory).items():
         typer.echo(f"{name}: {path}")
+    settings = Settings.from_env(dict(os.environ))
+    data_keys = directory / "data-keys.json"
+    keyring = load_or_create(data_keys, suite=settings.crypto_suite)
+    typer.echo(f"data-keys: {data_keys} (active {keyring.active.id}, {keyring.active.suite.cipher})")
 
 
 @keys_app.command("rotate")
@@ -63,6 +70,35 @@ def keys_rotate(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/k
     ten minutes (twice the token lifetime). Run `hie keys init` later to prune retired keys."""
     old, new = rotate_gateway_key(directory)
     typer.echo(f"gateway key rotated: {old} -> {new}")
+
+
+@keys_app.command("rotate-data")
+def keys_rotate_data(
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+    suite: Annotated[str, typer.Option(help="aes | sm; default: the current key's suite")] = "",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted rotation without a new key")] = False,
+) -> None:
+    """Rotate the data-protection key online: new active key, then re-encrypt every protected field
+    and re-wrap every document key, batch by batch, while the exchange keeps serving."""
+    from gateway.data_keys import rotate_data_keys
+
+    report = asyncio.run(
+        rotate_data_keys(_settings(data_dir, database_url), suite=suite or None, resume=resume, echo=typer.echo)
+    )
+    unreadable = sum(len(p.unreadable) for _name, p in report.tables)
+    typer.echo(f"data key {report.old_key} -> {report.new_key}; unreadable values: {unreadable}")
+    if unreadable:
+        raise typer.Exit(1)
+
+
+@keys_app.command("retire-data")
+def keys_retire_data(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl = "") -> None:
+    """Drop old data keys that no stored value uses any more."""
+    from gateway.data_keys import retire_data_keys
+
+    retired = asyncio.run(retire_data_keys(_settings(data_dir, database_url)))
+    typer.echo(f"retired: {', '.join(retired) if retired else 'none (every old key is still in use)'}")
 
 
 @org_app.command("add")

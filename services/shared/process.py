@@ -27,6 +27,7 @@ from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
 from services.shared.protection import DataProtection
+from services.shared.protection.rotation import ProtectedColumns, WrappedContentKeys
 from services.shared.server import (
     ServicerBinding,
     configure_logging,
@@ -91,6 +92,8 @@ class ServiceSpec:
     # Stores direct identifiers or document content: loads the data keys (only these services
     # get the key file mounted in production).
     protects_personal_data: bool = False
+    # What `hie keys rotate-data` re-encrypts / re-wraps in this service's schema.
+    protected: tuple[ProtectedColumns | WrappedContentKeys, ...] = ()
 
 
 @dataclass

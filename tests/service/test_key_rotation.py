@@ -13,10 +13,22 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from gateway.data_keys import keys_in_use, retire_data_keys, rotate_data_keys
+from services.shared.config import Settings
+from services.shared.db import engine_for
+from services.shared.process import ServiceSpec
+from services.shared.protection import DataProtection
 from services.shared.protection.envelope import new_content_key, open_content_key
 from services.shared.protection.fields import FieldCipher
 from services.shared.protection.keyring import DataKeyring, KeyringFile
-from services.shared.protection.rotation import RotationProgress, reencrypt_table, rewrap_table, wrapped_key_id
+from services.shared.protection.rotation import (
+    ProtectedColumns,
+    RotationProgress,
+    WrappedContentKeys,
+    reencrypt_table,
+    rewrap_table,
+    wrapped_key_id,
+)
 
 POSTGRES_URL = os.environ.get("HIE_TEST_DATABASE_URL", "")
 ROWS = 1200
@@ -216,3 +228,80 @@ async def test_document_keys_are_rewrapped_and_content_stays_readable(
         assert wrapped_key_id(row["wrapped_key"]) == rotated.active.id
         key = open_content_key(survivor, document_id=row["document_id"], wrapped=row["wrapped_key"])
         assert key.open_chunk(0, row["chunk"], final=True) == f"出院小结 {row['id']}".encode()
+
+
+async def test_hie_keys_rotate_data_then_retire_data(tmp_path: Path) -> None:
+    """The operator's commands over a component's protected columns and document keys."""
+    env = {"HIE_DATA_DIR": str(tmp_path)}
+    if POSTGRES_URL:
+        env |= {"HIE_DATABASE_URL": POSTGRES_URL, "HIE_DB_SCHEMA_PREFIX": f"r{secrets.token_hex(3)}_"}
+    settings = Settings.from_env(env)
+    metadata = sa.MetaData()
+    patients = sa.Table(
+        "patients", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("phone", sa.Text)
+    )
+    contents = sa.Table(
+        "contents",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("document_id", sa.Text),
+        sa.Column("wrapped_key", sa.LargeBinary),
+    )
+    spec = ServiceSpec(
+        name="probe",
+        metadata=metadata,
+        versions=tmp_path,
+        build=lambda runtime: [],
+        protects_personal_data=True,
+        protected=(
+            ProtectedColumns("patients", {"phone": lambda row: f"probe.patients.phone|{row['id']}"}),
+            WrappedContentKeys("contents", "document_id", "wrapped_key"),
+        ),
+    )
+    protection = DataProtection.from_settings(settings)
+    first_key = protection.keyring.active.id
+    engine = engine_for(settings, "probe")
+    try:
+        async with engine.begin() as conn:
+            if POSTGRES_URL:
+                await conn.execute(sa.text(f'CREATE SCHEMA "{settings.schema_for("probe")}"'))
+            await conn.run_sync(metadata.create_all)
+            await conn.execute(
+                sa.insert(patients),
+                [
+                    {
+                        "id": i,
+                        "phone": protection.fields.encrypt(f"1380000{i:04d}", context=f"probe.patients.phone|{i}"),
+                    }
+                    for i in range(50)
+                ],
+            )
+            await conn.execute(
+                sa.insert(contents),
+                [
+                    {"id": i, "document_id": f"d{i}", "wrapped_key": protection.new_content_key(f"d{i}").wrapped}
+                    for i in range(5)
+                ],
+            )
+        assert await retire_data_keys(settings, specs=[spec]) == []  # only the active key exists
+
+        report = await rotate_data_keys(settings, specs=[spec], suite="sm", settle_seconds=0, echo=lambda _: None)
+        assert report.old_key == first_key
+        assert [(p.table, p.reencrypted) for _name, p in report.tables] == [("patients", 50), ("contents", 5)]
+        assert await keys_in_use(settings, specs=[spec]) == {report.new_key}
+        assert await retire_data_keys(settings, specs=[spec]) == [first_key]
+
+        after = DataProtection.from_settings(settings)
+        assert after.keyring.key_ids == [report.new_key]
+        async with engine.connect() as conn:
+            for row in (await conn.execute(sa.select(patients))).mappings():
+                assert after.fields.decrypt(row["phone"], context=f"probe.patients.phone|{row['id']}") == (
+                    f"1380000{row['id']:04d}"
+                )
+            for row in (await conn.execute(sa.select(contents))).mappings():
+                after.open_content_key(row["document_id"], row["wrapped_key"])
+    finally:
+        if POSTGRES_URL:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{settings.schema_for("probe")}" CASCADE'))
+        await engine.dispose()

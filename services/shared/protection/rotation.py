@@ -9,7 +9,7 @@ traffic goes on during the rotation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,16 @@ from services.shared.protection.envelope import rewrap
 from services.shared.protection.fields import FieldCipher, TamperedCiphertextError
 from services.shared.protection.keyring import DataKeyring, UnknownKeyError
 
-__all__ = ["ColumnContext", "RotationProgress", "reencrypt_table", "rewrap_table", "wrapped_key_id"]
+__all__ = [
+    "ColumnContext",
+    "ProtectedColumns",
+    "RotationProgress",
+    "WrappedContentKeys",
+    "reencrypt_table",
+    "rewrap_table",
+    "rotate_component",
+    "wrapped_key_id",
+]
 
 # Builds a value's associated data (its place) from the row: must match what the writer used.
 ColumnContext = Callable[[Mapping[str, Any]], str]
@@ -154,3 +163,50 @@ async def rewrap_table(
                     progress.reencrypted += 1
                 else:
                     progress.skipped_concurrent += 1
+
+
+@dataclass(frozen=True)
+class ProtectedColumns:
+    """Encrypted text columns of one table, and how each value's associated data is built."""
+
+    table: str
+    columns: Mapping[str, ColumnContext]
+
+
+@dataclass(frozen=True)
+class WrappedContentKeys:
+    """A table of per-document keys wrapped by the key-encryption key."""
+
+    table: str
+    document_id_column: str
+    wrapped_column: str
+
+
+async def rotate_component(
+    engine: AsyncEngine,
+    metadata: sa.MetaData,
+    *,
+    protected: Sequence[ProtectedColumns | WrappedContentKeys],
+    cipher: FieldCipher,
+    batch_size: int = 500,
+) -> list[RotationProgress]:
+    """Bring every protected value of one component under the active key."""
+    results = []
+    for item in protected:
+        table = next(t for t in metadata.tables.values() if t.name == item.table)
+        if isinstance(item, ProtectedColumns):
+            results.append(
+                await reencrypt_table(engine, table, columns=item.columns, cipher=cipher, batch_size=batch_size)
+            )
+        else:
+            results.append(
+                await rewrap_table(
+                    engine,
+                    table,
+                    document_id_column=item.document_id_column,
+                    wrapped_column=item.wrapped_column,
+                    kek=cipher.keyring,
+                    batch_size=batch_size,
+                )
+            )
+    return results
