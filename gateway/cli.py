@@ -437,6 +437,9 @@ def audit_checkpoint(data_dir: DataDir = Path(".hie"), target: AuditTarget = "12
 
     result = _audit_call(data_dir, target, "LatestCheckpoint", audit_pb2.LatestCheckpointRequest())
     typer.echo(result.jws)  # type: ignore[attr-defined]
+    if result.sm2_signature:  # type: ignore[attr-defined]
+        # On stderr, so `hie audit checkpoint > held.jws` keeps only the JWS for --expect.
+        typer.echo(f"SM2 co-signature: {result.sm2_signature} (public key {result.sm2_public_key})", err=True)  # type: ignore[attr-defined]
 
 
 def _component_tables(component: str) -> tuple[Path, object]:

@@ -371,9 +371,12 @@ async def latest_checkpoint(ctx: AuditContext, request: Request) -> dict[str, An
     result = await rpc(
         request.app.state.stubs.audit.LatestCheckpoint(audit_pb2.LatestCheckpointRequest(), metadata=ctx.metadata)
     )
-    return {
+    checkpoint = {
         "sequence": result.sequence,
         "hash": result.hash,
         "signed_at": isoformat(result.signed_at),
         "jws": result.jws,
     }
+    if result.sm2_signature:
+        checkpoint["sm2"] = {"signature": result.sm2_signature, "public_key": result.sm2_public_key}
+    return checkpoint

@@ -18,6 +18,7 @@ from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.process import ServiceRuntime
+from services.shared.protection.sm2 import Sm2VerifyingKey, load_or_create_signing_key
 from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
@@ -98,11 +99,22 @@ def event_message(record: store.AuditRecord) -> audit_pb2.AuditEvent:
     )
 
 
+def _sm2_valid(key: Sm2VerifyingKey, jws: str, signature_hex: str | None) -> bool:
+    try:
+        return bool(signature_hex) and key.verify(jws.encode("ascii"), bytes.fromhex(signature_hex or ""))
+    except ValueError:
+        return False
+
+
 class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
         # One chain: appends in this process are serialised; PostgreSQL also takes an advisory lock.
         self._append_lock = asyncio.Lock()
+        # Under the national-algorithms option checkpoints are co-signed with SM2 (密评: SM2 for
+        # signatures); the ES384 JWS stays, so existing verifiers and held checkpoints keep working.
+        settings = runtime.settings
+        self._sm2 = load_or_create_signing_key(settings.sm2_signing_key_file) if settings.crypto_suite == "sm" else None
         runtime.background(self._checkpoint_periodically(), name="audit-checkpoints")
 
     async def Append(self, request: audit_pb2.AppendRequest, context: object) -> audit_pb2.AppendResponse:
@@ -140,7 +152,8 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         jws = self._rt.credentials.sign_statement(
             {"sequence": head[0], "hash": head[1], "signed_at": signed_at.isoformat()}, typ=CHECKPOINT_TYPE
         )
-        return store.Checkpoint(sequence=head[0], hash=head[1], signed_at=signed_at, jws=jws)
+        sm2 = self._sm2.sign(jws.encode("ascii")).hex() if self._sm2 else None
+        return store.Checkpoint(sequence=head[0], hash=head[1], signed_at=signed_at, jws=jws, sm2_signature=sm2)
 
     async def checkpoint_now(self) -> None:
         """Sign the head if records arrived since the last checkpoint (called periodically)."""
@@ -257,7 +270,12 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         if latest is None:
             raise NotFound("the audit log is empty", reason="no-checkpoint")
         return audit_pb2.LatestCheckpointResponse(
-            sequence=latest.sequence, hash=latest.hash, signed_at=_timestamp(latest.signed_at), jws=latest.jws
+            sequence=latest.sequence,
+            hash=latest.hash,
+            signed_at=_timestamp(latest.signed_at),
+            jws=latest.jws,
+            sm2_signature=latest.sm2_signature or "",
+            sm2_public_key=self._sm2.public.hex() if self._sm2 else "",
         )
 
     def _own_event(self, who: Caller, type: str, patient_enterprise_id: str = "") -> dict[str, object]:
@@ -294,11 +312,18 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             raise PermissionDenied("only the authority verifies the audit chain", reason="audit-scope")
         anchors: dict[int, str] = {}
         held = self._anchor(request.expected_checkpoint) if request.expected_checkpoint else None
+        sm2_seen = False
         async with self._rt.sessions() as session:
             for checkpoint in await store.all_checkpoints(session):
                 sequence, hash = self._anchor(checkpoint.jws)
                 if (sequence, hash) != (checkpoint.sequence, checkpoint.hash):
                     return _broken(0, checkpoint.sequence, "a stored checkpoint was altered")
+                if self._sm2 is not None and (checkpoint.sm2_signature or sm2_seen):
+                    # Once checkpoints are SM2-signed, every later one must be: a missing
+                    # co-signature is a downgrade, not an older checkpoint.
+                    sm2_seen = True
+                    if not _sm2_valid(self._sm2.public, checkpoint.jws, checkpoint.sm2_signature):
+                        return _broken(0, checkpoint.sequence, "a stored checkpoint's SM2 signature does not verify")
                 anchors[sequence] = hash
         if held is not None and anchors.setdefault(held[0], held[1]) != held[1]:
             return _broken(0, held[0], "the chain disagrees with the checkpoint you hold")

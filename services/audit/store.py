@@ -165,6 +165,8 @@ class Checkpoint(Base):
     hash: Mapped[str] = mapped_column(String(64))
     signed_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
     jws: Mapped[str] = mapped_column(Text)
+    # SM2 co-signature over the JWS under the national-algorithms option (hex DER), else NULL.
+    sm2_signature: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 async def sequence_range(

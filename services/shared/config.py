@@ -58,6 +58,8 @@ class Settings:
     crypto_suite: str = "aes"
     # HTTPS at the gateway itself (PEM chain and key), or "ingress" when a TLS-terminating ingress
     # or load balancer in front of it does the HTTPS.
+    # The platform's SM2 key, used under the "sm" suite to co-sign audit checkpoints.
+    sm2_signing_key_file: Path = Path(".hie/keys/platform-sm2.json")
     https_cert_file: Path | None = None
     https_key_file: Path | None = None
     https_termination: str = "gateway"
@@ -93,6 +95,7 @@ class Settings:
             grpc_tls=GrpcTls.from_env(env),
             data_keys_file=Path(env.get("HIE_DATA_KEYS_FILE", keys / "data-keys.json")),
             crypto_suite=env.get("HIE_CRYPTO_SUITE", "aes"),
+            sm2_signing_key_file=Path(env.get("HIE_SM2_SIGNING_KEY_FILE", keys / "platform-sm2.json")),
             https_cert_file=Path(env["HIE_HTTPS_CERT"]) if env.get("HIE_HTTPS_CERT") else None,
             https_key_file=Path(env["HIE_HTTPS_KEY"]) if env.get("HIE_HTTPS_KEY") else None,
             https_termination=env.get("HIE_HTTPS_TERMINATION", "gateway"),

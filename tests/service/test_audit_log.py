@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from services.audit.service import SPEC as AUDIT
 from services.audit.store import AuditRecord
 from services.shared.auth import PlatformCredentials
 from services.shared.process import RunningService, start_service
+from services.shared.protection.sm2 import Sm2VerifyingKey, load_or_create_signing_key
 from tests.conftest import _backends, base_settings, drop_schemas
 
 
@@ -212,3 +214,40 @@ async def test_a_time_range_is_verified_on_its_own(audit: RunningService, keys_d
     broken = await _call(audit, "VerifyChain", window, keys_dir)
     assert not broken.intact  # type: ignore[attr-defined]
     assert broken.first_break_sequence == 5  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=_backends())
+async def sm_audit(request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path) -> AsyncIterator[RunningService]:
+    """The audit service under the national-algorithms option (HIE_CRYPTO_SUITE=sm)."""
+    settings = dataclasses.replace(base_settings(tmp_path, keys_dir, request.param), crypto_suite="sm")
+    running = await start_service(AUDIT, settings, listen="127.0.0.1:0")
+    try:
+        yield running
+    finally:
+        await running.stop(grace=None)
+        await drop_schemas(settings)
+
+
+async def test_checkpoints_are_co_signed_with_sm2_under_the_national_algorithms(
+    sm_audit: RunningService, keys_dir: Path
+) -> None:
+    assert await _append(sm_audit, keys_dir, [_event(n) for n in range(1, 4)]) == 3
+    latest = await _call(sm_audit, "LatestCheckpoint", audit_pb2.LatestCheckpointRequest(), keys_dir)
+    public = Sm2VerifyingKey(bytes.fromhex(latest.sm2_public_key))  # type: ignore[attr-defined]
+    assert public.verify(latest.jws.encode(), bytes.fromhex(latest.sm2_signature))  # type: ignore[attr-defined]
+    assert public.point == load_or_create_signing_key(sm_audit.runtime.settings.sm2_signing_key_file).public.point
+    assert (await _verify(sm_audit, keys_dir)).intact
+
+    # A checkpoint whose SM2 co-signature is altered, or stripped (a downgrade), breaks verification.
+    assert await _append(sm_audit, keys_dir, [_event(n) for n in range(4, 6)]) == 2
+    await _call(sm_audit, "LatestCheckpoint", audit_pb2.LatestCheckpointRequest(), keys_dir)
+    for tampering, value in [
+        ("UPDATE audit_checkpoint SET sm2_signature = :v WHERE sequence = 5", "00" * 72),
+        ("UPDATE audit_checkpoint SET sm2_signature = :v WHERE sequence = 5", None),
+    ]:
+        async with sm_audit.runtime.engine.begin() as conn:
+            await conn.execute(text(tampering), {"v": value})
+        verdict = await _verify(sm_audit, keys_dir)
+        assert not verdict.intact
+        assert verdict.first_break_sequence == 5
+        assert "SM2" in verdict.detail

@@ -3,11 +3,15 @@ national-algorithms option, through GmSSL (the gmssl-pyx binding) rather than ho
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import gmssl_pyx
 
-__all__ = ["DEFAULT_SIGNER_ID", "Sm2SigningKey", "Sm2VerifyingKey"]
+__all__ = ["DEFAULT_SIGNER_ID", "Sm2SigningKey", "Sm2VerifyingKey", "load_or_create_signing_key"]
 
 # GB/T 35276-2017 §5.3: the default user identity when none is agreed, "1234567812345678".
 DEFAULT_SIGNER_ID = gmssl_pyx.SM2_DEFAULT_SIGNER_ID
@@ -47,3 +51,25 @@ class Sm2SigningKey:
 
     def __repr__(self) -> str:  # never print the secret
         return f"Sm2SigningKey(public={self.public.hex()[:16]}…)"
+
+
+def load_or_create_signing_key(path: Path) -> Sm2SigningKey:
+    """The platform's SM2 key (hex JSON, 0600), created once even when processes start together."""
+    if path.exists():
+        document = json.loads(path.read_text())
+        return Sm2SigningKey(
+            secret=bytes.fromhex(document["secret"]), public=Sm2VerifyingKey(bytes.fromhex(document["public"]))
+        )
+    key = Sm2SigningKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"algorithm": "SM2", "secret": key.secret.hex(), "public": key.public.hex()}, fh)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return load_or_create_signing_key(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key

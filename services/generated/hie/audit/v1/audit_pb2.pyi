@@ -189,13 +189,17 @@ class LatestCheckpointRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LatestCheckpointResponse(_message.Message):
-    __slots__ = ("sequence", "hash", "signed_at", "jws")
+    __slots__ = ("sequence", "hash", "signed_at", "jws", "sm2_signature", "sm2_public_key")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
     JWS_FIELD_NUMBER: _ClassVar[int]
+    SM2_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SM2_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     hash: str
     signed_at: _timestamp_pb2.Timestamp
     jws: str
-    def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ..., signed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jws: _Optional[str] = ...) -> None: ...
+    sm2_signature: str
+    sm2_public_key: str
+    def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ..., signed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jws: _Optional[str] = ..., sm2_signature: _Optional[str] = ..., sm2_public_key: _Optional[str] = ...) -> None: ...
