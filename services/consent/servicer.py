@@ -5,6 +5,7 @@ from __future__ import annotations
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from services.consent import policy
 from services.shared.auth import caller
+from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument
 from services.shared.process import ServiceRuntime
 
@@ -18,24 +19,29 @@ _DECISION_TO_PROTO = {
 class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
+        self._policy = policy.RegionalPolicy.from_env()
 
     async def Decide(self, request: consent_pb2.DecideRequest, context: object) -> consent_pb2.DecideResponse:
         who = caller()
         purpose = who.require_purpose()
         if len(request.items) > _MAX_ITEMS:
             raise InvalidArgument(f"at most {_MAX_ITEMS} items per decision", reason="batch-too-large")
-        access = policy.AccessRequest(organization_id=who.organization_id, purpose_of_use=purpose)
+        access = policy.Requester(organization_id=who.organization_id, purpose_of_use=purpose)
         decisions = []
+        now = utcnow()
         for item in request.items:
             verdict = policy.decide(
+                self._policy,
+                policy.PatientConsent(),
                 access,
-                policy.ItemAttributes(
+                policy.Item(
                     item_id=item.item_id,
                     source_organization_id=item.source_organization_id,
                     class_code=item.class_code,
                     type_code=item.type_code,
                     security_labels=frozenset(item.security_labels),
                 ),
+                now,
             )
             decisions.append(
                 consent_pb2.ItemDecision(
