@@ -43,10 +43,16 @@ class Directive:
     status: DirectiveStatus = DirectiveStatus.ACTIVE
     revision: int = 1
     recorded_at: datetime.datetime | None = None
+    revoked_at: datetime.datetime | None = None
 
     def in_force(self, now: datetime.datetime) -> bool:
-        """Active and inside its effective period. A revoked directive stops at once."""
-        return self.status is DirectiveStatus.ACTIVE and self.period.contains(now)
+        """Active and inside its effective period. A revoked directive stops at once (it was in
+        force before its revocation, which is what explaining a past decision needs)."""
+        if not self.period.contains(now):
+            return False
+        if self.status is DirectiveStatus.ACTIVE:
+            return True
+        return self.revoked_at is not None and now < self.revoked_at
 
 
 def check_policy_ids(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -154,9 +154,13 @@ class AccessGrant:
     end: datetime.datetime | None = None
     revoked: bool = False
     reference: str = ""
+    revoked_at: datetime.datetime | None = None
 
     def active(self, now: datetime.datetime) -> bool:
-        return not self.revoked and (self.start is None or self.start <= now) and (self.end is None or now < self.end)
+        # Revoked from its revocation on (before it, for explaining a past decision).
+        if self.revoked and (self.revoked_at is None or now >= self.revoked_at):
+            return False
+        return (self.start is None or self.start <= now) and (self.end is None or now < self.end)
 
 
 @dataclass(frozen=True)
