@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -66,15 +67,65 @@ async def create_referral(body: ReferralIn, ctx: Context, request: Request) -> d
     return _referral_json(result.referral)
 
 
+def _state_name(state: int) -> str:
+    return referral_pb2.ReferralState.Name(state).removeprefix("REFERRAL_STATE_").lower()  # type: ignore[arg-type]
+
+
 def _referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
     return {
         "referral_id": r.referral_id,
-        "state": referral_pb2.ReferralState.Name(r.state).removeprefix("REFERRAL_STATE_").lower(),
+        "state": _state_name(r.state),
         "requester_organization_id": r.requester_organization_id,
         "target_organization_id": r.target_organization_id,
         "patient": {"domain": r.patient.domain, "local_id": r.patient.local_id},
         "reason": r.reason,
+        "document_ids": list(r.document_ids),
+        "history": [
+            {
+                "from": _state_name(h.from_state),
+                "to": _state_name(h.to_state),
+                "organization_id": h.organization_id,
+                "practitioner_id": h.practitioner_id,
+                "reason": h.reason,
+                "changed": h.changed.ToDatetime(tzinfo=datetime.UTC).isoformat(),
+            }
+            for h in r.history
+        ],
     }
+
+
+class TransitionIn(BaseModel):
+    reason: str = Field(default="", max_length=2000)
+
+
+# Referral transitions: the receiving organisation accepts, rejects or completes; the referring
+# organisation cancels. Accepting grants the receiver access (purpose referral) to the attached
+# documents and the patient's summary until completion plus the region's grace; cancelling revokes it.
+_TRANSITIONS = {
+    "accept": ("AcceptReferral", referral_pb2.AcceptReferralRequest),
+    "reject": ("RejectReferral", referral_pb2.RejectReferralRequest),
+    "complete": ("CompleteReferral", referral_pb2.CompleteReferralRequest),
+    "cancel": ("CancelReferral", referral_pb2.CancelReferralRequest),
+}
+
+
+@router.post("/referrals/{referral_id}/{transition}")
+async def move_referral(
+    referral_id: str,
+    transition: Literal["accept", "reject", "complete", "cancel"],
+    ctx: Context,
+    request: Request,
+    body: TransitionIn | None = None,
+) -> dict[str, Any]:
+    """Accept / reject / complete (receiving organisation) or cancel (referring organisation)."""
+    ctx.require_scope("ServiceRequest", "u")
+    method, message = _TRANSITIONS[transition]
+    result = await rpc(
+        getattr(request.app.state.stubs.referral, method)(
+            message(referral_id=referral_id[:64], reason=body.reason if body else ""), metadata=ctx.metadata
+        )
+    )
+    return {**_referral_json(result.referral), "audit_event_ids": list(result.audit_event_ids)}
 
 
 def _consultation_json(c: teleconsult_pb2.Consultation) -> dict[str, Any]:
