@@ -150,48 +150,139 @@ class Match:
 
 
 @dataclass(frozen=True)
-class _Scope:
-    documents: bool = False
-    actor: int = 0
-    dimensions: frozenset[str] = frozenset()
-    labels: frozenset[str] = frozenset()
+class Rule:
+    """One provision with a type, flattened together with its ancestors' constraints: it applies
+    where it and every ancestor apply (AND along the path). Flattened once per patient load, so a
+    batch of documents is checked against plain sets rather than by walking trees."""
+
+    type: ProvisionType
+    path: str
+    depth: int
+    documents_named: bool
+    # How many of purpose, action, class, type, security label, data period the path constrains.
+    dimensions: int
+    labels_named: frozenset[str]
+    obligations: tuple[str, ...]
+    periods: tuple[Period, ...] = ()
+    actor_levels: tuple[tuple[Actor, ...], ...] = ()
+    # None: unconstrained; otherwise the intersection of every level's codes.
+    actions: frozenset[str] | None = None
+    purposes: frozenset[str] | None = None
+    classes: frozenset[str] | None = None
+    types: frozenset[str] | None = None
+    documents: frozenset[str] | None = None
+    # Each level's labels: the document must carry one of every level's.
+    label_levels: tuple[frozenset[str], ...] = ()
+    data_periods: tuple[Period, ...] = ()
+
+    def rank_for(self, requester: Requester, now: datetime.datetime) -> int | None:
+        """The actor rank if the rule applies to this requester now, else None (item aside)."""
+        for period in self.periods:
+            if not period.contains(now):
+                return None
+        if self.actions is not None and requester.action not in self.actions:
+            return None
+        if self.purposes is not None and requester.purpose_of_use not in self.purposes:
+            return None
+        rank = 0
+        for actors in self.actor_levels:
+            ranks = [ACTOR_RANK[a.kind] for a in actors if a.matches(requester)]
+            if not ranks:
+                return None
+            rank = max(rank, *ranks)
+        return rank
+
+    def covers(self, item: Item) -> bool:
+        """Whether the document is inside the rule's class, type, labels, documents and data period."""
+        if self.classes is not None and item.class_code not in self.classes:
+            return False
+        if self.types is not None and item.type_code not in self.types:
+            return False
+        if self.documents is not None and item.item_id not in self.documents:
+            return False
+        for labels in self.label_levels:
+            if not labels & item.security_labels:
+                return False
+        for period in self.data_periods:
+            if item.data_time is None:
+                # A document with no care date cannot be shown to fall inside a data period: a deny
+                # scoped by one still covers it (fail closed), a permit does not.
+                return self.type is ProvisionType.DENY
+            if not period.contains(item.data_time):
+                return False
+        return True
+
+    def specificity(self, actor_rank: int) -> Specificity:
+        return Specificity(int(self.documents_named), actor_rank, self.dimensions, self.depth)
+
+
+def _narrow(current: frozenset[str] | None, values: frozenset[str]) -> frozenset[str] | None:
+    if not values:
+        return current
+    return values if current is None else current & values
+
+
+@dataclass(frozen=True)
+class _Path:
     type: ProvisionType | None = None
+    periods: tuple[Period, ...] = ()
+    actor_levels: tuple[tuple[Actor, ...], ...] = ()
+    actions: frozenset[str] | None = None
+    purposes: frozenset[str] | None = None
+    classes: frozenset[str] | None = None
+    types: frozenset[str] | None = None
+    documents: frozenset[str] | None = None
+    label_levels: tuple[frozenset[str], ...] = ()
+    data_periods: tuple[Period, ...] = ()
+    dimensions: frozenset[str] = frozenset()
     obligations: tuple[str, ...] = ()
 
 
-def _actor_rank(provision: Provision, requester: Requester) -> int | None:
-    """The rank of the narrowest matching actor; None when actors are named and none matches."""
-    if not provision.actors:
-        return 0
-    ranks = [ACTOR_RANK[a.kind] for a in provision.actors if a.matches(requester)]
-    return max(ranks) if ranks else None
+def flatten(root: Provision) -> tuple[Rule, ...]:
+    """Every provision of a directive's tree that has a type (its own or inherited), parents first."""
+    rules: list[Rule] = []
 
+    def walk(p: Provision, path: str, depth: int, up: _Path) -> None:
+        here = _Path(
+            type=p.type or up.type,
+            periods=(*up.periods, p.period) if p.period else up.periods,
+            actor_levels=(*up.actor_levels, p.actors) if p.actors else up.actor_levels,
+            actions=_narrow(up.actions, p.actions),
+            purposes=_narrow(up.purposes, p.purposes),
+            classes=_narrow(up.classes, p.classes),
+            types=_narrow(up.types, p.types),
+            documents=_narrow(up.documents, p.documents),
+            label_levels=(*up.label_levels, p.security_labels) if p.security_labels else up.label_levels,
+            data_periods=(*up.data_periods, p.data_period) if p.data_period else up.data_periods,
+            dimensions=up.dimensions | _dimensions(p),
+            obligations=(*up.obligations, *p.obligations),
+        )
+        if here.type is not None:
+            rules.append(
+                Rule(
+                    type=here.type,
+                    path=path,
+                    depth=depth,
+                    documents_named=here.documents is not None,
+                    dimensions=len(here.dimensions),
+                    labels_named=frozenset().union(*here.label_levels),
+                    obligations=here.obligations,
+                    periods=here.periods,
+                    actor_levels=here.actor_levels,
+                    actions=here.actions,
+                    purposes=here.purposes,
+                    classes=here.classes,
+                    types=here.types,
+                    documents=here.documents,
+                    label_levels=here.label_levels,
+                    data_periods=here.data_periods,
+                )
+            )
+        for index, child in enumerate(p.provisions):
+            walk(child, f"{path}.provision[{index}]", depth + 1, here)
 
-def _node_applies(
-    provision: Provision, effective_type: ProvisionType | None, requester: Requester, item: Item, now: datetime.datetime
-) -> bool:
-    if provision.period is not None and not provision.period.contains(now):
-        return False
-    if provision.actions and requester.action not in provision.actions:
-        return False
-    if provision.purposes and requester.purpose_of_use not in provision.purposes:
-        return False
-    if provision.classes and item.class_code not in provision.classes:
-        return False
-    if provision.types and item.type_code not in provision.types:
-        return False
-    if provision.security_labels and not (provision.security_labels & item.security_labels):
-        return False
-    if provision.documents and item.item_id not in provision.documents:
-        return False
-    if provision.data_period is not None:
-        if item.data_time is None:
-            # A document with no care date cannot be shown to fall inside a data period: a deny
-            # scoped by data period still covers it (fail closed), a permit does not.
-            return effective_type is ProvisionType.DENY
-        if not provision.data_period.contains(item.data_time):
-            return False
-    return True
+    walk(root, "provision", 0, _Path())
+    return tuple(rules)
 
 
 def _dimensions(provision: Provision) -> set[str]:
@@ -210,35 +301,11 @@ def _dimensions(provision: Provision) -> set[str]:
 
 def matches(root: Provision, requester: Requester, item: Item, now: datetime.datetime) -> list[Match]:
     """Every provision of a directive's tree that applies to the request (parents before children)."""
-    found: list[Match] = []
-
-    def walk(provision: Provision, path: str, depth: int, scope: _Scope) -> None:
-        effective_type = provision.type or scope.type
-        rank = _actor_rank(provision, requester)
-        if rank is None or not _node_applies(provision, effective_type, requester, item, now):
-            return
-        inner = _Scope(
-            documents=scope.documents or bool(provision.documents),
-            actor=max(scope.actor, rank),
-            dimensions=scope.dimensions | _dimensions(provision),
-            labels=scope.labels | provision.security_labels,
-            type=effective_type,
-            obligations=(*scope.obligations, *provision.obligations),
-        )
-        if effective_type is not None:
-            found.append(
-                Match(
-                    type=effective_type,
-                    path=path,
-                    specificity=Specificity(int(inner.documents), inner.actor, len(inner.dimensions), depth),
-                    labels_named=inner.labels,
-                    obligations=inner.obligations,
-                )
-            )
-        for index, child in enumerate(provision.provisions):
-            walk(child, f"{path}.provision[{index}]", depth + 1, inner)
-
-    walk(root, "provision", 0, _Scope())
+    found = []
+    for rule in flatten(root):
+        rank = rule.rank_for(requester, now)
+        if rank is not None and rule.covers(item):
+            found.append(Match(rule.type, rule.path, rule.specificity(rank), rule.labels_named, rule.obligations))
     return found
 
 

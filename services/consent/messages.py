@@ -27,6 +27,7 @@ _ACTOR_NAMES = {
     consent_pb2.ACTOR_KIND_PRACTITIONER: "practitioner",
 }
 _ACTORS = {v: k for k, v in _ACTOR_NAMES.items()}
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 DECISIONS = {
     policy.ConsentDecision.PERMIT: consent_pb2.DECISION_PERMIT,
     policy.ConsentDecision.DENY: consent_pb2.DECISION_DENY,
@@ -150,14 +151,22 @@ def grant_message(record: GrantRecord) -> consent_pb2.AccessGrant:
     )
 
 
+_NO_LABELS: frozenset[str] = frozenset()
+
+
 def item_of(message: consent_pb2.DecisionItem) -> policy.Item:
+    data_time = None
+    if message.HasField("data_time"):
+        # Cheaper than Timestamp.ToDatetime, which is measurable at 50 items per batch.
+        ts = message.data_time
+        data_time = _EPOCH + datetime.timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
     return policy.Item(
         item_id=message.item_id,
         source_organization_id=message.source_organization_id,
         class_code=message.class_code,
         type_code=message.type_code,
-        security_labels=frozenset(message.security_labels),
-        data_time=moment(message.data_time, message.HasField("data_time")),
+        security_labels=frozenset(message.security_labels) if message.security_labels else _NO_LABELS,
+        data_time=data_time,
     )
 
 

@@ -31,14 +31,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from services.consent.bppc import Directive
-from services.consent.fhir_consent import Item, Match, ProvisionType, Requester, matches
+from services.consent.fhir_consent import Item, ProvisionType, Requester, Rule, Specificity, flatten
 
 __all__ = ["Item", "Requester"]
 
@@ -189,6 +190,11 @@ class PatientConsent:
     grants: tuple[AccessGrant, ...] = ()
     break_glass: tuple[BreakGlass, ...] = ()
 
+    @cached_property
+    def rules(self) -> tuple[tuple[Directive, Rule], ...]:
+        """Every typed provision of every directive, flattened once (a cached patient reuses them)."""
+        return tuple((d, rule) for d in self.directives for rule in flatten(d.provision))
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -206,37 +212,38 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class _Applicable:
+    """A rule in force that applies to the requester, with its (item-independent) specificity."""
+
     directive: Directive
-    match: Match
+    rule: Rule
+    specificity: Specificity
 
 
-def _restricted(policy: RegionalPolicy, item: Item) -> frozenset[str]:
-    return item.security_labels & policy.restricted_labels
+_EPOCH = datetime.datetime.min.replace(tzinfo=datetime.UTC)
 
 
-def _best_provision(
-    policy: RegionalPolicy, consent: PatientConsent, requester: Requester, item: Item, now: datetime.datetime
-) -> tuple[_Candidate | None, int]:
-    restricted = _restricted(policy, item)
-    candidates: list[_Candidate] = []
-    for directive in consent.directives:
+def _applicable(consent: PatientConsent, requester: Requester, now: datetime.datetime) -> list[_Applicable]:
+    """The directive rules that apply to this requester now, best first: most specific, then deny
+    before permit, then the newest directive. Specificity does not depend on the document, so for
+    each document the first rule that covers it is the one that decides."""
+    found = []
+    for directive, rule in consent.rules:
         if not directive.in_force(now):
             continue
-        for match in matches(directive.provision, requester, item, now):
-            # A restricted class is never shared without a permit that names it.
-            if match.type is ProvisionType.PERMIT and not restricted <= match.labels_named:
-                continue
-            candidates.append(_Candidate(directive, match))
-    if not candidates:
-        return None, 0
-
-    def rank(c: _Candidate) -> tuple[Any, ...]:
-        recorded = c.directive.recorded_at or datetime.datetime.min.replace(tzinfo=datetime.UTC)
-        # Most specific first; deny before permit at equal specificity; then the newest directive.
-        return (c.match.specificity, c.match.type is ProvisionType.DENY, recorded, c.directive.directive_id)
-
-    return max(candidates, key=rank), len(candidates)
+        rank = rule.rank_for(requester, now)
+        if rank is not None:
+            found.append(_Applicable(directive, rule, rule.specificity(rank)))
+    found.sort(
+        key=lambda a: (
+            a.specificity,
+            a.rule.type is ProvisionType.DENY,
+            a.directive.recorded_at or _EPOCH,
+            a.directive.directive_id,
+        ),
+        reverse=True,
+    )
+    return found
 
 
 def _obligations(policy: RegionalPolicy, requester: Requester, codes: tuple[str, ...]) -> tuple[Obligation, ...]:
@@ -248,49 +255,59 @@ def _obligations(policy: RegionalPolicy, requester: Requester, codes: tuple[str,
     return tuple(seen.values())
 
 
-def _grant_covers(policy: RegionalPolicy, grant: AccessGrant, requester: Requester, item: Item) -> bool:
-    return (
-        grant.organization_id == requester.organization_id
-        and grant.purpose_of_use == requester.purpose_of_use
-        and (item.item_id in grant.document_ids or (grant.include_summary and item.type_code in policy.summary_types))
-    )
+def _grant_covers(policy: RegionalPolicy, grant: AccessGrant, item: Item) -> bool:
+    return item.item_id in grant.document_ids or (grant.include_summary and item.type_code in policy.summary_types)
 
 
-def _without_break_glass(
-    policy: RegionalPolicy, consent: PatientConsent, requester: Requester, item: Item, now: datetime.datetime
-) -> Verdict:
+@dataclass(frozen=True)
+class _Context:
+    policy: RegionalPolicy
+    requester: Requester
+    now: datetime.datetime
+    rules: list[_Applicable]
+    grants: list[AccessGrant]
+    break_glass: BreakGlass | None
+
+
+def _without_break_glass(ctx: _Context, item: Item) -> Verdict:
+    policy, requester = ctx.policy, ctx.requester
     if item.source_organization_id == requester.organization_id:
         return Verdict(item.item_id, ConsentDecision.PERMIT, "own-document")
-    best, considered = _best_provision(policy, consent, requester, item, now)
-    if best is not None:
-        reference = f"Consent/{best.directive.directive_id}#{best.match.path}"
-        detail = f"most specific of {considered} matching provision(s): {best.match.specificity.describe()}"
-        if best.match.type is ProvisionType.PERMIT:
+    restricted = item.security_labels & policy.restricted_labels
+    covering = [
+        a
+        for a in ctx.rules
+        # A restricted class is never shared without a permit that names it.
+        if a.rule.covers(item) and (a.rule.type is ProvisionType.DENY or restricted <= a.rule.labels_named)
+    ]
+    if covering:
+        best = covering[0]
+        reference = f"Consent/{best.directive.directive_id}#{best.rule.path}"
+        detail = f"most specific of {len(covering)} matching provision(s): {best.specificity.describe()}"
+        if best.rule.type is ProvisionType.PERMIT:
             return Verdict(
                 item.item_id,
                 ConsentDecision.PERMIT,
                 "directive-permit",
                 reference,
-                _obligations(policy, requester, best.match.obligations),
+                _obligations(policy, requester, best.rule.obligations),
                 detail=detail,
             )
         return Verdict(item.item_id, ConsentDecision.DENY, "directive-deny", reference, detail=detail)
-    restricted = _restricted(policy, item)
-    if not restricted:
-        for grant in consent.grants:
-            if grant.active(now) and _grant_covers(policy, grant, requester, item):
-                return Verdict(
-                    item.item_id,
-                    ConsentDecision.PERMIT,
-                    "grant",
-                    f"grant/{grant.grant_id}",
-                    _obligations(policy, requester, ()),
-                    detail=grant.reference,
-                )
-    else:
+    if restricted:
         return Verdict(
             item.item_id, ConsentDecision.DENY, "restricted-sensitivity", detail=",".join(sorted(restricted))
         )
+    for grant in ctx.grants:
+        if _grant_covers(policy, grant, item):
+            return Verdict(
+                item.item_id,
+                ConsentDecision.PERMIT,
+                "grant",
+                f"grant/{grant.grant_id}",
+                _obligations(policy, requester, ()),
+                detail=grant.reference,
+            )
     if policy.mode is RegionMode.OPT_IN:
         return Verdict(item.item_id, ConsentDecision.DENY, "regional-default:opt-in")
     if requester.purpose_of_use in policy.default_purposes:
@@ -303,6 +320,53 @@ def _without_break_glass(
     return Verdict(item.item_id, ConsentDecision.DENY, "regional-default:purpose-not-permitted")
 
 
+def _decide(ctx: _Context, item: Item) -> Verdict:
+    verdict = _without_break_glass(ctx, item)
+    glass = ctx.break_glass
+    if verdict.decision is ConsentDecision.PERMIT or glass is None:
+        return verdict
+    if item.security_labels & ctx.policy.never_overridable:
+        return verdict
+    return Verdict(
+        item.item_id,
+        ConsentDecision.PERMIT,
+        "break-glass",
+        f"break-glass/{glass.break_glass_id}",
+        _obligations(ctx.policy, ctx.requester, ()),
+        break_glass=True,
+        overridden=verdict.basis,
+        detail=f"expires {glass.expires.isoformat()}",
+    )
+
+
+def decide_batch(
+    policy: RegionalPolicy,
+    consent: PatientConsent,
+    requester: Requester,
+    items: Sequence[Item],
+    now: datetime.datetime,
+) -> list[Verdict]:
+    """The decision for each document of one patient, for one requester, at one moment."""
+    ctx = _Context(
+        policy=policy,
+        requester=requester,
+        now=now,
+        rules=_applicable(consent, requester, now),
+        grants=[
+            g
+            for g in consent.grants
+            if g.active(now)
+            and g.organization_id == requester.organization_id
+            and g.purpose_of_use == requester.purpose_of_use
+        ],
+        # Break-the-glass serves requests for the purpose emergency only.
+        break_glass=next((g for g in consent.break_glass if g.covers(requester, now)), None)
+        if requester.purpose_of_use == EMERGENCY
+        else None,
+    )
+    return [_decide(ctx, item) for item in items]
+
+
 def decide(
     policy: RegionalPolicy,
     consent: PatientConsent,
@@ -311,24 +375,7 @@ def decide(
     now: datetime.datetime,
 ) -> Verdict:
     """The decision for one document (rules in the module docstring, first applicable wins)."""
-    verdict = _without_break_glass(policy, consent, requester, item, now)
-    if verdict.decision is ConsentDecision.PERMIT or requester.purpose_of_use != EMERGENCY:
-        return verdict
-    if item.security_labels & policy.never_overridable:
-        return verdict
-    for glass in consent.break_glass:
-        if glass.covers(requester, now):
-            return Verdict(
-                item.item_id,
-                ConsentDecision.PERMIT,
-                "break-glass",
-                f"break-glass/{glass.break_glass_id}",
-                _obligations(policy, requester, ()),
-                break_glass=True,
-                overridden=verdict.basis,
-                detail=f"expires {glass.expires.isoformat()}",
-            )
-    return verdict
+    return decide_batch(policy, consent, requester, [item], now)[0]
 
 
 _BASIS_WORDS = {

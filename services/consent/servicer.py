@@ -69,8 +69,8 @@ def _digest(*parts: object) -> str:
 class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer):
     def __init__(self, runtime: ServiceRuntime, regional_policy: policy.RegionalPolicy | None = None) -> None:
         self._rt = runtime
-        self._policy = regional_policy or policy.RegionalPolicy.from_env()
-        self.cache = PatientConsentCache()
+        self.regional_policy = regional_policy or policy.RegionalPolicy.from_env()
+        self.cache = PatientConsentCache(runtime.engine, runtime.sessions)
 
     # --- decisions -----------------------------------------------------------------------
 
@@ -93,11 +93,10 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             action=request.action or "access",
         )
         now = utcnow()
-        async with self._rt.sessions() as session:
-            consent = await self.cache.get(session, request.enterprise_id)
-        verdicts = [
-            policy.decide(self._policy, consent, requester, messages.item_of(item), now) for item in request.items
-        ]
+        consent = await self.cache.get(request.enterprise_id)
+        verdicts = policy.decide_batch(
+            self.regional_policy, consent, requester, [messages.item_of(item) for item in request.items], now
+        )
         glass = [v for v in verdicts if v.break_glass]
         if glass:
             # Every access break-the-glass opened is on the record as such.
@@ -136,9 +135,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         )
         at = messages.moment(request.at, request.HasField("at")) or utcnow()
         item = messages.item_of(request.item)
-        async with self._rt.sessions() as session:
-            consent = await self.cache.get(session, request.enterprise_id)
-        verdict = policy.decide(self._policy, consent, requester, item, at)
+        consent = await self.cache.get(request.enterprise_id)
+        verdict = policy.decide(self.regional_policy, consent, requester, item, at)
         async with self._rt.sessions() as session, session.begin():
             await self._rt.audit.record(
                 session,
@@ -445,7 +443,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             raise InvalidArgument("a grant needs its reference and receiving organisation", reason="grant-invalid")
         enterprise_id = grant.enterprise_id or (await identity.cross_reference(self._rt, grant.patient)).enterprise_id
         closed = messages.moment(request.closed, request.HasField("closed"))
-        end = closed + datetime.timedelta(seconds=self._policy.grant_grace_seconds) if closed else None
+        end = closed + datetime.timedelta(seconds=self.regional_policy.grant_grace_seconds) if closed else None
         if end is None and grant.HasField("end"):
             end = grant.end.ToDatetime(tzinfo=datetime.UTC)
         for attempt in range(2):
@@ -551,7 +549,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             )
         except NotFound:
             raise FailedPrecondition("register the patient first", reason="patient-not-registered") from None
-        seconds = min(request.duration_seconds or self._policy.break_glass_seconds, self._policy.break_glass_seconds)
+        bound = self.regional_policy.break_glass_seconds
+        seconds = min(request.duration_seconds or bound, bound)
         starts = utcnow()
         record = store.BreakGlassRecord(
             id=str(uuid.uuid4()),

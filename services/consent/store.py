@@ -15,10 +15,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.consent import fhir_consent
@@ -128,13 +129,13 @@ async def bump_version(session: AsyncSession, enterprise_id: str) -> None:
         await session.flush()
 
 
-async def version_of(session: AsyncSession, enterprise_id: str) -> int:
-    return int(
-        await session.scalar(
-            select(PatientVersionRecord.version).where(PatientVersionRecord.enterprise_id == enterprise_id)
-        )
-        or 0
-    )
+# Built once: the per-request read skips statement construction and most of its cache-key work.
+_VERSION = select(PatientVersionRecord.version).where(PatientVersionRecord.enterprise_id == bindparam("enterprise_id"))
+
+
+async def version_of(connection: AsyncConnection | AsyncSession, enterprise_id: str) -> int:
+    """The patient's consent version (0: nothing was ever recorded for them)."""
+    return int((await connection.execute(_VERSION, {"enterprise_id": enterprise_id})).scalar() or 0)
 
 
 def directive_of(record: DirectiveRecord) -> Directive:
