@@ -59,6 +59,21 @@ _CONFIDENTIALITY = frozenset({"U", "L", "M", "N", "R", "V"})
 _PROVISION_TYPE_NAMES = {v: k for k, v in PROVISION_TYPES.items()}
 
 
+# This facade's entry in the CapabilityStatement (gateway/routes/fhir.py lists it).
+CONSENT_CAPABILITY: dict[str, Any] = {
+    "type": "Consent",
+    "profile": "http://hl7.org/fhir/StructureDefinition/Consent",
+    "documentation": "Patient privacy consent directives (IHE BPPC evidence in sourceReference and policy; nested "
+    "provisions). Create (scope system/Consent.c) for a patient of the caller's own domain; read and search by "
+    "patient (system/Consent.r) for patients the caller's domain registered. Errors are OperationOutcome.",
+    "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
+    "searchParam": [
+        {"name": "patient", "type": "reference", "documentation": "Patient/<local id> in the caller's domain"},
+        {"name": "status", "type": "token", "documentation": "active or inactive"},
+    ],
+}
+
+
 def _invalid(message: str) -> ApiError:
     return ApiError(400, "consent-invalid", message)
 

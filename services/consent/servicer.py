@@ -124,6 +124,11 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             raise InvalidArgument(
                 "an enterprise id, an item and a requesting organisation are required", reason="explain-invalid"
             )
+        if who.organization_type != "authority" and request.organization_id != who.organization_id:
+            # A hospital's auditors explain their own organisation's decisions; the region's, anyone's.
+            raise PermissionDenied(
+                "a hospital explains decisions for its own organisation's requests", reason="explain-own-only"
+            )
         if request.purpose_of_use and request.purpose_of_use not in PURPOSES_OF_USE:
             raise InvalidArgument("unknown purpose of use", reason="purpose-invalid")
         requester = fhir_consent.Requester(

@@ -269,6 +269,9 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
     assert no_evidence.json()["issue"][0]["details"]["coding"][0]["code"] == "evidence-missing"
     missing = await s.b.call("GET", "/fhir/R4/Consent/00000000-0000-0000-0000-000000000000")
     assert (missing.status_code, missing.json()["resourceType"]) == (404, "OperationOutcome")
+    statement = (await s.a.http.get(f"{s.exchange.base_url}/fhir/R4/metadata")).json()
+    served = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    assert [i["code"] for i in served["Consent"]["interaction"]] == ["create", "read", "search-type"]
     stranger = await s.exchange.member(scopes=SCOPES, name="无关医院")
     hidden = await stranger.call("GET", f"/fhir/R4/Consent/{resource['id']}")
     assert hidden.status_code == 404

@@ -372,9 +372,24 @@ async def test_explain_for_auditors(scene: Scene) -> None:
             await stub.Explain(request, metadata=s.meta(s.a_org))
         assert dict(doctor.value.trailing_metadata())["hie-error-reason"] == "role"
         auditor = Practitioner(id="AUD-9", name="审计员", role="auditor", department="医政医管处")
+        with pytest.raises(grpc.aio.AioRpcError) as other_hospital:
+            await stub.Explain(
+                request, metadata=s.meta(s.a_org, scope="system/Consent.r", practitioner=auditor, purpose="audit")
+            )
+        assert dict(other_hospital.value.trailing_metadata())["hie-error-reason"] == "explain-own-only"
+        own = await stub.Explain(
+            request, metadata=s.meta(s.b_org, scope="system/Consent.r", practitioner=auditor, purpose="audit")
+        )
+        assert own.decision.basis == "restricted-sensitivity"
         reply = await stub.Explain(
             request,
-            metadata=s.meta("auth-region", scope="system/AuditEvent.rs", practitioner=auditor, purpose="audit"),
+            metadata=s.meta(
+                "auth-region",
+                scope="system/AuditEvent.rs",
+                practitioner=auditor,
+                purpose="audit",
+                org_type="authority",
+            ),
         )
     assert reply.decision.basis == "restricted-sensitivity"
     assert reply.explanation.startswith("DENY: document d-9")
