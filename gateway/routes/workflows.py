@@ -128,10 +128,26 @@ async def move_referral(
     return {**_referral_json(result.referral), "audit_event_ids": list(result.audit_event_ids)}
 
 
+def _consultation_state(state: int) -> str:
+    return teleconsult_pb2.ConsultationState.Name(state).removeprefix("CONSULTATION_STATE_").lower()  # type: ignore[arg-type]
+
+
 def _consultation_json(c: teleconsult_pb2.Consultation) -> dict[str, Any]:
     return {
         "consultation_id": c.consultation_id,
-        "state": teleconsult_pb2.ConsultationState.Name(c.state).removeprefix("CONSULTATION_STATE_").lower(),
+        "state": _consultation_state(c.state),
+        "document_ids": list(c.document_ids),
+        "history": [
+            {
+                "from": _consultation_state(h.from_state),
+                "to": _consultation_state(h.to_state),
+                "organization_id": h.organization_id,
+                "practitioner_id": h.practitioner_id,
+                "reason": h.reason,
+                "changed": h.changed.ToDatetime(tzinfo=datetime.UTC).isoformat(),
+            }
+            for h in c.history
+        ],
         "requester_organization_id": c.requester_organization_id,
         "consultant_organization_id": c.consultant_organization_id,
         "patient": {"domain": c.patient.domain, "local_id": c.patient.local_id},
@@ -182,3 +198,29 @@ async def request_consultation(body: ConsultationIn, ctx: Context, request: Requ
         )
     )
     return _consultation_json(result.consultation)
+
+
+_CONSULTATION_TRANSITIONS = {
+    "accept": ("AcceptConsultation", teleconsult_pb2.AcceptConsultationRequest),
+    "cancel": ("CancelConsultation", teleconsult_pb2.CancelConsultationRequest),
+}
+
+
+@router.post("/consultations/{consultation_id}/{transition}")
+async def move_consultation(
+    consultation_id: str,
+    transition: Literal["accept", "cancel"],
+    ctx: Context,
+    request: Request,
+    body: TransitionIn | None = None,
+) -> dict[str, Any]:
+    """Accept (consultant organisation: grants it the attached documents and the patient's summary
+    for the purpose consultation) or cancel (requesting organisation: revokes that grant)."""
+    ctx.require_scope("ServiceRequest", "u")
+    method, message = _CONSULTATION_TRANSITIONS[transition]
+    result = await rpc(
+        getattr(request.app.state.stubs.teleconsult, method)(
+            message(consultation_id=consultation_id[:64], reason=body.reason if body else ""), metadata=ctx.metadata
+        )
+    )
+    return {**_consultation_json(result.consultation), "audit_event_ids": list(result.audit_event_ids)}

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
-from services.referral.consent_grants import GRANT_TOPIC, consent_grant_sender
 from services.referral.servicer import ReferralsServicer
 from services.referral.store import metadata
+from services.shared.consent_grants import GRANT_TOPIC, consent_grant_sender
 from services.shared.process import ServiceRuntime, ServiceSpec
 
 

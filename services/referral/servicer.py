@@ -14,11 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
 from services.referral import workflow
-from services.referral.consent_grants import GRANT_TOPIC, grant_message
 from services.referral.store import ReferralRecord, ReferralStateChangeRecord
 from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
+from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
@@ -203,8 +203,19 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     changed_at=utcnow(),
                 )
             )
-            if decided.grant is not workflow.GrantEffect.NONE:
-                await self._rt.outbox.add(session, GRANT_TOPIC, grant_message(record, decided.grant))
+            if decided.grant is not GrantEffect.NONE:
+                await self._rt.outbox.add(
+                    session,
+                    GRANT_TOPIC,
+                    grant_message(
+                        decided.grant,
+                        reference=f"ServiceRequest/{record.id}",
+                        organization_id=record.target_organization_id,
+                        purpose_of_use="referral",
+                        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
+                        document_ids=json.loads(record.document_ids),
+                    ),
+                )
             event_id = await self._rt.audit.record(
                 session,
                 caller=who,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from hie.referral.v1 import referral_pb2
+from services.shared.consent_grants import GrantEffect
 from services.shared.errors import FailedPrecondition, PermissionDenied
 
 REQUESTED = referral_pb2.REFERRAL_STATE_REQUESTED
@@ -31,13 +32,6 @@ _GRANTED = frozenset({ACCEPTED, SCHEDULED, ARRIVED})
 class Party(StrEnum):
     REQUESTER = "requester"
     TARGET = "target"
-
-
-class GrantEffect(StrEnum):
-    NONE = "none"
-    GRANT = "grant"
-    CLOSE = "close"
-    REVOKE = "revoke"
 
 
 @dataclass(frozen=True)

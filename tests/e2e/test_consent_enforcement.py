@@ -112,6 +112,38 @@ async def test_referral_grant_opens_and_cancel_closes(scene: Scene) -> None:
     assert (late.status_code, late.json()["error"]["reason"]) == (422, "referral-state")
 
 
+async def test_consultation_grant_opens_and_cancel_closes(scene: Scene) -> None:
+    s = scene
+    assert await s.visible_to_b("consultation") == set()
+    requested = await s.a.call(
+        "POST",
+        "/api/v1/consultations",
+        purpose="consultation",
+        json={
+            "patient_local_id": "CE-A",
+            "consultant_organization_id": s.b.org_id,  # type: ignore[attr-defined]
+            "kind": "imaging",
+            "question": "胸片阴影性质待定",
+            "document_ids": [s.summary_id],
+        },
+    )
+    assert requested.status_code == 201, requested.text
+    consultation_id = requested.json()["consultation_id"]
+    refused = await s.a.call("POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation")
+    assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "consultation-party")
+    accepted = await s.b.call("POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation")
+    assert accepted.status_code == 200, accepted.text
+    assert (accepted.json()["state"], [h["to"] for h in accepted.json()["history"]]) == ("assigned", ["assigned"])
+    await s.exchange.audit_settled()  # the teleconsult outbox delivers the grant to consent
+    assert await s.visible_to_b("consultation") == {s.summary_id}
+    assert await s.visible_to_b("referral") == set()
+    cancelled = await s.a.call("POST", f"/api/v1/consultations/{consultation_id}/cancel", purpose="consultation")
+    assert cancelled.json()["state"] == "cancelled"
+    await s.exchange.audit_settled()
+    assert await s.visible_to_b("consultation") == set()
+    assert await s.retrieve_by_b(s.summary_id, "consultation") == 403
+
+
 async def test_directive_and_break_glass(scene: Scene) -> None:
     s = scene
     assert await s.visible_to_b("treatment") == {s.summary_id}

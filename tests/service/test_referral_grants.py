@@ -15,8 +15,8 @@ from gateway.client import Practitioner
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
-from services.referral.consent_grants import GRANT_TOPIC
 from services.referral.service import SPEC as REFERRAL
+from services.shared.consent_grants import GRANT_TOPIC
 from services.shared.process import RunningService, start_service
 from tests.conftest import Exchange, base_settings, drop_schemas
 from tests.factories import direct_metadata, person

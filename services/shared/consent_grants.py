@@ -1,7 +1,7 @@
-"""The receiving organisation's consent grant, kept in step with its referral through the
-referral service's transactional outbox: the state change and the grant message commit together,
-and the relay calls the consent service (under the referral service's platform identity) until it
-answers, so a crash between the two loses nothing.
+"""A workflow's consent grant (referral, consultation), kept in step with the workflow through the
+workflow service's transactional outbox: the state change and the grant message commit together,
+and the relay calls the consent service (under the workflow service's platform identity) until it
+answers, so a crash or a consent outage between the two loses nothing.
 
 Messages may arrive out of order after a failed delivery; the consent service merges them
 monotonically (a revocation is final, an end once set stays), so they converge.
@@ -12,52 +12,62 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
+from enum import StrEnum
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
-from services.referral.store import ReferralRecord
-from services.referral.workflow import GrantEffect
 from services.shared.auth import PlatformCredentials
 from services.shared.db import utcnow
 from services.shared.errors import error_from_rpc
 from services.shared.outbox import Sender
 
 GRANT_TOPIC = "consent.grant"
-GRANT_PURPOSE = "referral"
 
 
-def reference(referral_id: str) -> str:
-    return f"ServiceRequest/{referral_id}"
+class GrantEffect(StrEnum):
+    """What a workflow transition does to the receiving organisation's grant."""
+
+    NONE = "none"
+    GRANT = "grant"
+    CLOSE = "close"
+    REVOKE = "revoke"
 
 
-def grant_message(record: ReferralRecord, effect: GrantEffect) -> bytes:
-    """The outbox payload for the grant change a transition causes."""
+def grant_message(
+    effect: GrantEffect,
+    *,
+    reference: str,
+    organization_id: str,
+    purpose_of_use: str,
+    patient: common_pb2.PatientRef,
+    document_ids: Sequence[str],
+) -> bytes:
+    """The outbox payload for the grant change a transition causes (`reference` names the workflow
+    item, e.g. `ServiceRequest/<id>`: one grant per reference)."""
     if effect is GrantEffect.REVOKE:
         rpc = "RevokeGrant"
-        request: consent_pb2.GrantAccessRequest | consent_pb2.RevokeGrantRequest = consent_pb2.RevokeGrantRequest(
-            reference=reference(record.id)
-        )
+        body = consent_pb2.RevokeGrantRequest(reference=reference).SerializeToString()
     else:
         rpc = "GrantAccess"
         closed = None
         if effect is GrantEffect.CLOSE:
             closed = Timestamp()
             closed.FromDatetime(utcnow())
-        request = consent_pb2.GrantAccessRequest(
+        body = consent_pb2.GrantAccessRequest(
             grant=consent_pb2.AccessGrant(
-                organization_id=record.target_organization_id,
-                purpose_of_use=GRANT_PURPOSE,
-                patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
-                document_ids=json.loads(record.document_ids),
+                organization_id=organization_id,
+                purpose_of_use=purpose_of_use,
+                patient=patient,
+                document_ids=list(document_ids),
                 include_summary=True,
-                reference=reference(record.id),
+                reference=reference,
             ),
             closed=closed,
-        )
-    return json.dumps({"rpc": rpc, "request": base64.b64encode(request.SerializeToString()).decode()}).encode()
+        ).SerializeToString()
+    return json.dumps({"rpc": rpc, "request": base64.b64encode(body).decode()}).encode()
 
 
 def consent_grant_sender(channel: grpc.aio.Channel, credentials: PlatformCredentials) -> Sender:
