@@ -62,6 +62,12 @@ def _clean(value: str, *, what: str, limit: int, reason: str) -> str:
     return text
 
 
+def _workflow_entity(reference: str) -> tuple[str, str]:
+    """`ServiceRequest/<id>` as an audit entity (type, id)."""
+    kind, _, identifier = reference.partition("/")
+    return (kind, identifier) if identifier else ("ServiceRequest", reference)
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -475,10 +481,12 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                         )
                         session.add(record)
                     else:
-                        ids = set(json.loads(record.document_ids)) | set(grant.document_ids)
-                        record.document_ids = json.dumps(sorted(ids))
-                        if end is not None and (record.end is None or end < record.end):
-                            record.end = end
+                        ids = json.dumps(sorted(set(json.loads(record.document_ids)) | set(grant.document_ids)))
+                        new_end = end if end is not None and (record.end is None or end < record.end) else record.end
+                        if ids == record.document_ids and new_end == record.end:
+                            # A redelivered message: nothing changes, nothing is recorded.
+                            return consent_pb2.GrantAccessResponse(grant=messages.grant_message(record))
+                        record.document_ids, record.end = ids, new_end
                     await session.flush()
                     await store.bump_version(session, record.enterprise_id)
                     await self._rt.audit.record(
@@ -487,7 +495,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                         type="consent.grant",
                         action=Action.ACTION_CREATE if created else Action.ACTION_UPDATE,
                         patient_enterprise_id=record.enterprise_id,
-                        entities=[("AccessGrant", record.id), ("ServiceRequest", grant.reference)],
+                        entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
                     )
                 self._rt.outbox.notify()
                 return consent_pb2.GrantAccessResponse(grant=messages.grant_message(record))
@@ -521,7 +529,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     type="consent.grant.revoke",
                     action=Action.ACTION_DELETE,
                     patient_enterprise_id=record.enterprise_id,
-                    entities=[("AccessGrant", record.id), ("ServiceRequest", record.reference)],
+                    entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
                 )
         self._rt.outbox.notify()
         return consent_pb2.RevokeGrantResponse(grant=messages.grant_message(record))
