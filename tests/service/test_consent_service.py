@@ -17,6 +17,7 @@ from gateway.client import Practitioner
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
+from services.consent.cache import PatientConsentCache
 from services.consent.service import SPEC as CONSENT
 from services.consent.servicer import BREAK_GLASS_TOPIC
 from services.shared.auth import PlatformCredentials
@@ -465,3 +466,27 @@ async def test_caller_checks(scene: Scene) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as no_patient:
             await stub.Decide(consent_pb2.DecideRequest(items=[s.item("d")]), metadata=s.meta(s.b_org))
         assert dict(no_patient.value.trailing_metadata())["hie-error-reason"] == "enterprise-id-missing"
+
+
+async def test_cache_reloads_a_patient_only_after_a_change(scene: Scene) -> None:
+    s = scene
+    runtime = s.exchange.services["consent"].runtime
+    cache = PatientConsentCache(runtime.engine, runtime.sessions)
+    assert (await cache.get(s.enterprise_id)).directives == ()  # nothing recorded: no load at all
+    assert cache.loads == 0
+    channel, stub = _stub(s.exchange)
+    async with channel:
+        recorded = await stub.RecordDirective(
+            consent_pb2.RecordDirectiveRequest(directive=_directive("CS-A", _deny_org(s.b_org))),
+            metadata=s.meta(s.a_org),
+        )
+        for _ in range(3):
+            loaded = await cache.get(s.enterprise_id)
+        assert cache.loads == 1
+        assert [d.directive_id for d in loaded.directives] == [recorded.directive.directive_id]
+        await stub.RevokeDirective(
+            consent_pb2.RevokeDirectiveRequest(directive_id=recorded.directive.directive_id), metadata=s.meta(s.a_org)
+        )
+    reloaded = await cache.get(s.enterprise_id)
+    assert cache.loads == 2
+    assert reloaded.directives[0].status.value == "revoked"
