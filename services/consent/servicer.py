@@ -3,6 +3,7 @@ The decision itself is `policy.decide` (pure)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
@@ -77,6 +78,14 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         self._rt = runtime
         self.regional_policy = regional_policy or policy.RegionalPolicy.from_env()
         self.cache = PatientConsentCache(runtime.engine, runtime.sessions)
+        runtime.background(self._close_on_stop(), name="consent-cache")
+
+    async def _close_on_stop(self) -> None:
+        """Held until the service stops, then returns the cache's connection before the engine goes."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.cache.close()
 
     # --- decisions -----------------------------------------------------------------------
 

@@ -488,5 +488,6 @@ async def test_cache_reloads_a_patient_only_after_a_change(scene: Scene) -> None
             consent_pb2.RevokeDirectiveRequest(directive_id=recorded.directive.directive_id), metadata=s.meta(s.a_org)
         )
     reloaded = await cache.get(s.enterprise_id)
+    await cache.close()
     assert cache.loads == 2
     assert reloaded.directives[0].status.value == "revoked"
