@@ -209,6 +209,12 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         )
         evidence = message.evidence_document_id.strip()
         bppc.check_directive(provision, evidence_document_id=evidence)
+        named = {code for p in fhir_consent.iter_provisions(provision) for code in p.obligations}
+        if named - policy.OBLIGATIONS.keys():
+            # A receiver cannot honour an obligation nobody defined.
+            raise InvalidArgument(
+                f"obligations must be among {', '.join(sorted(policy.OBLIGATIONS))}", reason="obligation-unknown"
+            )
         policy_ids = bppc.check_policy_ids(tuple(message.policy_ids))
         period = fhir_consent.Period(
             messages.moment(message.period.start, message.period.HasField("start")),

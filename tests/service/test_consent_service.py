@@ -414,6 +414,11 @@ async def test_explain_for_auditors(scene: Scene) -> None:
             "provision-invalid",
         ),
         (consent_pb2.Provision(type=consent_pb2.PROVISION_TYPE_DENY), "", "evidence-missing"),
+        (
+            consent_pb2.Provision(type=consent_pb2.PROVISION_TYPE_PERMIT, obligations=["burn-after-reading"]),
+            "form-1",
+            "obligation-unknown",
+        ),
     ],
 )
 async def test_bad_directives_are_refused(
