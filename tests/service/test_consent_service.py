@@ -496,3 +496,35 @@ async def test_cache_reloads_a_patient_only_after_a_change(scene: Scene) -> None
     await cache.close()
     assert cache.loads == 2
     assert reloaded.directives[0].status.value == "revoked"
+
+
+async def test_regional_configuration_opt_in_and_never_overridable(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consent service configured as an opt-in region that never lets break-the-glass open HIV."""
+    s = scene
+    monkeypatch.setenv("HIE_CONSENT_REGION_MODE", "opt-in")
+    monkeypatch.setenv("HIE_CONSENT_NEVER_OVERRIDABLE", "HIV")
+    configured = await start_service(CONSENT, s.exchange.settings, listen="127.0.0.1:0")
+    try:
+        default_channel, default = _stub(s.exchange)
+        region_channel, region = _stub(s.exchange, configured.port)
+        async with default_channel, region_channel:
+            plain, hiv = s.item("d-plain"), s.item("d-hiv", labels=("HIV",))
+            assert [d.basis for d in await _decide(default, s, [plain])] == ["regional-default:treatment"]
+            assert [d.basis for d in await _decide(region, s, [plain])] == ["regional-default:opt-in"]
+            await region.DeclareBreakGlass(
+                consent_pb2.DeclareBreakGlassRequest(
+                    patient=common_pb2.PatientRef(local_id="CS-B"), reason="急诊抢救需要既往史", duration_seconds=60
+                ),
+                metadata=s.meta(s.b_org, purpose="emergency"),
+            )
+            opened = await _decide(default, s, [plain, hiv], purpose="emergency")
+            assert [d.basis for d in opened] == ["break-glass", "break-glass"]
+            kept = await _decide(region, s, [plain, hiv], purpose="emergency")
+            assert [(d.decision, d.basis) for d in kept] == [
+                (consent_pb2.DECISION_PERMIT, "break-glass"),
+                (consent_pb2.DECISION_DENY, "restricted-sensitivity"),
+            ]
+    finally:
+        await configured.stop(grace=None)
