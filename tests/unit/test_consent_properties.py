@@ -98,7 +98,7 @@ items = st.builds(
 policies = st.builds(RegionalPolicy, mode=st.sampled_from(list(RegionMode)))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(policies, directives, requesters, items)
 def test_own_documents_are_always_permitted(
     policy: RegionalPolicy, recorded: list[Directive], requester: Requester, item: Item
@@ -108,7 +108,7 @@ def test_own_documents_are_always_permitted(
     assert (verdict.decision, verdict.basis) == (ConsentDecision.PERMIT, "own-document")
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(policies, directives, requesters, items)
 def test_restricted_classes_need_a_permit_naming_them(
     policy: RegionalPolicy, recorded: list[Directive], requester: Requester, item: Item
@@ -128,7 +128,7 @@ def test_restricted_classes_need_a_permit_naming_them(
         assert restricted <= named
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(policies, directives, requesters, items)
 def test_a_revoked_directive_is_as_if_never_recorded(
     policy: RegionalPolicy, recorded: list[Directive], requester: Requester, item: Item
