@@ -53,7 +53,13 @@ def document(local_id: str, content: bytes, **overrides: object) -> dict[str, ob
 
 
 def direct_metadata(
-    gateway_key_file: Path, *, org: str, scope: str = "system/Patient.crs"
+    gateway_key_file: Path,
+    *,
+    org: str,
+    scope: str = "system/Patient.crs",
+    purpose: str = "treatment",
+    practitioner: Practitioner | None = None,
+    org_type: str = "hospital",
 ) -> tuple[tuple[str, str], ...]:
     """gRPC metadata as the gateway forwards it: an access token signed with the gateway's key
     for a hospital with a fresh registered key, and that hospital's signed user assertion."""
@@ -69,10 +75,12 @@ def direct_metadata(
         "iat": now,
         "exp": now + 120,
         "org": org,
-        "org_type": "hospital",
+        "org_type": org_type,
         "scope": scope,
         "client_jkt": [public_jwk(hospital_key)["kid"]],
     }
     token = jwt.encode(claims, gateway_key, algorithm="ES384", headers={"kid": public_jwk(gateway_key)["kid"]})
-    assertion = user_assertion(key=hospital_key, client_id=client_id, practitioner=Practitioner(), purpose="treatment")
+    assertion = user_assertion(
+        key=hospital_key, client_id=client_id, practitioner=practitioner or Practitioner(), purpose=purpose
+    )
     return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))

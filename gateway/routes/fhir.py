@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from gateway.deps import CallContext
 from gateway.errors import ApiError
 from gateway.routes.audit import AuditContext, action_name, isoformat, query_page, timestamp
+from gateway.routes.fhir_consent import CONSENT_CAPABILITY
 from hie.audit.v1 import audit_pb2
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
@@ -183,7 +184,8 @@ async def capability_statement(request: Request) -> JSONResponse:
                         "follow the Bundle's next link (opaque `page` parameter). Bundle.total is not given.",
                         "interaction": [{"code": "search-type"}],
                         "searchParam": AUDIT_EVENT_SEARCH_PARAMS,
-                    }
+                    },
+                    CONSENT_CAPABILITY,
                 ],
             }
         ],

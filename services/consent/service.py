@@ -3,12 +3,13 @@
 from pathlib import Path
 
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
-from services.consent.servicer import ConsentDecisionPointServicer
+from services.consent.servicer import BREAK_GLASS_TOPIC, ConsentDecisionPointServicer, break_glass_log_sender
 from services.consent.store import metadata
 from services.shared.process import ServiceRuntime, ServiceSpec
 
 
 def _build(runtime: ServiceRuntime) -> list:
+    runtime.outbox.register(BREAK_GLASS_TOPIC, break_glass_log_sender())
     return [
         (
             consent_pb2_grpc.add_ConsentDecisionPointServicer_to_server,

@@ -1,47 +1,634 @@
-"""ConsentDecisionPoint gRPC servicer."""
+"""ConsentDecisionPoint gRPC servicer: caller checks, message translation, transactions and audit.
+The decision itself is `policy.decide` (pure)."""
 
 from __future__ import annotations
 
-from hie.consent.v1 import consent_pb2, consent_pb2_grpc
-from services.consent import policy
-from services.shared.auth import caller
-from services.shared.errors import InvalidArgument
-from services.shared.process import ServiceRuntime
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+import unicodedata
+import uuid
+from collections.abc import Sequence
 
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from hie.common.v1 import common_pb2
+from hie.consent.v1 import consent_pb2, consent_pb2_grpc
+from services.consent import bppc, fhir_consent, messages, policy, store
+from services.consent.cache import PatientConsentCache
+from services.shared import identity
+from services.shared.audit_trail import Action
+from services.shared.auth import Caller, caller
+from services.shared.db import utcnow
+from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.shared.outbox import Sender
+from services.shared.process import ServiceRuntime
+from services.shared.user_assertion import PURPOSES_OF_USE
+
+_log = logging.getLogger(__name__)
 _MAX_ITEMS = 1000
-_DECISION_TO_PROTO = {
-    policy.ConsentDecision.PERMIT: consent_pb2.DECISION_PERMIT,
-    policy.ConsentDecision.DENY: consent_pb2.DECISION_DENY,
-}
+# Who records, revises and revokes directives on the patient's behalf, and who reads them.
+_DIRECTIVE_WRITERS = ("doctor", "nurse", "admin")
+_DIRECTIVE_READERS = ("doctor", "nurse", "admin", "auditor")
+_GRANT_PURPOSES = frozenset({"referral", "consultation"})
+# Outbox topic of the notice to the patient's home hospital(s) that break-the-glass was declared.
+BREAK_GLASS_TOPIC = "consent.break-glass"
+BREAK_GLASS_AUDIT_TYPE = "consent.break-glass"
+
+
+def break_glass_log_sender() -> Sender:
+    """Until the integrator wires this topic to the registry's notification broker, the notice
+    (ids only) is written to the service log, which is where delivery stops today."""
+
+    async def send(payloads: Sequence[bytes]) -> None:
+        for payload in payloads:
+            notice = json.loads(payload)
+            _log.info(
+                "break-glass %s declared by %s: notify %s",
+                notice["break_glass_id"],
+                notice["declared_by_organization_id"],
+                ",".join(notice["notify_organization_ids"]) or "(no other hospital)",
+            )
+
+    return send
+
+
+def _clean(value: str, *, what: str, limit: int, reason: str) -> str:
+    text = unicodedata.normalize("NFC", value).strip()
+    if len(text) > limit or any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co"} for ch in text):
+        raise InvalidArgument(f"{what} is too long or holds control characters", reason=reason)
+    return text
+
+
+def _workflow_entity(reference: str) -> tuple[str, str]:
+    """`ServiceRequest/<id>` as an audit entity (type, id)."""
+    kind, _, identifier = reference.partition("/")
+    return (kind, identifier) if identifier else ("ServiceRequest", reference)
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer):
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime, regional_policy: policy.RegionalPolicy | None = None) -> None:
         self._rt = runtime
+        self.regional_policy = regional_policy or policy.RegionalPolicy.from_env()
+        self.cache = PatientConsentCache(runtime.engine, runtime.sessions)
+        runtime.background(self._close_on_stop(), name="consent-cache")
+
+    async def _close_on_stop(self) -> None:
+        """Held until the service stops, then returns the cache's connection before the engine goes."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.cache.close()
+
+    # --- decisions -----------------------------------------------------------------------
 
     async def Decide(self, request: consent_pb2.DecideRequest, context: object) -> consent_pb2.DecideResponse:
         who = caller()
         purpose = who.require_purpose()
+        who.require_scope("DocumentReference", "r")
         if len(request.items) > _MAX_ITEMS:
             raise InvalidArgument(f"at most {_MAX_ITEMS} items per decision", reason="batch-too-large")
-        access = policy.AccessRequest(organization_id=who.organization_id, purpose_of_use=purpose)
-        decisions = []
-        for item in request.items:
-            verdict = policy.decide(
-                access,
-                policy.ItemAttributes(
-                    item_id=item.item_id,
-                    source_organization_id=item.source_organization_id,
-                    class_code=item.class_code,
-                    type_code=item.type_code,
-                    security_labels=frozenset(item.security_labels),
-                ),
+        if not request.items:
+            return consent_pb2.DecideResponse()
+        if not request.enterprise_id:
+            # Without the person the patient's directives cannot be found: never decide without them.
+            raise InvalidArgument("the patient's enterprise id is required", reason="enterprise-id-missing")
+        requester = fhir_consent.Requester(
+            organization_id=who.organization_id,
+            purpose_of_use=purpose,
+            department=who.department,
+            practitioner_id=who.practitioner_id,
+            action=request.action or "access",
+        )
+        now = utcnow()
+        consent = await self.cache.get(request.enterprise_id)
+        verdicts = policy.decide_batch(
+            self.regional_policy, consent, requester, [messages.item_of(item) for item in request.items], now
+        )
+        glass = [v for v in verdicts if v.break_glass]
+        if glass:
+            # Every access break-the-glass opened is on the record as such.
+            async with self._rt.sessions() as session, session.begin():
+                await self._rt.audit.record(
+                    session,
+                    caller=who,
+                    type=BREAK_GLASS_AUDIT_TYPE,
+                    action=Action.ACTION_READ,
+                    patient_enterprise_id=request.enterprise_id,
+                    entities=[("DocumentReference", v.item_id) for v in glass]
+                    + [("BreakGlass", v.reference.removeprefix("break-glass/")) for v in glass[:1]],
+                )
+            self._rt.outbox.notify()
+        return consent_pb2.DecideResponse(decisions=[messages.decision_message(v) for v in verdicts])
+
+    async def Explain(self, request: consent_pb2.ExplainRequest, context: object) -> consent_pb2.ExplainResponse:
+        who = caller()
+        who.require_role("auditor")
+        try:
+            who.require_scope("Consent", "r")
+        except PermissionDenied:
+            who.require_scope("AuditEvent", "r")
+        if not request.enterprise_id or not request.item.item_id or not request.organization_id:
+            raise InvalidArgument(
+                "an enterprise id, an item and a requesting organisation are required", reason="explain-invalid"
             )
-            decisions.append(
-                consent_pb2.ItemDecision(
-                    item_id=verdict.item_id,
-                    decision=_DECISION_TO_PROTO[verdict.decision],
-                    basis=verdict.basis,
+        if who.organization_type != "authority" and request.organization_id != who.organization_id:
+            # A hospital's auditors explain their own organisation's decisions; the region's, anyone's.
+            raise PermissionDenied(
+                "a hospital explains decisions for its own organisation's requests", reason="explain-own-only"
+            )
+        if request.purpose_of_use and request.purpose_of_use not in PURPOSES_OF_USE:
+            raise InvalidArgument("unknown purpose of use", reason="purpose-invalid")
+        requester = fhir_consent.Requester(
+            organization_id=request.organization_id[:64],
+            purpose_of_use=request.purpose_of_use,
+            department=request.department[:64],
+            practitioner_id=request.practitioner_id[:64],
+            action=request.action or "access",
+        )
+        at = messages.moment(request.at, request.HasField("at")) or utcnow()
+        item = messages.item_of(request.item)
+        consent = await self.cache.get(request.enterprise_id)
+        verdict = policy.decide(self.regional_policy, consent, requester, item, at)
+        async with self._rt.sessions() as session, session.begin():
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consent.explain",
+                action=Action.ACTION_EXECUTE,
+                patient_enterprise_id=request.enterprise_id,
+                entities=[("DocumentReference", item.item_id)],
+            )
+        self._rt.outbox.notify()
+        return consent_pb2.ExplainResponse(
+            decision=messages.decision_message(verdict), explanation=policy.explain(verdict, requester, item)
+        )
+
+    # --- directives ----------------------------------------------------------------------
+
+    async def _own_patient(self, who: Caller, ref: common_pb2.PatientRef) -> str:
+        """The enterprise id of a patient the caller's own domain registered."""
+        if not ref.local_id:
+            raise InvalidArgument("the patient's local id is required", reason="patient-ref-missing")
+        if ref.domain and ref.domain != who.organization_id:
+            raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
+        return await identity.registered_person(
+            self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
+        )
+
+    async def _visible_directive(self, who: Caller, directive_id: str) -> store.DirectiveRecord:
+        """A directive of a patient the caller's organisation has registered; NotFound otherwise."""
+        try:
+            key = str(uuid.UUID(directive_id))
+        except ValueError:
+            raise NotFound("no such directive", reason="directive-not-found") from None
+        async with self._rt.sessions() as session:
+            record = await session.get(store.DirectiveRecord, key)
+        if record is None:
+            raise NotFound("no such directive", reason="directive-not-found")
+        if record.recorded_by_organization_id != who.organization_id:
+            person = await identity.cross_reference(
+                self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+            )
+            if who.organization_id not in {r.domain for r in person.refs}:
+                raise NotFound("no such directive", reason="directive-not-found")
+        return record
+
+    def _directive_content(
+        self, message: consent_pb2.Directive
+    ) -> tuple[fhir_consent.Provision, tuple[str, ...], str, fhir_consent.Period]:
+        provision = fhir_consent.provision_from_json(
+            messages.provision_json(message.provision), purposes=PURPOSES_OF_USE
+        )
+        evidence = message.evidence_document_id.strip()
+        bppc.check_directive(provision, evidence_document_id=evidence)
+        named = {code for p in fhir_consent.iter_provisions(provision) for code in p.obligations}
+        if named - policy.OBLIGATIONS.keys():
+            # A receiver cannot honour an obligation nobody defined.
+            raise InvalidArgument(
+                f"obligations must be among {', '.join(sorted(policy.OBLIGATIONS))}", reason="obligation-unknown"
+            )
+        policy_ids = bppc.check_policy_ids(tuple(message.policy_ids))
+        period = fhir_consent.Period(
+            messages.moment(message.period.start, message.period.HasField("start")),
+            messages.moment(message.period.end, message.period.HasField("end")),
+        )
+        if period.start and period.end and period.end <= period.start:
+            raise InvalidArgument("the directive's period ends before it starts", reason="period-invalid")
+        return provision, policy_ids, evidence, period
+
+    def _revision(self, who: Caller, record: store.DirectiveRecord, change: str) -> store.DirectiveRevisionRecord:
+        return store.DirectiveRevisionRecord(
+            directive_id=record.id,
+            revision=record.revision,
+            change=change,
+            body=json.dumps(
+                {
+                    "provision": json.loads(record.provision),
+                    "policy_ids": json.loads(record.policy_ids),
+                    "evidence_document_id": record.evidence_document_id,
+                    "period": [
+                        record.period_start.isoformat() if record.period_start else None,
+                        record.period_end.isoformat() if record.period_end else None,
+                    ],
+                    "status": record.status,
+                },
+                ensure_ascii=False,
+            ),
+            organization_id=who.organization_id,
+            practitioner_id=who.practitioner_id,
+            changed_at=record.updated_at,
+        )
+
+    async def RecordDirective(
+        self, request: consent_pb2.RecordDirectiveRequest, context: object
+    ) -> consent_pb2.RecordDirectiveResponse:
+        who = caller()
+        who.require_scope("Consent", "c")
+        who.require_role(*_DIRECTIVE_WRITERS)
+        provision, policy_ids, evidence, period = self._directive_content(request.directive)
+        enterprise_id = await self._own_patient(who, request.directive.patient)
+        stored = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
+        digest = _digest(request.directive.patient.local_id, stored, policy_ids, evidence, period)
+        key = request.idempotency_key[:128] or str(uuid.uuid4())
+        for attempt in range(2):
+            try:
+                return await self._record(
+                    who, request, enterprise_id, stored, digest, key, policy_ids, evidence, period
+                )
+            except IntegrityError:
+                # A concurrent retry (same key) or first change of the patient committed first.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _record(
+        self,
+        who: Caller,
+        request: consent_pb2.RecordDirectiveRequest,
+        enterprise_id: str,
+        stored: str,
+        digest: str,
+        key: str,
+        policy_ids: tuple[str, ...],
+        evidence: str,
+        period: fhir_consent.Period,
+    ) -> consent_pb2.RecordDirectiveResponse:
+        async with self._rt.sessions() as session, session.begin():
+            existing = await session.scalar(
+                select(store.DirectiveRecord).where(
+                    store.DirectiveRecord.recorded_by_organization_id == who.organization_id,
+                    store.DirectiveRecord.idempotency_key == key,
                 )
             )
-        return consent_pb2.DecideResponse(decisions=decisions)
+            if existing is not None:
+                if existing.request_digest != digest:
+                    raise AlreadyExists(
+                        "idempotency key already used for a different directive", reason="idempotency-key-reused"
+                    )
+                return consent_pb2.RecordDirectiveResponse(
+                    directive=messages.directive_message(existing), created=False
+                )
+            now = utcnow()
+            record = store.DirectiveRecord(
+                id=str(uuid.uuid4()),
+                enterprise_id=enterprise_id,
+                patient_domain=who.organization_id,
+                patient_local_id=request.directive.patient.local_id,
+                recorded_by_organization_id=who.organization_id,
+                recorded_by_practitioner_id=who.practitioner_id,
+                policy_ids=json.dumps(list(policy_ids)),
+                evidence_document_id=evidence,
+                period_start=period.start,
+                period_end=period.end,
+                provision=stored,
+                status=bppc.DirectiveStatus.ACTIVE.value,
+                revision=1,
+                recorded_at=now,
+                updated_at=now,
+                idempotency_key=key,
+                request_digest=digest,
+            )
+            session.add(record)
+            session.add(self._revision(who, record, "record"))
+            await store.bump_version(session, enterprise_id)
+            event_id = await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consent.directive.record",
+                action=Action.ACTION_CREATE,
+                patient_enterprise_id=enterprise_id,
+                entities=[("Consent", record.id)],
+            )
+        self._rt.outbox.notify()
+        return consent_pb2.RecordDirectiveResponse(
+            directive=messages.directive_message(record), created=True, audit_event_ids=[event_id]
+        )
+
+    async def ReviseDirective(
+        self, request: consent_pb2.ReviseDirectiveRequest, context: object
+    ) -> consent_pb2.ReviseDirectiveResponse:
+        who = caller()
+        who.require_scope("Consent", "u")
+        who.require_role(*_DIRECTIVE_WRITERS)
+        provision, policy_ids, evidence, period = self._directive_content(request.directive)
+        found = await self._visible_directive(who, request.directive.directive_id)
+        async with self._rt.sessions() as session, session.begin():
+            record = await session.get(store.DirectiveRecord, found.id, with_for_update=True)
+            assert record is not None  # directives are never deleted
+            if record.status != bppc.DirectiveStatus.ACTIVE.value:
+                raise FailedPrecondition("a revoked directive cannot be revised", reason="directive-revoked")
+            if request.expected_revision and request.expected_revision != record.revision:
+                raise FailedPrecondition("the directive was changed since it was read", reason="revision-conflict")
+            record.provision = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
+            record.policy_ids = json.dumps(list(policy_ids))
+            record.evidence_document_id = evidence
+            record.period_start, record.period_end = period.start, period.end
+            record.revision += 1
+            record.updated_at = utcnow()
+            session.add(self._revision(who, record, "revise"))
+            await store.bump_version(session, record.enterprise_id)
+            event_id = await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consent.directive.revise",
+                action=Action.ACTION_UPDATE,
+                patient_enterprise_id=record.enterprise_id,
+                entities=[("Consent", record.id)],
+            )
+        self._rt.outbox.notify()
+        return consent_pb2.ReviseDirectiveResponse(
+            directive=messages.directive_message(record), audit_event_ids=[event_id]
+        )
+
+    async def RevokeDirective(
+        self, request: consent_pb2.RevokeDirectiveRequest, context: object
+    ) -> consent_pb2.RevokeDirectiveResponse:
+        who = caller()
+        who.require_scope("Consent", "d")
+        who.require_role(*_DIRECTIVE_WRITERS)
+        found = await self._visible_directive(who, request.directive_id)
+        async with self._rt.sessions() as session, session.begin():
+            record = await session.get(store.DirectiveRecord, found.id, with_for_update=True)
+            assert record is not None
+            if record.status == bppc.DirectiveStatus.REVOKED.value:
+                # Revoking twice is a retry: the first revocation stands, nothing new is recorded.
+                return consent_pb2.RevokeDirectiveResponse(directive=messages.directive_message(record))
+            now = utcnow()
+            record.status = bppc.DirectiveStatus.REVOKED.value
+            record.revoked_at = now
+            record.updated_at = now
+            record.revision += 1
+            session.add(self._revision(who, record, "revoke"))
+            await store.bump_version(session, record.enterprise_id)
+            event_id = await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consent.directive.revoke",
+                action=Action.ACTION_DELETE,
+                patient_enterprise_id=record.enterprise_id,
+                entities=[("Consent", record.id)],
+            )
+        self._rt.outbox.notify()
+        return consent_pb2.RevokeDirectiveResponse(
+            directive=messages.directive_message(record), audit_event_ids=[event_id]
+        )
+
+    async def ListDirectives(
+        self, request: consent_pb2.ListDirectivesRequest, context: object
+    ) -> consent_pb2.ListDirectivesResponse:
+        who = caller()
+        who.require_scope("Consent", "r")
+        who.require_role(*_DIRECTIVE_READERS)
+        enterprise_id = await self._own_patient(who, request.patient)
+        async with self._rt.sessions() as session:
+            query = select(store.DirectiveRecord).where(store.DirectiveRecord.enterprise_id == enterprise_id)
+            if not request.include_revoked:
+                query = query.where(store.DirectiveRecord.status == bppc.DirectiveStatus.ACTIVE.value)
+            records = (await session.scalars(query.order_by(store.DirectiveRecord.recorded_at))).all()
+        async with self._rt.sessions() as session, session.begin():
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consent.directive.list",
+                action=Action.ACTION_EXECUTE,
+                patient_enterprise_id=enterprise_id,
+                entities=[("Consent", r.id) for r in records],
+            )
+        self._rt.outbox.notify()
+        return consent_pb2.ListDirectivesResponse(
+            enterprise_id=enterprise_id, directives=[messages.directive_message(r) for r in records]
+        )
+
+    async def GetDirective(
+        self, request: consent_pb2.GetDirectiveRequest, context: object
+    ) -> consent_pb2.GetDirectiveResponse:
+        who = caller()
+        who.require_scope("Consent", "r")
+        who.require_role(*_DIRECTIVE_READERS)
+        record = await self._visible_directive(who, request.directive_id)
+        async with self._rt.sessions() as session, session.begin():
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="consent.directive.read",
+                action=Action.ACTION_READ,
+                patient_enterprise_id=record.enterprise_id,
+                entities=[("Consent", record.id)],
+            )
+        self._rt.outbox.notify()
+        return consent_pb2.GetDirectiveResponse(directive=messages.directive_message(record))
+
+    # --- grants --------------------------------------------------------------------------
+
+    @staticmethod
+    def _platform_only(who: Caller) -> None:
+        if not who.is_platform:
+            raise PermissionDenied(
+                "grants are made by the exchange's referral and consultation workflows", reason="platform-only"
+            )
+
+    async def GrantAccess(
+        self, request: consent_pb2.GrantAccessRequest, context: object
+    ) -> consent_pb2.GrantAccessResponse:
+        """Create or update the grant of a referral / consultation. Merges are monotonic, so
+        messages that arrive out of order converge: a revocation is final, an end once set stays."""
+        who = caller()
+        self._platform_only(who)
+        grant = request.grant
+        if grant.purpose_of_use not in _GRANT_PURPOSES:
+            raise InvalidArgument("a grant is for referral or consultation", reason="grant-invalid")
+        if not grant.reference or not grant.organization_id or len(grant.document_ids) > _MAX_ITEMS:
+            raise InvalidArgument("a grant needs its reference and receiving organisation", reason="grant-invalid")
+        enterprise_id = grant.enterprise_id or (await identity.cross_reference(self._rt, grant.patient)).enterprise_id
+        closed = messages.moment(request.closed, request.HasField("closed"))
+        end = closed + datetime.timedelta(seconds=self.regional_policy.grant_grace_seconds) if closed else None
+        if end is None and grant.HasField("end"):
+            end = grant.end.ToDatetime(tzinfo=datetime.UTC)
+        for attempt in range(2):
+            try:
+                async with self._rt.sessions() as session, session.begin():
+                    record = await session.scalar(
+                        select(store.GrantRecord).where(store.GrantRecord.reference == grant.reference[:128])
+                    )
+                    now = utcnow()
+                    created = record is None
+                    if record is None:
+                        record = store.GrantRecord(
+                            id=str(uuid.uuid4()),
+                            reference=grant.reference[:128],
+                            enterprise_id=enterprise_id,
+                            organization_id=grant.organization_id[:64],
+                            purpose_of_use=grant.purpose_of_use,
+                            document_ids=json.dumps(sorted(set(grant.document_ids))),
+                            include_summary=grant.include_summary,
+                            start=now,
+                            end=end,
+                            revoked_at=None,
+                            created_at=now,
+                        )
+                        session.add(record)
+                    else:
+                        ids = json.dumps(sorted(set(json.loads(record.document_ids)) | set(grant.document_ids)))
+                        new_end = end if end is not None and (record.end is None or end < record.end) else record.end
+                        if ids == record.document_ids and new_end == record.end:
+                            # A redelivered message: nothing changes, nothing is recorded.
+                            return consent_pb2.GrantAccessResponse(grant=messages.grant_message(record))
+                        record.document_ids, record.end = ids, new_end
+                    await session.flush()
+                    await store.bump_version(session, record.enterprise_id)
+                    await self._rt.audit.record(
+                        session,
+                        caller=who,
+                        type="consent.grant",
+                        action=Action.ACTION_CREATE if created else Action.ACTION_UPDATE,
+                        patient_enterprise_id=record.enterprise_id,
+                        entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
+                    )
+                self._rt.outbox.notify()
+                return consent_pb2.GrantAccessResponse(grant=messages.grant_message(record))
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def RevokeGrant(
+        self, request: consent_pb2.RevokeGrantRequest, context: object
+    ) -> consent_pb2.RevokeGrantResponse:
+        who = caller()
+        self._platform_only(who)
+        if not request.grant_id and not request.reference:
+            raise InvalidArgument("name the grant or its reference", reason="grant-invalid")
+        async with self._rt.sessions() as session, session.begin():
+            if request.grant_id:
+                record = await session.get(store.GrantRecord, request.grant_id[:36])
+            else:
+                record = await session.scalar(
+                    select(store.GrantRecord).where(store.GrantRecord.reference == request.reference[:128])
+                )
+            if record is None:
+                raise NotFound("no such grant", reason="grant-not-found")
+            if record.revoked_at is None:
+                record.revoked_at = utcnow()
+                await store.bump_version(session, record.enterprise_id)
+                await self._rt.audit.record(
+                    session,
+                    caller=who,
+                    type="consent.grant.revoke",
+                    action=Action.ACTION_DELETE,
+                    patient_enterprise_id=record.enterprise_id,
+                    entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
+                )
+        self._rt.outbox.notify()
+        return consent_pb2.RevokeGrantResponse(grant=messages.grant_message(record))
+
+    # --- break-the-glass -----------------------------------------------------------------
+
+    async def DeclareBreakGlass(
+        self, request: consent_pb2.DeclareBreakGlassRequest, context: object
+    ) -> consent_pb2.DeclareBreakGlassResponse:
+        who = caller()
+        who.require_scope("Consent", "c")
+        who.require_role("doctor")
+        if who.require_purpose() != policy.EMERGENCY or not who.practitioner_id:
+            raise PermissionDenied(
+                "break-the-glass is declared by a clinician for the purpose emergency", reason="purpose"
+            )
+        reason = _clean(request.reason, what="reason", limit=500, reason="reason-invalid")
+        if len(reason) < 4:
+            raise InvalidArgument("break-the-glass needs a reason", reason="reason-missing")
+        if request.duration_seconds < 0:
+            raise InvalidArgument("duration must not be negative", reason="duration-invalid")
+        ref = request.patient
+        if not ref.local_id:
+            raise InvalidArgument("the patient's local id is required", reason="patient-ref-missing")
+        if ref.domain and ref.domain != who.organization_id:
+            raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
+        try:
+            person = await identity.cross_reference(
+                self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
+            )
+        except NotFound:
+            raise FailedPrecondition("register the patient first", reason="patient-not-registered") from None
+        bound = self.regional_policy.break_glass_seconds
+        seconds = min(request.duration_seconds or bound, bound)
+        starts = utcnow()
+        record = store.BreakGlassRecord(
+            id=str(uuid.uuid4()),
+            enterprise_id=person.enterprise_id,
+            organization_id=who.organization_id,
+            practitioner_id=who.practitioner_id,
+            department=who.department[:64],
+            reason=reason,
+            starts=starts,
+            expires=starts + datetime.timedelta(seconds=seconds),
+        )
+        # The patient's home hospitals: every other domain that registered the person.
+        notify = sorted({r.domain for r in person.refs} - {who.organization_id})
+        for attempt in range(2):
+            try:
+                async with self._rt.sessions() as session, session.begin():
+                    session.add(record)
+                    await store.bump_version(session, person.enterprise_id)
+                    event_id = await self._rt.audit.record(
+                        session,
+                        caller=who,
+                        type=BREAK_GLASS_AUDIT_TYPE,
+                        action=Action.ACTION_CREATE,
+                        patient_enterprise_id=person.enterprise_id,
+                        entities=[("BreakGlass", record.id)],
+                    )
+                    await self._rt.outbox.add(
+                        session,
+                        BREAK_GLASS_TOPIC,
+                        json.dumps(
+                            {
+                                "break_glass_id": record.id,
+                                "enterprise_id": person.enterprise_id,
+                                "declared_by_organization_id": who.organization_id,
+                                "practitioner_id": who.practitioner_id,
+                                "starts": record.starts.isoformat(),
+                                "expires": record.expires.isoformat(),
+                                "notify_organization_ids": notify,
+                            }
+                        ).encode(),
+                    )
+                break
+            except IntegrityError:
+                if attempt:
+                    raise
+        self._rt.outbox.notify()
+        return consent_pb2.DeclareBreakGlassResponse(
+            break_glass_id=record.id,
+            enterprise_id=person.enterprise_id,
+            starts=messages.timestamp(record.starts),
+            expires=messages.timestamp(record.expires),
+            audit_event_ids=[event_id],
+        )

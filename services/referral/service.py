@@ -5,10 +5,12 @@ from pathlib import Path
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
 from services.referral.servicer import ReferralsServicer
 from services.referral.store import metadata
+from services.shared.consent_grants import GRANT_TOPIC, consent_grant_sender
 from services.shared.process import ServiceRuntime, ServiceSpec
 
 
 def _build(runtime: ServiceRuntime) -> list:
+    runtime.outbox.register(GRANT_TOPIC, consent_grant_sender(runtime.channel("consent"), runtime.credentials))
     return [
         (
             referral_pb2_grpc.add_ReferralsServicer_to_server,

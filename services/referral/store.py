@@ -34,4 +34,19 @@ class ReferralRecord(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
 
 
+class ReferralStateChangeRecord(Base):
+    """Every state change of every referral: who moved it, from what, to what, when, why."""
+
+    __tablename__ = "referral_state_change"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    referral_id: Mapped[str] = mapped_column(String(36), index=True)
+    from_state: Mapped[int]
+    to_state: Mapped[int]
+    organization_id: Mapped[str] = mapped_column(String(64))
+    practitioner_id: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    changed_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
 outbox_table(metadata)

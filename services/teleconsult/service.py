@@ -3,12 +3,14 @@
 from pathlib import Path
 
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
+from services.shared.consent_grants import GRANT_TOPIC, consent_grant_sender
 from services.shared.process import ServiceRuntime, ServiceSpec
 from services.teleconsult.servicer import TeleconsultationsServicer
 from services.teleconsult.store import metadata
 
 
 def _build(runtime: ServiceRuntime) -> list:
+    runtime.outbox.register(GRANT_TOPIC, consent_grant_sender(runtime.channel("consent"), runtime.credentials))
     return [
         (
             teleconsult_pb2_grpc.add_TeleconsultationsServicer_to_server,

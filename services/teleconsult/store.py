@@ -35,4 +35,19 @@ class ConsultationRecord(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
 
 
+class ConsultationStateChangeRecord(Base):
+    """Every state change of every consultation."""
+
+    __tablename__ = "consultation_state_change"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    consultation_id: Mapped[str] = mapped_column(String(36), index=True)
+    from_state: Mapped[int]
+    to_state: Mapped[int]
+    organization_id: Mapped[str] = mapped_column(String(64))
+    practitioner_id: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    changed_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
 outbox_table(metadata)

@@ -23,27 +23,81 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from hie.common.v1 import common_pb2 as hie_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chie/consent/v1/consent.proto\x12\x0ehie.consent.v1\"\x7f\n\x0c\x44\x65\x63isionItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x1e\n\x16source_organization_id\x18\x02 \x01(\t\x12\x12\n\nclass_code\x18\x03 \x01(\t\x12\x11\n\ttype_code\x18\x04 \x01(\t\x12\x17\n\x0fsecurity_labels\x18\x05 \x03(\t\"S\n\rDecideRequest\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12+\n\x05items\x18\x02 \x03(\x0b\x32\x1c.hie.consent.v1.DecisionItem\"\x1a\n\nObligation\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"\x8b\x01\n\x0cItemDecision\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12*\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x18.hie.consent.v1.Decision\x12\r\n\x05\x62\x61sis\x18\x03 \x01(\t\x12/\n\x0bobligations\x18\x04 \x03(\x0b\x32\x1a.hie.consent.v1.Obligation\"A\n\x0e\x44\x65\x63ideResponse\x12/\n\tdecisions\x18\x01 \x03(\x0b\x32\x1c.hie.consent.v1.ItemDecision*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_PERMIT\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x32_\n\x14\x43onsentDecisionPoint\x12G\n\x06\x44\x65\x63ide\x12\x1d.hie.consent.v1.DecideRequest\x1a\x1e.hie.consent.v1.DecideResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chie/consent/v1/consent.proto\x12\x0ehie.consent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"\xae\x01\n\x0c\x44\x65\x63isionItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x1e\n\x16source_organization_id\x18\x02 \x01(\t\x12\x12\n\nclass_code\x18\x03 \x01(\t\x12\x11\n\ttype_code\x18\x04 \x01(\t\x12\x17\n\x0fsecurity_labels\x18\x05 \x03(\t\x12-\n\tdata_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\rDecideRequest\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12+\n\x05items\x18\x02 \x03(\x0b\x32\x1c.hie.consent.v1.DecisionItem\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\"B\n\nObligation\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x15\n\rmasked_fields\x18\x02 \x03(\t\x12\x0f\n\x07\x64isplay\x18\x03 \x01(\t\"\xb3\x01\n\x0cItemDecision\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12*\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x18.hie.consent.v1.Decision\x12\r\n\x05\x62\x61sis\x18\x03 \x01(\t\x12/\n\x0bobligations\x18\x04 \x03(\x0b\x32\x1a.hie.consent.v1.Obligation\x12\x11\n\treference\x18\x05 \x01(\t\x12\x13\n\x0b\x62reak_glass\x18\x06 \x01(\x08\"A\n\x0e\x44\x65\x63ideResponse\x12/\n\tdecisions\x18\x01 \x03(\x0b\x32\x1c.hie.consent.v1.ItemDecision\"\xe9\x01\n\x0e\x45xplainRequest\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12*\n\x04item\x18\x02 \x01(\x0b\x32\x1c.hie.consent.v1.DecisionItem\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x05 \x01(\t\x12\x16\n\x0epurpose_of_use\x18\x06 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x0f\x45xplainResponse\x12.\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1c.hie.consent.v1.ItemDecision\x12\x13\n\x0b\x65xplanation\x18\x02 \x01(\t\"\\\n\x06Period\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\x05\x41\x63tor\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.hie.consent.v1.ActorKind\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x12\n\ndepartment\x18\x03 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x04 \x01(\t\"\xe7\x02\n\tProvision\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.hie.consent.v1.ProvisionType\x12&\n\x06period\x18\x02 \x01(\x0b\x32\x16.hie.consent.v1.Period\x12%\n\x06\x61\x63tors\x18\x03 \x03(\x0b\x32\x15.hie.consent.v1.Actor\x12\x0f\n\x07\x61\x63tions\x18\x04 \x03(\t\x12\x10\n\x08purposes\x18\x05 \x03(\t\x12\x0f\n\x07\x63lasses\x18\x06 \x03(\t\x12\r\n\x05types\x18\x07 \x03(\t\x12\x17\n\x0fsecurity_labels\x18\x08 \x03(\t\x12+\n\x0b\x64\x61ta_period\x18\t \x01(\x0b\x32\x16.hie.consent.v1.Period\x12\x11\n\tdocuments\x18\n \x03(\t\x12\x13\n\x0bobligations\x18\x0b \x03(\t\x12-\n\nprovisions\x18\x0c \x03(\x0b\x32\x19.hie.consent.v1.Provision\"\xaf\x03\n\tDirective\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12*\n\x07patient\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x15\n\renterprise_id\x18\x03 \x01(\t\x12#\n\x1brecorded_by_organization_id\x18\x04 \x01(\t\x12\x12\n\npolicy_ids\x18\x05 \x03(\t\x12\x1c\n\x14\x65vidence_document_id\x18\x06 \x01(\t\x12&\n\x06period\x18\x07 \x01(\x0b\x32\x16.hie.consent.v1.Period\x12,\n\tprovision\x18\x08 \x01(\x0b\x32\x19.hie.consent.v1.Provision\x12/\n\x06status\x18\t \x01(\x0e\x32\x1f.hie.consent.v1.DirectiveStatus\x12\x10\n\x08revision\x18\n \x01(\x05\x12,\n\x08recorded\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x16RecordDirectiveRequest\x12,\n\tdirective\x18\x01 \x01(\x0b\x32\x19.hie.consent.v1.Directive\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"q\n\x17RecordDirectiveResponse\x12,\n\tdirective\x18\x01 \x01(\x0b\x32\x19.hie.consent.v1.Directive\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"a\n\x16ReviseDirectiveRequest\x12,\n\tdirective\x18\x01 \x01(\x0b\x32\x19.hie.consent.v1.Directive\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x05\"`\n\x17ReviseDirectiveResponse\x12,\n\tdirective\x18\x01 \x01(\x0b\x32\x19.hie.consent.v1.Directive\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\".\n\x16RevokeDirectiveRequest\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\"`\n\x17RevokeDirectiveResponse\x12,\n\tdirective\x18\x01 \x01(\x0b\x32\x19.hie.consent.v1.Directive\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"\\\n\x15ListDirectivesRequest\x12*\n\x07patient\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\"^\n\x16ListDirectivesResponse\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12-\n\ndirectives\x18\x02 \x03(\x0b\x32\x19.hie.consent.v1.Directive\"+\n\x13GetDirectiveRequest\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\"D\n\x14GetDirectiveResponse\x12,\n\tdirective\x18\x01 \x01(\x0b\x32\x19.hie.consent.v1.Directive\"\xba\x02\n\x0b\x41\x63\x63\x65ssGrant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x16\n\x0epurpose_of_use\x18\x03 \x01(\t\x12*\n\x07patient\x18\x04 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x15\n\renterprise_id\x18\x05 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x06 \x03(\t\x12\x17\n\x0finclude_summary\x18\x07 \x01(\x08\x12)\n\x05start\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\n \x01(\x08\x12\x11\n\treference\x18\x0b \x01(\t\"l\n\x12GrantAccessRequest\x12*\n\x05grant\x18\x01 \x01(\x0b\x32\x1b.hie.consent.v1.AccessGrant\x12*\n\x06\x63losed\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13GrantAccessResponse\x12*\n\x05grant\x18\x01 \x01(\x0b\x32\x1b.hie.consent.v1.AccessGrant\"9\n\x12RevokeGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\"A\n\x13RevokeGrantResponse\x12*\n\x05grant\x18\x01 \x01(\x0b\x32\x1b.hie.consent.v1.AccessGrant\"p\n\x18\x44\x65\x63lareBreakGlassRequest\x12*\n\x07patient\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x05\"\xbc\x01\n\x19\x44\x65\x63lareBreakGlassResponse\x12\x16\n\x0e\x62reak_glass_id\x18\x01 \x01(\t\x12\x15\n\renterprise_id\x18\x02 \x01(\t\x12*\n\x06starts\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x61udit_event_ids\x18\x05 \x03(\t*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_PERMIT\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02*c\n\rProvisionType\x12\x1e\n\x1aPROVISION_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROVISION_TYPE_PERMIT\x10\x01\x12\x17\n\x13PROVISION_TYPE_DENY\x10\x02*\x93\x01\n\tActorKind\x12\x1a\n\x16\x41\x43TOR_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43TOR_KIND_REGION\x10\x01\x12\x1b\n\x17\x41\x43TOR_KIND_ORGANIZATION\x10\x02\x12\x19\n\x15\x41\x43TOR_KIND_DEPARTMENT\x10\x03\x12\x1b\n\x17\x41\x43TOR_KIND_PRACTITIONER\x10\x04*n\n\x0f\x44irectiveStatus\x12 \n\x1c\x44IRECTIVE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44IRECTIVE_STATUS_ACTIVE\x10\x01\x12\x1c\n\x18\x44IRECTIVE_STATUS_REVOKED\x10\x02\x32\xad\x07\n\x14\x43onsentDecisionPoint\x12G\n\x06\x44\x65\x63ide\x12\x1d.hie.consent.v1.DecideRequest\x1a\x1e.hie.consent.v1.DecideResponse\x12J\n\x07\x45xplain\x12\x1e.hie.consent.v1.ExplainRequest\x1a\x1f.hie.consent.v1.ExplainResponse\x12\x62\n\x0fRecordDirective\x12&.hie.consent.v1.RecordDirectiveRequest\x1a\'.hie.consent.v1.RecordDirectiveResponse\x12\x62\n\x0fReviseDirective\x12&.hie.consent.v1.ReviseDirectiveRequest\x1a\'.hie.consent.v1.ReviseDirectiveResponse\x12\x62\n\x0fRevokeDirective\x12&.hie.consent.v1.RevokeDirectiveRequest\x1a\'.hie.consent.v1.RevokeDirectiveResponse\x12_\n\x0eListDirectives\x12%.hie.consent.v1.ListDirectivesRequest\x1a&.hie.consent.v1.ListDirectivesResponse\x12Y\n\x0cGetDirective\x12#.hie.consent.v1.GetDirectiveRequest\x1a$.hie.consent.v1.GetDirectiveResponse\x12V\n\x0bGrantAccess\x12\".hie.consent.v1.GrantAccessRequest\x1a#.hie.consent.v1.GrantAccessResponse\x12V\n\x0bRevokeGrant\x12\".hie.consent.v1.RevokeGrantRequest\x1a#.hie.consent.v1.RevokeGrantResponse\x12h\n\x11\x44\x65\x63lareBreakGlass\x12(.hie.consent.v1.DeclareBreakGlassRequest\x1a).hie.consent.v1.DeclareBreakGlassResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hie.consent.v1.consent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=499
-  _globals['_DECISION']._serialized_end=575
-  _globals['_DECISIONITEM']._serialized_start=48
-  _globals['_DECISIONITEM']._serialized_end=175
-  _globals['_DECIDEREQUEST']._serialized_start=177
-  _globals['_DECIDEREQUEST']._serialized_end=260
-  _globals['_OBLIGATION']._serialized_start=262
-  _globals['_OBLIGATION']._serialized_end=288
-  _globals['_ITEMDECISION']._serialized_start=291
-  _globals['_ITEMDECISION']._serialized_end=430
-  _globals['_DECIDERESPONSE']._serialized_start=432
-  _globals['_DECIDERESPONSE']._serialized_end=497
-  _globals['_CONSENTDECISIONPOINT']._serialized_start=577
-  _globals['_CONSENTDECISIONPOINT']._serialized_end=672
+  _globals['_DECISION']._serialized_start=3823
+  _globals['_DECISION']._serialized_end=3899
+  _globals['_PROVISIONTYPE']._serialized_start=3901
+  _globals['_PROVISIONTYPE']._serialized_end=4000
+  _globals['_ACTORKIND']._serialized_start=4003
+  _globals['_ACTORKIND']._serialized_end=4150
+  _globals['_DIRECTIVESTATUS']._serialized_start=4152
+  _globals['_DIRECTIVESTATUS']._serialized_end=4262
+  _globals['_DECISIONITEM']._serialized_start=110
+  _globals['_DECISIONITEM']._serialized_end=284
+  _globals['_DECIDEREQUEST']._serialized_start=286
+  _globals['_DECIDEREQUEST']._serialized_end=385
+  _globals['_OBLIGATION']._serialized_start=387
+  _globals['_OBLIGATION']._serialized_end=453
+  _globals['_ITEMDECISION']._serialized_start=456
+  _globals['_ITEMDECISION']._serialized_end=635
+  _globals['_DECIDERESPONSE']._serialized_start=637
+  _globals['_DECIDERESPONSE']._serialized_end=702
+  _globals['_EXPLAINREQUEST']._serialized_start=705
+  _globals['_EXPLAINREQUEST']._serialized_end=938
+  _globals['_EXPLAINRESPONSE']._serialized_start=940
+  _globals['_EXPLAINRESPONSE']._serialized_end=1026
+  _globals['_PERIOD']._serialized_start=1028
+  _globals['_PERIOD']._serialized_end=1120
+  _globals['_ACTOR']._serialized_start=1122
+  _globals['_ACTOR']._serialized_end=1240
+  _globals['_PROVISION']._serialized_start=1243
+  _globals['_PROVISION']._serialized_end=1602
+  _globals['_DIRECTIVE']._serialized_start=1605
+  _globals['_DIRECTIVE']._serialized_end=2036
+  _globals['_RECORDDIRECTIVEREQUEST']._serialized_start=2038
+  _globals['_RECORDDIRECTIVEREQUEST']._serialized_end=2133
+  _globals['_RECORDDIRECTIVERESPONSE']._serialized_start=2135
+  _globals['_RECORDDIRECTIVERESPONSE']._serialized_end=2248
+  _globals['_REVISEDIRECTIVEREQUEST']._serialized_start=2250
+  _globals['_REVISEDIRECTIVEREQUEST']._serialized_end=2347
+  _globals['_REVISEDIRECTIVERESPONSE']._serialized_start=2349
+  _globals['_REVISEDIRECTIVERESPONSE']._serialized_end=2445
+  _globals['_REVOKEDIRECTIVEREQUEST']._serialized_start=2447
+  _globals['_REVOKEDIRECTIVEREQUEST']._serialized_end=2493
+  _globals['_REVOKEDIRECTIVERESPONSE']._serialized_start=2495
+  _globals['_REVOKEDIRECTIVERESPONSE']._serialized_end=2591
+  _globals['_LISTDIRECTIVESREQUEST']._serialized_start=2593
+  _globals['_LISTDIRECTIVESREQUEST']._serialized_end=2685
+  _globals['_LISTDIRECTIVESRESPONSE']._serialized_start=2687
+  _globals['_LISTDIRECTIVESRESPONSE']._serialized_end=2781
+  _globals['_GETDIRECTIVEREQUEST']._serialized_start=2783
+  _globals['_GETDIRECTIVEREQUEST']._serialized_end=2826
+  _globals['_GETDIRECTIVERESPONSE']._serialized_start=2828
+  _globals['_GETDIRECTIVERESPONSE']._serialized_end=2896
+  _globals['_ACCESSGRANT']._serialized_start=2899
+  _globals['_ACCESSGRANT']._serialized_end=3213
+  _globals['_GRANTACCESSREQUEST']._serialized_start=3215
+  _globals['_GRANTACCESSREQUEST']._serialized_end=3323
+  _globals['_GRANTACCESSRESPONSE']._serialized_start=3325
+  _globals['_GRANTACCESSRESPONSE']._serialized_end=3390
+  _globals['_REVOKEGRANTREQUEST']._serialized_start=3392
+  _globals['_REVOKEGRANTREQUEST']._serialized_end=3449
+  _globals['_REVOKEGRANTRESPONSE']._serialized_start=3451
+  _globals['_REVOKEGRANTRESPONSE']._serialized_end=3516
+  _globals['_DECLAREBREAKGLASSREQUEST']._serialized_start=3518
+  _globals['_DECLAREBREAKGLASSREQUEST']._serialized_end=3630
+  _globals['_DECLAREBREAKGLASSRESPONSE']._serialized_start=3633
+  _globals['_DECLAREBREAKGLASSRESPONSE']._serialized_end=3821
+  _globals['_CONSENTDECISIONPOINT']._serialized_start=4265
+  _globals['_CONSENTDECISIONPOINT']._serialized_end=5206
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,51 @@ class ConsentDecisionPointStub:
                 request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.DecideRequest.SerializeToString,
                 response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.DecideResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/Explain',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.ExplainResponse.FromString,
+                _registered_method=True)
+        self.RecordDirective = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/RecordDirective',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.RecordDirectiveRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.RecordDirectiveResponse.FromString,
+                _registered_method=True)
+        self.ReviseDirective = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/ReviseDirective',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.ReviseDirectiveRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.ReviseDirectiveResponse.FromString,
+                _registered_method=True)
+        self.RevokeDirective = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/RevokeDirective',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeDirectiveRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeDirectiveResponse.FromString,
+                _registered_method=True)
+        self.ListDirectives = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/ListDirectives',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.ListDirectivesRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.ListDirectivesResponse.FromString,
+                _registered_method=True)
+        self.GetDirective = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/GetDirective',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.GetDirectiveRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.GetDirectiveResponse.FromString,
+                _registered_method=True)
+        self.GrantAccess = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/GrantAccess',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.GrantAccessRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.GrantAccessResponse.FromString,
+                _registered_method=True)
+        self.RevokeGrant = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/RevokeGrant',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeGrantRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeGrantResponse.FromString,
+                _registered_method=True)
+        self.DeclareBreakGlass = channel.unary_unary(
+                '/hie.consent.v1.ConsentDecisionPoint/DeclareBreakGlass',
+                request_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.DeclareBreakGlassRequest.SerializeToString,
+                response_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.DeclareBreakGlassResponse.FromString,
+                _registered_method=True)
 
 
 class ConsentDecisionPointServicer:
@@ -53,6 +98,64 @@ class ConsentDecisionPointServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """The decision for one item and one (possibly other) requester, in words, for auditors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordDirective(self, request, context):
+        """Patient directives, recorded by a hospital on the patient's behalf.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviseDirective(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDirective(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDirectives(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDirective(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantAccess(self, request, context):
+        """Referral and consultation grants (called by the exchange's workflow services).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGrant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclareBreakGlass(self, request, context):
+        """A clinician's emergency access, bounded in time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsentDecisionPointServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +163,51 @@ def add_ConsentDecisionPointServicer_to_server(servicer, server):
                     servicer.Decide,
                     request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.DecideRequest.FromString,
                     response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.DecideResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.ExplainRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.ExplainResponse.SerializeToString,
+            ),
+            'RecordDirective': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordDirective,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.RecordDirectiveRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.RecordDirectiveResponse.SerializeToString,
+            ),
+            'ReviseDirective': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviseDirective,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.ReviseDirectiveRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.ReviseDirectiveResponse.SerializeToString,
+            ),
+            'RevokeDirective': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDirective,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeDirectiveRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeDirectiveResponse.SerializeToString,
+            ),
+            'ListDirectives': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDirectives,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.ListDirectivesRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.ListDirectivesResponse.SerializeToString,
+            ),
+            'GetDirective': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDirective,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.GetDirectiveRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.GetDirectiveResponse.SerializeToString,
+            ),
+            'GrantAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantAccess,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.GrantAccessRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.GrantAccessResponse.SerializeToString,
+            ),
+            'RevokeGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGrant,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeGrantRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.RevokeGrantResponse.SerializeToString,
+            ),
+            'DeclareBreakGlass': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclareBreakGlass,
+                    request_deserializer=hie_dot_consent_dot_v1_dot_consent__pb2.DeclareBreakGlassRequest.FromString,
+                    response_serializer=hie_dot_consent_dot_v1_dot_consent__pb2.DeclareBreakGlassResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +237,249 @@ class ConsentDecisionPoint:
             '/hie.consent.v1.ConsentDecisionPoint/Decide',
             hie_dot_consent_dot_v1_dot_consent__pb2.DecideRequest.SerializeToString,
             hie_dot_consent_dot_v1_dot_consent__pb2.DecideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/Explain',
+            hie_dot_consent_dot_v1_dot_consent__pb2.ExplainRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordDirective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/RecordDirective',
+            hie_dot_consent_dot_v1_dot_consent__pb2.RecordDirectiveRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.RecordDirectiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviseDirective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/ReviseDirective',
+            hie_dot_consent_dot_v1_dot_consent__pb2.ReviseDirectiveRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.ReviseDirectiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDirective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/RevokeDirective',
+            hie_dot_consent_dot_v1_dot_consent__pb2.RevokeDirectiveRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.RevokeDirectiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDirectives(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/ListDirectives',
+            hie_dot_consent_dot_v1_dot_consent__pb2.ListDirectivesRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.ListDirectivesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDirective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/GetDirective',
+            hie_dot_consent_dot_v1_dot_consent__pb2.GetDirectiveRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.GetDirectiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/GrantAccess',
+            hie_dot_consent_dot_v1_dot_consent__pb2.GrantAccessRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.GrantAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/RevokeGrant',
+            hie_dot_consent_dot_v1_dot_consent__pb2.RevokeGrantRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.RevokeGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclareBreakGlass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.consent.v1.ConsentDecisionPoint/DeclareBreakGlass',
+            hie_dot_consent_dot_v1_dot_consent__pb2.DeclareBreakGlassRequest.SerializeToString,
+            hie_dot_consent_dot_v1_dot_consent__pb2.DeclareBreakGlassResponse.FromString,
             options,
             channel_credentials,
             insecure,

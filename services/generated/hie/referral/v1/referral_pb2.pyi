@@ -43,7 +43,7 @@ REFERRAL_DIRECTION_DOWN: ReferralDirection
 REFERRAL_DIRECTION_LATERAL: ReferralDirection
 
 class Referral(_message.Message):
-    __slots__ = ("referral_id", "patient", "requester_organization_id", "target_organization_id", "direction", "reason", "state", "document_ids", "created")
+    __slots__ = ("referral_id", "patient", "requester_organization_id", "target_organization_id", "direction", "reason", "state", "document_ids", "created", "history")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Referral(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     patient: _common_pb2.PatientRef
     requester_organization_id: str
@@ -62,7 +63,24 @@ class Referral(_message.Message):
     state: ReferralState
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     created: _timestamp_pb2.Timestamp
-    def __init__(self, referral_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., target_organization_id: _Optional[str] = ..., direction: _Optional[_Union[ReferralDirection, str]] = ..., reason: _Optional[str] = ..., state: _Optional[_Union[ReferralState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[ReferralStateChange]
+    def __init__(self, referral_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., target_organization_id: _Optional[str] = ..., direction: _Optional[_Union[ReferralDirection, str]] = ..., reason: _Optional[str] = ..., state: _Optional[_Union[ReferralState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[ReferralStateChange, _Mapping]]] = ...) -> None: ...
+
+class ReferralStateChange(_message.Message):
+    __slots__ = ("from_state", "to_state", "organization_id", "practitioner_id", "reason", "changed")
+    FROM_STATE_FIELD_NUMBER: _ClassVar[int]
+    TO_STATE_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    from_state: ReferralState
+    to_state: ReferralState
+    organization_id: str
+    practitioner_id: str
+    reason: str
+    changed: _timestamp_pb2.Timestamp
+    def __init__(self, from_state: _Optional[_Union[ReferralState, str]] = ..., to_state: _Optional[_Union[ReferralState, str]] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., reason: _Optional[str] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateReferralRequest(_message.Message):
     __slots__ = ("referral", "idempotency_key")
@@ -89,3 +107,67 @@ class GetReferralResponse(_message.Message):
     REFERRAL_FIELD_NUMBER: _ClassVar[int]
     referral: Referral
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ...) -> None: ...
+
+class AcceptReferralRequest(_message.Message):
+    __slots__ = ("referral_id", "reason")
+    REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    referral_id: str
+    reason: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AcceptReferralResponse(_message.Message):
+    __slots__ = ("referral", "audit_event_ids")
+    REFERRAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    referral: Referral
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RejectReferralRequest(_message.Message):
+    __slots__ = ("referral_id", "reason")
+    REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    referral_id: str
+    reason: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RejectReferralResponse(_message.Message):
+    __slots__ = ("referral", "audit_event_ids")
+    REFERRAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    referral: Referral
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CompleteReferralRequest(_message.Message):
+    __slots__ = ("referral_id", "reason")
+    REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    referral_id: str
+    reason: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CompleteReferralResponse(_message.Message):
+    __slots__ = ("referral", "audit_event_ids")
+    REFERRAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    referral: Referral
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CancelReferralRequest(_message.Message):
+    __slots__ = ("referral_id", "reason")
+    REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    referral_id: str
+    reason: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelReferralResponse(_message.Message):
+    __slots__ = ("referral", "audit_event_ids")
+    REFERRAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    referral: Referral
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -45,6 +45,26 @@ class ReferralsStub:
                 request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetReferralRequest.SerializeToString,
                 response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetReferralResponse.FromString,
                 _registered_method=True)
+        self.AcceptReferral = channel.unary_unary(
+                '/hie.referral.v1.Referrals/AcceptReferral',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.AcceptReferralRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.AcceptReferralResponse.FromString,
+                _registered_method=True)
+        self.RejectReferral = channel.unary_unary(
+                '/hie.referral.v1.Referrals/RejectReferral',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.RejectReferralRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.RejectReferralResponse.FromString,
+                _registered_method=True)
+        self.CompleteReferral = channel.unary_unary(
+                '/hie.referral.v1.Referrals/CompleteReferral',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteReferralRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteReferralResponse.FromString,
+                _registered_method=True)
+        self.CancelReferral = channel.unary_unary(
+                '/hie.referral.v1.Referrals/CancelReferral',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralResponse.FromString,
+                _registered_method=True)
 
 
 class ReferralsServicer:
@@ -62,6 +82,35 @@ class ReferralsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcceptReferral(self, request, context):
+        """The receiving (target) organisation accepts: it is granted access, for the purpose
+        referral, to the attached documents and the patient's summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectReferral(self, request, context):
+        """The receiving organisation declines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteReferral(self, request, context):
+        """The receiving organisation closes the referral: the grant ends after the region's grace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelReferral(self, request, context):
+        """The referring organisation withdraws it: any grant is revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReferralsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +123,26 @@ def add_ReferralsServicer_to_server(servicer, server):
                     servicer.GetReferral,
                     request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetReferralRequest.FromString,
                     response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetReferralResponse.SerializeToString,
+            ),
+            'AcceptReferral': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptReferral,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.AcceptReferralRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.AcceptReferralResponse.SerializeToString,
+            ),
+            'RejectReferral': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectReferral,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.RejectReferralRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.RejectReferralResponse.SerializeToString,
+            ),
+            'CompleteReferral': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteReferral,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteReferralRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteReferralResponse.SerializeToString,
+            ),
+            'CancelReferral': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelReferral,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +199,114 @@ class Referrals:
             '/hie.referral.v1.Referrals/GetReferral',
             hie_dot_referral_dot_v1_dot_referral__pb2.GetReferralRequest.SerializeToString,
             hie_dot_referral_dot_v1_dot_referral__pb2.GetReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptReferral(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/AcceptReferral',
+            hie_dot_referral_dot_v1_dot_referral__pb2.AcceptReferralRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.AcceptReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectReferral(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/RejectReferral',
+            hie_dot_referral_dot_v1_dot_referral__pb2.RejectReferralRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.RejectReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteReferral(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/CompleteReferral',
+            hie_dot_referral_dot_v1_dot_referral__pb2.CompleteReferralRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.CompleteReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelReferral(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/CancelReferral',
+            hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralResponse.FromString,
             options,
             channel_credentials,
             insecure,

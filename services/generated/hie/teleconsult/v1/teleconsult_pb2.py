@@ -27,29 +27,39 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hie.common.v1 import common_pb2 as hie_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$hie/teleconsult/v1/teleconsult.proto\x12\x12hie.teleconsult.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"\x8d\x03\n\x0c\x43onsultation\x12\x17\n\x0f\x63onsultation_id\x18\x01 \x01(\t\x12*\n\x07patient\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12!\n\x19requester_organization_id\x18\x03 \x01(\t\x12\"\n\x1a\x63onsultant_organization_id\x18\x04 \x01(\t\x12\x32\n\x04kind\x18\x05 \x01(\x0e\x32$.hie.teleconsult.v1.ConsultationKind\x12\x32\n\x04mode\x18\x06 \x01(\x0e\x32$.hie.teleconsult.v1.ConsultationMode\x12\x10\n\x08question\x18\x07 \x01(\t\x12\x34\n\x05state\x18\x08 \x01(\x0e\x32%.hie.teleconsult.v1.ConsultationState\x12\x14\n\x0c\x64ocument_ids\x18\t \x03(\t\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x1aRequestConsultationRequest\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"U\n\x1bRequestConsultationResponse\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation\"1\n\x16GetConsultationRequest\x12\x17\n\x0f\x63onsultation_id\x18\x01 \x01(\t\"Q\n\x17GetConsultationResponse\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation*\xfd\x01\n\x10\x43onsultationKind\x12!\n\x1d\x43ONSULTATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONSULTATION_KIND_IMAGING\x10\x01\x12\x19\n\x15\x43ONSULTATION_KIND_ECG\x10\x02\x12\x1f\n\x1b\x43ONSULTATION_KIND_PATHOLOGY\x10\x03\x12 \n\x1c\x43ONSULTATION_KIND_ULTRASOUND\x10\x04\x12 \n\x1c\x43ONSULTATION_KIND_SPECIALIST\x10\x05\x12\'\n#CONSULTATION_KIND_MULTIDISCIPLINARY\x10\x06*|\n\x10\x43onsultationMode\x12!\n\x1d\x43ONSULTATION_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43ONSULTATION_MODE_ASYNCHRONOUS\x10\x01\x12!\n\x1d\x43ONSULTATION_MODE_INTERACTIVE\x10\x02*\x82\x02\n\x11\x43onsultationState\x12\"\n\x1e\x43ONSULTATION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43ONSULTATION_STATE_REQUESTED\x10\x01\x12\x1f\n\x1b\x43ONSULTATION_STATE_ASSIGNED\x10\x02\x12 \n\x1c\x43ONSULTATION_STATE_SCHEDULED\x10\x03\x12!\n\x1d\x43ONSULTATION_STATE_IN_SESSION\x10\x04\x12\x1f\n\x1b\x43ONSULTATION_STATE_REPORTED\x10\x05\x12 \n\x1c\x43ONSULTATION_STATE_CANCELLED\x10\x06\x32\xf7\x01\n\x11Teleconsultations\x12v\n\x13RequestConsultation\x12..hie.teleconsult.v1.RequestConsultationRequest\x1a/.hie.teleconsult.v1.RequestConsultationResponse\x12j\n\x0fGetConsultation\x12*.hie.teleconsult.v1.GetConsultationRequest\x1a+.hie.teleconsult.v1.GetConsultationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$hie/teleconsult/v1/teleconsult.proto\x12\x12hie.teleconsult.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"\xcb\x03\n\x0c\x43onsultation\x12\x17\n\x0f\x63onsultation_id\x18\x01 \x01(\t\x12*\n\x07patient\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12!\n\x19requester_organization_id\x18\x03 \x01(\t\x12\"\n\x1a\x63onsultant_organization_id\x18\x04 \x01(\t\x12\x32\n\x04kind\x18\x05 \x01(\x0e\x32$.hie.teleconsult.v1.ConsultationKind\x12\x32\n\x04mode\x18\x06 \x01(\x0e\x32$.hie.teleconsult.v1.ConsultationMode\x12\x10\n\x08question\x18\x07 \x01(\t\x12\x34\n\x05state\x18\x08 \x01(\x0e\x32%.hie.teleconsult.v1.ConsultationState\x12\x14\n\x0c\x64ocument_ids\x18\t \x03(\t\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x07history\x18\x0b \x03(\x0b\x32+.hie.teleconsult.v1.ConsultationStateChange\"\xfc\x01\n\x17\x43onsultationStateChange\x12\x39\n\nfrom_state\x18\x01 \x01(\x0e\x32%.hie.teleconsult.v1.ConsultationState\x12\x37\n\x08to_state\x18\x02 \x01(\x0e\x32%.hie.teleconsult.v1.ConsultationState\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12+\n\x07\x63hanged\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x1aRequestConsultationRequest\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"U\n\x1bRequestConsultationResponse\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation\"1\n\x16GetConsultationRequest\x12\x17\n\x0f\x63onsultation_id\x18\x01 \x01(\t\"Q\n\x17GetConsultationResponse\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation\"D\n\x19\x41\x63\x63\x65ptConsultationRequest\x12\x17\n\x0f\x63onsultation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"m\n\x1a\x41\x63\x63\x65ptConsultationResponse\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"D\n\x19\x43\x61ncelConsultationRequest\x12\x17\n\x0f\x63onsultation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"m\n\x1a\x43\x61ncelConsultationResponse\x12\x36\n\x0c\x63onsultation\x18\x01 \x01(\x0b\x32 .hie.teleconsult.v1.Consultation\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t*\xfd\x01\n\x10\x43onsultationKind\x12!\n\x1d\x43ONSULTATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONSULTATION_KIND_IMAGING\x10\x01\x12\x19\n\x15\x43ONSULTATION_KIND_ECG\x10\x02\x12\x1f\n\x1b\x43ONSULTATION_KIND_PATHOLOGY\x10\x03\x12 \n\x1c\x43ONSULTATION_KIND_ULTRASOUND\x10\x04\x12 \n\x1c\x43ONSULTATION_KIND_SPECIALIST\x10\x05\x12\'\n#CONSULTATION_KIND_MULTIDISCIPLINARY\x10\x06*|\n\x10\x43onsultationMode\x12!\n\x1d\x43ONSULTATION_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43ONSULTATION_MODE_ASYNCHRONOUS\x10\x01\x12!\n\x1d\x43ONSULTATION_MODE_INTERACTIVE\x10\x02*\x82\x02\n\x11\x43onsultationState\x12\"\n\x1e\x43ONSULTATION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43ONSULTATION_STATE_REQUESTED\x10\x01\x12\x1f\n\x1b\x43ONSULTATION_STATE_ASSIGNED\x10\x02\x12 \n\x1c\x43ONSULTATION_STATE_SCHEDULED\x10\x03\x12!\n\x1d\x43ONSULTATION_STATE_IN_SESSION\x10\x04\x12\x1f\n\x1b\x43ONSULTATION_STATE_REPORTED\x10\x05\x12 \n\x1c\x43ONSULTATION_STATE_CANCELLED\x10\x06\x32\xe1\x03\n\x11Teleconsultations\x12v\n\x13RequestConsultation\x12..hie.teleconsult.v1.RequestConsultationRequest\x1a/.hie.teleconsult.v1.RequestConsultationResponse\x12j\n\x0fGetConsultation\x12*.hie.teleconsult.v1.GetConsultationRequest\x1a+.hie.teleconsult.v1.GetConsultationResponse\x12s\n\x12\x41\x63\x63\x65ptConsultation\x12-.hie.teleconsult.v1.AcceptConsultationRequest\x1a..hie.teleconsult.v1.AcceptConsultationResponse\x12s\n\x12\x43\x61ncelConsultation\x12-.hie.teleconsult.v1.CancelConsultationRequest\x1a..hie.teleconsult.v1.CancelConsultationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hie.teleconsult.v1.teleconsult_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSULTATIONKIND']._serialized_start=854
-  _globals['_CONSULTATIONKIND']._serialized_end=1107
-  _globals['_CONSULTATIONMODE']._serialized_start=1109
-  _globals['_CONSULTATIONMODE']._serialized_end=1233
-  _globals['_CONSULTATIONSTATE']._serialized_start=1236
-  _globals['_CONSULTATIONSTATE']._serialized_end=1494
+  _globals['_CONSULTATIONKIND']._serialized_start=1533
+  _globals['_CONSULTATIONKIND']._serialized_end=1786
+  _globals['_CONSULTATIONMODE']._serialized_start=1788
+  _globals['_CONSULTATIONMODE']._serialized_end=1912
+  _globals['_CONSULTATIONSTATE']._serialized_start=1915
+  _globals['_CONSULTATIONSTATE']._serialized_end=2173
   _globals['_CONSULTATION']._serialized_start=122
-  _globals['_CONSULTATION']._serialized_end=519
-  _globals['_REQUESTCONSULTATIONREQUEST']._serialized_start=521
-  _globals['_REQUESTCONSULTATIONREQUEST']._serialized_end=630
-  _globals['_REQUESTCONSULTATIONRESPONSE']._serialized_start=632
-  _globals['_REQUESTCONSULTATIONRESPONSE']._serialized_end=717
-  _globals['_GETCONSULTATIONREQUEST']._serialized_start=719
-  _globals['_GETCONSULTATIONREQUEST']._serialized_end=768
-  _globals['_GETCONSULTATIONRESPONSE']._serialized_start=770
-  _globals['_GETCONSULTATIONRESPONSE']._serialized_end=851
-  _globals['_TELECONSULTATIONS']._serialized_start=1497
-  _globals['_TELECONSULTATIONS']._serialized_end=1744
+  _globals['_CONSULTATION']._serialized_end=581
+  _globals['_CONSULTATIONSTATECHANGE']._serialized_start=584
+  _globals['_CONSULTATIONSTATECHANGE']._serialized_end=836
+  _globals['_REQUESTCONSULTATIONREQUEST']._serialized_start=838
+  _globals['_REQUESTCONSULTATIONREQUEST']._serialized_end=947
+  _globals['_REQUESTCONSULTATIONRESPONSE']._serialized_start=949
+  _globals['_REQUESTCONSULTATIONRESPONSE']._serialized_end=1034
+  _globals['_GETCONSULTATIONREQUEST']._serialized_start=1036
+  _globals['_GETCONSULTATIONREQUEST']._serialized_end=1085
+  _globals['_GETCONSULTATIONRESPONSE']._serialized_start=1087
+  _globals['_GETCONSULTATIONRESPONSE']._serialized_end=1168
+  _globals['_ACCEPTCONSULTATIONREQUEST']._serialized_start=1170
+  _globals['_ACCEPTCONSULTATIONREQUEST']._serialized_end=1238
+  _globals['_ACCEPTCONSULTATIONRESPONSE']._serialized_start=1240
+  _globals['_ACCEPTCONSULTATIONRESPONSE']._serialized_end=1349
+  _globals['_CANCELCONSULTATIONREQUEST']._serialized_start=1351
+  _globals['_CANCELCONSULTATIONREQUEST']._serialized_end=1419
+  _globals['_CANCELCONSULTATIONRESPONSE']._serialized_start=1421
+  _globals['_CANCELCONSULTATIONRESPONSE']._serialized_end=1530
+  _globals['_TELECONSULTATIONS']._serialized_start=2176
+  _globals['_TELECONSULTATIONS']._serialized_end=2657
 # @@protoc_insertion_point(module_scope)

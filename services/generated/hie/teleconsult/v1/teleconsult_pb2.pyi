@@ -56,7 +56,7 @@ CONSULTATION_STATE_REPORTED: ConsultationState
 CONSULTATION_STATE_CANCELLED: ConsultationState
 
 class Consultation(_message.Message):
-    __slots__ = ("consultation_id", "patient", "requester_organization_id", "consultant_organization_id", "kind", "mode", "question", "state", "document_ids", "created")
+    __slots__ = ("consultation_id", "patient", "requester_organization_id", "consultant_organization_id", "kind", "mode", "question", "state", "document_ids", "created", "history")
     CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Consultation(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     consultation_id: str
     patient: _common_pb2.PatientRef
     requester_organization_id: str
@@ -77,7 +78,24 @@ class Consultation(_message.Message):
     state: ConsultationState
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     created: _timestamp_pb2.Timestamp
-    def __init__(self, consultation_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., consultant_organization_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ..., mode: _Optional[_Union[ConsultationMode, str]] = ..., question: _Optional[str] = ..., state: _Optional[_Union[ConsultationState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[ConsultationStateChange]
+    def __init__(self, consultation_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., consultant_organization_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ..., mode: _Optional[_Union[ConsultationMode, str]] = ..., question: _Optional[str] = ..., state: _Optional[_Union[ConsultationState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[ConsultationStateChange, _Mapping]]] = ...) -> None: ...
+
+class ConsultationStateChange(_message.Message):
+    __slots__ = ("from_state", "to_state", "organization_id", "practitioner_id", "reason", "changed")
+    FROM_STATE_FIELD_NUMBER: _ClassVar[int]
+    TO_STATE_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    from_state: ConsultationState
+    to_state: ConsultationState
+    organization_id: str
+    practitioner_id: str
+    reason: str
+    changed: _timestamp_pb2.Timestamp
+    def __init__(self, from_state: _Optional[_Union[ConsultationState, str]] = ..., to_state: _Optional[_Union[ConsultationState, str]] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., reason: _Optional[str] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RequestConsultationRequest(_message.Message):
     __slots__ = ("consultation", "idempotency_key")
@@ -104,3 +122,35 @@ class GetConsultationResponse(_message.Message):
     CONSULTATION_FIELD_NUMBER: _ClassVar[int]
     consultation: Consultation
     def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ...) -> None: ...
+
+class AcceptConsultationRequest(_message.Message):
+    __slots__ = ("consultation_id", "reason")
+    CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    consultation_id: str
+    reason: str
+    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AcceptConsultationResponse(_message.Message):
+    __slots__ = ("consultation", "audit_event_ids")
+    CONSULTATION_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    consultation: Consultation
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CancelConsultationRequest(_message.Message):
+    __slots__ = ("consultation_id", "reason")
+    CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    consultation_id: str
+    reason: str
+    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelConsultationResponse(_message.Message):
+    __slots__ = ("consultation", "audit_event_ids")
+    CONSULTATION_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    consultation: Consultation
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -45,6 +45,16 @@ class TeleconsultationsStub:
                 request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetConsultationRequest.SerializeToString,
                 response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetConsultationResponse.FromString,
                 _registered_method=True)
+        self.AcceptConsultation = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/AcceptConsultation',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AcceptConsultationRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AcceptConsultationResponse.FromString,
+                _registered_method=True)
+        self.CancelConsultation = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/CancelConsultation',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationResponse.FromString,
+                _registered_method=True)
 
 
 class TeleconsultationsServicer:
@@ -62,6 +72,21 @@ class TeleconsultationsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcceptConsultation(self, request, context):
+        """The consultant organisation accepts (REQUESTED -> ASSIGNED): it is granted access, for the
+        purpose consultation, to the attached documents and the patient's summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelConsultation(self, request, context):
+        """The requesting organisation withdraws it: any grant is revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeleconsultationsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +99,16 @@ def add_TeleconsultationsServicer_to_server(servicer, server):
                     servicer.GetConsultation,
                     request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetConsultationRequest.FromString,
                     response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetConsultationResponse.SerializeToString,
+            ),
+            'AcceptConsultation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptConsultation,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AcceptConsultationRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AcceptConsultationResponse.SerializeToString,
+            ),
+            'CancelConsultation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelConsultation,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +165,60 @@ class Teleconsultations:
             '/hie.teleconsult.v1.Teleconsultations/GetConsultation',
             hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetConsultationRequest.SerializeToString,
             hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetConsultationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptConsultation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/AcceptConsultation',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AcceptConsultationRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AcceptConsultationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelConsultation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/CancelConsultation',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationResponse.FromString,
             options,
             channel_credentials,
             insecure,

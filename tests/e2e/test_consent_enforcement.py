@@ -1,0 +1,310 @@
+"""Consent enforced end to end through the gateway: a document consent denies is absent from
+search and 403 on retrieve; an accepted referral or break-the-glass opens it, and it closes again
+when the referral is cancelled or the break-the-glass expires. Directives over REST and FHIR."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from gateway.client import HospitalClient, Practitioner
+from tests.conftest import Exchange
+from tests.factories import document, person
+
+SCOPES = (
+    "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/Consent.cruds "
+    "system/AuditEvent.rs"
+)
+EMERGENCY_DOCTOR = Practitioner(id="B-ER-1", name="急诊科医生", role="doctor", department="急诊科")
+
+
+@dataclass
+class Scene:
+    exchange: Exchange
+    a: HospitalClient
+    b: HospitalClient
+    enterprise_id: str
+    summary_id: str
+    psy_id: str
+
+    async def visible_to_b(self, purpose: str) -> set[str]:
+        found = await self.b.call("GET", "/api/v1/documents", params={"patient_local_id": "CE-B"}, purpose=purpose)
+        assert found.status_code == 200, found.text
+        return {e["document_id"] for e in found.json()["entries"]}
+
+    async def retrieve_by_b(self, document_id: str, purpose: str) -> int:
+        response = await self.b.call("GET", f"/api/v1/documents/{document_id}/content", purpose=purpose)
+        if response.status_code == 403:
+            assert response.json()["error"]["reason"] == "consent-denied"
+        return response.status_code
+
+
+@pytest.fixture
+async def scene(exchange: Exchange) -> AsyncIterator[Scene]:
+    a = await exchange.member(scopes=SCOPES, name="城西社区卫生服务中心")
+    b = await exchange.member(scopes=SCOPES, name="市第一人民医院")
+    a.practitioner = Practitioner(id="A-GP-1", name="全科医生", role="doctor", department="全科")
+    b.practitioner = EMERGENCY_DOCTOR
+    patient = person("周十四")
+    at_a = await a.call("POST", "/api/v1/patients", json={"local_id": "CE-A", **patient})
+    assert at_a.status_code == 201, at_a.text
+    at_b = await b.call("POST", "/api/v1/patients", json={"local_id": "CE-B", **patient})
+    assert at_b.json()["enterprise_id"] == at_a.json()["enterprise_id"]
+    summary = await a.call("POST", "/api/v1/documents", json=document("CE-A", "出院小结：病情稳定".encode()))
+    psy = await a.call(
+        "POST", "/api/v1/documents", json=document("CE-A", "心理评估记录".encode(), security_labels=["PSY"])
+    )
+    assert summary.status_code == psy.status_code == 201
+    yield Scene(exchange, a, b, at_a.json()["enterprise_id"], summary.json()["document_id"], psy.json()["document_id"])
+    for member in (a, b):
+        await member.aclose()
+
+
+async def test_referral_grant_opens_and_cancel_closes(scene: Scene) -> None:
+    s = scene
+    # The regional default (opt-out) does not cover the purpose referral.
+    assert await s.visible_to_b("referral") == set()
+    assert await s.retrieve_by_b(s.summary_id, "referral") == 403
+
+    created = await s.a.call(
+        "POST",
+        "/api/v1/referrals",
+        purpose="referral",
+        json={
+            "patient_local_id": "CE-A",
+            "target_organization_id": s.b.org_id,  # type: ignore[attr-defined]
+            "direction": "up",
+            "reason": "血压控制不佳，转上级医院",
+            "document_ids": [s.summary_id, s.psy_id],
+        },
+    )
+    assert created.status_code == 201, created.text
+    referral_id = created.json()["referral_id"]
+    # Only the receiving hospital accepts.
+    refused = await s.a.call("POST", f"/api/v1/referrals/{referral_id}/accept", purpose="referral")
+    assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "referral-party")
+    accepted = await s.b.call(
+        "POST", f"/api/v1/referrals/{referral_id}/accept", purpose="referral", json={"reason": "同意接收"}
+    )
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["state"] == "accepted"
+    assert [h["to"] for h in accepted.json()["history"]] == ["accepted"]
+    await s.exchange.audit_settled()  # the referral outbox delivers the grant to consent
+
+    # The attached summary is visible for the referral; the attached mental-health note is not
+    # (a restricted class needs the patient's explicit permit).
+    assert await s.visible_to_b("referral") == {s.summary_id}
+    assert await s.retrieve_by_b(s.summary_id, "referral") == 200
+    assert await s.retrieve_by_b(s.psy_id, "referral") == 403
+    # The grant is for the referral purpose only.
+    assert await s.visible_to_b("research") == set()
+
+    cancelled = await s.a.call("POST", f"/api/v1/referrals/{referral_id}/cancel", purpose="referral")
+    assert cancelled.json()["state"] == "cancelled"
+    await s.exchange.audit_settled()
+    assert await s.visible_to_b("referral") == set()
+    assert await s.retrieve_by_b(s.summary_id, "referral") == 403
+    late = await s.b.call("POST", f"/api/v1/referrals/{referral_id}/complete", purpose="referral")
+    assert (late.status_code, late.json()["error"]["reason"]) == (422, "referral-state")
+
+
+async def test_consultation_grant_opens_and_cancel_closes(scene: Scene) -> None:
+    s = scene
+    assert await s.visible_to_b("consultation") == set()
+    requested = await s.a.call(
+        "POST",
+        "/api/v1/consultations",
+        purpose="consultation",
+        json={
+            "patient_local_id": "CE-A",
+            "consultant_organization_id": s.b.org_id,  # type: ignore[attr-defined]
+            "kind": "imaging",
+            "question": "胸片阴影性质待定",
+            "document_ids": [s.summary_id],
+        },
+    )
+    assert requested.status_code == 201, requested.text
+    consultation_id = requested.json()["consultation_id"]
+    refused = await s.a.call("POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation")
+    assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "consultation-party")
+    accepted = await s.b.call("POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation")
+    assert accepted.status_code == 200, accepted.text
+    assert (accepted.json()["state"], [h["to"] for h in accepted.json()["history"]]) == ("assigned", ["assigned"])
+    await s.exchange.audit_settled()  # the teleconsult outbox delivers the grant to consent
+    assert await s.visible_to_b("consultation") == {s.summary_id}
+    assert await s.visible_to_b("referral") == set()
+    cancelled = await s.a.call("POST", f"/api/v1/consultations/{consultation_id}/cancel", purpose="consultation")
+    assert cancelled.json()["state"] == "cancelled"
+    await s.exchange.audit_settled()
+    assert await s.visible_to_b("consultation") == set()
+    assert await s.retrieve_by_b(s.summary_id, "consultation") == 403
+
+
+async def test_directive_and_break_glass(scene: Scene) -> None:
+    s = scene
+    assert await s.visible_to_b("treatment") == {s.summary_id}
+    # The patient objects to hospital B (recorded by A with the signed form as evidence).
+    recorded = await s.a.call(
+        "POST",
+        "/api/v1/consent/directives",
+        json={
+            "patient_local_id": "CE-A",
+            "policy_ids": ["urn:oid:2.16.156.10011.2.5.1"],
+            "evidence_document_id": "consent-form-CE-1",
+            "provision": {
+                "type": "deny",
+                "actors": [{"kind": "organization", "organization_id": s.b.org_id}],  # type: ignore[attr-defined]
+            },
+        },
+    )
+    assert recorded.status_code == 201, recorded.text
+    directive_id = recorded.json()["directive_id"]
+    assert await s.visible_to_b("treatment") == set()
+    assert await s.retrieve_by_b(s.summary_id, "treatment") == 403
+
+    # The emergency doctor at B declares break-the-glass (short, for the test).
+    refused = await s.b.call(
+        "POST",
+        "/api/v1/consent/break-glass",
+        json={"patient_local_id": "CE-B", "reason": "患者昏迷", "duration_seconds": 2},
+    )
+    assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "purpose")
+    declared = await s.b.call(
+        "POST",
+        "/api/v1/consent/break-glass",
+        purpose="emergency",
+        json={"patient_local_id": "CE-B", "reason": "患者昏迷送入急诊，需既往病史", "duration_seconds": 2},
+    )
+    assert declared.status_code == 201, declared.text
+    expires = datetime.datetime.fromisoformat(declared.json()["expires"])
+    assert await s.visible_to_b("emergency") == {s.summary_id, s.psy_id}
+    assert await s.retrieve_by_b(s.summary_id, "emergency") == 200
+    # Not for other purposes, nor for another doctor of the same hospital.
+    assert await s.visible_to_b("treatment") == set()
+    other = await s.b.call(
+        "GET",
+        "/api/v1/documents",
+        params={"patient_local_id": "CE-B"},
+        purpose="emergency",
+        as_user=Practitioner(id="B-ER-2", name="另一位医生", role="doctor", department="急诊科"),
+    )
+    assert other.json()["entries"] == []
+
+    # Break-glass accesses are on the record as such, for the regional authority.
+    await s.exchange.audit_settled()
+    auditor = await s.exchange.member(type="authority", scopes="system/AuditEvent.rs", name="市卫健委")
+    report = await auditor.call(
+        "GET",
+        "/api/v1/audit/reports/break-glass",
+        params={"organization_id": s.b.org_id},  # type: ignore[attr-defined]
+        purpose="audit",
+    )
+    assert report.status_code == 200, report.text
+    actions = sorted(e["action"] for e in report.json()["events"])
+    assert actions[0] == "create"
+    assert "read" in actions
+    assert all(e["patient_enterprise_id"] == s.enterprise_id for e in report.json()["events"])
+    explained = await auditor.call(
+        "POST",
+        "/api/v1/consent/explain",
+        purpose="audit",
+        json={
+            "enterprise_id": s.enterprise_id,
+            "item": {"document_id": s.summary_id, "source_organization_id": s.a.org_id},  # type: ignore[attr-defined]
+            "organization_id": s.b.org_id,  # type: ignore[attr-defined]
+            "practitioner_id": EMERGENCY_DOCTOR.id,
+            "purpose_of_use": "emergency",
+        },
+    )
+    assert explained.status_code == 200, explained.text
+    assert explained.json()["basis"] in {"break-glass", "directive-deny"}
+    assert "Consent/" in explained.json()["explanation"] or "break-glass/" in explained.json()["explanation"]
+    await auditor.aclose()
+
+    # It expires on its own.
+    await asyncio.sleep(max(0.0, (expires - datetime.datetime.now(datetime.UTC)).total_seconds()) + 0.05)
+    assert await s.visible_to_b("emergency") == set()
+    assert await s.retrieve_by_b(s.summary_id, "emergency") == 403
+
+    # Revoking the directive takes effect on the next request.
+    revoked = await s.a.call("DELETE", f"/api/v1/consent/directives/{directive_id}")
+    assert revoked.json()["status"] == "revoked"
+    assert await s.visible_to_b("treatment") == {s.summary_id}
+
+
+async def test_fhir_consent_create_read_search(scene: Scene) -> None:
+    s = scene
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": "Patient/CE-A"},
+        "policy": [{"uri": "urn:oid:2.16.156.10011.2.5.1"}],
+        "sourceReference": {"reference": "DocumentReference/consent-form-CE-2"},
+        "provision": {
+            "type": "deny",
+            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}],
+            "provision": [
+                {
+                    "type": "permit",
+                    "actor": [
+                        {
+                            "reference": {
+                                "identifier": {"system": "urn:hie:organization", "value": s.b.org_id}  # type: ignore[attr-defined]
+                            }
+                        }
+                    ],
+                    "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}],
+                    "extension": [{"url": "urn:hie:obligation", "valueCode": "deidentify"}],
+                }
+            ],
+        },
+    }
+    created = await s.a.call("POST", "/fhir/R4/Consent", json=consent)
+    assert created.status_code == 201, created.text
+    assert created.headers["content-type"].startswith("application/fhir+json")
+    resource = created.json()
+    assert resource["resourceType"] == "Consent"
+    assert resource["status"] == "active"
+    assert resource["sourceReference"] == {"reference": "DocumentReference/consent-form-CE-2"}
+    nested = resource["provision"]["provision"][0]
+    assert nested["type"] == "permit"
+    assert nested["actor"][0]["reference"]["identifier"]["value"] == s.b.org_id  # type: ignore[attr-defined]
+    assert resource["provision"]["purpose"] == [{"system": "urn:hie:purpose-of-use", "code": "research"}]
+
+    # The nested permit is the most specific for B's research: the PSY note, de-identified.
+    found = await s.b.call("GET", "/api/v1/documents", params={"patient_local_id": "CE-B"}, purpose="research")
+    assert {e["document_id"] for e in found.json()["entries"]} == {s.psy_id}
+
+    read = await s.b.call("GET", f"/fhir/R4/Consent/{resource['id']}")
+    assert read.status_code == 200
+    assert read.json()["provision"] == resource["provision"]
+    searched = await s.b.call("GET", "/fhir/R4/Consent", params={"patient": "Patient/CE-B"})
+    assert searched.status_code == 200, searched.text
+    assert searched.json()["resourceType"] == "Bundle"
+    assert [e["resource"]["id"] for e in searched.json()["entry"]] == [resource["id"]]
+
+    bad = await s.a.call("POST", "/fhir/R4/Consent", json={**consent, "provision": {"type": "maybe"}})
+    assert bad.status_code == 400
+    assert bad.json()["resourceType"] == "OperationOutcome"
+    no_evidence = await s.a.call(
+        "POST", "/fhir/R4/Consent", json={k: v for k, v in consent.items() if k != "sourceReference"}
+    )
+    assert no_evidence.status_code == 400
+    assert no_evidence.json()["issue"][0]["details"]["coding"][0]["code"] == "evidence-missing"
+    missing = await s.b.call("GET", "/fhir/R4/Consent/00000000-0000-0000-0000-000000000000")
+    assert (missing.status_code, missing.json()["resourceType"]) == (404, "OperationOutcome")
+    statement = (await s.a.http.get(f"{s.exchange.base_url}/fhir/R4/metadata")).json()
+    served = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    assert [i["code"] for i in served["Consent"]["interaction"]] == ["create", "read", "search-type"]
+    stranger = await s.exchange.member(scopes=SCOPES, name="无关医院")
+    hidden = await stranger.call("GET", f"/fhir/R4/Consent/{resource['id']}")
+    assert hidden.status_code == 404
+    await stranger.aclose()
