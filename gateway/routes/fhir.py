@@ -138,6 +138,8 @@ _UNENCODED_PLUS = re.compile(r" (\d{2}:\d{2})$")
 
 @router.get("/metadata")
 async def capability_statement(request: Request) -> JSONResponse:
+    from gateway.routes import fhir_documents  # imports this module: resolved at call time
+
     base = request.app.state.settings.public_url
     statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
@@ -183,7 +185,8 @@ async def capability_statement(request: Request) -> JSONResponse:
                         "follow the Bundle's next link (opaque `page` parameter). Bundle.total is not given.",
                         "interaction": [{"code": "search-type"}],
                         "searchParam": AUDIT_EVENT_SEARCH_PARAMS,
-                    }
+                    },
+                    *fhir_documents.CAPABILITY_RESOURCES,
                 ],
             }
         ],
