@@ -18,6 +18,7 @@ from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from hie.mpi.v1 import mpi_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import document_types, domain, store
+from services.registry.broker import Notifier
 from services.shared import identity
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
@@ -136,8 +137,9 @@ async def _single(content: bytes) -> AsyncIterator[bytes]:
 
 
 class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
         self._rt = runtime
+        self._notifier = notifier
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
@@ -329,7 +331,11 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
         sub = self._check_header(who, header)
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=header.entry.patient.local_id)
-        enterprise_id = await identity.registered_person(self._rt, patient_ref)
+        try:
+            person = await identity.cross_reference(self._rt, patient_ref)
+        except NotFound:
+            raise FailedPrecondition("register the patient first", reason="patient-not-registered") from None
+        enterprise_id = person.enterprise_id
         record = sub.record
         record.enterprise_id = enterprise_id
         existing = await self._earlier(sub)
@@ -400,6 +406,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                         entities=[("DocumentReference", record.id)],
                     )
                 ]
+                # Subscribers hear of it only if it commits: staged in the same transaction.
+                await self._notifier.stage_document(session, record, person.refs)
                 if sub.relation == domain.REPLACES:
                     event_ids.append(
                         await self._rt.audit.record(

@@ -192,3 +192,76 @@ async def chunk(session: AsyncSession, document_id: str, seq: int) -> bytes | No
     return await session.scalar(
         select(DocumentChunk.data).where(DocumentChunk.document_id == document_id, DocumentChunk.seq == seq)
     )
+
+
+class SubscriptionRecord(Base):
+    """A hospital's subscription (IHE DSUB): what it wants to hear about, where, until when."""
+
+    __tablename__ = "subscription"
+    __table_args__ = (
+        Index("ix_subscription_patient", "topic", "patient_domain", "patient_local_id"),
+        Index("ix_subscription_type", "topic", "type_code"),
+        Index("ix_subscription_org", "organization_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    topic: Mapped[int] = mapped_column(Integer)
+    patient_domain: Mapped[str] = mapped_column(String(64), default="")
+    patient_local_id: Mapped[str] = mapped_column(String(64), default="")
+    type_code: Mapped[str] = mapped_column(String(64), default="")
+    endpoint_url: Mapped[str] = mapped_column(String(512))
+    expires: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    created: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+class DeadLetterRecord(Base):
+    """A notification the outbox gave up delivering; an admin can see and replay it."""
+
+    __tablename__ = "notification_dead_letter"
+    __table_args__ = (Index("ix_dead_letter_org", "organization_id", "dead_lettered"),)
+
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(36))
+    organization_id: Mapped[str] = mapped_column(String(64))
+    endpoint_url: Mapped[str] = mapped_column(String(512))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(String(200))
+    created: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    dead_lettered: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+async def matching_subscriptions(
+    session: AsyncSession,
+    *,
+    refs: Sequence[tuple[str, str]],
+    type_codes: Sequence[str],
+    exclude_organization_id: str,
+    now: datetime.datetime,
+) -> list[SubscriptionRecord]:
+    """Live subscriptions a new document of this person and type matches: the person's record in
+    the subscriber's domain (patient topic), or the type for a subscriber holding a record of them."""
+    s = SubscriptionRecord
+    domains = sorted({domain for domain, _ in refs})
+    stmt = select(s).where(
+        s.expires > now,
+        s.organization_id != exclude_organization_id,
+        or_(
+            (s.topic == 1) & tuple_(s.patient_domain, s.patient_local_id).in_(list(refs)),
+            (s.topic == 2) & s.type_code.in_([c for c in type_codes if c]) & s.organization_id.in_(domains),
+        ),
+    )
+    return list(await session.scalars(stmt))
+
+
+async def workflow_subscriptions(
+    session: AsyncSession, *, organization_ids: Sequence[str], now: datetime.datetime
+) -> list[SubscriptionRecord]:
+    s = SubscriptionRecord
+    return list(
+        await session.scalars(
+            select(s).where(s.topic == 3, s.expires > now, s.organization_id.in_(list(organization_ids)))
+        )
+    )
