@@ -5,6 +5,7 @@ imaging study references over REST."""
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import secrets
@@ -181,3 +182,30 @@ async def test_imaging_study_reference_redirects_to_the_source_pacs(pair) -> Non
     content = await b.call("GET", f"/api/v1/documents/{registered.json()['document_id']}/content")
     assert content.status_code == 303
     assert content.headers["location"] == url
+
+
+async def test_subscriptions_over_rest_and_the_notification_key_set(exchange: Exchange, pair) -> None:
+    _a, b, local = pair
+    expires = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)).isoformat()
+    created = await b.call(
+        "POST",
+        "/api/v1/subscriptions",
+        json={
+            "topic": "patient-document",
+            "patient_local_id": local,
+            "endpoint_url": "https://his.b.example/hie/notify",
+            "expires": expires,
+        },
+    )
+    assert created.status_code == 201, created.text
+    subscription_id = created.json()["subscription_id"]
+    listed = await b.call("GET", "/api/v1/subscriptions")
+    assert [s["subscription_id"] for s in listed.json()["subscriptions"]] == [subscription_id]
+    assert (await b.call("GET", "/api/v1/notifications/dead-letters")).status_code == 403  # role admin
+    assert (await b.call("DELETE", f"/api/v1/subscriptions/{subscription_id}")).status_code == 204
+    assert (await b.call("GET", "/api/v1/subscriptions")).json()["subscriptions"] == []
+    async with httpx.AsyncClient() as http:
+        keys = (await http.get(f"{exchange.base_url}/api/v1/notifications/jwks.json")).json()["keys"]
+    assert len(keys) == 1
+    assert keys[0]["alg"] == "ES384"
+    assert "d" not in keys[0]
