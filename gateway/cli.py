@@ -18,6 +18,7 @@ import httpx
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.cli_registry import bench_registry
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
@@ -289,6 +290,7 @@ def demo(
 
 bench_app = typer.Typer(help="Benchmarks (commands, not tests).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+bench_app.command("registry")(bench_registry)
 
 
 @bench_app.command("exchange")
