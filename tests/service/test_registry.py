@@ -429,3 +429,23 @@ async def test_tampered_storage_is_never_served(exchange: Exchange, hospitals, s
     with pytest.raises(grpc.aio.AioRpcError) as unary:
         await b.stub.RetrieveDocument(registry_pb2.RetrieveDocumentRequest(document_id=document_id), metadata=b.md)
     assert unary.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+async def test_query_follows_a_link_made_after_the_document_was_registered(exchange: Exchange) -> None:
+    a_client = await exchange.member(name="先登记医院")
+    b_client = await exchange.member(name="后登记医院")
+    patient = person("郑十")
+    local = f"L-{secrets.token_hex(4)}"
+    assert (await a_client.call("POST", "/api/v1/patients", json={"local_id": local, **patient})).status_code == 201
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{exchange.services['registry'].port}") as channel:
+        a = Hospital(a_client, await a_client.access_token(), channel)
+        b = Hospital(b_client, await b_client.access_token(), channel)
+        document_id = (await a.register(local, "先前的出院小结".encode())).entry.document_id
+        # Hospital B meets the person only now: mpi links its record; nothing is re-registered.
+        linked = await b_client.call("POST", "/api/v1/patients", json={"local_id": f"B{local}", **patient})
+        assert linked.json()["link_method"] == "national-id"
+        found = await b.find(f"B{local}")
+        assert [e.document_id for e in found.entries] == [document_id]
+        assert found.enterprise_id == linked.json()["enterprise_id"]
+    await a_client.aclose()
+    await b_client.aclose()
