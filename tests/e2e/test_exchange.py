@@ -116,7 +116,8 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     retrieve_server = next(
         sp
         for sp in spans.get_finished_spans()
-        if sp.name == "/hie.registry.v1.DocumentRegistry/RetrieveDocumentStream" and sp.attributes.get("hie.organization_id")
+        if sp.name == "/hie.registry.v1.DocumentRegistry/RetrieveDocumentStream"
+        and sp.attributes.get("hie.organization_id")
     )
     assert retrieve_server.attributes["hie.organization_id"] == b.org_id  # type: ignore[attr-defined]
     assert retrieve_server.attributes["hie.purpose_of_use"] == "treatment"
