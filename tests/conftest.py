@@ -110,7 +110,9 @@ async def serve_gateway(settings: Settings) -> RunningGateway:
     sock = _loopback_socket()
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = dataclasses.replace(settings, public_url=base_url)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), log_level="warning", access_log=False, reset_contextvars=True)
+    )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
