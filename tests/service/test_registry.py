@@ -4,6 +4,7 @@ references, and content streamed in chunks with hash and size checked both ways.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
@@ -449,3 +450,22 @@ async def test_query_follows_a_link_made_after_the_document_was_registered(excha
         assert found.enterprise_id == linked.json()["enterprise_id"]
     await a_client.aclose()
     await b_client.aclose()
+
+
+async def test_concurrent_replacements_of_one_version_let_exactly_one_win(hospitals) -> None:
+    a, b, local = hospitals
+    original = (await a.register(local, "原始版本".encode())).entry
+    replaces = registry_pb2.DocumentRelation(
+        type=registry_pb2.RELATION_TYPE_REPLACES, target_document_id=original.document_id
+    )
+    results = await asyncio.gather(
+        *(a.register(local, f"修订版 {i}".encode(), relation=replaces) for i in range(4)),
+        return_exceptions=True,
+    )
+    won = [r for r in results if isinstance(r, registry_pb2.RegisterDocumentResponse)]
+    lost = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(won) == 1
+    assert len(lost) == 3
+    assert {_reason(e) for e in lost} == {"target-not-current"}
+    current = await b.find(local)
+    assert [e.document_id for e in current.entries] == [won[0].entry.document_id]
