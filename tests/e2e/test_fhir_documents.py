@@ -201,3 +201,30 @@ async def test_errors_are_operation_outcomes(pair) -> None:
     assert absent.json()["issue"][0]["code"] == "not-found"
     capability = (await b.call("GET", "/fhir/R4/metadata")).json()
     assert {"AuditEvent", "DocumentReference", "Binary"} <= {r["type"] for r in capability["rest"][0]["resource"]}
+
+
+async def test_provide_a_replacement_with_relates_to(pair) -> None:
+    a, b, local = pair
+    first = await a.call("POST", "/fhir/R4/", json=provide_bundle(local, "第一版".encode()))
+    first_id = first.json()["entry"][1]["response"]["location"].removeprefix("DocumentReference/")
+    replacement = provide_bundle(
+        local,
+        "第二版".encode(),
+        relatesTo=[{"code": "replaces", "target": {"reference": f"DocumentReference/{first_id}"}}],
+    )
+    second = await a.call("POST", "/fhir/R4/", json=replacement)
+    assert second.status_code == 200, second.text
+    second_id = second.json()["entry"][1]["response"]["location"].removeprefix("DocumentReference/")
+    new = (await b.call("GET", f"/fhir/R4/DocumentReference/{second_id}")).json()
+    assert new["relatesTo"] == [{"code": "replaces", "target": {"reference": f"DocumentReference/{first_id}"}}]
+    old = (await b.call("GET", f"/fhir/R4/DocumentReference/{first_id}")).json()
+    assert old["status"] == "superseded"
+    superseded = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local, "status": "superseded"})
+    assert [e["resource"]["id"] for e in superseded.json()["entry"]] == [first_id]
+    again = await a.call(
+        "POST",
+        "/fhir/R4/",
+        json=provide_bundle(local, "第三版".encode(), relatesTo=replacement["entry"][1]["resource"]["relatesTo"]),
+    )
+    assert again.status_code == 422
+    assert again.json()["issue"][0]["details"]["coding"][0]["code"] == "target-not-current"
