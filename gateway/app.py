@@ -23,7 +23,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import store
 from gateway.errors import ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
-from gateway.routes import audit, consent, documents, fhir, fhir_consent, oauth, patients, workflows
+from gateway.routes import (
+    audit,
+    consent,
+    documents,
+    fhir,
+    fhir_consent,
+    fhir_documents,
+    oauth,
+    patients,
+    subscriptions,
+    workflows,
+)
 from gateway.smart import ALLOWED_SCOPES, AuthorizationServer
 from gateway.standing import OrganizationStanding
 from hie.audit.v1 import audit_pb2_grpc
@@ -165,6 +176,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(fhir.router)
     app.include_router(consent.router)
     app.include_router(fhir_consent.router)
+    app.include_router(fhir_documents.router)
+    app.include_router(subscriptions.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

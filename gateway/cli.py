@@ -18,6 +18,7 @@ import httpx
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.cli_registry import bench_registry
 from services.consent.bench import bench_consent
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
@@ -327,6 +328,7 @@ def demo(
 bench_app = typer.Typer(help="Benchmarks (commands, not tests).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 bench_app.command("consent")(bench_consent)
+bench_app.command("registry")(bench_registry)
 
 
 @bench_app.command("exchange")

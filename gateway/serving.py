@@ -31,6 +31,10 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "access_log": False,
         "proxy_headers": False,
         "timeout_graceful_shutdown": 10,
+        # Each request starts from an empty context: asyncio can carry one request's context vars
+        # (its trace) into the connection's later requests (cpython#140947), e.g. after a
+        # streamed response.
+        "reset_contextvars": True,
     }
     if settings.https_cert_file and settings.https_key_file:
         options |= {

@@ -139,6 +139,8 @@ _UNENCODED_PLUS = re.compile(r" (\d{2}:\d{2})$")
 
 @router.get("/metadata")
 async def capability_statement(request: Request) -> JSONResponse:
+    from gateway.routes import fhir_documents  # imports this module: resolved at call time
+
     base = request.app.state.settings.public_url
     statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
@@ -186,6 +188,7 @@ async def capability_statement(request: Request) -> JSONResponse:
                         "searchParam": AUDIT_EVENT_SEARCH_PARAMS,
                     },
                     CONSENT_CAPABILITY,
+                    *fhir_documents.CAPABILITY_RESOURCES,
                 ],
             }
         ],

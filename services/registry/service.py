@@ -1,20 +1,28 @@
-"""The registry service as the process runner sees it."""
+"""The registry service as the process runner sees it: the document registry and repository,
+and the notification broker."""
 
 from pathlib import Path
 
-from hie.registry.v1 import registry_pb2, registry_pb2_grpc
+from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc, registry_pb2, registry_pb2_grpc
+from services.registry.broker import NotificationBrokerServicer, NotificationSettings, Notifier
 from services.registry.servicer import DocumentRegistryServicer
 from services.registry.store import metadata
 from services.shared.process import ServiceRuntime, ServiceSpec
 
 
 def _build(runtime: ServiceRuntime) -> list:
+    notifier = Notifier(runtime, NotificationSettings.from_env())
     return [
         (
             registry_pb2_grpc.add_DocumentRegistryServicer_to_server,
-            DocumentRegistryServicer(runtime),
+            DocumentRegistryServicer(runtime, notifier),
             registry_pb2.DESCRIPTOR.services_by_name["DocumentRegistry"].full_name,
-        )
+        ),
+        (
+            notifications_pb2_grpc.add_NotificationBrokerServicer_to_server,
+            NotificationBrokerServicer(runtime, notifier),
+            notifications_pb2.DESCRIPTOR.services_by_name["NotificationBroker"].full_name,
+        ),
     ]
 
 

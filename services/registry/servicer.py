@@ -1,24 +1,31 @@
-"""DocumentRegistry gRPC servicer: registration, consent-filtered query, checked retrieval."""
+"""DocumentRegistry gRPC servicer: registration (unary and streamed), the entry life cycle,
+consent-filtered query, checked retrieval (unary and streamed)."""
 
 from __future__ import annotations
 
 import datetime
 import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
+from hie.mpi.v1 import mpi_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.registry import domain, store
+from services.registry import document_types, domain, store
+from services.registry.broker import Notifier
 from services.shared import identity
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import (
     AlreadyExists,
+    DataCorruption,
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -29,10 +36,17 @@ from services.shared.errors import (
 from services.shared.process import ServiceRuntime
 
 _MAX_PAGE = 200
+# Consent decides at most this many items per call; a query examines one batch per round and
+# at most _MAX_ROUNDS rounds per page (a page can come back short, never empty with a next token
+# unless that many documents in a row were denied).
+_CONSENT_BATCH = 1000
+_MAX_ROUNDS = 5
 # Role per operation (from the hospital's verified user assertion).
 _AUTHORS = ("doctor", "nurse", "technician")
 _READERS = ("doctor", "nurse", "pharmacist", "technician")
 _CURRENT = registry_pb2.DOCUMENT_STATUS_CURRENT
+_IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
+_INLINE = registry_pb2.CONTENT_KIND_INLINE
 
 
 def _ts(value: datetime.datetime | None) -> Timestamp | None:
@@ -43,7 +57,14 @@ def _ts(value: datetime.datetime | None) -> Timestamp | None:
     return ts
 
 
-def entry_message(record: store.DocumentEntryRecord) -> registry_pb2.DocumentEntry:
+def _time(ts: Timestamp, present: bool) -> datetime.datetime | None:
+    return ts.ToDatetime(tzinfo=datetime.UTC) if present else None
+
+
+def entry_message(
+    record: store.DocumentEntryRecord, related_by: Iterable[store.DocumentEntryRecord] = ()
+) -> registry_pb2.DocumentEntry:
+    shared = document_types.BY_SHARED_CODE.get(record.shared_type)
     return registry_pb2.DocumentEntry(
         document_id=record.id,
         source_document_id=record.source_document_id,
@@ -71,12 +92,54 @@ def entry_message(record: store.DocumentEntryRecord) -> registry_pb2.DocumentEnt
         status=record.status,  # type: ignore[arg-type]
         service_start=_ts(record.service_start),
         service_end=_ts(record.service_end),
+        relations=(
+            [registry_pb2.DocumentRelation(type=record.relation_type, target_document_id=record.related_document_id)]  # type: ignore[arg-type]
+            if record.relation_type
+            else []
+        ),
+        content_kind=record.content_kind,  # type: ignore[arg-type]
+        imaging_study=(
+            registry_pb2.ImagingStudyReference(
+                study_instance_uid=record.study_instance_uid, wado_rs_url=record.wado_rs_url
+            )
+            if record.content_kind == _IMAGING
+            else None
+        ),
+        shared_type=(
+            registry_pb2.Coding(system=document_types.SHARED_TYPE_SYSTEM, code=shared.code, display=shared.display)
+            if shared
+            else None
+        ),
+        related_by=[
+            registry_pb2.DocumentRelation(type=r.relation_type, target_document_id=r.id)  # type: ignore[arg-type]
+            for r in related_by
+        ],
     )
 
 
+@dataclass(frozen=True)
+class _Submission:
+    """A register request's header, checked, before any content is read."""
+
+    who: Caller
+    header: registry_pb2.RegisterDocumentRequest
+    source_document_id: str
+    record: store.DocumentEntryRecord
+    declared_sha256: str
+    declared_size: int
+    relation: int
+    target_id: str
+
+
+async def _single(content: bytes) -> AsyncIterator[bytes]:
+    if content:
+        yield content
+
+
 class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
         self._rt = runtime
+        self._notifier = notifier
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
@@ -106,123 +169,325 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise error_from_rpc(exc) from None
         return {d.item_id: d for d in response.decisions}
 
-    async def _record_failure(
-        self, who: Caller, *, type: str, outcome: int, enterprise_id: str, document_id: str
-    ) -> None:
-        """Denied and failed accesses are audited too, in their own transaction."""
+    async def _record(
+        self,
+        who: Caller,
+        *,
+        type: str,
+        action: int,
+        enterprise_id: str,
+        document_id: str,
+        outcome: int = Outcome.OUTCOME_SUCCESS,
+    ) -> str:
+        """An audit event in its own transaction (reads, and denied or failed accesses)."""
         async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
+            event_id = await self._rt.audit.record(
                 session,
                 caller=who,
                 type=type,
-                action=Action.ACTION_READ,
+                action=action,  # type: ignore[arg-type]
                 outcome=outcome,  # type: ignore[arg-type]
                 patient_enterprise_id=enterprise_id,
                 entities=[("DocumentReference", document_id)],
             )
         self._rt.outbox.notify()
+        return event_id
 
-    async def RegisterDocument(
-        self, request: registry_pb2.RegisterDocumentRequest, context: object
-    ) -> registry_pb2.RegisterDocumentResponse:
-        who = caller()
-        who.require_scope("DocumentReference", "c")
-        who.require_role(*_AUTHORS)
-        entry = request.entry
+    # --- register ---------------------------------------------------------------------------
+
+    def _check_header(self, who: Caller, header: registry_pb2.RegisterDocumentRequest) -> _Submission:
+        entry = header.entry
         source_document_id = domain.check_source_document_id(entry.source_document_id)
         if not entry.type_code.code:
             raise InvalidArgument("a document type code is required", reason="type-code-missing")
         title = domain.clean_text(entry.title, what="title", limit=256, required=True)
-        mime_type = domain.check_mime_type(entry.mime_type)
         confidentiality = domain.check_confidentiality(entry.confidentiality)
-        digest = domain.check_declared(request.content, declared_sha256=entry.sha256, declared_size=entry.size)
-        if not entry.patient.local_id:
-            raise InvalidArgument("the patient's local id is required", reason="patient-ref-missing")
-        patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=entry.patient.local_id)
-        try:
-            xref = await identity.cross_reference(self._rt, patient_ref)
-        except NotFound:
-            raise FailedPrecondition(
-                "register the patient before their documents", reason="patient-not-registered"
-            ) from None
+        type_system, type_code = entry.type_code.system[:128], entry.type_code.code[:64]
+        type_display = domain.clean_text(entry.type_code.display, what="type", limit=128)
+        class_system, class_code = entry.class_code.system[:128], entry.class_code.code[:64]
+        class_display = domain.clean_text(entry.class_code.display, what="class", limit=128)
+        shared = document_types.shared_type_of(type_system, type_code)
+        if shared is None and type_system == document_types.SHARED_TYPE_SYSTEM:
+            raise InvalidArgument("unknown shared document type", reason="type-code-unknown")
+        if shared is not None:
+            # Recorded under LOINC where LOINC has the type, the shared type alongside.
+            if shared.loinc:
+                type_system, type_code = document_types.LOINC, shared.loinc
+            else:
+                type_system, type_code = document_types.SHARED_TYPE_SYSTEM, shared.code
+            type_display = type_display or shared.display
+            if not class_code:
+                class_system, class_code = document_types.CLASS_SYSTEM, shared.class_code
+                class_display = document_types.CLASS_DISPLAY[shared.class_code]
+        imaging = entry.content_kind == _IMAGING or entry.HasField("imaging_study")
+        study_uid = wado_url = ""
+        if imaging:
+            study_uid, wado_url = domain.check_imaging_study(
+                entry.imaging_study.study_instance_uid, entry.imaging_study.wado_rs_url
+            )
+            if header.content:
+                raise InvalidArgument("an imaging study reference carries no content", reason="content-not-allowed")
+            mime_type = domain.check_mime_type(entry.mime_type or "application/dicom")
+            declared_sha256 = ""
+        else:
+            mime_type = domain.check_mime_type(entry.mime_type)
+            declared_sha256 = domain.check_declaration(entry.sha256)
+        if entry.size < 0 or entry.size > domain.MAX_CONTENT_BYTES:
+            raise InvalidArgument("declared size out of range", reason="size-mismatch")
+        relation = int(header.relation.type)
+        target_id = ""
+        if relation:
+            try:
+                target_id = str(uuid.UUID(header.relation.target_document_id))
+            except ValueError:
+                raise NotFound("no such document", reason="document-not-found") from None
+        created = _time(entry.created, entry.HasField("created")) or utcnow()
+        service_start = _time(entry.service_start, entry.HasField("service_start"))
+        service_end = _time(entry.service_end, entry.HasField("service_end"))
+        if service_start and service_end and service_end < service_start:
+            raise InvalidArgument("service period ends before it starts", reason="service-period-invalid")
+        idempotency_key = header.idempotency_key.strip()[:128]
+        record = store.DocumentEntryRecord(
+            id=str(uuid.uuid4()),
+            source_document_id=source_document_id,
+            source_organization_id=who.organization_id,
+            patient_domain=who.organization_id,
+            patient_local_id=entry.patient.local_id,
+            enterprise_id="",
+            author_id=entry.author.practitioner_id[:64] or who.practitioner_id,
+            author_name=domain.clean_text(
+                entry.author.practitioner_name or who.practitioner_name, what="author", limit=64
+            ),
+            author_role=entry.author.role[:32] or who.role,
+            author_department=domain.clean_text(entry.author.department or who.department, what="department", limit=64),
+            class_system=class_system,
+            class_code=class_code,
+            class_display=class_display,
+            type_system=type_system,
+            type_code=type_code,
+            type_display=type_display,
+            confidentiality=confidentiality,
+            security_labels=" ".join(sorted({label[:16] for label in entry.security_labels})),
+            title=title,
+            language=entry.language[:16] or "zh-CN",
+            mime_type=mime_type,
+            size=0 if imaging else entry.size,
+            sha256=declared_sha256,
+            status=_CURRENT,
+            created=created,
+            service_start=service_start,
+            service_end=service_end,
+            service_time=service_start or created,
+            registered_at=utcnow(),
+            idempotency_key=idempotency_key,
+            shared_type=shared.code if shared else "",
+            relation_type=relation,
+            related_document_id=target_id,
+            content_kind=_IMAGING if imaging else _INLINE,
+            study_instance_uid=study_uid,
+            wado_rs_url=wado_url,
+        )
+        return _Submission(
+            who=who,
+            header=header,
+            source_document_id=source_document_id,
+            record=record,
+            declared_sha256=declared_sha256,
+            declared_size=entry.size,
+            relation=relation,
+            target_id=target_id,
+        )
 
+    async def _earlier(self, sub: _Submission) -> store.DocumentEntryRecord | None:
+        """The entry an earlier attempt of this submission registered (by source document id,
+        then by idempotency key); a reused id or key with other content is refused."""
+        async with self._rt.sessions() as session:
+            existing = await store.find_by_source_id(
+                session, source_organization_id=sub.who.organization_id, source_document_id=sub.source_document_id
+            )
+            if existing is None and sub.record.idempotency_key:
+                existing = await store.find_by_idempotency_key(
+                    session, source_organization_id=sub.who.organization_id, idempotency_key=sub.record.idempotency_key
+                )
+                if existing is not None and existing.source_document_id != sub.source_document_id:
+                    raise AlreadyExists(
+                        "that idempotency key was used for another document", reason="idempotency-key-reused"
+                    )
+        if existing is None:
+            return None
+        if existing.sha256 != sub.record.sha256 or existing.study_instance_uid != sub.record.study_instance_uid:
+            raise AlreadyExists(
+                "that source document id is registered with different content", reason="document-id-reused"
+            )
+        return existing
+
+    async def _register(
+        self, header: registry_pb2.RegisterDocumentRequest, pieces: AsyncIterator[bytes]
+    ) -> tuple[store.DocumentEntryRecord, bool, list[str]]:
+        who = caller()
+        who.require_scope("DocumentReference", "c")
+        who.require_role(*_AUTHORS)
+        if not header.entry.patient.local_id:
+            raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
+        sub = self._check_header(who, header)
+        patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=header.entry.patient.local_id)
+        try:
+            person = await identity.cross_reference(self._rt, patient_ref)
+        except NotFound:
+            raise FailedPrecondition("register the patient first", reason="patient-not-registered") from None
+        enterprise_id = person.enterprise_id
+        record = sub.record
+        record.enterprise_id = enterprise_id
+        existing = await self._earlier(sub)
+        if existing is not None:
+            return existing, False, []
         try:
             async with self._rt.sessions() as session, session.begin():
-                existing = await store.find_by_source_id(
-                    session, source_organization_id=who.organization_id, source_document_id=source_document_id
-                )
-                if existing is not None:
-                    if existing.sha256 != digest.sha256:
-                        raise AlreadyExists(
-                            "that source document id is registered with different content",
-                            reason="document-id-reused",
+                if sub.relation:
+                    target = await session.get(store.DocumentEntryRecord, sub.target_id)
+                    if target is None:
+                        raise NotFound("no such document", reason="document-not-found")
+                    target_person = (
+                        await identity.cross_reference(
+                            self._rt,
+                            common_pb2.PatientRef(domain=target.patient_domain, local_id=target.patient_local_id),
                         )
-                    return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
-                record = store.DocumentEntryRecord(
-                    id=str(uuid.uuid4()),
-                    source_document_id=source_document_id,
-                    source_organization_id=who.organization_id,
-                    patient_domain=patient_ref.domain,
-                    patient_local_id=patient_ref.local_id,
-                    enterprise_id=xref.enterprise_id,
-                    author_id=entry.author.practitioner_id[:64] or who.practitioner_id,
-                    author_name=domain.clean_text(
-                        entry.author.practitioner_name or who.practitioner_name, what="author", limit=64
-                    ),
-                    author_role=entry.author.role[:32] or who.role,
-                    author_department=domain.clean_text(
-                        entry.author.department or who.department, what="department", limit=64
-                    ),
-                    class_system=entry.class_code.system[:128],
-                    class_code=entry.class_code.code[:64],
-                    class_display=domain.clean_text(entry.class_code.display, what="class", limit=128),
-                    type_system=entry.type_code.system[:128],
-                    type_code=entry.type_code.code[:64],
-                    type_display=domain.clean_text(entry.type_code.display, what="type", limit=128),
-                    confidentiality=confidentiality,
-                    security_labels=" ".join(sorted({label[:16] for label in entry.security_labels})),
-                    title=title,
-                    language=entry.language[:16] or "zh-CN",
-                    mime_type=mime_type,
-                    size=digest.size,
-                    sha256=digest.sha256,
-                    status=_CURRENT,
-                    created=entry.created.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("created") else utcnow(),
-                    service_start=(
-                        entry.service_start.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_start") else None
-                    ),
-                    service_end=(
-                        entry.service_end.ToDatetime(tzinfo=datetime.UTC) if entry.HasField("service_end") else None
-                    ),
-                    registered_at=utcnow(),
-                    idempotency_key=request.idempotency_key[:128],
-                )
+                    ).enterprise_id
+                    domain.check_relation(
+                        sub.relation,
+                        target_status=target.status,
+                        target_source_organization_id=target.source_organization_id,
+                        target_enterprise_id=target_person,
+                        organization_id=who.organization_id,
+                        enterprise_id=enterprise_id,
+                    )
+                    if sub.relation == domain.REPLACES and not await store.supersede(session, target.id):
+                        raise FailedPrecondition(
+                            "only a current document can be replaced or amended", reason="target-not-current"
+                        )
                 session.add(record)
                 await session.flush()
-                session.add(store.DocumentContent(document_id=record.id, content=request.content))
-                event_id = await self._rt.audit.record(
-                    session,
-                    caller=who,
-                    type="document.register",
-                    action=Action.ACTION_CREATE,
-                    patient_enterprise_id=xref.enterprise_id,
-                    entities=[("DocumentReference", record.id)],
-                )
+                hasher = domain.ContentHasher()
+                seq = 0
+                pending = bytearray()
+
+                async def store_chunk(data: bytes) -> None:
+                    nonlocal seq
+                    # Core inserts: chunks are not kept in the session's identity map.
+                    await session.execute(insert(store.DocumentChunk).values(document_id=record.id, seq=seq, data=data))
+                    seq += 1
+
+                async for piece in pieces:
+                    if record.content_kind == _IMAGING:
+                        raise InvalidArgument(
+                            "an imaging study reference carries no content", reason="content-not-allowed"
+                        )
+                    hasher.update(piece)
+                    # Pieces of any size arrive; storage chunks are CHUNK_BYTES (the last one less).
+                    pending += piece
+                    while len(pending) >= domain.CHUNK_BYTES:
+                        await store_chunk(bytes(pending[: domain.CHUNK_BYTES]))
+                        del pending[: domain.CHUNK_BYTES]
+                if pending:
+                    await store_chunk(bytes(pending))
+                if record.content_kind == _INLINE:
+                    digest = domain.check_received(
+                        hasher, declared_sha256=sub.declared_sha256, declared_size=sub.declared_size
+                    )
+                    record.size = digest.size
+                action = Action.ACTION_CREATE
+                event_ids = [
+                    await self._rt.audit.record(
+                        session,
+                        caller=who,
+                        type="document.register",
+                        action=action,
+                        patient_enterprise_id=enterprise_id,
+                        entities=[("DocumentReference", record.id)],
+                    )
+                ]
+                # Subscribers hear of it only if it commits: staged in the same transaction.
+                await self._notifier.stage_document(session, record, person.refs)
+                if sub.relation == domain.REPLACES:
+                    event_ids.append(
+                        await self._rt.audit.record(
+                            session,
+                            caller=who,
+                            type="document.supersede",
+                            action=Action.ACTION_UPDATE,
+                            patient_enterprise_id=enterprise_id,
+                            entities=[("DocumentReference", sub.target_id)],
+                        )
+                    )
         except IntegrityError:
             # A concurrent submission of the same document committed first: answer as its retry.
-            async with self._rt.sessions() as session:
-                existing = await store.find_by_source_id(
-                    session, source_organization_id=who.organization_id, source_document_id=source_document_id
-                )
-            if existing is None or existing.sha256 != digest.sha256:
+            existing = await self._earlier(sub)
+            if existing is None:
                 raise AlreadyExists(
                     "that source document id is registered with different content", reason="document-id-reused"
                 ) from None
-            return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
+            return existing, False, []
         self._rt.outbox.notify()
+        return record, True, event_ids
+
+    async def RegisterDocument(
+        self, request: registry_pb2.RegisterDocumentRequest, context: object
+    ) -> registry_pb2.RegisterDocumentResponse:
+        record, created, event_ids = await self._register(request, _single(request.content))
         return registry_pb2.RegisterDocumentResponse(
-            entry=entry_message(record), created=True, audit_event_ids=[event_id]
+            entry=entry_message(record), created=created, audit_event_ids=event_ids
         )
+
+    async def RegisterDocumentStream(
+        self, request_iterator: AsyncIterator[registry_pb2.RegisterDocumentStreamRequest], context: object
+    ) -> registry_pb2.RegisterDocumentStreamResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("the first message must carry the header", reason="stream-header-missing")
+        if first.header.content:
+            raise InvalidArgument("content goes in chunks after the header", reason="stream-content-in-header")
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if not message.HasField("chunk"):
+                    raise InvalidArgument("only chunks may follow the header", reason="stream-header-repeated")
+                if message.chunk:
+                    yield message.chunk
+
+        record, created, event_ids = await self._register(first.header, pieces())
+        return registry_pb2.RegisterDocumentStreamResponse(
+            entry=entry_message(record), created=created, audit_event_ids=event_ids
+        )
+
+    async def MarkEnteredInError(
+        self, request: registry_pb2.MarkEnteredInErrorRequest, context: object
+    ) -> registry_pb2.MarkEnteredInErrorResponse:
+        who = caller()
+        who.require_scope("DocumentReference", "c")
+        who.require_role(*_AUTHORS)
+        document_id = _document_id(request.document_id)
+        async with self._rt.sessions() as session, session.begin():
+            record = await session.get(store.DocumentEntryRecord, document_id)
+            if record is None:
+                raise NotFound("no such document", reason="document-not-found")
+            domain.check_entered_in_error(
+                status=record.status,
+                source_organization_id=record.source_organization_id,
+                organization_id=who.organization_id,
+            )
+            record.status = domain.ENTERED_IN_ERROR
+            event_id = await self._rt.audit.record(
+                session,
+                caller=who,
+                type="document.entered-in-error",
+                action=Action.ACTION_UPDATE,
+                patient_enterprise_id=record.enterprise_id,
+                entities=[("DocumentReference", record.id)],
+            )
+        self._rt.outbox.notify()
+        return registry_pb2.MarkEnteredInErrorResponse(entry=entry_message(record), audit_event_ids=[event_id])
+
+    # --- query ------------------------------------------------------------------------------
 
     async def FindDocuments(
         self, request: registry_pb2.FindDocumentsRequest, context: object
@@ -240,26 +505,9 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             # A hospital finds a person through its own record of them, never by probing another's ids.
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         size = min(request.page.page_size or 50, _MAX_PAGE)
-        try:
-            offset = int(request.page.page_token or 0)
-        except ValueError:
-            raise InvalidArgument("bad page token", reason="page-token") from None
+        cursor = domain.QueryCursor.decode(request.page.page_token)
         xref = await identity.cross_reference(self._rt, ref)
-        statuses = [int(s) for s in request.statuses] or [_CURRENT]
-        async with self._rt.sessions() as session:
-            rows = await store.entries_of_patient(
-                session,
-                refs=[(r.domain, r.local_id) for r in xref.refs],
-                type_codes=list(request.type_codes),
-                statuses=statuses,
-                offset=offset,
-                limit=size + 1,
-            )
-        more = len(rows) > size
-        rows = rows[:size]
-        decisions = await self._decide(xref.enterprise_id, rows)
-        # A document consent denies is absent from the result, not an error.
-        visible = [r for r in rows if decisions.get(r.id) and decisions[r.id].decision == consent_pb2.DECISION_PERMIT]
+        visible, next_cursor = await self._visible_page(request, xref, size=size, cursor=cursor)
         async with self._rt.sessions() as session, session.begin():
             event_id = await self._rt.audit.record(
                 session,
@@ -273,25 +521,69 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         return registry_pb2.FindDocumentsResponse(
             enterprise_id=xref.enterprise_id,
             entries=[entry_message(r) for r in visible],
-            page=common_pb2.PageResponse(next_page_token=str(offset + size) if more else ""),
+            page=common_pb2.PageResponse(next_page_token=next_cursor.encode() if next_cursor else ""),
             audit_event_ids=[event_id],
         )
 
-    async def RetrieveDocument(
-        self, request: registry_pb2.RetrieveDocumentRequest, context: object
-    ) -> registry_pb2.RetrieveDocumentResponse:
-        who = caller()
+    async def _visible_page(
+        self,
+        request: registry_pb2.FindDocumentsRequest,
+        xref: mpi_pb2.CrossReferenceResponse,
+        *,
+        size: int,
+        cursor: domain.QueryCursor | None,
+    ) -> tuple[list[store.DocumentEntryRecord], domain.QueryCursor | None]:
+        """A full page of entries consent permits: consent is asked in one batched decision per
+        round of rows read, and rows are read until the page is full (pages have no holes)."""
+        statuses = [int(s) for s in request.statuses] or [_CURRENT]
+        after = (cursor.service_time, cursor.document_id) if cursor else None
+        visible: list[store.DocumentEntryRecord] = []
+        for _round in range(_MAX_ROUNDS):
+            # Twice what is missing, so one round usually suffices even with some denials.
+            limit = min(_CONSENT_BATCH, max(2 * (size + 1 - len(visible)), 20))
+            async with self._rt.sessions() as session:
+                rows = await store.entries_of_patient(
+                    session,
+                    refs=[(r.domain, r.local_id) for r in xref.refs],
+                    type_codes=list(request.type_codes),
+                    class_codes=list(request.class_codes),
+                    statuses=statuses,
+                    source_organization_ids=list(request.source_organization_ids),
+                    service_from=_time(request.service_from, request.HasField("service_from")),
+                    service_to=_time(request.service_to, request.HasField("service_to")),
+                    after=after,
+                    limit=limit,
+                )
+            decisions = await self._decide(xref.enterprise_id, rows)
+            for row in rows:
+                decision = decisions.get(row.id)
+                # A document consent denies is absent from the result, not an error.
+                if decision is not None and decision.decision == consent_pb2.DECISION_PERMIT:
+                    visible.append(row)
+                    if len(visible) > size:
+                        page = visible[:size]
+                        return page, domain.QueryCursor(page[-1].service_time, page[-1].id)
+            if len(rows) < limit:
+                return visible, None
+            after = (rows[-1].service_time, rows[-1].id)
+        # Bounded work per page: a short page, continuing after the last row examined.
+        return visible, domain.QueryCursor(*after) if after else None
+
+    # --- read and retrieve ------------------------------------------------------------------------
+
+    async def _readable(
+        self, who: Caller, document_id: str, *, audit_type: str
+    ) -> tuple[store.DocumentEntryRecord, str, list[store.DocumentEntryRecord]]:
+        """The entry, its person's current enterprise id and its later relations, if consent
+        permits the caller; a denial is audited and answered PERMISSION_DENIED."""
         who.require_scope("DocumentReference", "r")
         who.require_role(*_READERS)
         who.require_purpose()
-        try:
-            document_id = str(uuid.UUID(request.document_id))
-        except ValueError:
-            raise NotFound("no such document", reason="document-not-found") from None
+        document_id = _document_id(document_id)
         async with self._rt.sessions() as session:
             record = await session.get(store.DocumentEntryRecord, document_id)
-            content = await store.content_of(session, document_id) if record else None
-        if record is None or content is None:
+            related = await store.related_to(session, document_id) if record else []
+        if record is None:
             raise NotFound("no such document", reason="document-not-found")
         # The person's current identity, so consent follows links made since registration.
         xref = await identity.cross_reference(
@@ -299,35 +591,112 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         )
         decision = (await self._decide(xref.enterprise_id, [record])).get(record.id)
         if decision is None or decision.decision != consent_pb2.DECISION_PERMIT:
-            await self._record_failure(
+            await self._record(
                 who,
-                type="document.retrieve",
+                type=audit_type,
+                action=Action.ACTION_READ,
                 outcome=Outcome.OUTCOME_MINOR_FAILURE,
                 enterprise_id=xref.enterprise_id,
                 document_id=record.id,
             )
             raise PermissionDenied("consent does not permit this access", reason="consent-denied")
-        try:
-            domain.check_stored(content, sha256=record.sha256, size=record.size)
-        except DomainError:
-            await self._record_failure(
+        return record, xref.enterprise_id, related
+
+    async def GetDocumentEntry(
+        self, request: registry_pb2.GetDocumentEntryRequest, context: object
+    ) -> registry_pb2.GetDocumentEntryResponse:
+        who = caller()
+        record, enterprise_id, related = await self._readable(who, request.document_id, audit_type="document.read")
+        event_id = await self._record(
+            who, type="document.read", action=Action.ACTION_READ, enterprise_id=enterprise_id, document_id=record.id
+        )
+        return registry_pb2.GetDocumentEntryResponse(entry=entry_message(record, related), audit_event_ids=[event_id])
+
+    async def _content(self, document_id: str) -> AsyncIterator[tuple[int, bytes, bool]]:
+        """The stored chunks in order as (seq, data, is_last), each yielded only once the next was
+        read, so the caller learns which is last before sending it."""
+        async with self._rt.sessions() as session:
+            previous = await store.chunk(session, document_id, 0)
+            seq = 0
+            while previous is not None:
+                following = await store.chunk(session, document_id, seq + 1)
+                yield seq, previous, following is None
+                previous, seq = following, seq + 1
+
+    async def RetrieveDocumentStream(
+        self, request: registry_pb2.RetrieveDocumentStreamRequest, context: object
+    ) -> AsyncIterator[registry_pb2.RetrieveDocumentStreamResponse]:
+        """Entry first, then content chunks; the last chunk only after the hash matched."""
+        who = caller()
+        record, enterprise_id, related = await self._readable(who, request.document_id, audit_type="document.retrieve")
+        entry = entry_message(record, related)
+
+        async def corrupt() -> DataCorruption:
+            await self._record(
                 who,
                 type="document.retrieve",
+                action=Action.ACTION_READ,
                 outcome=Outcome.OUTCOME_SERIOUS_FAILURE,
-                enterprise_id=xref.enterprise_id,
+                enterprise_id=enterprise_id,
                 document_id=record.id,
             )
-            raise
-        async with self._rt.sessions() as session, session.begin():
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
+            return DataCorruption("stored document content failed its integrity check", reason="content-corrupt")
+
+        if record.content_kind == _IMAGING:
+            event_id = await self._record(
+                who,
                 type="document.retrieve",
                 action=Action.ACTION_READ,
-                patient_enterprise_id=xref.enterprise_id,
-                entities=[("DocumentReference", record.id)],
+                enterprise_id=enterprise_id,
+                document_id=record.id,
             )
-        self._rt.outbox.notify()
-        return registry_pb2.RetrieveDocumentResponse(
-            entry=entry_message(record), content=content, audit_event_ids=[event_id]
-        )
+            yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
+            return
+        hasher = domain.ContentHasher(limit=2**62)
+        started = False
+        async for _seq, data, last in self._content(record.id):
+            hasher.update(data)
+            if last:
+                try:
+                    domain.check_retrieved(hasher, sha256=record.sha256, size=record.size)
+                except DomainError:
+                    raise await corrupt() from None
+            if not started:
+                # Recorded once the first chunk is in hand (and, for one-chunk content, verified).
+                event_id = await self._record(
+                    who,
+                    type="document.retrieve",
+                    action=Action.ACTION_READ,
+                    enterprise_id=enterprise_id,
+                    document_id=record.id,
+                )
+                yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
+                started = True
+            yield registry_pb2.RetrieveDocumentStreamResponse(chunk=data)
+        if not started:
+            # No content at all where some was registered.
+            raise await corrupt()
+
+    async def RetrieveDocument(
+        self, request: registry_pb2.RetrieveDocumentRequest, context: object
+    ) -> registry_pb2.RetrieveDocumentResponse:
+        """The whole content in one message (the streamed retrieval, gathered)."""
+        response = registry_pb2.RetrieveDocumentResponse()
+        parts: list[bytes] = []
+        async for message in self.RetrieveDocumentStream(
+            registry_pb2.RetrieveDocumentStreamRequest(document_id=request.document_id), context
+        ):
+            if message.HasField("entry"):
+                response.entry.CopyFrom(message.entry)
+                response.audit_event_ids.extend(message.audit_event_ids)
+            else:
+                parts.append(message.chunk)
+        response.content = b"".join(parts)
+        return response
+
+
+def _document_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise NotFound("no such document", reason="document-not-found") from None

@@ -14,8 +14,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    or_,
     select,
+    text,
     tuple_,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -34,7 +37,18 @@ class DocumentEntryRecord(Base):
     __tablename__ = "document_entry"
     __table_args__ = (
         UniqueConstraint("source_organization_id", "source_document_id", name="uq_entry_source_document"),
-        Index("ix_entry_patient", "patient_domain", "patient_local_id", "created"),
+        # Query by patient, newest service time first, keyset-paged on (service_time, id).
+        Index("ix_entry_patient_time", "patient_domain", "patient_local_id", "service_time", "id"),
+        # Idempotency keys are unique per source organisation (empty means none given).
+        Index(
+            "uq_entry_idempotency_key",
+            "source_organization_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key <> ''"),
+            sqlite_where=text("idempotency_key <> ''"),
+        ),
+        Index("ix_entry_related", "related_document_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -66,19 +80,32 @@ class DocumentEntryRecord(Base):
     service_end: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     registered_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
     idempotency_key: Mapped[str] = mapped_column(String(128), default="")
+    # Sort key of queries: service start, or creation when no service period was given.
+    service_time: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    shared_type: Mapped[str] = mapped_column(String(32), default="")
+    # This entry's association to an earlier one (XDS RPLC / APND / XFRM), if any.
+    relation_type: Mapped[int] = mapped_column(Integer, default=0)
+    related_document_id: Mapped[str] = mapped_column(String(36), default="")
+    content_kind: Mapped[int] = mapped_column(Integer, default=1)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    wado_rs_url: Mapped[str] = mapped_column(String(512), default="")
 
     @property
     def labels(self) -> list[str]:
         return [label for label in self.security_labels.split(" ") if label]
 
 
-class DocumentContent(Base):
-    """The repository: content bytes by document id."""
+class DocumentChunk(Base):
+    """The repository: content in chunks of at most 1 MiB, in order, by document id.
 
-    __tablename__ = "document_content"
+    In the database (not a file store) so that an entry and its content commit or roll back
+    together on both backends, and backups hold both."""
+
+    __tablename__ = "document_chunk"
 
     document_id: Mapped[str] = mapped_column(ForeignKey("document_entry.id", ondelete="CASCADE"), primary_key=True)
-    content: Mapped[bytes] = mapped_column(LargeBinary)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 outbox_table(metadata)
@@ -95,25 +122,146 @@ async def find_by_source_id(
     )
 
 
+async def find_by_idempotency_key(
+    session: AsyncSession, *, source_organization_id: str, idempotency_key: str
+) -> DocumentEntryRecord | None:
+    return await session.scalar(
+        select(DocumentEntryRecord).where(
+            DocumentEntryRecord.source_organization_id == source_organization_id,
+            DocumentEntryRecord.idempotency_key == idempotency_key,
+        )
+    )
+
+
 async def entries_of_patient(
     session: AsyncSession,
     *,
     refs: Sequence[tuple[str, str]],
-    type_codes: Sequence[str],
-    statuses: Sequence[int],
-    offset: int,
+    type_codes: Sequence[str] = (),
+    class_codes: Sequence[str] = (),
+    statuses: Sequence[int] = (),
+    source_organization_ids: Sequence[str] = (),
+    service_from: datetime.datetime | None = None,
+    service_to: datetime.datetime | None = None,
+    after: tuple[datetime.datetime, str] | None = None,
     limit: int,
 ) -> list[DocumentEntryRecord]:
-    stmt = select(DocumentEntryRecord).where(
-        tuple_(DocumentEntryRecord.patient_domain, DocumentEntryRecord.patient_local_id).in_(list(refs))
-    )
+    """A person's entries (under any of their identities), newest service time first, after a cursor."""
+    e = DocumentEntryRecord
+    stmt = select(e).where(tuple_(e.patient_domain, e.patient_local_id).in_(list(refs)))
     if type_codes:
-        stmt = stmt.where(DocumentEntryRecord.type_code.in_(list(type_codes)))
+        stmt = stmt.where(or_(e.type_code.in_(list(type_codes)), e.shared_type.in_(list(type_codes))))
+    if class_codes:
+        stmt = stmt.where(e.class_code.in_(list(class_codes)))
     if statuses:
-        stmt = stmt.where(DocumentEntryRecord.status.in_(list(statuses)))
-    stmt = stmt.order_by(DocumentEntryRecord.created.desc(), DocumentEntryRecord.id).offset(offset).limit(limit)
+        stmt = stmt.where(e.status.in_(list(statuses)))
+    if source_organization_ids:
+        stmt = stmt.where(e.source_organization_id.in_(list(source_organization_ids)))
+    if service_from is not None:
+        stmt = stmt.where(e.service_time >= service_from)
+    if service_to is not None:
+        stmt = stmt.where(e.service_time < service_to)
+    if after is not None:
+        stmt = stmt.where(tuple_(e.service_time, e.id) < tuple_(*after))
+    stmt = stmt.order_by(e.service_time.desc(), e.id.desc()).limit(limit)
     return list(await session.scalars(stmt))
 
 
-async def content_of(session: AsyncSession, document_id: str) -> bytes | None:
-    return await session.scalar(select(DocumentContent.content).where(DocumentContent.document_id == document_id))
+async def related_to(session: AsyncSession, document_id: str) -> list[DocumentEntryRecord]:
+    """Entries that replaced, appended to or transformed this one."""
+    return list(
+        await session.scalars(
+            select(DocumentEntryRecord)
+            .where(DocumentEntryRecord.related_document_id == document_id)
+            .order_by(DocumentEntryRecord.registered_at)
+        )
+    )
+
+
+async def supersede(session: AsyncSession, document_id: str) -> bool:
+    """Mark a current entry superseded; False if it was no longer current (a concurrent replacement)."""
+    result = await session.execute(
+        update(DocumentEntryRecord)
+        .where(DocumentEntryRecord.id == document_id, DocumentEntryRecord.status == 1)
+        .values(status=2)
+    )
+    return result.rowcount == 1
+
+
+async def chunk(session: AsyncSession, document_id: str, seq: int) -> bytes | None:
+    return await session.scalar(
+        select(DocumentChunk.data).where(DocumentChunk.document_id == document_id, DocumentChunk.seq == seq)
+    )
+
+
+class SubscriptionRecord(Base):
+    """A hospital's subscription (IHE DSUB): what it wants to hear about, where, until when."""
+
+    __tablename__ = "subscription"
+    __table_args__ = (
+        Index("ix_subscription_patient", "topic", "patient_domain", "patient_local_id"),
+        Index("ix_subscription_type", "topic", "type_code"),
+        Index("ix_subscription_org", "organization_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    topic: Mapped[int] = mapped_column(Integer)
+    patient_domain: Mapped[str] = mapped_column(String(64), default="")
+    patient_local_id: Mapped[str] = mapped_column(String(64), default="")
+    type_code: Mapped[str] = mapped_column(String(64), default="")
+    endpoint_url: Mapped[str] = mapped_column(String(512))
+    expires: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    created: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+class DeadLetterRecord(Base):
+    """A notification the outbox gave up delivering; an admin can see and replay it."""
+
+    __tablename__ = "notification_dead_letter"
+    __table_args__ = (Index("ix_dead_letter_org", "organization_id", "dead_lettered"),)
+
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(36))
+    organization_id: Mapped[str] = mapped_column(String(64))
+    endpoint_url: Mapped[str] = mapped_column(String(512))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(String(200))
+    created: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    dead_lettered: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+async def matching_subscriptions(
+    session: AsyncSession,
+    *,
+    refs: Sequence[tuple[str, str]],
+    type_codes: Sequence[str],
+    exclude_organization_id: str,
+    now: datetime.datetime,
+) -> list[SubscriptionRecord]:
+    """Live subscriptions a new document of this person and type matches: the person's record in
+    the subscriber's domain (patient topic), or the type for a subscriber holding a record of them."""
+    s = SubscriptionRecord
+    domains = sorted({domain for domain, _ in refs})
+    stmt = select(s).where(
+        s.expires > now,
+        s.organization_id != exclude_organization_id,
+        or_(
+            (s.topic == 1) & tuple_(s.patient_domain, s.patient_local_id).in_(list(refs)),
+            (s.topic == 2) & s.type_code.in_([c for c in type_codes if c]) & s.organization_id.in_(domains),
+        ),
+    )
+    return list(await session.scalars(stmt))
+
+
+async def workflow_subscriptions(
+    session: AsyncSession, *, organization_ids: Sequence[str], now: datetime.datetime
+) -> list[SubscriptionRecord]:
+    s = SubscriptionRecord
+    return list(
+        await session.scalars(
+            select(s).where(s.topic == 3, s.expires > now, s.organization_id.in_(list(organization_ids)))
+        )
+    )

@@ -3,6 +3,11 @@ causes them, and a relay delivers them afterwards, retrying until acknowledged.
 
 Delivery is at least once; receivers de-duplicate by the message id (the audit service
 appends idempotently by event id).
+
+A topic is delivered in batches acknowledged together (the default) or, with a
+`DeliveryPolicy(per_message=True)`, one message at a time so one receiver's failure does not
+resend what others acknowledged; a policy can also give a message up after a period and hand it
+to a dead-letter sink (in the same transaction that takes it out of the outbox).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -23,6 +29,8 @@ _log = logging.getLogger(__name__)
 
 # A sender delivers a batch of payloads of one topic; it raises if the batch was not acknowledged.
 Sender = Callable[[Sequence[bytes]], Awaitable[None]]
+# Keeps a message the outbox gives up on: (session, message id, topic, payload, attempts, last error).
+DeadLetterSink = Callable[[AsyncSession, str, str, bytes, int, str], Awaitable[None]]
 _BATCH = 200
 _MAX_BACKOFF = timedelta(minutes=5)
 _LEASE = timedelta(seconds=30)
@@ -45,6 +53,22 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How one topic's messages are delivered and retried."""
+
+    per_message: bool = False
+    # Backoff after the n-th failed attempt: base * 2**n, at most max_backoff.
+    base_backoff: timedelta = timedelta(seconds=1)
+    max_backoff: timedelta = _MAX_BACKOFF
+    # A message still failing this long after it was staged goes to the dead-letter sink.
+    give_up_after: timedelta | None = None
+    dead_letter: DeadLetterSink | None = None
+
+    def backoff(self, attempts: int) -> timedelta:
+        return min(self.base_backoff * (2**attempts), self.max_backoff)
+
+
 class Outbox:
     """Writes messages into a component's outbox table and relays them to their senders."""
 
@@ -52,12 +76,18 @@ class Outbox:
         self._table = table
         self._sessions = sessions
         self._senders: dict[str, Sender] = {}
+        self._policies: dict[str, DeliveryPolicy] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.poll_interval = 2.0
+        # After a commit wakes the relay it waits this long, so the messages of many requests go
+        # out in one pass (one claim, one send, one acknowledgement) instead of one pass each:
+        # under load a pass per request doubled the work of a read request.
+        self.linger = 0.2
 
-    def register(self, topic: str, sender: Sender) -> None:
+    def register(self, topic: str, sender: Sender, policy: DeliveryPolicy | None = None) -> None:
         self._senders[topic] = sender
+        self._policies[topic] = policy or DeliveryPolicy()
 
     async def add(self, session: AsyncSession, topic: str, payload: bytes) -> str:
         """Stage a message in the caller's transaction; it is sent only if that commits."""
@@ -94,6 +124,8 @@ class Outbox:
                 _log.warning("outbox relay pass failed: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            if self._wake.is_set():
+                await asyncio.sleep(self.linger)
             self._wake.clear()
 
     async def relay_once(self) -> int:
@@ -105,7 +137,7 @@ class Outbox:
         t = self._table
         async with self._sessions() as session, session.begin():
             query = (
-                select(t.c.id, t.c.topic, t.c.payload, t.c.attempts)
+                select(t.c.id, t.c.topic, t.c.payload, t.c.attempts, t.c.created_at)
                 .where(t.c.delivered_at.is_(None), t.c.next_attempt_at <= utcnow())
                 .order_by(t.c.created_at)
                 .limit(_BATCH)
@@ -118,38 +150,60 @@ class Outbox:
                 await session.execute(
                     update(t).where(t.c.id.in_([r.id for r in rows])).values(next_attempt_at=utcnow() + _LEASE)
                 )
-        by_topic: dict[str, list[tuple[str, bytes, int]]] = {}
+        by_topic: dict[str, list[_Claimed]] = {}
         for row in rows:
-            by_topic.setdefault(row.topic, []).append((row.id, row.payload, row.attempts))
+            by_topic.setdefault(row.topic, []).append(_Claimed(row.id, row.payload, row.attempts, row.created_at))
         delivered = 0
         for topic, items in by_topic.items():
-            ids = [i for i, _, _ in items]
-            sender = self._senders.get(topic)
-            try:
-                if sender is None:
-                    raise LookupError(f"no sender for topic {topic}")
-                await sender([p for _, p, _ in items])
-            except Exception as exc:
-                attempts = max(a for _, _, a in items) + 1
-                backoff = min(timedelta(seconds=2**attempts), _MAX_BACKOFF)
-                async with self._sessions() as session, session.begin():
+            policy = self._policies.get(topic, DeliveryPolicy())
+            if policy.per_message:
+                results = await asyncio.gather(*(self._deliver(topic, [item], policy) for item in items))
+                delivered += sum(results)
+            else:
+                delivered += await self._deliver(topic, items, policy)
+        return delivered
+
+    async def _deliver(self, topic: str, items: list[_Claimed], policy: DeliveryPolicy) -> int:
+        """Send messages acknowledged together; record the outcome. Returns how many were delivered."""
+        t = self._table
+        ids = [item.id for item in items]
+        sender = self._senders.get(topic)
+        try:
+            if sender is None:
+                raise LookupError(f"no sender for topic {topic}")
+            await sender([item.payload for item in items])
+        except Exception as exc:
+            attempts = max(item.attempts for item in items) + 1
+            error = type(exc).__name__[:200]
+            oldest = min(item.created_at for item in items)
+            async with self._sessions() as session, session.begin():
+                if policy.give_up_after is not None and utcnow() - oldest >= policy.give_up_after:
+                    for item in items:
+                        if policy.dead_letter is not None:
+                            await policy.dead_letter(session, item.id, topic, item.payload, item.attempts + 1, error)
                     await session.execute(
                         update(t)
                         .where(t.c.id.in_(ids))
-                        .values(
-                            attempts=t.c.attempts + 1,
-                            next_attempt_at=utcnow() + backoff,
-                            last_error=type(exc).__name__[:200],
-                        )
+                        .values(attempts=t.c.attempts + 1, delivered_at=utcnow(), last_error="dead-lettered")
                     )
-                _log.warning("outbox delivery to %s failed (%s); will retry", topic, type(exc).__name__)
-                continue
-            async with self._sessions() as session, session.begin():
+                    _log.warning("outbox gave up delivering %d message(s) to %s (%s)", len(ids), topic, error)
+                    return 0
                 await session.execute(
-                    update(t).where(t.c.id.in_(ids)).values(delivered_at=utcnow(), attempts=t.c.attempts + 1)
+                    update(t)
+                    .where(t.c.id.in_(ids))
+                    .values(
+                        attempts=t.c.attempts + 1,
+                        next_attempt_at=utcnow() + policy.backoff(attempts),
+                        last_error=error,
+                    )
                 )
-            delivered += len(ids)
-        return delivered
+            _log.warning("outbox delivery to %s failed (%s); will retry", topic, error)
+            return 0
+        async with self._sessions() as session, session.begin():
+            await session.execute(
+                update(t).where(t.c.id.in_(ids)).values(delivered_at=utcnow(), attempts=t.c.attempts + 1)
+            )
+        return len(ids)
 
     async def pending(self) -> int:
         """Messages not yet acknowledged."""
@@ -158,3 +212,11 @@ class Outbox:
                 select(func.count()).select_from(self._table).where(self._table.c.delivered_at.is_(None))
             )
         return int(count or 0)
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: str
+    payload: bytes
+    attempts: int
+    created_at: datetime

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import signal
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -47,50 +49,114 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
-        if handler.unary_unary is None:
-            # No streaming RPC is guarded yet, so none is served: closed until it is.
-            return _refuse_streaming(handler)
         metadata = {k: v for k, v in handler_call_details.invocation_metadata or ()}
-        inner = handler.unary_unary
-        verifier = self._verifier
+        guard = _CallGuard(self._verifier, metadata, method)
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                caller = verifier.caller_from_metadata(metadata)
-            except Unauthenticated as exc:
-                context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
-            annotate_caller(caller)
-            caller_token = current_caller.set(caller)
-            forwarded = tuple((k, v) for k in FORWARDED_KEYS if isinstance(v := metadata.get(k), str))
-            forwarded_token = forwarded_metadata.set(forwarded)
-            try:
-                if _has_nul(request):
-                    raise InvalidArgument("text fields may not contain NUL characters", reason="nul-character")
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except DomainError as exc:
-                context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
-                await context.abort(status_for(exc), exc.message)
-            except Exception as exc:
-                # The exception text may quote stored data: log its type and the code path only.
-                _log.error(
-                    "unhandled %s in %s\n%s",
-                    type(exc).__name__,
-                    method,
-                    "".join(traceback.format_tb(exc.__traceback__)),
-                )
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with guard.call(context):
+                    _refuse_nul(request)
+                    return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                async with guard.call(context):
+                    return await inner_su(_checked(requests), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with guard.call(context):
+                    _refuse_nul(request)
+                    async for response in _responses(inner_us(request, context)):
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with guard.call(context):
+                async for response in _responses(inner_ss(_checked(requests), context)):
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
+class _CallGuard:
+    """What every call kind shares: the verified caller, the forwarded metadata, and the one
+    mapping of domain errors (and anything unexpected) to status codes."""
+
+    def __init__(self, verifier: TokenVerifier, metadata: dict[str, Any], method: str) -> None:
+        self._verifier = verifier
+        self._metadata = metadata
+        self._method = method
+
+    @contextlib.asynccontextmanager
+    async def call(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        try:
+            caller = self._verifier.caller_from_metadata(self._metadata)
+        except Unauthenticated as exc:
+            context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+        annotate_caller(caller)
+        caller_token = current_caller.set(caller)
+        forwarded = tuple((k, v) for k in FORWARDED_KEYS if isinstance(v := self._metadata.get(k), str))
+        forwarded_token = forwarded_metadata.set(forwarded)
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except DomainError as exc:
+            context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
+            await context.abort(status_for(exc), exc.message)
+        except Exception as exc:
+            # The exception text may quote stored data: log its type and the code path only.
+            _log.error(
+                "unhandled %s in %s\n%s",
+                type(exc).__name__,
+                self._method,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            # A streaming handler's generator may be finalised in another context: the variables
+            # then die with the call's task anyway.
+            with contextlib.suppress(ValueError):
                 current_caller.reset(caller_token)
+            with contextlib.suppress(ValueError):
                 forwarded_metadata.reset(forwarded_token)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+
+def _refuse_nul(request: Message) -> None:
+    if _has_nul(request):
+        raise InvalidArgument("text fields may not contain NUL characters", reason="nul-character")
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream whose every message is held to the same rules as a unary request."""
+    async for request in requests:
+        _refuse_nul(request)
+        yield request
+
+
+async def _responses(produced: Any) -> AsyncIterator[Any]:
+    """A server-streaming handler's responses, whether it is an async generator or writes them
+    itself with `context.write` (then it returns a coroutine and yields nothing here)."""
+    if inspect.isawaitable(produced):
+        await produced
+        return
+    async for response in produced:
+        yield response
 
 
 def _has_nul(message: Message) -> bool:
@@ -109,19 +175,6 @@ def _has_nul(message: Message) -> bool:
             if any(_has_nul(v) for v in values):
                 return True
     return False
-
-
-def _refuse_streaming(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming calls are not served")
-
-    if handler.stream_unary is not None or handler.stream_stream is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
 
 
 async def create_server(

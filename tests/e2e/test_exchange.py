@@ -106,7 +106,7 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
         "GET /api/v1/documents",
         "GET /api/v1/documents/{document_id}/content",
         "/hie.registry.v1.DocumentRegistry/FindDocuments",
-        "/hie.registry.v1.DocumentRegistry/RetrieveDocument",
+        "/hie.registry.v1.DocumentRegistry/RetrieveDocumentStream",
         "/hie.mpi.v1.PatientIndex/CrossReference",
         "/hie.consent.v1.ConsentDecisionPoint/Decide",
         "/hie.audit.v1.AuditLog/Append",
@@ -116,7 +116,8 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     retrieve_server = next(
         sp
         for sp in spans.get_finished_spans()
-        if sp.name == "/hie.registry.v1.DocumentRegistry/RetrieveDocument" and sp.attributes.get("hie.organization_id")
+        if sp.name == "/hie.registry.v1.DocumentRegistry/RetrieveDocumentStream"
+        and sp.attributes.get("hie.organization_id")
     )
     assert retrieve_server.attributes["hie.organization_id"] == b.org_id  # type: ignore[attr-defined]
     assert retrieve_server.attributes["hie.purpose_of_use"] == "treatment"

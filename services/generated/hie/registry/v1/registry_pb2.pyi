@@ -12,16 +12,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RelationType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELATION_TYPE_UNSPECIFIED: _ClassVar[RelationType]
+    RELATION_TYPE_REPLACES: _ClassVar[RelationType]
+    RELATION_TYPE_APPENDS: _ClassVar[RelationType]
+    RELATION_TYPE_TRANSFORMS: _ClassVar[RelationType]
+
+class ContentKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTENT_KIND_UNSPECIFIED: _ClassVar[ContentKind]
+    CONTENT_KIND_INLINE: _ClassVar[ContentKind]
+    CONTENT_KIND_IMAGING_STUDY: _ClassVar[ContentKind]
+
 class DocumentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DOCUMENT_STATUS_UNSPECIFIED: _ClassVar[DocumentStatus]
     DOCUMENT_STATUS_CURRENT: _ClassVar[DocumentStatus]
     DOCUMENT_STATUS_SUPERSEDED: _ClassVar[DocumentStatus]
     DOCUMENT_STATUS_ENTERED_IN_ERROR: _ClassVar[DocumentStatus]
+RELATION_TYPE_UNSPECIFIED: RelationType
+RELATION_TYPE_REPLACES: RelationType
+RELATION_TYPE_APPENDS: RelationType
+RELATION_TYPE_TRANSFORMS: RelationType
+CONTENT_KIND_UNSPECIFIED: ContentKind
+CONTENT_KIND_INLINE: ContentKind
+CONTENT_KIND_IMAGING_STUDY: ContentKind
 DOCUMENT_STATUS_UNSPECIFIED: DocumentStatus
 DOCUMENT_STATUS_CURRENT: DocumentStatus
 DOCUMENT_STATUS_SUPERSEDED: DocumentStatus
 DOCUMENT_STATUS_ENTERED_IN_ERROR: DocumentStatus
+
+class DocumentRelation(_message.Message):
+    __slots__ = ("type", "target_document_id")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    type: RelationType
+    target_document_id: str
+    def __init__(self, type: _Optional[_Union[RelationType, str]] = ..., target_document_id: _Optional[str] = ...) -> None: ...
+
+class ImagingStudyReference(_message.Message):
+    __slots__ = ("study_instance_uid", "wado_rs_url")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    WADO_RS_URL_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    wado_rs_url: str
+    def __init__(self, study_instance_uid: _Optional[str] = ..., wado_rs_url: _Optional[str] = ...) -> None: ...
 
 class Author(_message.Message):
     __slots__ = ("practitioner_id", "practitioner_name", "role", "department")
@@ -46,7 +82,7 @@ class Coding(_message.Message):
     def __init__(self, system: _Optional[str] = ..., code: _Optional[str] = ..., display: _Optional[str] = ...) -> None: ...
 
 class DocumentEntry(_message.Message):
-    __slots__ = ("document_id", "source_document_id", "patient", "enterprise_id", "source_organization_id", "author", "class_code", "type_code", "confidentiality", "security_labels", "created", "title", "language", "mime_type", "size", "sha256", "status", "service_start", "service_end")
+    __slots__ = ("document_id", "source_document_id", "patient", "enterprise_id", "source_organization_id", "author", "class_code", "type_code", "confidentiality", "security_labels", "created", "title", "language", "mime_type", "size", "sha256", "status", "service_start", "service_end", "relations", "content_kind", "imaging_study", "shared_type", "related_by")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +102,11 @@ class DocumentEntry(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SERVICE_START_FIELD_NUMBER: _ClassVar[int]
     SERVICE_END_FIELD_NUMBER: _ClassVar[int]
+    RELATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_KIND_FIELD_NUMBER: _ClassVar[int]
+    IMAGING_STUDY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RELATED_BY_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     source_document_id: str
     patient: _common_pb2.PatientRef
@@ -85,17 +126,24 @@ class DocumentEntry(_message.Message):
     status: DocumentStatus
     service_start: _timestamp_pb2.Timestamp
     service_end: _timestamp_pb2.Timestamp
-    def __init__(self, document_id: _Optional[str] = ..., source_document_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., author: _Optional[_Union[Author, _Mapping]] = ..., class_code: _Optional[_Union[Coding, _Mapping]] = ..., type_code: _Optional[_Union[Coding, _Mapping]] = ..., confidentiality: _Optional[str] = ..., security_labels: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., title: _Optional[str] = ..., language: _Optional[str] = ..., mime_type: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., status: _Optional[_Union[DocumentStatus, str]] = ..., service_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., service_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    relations: _containers.RepeatedCompositeFieldContainer[DocumentRelation]
+    content_kind: ContentKind
+    imaging_study: ImagingStudyReference
+    shared_type: Coding
+    related_by: _containers.RepeatedCompositeFieldContainer[DocumentRelation]
+    def __init__(self, document_id: _Optional[str] = ..., source_document_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., author: _Optional[_Union[Author, _Mapping]] = ..., class_code: _Optional[_Union[Coding, _Mapping]] = ..., type_code: _Optional[_Union[Coding, _Mapping]] = ..., confidentiality: _Optional[str] = ..., security_labels: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., title: _Optional[str] = ..., language: _Optional[str] = ..., mime_type: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., status: _Optional[_Union[DocumentStatus, str]] = ..., service_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., service_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., relations: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ..., content_kind: _Optional[_Union[ContentKind, str]] = ..., imaging_study: _Optional[_Union[ImagingStudyReference, _Mapping]] = ..., shared_type: _Optional[_Union[Coding, _Mapping]] = ..., related_by: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ...) -> None: ...
 
 class RegisterDocumentRequest(_message.Message):
-    __slots__ = ("entry", "content", "idempotency_key")
+    __slots__ = ("entry", "content", "idempotency_key", "relation")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    RELATION_FIELD_NUMBER: _ClassVar[int]
     entry: DocumentEntry
     content: bytes
     idempotency_key: str
-    def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., content: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    relation: DocumentRelation
+    def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., content: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ..., relation: _Optional[_Union[DocumentRelation, _Mapping]] = ...) -> None: ...
 
 class RegisterDocumentResponse(_message.Message):
     __slots__ = ("entry", "created", "audit_event_ids")
@@ -108,16 +156,24 @@ class RegisterDocumentResponse(_message.Message):
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., created: _Optional[bool] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FindDocumentsRequest(_message.Message):
-    __slots__ = ("patient", "type_codes", "statuses", "page")
+    __slots__ = ("patient", "type_codes", "statuses", "page", "class_codes", "service_from", "service_to", "source_organization_ids")
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     TYPE_CODES_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     PAGE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_CODES_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FROM_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_TO_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ORGANIZATION_IDS_FIELD_NUMBER: _ClassVar[int]
     patient: _common_pb2.PatientRef
     type_codes: _containers.RepeatedScalarFieldContainer[str]
     statuses: _containers.RepeatedScalarFieldContainer[DocumentStatus]
     page: _common_pb2.PageRequest
-    def __init__(self, patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., type_codes: _Optional[_Iterable[str]] = ..., statuses: _Optional[_Iterable[_Union[DocumentStatus, str]]] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ...) -> None: ...
+    class_codes: _containers.RepeatedScalarFieldContainer[str]
+    service_from: _timestamp_pb2.Timestamp
+    service_to: _timestamp_pb2.Timestamp
+    source_organization_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., type_codes: _Optional[_Iterable[str]] = ..., statuses: _Optional[_Iterable[_Union[DocumentStatus, str]]] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ..., class_codes: _Optional[_Iterable[str]] = ..., service_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., service_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_organization_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FindDocumentsResponse(_message.Message):
     __slots__ = ("enterprise_id", "entries", "page", "audit_event_ids")
@@ -146,3 +202,65 @@ class RetrieveDocumentResponse(_message.Message):
     content: bytes
     audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., content: _Optional[bytes] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RegisterDocumentStreamRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: RegisterDocumentRequest
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[RegisterDocumentRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class RegisterDocumentStreamResponse(_message.Message):
+    __slots__ = ("entry", "created", "audit_event_ids")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    entry: DocumentEntry
+    created: bool
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., created: _Optional[bool] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RetrieveDocumentStreamRequest(_message.Message):
+    __slots__ = ("document_id",)
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    def __init__(self, document_id: _Optional[str] = ...) -> None: ...
+
+class RetrieveDocumentStreamResponse(_message.Message):
+    __slots__ = ("entry", "chunk", "audit_event_ids")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    entry: DocumentEntry
+    chunk: bytes
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., chunk: _Optional[bytes] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetDocumentEntryRequest(_message.Message):
+    __slots__ = ("document_id",)
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    def __init__(self, document_id: _Optional[str] = ...) -> None: ...
+
+class GetDocumentEntryResponse(_message.Message):
+    __slots__ = ("entry", "audit_event_ids")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    entry: DocumentEntry
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MarkEnteredInErrorRequest(_message.Message):
+    __slots__ = ("document_id",)
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    def __init__(self, document_id: _Optional[str] = ...) -> None: ...
+
+class MarkEnteredInErrorResponse(_message.Message):
+    __slots__ = ("entry", "audit_event_ids")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    entry: DocumentEntry
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...

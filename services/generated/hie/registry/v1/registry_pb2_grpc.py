@@ -50,6 +50,26 @@ class DocumentRegistryStub:
                 request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentRequest.SerializeToString,
                 response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentResponse.FromString,
                 _registered_method=True)
+        self.RegisterDocumentStream = channel.stream_unary(
+                '/hie.registry.v1.DocumentRegistry/RegisterDocumentStream',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentStreamRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentStreamResponse.FromString,
+                _registered_method=True)
+        self.RetrieveDocumentStream = channel.unary_stream(
+                '/hie.registry.v1.DocumentRegistry/RetrieveDocumentStream',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentStreamRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentStreamResponse.FromString,
+                _registered_method=True)
+        self.GetDocumentEntry = channel.unary_unary(
+                '/hie.registry.v1.DocumentRegistry/GetDocumentEntry',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.GetDocumentEntryRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.GetDocumentEntryResponse.FromString,
+                _registered_method=True)
+        self.MarkEnteredInError = channel.unary_unary(
+                '/hie.registry.v1.DocumentRegistry/MarkEnteredInError',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorResponse.FromString,
+                _registered_method=True)
 
 
 class DocumentRegistryServicer:
@@ -76,6 +96,39 @@ class DocumentRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterDocumentStream(self, request_iterator, context):
+        """Register with content streamed in chunks (up to 50 MB): the first message carries the
+        header (entry, idempotency key, relation; no content), every following one a chunk.
+        Hash and size are verified as the chunks arrive; nothing is kept unless they match.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrieveDocumentStream(self, request, context):
+        """Retrieve with content streamed in chunks: the first message carries the entry, the
+        following ones the content. Each chunk is sent only once the next has been read and the
+        last only after the whole content matched its hash; a mismatch ends the stream with
+        DATA_LOSS before the content is complete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDocumentEntry(self, request, context):
+        """One entry's metadata (consent-checked, audited), without content.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkEnteredInError(self, request, context):
+        """The source organisation withdraws a document registered by mistake.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DocumentRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +146,26 @@ def add_DocumentRegistryServicer_to_server(servicer, server):
                     servicer.RetrieveDocument,
                     request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentRequest.FromString,
                     response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentResponse.SerializeToString,
+            ),
+            'RegisterDocumentStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.RegisterDocumentStream,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentStreamRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentStreamResponse.SerializeToString,
+            ),
+            'RetrieveDocumentStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.RetrieveDocumentStream,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentStreamRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentStreamResponse.SerializeToString,
+            ),
+            'GetDocumentEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDocumentEntry,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.GetDocumentEntryRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.GetDocumentEntryResponse.SerializeToString,
+            ),
+            'MarkEnteredInError': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkEnteredInError,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +249,114 @@ class DocumentRegistry:
             '/hie.registry.v1.DocumentRegistry/RetrieveDocument',
             hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentRequest.SerializeToString,
             hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterDocumentStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hie.registry.v1.DocumentRegistry/RegisterDocumentStream',
+            hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentStreamRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveDocumentStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hie.registry.v1.DocumentRegistry/RetrieveDocumentStream',
+            hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentStreamRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.RetrieveDocumentStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocumentEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.registry.v1.DocumentRegistry/GetDocumentEntry',
+            hie_dot_registry_dot_v1_dot_registry__pb2.GetDocumentEntryRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.GetDocumentEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkEnteredInError(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.registry.v1.DocumentRegistry/MarkEnteredInError',
+            hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorResponse.FromString,
             options,
             channel_credentials,
             insecure,

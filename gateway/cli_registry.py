@@ -1,0 +1,58 @@
+"""`hie bench registry` (registered under the `bench` group in gateway/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench_registry(
+    patients: Annotated[int, typer.Option(min=1, help="Patients the entries are spread over")] = 100_000,
+    documents: Annotated[int, typer.Option(min=1, help="Document entries filled into the registry")] = 1_000_000,
+    database_url: Annotated[
+        str,
+        typer.Option(
+            envvar="HIE_DATABASE_URL",
+            help="postgresql+asyncpg://… (a bench_registry_* schema prefix, dropped after); default: SQLite",
+        ),
+    ] = "",
+    sample: Annotated[int, typer.Option(min=1, help="Patients queried (registered in mpi)")] = 500,
+    queries: Annotated[int, typer.Option(min=1, help="Queries by patient timed")] = 2000,
+    registrations: Annotated[int, typer.Option(min=1, help="20 KB documents registered")] = 2000,
+    retrievals: Annotated[int, typer.Option(min=1, help="1 MB documents registered, each retrieved 5 times")] = 40,
+    output: Annotated[Path, typer.Option("--json", help="JSON results")] = Path("bench-results/registry.json"),
+) -> None:
+    """Query-by-patient latency (consent-filtered), register throughput (20 KB) and streamed retrieve
+    throughput (1 MB) at the registry, after filling N patients / M entries."""
+    from gateway.bench import write_result
+    from services.registry.bench import run
+
+    result = run(
+        patients=patients,
+        documents=documents,
+        database_url=database_url,
+        sample=sample,
+        queries=queries,
+        registrations=registrations,
+        retrievals=retrievals,
+        log=lambda message: typer.echo(message, err=True),
+    )
+    write_result(result, output)
+    query, register, retrieve = result["query_by_patient"], result["register_20kb"], result["retrieve_1mb"]
+    typer.echo(f"registry bench: {result['documents']} entries / {result['patients']} patients on {result['backend']}")
+    typer.echo(f"fill: {result['fill']['seconds']} s ({result['fill']['entries_per_second']} entries/s)")
+    typer.echo(
+        f"query by patient (consent-filtered, {query['entries_per_query']} entries/query): p50 {query['p50_ms']} ms, "
+        f"p95 {query['p95_ms']} ms, p99 {query['p99_ms']} ms (target p99 <= {query['target_p99_ms']} ms)"
+    )
+    typer.echo(
+        f"register 20 KB: {register['documents_per_second']} documents/s at concurrency {register['concurrency']} "
+        f"(p50 {register['p50_ms']} ms, p99 {register['p99_ms']} ms; target >= {register['target_per_second']}/s)"
+    )
+    typer.echo(
+        f"retrieve 1 MB (streamed): {retrieve['mb_per_second']} MB/s over {retrieve['retrievals']} retrievals "
+        f"at concurrency {retrieve['concurrency']}"
+    )
+    typer.echo(f"written to {output}")

@@ -1,0 +1,459 @@
+"""NotificationBroker: subscriptions (IHE DSUB), notifications staged in the registry's outbox
+in the transaction of the change, delivered by signed HTTP POSTs with the trace continued, retried
+with backoff, dead-lettered after a configurable period; optionally published to NATS JetStream.
+
+Delivery contract for receivers:
+
+- `POST <endpoint>` with the JSON body; `X-HIE-Event-Id` is the same on every retry of one
+  notification (de-duplicate by it); `X-HIE-Event-Type`; `traceparent` continues the trace of the
+  change that caused it.
+- `X-HIE-Signature` is a JWS compact serialisation with a detached payload (RFC 7515 Appendix F,
+  `<header>..<signature>`): the signing input is the protected header and the exact body bytes
+  (base64url). It is signed with the exchange's platform key (ES384, `kid` in the header,
+  `typ` `hie-notification+jws`); its public key is published at
+  `/api/v1/notifications/jwks.json` on the gateway.
+- Any 2xx acknowledges; anything else (or no answer within the timeout) is retried.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry.trace import SpanKind
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie.common.v1 import common_pb2
+from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
+from services.registry import dsub, store
+from services.shared import identity
+from services.shared.audit_trail import Action
+from services.shared.auth import caller
+from services.shared.db import utcnow
+from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from services.shared.keys import algorithm_for, load_private_key, public_jwk
+from services.shared.outbox import DeliveryPolicy
+from services.shared.process import ServiceRuntime
+from services.shared.tracing import current_trace_ids, remote_parent, tracer
+
+_log = logging.getLogger(__name__)
+NOTIFICATION_TOPIC = "notification"
+NATS_TOPIC = "nats"
+NATS_STREAM = "HIE_EVENTS"
+_SUBSCRIBERS = ("admin", "doctor", "nurse")
+
+
+@dataclass(frozen=True)
+class NotificationSettings:
+    """Delivery settings (HIE_NOTIFY_*, HIE_NATS_URL)."""
+
+    retry_base_seconds: float = 5.0
+    max_backoff_seconds: float = 300.0
+    dead_letter_after_seconds: float = 24 * 3600.0
+    timeout_seconds: float = 10.0
+    nats_url: str = ""
+
+    @classmethod
+    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> NotificationSettings:
+        env = os.environ if env is None else env
+        return cls(
+            retry_base_seconds=float(env.get("HIE_NOTIFY_RETRY_BASE_SECONDS", "5")),
+            max_backoff_seconds=float(env.get("HIE_NOTIFY_MAX_BACKOFF_SECONDS", "300")),
+            dead_letter_after_seconds=float(env.get("HIE_NOTIFY_DEAD_LETTER_AFTER_SECONDS", str(24 * 3600))),
+            timeout_seconds=float(env.get("HIE_NOTIFY_TIMEOUT_SECONDS", "10")),
+            nats_url=env.get("HIE_NATS_URL", ""),
+        )
+
+
+class DeliveryRefused(Exception):
+    """The receiver answered with something other than 2xx."""
+
+
+def _ts(value: datetime.datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+class Notifier:
+    """Stages notifications with a change and delivers them from the outbox."""
+
+    def __init__(self, runtime: ServiceRuntime, settings: NotificationSettings) -> None:
+        self._rt = runtime
+        self.settings = settings
+        self._key = load_private_key(runtime.settings.service_signing_key_file)
+        self._kid = public_jwk(self._key)["kid"]
+        self._nats: Any = None
+        runtime.outbox.register(
+            NOTIFICATION_TOPIC,
+            self._deliver,
+            DeliveryPolicy(
+                per_message=True,
+                base_backoff=datetime.timedelta(seconds=settings.retry_base_seconds),
+                max_backoff=datetime.timedelta(seconds=settings.max_backoff_seconds),
+                give_up_after=datetime.timedelta(seconds=settings.dead_letter_after_seconds),
+                dead_letter=self._dead_letter,
+            ),
+        )
+        if settings.nats_url:
+            runtime.outbox.register(NATS_TOPIC, self._publish_nats)
+            runtime.background(self._close_nats_on_exit(), name="nats-close")
+
+    # --- staging (inside the caller's transaction) --------------------------------------------
+
+    async def stage(
+        self, session: AsyncSession, notifications: Sequence[dsub.Notification], event: dict[str, Any]
+    ) -> None:
+        for item in notifications:
+            await self._rt.outbox.add(session, NOTIFICATION_TOPIC, item.payload())
+        if self.settings.nats_url:
+            await self._rt.outbox.add(session, NATS_TOPIC, json.dumps(event, ensure_ascii=False).encode())
+
+    async def stage_document(
+        self,
+        session: AsyncSession,
+        record: store.DocumentEntryRecord,
+        refs: Sequence[common_pb2.PatientRef],
+    ) -> int:
+        """Notifications for a newly registered document, in its registration's transaction."""
+        if not dsub.announced(
+            confidentiality=record.confidentiality, security_labels=record.labels, status=record.status
+        ):
+            return 0
+        now = utcnow()
+        pairs = [(r.domain, r.local_id) for r in refs]
+        subscriptions = await store.matching_subscriptions(
+            session,
+            refs=pairs,
+            type_codes=[record.type_code, record.shared_type],
+            exclude_organization_id=record.source_organization_id,
+            now=now,
+        )
+        trace_id, span_id = current_trace_ids()
+        event_type = "document.registered" if not record.relation_type else "document.revised"
+        document = {
+            "document_id": record.id,
+            "source_organization_id": record.source_organization_id,
+            "type": {"system": record.type_system, "code": record.type_code},
+            "shared_type": record.shared_type,
+            "status": "current",
+        }
+        if record.relation_type:
+            names = {1: "replaces", 2: "appends", 3: "transforms"}
+            document["relation"] = {"type": names[record.relation_type], "document_id": record.related_document_id}
+        notifications = []
+        for sub in subscriptions:
+            local_ids = sorted(local for domain, local in pairs if domain == sub.organization_id)
+            notifications.append(
+                dsub.notification(
+                    subscription_id=sub.id,
+                    organization_id=sub.organization_id,
+                    endpoint_url=sub.endpoint_url,
+                    topic=sub.topic,
+                    event_type=event_type,
+                    occurred=now,
+                    subject={
+                        "document": document,
+                        "patient": {"domain": sub.organization_id, "local_ids": local_ids},
+                    },
+                    trace_id=trace_id,
+                    span_id=span_id,
+                )
+            )
+        event = {"event_id": str(uuid.uuid4()), "event_type": event_type, "document": document}
+        await self.stage(session, notifications, event)
+        return len(notifications)
+
+    # --- delivery (the outbox relay) -------------------------------------------------------------
+
+    def sign(self, body: bytes) -> str:
+        """A detached-payload compact JWS over the body (see the module docstring)."""
+        return jwt.api_jws.encode(
+            body,
+            self._key,
+            algorithm=algorithm_for(self._key),
+            headers={"kid": self._kid, "typ": dsub.SIGNATURE_TYPE},
+            is_payload_detached=True,
+        )
+
+    async def _deliver(self, payloads: Sequence[bytes]) -> None:
+        for payload in payloads:
+            item = dsub.Notification.from_payload(payload)
+            with tracer.start_as_current_span(
+                "notification.deliver", context=remote_parent(item.trace_id, item.span_id), kind=SpanKind.CLIENT
+            ) as span:
+                span.set_attribute("hie.notification.event_type", item.event_type)
+                span.set_attribute("hie.organization_id", item.organization_id)
+                trace_id, span_id = current_trace_ids()
+                headers = {
+                    "content-type": "application/json; charset=utf-8",
+                    "x-hie-event-id": item.event_id,
+                    "x-hie-event-type": item.event_type,
+                    "x-hie-signature": self.sign(item.body),
+                }
+                if trace_id:
+                    headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
+                async with httpx.AsyncClient(timeout=self.settings.timeout_seconds) as http:
+                    response = await http.post(item.endpoint_url, content=item.body, headers=headers)
+                span.set_attribute("http.response.status_code", response.status_code)
+                if not 200 <= response.status_code < 300:
+                    raise DeliveryRefused(str(response.status_code))
+
+    async def _dead_letter(
+        self, session: AsyncSession, message_id: str, topic: str, payload: bytes, attempts: int, error: str
+    ) -> None:
+        item = dsub.Notification.from_payload(payload)
+        now = utcnow()
+        existing = await session.get(store.DeadLetterRecord, item.event_id)
+        if existing is not None:
+            await session.delete(existing)
+            await session.flush()
+        session.add(
+            store.DeadLetterRecord(
+                event_id=item.event_id,
+                subscription_id=item.subscription_id,
+                organization_id=item.organization_id,
+                endpoint_url=item.endpoint_url,
+                event_type=item.event_type,
+                payload=payload,
+                attempts=attempts,
+                last_error=error[:200],
+                created=now,
+                dead_lettered=now,
+            )
+        )
+
+    async def _publish_nats(self, payloads: Sequence[bytes]) -> None:
+        """JetStream publish, de-duplicated by the event id (Nats-Msg-Id) on retries."""
+        import nats  # optional: only when HIE_NATS_URL is set
+
+        if self._nats is None or self._nats.is_closed:
+            self._nats = await nats.connect(self.settings.nats_url, connect_timeout=2, max_reconnect_attempts=1)
+            js = self._nats.jetstream()
+            try:
+                await js.find_stream_name_by_subject("hie.registry.>")
+            except nats.js.errors.NotFoundError:
+                await js.add_stream(name=NATS_STREAM, subjects=["hie.registry.>"])
+        js = self._nats.jetstream()
+        for payload in payloads:
+            event = json.loads(payload)
+            await js.publish(f"hie.registry.{event['event_type']}", payload, headers={"Nats-Msg-Id": event["event_id"]})
+
+    async def _close_nats_on_exit(self) -> None:
+        import asyncio
+
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._nats is not None and not self._nats.is_closed:
+                await self._nats.close()
+
+
+def _subscription_message(record: store.SubscriptionRecord) -> notifications_pb2.Subscription:
+    return notifications_pb2.Subscription(
+        subscription_id=record.id,
+        organization_id=record.organization_id,
+        topic=record.topic,  # type: ignore[arg-type]
+        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+        if record.patient_local_id
+        else None,
+        type_code=record.type_code,
+        endpoint_url=record.endpoint_url,
+        expires=_ts(record.expires),
+        created=_ts(record.created),
+    )
+
+
+def _dead_letter_message(record: store.DeadLetterRecord) -> notifications_pb2.DeadLetter:
+    return notifications_pb2.DeadLetter(
+        event_id=record.event_id,
+        subscription_id=record.subscription_id,
+        endpoint_url=record.endpoint_url,
+        event_type=record.event_type,
+        attempts=record.attempts,
+        last_error=record.last_error,
+        created=_ts(record.created),
+        dead_lettered=_ts(record.dead_lettered),
+    )
+
+
+class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServicer):
+    def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
+        self._rt = runtime
+        self._notifier = notifier
+
+    async def Subscribe(  # noqa: N802 - gRPC method name
+        self, request: notifications_pb2.SubscribeRequest, context: object
+    ) -> notifications_pb2.SubscribeResponse:
+        who = caller()
+        who.require_scope("DocumentReference", "r")
+        who.require_role(*_SUBSCRIBERS)
+        now = utcnow()
+        topic = int(request.topic)
+        if topic not in dsub.TOPIC_NAMES:
+            raise InvalidArgument("topic must be patient-document, document-type or workflow-state", reason="topic")
+        endpoint = dsub.check_endpoint(request.endpoint_url, production=self._rt.settings.environment == "production")
+        expires = dsub.check_expiry(
+            request.expires.ToDatetime(tzinfo=datetime.UTC) if request.HasField("expires") else None, now
+        )
+        enterprise_id = ""
+        local_id = type_code = ""
+        if topic == dsub.TOPIC_PATIENT_DOCUMENT:
+            local_id = request.patient.local_id
+            if not local_id or len(local_id) > 64:
+                raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
+            enterprise_id = await identity.registered_person(
+                self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=local_id)
+            )
+        elif topic == dsub.TOPIC_DOCUMENT_TYPE:
+            type_code = request.type_code.strip()
+            if not type_code or len(type_code) > 64:
+                raise InvalidArgument("a type code is required", reason="type-code-missing")
+        record = store.SubscriptionRecord(
+            id=str(uuid.uuid4()),
+            organization_id=who.organization_id,
+            topic=topic,
+            patient_domain=who.organization_id if local_id else "",
+            patient_local_id=local_id,
+            type_code=type_code,
+            endpoint_url=endpoint,
+            expires=expires,
+            created=now,
+        )
+        async with self._rt.sessions() as session, session.begin():
+            session.add(record)
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="subscription.create",
+                action=Action.ACTION_CREATE,
+                patient_enterprise_id=enterprise_id,
+                entities=[("Subscription", record.id)],
+            )
+        self._rt.outbox.notify()
+        return notifications_pb2.SubscribeResponse(subscription=_subscription_message(record))
+
+    async def Unsubscribe(  # noqa: N802 - gRPC method name
+        self, request: notifications_pb2.UnsubscribeRequest, context: object
+    ) -> notifications_pb2.UnsubscribeResponse:
+        who = caller()
+        who.require_scope("DocumentReference", "r")
+        who.require_role(*_SUBSCRIBERS)
+        async with self._rt.sessions() as session, session.begin():
+            record = await session.get(store.SubscriptionRecord, request.subscription_id[:36])
+            if record is None or record.organization_id != who.organization_id:
+                raise NotFound("no such subscription", reason="subscription-not-found")
+            await session.delete(record)
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="subscription.delete",
+                action=Action.ACTION_DELETE,
+                entities=[("Subscription", record.id)],
+            )
+        self._rt.outbox.notify()
+        return notifications_pb2.UnsubscribeResponse()
+
+    async def ListSubscriptions(  # noqa: N802 - gRPC method name
+        self, request: notifications_pb2.ListSubscriptionsRequest, context: object
+    ) -> notifications_pb2.ListSubscriptionsResponse:
+        who = caller()
+        who.require_scope("DocumentReference", "r")
+        who.require_role(*_SUBSCRIBERS)
+        async with self._rt.sessions() as session:
+            records = await session.scalars(
+                select(store.SubscriptionRecord)
+                .where(store.SubscriptionRecord.organization_id == who.organization_id)
+                .order_by(store.SubscriptionRecord.created)
+            )
+            return notifications_pb2.ListSubscriptionsResponse(
+                subscriptions=[_subscription_message(r) for r in records]
+            )
+
+    async def PublishEvent(  # noqa: N802 - gRPC method name
+        self, request: notifications_pb2.PublishEventRequest, context: object
+    ) -> notifications_pb2.PublishEventResponse:
+        who = caller()
+        if not who.is_platform:
+            raise PermissionDenied("only exchange services publish events", reason="platform-only")
+        event_type = dsub.check_event_type(request.event_type)
+        organizations = sorted({o[:64] for o in request.organization_ids if o})
+        if not organizations:
+            raise InvalidArgument("at least one organisation is required", reason="organizations-missing")
+        now = utcnow()
+        trace_id, span_id = current_trace_ids()
+        resource = {
+            "type": request.resource_type[:64],
+            "id": request.resource_id[:64],
+            "status": request.status[:32],
+        }
+        event = {"event_id": str(uuid.uuid4()), "event_type": event_type, "resource": resource}
+        async with self._rt.sessions() as session, session.begin():
+            subscriptions = await store.workflow_subscriptions(session, organization_ids=organizations, now=now)
+            notifications = [
+                dsub.notification(
+                    subscription_id=sub.id,
+                    organization_id=sub.organization_id,
+                    endpoint_url=sub.endpoint_url,
+                    topic=sub.topic,
+                    event_type=event_type,
+                    occurred=now,
+                    subject={"resource": resource},
+                    trace_id=trace_id,
+                    span_id=span_id,
+                )
+                for sub in subscriptions
+            ]
+            await self._notifier.stage(session, notifications, event)
+        self._rt.outbox.notify()
+        return notifications_pb2.PublishEventResponse(event_id=event["event_id"], notifications=len(notifications))
+
+    async def ListDeadLetters(  # noqa: N802 - gRPC method name
+        self, request: notifications_pb2.ListDeadLettersRequest, context: object
+    ) -> notifications_pb2.ListDeadLettersResponse:
+        who = caller()
+        who.require_scope("DocumentReference", "r")
+        who.require_role("admin")
+        async with self._rt.sessions() as session:
+            records = await session.scalars(
+                select(store.DeadLetterRecord)
+                .where(store.DeadLetterRecord.organization_id == who.organization_id)
+                .order_by(store.DeadLetterRecord.dead_lettered)
+                .limit(500)
+            )
+            return notifications_pb2.ListDeadLettersResponse(dead_letters=[_dead_letter_message(r) for r in records])
+
+    async def ReplayDeadLetter(  # noqa: N802 - gRPC method name
+        self, request: notifications_pb2.ReplayDeadLetterRequest, context: object
+    ) -> notifications_pb2.ReplayDeadLetterResponse:
+        who = caller()
+        who.require_scope("DocumentReference", "r")
+        who.require_role("admin")
+        async with self._rt.sessions() as session, session.begin():
+            record = await session.get(store.DeadLetterRecord, request.event_id[:36])
+            if record is None or record.organization_id != who.organization_id:
+                raise NotFound("no such dead letter", reason="dead-letter-not-found")
+            # The same payload, so the same event id: a receiver that did get it de-duplicates.
+            await self._rt.outbox.add(session, NOTIFICATION_TOPIC, record.payload)
+            await session.execute(
+                delete(store.DeadLetterRecord).where(store.DeadLetterRecord.event_id == record.event_id)
+            )
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="notification.replay",
+                action=Action.ACTION_UPDATE,
+                entities=[("Notification", record.event_id)],
+            )
+        self._rt.outbox.notify()
+        return notifications_pb2.ReplayDeadLetterResponse(dead_letter=_dead_letter_message(record))

@@ -1,0 +1,471 @@
+"""The registry over real gRPC: entry life cycle (replace, append, entered-in-error),
+idempotency, consent-filtered keyset pages, filters, shared document types, imaging study
+references, and content streamed in chunks with hash and size checked both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select, update
+
+from gateway.client import HospitalClient, user_assertion
+from hie.common.v1 import common_pb2
+from hie.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.registry import store
+from tests.conftest import Exchange
+from tests.factories import person
+
+LOINC = "http://loinc.org"
+SHARED = "urn:hie:shared-document-type"
+CDA = (
+    "<ClinicalDocument xmlns='urn:hl7-org:v3'><title>出院小结</title><text>好转出院</text></ClinicalDocument>".encode()
+)
+
+
+def metadata(client: HospitalClient, token: str, purpose: str = "treatment") -> tuple[tuple[str, str], ...]:
+    assertion = user_assertion(
+        key=client.key, client_id=client.client_id, practitioner=client.practitioner, purpose=purpose
+    )
+    return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))
+
+
+class Hospital:
+    """A member hospital talking gRPC to the registry directly, as the gateway would."""
+
+    def __init__(self, client: HospitalClient, token: str, channel: grpc.aio.Channel) -> None:
+        self.client = client
+        self.org_id: str = client.org_id  # type: ignore[attr-defined]
+        self.token = token
+        self.stub = registry_pb2_grpc.DocumentRegistryStub(channel)
+
+    @property
+    def md(self) -> tuple[tuple[str, str], ...]:
+        return metadata(self.client, self.token)
+
+    async def register(
+        self, local_id: str, content: bytes, *, relation: registry_pb2.DocumentRelation | None = None, **entry: object
+    ) -> registry_pb2.RegisterDocumentResponse:
+        fields: dict[str, object] = {
+            "source_document_id": f"DOC-{secrets.token_hex(5)}",
+            "patient": common_pb2.PatientRef(local_id=local_id),
+            "type_code": registry_pb2.Coding(system=LOINC, code="18842-5", display="出院小结"),
+            "title": "出院小结",
+            "mime_type": "text/xml",
+            "sha256": hashlib.sha256(content).hexdigest(),
+            "size": len(content),
+            **entry,
+        }
+        request = registry_pb2.RegisterDocumentRequest(
+            entry=registry_pb2.DocumentEntry(**fields), content=content, relation=relation
+        )
+        return await self.stub.RegisterDocument(request, metadata=self.md)
+
+    async def find(self, local_id: str, **query: object) -> registry_pb2.FindDocumentsResponse:
+        request = registry_pb2.FindDocumentsRequest(patient=common_pb2.PatientRef(local_id=local_id), **query)
+        return await self.stub.FindDocuments(request, metadata=self.md)
+
+    async def find_all(self, local_id: str, page_size: int, **query: object) -> list[list[str]]:
+        pages: list[list[str]] = []
+        token = ""
+        while True:
+            result = await self.find(
+                local_id, page=common_pb2.PageRequest(page_size=page_size, page_token=token), **query
+            )
+            pages.append([e.document_id for e in result.entries])
+            token = result.page.next_page_token
+            if not token:
+                return pages
+
+    async def retrieve(self, document_id: str) -> tuple[registry_pb2.DocumentEntry, list[bytes]]:
+        entry = registry_pb2.DocumentEntry()
+        chunks: list[bytes] = []
+        call = self.stub.RetrieveDocumentStream(
+            registry_pb2.RetrieveDocumentStreamRequest(document_id=document_id), metadata=self.md
+        )
+        async for message in call:
+            if message.HasField("entry"):
+                entry = message.entry
+            else:
+                chunks.append(message.chunk)
+        return entry, chunks
+
+
+@pytest.fixture
+async def hospitals(exchange: Exchange) -> AsyncIterator[tuple[Hospital, Hospital, str]]:
+    """Two hospitals, each with a record of one person (linked by national id): A-local, B-local."""
+    a_client = await exchange.member(name="第一人民医院")
+    b_client = await exchange.member(name="社区卫生服务中心")
+    patient = person("王芳")
+    local = f"P-{secrets.token_hex(4)}"
+    for client in (a_client, b_client):
+        registered = await client.call("POST", "/api/v1/patients", json={"local_id": local, **patient})
+        assert registered.status_code == 201, registered.text
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{exchange.services['registry'].port}")
+    a = Hospital(a_client, await a_client.access_token(), channel)
+    b = Hospital(b_client, await b_client.access_token(), channel)
+    try:
+        yield a, b, local
+    finally:
+        await channel.close()
+        await a_client.aclose()
+        await b_client.aclose()
+
+
+def _at(days_ago: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC) - datetime.timedelta(days=days_ago))
+    return ts
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    return dict(error.trailing_metadata() or ()).get("hie-error-reason", "")  # type: ignore[return-value]
+
+
+async def test_shared_document_type_is_recorded_with_its_loinc_code_and_found_by_either(hospitals) -> None:
+    a, b, local = hospitals
+    registered = await a.register(
+        local,
+        "血常规：白细胞 6.1".encode(),
+        type_code=registry_pb2.Coding(system=SHARED, code="lab-report"),
+        title="检验报告",
+        mime_type="text/plain; charset=utf-8",
+    )
+    entry = registered.entry
+    assert (entry.type_code.system, entry.type_code.code, entry.type_code.display) == (LOINC, "11502-2", "检验报告")
+    assert (entry.shared_type.code, entry.shared_type.display) == ("lab-report", "检验报告")
+    assert (entry.class_code.system, entry.class_code.code) == ("urn:hie:document-class", "report")
+    for code in ("lab-report", "11502-2"):
+        found = await b.find(local, type_codes=[code])
+        assert [e.document_id for e in found.entries] == [entry.document_id]
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await a.register(local, b"x", type_code=registry_pb2.Coding(system=SHARED, code="no-such-type"))
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reason(unknown.value) == "type-code-unknown"
+
+
+async def test_replace_supersedes_and_both_versions_stay_retrievable(hospitals) -> None:
+    a, b, local = hospitals
+    first = (await a.register(local, "出院小结 第一版".encode())).entry
+    replaces = registry_pb2.DocumentRelation(
+        type=registry_pb2.RELATION_TYPE_REPLACES, target_document_id=first.document_id
+    )
+    second = (await a.register(local, "出院小结 第二版".encode(), relation=replaces)).entry
+    assert second.status == registry_pb2.DOCUMENT_STATUS_CURRENT
+    assert [(r.type, r.target_document_id) for r in second.relations] == [
+        (registry_pb2.RELATION_TYPE_REPLACES, first.document_id)
+    ]
+    old = await b.stub.GetDocumentEntry(
+        registry_pb2.GetDocumentEntryRequest(document_id=first.document_id), metadata=b.md
+    )
+    assert old.entry.status == registry_pb2.DOCUMENT_STATUS_SUPERSEDED
+    assert [r.target_document_id for r in old.entry.related_by] == [second.document_id]
+    # Both versions retrievable by id; a query shows the current one unless asked for more.
+    assert b"".join((await b.retrieve(first.document_id))[1]) == "出院小结 第一版".encode()
+    assert b"".join((await b.retrieve(second.document_id))[1]) == "出院小结 第二版".encode()
+    assert [e.document_id for e in (await b.find(local)).entries] == [second.document_id]
+    both = await b.find(local, statuses=[registry_pb2.DOCUMENT_STATUS_CURRENT, registry_pb2.DOCUMENT_STATUS_SUPERSEDED])
+    assert {e.document_id for e in both.entries} == {first.document_id, second.document_id}
+    # A superseded entry cannot be replaced again; another hospital cannot replace at all.
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await a.register(local, b"third", relation=replaces)
+    assert (again.value.code(), _reason(again.value)) == (grpc.StatusCode.FAILED_PRECONDITION, "target-not-current")
+    with pytest.raises(grpc.aio.AioRpcError) as foreign:
+        await b.register(
+            local,
+            b"not mine",
+            relation=registry_pb2.DocumentRelation(
+                type=registry_pb2.RELATION_TYPE_REPLACES, target_document_id=second.document_id
+            ),
+        )
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await b.find(local)).entries[0].document_id == second.document_id
+
+
+async def test_addendum_keeps_the_original_current(hospitals) -> None:
+    a, b, local = hospitals
+    original = (await a.register(local, "检查报告".encode())).entry
+    addendum = (
+        await a.register(
+            local,
+            "补充报告：复查无异常".encode(),
+            relation=registry_pb2.DocumentRelation(
+                type=registry_pb2.RELATION_TYPE_APPENDS, target_document_id=original.document_id
+            ),
+        )
+    ).entry
+    found = {e.document_id: e for e in (await b.find(local)).entries}
+    assert set(found) == {original.document_id, addendum.document_id}
+    assert found[original.document_id].status == registry_pb2.DOCUMENT_STATUS_CURRENT
+
+
+async def test_entered_in_error_leaves_queries_and_only_the_source_may_mark_it(hospitals) -> None:
+    a, b, local = hospitals
+    entry = (await a.register(local, "错误录入".encode())).entry
+    with pytest.raises(grpc.aio.AioRpcError) as foreign:
+        await b.stub.MarkEnteredInError(
+            registry_pb2.MarkEnteredInErrorRequest(document_id=entry.document_id), metadata=b.md
+        )
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    marked = await a.stub.MarkEnteredInError(
+        registry_pb2.MarkEnteredInErrorRequest(document_id=entry.document_id), metadata=a.md
+    )
+    assert marked.entry.status == registry_pb2.DOCUMENT_STATUS_ENTERED_IN_ERROR
+    assert len(marked.audit_event_ids) == 1
+    assert (await b.find(local)).entries == []
+    listed = await b.find(local, statuses=[registry_pb2.DOCUMENT_STATUS_ENTERED_IN_ERROR])
+    assert [e.document_id for e in listed.entries] == [entry.document_id]
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await a.stub.MarkEnteredInError(
+            registry_pb2.MarkEnteredInErrorRequest(document_id=entry.document_id), metadata=a.md
+        )
+    assert _reason(twice.value) == "already-entered-in-error"
+
+
+async def test_register_is_idempotent_by_source_id_and_by_idempotency_key(hospitals) -> None:
+    a, _b, local = hospitals
+    content = "门诊病历".encode()
+    first = await a.register(local, content, source_document_id="OPD-1")
+    again = await a.register(local, content, source_document_id="OPD-1")
+    assert (first.created, again.created) == (True, False)
+    assert again.entry.document_id == first.entry.document_id
+    key = secrets.token_hex(8)
+    request = registry_pb2.RegisterDocumentRequest(
+        entry=registry_pb2.DocumentEntry(
+            source_document_id="OPD-2",
+            patient=common_pb2.PatientRef(local_id=local),
+            type_code=registry_pb2.Coding(system=SHARED, code="outpatient-record"),
+            title="门诊病历",
+            mime_type="text/plain",
+            sha256=hashlib.sha256(content).hexdigest(),
+        ),
+        content=content,
+        idempotency_key=key,
+    )
+    keyed = await a.stub.RegisterDocument(request, metadata=a.md)
+    retried = await a.stub.RegisterDocument(request, metadata=a.md)
+    assert (keyed.created, retried.created, retried.entry.document_id) == (True, False, keyed.entry.document_id)
+    request.entry.source_document_id = "OPD-3"
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await a.stub.RegisterDocument(request, metadata=a.md)
+    assert (reused.value.code(), _reason(reused.value)) == (grpc.StatusCode.ALREADY_EXISTS, "idempotency-key-reused")
+
+
+async def test_consent_filtered_pages_are_full_and_in_service_time_order(hospitals) -> None:
+    a, b, local = hospitals
+    permitted: list[tuple[int, str]] = []
+    for day in range(9):
+        labels = ["PSY"] if day % 3 == 1 else []
+        entry = (await a.register(local, f"记录 {day}".encode(), service_start=_at(day), security_labels=labels)).entry
+        if not labels:
+            permitted.append((day, entry.document_id))
+    expected = [document_id for _day, document_id in sorted(permitted)]  # newest service time first
+    pages = await b.find_all(local, page_size=2)
+    assert [len(p) for p in pages[:-1]] == [2] * (len(pages) - 1)
+    assert [d for page in pages for d in page] == expected
+    # The registering hospital sees its restricted documents too.
+    assert len([d for page in await a.find_all(local, page_size=4) for d in page]) == 9
+
+
+async def test_query_filters_class_date_range_source_and_status(hospitals) -> None:
+    a, b, local = hospitals
+    ecg = (
+        await a.register(
+            local, b"ECG", type_code=registry_pb2.Coding(system=SHARED, code="ecg-report"), service_start=_at(10)
+        )
+    ).entry
+    summary = (await a.register(local, b"DS", service_start=_at(2))).entry
+    own = (await b.register(local, "社区随访".encode(), service_start=_at(5))).entry
+
+    async def ids(**query: object) -> set[str]:
+        return {e.document_id for e in (await b.find(local, **query)).entries}
+
+    assert await ids(class_codes=["report"]) == {ecg.document_id}
+    assert await ids(service_from=_at(6), service_to=_at(1)) == {summary.document_id, own.document_id}
+    assert await ids(source_organization_ids=[b.org_id]) == {own.document_id}
+    assert await ids(statuses=[registry_pb2.DOCUMENT_STATUS_SUPERSEDED]) == set()
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await b.find(local, page=common_pb2.PageRequest(page_token="not-a-cursor"))
+    assert _reason(bad.value) == "page-token"
+
+
+async def test_imaging_study_reference_keeps_the_images_at_the_source_pacs(hospitals) -> None:
+    a, b, local = hospitals
+    uid = "1.2.840.113619.2.55.3.604688119.868.1234567890.1"
+    url = f"https://pacs.hospital-a.example/dicom-web/studies/{uid}"
+    registered = await a.register(
+        local,
+        b"",
+        type_code=registry_pb2.Coding(system=SHARED, code="examination-report"),
+        title="胸部CT",
+        mime_type="",
+        sha256="",
+        size=0,
+        imaging_study=registry_pb2.ImagingStudyReference(study_instance_uid=uid, wado_rs_url=url),
+    )
+    entry = registered.entry
+    assert entry.content_kind == registry_pb2.CONTENT_KIND_IMAGING_STUDY
+    assert (entry.mime_type, entry.size) == ("application/dicom", 0)
+    got, chunks = await b.retrieve(entry.document_id)
+    assert (got.imaging_study.study_instance_uid, got.imaging_study.wado_rs_url, chunks) == (uid, url, [])
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await a.register(
+            local,
+            b"",
+            sha256="",
+            imaging_study=registry_pb2.ImagingStudyReference(
+                study_instance_uid="1.2.3", wado_rs_url="ftp://x/studies/1.2.3"
+            ),
+        )
+    assert _reason(bad.value) == "wado-url-invalid"
+
+
+# --- streamed content ---------------------------------------------------------------------------
+
+
+async def _upload(
+    hospital: Hospital, local: str, content: bytes, *, mime_type: str, piece: int = 64 * 1024, sha256: str = ""
+) -> registry_pb2.RegisterDocumentStreamResponse:
+    header = registry_pb2.RegisterDocumentRequest(
+        entry=registry_pb2.DocumentEntry(
+            source_document_id=f"UP-{secrets.token_hex(5)}",
+            patient=common_pb2.PatientRef(local_id=local),
+            type_code=registry_pb2.Coding(system=SHARED, code="examination-report"),
+            title="检查报告",
+            mime_type=mime_type,
+            sha256=sha256 or hashlib.sha256(content).hexdigest(),
+            size=len(content),
+        )
+    )
+
+    async def messages() -> AsyncIterator[registry_pb2.RegisterDocumentStreamRequest]:
+        yield registry_pb2.RegisterDocumentStreamRequest(header=header)
+        for i in range(0, len(content), piece):
+            yield registry_pb2.RegisterDocumentStreamRequest(chunk=content[i : i + piece])
+
+    return await hospital.stub.RegisterDocumentStream(messages(), metadata=hospital.md)
+
+
+FHIR_BUNDLE = json.dumps(
+    {
+        "resourceType": "Bundle",
+        "type": "document",
+        "entry": [{"resource": {"resourceType": "Composition", "title": "出院小结"}}],
+    },
+    ensure_ascii=False,
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "mime_type"),
+    [
+        (CDA * 40_000, "application/hl7-cda+xml"),  # ~4 MB: several storage chunks
+        (FHIR_BUNDLE, "application/fhir+json"),
+        (secrets.token_bytes(2 * 1024 * 1024 + 17), "application/pdf"),
+    ],
+    ids=["cda", "fhir-json", "binary"],
+)
+async def test_streamed_round_trip(hospitals, content: bytes, mime_type: str) -> None:
+    a, b, local = hospitals
+    registered = await _upload(a, local, content, mime_type=mime_type)
+    assert registered.created
+    assert registered.entry.size == len(content)
+    entry, chunks = await b.retrieve(registered.entry.document_id)
+    assert b"".join(chunks) == content
+    assert entry.sha256 == hashlib.sha256(content).hexdigest()
+    assert entry.mime_type == mime_type
+    assert len(chunks) == -(-len(content) // (1024 * 1024))
+
+
+async def test_streamed_register_with_wrong_hash_leaves_nothing(exchange: Exchange, hospitals) -> None:
+    a, b, local = hospitals
+    content = secrets.token_bytes(1_500_000)
+    with pytest.raises(grpc.aio.AioRpcError) as wrong:
+        await _upload(a, local, content, mime_type="application/pdf", sha256=hashlib.sha256(b"other").hexdigest())
+    assert (wrong.value.code(), _reason(wrong.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "hash-mismatch")
+    assert (await b.find(local)).entries == []
+    async with exchange.services["registry"].runtime.sessions() as session:
+        orphans = await session.execute(
+            select(store.DocumentChunk.document_id)
+            .outerjoin(store.DocumentEntryRecord, store.DocumentEntryRecord.id == store.DocumentChunk.document_id)
+            .where(store.DocumentEntryRecord.id.is_(None))
+        )
+        assert orphans.first() is None
+
+
+@pytest.mark.parametrize("size", [300_000, 3 * 1024 * 1024], ids=["one-chunk", "several-chunks"])
+async def test_tampered_storage_is_never_served(exchange: Exchange, hospitals, size: int) -> None:
+    a, b, local = hospitals
+    content = secrets.token_bytes(size)
+    document_id = (await _upload(a, local, content, mime_type="application/pdf")).entry.document_id
+    last = (size - 1) // (1024 * 1024)
+    async with exchange.services["registry"].runtime.sessions() as session, session.begin():
+        await session.execute(
+            update(store.DocumentChunk)
+            .where(store.DocumentChunk.document_id == document_id, store.DocumentChunk.seq == last)
+            .values(data=b"tampered")
+        )
+    received: list[bytes] = []
+
+    async def read_all() -> None:
+        call = b.stub.RetrieveDocumentStream(
+            registry_pb2.RetrieveDocumentStreamRequest(document_id=document_id), metadata=b.md
+        )
+        async for message in call:
+            if not message.HasField("entry"):
+                received.append(message.chunk)
+
+    with pytest.raises(grpc.aio.AioRpcError) as corrupt:
+        await read_all()
+    assert (corrupt.value.code(), _reason(corrupt.value)) == (grpc.StatusCode.DATA_LOSS, "content-corrupt")
+    # The stream ended before the (tampered) last chunk: never the whole content.
+    assert len(received) == last
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await b.stub.RetrieveDocument(registry_pb2.RetrieveDocumentRequest(document_id=document_id), metadata=b.md)
+    assert unary.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+async def test_query_follows_a_link_made_after_the_document_was_registered(exchange: Exchange) -> None:
+    a_client = await exchange.member(name="先登记医院")
+    b_client = await exchange.member(name="后登记医院")
+    patient = person("郑十")
+    local = f"L-{secrets.token_hex(4)}"
+    assert (await a_client.call("POST", "/api/v1/patients", json={"local_id": local, **patient})).status_code == 201
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{exchange.services['registry'].port}") as channel:
+        a = Hospital(a_client, await a_client.access_token(), channel)
+        b = Hospital(b_client, await b_client.access_token(), channel)
+        document_id = (await a.register(local, "先前的出院小结".encode())).entry.document_id
+        # Hospital B meets the person only now: mpi links its record; nothing is re-registered.
+        linked = await b_client.call("POST", "/api/v1/patients", json={"local_id": f"B{local}", **patient})
+        assert linked.json()["link_method"] == "national-id"
+        found = await b.find(f"B{local}")
+        assert [e.document_id for e in found.entries] == [document_id]
+        assert found.enterprise_id == linked.json()["enterprise_id"]
+    await a_client.aclose()
+    await b_client.aclose()
+
+
+async def test_concurrent_replacements_of_one_version_let_exactly_one_win(hospitals) -> None:
+    a, b, local = hospitals
+    original = (await a.register(local, "原始版本".encode())).entry
+    replaces = registry_pb2.DocumentRelation(
+        type=registry_pb2.RELATION_TYPE_REPLACES, target_document_id=original.document_id
+    )
+    results = await asyncio.gather(
+        *(a.register(local, f"修订版 {i}".encode(), relation=replaces) for i in range(4)),
+        return_exceptions=True,
+    )
+    won = [r for r in results if isinstance(r, registry_pb2.RegisterDocumentResponse)]
+    lost = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(won) == 1
+    assert len(lost) == 3
+    assert {_reason(e) for e in lost} == {"target-not-current"}
+    current = await b.find(local)
+    assert [e.document_id for e in current.entries] == [won[0].entry.document_id]
