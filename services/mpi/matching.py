@@ -119,6 +119,58 @@ def match_record(
     )
 
 
+# --- blocking ---------------------------------------------------------------------------------
+
+
+def _match_keys(record: MatchRecord) -> set[str]:
+    keys: set[str] = set()
+    if record.national_id:
+        keys.add(f"n:{record.national_id}")
+    keys.update(f"p:{_phone_key(p)}" for p in record.phones)
+    if record.name.full_pinyin:
+        year = record.birth_date.year if record.birth_date else ""
+        keys.add(f"y:{_sorted_name(record)}:{year}")
+    if record.birth_date is not None:
+        keys.add(f"b:{record.birth_date.isoformat()}:{_gender_key(record.gender)}")
+    keys.update(f"i:{system}|{value}"[:120] for system, value in record.identifiers)
+    return keys
+
+
+def _sorted_name(record: MatchRecord) -> str:
+    # Parts sorted, so a swapped name ("Wei Zhang") files under the same key as 张伟.
+    return "".join(sorted([record.name.family_pinyin, record.name.given_pinyin]))[:40]
+
+
+def name_keys(record: MatchRecord) -> set[str]:
+    """The name-only key (PDQ search by name without a birth date)."""
+    return {f"nm:{_sorted_name(record)}"} if record.name.full_pinyin else set()
+
+
+def blocking_keys(record: MatchRecord) -> set[str]:
+    """The indexed keys a record is filed under; candidates are only ever looked up by these.
+
+    National id; each phone (last 8 digits); pinyin of the name (parts sorted, so a swapped
+    name files the same) with the birth year; birth date with gender; other identifiers; and
+    the name alone (used by demographic search only, never by matching: its blocks are big).
+    """
+    return _match_keys(record) | name_keys(record)
+
+
+def search_keys(record: MatchRecord) -> set[str]:
+    """The keys a registration looks its candidates up by: its own match keys, and the birth
+    date with each gender when its gender is unknown (and with "unknown" when it is known)."""
+    keys = _match_keys(record)
+    if record.birth_date is not None and _gender_key(record.gender) == "u":
+        keys.update(f"b:{record.birth_date.isoformat()}:{g}" for g in ("m", "f"))
+    elif record.birth_date is not None:
+        keys.add(f"b:{record.birth_date.isoformat()}:u")
+    return keys
+
+
+def _gender_key(gender: str) -> str:
+    return {"male": "m", "female": "f"}.get(gender, "u")
+
+
 # --- comparison levels ----------------------------------------------------------------------
 
 
