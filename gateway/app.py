@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import store
 from gateway.errors import ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
-from gateway.routes import audit, documents, fhir, oauth, patients, workflows
+from gateway.routes import audit, documents, fhir, fhir_patient, oauth, patient_index, patients, workflows
 from gateway.smart import ALLOWED_SCOPES, AuthorizationServer
 from gateway.standing import OrganizationStanding
 from hie.audit.v1 import audit_pb2_grpc
@@ -163,6 +163,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(workflows.router)
     app.include_router(audit.router)
     app.include_router(fhir.router)
+    app.include_router(fhir_patient.router)
+    app.include_router(patient_index.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
