@@ -18,8 +18,6 @@ from services.shared.process import ServiceRuntime, ServiceSpec
 PARAMETERS_ENV = "HIE_MPI_MATCH_PARAMETERS"
 # NATS server URL: link-change events are published to JetStream subject `mpi.link.changed`.
 NATS_ENV = "HIE_NATS_URL"
-# host:port of the HL7 v2 MLLP listener run inside the service process (off when unset).
-MLLP_ENV = "HIE_MPI_MLLP_LISTEN"
 
 
 def master_index(runtime: ServiceRuntime) -> MasterIndex:
@@ -57,12 +55,6 @@ def _build(runtime: ServiceRuntime) -> list:
     url = os.environ.get(NATS_ENV)
     runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber)
     master = master_index(runtime)
-    listen = os.environ.get(MLLP_ENV)
-    if listen:
-        from services.mpi.mllp import serve_mllp
-
-        host, _, port = listen.rpartition(":")
-        runtime.background(serve_mllp(runtime, master, host=host or "127.0.0.1", port=int(port)), name="mllp")
     return [
         (
             mpi_pb2_grpc.add_PatientIndexServicer_to_server,

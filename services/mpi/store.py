@@ -188,6 +188,32 @@ class MergeRecord(Base):
     undone_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
+class InboundMessage(Base):
+    """HL7 v2 messages applied (or refused as AE), by sending facility and control id (MSH-10),
+    so a retried message gets its first answer instead of being applied twice."""
+
+    __tablename__ = "inbound_message"
+
+    facility: Mapped[str] = mapped_column(String(64), primary_key=True)
+    control_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ack_code: Mapped[str] = mapped_column(String(2))
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+class BulkLoad(Base):
+    """Progress of a bulk load (`hie mpi load`), committed with each batch so a resumed load
+    neither loses nor repeats a row."""
+
+    __tablename__ = "bulk_load"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(64))
+    rows_done: Mapped[int] = mapped_column(Integer, default=0)
+    counts: Mapped[str] = mapped_column(Text, default="{}")
+    updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
 outbox_table(metadata)
 
 
@@ -577,3 +603,31 @@ async def all_links(session: AsyncSession, *, batch: int = 5000) -> AsyncIterato
         for row in rows:
             yield row
         last = (rows[-1].domain, rows[-1].local_id)
+
+
+async def inbound_message(session: AsyncSession, facility: str, control_id: str) -> InboundMessage | None:
+    return await session.get(InboundMessage, (facility, control_id))
+
+
+async def add_inbound_message(
+    session: AsyncSession, facility: str, control_id: str, *, ack_code: str, reason: str
+) -> None:
+    session.add(
+        InboundMessage(
+            facility=facility, control_id=control_id, ack_code=ack_code, reason=reason[:64], received_at=utcnow()
+        )
+    )
+    await session.flush()
+
+
+async def bulk_load(session: AsyncSession, load_id: str) -> BulkLoad | None:
+    return await session.get(BulkLoad, load_id)
+
+
+async def save_bulk_load(session: AsyncSession, load_id: str, *, domain: str, rows_done: int, counts: str) -> None:
+    row = await session.get(BulkLoad, load_id)
+    if row is None:
+        session.add(BulkLoad(id=load_id, domain=domain, rows_done=rows_done, counts=counts, updated_at=utcnow()))
+    else:
+        row.rows_done, row.counts, row.updated_at = rows_done, counts, utcnow()
+    await session.flush()

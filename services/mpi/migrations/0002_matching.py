@@ -92,8 +92,30 @@ def upgrade() -> None:
     )
     op.create_index("ix_merge_subsumed", "merge", ["subsumed_id"], unique=False)
 
+    op.create_table(
+        "inbound_message",
+        sa.Column("facility", sa.String(length=64), nullable=False),
+        sa.Column("control_id", sa.String(length=64), nullable=False),
+        sa.Column("ack_code", sa.String(length=2), nullable=False),
+        sa.Column("reason", sa.String(length=64), nullable=False),
+        sa.Column("received_at", services.shared.db.UtcDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("facility", "control_id"),
+    )
+
+    op.create_table(
+        "bulk_load",
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("domain", sa.String(length=64), nullable=False),
+        sa.Column("rows_done", sa.Integer(), nullable=False),
+        sa.Column("counts", sa.Text(), nullable=False),
+        sa.Column("updated_at", services.shared.db.UtcDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("bulk_load")
+    op.drop_table("inbound_message")
     op.drop_index("ix_merge_subsumed", table_name="merge")
     op.drop_table("merge")
     op.drop_index("ix_non_match_b", table_name="non_match")
