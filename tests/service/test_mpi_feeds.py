@@ -74,7 +74,10 @@ async def _record(index: IndexHandle, local_id: str) -> store.PatientRecord | No
 
 async def test_a01_in_utf8_is_applied_and_acknowledged_aa(index: IndexHandle, listener: int) -> None:
     nid = fresh_national_id()
-    pid = f"PID|1||MLLP-1^^^{FACILITY}^MR~{nid}^^^CHN^NNCHN||张^伟||19800101|M|||西直门南大街2号^^北京市^北京市^100035||13800138000"
+    pid = (
+        f"PID|1||MLLP-1^^^{FACILITY}^MR~{nid}^^^CHN^NNCHN||张^伟||19800101|M|||"
+        "西直门南大街2号^^北京市^北京市^100035||13800138000"
+    )
     ack = (await exchange(listener, adt("A01", "MSG-1", pid).encode())).decode()
     assert msa(ack)[1:3] == ["AA", "MSG-1"]
     record = await _record(index, "MLLP-1")
