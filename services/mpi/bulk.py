@@ -194,14 +194,22 @@ async def load_csv(
         nonlocal done
         rejected_lines = []
         async with handle.sessions() as session, session.begin():
+            valid: list[tuple[int, domain.Registration]] = []
             for number, row in batch:
                 try:
-                    registration = registration_from_row(row, columns, domain_id)
-                    result = await master.register(session, who, registration)
+                    valid.append((number, registration_from_row(row, columns, domain_id)))
                 except DomainError as exc:
                     counts.rejected += 1
                     reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
                     rejected_lines.append(f"{number},{exc.reason}\n")
+            results = await master.register_batch(session, who, [r for _, r in valid])
+            for (number, _), result in zip(valid, results, strict=True):
+                if isinstance(result, DomainError):
+                    counts.rejected += 1
+                    reasons[result.reason] = reasons.get(result.reason, 0) + 1
+                    rejected_lines.append(f"{number},{result.reason}\n")
+            for result in results:
+                if isinstance(result, DomainError):
                     continue
                 if not result.created:
                     counts.updated += 1

@@ -8,6 +8,7 @@ fed by any of them is matched, linked and audited the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 import zlib
@@ -22,7 +23,7 @@ from services.mpi.matching import MatchDecision, MatchParameters, MatchRecord, O
 from services.shared.audit_trail import Action, AuditTrail
 from services.shared.auth import Caller
 from services.shared.db import utcnow
-from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.shared.outbox import Outbox
 
 LINK_TOPIC = "mpi.link.changed"
@@ -546,3 +547,195 @@ class MasterIndex:
             )
         ranked.sort(key=lambda r: (-r.comparison.total, r.record.domain, r.record.local_id))
         return ranked[:limit]
+
+    # --- bulk registration -----------------------------------------------------------------
+
+    async def register_batch(
+        self, session: AsyncSession, who: Caller, registrations: Sequence[domain.Registration]
+    ) -> list[Registered | DomainError]:
+        """Register many new records of one domain in a few statements (bulk load): candidates,
+        frequencies and existing records are read for the whole batch at once, records earlier in
+        the batch are candidates of later ones, and rows are written with executemany. Local ids
+        already known (updates) and repeats within the batch go through `register` one by one.
+        One audit event covers the batch, naming every record it wrote. A record refused by a
+        domain rule is returned as its error (its row is not written)."""
+        if not registrations:
+            return []
+        domain_id = registrations[0].domain
+        existing = await store.find_records(session, domain=domain_id, local_ids=[r.local_id for r in registrations])
+        fresh: list[tuple[int, domain.Registration, MatchRecord]] = []
+        later: list[int] = []
+        seen: set[str] = set()
+        for i, registration in enumerate(registrations):
+            if registration.local_id in existing or registration.local_id in seen:
+                later.append(i)
+                continue
+            seen.add(registration.local_id)
+            new = store.match_record_of_registration(
+                registration, record_id=str(uuid.uuid4()), enterprise_id=domain.new_enterprise_id()
+            )
+            fresh.append((i, registration, new))
+        all_keys = set().union(*(matching.search_keys(n) for _, _, n in fresh)) if fresh else set()
+        await self.lock(session, all_keys)
+        stored = await store.candidates_by_key(session, all_keys)
+        stored_match = {r.id: store.match_record_of(r) for records in stored.values() for r in records}
+        frequencies = await store.frequencies_of(
+            session, {(f, v) for _, _, n in fresh for f, v in matching.frequency_values(n).items() if v}
+        )
+        in_batch: dict[str, list[MatchRecord]] = {}
+        now = utcnow()
+        patients, identifiers, keys, history, events, tasks = [], [], [], [], [], []
+        deltas: dict[tuple[str, str], int] = {}
+        results: dict[int, Registered | DomainError] = {}
+        for i, registration, new in fresh:
+            own_keys = matching.search_keys(new)
+            candidates: dict[str, MatchRecord] = {}
+            for key in own_keys:
+                for record in stored.get(key, ()):
+                    candidates[record.id] = stored_match[record.id]
+                for record in in_batch.get(key, ()):
+                    candidates[record.record_id] = record
+                if len(candidates) > 500:
+                    break
+            decision = matching.decide(new, list(candidates.values()), self.params, frequencies)
+            if decision.outcome is Outcome.LINK and decision.best is not None:
+                method = (
+                    domain.LinkMethod.NATIONAL_ID
+                    if decision.rule is Rule.NATIONAL_ID
+                    else domain.LinkMethod.PROBABILISTIC
+                )
+                enterprise_id, score = decision.enterprise_id, decision.best.comparison.total
+            else:
+                method, enterprise_id, score = domain.LinkMethod.NEW, new.enterprise_id, None
+            linked = replace_enterprise(new, enterprise_id)
+            for key in matching.blocking_keys(new):
+                in_batch.setdefault(key, []).append(linked)
+                keys.append({"key": key, "patient_id": new.record_id})
+            patients.append(
+                {
+                    "id": new.record_id,
+                    "domain": registration.domain,
+                    "local_id": registration.local_id,
+                    "enterprise_id": enterprise_id,
+                    "name_text": registration.name_text,
+                    "family": registration.family,
+                    "given": registration.given,
+                    "gender": registration.gender.value,
+                    "birth_date": registration.birth_date,
+                    "national_id": registration.national_id,
+                    "phones": json.dumps(list(registration.phones)),
+                    "province": registration.province,
+                    "city": registration.city,
+                    "district": registration.district,
+                    "address_line": registration.address_line,
+                    "postal_code": registration.postal_code,
+                    "link_method": method.value,
+                    "link_score": score,
+                    "linked_at": now,
+                    "merged_into": None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            identifiers += [
+                {"patient_id": new.record_id, "system": x.system, "value": x.value, "type": x.type}
+                for x in registration.identifiers
+            ]
+            history.append(
+                {
+                    "patient_id": new.record_id,
+                    "enterprise_id": enterprise_id,
+                    "previous_enterprise_id": None,
+                    "method": method.value,
+                    "decided_by": "rule",
+                    "created_at": now,
+                    "score": score,
+                    "reason": "register",
+                }
+            )
+            events.append(
+                {
+                    "event_id": str(uuid.uuid4()),
+                    "change": "register",
+                    "domain": registration.domain,
+                    "local_id": registration.local_id,
+                    "enterprise_id": enterprise_id,
+                    "previous_enterprise_id": "",
+                    "method": method.value,
+                    "score": score,
+                    "at": now.isoformat(),
+                }
+            )
+            if decision.outcome is Outcome.REVIEW:
+                for scored in decision.review:
+                    tasks.append(
+                        {
+                            "id": str(uuid.uuid4()),
+                            "patient_id": new.record_id,
+                            "candidate_id": scored.record.record_id,
+                            "score": scored.comparison.total,
+                            "comparison": comparison_json(scored.comparison),
+                            "hold": scored.hold,
+                            "status": "open",
+                            "created_at": now,
+                            "decided_at": None,
+                            "decided_by": "",
+                        }
+                    )
+            for f, v in matching.frequency_values(new).items():
+                if v:
+                    deltas[(f, v)] = deltas.get((f, v), 0) + 1
+                    deltas[(f, "")] = deltas.get((f, ""), 0) + 1
+            results[i] = Registered(record=None, created=True, method=method, outcome=decision.outcome)  # type: ignore[arg-type]
+        tables = store.metadata.tables
+        await store.insert_rows(session, tables["patient"], patients)
+        await store.insert_rows(session, tables["patient_identifier"], identifiers)
+        await store.insert_rows(session, tables["blocking_key"], keys)
+        await store.insert_rows(session, tables["link_history"], history)
+        await store.insert_rows(session, tables["review_task"], tasks)
+        await store.add_frequency_deltas(session, deltas)
+        await store.insert_rows(
+            session,
+            tables["outbox"],
+            [
+                {
+                    "id": e["event_id"],
+                    "topic": LINK_TOPIC,
+                    "payload": json.dumps(e).encode(),
+                    "created_at": now,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "delivered_at": None,
+                    "last_error": None,
+                }
+                for e in events
+            ],
+        )
+        if patients:
+            audit_id = await self.audit.record(
+                session,
+                caller=who,
+                type="patient.bulk-register",
+                action=Action.ACTION_CREATE,
+                entities=[("Patient", f"{p['domain']}|{p['local_id']}") for p in patients],
+            )
+            for result in results.values():
+                if isinstance(result, Registered):
+                    result.audit_event_id = audit_id
+        for i in later:
+            try:
+                async with session.begin_nested():
+                    results[i] = await self.register(session, who, registrations[i])
+            except DomainError as exc:
+                results[i] = exc
+        return [results[i] for i in range(len(registrations))]
+
+
+def replace_enterprise(record: MatchRecord, enterprise_id: str) -> MatchRecord:
+    """The record as linked to another enterprise id."""
+    return dataclasses.replace(record, enterprise_id=enterprise_id)
+
+
+def method_of(decision: MatchDecision) -> domain.LinkMethod:
+    """How a LINK decision was made."""
+    return domain.LinkMethod.NATIONAL_ID if decision.rule is Rule.NATIONAL_ID else domain.LinkMethod.PROBABILISTIC

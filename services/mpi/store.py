@@ -631,3 +631,75 @@ async def save_bulk_load(session: AsyncSession, load_id: str, *, domain: str, ro
     else:
         row.rows_done, row.counts, row.updated_at = rows_done, counts, utcnow()
     await session.flush()
+
+
+async def find_records(session: AsyncSession, *, domain: str, local_ids: list[str]) -> dict[str, PatientRecord]:
+    """The records of these local ids in one domain, by local id."""
+    rows = await session.scalars(
+        select(PatientRecord).where(PatientRecord.domain == domain, PatientRecord.local_id.in_(local_ids))
+    )
+    return {r.local_id: r for r in rows}
+
+
+async def candidates_by_key(
+    session: AsyncSession, keys: set[str], *, chunk: int = 900
+) -> dict[str, list[PatientRecord]]:
+    """Active records under each key (index lookups on blocking_key, chunked)."""
+    by_key: dict[str, list[PatientRecord]] = {}
+    ordered = sorted(keys)
+    records: dict[str, PatientRecord] = {}
+    pairs: list[tuple[str, str]] = []
+    for start in range(0, len(ordered), chunk):
+        rows = await session.execute(
+            select(BlockingKey.key, BlockingKey.patient_id).where(BlockingKey.key.in_(ordered[start : start + chunk]))
+        )
+        pairs.extend((k, p) for k, p in rows)
+    ids = sorted({p for _, p in pairs})
+    for start in range(0, len(ids), chunk):
+        rows = await session.scalars(
+            select(PatientRecord)
+            .where(PatientRecord.id.in_(ids[start : start + chunk]), PatientRecord.merged_into.is_(None))
+            .options(selectinload(PatientRecord.identifiers))
+        )
+        records.update({r.id: r for r in rows})
+    for key, patient_id in pairs:
+        if patient_id in records:
+            by_key.setdefault(key, []).append(records[patient_id])
+    return by_key
+
+
+async def frequencies_of(session: AsyncSession, values: set[tuple[str, str]]) -> ValueFrequencies:
+    """Counts of many name values (and their fields' totals) in one query per chunk."""
+    wanted = sorted(values | {(f, "") for f, _ in values})
+    counts: dict[tuple[str, str], int] = {}
+    totals: dict[str, int] = {}
+    for start in range(0, len(wanted), 400):
+        rows = await session.execute(
+            select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
+                tuple_(NameFrequency.field, NameFrequency.value).in_(wanted[start : start + 400])
+            )
+        )
+        for field_name, value, count in rows:
+            if value == "":
+                totals[field_name] = count
+            else:
+                counts[(field_name, value)] = count
+    return ValueFrequencies(counts=counts, totals=totals)
+
+
+async def add_frequency_deltas(session: AsyncSession, deltas: dict[tuple[str, str], int]) -> None:
+    rows = [{"field": f, "value": v[:64], "count": d} for (f, v), d in sorted(deltas.items()) if d]
+    if not rows:
+        return
+    dialect_insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(NameFrequency)
+    statement = statement.on_conflict_do_update(
+        index_elements=["field", "value"], set_={"count": NameFrequency.count + statement.excluded.count}
+    )
+    await session.execute(statement, rows)
+
+
+async def insert_rows(session: AsyncSession, table: object, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows into one of the mpi's tables in one statement (executemany)."""
+    if rows:
+        await session.execute(insert(table), rows)  # type: ignore[call-overload]
