@@ -207,7 +207,7 @@ class MasterIndex:
             score=score,
             decided_by="rule",
         )
-        await store.set_blocking_keys(session, record.id, keys)
+        await store.set_blocking_keys(session, record.id, keys, new=True)
         await store.adjust_frequencies(session, matching.frequency_values(new), 1)
         await self._event(session, change="register", record=record, previous=None, method=method.value, score=score)
         tasks = (

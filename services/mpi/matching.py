@@ -160,9 +160,12 @@ def search_keys(record: MatchRecord) -> set[str]:
     """The keys a registration looks its candidates up by: its own match keys, and the birth
     date with each gender when its gender is unknown (and with "unknown" when it is known)."""
     keys = _match_keys(record)
-    if record.birth_date is not None and _gender_key(record.gender) == "u":
+    if record.birth_date is None:
+        # Without a birth date the name alone must find the person (a bigger block, rarely used).
+        keys |= name_keys(record)
+    elif _gender_key(record.gender) == "u":
         keys.update(f"b:{record.birth_date.isoformat()}:{g}" for g in ("m", "f"))
-    elif record.birth_date is not None:
+    else:
         keys.add(f"b:{record.birth_date.isoformat()}:u")
     return keys
 
@@ -188,6 +191,9 @@ def compare_name_part(a: str, a_pinyin: str, a_han: bool, b: str, b_pinyin: str,
     elif a_pinyin == b_pinyin:
         return PINYIN
     if JaroWinkler.similarity(a_pinyin, b_pinyin) >= SIMILAR_NAME:
+        return SIMILAR
+    if a_han and b_han and len(a) == len(b) >= 2 and sum(x != y for x, y in zip(a, b, strict=True)) == 1:
+        # One character of a two- or three-character name mistyped (a wrong character, not a homophone).
         return SIMILAR
     return DIFFERENT
 
@@ -544,19 +550,30 @@ def assess(
       and the same name: linked by rule (LINK_METHOD_NATIONAL_ID), whatever the weights.
     - Equal national id with clearly different names or birth dates: held for review, never an
       automatic link (a shared or mistyped id number, or an identity fraud).
-    - Two different national ids, or two records of the same hospital domain (the hospital says
+    - A family or given name that is no variant of the other (twins), two different national
+      ids, or two records of the same hospital domain (the hospital says
       they are two patients; a duplicate is for the hospital to merge): held for review.
     """
     comparison = score(new, candidate, params, frequencies)
     levels = comparison.levels
     if levels["national_id"] == AGREE and new.national_id:
-        coded = _coded_values_agree(new.national_id, new) and _coded_values_agree(new.national_id, candidate)
-        if not coded or _clearly_different(levels):
+        coded = gb11643.birth_date(new.national_id)
+        contradicted = any(compare_birth_dates(r.birth_date, coded) in (DIFFERENT, YEAR_ONLY) for r in (new, candidate))
+        if contradicted or _clearly_different(levels):
             return ScoredCandidate(candidate, comparison, hold="national-id-conflict")
-        if _exact_name(new.name, candidate.name) and new.domain != candidate.domain:
+        if (
+            _exact_name(new.name, candidate.name)
+            and new.domain != candidate.domain
+            and _coded_values_agree(new.national_id, new)
+            and _coded_values_agree(new.national_id, candidate)
+        ):
             return ScoredCandidate(candidate, comparison, rule=Rule.NATIONAL_ID)
     if levels["national_id"] == DISAGREE:
         return ScoredCandidate(candidate, comparison, hold="national-id-differs")
+    if DIFFERENT in (levels["family"], levels["given"]):
+        # Twins and siblings share a surname, birth date, address and phone: a given name that
+        # is not a variant of the other is never linked without a person looking at it.
+        return ScoredCandidate(candidate, comparison, hold="name-differs")
     if new.domain == candidate.domain:
         return ScoredCandidate(candidate, comparison, hold="same-domain")
     return ScoredCandidate(candidate, comparison, rule=Rule.PROBABILISTIC)

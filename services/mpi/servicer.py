@@ -196,10 +196,8 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
 
         async def register(session: object) -> mpi_pb2.RegisterPatientResponse:
             result = await self._index.register(session, who, registration)
-            record = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
-            assert record is not None
             return mpi_pb2.RegisterPatientResponse(
-                patient=patient_message(record, reveal_national_id=reveal),
+                patient=patient_message(result.record, reveal_national_id=reveal),
                 created=result.created,
                 link_method=_LINK_TO_PROTO.get(result.method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
                 audit_event_ids=[result.audit_event_id],

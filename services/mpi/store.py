@@ -293,9 +293,10 @@ async def candidates(session: AsyncSession, keys: set[str], *, limit: int = 500)
     return list(rows)
 
 
-async def set_blocking_keys(session: AsyncSession, patient_id: str, keys: set[str]) -> None:
+async def set_blocking_keys(session: AsyncSession, patient_id: str, keys: set[str], *, new: bool = False) -> None:
     """Replace a record's blocking keys (none for a retired record)."""
-    await session.execute(delete(BlockingKey).where(BlockingKey.patient_id == patient_id))
+    if not new:
+        await session.execute(delete(BlockingKey).where(BlockingKey.patient_id == patient_id))
     if keys:
         await session.execute(insert(BlockingKey), [{"key": k, "patient_id": patient_id} for k in sorted(keys)])
 
@@ -311,8 +312,7 @@ async def adjust_frequencies(session: AsyncSession, values: dict[str, str], delt
     statement = statement.on_conflict_do_update(
         index_elements=["field", "value"], set_={"count": NameFrequency.count + statement.excluded.count}
     )
-    for row in sorted(rows, key=lambda r: (r["field"], r["value"])):
-        await session.execute(statement, row)
+    await session.execute(statement, sorted(rows, key=lambda r: (r["field"], r["value"])))
 
 
 async def value_frequencies(session: AsyncSession, values: dict[str, str]) -> ValueFrequencies:

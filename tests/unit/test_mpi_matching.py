@@ -240,9 +240,12 @@ def test_pinyin_only_record_meets_characters() -> None:
     assert decision.outcome is Outcome.LINK
 
 
-def test_same_name_and_birth_date_alone_is_not_a_link() -> None:
+def test_a_common_name_and_birth_date_alone_is_not_a_link() -> None:
+    common = ValueFrequencies(
+        counts={("family", "wang"): 720, ("given", "fang"): 150}, totals={"family": 10_000, "given": 10_000}
+    )
     new = record("n", "王芳", domain="b", gender="female", phones=["13900000001"])
-    decision = decide(new, [record("c", "王芳", gender="female", phones=["13700000002"])], PARAMS)
+    decision = decide(new, [record("c", "王芳", gender="female", phones=["13700000002"])], PARAMS, common)
     assert decision.outcome is not Outcome.LINK
 
 
