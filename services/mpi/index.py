@@ -121,8 +121,16 @@ class MasterIndex:
         fixed order so two registrations never wait on each other crosswise)."""
         if session.bind.dialect.name != "postgresql":
             return
-        for lock_id in sorted({zlib.crc32(k.encode()) for k in keys}):
-            await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
+        ids = sorted({zlib.crc32(k.encode()) for k in keys})
+        if ids:
+            # One round trip for all of them (a bulk batch has thousands of keys).
+            await session.execute(
+                text(
+                    "SELECT count(pg_advisory_xact_lock(k)) "
+                    "FROM (SELECT unnest(CAST(:ids AS bigint[])) AS k ORDER BY k) AS t"
+                ),
+                {"ids": ids},
+            )
 
     async def evaluate(
         self,

@@ -174,8 +174,8 @@ async def test_uncertain_pair_goes_to_review_and_different_people_is_remembered(
 async def test_steward_decides_same_person(mpi: RunningService, keys_dir: Path) -> None:
     a, b = Hospital(mpi, keys_dir), Hospital(mpi, keys_dir)
     born = birth()
-    first = await a.register("A-3", "李娜", birth_date=born, gender=mpi_pb2.GENDER_FEMALE)
-    await b.register("B-3", "李娜", birth_date=born, gender=mpi_pb2.GENDER_FEMALE)
+    first = await a.register("A-3", "李娜", birth_date=born, gender=mpi_pb2.GENDER_FEMALE, phones=[phone()])
+    await b.register("B-3", "李娜", birth_date=born, gender=mpi_pb2.GENDER_FEMALE, phones=[phone()])
     [task] = await _tasks_for(b, "B-3")
     await b.call(
         "DecideReview",
