@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import csv
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -168,6 +169,14 @@ def export_links(
         with output.open("w", encoding="utf-8", newline="") as out:
             rows = asyncio.run(run(out))
     typer.echo(f"{rows} records", err=True)
+
+
+def start_listener(service_base_port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The MLLP listener as a process of `hie up` (port 2575, or base port + 20 when the services
+    were moved off their defaults, so two exchanges on one machine do not collide)."""
+    port = MLLP_PORT if service_base_port == 7101 else service_base_port + 20
+    command = [sys.executable, "-m", "gateway.cli_mpi", "mllp", "--port", str(port)]
+    return subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and module
 
 
 @app.command("mllp")
