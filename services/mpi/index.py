@@ -27,6 +27,8 @@ from services.shared.errors import DomainError, FailedPrecondition, InvalidArgum
 from services.shared.outbox import Outbox
 
 LINK_TOPIC = "mpi.link.changed"
+# Advisory lock ids of the index ("MPI" in the high bytes, apart from other users of advisory locks).
+_LOCK_SPACE = 0x4D5049 << 16
 _NOT_FOUND = "no patient with that local id in that domain"
 
 
@@ -121,7 +123,9 @@ class MasterIndex:
         fixed order so two registrations never wait on each other crosswise)."""
         if session.bind.dialect.name != "postgresql":
             return
-        ids = sorted({zlib.crc32(k.encode()) for k in keys})
+        # Keys hash into 1,024 lock slots: a bulk batch with thousands of keys takes at most 1,024
+        # locks (PostgreSQL's shared lock table is small), at the price of rare false contention.
+        ids = sorted({_LOCK_SPACE + zlib.crc32(k.encode()) % 1024 for k in keys})
         if ids:
             # One round trip for all of them (a bulk batch has thousands of keys).
             await session.execute(

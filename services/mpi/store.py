@@ -396,7 +396,7 @@ async def insert_record(
     )
     _apply(record, registration)
     session.add(record)
-    await session.flush()
+    await session.flush()  # the patient row first: history refers to it
     session.add(
         LinkHistory(
             patient_id=record.id,
