@@ -157,7 +157,13 @@ def registration_of(message: hl7.Message, facility: str) -> domain.Registration:
 def acknowledgement(message: hl7.Message | None, outcome: Outcome) -> str:
     """The ACK (MSA-1 AA / AE / AR) with an ERR segment unless accepted; reasons are codes, never PHI."""
     if message is not None:
-        ack = str(message.create_ack(ack_code=outcome.code, application="HIE-MPI", facility="HIE"))
+        ack = str(message.create_ack(ack_code=outcome.code, application="HIE-MPI", facility="HIE")).rstrip("\r")
+        charset = _get(message, "MSH.F18")
+        header, _, rest = ack.partition("\r")
+        fields = header.split("|")
+        if charset and len(fields) <= 17:
+            # The ACK declares the character set it is written in, as the message did (MSH-18).
+            ack = "|".join([*fields, *[""] * (17 - len(fields)), charset]) + "\r" + rest
     else:
         # Nothing readable to answer from: a minimal ACK naming no original message.
         ack = "MSH|^~\\&|HIE-MPI|HIE|||||ACK|ACK-UNREADABLE|P|2.5\rMSA|AR|"

@@ -91,6 +91,7 @@ async def test_gb18030_message_is_read_and_answered_in_gb18030(index: IndexHandl
     raw = adt("A04", "MSG-2", pid, charset="GB 18030-2000").encode("gb18030")
     ack = (await exchange(listener, raw)).decode("gb18030")
     assert msa(ack)[1] == "AA"
+    assert ack.split("\r")[0].split("|")[17] == "GB 18030-2000"
     record = await _record(index, "MLLP-2")
     assert record is not None
     assert (record.name_text, record.family) == ("欧阳娜娜", "欧阳")
