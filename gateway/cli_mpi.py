@@ -250,6 +250,11 @@ def bench_mpi(
         f"(true links {q['true_pairs']}, found {q['found_pairs']}, correct {q['correct_pairs']})"
     )
     typer.echo(f"review queue: {q['review_tasks']} tasks = {q['review_share'] * 100:.2f} % of records")
+    after = q["after_review"]
+    typer.echo(
+        f"after review (every task decided by the truth): precision {after['precision']:.4f}  "
+        f"recall {after['recall']:.4f}  F1 {after['f1']:.4f}"
+    )
     typer.echo(f"bulk load: {load['records_per_second']:.0f} records/s ({load['seconds']:.1f} s)")
     typer.echo(
         f"single registration at {lat['population']} records: p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms"

@@ -589,8 +589,7 @@ class MasterIndex:
             fresh.append((i, registration, new))
         all_keys = set().union(*(matching.search_keys(n) for _, _, n in fresh)) if fresh else set()
         await self.lock(session, all_keys)
-        stored = await store.candidates_by_key(session, all_keys)
-        stored_match = {r.id: store.match_record_of(r) for records in stored.values() for r in records}
+        stored = await store.match_candidates_by_key(session, all_keys)
         frequencies = await store.frequencies_of(
             session, {(f, v) for _, _, n in fresh for f, v in matching.frequency_values(n).items() if v}
         )
@@ -604,7 +603,7 @@ class MasterIndex:
             candidates: dict[str, MatchRecord] = {}
             for key in own_keys:
                 for record in stored.get(key, ()):
-                    candidates[record.id] = stored_match[record.id]
+                    candidates[record.record_id] = record
                 for record in in_batch.get(key, ()):
                     candidates[record.record_id] = record
                 if len(candidates) > 500:

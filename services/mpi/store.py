@@ -641,33 +641,6 @@ async def find_records(session: AsyncSession, *, domain: str, local_ids: list[st
     return {r.local_id: r for r in rows}
 
 
-async def candidates_by_key(
-    session: AsyncSession, keys: set[str], *, chunk: int = 900
-) -> dict[str, list[PatientRecord]]:
-    """Active records under each key (index lookups on blocking_key, chunked)."""
-    by_key: dict[str, list[PatientRecord]] = {}
-    ordered = sorted(keys)
-    records: dict[str, PatientRecord] = {}
-    pairs: list[tuple[str, str]] = []
-    for start in range(0, len(ordered), chunk):
-        rows = await session.execute(
-            select(BlockingKey.key, BlockingKey.patient_id).where(BlockingKey.key.in_(ordered[start : start + chunk]))
-        )
-        pairs.extend((k, p) for k, p in rows)
-    ids = sorted({p for _, p in pairs})
-    for start in range(0, len(ids), chunk):
-        rows = await session.scalars(
-            select(PatientRecord)
-            .where(PatientRecord.id.in_(ids[start : start + chunk]), PatientRecord.merged_into.is_(None))
-            .options(selectinload(PatientRecord.identifiers))
-        )
-        records.update({r.id: r for r in rows})
-    for key, patient_id in pairs:
-        if patient_id in records:
-            by_key.setdefault(key, []).append(records[patient_id])
-    return by_key
-
-
 async def frequencies_of(session: AsyncSession, values: set[tuple[str, str]]) -> ValueFrequencies:
     """Counts of many name values (and their fields' totals) in one query per chunk."""
     wanted = sorted(values | {(f, "") for f, _ in values})
@@ -703,3 +676,54 @@ async def insert_rows(session: AsyncSession, table: object, rows: list[dict[str,
     """Insert many rows into one of the mpi's tables in one statement (executemany)."""
     if rows:
         await session.execute(insert(table), rows)  # type: ignore[call-overload]
+
+
+async def match_candidates_by_key(
+    session: AsyncSession, keys: set[str], *, chunk: int = 900
+) -> dict[str, list[MatchRecord]]:
+    """Like `candidates_by_key`, straight to comparable records (Core rows, no ORM objects: the
+    bulk path reads thousands per batch)."""
+    patient = PatientRecord.__table__
+    ordered = sorted(keys)
+    pairs: list[tuple[str, str]] = []
+    for start in range(0, len(ordered), chunk):
+        rows = await session.execute(
+            select(BlockingKey.key, BlockingKey.patient_id).where(BlockingKey.key.in_(ordered[start : start + chunk]))
+        )
+        pairs.extend((k, p) for k, p in rows)
+    ids = sorted({p for _, p in pairs})
+    identifiers: dict[str, list[tuple[str, str]]] = {}
+    records: dict[str, MatchRecord] = {}
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        for patient_id, system, value in await session.execute(
+            select(IdentifierRecord.patient_id, IdentifierRecord.system, IdentifierRecord.value).where(
+                IdentifierRecord.patient_id.in_(part)
+            )
+        ):
+            identifiers.setdefault(patient_id, []).append((system, value))
+        rows = await session.execute(select(patient).where(patient.c.id.in_(part), patient.c.merged_into.is_(None)))
+        for row in rows.mappings():
+            records[row["id"]] = match_record(
+                record_id=row["id"],
+                domain=row["domain"],
+                enterprise_id=row["enterprise_id"],
+                name_text=row["name_text"],
+                family=row["family"],
+                given=row["given"],
+                gender=row["gender"],
+                birth_date=row["birth_date"],
+                national_id=row["national_id"],
+                phones=json.loads(row["phones"]),
+                province=row["province"],
+                city=row["city"],
+                district=row["district"],
+                address_line=row["address_line"],
+                postal_code=row["postal_code"],
+                identifiers=identifiers.get(row["id"], ()),
+            )
+    by_key: dict[str, list[MatchRecord]] = {}
+    for key, patient_id in pairs:
+        if patient_id in records:
+            by_key.setdefault(key, []).append(records[patient_id])
+    return by_key
