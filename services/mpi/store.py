@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
-import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +24,6 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    text,
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -215,13 +213,6 @@ class BulkLoad(Base):
 
 
 outbox_table(metadata)
-
-
-async def lock_blocking_key(session: AsyncSession, key: str) -> None:
-    """Serialise registrations that share a blocking key (PostgreSQL), so two concurrent
-    registrations of one person cannot both start a new enterprise id."""
-    if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(key.encode())})
 
 
 async def find_record(session: AsyncSession, *, domain: str, local_id: str) -> PatientRecord | None:
