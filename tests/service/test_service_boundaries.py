@@ -97,9 +97,9 @@ async def test_audit_event_survives_audit_outage_and_service_restart(
                 metadata=direct_metadata(keys_dir / "gateway.pem", org="hosp-outage"),
             )
         event_id = reply.audit_event_ids[0]
-        # Audit is down: the event waits in the outbox (only the mpi.link.changed event, which has
-        # no subscriber without a broker, is delivered).
-        assert await mpi.runtime.outbox.relay_once() == 1
+        # Audit is down: the event waits in the outbox (the registration's mpi.link.changed event,
+        # with no subscriber without a broker, is delivered by this pass or the service's relay).
+        await mpi.runtime.outbox.relay_once()
         assert await mpi.runtime.outbox.pending() == 1
         # The mpi restarts before audit is back: the event is in its database, not its memory.
         await mpi.stop(grace=None)
