@@ -21,6 +21,7 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
+from services.shared import gb11643
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
 FHIR_JSON = "application/fhir+json"
@@ -106,6 +107,18 @@ def _entry(base: str, result: mpi_pb2.ScoredPatient, *, grade: bool) -> dict[str
     }
 
 
+def _masked(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The search as echoed in the Bundle's self link: identifier and telecom values masked (a
+    national id or phone number never goes back out in clear)."""
+    masked = []
+    for name, value in items:
+        if name in ("identifier", "telecom"):
+            system, sep, code = value.rpartition("|")
+            value = f"{system}{sep}{gb11643.mask(code)}"
+        masked.append((name, value))
+    return masked
+
+
 def _token(value: str) -> tuple[str, str]:
     system, sep, code = value.partition("|")
     if not sep:
@@ -164,7 +177,9 @@ async def search_patients(
         "resourceType": "Bundle",
         "type": "searchset",
         "total": len(result.results),
-        "link": [{"relation": "self", "url": f"{base}/fhir/R4/Patient" + (f"?{urlencode(items)}" if items else "")}],
+        "link": [
+            {"relation": "self", "url": f"{base}/fhir/R4/Patient" + (f"?{urlencode(_masked(items))}" if items else "")}
+        ],
         "entry": [_entry(base, r, grade=False) for r in result.results],
     }
     return JSONResponse(bundle, media_type=FHIR_JSON)

@@ -167,3 +167,42 @@ async def test_merge_and_unmerge_over_rest(exchange: Exchange) -> None:
     back = await a.call("POST", "/api/v1/patients/M-2/unmerge", as_user=ADMIN)
     assert back.status_code == 200, back.text
     assert back.json()["enterprise_id"] != merged.json()["enterprise_id"]
+
+
+async def test_rest_search_and_pixm_target_systems(exchange: Exchange) -> None:
+    from tests.factories import person
+
+    a = await _member(exchange, "市肿瘤医院")
+    b = await _member(exchange, "城南社区卫生服务中心")
+    patient = person("欧阳娜娜")
+    national_id = patient["national_id"]
+    await a.call("POST", "/api/v1/patients", json={"local_id": "A-9", **patient})
+    await b.call("POST", "/api/v1/patients", json={"local_id": "B-9", **patient})
+    found = await b.call("GET", "/api/v1/patients/search", params={"national_id": national_id})
+    assert found.status_code == 200, found.text
+    assert {r["patient"]["local_id"] for r in found.json()["results"]} == {"A-9", "B-9"}
+    assert found.json()["results"][0]["fields"]["national_id"]["level"] == "agree"
+    assert national_id not in found.text  # masked for a doctor
+    fhir = await b.call("GET", "/fhir/R4/Patient", params={"identifier": national_id})
+    assert fhir.status_code == 200
+    assert national_id not in fhir.text
+    only_a = await b.call(
+        "GET",
+        "/fhir/R4/Patient/$ihe-pix",
+        params={
+            "sourceIdentifier": f"urn:hie:patient-id:{b.org_id}|B-9",
+            "targetSystem": f"urn:hie:patient-id:{a.org_id}",
+        },
+    )
+    assert [p["valueIdentifier"]["value"] for p in only_a.json()["parameter"]] == ["A-9"]
+    unknown = await b.call(
+        "GET",
+        "/fhir/R4/Patient/$ihe-pix",
+        params={"sourceIdentifier": f"urn:hie:patient-id:{b.org_id}|B-9", "targetSystem": "urn:oid:1.2.3"},
+    )
+    assert unknown.status_code == 403
+    assert unknown.json()["resourceType"] == "OperationOutcome"
+    missing = await b.call(
+        "GET", "/fhir/R4/Patient/$ihe-pix", params={"sourceIdentifier": f"urn:hie:patient-id:{b.org_id}|NOPE"}
+    )
+    assert missing.status_code == 404
