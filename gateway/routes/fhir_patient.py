@@ -11,7 +11,7 @@ IHE PIXm `Patient/$ihe-pix`.
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
@@ -134,6 +134,8 @@ def _token(value: str) -> tuple[str, str]:
 async def search_patients(
     ctx: Context,
     request: Request,
+    # Declared for the OpenAPI document and length limits; the search itself is read from the raw
+    # query string (strict refusal of unknown or repeated parameters).
     family: str = Query(default="", max_length=64),
     given: str = Query(default="", max_length=64),
     name: str = Query(default="", max_length=64),
@@ -144,11 +146,49 @@ async def search_patients(
     count: int = Query(default=20, alias="_count", ge=1, le=100),
 ) -> JSONResponse:
     """IHE PDQm: Patient search by demographics; results best first with `search.score`."""
+    return await _pdq(ctx, request, list(request.query_params.multi_items()))
+
+
+@router.post(
+    "/Patient/_search",
+    response_class=JSONResponse,
+    responses={200: {"content": {FHIR_JSON: {}}, "description": "a searchset Bundle of Patient resources"}},
+)
+async def search_patients_by_post(ctx: Context, request: Request) -> JSONResponse:
+    """The same search with its parameters in an application/x-www-form-urlencoded body (FHIR
+    `POST [base]/Patient/_search`), so a national id or phone need not appear in a URL."""
+    body = await request.body()
+    if len(body) > 4096:
+        raise _bad("search-too-long", "the search body is too long")
+    try:
+        items = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("search-value-invalid", "the body must be form-encoded search parameters") from None
+    return await _pdq(ctx, request, items)
+
+
+_LIMITS = {"family": 64, "given": 64, "name": 64, "birthdate": 12, "gender": 8, "identifier": 300, "telecom": 40}
+
+
+async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> JSONResponse:
     ctx.require_scope("Patient", "r")
-    items = list(request.query_params.multi_items())
     unknown = {k for k, _ in items} - _PDQ_PARAMS
     if unknown:
         raise _bad("search-parameter-unknown", "unknown search parameter")
+    values: dict[str, str] = {}
+    for key, value in items:
+        if key in values:
+            raise _bad("search-parameter-repeated", "a search parameter is given twice")
+        if len(value) > _LIMITS.get(key, 6):
+            raise _bad("search-value-invalid", f"{key}: value too long")
+        values[key] = value
+    try:
+        count = int(values.get("_count", "20"))
+    except ValueError:
+        raise _bad("search-value-invalid", "_count: 1 to 100") from None
+    if not 1 <= count <= 100:
+        raise _bad("search-value-invalid", "_count: 1 to 100")
+    birthdate, gender = values.get("birthdate", ""), values.get("gender", "")
     if birthdate.startswith(("eq", "ge", "gt", "le", "lt", "ne", "sa", "eb", "ap")):
         birthdate = birthdate[2:] if birthdate.startswith("eq") else "!"
     if birthdate and (len(birthdate) != 10 or birthdate == "!"):
@@ -156,16 +196,16 @@ async def search_patients(
     if gender and gender not in _GENDERS:
         raise _bad("search-value-invalid", "gender: male | female | other | unknown")
     search = mpi_pb2.SearchPatientsRequest(
-        family=family,
-        given=given,
-        name=name,
+        family=values.get("family", ""),
+        given=values.get("given", ""),
+        name=values.get("name", ""),
         birth_date=birthdate,
         gender=_GENDERS.get(gender, mpi_pb2.GENDER_UNSPECIFIED),
-        phone=telecom.removeprefix("phone|"),
+        phone=values.get("telecom", "").removeprefix("phone|"),
         limit=count,
     )
-    if identifier:
-        system, value = _token(identifier)
+    if values.get("identifier"):
+        system, value = _token(values["identifier"])
         if system.startswith(LOCAL_ID_SYSTEM_PREFIX):
             raise _bad("search-value-invalid", "identifier: use Patient/$ihe-pix for a hospital's local id")
         search.identifier.CopyFrom(

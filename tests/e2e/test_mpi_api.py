@@ -186,6 +186,17 @@ async def test_rest_search_and_pixm_target_systems(exchange: Exchange) -> None:
     fhir = await b.call("GET", "/fhir/R4/Patient", params={"identifier": national_id})
     assert fhir.status_code == 200
     assert national_id not in fhir.text
+    posted = await b.call(
+        "POST",
+        "/fhir/R4/Patient/_search",
+        content=f"identifier={national_id}&_count=5",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert posted.status_code == 200, posted.text
+    assert posted.json()["total"] == 2
+    assert national_id not in posted.text
+    twice = await b.call("GET", "/fhir/R4/Patient", params=[("family", "欧阳"), ("family", "李")])
+    assert twice.status_code == 400
     only_a = await b.call(
         "GET",
         "/fhir/R4/Patient/$ihe-pix",
