@@ -30,7 +30,9 @@ from gateway.routes import (
     fhir,
     fhir_consent,
     fhir_documents,
+    fhir_patient,
     oauth,
+    patient_index,
     patients,
     subscriptions,
     workflows,
@@ -178,6 +180,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(fhir_consent.router)
     app.include_router(fhir_documents.router)
     app.include_router(subscriptions.router)
+    app.include_router(fhir_patient.router)
+    app.include_router(patient_index.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

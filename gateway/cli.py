@@ -18,6 +18,7 @@ import httpx
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway import cli_mpi
 from gateway.cli_registry import bench_registry
 from services.consent.bench import bench_consent
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
@@ -34,6 +35,7 @@ app.add_typer(keys_app, name="keys")
 db_app = typer.Typer(help="Database schemas and migrations.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
+app.add_typer(cli_mpi.app, name="mpi")
 COMPONENTS = (*SERVICE_PORTS, "gateway")
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]
@@ -283,6 +285,7 @@ def up(
         )
         processes.append(("gateway", gateway))
         _wait_for_gateway(gateway_url, deadline)
+        processes.append(("mllp", subprocess.Popen([sys.executable, "-m", "gateway.cli_mpi", "mllp"], env=env)))
         (data_dir / _STATE_FILE).write_text(
             json.dumps({"gateway_url": gateway_url, "database_url": database_url, "pid": os.getpid()})
         )
@@ -329,6 +332,7 @@ bench_app = typer.Typer(help="Benchmarks (commands, not tests).", no_args_is_hel
 app.add_typer(bench_app, name="bench")
 bench_app.command("consent")(bench_consent)
 bench_app.command("registry")(bench_registry)
+bench_app.command("mpi")(cli_mpi.bench_mpi)
 
 
 @bench_app.command("exchange")

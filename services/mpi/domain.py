@@ -34,6 +34,9 @@ class Gender(StrEnum):
 class LinkMethod(StrEnum):
     NEW = "new"
     NATIONAL_ID = "national-id"
+    PROBABILISTIC = "probabilistic"
+    STEWARD = "steward"
+    MERGE = "merge"
 
 
 def new_enterprise_id() -> EnterpriseId:

@@ -1,18 +1,64 @@
 """The mpi service as the process runner sees it."""
 
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
+from services.mpi.index import LINK_TOPIC, MasterIndex
+from services.mpi.matching import load_parameters
 from services.mpi.servicer import PatientIndexServicer
 from services.mpi.store import metadata
+from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime, ServiceSpec
+
+# A JSON file of match parameters (m / u per level, thresholds) replacing the shipped default.
+PARAMETERS_ENV = "HIE_MPI_MATCH_PARAMETERS"
+# NATS server URL: link-change events are published to JetStream subject `mpi.link.changed`.
+NATS_ENV = "HIE_NATS_URL"
+
+
+def master_index(runtime: ServiceRuntime) -> MasterIndex:
+    """The index over the runtime's store, with the configured match parameters."""
+    path = os.environ.get(PARAMETERS_ENV)
+    params = load_parameters(Path(path) if path else None)
+    return MasterIndex(audit=runtime.audit, outbox=runtime.outbox, params=params)
+
+
+def _nats_sender(url: str) -> Sender:
+    """Publish link changes to NATS JetStream; the message id de-duplicates redeliveries."""
+    import json
+
+    import nats
+
+    connection: list[object] = []
+
+    async def send(payloads: Sequence[bytes]) -> None:
+        if not connection:
+            client = await nats.connect(url)
+            connection.append(client.jetstream())
+        stream = connection[0]
+        for payload in payloads:
+            event_id = json.loads(payload)["event_id"]
+            await stream.publish(LINK_TOPIC, payload, headers={"Nats-Msg-Id": event_id})  # type: ignore[attr-defined]
+
+    return send
+
+
+async def _no_subscriber(payloads: Sequence[bytes]) -> None:
+    """No broker configured: nobody to deliver to; GetLinkHistory keeps every change."""
 
 
 def _build(runtime: ServiceRuntime) -> list:
+    url = os.environ.get(NATS_ENV)
+    runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber)
+    master = master_index(runtime)
     return [
         (
             mpi_pb2_grpc.add_PatientIndexServicer_to_server,
-            PatientIndexServicer(runtime),
+            PatientIndexServicer(runtime, master),
             mpi_pb2.DESCRIPTOR.services_by_name["PatientIndex"].full_name,
         )
     ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import datetime
 import json
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -10,11 +13,11 @@ from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
-from services.mpi import domain, store
+from services.mpi import domain, index, matching, store
 from services.shared import gb11643
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
-from services.shared.errors import InvalidArgument, NotFound
+from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.process import ServiceRuntime
 
 # Role per operation (from the hospital's verified user assertion).
@@ -32,7 +35,22 @@ _GENDER_TO_PROTO = {v: k for k, v in _GENDER_FROM_PROTO.items() if k != mpi_pb2.
 _LINK_TO_PROTO = {
     domain.LinkMethod.NEW: mpi_pb2.LINK_METHOD_NEW,
     domain.LinkMethod.NATIONAL_ID: mpi_pb2.LINK_METHOD_NATIONAL_ID,
+    domain.LinkMethod.PROBABILISTIC: mpi_pb2.LINK_METHOD_PROBABILISTIC,
+    domain.LinkMethod.STEWARD: mpi_pb2.LINK_METHOD_STEWARD,
+    domain.LinkMethod.MERGE: mpi_pb2.LINK_METHOD_MERGE,
 }
+# Data stewards resolve uncertain matches and correct links.
+_STEWARDS = ("data-steward",)
+# A hospital merges its own records: its data steward or administrator (or its HIS feed).
+_MERGERS = ("data-steward", "admin")
+# Demographic search and match: clinicians and stewards looking a patient up.
+_SEARCHERS = ("doctor", "nurse", "data-steward", "admin")
+_MAX_RESULTS = 100
+
+
+def registration_of(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registration:
+    """Validate a Patient message as a registration of `domain_id`."""
+    return _registration(patient, domain_id)
 
 
 def _registration(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registration:
@@ -83,7 +101,32 @@ def patient_message(record: store.PatientRecord, *, reveal_national_id: bool) ->
         ),
         enterprise_id=record.enterprise_id,
         updated=updated,
+        record_id=record.id,
+        link_method=_LINK_TO_PROTO.get(domain.LinkMethod(record.link_method), mpi_pb2.LINK_METHOD_UNSPECIFIED),
     )
+
+
+def _fields(comparison: matching.Comparison) -> list[mpi_pb2.FieldAgreement]:
+    return [
+        mpi_pb2.FieldAgreement(field=f, level=comparison.levels[f], weight=comparison.weights[f])
+        for f in comparison.levels
+    ]
+
+
+def _scored(ranked: index.Ranked, *, reveal: bool) -> mpi_pb2.ScoredPatient:
+    return mpi_pb2.ScoredPatient(
+        patient=patient_message(ranked.record, reveal_national_id=reveal),
+        weight=ranked.comparison.total,
+        probability=round(ranked.probability, 6),
+        grade=ranked.grade,
+        fields=_fields(ranked.comparison),
+    )
+
+
+def _timestamp(value: datetime.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
 
 
 def _reveals_national_id(who: Caller) -> bool:
@@ -91,12 +134,56 @@ def _reveals_national_id(who: Caller) -> bool:
     return who.role == "data-steward"
 
 
+def _page_token(value: datetime.datetime) -> str:
+    return base64.urlsafe_b64encode(value.isoformat().encode()).decode()
+
+
+def _after(token: str) -> datetime.datetime | None:
+    if not token:
+        return None
+    try:
+        value = datetime.datetime.fromisoformat(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page token is not valid", reason="page-token-invalid") from None
+    if value.tzinfo is None:
+        raise InvalidArgument("page token is not valid", reason="page-token-invalid")
+    return value
+
+
+def _own_domain(who: Caller, domain_id: str) -> None:
+    """A hospital acts on its own records only; another domain's record reads as unknown."""
+    if who.organization_type == "hospital" and domain_id != who.organization_id:
+        raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
+
+
+def _ref(ref: common_pb2.PatientRef) -> tuple[str, str]:
+    if not ref.domain or not ref.local_id:
+        raise InvalidArgument("patient domain and local id are required", reason="patient-ref-missing")
+    return ref.domain, ref.local_id
+
+
 class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime, master: index.MasterIndex) -> None:
         self._rt = runtime
-        # SQLite has one writer; serialising registrations in-process keeps link decisions
-        # atomic there. PostgreSQL uses an advisory lock per blocking key instead.
+        self._index = master
+        # SQLite has one writer; serialising changes in-process keeps link decisions atomic there.
+        # PostgreSQL uses advisory locks per blocking key instead.
         self._sqlite_lock = asyncio.Lock() if runtime.engine.dialect.name == "sqlite" else None
+
+    async def _write(self, operation):
+        """Run a change in one transaction (serialised on SQLite), then wake the outbox relay."""
+
+        async def run():
+            async with self._rt.sessions() as session, session.begin():
+                return await operation(session)
+
+        if self._sqlite_lock is not None:
+            async with self._sqlite_lock:
+                result = await run()
+        else:
+            result = await run()
+        self._rt.outbox.notify()
+        return result
 
     async def RegisterPatient(
         self, request: mpi_pb2.RegisterPatientRequest, context: object
@@ -105,56 +192,22 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_scope("Patient", "c")
         who.require_role(*_REGISTRARS)
         registration = _registration(request.patient, who.organization_id)
-        if self._sqlite_lock is not None:
-            async with self._sqlite_lock:
-                return await self._register(who, registration)
+        reveal = _reveals_national_id(who)
+
+        async def register(session: object) -> mpi_pb2.RegisterPatientResponse:
+            result = await self._index.register(session, who, registration)
+            return mpi_pb2.RegisterPatientResponse(
+                patient=patient_message(result.record, reveal_national_id=reveal),
+                created=result.created,
+                link_method=_LINK_TO_PROTO.get(result.method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
+                audit_event_ids=[result.audit_event_id],
+            )
+
         try:
-            return await self._register(who, registration)
+            return await self._write(register)
         except IntegrityError:
             # A concurrent retry of the same (domain, local id) won the insert: answer as a retry.
-            return await self._register(who, registration)
-
-    async def _register(self, who: Caller, registration: domain.Registration) -> mpi_pb2.RegisterPatientResponse:
-        async with self._rt.sessions() as session, session.begin():
-            if registration.national_id:
-                await store.lock_blocking_key(session, registration.national_id)
-            existing = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
-            if existing is None:
-                candidates = (
-                    await store.national_id_candidates(session, registration.national_id)
-                    if registration.national_id
-                    else []
-                )
-                decision = domain.decide_link(registration, candidates)
-                record = await store.insert_record(session, registration, decision, decided_by="rule")
-                created, method, event_type, action = (
-                    True,
-                    decision.method,
-                    "patient.register",
-                    Action.ACTION_CREATE,
-                )
-            else:
-                record = await store.update_record(session, existing, registration)
-                created, method = False, domain.LinkMethod(record.link_method)
-                event_type, action = "patient.update", Action.ACTION_UPDATE
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type=event_type,
-                action=action,
-                patient_enterprise_id=record.enterprise_id,
-                entities=[("Patient", f"{record.domain}|{record.local_id}")],
-            )
-            record = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
-            assert record is not None
-            message = patient_message(record, reveal_national_id=_reveals_national_id(who))
-        self._rt.outbox.notify()
-        return mpi_pb2.RegisterPatientResponse(
-            patient=message,
-            created=created,
-            link_method=_LINK_TO_PROTO.get(method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
-            audit_event_ids=[event_id],
-        )
+            return await self._write(register)
 
     async def CrossReference(
         self, request: mpi_pb2.CrossReferenceRequest, context: object
@@ -171,7 +224,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
         async with self._rt.sessions() as session, session.begin():
             record = await store.find_record(session, domain=ref.domain, local_id=ref.local_id)
-            if record is None:
+            if record is None or record.merged_into is not None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
             records = await store.records_of_person(session, record.enterprise_id)
             wanted = set(request.target_domains)
@@ -214,3 +267,274 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             )
         self._rt.outbox.notify()
         return mpi_pb2.GetPatientResponse(patient=patient_message(record, reveal_national_id=_reveals_national_id(who)))
+
+    # --- PDQ and $match -------------------------------------------------------------------------
+
+    async def _ranked_response(
+        self, who: Caller, query: matching.MatchRecord, *, limit: int, event: str, minimum: float | None = None
+    ) -> list[mpi_pb2.ScoredPatient]:
+        reveal = _reveals_national_id(who)
+        async with self._rt.sessions() as session, session.begin():
+            ranked = await self._index.rank(session, query, limit=limit, minimum=minimum)
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type=event,
+                action=Action.ACTION_EXECUTE,
+                entities=[("Patient", f"{r.record.domain}|{r.record.local_id}") for r in ranked],
+            )
+        self._rt.outbox.notify()
+        return [_scored(r, reveal=reveal) for r in ranked]
+
+    async def SearchPatients(
+        self, request: mpi_pb2.SearchPatientsRequest, context: object
+    ) -> mpi_pb2.SearchPatientsResponse:
+        who = caller()
+        who.require_scope("Patient", "r")
+        who.require_role(*_SEARCHERS)
+        identifiers = []
+        national_id = ""
+        if request.HasField("identifier"):
+            ident = request.identifier
+            if ident.type == domain.NATIONAL_ID_TYPE or ident.system == domain.NATIONAL_ID_SYSTEM:
+                national_id = ident.value
+            elif ident.system and ident.value:
+                identifiers.append(domain.Identifier(system=ident.system, value=ident.value, type=ident.type))
+            else:
+                raise InvalidArgument("identifier needs a system and a value", reason="identifier-invalid")
+        name = request.name or f"{request.family}{' ' if request.family and request.given else ''}{request.given}"
+        if not (name or request.birth_date or national_id or identifiers or request.phone):
+            raise InvalidArgument("give a name, birth date, identifier or phone", reason="search-too-broad")
+        registration = domain.validate_registration(
+            domain="",
+            local_id="query",
+            name_text=name or "-",
+            family=request.family,
+            given=request.given,
+            gender=_GENDER_FROM_PROTO.get(request.gender, domain.Gender.UNKNOWN),
+            birth_date=request.birth_date,
+            national_id=national_id,
+            phones=[request.phone] if request.phone else [],
+            identifiers=identifiers,
+        )
+        query = store.match_record_of_registration(registration, record_id="", enterprise_id="")
+        if not name:
+            query = dataclasses_replace_name(query)
+        limit = min(request.limit or 20, _MAX_RESULTS)
+        results = await self._ranked_response(who, query, limit=limit * 3, event="patient.pdq-query")
+        results = [r for r in results if _satisfies(r, request, national_id=bool(national_id), has_name=bool(name))]
+        return mpi_pb2.SearchPatientsResponse(results=results[:limit])
+
+    async def MatchPatient(self, request: mpi_pb2.MatchPatientRequest, context: object) -> mpi_pb2.MatchPatientResponse:
+        who = caller()
+        who.require_scope("Patient", "r")
+        who.require_role(*_SEARCHERS)
+        patient = mpi_pb2.Patient()
+        patient.CopyFrom(request.patient)
+        if not patient.ref.local_id:
+            patient.ref.local_id = "match"
+        registration = _registration(patient, who.organization_id)
+        query = store.match_record_of_registration(registration, record_id="", enterprise_id="")
+        minimum = self._index.params.link_threshold if request.only_certain else 0.0
+        results = await self._ranked_response(
+            who, query, limit=min(request.count or 10, _MAX_RESULTS), event="patient.match", minimum=minimum
+        )
+        return mpi_pb2.MatchPatientResponse(results=results)
+
+    # --- review queue -------------------------------------------------------------------------
+
+    async def _task_message(self, session: object, task: store.ReviewTask, *, reveal: bool) -> mpi_pb2.ReviewTask:
+        records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
+        comparison = json.loads(task.comparison)
+        return mpi_pb2.ReviewTask(
+            id=task.id,
+            patient=patient_message(records[task.patient_id], reveal_national_id=reveal),
+            candidate=patient_message(records[task.candidate_id], reveal_national_id=reveal),
+            weight=task.score,
+            fields=[mpi_pb2.FieldAgreement(field=f, level=lw[0], weight=lw[1]) for f, lw in comparison.items()],
+            hold=task.hold,
+            status=task.status,
+            created=_timestamp(task.created_at),
+        )
+
+    async def ListReviewTasks(
+        self, request: mpi_pb2.ListReviewTasksRequest, context: object
+    ) -> mpi_pb2.ListReviewTasksResponse:
+        who = caller()
+        who.require_scope("Patient", "r")
+        who.require_role(*_STEWARDS)
+        size = min(max(request.page_size or 50, 1), 200)
+        after = _after(request.page_token)
+        domain_filter = who.organization_id if who.organization_type == "hospital" else None
+        async with self._rt.sessions() as session, session.begin():
+            tasks = await store.open_review_tasks(session, limit=size, after=after, domain=domain_filter)
+            messages = [await self._task_message(session, t, reveal=True) for t in tasks]
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="patient.review-list",
+                action=Action.ACTION_READ,
+                entities=[("ReviewTask", t.id) for t in tasks],
+            )
+        self._rt.outbox.notify()
+        token = _page_token(tasks[-1].created_at) if len(tasks) == size else ""
+        return mpi_pb2.ListReviewTasksResponse(tasks=messages, next_page_token=token)
+
+    async def DecideReview(self, request: mpi_pb2.DecideReviewRequest, context: object) -> mpi_pb2.DecideReviewResponse:
+        who = caller()
+        who.require_scope("Patient", "u")
+        who.require_role(*_STEWARDS)
+        if request.decision not in (mpi_pb2.REVIEW_DECISION_SAME, mpi_pb2.REVIEW_DECISION_DIFFERENT):
+            raise InvalidArgument("decision must be same or different", reason="decision-invalid")
+
+        async def decide(session: object) -> mpi_pb2.DecideReviewResponse:
+            task = await store.review_task(session, request.task_id)
+            if task is not None and who.organization_type == "hospital":
+                records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
+                if who.organization_id not in {r.domain for r in records.values()}:
+                    task = None
+            if task is None:
+                raise NotFound("no such review task", reason="review-task-not-found")
+            task = await self._index.decide_review(
+                session, who, task.id, same=request.decision == mpi_pb2.REVIEW_DECISION_SAME
+            )
+            return mpi_pb2.DecideReviewResponse(task=await self._task_message(session, task, reveal=True))
+
+        return await self._write(decide)
+
+    # --- link, unlink, merge, unmerge ---------------------------------------------------------
+
+    async def LinkPatients(self, request: mpi_pb2.LinkPatientsRequest, context: object) -> mpi_pb2.LinkPatientsResponse:
+        who = caller()
+        who.require_scope("Patient", "u")
+        who.require_role(*_STEWARDS)
+        source, target = _ref(request.ref), _ref(request.target)
+        _own_domain(who, source[0])
+        reveal = _reveals_national_id(who)
+
+        async def link(session: object) -> mpi_pb2.LinkPatientsResponse:
+            record = await self._index.link(session, who, source, target)
+            return mpi_pb2.LinkPatientsResponse(patient=patient_message(record, reveal_national_id=reveal))
+
+        return await self._write(link)
+
+    async def UnlinkPatient(
+        self, request: mpi_pb2.UnlinkPatientRequest, context: object
+    ) -> mpi_pb2.UnlinkPatientResponse:
+        who = caller()
+        who.require_scope("Patient", "u")
+        who.require_role(*_STEWARDS)
+        source = _ref(request.ref)
+        _own_domain(who, source[0])
+        reveal = _reveals_national_id(who)
+
+        async def unlink(session: object) -> mpi_pb2.UnlinkPatientResponse:
+            record = await self._index.unlink(session, who, source)
+            return mpi_pb2.UnlinkPatientResponse(patient=patient_message(record, reveal_national_id=reveal))
+
+        return await self._write(unlink)
+
+    async def MergePatients(
+        self, request: mpi_pb2.MergePatientsRequest, context: object
+    ) -> mpi_pb2.MergePatientsResponse:
+        who = caller()
+        who.require_scope("Patient", "u")
+        who.require_role(*_MERGERS)
+        if who.organization_type != "hospital":
+            raise PermissionDenied("only a hospital merges its own records", reason="not-a-hospital")
+        domain.validate_local_id(request.survivor_local_id)
+        domain.validate_local_id(request.subsumed_local_id)
+        reveal = _reveals_national_id(who)
+
+        async def merge(session: object) -> mpi_pb2.MergePatientsResponse:
+            survivor = await self._index.merge(
+                session, who, who.organization_id, request.survivor_local_id, request.subsumed_local_id
+            )
+            return mpi_pb2.MergePatientsResponse(survivor=patient_message(survivor, reveal_national_id=reveal))
+
+        return await self._write(merge)
+
+    async def UnmergePatient(
+        self, request: mpi_pb2.UnmergePatientRequest, context: object
+    ) -> mpi_pb2.UnmergePatientResponse:
+        who = caller()
+        who.require_scope("Patient", "u")
+        who.require_role(*_MERGERS)
+        if who.organization_type != "hospital":
+            raise PermissionDenied("only a hospital unmerges its own records", reason="not-a-hospital")
+        domain.validate_local_id(request.subsumed_local_id)
+        reveal = _reveals_national_id(who)
+
+        async def unmerge(session: object) -> mpi_pb2.UnmergePatientResponse:
+            record = await self._index.unmerge(session, who, who.organization_id, request.subsumed_local_id)
+            return mpi_pb2.UnmergePatientResponse(patient=patient_message(record, reveal_national_id=reveal))
+
+        return await self._write(unmerge)
+
+    async def GetLinkHistory(
+        self, request: mpi_pb2.GetLinkHistoryRequest, context: object
+    ) -> mpi_pb2.GetLinkHistoryResponse:
+        who = caller()
+        who.require_scope("Patient", "r")
+        who.require_role(*_READERS)
+        source = _ref(request.ref)
+        _own_domain(who, source[0])
+        async with self._rt.sessions() as session, session.begin():
+            record = await store.find_record(session, domain=source[0], local_id=source[1])
+            if record is None:
+                raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
+            mates = await store.records_of_person(session, record.enterprise_id)
+            ids = list(dict.fromkeys([record.id, *(m.id for m in mates)]))
+            rows = await store.link_history(session, ids)
+            refs = await store.records_by_id(session, ids)
+            changes = [
+                mpi_pb2.LinkChange(
+                    ref=common_pb2.PatientRef(domain=refs[h.patient_id].domain, local_id=refs[h.patient_id].local_id),
+                    enterprise_id=h.enterprise_id,
+                    previous_enterprise_id=h.previous_enterprise_id or "",
+                    method=_LINK_TO_PROTO.get(domain.LinkMethod(h.method), mpi_pb2.LINK_METHOD_UNSPECIFIED),
+                    reason=h.reason or "register",
+                    weight=h.score or 0.0,
+                    decided_by=h.decided_by,
+                    at=_timestamp(h.created_at),
+                )
+                for h in rows
+            ]
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="patient.link-history",
+                action=Action.ACTION_READ,
+                patient_enterprise_id=record.enterprise_id,
+                entities=[("Patient", f"{record.domain}|{record.local_id}")],
+            )
+        self._rt.outbox.notify()
+        return mpi_pb2.GetLinkHistoryResponse(enterprise_id=record.enterprise_id, changes=changes)
+
+
+def dataclasses_replace_name(query: matching.MatchRecord) -> matching.MatchRecord:
+    """A query without a name compares no name (the placeholder is dropped)."""
+    from services.mpi.chinese_names import NameForms
+
+    return dataclasses.replace(query, name=NameForms("", "", "", "", han=False))
+
+
+def _satisfies(
+    result: mpi_pb2.ScoredPatient, request: mpi_pb2.SearchPatientsRequest, *, national_id: bool, has_name: bool
+) -> bool:
+    """PDQ: every parameter given must agree (names at any agreeing level: exact, homophone,
+    pinyin, swapped or similar; the birth date exactly; the gender; the identifier)."""
+    levels = {f.field: f.level for f in result.fields}
+    if has_name and (levels["family"] == matching.DIFFERENT or levels["given"] == matching.DIFFERENT):
+        return False
+    if has_name and levels["family"] == matching.MISSING and levels["given"] == matching.MISSING:
+        return False
+    if request.birth_date and levels["birth_date"] != matching.EXACT:
+        return False
+    if request.gender in (mpi_pb2.GENDER_MALE, mpi_pb2.GENDER_FEMALE) and levels["gender"] == matching.DISAGREE:
+        return False
+    if national_id and levels["national_id"] != matching.AGREE:
+        return False
+    if request.HasField("identifier") and not national_id and levels["identifier"] != matching.AGREE:
+        return False
+    return not (request.phone and levels["phone"] != matching.AGREE)

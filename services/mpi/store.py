@@ -5,13 +5,34 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
-import zlib
+from collections.abc import AsyncIterator
+from typing import Any
 
-from sqlalchemy import Date, ForeignKey, Index, MetaData, String, Text, UniqueConstraint, select, text
+from sqlalchemy import (
+    Date,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    insert,
+    or_,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
 
-from services.mpi.domain import Candidate, EnterpriseId, Gender, Identifier, LinkDecision, Registration
+from services.mpi.domain import Identifier, Registration
+from services.mpi.matching import MatchRecord, ValueFrequencies, match_record
 from services.shared.db import UtcDateTime, utcnow
 from services.shared.outbox import outbox_table
 
@@ -49,6 +70,12 @@ class PatientRecord(Base):
     address_line: Mapped[str] = mapped_column(String(200), default="")
     postal_code: Mapped[str] = mapped_column(String(12), default="")
     link_method: Mapped[str] = mapped_column(String(16))
+    # The weight of the comparison that made the current link (probabilistic links), else null.
+    link_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    linked_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Set when the hospital merged this record into another of its own (A40): the record is
+    # retired (no blocking keys, not a candidate) until an unmerge.
+    merged_into: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
     identifiers: Mapped[list[IdentifierRecord]] = relationship(
@@ -69,7 +96,7 @@ class IdentifierRecord(Base):
 
 
 class LinkHistory(Base):
-    """Every change of a record's enterprise id, and why."""
+    """Every change of a record's enterprise id, and why (append-only)."""
 
     __tablename__ = "link_history"
 
@@ -79,16 +106,113 @@ class LinkHistory(Base):
     method: Mapped[str] = mapped_column(String(16))
     decided_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    previous_enterprise_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # register, update, review-same, link, unlink, merge, unmerge
+    reason: Mapped[str] = mapped_column(String(32), default="", server_default="")
+
+
+class BlockingKey(Base):
+    """Candidate search index: a record under each of its blocking keys (see matching.blocking_keys)."""
+
+    __tablename__ = "blocking_key"
+    __table_args__ = (Index("ix_blocking_key_patient", "patient_id"),)
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), primary_key=True)
+
+
+class NameFrequency(Base):
+    """How many active records carry each name value (pinyin), per field; value "" is the total."""
+
+    __tablename__ = "name_frequency"
+
+    field: Mapped[str] = mapped_column(String(16), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ReviewTask(Base):
+    """A pair of records the matcher could not decide: for a data steward."""
+
+    __tablename__ = "review_task"
+    __table_args__ = (
+        Index("ix_review_task_status", "status", "created_at"),
+        Index("ix_review_task_pair", "patient_id", "candidate_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    candidate_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    score: Mapped[float] = mapped_column(Float)
+    # JSON: {field: [level, weight]}
+    comparison: Mapped[str] = mapped_column(Text)
+    hold: Mapped[str] = mapped_column(String(32), default="")
+    # open, same, different, closed (the pair became one person another way)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    decided_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    decided_by: Mapped[str] = mapped_column(String(64), default="")
+
+
+class NonMatch(Base):
+    """A steward's decision that two records are different people (never proposed again).
+    Stored once per pair, the smaller record id first."""
+
+    __tablename__ = "non_match"
+    __table_args__ = (Index("ix_non_match_b", "patient_b"),)
+
+    patient_a: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), primary_key=True)
+    patient_b: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), primary_key=True)
+    decided_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+class MergeRecord(Base):
+    """A hospital merged one of its local records into another (ADT^A40 / Merge), with what
+    moved, so an unmerge can put it back."""
+
+    __tablename__ = "merge"
+    __table_args__ = (Index("ix_merge_subsumed", "subsumed_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(64))
+    survivor_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    subsumed_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    # JSON: [[patient_id, enterprise id before the merge], ...] of every record that moved.
+    moved: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    decided_by: Mapped[str] = mapped_column(String(64))
+    undone_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class InboundMessage(Base):
+    """HL7 v2 messages applied (or refused as AE), by sending facility and control id (MSH-10),
+    so a retried message gets its first answer instead of being applied twice."""
+
+    __tablename__ = "inbound_message"
+
+    facility: Mapped[str] = mapped_column(String(64), primary_key=True)
+    control_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ack_code: Mapped[str] = mapped_column(String(2))
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+class BulkLoad(Base):
+    """Progress of a bulk load (`hie mpi load`), committed with each batch so a resumed load
+    neither loses nor repeats a row."""
+
+    __tablename__ = "bulk_load"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(64))
+    rows_done: Mapped[int] = mapped_column(Integer, default=0)
+    counts: Mapped[str] = mapped_column(Text, default="{}")
+    updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
 
 
 outbox_table(metadata)
-
-
-async def lock_blocking_key(session: AsyncSession, key: str) -> None:
-    """Serialise registrations that share a blocking key (PostgreSQL), so two concurrent
-    registrations of one person cannot both start a new enterprise id."""
-    if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(key.encode())})
 
 
 async def find_record(session: AsyncSession, *, domain: str, local_id: str) -> PatientRecord | None:
@@ -99,20 +223,125 @@ async def find_record(session: AsyncSession, *, domain: str, local_id: str) -> P
     )
 
 
-async def national_id_candidates(session: AsyncSession, national_id: str) -> list[Candidate]:
-    rows = await session.scalars(
-        select(PatientRecord).where(PatientRecord.national_id == national_id).order_by(PatientRecord.created_at)
+def _phones(record: PatientRecord) -> list[str]:
+    return list(json.loads(record.phones))
+
+
+def match_record_of(record: PatientRecord, *, with_identifiers: bool = True) -> MatchRecord:
+    """The comparable form of a stored record (identifiers must have been loaded)."""
+    return match_record(
+        record_id=record.id,
+        domain=record.domain,
+        enterprise_id=record.enterprise_id,
+        name_text=record.name_text,
+        family=record.family,
+        given=record.given,
+        gender=record.gender,
+        birth_date=record.birth_date,
+        national_id=record.national_id,
+        phones=_phones(record),
+        province=record.province,
+        city=record.city,
+        district=record.district,
+        address_line=record.address_line,
+        postal_code=record.postal_code,
+        identifiers=[(i.system, i.value) for i in record.identifiers] if with_identifiers else (),
     )
-    return [
-        Candidate(
-            enterprise_id=EnterpriseId(r.enterprise_id),
-            national_id=r.national_id,
-            birth_date=r.birth_date,
-            gender=Gender(r.gender),
-            name_text=r.name_text,
+
+
+def match_record_of_registration(registration: Registration, *, record_id: str, enterprise_id: str) -> MatchRecord:
+    """The comparable form of a registration before (or instead of) storing it."""
+    return match_record(
+        record_id=record_id,
+        domain=registration.domain,
+        enterprise_id=enterprise_id,
+        name_text=registration.name_text,
+        family=registration.family,
+        given=registration.given,
+        gender=registration.gender.value,
+        birth_date=registration.birth_date,
+        national_id=registration.national_id,
+        phones=registration.phones,
+        province=registration.province,
+        city=registration.city,
+        district=registration.district,
+        address_line=registration.address_line,
+        postal_code=registration.postal_code,
+        identifiers=[(i.system, i.value) for i in registration.identifiers],
+    )
+
+
+async def candidates(session: AsyncSession, keys: set[str], *, limit: int = 500) -> list[PatientRecord]:
+    """Active records filed under any of the keys: an index lookup on blocking_key, never a scan."""
+    if not keys:
+        return []
+    ids = select(BlockingKey.patient_id).where(BlockingKey.key.in_(sorted(keys))).distinct().limit(limit)
+    rows = await session.scalars(
+        select(PatientRecord)
+        .where(PatientRecord.id.in_(ids), PatientRecord.merged_into.is_(None))
+        .options(selectinload(PatientRecord.identifiers))
+    )
+    return list(rows)
+
+
+async def set_blocking_keys(session: AsyncSession, patient_id: str, keys: set[str], *, new: bool = False) -> None:
+    """Replace a record's blocking keys (none for a retired record)."""
+    if not new:
+        await session.execute(delete(BlockingKey).where(BlockingKey.patient_id == patient_id))
+    if keys:
+        await session.execute(insert(BlockingKey), [{"key": k, "patient_id": patient_id} for k in sorted(keys)])
+
+
+async def adjust_frequencies(session: AsyncSession, values: dict[str, str], delta: int) -> None:
+    """Count a record's name values in (delta 1) or out (delta -1) of the frequency table."""
+    rows = [{"field": f, "value": v[:64], "count": delta} for f, v in values.items() if v]
+    rows += [{"field": f, "value": "", "count": delta} for f, v in values.items() if v]
+    if not rows:
+        return
+    dialect_insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(NameFrequency)
+    statement = statement.on_conflict_do_update(
+        index_elements=["field", "value"], set_={"count": NameFrequency.count + statement.excluded.count}
+    )
+    await session.execute(statement, sorted(rows, key=lambda r: (r["field"], r["value"])))
+
+
+async def value_frequencies(session: AsyncSession, values: dict[str, str]) -> ValueFrequencies:
+    """The counts of these name values and the totals of their fields."""
+    wanted = [(f, v) for f, v in values.items() if v] + [(f, "") for f in values]
+    if not wanted:
+        return ValueFrequencies()
+    rows = await session.execute(
+        select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
+            tuple_(NameFrequency.field, NameFrequency.value).in_(wanted)
         )
-        for r in rows
-    ]
+    )
+    counts: dict[tuple[str, str], int] = {}
+    totals: dict[str, int] = {}
+    for field_name, value, count in rows:
+        if value == "":
+            totals[field_name] = count
+        else:
+            counts[(field_name, value)] = count
+    return ValueFrequencies(counts=counts, totals=totals)
+
+
+async def different_from(session: AsyncSession, patient_id: str) -> frozenset[str]:
+    """Records a data steward declared a different person from this one."""
+    rows = await session.execute(
+        select(NonMatch.patient_a, NonMatch.patient_b).where(
+            or_(NonMatch.patient_a == patient_id, NonMatch.patient_b == patient_id)
+        )
+    )
+    return frozenset(b if a == patient_id else a for a, b in rows)
+
+
+async def record_non_match(session: AsyncSession, a: str, b: str, *, decided_by: str) -> None:
+    first, second = sorted((a, b))
+    existing = await session.get(NonMatch, (first, second))
+    if existing is None:
+        session.add(NonMatch(patient_a=first, patient_b=second, decided_by=decided_by[:64], created_at=utcnow()))
+        await session.flush()
 
 
 def _apply(record: PatientRecord, registration: Registration) -> None:
@@ -135,27 +364,39 @@ def _apply(record: PatientRecord, registration: Registration) -> None:
 
 
 async def insert_record(
-    session: AsyncSession, registration: Registration, decision: LinkDecision, *, decided_by: str
+    session: AsyncSession,
+    registration: Registration,
+    *,
+    record_id: str,
+    enterprise_id: str,
+    method: str,
+    score: float | None,
+    decided_by: str,
 ) -> PatientRecord:
+    """Store a new record with its first link and the history row of it."""
     now = utcnow()
     record = PatientRecord(
-        id=str(uuid.uuid4()),
+        id=record_id,
         domain=registration.domain,
         local_id=registration.local_id,
-        enterprise_id=decision.enterprise_id,
-        link_method=decision.method.value,
+        enterprise_id=enterprise_id,
+        link_method=method,
+        link_score=score,
+        linked_at=now,
         created_at=now,
     )
     _apply(record, registration)
     session.add(record)
-    await session.flush()
+    await session.flush()  # the patient row first: history refers to it
     session.add(
         LinkHistory(
             patient_id=record.id,
-            enterprise_id=decision.enterprise_id,
-            method=decision.method.value,
-            decided_by=decided_by,
+            enterprise_id=enterprise_id,
+            method=method,
+            decided_by=decided_by[:64],
             created_at=now,
+            score=score,
+            reason="register",
         )
     )
     await session.flush()
@@ -168,12 +409,312 @@ async def update_record(session: AsyncSession, record: PatientRecord, registrati
     return record
 
 
+async def move_record(
+    session: AsyncSession,
+    record: PatientRecord,
+    *,
+    enterprise_id: str,
+    method: str,
+    score: float | None,
+    decided_by: str,
+    reason: str,
+) -> str:
+    """Give a record another enterprise id, with a history row; returns the previous one."""
+    previous = record.enterprise_id
+    now = utcnow()
+    record.enterprise_id = enterprise_id
+    record.link_method = method
+    record.link_score = score
+    record.linked_at = now
+    session.add(
+        LinkHistory(
+            patient_id=record.id,
+            enterprise_id=enterprise_id,
+            previous_enterprise_id=previous,
+            method=method,
+            decided_by=decided_by[:64],
+            created_at=now,
+            score=score,
+            reason=reason,
+        )
+    )
+    await session.flush()
+    return previous
+
+
 async def records_of_person(session: AsyncSession, enterprise_id: str) -> list[PatientRecord]:
+    """The active records of one enterprise id, oldest first."""
     rows = await session.scalars(
-        select(PatientRecord).where(PatientRecord.enterprise_id == enterprise_id).order_by(PatientRecord.created_at)
+        select(PatientRecord)
+        .where(PatientRecord.enterprise_id == enterprise_id, PatientRecord.merged_into.is_(None))
+        .order_by(PatientRecord.created_at)
+        .options(selectinload(PatientRecord.identifiers))
     )
     return list(rows)
 
 
+async def records_by_id(session: AsyncSession, ids: list[str]) -> dict[str, PatientRecord]:
+    rows = await session.scalars(
+        select(PatientRecord).where(PatientRecord.id.in_(ids)).options(selectinload(PatientRecord.identifiers))
+    )
+    return {r.id: r for r in rows}
+
+
 def record_identifiers(record: PatientRecord) -> list[Identifier]:
     return [Identifier(system=i.system, value=i.value, type=i.type) for i in record.identifiers]
+
+
+async def add_review_task(
+    session: AsyncSession, *, patient_id: str, candidate_id: str, score: float, comparison: str, hold: str
+) -> str | None:
+    """Open a review task for a pair unless one is already open (either way round)."""
+    existing = await session.scalar(
+        select(ReviewTask.id).where(
+            ReviewTask.status == "open",
+            or_(
+                and_(ReviewTask.patient_id == patient_id, ReviewTask.candidate_id == candidate_id),
+                and_(ReviewTask.patient_id == candidate_id, ReviewTask.candidate_id == patient_id),
+            ),
+        )
+    )
+    if existing is not None:
+        return None
+    task_id = str(uuid.uuid4())
+    session.add(
+        ReviewTask(
+            id=task_id,
+            patient_id=patient_id,
+            candidate_id=candidate_id,
+            score=score,
+            comparison=comparison,
+            hold=hold,
+            status="open",
+            created_at=utcnow(),
+        )
+    )
+    await session.flush()
+    return task_id
+
+
+async def open_review_tasks(
+    session: AsyncSession, *, limit: int, after: datetime.datetime | None, domain: str | None = None
+) -> list[ReviewTask]:
+    """Open tasks oldest first (a domain: tasks with a record of that domain on either side)."""
+    query = select(ReviewTask).where(ReviewTask.status == "open")
+    if after is not None:
+        query = query.where(ReviewTask.created_at > after)
+    if domain is not None:
+        mine = select(PatientRecord.id).where(PatientRecord.domain == domain)
+        query = query.where(or_(ReviewTask.patient_id.in_(mine), ReviewTask.candidate_id.in_(mine)))
+    rows = await session.scalars(query.order_by(ReviewTask.created_at, ReviewTask.id).limit(limit))
+    return list(rows)
+
+
+async def review_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> ReviewTask | None:
+    query = select(ReviewTask).where(ReviewTask.id == task_id)
+    if for_update and session.bind.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return await session.scalar(query)
+
+
+async def close_settled_tasks(session: AsyncSession, patient_ids: list[str]) -> None:
+    """Close open tasks whose two records now share an enterprise id (settled another way)."""
+    tasks = await session.scalars(
+        select(ReviewTask).where(
+            ReviewTask.status == "open",
+            or_(ReviewTask.patient_id.in_(patient_ids), ReviewTask.candidate_id.in_(patient_ids)),
+        )
+    )
+    tasks = list(tasks)
+    if not tasks:
+        return
+    records = await records_by_id(session, [t.patient_id for t in tasks] + [t.candidate_id for t in tasks])
+    for task in tasks:
+        a, b = records.get(task.patient_id), records.get(task.candidate_id)
+        if a is not None and b is not None and a.enterprise_id == b.enterprise_id:
+            task.status = "closed"
+            task.decided_at = utcnow()
+            task.decided_by = "settled"
+    await session.flush()
+
+
+async def link_history(session: AsyncSession, patient_ids: list[str]) -> list[LinkHistory]:
+    rows = await session.scalars(
+        select(LinkHistory).where(LinkHistory.patient_id.in_(patient_ids)).order_by(LinkHistory.id)
+    )
+    return list(rows)
+
+
+async def add_merge(
+    session: AsyncSession, *, domain: str, survivor_id: str, subsumed_id: str, moved: str, decided_by: str
+) -> str:
+    merge_id = str(uuid.uuid4())
+    session.add(
+        MergeRecord(
+            id=merge_id,
+            domain=domain,
+            survivor_id=survivor_id,
+            subsumed_id=subsumed_id,
+            moved=moved,
+            created_at=utcnow(),
+            decided_by=decided_by[:64],
+        )
+    )
+    await session.flush()
+    return merge_id
+
+
+async def last_merge_of(session: AsyncSession, subsumed_id: str) -> MergeRecord | None:
+    return await session.scalar(
+        select(MergeRecord)
+        .where(MergeRecord.subsumed_id == subsumed_id, MergeRecord.undone_at.is_(None))
+        .order_by(MergeRecord.created_at.desc())
+    )
+
+
+async def all_links(session: AsyncSession, *, batch: int = 5000) -> AsyncIterator[Row[Any]]:
+    """(domain, local_id, enterprise_id, link_method) of every active record, in pages."""
+    last = ("", "")
+    while True:
+        rows = (
+            await session.execute(
+                select(
+                    PatientRecord.domain, PatientRecord.local_id, PatientRecord.enterprise_id, PatientRecord.link_method
+                )
+                .where(
+                    PatientRecord.merged_into.is_(None),
+                    tuple_(PatientRecord.domain, PatientRecord.local_id) > last,
+                )
+                .order_by(PatientRecord.domain, PatientRecord.local_id)
+                .limit(batch)
+            )
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield row
+        last = (rows[-1].domain, rows[-1].local_id)
+
+
+async def inbound_message(session: AsyncSession, facility: str, control_id: str) -> InboundMessage | None:
+    return await session.get(InboundMessage, (facility, control_id))
+
+
+async def add_inbound_message(
+    session: AsyncSession, facility: str, control_id: str, *, ack_code: str, reason: str
+) -> None:
+    session.add(
+        InboundMessage(
+            facility=facility, control_id=control_id, ack_code=ack_code, reason=reason[:64], received_at=utcnow()
+        )
+    )
+    await session.flush()
+
+
+async def bulk_load(session: AsyncSession, load_id: str) -> BulkLoad | None:
+    return await session.get(BulkLoad, load_id)
+
+
+async def save_bulk_load(session: AsyncSession, load_id: str, *, domain: str, rows_done: int, counts: str) -> None:
+    row = await session.get(BulkLoad, load_id)
+    if row is None:
+        session.add(BulkLoad(id=load_id, domain=domain, rows_done=rows_done, counts=counts, updated_at=utcnow()))
+    else:
+        row.rows_done, row.counts, row.updated_at = rows_done, counts, utcnow()
+    await session.flush()
+
+
+async def find_records(session: AsyncSession, *, domain: str, local_ids: list[str]) -> dict[str, PatientRecord]:
+    """The records of these local ids in one domain, by local id."""
+    rows = await session.scalars(
+        select(PatientRecord).where(PatientRecord.domain == domain, PatientRecord.local_id.in_(local_ids))
+    )
+    return {r.local_id: r for r in rows}
+
+
+async def frequencies_of(session: AsyncSession, values: set[tuple[str, str]]) -> ValueFrequencies:
+    """Counts of many name values (and their fields' totals) in one query per chunk."""
+    wanted = sorted(values | {(f, "") for f, _ in values})
+    counts: dict[tuple[str, str], int] = {}
+    totals: dict[str, int] = {}
+    for start in range(0, len(wanted), 400):
+        rows = await session.execute(
+            select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
+                tuple_(NameFrequency.field, NameFrequency.value).in_(wanted[start : start + 400])
+            )
+        )
+        for field_name, value, count in rows:
+            if value == "":
+                totals[field_name] = count
+            else:
+                counts[(field_name, value)] = count
+    return ValueFrequencies(counts=counts, totals=totals)
+
+
+async def add_frequency_deltas(session: AsyncSession, deltas: dict[tuple[str, str], int]) -> None:
+    rows = [{"field": f, "value": v[:64], "count": d} for (f, v), d in sorted(deltas.items()) if d]
+    if not rows:
+        return
+    dialect_insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(NameFrequency)
+    statement = statement.on_conflict_do_update(
+        index_elements=["field", "value"], set_={"count": NameFrequency.count + statement.excluded.count}
+    )
+    await session.execute(statement, rows)
+
+
+async def insert_rows(session: AsyncSession, table: object, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows into one of the mpi's tables in one statement (executemany)."""
+    if rows:
+        await session.execute(insert(table), rows)  # type: ignore[call-overload]
+
+
+async def match_candidates_by_key(
+    session: AsyncSession, keys: set[str], *, chunk: int = 900
+) -> dict[str, list[MatchRecord]]:
+    """Like `candidates_by_key`, straight to comparable records (Core rows, no ORM objects: the
+    bulk path reads thousands per batch)."""
+    patient = PatientRecord.__table__
+    ordered = sorted(keys)
+    pairs: list[tuple[str, str]] = []
+    for start in range(0, len(ordered), chunk):
+        rows = await session.execute(
+            select(BlockingKey.key, BlockingKey.patient_id).where(BlockingKey.key.in_(ordered[start : start + chunk]))
+        )
+        pairs.extend((k, p) for k, p in rows)
+    ids = sorted({p for _, p in pairs})
+    identifiers: dict[str, list[tuple[str, str]]] = {}
+    records: dict[str, MatchRecord] = {}
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        for patient_id, system, value in await session.execute(
+            select(IdentifierRecord.patient_id, IdentifierRecord.system, IdentifierRecord.value).where(
+                IdentifierRecord.patient_id.in_(part)
+            )
+        ):
+            identifiers.setdefault(patient_id, []).append((system, value))
+        rows = await session.execute(select(patient).where(patient.c.id.in_(part), patient.c.merged_into.is_(None)))
+        for row in rows.mappings():
+            records[row["id"]] = match_record(
+                record_id=row["id"],
+                domain=row["domain"],
+                enterprise_id=row["enterprise_id"],
+                name_text=row["name_text"],
+                family=row["family"],
+                given=row["given"],
+                gender=row["gender"],
+                birth_date=row["birth_date"],
+                national_id=row["national_id"],
+                phones=json.loads(row["phones"]),
+                province=row["province"],
+                city=row["city"],
+                district=row["district"],
+                address_line=row["address_line"],
+                postal_code=row["postal_code"],
+                identifiers=identifiers.get(row["id"], ()),
+            )
+    by_key: dict[str, list[MatchRecord]] = {}
+    for key, patient_id in pairs:
+        if patient_id in records:
+            by_key.setdefault(key, []).append(records[patient_id])
+    return by_key

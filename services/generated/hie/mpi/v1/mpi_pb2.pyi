@@ -28,6 +28,12 @@ class LinkMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LINK_METHOD_PROBABILISTIC: _ClassVar[LinkMethod]
     LINK_METHOD_STEWARD: _ClassVar[LinkMethod]
     LINK_METHOD_MERGE: _ClassVar[LinkMethod]
+
+class ReviewDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVIEW_DECISION_UNSPECIFIED: _ClassVar[ReviewDecision]
+    REVIEW_DECISION_SAME: _ClassVar[ReviewDecision]
+    REVIEW_DECISION_DIFFERENT: _ClassVar[ReviewDecision]
 GENDER_UNSPECIFIED: Gender
 GENDER_MALE: Gender
 GENDER_FEMALE: Gender
@@ -39,6 +45,9 @@ LINK_METHOD_NATIONAL_ID: LinkMethod
 LINK_METHOD_PROBABILISTIC: LinkMethod
 LINK_METHOD_STEWARD: LinkMethod
 LINK_METHOD_MERGE: LinkMethod
+REVIEW_DECISION_UNSPECIFIED: ReviewDecision
+REVIEW_DECISION_SAME: ReviewDecision
+REVIEW_DECISION_DIFFERENT: ReviewDecision
 
 class HumanName(_message.Message):
     __slots__ = ("text", "family", "given")
@@ -65,7 +74,7 @@ class Address(_message.Message):
     def __init__(self, province: _Optional[str] = ..., city: _Optional[str] = ..., district: _Optional[str] = ..., line: _Optional[str] = ..., postal_code: _Optional[str] = ...) -> None: ...
 
 class Patient(_message.Message):
-    __slots__ = ("ref", "identifiers", "name", "gender", "birth_date", "phones", "address", "enterprise_id", "updated")
+    __slots__ = ("ref", "identifiers", "name", "gender", "birth_date", "phones", "address", "enterprise_id", "updated", "record_id", "link_method")
     REF_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +84,8 @@ class Patient(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    LINK_METHOD_FIELD_NUMBER: _ClassVar[int]
     ref: _common_pb2.PatientRef
     identifiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.Identifier]
     name: HumanName
@@ -84,7 +95,9 @@ class Patient(_message.Message):
     address: Address
     enterprise_id: str
     updated: _timestamp_pb2.Timestamp
-    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., identifiers: _Optional[_Iterable[_Union[_common_pb2.Identifier, _Mapping]]] = ..., name: _Optional[_Union[HumanName, _Mapping]] = ..., gender: _Optional[_Union[Gender, str]] = ..., birth_date: _Optional[str] = ..., phones: _Optional[_Iterable[str]] = ..., address: _Optional[_Union[Address, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    record_id: str
+    link_method: LinkMethod
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., identifiers: _Optional[_Iterable[_Union[_common_pb2.Identifier, _Mapping]]] = ..., name: _Optional[_Union[HumanName, _Mapping]] = ..., gender: _Optional[_Union[Gender, str]] = ..., birth_date: _Optional[str] = ..., phones: _Optional[_Iterable[str]] = ..., address: _Optional[_Union[Address, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., record_id: _Optional[str] = ..., link_method: _Optional[_Union[LinkMethod, str]] = ...) -> None: ...
 
 class RegisterPatientRequest(_message.Message):
     __slots__ = ("patient", "idempotency_key")
@@ -133,3 +146,205 @@ class GetPatientResponse(_message.Message):
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     patient: Patient
     def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+
+class FieldAgreement(_message.Message):
+    __slots__ = ("field", "level", "weight")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    level: str
+    weight: float
+    def __init__(self, field: _Optional[str] = ..., level: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class ScoredPatient(_message.Message):
+    __slots__ = ("patient", "weight", "probability", "grade", "fields")
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    GRADE_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    patient: Patient
+    weight: float
+    probability: float
+    grade: str
+    fields: _containers.RepeatedCompositeFieldContainer[FieldAgreement]
+    def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., probability: _Optional[float] = ..., grade: _Optional[str] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ...) -> None: ...
+
+class SearchPatientsRequest(_message.Message):
+    __slots__ = ("family", "given", "name", "birth_date", "gender", "identifier", "phone", "limit")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BIRTH_DATE_FIELD_NUMBER: _ClassVar[int]
+    GENDER_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    PHONE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    given: str
+    name: str
+    birth_date: str
+    gender: Gender
+    identifier: _common_pb2.Identifier
+    phone: str
+    limit: int
+    def __init__(self, family: _Optional[str] = ..., given: _Optional[str] = ..., name: _Optional[str] = ..., birth_date: _Optional[str] = ..., gender: _Optional[_Union[Gender, str]] = ..., identifier: _Optional[_Union[_common_pb2.Identifier, _Mapping]] = ..., phone: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class SearchPatientsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ScoredPatient]
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoredPatient, _Mapping]]] = ...) -> None: ...
+
+class MatchPatientRequest(_message.Message):
+    __slots__ = ("patient", "count", "only_certain")
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    ONLY_CERTAIN_FIELD_NUMBER: _ClassVar[int]
+    patient: Patient
+    count: int
+    only_certain: bool
+    def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ..., count: _Optional[int] = ..., only_certain: _Optional[bool] = ...) -> None: ...
+
+class MatchPatientResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ScoredPatient]
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoredPatient, _Mapping]]] = ...) -> None: ...
+
+class ReviewTask(_message.Message):
+    __slots__ = ("id", "patient", "candidate", "weight", "fields", "hold", "status", "created")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    patient: Patient
+    candidate: Patient
+    weight: float
+    fields: _containers.RepeatedCompositeFieldContainer[FieldAgreement]
+    hold: str
+    status: str
+    created: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., patient: _Optional[_Union[Patient, _Mapping]] = ..., candidate: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ..., hold: _Optional[str] = ..., status: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListReviewTasksRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListReviewTasksResponse(_message.Message):
+    __slots__ = ("tasks", "next_page_token")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[ReviewTask]
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[ReviewTask, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DecideReviewRequest(_message.Message):
+    __slots__ = ("task_id", "decision")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    decision: ReviewDecision
+    def __init__(self, task_id: _Optional[str] = ..., decision: _Optional[_Union[ReviewDecision, str]] = ...) -> None: ...
+
+class DecideReviewResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: ReviewTask
+    def __init__(self, task: _Optional[_Union[ReviewTask, _Mapping]] = ...) -> None: ...
+
+class LinkPatientsRequest(_message.Message):
+    __slots__ = ("ref", "target")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ref: _common_pb2.PatientRef
+    target: _common_pb2.PatientRef
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
+
+class LinkPatientsResponse(_message.Message):
+    __slots__ = ("patient",)
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    patient: Patient
+    def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+
+class UnlinkPatientRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: _common_pb2.PatientRef
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
+
+class UnlinkPatientResponse(_message.Message):
+    __slots__ = ("patient",)
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    patient: Patient
+    def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+
+class MergePatientsRequest(_message.Message):
+    __slots__ = ("survivor_local_id", "subsumed_local_id")
+    SURVIVOR_LOCAL_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBSUMED_LOCAL_ID_FIELD_NUMBER: _ClassVar[int]
+    survivor_local_id: str
+    subsumed_local_id: str
+    def __init__(self, survivor_local_id: _Optional[str] = ..., subsumed_local_id: _Optional[str] = ...) -> None: ...
+
+class MergePatientsResponse(_message.Message):
+    __slots__ = ("survivor",)
+    SURVIVOR_FIELD_NUMBER: _ClassVar[int]
+    survivor: Patient
+    def __init__(self, survivor: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+
+class UnmergePatientRequest(_message.Message):
+    __slots__ = ("subsumed_local_id",)
+    SUBSUMED_LOCAL_ID_FIELD_NUMBER: _ClassVar[int]
+    subsumed_local_id: str
+    def __init__(self, subsumed_local_id: _Optional[str] = ...) -> None: ...
+
+class UnmergePatientResponse(_message.Message):
+    __slots__ = ("patient",)
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    patient: Patient
+    def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+
+class GetLinkHistoryRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: _common_pb2.PatientRef
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
+
+class LinkChange(_message.Message):
+    __slots__ = ("ref", "enterprise_id", "previous_enterprise_id", "method", "reason", "weight", "decided_by", "at")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    ref: _common_pb2.PatientRef
+    enterprise_id: str
+    previous_enterprise_id: str
+    method: LinkMethod
+    reason: str
+    weight: float
+    decided_by: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., previous_enterprise_id: _Optional[str] = ..., method: _Optional[_Union[LinkMethod, str]] = ..., reason: _Optional[str] = ..., weight: _Optional[float] = ..., decided_by: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetLinkHistoryResponse(_message.Message):
+    __slots__ = ("enterprise_id", "changes")
+    ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    enterprise_id: str
+    changes: _containers.RepeatedCompositeFieldContainer[LinkChange]
+    def __init__(self, enterprise_id: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[LinkChange, _Mapping]]] = ...) -> None: ...

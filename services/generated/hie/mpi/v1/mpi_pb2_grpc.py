@@ -50,6 +50,51 @@ class PatientIndexStub:
                 request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetPatientRequest.SerializeToString,
                 response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetPatientResponse.FromString,
                 _registered_method=True)
+        self.SearchPatients = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/SearchPatients',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.SearchPatientsRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.SearchPatientsResponse.FromString,
+                _registered_method=True)
+        self.MatchPatient = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/MatchPatient',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MatchPatientRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MatchPatientResponse.FromString,
+                _registered_method=True)
+        self.ListReviewTasks = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/ListReviewTasks',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ListReviewTasksRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ListReviewTasksResponse.FromString,
+                _registered_method=True)
+        self.DecideReview = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/DecideReview',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.DecideReviewRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.DecideReviewResponse.FromString,
+                _registered_method=True)
+        self.LinkPatients = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/LinkPatients',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.LinkPatientsRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.LinkPatientsResponse.FromString,
+                _registered_method=True)
+        self.UnlinkPatient = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/UnlinkPatient',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnlinkPatientRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnlinkPatientResponse.FromString,
+                _registered_method=True)
+        self.MergePatients = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/MergePatients',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MergePatientsRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MergePatientsResponse.FromString,
+                _registered_method=True)
+        self.UnmergePatient = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/UnmergePatient',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnmergePatientRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnmergePatientResponse.FromString,
+                _registered_method=True)
+        self.GetLinkHistory = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/GetLinkHistory',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class PatientIndexServicer:
@@ -75,6 +120,68 @@ class PatientIndexServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchPatients(self, request, context):
+        """PDQ demographic search: records ranked by their match weight against the query.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MatchPatient(self, request, context):
+        """Probabilistic match of a full patient (FHIR Patient/$match), best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReviewTasks(self, request, context):
+        """Data stewards: open review tasks, both records side by side with per-field agreement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideReview(self, request, context):
+        """Data stewards: same person (the two become one) or different people (never proposed again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkPatients(self, request, context):
+        """Data stewards: link a record to the person of another record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlinkPatient(self, request, context):
+        """Data stewards: take a record out of its person (a new enterprise id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergePatients(self, request, context):
+        """A hospital merges two of its own local records (HL7 v2 A40 semantics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmergePatient(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLinkHistory(self, request, context):
+        """Every link change of a record and of the records of its person.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PatientIndexServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +199,51 @@ def add_PatientIndexServicer_to_server(servicer, server):
                     servicer.GetPatient,
                     request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetPatientRequest.FromString,
                     response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetPatientResponse.SerializeToString,
+            ),
+            'SearchPatients': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchPatients,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.SearchPatientsRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.SearchPatientsResponse.SerializeToString,
+            ),
+            'MatchPatient': grpc.unary_unary_rpc_method_handler(
+                    servicer.MatchPatient,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MatchPatientRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MatchPatientResponse.SerializeToString,
+            ),
+            'ListReviewTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviewTasks,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ListReviewTasksRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ListReviewTasksResponse.SerializeToString,
+            ),
+            'DecideReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideReview,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.DecideReviewRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.DecideReviewResponse.SerializeToString,
+            ),
+            'LinkPatients': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkPatients,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.LinkPatientsRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.LinkPatientsResponse.SerializeToString,
+            ),
+            'UnlinkPatient': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlinkPatient,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnlinkPatientRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnlinkPatientResponse.SerializeToString,
+            ),
+            'MergePatients': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergePatients,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MergePatientsRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.MergePatientsResponse.SerializeToString,
+            ),
+            'UnmergePatient': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmergePatient,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnmergePatientRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.UnmergePatientResponse.SerializeToString,
+            ),
+            'GetLinkHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLinkHistory,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +327,249 @@ class PatientIndex:
             '/hie.mpi.v1.PatientIndex/GetPatient',
             hie_dot_mpi_dot_v1_dot_mpi__pb2.GetPatientRequest.SerializeToString,
             hie_dot_mpi_dot_v1_dot_mpi__pb2.GetPatientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchPatients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/SearchPatients',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.SearchPatientsRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.SearchPatientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MatchPatient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/MatchPatient',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.MatchPatientRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.MatchPatientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviewTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/ListReviewTasks',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.ListReviewTasksRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.ListReviewTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/DecideReview',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.DecideReviewRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.DecideReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkPatients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/LinkPatients',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.LinkPatientsRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.LinkPatientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlinkPatient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/UnlinkPatient',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.UnlinkPatientRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.UnlinkPatientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergePatients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/MergePatients',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.MergePatientsRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.MergePatientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmergePatient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/UnmergePatient',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.UnmergePatientRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.UnmergePatientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLinkHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/GetLinkHistory',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,215 @@
+"""The master patient index beyond registration (REST): demographic search, the data stewards'
+review queue and decisions, link / unlink, a hospital's merge / unmerge, link history."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+
+from gateway.deps import Context
+from gateway.routes import rpc
+from gateway.routes.patients import _GENDERS, _LINK_METHODS, patient_json
+from hie.common.v1 import common_pb2
+from hie.mpi.v1 import mpi_pb2
+
+router = APIRouter(prefix="/api/v1", tags=["patient index"])
+
+
+def fields_json(fields: list[mpi_pb2.FieldAgreement]) -> dict[str, dict[str, Any]]:
+    return {f.field: {"level": f.level, "weight": round(f.weight, 3)} for f in fields}
+
+
+def scored_json(result: mpi_pb2.ScoredPatient) -> dict[str, Any]:
+    return {
+        "patient": patient_json(result.patient),
+        "weight": round(result.weight, 3),
+        "probability": result.probability,
+        "grade": result.grade,
+        "fields": fields_json(list(result.fields)),
+    }
+
+
+def task_json(task: mpi_pb2.ReviewTask) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "status": task.status,
+        "hold": task.hold,
+        "weight": round(task.weight, 3),
+        "created": task.created.ToDatetime().isoformat() + "Z",
+        "patient": patient_json(task.patient),
+        "candidate": patient_json(task.candidate),
+        "fields": fields_json(list(task.fields)),
+    }
+
+
+class PatientRefIn(BaseModel):
+    domain: str = Field(min_length=1, max_length=64)
+    local_id: str = Field(min_length=1, max_length=64)
+
+
+class DecisionIn(BaseModel):
+    decision: Literal["same", "different"]
+
+
+class LinkIn(BaseModel):
+    target: PatientRefIn
+
+
+class MergeIn(BaseModel):
+    survivor_local_id: str = Field(min_length=1, max_length=64)
+    subsumed_local_id: str = Field(min_length=1, max_length=64)
+
+
+@router.get("/patients/search")
+async def search_patients(
+    ctx: Context,
+    request: Request,
+    family: str = Query(default="", max_length=64),
+    given: str = Query(default="", max_length=64),
+    name: str = Query(default="", max_length=64),
+    birth_date: str = Query(default="", max_length=10),
+    gender: Literal["", "male", "female", "other", "unknown"] = "",
+    national_id: str = Query(default="", max_length=20),
+    phone: str = Query(default="", max_length=24),
+    limit: int = Query(default=20, ge=1, le=100),
+) -> dict[str, Any]:
+    """PDQ: records across the region ranked by match weight against the given demographics."""
+    ctx.require_scope("Patient", "r")
+    search = mpi_pb2.SearchPatientsRequest(
+        family=family,
+        given=given,
+        name=name,
+        birth_date=birth_date,
+        gender=_GENDERS.get(gender, mpi_pb2.GENDER_UNSPECIFIED),
+        phone=phone,
+        limit=limit,
+    )
+    if national_id:
+        search.identifier.CopyFrom(common_pb2.Identifier(type="NNCHN", value=national_id))
+    result = await rpc(request.app.state.stubs.mpi.SearchPatients(search, metadata=ctx.metadata))
+    return {"results": [scored_json(r) for r in result.results]}
+
+
+@router.get("/mpi/review-tasks")
+async def list_review_tasks(
+    ctx: Context,
+    request: Request,
+    page_size: int = Query(default=50, ge=1, le=200),
+    page_token: str = Query(default="", max_length=200),
+) -> dict[str, Any]:
+    """Data stewards: open review tasks, oldest first, both records side by side."""
+    ctx.require_scope("Patient", "r")
+    result = await rpc(
+        request.app.state.stubs.mpi.ListReviewTasks(
+            mpi_pb2.ListReviewTasksRequest(page_size=page_size, page_token=page_token), metadata=ctx.metadata
+        )
+    )
+    return {"tasks": [task_json(t) for t in result.tasks], "next_page_token": result.next_page_token}
+
+
+@router.post("/mpi/review-tasks/{task_id}/decision")
+async def decide_review(task_id: str, body: DecisionIn, ctx: Context, request: Request) -> dict[str, Any]:
+    """Data stewards: the two records are the same person, or different people (remembered)."""
+    ctx.require_scope("Patient", "u")
+    decision = mpi_pb2.REVIEW_DECISION_SAME if body.decision == "same" else mpi_pb2.REVIEW_DECISION_DIFFERENT
+    result = await rpc(
+        request.app.state.stubs.mpi.DecideReview(
+            mpi_pb2.DecideReviewRequest(task_id=task_id[:64], decision=decision), metadata=ctx.metadata
+        )
+    )
+    return task_json(result.task)
+
+
+def _ref(ctx: Context, local_id: str, domain: str) -> common_pb2.PatientRef:
+    return common_pb2.PatientRef(domain=domain or ctx.caller.organization_id, local_id=local_id)
+
+
+@router.post("/patients/{local_id}/link")
+async def link_patient(
+    local_id: str, body: LinkIn, ctx: Context, request: Request, domain: str = Query(default="", max_length=64)
+) -> dict[str, Any]:
+    """Data stewards: link this record to the person of the target record."""
+    ctx.require_scope("Patient", "u")
+    result = await rpc(
+        request.app.state.stubs.mpi.LinkPatients(
+            mpi_pb2.LinkPatientsRequest(
+                ref=_ref(ctx, local_id, domain),
+                target=common_pb2.PatientRef(domain=body.target.domain, local_id=body.target.local_id),
+            ),
+            metadata=ctx.metadata,
+        )
+    )
+    return patient_json(result.patient)
+
+
+@router.post("/patients/{local_id}/unlink")
+async def unlink_patient(
+    local_id: str, ctx: Context, request: Request, domain: str = Query(default="", max_length=64)
+) -> dict[str, Any]:
+    """Data stewards: take this record out of its person (a new enterprise id)."""
+    ctx.require_scope("Patient", "u")
+    result = await rpc(
+        request.app.state.stubs.mpi.UnlinkPatient(
+            mpi_pb2.UnlinkPatientRequest(ref=_ref(ctx, local_id, domain)), metadata=ctx.metadata
+        )
+    )
+    return patient_json(result.patient)
+
+
+@router.post("/patients/merge")
+async def merge_patients(body: MergeIn, ctx: Context, request: Request) -> dict[str, Any]:
+    """The hospital merges two of its own records: the subsumed one is retired into the survivor."""
+    ctx.require_scope("Patient", "u")
+    result = await rpc(
+        request.app.state.stubs.mpi.MergePatients(
+            mpi_pb2.MergePatientsRequest(
+                survivor_local_id=body.survivor_local_id, subsumed_local_id=body.subsumed_local_id
+            ),
+            metadata=ctx.metadata,
+        )
+    )
+    return patient_json(result.survivor)
+
+
+@router.post("/patients/{local_id}/unmerge")
+async def unmerge_patient(local_id: str, ctx: Context, request: Request) -> dict[str, Any]:
+    """Undo the hospital's last merge of this (retired) record."""
+    ctx.require_scope("Patient", "u")
+    result = await rpc(
+        request.app.state.stubs.mpi.UnmergePatient(
+            mpi_pb2.UnmergePatientRequest(subsumed_local_id=local_id), metadata=ctx.metadata
+        )
+    )
+    return patient_json(result.patient)
+
+
+@router.get("/patients/{local_id}/link-history")
+async def link_history(
+    local_id: str, ctx: Context, request: Request, domain: str = Query(default="", max_length=64)
+) -> dict[str, Any]:
+    """Every link change of this record and of the other records of its person."""
+    ctx.require_scope("Patient", "r")
+    result = await rpc(
+        request.app.state.stubs.mpi.GetLinkHistory(
+            mpi_pb2.GetLinkHistoryRequest(ref=_ref(ctx, local_id, domain)), metadata=ctx.metadata
+        )
+    )
+    return {
+        "enterprise_id": result.enterprise_id,
+        "changes": [
+            {
+                "domain": c.ref.domain,
+                "local_id": c.ref.local_id,
+                "enterprise_id": c.enterprise_id,
+                "previous_enterprise_id": c.previous_enterprise_id,
+                "method": _LINK_METHODS.get(c.method, "unknown"),
+                "reason": c.reason,
+                "weight": round(c.weight, 3),
+                "decided_by": c.decided_by,
+                "at": c.at.ToDatetime().isoformat() + "Z",
+            }
+            for c in result.changes
+        ],
+    }

@@ -1,0 +1,251 @@
+"""Bulk load of a hospital's historical patients from CSV: batches, one transaction each, with
+the load's progress committed in the same transaction (table `bulk_load`), so a load stopped at
+any point and started again neither loses nor repeats a row. Rejected rows are written to a file
+with their row number and a reason code (never the row's content)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.mpi import domain
+from services.mpi.index import MasterIndex
+from services.mpi.matching import Outcome
+from services.mpi.standalone import IndexHandle
+from services.mpi.store import bulk_load, save_bulk_load
+from services.shared.auth import Caller
+from services.shared.errors import DomainError
+
+FIELDS = (
+    "local_id",
+    "family",
+    "given",
+    "name",
+    "gender",
+    "birth_date",
+    "national_id",
+    "phone",
+    "address",
+    "province",
+    "city",
+    "district",
+    "postcode",
+)
+# Other identifiers: a column mapped to `identifier:<system>` (e.g. identifier:urn:hie:identifier:health-card).
+IDENTIFIER_PREFIX = "identifier:"
+_GENDERS = {
+    "male": domain.Gender.MALE,
+    "m": domain.Gender.MALE,
+    "男": domain.Gender.MALE,
+    "1": domain.Gender.MALE,
+    "female": domain.Gender.FEMALE,
+    "f": domain.Gender.FEMALE,
+    "女": domain.Gender.FEMALE,
+    "2": domain.Gender.FEMALE,
+}
+
+
+@dataclass
+class LoadCounts:
+    new: int = 0
+    linked: int = 0
+    review: int = 0
+    updated: int = 0
+    rejected: int = 0
+    rows: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LoadReport:
+    load_id: str
+    counts: LoadCounts
+    resumed_from: int
+    seconds: float = 0.0
+    rejects_file: Path | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def column_map(mapping: list[str], header: list[str]) -> dict[str, str]:
+    """csv column → field, from `csvcol=field` items; unmapped columns named like a field map to it."""
+    result = {c: c for c in header if c in FIELDS}
+    for item in mapping:
+        column, sep, target = item.partition("=")
+        if not sep or not column or (target not in FIELDS and not target.startswith(IDENTIFIER_PREFIX)):
+            raise ValueError(f"--map needs csvcol=field with field one of {', '.join(FIELDS)} or identifier:<system>")
+        if column not in header:
+            raise ValueError(f"--map names a column the file does not have: {column}")
+        result[column] = target
+    if "local_id" not in result.values():
+        raise ValueError("no column is mapped to local_id")
+    return result
+
+
+def registration_from_row(row: dict[str, str], mapping: dict[str, str], domain_id: str) -> domain.Registration:
+    """One CSV row as a validated registration (InvalidArgument names the field, never its value)."""
+    values: dict[str, str] = {}
+    identifiers = []
+    for column, target in mapping.items():
+        value = (row.get(column) or "").strip()
+        if target.startswith(IDENTIFIER_PREFIX):
+            if value:
+                identifiers.append(domain.Identifier(system=target.removeprefix(IDENTIFIER_PREFIX), value=value))
+        else:
+            values[target] = value
+    phones = [p for p in values.get("phone", "").replace(";", ",").split(",") if p.strip()]
+    return domain.validate_registration(
+        domain=domain_id,
+        local_id=values.get("local_id", ""),
+        name_text=values.get("name", ""),
+        family=values.get("family", ""),
+        given=values.get("given", ""),
+        gender=_GENDERS.get(values.get("gender", "").lower(), domain.Gender.UNKNOWN),
+        birth_date=values.get("birth_date", ""),
+        national_id=values.get("national_id", ""),
+        phones=phones[:5],
+        province=values.get("province", ""),
+        city=values.get("city", ""),
+        district=values.get("district", ""),
+        address_line=values.get("address", ""),
+        postal_code=values.get("postcode", ""),
+        identifiers=identifiers,
+    )
+
+
+def load_id_of(path: Path, domain_id: str) -> str:
+    """A load is one file (by content) into one domain."""
+    digest = hashlib.sha256(domain_id.encode() + b"\0")
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:64]
+
+
+def _rows(path: Path) -> Iterator[dict[str, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def header_of(path: Path) -> list[str]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def bulk_caller(domain_id: str) -> Caller:
+    return Caller(
+        organization_id=domain_id,
+        organization_type="hospital",
+        client_id="bulk-load",
+        role="bulk-load",
+        purpose_of_use="operations",
+    )
+
+
+def _keep_rejects_before(path: Path, row: int) -> None:
+    """Drop reject lines of rows not committed (a batch interrupted before its commit)."""
+    if not path.exists():
+        path.write_text("row,reason\n", encoding="utf-8")
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()[1:]
+        if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= row
+    ]
+    path.write_text("row,reason\n" + "".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+async def load_csv(
+    handle: IndexHandle,
+    path: Path,
+    *,
+    domain_id: str,
+    mapping: list[str],
+    rejects: Path,
+    batch_size: int = 500,
+    progress: Callable[[int], None] = lambda n: None,
+    stop_after_batches: int | None = None,
+) -> LoadReport:
+    """Load (or resume loading) a CSV file into the domain; `progress(n)` is told of every n rows
+    done. `stop_after_batches` stops early, as an interruption would (for tests and benchmarks)."""
+    header = header_of(path)
+    columns = column_map(mapping, header)
+    load_id = load_id_of(path, domain_id)
+    async with handle.sessions() as session:
+        state = await bulk_load(session, load_id)
+    done = state.rows_done if state else 0
+    counts = LoadCounts(**json.loads(state.counts)) if state else LoadCounts()
+    reasons: dict[str, int] = {}
+    _keep_rejects_before(rejects, done)
+    who = bulk_caller(domain_id)
+    master: MasterIndex = handle.master
+    started = time.perf_counter()
+    batch: list[tuple[int, dict[str, str]]] = []
+    batches = 0
+    progress(done)
+
+    async def flush() -> None:
+        nonlocal done
+        rejected_lines = []
+        async with handle.sessions() as session, session.begin():
+            valid: list[tuple[int, domain.Registration]] = []
+            for number, row in batch:
+                try:
+                    valid.append((number, registration_from_row(row, columns, domain_id)))
+                except DomainError as exc:
+                    counts.rejected += 1
+                    reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
+                    rejected_lines.append(f"{number},{exc.reason}\n")
+            results = await master.register_batch(session, who, [r for _, r in valid])
+            for (number, _), result in zip(valid, results, strict=True):
+                if isinstance(result, DomainError):
+                    counts.rejected += 1
+                    reasons[result.reason] = reasons.get(result.reason, 0) + 1
+                    rejected_lines.append(f"{number},{result.reason}\n")
+            for result in results:
+                if isinstance(result, DomainError):
+                    continue
+                if not result.created:
+                    counts.updated += 1
+                elif result.outcome is Outcome.LINK:
+                    counts.linked += 1
+                elif result.outcome is Outcome.REVIEW:
+                    counts.review += 1
+                else:
+                    counts.new += 1
+            counts.rows = batch[-1][0]
+            with rejects.open("a", encoding="utf-8") as out:
+                out.writelines(rejected_lines)
+            await save_bulk_load(
+                session, load_id, domain=domain_id, rows_done=batch[-1][0], counts=json.dumps(counts.as_dict())
+            )
+        done = batch[-1][0]
+        progress(len(batch))
+        batch.clear()
+
+    for number, row in enumerate(_rows(path), start=1):
+        if number <= done:
+            continue
+        batch.append((number, row))
+        if len(batch) >= batch_size:
+            await flush()
+            batches += 1
+            if stop_after_batches is not None and batches >= stop_after_batches:
+                break
+    else:
+        if batch:
+            await flush()
+    return LoadReport(
+        load_id=load_id,
+        counts=counts,
+        resumed_from=state.rows_done if state else 0,
+        seconds=time.perf_counter() - started,
+        rejects_file=rejects,
+        reasons=reasons,
+    )

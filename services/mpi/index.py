@@ -1,0 +1,752 @@
+"""The master patient index's operations over its store: register / update with matching,
+steward decisions, link / unlink, merge / unmerge, search. Every change writes its link
+history, a `mpi.link.changed` event and an audit event in the caller's transaction.
+
+Used by the gRPC servicer, the HL7 v2 (MLLP) listener and the bulk loader alike, so a record
+fed by any of them is matched, linked and audited the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.mpi import domain, matching, store
+from services.mpi.matching import MatchDecision, MatchParameters, MatchRecord, Outcome, Rule, ScoredCandidate
+from services.shared.audit_trail import Action, AuditTrail
+from services.shared.auth import Caller
+from services.shared.db import utcnow
+from services.shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.outbox import Outbox
+
+LINK_TOPIC = "mpi.link.changed"
+# Advisory lock ids of the index ("MPI" in the high bytes, apart from other users of advisory locks).
+_LOCK_SPACE = 0x4D5049 << 16
+_NOT_FOUND = "no patient with that local id in that domain"
+
+
+@dataclass
+class Registered:
+    record: store.PatientRecord
+    created: bool
+    method: domain.LinkMethod
+    outcome: Outcome
+    review_task_ids: list[str] = field(default_factory=list)
+    audit_event_id: str = ""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A search or match result: the record, its comparison with the query."""
+
+    record: store.PatientRecord
+    comparison: matching.Comparison
+    probability: float
+    grade: str
+
+
+def _actor(who: Caller) -> str:
+    return (who.practitioner_id or who.client_id or who.organization_id)[:64]
+
+
+def comparison_json(comparison: matching.Comparison) -> str:
+    return json.dumps({f: [comparison.levels[f], comparison.weights[f]] for f in comparison.levels})
+
+
+class MasterIndex:
+    """Operations of the index; each runs inside a session transaction the caller owns."""
+
+    def __init__(self, *, audit: AuditTrail, outbox: Outbox, params: MatchParameters) -> None:
+        self.audit = audit
+        self.outbox = outbox
+        self.params = params
+
+    # --- events ------------------------------------------------------------------------------
+
+    async def _event(
+        self,
+        session: AsyncSession,
+        *,
+        change: str,
+        record: store.PatientRecord,
+        previous: str | None,
+        method: str,
+        score: float | None,
+    ) -> None:
+        """A link change for subscribers (the registry): ids only, never demographics."""
+        payload = {
+            "event_id": str(uuid.uuid4()),
+            "change": change,
+            "domain": record.domain,
+            "local_id": record.local_id,
+            "enterprise_id": record.enterprise_id,
+            "previous_enterprise_id": previous or "",
+            "method": method,
+            "score": score,
+            "at": utcnow().isoformat(),
+        }
+        await self.outbox.add(session, LINK_TOPIC, json.dumps(payload).encode())
+
+    async def _move(
+        self,
+        session: AsyncSession,
+        record: store.PatientRecord,
+        *,
+        enterprise_id: str,
+        method: domain.LinkMethod,
+        score: float | None,
+        decided_by: str,
+        reason: str,
+    ) -> None:
+        previous = await store.move_record(
+            session,
+            record,
+            enterprise_id=enterprise_id,
+            method=method.value,
+            score=score,
+            decided_by=decided_by,
+            reason=reason,
+        )
+        await self._event(session, change=reason, record=record, previous=previous, method=method.value, score=score)
+
+    # --- matching -----------------------------------------------------------------------------
+
+    async def lock(self, session: AsyncSession, keys: Iterable[str]) -> None:
+        """Serialise registrations sharing a blocking key (PostgreSQL advisory locks, taken in a
+        fixed order so two registrations never wait on each other crosswise)."""
+        if session.bind.dialect.name != "postgresql":
+            return
+        # Keys hash into 1,024 lock slots: a bulk batch with thousands of keys takes at most 1,024
+        # locks (PostgreSQL's shared lock table is small), at the price of rare false contention.
+        ids = sorted({_LOCK_SPACE + zlib.crc32(k.encode()) % 1024 for k in keys})
+        if ids:
+            # One round trip for all of them (a bulk batch has thousands of keys).
+            await session.execute(
+                text(
+                    "SELECT count(pg_advisory_xact_lock(k)) "
+                    "FROM (SELECT unnest(CAST(:ids AS bigint[])) AS k ORDER BY k) AS t"
+                ),
+                {"ids": ids},
+            )
+
+    async def evaluate(
+        self,
+        session: AsyncSession,
+        new: MatchRecord,
+        *,
+        extra: Sequence[store.PatientRecord] = (),
+        different: frozenset[str] = frozenset(),
+    ) -> MatchDecision:
+        """Candidates by blocking keys (plus `extra`), scored and decided."""
+        found = await store.candidates(session, matching.search_keys(new))
+        by_id = {r.id: r for r in found}
+        by_id.update({r.id: r for r in extra})
+        by_id.pop(new.record_id, None)
+        frequencies = await store.value_frequencies(session, matching.frequency_values(new))
+        records = [store.match_record_of(r) for r in by_id.values()]
+        return matching.decide(new, records, self.params, frequencies, different=different)
+
+    async def _open_tasks(self, session: AsyncSession, record_id: str, review: Sequence[ScoredCandidate]) -> list[str]:
+        ids = []
+        for scored in review:
+            task_id = await store.add_review_task(
+                session,
+                patient_id=record_id,
+                candidate_id=scored.record.record_id,
+                score=scored.comparison.total,
+                comparison=comparison_json(scored.comparison),
+                hold=scored.hold,
+            )
+            if task_id:
+                ids.append(task_id)
+        return ids
+
+    # --- register / update -----------------------------------------------------------------------
+
+    async def register(self, session: AsyncSession, who: Caller, registration: domain.Registration) -> Registered:
+        """Insert or update a record of the caller's domain and (re)decide its link."""
+        existing = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
+        if existing is not None and existing.merged_into is not None:
+            raise FailedPrecondition("that local id was merged into another record", reason="patient-merged")
+        record_id = existing.id if existing is not None else str(uuid.uuid4())
+        enterprise_id = existing.enterprise_id if existing is not None else domain.new_enterprise_id()
+        new = store.match_record_of_registration(registration, record_id=record_id, enterprise_id=enterprise_id)
+        keys = matching.blocking_keys(new)
+        await self.lock(session, matching.search_keys(new))
+        if existing is None:
+            result = await self._insert(session, who, registration, new, keys)
+        else:
+            result = await self._update(session, who, existing, registration, new, keys)
+        result.audit_event_id = await self.audit.record(
+            session,
+            caller=who,
+            type="patient.register" if result.created else "patient.update",
+            action=Action.ACTION_CREATE if result.created else Action.ACTION_UPDATE,
+            patient_enterprise_id=result.record.enterprise_id,
+            entities=[("Patient", f"{result.record.domain}|{result.record.local_id}")],
+        )
+        return result
+
+    async def _insert(
+        self,
+        session: AsyncSession,
+        who: Caller,
+        registration: domain.Registration,
+        new: MatchRecord,
+        keys: set[str],
+    ) -> Registered:
+        decision = await self.evaluate(session, new)
+        if decision.outcome is Outcome.LINK and decision.best is not None:
+            method = (
+                domain.LinkMethod.NATIONAL_ID if decision.rule is Rule.NATIONAL_ID else domain.LinkMethod.PROBABILISTIC
+            )
+            enterprise_id, score = decision.enterprise_id, decision.best.comparison.total
+        else:
+            method, enterprise_id, score = domain.LinkMethod.NEW, new.enterprise_id, None
+        record = await store.insert_record(
+            session,
+            registration,
+            record_id=new.record_id,
+            enterprise_id=enterprise_id,
+            method=method.value,
+            score=score,
+            decided_by="rule",
+        )
+        await store.set_blocking_keys(session, record.id, keys, new=True)
+        await store.adjust_frequencies(session, matching.frequency_values(new), 1)
+        await self._event(session, change="register", record=record, previous=None, method=method.value, score=score)
+        tasks = (
+            await self._open_tasks(session, record.id, decision.review) if decision.outcome is Outcome.REVIEW else []
+        )
+        return Registered(record=record, created=True, method=method, outcome=decision.outcome, review_task_ids=tasks)
+
+    async def _update(
+        self,
+        session: AsyncSession,
+        who: Caller,
+        record: store.PatientRecord,
+        registration: domain.Registration,
+        new: MatchRecord,
+        keys: set[str],
+    ) -> Registered:
+        old = store.match_record_of(record)
+        await store.update_record(session, record, registration)
+        await store.set_blocking_keys(session, record.id, keys)
+        if matching.frequency_values(old) != matching.frequency_values(new):
+            await store.adjust_frequencies(session, matching.frequency_values(old), -1)
+            await store.adjust_frequencies(session, matching.frequency_values(new), 1)
+        method = domain.LinkMethod(record.link_method)
+        if method in (domain.LinkMethod.STEWARD, domain.LinkMethod.MERGE):
+            # A person's decision outranks the rule: demographics change, the link stays.
+            return Registered(record=record, created=False, method=method, outcome=Outcome.LINK)
+        mates = [r for r in await store.records_of_person(session, record.enterprise_id) if r.id != record.id]
+        different = await store.different_from(session, record.id)
+        decision = await self.evaluate(session, new, extra=mates, different=different)
+        tasks: list[str] = []
+        if decision.outcome is Outcome.LINK and decision.best is not None:
+            score = decision.best.comparison.total
+            target_method = (
+                domain.LinkMethod.NATIONAL_ID if decision.rule is Rule.NATIONAL_ID else domain.LinkMethod.PROBABILISTIC
+            )
+            if decision.enterprise_id != record.enterprise_id:
+                await self._move(
+                    session,
+                    record,
+                    enterprise_id=decision.enterprise_id,
+                    method=target_method,
+                    score=score,
+                    decided_by="rule",
+                    reason="update",
+                )
+                await store.close_settled_tasks(session, [record.id])
+            method = target_method
+        elif mates:
+            # The changed record no longer matches the person it was linked to: a person of its own.
+            await self._move(
+                session,
+                record,
+                enterprise_id=domain.new_enterprise_id(),
+                method=domain.LinkMethod.NEW,
+                score=None,
+                decided_by="rule",
+                reason="update",
+            )
+            method = domain.LinkMethod.NEW
+        if decision.outcome is Outcome.REVIEW:
+            tasks = await self._open_tasks(session, record.id, decision.review)
+        return Registered(record=record, created=False, method=method, outcome=decision.outcome, review_task_ids=tasks)
+
+    # --- steward decisions ----------------------------------------------------------------------
+
+    async def record(self, session: AsyncSession, domain_id: str, local_id: str) -> store.PatientRecord:
+        record = await store.find_record(session, domain=domain_id, local_id=local_id)
+        if record is None or record.merged_into is not None:
+            raise NotFound(_NOT_FOUND, reason="patient-not-found")
+        return record
+
+    async def _join(
+        self,
+        session: AsyncSession,
+        who: Caller,
+        moving_enterprise: str,
+        target_enterprise: str,
+        *,
+        method: domain.LinkMethod,
+        score: float | None,
+        reason: str,
+    ) -> list[store.PatientRecord]:
+        """Move every record of one enterprise id to another (two records found to be one person)."""
+        moved = await store.records_of_person(session, moving_enterprise)
+        for record in moved:
+            await self._move(
+                session,
+                record,
+                enterprise_id=target_enterprise,
+                method=method,
+                score=score,
+                decided_by=_actor(who),
+                reason=reason,
+            )
+        return moved
+
+    async def decide_review(self, session: AsyncSession, who: Caller, task_id: str, *, same: bool) -> store.ReviewTask:
+        """A steward's decision on a review task. Same person: the two enterprise ids become one
+        (the task's record joins the candidate's). Different people: remembered, never proposed again."""
+        task = await store.review_task(session, task_id, for_update=True)
+        if task is None:
+            raise NotFound("no such review task", reason="review-task-not-found")
+        if task.status != "open":
+            raise FailedPrecondition("the review task was already decided", reason="review-task-closed")
+        records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
+        subject, candidate = records[task.patient_id], records[task.candidate_id]
+        if same:
+            if subject.enterprise_id != candidate.enterprise_id:
+                await self._join(
+                    session,
+                    who,
+                    subject.enterprise_id,
+                    candidate.enterprise_id,
+                    method=domain.LinkMethod.STEWARD,
+                    score=task.score,
+                    reason="review-same",
+                )
+        else:
+            await store.record_non_match(session, subject.id, candidate.id, decided_by=_actor(who))
+            if subject.enterprise_id == candidate.enterprise_id:
+                # Linked meanwhile by rule: "different people" separates them again.
+                await self._move(
+                    session,
+                    subject,
+                    enterprise_id=domain.new_enterprise_id(),
+                    method=domain.LinkMethod.STEWARD,
+                    score=None,
+                    decided_by=_actor(who),
+                    reason="review-different",
+                )
+        task.status = "same" if same else "different"
+        task.decided_at = utcnow()
+        task.decided_by = _actor(who)
+        await store.close_settled_tasks(session, [subject.id, candidate.id])
+        await self.audit.record(
+            session,
+            caller=who,
+            type="patient.review-decide",
+            action=Action.ACTION_UPDATE,
+            patient_enterprise_id=candidate.enterprise_id,
+            entities=[
+                ("ReviewTask", task.id),
+                ("Patient", f"{subject.domain}|{subject.local_id}"),
+                ("Patient", f"{candidate.domain}|{candidate.local_id}"),
+            ],
+        )
+        return task
+
+    async def link(
+        self, session: AsyncSession, who: Caller, source: tuple[str, str], target: tuple[str, str]
+    ) -> store.PatientRecord:
+        """A steward links one record to the person of another (only that record moves)."""
+        record = await self.record(session, *source)
+        other = await self.record(session, *target)
+        if record.id == other.id:
+            raise InvalidArgument("a record cannot be linked to itself", reason="same-record")
+        if record.enterprise_id != other.enterprise_id:
+            await self._move(
+                session,
+                record,
+                enterprise_id=other.enterprise_id,
+                method=domain.LinkMethod.STEWARD,
+                score=None,
+                decided_by=_actor(who),
+                reason="link",
+            )
+        await store.close_settled_tasks(session, [record.id])
+        await self.audit.record(
+            session,
+            caller=who,
+            type="patient.link",
+            action=Action.ACTION_UPDATE,
+            patient_enterprise_id=record.enterprise_id,
+            entities=[("Patient", f"{r.domain}|{r.local_id}") for r in (record, other)],
+        )
+        return record
+
+    async def unlink(self, session: AsyncSession, who: Caller, source: tuple[str, str]) -> store.PatientRecord:
+        """A steward takes a record out of its person: a new enterprise id, and "different people"
+        remembered against every record it leaves, so the matcher does not link it back."""
+        record = await self.record(session, *source)
+        mates = [r for r in await store.records_of_person(session, record.enterprise_id) if r.id != record.id]
+        previous = record.enterprise_id
+        if mates:
+            for mate in mates:
+                await store.record_non_match(session, record.id, mate.id, decided_by=_actor(who))
+            await self._move(
+                session,
+                record,
+                enterprise_id=domain.new_enterprise_id(),
+                method=domain.LinkMethod.STEWARD,
+                score=None,
+                decided_by=_actor(who),
+                reason="unlink",
+            )
+        await self.audit.record(
+            session,
+            caller=who,
+            type="patient.unlink",
+            action=Action.ACTION_UPDATE,
+            patient_enterprise_id=previous,
+            entities=[("Patient", f"{record.domain}|{record.local_id}")],
+        )
+        return record
+
+    async def merge(
+        self, session: AsyncSession, who: Caller, domain_id: str, survivor_local: str, subsumed_local: str
+    ) -> store.PatientRecord:
+        """A hospital merges two of its own local records (ADT^A40): the subsumed record is
+        retired and its person joins the survivor's."""
+        if survivor_local == subsumed_local:
+            raise InvalidArgument("a record cannot be merged into itself", reason="same-record")
+        survivor = await self.record(session, domain_id, survivor_local)
+        subsumed = await self.record(session, domain_id, subsumed_local)
+        moved_pairs = [[subsumed.id, subsumed.enterprise_id]]
+        if subsumed.enterprise_id != survivor.enterprise_id:
+            others = [r for r in await store.records_of_person(session, subsumed.enterprise_id) if r.id != subsumed.id]
+            moved_pairs += [[r.id, r.enterprise_id] for r in others]
+            for record in [subsumed, *others]:
+                await self._move(
+                    session,
+                    record,
+                    enterprise_id=survivor.enterprise_id,
+                    method=domain.LinkMethod.MERGE,
+                    score=None,
+                    decided_by=_actor(who),
+                    reason="merge",
+                )
+        subsumed.merged_into = survivor.id
+        await store.set_blocking_keys(session, subsumed.id, set())
+        await store.adjust_frequencies(session, matching.frequency_values(store.match_record_of(subsumed)), -1)
+        await store.add_merge(
+            session,
+            domain=domain_id,
+            survivor_id=survivor.id,
+            subsumed_id=subsumed.id,
+            moved=json.dumps(moved_pairs),
+            decided_by=_actor(who),
+        )
+        await store.close_settled_tasks(session, [subsumed.id, survivor.id])
+        await self._event(session, change="merge-retired", record=subsumed, previous=None, method="merge", score=None)
+        await self.audit.record(
+            session,
+            caller=who,
+            type="patient.merge",
+            action=Action.ACTION_UPDATE,
+            patient_enterprise_id=survivor.enterprise_id,
+            entities=[("Patient", f"{r.domain}|{r.local_id}") for r in (survivor, subsumed)],
+        )
+        return survivor
+
+    async def unmerge(
+        self, session: AsyncSession, who: Caller, domain_id: str, subsumed_local: str
+    ) -> store.PatientRecord:
+        """Undo the last merge of a retired record: it is active again, and every record the merge
+        moved returns to its former enterprise id (if it is still where the merge put it)."""
+        subsumed = await store.find_record(session, domain=domain_id, local_id=subsumed_local)
+        if subsumed is None or subsumed.merged_into is None:
+            raise NotFound("no merged record with that local id in that domain", reason="merge-not-found")
+        merge = await store.last_merge_of(session, subsumed.id)
+        if merge is None:
+            raise NotFound("no merged record with that local id in that domain", reason="merge-not-found")
+        survivor = (await store.records_by_id(session, [merge.survivor_id]))[merge.survivor_id]
+        subsumed.merged_into = None
+        pairs = json.loads(merge.moved)
+        records = await store.records_by_id(session, [p[0] for p in pairs])
+        for record_id, previous in pairs:
+            record = records.get(record_id)
+            if (
+                record is not None
+                and record.enterprise_id == survivor.enterprise_id
+                and previous != survivor.enterprise_id
+            ):
+                await self._move(
+                    session,
+                    record,
+                    enterprise_id=previous,
+                    method=domain.LinkMethod.MERGE,
+                    score=None,
+                    decided_by=_actor(who),
+                    reason="unmerge",
+                )
+        if subsumed.enterprise_id == survivor.enterprise_id:
+            # Merged within one person: unmerged, it is a person of its own again.
+            await self._move(
+                session,
+                subsumed,
+                enterprise_id=domain.new_enterprise_id(),
+                method=domain.LinkMethod.MERGE,
+                score=None,
+                decided_by=_actor(who),
+                reason="unmerge",
+            )
+        new = store.match_record_of(subsumed)
+        await store.set_blocking_keys(session, subsumed.id, matching.blocking_keys(new))
+        await store.adjust_frequencies(session, matching.frequency_values(new), 1)
+        merge.undone_at = utcnow()
+        await store.record_non_match(session, subsumed.id, survivor.id, decided_by=_actor(who))
+        await self.audit.record(
+            session,
+            caller=who,
+            type="patient.unmerge",
+            action=Action.ACTION_UPDATE,
+            patient_enterprise_id=subsumed.enterprise_id,
+            entities=[("Patient", f"{r.domain}|{r.local_id}") for r in (survivor, subsumed)],
+        )
+        return subsumed
+
+    # --- search ---------------------------------------------------------------------------------
+
+    def grade(self, comparison: matching.Comparison) -> str:
+        """FHIR match-grade: certain (auto-link territory), probable (review), possible."""
+        if comparison.total >= self.params.link_threshold:
+            return "certain"
+        if comparison.total >= self.params.review_threshold:
+            return "probable"
+        return "possible"
+
+    async def rank(
+        self, session: AsyncSession, query: MatchRecord, *, limit: int, minimum: float | None = None
+    ) -> list[Ranked]:
+        """Records sharing a blocking key with the query, scored against it, best first."""
+        found = await store.candidates(session, matching.search_keys(query) | matching.name_keys(query))
+        frequencies = await store.value_frequencies(session, matching.frequency_values(query))
+        ranked = []
+        for record in found:
+            comparison = matching.score(query, store.match_record_of(record), self.params, frequencies)
+            if minimum is not None and comparison.total < minimum:
+                continue
+            ranked.append(
+                Ranked(
+                    record=record,
+                    comparison=comparison,
+                    probability=comparison.probability(self.params.prior_match),
+                    grade=self.grade(comparison),
+                )
+            )
+        ranked.sort(key=lambda r: (-r.comparison.total, r.record.domain, r.record.local_id))
+        return ranked[:limit]
+
+    # --- bulk registration -----------------------------------------------------------------
+
+    async def register_batch(
+        self, session: AsyncSession, who: Caller, registrations: Sequence[domain.Registration]
+    ) -> list[Registered | DomainError]:
+        """Register many new records of one domain in a few statements (bulk load): candidates,
+        frequencies and existing records are read for the whole batch at once, records earlier in
+        the batch are candidates of later ones, and rows are written with executemany. Local ids
+        already known (updates) and repeats within the batch go through `register` one by one.
+        One audit event covers the batch, naming every record it wrote. A record refused by a
+        domain rule is returned as its error (its row is not written)."""
+        if not registrations:
+            return []
+        domain_id = registrations[0].domain
+        existing = await store.find_records(session, domain=domain_id, local_ids=[r.local_id for r in registrations])
+        fresh: list[tuple[int, domain.Registration, MatchRecord]] = []
+        later: list[int] = []
+        seen: set[str] = set()
+        for i, registration in enumerate(registrations):
+            if registration.local_id in existing or registration.local_id in seen:
+                later.append(i)
+                continue
+            seen.add(registration.local_id)
+            new = store.match_record_of_registration(
+                registration, record_id=str(uuid.uuid4()), enterprise_id=domain.new_enterprise_id()
+            )
+            fresh.append((i, registration, new))
+        all_keys = set().union(*(matching.search_keys(n) for _, _, n in fresh)) if fresh else set()
+        await self.lock(session, all_keys)
+        stored = await store.match_candidates_by_key(session, all_keys)
+        frequencies = await store.frequencies_of(
+            session, {(f, v) for _, _, n in fresh for f, v in matching.frequency_values(n).items() if v}
+        )
+        in_batch: dict[str, list[MatchRecord]] = {}
+        now = utcnow()
+        patients, identifiers, keys, history, events, tasks = [], [], [], [], [], []
+        deltas: dict[tuple[str, str], int] = {}
+        results: dict[int, Registered | DomainError] = {}
+        for i, registration, new in fresh:
+            own_keys = matching.search_keys(new)
+            candidates: dict[str, MatchRecord] = {}
+            for key in own_keys:
+                for record in stored.get(key, ()):
+                    candidates[record.record_id] = record
+                for record in in_batch.get(key, ()):
+                    candidates[record.record_id] = record
+                if len(candidates) > 500:
+                    break
+            decision = matching.decide(new, list(candidates.values()), self.params, frequencies)
+            if decision.outcome is Outcome.LINK and decision.best is not None:
+                method = (
+                    domain.LinkMethod.NATIONAL_ID
+                    if decision.rule is Rule.NATIONAL_ID
+                    else domain.LinkMethod.PROBABILISTIC
+                )
+                enterprise_id, score = decision.enterprise_id, decision.best.comparison.total
+            else:
+                method, enterprise_id, score = domain.LinkMethod.NEW, new.enterprise_id, None
+            linked = replace_enterprise(new, enterprise_id)
+            for key in matching.blocking_keys(new):
+                in_batch.setdefault(key, []).append(linked)
+                keys.append({"key": key, "patient_id": new.record_id})
+            patients.append(
+                {
+                    "id": new.record_id,
+                    "domain": registration.domain,
+                    "local_id": registration.local_id,
+                    "enterprise_id": enterprise_id,
+                    "name_text": registration.name_text,
+                    "family": registration.family,
+                    "given": registration.given,
+                    "gender": registration.gender.value,
+                    "birth_date": registration.birth_date,
+                    "national_id": registration.national_id,
+                    "phones": json.dumps(list(registration.phones)),
+                    "province": registration.province,
+                    "city": registration.city,
+                    "district": registration.district,
+                    "address_line": registration.address_line,
+                    "postal_code": registration.postal_code,
+                    "link_method": method.value,
+                    "link_score": score,
+                    "linked_at": now,
+                    "merged_into": None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            identifiers += [
+                {"patient_id": new.record_id, "system": x.system, "value": x.value, "type": x.type}
+                for x in registration.identifiers
+            ]
+            history.append(
+                {
+                    "patient_id": new.record_id,
+                    "enterprise_id": enterprise_id,
+                    "previous_enterprise_id": None,
+                    "method": method.value,
+                    "decided_by": "rule",
+                    "created_at": now,
+                    "score": score,
+                    "reason": "register",
+                }
+            )
+            events.append(
+                {
+                    "event_id": str(uuid.uuid4()),
+                    "change": "register",
+                    "domain": registration.domain,
+                    "local_id": registration.local_id,
+                    "enterprise_id": enterprise_id,
+                    "previous_enterprise_id": "",
+                    "method": method.value,
+                    "score": score,
+                    "at": now.isoformat(),
+                }
+            )
+            if decision.outcome is Outcome.REVIEW:
+                for scored in decision.review:
+                    tasks.append(
+                        {
+                            "id": str(uuid.uuid4()),
+                            "patient_id": new.record_id,
+                            "candidate_id": scored.record.record_id,
+                            "score": scored.comparison.total,
+                            "comparison": comparison_json(scored.comparison),
+                            "hold": scored.hold,
+                            "status": "open",
+                            "created_at": now,
+                            "decided_at": None,
+                            "decided_by": "",
+                        }
+                    )
+            for f, v in matching.frequency_values(new).items():
+                if v:
+                    deltas[(f, v)] = deltas.get((f, v), 0) + 1
+                    deltas[(f, "")] = deltas.get((f, ""), 0) + 1
+            results[i] = Registered(record=None, created=True, method=method, outcome=decision.outcome)  # type: ignore[arg-type]
+        tables = store.metadata.tables
+        await store.insert_rows(session, tables["patient"], patients)
+        await store.insert_rows(session, tables["patient_identifier"], identifiers)
+        await store.insert_rows(session, tables["blocking_key"], keys)
+        await store.insert_rows(session, tables["link_history"], history)
+        await store.insert_rows(session, tables["review_task"], tasks)
+        await store.add_frequency_deltas(session, deltas)
+        await store.insert_rows(
+            session,
+            tables["outbox"],
+            [
+                {
+                    "id": e["event_id"],
+                    "topic": LINK_TOPIC,
+                    "payload": json.dumps(e).encode(),
+                    "created_at": now,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "delivered_at": None,
+                    "last_error": None,
+                }
+                for e in events
+            ],
+        )
+        if patients:
+            audit_id = await self.audit.record(
+                session,
+                caller=who,
+                type="patient.bulk-register",
+                action=Action.ACTION_CREATE,
+                entities=[("Patient", f"{p['domain']}|{p['local_id']}") for p in patients],
+            )
+            for result in results.values():
+                if isinstance(result, Registered):
+                    result.audit_event_id = audit_id
+        for i in later:
+            try:
+                async with session.begin_nested():
+                    results[i] = await self.register(session, who, registrations[i])
+            except DomainError as exc:
+                results[i] = exc
+        return [results[i] for i in range(len(registrations))]
+
+
+def replace_enterprise(record: MatchRecord, enterprise_id: str) -> MatchRecord:
+    """The record as linked to another enterprise id."""
+    return dataclasses.replace(record, enterprise_id=enterprise_id)
+
+
+def method_of(decision: MatchDecision) -> domain.LinkMethod:
+    """How a LINK decision was made."""
+    return domain.LinkMethod.NATIONAL_ID if decision.rule is Rule.NATIONAL_ID else domain.LinkMethod.PROBABILISTIC

@@ -1,0 +1,680 @@
+"""Record matching: comparison levels per field, Fellegi–Sunter weights, value frequencies,
+EM estimation of m / u, and the link decision (pure: no I/O).
+
+A pair of records is compared field by field; each field lands on one comparison level
+(e.g. names: exact characters, same pinyin, pinyin against characters, swapped, similar,
+different). Each level weighs log2(m/u) bits, m = P(level | same person) and u = P(level |
+different people); a missing value weighs nothing. Agreeing on a name weighs more when the
+name is rare: the weight is adjusted by log2(u_exact / share of the value) (Winkler's
+frequency-based weights), 王 and 李 counting less than a rare surname. The summed weight is
+compared with two thresholds: at or above the link threshold an automatic link, between the two
+a review task, below a new person.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from rapidfuzz.distance import JaroWinkler
+
+from services.mpi.chinese_names import NameForms, name_forms, pinyin_of
+from services.shared import gb11643
+
+DEFAULT_PARAMETERS_FILE = Path(__file__).with_name("match_parameters.json")
+
+# Comparison levels (the names used in the parameters file and in review tasks).
+EXACT = "exact"
+HOMOPHONE = "homophone"
+PINYIN = "pinyin"
+SWAPPED = "swapped"
+SIMILAR = "similar"
+DIFFERENT = "different"
+ONE_DIGIT = "one_digit"
+DAY_MONTH_SWAPPED = "day_month_swapped"
+YEAR_ONLY = "year_only"
+AGREE = "agree"
+DISAGREE = "disagree"
+SAME = "same"
+PARTIAL = "partial"
+MISSING = "missing"
+
+FIELDS = ("family", "given", "birth_date", "gender", "national_id", "phone", "address", "postcode", "identifier")
+# Jaro–Winkler similarity of pinyin / Latin spellings at or above which names are "similar" (typos).
+SIMILAR_NAME = 0.9
+_NAME_AGREEMENT = frozenset({EXACT, HOMOPHONE, PINYIN})
+_ADDRESS_NOISE = re.compile(r"[\s,，.。、#()（）\-—_/]+")
+_ADDRESS_WORDS = ("自治区", "自治州", "特别行政区", "省", "市", "区", "县", "号院", "号楼", "单元")
+
+
+@dataclass(frozen=True)
+class MatchRecord:
+    """The comparable form of one patient record."""
+
+    record_id: str
+    domain: str
+    enterprise_id: str
+    name: NameForms
+    gender: str = "unknown"
+    birth_date: datetime.date | None = None
+    national_id: str | None = None
+    phones: frozenset[str] = frozenset()
+    address: frozenset[str] = frozenset()
+    postcode: str = ""
+    identifiers: frozenset[tuple[str, str]] = frozenset()
+
+
+def address_tokens(*parts: str) -> frozenset[str]:
+    """Character bigrams of an address with punctuation, spacing and administrative suffixes
+    removed, so a reformatted address (北京市西城区… / 西城区…号院) still shares most tokens."""
+    text = unicodedata.normalize("NFKC", "".join(parts)).casefold()
+    text = _ADDRESS_NOISE.sub("", text)
+    for word in _ADDRESS_WORDS:
+        text = text.replace(word, "")
+    if len(text) < 2:
+        return frozenset({text}) if text else frozenset()
+    return frozenset(text[i : i + 2] for i in range(len(text) - 1))
+
+
+def match_record(
+    *,
+    record_id: str,
+    domain: str,
+    enterprise_id: str,
+    name_text: str,
+    family: str = "",
+    given: str = "",
+    gender: str = "unknown",
+    birth_date: datetime.date | None = None,
+    national_id: str | None = None,
+    phones: Iterable[str] = (),
+    province: str = "",
+    city: str = "",
+    district: str = "",
+    address_line: str = "",
+    postal_code: str = "",
+    identifiers: Iterable[tuple[str, str]] = (),
+) -> MatchRecord:
+    """Build the comparable form of a record from its stored or registered fields."""
+    return MatchRecord(
+        record_id=record_id,
+        domain=domain,
+        enterprise_id=enterprise_id,
+        name=name_forms(name_text, family, given),
+        gender=gender,
+        birth_date=birth_date,
+        national_id=national_id or None,
+        phones=frozenset(phones),
+        address=address_tokens(province, city, district, address_line),
+        postcode=postal_code.strip(),
+        identifiers=frozenset(identifiers),
+    )
+
+
+# --- blocking ---------------------------------------------------------------------------------
+
+
+def _match_keys(record: MatchRecord) -> set[str]:
+    keys: set[str] = set()
+    if record.national_id:
+        keys.add(f"n:{record.national_id}")
+    keys.update(f"p:{_phone_key(p)}" for p in record.phones)
+    if record.name.full_pinyin:
+        year = record.birth_date.year if record.birth_date else ""
+        keys.add(f"y:{_sorted_name(record)}:{year}")
+    if record.birth_date is not None:
+        keys.add(f"b:{record.birth_date.isoformat()}:{_gender_key(record.gender)}")
+    keys.update(f"i:{system}|{value}"[:120] for system, value in record.identifiers)
+    return keys
+
+
+def _sorted_name(record: MatchRecord) -> str:
+    # Parts sorted, so a swapped name ("Wei Zhang") files under the same key as 张伟.
+    return "".join(sorted([record.name.family_pinyin, record.name.given_pinyin]))[:40]
+
+
+def name_keys(record: MatchRecord) -> set[str]:
+    """The name-only key (PDQ search by name without a birth date)."""
+    return {f"nm:{_sorted_name(record)}"} if record.name.full_pinyin else set()
+
+
+def blocking_keys(record: MatchRecord) -> set[str]:
+    """The indexed keys a record is filed under; candidates are only ever looked up by these.
+
+    National id; each phone (last 8 digits); pinyin of the name (parts sorted, so a swapped
+    name files the same) with the birth year; birth date with gender; other identifiers; and
+    the name alone (used by demographic search only, never by matching: its blocks are big).
+    """
+    return _match_keys(record) | name_keys(record)
+
+
+def search_keys(record: MatchRecord) -> set[str]:
+    """The keys a registration looks its candidates up by: its own match keys, and the birth
+    date with each gender when its gender is unknown (and with "unknown" when it is known)."""
+    keys = _match_keys(record)
+    if record.birth_date is None:
+        # Without a birth date the name alone must find the person (a bigger block, rarely used).
+        keys |= name_keys(record)
+    elif _gender_key(record.gender) == "u":
+        keys.update(f"b:{record.birth_date.isoformat()}:{g}" for g in ("m", "f"))
+    else:
+        keys.add(f"b:{record.birth_date.isoformat()}:u")
+    return keys
+
+
+def _gender_key(gender: str) -> str:
+    return {"male": "m", "female": "f"}.get(gender, "u")
+
+
+# --- comparison levels ----------------------------------------------------------------------
+
+
+def compare_name_part(a: str, a_pinyin: str, a_han: bool, b: str, b_pinyin: str, b_han: bool) -> str:
+    """Level of one name part (family or given): exact characters (or equal Latin spelling),
+    homophone (same pinyin, other characters: 张 / 章), pinyin against characters ("Zhang" / 张),
+    similar (Jaro–Winkler of the spellings ≥ 0.9: typos), else different."""
+    if not a_pinyin or not b_pinyin:
+        return MISSING
+    if a_han == b_han:
+        if a == b:
+            return EXACT
+        if a_han and a_pinyin == b_pinyin:
+            return HOMOPHONE
+    elif a_pinyin == b_pinyin:
+        return PINYIN
+    if JaroWinkler.similarity(a_pinyin, b_pinyin) >= SIMILAR_NAME:
+        return SIMILAR
+    if a_han and b_han and len(a) == len(b) >= 2 and sum(x != y for x, y in zip(a, b, strict=True)) == 1:
+        # One character of a two- or three-character name mistyped (a wrong character, not a homophone).
+        return SIMILAR
+    return DIFFERENT
+
+
+def compare_names(a: NameForms, b: NameForms) -> tuple[str, str]:
+    """(family level, given level). Family and given written the other way round on one side
+    ("Wei Zhang" / 张伟) is the swapped level for both parts."""
+    family = compare_name_part(a.family, a.family_pinyin, a.han, b.family, b.family_pinyin, b.han)
+    given = compare_name_part(a.given, a.given_pinyin, a.han, b.given, b.given_pinyin, b.han)
+    if (
+        not (family in _NAME_AGREEMENT and given in _NAME_AGREEMENT)
+        and a.family_pinyin
+        and a.given_pinyin
+        and a.family_pinyin != a.given_pinyin
+        and a.family_pinyin == b.given_pinyin
+        and a.given_pinyin == b.family_pinyin
+    ):
+        return SWAPPED, SWAPPED
+    if (
+        (family in (MISSING, DIFFERENT) or given in (MISSING, DIFFERENT))
+        and a.full_pinyin
+        and a.full_pinyin == (b.full_pinyin)
+    ):
+        # The same letters split differently (a compound surname, "Ouyang Nana" / "Ou Yangnana").
+        return PINYIN if a.han != b.han else HOMOPHONE, PINYIN if a.han != b.han else HOMOPHONE
+    return family, given
+
+
+def _digits(date: datetime.date) -> str:
+    return date.strftime("%Y%m%d")
+
+
+def compare_birth_dates(a: datetime.date | None, b: datetime.date | None) -> str:
+    """Exact; one digit off (one digit wrong or two adjacent digits transposed); day and month
+    swapped; the same year only; different."""
+    if a is None or b is None:
+        return MISSING
+    if a == b:
+        return EXACT
+    da, db = _digits(a), _digits(b)
+    wrong = [i for i in range(8) if da[i] != db[i]]
+    if len(wrong) == 1 or (
+        len(wrong) == 2 and wrong[1] == wrong[0] + 1 and da[wrong[0]] == db[wrong[1]] and da[wrong[1]] == db[wrong[0]]
+    ):
+        return ONE_DIGIT
+    if a.year == b.year and a.month == b.day and a.day == b.month:
+        return DAY_MONTH_SWAPPED
+    if a.year == b.year:
+        return YEAR_ONLY
+    return DIFFERENT
+
+
+def compare_gender(a: str, b: str) -> str:
+    """Male / female agree or disagree; unknown or other on either side is missing."""
+    known = {"male", "female"}
+    if a not in known or b not in known:
+        return MISSING
+    return AGREE if a == b else DISAGREE
+
+
+def _phone_key(phone: str) -> str:
+    # A landline with and without its area code, a mobile with and without +86: the last 8 digits.
+    digits = phone.lstrip("+")
+    return digits[-8:] if len(digits) >= 8 else digits
+
+
+def compare_phones(a: frozenset[str], b: frozenset[str]) -> str:
+    """Any number in common agrees; otherwise disagree; none on either side is missing."""
+    if not a or not b:
+        return MISSING
+    return AGREE if {_phone_key(p) for p in a} & {_phone_key(p) for p in b} else DISAGREE
+
+
+def compare_addresses(a: frozenset[str], b: frozenset[str]) -> str:
+    """Overlap of address tokens (bigrams), relative to the shorter address: ≥ 0.8 same,
+    ≥ 0.5 partial, else different (so a missing province or 号院 still reads as the same)."""
+    if not a or not b:
+        return MISSING
+    overlap = len(a & b) / min(len(a), len(b))
+    if overlap >= 0.8:
+        return SAME
+    if overlap >= 0.5:
+        return PARTIAL
+    return DIFFERENT
+
+
+def compare_values(a: str | None, b: str | None) -> str:
+    """Agree / disagree on a value both records have; missing otherwise."""
+    if not a or not b:
+        return MISSING
+    return AGREE if a == b else DISAGREE
+
+
+def compare_identifiers(a: frozenset[tuple[str, str]], b: frozenset[tuple[str, str]]) -> str:
+    """Another identifier (social insurance, health card, passport) in common agrees; the same
+    assigning authority with another value disagrees; nothing to compare is missing."""
+    if a & b:
+        return AGREE
+    if {s for s, _ in a} & {s for s, _ in b}:
+        return DISAGREE
+    return MISSING
+
+
+def compare(a: MatchRecord, b: MatchRecord) -> dict[str, str]:
+    """The comparison vector of a pair: field → level."""
+    family, given = compare_names(a.name, b.name)
+    return {
+        "family": family,
+        "given": given,
+        "birth_date": compare_birth_dates(a.birth_date, b.birth_date),
+        "gender": compare_gender(a.gender, b.gender),
+        "national_id": compare_values(a.national_id, b.national_id),
+        "phone": compare_phones(a.phones, b.phones),
+        "address": compare_addresses(a.address, b.address),
+        "postcode": compare_values(a.postcode, b.postcode),
+        "identifier": compare_identifiers(a.identifiers, b.identifiers),
+    }
+
+
+# --- parameters and weights -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchParameters:
+    """m and u per field and level, the two thresholds and the frequency adjustment."""
+
+    m: Mapping[str, Mapping[str, float]]
+    u: Mapping[str, Mapping[str, float]]
+    link_threshold: float
+    review_threshold: float
+    prior_match: float = 0.01
+    frequency_fields: tuple[str, ...] = ("family", "given")
+    pseudo_count: float = 2000.0
+    max_bonus: float = 4.0
+    max_penalty: float = 3.0
+    surname_shares: Mapping[str, float] = field(default_factory=dict)
+
+    def weight(self, field_name: str, level: str) -> float:
+        """log2(m/u) of a level; 0 for a missing value or a level without parameters."""
+        if level == MISSING:
+            return 0.0
+        m = self.m.get(field_name, {}).get(level)
+        u = self.u.get(field_name, {}).get(level)
+        if not m or not u:
+            return 0.0
+        return math.log2(m / u)
+
+    def to_json(self) -> dict[str, Any]:
+        """The parameters in the shape of the configuration file."""
+        return {
+            "link_threshold": self.link_threshold,
+            "review_threshold": self.review_threshold,
+            "prior_match": self.prior_match,
+            "frequency": {
+                "fields": list(self.frequency_fields),
+                "pseudo_count": self.pseudo_count,
+                "max_bonus": self.max_bonus,
+                "max_penalty": self.max_penalty,
+            },
+            "fields": {
+                f: {level: [round(self.m[f][level], 8), round(self.u[f][level], 10)] for level in self.m[f]}
+                for f in self.m
+            },
+            "surname_shares": dict(self.surname_shares),
+        }
+
+    def weights_table(self) -> list[tuple[str, str, float, float, float]]:
+        """(field, level, m, u, weight in bits) for every level in force."""
+        return [
+            (f, level, self.m[f][level], self.u[f][level], round(self.weight(f, level), 3))
+            for f in self.m
+            for level in self.m[f]
+        ]
+
+
+def parameters_from_json(data: Mapping[str, Any]) -> MatchParameters:
+    """Parameters from the configuration file's shape; ValueError when it is inconsistent."""
+    m: dict[str, dict[str, float]] = {}
+    u: dict[str, dict[str, float]] = {}
+    for field_name, levels in data["fields"].items():
+        if field_name not in FIELDS:
+            raise ValueError(f"unknown field {field_name!r} in match parameters")
+        m[field_name] = {}
+        u[field_name] = {}
+        for level, (mv, uv) in levels.items():
+            if not (0 < float(mv) <= 1 and 0 < float(uv) <= 1):
+                raise ValueError(f"m and u of {field_name}.{level} must be in (0, 1]")
+            m[field_name][level], u[field_name][level] = float(mv), float(uv)
+    link, review = float(data["link_threshold"]), float(data["review_threshold"])
+    if review > link:
+        raise ValueError("review_threshold must not exceed link_threshold")
+    frequency = data.get("frequency", {})
+    return MatchParameters(
+        m=m,
+        u=u,
+        link_threshold=link,
+        review_threshold=review,
+        prior_match=float(data.get("prior_match", 0.01)),
+        frequency_fields=tuple(frequency.get("fields", ("family", "given"))),
+        pseudo_count=float(frequency.get("pseudo_count", 2000)),
+        max_bonus=float(frequency.get("max_bonus", 4.0)),
+        max_penalty=float(frequency.get("max_penalty", 3.0)),
+        surname_shares=dict(data.get("surname_shares", {})),
+    )
+
+
+def load_parameters(path: Path | None = None) -> MatchParameters:
+    """The parameters in a JSON file (the shipped default when no path is given)."""
+    return parameters_from_json(json.loads((path or DEFAULT_PARAMETERS_FILE).read_text(encoding="utf-8")))
+
+
+# --- value frequencies ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValueFrequencies:
+    """How often name values occur in the index (counts by field and pinyin value), blended with
+    a prior (census surname shares) so a young index is not misled by a handful of records."""
+
+    counts: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    totals: Mapping[str, int] = field(default_factory=dict)
+
+    def share(self, field_name: str, value: str, params: MatchParameters) -> float | None:
+        """Estimated share of records with this value; None when nothing is known of the field."""
+        prior = _prior_shares(params).get(field_name, {}).get(value)
+        u_exact = params.u.get(field_name, {}).get(EXACT)
+        if u_exact is None:
+            return None
+        prior_share = prior if prior is not None else u_exact
+        count = self.counts.get((field_name, value), 0)
+        total = self.totals.get(field_name, 0)
+        return (count + prior_share * params.pseudo_count) / (total + params.pseudo_count)
+
+
+_PRIOR_CACHE: dict[int, dict[str, dict[str, float]]] = {}
+
+
+def _prior_shares(params: MatchParameters) -> dict[str, dict[str, float]]:
+    """Census surname shares keyed by their pinyin (homophone surnames 张 / 章 add up)."""
+    key = id(params.surname_shares)
+    if key not in _PRIOR_CACHE:
+        by_pinyin: dict[str, float] = {}
+        for surname, share in params.surname_shares.items():
+            reading = pinyin_of(surname, surname=True)
+            by_pinyin[reading] = by_pinyin.get(reading, 0.0) + float(share)
+        _PRIOR_CACHE[key] = {"family": by_pinyin}
+    return _PRIOR_CACHE[key]
+
+
+def frequency_values(record: MatchRecord) -> dict[str, str]:
+    """The values of a record whose frequencies are counted (pinyin of family and given name)."""
+    return {"family": record.name.family_pinyin, "given": record.name.given_pinyin}
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A scored pair: level and weight per field, and the total weight."""
+
+    levels: Mapping[str, str]
+    weights: Mapping[str, float]
+    total: float
+
+    def probability(self, prior_match: float) -> float:
+        """Posterior probability that the pair is one person, given the prior share of matches."""
+        odds = math.log2(prior_match / (1 - prior_match)) + self.total
+        if odds > 60:
+            return 1.0
+        return 1.0 / (1.0 + 2.0 ** (-odds))
+
+
+def score(
+    a: MatchRecord, b: MatchRecord, params: MatchParameters, frequencies: ValueFrequencies | None = None
+) -> Comparison:
+    """Compare two records and weigh every field (frequency-adjusted for names)."""
+    levels = compare(a, b)
+    weights: dict[str, float] = {}
+    values = frequency_values(a)
+    for field_name, level in levels.items():
+        w = params.weight(field_name, level)
+        if frequencies is not None and field_name in params.frequency_fields and level in _NAME_AGREEMENT:
+            share = frequencies.share(field_name, values[field_name], params)
+            u_exact = params.u.get(field_name, {}).get(EXACT)
+            if share and u_exact:
+                w += min(params.max_bonus, max(-params.max_penalty, math.log2(u_exact / share)))
+        weights[field_name] = round(w, 4)
+    return Comparison(levels=levels, weights=weights, total=round(sum(weights.values()), 4))
+
+
+# --- the link decision ------------------------------------------------------------------------
+
+
+class Outcome(StrEnum):
+    LINK = "link"
+    REVIEW = "review"
+    NEW = "new"
+
+
+class Rule(StrEnum):
+    NATIONAL_ID = "national-id"
+    PROBABILISTIC = "probabilistic"
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """A candidate record, its comparison with the new record, and why it may not auto-link."""
+
+    record: MatchRecord
+    comparison: Comparison
+    rule: Rule | None = None
+    # Why an automatic link is ruled out whatever the score (the pair goes to review instead).
+    hold: str = ""
+
+
+@dataclass(frozen=True)
+class MatchDecision:
+    outcome: Outcome
+    # The enterprise id to link to (LINK), else empty.
+    enterprise_id: str = ""
+    rule: Rule | None = None
+    best: ScoredCandidate | None = None
+    # Candidates a data steward should look at (REVIEW, or alongside a NEW / LINK decision).
+    review: tuple[ScoredCandidate, ...] = ()
+
+
+def _coded_values_agree(national_id: str, record: MatchRecord) -> bool:
+    if record.birth_date is not None and record.birth_date != gb11643.birth_date(national_id):
+        return False
+    return record.gender not in {"male", "female"} or record.gender == gb11643.gender(national_id)
+
+
+def _exact_name(a: NameForms, b: NameForms) -> bool:
+    return a.han == b.han and (a.family, a.given) == (b.family, b.given)
+
+
+def _clearly_different(levels: Mapping[str, str]) -> bool:
+    """Names or birth dates that cannot be one person's, even with typos."""
+    return (
+        levels["family"] == DIFFERENT or levels["given"] == DIFFERENT or levels["birth_date"] in (DIFFERENT, YEAR_ONLY)
+    )
+
+
+def assess(
+    new: MatchRecord,
+    candidate: MatchRecord,
+    params: MatchParameters,
+    frequencies: ValueFrequencies | None = None,
+) -> ScoredCandidate:
+    """Score one candidate and apply the rules that outrank the score.
+
+    - Equal valid national id, the birth date and gender it encodes agreeing with both records,
+      and the same name: linked by rule (LINK_METHOD_NATIONAL_ID), whatever the weights.
+    - Equal national id with clearly different names or birth dates: held for review, never an
+      automatic link (a shared or mistyped id number, or an identity fraud).
+    - A family or given name that is no variant of the other (twins), two different national
+      ids, or two records of the same hospital domain (the hospital says
+      they are two patients; a duplicate is for the hospital to merge): held for review.
+    """
+    comparison = score(new, candidate, params, frequencies)
+    levels = comparison.levels
+    if levels["national_id"] == AGREE and new.national_id:
+        coded = gb11643.birth_date(new.national_id)
+        contradicted = any(compare_birth_dates(r.birth_date, coded) in (DIFFERENT, YEAR_ONLY) for r in (new, candidate))
+        if contradicted or _clearly_different(levels):
+            return ScoredCandidate(candidate, comparison, hold="national-id-conflict")
+        if (
+            _exact_name(new.name, candidate.name)
+            and new.domain != candidate.domain
+            and _coded_values_agree(new.national_id, new)
+            and _coded_values_agree(new.national_id, candidate)
+        ):
+            return ScoredCandidate(candidate, comparison, rule=Rule.NATIONAL_ID)
+    if levels["national_id"] == DISAGREE:
+        return ScoredCandidate(candidate, comparison, hold="national-id-differs")
+    if DIFFERENT in (levels["family"], levels["given"]):
+        # Twins and siblings share a surname, birth date, address and phone: a given name that
+        # is not a variant of the other is never linked without a person looking at it.
+        return ScoredCandidate(candidate, comparison, hold="name-differs")
+    if new.domain == candidate.domain:
+        return ScoredCandidate(candidate, comparison, hold="same-domain")
+    return ScoredCandidate(candidate, comparison, rule=Rule.PROBABILISTIC)
+
+
+def decide(
+    new: MatchRecord,
+    candidates: Sequence[MatchRecord],
+    params: MatchParameters,
+    frequencies: ValueFrequencies | None = None,
+    *,
+    different: frozenset[str] = frozenset(),
+    max_review: int = 3,
+) -> MatchDecision:
+    """Decide what a new or changed record links to.
+
+    `different` holds the record ids a data steward declared a different person from `new`:
+    their enterprise ids are never proposed again. Each enterprise id is represented by its best
+    scoring record. One enterprise id at or above the link threshold (or linked by rule) is
+    linked; two or more are ambiguous and go to review; enterprise ids between the thresholds
+    (or held by a rule) go to review, and the record gets a new enterprise id meanwhile.
+    """
+    excluded = {c.enterprise_id for c in candidates if c.record_id in different}
+    best: dict[str, ScoredCandidate] = {}
+    for candidate in candidates:
+        if candidate.record_id == new.record_id or candidate.enterprise_id in excluded:
+            continue
+        scored = assess(new, candidate, params, frequencies)
+        current = best.get(candidate.enterprise_id)
+        if current is None or _rank(scored) > _rank(current):
+            best[candidate.enterprise_id] = scored
+    ranked = sorted(best.values(), key=_rank, reverse=True)
+    linkable = [
+        s for s in ranked if not s.hold and (s.rule is Rule.NATIONAL_ID or s.comparison.total >= params.link_threshold)
+    ]
+    reviewable = [
+        s for s in ranked if s.comparison.total >= params.review_threshold or s.hold == "national-id-conflict"
+    ]
+    if len(linkable) == 1:
+        chosen = linkable[0]
+        return MatchDecision(
+            Outcome.LINK, enterprise_id=chosen.record.enterprise_id, rule=chosen.rule, best=chosen, review=()
+        )
+    if reviewable:
+        return MatchDecision(Outcome.REVIEW, best=reviewable[0], review=tuple(reviewable[:max_review]))
+    return MatchDecision(Outcome.NEW, best=ranked[0] if ranked else None)
+
+
+def _rank(scored: ScoredCandidate) -> tuple[int, float]:
+    return (1 if scored.rule is Rule.NATIONAL_ID and not scored.hold else 0, scored.comparison.total)
+
+
+# --- EM estimation of m and u ----------------------------------------------------------------
+
+
+def estimate_parameters(
+    vectors: Sequence[Mapping[str, str]],
+    start: MatchParameters,
+    *,
+    iterations: int = 50,
+    tolerance: float = 1e-6,
+) -> MatchParameters:
+    """Estimate m, u and the share of matches from unlabelled comparison vectors (EM under
+    conditional independence of fields). `vectors` are the levels of candidate pairs (e.g. from
+    blocking); `start` gives the levels and starting values. Missing levels carry no
+    information and are skipped. Probabilities are kept ≥ 1e-6 so no level weighs infinitely.
+    """
+    if not vectors:
+        return start
+    m = {f: dict(levels) for f, levels in start.m.items()}
+    u = {f: dict(levels) for f, levels in start.u.items()}
+    p = min(max(start.prior_match, 1e-4), 0.5)
+    floor = 1e-6
+    for _ in range(iterations):
+        m_sum = {f: dict.fromkeys(levels, 0.0) for f, levels in m.items()}
+        u_sum = {f: dict.fromkeys(levels, 0.0) for f, levels in u.items()}
+        g_total = 0.0
+        for vector in vectors:
+            log_m, log_u = math.log(p), math.log(1 - p)
+            for f, level in vector.items():
+                if f in m and level in m[f]:
+                    log_m += math.log(m[f][level])
+                    log_u += math.log(u[f][level])
+            diff = log_u - log_m
+            g = 0.0 if diff > 700 else 1.0 / (1.0 + math.exp(diff))
+            g_total += g
+            for f, level in vector.items():
+                if f in m and level in m[f]:
+                    m_sum[f][level] += g
+                    u_sum[f][level] += 1 - g
+        new_p = min(max(g_total / len(vectors), 1e-6), 1 - 1e-6)
+        change = abs(new_p - p)
+        for f in m:
+            m_total = sum(m_sum[f].values())
+            u_total = sum(u_sum[f].values())
+            for level in m[f]:
+                new_m = max(m_sum[f][level] / m_total, floor) if m_total else m[f][level]
+                new_u = max(u_sum[f][level] / u_total, floor) if u_total else u[f][level]
+                change = max(change, abs(new_m - m[f][level]), abs(new_u - u[f][level]))
+                m[f][level], u[f][level] = new_m, new_u
+        p = new_p
+        if change < tolerance:
+            break
+    return replace(start, m=m, u=u, prior_match=p)

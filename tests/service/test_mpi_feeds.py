@@ -1,0 +1,226 @@
+"""The mpi's feeds on a real database: the HL7 v2 MLLP listener over real sockets (AA, AE, AR,
+GB 18030, retries, A40 merge) and the bulk loader interrupted and resumed."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import hl7.mllp
+import pytest
+from sqlalchemy import func, select
+
+from services.mpi import domain, store
+from services.mpi.bulk import load_csv
+from services.mpi.index import MasterIndex
+from services.mpi.mllp import AdtFeed, serve
+from services.mpi.standalone import IndexHandle, open_index
+from services.shared.auth import Caller
+from tests.conftest import _backends, base_settings, drop_schemas
+from tests.factories import fresh_national_id
+
+FACILITY = "hosp-his-1"
+
+
+@pytest.fixture(params=_backends())
+async def index(request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path) -> AsyncIterator[IndexHandle]:
+    settings = base_settings(tmp_path, keys_dir, request.param)
+    async with open_index(settings) as handle:
+        yield handle
+    await drop_schemas(settings)
+
+
+@pytest.fixture
+async def listener(index: IndexHandle) -> AsyncIterator[int]:
+    async def registered(facility: str) -> bool:
+        return facility == FACILITY
+
+    feed = AdtFeed(sessions=index.sessions, master=index.master, facility_check=registered)
+    server = await serve(feed, host="127.0.0.1", port=0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def adt(event: str, control_id: str, pid: str, *, charset: str = "UNICODE UTF-8", facility: str = FACILITY) -> str:
+    msh = (
+        f"MSH|^~\\&|HIS|{facility}|HIE|HIE|20250101120000||ADT^{event}^ADT_{event}|{control_id}|P|2.5|||||CHN|{charset}"
+    )
+    return "\r".join([msh, f"EVN|{event}|20250101120000", pid])
+
+
+async def exchange(port: int, payload: bytes) -> bytes:
+    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
+    try:
+        writer.writeblock(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readblock(), timeout=10)
+    finally:
+        writer.close()
+
+
+def msa(ack: str) -> list[str]:
+    return next(s for s in ack.split("\r") if s.startswith("MSA")).split("|")
+
+
+async def _record(index: IndexHandle, local_id: str) -> store.PatientRecord | None:
+    async with index.sessions() as session:
+        return await store.find_record(session, domain=FACILITY, local_id=local_id)
+
+
+async def test_a01_in_utf8_is_applied_and_acknowledged_aa(index: IndexHandle, listener: int) -> None:
+    nid = fresh_national_id()
+    pid = (
+        f"PID|1||MLLP-1^^^{FACILITY}^MR~{nid}^^^CHN^NNCHN||张^伟||19800101|M|||"
+        "西直门南大街2号^^北京市^北京市^100035||13800138000"
+    )
+    ack = (await exchange(listener, adt("A01", "MSG-1", pid).encode())).decode()
+    assert msa(ack)[1:3] == ["AA", "MSG-1"]
+    record = await _record(index, "MLLP-1")
+    assert record is not None
+    assert (record.name_text, record.family, record.given, record.national_id) == ("张伟", "张", "伟", nid)
+    assert (record.city, record.postal_code) == ("北京市", "100035")
+
+
+async def test_gb18030_message_is_read_and_answered_in_gb18030(index: IndexHandle, listener: int) -> None:
+    pid = f"PID|1||MLLP-2^^^{FACILITY}^MR||欧阳^娜娜||19900203|F|||||13912345678"
+    raw = adt("A04", "MSG-2", pid, charset="GB 18030-2000").encode("gb18030")
+    ack = (await exchange(listener, raw)).decode("gb18030")
+    assert msa(ack)[1] == "AA"
+    assert ack.split("\r")[0].split("|")[17] == "GB 18030-2000"
+    record = await _record(index, "MLLP-2")
+    assert record is not None
+    assert (record.name_text, record.family) == ("欧阳娜娜", "欧阳")
+
+
+async def test_understood_but_invalid_is_ae_with_err_and_no_patient_data(index: IndexHandle, listener: int) -> None:
+    pid = f"PID|1||MLLP-3^^^{FACILITY}^MR||李^四||19801345|M"
+    ack = (await exchange(listener, adt("A08", "MSG-3", pid).encode())).decode()
+    assert msa(ack)[1] == "AE"
+    err = next(s for s in ack.split("\r") if s.startswith("ERR"))
+    assert "birth-date-invalid" in err
+    assert "李" not in ack
+    assert await _record(index, "MLLP-3") is None
+    # A retry of the same message gets the same answer.
+    again = (await exchange(listener, adt("A08", "MSG-3", pid).encode())).decode()
+    assert msa(again)[1] == "AE"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"this is not HL7", "msh-missing"),
+        (adt("A01", "MSG-4", "PID|1||X^^^^MR||王^五", charset="KOI8-R").encode(), "charset-unsupported"),
+        (b"MSH|^~\\&|HIS|hosp-his-1|HIE|HIE|20250101||ORU^R01|MSG-5|P|2.5\rOBX|1", "message-type-unsupported"),
+        (adt("A01", "MSG-6", "PID|1||X-1^^^^MR||王^五", facility="hosp-unknown").encode(), "facility-unknown"),
+    ],
+    ids=["not-hl7", "charset", "message-type", "facility"],
+)
+async def test_malformed_or_unacceptable_is_ar(listener: int, payload: bytes, reason: str) -> None:
+    ack = (await exchange(listener, payload)).decode()
+    assert msa(ack)[1] == "AR"
+    assert reason in next(s for s in ack.split("\r") if s.startswith("ERR"))
+
+
+async def test_retried_message_is_not_applied_twice_and_a40_merges(index: IndexHandle, listener: int) -> None:
+    first = adt("A28", "MSG-7", f"PID|1||MLLP-7^^^{FACILITY}^MR||赵^六||19700707|M")
+    second = adt("A28", "MSG-8", f"PID|1||MLLP-8^^^{FACILITY}^MR||赵^六||19700707|M")
+    for message in (first, first, second):
+        assert msa((await exchange(listener, message.encode())).decode())[1] == "AA"
+    merge = "\r".join(
+        [
+            adt("A40", "MSG-9", f"PID|1||MLLP-7^^^{FACILITY}^MR||赵^六||19700707|M"),
+            f"MRG|MLLP-8^^^{FACILITY}^MR",
+        ]
+    )
+    assert msa((await exchange(listener, merge.encode())).decode())[1] == "AA"
+    survivor, subsumed = await _record(index, "MLLP-7"), await _record(index, "MLLP-8")
+    assert subsumed is not None
+    assert survivor is not None
+    assert subsumed.merged_into == survivor.id
+    async with index.sessions() as session:
+        history = await store.link_history(session, [survivor.id])
+    assert [h.reason for h in history] == ["register"]  # MSG-7 twice applied once
+
+
+# --- bulk load ------------------------------------------------------------------------------
+
+
+def _write_population(path: Path, rows: int) -> set[int]:
+    """A CSV of distinct people with some invalid rows; returns the invalid rows' numbers."""
+    invalid = set()
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["mrn", "xm", "xb", "csrq", "sfzh", "dh"])
+        for n in range(1, rows + 1):
+            born = f"19{50 + n % 40}-{n % 12 + 1:02d}-{n % 28 + 1:02d}"
+            if n % 97 == 0:
+                born = "1990-13-40"
+                invalid.add(n)
+            writer.writerow([f"H-{n:05d}", f"测试{n:05d}", "男" if n % 2 else "女", born, "", f"137{n:08d}"])
+    return invalid
+
+
+class CrashingIndex(MasterIndex):
+    """A real index whose process dies (as in a power cut) after writing its n-th batch, before
+    the batch commits."""
+
+    def __init__(self, base: MasterIndex, crash_at: int) -> None:
+        super().__init__(audit=base.audit, outbox=base.outbox, params=base.params)
+        self.batches = 0
+        self.crash_at = crash_at
+
+    async def register_batch(self, session, who: Caller, registrations: list[domain.Registration]):  # type: ignore[no-untyped-def]
+        results = await super().register_batch(session, who, registrations)
+        self.batches += 1
+        if self.batches == self.crash_at:
+            raise SystemExit("power cut")
+        return results
+
+
+async def test_bulk_load_interrupted_then_resumed_loses_and_duplicates_nothing(
+    index: IndexHandle, tmp_path: Path
+) -> None:
+    source = tmp_path / "patients.csv"
+    invalid = _write_population(source, 1000)
+    rejects = tmp_path / "rejects.csv"
+    mapping = ["mrn=local_id", "xm=name", "xb=gender", "csrq=birth_date", "sfzh=national_id", "dh=phone"]
+    # First run: stopped cleanly after 3 batches.
+    first = await load_csv(
+        index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100, stop_after_batches=3
+    )
+    assert first.counts.rows == 300
+    # Second run: the process dies in the middle of a batch (uncommitted work is rolled back).
+    crashing = IndexHandle(
+        engine=index.engine, sessions=index.sessions, outbox=index.outbox, master=CrashingIndex(index.master, 3)
+    )
+    with pytest.raises(SystemExit):
+        await load_csv(crashing, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
+    # Third run: resumes after the last committed batch and finishes.
+    done = await load_csv(index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
+    assert done.resumed_from == 500  # two batches of the crashed run committed
+    assert done.counts.rows == 1000
+    assert done.counts.rejected == len(invalid)
+    assert done.counts.new + done.counts.linked + done.counts.review == 1000 - len(invalid)
+    async with index.sessions() as session:
+        stored = await session.scalar(
+            select(func.count()).select_from(store.PatientRecord).where(store.PatientRecord.domain == FACILITY)
+        )
+        distinct = await session.scalar(
+            select(func.count(func.distinct(store.PatientRecord.local_id))).where(
+                store.PatientRecord.domain == FACILITY
+            )
+        )
+    assert stored == distinct == 1000 - len(invalid)
+    lines = rejects.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "row,reason"
+    assert sorted(int(line.split(",")[0]) for line in lines[1:]) == sorted(invalid)
+    assert all(line.split(",")[1] == "birth-date-invalid" for line in lines[1:])
+    assert "测试" not in rejects.read_text(encoding="utf-8")
+    # Loading the finished file again changes nothing.
+    again = await load_csv(index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
+    assert again.counts.as_dict() == done.counts.as_dict()

@@ -1,0 +1,299 @@
+"""Unit tests for the matcher: every comparison level (Chinese and Latin data), Fellegi–Sunter
+weights, frequency-adjusted surnames, the national id rules, the decision and EM."""
+
+from __future__ import annotations
+
+import datetime
+import random
+
+import pytest
+
+from services.mpi import matching
+from services.mpi.chinese_names import name_forms, pinyin_of, split_han_name, split_latin_name
+from services.mpi.matching import (
+    AGREE,
+    DAY_MONTH_SWAPPED,
+    DIFFERENT,
+    DISAGREE,
+    EXACT,
+    HOMOPHONE,
+    MISSING,
+    ONE_DIGIT,
+    PARTIAL,
+    PINYIN,
+    SAME,
+    SIMILAR,
+    SWAPPED,
+    YEAR_ONLY,
+    Outcome,
+    Rule,
+    ValueFrequencies,
+    address_tokens,
+    compare_addresses,
+    compare_birth_dates,
+    compare_gender,
+    compare_identifiers,
+    compare_names,
+    compare_phones,
+    compare_values,
+    decide,
+    estimate_parameters,
+    load_parameters,
+    match_record,
+    parameters_from_json,
+    score,
+)
+from services.shared.gb11643 import check_digit
+
+PARAMS = load_parameters()
+D = datetime.date
+MALE_BODY = "11010519800101001"
+MALE_ID = MALE_BODY + check_digit(MALE_BODY)
+OTHER_BODY = "31010419850615003"
+OTHER_ID = OTHER_BODY + check_digit(OTHER_BODY)
+
+
+def record(record_id: str, name: str, *, domain: str = "urn:hie:org:a", **fields: object) -> matching.MatchRecord:
+    fields.setdefault("gender", "male")
+    fields.setdefault("birth_date", D(1980, 1, 1))
+    return match_record(record_id=record_id, domain=domain, enterprise_id=f"e-{record_id}", name_text=name, **fields)
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def test_pinyin_is_toneless_and_uses_surname_readings() -> None:
+    assert pinyin_of("张伟") == "zhangwei"
+    assert pinyin_of("曾", surname=True) == "zeng"
+    assert pinyin_of("单", surname=True) == "shan"
+    assert pinyin_of("吕", surname=True) == pinyin_of("LYU") == pinyin_of("Lü") == "lu"
+
+
+def test_compound_surnames_and_latin_orders_are_split() -> None:
+    assert split_han_name("欧阳娜娜") == ("欧阳", "娜娜")
+    assert split_han_name("张 伟") == ("张", "伟")
+    assert split_latin_name("ZHANG, Xiao Ming") == ("zhang", "xiaoming")
+    assert split_latin_name("Zhang Xiaoming") == ("zhang", "xiaoming")
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "levels"),
+    [
+        ("张伟", "张伟", (EXACT, EXACT)),
+        ("张伟", "章伟", (HOMOPHONE, EXACT)),
+        ("张伟", "张玮", (EXACT, HOMOPHONE)),
+        ("张伟", "Zhang Wei", (PINYIN, PINYIN)),
+        ("ZHANG, Wei", "张伟", (PINYIN, PINYIN)),
+        ("Zhang Wei", "zhang  wei", (EXACT, EXACT)),
+        ("Wei Zhang", "张伟", (SWAPPED, SWAPPED)),
+        ("Wei Zhang", "Zhang Wei", (SWAPPED, SWAPPED)),
+        ("Zhang Xiaoming", "Zhang Xiaomin", (EXACT, SIMILAR)),
+        ("Catherine Smith", "Katherine Smith", (SIMILAR, EXACT)),
+        ("张伟", "李娜", (DIFFERENT, DIFFERENT)),
+        ("欧阳娜娜", "Ouyang Nana", (PINYIN, PINYIN)),
+        ("曾小贤", "Zeng Xiaoxian", (PINYIN, PINYIN)),
+    ],
+)
+def test_name_comparison_levels(a: str, b: str, levels: tuple[str, str]) -> None:
+    assert compare_names(name_forms(a), name_forms(b)) == levels
+    assert compare_names(name_forms(b), name_forms(a)) == levels
+
+
+def test_explicit_family_and_given_are_used() -> None:
+    assert compare_names(name_forms("", "欧阳", "娜娜"), name_forms("欧阳娜娜")) == (EXACT, EXACT)
+
+
+def test_missing_given_name_is_missing() -> None:
+    assert compare_names(name_forms("", "张", ""), name_forms("张伟"))[1] == MISSING
+
+
+# --- other fields -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "level"),
+    [
+        (D(1980, 1, 1), D(1980, 1, 1), EXACT),
+        (D(1980, 1, 1), D(1980, 1, 7), ONE_DIGIT),
+        (D(1985, 6, 13), D(1958, 6, 13), ONE_DIGIT),  # two adjacent digits transposed
+        (D(1980, 3, 4), D(1980, 4, 3), DAY_MONTH_SWAPPED),
+        (D(1980, 3, 14), D(1980, 11, 25), YEAR_ONLY),
+        (D(1980, 3, 14), D(1975, 11, 25), DIFFERENT),
+        (None, D(1980, 1, 1), MISSING),
+    ],
+)
+def test_birth_date_levels(a: datetime.date | None, b: datetime.date | None, level: str) -> None:
+    assert compare_birth_dates(a, b) == level
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "level"),
+    [("male", "male", AGREE), ("male", "female", DISAGREE), ("unknown", "male", MISSING), ("other", "female", MISSING)],
+)
+def test_gender_levels(a: str, b: str, level: str) -> None:
+    assert compare_gender(a, b) == level
+
+
+def test_phone_levels() -> None:
+    assert compare_phones(frozenset({"13800138000"}), frozenset({"13900000000", "13800138000"})) == AGREE
+    assert compare_phones(frozenset({"01066012345"}), frozenset({"66012345"})) == AGREE  # with / without area code
+    assert compare_phones(frozenset({"13800138000"}), frozenset({"13900000000"})) == DISAGREE
+    assert compare_phones(frozenset(), frozenset({"13900000000"})) == MISSING
+
+
+def test_address_levels_tolerate_reformatting() -> None:
+    full = address_tokens("北京市", "北京市", "西城区", "西直门南大街2号")
+    assert compare_addresses(full, address_tokens("西城区西直门南大街２号院")) == SAME
+    assert compare_addresses(full, address_tokens("北京市西城区西直门北大街9号")) == PARTIAL
+    assert compare_addresses(full, address_tokens("上海市徐汇区漕溪北路88号")) == DIFFERENT
+    assert compare_addresses(address_tokens("12 Baker Street, London"), address_tokens("12 baker st london")) in {
+        SAME,
+        PARTIAL,
+    }
+    assert compare_addresses(full, frozenset()) == MISSING
+
+
+def test_postcode_national_id_and_identifier_levels() -> None:
+    assert compare_values("100035", "100035") == AGREE
+    assert compare_values("100035", "200030") == DISAGREE
+    assert compare_values("", "200030") == MISSING
+    card = ("urn:hie:identifier:health-card", "H1")
+    assert compare_identifiers(frozenset({card}), frozenset({card})) == AGREE
+    assert compare_identifiers(frozenset({card}), frozenset({(card[0], "H2")})) == DISAGREE
+    assert compare_identifiers(frozenset({card}), frozenset({("urn:passport", "E1")})) == MISSING
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+
+def test_weights_are_log2_m_over_u_and_missing_weighs_nothing() -> None:
+    m, u = PARAMS.m["birth_date"][EXACT], PARAMS.u["birth_date"][EXACT]
+    assert PARAMS.weight("birth_date", EXACT) == pytest.approx(__import__("math").log2(m / u))
+    assert PARAMS.weight("birth_date", MISSING) == 0
+    assert PARAMS.weight("gender", DISAGREE) < 0
+
+
+def test_agreement_levels_are_ordered_for_names() -> None:
+    for part in ("family", "given"):
+        w = {level: PARAMS.weight(part, level) for level in PARAMS.m[part]}
+        assert w[EXACT] > w[HOMOPHONE] > w[SIMILAR] > 0 > w[DIFFERENT]
+
+
+def test_a_rare_surname_counts_more_than_a_common_one() -> None:
+    frequencies = ValueFrequencies(counts={("family", "wang"): 700, ("family", "zhuge"): 1}, totals={"family": 10_000})
+    common = score(record("1", "王芳"), record("2", "王芳", domain="b"), PARAMS, frequencies)
+    rare = score(record("1", "诸葛芳"), record("2", "诸葛芳", domain="b"), PARAMS, frequencies)
+    assert rare.weights["family"] > common.weights["family"] + 3
+    # Without data the census shares still make 王 weigh less than a rare surname.
+    assert (
+        score(record("1", "王芳"), record("2", "王芳"), PARAMS, ValueFrequencies()).weights["family"]
+        < score(record("1", "覃芳"), record("2", "覃芳"), PARAMS, ValueFrequencies()).weights["family"]
+    )
+
+
+def test_parameters_round_trip_and_reject_bad_thresholds() -> None:
+    data = PARAMS.to_json()
+    assert parameters_from_json(data).weights_table() == PARAMS.weights_table()
+    with pytest.raises(ValueError, match="review_threshold"):
+        parameters_from_json({**data, "review_threshold": data["link_threshold"] + 1})
+
+
+# --- decisions --------------------------------------------------------------------------------
+
+
+def test_equal_national_id_same_name_links_by_rule() -> None:
+    new = record("n", "张伟", domain="b", national_id=MALE_ID)
+    decision = decide(new, [record("c", "张伟", national_id=MALE_ID)], PARAMS)
+    assert decision.outcome is Outcome.LINK
+    assert decision.rule is Rule.NATIONAL_ID
+    assert decision.enterprise_id == "e-c"
+
+
+def test_equal_national_id_with_a_homophone_links_on_the_score() -> None:
+    new = record("n", "章伟", domain="b", national_id=MALE_ID)
+    decision = decide(new, [record("c", "张伟", national_id=MALE_ID)], PARAMS)
+    assert (decision.outcome, decision.rule) == (Outcome.LINK, Rule.PROBABILISTIC)
+
+
+@pytest.mark.parametrize(
+    "candidate_fields",
+    [{"name": "李娜"}, {"birth_date": D(1975, 5, 5)}],
+    ids=["different-name", "different-birth-date"],
+)
+def test_equal_national_id_with_clearly_different_person_goes_to_review(candidate_fields: dict[str, object]) -> None:
+    name = str(candidate_fields.pop("name", "张伟"))
+    new = record("n", "张伟", domain="b", national_id=MALE_ID, birth_date=None)
+    decision = decide(new, [record("c", name, national_id=MALE_ID, **candidate_fields)], PARAMS)
+    assert decision.outcome is Outcome.REVIEW
+    assert decision.review[0].hold == "national-id-conflict"
+
+
+def test_probabilistic_link_without_national_id() -> None:
+    fields = {"phones": ["13800138000"], "address_line": "西城区西直门南大街2号"}
+    decision = decide(record("n", "章伟", domain="b", **fields), [record("c", "张伟", **fields)], PARAMS)
+    assert (decision.outcome, decision.rule) == (Outcome.LINK, Rule.PROBABILISTIC)
+
+
+def test_pinyin_only_record_meets_characters() -> None:
+    fields = {"phones": ["13800138000"]}
+    decision = decide(record("n", "Zhang Wei", domain="b", **fields), [record("c", "张伟", **fields)], PARAMS)
+    assert decision.outcome is Outcome.LINK
+
+
+def test_a_common_name_and_birth_date_alone_is_not_a_link() -> None:
+    common = ValueFrequencies(
+        counts={("family", "wang"): 720, ("given", "fang"): 150}, totals={"family": 10_000, "given": 10_000}
+    )
+    new = record("n", "王芳", domain="b", gender="female", phones=["13900000001"])
+    decision = decide(new, [record("c", "王芳", gender="female", phones=["13700000002"])], PARAMS, common)
+    assert decision.outcome is not Outcome.LINK
+
+
+def test_different_national_ids_never_auto_link() -> None:
+    fields = {"phones": ["13800138000"], "address_line": "西城区西直门南大街2号"}
+    new = record("n", "张伟", domain="b", national_id=OTHER_ID, **fields)
+    decision = decide(new, [record("c", "张伟", national_id=MALE_ID, **fields)], PARAMS)
+    assert decision.outcome is not Outcome.LINK
+
+
+def test_same_domain_duplicate_is_reviewed_not_linked() -> None:
+    fields = {"phones": ["13800138000"], "national_id": MALE_ID}
+    decision = decide(record("n", "张伟", **fields), [record("c", "张伟", **fields)], PARAMS)
+    assert decision.outcome is Outcome.REVIEW
+
+
+def test_a_different_people_decision_is_never_proposed_again() -> None:
+    fields = {"phones": ["13800138000"]}
+    new = record("n", "张伟", domain="b", **fields)
+    candidates = [record("c", "张伟", **fields)]
+    assert decide(new, candidates, PARAMS).outcome is Outcome.LINK
+    assert decide(new, candidates, PARAMS, different=frozenset({"c"})).outcome is Outcome.NEW
+
+
+def test_two_linkable_people_are_ambiguous() -> None:
+    fields = {"phones": ["13800138000"]}
+    candidates = [record("c1", "张伟", **fields), record("c2", "张伟", domain="c", **fields)]
+    assert decide(record("n", "张伟", domain="b", **fields), candidates, PARAMS).outcome is Outcome.REVIEW
+
+
+# --- EM ---------------------------------------------------------------------------------------
+
+
+def test_em_recovers_separated_match_and_non_match_distributions() -> None:
+    rng = random.Random(7)
+    vectors = []
+    for i in range(3000):
+        same = i % 10 == 0
+        vectors.append(
+            {
+                "birth_date": EXACT if (rng.random() < 0.95 if same else rng.random() < 0.01) else DIFFERENT,
+                "phone": AGREE if (rng.random() < 0.7 if same else rng.random() < 0.01) else DISAGREE,
+                "gender": AGREE if (rng.random() < 0.99 if same else rng.random() < 0.5) else DISAGREE,
+                "family": EXACT if (rng.random() < 0.9 if same else rng.random() < 0.05) else DIFFERENT,
+            }
+        )
+    estimated = estimate_parameters(vectors, PARAMS)
+    assert estimated.prior_match == pytest.approx(0.1, abs=0.03)
+    assert estimated.m["birth_date"][EXACT] == pytest.approx(0.95, abs=0.05)
+    assert estimated.u["phone"][AGREE] < 0.03
+    assert estimated.weight("birth_date", EXACT) > estimated.weight("gender", AGREE)
