@@ -3,13 +3,20 @@
 from pathlib import Path
 
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
-from services.consent.servicer import BREAK_GLASS_TOPIC, ConsentDecisionPointServicer, break_glass_log_sender
+from hie.registry.v1 import notifications_pb2_grpc
+from services.consent.servicer import BREAK_GLASS_TOPIC, ConsentDecisionPointServicer, break_glass_notice_sender
 from services.consent.store import metadata
 from services.shared.process import ServiceRuntime, ServiceSpec
 
 
 def _build(runtime: ServiceRuntime) -> list:
-    runtime.outbox.register(BREAK_GLASS_TOPIC, break_glass_log_sender())
+    # The channel is opened on first delivery: the registry's address may be settled after start.
+    runtime.outbox.register(
+        BREAK_GLASS_TOPIC,
+        break_glass_notice_sender(
+            lambda: notifications_pb2_grpc.NotificationBrokerStub(runtime.channel("registry")), runtime.credentials
+        ),
+    )
     return [
         (
             consent_pb2_grpc.add_ConsentDecisionPointServicer_to_server,

@@ -10,18 +10,19 @@ import json
 import logging
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
+from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
 from services.consent import bppc, fhir_consent, messages, policy, store
 from services.consent.cache import PatientConsentCache
 from services.shared import identity
 from services.shared.audit_trail import Action
-from services.shared.auth import Caller, caller
+from services.shared.auth import Caller, PlatformCredentials, caller
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.shared.outbox import Sender
@@ -39,18 +40,28 @@ BREAK_GLASS_TOPIC = "consent.break-glass"
 BREAK_GLASS_AUDIT_TYPE = "consent.break-glass"
 
 
-def break_glass_log_sender() -> Sender:
-    """Until the integrator wires this topic to the registry's notification broker, the notice
-    (ids only) is written to the service log, which is where delivery stops today."""
+def break_glass_notice_sender(
+    broker: Callable[[], notifications_pb2_grpc.NotificationBrokerStub], credentials: PlatformCredentials
+) -> Sender:
+    """Delivers the notice (ids only) through the registry's notification broker to the workflow
+    subscribers of the patient's other hospitals, under the consent service's platform identity;
+    the outbox retries until the broker has taken it."""
 
     async def send(payloads: Sequence[bytes]) -> None:
         for payload in payloads:
             notice = json.loads(payload)
-            _log.info(
-                "break-glass %s declared by %s: notify %s",
-                notice["break_glass_id"],
-                notice["declared_by_organization_id"],
-                ",".join(notice["notify_organization_ids"]) or "(no other hospital)",
+            if not notice["notify_organization_ids"]:
+                continue
+            await broker().PublishEvent(
+                notifications_pb2.PublishEventRequest(
+                    event_type=BREAK_GLASS_TOPIC,
+                    organization_ids=notice["notify_organization_ids"],
+                    resource_type="Consent",
+                    resource_id=notice["break_glass_id"],
+                    status="break-the-glass",
+                ),
+                metadata=credentials.metadata(),
+                timeout=10,
             )
 
     return send

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pytest
 from gateway.client import HospitalClient, Practitioner
 from tests.conftest import Exchange
 from tests.factories import document, person
+from tests.service.test_notifications import Receiver
 
 SCOPES = (
     "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/Consent.cruds "
@@ -308,3 +310,39 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
     hidden = await stranger.call("GET", f"/fhir/R4/Consent/{resource['id']}")
     assert hidden.status_code == 404
     await stranger.aclose()
+
+
+async def test_break_glass_notifies_the_patients_home_hospital(scene: Scene) -> None:
+    """The notice travels the registry's notification broker to the home hospital's endpoint."""
+    s = scene
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        subscribed = await s.a.call(
+            "POST",
+            "/api/v1/subscriptions",
+            json={
+                "topic": "workflow-state",
+                "endpoint_url": receiver.url,
+                "expires": (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)).isoformat(),
+            },
+        )
+        assert subscribed.status_code == 201, subscribed.text
+        declared = await s.b.call(
+            "POST",
+            "/api/v1/consent/break-glass",
+            purpose="emergency",
+            json={"patient_local_id": "CE-B", "reason": "患者昏迷送入急诊", "duration_seconds": 60},
+        )
+        assert declared.status_code == 201, declared.text
+        await s.exchange.audit_settled()
+        notices = [json.loads(body) for _headers, body, _status in receiver.acknowledged()]
+        assert [n["event_type"] for n in notices] == ["consent.break-glass"]
+        assert notices[0]["resource"] == {
+            "type": "Consent",
+            "id": declared.json()["break_glass_id"],
+            "status": "break-the-glass",
+        }
+        assert "周十四" not in json.dumps(notices, ensure_ascii=False)  # ids only, no patient data
+    finally:
+        await receiver.stop()
