@@ -624,6 +624,21 @@ async def save_bulk_load(session: AsyncSession, load_id: str, *, domain: str, ro
     await session.flush()
 
 
+async def record_by_id(session: AsyncSession, record_id: str) -> PatientRecord | None:
+    return await session.get(PatientRecord, record_id)
+
+
+async def merged_into_any(session: AsyncSession, record_ids: list[str]) -> list[PatientRecord]:
+    """Records merged away into any of these (directly or through an earlier merge)."""
+    found: list[PatientRecord] = []
+    frontier = record_ids
+    while frontier:
+        rows = list(await session.scalars(select(PatientRecord).where(PatientRecord.merged_into.in_(frontier))))
+        found.extend(rows)
+        frontier = [r.id for r in rows]
+    return found
+
+
 async def find_records(session: AsyncSession, *, domain: str, local_ids: list[str]) -> dict[str, PatientRecord]:
     """The records of these local ids in one domain, by local id."""
     rows = await session.scalars(

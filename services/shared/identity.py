@@ -13,10 +13,11 @@ from services.shared.process import ServiceRuntime
 
 
 async def cross_reference(runtime: ServiceRuntime, ref: common_pb2.PatientRef) -> mpi_pb2.CrossReferenceResponse:
-    """Every identity of the person; NotFound when the domain has no such patient."""
+    """Every identity of the person, records merged into it included (a merged-away record resolves
+    to its survivor's person); NotFound when the domain has no such patient."""
     try:
         return await mpi_pb2_grpc.PatientIndexStub(runtime.channel("mpi")).CrossReference(
-            mpi_pb2.CrossReferenceRequest(ref=ref), metadata=runtime.credentials.metadata()
+            mpi_pb2.CrossReferenceRequest(ref=ref, include_merged=True), metadata=runtime.credentials.metadata()
         )
     except grpc.aio.AioRpcError as exc:
         raise error_from_rpc(exc) from None
