@@ -331,6 +331,18 @@ def demo(
 bench_app = typer.Typer(help="Benchmarks (commands, not tests).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 bench_app.command("consent")(bench_consent)
+
+
+@bench_app.command("protection")
+def bench_protection_command(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures here")] = None,
+) -> None:
+    """Per-value cost of field encryption, blind indexes and content sealing (AES and SM suites)."""
+    from services.shared.protection.bench import bench_protection
+
+    bench_protection(json_path)
+
+
 bench_app.command("registry")(bench_registry)
 bench_app.command("mpi")(cli_mpi.bench_mpi)
 
