@@ -159,6 +159,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     class_code=e.class_code,
                     type_code=e.type_code,
                     security_labels=e.labels,
+                    # When the care happened, for directives limited to a data period.
+                    data_time=_ts(e.service_start or e.created),
                 )
                 for e in entries
             ],

@@ -346,3 +346,34 @@ async def test_break_glass_notifies_the_patients_home_hospital(scene: Scene) -> 
         assert "周十四" not in json.dumps(notices, ensure_ascii=False)  # ids only, no patient data
     finally:
         await receiver.stop()
+
+
+async def test_a_data_period_deny_hides_only_care_within_the_period(scene: Scene) -> None:
+    """The registry tells consent when each document's care happened (service start)."""
+    s = scene
+    old = await s.a.call(
+        "POST",
+        "/api/v1/documents",
+        json=document("CE-A", "2015年门诊病历".encode(), service_start="2015-06-01T08:00:00+08:00"),
+    )
+    assert old.status_code == 201, old.text
+    old_id = old.json()["document_id"]
+    assert old_id in await s.visible_to_b("treatment")
+    recorded = await s.a.call(
+        "POST",
+        "/api/v1/consent/directives",
+        json={
+            "patient_local_id": "CE-A",
+            "policy_ids": ["urn:oid:2.16.156.10011.2.5.1"],
+            "evidence_document_id": "consent-form-CE-2",
+            "provision": {
+                "type": "deny",
+                "data_period": {"start": "2010-01-01T00:00:00+08:00", "end": "2019-12-31T23:59:59+08:00"},
+            },
+        },
+    )
+    assert recorded.status_code == 201, recorded.text
+    visible = await s.visible_to_b("treatment")
+    assert old_id not in visible
+    assert s.summary_id in visible  # care recorded now, outside the period
+    assert await s.retrieve_by_b(old_id, "treatment") == 403
