@@ -8,6 +8,7 @@ from services.registry.broker import NotificationBrokerServicer, NotificationSet
 from services.registry.servicer import DocumentRegistryServicer
 from services.registry.store import metadata
 from services.shared.process import ServiceRuntime, ServiceSpec
+from services.shared.protection.rotation import WrappedContentKeys
 
 
 def _build(runtime: ServiceRuntime) -> list:
@@ -26,4 +27,12 @@ def _build(runtime: ServiceRuntime) -> list:
     ]
 
 
-SPEC = ServiceSpec(name="registry", metadata=metadata, versions=Path(__file__).parent / "migrations", build=_build)
+SPEC = ServiceSpec(
+    name="registry",
+    metadata=metadata,
+    versions=Path(__file__).parent / "migrations",
+    build=_build,
+    # Document content is envelope-encrypted (services/shared/protection/envelope.py).
+    protects_personal_data=True,
+    protected=(WrappedContentKeys(table="document_entry", document_id_column="id", wrapped_column="content_key"),),
+)

@@ -34,6 +34,8 @@ from services.shared.errors import (
     error_from_rpc,
 )
 from services.shared.process import ServiceRuntime
+from services.shared.protection.fields import TamperedCiphertextError
+from services.shared.protection.keyring import UnknownKeyError
 
 _MAX_PAGE = 200
 # Consent decides at most this many items per call; a query examines one batch per round and
@@ -367,16 +369,23 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                         raise FailedPrecondition(
                             "only a current document can be replaced or amended", reason="target-not-current"
                         )
+                content_key = None
+                if record.content_kind == _INLINE and self._rt.protection is not None:
+                    content_key = self._rt.protection.new_content_key(record.id)
+                    record.content_key = content_key.wrapped
                 session.add(record)
                 await session.flush()
                 hasher = domain.ContentHasher()
                 seq = 0
                 pending = bytearray()
 
-                async def store_chunk(data: bytes) -> None:
+                async def store_chunk(data: bytes, *, final: bool) -> None:
                     nonlocal seq
+                    sealed = content_key.seal_chunk(seq, data, final=final) if content_key else data
                     # Core inserts: chunks are not kept in the session's identity map.
-                    await session.execute(insert(store.DocumentChunk).values(document_id=record.id, seq=seq, data=data))
+                    await session.execute(
+                        insert(store.DocumentChunk).values(document_id=record.id, seq=seq, data=sealed)
+                    )
                     seq += 1
 
                 async for piece in pieces:
@@ -387,11 +396,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     hasher.update(piece)
                     # Pieces of any size arrive; storage chunks are CHUNK_BYTES (the last one less).
                     pending += piece
-                    while len(pending) >= domain.CHUNK_BYTES:
-                        await store_chunk(bytes(pending[: domain.CHUNK_BYTES]))
+                    # Strictly more than a chunk: the last chunk stays pending, to be sealed as last.
+                    while len(pending) > domain.CHUNK_BYTES:
+                        await store_chunk(bytes(pending[: domain.CHUNK_BYTES]), final=False)
                         del pending[: domain.CHUNK_BYTES]
                 if pending:
-                    await store_chunk(bytes(pending))
+                    await store_chunk(bytes(pending), final=True)
                 if record.content_kind == _INLINE:
                     digest = domain.check_received(
                         hasher, declared_sha256=sub.declared_sha256, declared_size=sub.declared_size
@@ -614,15 +624,22 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         )
         return registry_pb2.GetDocumentEntryResponse(entry=entry_message(record, related), audit_event_ids=[event_id])
 
-    async def _content(self, document_id: str) -> AsyncIterator[tuple[int, bytes, bool]]:
-        """The stored chunks in order as (seq, data, is_last), each yielded only once the next was
-        read, so the caller learns which is last before sending it."""
+    async def _content(self, record: store.DocumentEntryRecord) -> AsyncIterator[tuple[int, bytes, bool]]:
+        """The stored chunks in order as (seq, data, is_last), decrypted, each yielded only once
+        the next was read, so the caller learns which is last before sending it. A chunk that
+        fails authentication (altered, reordered, cut short) raises TamperedCiphertextError."""
+        key = None
+        if record.content_key is not None:
+            if self._rt.protection is None:
+                raise TamperedCiphertextError("encrypted content and no data keys")
+            key = self._rt.protection.open_content_key(record.id, record.content_key)
         async with self._rt.sessions() as session:
-            previous = await store.chunk(session, document_id, 0)
+            previous = await store.chunk(session, record.id, 0)
             seq = 0
             while previous is not None:
-                following = await store.chunk(session, document_id, seq + 1)
-                yield seq, previous, following is None
+                following = await store.chunk(session, record.id, seq + 1)
+                last = following is None
+                yield seq, key.open_chunk(seq, previous, final=last) if key else previous, last
                 previous, seq = following, seq + 1
 
     async def RetrieveDocumentStream(
@@ -656,7 +673,14 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             return
         hasher = domain.ContentHasher(limit=2**62)
         started = False
-        async for _seq, data, last in self._content(record.id):
+        chunks = self._content(record)
+        while True:
+            try:
+                _seq, data, last = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (TamperedCiphertextError, UnknownKeyError):
+                raise await corrupt() from None
             hasher.update(data)
             if last:
                 try:

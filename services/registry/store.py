@@ -87,6 +87,9 @@ class DocumentEntryRecord(Base):
     relation_type: Mapped[int] = mapped_column(Integer, default=0)
     related_document_id: Mapped[str] = mapped_column(String(36), default="")
     content_kind: Mapped[int] = mapped_column(Integer, default=1)
+    # The document's own data key, wrapped by the key-encryption key (envelope encryption of
+    # the chunks); NULL for content stored before encryption (read as is).
+    content_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     wado_rs_url: Mapped[str] = mapped_column(String(512), default="")
 

@@ -469,3 +469,56 @@ async def test_concurrent_replacements_of_one_version_let_exactly_one_win(hospit
     assert {_reason(e) for e in lost} == {"target-not-current"}
     current = await b.find(local)
     assert [e.document_id for e in current.entries] == [won[0].entry.document_id]
+
+
+async def test_content_is_encrypted_at_rest_and_chunks_cannot_be_swapped(exchange: Exchange, hospitals) -> None:
+    a, b, local = hospitals
+    content = ("出院诊断：社区获得性肺炎。" * 120_000).encode()  # ~4.7 MB: several chunks
+    document_id = (await _upload(a, local, content, mime_type="text/plain")).entry.document_id
+    registry = exchange.services["registry"].runtime
+    async with registry.sessions() as session:
+        stored = [
+            row[0]
+            for row in await session.execute(
+                select(store.DocumentChunk.data)
+                .where(store.DocumentChunk.document_id == document_id)
+                .order_by(store.DocumentChunk.seq)
+            )
+        ]
+        wrapped = await session.scalar(
+            select(store.DocumentEntryRecord.content_key).where(store.DocumentEntryRecord.id == document_id)
+        )
+    assert len(stored) == -(-len(content) // (1024 * 1024)) > 1
+    assert wrapped is not None
+    assert all("社区获得性肺炎".encode() not in chunk for chunk in stored)  # ciphertext only
+    _entry, chunks = await b.retrieve(document_id)
+    assert b"".join(chunks) == content
+
+    # Two valid ciphertext chunks swapped in storage: authentication fails, nothing is served.
+    async with registry.sessions() as session, session.begin():
+        for seq, data in ((0, stored[1]), (1, stored[0])):
+            await session.execute(
+                update(store.DocumentChunk)
+                .where(store.DocumentChunk.document_id == document_id, store.DocumentChunk.seq == seq)
+                .values(data=data)
+            )
+    with pytest.raises(grpc.aio.AioRpcError) as swapped:
+        await b.stub.RetrieveDocument(registry_pb2.RetrieveDocumentRequest(document_id=document_id), metadata=b.md)
+    assert (swapped.value.code(), _reason(swapped.value)) == (grpc.StatusCode.DATA_LOSS, "content-corrupt")
+
+
+async def test_data_key_rotation_rewraps_document_keys_and_content_stays_readable(
+    exchange: Exchange, hospitals
+) -> None:
+    from gateway.data_keys import keys_in_use, rotate_data_keys
+    from services.registry.service import SPEC as REGISTRY
+
+    a, b, local = hospitals
+    content = "检验报告：血常规正常".encode()
+    document_id = (await _upload(a, local, content, mime_type="text/plain")).entry.document_id
+    settings = exchange.services["registry"].runtime.settings
+    report = await rotate_data_keys(settings, specs=[REGISTRY], settle_seconds=0, echo=lambda _: None)
+    assert [p.unreadable for _name, p in report.tables] == [[]]
+    assert await keys_in_use(settings, specs=[REGISTRY]) == {report.new_key}
+    _entry, chunks = await b.retrieve(document_id)
+    assert b"".join(chunks) == content
