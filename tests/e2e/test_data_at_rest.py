@@ -1,0 +1,54 @@
+"""A database dump after the demo holds no document content in clear.
+
+National id numbers and phone numbers join the needles once the mpi store encrypts them (issue 8).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway.demo import run_demo
+from services.shared.config import Settings
+from tests.conftest import POSTGRES_URL, _backends, base_settings, drop_schemas, start_exchange
+
+NEEDLES = {
+    "document content": "社区获得性肺炎".encode(),
+    "document content (title)": "出院医嘱".encode(),
+    "document content (CDA markup)": b"<ClinicalDocument",
+}
+
+
+def _dump(settings: Settings, backend: str) -> bytes:
+    if backend == "sqlite":
+        # Every file the databases keep, write-ahead logs included.
+        return b"".join(p.read_bytes() for p in sorted(Path(settings.data_dir).glob("*.db*")))
+    url = POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://")
+    return subprocess.run(
+        [shutil.which("pg_dump") or "pg_dump", "--data-only", "--schema", f"{settings.schema_prefix}*", url],
+        check=True,
+        capture_output=True,
+    ).stdout
+
+
+@pytest.mark.parametrize("backend", _backends())
+async def test_a_dump_after_the_demo_holds_no_document_content_in_clear(
+    backend: str, tmp_path: Path, keys_dir: Path
+) -> None:
+    settings = base_settings(tmp_path, keys_dir, backend)
+    exchange, gateway = await start_exchange(settings, backend)
+    try:
+        await run_demo(exchange.settings, exchange.base_url, echo=False)
+        await exchange.audit_settled()
+        dump = _dump(settings, backend)
+        assert len(dump) > 10_000  # the dump really holds the exchange's data
+        found = {name for name, needle in NEEDLES.items() if needle in dump}
+        assert found == set()
+    finally:
+        await gateway.stop()
+        for service in exchange.services.values():
+            await service.stop(grace=None)
+        await drop_schemas(settings)
