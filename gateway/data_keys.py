@@ -96,7 +96,9 @@ async def keys_in_use(settings: Settings, *, specs: Sequence[ServiceSpec] | None
                             async for value in values:
                                 used.add(value.split(":", 2)[1])
                     else:
-                        wrapped = await conn.stream_scalars(sa.select(table.c[item.wrapped_column]))
+                        # Entries with no content of their own (imaging references) have no key.
+                        column = table.c[item.wrapped_column]
+                        wrapped = await conn.stream_scalars(sa.select(column).where(column.is_not(None)))
                         async for value in wrapped:
                             used.add(wrapped_key_id(value))
         finally:
