@@ -18,12 +18,13 @@ import sqlalchemy as sa
 from services.shared.config import SERVICE_PORTS, Settings
 from services.shared.db import engine_for
 from services.shared.process import ServiceSpec
-from services.shared.protection.fields import FieldCipher
+from services.shared.protection.fields import FieldCipher, field_key_id
 from services.shared.protection.keyring import DataKeyring, KeyringFile, load_or_create
 from services.shared.protection.rotation import (
     ProtectedColumns,
     RotationProgress,
     rotate_component,
+    table_of,
     wrapped_key_id,
 )
 
@@ -87,14 +88,14 @@ async def keys_in_use(settings: Settings, *, specs: Sequence[ServiceSpec] | None
         try:
             async with engine.connect() as conn:
                 for item in spec.protected:
-                    table = next(t for t in spec.metadata.tables.values() if t.name == item.table)
+                    table = table_of(spec.metadata, item)
                     if isinstance(item, ProtectedColumns):
                         for column in item.columns:
                             values = await conn.stream_scalars(
                                 sa.select(table.c[column]).where(table.c[column].is_not(None))
                             )
                             async for value in values:
-                                used.add(value.split(":", 2)[1])
+                                used.add(field_key_id(value))
                     else:
                         # Entries with no content of their own (imaging references) have no key.
                         column = table.c[item.wrapped_column]

@@ -28,6 +28,7 @@ __all__ = [
     "TamperedCiphertextError",
     "aead_decrypt",
     "aead_encrypt",
+    "field_key_id",
     "open_sealed",
     "seal",
 ]
@@ -125,16 +126,17 @@ class FieldCipher:
         aad = f"{_PREFIX}:{key_id}|{context}".encode()
         return aead_decrypt(key, body[:_NONCE], body[_NONCE:], aad).decode("utf-8")
 
-    def key_id_of(self, token: str) -> str:
-        """The key a stored value is encrypted under (for rotation progress)."""
-        return token.split(":", 2)[1]
-
     def needs_rotation(self, token: str) -> bool:
-        return self.key_id_of(token) != self.keyring.active.id
+        return field_key_id(token) != self.keyring.active.id
 
     def active_prefix(self) -> str:
         """`LIKE` prefix of values already under the active key."""
         return f"{_PREFIX}:{self.keyring.active.id}:"
+
+
+def field_key_id(token: str) -> str:
+    """The key a stored field value is encrypted under (rotation progress, keys still in use)."""
+    return token.split(":", 2)[1]
 
 
 class BlindIndex:

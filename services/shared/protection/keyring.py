@@ -27,6 +27,8 @@ __all__ = [
     "KeyringError",
     "KeyringFile",
     "UnknownKeyError",
+    "load_or_create",
+    "write_secret_file",
 ]
 
 
@@ -192,20 +194,26 @@ class DataKeyring:
         `exclusive` refuses to replace an existing file (FileExistsError): several processes
         starting at once must not each create their own keys.
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.to_json(), fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            if exclusive:
-                os.link(tmp, path)
-            else:
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_secret_file(path, json.dumps(self.to_json(), indent=2).encode(), exclusive=exclusive)
+
+
+def write_secret_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write a secret atomically with mode 0600. `exclusive` raises FileExistsError instead of
+    replacing an existing file, so processes starting together create it exactly once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _new_key(suite: CipherSuite, *, prefix: str, size: int | None = None) -> DataKey:

@@ -28,6 +28,7 @@ __all__ = [
     "reencrypt_table",
     "rewrap_table",
     "rotate_component",
+    "table_of",
     "wrapped_key_id",
 ]
 
@@ -182,6 +183,11 @@ class WrappedContentKeys:
     wrapped_column: str
 
 
+def table_of(metadata: sa.MetaData, item: ProtectedColumns | WrappedContentKeys) -> sa.Table:
+    """The table a protected item names (metadata keys carry the schema, names do not)."""
+    return next(t for t in metadata.tables.values() if t.name == item.table)
+
+
 async def rotate_component(
     engine: AsyncEngine,
     metadata: sa.MetaData,
@@ -193,7 +199,7 @@ async def rotate_component(
     """Bring every protected value of one component under the active key."""
     results = []
     for item in protected:
-        table = next(t for t in metadata.tables.values() if t.name == item.table)
+        table = table_of(metadata, item)
         if isinstance(item, ProtectedColumns):
             results.append(
                 await reencrypt_table(engine, table, columns=item.columns, cipher=cipher, batch_size=batch_size)

@@ -4,12 +4,12 @@ national-algorithms option, through GmSSL (the gmssl-pyx binding) rather than ho
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import gmssl_pyx
+
+from services.shared.protection.keyring import write_secret_file
 
 __all__ = ["DEFAULT_SIGNER_ID", "Sm2SigningKey", "Sm2VerifyingKey", "load_or_create_signing_key"]
 
@@ -61,15 +61,9 @@ def load_or_create_signing_key(path: Path) -> Sm2SigningKey:
             secret=bytes.fromhex(document["secret"]), public=Sm2VerifyingKey(bytes.fromhex(document["public"]))
         )
     key = Sm2SigningKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"algorithm": "SM2", "secret": key.secret.hex(), "public": key.public.hex()}, fh)
+    document = {"algorithm": "SM2", "secret": key.secret.hex(), "public": key.public.hex()}
     try:
-        os.link(tmp, path)
+        write_secret_file(path, json.dumps(document).encode(), exclusive=True)
     except FileExistsError:
-        return load_or_create_signing_key(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return load_or_create_signing_key(path)  # another process created it first: use theirs
     return key
