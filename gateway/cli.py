@@ -462,6 +462,14 @@ def audit_checkpoint(data_dir: DataDir = Path(".hie"), target: AuditTarget = "12
         typer.echo(f"SM2 co-signature: {result.sm2_signature} (public key {result.sm2_public_key})", err=True)  # type: ignore[attr-defined]
 
 
+def _protects_personal_data(component: str) -> bool:
+    import importlib
+
+    if component == "gateway":
+        return False
+    return importlib.import_module(f"services.{component}.service").SPEC.protects_personal_data
+
+
 def _component_tables(component: str) -> tuple[Path, object]:
     """A component's migration folder and table metadata."""
     import importlib
@@ -484,6 +492,7 @@ def db_migrate(
     """Apply pending migrations (services also do this on start)."""
     from services.shared import migrations
     from services.shared.db import engine_for
+    from services.shared.protection import DataProtection
 
     settings = _settings(data_dir, database_url)
 
@@ -497,6 +506,8 @@ def db_migrate(
                     schema=settings.schema_for(name),
                     versions=versions,
                     metadata=metadata,  # type: ignore[arg-type]
+                    # Revisions that seal existing personal data need the keys.
+                    protection=DataProtection.from_settings(settings) if _protects_personal_data(name) else None,
                 )
             finally:
                 await engine.dispose()

@@ -594,6 +594,7 @@ class MasterIndex:
             session, {(f, v) for _, _, n in fresh for f, v in matching.frequency_values(n).items() if v}
         )
         in_batch: dict[str, list[MatchRecord]] = {}
+        sealing = store.sealing_of(session)
         now = utcnow()
         patients, identifiers, keys, history, events, tasks = [], [], [], [], [], []
         deltas: dict[tuple[str, str], int] = {}
@@ -621,24 +622,19 @@ class MasterIndex:
             linked = replace_enterprise(new, enterprise_id)
             for key in matching.blocking_keys(new):
                 in_batch.setdefault(key, []).append(linked)
-                keys.append({"key": key, "patient_id": new.record_id})
+                keys.append({"key": sealing.key(key), "patient_id": new.record_id})
             patients.append(
                 {
                     "id": new.record_id,
                     "domain": registration.domain,
                     "local_id": registration.local_id,
                     "enterprise_id": enterprise_id,
-                    "name_text": registration.name_text,
-                    "family": registration.family,
-                    "given": registration.given,
+                    **sealing.row(new.record_id, registration),
                     "gender": registration.gender.value,
                     "birth_date": registration.birth_date,
-                    "national_id": registration.national_id,
-                    "phones": json.dumps(list(registration.phones)),
                     "province": registration.province,
                     "city": registration.city,
                     "district": registration.district,
-                    "address_line": registration.address_line,
                     "postal_code": registration.postal_code,
                     "link_method": method.value,
                     "link_score": score,
@@ -648,10 +644,7 @@ class MasterIndex:
                     "updated_at": now,
                 }
             )
-            identifiers += [
-                {"patient_id": new.record_id, "system": x.system, "value": x.value, "type": x.type}
-                for x in registration.identifiers
-            ]
+            identifiers += sealing.identifier_rows(new.record_id, registration)
             history.append(
                 {
                     "patient_id": new.record_id,

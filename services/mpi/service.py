@@ -10,9 +10,10 @@ from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.mpi.index import LINK_TOPIC, MasterIndex
 from services.mpi.matching import load_parameters
 from services.mpi.servicer import PatientIndexServicer
-from services.mpi.store import metadata
+from services.mpi.store import metadata, sealed_context, sealed_sessions
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime, ServiceSpec
+from services.shared.protection.rotation import ProtectedColumns
 
 # A JSON file of match parameters (m / u per level, thresholds) replacing the shipped default.
 PARAMETERS_ENV = "HIE_MPI_MATCH_PARAMETERS"
@@ -52,6 +53,8 @@ async def _no_subscriber(payloads: Sequence[bytes]) -> None:
 
 
 def _build(runtime: ServiceRuntime) -> list:
+    assert runtime.protection is not None
+    sealed_sessions(runtime.sessions, runtime.protection)
     url = os.environ.get(NATS_ENV)
     runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber)
     master = master_index(runtime)
@@ -64,4 +67,11 @@ def _build(runtime: ServiceRuntime) -> list:
     ]
 
 
-SPEC = ServiceSpec(name="mpi", metadata=metadata, versions=Path(__file__).parent / "migrations", build=_build)
+SPEC = ServiceSpec(
+    name="mpi",
+    metadata=metadata,
+    versions=Path(__file__).parent / "migrations",
+    build=_build,
+    protects_personal_data=True,
+    protected=(ProtectedColumns(table="patient", columns={"sealed": lambda row: sealed_context(row["id"])}),),
+)

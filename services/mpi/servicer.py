@@ -14,11 +14,11 @@ from sqlalchemy.exc import IntegrityError
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.mpi import domain, index, matching, store
-from services.shared import gb11643
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.process import ServiceRuntime
+from services.shared.protection.masking import MaskingPolicy, mask_name
 
 # Role per operation (from the hospital's verified user assertion).
 _REGISTRARS = ("doctor", "nurse", "data-steward", "admin")
@@ -72,33 +72,79 @@ def _registration(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registrati
     )
 
 
-def patient_message(record: store.PatientRecord, *, reveal_national_id: bool) -> mpi_pb2.Patient:
-    """A stored record as a message; the national id is masked unless the caller needs it."""
-    identifiers = [
-        common_pb2.Identifier(system=i.system, value=i.value, type=i.type) for i in store.record_identifiers(record)
-    ]
+@dataclasses.dataclass(frozen=True)
+class Disclosure:
+    """What a caller may see of a patient's personal data: the masking policy applied for the
+    caller's role and purpose of use (stewards resolve matches on full identifiers; research gets
+    de-identified records; everyone else sees national ids and phones partly hidden)."""
+
+    policy: MaskingPolicy
+    role: str
+    purpose: str
+
+    @classmethod
+    def to(cls, who: Caller, policy: MaskingPolicy) -> Disclosure:
+        return cls(policy=policy, role=who.role, purpose=who.purpose_of_use)
+
+    def national_id(self, value: str) -> str | None:
+        return self.policy.national_id(value, role=self.role, purpose=self.purpose)
+
+    def identifier(self, value: str) -> str | None:
+        return self.policy.identifier(value, role=self.role, purpose=self.purpose)
+
+    def phone(self, value: str) -> str | None:
+        return self.policy.phone(value, role=self.role, purpose=self.purpose)
+
+    def name(self, text: str, family: str, given: str) -> tuple[str, str, str]:
+        how = self.policy.treatment("name", role=self.role, purpose=self.purpose)
+        if how == "clear":
+            return text, family, given
+        if how == "partial":
+            # The family name stays (张**), the given name does not.
+            return mask_name(text), family, "*" * len(given)
+        return "", "", ""
+
+    def birth_date(self, value: str) -> str:
+        return (self.policy.birth_date(value, role=self.role, purpose=self.purpose) or "") if value else ""
+
+    def address(self, address: dict[str, str]) -> dict[str, str]:
+        return self.policy.address(address, role=self.role, purpose=self.purpose) or {}
+
+
+def patient_message(record: store.PatientRecord, disclosure: Disclosure) -> mpi_pb2.Patient:
+    """A stored record as a message, masked as the caller's disclosure allows."""
+    identifiers = []
+    for i in store.record_identifiers(record):
+        value = disclosure.identifier(i.value)
+        if value is not None:
+            identifiers.append(common_pb2.Identifier(system=i.system, value=value, type=i.type))
     if record.national_id:
-        value = record.national_id if reveal_national_id else gb11643.mask(record.national_id)
-        identifiers.insert(
-            0,
-            common_pb2.Identifier(system=domain.NATIONAL_ID_SYSTEM, value=value, type=domain.NATIONAL_ID_TYPE),
-        )
+        value = disclosure.national_id(record.national_id)
+        if value is not None:
+            identifiers.insert(
+                0,
+                common_pb2.Identifier(system=domain.NATIONAL_ID_SYSTEM, value=value, type=domain.NATIONAL_ID_TYPE),
+            )
+    text, family, given = disclosure.name(record.name_text, record.family, record.given)
+    address = disclosure.address(
+        {
+            "province": record.province,
+            "city": record.city,
+            "district": record.district,
+            "line": record.address_line,
+            "postal_code": record.postal_code,
+        }
+    )
     updated = Timestamp()
     updated.FromDatetime(record.updated_at)
     return mpi_pb2.Patient(
         ref=common_pb2.PatientRef(domain=record.domain, local_id=record.local_id),
         identifiers=identifiers,
-        name=mpi_pb2.HumanName(text=record.name_text, family=record.family, given=record.given),
+        name=mpi_pb2.HumanName(text=text, family=family, given=given),
         gender=_GENDER_TO_PROTO[domain.Gender(record.gender)],
-        birth_date=record.birth_date.isoformat() if record.birth_date else "",
-        phones=json.loads(record.phones),
-        address=mpi_pb2.Address(
-            province=record.province,
-            city=record.city,
-            district=record.district,
-            line=record.address_line,
-            postal_code=record.postal_code,
-        ),
+        birth_date=disclosure.birth_date(record.birth_date.isoformat() if record.birth_date else ""),
+        phones=[p for p in (disclosure.phone(v) for v in record.phones) if p is not None],
+        address=mpi_pb2.Address(**address),
         enterprise_id=record.enterprise_id,
         updated=updated,
         record_id=record.id,
@@ -113,9 +159,9 @@ def _fields(comparison: matching.Comparison) -> list[mpi_pb2.FieldAgreement]:
     ]
 
 
-def _scored(ranked: index.Ranked, *, reveal: bool) -> mpi_pb2.ScoredPatient:
+def _scored(ranked: index.Ranked, disclosure: Disclosure) -> mpi_pb2.ScoredPatient:
     return mpi_pb2.ScoredPatient(
-        patient=patient_message(ranked.record, reveal_national_id=reveal),
+        patient=patient_message(ranked.record, disclosure),
         weight=ranked.comparison.total,
         probability=round(ranked.probability, 6),
         grade=ranked.grade,
@@ -127,11 +173,6 @@ def _timestamp(value: datetime.datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
-
-
-def _reveals_national_id(who: Caller) -> bool:
-    # Stewards resolve matches on the full number; everyone else sees it masked.
-    return who.role == "data-steward"
 
 
 def _page_token(value: datetime.datetime) -> str:
@@ -169,6 +210,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         # SQLite has one writer; serialising changes in-process keeps link decisions atomic there.
         # PostgreSQL uses advisory locks per blocking key instead.
         self._sqlite_lock = asyncio.Lock() if runtime.engine.dialect.name == "sqlite" else None
+        assert runtime.protection is not None  # the mpi's SPEC protects personal data
+        self._masking = runtime.protection.masking
+
+    def _disclosure(self, who: Caller) -> Disclosure:
+        return Disclosure.to(who, self._masking)
 
     async def _write(self, operation):
         """Run a change in one transaction (serialised on SQLite), then wake the outbox relay."""
@@ -192,12 +238,12 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_scope("Patient", "c")
         who.require_role(*_REGISTRARS)
         registration = _registration(request.patient, who.organization_id)
-        reveal = _reveals_national_id(who)
+        disclosure = self._disclosure(who)
 
         async def register(session: object) -> mpi_pb2.RegisterPatientResponse:
             result = await self._index.register(session, who, registration)
             return mpi_pb2.RegisterPatientResponse(
-                patient=patient_message(result.record, reveal_national_id=reveal),
+                patient=patient_message(result.record, disclosure),
                 created=result.created,
                 link_method=_LINK_TO_PROTO.get(result.method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
                 audit_event_ids=[result.audit_event_id],
@@ -271,14 +317,14 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
         self._rt.outbox.notify()
-        return mpi_pb2.GetPatientResponse(patient=patient_message(record, reveal_national_id=_reveals_national_id(who)))
+        return mpi_pb2.GetPatientResponse(patient=patient_message(record, self._disclosure(who)))
 
     # --- PDQ and $match -------------------------------------------------------------------------
 
     async def _ranked_response(
         self, who: Caller, query: matching.MatchRecord, *, limit: int, event: str, minimum: float | None = None
     ) -> list[mpi_pb2.ScoredPatient]:
-        reveal = _reveals_national_id(who)
+        disclosure = self._disclosure(who)
         async with self._rt.sessions() as session, session.begin():
             ranked = await self._index.rank(session, query, limit=limit, minimum=minimum)
             await self._rt.audit.record(
@@ -289,7 +335,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 entities=[("Patient", f"{r.record.domain}|{r.record.local_id}") for r in ranked],
             )
         self._rt.outbox.notify()
-        return [_scored(r, reveal=reveal) for r in ranked]
+        return [_scored(r, disclosure) for r in ranked]
 
     async def SearchPatients(
         self, request: mpi_pb2.SearchPatientsRequest, context: object
@@ -348,13 +394,15 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
 
     # --- review queue -------------------------------------------------------------------------
 
-    async def _task_message(self, session: object, task: store.ReviewTask, *, reveal: bool) -> mpi_pb2.ReviewTask:
+    async def _task_message(
+        self, session: object, task: store.ReviewTask, disclosure: Disclosure
+    ) -> mpi_pb2.ReviewTask:
         records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
         comparison = json.loads(task.comparison)
         return mpi_pb2.ReviewTask(
             id=task.id,
-            patient=patient_message(records[task.patient_id], reveal_national_id=reveal),
-            candidate=patient_message(records[task.candidate_id], reveal_national_id=reveal),
+            patient=patient_message(records[task.patient_id], disclosure),
+            candidate=patient_message(records[task.candidate_id], disclosure),
             weight=task.score,
             fields=[mpi_pb2.FieldAgreement(field=f, level=lw[0], weight=lw[1]) for f, lw in comparison.items()],
             hold=task.hold,
@@ -373,7 +421,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         domain_filter = who.organization_id if who.organization_type == "hospital" else None
         async with self._rt.sessions() as session, session.begin():
             tasks = await store.open_review_tasks(session, limit=size, after=after, domain=domain_filter)
-            messages = [await self._task_message(session, t, reveal=True) for t in tasks]
+            messages = [await self._task_message(session, t, self._disclosure(who)) for t in tasks]
             await self._rt.audit.record(
                 session,
                 caller=who,
@@ -403,7 +451,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             task = await self._index.decide_review(
                 session, who, task.id, same=request.decision == mpi_pb2.REVIEW_DECISION_SAME
             )
-            return mpi_pb2.DecideReviewResponse(task=await self._task_message(session, task, reveal=True))
+            return mpi_pb2.DecideReviewResponse(task=await self._task_message(session, task, self._disclosure(who)))
 
         return await self._write(decide)
 
@@ -415,11 +463,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_role(*_STEWARDS)
         source, target = _ref(request.ref), _ref(request.target)
         _own_domain(who, source[0])
-        reveal = _reveals_national_id(who)
+        disclosure = self._disclosure(who)
 
         async def link(session: object) -> mpi_pb2.LinkPatientsResponse:
             record = await self._index.link(session, who, source, target)
-            return mpi_pb2.LinkPatientsResponse(patient=patient_message(record, reveal_national_id=reveal))
+            return mpi_pb2.LinkPatientsResponse(patient=patient_message(record, disclosure))
 
         return await self._write(link)
 
@@ -431,11 +479,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_role(*_STEWARDS)
         source = _ref(request.ref)
         _own_domain(who, source[0])
-        reveal = _reveals_national_id(who)
+        disclosure = self._disclosure(who)
 
         async def unlink(session: object) -> mpi_pb2.UnlinkPatientResponse:
             record = await self._index.unlink(session, who, source)
-            return mpi_pb2.UnlinkPatientResponse(patient=patient_message(record, reveal_national_id=reveal))
+            return mpi_pb2.UnlinkPatientResponse(patient=patient_message(record, disclosure))
 
         return await self._write(unlink)
 
@@ -449,13 +497,13 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             raise PermissionDenied("only a hospital merges its own records", reason="not-a-hospital")
         domain.validate_local_id(request.survivor_local_id)
         domain.validate_local_id(request.subsumed_local_id)
-        reveal = _reveals_national_id(who)
+        disclosure = self._disclosure(who)
 
         async def merge(session: object) -> mpi_pb2.MergePatientsResponse:
             survivor = await self._index.merge(
                 session, who, who.organization_id, request.survivor_local_id, request.subsumed_local_id
             )
-            return mpi_pb2.MergePatientsResponse(survivor=patient_message(survivor, reveal_national_id=reveal))
+            return mpi_pb2.MergePatientsResponse(survivor=patient_message(survivor, disclosure))
 
         return await self._write(merge)
 
@@ -468,11 +516,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         if who.organization_type != "hospital":
             raise PermissionDenied("only a hospital unmerges its own records", reason="not-a-hospital")
         domain.validate_local_id(request.subsumed_local_id)
-        reveal = _reveals_national_id(who)
+        disclosure = self._disclosure(who)
 
         async def unmerge(session: object) -> mpi_pb2.UnmergePatientResponse:
             record = await self._index.unmerge(session, who, who.organization_id, request.subsumed_local_id)
-            return mpi_pb2.UnmergePatientResponse(patient=patient_message(record, reveal_national_id=reveal))
+            return mpi_pb2.UnmergePatientResponse(patient=patient_message(record, disclosure))
 
         return await self._write(unmerge)
 

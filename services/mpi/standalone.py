@@ -21,6 +21,7 @@ from services.shared.audit_trail import AuditTrail
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
+from services.shared.protection import DataProtection
 
 
 @dataclass
@@ -43,10 +44,16 @@ async def open_index(
 ) -> AsyncIterator[IndexHandle]:
     """The mpi database (migrated to the current schema) with the index over it."""
     engine = engine_for(settings, SPEC.name)
+    protection = DataProtection.from_settings(settings)
     await migrations.upgrade(
-        engine, schema=settings.schema_for(SPEC.name), versions=SPEC.versions, metadata=SPEC.metadata
+        engine,
+        schema=settings.schema_for(SPEC.name),
+        versions=SPEC.versions,
+        metadata=SPEC.metadata,
+        protection=protection,
     )
     sessions = session_factory(engine)
+    store.sealed_sessions(sessions, protection)
     outbox = Outbox(SPEC.metadata.tables["outbox"], sessions)
     master = MasterIndex(audit=AuditTrail(outbox, service=SPEC.name), outbox=outbox, params=params or parameters())
     try:

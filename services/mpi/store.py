@@ -1,9 +1,21 @@
-"""The mpi's tables and queries."""
+"""The mpi's tables and queries.
+
+Personal data is never stored in clear. A record's direct identifiers and name text (name,
+national id, phones, street address, other identifier values) are sealed together in one
+authenticated ciphertext (`patient.sealed`, bound to the record id); exact lookups go through
+keyed blind indexes: the national id, identifier values, every blocking key and every name value
+of the frequency table are stored as HMAC digests. The matcher still compares clear values: they
+are opened when a record is loaded (an ORM load hook reads the session's `RecordSealing`), at a
+few microseconds per candidate. Birth date, gender and the address down to the district stay in
+clear: the blocking keys and the masking policy's district level need them, and they identify no
+one on their own.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +33,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     delete,
+    event,
     insert,
     or_,
     select,
@@ -28,15 +41,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, QueryContext, Session, mapped_column
 
 from services.mpi.domain import Identifier, Registration
 from services.mpi.matching import MatchRecord, ValueFrequencies, match_record
 from services.shared.db import UtcDateTime, utcnow
+from services.shared.errors import DataCorruption
 from services.shared.outbox import outbox_table
+from services.shared.protection import DataProtection, TamperedCiphertextError
+from services.shared.protection.keyring import UnknownKeyError
 
 metadata = MetaData()
+_log = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -50,24 +67,21 @@ class PatientRecord(Base):
     __table_args__ = (
         UniqueConstraint("domain", "local_id", name="uq_patient_domain_local_id"),
         Index("ix_patient_enterprise_id", "enterprise_id"),
-        Index("ix_patient_national_id", "national_id"),
+        Index("ix_patient_national_id_index", "national_id_index"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     domain: Mapped[str] = mapped_column(String(64))
     local_id: Mapped[str] = mapped_column(String(64))
     enterprise_id: Mapped[str] = mapped_column(String(36))
-    name_text: Mapped[str] = mapped_column(String(64))
-    family: Mapped[str] = mapped_column(String(64), default="")
-    given: Mapped[str] = mapped_column(String(64), default="")
+    # Name, national id, phones, street address and identifier values: see RecordSealing.
+    sealed: Mapped[str] = mapped_column(Text)
+    national_id_index: Mapped[str | None] = mapped_column(String(32), nullable=True)
     gender: Mapped[str] = mapped_column(String(8))
     birth_date: Mapped[datetime.date | None] = mapped_column(Date, nullable=True)
-    national_id: Mapped[str | None] = mapped_column(String(18), nullable=True)
-    phones: Mapped[str] = mapped_column(Text, default="[]")
     province: Mapped[str] = mapped_column(String(32), default="")
     city: Mapped[str] = mapped_column(String(32), default="")
     district: Mapped[str] = mapped_column(String(32), default="")
-    address_line: Mapped[str] = mapped_column(String(200), default="")
     postal_code: Mapped[str] = mapped_column(String(12), default="")
     link_method: Mapped[str] = mapped_column(String(16))
     # The weight of the comparison that made the current link (probabilistic links), else null.
@@ -78,21 +92,31 @@ class PatientRecord(Base):
     merged_into: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-    identifiers: Mapped[list[IdentifierRecord]] = relationship(
-        back_populates="patient", cascade="all, delete-orphan", lazy="raise"
-    )
+
+    # The opened personal data: plain attributes the ORM neither maps nor flushes (only `sealed`
+    # is a column), set on load from the database and by `RecordSealing.apply` on write.
+    __allow_unmapped__ = True
+    name_text: str
+    family: str
+    given: str
+    national_id: str | None
+    phones: list[str]
+    address_line: str
+    identifiers: list[Identifier]
 
 
 class IdentifierRecord(Base):
+    """An identifier of a record, for exact lookup: the value only as its blind index (the value
+    itself is in the record's sealed data)."""
+
     __tablename__ = "patient_identifier"
-    __table_args__ = (Index("ix_patient_identifier_value", "system", "value"),)
+    __table_args__ = (Index("ix_patient_identifier_value_index", "system", "value_index"),)
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), index=True)
     system: Mapped[str] = mapped_column(String(256))
-    value: Mapped[str] = mapped_column(String(128))
+    value_index: Mapped[str] = mapped_column(String(32))
     type: Mapped[str] = mapped_column(String(16), default="")
-    patient: Mapped[PatientRecord] = relationship(back_populates="identifiers", lazy="raise")
 
 
 class LinkHistory(Base):
@@ -214,21 +238,132 @@ class BulkLoad(Base):
 
 outbox_table(metadata)
 
+# Where a session finds the sealing (see `sealed_sessions`).
+_SEALING = "mpi.sealing"
+
+
+class RecordSealing:
+    """How the mpi stores personal data: one sealed blob per record, blind indexes for lookups."""
+
+    def __init__(self, protection: DataProtection) -> None:
+        self._protection = protection
+
+    # -- blind indexes (the same value gives the same digest; the database never sees the value)
+    def key(self, blocking_key: str) -> str:
+        return self._protection.index.digest("mpi.blocking-key", blocking_key)
+
+    def national_id(self, value: str) -> str:
+        return self._protection.index.digest("national-id", value)
+
+    def identifier(self, system: str, value: str) -> str:
+        return self._protection.index.digest("identifier", f"{system}|{value}")
+
+    def name_value(self, field: str, value: str) -> str:
+        """A name value of the frequency table ("" stays "": it is the field's total row)."""
+        return self._protection.index.digest("mpi.name", f"{field}|{value}") if value else ""
+
+    # -- the sealed blob
+    def seal(self, record_id: str, registration: Registration) -> str:
+        document = {
+            "text": registration.name_text,
+            "family": registration.family,
+            "given": registration.given,
+            "national_id": registration.national_id,
+            "phones": list(registration.phones),
+            "line": registration.address_line,
+            "identifiers": [[i.system, i.value, i.type] for i in registration.identifiers],
+        }
+        return self._protection.fields.encrypt(
+            json.dumps(document, ensure_ascii=False, separators=(",", ":")), context=sealed_context(record_id)
+        )
+
+    def open(self, record_id: str, sealed: str) -> dict[str, Any]:
+        """The opened personal data; DataCorruption if it was altered, moved to another row, or is
+        under a key this process does not hold (never a guess)."""
+        try:
+            return json.loads(self._protection.fields.decrypt(sealed, context=sealed_context(record_id)))
+        except (TamperedCiphertextError, UnknownKeyError):
+            _log.error("mpi record %s failed its integrity check", record_id)
+            raise DataCorruption("a patient record failed its integrity check", reason="record-corrupt") from None
+
+    def apply(self, record: PatientRecord, registration: Registration) -> None:
+        """Write a registration's personal data to a record: sealed column, indexes, opened view."""
+        record.sealed = self.seal(record.id, registration)
+        record.national_id_index = self.national_id(registration.national_id) if registration.national_id else None
+        _set_opened(record, self.open(record.id, record.sealed))
+
+    def row(self, record_id: str, registration: Registration) -> dict[str, Any]:
+        """The personal-data columns of a new patient row (bulk insert)."""
+        return {
+            "sealed": self.seal(record_id, registration),
+            "national_id_index": self.national_id(registration.national_id) if registration.national_id else None,
+        }
+
+    def identifier_rows(self, record_id: str, registration: Registration) -> list[dict[str, Any]]:
+        return [
+            {
+                "patient_id": record_id,
+                "system": i.system,
+                "value_index": self.identifier(i.system, i.value),
+                "type": i.type,
+            }
+            for i in registration.identifiers
+        ]
+
+
+def sealed_context(record_id: str) -> str:
+    """The associated data of a record's sealed blob: a blob copied to another row fails to open."""
+    return f"mpi.patient.sealed:{record_id}"
+
+
+def sealed_sessions(sessions: async_sessionmaker[AsyncSession], protection: DataProtection) -> None:
+    """Make a session factory's sessions open and seal the mpi's personal data."""
+    info = dict(sessions.kw.get("info") or {})
+    info[_SEALING] = RecordSealing(protection)
+    sessions.configure(info=info)
+
+
+def sealing_of(session: AsyncSession | Session) -> RecordSealing:
+    sealing = session.info.get(_SEALING)
+    if sealing is None:
+        # A session from a factory nobody configured would write clear personal data: refuse.
+        raise RuntimeError("this session cannot seal personal data (see store.sealed_sessions)")
+    return sealing
+
+
+def _set_opened(record: PatientRecord, opened: dict[str, Any]) -> None:
+    record.name_text = opened["text"]
+    record.family = opened["family"]
+    record.given = opened["given"]
+    record.national_id = opened["national_id"]
+    record.phones = list(opened["phones"])
+    record.address_line = opened["line"]
+    record.identifiers = [Identifier(system=s, value=v, type=t) for s, v, t in opened["identifiers"]]
+
+
+def _open_stored(record: PatientRecord, session: Session) -> None:
+    _set_opened(record, sealing_of(session).open(record.id, record.sealed))
+
+
+@event.listens_for(PatientRecord, "load")
+def _open_on_load(record: PatientRecord, context: QueryContext) -> None:
+    _open_stored(record, context.session)
+
+
+@event.listens_for(PatientRecord, "refresh")
+def _open_on_refresh(record: PatientRecord, context: QueryContext, attrs: Any) -> None:
+    if attrs is None or "sealed" in attrs:
+        _open_stored(record, context.session)
+
 
 async def find_record(session: AsyncSession, *, domain: str, local_id: str) -> PatientRecord | None:
     return await session.scalar(
-        select(PatientRecord)
-        .where(PatientRecord.domain == domain, PatientRecord.local_id == local_id)
-        .options(selectinload(PatientRecord.identifiers))
+        select(PatientRecord).where(PatientRecord.domain == domain, PatientRecord.local_id == local_id)
     )
 
 
-def _phones(record: PatientRecord) -> list[str]:
-    return list(json.loads(record.phones))
-
-
-def match_record_of(record: PatientRecord, *, with_identifiers: bool = True) -> MatchRecord:
-    """The comparable form of a stored record (identifiers must have been loaded)."""
+def match_record_of(record: PatientRecord) -> MatchRecord:
+    """The comparable form of a stored record."""
     return match_record(
         record_id=record.id,
         domain=record.domain,
@@ -239,13 +374,13 @@ def match_record_of(record: PatientRecord, *, with_identifiers: bool = True) -> 
         gender=record.gender,
         birth_date=record.birth_date,
         national_id=record.national_id,
-        phones=_phones(record),
+        phones=record.phones,
         province=record.province,
         city=record.city,
         district=record.district,
         address_line=record.address_line,
         postal_code=record.postal_code,
-        identifiers=[(i.system, i.value) for i in record.identifiers] if with_identifiers else (),
+        identifiers=[(i.system, i.value) for i in record.identifiers],
     )
 
 
@@ -275,11 +410,11 @@ async def candidates(session: AsyncSession, keys: set[str], *, limit: int = 500)
     """Active records filed under any of the keys: an index lookup on blocking_key, never a scan."""
     if not keys:
         return []
-    ids = select(BlockingKey.patient_id).where(BlockingKey.key.in_(sorted(keys))).distinct().limit(limit)
+    sealing = sealing_of(session)
+    digests = sorted({sealing.key(k) for k in keys})
+    ids = select(BlockingKey.patient_id).where(BlockingKey.key.in_(digests)).distinct().limit(limit)
     rows = await session.scalars(
-        select(PatientRecord)
-        .where(PatientRecord.id.in_(ids), PatientRecord.merged_into.is_(None))
-        .options(selectinload(PatientRecord.identifiers))
+        select(PatientRecord).where(PatientRecord.id.in_(ids), PatientRecord.merged_into.is_(None))
     )
     return list(rows)
 
@@ -289,12 +424,15 @@ async def set_blocking_keys(session: AsyncSession, patient_id: str, keys: set[st
     if not new:
         await session.execute(delete(BlockingKey).where(BlockingKey.patient_id == patient_id))
     if keys:
-        await session.execute(insert(BlockingKey), [{"key": k, "patient_id": patient_id} for k in sorted(keys)])
+        sealing = sealing_of(session)
+        digests = sorted({sealing.key(k) for k in keys})
+        await session.execute(insert(BlockingKey), [{"key": d, "patient_id": patient_id} for d in digests])
 
 
 async def adjust_frequencies(session: AsyncSession, values: dict[str, str], delta: int) -> None:
     """Count a record's name values in (delta 1) or out (delta -1) of the frequency table."""
-    rows = [{"field": f, "value": v[:64], "count": delta} for f, v in values.items() if v]
+    sealing = sealing_of(session)
+    rows = [{"field": f, "value": sealing.name_value(f, v), "count": delta} for f, v in values.items() if v]
     rows += [{"field": f, "value": "", "count": delta} for f, v in values.items() if v]
     if not rows:
         return
@@ -308,22 +446,9 @@ async def adjust_frequencies(session: AsyncSession, values: dict[str, str], delt
 
 async def value_frequencies(session: AsyncSession, values: dict[str, str]) -> ValueFrequencies:
     """The counts of these name values and the totals of their fields."""
-    wanted = [(f, v) for f, v in values.items() if v] + [(f, "") for f in values]
-    if not wanted:
+    if not values:
         return ValueFrequencies()
-    rows = await session.execute(
-        select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
-            tuple_(NameFrequency.field, NameFrequency.value).in_(wanted)
-        )
-    )
-    counts: dict[tuple[str, str], int] = {}
-    totals: dict[str, int] = {}
-    for field_name, value, count in rows:
-        if value == "":
-            totals[field_name] = count
-        else:
-            counts[(field_name, value)] = count
-    return ValueFrequencies(counts=counts, totals=totals)
+    return await frequencies_of(session, {(f, v) for f, v in values.items() if v}, fields=set(values))
 
 
 async def different_from(session: AsyncSession, patient_id: str) -> frozenset[str]:
@@ -344,23 +469,23 @@ async def record_non_match(session: AsyncSession, a: str, b: str, *, decided_by:
         await session.flush()
 
 
-def _apply(record: PatientRecord, registration: Registration) -> None:
-    record.name_text = registration.name_text
-    record.family = registration.family
-    record.given = registration.given
+def _apply(session: AsyncSession, record: PatientRecord, registration: Registration) -> None:
+    sealing_of(session).apply(record, registration)
     record.gender = registration.gender.value
     record.birth_date = registration.birth_date
-    record.national_id = registration.national_id
-    record.phones = json.dumps(list(registration.phones))
     record.province = registration.province
     record.city = registration.city
     record.district = registration.district
-    record.address_line = registration.address_line
     record.postal_code = registration.postal_code
-    record.identifiers = [
-        IdentifierRecord(system=i.system, value=i.value, type=i.type) for i in registration.identifiers
-    ]
     record.updated_at = utcnow()
+
+
+async def _write_identifiers(session: AsyncSession, record_id: str, registration: Registration, *, new: bool) -> None:
+    if not new:
+        await session.execute(delete(IdentifierRecord).where(IdentifierRecord.patient_id == record_id))
+    rows = sealing_of(session).identifier_rows(record_id, registration)
+    if rows:
+        await session.execute(insert(IdentifierRecord), rows)
 
 
 async def insert_record(
@@ -385,9 +510,10 @@ async def insert_record(
         linked_at=now,
         created_at=now,
     )
-    _apply(record, registration)
+    _apply(session, record, registration)
     session.add(record)
-    await session.flush()  # the patient row first: history refers to it
+    await session.flush()  # the patient row first: history and identifiers refer to it
+    await _write_identifiers(session, record.id, registration, new=True)
     session.add(
         LinkHistory(
             patient_id=record.id,
@@ -404,8 +530,9 @@ async def insert_record(
 
 
 async def update_record(session: AsyncSession, record: PatientRecord, registration: Registration) -> PatientRecord:
-    _apply(record, registration)
+    _apply(session, record, registration)
     await session.flush()
+    await _write_identifiers(session, record.id, registration, new=False)
     return record
 
 
@@ -448,20 +575,17 @@ async def records_of_person(session: AsyncSession, enterprise_id: str) -> list[P
         select(PatientRecord)
         .where(PatientRecord.enterprise_id == enterprise_id, PatientRecord.merged_into.is_(None))
         .order_by(PatientRecord.created_at)
-        .options(selectinload(PatientRecord.identifiers))
     )
     return list(rows)
 
 
 async def records_by_id(session: AsyncSession, ids: list[str]) -> dict[str, PatientRecord]:
-    rows = await session.scalars(
-        select(PatientRecord).where(PatientRecord.id.in_(ids)).options(selectinload(PatientRecord.identifiers))
-    )
+    rows = await session.scalars(select(PatientRecord).where(PatientRecord.id.in_(ids)))
     return {r.id: r for r in rows}
 
 
 def record_identifiers(record: PatientRecord) -> list[Identifier]:
-    return [Identifier(system=i.system, value=i.value, type=i.type) for i in record.identifiers]
+    return list(record.identifiers)
 
 
 async def add_review_task(
@@ -647,9 +771,13 @@ async def find_records(session: AsyncSession, *, domain: str, local_ids: list[st
     return {r.local_id: r for r in rows}
 
 
-async def frequencies_of(session: AsyncSession, values: set[tuple[str, str]]) -> ValueFrequencies:
+async def frequencies_of(
+    session: AsyncSession, values: set[tuple[str, str]], *, fields: set[str] | None = None
+) -> ValueFrequencies:
     """Counts of many name values (and their fields' totals) in one query per chunk."""
-    wanted = sorted(values | {(f, "") for f, _ in values})
+    sealing = sealing_of(session)
+    clear_of = {(f, sealing.name_value(f, v)): (f, v) for f, v in values}
+    wanted = sorted(set(clear_of) | {(f, "") for f in (fields or set()) | {f for f, _ in values}})
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
     for start in range(0, len(wanted), 400):
@@ -662,12 +790,14 @@ async def frequencies_of(session: AsyncSession, values: set[tuple[str, str]]) ->
             if value == "":
                 totals[field_name] = count
             else:
-                counts[(field_name, value)] = count
+                counts[clear_of[(field_name, value)]] = count
     return ValueFrequencies(counts=counts, totals=totals)
 
 
 async def add_frequency_deltas(session: AsyncSession, deltas: dict[tuple[str, str], int]) -> None:
-    rows = [{"field": f, "value": v[:64], "count": d} for (f, v), d in sorted(deltas.items()) if d]
+    """Add counts per (field, name value); value "" is the field's total."""
+    sealing = sealing_of(session)
+    rows = [{"field": f, "value": sealing.name_value(f, v), "count": d} for (f, v), d in sorted(deltas.items()) if d]
     if not rows:
         return
     dialect_insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
@@ -687,46 +817,42 @@ async def insert_rows(session: AsyncSession, table: object, rows: list[dict[str,
 async def match_candidates_by_key(
     session: AsyncSession, keys: set[str], *, chunk: int = 900
 ) -> dict[str, list[MatchRecord]]:
-    """Like `candidates_by_key`, straight to comparable records (Core rows, no ORM objects: the
-    bulk path reads thousands per batch)."""
+    """Active records filed under each of these blocking keys, straight to comparable records
+    (Core rows, no ORM objects: the bulk path reads thousands per batch)."""
+    sealing = sealing_of(session)
     patient = PatientRecord.__table__
-    ordered = sorted(keys)
+    clear_of = {sealing.key(k): k for k in keys}
+    ordered = sorted(clear_of)
     pairs: list[tuple[str, str]] = []
     for start in range(0, len(ordered), chunk):
         rows = await session.execute(
             select(BlockingKey.key, BlockingKey.patient_id).where(BlockingKey.key.in_(ordered[start : start + chunk]))
         )
-        pairs.extend((k, p) for k, p in rows)
+        pairs.extend((clear_of[k], p) for k, p in rows)
     ids = sorted({p for _, p in pairs})
-    identifiers: dict[str, list[tuple[str, str]]] = {}
     records: dict[str, MatchRecord] = {}
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
-        for patient_id, system, value in await session.execute(
-            select(IdentifierRecord.patient_id, IdentifierRecord.system, IdentifierRecord.value).where(
-                IdentifierRecord.patient_id.in_(part)
-            )
-        ):
-            identifiers.setdefault(patient_id, []).append((system, value))
         rows = await session.execute(select(patient).where(patient.c.id.in_(part), patient.c.merged_into.is_(None)))
         for row in rows.mappings():
+            opened = sealing.open(row["id"], row["sealed"])
             records[row["id"]] = match_record(
                 record_id=row["id"],
                 domain=row["domain"],
                 enterprise_id=row["enterprise_id"],
-                name_text=row["name_text"],
-                family=row["family"],
-                given=row["given"],
+                name_text=opened["text"],
+                family=opened["family"],
+                given=opened["given"],
                 gender=row["gender"],
                 birth_date=row["birth_date"],
-                national_id=row["national_id"],
-                phones=json.loads(row["phones"]),
+                national_id=opened["national_id"],
+                phones=opened["phones"],
                 province=row["province"],
                 city=row["city"],
                 district=row["district"],
-                address_line=row["address_line"],
+                address_line=opened["line"],
                 postal_code=row["postal_code"],
-                identifiers=identifiers.get(row["id"], ()),
+                identifiers=[(system, value) for system, value, _ in opened["identifiers"]],
             )
     by_key: dict[str, list[MatchRecord]] = {}
     for key, patient_id in pairs:

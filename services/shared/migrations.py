@@ -8,6 +8,7 @@ own schema (PostgreSQL) or file (SQLite).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -19,18 +20,25 @@ from services.shared.db import ensure_schema
 _ENVIRONMENT = Path(__file__).resolve().parent / "alembic"
 
 
-def alembic_config(versions: Path, metadata: MetaData, connection: Connection | None = None) -> Config:
+def alembic_config(
+    versions: Path, metadata: MetaData, connection: Connection | None = None, *, protection: Any = None
+) -> Config:
     config = Config()
     config.set_main_option("script_location", str(_ENVIRONMENT))
     config.set_main_option("version_locations", str(versions))
     config.set_main_option("path_separator", "os")
     config.attributes["target_metadata"] = metadata
     config.attributes["connection"] = connection
+    # Data migrations that seal personal data read the component's keys from here.
+    config.attributes["protection"] = protection
     return config
 
 
-async def upgrade(engine: AsyncEngine, *, schema: str, versions: Path, metadata: MetaData) -> None:
-    """Bring a component's schema to the newest revision.
+async def upgrade(
+    engine: AsyncEngine, *, schema: str, versions: Path, metadata: MetaData, protection: Any = None
+) -> None:
+    """Bring a component's schema to the newest revision (`protection`: the component's
+    DataProtection, for revisions that encrypt existing rows).
 
     Replicas of one service start together: on PostgreSQL they take turns under an advisory
     lock named after the schema, so the schema is created and migrated exactly once.
@@ -39,7 +47,9 @@ async def upgrade(engine: AsyncEngine, *, schema: str, versions: Path, metadata:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": f"migrate:{schema}"})
             await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-        await conn.run_sync(lambda sync: command.upgrade(alembic_config(versions, metadata, sync), "head"))
+        await conn.run_sync(
+            lambda sync: command.upgrade(alembic_config(versions, metadata, sync, protection=protection), "head")
+        )
 
 
 async def revision(engine: AsyncEngine, *, schema: str, versions: Path, metadata: MetaData, message: str) -> None:

@@ -116,8 +116,13 @@ class RunningService:
 async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | None = None) -> RunningService:
     """Migrate the service's schema, start its outbox relay and serve it."""
     engine = engine_for(settings, spec.name)
+    protection = DataProtection.from_settings(settings) if spec.protects_personal_data else None
     await migrations.upgrade(
-        engine, schema=settings.schema_for(spec.name), versions=spec.versions, metadata=spec.metadata
+        engine,
+        schema=settings.schema_for(spec.name),
+        versions=spec.versions,
+        metadata=spec.metadata,
+        protection=protection,
     )
     sessions = session_factory(engine)
     outbox = Outbox(spec.metadata.tables["outbox"], sessions)
@@ -133,7 +138,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         audit=AuditTrail(outbox, service=spec.name),
         credentials=credentials,
         verifier=TokenVerifier(settings.trusted_jwks_file),
-        protection=DataProtection.from_settings(settings) if spec.protects_personal_data else None,
+        protection=protection,
     )
     if spec.relays_audit:
         outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))

@@ -1,7 +1,6 @@
-"""A database dump after the demo holds no document content in clear.
-
-National id numbers and phone numbers join the needles once the mpi store encrypts them (issue 8).
-"""
+"""A database dump after the demo holds no national id, phone number, street address, patient
+name or document content in clear: the mpi seals personal data, the registry envelope-encrypts
+content, and nothing else (audit, outbox, gateway) keeps a copy."""
 
 from __future__ import annotations
 
@@ -11,11 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import run_demo
+from gateway.demo import DEMO_NATIONAL_ID, run_demo
 from services.shared.config import Settings
 from tests.conftest import POSTGRES_URL, _backends, base_settings, drop_schemas, start_exchange
 
 NEEDLES = {
+    "national id": DEMO_NATIONAL_ID.encode(),
+    "national id (digits)": DEMO_NATIONAL_ID[:17].encode(),
+    "phone": b"13800138000",
+    "street address": "金融街".encode(),
+    "patient name": "张三".encode(),
     "document content": "社区获得性肺炎".encode(),
     "document content (title)": "出院医嘱".encode(),
     "document content (CDA markup)": b"<ClinicalDocument",
@@ -35,7 +39,7 @@ def _dump(settings: Settings, backend: str) -> bytes:
 
 
 @pytest.mark.parametrize("backend", _backends())
-async def test_a_dump_after_the_demo_holds_no_document_content_in_clear(
+async def test_a_dump_after_the_demo_holds_no_personal_data_or_content_in_clear(
     backend: str, tmp_path: Path, keys_dir: Path
 ) -> None:
     settings = base_settings(tmp_path, keys_dir, backend)
