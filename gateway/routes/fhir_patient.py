@@ -47,21 +47,24 @@ def _bad(reason: str, message: str) -> ApiError:
 
 def patient_resource(patient: mpi_pb2.Patient) -> dict[str, Any]:
     """One index record as a FHIR R4 Patient."""
-    identifiers: list[dict[str, Any]] = [
-        {
-            "use": "usual",
-            "type": {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": "MR"}]},
-            "system": f"{LOCAL_ID_SYSTEM_PREFIX}{patient.ref.domain}",
-            "value": patient.ref.local_id,
-        },
-        {"use": "official", "system": ENTERPRISE_ID_SYSTEM, "value": patient.enterprise_id},
-    ]
+    # (A de-identified view has no local record number, no name and a year for a birth date.)
+    identifiers: list[dict[str, Any]] = []
+    if patient.ref.local_id:
+        identifiers.append(
+            {
+                "use": "usual",
+                "type": {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": "MR"}]},
+                "system": f"{LOCAL_ID_SYSTEM_PREFIX}{patient.ref.domain}",
+                "value": patient.ref.local_id,
+            }
+        )
+    identifiers.append({"use": "official", "system": ENTERPRISE_ID_SYSTEM, "value": patient.enterprise_id})
     for ident in patient.identifiers:
         entry: dict[str, Any] = {"system": ident.system, "value": ident.value}
         if ident.type:
             entry["type"] = {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": ident.type}]}
         identifiers.append(entry)
-    name: dict[str, Any] = {"text": patient.name.text}
+    name: dict[str, Any] = {"text": patient.name.text} if patient.name.text else {}
     if patient.name.family:
         name["family"] = patient.name.family
     if patient.name.given:
@@ -71,7 +74,7 @@ def patient_resource(patient: mpi_pb2.Patient) -> dict[str, Any]:
         "id": patient.record_id,
         "identifier": identifiers,
         "active": True,
-        "name": [name],
+        **({"name": [name]} if name else {}),
         "gender": _GENDER_CODES.get(patient.gender, "unknown"),
     }
     if patient.birth_date:

@@ -137,8 +137,11 @@ def patient_message(record: store.PatientRecord, disclosure: Disclosure) -> mpi_
     )
     updated = Timestamp()
     updated.FromDatetime(record.updated_at)
+    # The hospital's own record number is an identifier too: de-identified views (research,
+    # public health) lose it; every other view keeps it (hospitals act on their records by it).
+    local_id = record.local_id if disclosure.identifier(record.local_id) is not None else ""
     return mpi_pb2.Patient(
-        ref=common_pb2.PatientRef(domain=record.domain, local_id=record.local_id),
+        ref=common_pb2.PatientRef(domain=record.domain, local_id=local_id),
         identifiers=identifiers,
         name=mpi_pb2.HumanName(text=text, family=family, given=given),
         gender=_GENDER_TO_PROTO[domain.Gender(record.gender)],
