@@ -295,7 +295,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                         raise AlreadyExists(
                             "idempotency key already used for a different request", reason="idempotency-key-reused"
                         )
-                    record = await store.record_by_id(session, first.record_id)
+                    record = (await store.records_by_id(session, [first.record_id])).get(first.record_id)
                     if record is None:
                         raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
                     return mpi_pb2.RegisterPatientResponse(
