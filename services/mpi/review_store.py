@@ -118,7 +118,7 @@ async def open_review_tasks(
     elif filter == UNASSIGNED:
         query = query.where(ReviewAssignment.task_id.is_(None))
     rows = await session.execute(query.order_by(ReviewTask.created_at, ReviewTask.id).limit(limit))
-    return [(task, held) for task, held in rows.tuples()]
+    return [(task, held) for task, held in rows]
 
 
 # --- idempotent registration ------------------------------------------------------------------
