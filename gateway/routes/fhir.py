@@ -29,6 +29,7 @@ from gateway.deps import CallContext
 from gateway.errors import ApiError
 from gateway.routes.audit import AuditContext, action_name, isoformat, query_page, timestamp
 from gateway.routes.fhir_consent import CONSENT_CAPABILITY
+from gateway.routes.fhir_patient import INSTANTIATES, PATIENT_CAPABILITY
 from hie.audit.v1 import audit_pb2
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
@@ -147,6 +148,7 @@ async def capability_statement(request: Request) -> JSONResponse:
         "status": "active",
         "date": "2026-11-22",
         "kind": "instance",
+        "instantiates": INSTANTIATES,
         "software": {"name": "hie-exchange", "version": "0.1.0"},
         "implementation": {"description": "Regional health information exchange", "url": f"{base}/fhir/R4"},
         "fhirVersion": "4.0.1",
@@ -188,6 +190,7 @@ async def capability_statement(request: Request) -> JSONResponse:
                         "searchParam": AUDIT_EVENT_SEARCH_PARAMS,
                     },
                     CONSENT_CAPABILITY,
+                    PATIENT_CAPABILITY,
                     *fhir_documents.CAPABILITY_RESOURCES,
                 ],
             }

@@ -37,7 +37,86 @@ _GENDERS = {
     "unknown": mpi_pb2.GENDER_UNKNOWN,
 }
 _GENDER_CODES = {v: k for k, v in _GENDERS.items()}
-_PDQ_PARAMS = {"family", "given", "name", "birthdate", "gender", "identifier", "telecom", "_count"}
+_PDQ_PARAMS = {"family", "given", "name", "birthdate", "gender", "identifier", "telecom", "_count", "page"}
+DEFAULT_COUNT, MAX_COUNT = 20, 100
+
+
+# The IHE actors this facade implements (CapabilityStatement.instantiates), as the profiles publish
+# them: PDQm Patient Demographics Supplier (ITI-78) with the Match Operation Option (ITI-119), and
+# the PIXm Patient Identifier Cross-reference Manager (ITI-83; patients are fed by REST, HL7 v2 and
+# bulk load, not by ITI-104).
+PDQM_SUPPLIER = "https://profiles.ihe.net/ITI/PDQm/CapabilityStatement/IHE.PDQm.PatientDemographicsSupplier"
+PDQM_SUPPLIER_MATCH = "https://profiles.ihe.net/ITI/PDQm/CapabilityStatement/IHE.PDQm.PatientDemographicsSupplierMatch"
+PIXM_MANAGER = "https://profiles.ihe.net/ITI/PIXm/CapabilityStatement/IHE.PIXm.Manager"
+INSTANTIATES = [PDQM_SUPPLIER, PDQM_SUPPLIER_MATCH, PIXM_MANAGER]
+
+
+# FHIR R4 defines these on several resources at once ("individual-*"), the others on Patient.
+_SHARED_PARAMS = {"family", "given", "birthdate", "gender", "telecom"}
+
+
+def _search_param(name: str, type: str, documentation: str) -> dict[str, str]:
+    prefix = "individual" if name in _SHARED_PARAMS else "Patient"
+    return {
+        "name": name,
+        "definition": f"http://hl7.org/fhir/SearchParameter/{prefix}-{name}",
+        "type": type,
+        "documentation": documentation,
+    }
+
+
+PATIENT_SEARCH_PARAMS: list[dict[str, str]] = [
+    _search_param(
+        "family",
+        "string",
+        "Family name in characters or pinyin (张 / Zhang); homophones (章) and swapped names match with a lower score.",
+    ),
+    _search_param("given", "string", "Given name in characters or pinyin."),
+    _search_param("name", "string", "Full name as written (张伟, Zhang Wei)."),
+    _search_param("birthdate", "date", "YYYY-MM-DD, exact (prefix eq only)."),
+    _search_param("gender", "token", "male | female | other | unknown."),
+    _search_param(
+        "identifier",
+        "token",
+        f"[system|]value; no system: the resident id ({NATIONAL_ID_SYSTEM}). A hospital's local id "
+        f"({LOCAL_ID_SYSTEM_PREFIX}<domain>) is resolved with $ihe-pix instead.",
+    ),
+    _search_param("telecom", "token", "A phone number ([phone|]number; the last 8 digits compare)."),
+    {
+        "name": "_count",
+        "type": "number",
+        "documentation": f"Page size, 1 to {MAX_COUNT} (default {DEFAULT_COUNT}); follow the Bundle's next link.",
+    },
+]
+
+# This facade's entry in the CapabilityStatement (gateway/routes/fhir.py lists it).
+PATIENT_CAPABILITY: dict[str, Any] = {
+    "type": "Patient",
+    "profile": "http://hl7.org/fhir/StructureDefinition/Patient",
+    "documentation": "The master patient index (scope system/Patient.r). IHE PDQm search (ITI-78): every given "
+    "parameter must agree, results best first with search.score (probability of being the person sought); "
+    "strict handling (unknown or repeated parameters are 400 OperationOutcome); also POST Patient/_search "
+    "with a form body. Pages: _count, and the next link's opaque, sealed `page` token (bound to the "
+    "calling client, valid 30 minutes; it carries the search, so the link repeats no demographics). "
+    "Bundle.total is given unless the search is too broad to count. Patient.id is the index's record id "
+    "(read by id is not served). $match (ITI-119) and $ihe-pix (PIXm ITI-83).",
+    "interaction": [{"code": "search-type"}],
+    "searchParam": PATIENT_SEARCH_PARAMS,
+    "operation": [
+        {
+            "name": "match",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match",
+            "documentation": "POST Parameters(resource, count, onlyCertainMatches): a searchset Bundle, "
+            "search.score and the match-grade extension (certain / probable / possible).",
+        },
+        {
+            "name": "ihe-pix",
+            "definition": "https://profiles.ihe.net/ITI/PIXm/OperationDefinition/IHE.PIXm.pix",
+            "documentation": f"sourceIdentifier={LOCAL_ID_SYSTEM_PREFIX}<domain>|<local id>, targetSystem "
+            f"(repeatable; {LOCAL_ID_SYSTEM_PREFIX}<domain> or {ENTERPRISE_ID_SYSTEM}).",
+        },
+    ],
+}
 
 
 def _bad(reason: str, message: str) -> ApiError:
@@ -146,9 +225,12 @@ async def search_patients(
     gender: str = Query(default="", max_length=8),
     identifier: str = Query(default="", max_length=300),
     telecom: str = Query(default="", max_length=40),
-    count: int = Query(default=20, alias="_count", ge=1, le=100),
+    count: str = Query(default=str(DEFAULT_COUNT), alias="_count", max_length=6),
+    page: str = Query(default="", max_length=2048),
 ) -> JSONResponse:
-    """IHE PDQm: Patient search by demographics; results best first with `search.score`."""
+    """IHE PDQm: Patient search by demographics; results best first with `search.score`,
+    `_count` per page, the next page through the Bundle's `next` link (an opaque, sealed `page`
+    token carrying the search, so no demographics go into the link)."""
     return await _pdq(ctx, request, list(request.query_params.multi_items()))
 
 
@@ -170,7 +252,16 @@ async def search_patients_by_post(ctx: Context, request: Request) -> JSONRespons
     return await _pdq(ctx, request, items)
 
 
-_LIMITS = {"family": 64, "given": 64, "name": 64, "birthdate": 12, "gender": 8, "identifier": 300, "telecom": 40}
+_LIMITS = {
+    "family": 64,
+    "given": 64,
+    "name": 64,
+    "birthdate": 12,
+    "gender": 8,
+    "identifier": 300,
+    "telecom": 40,
+    "page": 2048,
+}
 
 
 async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> JSONResponse:
@@ -185,12 +276,10 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
         if len(value) > _LIMITS.get(key, 6):
             raise _bad("search-value-invalid", f"{key}: value too long")
         values[key] = value
-    try:
-        count = int(values.get("_count", "20"))
-    except ValueError:
-        raise _bad("search-value-invalid", "_count: 1 to 100") from None
-    if not 1 <= count <= 100:
-        raise _bad("search-value-invalid", "_count: 1 to 100")
+    count_text = values.get("_count", str(DEFAULT_COUNT))
+    if not count_text.isascii() or not count_text.isdigit() or not 1 <= int(count_text) <= MAX_COUNT:
+        raise _bad("search-value-invalid", f"_count: 1 to {MAX_COUNT}")
+    count = int(count_text)
     birthdate, gender = values.get("birthdate", ""), values.get("gender", "")
     if birthdate.startswith(("eq", "ge", "gt", "le", "lt", "ne", "sa", "eb", "ap")):
         birthdate = birthdate[2:] if birthdate.startswith("eq") else "!"
@@ -206,6 +295,7 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
         gender=_GENDERS.get(gender, mpi_pb2.GENDER_UNSPECIFIED),
         phone=values.get("telecom", "").removeprefix("phone|"),
         limit=count,
+        page_token=values.get("page", ""),
     )
     if values.get("identifier"):
         system, value = _token(values["identifier"])
@@ -216,15 +306,19 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
         )
     result = await rpc(request.app.state.stubs.mpi.SearchPatients(search, metadata=ctx.metadata))
     base = request.app.state.settings.public_url
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(result.results),
-        "link": [
-            {"relation": "self", "url": f"{base}/fhir/R4/Patient" + (f"?{urlencode(_masked(items))}" if items else "")}
-        ],
-        "entry": [_entry(base, r, grade=False) for r in result.results],
-    }
+    links = [
+        {"relation": "self", "url": f"{base}/fhir/R4/Patient" + (f"?{urlencode(_masked(items))}" if items else "")}
+    ]
+    if result.next_page_token:
+        # The token carries the search itself: the link repeats no name, id or phone, and works the
+        # same after a POST _search.
+        following = urlencode([("_count", str(count)), ("page", result.next_page_token)])
+        links.append({"relation": "next", "url": f"{base}/fhir/R4/Patient?{following}"})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if result.HasField("total"):
+        bundle["total"] = result.total
+    bundle["link"] = links
+    bundle["entry"] = [_entry(base, r, grade=False) for r in result.results]
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
 

@@ -15,6 +15,11 @@ from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
 
 router = APIRouter(prefix="/api/v1", tags=["patient index"])
+_ASSIGNMENT_FILTERS = {
+    "any": mpi_pb2.REVIEW_ASSIGNMENT_FILTER_ANY,
+    "me": mpi_pb2.REVIEW_ASSIGNMENT_FILTER_MINE,
+    "nobody": mpi_pb2.REVIEW_ASSIGNMENT_FILTER_UNASSIGNED,
+}
 
 
 def fields_json(fields: list[mpi_pb2.FieldAgreement]) -> dict[str, dict[str, Any]]:
@@ -41,6 +46,15 @@ def task_json(task: mpi_pb2.ReviewTask) -> dict[str, Any]:
         "patient": patient_json(task.patient),
         "candidate": patient_json(task.candidate),
         "fields": fields_json(list(task.fields)),
+        "assignee": (
+            {
+                "organization_id": task.assignee_organization_id,
+                "practitioner_id": task.assignee,
+                "assigned": task.assigned.ToDatetime().isoformat() + "Z",
+            }
+            if task.assignee
+            else None
+        ),
     }
 
 
@@ -51,6 +65,11 @@ class PatientRefIn(BaseModel):
 
 class DecisionIn(BaseModel):
     decision: Literal["same", "different"]
+
+
+class AssignIn(BaseModel):
+    assignee: str = Field(default="", max_length=64, description="practitioner id; empty: the caller (claim)")
+    reassign: bool = False
 
 
 class LinkIn(BaseModel):
@@ -74,8 +93,11 @@ async def search_patients(
     national_id: str = Query(default="", max_length=20),
     phone: str = Query(default="", max_length=24),
     limit: int = Query(default=20, ge=1, le=100),
+    page_token: str = Query(default="", max_length=2048),
 ) -> dict[str, Any]:
-    """PDQ: records across the region ranked by match weight against the given demographics."""
+    """PDQ: records across the region ranked by match weight against the given demographics,
+    `limit` per page; `next_page_token` (sealed, carrying the search) fetches the following page
+    with no other parameter needed; `total` when the search is narrow enough to count."""
     ctx.require_scope("Patient", "r")
     search = mpi_pb2.SearchPatientsRequest(
         family=family,
@@ -85,11 +107,18 @@ async def search_patients(
         gender=_GENDERS.get(gender, mpi_pb2.GENDER_UNSPECIFIED),
         phone=phone,
         limit=limit,
+        page_token=page_token,
     )
     if national_id:
         search.identifier.CopyFrom(common_pb2.Identifier(type="NNCHN", value=national_id))
     result = await rpc(request.app.state.stubs.mpi.SearchPatients(search, metadata=ctx.metadata))
-    return {"results": [scored_json(r) for r in result.results]}
+    page: dict[str, Any] = {
+        "results": [scored_json(r) for r in result.results],
+        "next_page_token": result.next_page_token,
+    }
+    if result.HasField("total"):
+        page["total"] = result.total
+    return page
 
 
 @router.get("/mpi/review-tasks")
@@ -98,12 +127,17 @@ async def list_review_tasks(
     request: Request,
     page_size: int = Query(default=50, ge=1, le=200),
     page_token: str = Query(default="", max_length=200),
+    assigned: Literal["any", "me", "nobody"] = "any",
 ) -> dict[str, Any]:
-    """Data stewards: open review tasks, oldest first, both records side by side."""
+    """Data stewards: open review tasks, oldest first, both records side by side; `assigned=me`
+    the caller's own tasks, `assigned=nobody` the unclaimed ones."""
     ctx.require_scope("Patient", "r")
     result = await rpc(
         request.app.state.stubs.mpi.ListReviewTasks(
-            mpi_pb2.ListReviewTasksRequest(page_size=page_size, page_token=page_token), metadata=ctx.metadata
+            mpi_pb2.ListReviewTasksRequest(
+                page_size=page_size, page_token=page_token, assignment=_ASSIGNMENT_FILTERS[assigned]
+            ),
+            metadata=ctx.metadata,
         )
     )
     return {"tasks": [task_json(t) for t in result.tasks], "next_page_token": result.next_page_token}
@@ -117,6 +151,35 @@ async def decide_review(task_id: str, body: DecisionIn, ctx: Context, request: R
     result = await rpc(
         request.app.state.stubs.mpi.DecideReview(
             mpi_pb2.DecideReviewRequest(task_id=task_id[:64], decision=decision), metadata=ctx.metadata
+        )
+    )
+    return task_json(result.task)
+
+
+@router.post("/mpi/review-tasks/{task_id}/assignment")
+async def assign_review_task(
+    task_id: str, ctx: Context, request: Request, body: AssignIn | None = None
+) -> dict[str, Any]:
+    """Data stewards: claim the task (no body, or no assignee) or give it to another steward of
+    the caller's organisation; a task another steward holds needs `reassign` (else 422)."""
+    ctx.require_scope("Patient", "u")
+    body = body or AssignIn()
+    result = await rpc(
+        request.app.state.stubs.mpi.AssignReviewTask(
+            mpi_pb2.AssignReviewTaskRequest(task_id=task_id[:64], assignee=body.assignee, reassign=body.reassign),
+            metadata=ctx.metadata,
+        )
+    )
+    return task_json(result.task)
+
+
+@router.delete("/mpi/review-tasks/{task_id}/assignment")
+async def release_review_task(task_id: str, ctx: Context, request: Request) -> dict[str, Any]:
+    """Data stewards: give a task the caller holds back to the queue."""
+    ctx.require_scope("Patient", "u")
+    result = await rpc(
+        request.app.state.stubs.mpi.ReleaseReviewTask(
+            mpi_pb2.ReleaseReviewTaskRequest(task_id=task_id[:64]), metadata=ctx.metadata
         )
     )
     return task_json(result.task)

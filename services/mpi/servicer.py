@@ -6,18 +6,23 @@ import asyncio
 import base64
 import dataclasses
 import datetime
+import hmac
 import json
+import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
-from services.mpi import domain, index, matching, store
+from services.mpi import domain, index, matching, review_store, store
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
-from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from services.shared.db import utcnow
+from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.shared.process import ServiceRuntime
+from services.shared.protection import DataProtection, TamperedCiphertextError
+from services.shared.protection.keyring import UnknownKeyError
 from services.shared.protection.masking import MaskingPolicy, mask_name
 
 # Role per operation (from the hospital's verified user assertion).
@@ -46,6 +51,47 @@ _MERGERS = ("data-steward", "admin")
 # Demographic search and match: clinicians and stewards looking a patient up.
 _SEARCHERS = ("doctor", "nurse", "data-steward", "admin")
 _MAX_RESULTS = 100
+# store.candidates' default cap on the records one search reads: a search that reaches it is too
+# broad to count, so no total is given (paging still works over the records read).
+_CANDIDATE_CAP = 500
+# How long a PDQ page token stays valid: long enough to page through by hand, short enough that a
+# leaked link soon stops working.
+_CURSOR_SECONDS = 30 * 60
+_ASSIGNMENT_FILTERS = {
+    mpi_pb2.REVIEW_ASSIGNMENT_FILTER_ANY: review_store.ANY,
+    mpi_pb2.REVIEW_ASSIGNMENT_FILTER_MINE: review_store.MINE,
+    mpi_pb2.REVIEW_ASSIGNMENT_FILTER_UNASSIGNED: review_store.UNASSIGNED,
+}
+
+
+class _Seal:
+    """Seals PDQ page tokens (the shared field cipher, with the caller's organisation and client
+    as associated data, so a token is opaque, cannot be forged or altered, and works for its own
+    tenant only) and fingerprints idempotent requests (a blind index, so no demographics are
+    stored for it). The data keys are the mpi's own: a token issued by one replica opens on any
+    other, and keeps opening across a data-key rotation."""
+
+    def __init__(self, protection: DataProtection) -> None:
+        self._protection = protection
+
+    @staticmethod
+    def _tenant(who: Caller) -> str:
+        return f"mpi.pdq-page:{who.organization_id}\x00{who.client_id}"
+
+    def seal(self, who: Caller, payload: dict[str, object]) -> str:
+        return self._protection.fields.encrypt(json.dumps(payload, separators=(",", ":")), context=self._tenant(who))
+
+    def open(self, who: Caller, token: str) -> dict[str, object]:
+        try:
+            payload = json.loads(self._protection.fields.decrypt(token, context=self._tenant(who)))
+        except (ValueError, TamperedCiphertextError, UnknownKeyError):
+            raise InvalidArgument("page token is not valid", reason="page-token-invalid") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("x"), int) or payload["x"] < time.time():
+            raise InvalidArgument("page token is not valid or has expired", reason="page-token-invalid")
+        return payload
+
+    def fingerprint(self, data: bytes) -> str:
+        return self._protection.index.digest("mpi.idempotent-request", base64.b64encode(data).decode())
 
 
 def registration_of(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registration:
@@ -178,19 +224,36 @@ def _timestamp(value: datetime.datetime) -> Timestamp:
     return stamp
 
 
-def _page_token(value: datetime.datetime) -> str:
-    return base64.urlsafe_b64encode(value.isoformat().encode()).decode()
+def _page_token(task: store.ReviewTask) -> str:
+    # Keyset position (created, id): the queue is the steward's own view, so no seal is needed.
+    return base64.urlsafe_b64encode(json.dumps([task.created_at.isoformat(), task.id]).encode()).decode()
 
 
-def _after(token: str) -> datetime.datetime | None:
+def _after(token: str) -> tuple[datetime.datetime, str] | None:
     if not token:
         return None
     try:
-        value = datetime.datetime.fromisoformat(base64.urlsafe_b64decode(token.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
+        created, task_id = json.loads(base64.urlsafe_b64decode(token.encode()).decode())
+        value = datetime.datetime.fromisoformat(created)
+    except (ValueError, TypeError, UnicodeDecodeError):
         raise InvalidArgument("page token is not valid", reason="page-token-invalid") from None
-    if value.tzinfo is None:
+    if value.tzinfo is None or not isinstance(task_id, str):
         raise InvalidArgument("page token is not valid", reason="page-token-invalid")
+    return value, task_id
+
+
+def _steward(who: Caller) -> str:
+    """The acting steward within their organisation (the user assertion's practitioner)."""
+    return (who.practitioner_id or who.client_id)[:64]
+
+
+def _holds(held: review_store.ReviewAssignment, who: Caller) -> bool:
+    return held.organization_id == who.organization_id and held.assignee == _steward(who)
+
+
+def _valid_assignee(value: str) -> str:
+    if not 1 <= len(value) <= 64 or not value.isprintable() or value.strip() != value:
+        raise InvalidArgument("assignee must be a practitioner id (1 to 64 characters)", reason="assignee-invalid")
     return value
 
 
@@ -215,6 +278,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         self._sqlite_lock = asyncio.Lock() if runtime.engine.dialect.name == "sqlite" else None
         assert runtime.protection is not None  # the mpi's SPEC protects personal data
         self._masking = runtime.protection.masking
+        self._seal = _Seal(runtime.protection)
 
     def _disclosure(self, who: Caller) -> Disclosure:
         return Disclosure.to(who, self._masking)
@@ -242,9 +306,50 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_role(*_REGISTRARS)
         registration = _registration(request.patient, who.organization_id)
         disclosure = self._disclosure(who)
+        key = request.idempotency_key
+        if len(key) > 128 or not key.isprintable():
+            raise InvalidArgument("idempotency key: at most 128 printable characters", reason="idempotency-key-invalid")
+        fingerprint = ""
+        if key:
+            # The request as the domain sees it (ref.domain is ignored), fingerprinted, not stored.
+            patient = mpi_pb2.Patient()
+            patient.CopyFrom(request.patient)
+            patient.ref.domain = ""
+            fingerprint = self._seal.fingerprint(patient.SerializeToString(deterministic=True))
 
         async def register(session: object) -> mpi_pb2.RegisterPatientResponse:
+            if key:
+                first = await review_store.registration_by_key(session, who.organization_id, key)
+                if first is not None:
+                    # A retry: the first answer again (created, method, audit event), the record as it is now.
+                    if not hmac.compare_digest(first.fingerprint, fingerprint):
+                        raise AlreadyExists(
+                            "idempotency key already used for a different request", reason="idempotency-key-reused"
+                        )
+                    record = (await store.records_by_id(session, [first.record_id])).get(first.record_id)
+                    if record is None:
+                        raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
+                    return mpi_pb2.RegisterPatientResponse(
+                        patient=patient_message(record, disclosure),
+                        created=first.created,
+                        link_method=_LINK_TO_PROTO.get(
+                            domain.LinkMethod(first.link_method), mpi_pb2.LINK_METHOD_UNSPECIFIED
+                        ),
+                        audit_event_ids=[first.audit_event_id],
+                    )
             result = await self._index.register(session, who, registration)
+            if key:
+                await review_store.add_registration_key(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    fingerprint=fingerprint,
+                    record_id=result.record.id,
+                    created=result.created,
+                    link_method=str(result.method),
+                    audit_event_id=result.audit_event_id,
+                    at=utcnow(),
+                )
             return mpi_pb2.RegisterPatientResponse(
                 patient=patient_message(result.record, disclosure),
                 created=result.created,
@@ -255,7 +360,8 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         try:
             return await self._write(register)
         except IntegrityError:
-            # A concurrent retry of the same (domain, local id) won the insert: answer as a retry.
+            # A concurrent retry of the same (domain, local id) or idempotency key won the insert:
+            # answer as a retry.
             return await self._write(register)
 
     async def CrossReference(
@@ -346,38 +452,56 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who = caller()
         who.require_scope("Patient", "r")
         who.require_role(*_SEARCHERS)
-        identifiers = []
-        national_id = ""
-        if request.HasField("identifier"):
-            ident = request.identifier
-            if ident.type == domain.NATIONAL_ID_TYPE or ident.system == domain.NATIONAL_ID_SYSTEM:
-                national_id = ident.value
-            elif ident.system and ident.value:
-                identifiers.append(domain.Identifier(system=ident.system, value=ident.value, type=ident.type))
-            else:
-                raise InvalidArgument("identifier needs a system and a value", reason="identifier-invalid")
-        name = request.name or f"{request.family}{' ' if request.family and request.given else ''}{request.given}"
-        if not (name or request.birth_date or national_id or identifiers or request.phone):
-            raise InvalidArgument("give a name, birth date, identifier or phone", reason="search-too-broad")
-        registration = domain.validate_registration(
-            domain="",
-            local_id="query",
-            name_text=name or "-",
-            family=request.family,
-            given=request.given,
-            gender=_GENDER_FROM_PROTO.get(request.gender, domain.Gender.UNKNOWN),
-            birth_date=request.birth_date,
-            national_id=national_id,
-            phones=[request.phone] if request.phone else [],
-            identifiers=identifiers,
-        )
-        query = store.match_record_of_registration(registration, record_id="", enterprise_id="")
-        if not name:
-            query = dataclasses_replace_name(query)
-        limit = min(request.limit or 20, _MAX_RESULTS)
-        results = await self._ranked_response(who, query, limit=limit * 3, event="patient.pdq-query")
-        results = [r for r in results if _satisfies(r, request, national_id=bool(national_id), has_name=bool(name))]
-        return mpi_pb2.SearchPatientsResponse(results=results[:limit])
+        size = min(max(request.limit, 0) or 20, _MAX_RESULTS)
+        search = mpi_pb2.SearchPatientsRequest()
+        search.CopyFrom(request)
+        search.limit, search.page_token = 0, ""
+        after: tuple[float, str, str] | None = None
+        if request.page_token:
+            payload = self._seal.open(who, request.page_token)
+            try:
+                first = mpi_pb2.SearchPatientsRequest.FromString(base64.b64decode(str(payload["q"])))
+                weight, domain_id, local_id = payload["k"]  # type: ignore[misc]
+                after = (-float(weight), str(domain_id), str(local_id))
+            except (KeyError, TypeError, ValueError):
+                raise InvalidArgument("page token is not valid", reason="page-token-invalid") from None
+            # AIP-158: the other fields of a page request must repeat the first page's (or be empty).
+            if search.ByteSize() and search.SerializeToString(deterministic=True) != first.SerializeToString(
+                deterministic=True
+            ):
+                raise InvalidArgument("the search differs from the page token's", reason="page-token-invalid")
+            search = first
+        query, criteria = _search_query(search)
+        disclosure = self._disclosure(who)
+        async with self._rt.sessions() as session, session.begin():
+            # Every candidate is scored anyway to rank them, so filtering all of them gives the
+            # total for free; pages are cut by keyset (weight, domain, local id), the ranking's order.
+            ranked = await self._index.rank(session, query, limit=_CANDIDATE_CAP)
+            found = [r for r in ranked if _satisfies(r.comparison.levels, criteria)]
+            following = [r for r in found if after is None or _rank_key(r) > after]
+            page = following[:size]
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="patient.pdq-query",
+                action=Action.ACTION_EXECUTE,
+                entities=[("Patient", f"{r.record.domain}|{r.record.local_id}") for r in page],
+            )
+        self._rt.outbox.notify()
+        response = mpi_pb2.SearchPatientsResponse(results=[_scored(r, disclosure) for r in page])
+        if len(following) > size:
+            last = page[-1]
+            response.next_page_token = self._seal.seal(
+                who,
+                {
+                    "q": base64.b64encode(search.SerializeToString(deterministic=True)).decode(),
+                    "k": [last.comparison.total, last.record.domain, last.record.local_id],
+                    "x": int(time.time()) + _CURSOR_SECONDS,
+                },
+            )
+        if len(ranked) < _CANDIDATE_CAP:
+            response.total = len(found)
+        return response
 
     async def MatchPatient(self, request: mpi_pb2.MatchPatientRequest, context: object) -> mpi_pb2.MatchPatientResponse:
         who = caller()
@@ -398,11 +522,16 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
     # --- review queue -------------------------------------------------------------------------
 
     async def _task_message(
-        self, session: object, task: store.ReviewTask, disclosure: Disclosure
+        self,
+        session: object,
+        task: store.ReviewTask,
+        disclosure: Disclosure,
+        *,
+        held: review_store.ReviewAssignment | None = None,
     ) -> mpi_pb2.ReviewTask:
         records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
         comparison = json.loads(task.comparison)
-        return mpi_pb2.ReviewTask(
+        message = mpi_pb2.ReviewTask(
             id=task.id,
             patient=patient_message(records[task.patient_id], disclosure),
             candidate=patient_message(records[task.candidate_id], disclosure),
@@ -412,6 +541,23 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             status=task.status,
             created=_timestamp(task.created_at),
         )
+        if held is not None:
+            message.assignee = held.assignee
+            message.assignee_organization_id = held.organization_id
+            message.assigned.CopyFrom(_timestamp(held.assigned_at))
+        return message
+
+    async def _visible_task(self, session: object, who: Caller, task_id: str) -> store.ReviewTask:
+        """The task, locked for this transaction; a hospital's steward sees only tasks with a record
+        of its domain (another's reads as unknown)."""
+        task = await store.review_task(session, task_id[:64], for_update=True) if task_id else None
+        if task is not None and who.organization_type == "hospital":
+            records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
+            if who.organization_id not in {r.domain for r in records.values()}:
+                task = None
+        if task is None:
+            raise NotFound("no such review task", reason="review-task-not-found")
+        return task
 
     async def ListReviewTasks(
         self, request: mpi_pb2.ListReviewTasksRequest, context: object
@@ -423,17 +569,25 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         after = _after(request.page_token)
         domain_filter = who.organization_id if who.organization_type == "hospital" else None
         async with self._rt.sessions() as session, session.begin():
-            tasks = await store.open_review_tasks(session, limit=size, after=after, domain=domain_filter)
-            messages = [await self._task_message(session, t, self._disclosure(who)) for t in tasks]
+            rows = await review_store.open_review_tasks(
+                session,
+                limit=size,
+                after=after,
+                domain=domain_filter,
+                filter=_ASSIGNMENT_FILTERS.get(request.assignment, review_store.ANY),
+                organization_id=who.organization_id,
+                assignee=_steward(who),
+            )
+            messages = [await self._task_message(session, t, self._disclosure(who), held=h) for t, h in rows]
             await self._rt.audit.record(
                 session,
                 caller=who,
                 type="patient.review-list",
                 action=Action.ACTION_READ,
-                entities=[("ReviewTask", t.id) for t in tasks],
+                entities=[("ReviewTask", t.id) for t, _ in rows],
             )
         self._rt.outbox.notify()
-        token = _page_token(tasks[-1].created_at) if len(tasks) == size else ""
+        token = _page_token(rows[-1][0]) if len(rows) == size else ""
         return mpi_pb2.ListReviewTasksResponse(tasks=messages, next_page_token=token)
 
     async def DecideReview(self, request: mpi_pb2.DecideReviewRequest, context: object) -> mpi_pb2.DecideReviewResponse:
@@ -444,19 +598,90 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             raise InvalidArgument("decision must be same or different", reason="decision-invalid")
 
         async def decide(session: object) -> mpi_pb2.DecideReviewResponse:
-            task = await store.review_task(session, request.task_id)
-            if task is not None and who.organization_type == "hospital":
-                records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
-                if who.organization_id not in {r.domain for r in records.values()}:
-                    task = None
-            if task is None:
-                raise NotFound("no such review task", reason="review-task-not-found")
+            task = await self._visible_task(session, who, request.task_id)
+            held = await review_store.assignment(session, task.id)
+            if task.status == "open" and held is not None and not _holds(held, who):
+                # Claimed by another steward: only they decide it (or a steward who takes it over).
+                raise FailedPrecondition("another steward holds this review task", reason="review-task-assigned")
             task = await self._index.decide_review(
                 session, who, task.id, same=request.decision == mpi_pb2.REVIEW_DECISION_SAME
             )
-            return mpi_pb2.DecideReviewResponse(task=await self._task_message(session, task, self._disclosure(who)))
+            return mpi_pb2.DecideReviewResponse(
+                task=await self._task_message(session, task, self._disclosure(who), held=held)
+            )
 
         return await self._write(decide)
+
+    async def AssignReviewTask(
+        self, request: mpi_pb2.AssignReviewTaskRequest, context: object
+    ) -> mpi_pb2.AssignReviewTaskResponse:
+        who = caller()
+        who.require_scope("Patient", "u")
+        who.require_role(*_STEWARDS)
+        assignee = _valid_assignee(request.assignee or _steward(who))
+
+        async def assign(session: object) -> mpi_pb2.AssignReviewTaskResponse:
+            # The task row stays locked to the commit: two claims of one task run one after the other.
+            task = await self._visible_task(session, who, request.task_id)
+            if task.status != "open":
+                raise FailedPrecondition("the review task was already decided", reason="review-task-closed")
+            held = await review_store.assignment(session, task.id)
+            # Free, held by the caller, or already the assignee's: no take-over needed.
+            taken = held is not None and not _holds(held, who)
+            if (
+                taken
+                and (held.organization_id, held.assignee) != (who.organization_id, assignee)
+                and not request.reassign
+            ):
+                raise FailedPrecondition("another steward holds this review task", reason="review-task-assigned")
+            held = await review_store.assign(
+                session,
+                task_id=task.id,
+                organization_id=who.organization_id,
+                assignee=assignee,
+                assigned_by=_steward(who),
+                at=utcnow(),
+            )
+            await self._rt.audit.record(
+                session,
+                caller=who,
+                type="patient.review-assign",
+                action=Action.ACTION_UPDATE,
+                entities=[("ReviewTask", task.id), ("Practitioner", f"{who.organization_id}|{assignee}")],
+            )
+            message = await self._task_message(session, task, self._disclosure(who), held=held)
+            return mpi_pb2.AssignReviewTaskResponse(task=message)
+
+        return await self._write(assign)
+
+    async def ReleaseReviewTask(
+        self, request: mpi_pb2.ReleaseReviewTaskRequest, context: object
+    ) -> mpi_pb2.ReleaseReviewTaskResponse:
+        who = caller()
+        who.require_scope("Patient", "u")
+        who.require_role(*_STEWARDS)
+
+        async def release(session: object) -> mpi_pb2.ReleaseReviewTaskResponse:
+            task = await self._visible_task(session, who, request.task_id)
+            if task.status != "open":
+                raise FailedPrecondition("the review task was already decided", reason="review-task-closed")
+            held = await review_store.assignment(session, task.id)
+            if held is not None:
+                if not _holds(held, who):
+                    raise FailedPrecondition("another steward holds this review task", reason="review-task-assigned")
+                await review_store.release(session, task.id)
+                await self._rt.audit.record(
+                    session,
+                    caller=who,
+                    type="patient.review-release",
+                    action=Action.ACTION_UPDATE,
+                    entities=[("ReviewTask", task.id)],
+                )
+            return mpi_pb2.ReleaseReviewTaskResponse(
+                task=await self._task_message(session, task, self._disclosure(who))
+            )
+
+        return await self._write(release)
 
     # --- link, unlink, merge, unmerge ---------------------------------------------------------
 
@@ -575,22 +800,77 @@ def dataclasses_replace_name(query: matching.MatchRecord) -> matching.MatchRecor
     return dataclasses.replace(query, name=NameForms("", "", "", "", han=False))
 
 
-def _satisfies(
-    result: mpi_pb2.ScoredPatient, request: mpi_pb2.SearchPatientsRequest, *, national_id: bool, has_name: bool
-) -> bool:
+@dataclasses.dataclass(frozen=True)
+class _Criteria:
+    """What every PDQ result must agree on (the parameters given)."""
+
+    has_name: bool
+    birth_date: bool
+    gender: bool
+    national_id: bool
+    identifier: bool
+    phone: bool
+
+
+def _search_query(request: mpi_pb2.SearchPatientsRequest) -> tuple[matching.MatchRecord, _Criteria]:
+    """A PDQ search as a record to compare candidates with, and the parameters that must agree."""
+    identifiers = []
+    national_id = ""
+    if request.HasField("identifier"):
+        ident = request.identifier
+        if ident.type == domain.NATIONAL_ID_TYPE or ident.system == domain.NATIONAL_ID_SYSTEM:
+            national_id = ident.value
+        elif ident.system and ident.value:
+            identifiers.append(domain.Identifier(system=ident.system, value=ident.value, type=ident.type))
+        else:
+            raise InvalidArgument("identifier needs a system and a value", reason="identifier-invalid")
+    name = request.name or f"{request.family}{' ' if request.family and request.given else ''}{request.given}"
+    if not (name or request.birth_date or national_id or identifiers or request.phone):
+        raise InvalidArgument("give a name, birth date, identifier or phone", reason="search-too-broad")
+    registration = domain.validate_registration(
+        domain="",
+        local_id="query",
+        name_text=name or "-",
+        family=request.family,
+        given=request.given,
+        gender=_GENDER_FROM_PROTO.get(request.gender, domain.Gender.UNKNOWN),
+        birth_date=request.birth_date,
+        national_id=national_id,
+        phones=[request.phone] if request.phone else [],
+        identifiers=identifiers,
+    )
+    query = store.match_record_of_registration(registration, record_id="", enterprise_id="")
+    if not name:
+        query = dataclasses_replace_name(query)
+    criteria = _Criteria(
+        has_name=bool(name),
+        birth_date=bool(request.birth_date),
+        gender=request.gender in (mpi_pb2.GENDER_MALE, mpi_pb2.GENDER_FEMALE),
+        national_id=bool(national_id),
+        identifier=bool(identifiers),
+        phone=bool(request.phone),
+    )
+    return query, criteria
+
+
+def _rank_key(ranked: index.Ranked) -> tuple[float, str, str]:
+    """The ranking's order (index.rank): weight descending, then domain and local id."""
+    return (-ranked.comparison.total, ranked.record.domain, ranked.record.local_id)
+
+
+def _satisfies(levels: dict[str, str], criteria: _Criteria) -> bool:
     """PDQ: every parameter given must agree (names at any agreeing level: exact, homophone,
     pinyin, swapped or similar; the birth date exactly; the gender; the identifier)."""
-    levels = {f.field: f.level for f in result.fields}
-    if has_name and (levels["family"] == matching.DIFFERENT or levels["given"] == matching.DIFFERENT):
+    if criteria.has_name and (levels["family"] == matching.DIFFERENT or levels["given"] == matching.DIFFERENT):
         return False
-    if has_name and levels["family"] == matching.MISSING and levels["given"] == matching.MISSING:
+    if criteria.has_name and levels["family"] == matching.MISSING and levels["given"] == matching.MISSING:
         return False
-    if request.birth_date and levels["birth_date"] != matching.EXACT:
+    if criteria.birth_date and levels["birth_date"] != matching.EXACT:
         return False
-    if request.gender in (mpi_pb2.GENDER_MALE, mpi_pb2.GENDER_FEMALE) and levels["gender"] == matching.DISAGREE:
+    if criteria.gender and levels["gender"] == matching.DISAGREE:
         return False
-    if national_id and levels["national_id"] != matching.AGREE:
+    if criteria.national_id and levels["national_id"] != matching.AGREE:
         return False
-    if request.HasField("identifier") and not national_id and levels["identifier"] != matching.AGREE:
+    if criteria.identifier and levels["identifier"] != matching.AGREE:
         return False
-    return not (request.phone and levels["phone"] != matching.AGREE)
+    return not (criteria.phone and levels["phone"] != matching.AGREE)

@@ -27,19 +27,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hie.common.v1 import common_pb2 as hie_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hie/mpi/v1/mpi.proto\x12\nhie.mpi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"8\n\tHumanName\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\r\n\x05given\x18\x03 \x01(\t\"^\n\x07\x41\x64\x64ress\x12\x10\n\x08province\x18\x01 \x01(\t\x12\x0c\n\x04\x63ity\x18\x02 \x01(\t\x12\x10\n\x08\x64istrict\x18\x03 \x01(\t\x12\x0c\n\x04line\x18\x04 \x01(\t\x12\x13\n\x0bpostal_code\x18\x05 \x01(\t\"\xf8\x02\n\x07Patient\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12.\n\x0bidentifiers\x18\x02 \x03(\x0b\x32\x19.hie.common.v1.Identifier\x12#\n\x04name\x18\x03 \x01(\x0b\x32\x15.hie.mpi.v1.HumanName\x12\"\n\x06gender\x18\x04 \x01(\x0e\x32\x12.hie.mpi.v1.Gender\x12\x12\n\nbirth_date\x18\x05 \x01(\t\x12\x0e\n\x06phones\x18\x06 \x03(\t\x12$\n\x07\x61\x64\x64ress\x18\x07 \x01(\x0b\x32\x13.hie.mpi.v1.Address\x12\x15\n\renterprise_id\x18\x08 \x01(\t\x12+\n\x07updated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecord_id\x18\n \x01(\t\x12+\n\x0blink_method\x18\x0b \x01(\x0e\x32\x16.hie.mpi.v1.LinkMethod\"W\n\x16RegisterPatientRequest\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x96\x01\n\x17RegisterPatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12+\n\x0blink_method\x18\x03 \x01(\x0e\x32\x16.hie.mpi.v1.LinkMethod\x12\x17\n\x0f\x61udit_event_ids\x18\x04 \x03(\t\"o\n\x15\x43rossReferenceRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x16\n\x0etarget_domains\x18\x02 \x03(\t\x12\x16\n\x0einclude_merged\x18\x03 \x01(\x08\"X\n\x16\x43rossReferenceResponse\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12\'\n\x04refs\x18\x02 \x03(\x0b\x32\x19.hie.common.v1.PatientRef\";\n\x11GetPatientRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\":\n\x12GetPatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\">\n\x0e\x46ieldAgreement\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x95\x01\n\rScoredPatient\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\r\n\x05grade\x18\x04 \x01(\t\x12*\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1a.hie.mpi.v1.FieldAgreement\"\xc9\x01\n\x15SearchPatientsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\r\n\x05given\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nbirth_date\x18\x04 \x01(\t\x12\"\n\x06gender\x18\x05 \x01(\x0e\x32\x12.hie.mpi.v1.Gender\x12-\n\nidentifier\x18\x06 \x01(\x0b\x32\x19.hie.common.v1.Identifier\x12\r\n\x05phone\x18\x07 \x01(\t\x12\r\n\x05limit\x18\x08 \x01(\x05\"D\n\x16SearchPatientsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.hie.mpi.v1.ScoredPatient\"`\n\x13MatchPatientRequest\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x14\n\x0conly_certain\x18\x03 \x01(\x08\"B\n\x14MatchPatientResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.hie.mpi.v1.ScoredPatient\"\xed\x01\n\nReviewTask\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x07patient\x18\x02 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12&\n\tcandidate\x18\x03 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12*\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1a.hie.mpi.v1.FieldAgreement\x12\x0c\n\x04hold\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x16ListReviewTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x17ListReviewTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.hie.mpi.v1.ReviewTask\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x13\x44\x65\x63ideReviewRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12,\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1a.hie.mpi.v1.ReviewDecision\"<\n\x14\x44\x65\x63ideReviewResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.hie.mpi.v1.ReviewTask\"h\n\x13LinkPatientsRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12)\n\x06target\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\"<\n\x14LinkPatientsResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\">\n\x14UnlinkPatientRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\"=\n\x15UnlinkPatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\"L\n\x14MergePatientsRequest\x12\x19\n\x11survivor_local_id\x18\x01 \x01(\t\x12\x19\n\x11subsumed_local_id\x18\x02 \x01(\t\">\n\x15MergePatientsResponse\x12%\n\x08survivor\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\"2\n\x15UnmergePatientRequest\x12\x19\n\x11subsumed_local_id\x18\x01 \x01(\t\">\n\x16UnmergePatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\"?\n\x15GetLinkHistoryRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\"\xef\x01\n\nLinkChange\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x15\n\renterprise_id\x18\x02 \x01(\t\x12\x1e\n\x16previous_enterprise_id\x18\x03 \x01(\t\x12&\n\x06method\x18\x04 \x01(\x0e\x32\x16.hie.mpi.v1.LinkMethod\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x16GetLinkHistoryResponse\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12\'\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x16.hie.mpi.v1.LinkChange*j\n\x06Gender\x12\x16\n\x12GENDER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bGENDER_MALE\x10\x01\x12\x11\n\rGENDER_FEMALE\x10\x02\x12\x10\n\x0cGENDER_OTHER\x10\x03\x12\x12\n\x0eGENDER_UNKNOWN\x10\x04*\xaa\x01\n\nLinkMethod\x12\x1b\n\x17LINK_METHOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fLINK_METHOD_NEW\x10\x01\x12\x1b\n\x17LINK_METHOD_NATIONAL_ID\x10\x02\x12\x1d\n\x19LINK_METHOD_PROBABILISTIC\x10\x03\x12\x17\n\x13LINK_METHOD_STEWARD\x10\x04\x12\x15\n\x11LINK_METHOD_MERGE\x10\x05*j\n\x0eReviewDecision\x12\x1f\n\x1bREVIEW_DECISION_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_DECISION_SAME\x10\x01\x12\x1d\n\x19REVIEW_DECISION_DIFFERENT\x10\x02\x32\x9c\x08\n\x0cPatientIndex\x12Z\n\x0fRegisterPatient\x12\".hie.mpi.v1.RegisterPatientRequest\x1a#.hie.mpi.v1.RegisterPatientResponse\x12W\n\x0e\x43rossReference\x12!.hie.mpi.v1.CrossReferenceRequest\x1a\".hie.mpi.v1.CrossReferenceResponse\x12K\n\nGetPatient\x12\x1d.hie.mpi.v1.GetPatientRequest\x1a\x1e.hie.mpi.v1.GetPatientResponse\x12W\n\x0eSearchPatients\x12!.hie.mpi.v1.SearchPatientsRequest\x1a\".hie.mpi.v1.SearchPatientsResponse\x12Q\n\x0cMatchPatient\x12\x1f.hie.mpi.v1.MatchPatientRequest\x1a .hie.mpi.v1.MatchPatientResponse\x12Z\n\x0fListReviewTasks\x12\".hie.mpi.v1.ListReviewTasksRequest\x1a#.hie.mpi.v1.ListReviewTasksResponse\x12Q\n\x0c\x44\x65\x63ideReview\x12\x1f.hie.mpi.v1.DecideReviewRequest\x1a .hie.mpi.v1.DecideReviewResponse\x12Q\n\x0cLinkPatients\x12\x1f.hie.mpi.v1.LinkPatientsRequest\x1a .hie.mpi.v1.LinkPatientsResponse\x12T\n\rUnlinkPatient\x12 .hie.mpi.v1.UnlinkPatientRequest\x1a!.hie.mpi.v1.UnlinkPatientResponse\x12T\n\rMergePatients\x12 .hie.mpi.v1.MergePatientsRequest\x1a!.hie.mpi.v1.MergePatientsResponse\x12W\n\x0eUnmergePatient\x12!.hie.mpi.v1.UnmergePatientRequest\x1a\".hie.mpi.v1.UnmergePatientResponse\x12W\n\x0eGetLinkHistory\x12!.hie.mpi.v1.GetLinkHistoryRequest\x1a\".hie.mpi.v1.GetLinkHistoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hie/mpi/v1/mpi.proto\x12\nhie.mpi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"8\n\tHumanName\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\r\n\x05given\x18\x03 \x01(\t\"^\n\x07\x41\x64\x64ress\x12\x10\n\x08province\x18\x01 \x01(\t\x12\x0c\n\x04\x63ity\x18\x02 \x01(\t\x12\x10\n\x08\x64istrict\x18\x03 \x01(\t\x12\x0c\n\x04line\x18\x04 \x01(\t\x12\x13\n\x0bpostal_code\x18\x05 \x01(\t\"\xf8\x02\n\x07Patient\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12.\n\x0bidentifiers\x18\x02 \x03(\x0b\x32\x19.hie.common.v1.Identifier\x12#\n\x04name\x18\x03 \x01(\x0b\x32\x15.hie.mpi.v1.HumanName\x12\"\n\x06gender\x18\x04 \x01(\x0e\x32\x12.hie.mpi.v1.Gender\x12\x12\n\nbirth_date\x18\x05 \x01(\t\x12\x0e\n\x06phones\x18\x06 \x03(\t\x12$\n\x07\x61\x64\x64ress\x18\x07 \x01(\x0b\x32\x13.hie.mpi.v1.Address\x12\x15\n\renterprise_id\x18\x08 \x01(\t\x12+\n\x07updated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecord_id\x18\n \x01(\t\x12+\n\x0blink_method\x18\x0b \x01(\x0e\x32\x16.hie.mpi.v1.LinkMethod\"W\n\x16RegisterPatientRequest\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x96\x01\n\x17RegisterPatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12+\n\x0blink_method\x18\x03 \x01(\x0e\x32\x16.hie.mpi.v1.LinkMethod\x12\x17\n\x0f\x61udit_event_ids\x18\x04 \x03(\t\"o\n\x15\x43rossReferenceRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x16\n\x0etarget_domains\x18\x02 \x03(\t\x12\x16\n\x0einclude_merged\x18\x03 \x01(\x08\"X\n\x16\x43rossReferenceResponse\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12\'\n\x04refs\x18\x02 \x03(\x0b\x32\x19.hie.common.v1.PatientRef\";\n\x11GetPatientRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\":\n\x12GetPatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\">\n\x0e\x46ieldAgreement\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x95\x01\n\rScoredPatient\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\r\n\x05grade\x18\x04 \x01(\t\x12*\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1a.hie.mpi.v1.FieldAgreement\"\xdd\x01\n\x15SearchPatientsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\r\n\x05given\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nbirth_date\x18\x04 \x01(\t\x12\"\n\x06gender\x18\x05 \x01(\x0e\x32\x12.hie.mpi.v1.Gender\x12-\n\nidentifier\x18\x06 \x01(\x0b\x32\x19.hie.common.v1.Identifier\x12\r\n\x05phone\x18\x07 \x01(\t\x12\r\n\x05limit\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"{\n\x16SearchPatientsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.hie.mpi.v1.ScoredPatient\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\x05total\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_total\"`\n\x13MatchPatientRequest\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x14\n\x0conly_certain\x18\x03 \x01(\x08\"B\n\x14MatchPatientResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.hie.mpi.v1.ScoredPatient\"\xcf\x02\n\nReviewTask\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x07patient\x18\x02 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12&\n\tcandidate\x18\x03 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12*\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1a.hie.mpi.v1.FieldAgreement\x12\x0c\n\x04hold\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ssignee\x18\t \x01(\t\x12 \n\x18\x61ssignee_organization_id\x18\n \x01(\t\x12,\n\x08\x61ssigned\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x16ListReviewTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x36\n\nassignment\x18\x03 \x01(\x0e\x32\".hie.mpi.v1.ReviewAssignmentFilter\"Y\n\x17ListReviewTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.hie.mpi.v1.ReviewTask\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x13\x44\x65\x63ideReviewRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12,\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1a.hie.mpi.v1.ReviewDecision\"<\n\x14\x44\x65\x63ideReviewResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.hie.mpi.v1.ReviewTask\"h\n\x13LinkPatientsRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12)\n\x06target\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\"<\n\x14LinkPatientsResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\">\n\x14UnlinkPatientRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\"=\n\x15UnlinkPatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\"L\n\x14MergePatientsRequest\x12\x19\n\x11survivor_local_id\x18\x01 \x01(\t\x12\x19\n\x11subsumed_local_id\x18\x02 \x01(\t\">\n\x15MergePatientsResponse\x12%\n\x08survivor\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\"2\n\x15UnmergePatientRequest\x12\x19\n\x11subsumed_local_id\x18\x01 \x01(\t\">\n\x16UnmergePatientResponse\x12$\n\x07patient\x18\x01 \x01(\x0b\x32\x13.hie.mpi.v1.Patient\"?\n\x15GetLinkHistoryRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\"\xef\x01\n\nLinkChange\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x15\n\renterprise_id\x18\x02 \x01(\t\x12\x1e\n\x16previous_enterprise_id\x18\x03 \x01(\t\x12&\n\x06method\x18\x04 \x01(\x0e\x32\x16.hie.mpi.v1.LinkMethod\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x16GetLinkHistoryResponse\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12\'\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x16.hie.mpi.v1.LinkChange\"N\n\x17\x41ssignReviewTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61ssignee\x18\x02 \x01(\t\x12\x10\n\x08reassign\x18\x03 \x01(\x08\"@\n\x18\x41ssignReviewTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.hie.mpi.v1.ReviewTask\"+\n\x18ReleaseReviewTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"A\n\x19ReleaseReviewTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.hie.mpi.v1.ReviewTask*j\n\x06Gender\x12\x16\n\x12GENDER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bGENDER_MALE\x10\x01\x12\x11\n\rGENDER_FEMALE\x10\x02\x12\x10\n\x0cGENDER_OTHER\x10\x03\x12\x12\n\x0eGENDER_UNKNOWN\x10\x04*\xaa\x01\n\nLinkMethod\x12\x1b\n\x17LINK_METHOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fLINK_METHOD_NEW\x10\x01\x12\x1b\n\x17LINK_METHOD_NATIONAL_ID\x10\x02\x12\x1d\n\x19LINK_METHOD_PROBABILISTIC\x10\x03\x12\x17\n\x13LINK_METHOD_STEWARD\x10\x04\x12\x15\n\x11LINK_METHOD_MERGE\x10\x05*\x86\x01\n\x16ReviewAssignmentFilter\x12 \n\x1cREVIEW_ASSIGNMENT_FILTER_ANY\x10\x00\x12!\n\x1dREVIEW_ASSIGNMENT_FILTER_MINE\x10\x01\x12\'\n#REVIEW_ASSIGNMENT_FILTER_UNASSIGNED\x10\x02*j\n\x0eReviewDecision\x12\x1f\n\x1bREVIEW_DECISION_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_DECISION_SAME\x10\x01\x12\x1d\n\x19REVIEW_DECISION_DIFFERENT\x10\x02\x32\xdd\t\n\x0cPatientIndex\x12Z\n\x0fRegisterPatient\x12\".hie.mpi.v1.RegisterPatientRequest\x1a#.hie.mpi.v1.RegisterPatientResponse\x12W\n\x0e\x43rossReference\x12!.hie.mpi.v1.CrossReferenceRequest\x1a\".hie.mpi.v1.CrossReferenceResponse\x12K\n\nGetPatient\x12\x1d.hie.mpi.v1.GetPatientRequest\x1a\x1e.hie.mpi.v1.GetPatientResponse\x12W\n\x0eSearchPatients\x12!.hie.mpi.v1.SearchPatientsRequest\x1a\".hie.mpi.v1.SearchPatientsResponse\x12Q\n\x0cMatchPatient\x12\x1f.hie.mpi.v1.MatchPatientRequest\x1a .hie.mpi.v1.MatchPatientResponse\x12Z\n\x0fListReviewTasks\x12\".hie.mpi.v1.ListReviewTasksRequest\x1a#.hie.mpi.v1.ListReviewTasksResponse\x12Q\n\x0c\x44\x65\x63ideReview\x12\x1f.hie.mpi.v1.DecideReviewRequest\x1a .hie.mpi.v1.DecideReviewResponse\x12Q\n\x0cLinkPatients\x12\x1f.hie.mpi.v1.LinkPatientsRequest\x1a .hie.mpi.v1.LinkPatientsResponse\x12T\n\rUnlinkPatient\x12 .hie.mpi.v1.UnlinkPatientRequest\x1a!.hie.mpi.v1.UnlinkPatientResponse\x12T\n\rMergePatients\x12 .hie.mpi.v1.MergePatientsRequest\x1a!.hie.mpi.v1.MergePatientsResponse\x12W\n\x0eUnmergePatient\x12!.hie.mpi.v1.UnmergePatientRequest\x1a\".hie.mpi.v1.UnmergePatientResponse\x12W\n\x0eGetLinkHistory\x12!.hie.mpi.v1.GetLinkHistoryRequest\x1a\".hie.mpi.v1.GetLinkHistoryResponse\x12]\n\x10\x41ssignReviewTask\x12#.hie.mpi.v1.AssignReviewTaskRequest\x1a$.hie.mpi.v1.AssignReviewTaskResponse\x12`\n\x11ReleaseReviewTask\x12$.hie.mpi.v1.ReleaseReviewTaskRequest\x1a%.hie.mpi.v1.ReleaseReviewTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hie.mpi.v1.mpi_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENDER']._serialized_start=3346
-  _globals['_GENDER']._serialized_end=3452
-  _globals['_LINKMETHOD']._serialized_start=3455
-  _globals['_LINKMETHOD']._serialized_end=3625
-  _globals['_REVIEWDECISION']._serialized_start=3627
-  _globals['_REVIEWDECISION']._serialized_end=3733
+  _globals['_GENDER']._serialized_start=3833
+  _globals['_GENDER']._serialized_end=3939
+  _globals['_LINKMETHOD']._serialized_start=3942
+  _globals['_LINKMETHOD']._serialized_end=4112
+  _globals['_REVIEWASSIGNMENTFILTER']._serialized_start=4115
+  _globals['_REVIEWASSIGNMENTFILTER']._serialized_end=4249
+  _globals['_REVIEWDECISION']._serialized_start=4251
+  _globals['_REVIEWDECISION']._serialized_end=4357
   _globals['_HUMANNAME']._serialized_start=97
   _globals['_HUMANNAME']._serialized_end=153
   _globals['_ADDRESS']._serialized_start=155
@@ -63,45 +65,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREDPATIENT']._serialized_start=1261
   _globals['_SCOREDPATIENT']._serialized_end=1410
   _globals['_SEARCHPATIENTSREQUEST']._serialized_start=1413
-  _globals['_SEARCHPATIENTSREQUEST']._serialized_end=1614
-  _globals['_SEARCHPATIENTSRESPONSE']._serialized_start=1616
-  _globals['_SEARCHPATIENTSRESPONSE']._serialized_end=1684
-  _globals['_MATCHPATIENTREQUEST']._serialized_start=1686
-  _globals['_MATCHPATIENTREQUEST']._serialized_end=1782
-  _globals['_MATCHPATIENTRESPONSE']._serialized_start=1784
-  _globals['_MATCHPATIENTRESPONSE']._serialized_end=1850
-  _globals['_REVIEWTASK']._serialized_start=1853
-  _globals['_REVIEWTASK']._serialized_end=2090
-  _globals['_LISTREVIEWTASKSREQUEST']._serialized_start=2092
-  _globals['_LISTREVIEWTASKSREQUEST']._serialized_end=2155
-  _globals['_LISTREVIEWTASKSRESPONSE']._serialized_start=2157
-  _globals['_LISTREVIEWTASKSRESPONSE']._serialized_end=2246
-  _globals['_DECIDEREVIEWREQUEST']._serialized_start=2248
-  _globals['_DECIDEREVIEWREQUEST']._serialized_end=2332
-  _globals['_DECIDEREVIEWRESPONSE']._serialized_start=2334
-  _globals['_DECIDEREVIEWRESPONSE']._serialized_end=2394
-  _globals['_LINKPATIENTSREQUEST']._serialized_start=2396
-  _globals['_LINKPATIENTSREQUEST']._serialized_end=2500
-  _globals['_LINKPATIENTSRESPONSE']._serialized_start=2502
-  _globals['_LINKPATIENTSRESPONSE']._serialized_end=2562
-  _globals['_UNLINKPATIENTREQUEST']._serialized_start=2564
-  _globals['_UNLINKPATIENTREQUEST']._serialized_end=2626
-  _globals['_UNLINKPATIENTRESPONSE']._serialized_start=2628
-  _globals['_UNLINKPATIENTRESPONSE']._serialized_end=2689
-  _globals['_MERGEPATIENTSREQUEST']._serialized_start=2691
-  _globals['_MERGEPATIENTSREQUEST']._serialized_end=2767
-  _globals['_MERGEPATIENTSRESPONSE']._serialized_start=2769
-  _globals['_MERGEPATIENTSRESPONSE']._serialized_end=2831
-  _globals['_UNMERGEPATIENTREQUEST']._serialized_start=2833
-  _globals['_UNMERGEPATIENTREQUEST']._serialized_end=2883
-  _globals['_UNMERGEPATIENTRESPONSE']._serialized_start=2885
-  _globals['_UNMERGEPATIENTRESPONSE']._serialized_end=2947
-  _globals['_GETLINKHISTORYREQUEST']._serialized_start=2949
-  _globals['_GETLINKHISTORYREQUEST']._serialized_end=3012
-  _globals['_LINKCHANGE']._serialized_start=3015
-  _globals['_LINKCHANGE']._serialized_end=3254
-  _globals['_GETLINKHISTORYRESPONSE']._serialized_start=3256
-  _globals['_GETLINKHISTORYRESPONSE']._serialized_end=3344
-  _globals['_PATIENTINDEX']._serialized_start=3736
-  _globals['_PATIENTINDEX']._serialized_end=4788
+  _globals['_SEARCHPATIENTSREQUEST']._serialized_end=1634
+  _globals['_SEARCHPATIENTSRESPONSE']._serialized_start=1636
+  _globals['_SEARCHPATIENTSRESPONSE']._serialized_end=1759
+  _globals['_MATCHPATIENTREQUEST']._serialized_start=1761
+  _globals['_MATCHPATIENTREQUEST']._serialized_end=1857
+  _globals['_MATCHPATIENTRESPONSE']._serialized_start=1859
+  _globals['_MATCHPATIENTRESPONSE']._serialized_end=1925
+  _globals['_REVIEWTASK']._serialized_start=1928
+  _globals['_REVIEWTASK']._serialized_end=2263
+  _globals['_LISTREVIEWTASKSREQUEST']._serialized_start=2265
+  _globals['_LISTREVIEWTASKSREQUEST']._serialized_end=2384
+  _globals['_LISTREVIEWTASKSRESPONSE']._serialized_start=2386
+  _globals['_LISTREVIEWTASKSRESPONSE']._serialized_end=2475
+  _globals['_DECIDEREVIEWREQUEST']._serialized_start=2477
+  _globals['_DECIDEREVIEWREQUEST']._serialized_end=2561
+  _globals['_DECIDEREVIEWRESPONSE']._serialized_start=2563
+  _globals['_DECIDEREVIEWRESPONSE']._serialized_end=2623
+  _globals['_LINKPATIENTSREQUEST']._serialized_start=2625
+  _globals['_LINKPATIENTSREQUEST']._serialized_end=2729
+  _globals['_LINKPATIENTSRESPONSE']._serialized_start=2731
+  _globals['_LINKPATIENTSRESPONSE']._serialized_end=2791
+  _globals['_UNLINKPATIENTREQUEST']._serialized_start=2793
+  _globals['_UNLINKPATIENTREQUEST']._serialized_end=2855
+  _globals['_UNLINKPATIENTRESPONSE']._serialized_start=2857
+  _globals['_UNLINKPATIENTRESPONSE']._serialized_end=2918
+  _globals['_MERGEPATIENTSREQUEST']._serialized_start=2920
+  _globals['_MERGEPATIENTSREQUEST']._serialized_end=2996
+  _globals['_MERGEPATIENTSRESPONSE']._serialized_start=2998
+  _globals['_MERGEPATIENTSRESPONSE']._serialized_end=3060
+  _globals['_UNMERGEPATIENTREQUEST']._serialized_start=3062
+  _globals['_UNMERGEPATIENTREQUEST']._serialized_end=3112
+  _globals['_UNMERGEPATIENTRESPONSE']._serialized_start=3114
+  _globals['_UNMERGEPATIENTRESPONSE']._serialized_end=3176
+  _globals['_GETLINKHISTORYREQUEST']._serialized_start=3178
+  _globals['_GETLINKHISTORYREQUEST']._serialized_end=3241
+  _globals['_LINKCHANGE']._serialized_start=3244
+  _globals['_LINKCHANGE']._serialized_end=3483
+  _globals['_GETLINKHISTORYRESPONSE']._serialized_start=3485
+  _globals['_GETLINKHISTORYRESPONSE']._serialized_end=3573
+  _globals['_ASSIGNREVIEWTASKREQUEST']._serialized_start=3575
+  _globals['_ASSIGNREVIEWTASKREQUEST']._serialized_end=3653
+  _globals['_ASSIGNREVIEWTASKRESPONSE']._serialized_start=3655
+  _globals['_ASSIGNREVIEWTASKRESPONSE']._serialized_end=3719
+  _globals['_RELEASEREVIEWTASKREQUEST']._serialized_start=3721
+  _globals['_RELEASEREVIEWTASKREQUEST']._serialized_end=3764
+  _globals['_RELEASEREVIEWTASKRESPONSE']._serialized_start=3766
+  _globals['_RELEASEREVIEWTASKRESPONSE']._serialized_end=3831
+  _globals['_PATIENTINDEX']._serialized_start=4360
+  _globals['_PATIENTINDEX']._serialized_end=5605
 # @@protoc_insertion_point(module_scope)

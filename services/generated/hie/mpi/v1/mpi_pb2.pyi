@@ -29,6 +29,12 @@ class LinkMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LINK_METHOD_STEWARD: _ClassVar[LinkMethod]
     LINK_METHOD_MERGE: _ClassVar[LinkMethod]
 
+class ReviewAssignmentFilter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVIEW_ASSIGNMENT_FILTER_ANY: _ClassVar[ReviewAssignmentFilter]
+    REVIEW_ASSIGNMENT_FILTER_MINE: _ClassVar[ReviewAssignmentFilter]
+    REVIEW_ASSIGNMENT_FILTER_UNASSIGNED: _ClassVar[ReviewAssignmentFilter]
+
 class ReviewDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REVIEW_DECISION_UNSPECIFIED: _ClassVar[ReviewDecision]
@@ -45,6 +51,9 @@ LINK_METHOD_NATIONAL_ID: LinkMethod
 LINK_METHOD_PROBABILISTIC: LinkMethod
 LINK_METHOD_STEWARD: LinkMethod
 LINK_METHOD_MERGE: LinkMethod
+REVIEW_ASSIGNMENT_FILTER_ANY: ReviewAssignmentFilter
+REVIEW_ASSIGNMENT_FILTER_MINE: ReviewAssignmentFilter
+REVIEW_ASSIGNMENT_FILTER_UNASSIGNED: ReviewAssignmentFilter
 REVIEW_DECISION_UNSPECIFIED: ReviewDecision
 REVIEW_DECISION_SAME: ReviewDecision
 REVIEW_DECISION_DIFFERENT: ReviewDecision
@@ -174,7 +183,7 @@ class ScoredPatient(_message.Message):
     def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., probability: _Optional[float] = ..., grade: _Optional[str] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ...) -> None: ...
 
 class SearchPatientsRequest(_message.Message):
-    __slots__ = ("family", "given", "name", "birth_date", "gender", "identifier", "phone", "limit")
+    __slots__ = ("family", "given", "name", "birth_date", "gender", "identifier", "phone", "limit", "page_token")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     GIVEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +192,7 @@ class SearchPatientsRequest(_message.Message):
     IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
     PHONE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     family: str
     given: str
     name: str
@@ -191,13 +201,18 @@ class SearchPatientsRequest(_message.Message):
     identifier: _common_pb2.Identifier
     phone: str
     limit: int
-    def __init__(self, family: _Optional[str] = ..., given: _Optional[str] = ..., name: _Optional[str] = ..., birth_date: _Optional[str] = ..., gender: _Optional[_Union[Gender, str]] = ..., identifier: _Optional[_Union[_common_pb2.Identifier, _Mapping]] = ..., phone: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    def __init__(self, family: _Optional[str] = ..., given: _Optional[str] = ..., name: _Optional[str] = ..., birth_date: _Optional[str] = ..., gender: _Optional[_Union[Gender, str]] = ..., identifier: _Optional[_Union[_common_pb2.Identifier, _Mapping]] = ..., phone: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SearchPatientsResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "next_page_token", "total")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoredPatient]
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoredPatient, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    total: int
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoredPatient, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
 
 class MatchPatientRequest(_message.Message):
     __slots__ = ("patient", "count", "only_certain")
@@ -216,7 +231,7 @@ class MatchPatientResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ScoredPatient, _Mapping]]] = ...) -> None: ...
 
 class ReviewTask(_message.Message):
-    __slots__ = ("id", "patient", "candidate", "weight", "fields", "hold", "status", "created")
+    __slots__ = ("id", "patient", "candidate", "weight", "fields", "hold", "status", "created", "assignee", "assignee_organization_id", "assigned")
     ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +240,9 @@ class ReviewTask(_message.Message):
     HOLD_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNEE_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNEE_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
     id: str
     patient: Patient
     candidate: Patient
@@ -233,15 +251,20 @@ class ReviewTask(_message.Message):
     hold: str
     status: str
     created: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., patient: _Optional[_Union[Patient, _Mapping]] = ..., candidate: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ..., hold: _Optional[str] = ..., status: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    assignee: str
+    assignee_organization_id: str
+    assigned: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., patient: _Optional[_Union[Patient, _Mapping]] = ..., candidate: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ..., hold: _Optional[str] = ..., status: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assignee: _Optional[str] = ..., assignee_organization_id: _Optional[str] = ..., assigned: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListReviewTasksRequest(_message.Message):
-    __slots__ = ("page_size", "page_token")
+    __slots__ = ("page_size", "page_token", "assignment")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    assignment: ReviewAssignmentFilter
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., assignment: _Optional[_Union[ReviewAssignmentFilter, str]] = ...) -> None: ...
 
 class ListReviewTasksResponse(_message.Message):
     __slots__ = ("tasks", "next_page_token")
@@ -350,3 +373,31 @@ class GetLinkHistoryResponse(_message.Message):
     enterprise_id: str
     changes: _containers.RepeatedCompositeFieldContainer[LinkChange]
     def __init__(self, enterprise_id: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[LinkChange, _Mapping]]] = ...) -> None: ...
+
+class AssignReviewTaskRequest(_message.Message):
+    __slots__ = ("task_id", "assignee", "reassign")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNEE_FIELD_NUMBER: _ClassVar[int]
+    REASSIGN_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    assignee: str
+    reassign: bool
+    def __init__(self, task_id: _Optional[str] = ..., assignee: _Optional[str] = ..., reassign: _Optional[bool] = ...) -> None: ...
+
+class AssignReviewTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: ReviewTask
+    def __init__(self, task: _Optional[_Union[ReviewTask, _Mapping]] = ...) -> None: ...
+
+class ReleaseReviewTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseReviewTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: ReviewTask
+    def __init__(self, task: _Optional[_Union[ReviewTask, _Mapping]] = ...) -> None: ...

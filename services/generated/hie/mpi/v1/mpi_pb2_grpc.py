@@ -95,6 +95,16 @@ class PatientIndexStub:
                 request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryRequest.SerializeToString,
                 response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryResponse.FromString,
                 _registered_method=True)
+        self.AssignReviewTask = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/AssignReviewTask',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.AssignReviewTaskRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.AssignReviewTaskResponse.FromString,
+                _registered_method=True)
+        self.ReleaseReviewTask = channel.unary_unary(
+                '/hie.mpi.v1.PatientIndex/ReleaseReviewTask',
+                request_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ReleaseReviewTaskRequest.SerializeToString,
+                response_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ReleaseReviewTaskResponse.FromString,
+                _registered_method=True)
 
 
 class PatientIndexServicer:
@@ -182,6 +192,21 @@ class PatientIndexServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignReviewTask(self, request, context):
+        """Data stewards: claim an open review task (or assign it to another steward of the caller's
+        organisation), so two stewards do not decide the same pair.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReviewTask(self, request, context):
+        """Data stewards: give a claimed task back to the queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PatientIndexServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +269,16 @@ def add_PatientIndexServicer_to_server(servicer, server):
                     servicer.GetLinkHistory,
                     request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryRequest.FromString,
                     response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryResponse.SerializeToString,
+            ),
+            'AssignReviewTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignReviewTask,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.AssignReviewTaskRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.AssignReviewTaskResponse.SerializeToString,
+            ),
+            'ReleaseReviewTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReviewTask,
+                    request_deserializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ReleaseReviewTaskRequest.FromString,
+                    response_serializer=hie_dot_mpi_dot_v1_dot_mpi__pb2.ReleaseReviewTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -570,6 +605,60 @@ class PatientIndex:
             '/hie.mpi.v1.PatientIndex/GetLinkHistory',
             hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryRequest.SerializeToString,
             hie_dot_mpi_dot_v1_dot_mpi__pb2.GetLinkHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignReviewTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/AssignReviewTask',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.AssignReviewTaskRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.AssignReviewTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReviewTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.mpi.v1.PatientIndex/ReleaseReviewTask',
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.ReleaseReviewTaskRequest.SerializeToString,
+            hie_dot_mpi_dot_v1_dot_mpi__pb2.ReleaseReviewTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
