@@ -589,12 +589,14 @@ class MasterIndex:
             fresh.append((i, registration, new))
         all_keys = set().union(*(matching.search_keys(n) for _, _, n in fresh)) if fresh else set()
         await self.lock(session, all_keys)
-        stored = await store.match_candidates_by_key(session, all_keys)
+        sealing = store.sealing_of(session)
+        # Each key's blind index once per batch: the lookup and the rows written both need it.
+        digests = {key: sealing.key(key) for key in all_keys}
+        stored = await store.match_candidates_by_key(session, all_keys, digests=digests)
         frequencies = await store.frequencies_of(
             session, {(f, v) for _, _, n in fresh for f, v in matching.frequency_values(n).items() if v}
         )
         in_batch: dict[str, list[MatchRecord]] = {}
-        sealing = store.sealing_of(session)
         now = utcnow()
         patients, identifiers, keys, history, events, tasks = [], [], [], [], [], []
         deltas: dict[tuple[str, str], int] = {}
@@ -622,7 +624,7 @@ class MasterIndex:
             linked = replace_enterprise(new, enterprise_id)
             for key in matching.blocking_keys(new):
                 in_batch.setdefault(key, []).append(linked)
-                keys.append({"key": sealing.key(key), "patient_id": new.record_id})
+                keys.append({"key": digests.get(key) or sealing.key(key), "patient_id": new.record_id})
             patients.append(
                 {
                     "id": new.record_id,
