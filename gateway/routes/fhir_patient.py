@@ -10,6 +10,7 @@ IHE PIXm `Patient/$ihe-pix`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -28,6 +29,8 @@ FHIR_JSON = "application/fhir+json"
 LOCAL_ID_SYSTEM_PREFIX = "urn:hie:patient-id:"
 ENTERPRISE_ID_SYSTEM = "urn:hie:enterprise-id"
 NATIONAL_ID_SYSTEM = "urn:hie:identifier:cn-resident-id"
+# Record ids are UUIDs; anything else is not a Patient of this exchange.
+_RECORD_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MATCH_GRADE_EXTENSION = "http://hl7.org/fhir/StructureDefinition/match-grade"
 _GENDERS = {
@@ -98,9 +101,10 @@ PATIENT_CAPABILITY: dict[str, Any] = {
     "strict handling (unknown or repeated parameters are 400 OperationOutcome); also POST Patient/_search "
     "with a form body. Pages: _count, and the next link's opaque, sealed `page` token (bound to the "
     "calling client, valid 30 minutes; it carries the search, so the link repeats no demographics). "
-    "Bundle.total is given unless the search is too broad to count. Patient.id is the index's record id "
-    "(read by id is not served). $match (ITI-119) and $ihe-pix (PIXm ITI-83).",
-    "interaction": [{"code": "search-type"}],
+    "Bundle.total is given unless the search is too broad to count. Patient.id is the index's record id; "
+    "read by id (PDQm) for whoever may search, masked by role and purpose like search results (a record "
+    "merged away is 404). $match (ITI-119) and $ihe-pix (PIXm ITI-83).",
+    "interaction": [{"code": "read"}, {"code": "search-type"}],
     "searchParam": PATIENT_SEARCH_PARAMS,
     "operation": [
         {
@@ -446,3 +450,16 @@ async def ihe_pix(
             }
         )
     return JSONResponse({"resourceType": "Parameters", "parameter": parameter}, media_type=FHIR_JSON)
+
+
+@router.get("/Patient/{patient_id}", response_class=JSONResponse)
+async def read_patient(patient_id: str, ctx: Context, request: Request) -> JSONResponse:
+    """FHIR read of one index record by the id PDQ gave it (IHE PDQm: Patient read), masked as
+    the caller's role and purpose allow. Unknown, merged away or malformed ids are 404."""
+    ctx.require_scope("Patient", "r")
+    if not _RECORD_ID.fullmatch(patient_id):
+        raise ApiError(404, "patient-not-found", "no Patient with that id")
+    result = await rpc(
+        request.app.state.stubs.mpi.GetPatient(mpi_pb2.GetPatientRequest(record_id=patient_id), metadata=ctx.metadata)
+    )
+    return JSONResponse(patient_resource(result.patient), media_type=FHIR_JSON)

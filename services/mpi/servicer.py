@@ -410,11 +410,25 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
     async def GetPatient(self, request: mpi_pb2.GetPatientRequest, context: object) -> mpi_pb2.GetPatientResponse:
         who = caller()
         who.require_scope("Patient", "r")
-        who.require_role(*_READERS)
-        if who.organization_type == "hospital" and request.ref.domain != who.organization_id:
-            raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
+        if request.record_id:
+            # The FHIR read of a record PDQ returned: whoever may search may read what it found
+            # (any domain); a record retired by a merge is gone, as it is from search.
+            who.require_role(*_SEARCHERS)
+            if request.ref.domain or request.ref.local_id:
+                raise InvalidArgument(
+                    "give a record id or a patient reference, not both", reason="patient-ref-ambiguous"
+                )
+        else:
+            who.require_role(*_READERS)
+            if who.organization_type == "hospital" and request.ref.domain != who.organization_id:
+                raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
         async with self._rt.sessions() as session, session.begin():
-            record = await store.find_record(session, domain=request.ref.domain, local_id=request.ref.local_id)
+            if request.record_id:
+                record = await store.record_by_id(session, request.record_id[:64])
+                if record is not None and record.merged_into is not None:
+                    record = None
+            else:
+                record = await store.find_record(session, domain=request.ref.domain, local_id=request.ref.local_id)
             if record is None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
             await self._rt.audit.record(

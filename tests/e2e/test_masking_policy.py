@@ -121,3 +121,24 @@ async def test_the_registration_response_is_masked_for_the_registering_role_too(
     returned = created.json()
     assert [i["value"] for i in returned["identifiers"] if i["type"] == "NNCHN"] == [f"{nid[:6]}********{nid[-4:]}"]
     assert returned["phones"] == [f"{phone[:3]}****{phone[7:]}"]
+
+
+async def test_fhir_read_of_a_pdq_result_is_masked_like_search_and_unknown_ids_are_404(
+    registered: tuple[HospitalClient, dict[str, Any]], exchange: Exchange
+) -> None:
+    hospital, patient = registered
+    found = await _found(hospital, patient, as_user=DOCTOR, purpose="treatment")
+    # Another hospital's clinician reads the record PDQ gave them.
+    other = await exchange.member(name="市第五人民医院")
+    other.scopes = "system/Patient.crus"
+    read = await other.call("GET", f"/fhir/R4/Patient/{found['id']}", as_user=DOCTOR, purpose="treatment")
+    assert read.status_code == 200, read.text
+    assert read.headers["content-type"].startswith("application/fhir+json")
+    assert read.json() == found
+    research = await other.call("GET", f"/fhir/R4/Patient/{found['id']}", as_user=DOCTOR, purpose="research")
+    assert "name" not in research.json()
+    assert research.json()["birthDate"] == patient["born"][:4]
+    for missing in ("00000000-0000-0000-0000-000000000000", "not-a-record", "%E5%BC%A0%E4%B8%89"):
+        response = await other.call("GET", f"/fhir/R4/Patient/{missing}", as_user=DOCTOR, purpose="treatment")
+        assert response.status_code == 404, response.text
+        assert response.json()["resourceType"] == "OperationOutcome"

@@ -147,10 +147,12 @@ class CrossReferenceResponse(_message.Message):
     def __init__(self, enterprise_id: _Optional[str] = ..., refs: _Optional[_Iterable[_Union[_common_pb2.PatientRef, _Mapping]]] = ...) -> None: ...
 
 class GetPatientRequest(_message.Message):
-    __slots__ = ("ref",)
+    __slots__ = ("ref", "record_id")
     REF_FIELD_NUMBER: _ClassVar[int]
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     ref: _common_pb2.PatientRef
-    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
+    record_id: str
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., record_id: _Optional[str] = ...) -> None: ...
 
 class GetPatientResponse(_message.Message):
     __slots__ = ("patient",)
