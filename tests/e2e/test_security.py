@@ -425,7 +425,7 @@ async def test_openapi_and_capability_statement_are_published(exchange: Exchange
 
 async def test_fhir_routes_answer_with_operation_outcome(exchange: Exchange) -> None:
     async with httpx.AsyncClient() as http:
-        response = await http.get(f"{exchange.base_url}/fhir/R4/Patient/unknown")
+        response = await http.get(f"{exchange.base_url}/fhir/R4/Observation/unknown")
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/fhir+json")
     outcome = response.json()
