@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -532,7 +533,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         # ping) and a transaction per request instead of two; the checkout runs while mpi answers.
         # The audit event commits before any entry is returned.
         async with self._rt.sessions() as session, session.begin():
-            xref, _connection = await asyncio.gather(identity.cross_reference(self._rt, ref), session.connection())
+            xref, _connection = await _together(identity.cross_reference(self._rt, ref), session.connection())
             visible, next_cursor = await self._visible_page(session, request, xref, size=size, cursor=cursor)
             event_id = await self._rt.audit.record(
                 session,
@@ -607,13 +608,16 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         document_id = _document_id(document_id)
         async with self._rt.sessions() as session:
             record = await session.get(store.DocumentEntryRecord, document_id)
-            related = await store.related_to(session, document_id) if record else []
-        if record is None:
-            raise NotFound("no such document", reason="document-not-found")
-        # The person's current identity, so consent follows links made since registration.
-        xref = await identity.cross_reference(
-            self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
-        )
+            if record is None:
+                raise NotFound("no such document", reason="document-not-found")
+            # The person's current identity, so consent follows links made since registration;
+            # the later relations are read meanwhile.
+            xref, related = await _together(
+                identity.cross_reference(
+                    self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+                ),
+                store.related_to(session, document_id),
+            )
         decision = (await self._decide(xref.enterprise_id, [record])).get(record.id)
         if decision is None or decision.decision != consent_pb2.DECISION_PERMIT:
             await self._record(
@@ -647,10 +651,13 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 raise TamperedCiphertextError("encrypted content and no data keys")
             key = self._rt.protection.open_content_key(record.id, record.content_key)
         async with self._rt.sessions() as session:
-            previous = await store.chunk(session, record.id, 0)
+            # The first two chunks in one query (one-chunk content, the common case, then needs no
+            # second query to learn it was the last); after that one query per chunk.
+            first = await store.chunks(session, record.id, 0, 2)
+            previous = first.get(0)
             seq = 0
             while previous is not None:
-                following = await store.chunk(session, record.id, seq + 1)
+                following = first.get(1) if seq == 0 else await store.chunk(session, record.id, seq + 1)
                 last = following is None
                 yield seq, key.open_chunk(seq, previous, final=last) if key else previous, last
                 previous, seq = following, seq + 1
@@ -732,6 +739,20 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 parts.append(message.chunk)
         response.content = b"".join(parts)
         return response
+
+
+_A = TypeVar("_A")
+_B = TypeVar("_B")
+
+
+async def _together(first: Awaitable[_A], second: Awaitable[_B]) -> tuple[_A, _B]:
+    """Both results, run concurrently; both have finished before either's error is raised (so
+    a session one of them uses is idle again when the caller's `async with` closes it)."""
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (one, two):
+        if isinstance(result, BaseException):
+            raise result
+    return one, two  # type: ignore[return-value]
 
 
 def _document_id(value: str) -> str:

@@ -206,6 +206,16 @@ async def supersede(session: AsyncSession, document_id: str) -> bool:
     return result.rowcount == 1
 
 
+async def chunks(session: AsyncSession, document_id: str, first: int, count: int) -> dict[int, bytes]:
+    """Chunks first..first+count-1 that exist, by position."""
+    rows = await session.execute(
+        select(DocumentChunk.seq, DocumentChunk.data).where(
+            DocumentChunk.document_id == document_id, DocumentChunk.seq >= first, DocumentChunk.seq < first + count
+        )
+    )
+    return {seq: data for seq, data in rows.all()}
+
+
 async def chunk(session: AsyncSession, document_id: str, seq: int) -> bytes | None:
     return await session.scalar(
         select(DocumentChunk.data).where(DocumentChunk.document_id == document_id, DocumentChunk.seq == seq)
