@@ -22,11 +22,10 @@ from hie.mpi.v1 import mpi_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import document_types, domain, store
 from services.registry.broker import Notifier
-from services.registry.group_commit import GroupCommit
 from services.shared import identity
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
-from services.shared.db import is_postgres, utcnow
+from services.shared.db import utcnow
 from services.shared.errors import (
     AlreadyExists,
     DataCorruption,
@@ -146,8 +145,6 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
         self._rt = runtime
         self._notifier = notifier
-        # Group commit on PostgreSQL (SQLite has one writer and pysqlite's savepoints are unreliable).
-        self._group = GroupCommit(runtime.sessions) if is_postgres(runtime.engine) else None
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
@@ -332,77 +329,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             )
         return existing
 
-    async def _register_grouped(
-        self, sub: _Submission, patient_ref: common_pb2.PatientRef, content: bytes
-    ) -> tuple[store.DocumentEntryRecord, bool, list[str]]:
-        """A registration whose content is in hand and fits one chunk, without relation: the
-        same checks and statements as `_register`, committed with concurrent ones (group commit)."""
-        who, record = sub.who, sub.record
-        try:
-            person = await identity.cross_reference(self._rt, patient_ref)
-        except NotFound:
-            raise FailedPrecondition("register the patient first", reason="patient-not-registered") from None
-        record.enterprise_id = person.enterprise_id
-        # Content checked and sealed before the shared connection is taken; a mismatch is
-        # reported only if this is not the retry of a registered document (as in `_register`).
-        refused: DomainError | None = None
-        sealed = content
-        if record.content_kind == _IMAGING:
-            if content:
-                refused = InvalidArgument("an imaging study reference carries no content", reason="content-not-allowed")
-        else:
-            hasher = domain.ContentHasher()
-            hasher.update(content)
-            try:
-                record.size = domain.check_received(
-                    hasher, declared_sha256=sub.declared_sha256, declared_size=sub.declared_size
-                ).size
-            except DomainError as error:
-                refused = error
-            if self._rt.protection is not None:
-                content_key = self._rt.protection.new_content_key(record.id)
-                record.content_key = content_key.wrapped
-                sealed = content_key.seal_chunk(0, content, final=True)
-
-        async def body(session: AsyncSession) -> tuple[store.DocumentEntryRecord, bool, list[str]]:
-            existing = await self._earlier(sub, session)
-            if existing is not None:
-                return existing, False, []
-            if refused is not None:
-                raise refused
-            session.add(record)
-            await session.flush()
-            if record.content_kind == _INLINE:
-                await session.execute(insert(store.DocumentChunk).values(document_id=record.id, seq=0, data=sealed))
-            # The body runs in this request's task: the audit event and notifications carry its
-            # caller and trace.
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type="document.register",
-                action=Action.ACTION_CREATE,
-                patient_enterprise_id=record.enterprise_id,
-                entities=[("DocumentReference", record.id)],
-            )
-            await self._notifier.stage_document(session, record, person.refs)
-            return record, True, [event_id]
-
-        try:
-            registered = await self._group.run(body)  # type: ignore[union-attr]
-        except IntegrityError:
-            # A concurrent submission of the same document committed first: answer as its retry.
-            existing = await self._earlier(sub)
-            if existing is None:
-                raise AlreadyExists(
-                    "that source document id is registered with different content", reason="document-id-reused"
-                ) from None
-            return existing, False, []
-        if registered[1]:
-            self._rt.outbox.notify()
-        return registered
-
     async def _register(
-        self, header: registry_pb2.RegisterDocumentRequest, pieces: AsyncIterator[bytes], small: bytes | None = None
+        self, header: registry_pb2.RegisterDocumentRequest, pieces: AsyncIterator[bytes]
     ) -> tuple[store.DocumentEntryRecord, bool, list[str]]:
         who = caller()
         who.require_scope("DocumentReference", "c")
@@ -412,8 +340,6 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         sub = self._check_header(who, header)
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=header.entry.patient.local_id)
         record = sub.record
-        if small is not None and self._group is not None and not sub.relation:
-            return await self._register_grouped(sub, patient_ref, small)
         try:
             async with self._rt.sessions() as session, session.begin():
                 # mpi resolves the person while this transaction looks for an earlier attempt (a
@@ -530,8 +456,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     async def RegisterDocument(
         self, request: registry_pb2.RegisterDocumentRequest, context: object
     ) -> registry_pb2.RegisterDocumentResponse:
-        small = request.content if len(request.content) <= domain.CHUNK_BYTES else None
-        record, created, event_ids = await self._register(request, _single(request.content), small)
+        record, created, event_ids = await self._register(request, _single(request.content))
         return registry_pb2.RegisterDocumentResponse(
             entry=entry_message(record), created=created, audit_event_ids=event_ids
         )

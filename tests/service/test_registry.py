@@ -525,8 +525,8 @@ async def test_data_key_rotation_rewraps_document_keys_and_content_stays_readabl
 
 
 async def test_concurrent_registrations_commit_each_exactly_once(hospitals) -> None:
-    """Many registrations at once (on PostgreSQL they share group commits): each good one is stored
-    once with its content, a duplicate is answered as the retry, a bad one leaves nothing."""
+    """Many registrations at once: each good one is stored once with its content, a concurrent
+    duplicate is answered as the retry, a bad one leaves nothing."""
     a, _b, local = hospitals
     bodies = {f"GC-{secrets.token_hex(3)}-{n}": f"出院小结 第{n}份：病情稳定。".encode() for n in range(24)}
     duplicated = list(bodies)[:6]
