@@ -8,9 +8,11 @@ SQLite), bypassing the service: registering a million documents over gRPC would 
 The audit, mpi, consent and registry services are then started as their own processes
 (`python -m services.<name>`) on loopback ports, as deployed. The patients whose documents are
 queried (`--sample`) are registered in mpi through its API, as a hospital would; their entries
-sit among everyone else's in the same table and index. Filled entries carry no content (the
-query never reads it); the register and retrieve runs go through the service end to end (mpi
-cross-reference, consent, chunked content with hash checks, audit events through the outbox).
+sit among everyone else's in the same table and index. Each filled entry has a small CDA body
+stored as a registration stores it: sealed under the entry's own data key, that key wrapped by
+the key-encryption key (envelope encryption, services/shared/protection), real hash and size. The
+register and retrieve runs go through the service end to end (mpi cross-reference, consent,
+envelope-encrypted chunked content with hash checks, audit events through the outbox).
 
 Timings are at the gRPC client (this process), calling the registry process; on a small machine
 the client, four services and the database share its cores.
