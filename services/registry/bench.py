@@ -8,9 +8,11 @@ SQLite), bypassing the service: registering a million documents over gRPC would 
 The audit, mpi, consent and registry services are then started as their own processes
 (`python -m services.<name>`) on loopback ports, as deployed. The patients whose documents are
 queried (`--sample`) are registered in mpi through its API, as a hospital would; their entries
-sit among everyone else's in the same table and index. Filled entries carry no content (the
-query never reads it); the register and retrieve runs go through the service end to end (mpi
-cross-reference, consent, chunked content with hash checks, audit events through the outbox).
+sit among everyone else's in the same table and index. Each filled entry has a small CDA body
+stored as a registration stores it: sealed under the entry's own data key, that key wrapped by
+the key-encryption key (envelope encryption, services/shared/protection), real hash and size. The
+register and retrieve runs go through the service end to end (mpi cross-reference, consent,
+envelope-encrypted chunked content with hash checks, audit events through the outbox).
 
 Timings are at the gRPC client (this process), calling the registry process; on a small machine
 the client, four services and the database share its cores.
@@ -52,6 +54,7 @@ from services.shared import gb11643, migrations
 from services.shared.config import SERVICE_PORTS, TOKEN_AUDIENCE, Settings
 from services.shared.db import engine_for
 from services.shared.keys import algorithm_for, ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk
+from services.shared.protection import DataProtection
 
 UTC = datetime.UTC
 QUERY_P99_TARGET_MS = 15.0
@@ -140,19 +143,42 @@ def _national_id(rng: random.Random) -> str:
     return body + gb11643.check_digit(body)
 
 
-def _entry_rows(patients: int, documents: int, rng: random.Random, start: int, count: int) -> list[dict[str, Any]]:
-    """Entries start..start+count: patient i of org i % _ORGS, spread evenly over patients."""
+def _filled_content(n: int) -> bytes:
+    """The small CDA body of filled entry n (distinct per entry, so each has its own hash)."""
+    return (
+        '<ClinicalDocument xmlns="urn:hl7-org:v3"><title>出院小结</title>'
+        f'<id extension="D{n}"/><text>病情稳定，好转出院。第{n}号。</text></ClinicalDocument>'
+    ).encode()
+
+
+def _entry_rows(
+    patients: int, documents: int, rng: random.Random, start: int, count: int, protection: DataProtection | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Entries start..start+count (patient i of org i % _ORGS, spread evenly over patients) and
+    their content: one chunk each, sealed under the entry's own data key exactly as a
+    registration seals it (the key wrapped by the key-encryption key)."""
     now = datetime.datetime.now(UTC)
     rows = []
+    chunks = []
     for n in range(start, start + count):
         patient = n % patients
         system, code, display, shared, klass = _TYPES[n % len(_TYPES)]
         when = now - datetime.timedelta(minutes=rng.randrange(5 * 365 * 24 * 60))
         source = f"org-{rng.randrange(_ORGS):02d}"
         labels = "PSY" if n % 17 == 0 else ""
+        document_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        content = _filled_content(n)
+        key = protection.new_content_key(document_id) if protection else None
+        chunks.append(
+            {
+                "document_id": document_id,
+                "seq": 0,
+                "data": key.seal_chunk(0, content, final=True) if key else content,
+            }
+        )
         rows.append(
             {
-                "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "id": document_id,
                 "source_document_id": f"D{n}",
                 "source_organization_id": source,
                 "patient_domain": f"org-{patient % _ORGS:02d}",
@@ -173,8 +199,8 @@ def _entry_rows(patients: int, documents: int, rng: random.Random, start: int, c
                 "title": display,
                 "language": "zh-CN",
                 "mime_type": "application/hl7-cda+xml",
-                "size": 20_480,
-                "sha256": "0" * 64,
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
                 "status": 1,
                 "created": when,
                 "service_start": when,
@@ -188,37 +214,48 @@ def _entry_rows(patients: int, documents: int, rng: random.Random, start: int, c
                 "content_kind": 1,
                 "study_instance_uid": "",
                 "wado_rs_url": "",
+                "content_key": key.wrapped if key else None,
             }
         )
-    return rows
+    return rows, chunks
 
 
 async def fill(
-    engine: AsyncEngine, *, schema: str, patients: int, documents: int, progress: Callable[[int], None]
+    engine: AsyncEngine,
+    *,
+    schema: str,
+    patients: int,
+    documents: int,
+    progress: Callable[[int], None],
+    protection: DataProtection | None = None,
 ) -> dict[str, Any]:
-    """COPY (PostgreSQL) or executemany (SQLite) `documents` entries, one transaction per batch."""
-    table = store.DocumentEntryRecord.__table__
-    columns = [c.name for c in table.columns]
+    """COPY (PostgreSQL) or executemany (SQLite) `documents` entries and their envelope-encrypted
+    content, one transaction per batch."""
+    tables = [(store.DocumentEntryRecord.__table__, 0), (store.DocumentChunk.__table__, 1)]
     copy = engine.dialect.name == "postgresql"
     rng = random.Random(4)
     started = time.perf_counter()
     for start in range(0, documents, _FILL_BATCH):
-        rows = _entry_rows(patients, documents, rng, start, min(_FILL_BATCH, documents - start))
+        batch = _entry_rows(patients, documents, rng, start, min(_FILL_BATCH, documents - start), protection)
         async with engine.begin() as conn:
-            if copy:
-                driver = (await conn.get_raw_connection()).driver_connection
-                await driver.copy_records_to_table(
-                    "document_entry",
-                    schema_name=schema,
-                    columns=columns,
-                    records=[tuple(row[c] for c in columns) for row in rows],
-                )
-            else:
-                await conn.execute(insert(table), rows)
-        progress(start + len(rows))
+            for table, which in tables:
+                rows = batch[which]
+                if copy:
+                    columns = [c.name for c in table.columns]
+                    driver = (await conn.get_raw_connection()).driver_connection
+                    await driver.copy_records_to_table(
+                        table.name,
+                        schema_name=schema,
+                        columns=columns,
+                        records=[tuple(row[c] for c in columns) for row in rows],
+                    )
+                else:
+                    await conn.execute(insert(table), rows)
+        progress(start + len(batch[0]))
     if copy:
         async with engine.begin() as conn:
             await conn.execute(text("ANALYZE document_entry"))
+            await conn.execute(text("ANALYZE document_chunk"))
     seconds = time.perf_counter() - started
     return {"entries": documents, "seconds": round(seconds, 1), "entries_per_second": round(documents / seconds)}
 
@@ -403,6 +440,7 @@ async def run_registry_bench(
             schema=settings.schema_for(REGISTRY.name),
             patients=patients,
             documents=documents,
+            protection=DataProtection.from_settings(settings),
             progress=lambda done: say(f"  {done} entries") if done % step < _FILL_BATCH else None,
         )
         say(f"filled in {filled['seconds']} s; starting audit, mpi, consent and registry (one process each)")

@@ -17,14 +17,18 @@ Delivery contract for receivers:
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -37,8 +41,8 @@ from hie.common.v1 import common_pb2
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
 from services.registry import dsub, store
 from services.shared import identity
-from services.shared.audit_trail import Action
-from services.shared.auth import caller
+from services.shared.audit_trail import Action, Outcome
+from services.shared.auth import PLATFORM, Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.keys import algorithm_for, load_private_key, public_jwk
@@ -62,6 +66,10 @@ class NotificationSettings:
     dead_letter_after_seconds: float = 24 * 3600.0
     timeout_seconds: float = 10.0
     nats_url: str = ""
+    # JSON {organisation id or "*": [base URL, ...]} (see dsub.EndpointPolicy).
+    endpoint_allow_list: str = ""
+    # Comma-separated CIDRs production may deliver into (a regional private network).
+    private_networks: str = ""
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> NotificationSettings:
@@ -72,17 +80,71 @@ class NotificationSettings:
             dead_letter_after_seconds=float(env.get("HIE_NOTIFY_DEAD_LETTER_AFTER_SECONDS", str(24 * 3600))),
             timeout_seconds=float(env.get("HIE_NOTIFY_TIMEOUT_SECONDS", "10")),
             nats_url=env.get("HIE_NATS_URL", ""),
+            endpoint_allow_list=_allow_list(env),
+            private_networks=env.get("HIE_NOTIFY_PRIVATE_NETWORKS", ""),
         )
+
+
+def _allow_list(env: os._Environ[str] | dict[str, str]) -> str:
+    """HIE_NOTIFY_ENDPOINT_ALLOWLIST (JSON), or the JSON file HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE names."""
+    path = env.get("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", "")
+    if path:
+        return Path(path).read_text(encoding="utf-8")
+    return env.get("HIE_NOTIFY_ENDPOINT_ALLOWLIST", "")
 
 
 class DeliveryRefused(Exception):
     """The receiver answered with something other than 2xx."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(str(status))
+        self.status = status
+
+
+class EndpointRefused(Exception):
+    """The endpoint is (no longer) allowed: not under the organisation's allow-listed base URLs,
+    or its host resolves to an address notifications may not go to."""
+
+
+# Actor of the audit events of deliveries: the registry itself, acting for no user.
+_RELAY = Caller(
+    organization_id=PLATFORM,
+    organization_type=PLATFORM,
+    client_id="service:registry",
+    purpose_of_use="operations",
+)
+_RESOLVE_TIMEOUT_SECONDS = 5.0
 
 
 def _ts(value: datetime.datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+async def check_endpoint(policy: dsub.EndpointPolicy, organization_id: str, url: str) -> None:
+    """Refuse an endpoint outside the organisation's allow-listed base URLs, or one whose host
+    is (or, in production, resolves to) an address notifications may not go to."""
+    base = policy.base_for(organization_id, url)
+    if base is None:
+        raise EndpointRefused("endpoint-not-allowed")
+    literal = dsub.literal_ip(url)
+    if literal:
+        addresses = [literal]
+    elif policy.production:
+        host = urlsplit(url).hostname or ""
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
+                _RESOLVE_TIMEOUT_SECONDS,
+            )
+        except (OSError, TimeoutError):
+            raise EndpointRefused("endpoint-unresolvable") from None
+        addresses = [str(info[4][0]) for info in infos]
+    else:
+        addresses = []  # development: host names are not resolved
+    if not all(policy.address_allowed(address, base) for address in addresses):
+        raise EndpointRefused("endpoint-address-not-allowed")
 
 
 class Notifier:
@@ -93,7 +155,14 @@ class Notifier:
         self.settings = settings
         self._key = load_private_key(runtime.settings.service_signing_key_file)
         self._kid = public_jwk(self._key)["kid"]
+        self.endpoints = dsub.EndpointPolicy.parse(
+            settings.endpoint_allow_list,
+            settings.private_networks,
+            production=runtime.settings.environment == "production",
+        )
         self._nats: Any = None
+        # One client (one connection pool) for every delivery, not one per notification.
+        self._http: httpx.AsyncClient | None = None
         runtime.outbox.register(
             NOTIFICATION_TOPIC,
             self._deliver,
@@ -103,6 +172,7 @@ class Notifier:
                 max_backoff=datetime.timedelta(seconds=settings.max_backoff_seconds),
                 give_up_after=datetime.timedelta(seconds=settings.dead_letter_after_seconds),
                 dead_letter=self._dead_letter,
+                on_attempt=self._audit_attempt,
             ),
         )
         if settings.nats_url:
@@ -168,6 +238,7 @@ class Notifier:
                     },
                     trace_id=trace_id,
                     span_id=span_id,
+                    enterprise_id=record.enterprise_id,
                 )
             )
         event = {"event_id": str(uuid.uuid4()), "event_type": event_type, "document": document}
@@ -186,9 +257,16 @@ class Notifier:
             is_payload_detached=True,
         )
 
+    async def check_endpoint(self, organization_id: str, url: str) -> None:
+        """Raise EndpointRefused unless notifications of this organisation may go to `url`."""
+        await check_endpoint(self.endpoints, organization_id, url)
+
     async def _deliver(self, payloads: Sequence[bytes]) -> None:
         for payload in payloads:
             item = dsub.Notification.from_payload(payload)
+            # Checked again at each delivery: the allow list may have shrunk since the
+            # subscription, and a host name may resolve elsewhere now (DNS rebinding).
+            await self.check_endpoint(item.organization_id, item.endpoint_url)
             with tracer.start_as_current_span(
                 "notification.deliver", context=remote_parent(item.trace_id, item.span_id), kind=SpanKind.CLIENT
             ) as span:
@@ -203,11 +281,65 @@ class Notifier:
                 }
                 if trace_id:
                     headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
-                async with httpx.AsyncClient(timeout=self.settings.timeout_seconds) as http:
-                    response = await http.post(item.endpoint_url, content=item.body, headers=headers)
+                response = await self._client().post(item.endpoint_url, content=item.body, headers=headers)
                 span.set_attribute("http.response.status_code", response.status_code)
                 if not 200 <= response.status_code < 300:
-                    raise DeliveryRefused(str(response.status_code))
+                    raise DeliveryRefused(response.status_code)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None or self._http.is_closed:
+            # Redirects are not followed: a notification goes to the endpoint that was allowed.
+            self._http = httpx.AsyncClient(timeout=self.settings.timeout_seconds, follow_redirects=False)
+        return self._http
+
+    async def _audit_attempt(
+        self,
+        session: AsyncSession,
+        message_id: str,
+        payload: bytes,
+        attempt: int,
+        error: BaseException | None,
+        dead_lettered: bool,
+    ) -> None:
+        """Each delivery attempt in the audit trail, staged with its outcome in the outbox's
+        transaction: who was sent what notification, attempt n, answered how. Ids and status
+        codes only: the body, the endpoint and exception text stay out."""
+        item = dsub.Notification.from_payload(payload)
+        if error is None:
+            result, outcome = "delivered", Outcome.OUTCOME_SUCCESS
+        elif isinstance(error, DeliveryRefused):
+            result, outcome = f"http-{error.status}", Outcome.OUTCOME_MINOR_FAILURE
+        elif isinstance(error, EndpointRefused):
+            result, outcome = str(error), Outcome.OUTCOME_MINOR_FAILURE
+        else:
+            result, outcome = type(error).__name__[:40], Outcome.OUTCOME_MINOR_FAILURE
+        entities = [
+            ("Notification", item.event_id),
+            ("Subscription", item.subscription_id),
+            ("Organization", item.organization_id),
+            ("DeliveryAttempt", f"{attempt}:{result}"),
+        ]
+        with tracer.start_as_current_span("notification.audit", context=remote_parent(item.trace_id, item.span_id)):
+            await self._rt.audit.record(
+                session,
+                caller=_RELAY,
+                type="notification.deliver",
+                action=Action.ACTION_EXECUTE,
+                outcome=outcome,  # type: ignore[arg-type]
+                patient_enterprise_id=item.enterprise_id,
+                entities=entities,
+            )
+            if dead_lettered:
+                await self._rt.audit.record(
+                    session,
+                    caller=_RELAY,
+                    type="notification.dead-letter",
+                    action=Action.ACTION_UPDATE,
+                    outcome=Outcome.OUTCOME_SERIOUS_FAILURE,
+                    patient_enterprise_id=item.enterprise_id,
+                    entities=entities,
+                )
+        self._rt.outbox.notify()
 
     async def _dead_letter(
         self, session: AsyncSession, message_id: str, topic: str, payload: bytes, attempts: int, error: str
@@ -319,6 +451,12 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
             type_code = request.type_code.strip()
             if not type_code or len(type_code) > 64:
                 raise InvalidArgument("a type code is required", reason="type-code-missing")
+        try:
+            await self._notifier.check_endpoint(who.organization_id, endpoint)
+        except EndpointRefused as refused:
+            raise PermissionDenied(
+                "notifications may only go to your organisation's registered endpoints", reason=str(refused)
+            ) from None
         record = store.SubscriptionRecord(
             id=str(uuid.uuid4()),
             organization_id=who.organization_id,

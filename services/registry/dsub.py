@@ -10,12 +10,13 @@ can be made for the subscriber when the document is registered.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from services.shared.errors import InvalidArgument
 
@@ -45,6 +46,123 @@ def check_endpoint(url: str, *, production: bool) -> str:
     ):
         raise InvalidArgument("endpoint must be an https URL (http allowed in development)", reason="endpoint-invalid")
     return url.strip()
+
+
+# --- endpoint allow list (against server-side request forgery) ------------------------------------
+
+# A key of the allow list that applies to every organisation.
+ANY_ORGANIZATION = "*"
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    """Where notifications may go: per organisation (or `*` for all), the base URLs its endpoints
+    must lie under, and the private networks production may deliver into.
+
+    Without it, the registry would POST wherever a subscriber asks: into the exchange's own network
+    (the audit service, a database's HTTP port, a cloud metadata address) — server-side request
+    forgery. The admin lists each hospital's notification base URLs; an endpoint must lie under one
+    of its own organisation's (or a `*` entry). In production every address the endpoint's host
+    resolves to must be public, or inside a listed private network, or named literally by the
+    matching base URL; loopback, link-local, multicast and unspecified addresses are refused
+    unless so listed. In development with nothing configured any endpoint is accepted, except
+    literal link-local, multicast, unspecified and reserved addresses.
+    """
+
+    bases: dict[str, tuple[str, ...]]
+    private_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    production: bool = False
+
+    @classmethod
+    def parse(cls, allow_list: str, private_networks: str = "", *, production: bool) -> EndpointPolicy:
+        """`allow_list`: JSON object of organisation id (or `*`) to a list of base URLs;
+        `private_networks`: comma-separated CIDRs. A malformed configuration is refused at start."""
+        bases: dict[str, tuple[str, ...]] = {}
+        if allow_list.strip():
+            data = json.loads(allow_list)
+            if not isinstance(data, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(u, str) for u in v)
+                for k, v in data.items()
+            ):
+                raise ValueError("the endpoint allow list must map organisation ids to lists of base URLs")
+            for org, urls in data.items():
+                for url in urls:
+                    if _parts(url) is None:
+                        raise ValueError(f"not an absolute http(s) base URL in the allow list: {url!r}")
+                bases[org] = tuple(urls)
+        networks = tuple(
+            ipaddress.ip_network(cidr.strip(), strict=False) for cidr in private_networks.split(",") if cidr.strip()
+        )
+        return cls(bases=bases, private_networks=networks, production=production)
+
+    @property
+    def enforced(self) -> bool:
+        return self.production or bool(self.bases)
+
+    def base_for(self, organization_id: str, url: str) -> str | None:
+        """The allow-listed base URL the endpoint lies under, for this organisation; None if none.
+        Without enforcement (development, nothing configured) the endpoint is its own base."""
+        if not self.enforced:
+            return url
+        target = _parts(url)
+        if target is None:
+            return None
+        for base in (*self.bases.get(organization_id, ()), *self.bases.get(ANY_ORGANIZATION, ())):
+            allowed = _parts(base)
+            if allowed is None or allowed[:3] != target[:3]:
+                continue
+            prefix, path = allowed[3], target[3]
+            if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+                return base
+        return None
+
+    def address_allowed(self, address: str, base: str) -> bool:
+        """Whether a notification may be sent to this IP address (resolved from, or literally in,
+        an endpoint lying under `base`)."""
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if getattr(ip, "ipv4_mapped", None) is not None:
+            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        literal = _literal_ip(urlsplit(base).hostname or "")
+        if literal is not None and literal == ip and self.enforced:
+            return True  # the admin named this very address
+        if any(ip in network for network in self.private_networks):
+            return True
+        if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+            return False
+        if self.production:
+            return ip.is_global
+        return True
+
+
+def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def literal_ip(url: str) -> str:
+    """The endpoint's host if it is an IP address literal, else ""."""
+    ip = _literal_ip(urlsplit(url).hostname or "")
+    return str(ip) if ip is not None else ""
+
+
+def _parts(url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path) of an absolute http(s) URL with a clean path; None otherwise.
+    Dot segments (also percent-encoded) are refused: a server would resolve `/hie/../admin`
+    outside the allowed base."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.username or parts.password:
+        return None
+    path = parts.path or "/"
+    segments = unquote(path).split("/")
+    if any(segment in {".", ".."} for segment in segments) or "\\" in unquote(path):
+        return None
+    return parts.scheme, parts.hostname.lower().rstrip("."), port or (443 if parts.scheme == "https" else 80), path
 
 
 def check_expiry(expires: datetime.datetime | None, now: datetime.datetime) -> datetime.datetime:
@@ -78,6 +196,8 @@ class Notification:
     body: bytes
     trace_id: str
     span_id: str
+    # The person's enterprise id, for the audit events of the deliveries (never in the body).
+    enterprise_id: str = ""
 
     def payload(self) -> bytes:
         """The outbox payload: everything the relay needs to deliver it later (after a restart too)."""
@@ -91,6 +211,7 @@ class Notification:
                 "body": self.body.decode(),
                 "trace_id": self.trace_id,
                 "span_id": self.span_id,
+                "enterprise_id": self.enterprise_id,
             }
         ).encode()
 
@@ -111,6 +232,7 @@ def notification(
     subject: dict[str, Any],
     trace_id: str,
     span_id: str,
+    enterprise_id: str = "",
 ) -> Notification:
     """A notification with a fresh event id; the body is canonical JSON (UTF-8, sorted keys)."""
     event_id = str(uuid.uuid4())
@@ -131,4 +253,5 @@ def notification(
         body=json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode(),
         trace_id=trace_id,
         span_id=span_id,
+        enterprise_id=enterprise_id,
     )

@@ -3,15 +3,18 @@ consent-filtered query, checked retrieval (unary and streamed)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
@@ -64,7 +67,7 @@ def _time(ts: Timestamp, present: bool) -> datetime.datetime | None:
 
 
 def entry_message(
-    record: store.DocumentEntryRecord, related_by: Iterable[store.DocumentEntryRecord] = ()
+    record: store.EntryLike, related_by: Iterable[store.DocumentEntryRecord] = ()
 ) -> registry_pb2.DocumentEntry:
     shared = document_types.BY_SHARED_CODE.get(record.shared_type)
     return registry_pb2.DocumentEntry(
@@ -84,7 +87,7 @@ def entry_message(
         ),
         type_code=registry_pb2.Coding(system=record.type_system, code=record.type_code, display=record.type_display),
         confidentiality=record.confidentiality,
-        security_labels=record.labels,
+        security_labels=store.labels_of(record.security_labels),
         created=_ts(record.created),
         title=record.title,
         language=record.language,
@@ -147,9 +150,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
         return consent_pb2_grpc.ConsentDecisionPointStub(self._rt.channel("consent"))
 
-    async def _decide(
-        self, enterprise_id: str, entries: list[store.DocumentEntryRecord]
-    ) -> dict[str, consent_pb2.ItemDecision]:
+    async def _decide(self, enterprise_id: str, entries: list[store.EntryLike]) -> dict[str, consent_pb2.ItemDecision]:
         if not entries:
             return {}
         request = consent_pb2.DecideRequest(
@@ -160,7 +161,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     source_organization_id=e.source_organization_id,
                     class_code=e.class_code,
                     type_code=e.type_code,
-                    security_labels=e.labels,
+                    security_labels=store.labels_of(e.security_labels),
                     # When the care happened, for directives limited to a data period.
                     data_time=_ts(e.service_start or e.created),
                 )
@@ -302,21 +303,24 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             target_id=target_id,
         )
 
-    async def _earlier(self, sub: _Submission) -> store.DocumentEntryRecord | None:
+    async def _earlier(self, sub: _Submission, session: AsyncSession | None = None) -> store.DocumentEntryRecord | None:
         """The entry an earlier attempt of this submission registered (by source document id,
-        then by idempotency key); a reused id or key with other content is refused."""
-        async with self._rt.sessions() as session:
-            existing = await store.find_by_source_id(
-                session, source_organization_id=sub.who.organization_id, source_document_id=sub.source_document_id
+        then by idempotency key); a reused id or key with other content is refused. In the
+        registering transaction when one is given (no connection of its own)."""
+        if session is None:
+            async with self._rt.sessions() as own:
+                return await self._earlier(sub, own)
+        existing = await store.find_by_source_id(
+            session, source_organization_id=sub.who.organization_id, source_document_id=sub.source_document_id
+        )
+        if existing is None and sub.record.idempotency_key:
+            existing = await store.find_by_idempotency_key(
+                session, source_organization_id=sub.who.organization_id, idempotency_key=sub.record.idempotency_key
             )
-            if existing is None and sub.record.idempotency_key:
-                existing = await store.find_by_idempotency_key(
-                    session, source_organization_id=sub.who.organization_id, idempotency_key=sub.record.idempotency_key
+            if existing is not None and existing.source_document_id != sub.source_document_id:
+                raise AlreadyExists(
+                    "that idempotency key was used for another document", reason="idempotency-key-reused"
                 )
-                if existing is not None and existing.source_document_id != sub.source_document_id:
-                    raise AlreadyExists(
-                        "that idempotency key was used for another document", reason="idempotency-key-reused"
-                    )
         if existing is None:
             return None
         if existing.sha256 != sub.record.sha256 or existing.study_instance_uid != sub.record.study_instance_uid:
@@ -335,18 +339,25 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
         sub = self._check_header(who, header)
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=header.entry.patient.local_id)
-        try:
-            person = await identity.cross_reference(self._rt, patient_ref)
-        except NotFound:
-            raise FailedPrecondition("register the patient first", reason="patient-not-registered") from None
-        enterprise_id = person.enterprise_id
         record = sub.record
-        record.enterprise_id = enterprise_id
-        existing = await self._earlier(sub)
-        if existing is not None:
-            return existing, False, []
         try:
             async with self._rt.sessions() as session, session.begin():
+                # mpi resolves the person while this transaction looks for an earlier attempt (a
+                # retry is answered from it; a concurrent duplicate is caught by the unique
+                # constraints below): the two are independent.
+                person, existing = await asyncio.gather(
+                    identity.cross_reference(self._rt, patient_ref), self._earlier(sub, session), return_exceptions=True
+                )
+                if isinstance(person, NotFound):
+                    raise FailedPrecondition("register the patient first", reason="patient-not-registered")
+                if isinstance(person, BaseException):
+                    raise person
+                if isinstance(existing, BaseException):
+                    raise existing
+                if existing is not None:
+                    return existing, False, []
+                enterprise_id = person.enterprise_id
+                record.enterprise_id = enterprise_id
                 if sub.relation:
                     target = await session.get(store.DocumentEntryRecord, sub.target_id)
                     if target is None:
@@ -518,9 +529,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         size = min(request.page.page_size or 50, _MAX_PAGE)
         cursor = domain.QueryCursor.decode(request.page.page_token)
-        xref = await identity.cross_reference(self._rt, ref)
-        visible, next_cursor = await self._visible_page(request, xref, size=size, cursor=cursor)
+        # One session for the rows and the audit event: a connection checkout (with its liveness
+        # ping) and a transaction per request instead of two; the checkout runs while mpi answers.
+        # The audit event commits before any entry is returned.
         async with self._rt.sessions() as session, session.begin():
+            xref, _connection = await _together(identity.cross_reference(self._rt, ref), session.connection())
+            visible, next_cursor = await self._visible_page(session, request, xref, size=size, cursor=cursor)
             event_id = await self._rt.audit.record(
                 session,
                 caller=who,
@@ -539,33 +553,33 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
 
     async def _visible_page(
         self,
+        session: AsyncSession,
         request: registry_pb2.FindDocumentsRequest,
         xref: mpi_pb2.CrossReferenceResponse,
         *,
         size: int,
         cursor: domain.QueryCursor | None,
-    ) -> tuple[list[store.DocumentEntryRecord], domain.QueryCursor | None]:
+    ) -> tuple[list[store.EntryLike], domain.QueryCursor | None]:
         """A full page of entries consent permits: consent is asked in one batched decision per
         round of rows read, and rows are read until the page is full (pages have no holes)."""
         statuses = [int(s) for s in request.statuses] or [_CURRENT]
         after = (cursor.service_time, cursor.document_id) if cursor else None
-        visible: list[store.DocumentEntryRecord] = []
+        visible: list[store.EntryLike] = []
         for _round in range(_MAX_ROUNDS):
             # Twice what is missing, so one round usually suffices even with some denials.
             limit = min(_CONSENT_BATCH, max(2 * (size + 1 - len(visible)), 20))
-            async with self._rt.sessions() as session:
-                rows = await store.entries_of_patient(
-                    session,
-                    refs=[(r.domain, r.local_id) for r in xref.refs],
-                    type_codes=list(request.type_codes),
-                    class_codes=list(request.class_codes),
-                    statuses=statuses,
-                    source_organization_ids=list(request.source_organization_ids),
-                    service_from=_time(request.service_from, request.HasField("service_from")),
-                    service_to=_time(request.service_to, request.HasField("service_to")),
-                    after=after,
-                    limit=limit,
-                )
+            rows = await store.entries_of_patient(
+                session,
+                refs=[(r.domain, r.local_id) for r in xref.refs],
+                type_codes=list(request.type_codes),
+                class_codes=list(request.class_codes),
+                statuses=statuses,
+                source_organization_ids=list(request.source_organization_ids),
+                service_from=_time(request.service_from, request.HasField("service_from")),
+                service_to=_time(request.service_to, request.HasField("service_to")),
+                after=after,
+                limit=limit,
+            )
             decisions = await self._decide(xref.enterprise_id, rows)
             for row in rows:
                 decision = decisions.get(row.id)
@@ -594,13 +608,16 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         document_id = _document_id(document_id)
         async with self._rt.sessions() as session:
             record = await session.get(store.DocumentEntryRecord, document_id)
-            related = await store.related_to(session, document_id) if record else []
-        if record is None:
-            raise NotFound("no such document", reason="document-not-found")
-        # The person's current identity, so consent follows links made since registration.
-        xref = await identity.cross_reference(
-            self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
-        )
+            if record is None:
+                raise NotFound("no such document", reason="document-not-found")
+            # The person's current identity, so consent follows links made since registration;
+            # the later relations are read meanwhile.
+            xref, related = await _together(
+                identity.cross_reference(
+                    self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+                ),
+                store.related_to(session, document_id),
+            )
         decision = (await self._decide(xref.enterprise_id, [record])).get(record.id)
         if decision is None or decision.decision != consent_pb2.DECISION_PERMIT:
             await self._record(
@@ -634,10 +651,13 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 raise TamperedCiphertextError("encrypted content and no data keys")
             key = self._rt.protection.open_content_key(record.id, record.content_key)
         async with self._rt.sessions() as session:
-            previous = await store.chunk(session, record.id, 0)
+            # The first two chunks in one query (one-chunk content, the common case, then needs no
+            # second query to learn it was the last); after that one query per chunk.
+            first = await store.chunks(session, record.id, 0, 2)
+            previous = first.get(0)
             seq = 0
             while previous is not None:
-                following = await store.chunk(session, record.id, seq + 1)
+                following = first.get(1) if seq == 0 else await store.chunk(session, record.id, seq + 1)
                 last = following is None
                 yield seq, key.open_chunk(seq, previous, final=last) if key else previous, last
                 previous, seq = following, seq + 1
@@ -719,6 +739,20 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 parts.append(message.chunk)
         response.content = b"".join(parts)
         return response
+
+
+_A = TypeVar("_A")
+_B = TypeVar("_B")
+
+
+async def _together(first: Awaitable[_A], second: Awaitable[_B]) -> tuple[_A, _B]:
+    """Both results, run concurrently; both have finished before either's error is raised (so
+    a session one of them uses is idle again when the caller's `async with` closes it)."""
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (one, two):
+        if isinstance(result, BaseException):
+            raise result
+    return one, two  # type: ignore[return-value]
 
 
 def _document_id(value: str) -> str:

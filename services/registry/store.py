@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import (
     ForeignKey,
@@ -95,7 +96,17 @@ class DocumentEntryRecord(Base):
 
     @property
     def labels(self) -> list[str]:
-        return [label for label in self.security_labels.split(" ") if label]
+        return labels_of(self.security_labels)
+
+
+def labels_of(security_labels: str) -> list[str]:
+    """The security labels of an entry (stored space-separated)."""
+    return [label for label in security_labels.split(" ") if label]
+
+
+# An entry as queries return it: the mapped record, or (on the query path) a plain row with the
+# same attribute names, which costs a fraction of an ORM instance to load.
+EntryLike = Any
 
 
 class DocumentChunk(Base):
@@ -148,10 +159,14 @@ async def entries_of_patient(
     service_to: datetime.datetime | None = None,
     after: tuple[datetime.datetime, str] | None = None,
     limit: int,
-) -> list[DocumentEntryRecord]:
-    """A person's entries (under any of their identities), newest service time first, after a cursor."""
+) -> list[EntryLike]:
+    """A person's entries (under any of their identities), newest service time first, after a cursor.
+
+    Plain rows (attribute access like the record), not ORM instances: a page reads up to a
+    thousand of them and nothing is written back."""
     e = DocumentEntryRecord
-    stmt = select(e).where(tuple_(e.patient_domain, e.patient_local_id).in_(list(refs)))
+    columns = [c for c in e.__table__.columns if c.name != "content_key"]
+    stmt = select(*columns).where(tuple_(e.patient_domain, e.patient_local_id).in_(list(refs)))
     if type_codes:
         stmt = stmt.where(or_(e.type_code.in_(list(type_codes)), e.shared_type.in_(list(type_codes))))
     if class_codes:
@@ -167,7 +182,7 @@ async def entries_of_patient(
     if after is not None:
         stmt = stmt.where(tuple_(e.service_time, e.id) < tuple_(*after))
     stmt = stmt.order_by(e.service_time.desc(), e.id.desc()).limit(limit)
-    return list(await session.scalars(stmt))
+    return list((await session.execute(stmt)).all())
 
 
 async def related_to(session: AsyncSession, document_id: str) -> list[DocumentEntryRecord]:
@@ -189,6 +204,16 @@ async def supersede(session: AsyncSession, document_id: str) -> bool:
         .values(status=2)
     )
     return result.rowcount == 1
+
+
+async def chunks(session: AsyncSession, document_id: str, first: int, count: int) -> dict[int, bytes]:
+    """Chunks first..first+count-1 that exist, by position."""
+    rows = await session.execute(
+        select(DocumentChunk.seq, DocumentChunk.data).where(
+            DocumentChunk.document_id == document_id, DocumentChunk.seq >= first, DocumentChunk.seq < first + count
+        )
+    )
+    return {seq: data for seq, data in rows.all()}
 
 
 async def chunk(session: AsyncSession, document_id: str, seq: int) -> bytes | None:

@@ -31,6 +31,9 @@ _log = logging.getLogger(__name__)
 Sender = Callable[[Sequence[bytes]], Awaitable[None]]
 # Keeps a message the outbox gives up on: (session, message id, topic, payload, attempts, last error).
 DeadLetterSink = Callable[[AsyncSession, str, str, bytes, int, str], Awaitable[None]]
+# Records one delivery attempt in the transaction that records its outcome: (session, message id,
+# payload, attempt number, the exception or None on success, whether it was dead-lettered).
+AttemptRecorder = Callable[[AsyncSession, str, bytes, int, BaseException | None, bool], Awaitable[None]]
 _BATCH = 200
 _MAX_BACKOFF = timedelta(minutes=5)
 _LEASE = timedelta(seconds=30)
@@ -64,6 +67,9 @@ class DeliveryPolicy:
     # A message still failing this long after it was staged goes to the dead-letter sink.
     give_up_after: timedelta | None = None
     dead_letter: DeadLetterSink | None = None
+    # Called per message with every attempt's outcome, inside the outbox's own transaction (e.g.
+    # to stage an audit event of the attempt with it).
+    on_attempt: AttemptRecorder | None = None
 
     def backoff(self, attempts: int) -> timedelta:
         return min(self.base_backoff * (2**attempts), self.max_backoff)
@@ -181,6 +187,8 @@ class Outbox:
                     for item in items:
                         if policy.dead_letter is not None:
                             await policy.dead_letter(session, item.id, topic, item.payload, item.attempts + 1, error)
+                        if policy.on_attempt is not None:
+                            await policy.on_attempt(session, item.id, item.payload, item.attempts + 1, exc, True)
                     await session.execute(
                         update(t)
                         .where(t.c.id.in_(ids))
@@ -188,6 +196,9 @@ class Outbox:
                     )
                     _log.warning("outbox gave up delivering %d message(s) to %s (%s)", len(ids), topic, error)
                     return 0
+                if policy.on_attempt is not None:
+                    for item in items:
+                        await policy.on_attempt(session, item.id, item.payload, item.attempts + 1, exc, False)
                 await session.execute(
                     update(t)
                     .where(t.c.id.in_(ids))
@@ -203,6 +214,9 @@ class Outbox:
             await session.execute(
                 update(t).where(t.c.id.in_(ids)).values(delivered_at=utcnow(), attempts=t.c.attempts + 1)
             )
+            if policy.on_attempt is not None:
+                for item in items:
+                    await policy.on_attempt(session, item.id, item.payload, item.attempts + 1, None, False)
         return len(ids)
 
     async def pending(self) -> int:

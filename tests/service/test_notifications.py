@@ -22,6 +22,7 @@ import uvicorn
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.client import HospitalClient, Practitioner, user_assertion
+from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc, registry_pb2, registry_pb2_grpc
 from services.registry.service import SPEC as REGISTRY
@@ -97,9 +98,16 @@ class Broker:
         self.monkeypatch = monkeypatch
         self.running: RunningService | None = None
         self.channel: grpc.aio.Channel | None = None
+        # Base URLs every organisation may register endpoints under (the local receivers).
+        self.allowed: list[str] = []
+
+    def allow(self, receiver: Receiver) -> None:
+        """Allow-list a local receiver explicitly, as an admin would a hospital's endpoint."""
+        self.allowed.append(receiver.url.rsplit("/", 1)[0] + "/")
 
     async def start(self, **env: str) -> None:
         for name, value in {
+            "HIE_NOTIFY_ENDPOINT_ALLOWLIST": json.dumps({"*": self.allowed}),
             "HIE_NOTIFY_RETRY_BASE_SECONDS": "0.05",
             "HIE_NOTIFY_MAX_BACKOFF_SECONDS": "0.2",
             "HIE_NOTIFY_DEAD_LETTER_AFTER_SECONDS": "3600",
@@ -128,8 +136,11 @@ class Broker:
 
 
 @pytest.fixture
-async def broker(exchange: Exchange, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Broker]:
+async def broker(
+    exchange: Exchange, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, receiver: Receiver
+) -> AsyncIterator[Broker]:
     running = Broker(exchange, tmp_path, monkeypatch)
+    running.allow(receiver)
     try:
         yield running
     finally:
@@ -260,9 +271,10 @@ async def test_notification_is_signed_traced_and_names_the_subscribers_patient(
 async def test_redelivered_after_failures_and_never_twice_once_acknowledged(
     exchange: Exchange, broker: Broker, receiver: Receiver
 ) -> None:
-    await broker.start()
     other = Receiver()
     await other.start()
+    broker.allow(other)
+    await broker.start()
     try:
         local = f"NR-{secrets.token_hex(3)}"
         source, flaky, steady = await members(exchange, 3, local)
@@ -304,7 +316,7 @@ async def test_notification_survives_a_registry_restart_between_commit_and_deliv
 
 
 async def test_undeliverable_notification_is_dead_lettered_and_replayed(
-    exchange: Exchange, broker: Broker, receiver: Receiver
+    exchange: Exchange, broker: Broker, receiver: Receiver, keys_dir: Path
 ) -> None:
     await broker.start(HIE_NOTIFY_DEAD_LETTER_AFTER_SECONDS="0.5")
     local = f"ND-{secrets.token_hex(3)}"
@@ -340,6 +352,54 @@ async def test_undeliverable_notification_is_dead_lettered_and_replayed(
     await eventually(lambda: len(receiver.acknowledged()) == 1)
     assert receiver.acknowledged()[0][0]["x-hie-event-id"] == dead.event_id
     assert await dead_letters() == []
+
+    # Every attempt, the dead-lettering and the replay are in the audit trail, by ids only.
+    def trail(events: list[audit_pb2.AuditEvent]) -> list[tuple[str, int, str]]:
+        return [
+            (e.type, e.outcome, next((x.id for x in e.entities if x.type == "DeliveryAttempt"), ""))
+            for e in events
+            if any(x.type == "Notification" and x.id == dead.event_id for x in e.entities)
+        ]
+
+    async def audited() -> list[tuple[str, int, str]]:
+        return trail(await audit_events(exchange, keys_dir, "notification."))
+
+    for _ in range(100):
+        found = await audited()
+        if any(outcome == audit_pb2.OUTCOME_SUCCESS for t, outcome, _a in found if t == "notification.deliver"):
+            break
+        await asyncio.sleep(0.05)
+    delivers = [(outcome, attempt) for t, outcome, attempt in found if t == "notification.deliver"]
+    failed = [attempt for outcome, attempt in delivers if outcome == audit_pb2.OUTCOME_MINOR_FAILURE]
+    assert len(failed) == tries
+    assert all(a.endswith(":http-503") for a in failed)
+    assert [a for o, a in delivers if o == audit_pb2.OUTCOME_SUCCESS] == ["1:delivered"]  # the replay's first
+    assert [(t, o) for t, o, _a in found if t == "notification.dead-letter"] == [
+        ("notification.dead-letter", audit_pb2.OUTCOME_SERIOUS_FAILURE)
+    ]
+    assert any(t == "notification.replay" for t, _o, _a in found)
+    for event in await audit_events(exchange, keys_dir, "notification.deliver"):
+        # The subscriber, subscription and attempt: never the endpoint or the body.
+        assert {x.type for x in event.entities} <= {"Notification", "Subscription", "Organization", "DeliveryAttempt"}
+        assert event.actor.organization_type == "platform"
+
+
+async def audit_events(exchange: Exchange, keys_dir: Path, prefix: str) -> list[audit_pb2.AuditEvent]:
+    """The exchange's audit events whose type starts with the prefix (as an auditor would query)."""
+    credentials = PlatformCredentials.from_file(keys_dir / "platform.pem", service="test", issuer="urn:test")
+    found: list[audit_pb2.AuditEvent] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{exchange.services['audit'].port}") as channel:
+        stub = audit_pb2_grpc.AuditLogStub(channel)
+        token = ""
+        while True:
+            page = await stub.Query(
+                audit_pb2.QueryRequest(page=common_pb2.PageRequest(page_size=200, page_token=token)),
+                metadata=credentials.metadata(),
+            )
+            found.extend(e for e in page.events if e.type.startswith(prefix))
+            token = page.page.next_page_token
+            if not token:
+                return found
 
 
 async def dead_letters_as(broker: Broker, member: Member, *, role: str) -> Any:
@@ -379,6 +439,31 @@ async def test_workflow_events_are_published_by_exchange_services_only(
     body = json.loads(receiver.received[0][1])
     assert body["event_type"] == "referral.accepted"
     assert body["resource"] == {"type": "ServiceRequest", "id": "R-1", "status": "accepted"}
+
+
+async def test_endpoints_outside_the_allow_list_are_refused(
+    exchange: Exchange, broker: Broker, receiver: Receiver
+) -> None:
+    await broker.start()
+    local = f"NA-{secrets.token_hex(3)}"
+    (hospital,) = await members(exchange, 1, local)
+    port = receiver.url.split(":")[2].split("/")[0]
+    for url in (
+        "http://127.0.0.1:9/hie/notifications",  # loopback, another port: the audit or a database
+        f"http://127.0.0.1:{port}/admin",  # the receiver's host, outside the listed path
+        f"http://127.0.0.1:{port}/hie/../admin",
+        "http://169.254.169.254/latest/meta-data",  # cloud metadata
+        "https://his.other.example/hie/notifications",
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await subscribe(broker, hospital, local, url)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, url
+        assert dict(refused.value.trailing_metadata() or ()).get("hie-error-reason") == "endpoint-not-allowed"
+    listed = await broker.notifications.ListSubscriptions(
+        notifications_pb2.ListSubscriptionsRequest(), metadata=hospital.md()
+    )
+    assert list(listed.subscriptions) == []
+    assert await subscribe(broker, hospital, local, receiver.url)
 
 
 async def test_subscription_input_is_checked(exchange: Exchange, broker: Broker) -> None:

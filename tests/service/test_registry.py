@@ -522,3 +522,38 @@ async def test_data_key_rotation_rewraps_document_keys_and_content_stays_readabl
     assert await keys_in_use(settings, specs=[REGISTRY]) == {report.new_key}
     _entry, chunks = await b.retrieve(document_id)
     assert b"".join(chunks) == content
+
+
+async def test_concurrent_registrations_commit_each_exactly_once(hospitals) -> None:
+    """Many registrations at once: each good one is stored once with its content, a concurrent
+    duplicate is answered as the retry, a bad one leaves nothing."""
+    a, _b, local = hospitals
+    bodies = {f"GC-{secrets.token_hex(3)}-{n}": f"出院小结 第{n}份：病情稳定。".encode() for n in range(24)}
+    duplicated = list(bodies)[:6]
+
+    async def good(source_id: str) -> registry_pb2.RegisterDocumentResponse:
+        return await a.register(local, bodies[source_id], source_document_id=source_id)
+
+    async def bad(n: int) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await a.register(local, "被篡改的内容".encode(), sha256="0" * 64, source_document_id=f"GC-BAD-{n}")
+        return refused.value
+
+    results = await asyncio.gather(
+        *(good(s) for s in [*bodies, *duplicated]), *(bad(n) for n in range(6)), return_exceptions=False
+    )
+    registered = results[: len(bodies) + len(duplicated)]
+    refusals = results[len(bodies) + len(duplicated) :]
+    assert all(_reason(r) == "hash-mismatch" for r in refusals)  # type: ignore[arg-type]
+    by_source: dict[str, set[str]] = {}
+    created = 0
+    for response in registered:
+        by_source.setdefault(response.entry.source_document_id, set()).add(response.entry.document_id)  # type: ignore[union-attr]
+        created += response.created  # type: ignore[union-attr]
+    assert created == len(bodies)
+    assert all(len(ids) == 1 for ids in by_source.values())
+    found = [e for page in await a.find_all(local, 50) for e in page]
+    assert sorted(found) == sorted(next(iter(ids)) for ids in by_source.values())
+    for source_id, ids in list(by_source.items())[:5]:
+        _entry, chunks = await a.retrieve(next(iter(ids)))
+        assert b"".join(chunks) == bodies[source_id]
