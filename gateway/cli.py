@@ -57,7 +57,7 @@ def _settings(data_dir: Path, database_url: str = "") -> Settings:
 @keys_app.command("init")
 def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/keys")) -> None:
     """Create the gateway's and the platform's signing keys, the trusted JWKS and the data-protection
-    key file (each kept if present)."""
+    key file, and under HIE_CRYPTO_SUITE=sm the platform's SM2 key (each kept if present)."""
     from services.shared.protection.keyring import load_or_create
 
     for name, path in ensure_exchange_keys(directory).items():
@@ -66,6 +66,12 @@ def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/key
     data_keys = directory / "data-keys.json"
     keyring = load_or_create(data_keys, suite=settings.crypto_suite)
     typer.echo(f"data-keys: {data_keys} (active {keyring.active.id}, {keyring.active.suite.cipher})")
+    if settings.crypto_suite == "sm":
+        from services.shared.protection.sm2 import load_or_create_signing_key
+
+        # One SM2 key for the platform: it co-signs audit checkpoints and notifications.
+        sm2 = load_or_create_signing_key(directory / "platform-sm2.json")
+        typer.echo(f"platform-sm2: {directory / 'platform-sm2.json'} (public {sm2.public.hex()[:16]}…)")
 
 
 @keys_app.command("rotate")

@@ -145,3 +145,16 @@ async def notification_keys(request: Request) -> dict[str, Any]:
             if key.get(ISSUER_MEMBER) == "platform"
         ]
     }
+
+
+@router.get("/notifications/sm2-key")
+async def notification_sm2_key(ctx: Context, request: Request) -> dict[str, Any]:
+    """The SM2 public key of the X-HIE-Signature-SM2 co-signature (national-algorithms option):
+    hex of the uncompressed point and the signer id of the SM3 pre-hash; 404 when notifications
+    are not SM2-signed."""
+    result = await rpc(
+        _broker(request).GetSigningKeys(notifications_pb2.GetSigningKeysRequest(), metadata=ctx.metadata)
+    )
+    if not result.sm2_public_key:
+        raise ApiError(404, "sm2-not-configured", "notifications are not SM2-signed on this exchange")
+    return {"algorithm": "SM2", "public_key": result.sm2_public_key, "signer_id": result.sm2_signer_id}

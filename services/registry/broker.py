@@ -12,6 +12,10 @@ Delivery contract for receivers:
   (base64url). It is signed with the exchange's platform key (ES384, `kid` in the header,
   `typ` `hie-notification+jws`); its public key is published at
   `/api/v1/notifications/jwks.json` on the gateway.
+- Under the national-algorithms option (`HIE_CRYPTO_SUITE=sm`) `X-HIE-Signature-SM2` co-signs the
+  exact body bytes: hex of the DER SM2 signature (GB/T 32918.2 over SM3, signer id
+  "1234567812345678"), by the platform's SM2 key (`HIE_SM2_SIGNING_KEY_FILE`, the key that
+  co-signs audit checkpoints); its public key is at `/api/v1/notifications/sm2-key`.
 - Any 2xx acknowledges; anything else (or no answer within the timeout) is retried.
 """
 
@@ -48,6 +52,7 @@ from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.keys import algorithm_for, load_private_key, public_jwk
 from services.shared.outbox import DeliveryPolicy
 from services.shared.process import ServiceRuntime
+from services.shared.protection.sm2 import DEFAULT_SIGNER_ID, load_or_create_signing_key
 from services.shared.tracing import current_trace_ids, remote_parent, tracer
 
 _log = logging.getLogger(__name__)
@@ -155,6 +160,8 @@ class Notifier:
         self.settings = settings
         self._key = load_private_key(runtime.settings.service_signing_key_file)
         self._kid = public_jwk(self._key)["kid"]
+        suite = runtime.settings.crypto_suite
+        self.sm2 = load_or_create_signing_key(runtime.settings.sm2_signing_key_file) if suite == "sm" else None
         self.endpoints = dsub.EndpointPolicy.parse(
             settings.endpoint_allow_list,
             settings.private_networks,
@@ -279,6 +286,8 @@ class Notifier:
                     "x-hie-event-type": item.event_type,
                     "x-hie-signature": self.sign(item.body),
                 }
+                if self.sm2 is not None:
+                    headers["x-hie-signature-sm2"] = self.sm2.sign(item.body).hex()
                 if trace_id:
                     headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
                 response = await self._client().post(item.endpoint_url, content=item.body, headers=headers)
@@ -555,6 +564,18 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
             await self._notifier.stage(session, notifications, event)
         self._rt.outbox.notify()
         return notifications_pb2.PublishEventResponse(event_id=event["event_id"], notifications=len(notifications))
+
+    async def GetSigningKeys(  # noqa: N802 - gRPC method name
+        self, request: notifications_pb2.GetSigningKeysRequest, context: object
+    ) -> notifications_pb2.GetSigningKeysResponse:
+        """Public keys, but asked for with a member's token like everything else."""
+        caller()
+        sm2 = self._notifier.sm2
+        if sm2 is None:
+            return notifications_pb2.GetSigningKeysResponse()
+        return notifications_pb2.GetSigningKeysResponse(
+            sm2_public_key=sm2.public.hex(), sm2_signer_id=DEFAULT_SIGNER_ID.decode()
+        )
 
     async def ListDeadLetters(  # noqa: N802 - gRPC method name
         self, request: notifications_pb2.ListDeadLettersRequest, context: object

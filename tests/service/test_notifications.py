@@ -28,6 +28,7 @@ from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc, registry_
 from services.registry.service import SPEC as REGISTRY
 from services.shared.auth import PlatformCredentials
 from services.shared.process import RunningService, start_service
+from services.shared.protection.sm2 import Sm2VerifyingKey
 from tests.conftest import Exchange, drop_schemas
 from tests.factories import person
 
@@ -532,3 +533,48 @@ async def test_events_are_published_to_nats_jetstream_when_configured(
         assert seen, "the event was not published to JetStream"
     finally:
         await connection.close()
+
+
+async def test_under_the_national_algorithms_notifications_are_also_sm2_co_signed(
+    exchange: Exchange, broker: Broker, receiver: Receiver, tmp_path: Path
+) -> None:
+    broker.settings = dataclasses.replace(
+        broker.settings, crypto_suite="sm", sm2_signing_key_file=tmp_path / "platform-sm2.json"
+    )
+    await broker.start()
+    local = f"SM-{secrets.token_hex(3)}"
+    source, subscriber = await members(exchange, 2, local)
+    await subscribe(broker, subscriber, local, receiver.url)
+    await register(broker, source, local)
+    await eventually(lambda: len(receiver.received) == 1)
+    headers, body, _status = receiver.received[0]
+    keys = await broker.notifications.GetSigningKeys(
+        notifications_pb2.GetSigningKeysRequest(), metadata=subscriber.md()
+    )
+    assert keys.sm2_signer_id == "1234567812345678"
+    public = Sm2VerifyingKey(bytes.fromhex(keys.sm2_public_key))
+    signature = bytes.fromhex(headers["x-hie-signature-sm2"])
+    assert public.verify(body, signature)
+    assert not public.verify(body + b" ", signature)
+    # The JWS stays: receivers that only know JOSE keep verifying as before.
+    assert headers["x-hie-signature"].count(".") == 2
+
+
+async def test_without_the_option_there_is_no_sm2_signature_and_no_sm2_key(
+    exchange: Exchange, broker: Broker, receiver: Receiver
+) -> None:
+    await broker.start()
+    local = f"NS-{secrets.token_hex(3)}"
+    source, subscriber = await members(exchange, 2, local)
+    await subscribe(broker, subscriber, local, receiver.url)
+    await register(broker, source, local)
+    await eventually(lambda: len(receiver.received) == 1)
+    assert "x-hie-signature-sm2" not in receiver.received[0][0]
+    keys = await broker.notifications.GetSigningKeys(
+        notifications_pb2.GetSigningKeysRequest(), metadata=subscriber.md()
+    )
+    assert keys.sm2_public_key == ""
+    # Through the gateway (the exchange's own registry runs the default suite): 404, not an empty key.
+    response = await subscriber.client.call("GET", "/api/v1/notifications/sm2-key")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["reason"] == "sm2-not-configured"

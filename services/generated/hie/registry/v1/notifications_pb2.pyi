@@ -23,6 +23,18 @@ TOPIC_PATIENT_DOCUMENT: Topic
 TOPIC_DOCUMENT_TYPE: Topic
 TOPIC_WORKFLOW_STATE: Topic
 
+class GetSigningKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetSigningKeysResponse(_message.Message):
+    __slots__ = ("sm2_public_key", "sm2_signer_id")
+    SM2_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SM2_SIGNER_ID_FIELD_NUMBER: _ClassVar[int]
+    sm2_public_key: str
+    sm2_signer_id: str
+    def __init__(self, sm2_public_key: _Optional[str] = ..., sm2_signer_id: _Optional[str] = ...) -> None: ...
+
 class Subscription(_message.Message):
     __slots__ = ("subscription_id", "organization_id", "topic", "patient", "type_code", "endpoint_url", "expires", "created")
     SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]

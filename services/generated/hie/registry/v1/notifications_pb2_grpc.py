@@ -65,6 +65,11 @@ class NotificationBrokerStub:
                 request_serializer=hie_dot_registry_dot_v1_dot_notifications__pb2.ReplayDeadLetterRequest.SerializeToString,
                 response_deserializer=hie_dot_registry_dot_v1_dot_notifications__pb2.ReplayDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.GetSigningKeys = channel.unary_unary(
+                '/hie.registry.v1.NotificationBroker/GetSigningKeys',
+                request_serializer=hie_dot_registry_dot_v1_dot_notifications__pb2.GetSigningKeysRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_notifications__pb2.GetSigningKeysResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationBrokerServicer:
@@ -111,6 +116,14 @@ class NotificationBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSigningKeys(self, request, context):
+        """The keys notification signatures verify against beyond the JWS (published JWKS): the SM2
+        public key of the X-HIE-Signature-SM2 co-signature under the national-algorithms option.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NotificationBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_NotificationBrokerServicer_to_server(servicer, server):
                     servicer.ReplayDeadLetter,
                     request_deserializer=hie_dot_registry_dot_v1_dot_notifications__pb2.ReplayDeadLetterRequest.FromString,
                     response_serializer=hie_dot_registry_dot_v1_dot_notifications__pb2.ReplayDeadLetterResponse.SerializeToString,
+            ),
+            'GetSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSigningKeys,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_notifications__pb2.GetSigningKeysRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_notifications__pb2.GetSigningKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class NotificationBroker:
             '/hie.registry.v1.NotificationBroker/ReplayDeadLetter',
             hie_dot_registry_dot_v1_dot_notifications__pb2.ReplayDeadLetterRequest.SerializeToString,
             hie_dot_registry_dot_v1_dot_notifications__pb2.ReplayDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.registry.v1.NotificationBroker/GetSigningKeys',
+            hie_dot_registry_dot_v1_dot_notifications__pb2.GetSigningKeysRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_notifications__pb2.GetSigningKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
