@@ -574,7 +574,7 @@ class MasterIndex:
         if not registrations:
             return []
         domain_id = registrations[0].domain
-        existing = await store.find_records(session, domain=domain_id, local_ids=[r.local_id for r in registrations])
+        existing = await store.known_local_ids(session, domain=domain_id, local_ids=[r.local_id for r in registrations])
         fresh: list[tuple[int, domain.Registration, MatchRecord]] = []
         later: list[int] = []
         seen: set[str] = set()

@@ -239,6 +239,7 @@ class BulkLoad(Base):
 
 outbox_table(metadata)
 
+
 # Where a session finds the sealing (see `sealed_sessions`).
 _SEALING = "mpi.sealing"
 
@@ -764,12 +765,12 @@ async def merged_into_any(session: AsyncSession, record_ids: list[str]) -> list[
     return found
 
 
-async def find_records(session: AsyncSession, *, domain: str, local_ids: list[str]) -> dict[str, PatientRecord]:
-    """The records of these local ids in one domain, by local id."""
+async def known_local_ids(session: AsyncSession, *, domain: str, local_ids: list[str]) -> set[str]:
+    """Which of these local ids one domain has registered already."""
     rows = await session.scalars(
-        select(PatientRecord).where(PatientRecord.domain == domain, PatientRecord.local_id.in_(local_ids))
+        select(PatientRecord.local_id).where(PatientRecord.domain == domain, PatientRecord.local_id.in_(local_ids))
     )
-    return {r.local_id: r for r in rows}
+    return set(rows)
 
 
 async def frequencies_of(
@@ -778,20 +779,25 @@ async def frequencies_of(
     """Counts of many name values (and their fields' totals) in one query per chunk."""
     sealing = sealing_of(session)
     clear_of = {(f, sealing.name_value(f, v)): (f, v) for f, v in values}
-    wanted = sorted(set(clear_of) | {(f, "") for f in (fields or set()) | {f for f, _ in values}})
+    by_field: dict[str, list[str]] = {f: [""] for f in (fields or set()) | {f for f, _ in values}}
+    for f, digest in clear_of:
+        by_field[f].append(digest)
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
-    for start in range(0, len(wanted), 400):
-        rows = await session.execute(
-            select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
-                tuple_(NameFrequency.field, NameFrequency.value).in_(wanted[start : start + 400])
+    for field_name, digests in sorted(by_field.items()):
+        # One query per field on the (field, value) primary key; chunked for SQLite's parameter limit.
+        for start in range(0, len(digests), 900):
+            rows = await session.execute(
+                select(NameFrequency.value, NameFrequency.count).where(
+                    NameFrequency.field == field_name,
+                    NameFrequency.value.in_(digests[start : start + 900]),
+                )
             )
-        )
-        for field_name, value, count in rows:
-            if value == "":
-                totals[field_name] = count
-            else:
-                counts[clear_of[(field_name, value)]] = count
+            for value, count in rows:
+                if value == "":
+                    totals[field_name] = count
+                else:
+                    counts[clear_of[(field_name, value)]] = count
     return ValueFrequencies(counts=counts, totals=totals)
 
 
