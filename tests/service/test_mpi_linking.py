@@ -51,6 +51,8 @@ class Hospital:
         self.running = running
         self.keys_dir = keys_dir
         self.org_type = org_type
+        # The acting practitioner (a subclass may act as several stewards of one hospital).
+        self.practitioner = "S01"
 
     def metadata(self, role: str = "doctor") -> tuple[tuple[str, str], ...]:
         hospital_key = generate_ec_key()
@@ -70,7 +72,7 @@ class Hospital:
             "client_jkt": [public_jwk(hospital_key)["kid"]],
         }
         token = jwt.encode(claims, gateway_key, algorithm="ES384", headers={"kid": public_jwk(gateway_key)["kid"]})
-        practitioner = Practitioner(id="S01", name="李管理", role=role, department="信息科")
+        practitioner = Practitioner(id=self.practitioner, name="李管理", role=role, department="信息科")
         assertion = user_assertion(
             key=hospital_key, client_id=client_id, practitioner=practitioner, purpose="treatment"
         )

@@ -6,19 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-import time
 from pathlib import Path
 
 import grpc
-import jwt
 import pytest
 
-from gateway.client import Practitioner, user_assertion
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
-from services.shared.config import TOKEN_AUDIENCE
 from services.shared.errors import REASON_METADATA_KEY
-from services.shared.keys import generate_ec_key, load_private_key, public_jwk
 from services.shared.process import RunningService
 from tests.service.test_mpi_linking import Hospital, birth, phone
 from tests.service.test_mpi_linking import mpi as mpi  # the module's fixture, reused
@@ -29,38 +24,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 class Staff(Hospital):
     """A hospital whose calls name one of several practitioners (two stewards of one hospital)."""
 
-    def __init__(self, running: RunningService, keys_dir: Path) -> None:
-        super().__init__(running, keys_dir)
-        self.practitioner = "S01"
-
     def as_practitioner(self, practitioner: str) -> Staff:
         other = Staff(self.running, self.keys_dir)
         other.org, other.practitioner = self.org, practitioner
         return other
-
-    def metadata(self, role: str = "doctor") -> tuple[tuple[str, str], ...]:
-        hospital_key = generate_ec_key()
-        client_id = f"client-{self.org}"
-        gateway_key = load_private_key(self.keys_dir / "gateway.pem")
-        now = int(time.time())
-        claims = {
-            "iss": "gateway",
-            "sub": client_id,
-            "client_id": client_id,
-            "aud": TOKEN_AUDIENCE,
-            "iat": now,
-            "exp": now + 120,
-            "org": self.org,
-            "org_type": self.org_type,
-            "scope": "system/Patient.crus",
-            "client_jkt": [public_jwk(hospital_key)["kid"]],
-        }
-        token = jwt.encode(claims, gateway_key, algorithm="ES384", headers={"kid": public_jwk(gateway_key)["kid"]})
-        practitioner = Practitioner(id=self.practitioner, name="李管理", role=role, department="病案室")
-        assertion = user_assertion(
-            key=hospital_key, client_id=client_id, practitioner=practitioner, purpose="treatment"
-        )
-        return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))
 
 
 async def _fails(call: object, code: grpc.StatusCode, reason: str) -> None:
