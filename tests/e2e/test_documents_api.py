@@ -209,3 +209,24 @@ async def test_subscriptions_over_rest_and_the_notification_key_set(exchange: Ex
     assert len(keys) == 1
     assert keys[0]["alg"] == "ES384"
     assert "d" not in keys[0]
+
+
+async def test_a_subscription_to_an_internal_address_is_refused_through_the_gateway(exchange: Exchange, pair) -> None:
+    """SSRF: the cloud metadata address and other link-local / unspecified endpoints are refused
+    at subscription, with a reason and without echoing the address."""
+    _a, b, _local = pair
+    expires = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)).isoformat()
+    for endpoint in (
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0.0.0.0:8400/api/v1/audit",
+        "http://[fe80::1]/x",
+    ):
+        refused = await b.call(
+            "POST",
+            "/api/v1/subscriptions",
+            json={"topic": "workflow-state", "endpoint_url": endpoint, "expires": expires},
+        )
+        assert refused.status_code == 403, (endpoint, refused.text)
+        assert refused.json()["error"]["reason"] == "endpoint-address-not-allowed"
+        assert "169.254" not in refused.text
+    assert (await b.call("GET", "/api/v1/subscriptions")).json()["subscriptions"] == []
