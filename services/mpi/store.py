@@ -266,15 +266,9 @@ class RecordSealing:
 
     # -- the sealed blob
     def seal(self, record_id: str, registration: Registration) -> str:
-        document = {
-            "text": registration.name_text,
-            "family": registration.family,
-            "given": registration.given,
-            "national_id": registration.national_id,
-            "phones": list(registration.phones),
-            "line": registration.address_line,
-            "identifiers": [[i.system, i.value, i.type] for i in registration.identifiers],
-        }
+        return self._seal_document(record_id, _personal_data(registration))
+
+    def _seal_document(self, record_id: str, document: dict[str, Any]) -> str:
         return self._protection.fields.encrypt(
             json.dumps(document, ensure_ascii=False, separators=(",", ":")), context=sealed_context(record_id)
         )
@@ -289,17 +283,22 @@ class RecordSealing:
             raise DataCorruption("a patient record failed its integrity check", reason="record-corrupt") from None
 
     def apply(self, record: PatientRecord, registration: Registration) -> None:
-        """Write a registration's personal data to a record: sealed column, indexes, opened view."""
-        record.sealed = self.seal(record.id, registration)
-        record.national_id_index = self.national_id(registration.national_id) if registration.national_id else None
-        _set_opened(record, self.open(record.id, record.sealed))
+        """Write a registration's personal data to a record: sealed column, indexes, opened view
+        (from the registration itself: nothing is decrypted on the way in)."""
+        document = _personal_data(registration)
+        record.sealed = self._seal_document(record.id, document)
+        record.national_id_index = self._national_id_index(registration)
+        _set_opened(record, document)
 
     def row(self, record_id: str, registration: Registration) -> dict[str, Any]:
         """The personal-data columns of a new patient row (bulk insert)."""
         return {
             "sealed": self.seal(record_id, registration),
-            "national_id_index": self.national_id(registration.national_id) if registration.national_id else None,
+            "national_id_index": self._national_id_index(registration),
         }
+
+    def _national_id_index(self, registration: Registration) -> str | None:
+        return self.national_id(registration.national_id) if registration.national_id else None
 
     def identifier_rows(self, record_id: str, registration: Registration) -> list[dict[str, Any]]:
         return [
@@ -311,6 +310,19 @@ class RecordSealing:
             }
             for i in registration.identifiers
         ]
+
+
+def _personal_data(registration: Registration) -> dict[str, Any]:
+    """What a record seals, in the shape `RecordSealing.open` returns."""
+    return {
+        "text": registration.name_text,
+        "family": registration.family,
+        "given": registration.given,
+        "national_id": registration.national_id,
+        "phones": list(registration.phones),
+        "line": registration.address_line,
+        "identifiers": [[i.system, i.value, i.type] for i in registration.identifiers],
+    }
 
 
 def sealed_context(record_id: str) -> str:
