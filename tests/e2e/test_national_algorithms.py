@@ -28,6 +28,12 @@ async def test_demo_round_trips_under_sm4_and_the_checkpoint_is_sm2_co_signed(tm
         public = Sm2VerifyingKey(bytes.fromhex(body["sm2"]["public_key"]))
         assert public.verify(body["jws"].encode(), bytes.fromhex(body["sm2"]["signature"]))
         assert not public.verify(body["jws"].encode() + b".", bytes.fromhex(body["sm2"]["signature"]))
+        # Hospitals fetch the key that co-signs their notifications: the same platform SM2 key.
+        hospital = await exchange.member(name="市第二人民医院")
+        key = await hospital.call("GET", "/api/v1/notifications/sm2-key")
+        assert key.status_code == 200, key.text
+        assert key.json() == {"algorithm": "SM2", "public_key": public.hex(), "signer_id": "1234567812345678"}
+        await hospital.aclose()
         await auditor.aclose()
     finally:
         await gateway.stop()
