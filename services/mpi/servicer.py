@@ -378,15 +378,13 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             # not a key a hospital may probe with.
             raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
         async with self._rt.sessions() as session, session.begin():
-            record = await store.find_record(session, domain=ref.domain, local_id=ref.local_id)
             aliases = request.include_merged and who.is_platform
-            while aliases and record is not None and record.merged_into is not None:
-                record = await store.record_by_id(session, record.merged_into)
-            if record is None or record.merged_into is not None:
+            found = await store.person_identities(
+                session, domain=ref.domain, local_id=ref.local_id, follow_merges=aliases
+            )
+            if found is None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
-            records = await store.records_of_person(session, record.enterprise_id)
-            if aliases:
-                records = [*records, *await store.merged_into_any(session, [r.id for r in records])]
+            record, records = found
             wanted = set(request.target_domains)
             refs = [
                 common_pb2.PatientRef(domain=r.domain, local_id=r.local_id)

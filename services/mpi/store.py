@@ -13,6 +13,7 @@ one on their own.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -766,15 +767,46 @@ async def record_by_id(session: AsyncSession, record_id: str) -> PatientRecord |
     return await session.get(PatientRecord, record_id)
 
 
-async def merged_into_any(session: AsyncSession, record_ids: list[str]) -> list[PatientRecord]:
-    """Records merged away into any of these (directly or through an earlier merge)."""
-    found: list[PatientRecord] = []
-    frontier = record_ids
+@dataclasses.dataclass(frozen=True)
+class RecordIdentity:
+    """Who a record is, without its sealed demographics: what cross-referencing needs."""
+
+    id: str
+    domain: str
+    local_id: str
+    enterprise_id: str
+    merged_into: str | None
+
+
+def _identity_select() -> Any:
+    p = PatientRecord.__table__.c
+    return select(p.id, p.domain, p.local_id, p.enterprise_id, p.merged_into)
+
+
+async def person_identities(
+    session: AsyncSession, *, domain: str, local_id: str, follow_merges: bool
+) -> tuple[RecordIdentity, list[RecordIdentity]] | None:
+    """The record (domain, local id) names, or with `follow_merges` the survivor a merge retired it
+    into, and every active record of its person, oldest first, with `follow_merges` followed by the
+    records merged away into them. Column reads only: nothing is decrypted, as nothing sealed is
+    needed to say which ids belong together. None if there is no such (active) record."""
+    p = PatientRecord.__table__.c
+    found = (await session.execute(_identity_select().where(p.domain == domain, p.local_id == local_id))).first()
+    record = RecordIdentity(*found) if found else None
+    while follow_merges and record is not None and record.merged_into is not None:
+        found = (await session.execute(_identity_select().where(p.id == record.merged_into))).first()
+        record = RecordIdentity(*found) if found else None
+    if record is None or record.merged_into is not None:
+        return None
+    active = _identity_select().where(p.enterprise_id == record.enterprise_id, p.merged_into.is_(None))
+    records = [RecordIdentity(*row) for row in await session.execute(active.order_by(p.created_at))]
+    frontier = [r.id for r in records] if follow_merges else []
     while frontier:
-        rows = list(await session.scalars(select(PatientRecord).where(PatientRecord.merged_into.in_(frontier))))
-        found.extend(rows)
-        frontier = [r.id for r in rows]
-    return found
+        retired = _identity_select().where(p.merged_into.in_(frontier))
+        merged = [RecordIdentity(*row) for row in await session.execute(retired)]
+        records.extend(merged)
+        frontier = [r.id for r in merged]
+    return record, records
 
 
 async def known_local_ids(session: AsyncSession, *, domain: str, local_ids: list[str]) -> set[str]:
