@@ -7,14 +7,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.shared.auth import Caller, PlatformCredentials
 from services.shared.db import utcnow
 from services.shared.outbox import Outbox, Sender
-from services.shared.tracing import current_trace_ids, remote_parent, tracer
+from services.shared.tracing import current_trace_ids, remote_parent, remote_span_context, tracer
 
 AUDIT_TOPIC = "audit"
 Action = audit_pb2.Action
@@ -64,20 +64,20 @@ class AuditTrail:
 def audit_sender(stub: audit_pb2_grpc.AuditLogStub, credentials: PlatformCredentials) -> Sender:
     """Delivers outbox batches to the audit service under the service's own platform identity.
 
-    Events are sent grouped by the trace that caused them, each group inside that trace,
-    so an exchange's trace reaches the audit service even though delivery is asynchronous.
+    A batch goes in one append, however many requests (traces) its events come from: the audit
+    service's cost is per append (its chain lock, head and checkpoint reads, one commit), and one
+    append per trace made it pay that for every read request. The relay span continues the trace
+    of the batch's first event and links to the trace of every other one (OpenTelemetry's
+    representation of a batch), so each exchange's trace still leads to its audit delivery.
     """
 
     async def send(payloads: Sequence[bytes]) -> None:
-        by_trace: dict[tuple[str, str], list[audit_pb2.AuditEvent]] = {}
-        for payload in payloads:
-            event = audit_pb2.AuditEvent.FromString(payload)
-            by_trace.setdefault((event.trace_id, event.span_id), []).append(event)
-        for (trace_id, span_id), events in by_trace.items():
-            with tracer.start_as_current_span(
-                "audit.relay", context=remote_parent(trace_id, span_id), kind=SpanKind.PRODUCER
-            ) as span:
-                span.set_attribute("hie.audit.events", len(events))
-                await stub.Append(audit_pb2.AppendRequest(events=events), metadata=credentials.metadata(), timeout=10)
+        events = [audit_pb2.AuditEvent.FromString(payload) for payload in payloads]
+        origins = list(dict.fromkeys((e.trace_id, e.span_id) for e in events if e.trace_id))
+        parent = remote_parent(*origins[0]) if origins else None
+        links = [Link(c) for c in (remote_span_context(*origin) for origin in origins[1:]) if c]
+        with tracer.start_as_current_span("audit.relay", context=parent, kind=SpanKind.PRODUCER, links=links) as span:
+            span.set_attribute("hie.audit.events", len(events))
+            await stub.Append(audit_pb2.AppendRequest(events=events), metadata=credentials.metadata(), timeout=10)
 
     return send

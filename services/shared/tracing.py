@@ -79,10 +79,10 @@ def current_trace_ids() -> tuple[str, str]:
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
-def remote_parent(trace_id: str, span_id: str) -> Context | None:
-    """A context whose parent is the given (hex) span, to continue a trace recorded earlier."""
+def remote_span_context(trace_id: str, span_id: str) -> SpanContext | None:
+    """The (hex) span recorded earlier, as a remote span context; None if the ids are not valid."""
     try:
-        parent = SpanContext(
+        context = SpanContext(
             trace_id=int(trace_id, 16),
             span_id=int(span_id, 16),
             is_remote=True,
@@ -90,9 +90,13 @@ def remote_parent(trace_id: str, span_id: str) -> Context | None:
         )
     except ValueError:
         return None
-    if not parent.is_valid:
-        return None
-    return trace.set_span_in_context(NonRecordingSpan(parent))
+    return context if context.is_valid else None
+
+
+def remote_parent(trace_id: str, span_id: str) -> Context | None:
+    """A context whose parent is the given (hex) span, to continue a trace recorded earlier."""
+    parent = remote_span_context(trace_id, span_id)
+    return trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
 
 
 tracer = trace.get_tracer("hie")
