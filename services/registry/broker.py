@@ -203,54 +203,73 @@ class Notifier:
         refs: Sequence[common_pb2.PatientRef],
     ) -> int:
         """Notifications for a newly registered document, in its registration's transaction."""
-        if not dsub.announced(
-            confidentiality=record.confidentiality, security_labels=record.labels, status=record.status
-        ):
+        return await self.stage_documents(session, [record], refs)
+
+    async def stage_documents(
+        self,
+        session: AsyncSession,
+        records: Sequence[store.DocumentEntryRecord],
+        refs: Sequence[common_pb2.PatientRef],
+    ) -> int:
+        """Notifications for newly registered documents of one person, in their registration's
+        transaction: the live subscriptions are read once for all of them."""
+        announced = [
+            r
+            for r in records
+            if dsub.announced(confidentiality=r.confidentiality, security_labels=r.labels, status=r.status)
+        ]
+        if not announced:
             return 0
         now = utcnow()
         pairs = [(r.domain, r.local_id) for r in refs]
         subscriptions = await store.matching_subscriptions(
             session,
             refs=pairs,
-            type_codes=[record.type_code, record.shared_type],
-            exclude_organization_id=record.source_organization_id,
+            type_codes=sorted({code for r in announced for code in (r.type_code, r.shared_type) if code}),
+            exclude_organization_id=announced[0].source_organization_id,
             now=now,
         )
         trace_id, span_id = current_trace_ids()
-        event_type = "document.registered" if not record.relation_type else "document.revised"
-        document = {
-            "document_id": record.id,
-            "source_organization_id": record.source_organization_id,
-            "type": {"system": record.type_system, "code": record.type_code},
-            "shared_type": record.shared_type,
-            "status": "current",
-        }
-        if record.relation_type:
-            names = {1: "replaces", 2: "appends", 3: "transforms"}
-            document["relation"] = {"type": names[record.relation_type], "document_id": record.related_document_id}
-        notifications = []
-        for sub in subscriptions:
-            local_ids = sorted(local for domain, local in pairs if domain == sub.organization_id)
-            notifications.append(
-                dsub.notification(
-                    subscription_id=sub.id,
-                    organization_id=sub.organization_id,
-                    endpoint_url=sub.endpoint_url,
-                    topic=sub.topic,
-                    event_type=event_type,
-                    occurred=now,
-                    subject={
-                        "document": document,
-                        "patient": {"domain": sub.organization_id, "local_ids": local_ids},
-                    },
-                    trace_id=trace_id,
-                    span_id=span_id,
-                    enterprise_id=record.enterprise_id,
+        staged = 0
+        for record in announced:
+            event_type = "document.registered" if not record.relation_type else "document.revised"
+            document = {
+                "document_id": record.id,
+                "source_organization_id": record.source_organization_id,
+                "type": {"system": record.type_system, "code": record.type_code},
+                "shared_type": record.shared_type,
+                "status": "current",
+            }
+            if record.relation_type:
+                names = {1: "replaces", 2: "appends", 3: "transforms"}
+                document["relation"] = {"type": names[record.relation_type], "document_id": record.related_document_id}
+            notifications = []
+            for sub in subscriptions:
+                # The type topic matched any of the set's types: this document's only.
+                if sub.topic == 2 and sub.type_code not in (record.type_code, record.shared_type):
+                    continue
+                local_ids = sorted(local for domain, local in pairs if domain == sub.organization_id)
+                notifications.append(
+                    dsub.notification(
+                        subscription_id=sub.id,
+                        organization_id=sub.organization_id,
+                        endpoint_url=sub.endpoint_url,
+                        topic=sub.topic,
+                        event_type=event_type,
+                        occurred=now,
+                        subject={
+                            "document": document,
+                            "patient": {"domain": sub.organization_id, "local_ids": local_ids},
+                        },
+                        trace_id=trace_id,
+                        span_id=span_id,
+                        enterprise_id=record.enterprise_id,
+                    )
                 )
-            )
-        event = {"event_id": str(uuid.uuid4()), "event_type": event_type, "document": document}
-        await self.stage(session, notifications, event)
-        return len(notifications)
+            event = {"event_id": str(uuid.uuid4()), "event_type": event_type, "document": document}
+            await self.stage(session, notifications, event)
+            staged += len(notifications)
+        return staged
 
     # --- delivery (the outbox relay) -------------------------------------------------------------
 

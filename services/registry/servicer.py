@@ -41,6 +41,8 @@ from services.shared.protection.fields import TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
 
 _MAX_PAGE = 200
+# Documents per submission set (their content also fits in one gRPC message, at most 64 MiB).
+MAX_SET_DOCUMENTS = 500
 # Consent decides at most this many items per call; a query examines one batch per round and
 # at most _MAX_ROUNDS rounds per page (a page can come back short, never empty with a next token
 # unless that many documents in a row were denied).
@@ -359,27 +361,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 enterprise_id = person.enterprise_id
                 record.enterprise_id = enterprise_id
                 if sub.relation:
-                    target = await session.get(store.DocumentEntryRecord, sub.target_id)
-                    if target is None:
-                        raise NotFound("no such document", reason="document-not-found")
-                    target_person = (
-                        await identity.cross_reference(
-                            self._rt,
-                            common_pb2.PatientRef(domain=target.patient_domain, local_id=target.patient_local_id),
-                        )
-                    ).enterprise_id
-                    domain.check_relation(
-                        sub.relation,
-                        target_status=target.status,
-                        target_source_organization_id=target.source_organization_id,
-                        target_enterprise_id=target_person,
-                        organization_id=who.organization_id,
-                        enterprise_id=enterprise_id,
-                    )
-                    if sub.relation == domain.REPLACES and not await store.supersede(session, target.id):
-                        raise FailedPrecondition(
-                            "only a current document can be replaced or amended", reason="target-not-current"
-                        )
+                    await self._relate(session, sub, enterprise_id)
                 content_key = None
                 if record.content_kind == _INLINE and self._rt.protection is not None:
                     content_key = self._rt.protection.new_content_key(record.id)
@@ -452,6 +434,180 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             return existing, False, []
         self._rt.outbox.notify()
         return record, True, event_ids
+
+    async def _relate(self, session: AsyncSession, sub: _Submission, enterprise_id: str) -> None:
+        """Checks a replace / append / transform against its target (same source organisation,
+        same person, still current) and supersedes a replaced target, in the registering transaction."""
+        target = await session.get(store.DocumentEntryRecord, sub.target_id)
+        if target is None:
+            raise NotFound("no such document", reason="document-not-found")
+        target_person = (
+            await identity.cross_reference(
+                self._rt, common_pb2.PatientRef(domain=target.patient_domain, local_id=target.patient_local_id)
+            )
+        ).enterprise_id
+        domain.check_relation(
+            sub.relation,
+            target_status=target.status,
+            target_source_organization_id=target.source_organization_id,
+            target_enterprise_id=target_person,
+            organization_id=sub.who.organization_id,
+            enterprise_id=enterprise_id,
+        )
+        if sub.relation == domain.REPLACES and not await store.supersede(session, target.id):
+            raise FailedPrecondition("only a current document can be replaced or amended", reason="target-not-current")
+
+    async def RegisterSubmissionSet(
+        self, request: registry_pb2.RegisterSubmissionSetRequest, context: object
+    ) -> registry_pb2.RegisterSubmissionSetResponse:
+        """Several documents about one patient in one transaction (XDS.b / MHD submission set).
+
+        The cost of a registration is mostly per transaction and per call (the mpi lookup, the
+        commit, the audit delivery), so a hospital sending its documents in sets pays it once per
+        set: rows go in with one multi-row insert per table, and the set is one audit event naming
+        every document it registered."""
+        who = caller()
+        who.require_scope("DocumentReference", "c")
+        who.require_role(*_AUTHORS)
+        documents = list(request.documents)
+        if not documents:
+            raise InvalidArgument("a submission set needs at least one document", reason="submission-set-empty")
+        if len(documents) > MAX_SET_DOCUMENTS:
+            raise InvalidArgument(
+                f"at most {MAX_SET_DOCUMENTS} documents per submission set", reason="submission-set-too-large"
+            )
+        local_ids = {d.entry.patient.local_id for d in documents}
+        if len(local_ids) != 1 or "" in local_ids:
+            # XDS: XDSPatientIdDoesNotMatch.
+            raise InvalidArgument(
+                "every document of a submission set names the same patient", reason="submission-set-patient-mismatch"
+            )
+        subs = [self._check_header(who, d) for d in documents]
+        if len({s.source_document_id for s in subs}) != len(subs):
+            raise InvalidArgument("a document appears twice in the submission set", reason="submission-set-duplicate")
+        patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=local_ids.pop())
+        try:
+            async with self._rt.sessions() as session, session.begin():
+                person, earlier = await asyncio.gather(
+                    identity.cross_reference(self._rt, patient_ref),
+                    self._earlier_of_set(subs, session),
+                    return_exceptions=True,
+                )
+                if isinstance(person, NotFound):
+                    raise FailedPrecondition("register the patient first", reason="patient-not-registered")
+                if isinstance(person, BaseException):
+                    raise person
+                if isinstance(earlier, BaseException):
+                    raise earlier
+                enterprise_id = person.enterprise_id
+                new = [s for s in subs if s.source_document_id not in earlier]
+                chunks: list[dict[str, object]] = []
+                for position, sub in enumerate(subs):
+                    if sub.source_document_id in earlier:
+                        continue
+                    sub.record.enterprise_id = enterprise_id
+                    if sub.relation:
+                        await self._relate(session, sub, enterprise_id)
+                    chunks.extend(self._sealed_content(sub, position))
+                session.add_all([s.record for s in new])
+                await session.flush()
+                if chunks:
+                    await session.execute(insert(store.DocumentChunk), chunks)
+                event_ids: list[str] = []
+                if new:
+                    event_ids.append(
+                        await self._rt.audit.record(
+                            session,
+                            caller=who,
+                            type="document.register",
+                            action=Action.ACTION_CREATE,
+                            patient_enterprise_id=enterprise_id,
+                            entities=[("DocumentReference", s.record.id) for s in new],
+                        )
+                    )
+                superseded = [s.target_id for s in new if s.relation == domain.REPLACES]
+                if superseded:
+                    event_ids.append(
+                        await self._rt.audit.record(
+                            session,
+                            caller=who,
+                            type="document.supersede",
+                            action=Action.ACTION_UPDATE,
+                            patient_enterprise_id=enterprise_id,
+                            entities=[("DocumentReference", target) for target in superseded],
+                        )
+                    )
+                await self._notifier.stage_documents(session, [s.record for s in new], person.refs)
+        except IntegrityError:
+            # A concurrent submission of some of these documents committed first.
+            raise AlreadyExists(
+                "a document of the set was registered concurrently; resubmit the set", reason="submission-set-conflict"
+            ) from None
+        if new:
+            self._rt.outbox.notify()
+        return registry_pb2.RegisterSubmissionSetResponse(
+            enterprise_id=enterprise_id,
+            documents=[
+                registry_pb2.RegisterDocumentResponse(
+                    entry=entry_message(earlier.get(s.source_document_id, s.record)),
+                    created=s.source_document_id not in earlier,
+                    audit_event_ids=event_ids if s.source_document_id not in earlier else [],
+                )
+                for s in subs
+            ],
+        )
+
+    async def _earlier_of_set(
+        self, subs: list[_Submission], session: AsyncSession
+    ) -> dict[str, store.DocumentEntryRecord]:
+        """The documents of the set an earlier submission registered, by source document id (one
+        query; a document also carrying an idempotency key is looked up by it as well)."""
+        found = await store.find_by_source_ids(
+            session,
+            source_organization_id=subs[0].who.organization_id,
+            source_document_ids=[s.source_document_id for s in subs],
+        )
+        earlier: dict[str, store.DocumentEntryRecord] = {}
+        for sub in subs:
+            existing = found.get(sub.source_document_id)
+            if existing is None and sub.record.idempotency_key:
+                existing = await self._earlier(sub, session)
+            elif existing is not None and (
+                existing.sha256 != sub.record.sha256 or existing.study_instance_uid != sub.record.study_instance_uid
+            ):
+                raise AlreadyExists(
+                    "that source document id is registered with different content", reason="document-id-reused"
+                )
+            if existing is not None:
+                earlier[sub.source_document_id] = existing
+        return earlier
+
+    def _sealed_content(self, sub: _Submission, position: int) -> list[dict[str, object]]:
+        """A set document's content as chunk rows, checked against its declaration and sealed
+        under its own data key; errors name the document's position in the set, never its data."""
+        record, content = sub.record, sub.header.content
+        if record.content_kind == _IMAGING:
+            return []
+        hasher = domain.ContentHasher()
+        try:
+            hasher.update(content)
+            digest = domain.check_received(hasher, declared_sha256=sub.declared_sha256, declared_size=sub.declared_size)
+        except DomainError as exc:
+            where = f"document {position + 1} of the submission set"
+            raise type(exc)(f"{where}: {exc.message}", reason=exc.reason) from None
+        record.size = digest.size
+        key = self._rt.protection.new_content_key(record.id) if self._rt.protection is not None else None
+        if key is not None:
+            record.content_key = key.wrapped
+        pieces = [content[i : i + domain.CHUNK_BYTES] for i in range(0, len(content), domain.CHUNK_BYTES)]
+        return [
+            {
+                "document_id": record.id,
+                "seq": seq,
+                "data": key.seal_chunk(seq, piece, final=seq == len(pieces) - 1) if key else piece,
+            }
+            for seq, piece in enumerate(pieces)
+        ]
 
     async def RegisterDocument(
         self, request: registry_pb2.RegisterDocumentRequest, context: object

@@ -136,6 +136,19 @@ async def find_by_source_id(
     )
 
 
+async def find_by_source_ids(
+    session: AsyncSession, *, source_organization_id: str, source_document_ids: list[str]
+) -> dict[str, DocumentEntryRecord]:
+    """The entries one source organisation registered under any of these document ids."""
+    rows = await session.scalars(
+        select(DocumentEntryRecord).where(
+            DocumentEntryRecord.source_organization_id == source_organization_id,
+            DocumentEntryRecord.source_document_id.in_(source_document_ids),
+        )
+    )
+    return {r.source_document_id: r for r in rows}
+
+
 async def find_by_idempotency_key(
     session: AsyncSession, *, source_organization_id: str, idempotency_key: str
 ) -> DocumentEntryRecord | None:

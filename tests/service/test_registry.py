@@ -1,4 +1,4 @@
-"""The registry over real gRPC: entry life cycle (replace, append, entered-in-error),
+"""The registry over real gRPC: entry life cycle (replace, append, entered-in-error), submission sets,
 idempotency, consent-filtered keyset pages, filters, shared document types, imaging study
 references, and content streamed in chunks with hash and size checked both ways."""
 
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from gateway.client import HospitalClient, user_assertion
 from hie.common.v1 import common_pb2
@@ -557,3 +557,151 @@ async def test_concurrent_registrations_commit_each_exactly_once(hospitals) -> N
     for source_id, ids in list(by_source.items())[:5]:
         _entry, chunks = await a.retrieve(next(iter(ids)))
         assert b"".join(chunks) == bodies[source_id]
+
+
+# --- submission sets --------------------------------------------------------------------------
+
+SET_CDA = "<ClinicalDocument xmlns='urn:hl7-org:v3'><title>{title}</title><text>{text}</text></ClinicalDocument>"
+
+
+def _set_document(local_id: str, content: bytes, **entry: object) -> registry_pb2.RegisterDocumentRequest:
+    fields: dict[str, object] = {
+        "source_document_id": f"SET-{secrets.token_hex(5)}",
+        "patient": common_pb2.PatientRef(local_id=local_id),
+        "type_code": registry_pb2.Coding(system=LOINC, code="11502-2", display="检验报告"),
+        "title": "检验报告",
+        "mime_type": "text/xml",
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "size": len(content),
+        **entry,
+    }
+    return registry_pb2.RegisterDocumentRequest(entry=registry_pb2.DocumentEntry(**fields), content=content)
+
+
+def _set_contents(n: int) -> list[bytes]:
+    return [SET_CDA.format(title="检验报告", text=f"血常规第{i}次：白细胞 {5 + i}.2×10⁹/L").encode() for i in range(n)]
+
+
+async def _entries_named(exchange: Exchange, source_document_id: str) -> int:
+    async with exchange.services["registry"].runtime.sessions() as session:
+        count = await session.scalar(
+            select(func.count())
+            .select_from(store.DocumentEntryRecord)
+            .where(store.DocumentEntryRecord.source_document_id == source_document_id)
+        )
+        return int(count or 0)
+
+
+async def _register_set(
+    hospital: Hospital, documents: list[registry_pb2.RegisterDocumentRequest]
+) -> registry_pb2.RegisterSubmissionSetResponse:
+    return await hospital.stub.RegisterSubmissionSet(
+        registry_pb2.RegisterSubmissionSetRequest(documents=documents), metadata=hospital.md
+    )
+
+
+async def test_a_set_registers_every_document_and_each_is_found_and_retrieved(exchange: Exchange, hospitals) -> None:
+    a, b, local = hospitals
+    contents = _set_contents(5)
+    documents = [_set_document(local, c) for c in contents]
+    answer = await _register_set(a, documents)
+    assert [d.created for d in answer.documents] == [True] * 5
+    assert [d.entry.source_document_id for d in answer.documents] == [d.entry.source_document_id for d in documents]
+    assert {d.entry.enterprise_id for d in answer.documents} == {answer.enterprise_id}
+    # One audit event for the set, naming every document it registered.
+    assert len({tuple(d.audit_event_ids) for d in answer.documents}) == 1
+    assert len(answer.documents[0].audit_event_ids) == 1
+
+    # The other hospital finds all five through its own record of the person, and reads each.
+    found = await b.find(local)
+    ids = [d.entry.document_id for d in answer.documents]
+    assert sorted(e.document_id for e in found.entries) == sorted(ids)
+    for document_id, content in zip(ids, contents, strict=True):
+        entry, chunks = await b.retrieve(document_id)
+        assert b"".join(chunks) == content
+        assert entry.sha256 == hashlib.sha256(content).hexdigest()
+
+    await exchange.audit_settled()
+    auditor = await exchange.member(type="authority", scopes="system/AuditEvent.rs", name="市卫健委")
+    listed = await auditor.call(
+        "GET",
+        "/api/v1/audit/events",
+        params={"type": "document.register", "organization_id": a.org_id},
+        purpose="audit",
+    )
+    events = [e for e in listed.json()["events"] if e["event_id"] == answer.documents[0].audit_event_ids[0]]
+    assert len(events) == 1
+    assert sorted(x["id"] for x in events[0]["entities"]) == sorted(ids)
+
+
+async def test_resubmitting_a_set_registers_nothing_twice(exchange: Exchange, hospitals) -> None:
+    a, _b, local = hospitals
+    documents = [_set_document(local, c) for c in _set_contents(3)]
+    first = await _register_set(a, documents)
+    # A retry with one more document: the three are answered as they were, the new one registered.
+    extra = _set_document(local, b"<ClinicalDocument>addendum</ClinicalDocument>")
+    again = await _register_set(a, [*documents, extra])
+    assert [d.created for d in again.documents] == [False, False, False, True]
+    assert [d.entry.document_id for d in again.documents[:3]] == [d.entry.document_id for d in first.documents]
+    for request in documents:
+        assert await _entries_named(exchange, request.entry.source_document_id) == 1
+
+
+async def test_one_bad_document_refuses_the_whole_set_and_leaves_nothing(exchange: Exchange, hospitals) -> None:
+    a, b, local = hospitals
+    contents = _set_contents(4)
+    documents = [_set_document(local, c) for c in contents]
+    documents[2].entry.sha256 = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _register_set(a, documents)
+    assert (refused.value.code(), _reason(refused.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "hash-mismatch")
+    assert "document 3 of the submission set" in (refused.value.details() or "")
+    assert "白细胞" not in (refused.value.details() or "")
+    for request in documents:
+        assert await _entries_named(exchange, request.entry.source_document_id) == 0
+    assert (await b.find(local)).entries == []
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        ("two-patients", "submission-set-patient-mismatch"),
+        ("duplicate", "submission-set-duplicate"),
+        ("empty", "submission-set-empty"),
+        ("unregistered", "patient-not-registered"),
+    ],
+)
+async def test_malformed_sets_are_refused_with_a_reason(hospitals, shape: str, reason: str) -> None:
+    a, _b, local = hospitals
+    one, two = (_set_document(local, c) for c in _set_contents(2))
+    if shape == "two-patients":
+        two.entry.patient.local_id = "SOMEONE-ELSE"
+        documents = [one, two]
+    elif shape == "duplicate":
+        two.entry.source_document_id = one.entry.source_document_id
+        documents = [one, two]
+    elif shape == "empty":
+        documents = []
+    else:
+        documents = [_set_document("NEVER-REGISTERED", b"<x/>")]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _register_set(a, documents)
+    assert _reason(refused.value) == reason
+    expected = grpc.StatusCode.FAILED_PRECONDITION if shape == "unregistered" else grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.code() == expected
+
+
+async def test_a_set_may_replace_an_earlier_document(hospitals) -> None:
+    a, b, local = hospitals
+    original = await a.register(local, b"<ClinicalDocument>v1</ClinicalDocument>")
+    replacement = _set_document(local, b"<ClinicalDocument>v2</ClinicalDocument>")
+    replacement.relation.CopyFrom(
+        registry_pb2.DocumentRelation(
+            type=registry_pb2.RELATION_TYPE_REPLACES, target_document_id=original.entry.document_id
+        )
+    )
+    answer = await _register_set(a, [replacement, _set_document(local, b"<x>other</x>")])
+    assert len(answer.documents[0].audit_event_ids) == 2  # registered, and the original superseded
+    current = {e.document_id for e in (await b.find(local)).entries}
+    assert answer.documents[0].entry.document_id in current
+    assert original.entry.document_id not in current

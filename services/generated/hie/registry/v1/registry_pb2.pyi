@@ -155,6 +155,20 @@ class RegisterDocumentResponse(_message.Message):
     audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., created: _Optional[bool] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class RegisterSubmissionSetRequest(_message.Message):
+    __slots__ = ("documents",)
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    documents: _containers.RepeatedCompositeFieldContainer[RegisterDocumentRequest]
+    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentRequest, _Mapping]]] = ...) -> None: ...
+
+class RegisterSubmissionSetResponse(_message.Message):
+    __slots__ = ("documents", "enterprise_id")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
+    documents: _containers.RepeatedCompositeFieldContainer[RegisterDocumentResponse]
+    enterprise_id: str
+    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentResponse, _Mapping]]] = ..., enterprise_id: _Optional[str] = ...) -> None: ...
+
 class FindDocumentsRequest(_message.Message):
     __slots__ = ("patient", "type_codes", "statuses", "page", "class_codes", "service_from", "service_to", "source_organization_ids")
     PATIENT_FIELD_NUMBER: _ClassVar[int]

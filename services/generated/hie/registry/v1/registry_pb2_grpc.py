@@ -40,6 +40,11 @@ class DocumentRegistryStub:
                 request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentRequest.SerializeToString,
                 response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentResponse.FromString,
                 _registered_method=True)
+        self.RegisterSubmissionSet = channel.unary_unary(
+                '/hie.registry.v1.DocumentRegistry/RegisterSubmissionSet',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterSubmissionSetRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterSubmissionSetResponse.FromString,
+                _registered_method=True)
         self.FindDocuments = channel.unary_unary(
                 '/hie.registry.v1.DocumentRegistry/FindDocuments',
                 request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindDocumentsRequest.SerializeToString,
@@ -77,6 +82,15 @@ class DocumentRegistryServicer:
 
     def RegisterDocument(self, request, context):
         """Register metadata and content in one atomic submission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterSubmissionSet(self, request, context):
+        """Register a submission set (IHE XDS.b ITI-41 / MHD ITI-65): several documents about one
+        patient, all of them in one transaction or none. Each document is idempotent as in
+        RegisterDocument (a document registered earlier is answered, not registered again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +151,11 @@ def add_DocumentRegistryServicer_to_server(servicer, server):
                     request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentRequest.FromString,
                     response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentResponse.SerializeToString,
             ),
+            'RegisterSubmissionSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSubmissionSet,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterSubmissionSetRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.RegisterSubmissionSetResponse.SerializeToString,
+            ),
             'FindDocuments': grpc.unary_unary_rpc_method_handler(
                     servicer.FindDocuments,
                     request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindDocumentsRequest.FromString,
@@ -195,6 +214,33 @@ class DocumentRegistry:
             '/hie.registry.v1.DocumentRegistry/RegisterDocument',
             hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentRequest.SerializeToString,
             hie_dot_registry_dot_v1_dot_registry__pb2.RegisterDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSubmissionSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.registry.v1.DocumentRegistry/RegisterSubmissionSet',
+            hie_dot_registry_dot_v1_dot_registry__pb2.RegisterSubmissionSetRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.RegisterSubmissionSetResponse.FromString,
             options,
             channel_credentials,
             insecure,
