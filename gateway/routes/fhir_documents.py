@@ -370,6 +370,10 @@ def _subject_local_id(reference: Any, organization_id: str) -> str:
     raise ApiError(422, "subject-missing", "DocumentReference.subject needs Patient/<local id> or an identifier")
 
 
+# Documents per provide-document bundle (the registry's submission set limit).
+MAX_BUNDLE_DOCUMENTS = 500
+
+
 def _provide_request(
     resource: dict[str, Any], binaries: dict[str, dict[str, Any]], organization_id: str
 ) -> registry_pb2.RegisterDocumentRequest:
@@ -460,12 +464,15 @@ def _provide_request(
 
 @router.post("/", response_class=JSONResponse)
 async def provide_document_bundle(ctx: Context, request: Request) -> JSONResponse:
-    """IHE MHD ITI-65 Provide Document Bundle: a transaction Bundle with one DocumentReference,
-    its Binary and optionally the SubmissionSet List; answered with a transaction-response.
+    """IHE MHD ITI-65 Provide Document Bundle: a transaction Bundle with one or more
+    DocumentReferences about one patient, their Binaries and optionally the SubmissionSet List;
+    answered with a transaction-response.
 
-    One document per bundle, so the transaction stays atomic (the registry registers metadata
-    and content in one transaction); the List is acknowledged, not stored. Resubmitting the same
-    masterIdentifier with the same content answers 200 with the first registration."""
+    The bundle is atomic: one DocumentReference is one registration, several are one submission
+    set, registered together in one transaction or not at all. The List is acknowledged, not
+    stored. Resubmitting the same masterIdentifiers with the same content answers 200 with the
+    first registrations (an Idempotency-Key header keys a one-document bundle; with several
+    documents each is keyed by the header and its position)."""
     ctx.require_scope("DocumentReference", "c")
     try:
         bundle = await request.json()
@@ -476,45 +483,50 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     entries = bundle.get("entry")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise _bad("bundle-invalid", "Bundle.entry is required")
-    references = [e for e in entries if (e.get("resource") or {}).get("resourceType") == "DocumentReference"]
-    if len(references) != 1:
-        raise ApiError(422, "bundle-documents", "exactly one DocumentReference per bundle")
-    binaries = {
-        str(e.get("fullUrl", "")): e["resource"]
-        for e in entries
-        if (e.get("resource") or {}).get("resourceType") == "Binary"
-    }
     for e in entries:
         kind = (e.get("resource") or {}).get("resourceType")
         if kind not in {"DocumentReference", "Binary", "List"}:
             raise ApiError(422, "bundle-resource", "only DocumentReference, Binary and List are accepted")
-    registration = _provide_request(references[0]["resource"], binaries, ctx.caller.organization_id)
-    registration.idempotency_key = request.headers.get("idempotency-key", "")[:128]
-    result = await rpc(request.app.state.stubs.registry.RegisterDocument(registration, metadata=ctx.metadata))
-    status = "201 Created" if result.created else "200 OK"
-    document_id = result.entry.document_id
+    references = [e["resource"] for e in entries if e["resource"]["resourceType"] == "DocumentReference"]
+    if not references or len(references) > MAX_BUNDLE_DOCUMENTS:
+        raise ApiError(422, "bundle-documents", f"from one to {MAX_BUNDLE_DOCUMENTS} DocumentReferences per bundle")
+    binaries = {str(e.get("fullUrl", "")): e["resource"] for e in entries if e["resource"]["resourceType"] == "Binary"}
+    registrations = [_provide_request(r, binaries, ctx.caller.organization_id) for r in references]
+    key = request.headers.get("idempotency-key", "")[:120]
+    registry = request.app.state.stubs.registry
+    if len(registrations) == 1:
+        registrations[0].idempotency_key = key
+        results = [await rpc(registry.RegisterDocument(registrations[0], metadata=ctx.metadata))]
+    else:
+        for position, registration in enumerate(registrations):
+            registration.idempotency_key = f"{key}#{position}" if key else ""
+        submitted = registry_pb2.RegisterSubmissionSetRequest(documents=registrations)
+        results = list((await rpc(registry.RegisterSubmissionSet(submitted, metadata=ctx.metadata))).documents)
+    # Each Binary is answered with the document whose attachment named it.
+    by_binary = {
+        str(((r.get("content") or [{}])[0].get("attachment") or {}).get("url", "")): result
+        for r, result in zip(references, results, strict=True)
+    }
+    documents = iter(results)
     base = request.app.state.settings.public_url
     answers: list[dict[str, Any]] = []
     for e in entries:
         kind = e["resource"]["resourceType"]
         if kind == "DocumentReference":
-            answers.append({"response": {"status": status, "location": f"DocumentReference/{document_id}"}})
-        elif kind == "Binary":
-            answers.append({"response": {"status": status, "location": f"Binary/{document_id}"}})
+            result = next(documents)
+            answers.append({"response": _provided(result, f"DocumentReference/{result.entry.document_id}")})
+        elif kind == "Binary" and str(e.get("fullUrl", "")) in by_binary:
+            result = by_binary[str(e.get("fullUrl", ""))]
+            answers.append({"response": _provided(result, f"Binary/{result.entry.document_id}")})
         else:
+            note = "SubmissionSet acknowledged; not stored as a List" if kind == "List" else "Binary not referenced"
             answers.append(
                 {
                     "response": {
                         "status": "200 OK",
                         "outcome": {
                             "resourceType": "OperationOutcome",
-                            "issue": [
-                                {
-                                    "severity": "information",
-                                    "code": "informational",
-                                    "diagnostics": "SubmissionSet acknowledged; not stored as a List",
-                                }
-                            ],
+                            "issue": [{"severity": "information", "code": "informational", "diagnostics": note}],
                         },
                     }
                 }
@@ -530,13 +542,17 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     )
 
 
+def _provided(result: registry_pb2.RegisterDocumentResponse, location: str) -> dict[str, str]:
+    return {"status": "201 Created" if result.created else "200 OK", "location": location}
+
+
 CAPABILITY_RESOURCES: list[dict[str, Any]] = [
     {
         "type": "DocumentReference",
         "profile": "http://hl7.org/fhir/StructureDefinition/DocumentReference",
         "documentation": "IHE MHD document responder: search (ITI-67) and read; consent-filtered, audited. "
         "Strict search handling; `_count` per page (default 20, at most 200), next link. Create through "
-        "the ITI-65 transaction (POST /fhir/R4/).",
+        "the ITI-65 transaction (POST /fhir/R4/): one or more DocumentReferences about one patient, atomic.",
         "interaction": [{"code": "read"}, {"code": "search-type"}],
         "searchParam": DOCUMENT_REFERENCE_SEARCH_PARAMS,
     },

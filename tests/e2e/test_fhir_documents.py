@@ -193,9 +193,11 @@ async def test_errors_are_operation_outcomes(pair) -> None:
     wrong_hash = await a.call("POST", "/fhir/R4/", json=bundle)
     assert wrong_hash.status_code == 400
     assert wrong_hash.json()["issue"][0]["details"]["coding"][0]["code"] == "hash-mismatch"
-    two = provide_bundle(local, CDA)
-    two["entry"].append(dict(two["entry"][1]))
-    assert (await a.call("POST", "/fhir/R4/", json=two)).status_code == 422
+    twice = provide_bundle(local, CDA)
+    twice["entry"].append(dict(twice["entry"][1]))
+    duplicate = await a.call("POST", "/fhir/R4/", json=twice)
+    assert duplicate.status_code == 400
+    assert duplicate.json()["issue"][0]["details"]["coding"][0]["code"] == "submission-set-duplicate"
     absent = await b.call("GET", f"/fhir/R4/DocumentReference/{uuid.uuid4()}")
     assert absent.status_code == 404
     assert absent.json()["issue"][0]["code"] == "not-found"
@@ -228,3 +230,50 @@ async def test_provide_a_replacement_with_relates_to(pair) -> None:
     )
     assert again.status_code == 422
     assert again.json()["issue"][0]["details"]["coding"][0]["code"] == "target-not-current"
+
+
+def several_documents_bundle(local_ids: list[str], contents: list[bytes]) -> dict[str, Any]:
+    """One provide-document bundle carrying several DocumentReferences, each with its Binary."""
+    entries: list[dict[str, Any]] = []
+    for local_id, content in zip(local_ids, contents, strict=True):
+        entries.extend(provide_bundle(local_id, content)["entry"][1:])
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+async def test_a_bundle_of_several_documents_is_one_atomic_submission_set(pair) -> None:
+    a, b, local = pair
+    contents = [f"检验报告第{i}份：肝功能正常。".encode() for i in range(3)]
+    bundle = several_documents_bundle([local] * 3, contents)
+    provided = await a.call("POST", "/fhir/R4/", json=bundle)
+    assert provided.status_code == 200, provided.text
+    answers = [e["response"] for e in provided.json()["entry"]]
+    assert [r["status"] for r in answers] == ["201 Created"] * 6
+    references = [r["location"] for r in answers[0::2]]
+    binaries = [r["location"] for r in answers[1::2]]
+    assert len(set(references)) == 3
+    # Each Binary is answered with its own document.
+    assert [x.removeprefix("Binary/") for x in binaries] == [x.removeprefix("DocumentReference/") for x in references]
+
+    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local})
+    ids = {e["resource"]["id"] for e in found.json()["entry"]}
+    assert {x.removeprefix("DocumentReference/") for x in references} <= ids
+    for location, content in zip(binaries, contents, strict=True):
+        read = await b.call("GET", f"/fhir/R4/{location}")
+        assert read.status_code == 200
+        assert read.content == content
+
+    again = await a.call("POST", "/fhir/R4/", json=bundle)
+    assert [e["response"] for e in again.json()["entry"]] == [{**r, "status": "200 OK"} for r in answers]
+
+
+async def test_a_bundle_about_two_patients_is_refused_whole(pair) -> None:
+    a, b, local = pair
+    other = f"F-{secrets.token_hex(4)}"
+    assert (await a.call("POST", "/api/v1/patients", json={"local_id": other, **person("吴九")})).status_code == 201
+    bundle = several_documents_bundle([local, other], ["第一份".encode(), "第二份".encode()])
+    refused = await a.call("POST", "/fhir/R4/", json=bundle)
+    assert refused.status_code == 400
+    assert refused.json()["resourceType"] == "OperationOutcome"
+    assert refused.json()["issue"][0]["details"]["coding"][0]["code"] == "submission-set-patient-mismatch"
+    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local})
+    assert not found.json().get("entry")
