@@ -124,7 +124,9 @@ class Outbox:
     async def _run(self) -> None:
         while True:
             try:
-                while await self.relay_once():
+                # A pass that claimed a full batch may have left more due; a shorter one left
+                # nothing (what commits meanwhile sets the wake event): no empty pass after it.
+                while (await self._relay())[0] >= _BATCH:
                     pass
             except Exception as exc:  # the relay must outlive any one failure
                 _log.warning("outbox relay pass failed: %s", type(exc).__name__)
@@ -140,6 +142,10 @@ class Outbox:
         Rows are claimed with a lease in a short transaction, so no lock is held while
         sending and a relay that dies mid-send leaves them due again after the lease.
         """
+        return (await self._relay())[1]
+
+    async def _relay(self) -> tuple[int, int]:
+        """One pass: (messages claimed, messages acknowledged)."""
         t = self._table
         async with self._sessions() as session, session.begin():
             query = (
@@ -167,7 +173,7 @@ class Outbox:
                 delivered += sum(results)
             else:
                 delivered += await self._deliver(topic, items, policy)
-        return delivered
+        return len(rows), delivered
 
     async def _deliver(self, topic: str, items: list[_Claimed], policy: DeliveryPolicy) -> int:
         """Send messages acknowledged together; record the outcome. Returns how many were delivered."""
