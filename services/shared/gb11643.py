@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 from typing import Final, Literal
 
 __all__ = [
@@ -59,7 +60,6 @@ _PROVINCE_CODES: Final[frozenset[str]] = frozenset(
 # Not part of the standard: a sanity floor for the 出生日期码 that excludes obvious garbage years.
 _EARLIEST_BIRTH_DATE: Final[datetime.date] = datetime.date(1880, 1, 1)
 
-_ASCII_DIGITS: Final[frozenset[str]] = frozenset("0123456789")
 
 # Full-width digits ０-９ (U+FF10..U+FF19) and the x/X variants are mapped to ASCII; X is upper-cased.
 _TRANSLATION: Final[dict[int, str]] = {
@@ -87,7 +87,8 @@ class InvalidNationalId(ValueError):
 
 
 def _is_ascii_digits(value: str, length: int) -> bool:
-    return len(value) == length and all(ch in _ASCII_DIGITS for ch in value)
+    # On an ASCII string isdigit() is exactly 0-9 (superscripts and other digits are not ASCII).
+    return len(value) == length and value.isascii() and value.isdigit()
 
 
 def check_digit(first17: str) -> str:
@@ -153,6 +154,23 @@ def normalize(raw: str, *, today: datetime.date | None = None) -> str:
     """
     if not isinstance(raw, str):
         raise InvalidNationalId("format")
+    # Matching normalises the same ids many times over (each record against each candidate):
+    # the answer for one string on one day is cached; an invalid one is cached as its reason.
+    outcome = _normalized(raw, today or datetime.date.today())
+    if isinstance(outcome, InvalidNationalId):
+        raise InvalidNationalId(outcome.reason)
+    return outcome
+
+
+@functools.lru_cache(maxsize=65536)
+def _normalized(raw: str, today: datetime.date) -> str | InvalidNationalId:
+    try:
+        return _normalize(raw, today)
+    except InvalidNationalId as exc:
+        return exc
+
+
+def _normalize(raw: str, today: datetime.date) -> str:
     value = raw.strip().translate(_TRANSLATION)
     if len(value) == 15:
         return from_legacy(value, today=today)
