@@ -34,16 +34,18 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     event,
     insert,
+    literal,
     or_,
     select,
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, QueryContext, Session, mapped_column
 
 from services.mpi.domain import Identifier, Registration
@@ -783,30 +785,64 @@ def _identity_select() -> Any:
     return select(p.id, p.domain, p.local_id, p.enterprise_id, p.merged_into)
 
 
+def _person_statement(*, follow_merges: bool) -> Any:
+    """One statement for the common case: the active records of the person whose active record
+    (domain, local id) names, oldest first, then (with `follow_merges`) every record merged away
+    into them, recursively. No rows when the named record is absent or itself merged away."""
+    t = PatientRecord.__table__
+    named = (
+        select(t.c.enterprise_id)
+        .where(t.c.domain == bindparam("domain"), t.c.local_id == bindparam("local_id"), t.c.merged_into.is_(None))
+        .scalar_subquery()
+    )
+    columns = (t.c.id, t.c.domain, t.c.local_id, t.c.enterprise_id, t.c.merged_into, t.c.created_at)
+    active = select(*columns, literal(0).label("depth")).where(t.c.enterprise_id == named, t.c.merged_into.is_(None))
+    if not follow_merges:
+        return active.order_by(t.c.created_at)
+    person = active.cte("person", recursive=True)
+    retired = t.alias("retired")
+    person = person.union_all(
+        select(
+            retired.c.id,
+            retired.c.domain,
+            retired.c.local_id,
+            retired.c.enterprise_id,
+            retired.c.merged_into,
+            retired.c.created_at,
+            person.c.depth + 1,
+        ).where(retired.c.merged_into == person.c.id)
+    )
+    return select(person).order_by(person.c.depth, person.c.created_at)
+
+
+_PERSON = {follow: _person_statement(follow_merges=follow) for follow in (False, True)}
+
+
 async def person_identities(
-    session: AsyncSession, *, domain: str, local_id: str, follow_merges: bool
+    db: AsyncSession | AsyncConnection, *, domain: str, local_id: str, follow_merges: bool
 ) -> tuple[RecordIdentity, list[RecordIdentity]] | None:
     """The record (domain, local id) names, or with `follow_merges` the survivor a merge retired it
     into, and every active record of its person, oldest first, with `follow_merges` followed by the
     records merged away into them. Column reads only: nothing is decrypted, as nothing sealed is
-    needed to say which ids belong together. None if there is no such (active) record."""
+    needed to say which ids belong together. None if there is no such (active) record.
+
+    One statement when the named record is active (every cross-reference but a merged-away
+    record's), so a caller may run it outside a transaction."""
+    rows = await db.execute(_PERSON[follow_merges], {"domain": domain, "local_id": local_id})
+    records = [RecordIdentity(*row[:5]) for row in rows]
+    named = next((r for r in records if r.domain == domain and r.local_id == local_id), None)
+    if named is not None:
+        return named, records
     p = PatientRecord.__table__.c
-    found = (await session.execute(_identity_select().where(p.domain == domain, p.local_id == local_id))).first()
+    found = (await db.execute(_identity_select().where(p.domain == domain, p.local_id == local_id))).first()
     record = RecordIdentity(*found) if found else None
     while follow_merges and record is not None and record.merged_into is not None:
-        found = (await session.execute(_identity_select().where(p.id == record.merged_into))).first()
+        found = (await db.execute(_identity_select().where(p.id == record.merged_into))).first()
         record = RecordIdentity(*found) if found else None
     if record is None or record.merged_into is not None:
         return None
-    active = _identity_select().where(p.enterprise_id == record.enterprise_id, p.merged_into.is_(None))
-    records = [RecordIdentity(*row) for row in await session.execute(active.order_by(p.created_at))]
-    frontier = [r.id for r in records] if follow_merges else []
-    while frontier:
-        retired = _identity_select().where(p.merged_into.in_(frontier))
-        merged = [RecordIdentity(*row) for row in await session.execute(retired)]
-        records.extend(merged)
-        frontier = [r.id for r in merged]
-    return record, records
+    survivor_of_merge = await db.execute(_PERSON[follow_merges], {"domain": record.domain, "local_id": record.local_id})
+    return record, [RecordIdentity(*row[:5]) for row in survivor_of_merge]
 
 
 async def known_local_ids(session: AsyncSession, *, domain: str, local_ids: list[str]) -> set[str]:
