@@ -742,10 +742,12 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         disclosure = self._disclosure(who)
 
         async def merge(session: object) -> mpi_pb2.MergePatientsResponse:
-            survivor = await self._index.merge(
+            survivor, subsumed = await self._index.merge(
                 session, who, who.organization_id, request.survivor_local_id, request.subsumed_local_id
             )
-            return mpi_pb2.MergePatientsResponse(survivor=patient_message(survivor, disclosure))
+            return mpi_pb2.MergePatientsResponse(
+                survivor=patient_message(survivor, disclosure), subsumed=patient_message(subsumed, disclosure)
+            )
 
         return await self._write(merge)
 

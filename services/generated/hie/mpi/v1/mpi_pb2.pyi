@@ -325,10 +325,12 @@ class MergePatientsRequest(_message.Message):
     def __init__(self, survivor_local_id: _Optional[str] = ..., subsumed_local_id: _Optional[str] = ...) -> None: ...
 
 class MergePatientsResponse(_message.Message):
-    __slots__ = ("survivor",)
+    __slots__ = ("survivor", "subsumed")
     SURVIVOR_FIELD_NUMBER: _ClassVar[int]
+    SUBSUMED_FIELD_NUMBER: _ClassVar[int]
     survivor: Patient
-    def __init__(self, survivor: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+    subsumed: Patient
+    def __init__(self, survivor: _Optional[_Union[Patient, _Mapping]] = ..., subsumed: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
 
 class UnmergePatientRequest(_message.Message):
     __slots__ = ("subsumed_local_id",)

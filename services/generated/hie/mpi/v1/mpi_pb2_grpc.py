@@ -173,7 +173,8 @@ class PatientIndexServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MergePatients(self, request, context):
-        """A hospital merges two of its own local records (HL7 v2 A40 semantics).
+        """A hospital merges two of its own local records (HL7 v2 A40 semantics); the same merge again
+        changes nothing and gets the same answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
