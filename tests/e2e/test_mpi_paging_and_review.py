@@ -131,7 +131,7 @@ async def test_capability_statement_lists_patient(exchange: Exchange) -> None:
         "match": "http://hl7.org/fhir/OperationDefinition/Patient-match",
         "ihe-pix": "https://profiles.ihe.net/ITI/PIXm/OperationDefinition/IHE.PIXm.pix",
     }
-    assert patient["interaction"] == [{"code": "read"}, {"code": "search-type"}]
+    assert patient["interaction"] == [{"code": "read"}, {"code": "search-type"}, {"code": "update"}]
 
 
 async def test_stewards_claim_tasks_over_rest(exchange: Exchange) -> None:
