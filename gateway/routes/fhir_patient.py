@@ -1,6 +1,8 @@
 """FHIR R4 Patient on the facade: IHE PDQm search (`GET Patient?...`), `Patient/$match`
-(FHIR R4 semantics: a searchset Bundle with `search.score` and the match-grade extension) and
-IHE PIXm `Patient/$ihe-pix`.
+(FHIR R4 semantics: a searchset Bundle with `search.score` and the match-grade extension),
+IHE PIXm `Patient/$ihe-pix` (ITI-83) and the PIXm Patient Identity Feed FHIR (ITI-104: a
+conditional update `PUT Patient?identifier=<system>|<value>` adds, revises or, with a
+`replaced-by` link, merges a record of the calling hospital).
 
 - `Patient.id` is the index's record id; the hospital's local id is an identifier with system
   `urn:hie:patient-id:<domain>`, the enterprise id one with system `urn:hie:enterprise-id`, the
@@ -10,6 +12,7 @@ IHE PIXm `Patient/$ihe-pix`.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode
@@ -46,12 +49,14 @@ DEFAULT_COUNT, MAX_COUNT = 20, 100
 
 # The IHE actors this facade implements (CapabilityStatement.instantiates), as the profiles publish
 # them: PDQm Patient Demographics Supplier (ITI-78) with the Match Operation Option (ITI-119), and
-# the PIXm Patient Identifier Cross-reference Manager (ITI-83; patients are fed by REST, HL7 v2 and
-# bulk load, not by ITI-104).
+# the PIXm Patient Identifier Cross-reference Manager (ITI-83 query, ITI-104 feed without the Remove
+# Patient Option; patients are also fed by REST, HL7 v2 and bulk load).
 PDQM_SUPPLIER = "https://profiles.ihe.net/ITI/PDQm/CapabilityStatement/IHE.PDQm.PatientDemographicsSupplier"
 PDQM_SUPPLIER_MATCH = "https://profiles.ihe.net/ITI/PDQm/CapabilityStatement/IHE.PDQm.PatientDemographicsSupplierMatch"
 PIXM_MANAGER = "https://profiles.ihe.net/ITI/PIXm/CapabilityStatement/IHE.PIXm.Manager"
 INSTANTIATES = [PDQM_SUPPLIER, PDQM_SUPPLIER_MATCH, PIXM_MANAGER]
+# The Patient profile a PIXm Manager accepts on ITI-104 (ITI TF-2: 3.104.4.1.2.1).
+PIXM_PATIENT_PROFILE = "https://profiles.ihe.net/ITI/PIXm/StructureDefinition/IHE.PIXm.Patient"
 
 
 # FHIR R4 defines these on several resources at once ("individual-*"), the others on Patient.
@@ -103,8 +108,19 @@ PATIENT_CAPABILITY: dict[str, Any] = {
     "calling client, valid 30 minutes; it carries the search, so the link repeats no demographics). "
     "Bundle.total is given unless the search is too broad to count. Patient.id is the index's record id; "
     "read by id (PDQm) for whoever may search, masked by role and purpose like search results (a record "
-    "merged away is 404). $match (ITI-119) and $ihe-pix (PIXm ITI-83).",
-    "interaction": [{"code": "read"}, {"code": "search-type"}],
+    "merged away is 404). $match (ITI-119) and $ihe-pix (PIXm ITI-83). PIXm Patient Identity Feed (ITI-104, "
+    f"scope system/Patient.c; a merge also system/Patient.u): PUT Patient?identifier={LOCAL_ID_SYSTEM_PREFIX}"
+    "<your organisation>|<local id> with the Patient (that identifier in it) adds (201) or revises (200) the "
+    "hospital's record; active=false with a link of type replaced-by to the surviving local id (link.other."
+    "identifier) merges it into the survivor. Only the calling hospital's own identifier system is accepted "
+    "(another domain's: 403). Elements kept: name, gender, birthDate, phone telecom, address, identifiers "
+    f"(resident id: {NATIONAL_ID_SYSTEM}); others are not stored. Remove Patient (conditional delete) is not "
+    "supported (405).",
+    "interaction": [{"code": "read"}, {"code": "search-type"}, {"code": "update"}],
+    "supportedProfile": [PIXM_PATIENT_PROFILE],
+    "updateCreate": False,
+    "conditionalUpdate": True,
+    "conditionalDelete": "not-supported",
     "searchParam": PATIENT_SEARCH_PARAMS,
     "operation": [
         {
@@ -326,39 +342,108 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
 
-def _patient_message(resource: dict[str, Any]) -> mpi_pb2.Patient:
-    """The demographics of a FHIR Patient given to $match."""
-    if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
-        raise _bad("resource-invalid", "the resource parameter must be a Patient")
+# Han characters (CJK unified ideographs and their extensions): a name written in them has no
+# space between family and given name (张伟), one in Latin letters has (Zhang Wei).
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+
+
+# What one record holds at most (as the REST registration): more is refused, not cut.
+_MAX_PHONES, _MAX_IDENTIFIERS = 5, 20
+
+
+def _invalid_resource(element: str, expected: str) -> ApiError:
+    # Names the element, never its value (a name, id or phone).
+    return _bad("resource-invalid", f"Patient.{element}: {expected}")
+
+
+def _text(value: object, element: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _invalid_resource(element, "a string")
     try:
-        names = resource.get("name") or [{}]
-        first = names[0]
-        given = " ".join(first.get("given") or [])
-        text = first.get("text") or " ".join(p for p in (first.get("family", ""), given) if p)
-        identifiers = []
-        for ident in resource.get("identifier") or []:
-            codes = {c.get("code") for c in (ident.get("type") or {}).get("coding") or []}
-            if ident.get("system") == NATIONAL_ID_SYSTEM or "NNCHN" in codes:
-                identifiers.append(common_pb2.Identifier(type="NNCHN", value=str(ident.get("value", ""))))
-            elif ident.get("system") and ident.get("value"):
-                identifiers.append(common_pb2.Identifier(system=ident["system"], value=str(ident["value"])))
-        address = (resource.get("address") or [{}])[0]
-        return mpi_pb2.Patient(
-            name=mpi_pb2.HumanName(text=str(text), family=str(first.get("family", "")), given=given),
-            gender=_GENDERS.get(str(resource.get("gender", "")), mpi_pb2.GENDER_UNKNOWN),
-            birth_date=str(resource.get("birthDate", "")),
-            identifiers=identifiers,
-            phones=[str(t["value"]) for t in resource.get("telecom") or [] if t.get("system") == "phone"][:5],
-            address=mpi_pb2.Address(
-                province=str(address.get("state", "")),
-                city=str(address.get("city", "")),
-                district=str(address.get("district", "")),
-                line=" ".join(address.get("line") or []),
-                postal_code=str(address.get("postalCode", "")),
-            ),
-        )
-    except (AttributeError, TypeError, KeyError, IndexError):
-        raise _bad("resource-invalid", "the Patient resource is not well formed") from None
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no text a message can carry
+        raise _invalid_resource(element, "valid Unicode text") from None
+    return value
+
+
+def _objects(container: dict[str, Any], key: str, element: str) -> list[dict[str, Any]]:
+    value = container.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise _invalid_resource(element, "a list of objects")
+    return value
+
+
+def _texts(container: dict[str, Any], key: str, element: str) -> list[str]:
+    value = container.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _invalid_resource(element, "a list of strings")
+    return [_text(item, element) for item in value]
+
+
+def _name_text(family: str, given: str) -> str:
+    separator = "" if _HAN.search(family + given) else " "
+    return separator.join(part for part in (family, given) if part)
+
+
+def _patient_message(resource: object) -> mpi_pb2.Patient:
+    """The demographics of a FHIR Patient as the index takes them ($match, the ITI-104 feed): the
+    first usual / official name (text, or family and given), gender, birthDate, phone telecoms,
+    the first address and identifiers (the resident id as NNCHN). A hospital's local id and the
+    enterprise id are not identifiers of the record (they are its reference and the exchange's
+    own). A malformed element is 400 naming the element; values are checked by the index."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+        raise _bad("resource-invalid", "the resource must be a Patient")
+    names = _objects(resource, "name", "name")
+    chosen = next((n for n in names if n.get("use") in (None, "usual", "official")), names[0] if names else {})
+    family = _text(chosen.get("family"), "name.family")
+    given_parts = _texts(chosen, "given", "name.given")
+    given = ("" if _HAN.search("".join(given_parts)) else " ").join(given_parts)
+    text = _text(chosen.get("text"), "name.text") or _name_text(family, given)
+    gender = _text(resource.get("gender"), "gender")
+    if gender and gender not in _GENDERS:
+        raise _invalid_resource("gender", "male | female | other | unknown")
+    identifiers = []
+    for ident in _objects(resource, "identifier", "identifier"):
+        system, value = _text(ident.get("system"), "identifier.system"), _text(ident.get("value"), "identifier.value")
+        type_ = ident.get("type")
+        if type_ is not None and not isinstance(type_, dict):
+            raise _invalid_resource("identifier.type", "a CodeableConcept")
+        codes = {_text(c.get("code"), "identifier.type") for c in _objects(type_ or {}, "coding", "identifier.type")}
+        if system == NATIONAL_ID_SYSTEM or "NNCHN" in codes:
+            identifiers.append(common_pb2.Identifier(type="NNCHN", value=value))
+        elif system.startswith(LOCAL_ID_SYSTEM_PREFIX) or system == ENTERPRISE_ID_SYSTEM:
+            continue
+        elif system or value:
+            identifiers.append(common_pb2.Identifier(system=system, value=value))
+    phones = [
+        _text(t.get("value"), "telecom.value")
+        for t in _objects(resource, "telecom", "telecom")
+        if _text(t.get("system"), "telecom.system") == "phone"
+    ]
+    if len(phones) > _MAX_PHONES or len(identifiers) > _MAX_IDENTIFIERS:
+        raise _invalid_resource("telecom" if len(phones) > _MAX_PHONES else "identifier", "too many entries")
+    addresses = _objects(resource, "address", "address")
+    address = addresses[0] if addresses else {}
+    return mpi_pb2.Patient(
+        name=mpi_pb2.HumanName(text=text, family=family, given=given),
+        gender=_GENDERS.get(gender, mpi_pb2.GENDER_UNKNOWN),
+        birth_date=_text(resource.get("birthDate"), "birthDate"),
+        identifiers=identifiers,
+        phones=phones,
+        address=mpi_pb2.Address(
+            province=_text(address.get("state"), "address.state"),
+            city=_text(address.get("city"), "address.city"),
+            district=_text(address.get("district"), "address.district"),
+            line=" ".join(_texts(address, "line", "address.line")),
+            postal_code=_text(address.get("postalCode"), "address.postalCode"),
+        ),
+    )
 
 
 @router.post(
@@ -450,6 +535,190 @@ async def ihe_pix(
             }
         )
     return JSONResponse({"resourceType": "Parameters", "parameter": parameter}, media_type=FHIR_JSON)
+
+
+# --- PIXm Patient Identity Feed FHIR (ITI-104) ------------------------------------------------
+
+# A Patient resource is small; anything near the facade's document limit is not one.
+_FEED_BODY_LIMIT = 64 * 1024
+
+
+def _own_local_id(ctx: Context, system: str, value: str, element: str) -> str:
+    """The local id of an identifier of the calling hospital's own domain."""
+    if system != f"{LOCAL_ID_SYSTEM_PREFIX}{ctx.caller.organization_id}":
+        # IHE PIXm ITI-104 (2:3.104.5): "The Patient Identifier Cross-reference Manager should check
+        # that the Patient Identity Source is only making changes to Patient Identifier Domain for
+        # which it is authorized." A hospital feeds its own domain only.
+        raise ApiError(
+            403,
+            "identifier-domain-forbidden",
+            f"{element}: only your own domain's system ({LOCAL_ID_SYSTEM_PREFIX}<your organisation>) may be fed",
+        )
+    if not value:
+        raise _bad("identifier-invalid", f"{element}: a local id is required")
+    return value
+
+
+def _survivor(ctx: Context, links: list[dict[str, Any]], active: bool) -> str:
+    """The surviving local id of a Resolve Duplicate Patient message (ITI-104 2:3.104.4.2.2: "a link
+    of type 'replaced-by' shall be added with the identifier pointing to the surviving patient
+    identifier")."""
+    if not links:
+        raise ApiError(
+            422,
+            "patient-inactive-unsupported",
+            "active=false needs a replaced-by link (a merge); removing a patient is not supported",
+        )
+    if len(links) != 1 or links[0].get("type") != "replaced-by":
+        raise ApiError(422, "link-unsupported", "Patient.link: one link, of type replaced-by (a merge)")
+    if active:
+        raise _invalid_resource("active", "false on a Patient replaced by another")
+    other = links[0].get("other")
+    identifier = other.get("identifier") if isinstance(other, dict) else None
+    if not isinstance(identifier, dict):
+        raise _invalid_resource("link.other.identifier", "the surviving record's identifier")
+    return _own_local_id(
+        ctx,
+        _text(identifier.get("system"), "link.other.identifier.system"),
+        _text(identifier.get("value"), "link.other.identifier.value"),
+        "Patient.link.other.identifier",
+    )
+
+
+def _retired_resource(subsumed: mpi_pb2.Patient, survivor: mpi_pb2.Patient) -> dict[str, Any]:
+    """A record a merge retired, as FHIR has it (Patient.link, "replaced-by")."""
+    resource = patient_resource(subsumed)
+    resource["active"] = False
+    other: dict[str, Any] = {"reference": f"Patient/{survivor.record_id}"}
+    if survivor.ref.local_id:
+        system = f"{LOCAL_ID_SYSTEM_PREFIX}{survivor.ref.domain}"
+        other["identifier"] = {"system": system, "value": survivor.ref.local_id}
+    resource["link"] = [{"other": other, "type": "replaced-by"}]
+    return resource
+
+
+async def _check_resource_id(ctx: Context, request: Request, resource_id: object, local_id: str) -> None:
+    """FHIR R4 conditional update: an id in the resource must be the id of the record matched;
+    the index assigns ids itself (no update-as-create)."""
+    if not isinstance(resource_id, str):
+        raise _invalid_resource("id", "a string")
+    try:
+        found = await rpc(
+            request.app.state.stubs.mpi.GetPatient(
+                mpi_pb2.GetPatientRequest(
+                    ref=common_pb2.PatientRef(domain=ctx.caller.organization_id, local_id=local_id)
+                ),
+                metadata=ctx.metadata,
+            )
+        )
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        raise _bad("resource-id-unknown", "Patient.id: the exchange assigns ids; leave it out to add one") from None
+    if found.patient.record_id != resource_id:
+        raise _bad("resource-id-mismatch", "Patient.id is not the id of the record the identifier names")
+
+
+@router.put(
+    "/Patient",
+    response_class=JSONResponse,
+    responses={
+        200: {"content": {FHIR_JSON: {}}, "description": "the record revised (or, for a merge, retired)"},
+        201: {"content": {FHIR_JSON: {}}, "description": "the record added"},
+    },
+)
+async def patient_identity_feed(
+    ctx: Context,
+    request: Request,
+    identifier: str = Query(max_length=300, description=f"{LOCAL_ID_SYSTEM_PREFIX}<your organisation>|<local id>"),
+) -> JSONResponse:
+    """IHE PIXm Patient Identity Feed FHIR (ITI-104), a FHIR conditional update on the hospital's
+    own identifier: adds (201) or revises (200) the record, whose link the index re-decides; a
+    Patient with active=false and a `replaced-by` link to another local id of the hospital merges
+    it into that survivor (200, the retired record). Errors are OperationOutcomes naming
+    elements, never their values."""
+    ctx.require_scope("Patient", "c")
+    if ctx.caller.organization_type != "hospital":
+        raise ApiError(403, "not-a-hospital", "only a hospital feeds its patients")
+    items = list(request.query_params.multi_items())
+    if [name for name, _ in items] != ["identifier"]:
+        raise _bad("conditional-update-invalid", "PUT Patient takes one parameter: identifier=<system>|<local id>")
+    system, bar, value = identifier.partition("|")
+    if not bar:
+        raise _bad("conditional-update-invalid", "identifier: <system>|<local id>")
+    local_id = _own_local_id(ctx, system, value, "identifier")
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ("", "application/fhir+json", "application/json"):
+        raise ApiError(415, "media-type-unsupported", "send the Patient as application/fhir+json")
+    body = await request.body()
+    if len(body) > _FEED_BODY_LIMIT:
+        raise ApiError(413, "body-too-large", "a Patient resource is at most 64 KiB")
+    try:
+        resource = json.loads(body)
+    except ValueError:
+        raise _bad("resource-invalid", "the body is not JSON") from None
+    patient = _patient_message(resource)
+    local_ids = [
+        (ident.get("system"), ident.get("value"))
+        for ident in resource.get("identifier") or []
+        if str(ident.get("system")).startswith(LOCAL_ID_SYSTEM_PREFIX)
+    ]
+    if (system, local_id) not in local_ids:
+        # The conditional update's identifier is the record's; the resource must carry it.
+        raise _bad("identifier-mismatch", "Patient.identifier must contain the identifier of the URL")
+    for other_system, other_value in local_ids:
+        if (other_system, other_value) != (system, local_id):
+            _own_local_id(ctx, str(other_system), str(other_value), "Patient.identifier")
+            raise _invalid_resource("identifier", "one local id of your domain per Patient")
+    active = resource.get("active", True)
+    if not isinstance(active, bool):
+        raise _invalid_resource("active", "a boolean")
+    links = _objects(resource, "link", "link")
+    if "id" in resource:
+        await _check_resource_id(ctx, request, resource["id"], local_id)
+    if links or not active:
+        # Resolve Duplicate Patient: the record named by the URL is retired into the survivor.
+        survivor = _survivor(ctx, links, active)
+        ctx.require_scope("Patient", "u")
+        merged = await rpc(
+            request.app.state.stubs.mpi.MergePatients(
+                mpi_pb2.MergePatientsRequest(survivor_local_id=survivor, subsumed_local_id=local_id),
+                metadata=ctx.metadata,
+            )
+        )
+        return JSONResponse(_retired_resource(merged.subsumed, merged.survivor), media_type=FHIR_JSON)
+    patient.ref.local_id = local_id
+    result = await rpc(
+        request.app.state.stubs.mpi.RegisterPatient(
+            mpi_pb2.RegisterPatientRequest(
+                patient=patient, idempotency_key=request.headers.get("idempotency-key", "")[:128]
+            ),
+            metadata=ctx.metadata,
+        )
+    )
+    # Masked as a read of the record is (the service's one masking of every Patient it returns).
+    location = f"{request.app.state.settings.public_url}/fhir/R4/Patient/{result.patient.record_id}"
+    return JSONResponse(
+        patient_resource(result.patient),
+        status_code=201 if result.created else 200,
+        media_type=FHIR_JSON,
+        headers={"Location": location},
+    )
+
+
+@router.delete("/Patient", response_class=JSONResponse)
+async def remove_patient(ctx: Context) -> JSONResponse:
+    """ITI-104 Remove Patient (conditional delete) is an option this Manager does not support: a
+    hospital retires a record by merging it (replaced-by), the exchange keeps every identity it
+    cross-referenced (documents may name it)."""
+    # FHIR R4 http.html (delete): a server that refuses to delete resources of a type on principle
+    # returns 405 Method Not Allowed.
+    raise ApiError(
+        405,
+        "remove-patient-unsupported",
+        "removing a patient is not supported; merge it into the surviving record (replaced-by)",
+        headers={"Allow": "GET, PUT"},
+    )
 
 
 @router.get("/Patient/{patient_id}", response_class=JSONResponse)

@@ -51,6 +51,9 @@ def task_json(task: mpi_pb2.ReviewTask) -> dict[str, Any]:
                 "organization_id": task.assignee_organization_id,
                 "practitioner_id": task.assignee,
                 "assigned": task.assigned.ToDatetime().isoformat() + "Z",
+                # The claim is a lease: once it lapses another steward may take the task.
+                "expires": task.assignment_expires.ToDatetime().isoformat() + "Z",
+                "expired": task.assignment_expired,
             }
             if task.assignee
             else None

@@ -177,6 +177,42 @@ def validate_registration(
     )
 
 
+# A claim on a review task holds this long unless configured (HIE_MPI_REVIEW_CLAIM_SECONDS); at
+# most thirty days (a longer lease is the blocked-for-good claim again).
+DEFAULT_CLAIM_SECONDS = 30 * 60
+MAX_CLAIM_SECONDS = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class ClaimLease:
+    """A steward's claim on a review task is a lease from the moment it was made: once it lapses
+    the task is free again (another steward may take it, anyone may decide it), so a steward who
+    walked away does not block it for good. Claiming a task one holds renews the lease. Expiry is
+    computed from the stored claim time, so a changed setting applies to every claim at once."""
+
+    seconds: int = DEFAULT_CLAIM_SECONDS
+
+    def expires(self, claimed_at: datetime.datetime) -> datetime.datetime:
+        return claimed_at + datetime.timedelta(seconds=self.seconds)
+
+    def live(self, claimed_at: datetime.datetime, now: datetime.datetime) -> bool:
+        return now < self.expires(claimed_at)
+
+    def lapsed_before(self, now: datetime.datetime) -> datetime.datetime:
+        """Claims made at or before this instant have lapsed."""
+        return now - datetime.timedelta(seconds=self.seconds)
+
+
+def claim_lease(setting: str | None) -> ClaimLease:
+    """The lease from its setting (whole seconds, 1 to 30 days); unset: 30 minutes."""
+    if setting is None or not setting.strip():
+        return ClaimLease()
+    text = setting.strip()
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_CLAIM_SECONDS:
+        raise ValueError(f"the review claim lease must be whole seconds from 1 to {MAX_CLAIM_SECONDS}")
+    return ClaimLease(int(text))
+
+
 @dataclass(frozen=True)
 class Candidate:
     """An existing record that shares a blocking key with a new registration."""

@@ -427,12 +427,17 @@ class MasterIndex:
 
     async def merge(
         self, session: AsyncSession, who: Caller, domain_id: str, survivor_local: str, subsumed_local: str
-    ) -> store.PatientRecord:
-        """A hospital merges two of its own local records (ADT^A40): the subsumed record is
-        retired and its person joins the survivor's."""
+    ) -> tuple[store.PatientRecord, store.PatientRecord]:
+        """A hospital merges two of its own local records (ADT^A40, PIXm ITI-104 Resolve Duplicate
+        Patient): the subsumed record is retired and its person joins the survivor's. Returns the
+        survivor and the retired record. The same merge again (a retried feed message) changes
+        nothing and answers the same."""
         if survivor_local == subsumed_local:
             raise InvalidArgument("a record cannot be merged into itself", reason="same-record")
         survivor = await self.record(session, domain_id, survivor_local)
+        retired = await store.find_record(session, domain=domain_id, local_id=subsumed_local)
+        if retired is not None and retired.merged_into == survivor.id:
+            return survivor, retired
         subsumed = await self.record(session, domain_id, subsumed_local)
         moved_pairs = [[subsumed.id, subsumed.enterprise_id]]
         if subsumed.enterprise_id != survivor.enterprise_id:
@@ -469,7 +474,7 @@ class MasterIndex:
             patient_enterprise_id=survivor.enterprise_id,
             entities=[("Patient", f"{r.domain}|{r.local_id}") for r in (survivor, subsumed)],
         )
-        return survivor
+        return survivor, subsumed
 
     async def unmerge(
         self, session: AsyncSession, who: Caller, domain_id: str, subsumed_local: str

@@ -17,7 +17,10 @@ ANY, MINE, UNASSIGNED = "any", "mine", "unassigned"
 
 class ReviewAssignment(Base):
     """The steward holding an open review task: one row per held task, gone when released. A
-    decided task keeps its row (who held it when it was decided)."""
+    decided task keeps its row (who held it when it was decided). The claim is a lease from
+    `assigned_at` (`domain.ClaimLease`); a lapsed row stays until someone takes the task, and the
+    taker's row names the steward whose claim had lapsed (`lapsed_*`), so that steward is told why
+    the task is no longer theirs."""
 
     __tablename__ = "review_assignment"
     __table_args__ = (Index("ix_review_assignment_assignee", "organization_id", "assignee"),)
@@ -28,6 +31,9 @@ class ReviewAssignment(Base):
     assignee: Mapped[str] = mapped_column(String(64))
     assigned_by: Mapped[str] = mapped_column(String(64))
     assigned_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    # The steward whose lapsed claim this one replaced (none for a first claim or a hand-over).
+    lapsed_organization_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lapsed_assignee: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class RegistrationKey(Base):
@@ -69,8 +75,10 @@ async def assign(
     assignee: str,
     assigned_by: str,
     at: datetime.datetime,
+    lapsed: tuple[str, str] | None = None,
 ) -> ReviewAssignment:
-    """Give the task to a steward (the caller has locked the task row and checked who held it)."""
+    """Give the task to a steward (the caller has locked the task row and checked who held it);
+    `lapsed`: the (organisation, steward) whose lapsed claim this replaces."""
     row = await session.get(ReviewAssignment, task_id)
     if row is None:
         row = ReviewAssignment(task_id=task_id)
@@ -79,6 +87,7 @@ async def assign(
     row.assignee = assignee
     row.assigned_by = assigned_by
     row.assigned_at = at
+    row.lapsed_organization_id, row.lapsed_assignee = lapsed or (None, None)
     await session.flush()
     return row
 
@@ -96,11 +105,13 @@ async def open_review_tasks(
     filter: str = ANY,
     organization_id: str = "",
     assignee: str = "",
+    lapsed_before: datetime.datetime | None = None,
 ) -> list[tuple[ReviewTask, ReviewAssignment | None]]:
     """Open tasks oldest first, after the (created, id) of the previous page's last task (keyset:
     tasks created in the same instant are neither skipped nor repeated). `domain`: tasks with a
-    record of that domain on either side. `filter`: any, mine (held by organization_id /
-    assignee), unassigned."""
+    record of that domain on either side. `filter`: any, mine (claimed by organization_id /
+    assignee, lapsed or not: nobody else has taken them), unassigned (no claim, or one made at or
+    before `lapsed_before`)."""
     query = (
         select(ReviewTask, ReviewAssignment)
         .outerjoin(ReviewAssignment, ReviewAssignment.task_id == ReviewTask.id)
@@ -116,7 +127,10 @@ async def open_review_tasks(
             and_(ReviewAssignment.organization_id == organization_id, ReviewAssignment.assignee == assignee)
         )
     elif filter == UNASSIGNED:
-        query = query.where(ReviewAssignment.task_id.is_(None))
+        unclaimed = ReviewAssignment.task_id.is_(None)
+        if lapsed_before is not None:
+            unclaimed = or_(unclaimed, ReviewAssignment.assigned_at <= lapsed_before)
+        query = query.where(unclaimed)
     rows = await session.execute(query.order_by(ReviewTask.created_at, ReviewTask.id).limit(limit))
     return [(task, held) for task, held in rows]
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
+from services.mpi.domain import claim_lease
 from services.mpi.index import LINK_TOPIC, MasterIndex
 from services.mpi.matching import load_parameters
 from services.mpi.servicer import PatientIndexServicer
@@ -19,6 +20,8 @@ from services.shared.protection.rotation import ProtectedColumns
 PARAMETERS_ENV = "HIE_MPI_MATCH_PARAMETERS"
 # NATS server URL: link-change events are published to JetStream subject `mpi.link.changed`.
 NATS_ENV = "HIE_NATS_URL"
+# How long a steward's claim on a review task holds (whole seconds; default 30 minutes).
+CLAIM_ENV = "HIE_MPI_REVIEW_CLAIM_SECONDS"
 
 
 def master_index(runtime: ServiceRuntime) -> MasterIndex:
@@ -58,10 +61,14 @@ def _build(runtime: ServiceRuntime) -> list:
     url = os.environ.get(NATS_ENV)
     runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber)
     master = master_index(runtime)
+    try:
+        lease = claim_lease(os.environ.get(CLAIM_ENV))
+    except ValueError as exc:
+        raise ValueError(f"{CLAIM_ENV}: {exc}") from None
     return [
         (
             mpi_pb2_grpc.add_PatientIndexServicer_to_server,
-            PatientIndexServicer(runtime, master),
+            PatientIndexServicer(runtime, master, claim_lease=lease),
             mpi_pb2.DESCRIPTOR.services_by_name["PatientIndex"].full_name,
         )
     ]

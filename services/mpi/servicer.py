@@ -251,6 +251,16 @@ def _holds(held: review_store.ReviewAssignment, who: Caller) -> bool:
     return held.organization_id == who.organization_id and held.assignee == _steward(who)
 
 
+def _held_by_another(held: review_store.ReviewAssignment, who: Caller) -> FailedPrecondition:
+    """The refusal for a steward acting on a task another steward's live claim holds; a steward
+    whose own claim lapsed and was then taken is told so."""
+    if (held.lapsed_organization_id, held.lapsed_assignee) == (who.organization_id, _steward(who)):
+        return FailedPrecondition(
+            "your claim on this review task lapsed and another steward has taken it", reason="review-claim-expired"
+        )
+    return FailedPrecondition("another steward holds this review task", reason="review-task-assigned")
+
+
 def _valid_assignee(value: str) -> str:
     if not 1 <= len(value) <= 64 or not value.isprintable() or value.strip() != value:
         raise InvalidArgument("assignee must be a practitioner id (1 to 64 characters)", reason="assignee-invalid")
@@ -270,9 +280,12 @@ def _ref(ref: common_pb2.PatientRef) -> tuple[str, str]:
 
 
 class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
-    def __init__(self, runtime: ServiceRuntime, master: index.MasterIndex) -> None:
+    def __init__(
+        self, runtime: ServiceRuntime, master: index.MasterIndex, *, claim_lease: domain.ClaimLease | None = None
+    ) -> None:
         self._rt = runtime
         self._index = master
+        self._lease = claim_lease or domain.ClaimLease()
         # SQLite has one writer; serialising changes in-process keeps link decisions atomic there.
         # PostgreSQL uses advisory locks per blocking key instead.
         self._sqlite_lock = asyncio.Lock() if runtime.engine.dialect.name == "sqlite" else None
@@ -553,6 +566,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         disclosure: Disclosure,
         *,
         held: review_store.ReviewAssignment | None = None,
+        now: datetime.datetime | None = None,
     ) -> mpi_pb2.ReviewTask:
         records = await store.records_by_id(session, [task.patient_id, task.candidate_id])
         comparison = json.loads(task.comparison)
@@ -570,6 +584,8 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             message.assignee = held.assignee
             message.assignee_organization_id = held.organization_id
             message.assigned.CopyFrom(_timestamp(held.assigned_at))
+            message.assignment_expires.CopyFrom(_timestamp(self._lease.expires(held.assigned_at)))
+            message.assignment_expired = not self._lease.live(held.assigned_at, now or utcnow())
         return message
 
     async def _visible_task(self, session: object, who: Caller, task_id: str) -> store.ReviewTask:
@@ -593,6 +609,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         size = min(max(request.page_size or 50, 1), 200)
         after = _after(request.page_token)
         domain_filter = who.organization_id if who.organization_type == "hospital" else None
+        now = utcnow()
         async with self._rt.sessions() as session, session.begin():
             rows = await review_store.open_review_tasks(
                 session,
@@ -602,8 +619,9 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 filter=_ASSIGNMENT_FILTERS.get(request.assignment, review_store.ANY),
                 organization_id=who.organization_id,
                 assignee=_steward(who),
+                lapsed_before=self._lease.lapsed_before(now),
             )
-            messages = [await self._task_message(session, t, self._disclosure(who), held=h) for t, h in rows]
+            messages = [await self._task_message(session, t, self._disclosure(who), held=h, now=now) for t, h in rows]
             await self._rt.audit.record(
                 session,
                 caller=who,
@@ -626,8 +644,12 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             task = await self._visible_task(session, who, request.task_id)
             held = await review_store.assignment(session, task.id)
             if task.status == "open" and held is not None and not _holds(held, who):
-                # Claimed by another steward: only they decide it (or a steward who takes it over).
-                raise FailedPrecondition("another steward holds this review task", reason="review-task-assigned")
+                if self._lease.live(held.assigned_at, utcnow()):
+                    # Claimed by another steward: only they decide it (or a steward who takes it over).
+                    raise _held_by_another(held, who)
+                # That claim lapsed and nobody took the task: it is free, as an unclaimed one is.
+                await review_store.release(session, task.id)
+                held = None
             task = await self._index.decide_review(
                 session, who, task.id, same=request.decision == mpi_pb2.REVIEW_DECISION_SAME
             )
@@ -651,21 +673,25 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             if task.status != "open":
                 raise FailedPrecondition("the review task was already decided", reason="review-task-closed")
             held = await review_store.assignment(session, task.id)
-            # Free, held by the caller, or already the assignee's: no take-over needed.
-            taken = held is not None and not _holds(held, who)
-            if (
-                taken
-                and (held.organization_id, held.assignee) != (who.organization_id, assignee)
-                and not request.reassign
-            ):
-                raise FailedPrecondition("another steward holds this review task", reason="review-task-assigned")
+            now = utcnow()
+            live = held is not None and self._lease.live(held.assigned_at, now)
+            same_holder = held is not None and (held.organization_id, held.assignee) == (who.organization_id, assignee)
+            # Free, lapsed, held by the caller, or already the assignee's: no take-over needed.
+            if live and not _holds(held, who) and not same_holder and not request.reassign:
+                raise _held_by_another(held, who)
+            lapsed: tuple[str, str] | None = None
+            if held is not None and same_holder and held.lapsed_organization_id and held.lapsed_assignee:
+                lapsed = (held.lapsed_organization_id, held.lapsed_assignee)  # a renewal keeps it
+            elif held is not None and not live and not same_holder:
+                lapsed = (held.organization_id, held.assignee)
             held = await review_store.assign(
                 session,
                 task_id=task.id,
                 organization_id=who.organization_id,
                 assignee=assignee,
                 assigned_by=_steward(who),
-                at=utcnow(),
+                at=now,
+                lapsed=lapsed,
             )
             await self._rt.audit.record(
                 session,
@@ -674,7 +700,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 action=Action.ACTION_UPDATE,
                 entities=[("ReviewTask", task.id), ("Practitioner", f"{who.organization_id}|{assignee}")],
             )
-            message = await self._task_message(session, task, self._disclosure(who), held=held)
+            message = await self._task_message(session, task, self._disclosure(who), held=held, now=now)
             return mpi_pb2.AssignReviewTaskResponse(task=message)
 
         return await self._write(assign)
@@ -691,9 +717,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             if task.status != "open":
                 raise FailedPrecondition("the review task was already decided", reason="review-task-closed")
             held = await review_store.assignment(session, task.id)
-            if held is not None:
-                if not _holds(held, who):
-                    raise FailedPrecondition("another steward holds this review task", reason="review-task-assigned")
+            if held is not None and not _holds(held, who):
+                if self._lease.live(held.assigned_at, utcnow()):
+                    raise _held_by_another(held, who)
+                # Another steward's lapsed claim: the task is free already, nothing of the caller's to give back.
+            elif held is not None:
                 await review_store.release(session, task.id)
                 await self._rt.audit.record(
                     session,
@@ -753,10 +781,12 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         disclosure = self._disclosure(who)
 
         async def merge(session: object) -> mpi_pb2.MergePatientsResponse:
-            survivor = await self._index.merge(
+            survivor, subsumed = await self._index.merge(
                 session, who, who.organization_id, request.survivor_local_id, request.subsumed_local_id
             )
-            return mpi_pb2.MergePatientsResponse(survivor=patient_message(survivor, disclosure))
+            return mpi_pb2.MergePatientsResponse(
+                survivor=patient_message(survivor, disclosure), subsumed=patient_message(subsumed, disclosure)
+            )
 
         return await self._write(merge)
 

@@ -4,6 +4,7 @@ idempotent registration by the Idempotency-Key header."""
 
 from __future__ import annotations
 
+import datetime
 import secrets
 from urllib.parse import parse_qsl, urlsplit
 
@@ -131,7 +132,7 @@ async def test_capability_statement_lists_patient(exchange: Exchange) -> None:
         "match": "http://hl7.org/fhir/OperationDefinition/Patient-match",
         "ihe-pix": "https://profiles.ihe.net/ITI/PIXm/OperationDefinition/IHE.PIXm.pix",
     }
-    assert patient["interaction"] == [{"code": "read"}, {"code": "search-type"}]
+    assert patient["interaction"] == [{"code": "read"}, {"code": "search-type"}, {"code": "update"}]
 
 
 async def test_stewards_claim_tasks_over_rest(exchange: Exchange) -> None:
@@ -149,6 +150,11 @@ async def test_stewards_claim_tasks_over_rest(exchange: Exchange) -> None:
     claimed = await b.call("POST", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=STEWARD)
     assert claimed.status_code == 200, claimed.text
     assert claimed.json()["assignee"]["practitioner_id"] == "DS-1"
+    assert claimed.json()["assignee"]["expired"] is False
+    lease = datetime.datetime.fromisoformat(claimed.json()["assignee"]["expires"]) - datetime.datetime.fromisoformat(
+        claimed.json()["assignee"]["assigned"]
+    )
+    assert lease == datetime.timedelta(minutes=30)  # HIE_MPI_REVIEW_CLAIM_SECONDS unset
     mine = await b.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "me"}, as_user=STEWARD)
     assert task["id"] in {t["id"] for t in mine.json()["tasks"]}
     not_theirs = await b.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "me"}, as_user=OTHER_STEWARD)

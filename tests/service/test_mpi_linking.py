@@ -238,6 +238,18 @@ async def test_merge_and_unmerge_of_a_hospitals_own_records(mpi: RunningService,
         role="admin",
     )
     assert merged.survivor.enterprise_id == survivor.patient.enterprise_id
+    assert merged.subsumed.ref.local_id == "A-6-dup"
+    assert merged.subsumed.record_id == duplicate.patient.record_id
+    # The same merge again (a retried message) answers the same and changes nothing.
+    again = await a.call(
+        "MergePatients",
+        mpi_pb2.MergePatientsRequest(survivor_local_id="A-6", subsumed_local_id="A-6-dup"),
+        role="admin",
+    )
+    assert again.subsumed.record_id == merged.subsumed.record_id
+    assert again.survivor.enterprise_id == merged.survivor.enterprise_id
+    history = await b.call("GetLinkHistory", mpi_pb2.GetLinkHistoryRequest(ref=b.ref("B-6")))
+    assert [c.reason for c in history.changes if c.ref.local_id == "B-6"] == ["register", "merge"]
     pix = await b.call("CrossReference", mpi_pb2.CrossReferenceRequest(ref=b.ref("B-6")))
     assert pix.enterprise_id == survivor.patient.enterprise_id
     assert {r.local_id for r in pix.refs} == {"A-6", "B-6"}  # the retired record is gone from PIX

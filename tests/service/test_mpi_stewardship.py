@@ -1,10 +1,11 @@
 """The mpi on a real gRPC server and database: PDQ paging with sealed page tokens, the stewards'
-claim / assignment of review tasks, idempotent registration."""
+claim / assignment of review tasks and the claims' lease, idempotent registration."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import secrets
 from pathlib import Path
 
@@ -13,8 +14,13 @@ import pytest
 
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
+from services.mpi.domain import DEFAULT_CLAIM_SECONDS
+from services.mpi.review_store import ReviewAssignment
+from services.mpi.service import CLAIM_ENV
+from services.mpi.service import SPEC as MPI
 from services.shared.errors import REASON_METADATA_KEY
-from services.shared.process import RunningService
+from services.shared.process import RunningService, start_service
+from tests.conftest import _backends, base_settings, drop_schemas
 from tests.service.test_mpi_linking import Hospital, birth, phone
 from tests.service.test_mpi_linking import mpi as mpi  # the module's fixture, reused
 
@@ -246,6 +252,129 @@ async def test_two_stewards_claiming_at_once_one_wins(mpi: RunningService, keys_
     listed = await first.call("ListReviewTasks", mpi_pb2.ListReviewTasksRequest(page_size=200), role="data-steward")
     [now] = [t for t in listed.tasks if t.id == task.id]
     assert now.assignee == won[0].task.assignee
+
+
+# --- claims are leases ---------------------------------------------------------------------------
+
+
+async def _lapse(mpi: RunningService, task_id: str) -> None:
+    """Let the task's claim lapse: the lease runs from the stored claim time, so moving that back
+    past the lease is the clock moving on (no sleeping through half an hour)."""
+    async with mpi.runtime.sessions() as session, session.begin():
+        held = await session.get(ReviewAssignment, task_id)
+        assert held is not None
+        held.assigned_at -= datetime.timedelta(seconds=DEFAULT_CLAIM_SECONDS + 1)
+
+
+async def _task(steward: Staff, task_id: str, assignment: int = mpi_pb2.REVIEW_ASSIGNMENT_FILTER_ANY) -> object:
+    listed = await steward.call(
+        "ListReviewTasks",
+        mpi_pb2.ListReviewTasksRequest(page_size=200, assignment=assignment),
+        role="data-steward",
+    )
+    [task] = [t for t in listed.tasks if t.id == task_id]
+    return task
+
+
+def _decide(steward: Staff, task_id: str, decision: int = mpi_pb2.REVIEW_DECISION_SAME) -> object:
+    return steward.call(
+        "DecideReview", mpi_pb2.DecideReviewRequest(task_id=task_id, decision=decision), role="data-steward"
+    )
+
+
+def _claim(steward: Staff, task_id: str) -> object:
+    return steward.call("AssignReviewTask", mpi_pb2.AssignReviewTaskRequest(task_id=task_id), role="data-steward")
+
+
+async def test_a_lapsed_claim_is_taken_and_its_steward_is_refused(mpi: RunningService, keys_dir: Path) -> None:
+    first, task = await _review_task(mpi, keys_dir, "李秀英")
+    second, third = first.as_practitioner("S02"), first.as_practitioner("S03")
+    claimed = (await _claim(first, task.id)).task
+    # The listing shows when the claim lapses: the claim time plus the lease (30 minutes by default).
+    listed = await _task(first, task.id)
+    assert listed.assignment_expires.seconds - listed.assigned.seconds == DEFAULT_CLAIM_SECONDS
+    assert listed.assignment_expires == claimed.assignment_expires
+    assert not listed.assignment_expired
+    await _fails(_claim(second, task.id), grpc.StatusCode.FAILED_PRECONDITION, "review-task-assigned")
+
+    await _lapse(mpi, task.id)
+    lapsed = await _task(first, task.id)
+    assert lapsed.assignee == "S01"
+    assert lapsed.assignment_expired
+    # Lapsed: still the first steward's own (nobody took it), and free for everyone else.
+    assert task.id in await _listed(first, mpi_pb2.REVIEW_ASSIGNMENT_FILTER_MINE)
+    assert task.id in await _listed(second, mpi_pb2.REVIEW_ASSIGNMENT_FILTER_UNASSIGNED)
+
+    # Another steward takes it without `reassign`.
+    taken = (await _claim(second, task.id)).task
+    assert (taken.assignee, taken.assignment_expired) == ("S02", False)
+    assert taken.assignment_expires.seconds - taken.assigned.seconds == DEFAULT_CLAIM_SECONDS
+    assert task.id not in await _listed(second, mpi_pb2.REVIEW_ASSIGNMENT_FILTER_UNASSIGNED)
+    assert task.id not in await _listed(first, mpi_pb2.REVIEW_ASSIGNMENT_FILTER_MINE)
+    # The steward who walked away is told their claim lapsed and went to someone else; others are
+    # told it is held.
+    await _fails(_decide(first, task.id), grpc.StatusCode.FAILED_PRECONDITION, "review-claim-expired")
+    await _fails(_claim(first, task.id), grpc.StatusCode.FAILED_PRECONDITION, "review-claim-expired")
+    await _fails(
+        first.call("ReleaseReviewTask", mpi_pb2.ReleaseReviewTaskRequest(task_id=task.id), role="data-steward"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "review-claim-expired",
+    )
+    await _fails(_decide(third, task.id), grpc.StatusCode.FAILED_PRECONDITION, "review-task-assigned")
+    # Renewing the claim (claiming it again) keeps that answer for the first steward.
+    await _claim(second, task.id)
+    await _fails(_decide(first, task.id), grpc.StatusCode.FAILED_PRECONDITION, "review-claim-expired")
+    decided = (await _decide(second, task.id, mpi_pb2.REVIEW_DECISION_DIFFERENT)).task
+    assert (decided.status, decided.assignee) == ("different", "S02")
+
+
+async def test_a_lapsed_claim_nobody_took_may_still_be_decided(mpi: RunningService, keys_dir: Path) -> None:
+    # By its own steward: allowed, and the task keeps who held it.
+    first, task = await _review_task(mpi, keys_dir, "王桂英")
+    await _claim(first, task.id)
+    await _lapse(mpi, task.id)
+    decided = (await _decide(first, task.id)).task
+    assert (decided.status, decided.assignee, decided.assignment_expired) == ("same", "S01", True)
+
+    # By another steward: a lapsed claim holds nothing, as an unclaimed task (the stale claim goes).
+    first, task = await _review_task(mpi, keys_dir, "张秀珍")
+    second = first.as_practitioner("S02")
+    await _claim(first, task.id)
+    await _lapse(mpi, task.id)
+    # Releasing another's lapsed claim is nothing to refuse and nothing to do.
+    released = await second.call(
+        "ReleaseReviewTask", mpi_pb2.ReleaseReviewTaskRequest(task_id=task.id), role="data-steward"
+    )
+    assert not released.task.assignee
+    decided = (await _decide(second, task.id, mpi_pb2.REVIEW_DECISION_DIFFERENT)).task
+    assert (decided.status, decided.assignee) == ("different", "")
+
+    # Claiming a task one holds renews the lease.
+    first, task = await _review_task(mpi, keys_dir, "陈秀兰")
+    await _claim(first, task.id)
+    await _lapse(mpi, task.id)
+    assert (await _task(first, task.id)).assignment_expired
+    renewed = (await _claim(first, task.id)).task
+    assert (renewed.assignee, renewed.assignment_expired) == ("S01", False)
+    assert task.id not in await _listed(first.as_practitioner("S02"), mpi_pb2.REVIEW_ASSIGNMENT_FILTER_UNASSIGNED)
+
+
+@pytest.mark.parametrize("backend", _backends())
+async def test_the_lease_is_configured_by_its_setting(
+    backend: str, tmp_path: Path, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (A value that is not whole seconds stops the service at start: tests/unit/test_mpi_domain.py.)
+    settings = base_settings(tmp_path, keys_dir, backend)
+    monkeypatch.setenv(CLAIM_ENV, "90")
+    running = await start_service(MPI, settings, listen="127.0.0.1:0")
+    running.runtime.outbox.poll_interval = 3600
+    try:
+        first, task = await _review_task(running, keys_dir, "刘秀珍")
+        claimed = (await _claim(first, task.id)).task
+        assert claimed.assignment_expires.seconds - claimed.assigned.seconds == 90
+    finally:
+        await running.stop(grace=None)
+        await drop_schemas(settings)
 
 
 # --- idempotent registration --------------------------------------------------------------------

@@ -16,6 +16,7 @@ from services.mpi.domain import (
     Identifier,
     LinkMethod,
     Registration,
+    claim_lease,
     decide_link,
     national_id_agrees,
     normalize_phone,
@@ -513,3 +514,23 @@ def test_each_new_decision_has_a_fresh_enterprise_id() -> None:
     ids = {decide_link(reg, []).enterprise_id for _ in range(50)}
     assert len(ids) == 50
     assert all(len(i) == 36 and i.count("-") == 4 for i in ids)
+
+
+# --- the review claim lease ----------------------------------------------------------------------
+
+
+def test_claim_lease_defaults_to_thirty_minutes_and_reads_its_setting() -> None:
+    assert claim_lease(None).seconds == claim_lease("").seconds == 30 * 60
+    assert claim_lease(" 90 ").seconds == 90
+    lease = claim_lease("600")
+    claimed = datetime.datetime(2026, 12, 8, 9, 0, tzinfo=datetime.UTC)
+    assert lease.expires(claimed) == claimed + datetime.timedelta(minutes=10)
+    assert lease.live(claimed, claimed + datetime.timedelta(seconds=599))
+    assert not lease.live(claimed, claimed + datetime.timedelta(seconds=600))
+    assert lease.lapsed_before(claimed + datetime.timedelta(seconds=600)) == claimed
+
+
+@pytest.mark.parametrize("setting", ["0", "-5", "1.5", "abc", "３０", str(31 * 24 * 3600)])
+def test_claim_lease_refuses_a_bad_setting(setting: str) -> None:
+    with pytest.raises(ValueError, match="whole seconds"):
+        claim_lease(setting)

@@ -233,7 +233,7 @@ class MatchPatientResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ScoredPatient, _Mapping]]] = ...) -> None: ...
 
 class ReviewTask(_message.Message):
-    __slots__ = ("id", "patient", "candidate", "weight", "fields", "hold", "status", "created", "assignee", "assignee_organization_id", "assigned")
+    __slots__ = ("id", "patient", "candidate", "weight", "fields", "hold", "status", "created", "assignee", "assignee_organization_id", "assigned", "assignment_expires", "assignment_expired")
     ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,8 @@ class ReviewTask(_message.Message):
     ASSIGNEE_FIELD_NUMBER: _ClassVar[int]
     ASSIGNEE_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     id: str
     patient: Patient
     candidate: Patient
@@ -256,7 +258,9 @@ class ReviewTask(_message.Message):
     assignee: str
     assignee_organization_id: str
     assigned: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., patient: _Optional[_Union[Patient, _Mapping]] = ..., candidate: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ..., hold: _Optional[str] = ..., status: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assignee: _Optional[str] = ..., assignee_organization_id: _Optional[str] = ..., assigned: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    assignment_expires: _timestamp_pb2.Timestamp
+    assignment_expired: bool
+    def __init__(self, id: _Optional[str] = ..., patient: _Optional[_Union[Patient, _Mapping]] = ..., candidate: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ..., hold: _Optional[str] = ..., status: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assignee: _Optional[str] = ..., assignee_organization_id: _Optional[str] = ..., assigned: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assignment_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assignment_expired: _Optional[bool] = ...) -> None: ...
 
 class ListReviewTasksRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "assignment")
@@ -325,10 +329,12 @@ class MergePatientsRequest(_message.Message):
     def __init__(self, survivor_local_id: _Optional[str] = ..., subsumed_local_id: _Optional[str] = ...) -> None: ...
 
 class MergePatientsResponse(_message.Message):
-    __slots__ = ("survivor",)
+    __slots__ = ("survivor", "subsumed")
     SURVIVOR_FIELD_NUMBER: _ClassVar[int]
+    SUBSUMED_FIELD_NUMBER: _ClassVar[int]
     survivor: Patient
-    def __init__(self, survivor: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+    subsumed: Patient
+    def __init__(self, survivor: _Optional[_Union[Patient, _Mapping]] = ..., subsumed: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
 
 class UnmergePatientRequest(_message.Message):
     __slots__ = ("subsumed_local_id",)

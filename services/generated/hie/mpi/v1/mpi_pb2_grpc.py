@@ -173,7 +173,8 @@ class PatientIndexServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MergePatients(self, request, context):
-        """A hospital merges two of its own local records (HL7 v2 A40 semantics).
+        """A hospital merges two of its own local records (HL7 v2 A40 semantics); the same merge again
+        changes nothing and gets the same answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,7 +195,8 @@ class PatientIndexServicer:
 
     def AssignReviewTask(self, request, context):
         """Data stewards: claim an open review task (or assign it to another steward of the caller's
-        organisation), so two stewards do not decide the same pair.
+        organisation), so two stewards do not decide the same pair. A claim is a lease: it lapses after
+        HIE_MPI_REVIEW_CLAIM_SECONDS; claiming a task one holds renews it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
