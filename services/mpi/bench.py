@@ -42,7 +42,7 @@ from gateway.client import Practitioner, user_assertion
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.mpi import domain, store
-from services.mpi.bulk import bulk_caller
+from services.mpi.bulk import GrowingTables, bulk_caller
 from services.mpi.matching import load_parameters
 from services.mpi.service import SPEC as MPI
 from services.mpi.standalone import open_index
@@ -400,12 +400,14 @@ async def _run(
             log(f"bulk loading {records} records …")
             started = time.perf_counter()
             by_domain: dict[str, list[domain.Registration]] = {}
+            growing = GrowingTables(index.engine)
             for _, domain_id, local_id, fields in loaded:
                 by_domain.setdefault(domain_id, []).append(_registration(domain_id, local_id, fields))
                 batch = by_domain[domain_id]
                 if len(batch) >= 500:
                     async with index.sessions() as session, session.begin():
                         await index.master.register_batch(session, bulk_caller(domain_id), batch)
+                    await growing.grew(len(batch))
                     by_domain[domain_id] = []
             for domain_id, batch in by_domain.items():
                 if batch:

@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from services.mpi import domain
 from services.mpi.index import MasterIndex
 from services.mpi.matching import Outcome
@@ -48,6 +51,39 @@ _GENDERS = {
     "女": domain.Gender.FEMALE,
     "2": domain.Gender.FEMALE,
 }
+
+
+class GrowingTables:
+    """Keeps PostgreSQL's statistics of the tables a bulk load grows current: ANALYZE whenever
+    they have doubled since last analysed (and once early, after the first batch).
+
+    A load multiplies the index's size; with statistics from when it was small (or none: a
+    database without autovacuum, or autovacuum lagging behind a load) the planner reads the blocking
+    key and patient tables whole for each batch's lookups, and the load slows as it grows. Seen
+    here: 19 million blocking-key rows read by sequential scans in the first 55,000 records."""
+
+    TABLES = ("patient", "blocking_key", "patient_identifier", "name_frequency")
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._size: int | None = None  # patient rows, as far as this load knows
+        self._analysed: int | None = None  # that size when last analysed
+
+    async def grew(self, rows: int) -> None:
+        """`rows` more records were committed."""
+        if not self._postgres:
+            return
+        if self._size is None:
+            async with self._engine.connect() as conn:
+                known = await conn.scalar(text("SELECT reltuples FROM pg_class WHERE oid = 'patient'::regclass"))
+            self._size = max(int(known or 0), 0)  # -1: never analysed
+        self._size += rows
+        if self._analysed is None or self._size >= 2 * max(self._analysed, 500):
+            async with self._engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text(f"ANALYZE {', '.join(self.TABLES)}"))
+            self._analysed = self._size
 
 
 @dataclass
@@ -188,6 +224,7 @@ async def load_csv(
     started = time.perf_counter()
     batch: list[tuple[int, dict[str, str]]] = []
     batches = 0
+    growing = GrowingTables(handle.engine)
     progress(done)
 
     async def flush() -> None:
@@ -227,6 +264,7 @@ async def load_csv(
             )
         done = batch[-1][0]
         progress(len(batch))
+        await growing.grew(len(batch))
         batch.clear()
 
     for number, row in enumerate(_rows(path), start=1):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import hl7.mllp
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from services.mpi import domain, store
 from services.mpi.bulk import load_csv
@@ -224,3 +224,27 @@ async def test_bulk_load_interrupted_then_resumed_loses_and_duplicates_nothing(
     # Loading the finished file again changes nothing.
     again = await load_csv(index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
     assert again.counts.as_dict() == done.counts.as_dict()
+
+
+async def test_bulk_load_keeps_the_planner_statistics_of_the_growing_tables(index: IndexHandle, tmp_path: Path) -> None:
+    if index.engine.dialect.name != "postgresql":
+        pytest.skip("planner statistics are PostgreSQL's")
+
+    async def analysed_rows() -> float:
+        async with index.engine.connect() as conn:
+            return float(await conn.scalar(text("SELECT reltuples FROM pg_class WHERE oid = 'patient'::regclass")))
+
+    source = tmp_path / "patients.csv"
+    invalid = _write_population(source, 1200)
+    mapping = ["mrn=local_id", "xm=name", "xb=gender", "csrq=birth_date", "sfzh=national_id", "dh=phone"]
+    rejects = tmp_path / "rejects.csv"
+    # A new index: never analysed (PostgreSQL says -1).
+    assert await analysed_rows() == -1
+    first = await load_csv(
+        index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100, stop_after_batches=1
+    )
+    # Analysed after the first batch, not before: the planner knows of its rows.
+    assert await analysed_rows() == first.counts.new + first.counts.linked + first.counts.review
+    await load_csv(index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
+    # And again once the table had doubled: the statistics are not those of the first batch.
+    assert await analysed_rows() >= 1000 - len([n for n in invalid if n <= 1000])
