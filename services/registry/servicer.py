@@ -514,29 +514,22 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 if chunks:
                     await session.execute(insert(store.DocumentChunk), chunks)
                 event_ids: list[str] = []
-                if new:
-                    event_ids.append(
-                        await self._rt.audit.record(
-                            session,
-                            caller=who,
-                            type="document.register",
-                            action=Action.ACTION_CREATE,
-                            patient_enterprise_id=enterprise_id,
-                            entities=[("DocumentReference", s.record.id) for s in new],
-                        )
-                    )
                 superseded = [s.target_id for s in new if s.relation == domain.REPLACES]
-                if superseded:
-                    event_ids.append(
-                        await self._rt.audit.record(
-                            session,
-                            caller=who,
-                            type="document.supersede",
-                            action=Action.ACTION_UPDATE,
-                            patient_enterprise_id=enterprise_id,
-                            entities=[("DocumentReference", target) for target in superseded],
+                for event_type, action, targets in (
+                    ("document.register", Action.ACTION_CREATE, [s.record.id for s in new]),
+                    ("document.supersede", Action.ACTION_UPDATE, superseded),
+                ):
+                    if targets:
+                        event_ids.append(
+                            await self._rt.audit.record(
+                                session,
+                                caller=who,
+                                type=event_type,
+                                action=action,
+                                patient_enterprise_id=enterprise_id,
+                                entities=[("DocumentReference", target) for target in targets],
+                            )
                         )
-                    )
                 await self._notifier.stage_documents(session, [s.record for s in new], person.refs)
         except IntegrityError:
             # A concurrent submission of some of these documents committed first.
