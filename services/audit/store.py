@@ -68,7 +68,9 @@ outbox_table(metadata)
 
 async def lock_chain(session: AsyncSession) -> None:
     if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK})
+        # Keyed by the schema too: advisory locks are database-wide, and each exchange (schema
+        # prefix) in a database has its own chain.
+        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(current_schema()), :k)"), {"k": _CHAIN_LOCK})
 
 
 async def chain_head(session: AsyncSession) -> tuple[int, str]:

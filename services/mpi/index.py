@@ -27,8 +27,10 @@ from services.shared.errors import DomainError, FailedPrecondition, InvalidArgum
 from services.shared.outbox import Outbox
 
 LINK_TOPIC = "mpi.link.changed"
-# Advisory lock ids of the index ("MPI" in the high bytes, apart from other users of advisory locks).
-_LOCK_SPACE = 0x4D5049 << 16
+# Advisory lock ids of the index ("MPI" in the high bytes, apart from other users of advisory locks),
+# taken with the schema's hash as the first key: advisory locks are database-wide, and indexes of
+# other exchanges (schema prefixes) in the same database must not wait on each other's blocking keys.
+_LOCK_SPACE = 0x4D50 << 16
 _NOT_FOUND = "no patient with that local id in that domain"
 
 
@@ -130,8 +132,8 @@ class MasterIndex:
             # One round trip for all of them (a bulk batch has thousands of keys).
             await session.execute(
                 text(
-                    "SELECT count(pg_advisory_xact_lock(k)) "
-                    "FROM (SELECT unnest(CAST(:ids AS bigint[])) AS k ORDER BY k) AS t"
+                    "SELECT count(pg_advisory_xact_lock(hashtext(current_schema()), k)) "
+                    "FROM (SELECT unnest(CAST(:ids AS integer[])) AS k ORDER BY k) AS t"
                 ),
                 {"ids": ids},
             )
