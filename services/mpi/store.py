@@ -864,20 +864,28 @@ async def frequencies_of(
         by_field[f].append(digest)
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
-    for field_name, digests in sorted(by_field.items()):
-        # One query per field on the (field, value) primary key; chunked for SQLite's parameter limit.
-        for start in range(0, len(digests), 900):
-            rows = await session.execute(
-                select(NameFrequency.value, NameFrequency.count).where(
-                    NameFrequency.field == field_name,
-                    NameFrequency.value.in_(digests[start : start + 900]),
-                )
+    # Each condition is (field = f AND value IN (…)) on the (field, value) primary key. A single
+    # registration's few values go in one query (an OR of the fields: one index scan each); a bulk
+    # batch's go one query per field, chunked for SQLite's parameter limit.
+    if sum(len(d) for d in by_field.values()) <= 900:
+        chunks = [[(f, d) for f, d in sorted(by_field.items())]]
+    else:
+        chunks = [
+            [(f, digests[start : start + 900])]
+            for f, digests in sorted(by_field.items())
+            for start in range(0, len(digests), 900)
+        ]
+    for chunk in chunks:
+        rows = await session.execute(
+            select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
+                or_(*(and_(NameFrequency.field == f, NameFrequency.value.in_(d)) for f, d in chunk))
             )
-            for value, count in rows:
-                if value == "":
-                    totals[field_name] = count
-                else:
-                    counts[clear_of[(field_name, value)]] = count
+        )
+        for field_name, value, count in rows:
+            if value == "":
+                totals[field_name] = count
+            else:
+                counts[clear_of[(field_name, value)]] = count
     return ValueFrequencies(counts=counts, totals=totals)
 
 
