@@ -138,6 +138,14 @@ class _Submission:
     target_id: str
 
 
+def _as_retry(existing: store.DocumentEntryRecord, sub: _Submission) -> store.DocumentEntryRecord:
+    """An earlier registration of this submission, answered as its retry; the same source id with
+    other content is refused."""
+    if existing.sha256 != sub.record.sha256 or existing.study_instance_uid != sub.record.study_instance_uid:
+        raise AlreadyExists("that source document id is registered with different content", reason="document-id-reused")
+    return existing
+
+
 async def _single(content: bytes) -> AsyncIterator[bytes]:
     if content:
         yield content
@@ -312,9 +320,11 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if session is None:
             async with self._rt.sessions() as own:
                 return await self._earlier(sub, own)
-        existing = await store.find_by_source_id(
-            session, source_organization_id=sub.who.organization_id, source_document_id=sub.source_document_id
-        )
+        existing = (
+            await store.find_by_source_ids(
+                session, source_organization_id=sub.who.organization_id, source_document_ids=[sub.source_document_id]
+            )
+        ).get(sub.source_document_id)
         if existing is None and sub.record.idempotency_key:
             existing = await store.find_by_idempotency_key(
                 session, source_organization_id=sub.who.organization_id, idempotency_key=sub.record.idempotency_key
@@ -323,13 +333,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 raise AlreadyExists(
                     "that idempotency key was used for another document", reason="idempotency-key-reused"
                 )
-        if existing is None:
-            return None
-        if existing.sha256 != sub.record.sha256 or existing.study_instance_uid != sub.record.study_instance_uid:
-            raise AlreadyExists(
-                "that source document id is registered with different content", reason="document-id-reused"
-            )
-        return existing
+        return _as_retry(existing, sub) if existing is not None else None
 
     async def _register(
         self, header: registry_pb2.RegisterDocumentRequest, pieces: AsyncIterator[bytes]
@@ -563,16 +567,10 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         earlier: dict[str, store.DocumentEntryRecord] = {}
         for sub in subs:
             existing = found.get(sub.source_document_id)
-            if existing is None and sub.record.idempotency_key:
-                existing = await self._earlier(sub, session)
-            elif existing is not None and (
-                existing.sha256 != sub.record.sha256 or existing.study_instance_uid != sub.record.study_instance_uid
-            ):
-                raise AlreadyExists(
-                    "that source document id is registered with different content", reason="document-id-reused"
-                )
             if existing is not None:
-                earlier[sub.source_document_id] = existing
+                earlier[sub.source_document_id] = _as_retry(existing, sub)
+            elif sub.record.idempotency_key and (by_key := await self._earlier(sub, session)) is not None:
+                earlier[sub.source_document_id] = by_key
         return earlier
 
     def _sealed_content(self, sub: _Submission, position: int) -> list[dict[str, object]]:

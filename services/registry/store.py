@@ -125,17 +125,6 @@ class DocumentChunk(Base):
 outbox_table(metadata)
 
 
-async def find_by_source_id(
-    session: AsyncSession, *, source_organization_id: str, source_document_id: str
-) -> DocumentEntryRecord | None:
-    return await session.scalar(
-        select(DocumentEntryRecord).where(
-            DocumentEntryRecord.source_organization_id == source_organization_id,
-            DocumentEntryRecord.source_document_id == source_document_id,
-        )
-    )
-
-
 async def find_by_source_ids(
     session: AsyncSession, *, source_organization_id: str, source_document_ids: list[str]
 ) -> dict[str, DocumentEntryRecord]:

@@ -11,9 +11,9 @@ import hashlib
 import json
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import jwt
@@ -87,6 +87,20 @@ async def eventually(check: Callable[[], bool]) -> None:
     while not check():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+_T = TypeVar("_T")
+
+
+async def until(read: Callable[[], Awaitable[_T]], done: Callable[[_T], bool]) -> _T:
+    """Read until `done` holds or 15 s have passed (a deadline, not a count of polls: on a loaded
+    machine attempts and give-ups take longer); returns the last reading."""
+    deadline = asyncio.get_running_loop().time() + 15.0
+    while True:
+        value = await read()
+        if done(value) or asyncio.get_running_loop().time() > deadline:
+            return value
         await asyncio.sleep(0.05)
 
 
@@ -332,14 +346,7 @@ async def test_undeliverable_notification_is_dead_lettered_and_replayed(
         )
         return list(listed.dead_letters)
 
-    # Deadlines, not a count of polls: on a loaded machine the attempts and the give-up take longer.
-    deadline = asyncio.get_running_loop().time() + 15.0
-    while True:
-        listed = await dead_letters()
-        if listed or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    (dead,) = listed
+    (dead,) = await until(dead_letters, bool)
     assert dead.attempts >= 2
     assert dead.last_error == "DeliveryRefused"
     tries = len(receiver.received)
@@ -368,13 +375,9 @@ async def test_undeliverable_notification_is_dead_lettered_and_replayed(
     async def audited() -> list[tuple[str, int, str]]:
         return trail(await audit_events(exchange, keys_dir, "notification."))
 
-    deadline = asyncio.get_running_loop().time() + 15.0
-    while True:
-        found = await audited()
-        delivered = any(o == audit_pb2.OUTCOME_SUCCESS for t, o, _a in found if t == "notification.deliver")
-        if delivered or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    found = await until(
+        audited, lambda f: any(o == audit_pb2.OUTCOME_SUCCESS for t, o, _a in f if t == "notification.deliver")
+    )
     delivers = [(outcome, attempt) for t, outcome, attempt in found if t == "notification.deliver"]
     failed = [attempt for outcome, attempt in delivers if outcome == audit_pb2.OUTCOME_MINOR_FAILURE]
     assert len(failed) == tries
