@@ -400,7 +400,11 @@ async def _run(
             log(f"bulk loading {records} records …")
             started = time.perf_counter()
             by_domain: dict[str, list[domain.Registration]] = {}
+            stretches: list[dict[str, float]] = []
             growing = GrowingTables(index.engine)
+            # The load's rate by stretch: it falls as blocks grow, which one average hides.
+            stretch = max(records // 10, 10_000)
+            done, mark, mark_time = 0, 0, started
             for _, domain_id, local_id, fields in loaded:
                 by_domain.setdefault(domain_id, []).append(_registration(domain_id, local_id, fields))
                 batch = by_domain[domain_id]
@@ -409,6 +413,14 @@ async def _run(
                         await index.master.register_batch(session, bulk_caller(domain_id), batch)
                     await growing.grew(len(batch))
                     by_domain[domain_id] = []
+                    done += len(batch)
+                    if done - mark >= stretch:
+                        now = time.perf_counter()
+                        stretches.append(
+                            {"loaded": done, "records_per_second": round((done - mark) / (now - mark_time), 1)}
+                        )
+                        log(f"  {done} loaded, {stretches[-1]['records_per_second']} records/s since {mark}")
+                        mark, mark_time = done, now
             for domain_id, batch in by_domain.items():
                 if batch:
                     async with index.sessions() as session, session.begin():
@@ -511,6 +523,7 @@ async def _run(
             "records": records,
             "seconds": round(load_seconds, 2),
             "records_per_second": round(records / load_seconds, 1),
+            "by_stretch": stretches,
         },
         "latency": {
             "population": records,

@@ -181,7 +181,7 @@ class MasterIndex:
         enterprise_id = existing.enterprise_id if existing is not None else domain.new_enterprise_id()
         new = store.match_record_of_registration(registration, record_id=record_id, enterprise_id=enterprise_id)
         keys = matching.blocking_keys(new)
-        await self.lock(session, matching.search_keys(new))
+        await self.lock(session, matching.lock_keys(new))
         if existing is None:
             result = await self._insert(session, who, registration, new, keys)
         else:
@@ -549,7 +549,7 @@ class MasterIndex:
         self, session: AsyncSession, query: MatchRecord, *, limit: int, minimum: float | None = None
     ) -> list[Ranked]:
         """Records sharing a blocking key with the query, scored against it, best first."""
-        found = await store.candidates(session, matching.search_keys(query) | matching.name_keys(query))
+        found = await store.candidates(session, matching.demographic_keys(query))
         frequencies = await store.value_frequencies(session, matching.frequency_values(query))
         ranked = []
         for record in found:
@@ -594,8 +594,8 @@ class MasterIndex:
                 registration, record_id=str(uuid.uuid4()), enterprise_id=domain.new_enterprise_id()
             )
             fresh.append((i, registration, new))
+        await self.lock(session, set().union(*(matching.lock_keys(n) for _, _, n in fresh)) if fresh else set())
         all_keys = set().union(*(matching.search_keys(n) for _, _, n in fresh)) if fresh else set()
-        await self.lock(session, all_keys)
         sealing = store.sealing_of(session)
         # Each key's blind index once per batch: the lookup and the rows written both need it.
         digests = {key: sealing.key(key) for key in all_keys}

@@ -18,7 +18,7 @@ import datetime
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -398,6 +398,30 @@ def match_record_of(record: PatientRecord) -> MatchRecord:
         address_line=record.address_line,
         postal_code=record.postal_code,
         identifiers=[(i.system, i.value) for i in record.identifiers],
+    )
+
+
+def match_record_of_row(row: Mapping[str, Any], sealing: RecordSealing) -> MatchRecord:
+    """The comparable form of a `patient` row read with Core (no ORM object): its sealed part
+    opened here."""
+    opened = sealing.open(row["id"], row["sealed"])
+    return match_record(
+        record_id=row["id"],
+        domain=row["domain"],
+        enterprise_id=row["enterprise_id"],
+        name_text=opened["text"],
+        family=opened["family"],
+        given=opened["given"],
+        gender=row["gender"],
+        birth_date=row["birth_date"],
+        national_id=opened["national_id"],
+        phones=opened["phones"],
+        province=row["province"],
+        city=row["city"],
+        district=row["district"],
+        address_line=opened["line"],
+        postal_code=row["postal_code"],
+        identifiers=[(system, value) for system, value, _ in opened["identifiers"]],
     )
 
 
@@ -943,25 +967,7 @@ async def match_candidates_by_key(
         part = ids[start : start + chunk]
         rows = await session.execute(select(patient).where(patient.c.id.in_(part), patient.c.merged_into.is_(None)))
         for row in rows.mappings():
-            opened = sealing.open(row["id"], row["sealed"])
-            records[row["id"]] = match_record(
-                record_id=row["id"],
-                domain=row["domain"],
-                enterprise_id=row["enterprise_id"],
-                name_text=opened["text"],
-                family=opened["family"],
-                given=opened["given"],
-                gender=row["gender"],
-                birth_date=row["birth_date"],
-                national_id=opened["national_id"],
-                phones=opened["phones"],
-                province=row["province"],
-                city=row["city"],
-                district=row["district"],
-                address_line=opened["line"],
-                postal_code=row["postal_code"],
-                identifiers=[(system, value) for system, value, _ in opened["identifiers"]],
-            )
+            records[row["id"]] = match_record_of_row(row, sealing)
     by_key: dict[str, list[MatchRecord]] = {}
     for key, patient_id in pairs:
         if patient_id in records:

@@ -59,6 +59,49 @@ def record(record_id: str, name: str, *, domain: str = "urn:hie:org:a", **fields
     return match_record(record_id=record_id, domain=domain, enterprise_id=f"e-{record_id}", name_text=name, **fields)
 
 
+# --- blocking -----------------------------------------------------------------------------------
+
+
+def _shares_a_key(searcher: matching.MatchRecord, filed: matching.MatchRecord) -> bool:
+    return bool(matching.search_keys(searcher) & matching.blocking_keys(filed))
+
+
+def test_a_mistyped_given_name_is_found_by_birth_date_and_family_name() -> None:
+    # 秀英 / 秀芳: other pinyin, so the name + birth year key differs; no id, no phone.
+    filed = record("c", "张秀英", gender="female", birth_date=D(1980, 5, 5))
+    assert _shares_a_key(record("n", "张秀芳", gender="unknown", birth_date=D(1980, 5, 5)), filed)
+    assert _shares_a_key(record("n", "章秀芳", birth_date=D(1980, 5, 5)), filed)  # homophone family name
+    assert not _shares_a_key(record("n", "李秀芳", gender="female", birth_date=D(1980, 5, 5)), filed)
+
+
+def test_a_romanised_name_of_either_order_meets_the_characters() -> None:
+    filed = record("c", "张秀英", birth_date=D(1980, 5, 5))
+    # Given name mistyped as well: only the birth date + family key can find it.
+    for latin in ("Zhang Xiuyin", "XIUYIN ZHANG"):
+        assert _shares_a_key(record("n", latin, birth_date=D(1980, 5, 5)), filed), latin
+
+
+def test_matching_never_reads_the_birth_date_block_but_demographic_search_does() -> None:
+    # The birth date + gender block grows with the index; matching does without it.
+    query = record("q", "", gender="male", birth_date=D(1980, 5, 5))
+    filed = record("c", "王伟", gender="male", birth_date=D(1980, 5, 5))
+    assert not _shares_a_key(query, filed)
+    assert matching.demographic_keys(query) & matching.blocking_keys(filed)
+    unknown = record("q", "", gender="unknown", birth_date=D(1980, 5, 5))
+    assert matching.demographic_keys(unknown) & matching.blocking_keys(filed)
+    assert not matching.demographic_keys(record("q", "", gender="female", birth_date=D(1980, 5, 5))) & (
+        matching.blocking_keys(filed)
+    )
+
+
+def test_without_a_birth_date_the_name_alone_finds_candidates_and_serialises() -> None:
+    undated = record("n", "王伟", birth_date=None)
+    filed = record("c", "王伟", birth_date=D(1980, 5, 5))
+    assert _shares_a_key(undated, filed)
+    # A dated registration locks the name key an undated one would find it by.
+    assert matching.name_keys(filed) <= matching.lock_keys(filed)
+
+
 # --- names ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,64 @@
+"""Migration 0006: records stored before matching blocked on birth date + family name are filed
+under those keys, so a registration found only by them still meets its person. Real gRPC
+server, real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from hie.mpi.v1 import mpi_pb2
+from services.mpi.service import SPEC as MPI
+from services.mpi.store import RecordSealing
+from services.shared.process import RunningService, start_service
+from tests.conftest import _backends, base_settings, drop_schemas
+from tests.service.test_mpi_linking import Hospital, _tasks_for
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# 秀英 / 秀芳 read differently, so name + birth year does not find one from the other; nothing
+# else is shared but the birth date, the family name and the address.
+_FIRST = {"gender": mpi_pb2.GENDER_FEMALE, "birth_date": "1980-05-05", "line": "西城区金融街7号"}
+
+
+async def _started(settings: object) -> RunningService:
+    running = await start_service(MPI, settings, listen="127.0.0.1:0")  # type: ignore[arg-type]
+    running.runtime.outbox.poll_interval = 3600  # no audit service here: events stay in the outbox
+    return running
+
+
+@pytest.mark.parametrize("backend", _backends())
+async def test_the_migration_files_existing_records_under_birth_date_and_family_name(
+    backend: str, tmp_path: Path, keys_dir: Path
+) -> None:
+    settings = base_settings(tmp_path, keys_dir, backend)
+    running = await _started(settings)
+    try:
+        first = Hospital(running, keys_dir)
+        stored = await first.register("A-1", "张秀英", **_FIRST)
+        assert running.runtime.protection is not None
+        digest = RecordSealing(running.runtime.protection).key("d:1980-05-05:zhang")
+        # The record as an earlier schema left it: without its birth date + family key.
+        async with running.runtime.engine.begin() as conn:
+            removed = await conn.execute(sa.text("DELETE FROM blocking_key WHERE key = :k"), {"k": digest})
+            assert removed.rowcount == 1
+            await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0005'"))
+    finally:
+        await running.stop(grace=None)
+
+    running = await _started(settings)
+    try:
+        async with running.runtime.engine.connect() as conn:
+            filed = await conn.scalar(sa.text("SELECT count(*) FROM blocking_key WHERE key = :k"), {"k": digest})
+        assert filed == 1
+        second = Hospital(running, keys_dir)
+        got = await second.register("B-1", "张秀芳", **_FIRST)
+        tasks = await _tasks_for(second, "B-1")
+        assert got.patient.enterprise_id == stored.patient.enterprise_id or [
+            t.candidate.ref.local_id for t in tasks
+        ] == ["A-1"]
+    finally:
+        await running.stop(grace=None)
+        await drop_schemas(settings)
