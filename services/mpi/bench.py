@@ -42,7 +42,7 @@ from gateway.client import Practitioner, user_assertion
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.mpi import domain, store
-from services.mpi.bulk import GrowingTables, bulk_caller
+from services.mpi.bulk import BatchPipeline, GrowingTables, bulk_caller
 from services.mpi.matching import load_parameters
 from services.mpi.service import SPEC as MPI
 from services.mpi.standalone import open_index
@@ -405,26 +405,30 @@ async def _run(
             # The load's rate by stretch: it falls as blocks grow, which one average hides.
             stretch = max(records // 10, 10_000)
             done, mark, mark_time = 0, 0, started
-            for _, domain_id, local_id, fields in loaded:
-                by_domain.setdefault(domain_id, []).append(_registration(domain_id, local_id, fields))
-                batch = by_domain[domain_id]
-                if len(batch) >= 500:
-                    async with index.sessions() as session, session.begin():
-                        await index.master.register_batch(session, bulk_caller(domain_id), batch)
-                    await growing.grew(len(batch))
-                    by_domain[domain_id] = []
-                    done += len(batch)
-                    if done - mark >= stretch:
-                        now = time.perf_counter()
-                        stretches.append(
-                            {"loaded": done, "records_per_second": round((done - mark) / (now - mark_time), 1)}
-                        )
-                        log(f"  {done} loaded, {stretches[-1]['records_per_second']} records/s since {mark}")
-                        mark, mark_time = done, now
-            for domain_id, batch in by_domain.items():
-                if batch:
-                    async with index.sessions() as session, session.begin():
-                        await index.master.register_batch(session, bulk_caller(domain_id), batch)
+
+            async def committed(results: list[object]) -> None:
+                nonlocal done, mark, mark_time
+                await growing.grew(len(results))
+                done += len(results)
+                if done - mark >= stretch:
+                    now = time.perf_counter()
+                    stretches.append(
+                        {"loaded": done, "records_per_second": round((done - mark) / (now - mark_time), 1)}
+                    )
+                    log(f"  {done} loaded, {stretches[-1]['records_per_second']} records/s since {mark}")
+                    mark, mark_time = done, now
+
+            # As `hie mpi load` does it: two batches in flight (bulk.BatchPipeline).
+            async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+                for _, domain_id, local_id, fields in loaded:
+                    by_domain.setdefault(domain_id, []).append(_registration(domain_id, local_id, fields))
+                    batch = by_domain[domain_id]
+                    if len(batch) >= 500:
+                        await pipeline.submit(bulk_caller(domain_id), batch, committed=committed)
+                        by_domain[domain_id] = []
+                for domain_id, batch in by_domain.items():
+                    if batch:
+                        await pipeline.submit(bulk_caller(domain_id), batch, committed=committed)
             load_seconds = time.perf_counter() - started
             log(f"loaded in {load_seconds:.1f} s")
             if database_url:

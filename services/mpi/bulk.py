@@ -5,19 +5,22 @@ with their row number and a reason code (never the row's content)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from services.mpi import domain
-from services.mpi.index import MasterIndex
+from services.mpi.index import BULK_LOAD_LOCK, BatchLink, MasterIndex, Registered
 from services.mpi.matching import Outcome
 from services.mpi.standalone import IndexHandle
 from services.mpi.store import bulk_load, save_bulk_load
@@ -84,6 +87,131 @@ class GrowingTables:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 await conn.execute(text(f"ANALYZE {', '.join(self.TABLES)}"))
             self._analysed = self._size
+
+
+BatchResults = list[Registered | DomainError]
+BatchFinish = Callable[[AsyncSession, BatchResults], Awaitable[None]]
+BatchCommitted = Callable[[BatchResults], Awaitable[None]]
+
+
+@dataclass
+class _InFlight:
+    task: asyncio.Task[BatchResults]
+    scored: asyncio.Future[dict[str, Any]]
+    local_ids: frozenset[tuple[str, str]]
+
+
+class BatchPipeline:
+    """Registers bulk batches two at a time, each in its own transaction: while one batch writes
+    and commits (PostgreSQL's work), the next reads its candidates and scores (this process's
+    work), so the two cores are both busy. The later batch scores with the earlier one's records
+    as decided (`index.BatchLink`), and commits after it; a failed batch fails the one after it.
+
+    On PostgreSQL; on SQLite (one writer, and a transaction that read before another's commit
+    cannot write after it) batches run one after the other. One load runs at a time in an index
+    (a session advisory lock, held while the pipeline is open): the batches of one load lock
+    their keys shared, so another load's batches must not run alongside them. A batch naming a
+    record of the batch before it waits for that one's commit (it updates the row that one
+    inserts).
+
+    `submit` returns once the batch before the submitted one has committed; `finish(session,
+    results)` runs in the batch's transaction after the batch before it committed (the load's
+    progress, so it is saved in order), `committed(results)` after its commit."""
+
+    def __init__(self, engine: AsyncEngine, sessions: Callable[[], AsyncSession], master: MasterIndex) -> None:
+        self._engine = engine
+        self._sessions = sessions
+        self._master = master
+        self._in_flight: _InFlight | None = None
+        self._guard: AsyncConnection | None = None
+
+    async def __aenter__(self) -> BatchPipeline:
+        if self._engine.dialect.name == "postgresql":
+            self._guard = await self._engine.connect()
+            await self._guard.execute(
+                text("SELECT pg_advisory_lock(hashtext(current_schema()), :k)"), {"k": BULK_LOAD_LOCK}
+            )
+            await self._guard.commit()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        try:
+            if kind is None:
+                await self.drain()
+            elif self._in_flight is not None:
+                self._in_flight.task.cancel()
+                await asyncio.gather(self._in_flight.task, return_exceptions=True)
+        finally:
+            self._in_flight = None
+            if self._guard is not None:
+                guard, self._guard = self._guard, None
+                try:
+                    # Released by hand: a pooled connection's session, and its locks, outlive close().
+                    await guard.execute(
+                        text("SELECT pg_advisory_unlock(hashtext(current_schema()), :k)"), {"k": BULK_LOAD_LOCK}
+                    )
+                    await guard.commit()
+                except BaseException:
+                    await guard.invalidate()  # a lost connection ends the session, and its lock
+                    raise
+                finally:
+                    await guard.close()
+
+    async def submit(
+        self,
+        who: Caller,
+        registrations: Sequence[domain.Registration],
+        finish: BatchFinish | None = None,
+        committed: BatchCommitted | None = None,
+    ) -> None:
+        previous = self._in_flight
+        local_ids = frozenset((r.domain, r.local_id) for r in registrations)
+        if previous is not None and (self._guard is None or previous.local_ids & local_ids):
+            # SQLite has one writer: there the batches run one after the other.
+            await previous.task
+            previous = None
+        scored: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._run(who, registrations, finish, committed, previous, scored))
+        self._in_flight = _InFlight(task, scored, local_ids)
+        if previous is not None:
+            try:
+                await previous.task
+            except BaseException:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self._in_flight = None
+                raise
+
+    async def drain(self) -> BatchResults:
+        """Wait for the last batch's commit; its results."""
+        in_flight, self._in_flight = self._in_flight, None
+        return await in_flight.task if in_flight is not None else []
+
+    async def _run(
+        self,
+        who: Caller,
+        registrations: Sequence[domain.Registration],
+        finish: BatchFinish | None,
+        committed: BatchCommitted | None,
+        previous: _InFlight | None,
+        scored: asyncio.Future[dict[str, Any]],
+    ) -> BatchResults:
+        link = BatchLink(
+            previous=previous.scored if previous is not None else None,
+            scored=scored,
+            committed=previous.task if previous is not None else None,
+        )
+        async with self._sessions() as session, session.begin():
+            results = await self._master.register_batch(session, who, registrations, link=link)
+            if previous is not None:
+                await previous.task
+            if finish is not None:
+                await finish(session, results)
+        if committed is not None:
+            await committed(results)
+        return results
 
 
 @dataclass
@@ -227,28 +355,26 @@ async def load_csv(
     growing = GrowingTables(handle.engine)
     progress(done)
 
-    async def flush() -> None:
-        nonlocal done
+    def submitted(
+        rows: list[tuple[int, dict[str, str]]],
+    ) -> tuple[list[domain.Registration], BatchFinish, BatchCommitted]:
+        """A batch's valid registrations, what its transaction does after them (counts, rejects
+        and the load's progress, committed with the batch) and what follows its commit."""
         rejected_lines = []
-        async with handle.sessions() as session, session.begin():
-            valid: list[tuple[int, domain.Registration]] = []
-            for number, row in batch:
-                try:
-                    valid.append((number, registration_from_row(row, columns, domain_id)))
-                except DomainError as exc:
-                    counts.rejected += 1
-                    reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
-                    rejected_lines.append(f"{number},{exc.reason}\n")
-            results = await master.register_batch(session, who, [r for _, r in valid])
+        valid: list[tuple[int, domain.Registration]] = []
+        for number, row in rows:
+            try:
+                valid.append((number, registration_from_row(row, columns, domain_id)))
+            except DomainError as exc:
+                rejected_lines.append((number, exc.reason))
+
+        async def finish(session: AsyncSession, results: BatchResults) -> None:
+            nonlocal done
+            rejected = list(rejected_lines)
             for (number, _), result in zip(valid, results, strict=True):
                 if isinstance(result, DomainError):
-                    counts.rejected += 1
-                    reasons[result.reason] = reasons.get(result.reason, 0) + 1
-                    rejected_lines.append(f"{number},{result.reason}\n")
-            for result in results:
-                if isinstance(result, DomainError):
-                    continue
-                if not result.created:
+                    rejected.append((number, result.reason))
+                elif not result.created:
                     counts.updated += 1
                 elif result.outcome is Outcome.LINK:
                     counts.linked += 1
@@ -256,29 +382,37 @@ async def load_csv(
                     counts.review += 1
                 else:
                     counts.new += 1
-            counts.rows = batch[-1][0]
+            for _, reason in rejected:
+                counts.rejected += 1
+                reasons[reason] = reasons.get(reason, 0) + 1
+            counts.rows = rows[-1][0]
             with rejects.open("a", encoding="utf-8") as out:
-                out.writelines(rejected_lines)
+                out.writelines(f"{number},{reason}\n" for number, reason in sorted(rejected))
             await save_bulk_load(
-                session, load_id, domain=domain_id, rows_done=batch[-1][0], counts=json.dumps(counts.as_dict())
+                session, load_id, domain=domain_id, rows_done=rows[-1][0], counts=json.dumps(counts.as_dict())
             )
-        done = batch[-1][0]
-        progress(len(batch))
-        await growing.grew(len(batch))
-        batch.clear()
+            done = rows[-1][0]
 
-    for number, row in enumerate(_rows(path), start=1):
-        if number <= done:
-            continue
-        batch.append((number, row))
-        if len(batch) >= batch_size:
-            await flush()
-            batches += 1
-            if stop_after_batches is not None and batches >= stop_after_batches:
-                break
-    else:
-        if batch:
-            await flush()
+        async def committed(results: BatchResults) -> None:
+            progress(len(rows))
+            await growing.grew(len(results))
+
+        return [r for _, r in valid], finish, committed
+
+    async with BatchPipeline(handle.engine, handle.sessions, master) as pipeline:
+        for number, row in enumerate(_rows(path), start=1):
+            if number <= done:
+                continue
+            batch.append((number, row))
+            if len(batch) >= batch_size:
+                await pipeline.submit(who, *submitted(batch))
+                batch = []
+                batches += 1
+                if stop_after_batches is not None and batches >= stop_after_batches:
+                    break
+        else:
+            if batch:
+                await pipeline.submit(who, *submitted(batch))
     return LoadReport(
         load_id=load_id,
         counts=counts,

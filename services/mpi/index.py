@@ -8,11 +8,12 @@ fed by any of them is matched, linked and audited the same way.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
@@ -31,7 +32,17 @@ LINK_TOPIC = "mpi.link.changed"
 # taken with the schema's hash as the first key: advisory locks are database-wide, and indexes of
 # other exchanges (schema prefixes) in the same database must not wait on each other's blocking keys.
 _LOCK_SPACE = 0x4D50 << 16
+# One bulk load at a time (`bulk.BatchPipeline`): outside the blocking-key lock slots.
+BULK_LOAD_LOCK = _LOCK_SPACE + 1024
 _NOT_FOUND = "no patient with that local id in that domain"
+_EXCLUSIVE_LOCKS = text(
+    "SELECT count(pg_advisory_xact_lock(hashtext(current_schema()), k)) "
+    "FROM (SELECT unnest(CAST(:ids AS integer[])) AS k ORDER BY k) AS t"
+)
+_SHARED_LOCKS = text(
+    "SELECT count(pg_advisory_xact_lock_shared(hashtext(current_schema()), k)) "
+    "FROM (SELECT unnest(CAST(:ids AS integer[])) AS k ORDER BY k) AS t"
+)
 
 
 @dataclass
@@ -42,6 +53,22 @@ class Registered:
     outcome: Outcome
     review_task_ids: list[str] = field(default_factory=list)
     audit_event_id: str = ""
+
+
+@dataclass(frozen=True)
+class BatchLink:
+    """How a bulk batch follows the one before it when two are in flight (`bulk.BatchPipeline`).
+
+    It locks its keys shared, not exclusively: the batches of one load do not wait for each other
+    (single registrations still wait for both, and one load runs at a time). It scores with the
+    records the batch before it decided (`previous`, set once that batch has scored), which it
+    may not see in the database yet, and hands its own on (`scored`). It writes nothing the batch
+    before it also writes until that one committed (`committed`)."""
+
+    previous: asyncio.Future[dict[str, list[MatchRecord]]] | None
+    scored: asyncio.Future[dict[str, list[MatchRecord]]]
+    # The batch before's commit: awaited before writing rows it may also write (name counts).
+    committed: Awaitable[object] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,9 +147,10 @@ class MasterIndex:
 
     # --- matching -----------------------------------------------------------------------------
 
-    async def lock(self, session: AsyncSession, keys: Iterable[str]) -> None:
+    async def lock(self, session: AsyncSession, keys: Iterable[str], *, shared: bool = False) -> None:
         """Serialise registrations sharing a blocking key (PostgreSQL advisory locks, taken in a
-        fixed order so two registrations never wait on each other crosswise)."""
+        fixed order so two registrations never wait on each other crosswise). `shared`: the
+        batches of one bulk load, which coordinate among themselves (`BatchLink`)."""
         if session.bind.dialect.name != "postgresql":
             return
         # Keys hash into 1,024 lock slots: a bulk batch with thousands of keys takes at most 1,024
@@ -130,13 +158,7 @@ class MasterIndex:
         ids = sorted({_LOCK_SPACE + zlib.crc32(k.encode()) % 1024 for k in keys})
         if ids:
             # One round trip for all of them (a bulk batch has thousands of keys).
-            await session.execute(
-                text(
-                    "SELECT count(pg_advisory_xact_lock(hashtext(current_schema()), k)) "
-                    "FROM (SELECT unnest(CAST(:ids AS integer[])) AS k ORDER BY k) AS t"
-                ),
-                {"ids": ids},
-            )
+            await session.execute(_SHARED_LOCKS if shared else _EXCLUSIVE_LOCKS, {"ids": ids})
 
     async def evaluate(
         self,
@@ -172,8 +194,12 @@ class MasterIndex:
 
     # --- register / update -----------------------------------------------------------------------
 
-    async def register(self, session: AsyncSession, who: Caller, registration: domain.Registration) -> Registered:
-        """Insert or update a record of the caller's domain and (re)decide its link."""
+    async def register(
+        self, session: AsyncSession, who: Caller, registration: domain.Registration, *, in_batch: bool = False
+    ) -> Registered:
+        """Insert or update a record of the caller's domain and (re)decide its link. `in_batch`:
+        an update within a bulk batch running alongside another of its load (locks shared, as the
+        batch's own: the other batch holds its keys shared and waits for this one's commit)."""
         existing = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
         if existing is not None and existing.merged_into is not None:
             raise FailedPrecondition("that local id was merged into another record", reason="patient-merged")
@@ -181,7 +207,7 @@ class MasterIndex:
         enterprise_id = existing.enterprise_id if existing is not None else domain.new_enterprise_id()
         new = store.match_record_of_registration(registration, record_id=record_id, enterprise_id=enterprise_id)
         keys = matching.blocking_keys(new)
-        await self.lock(session, matching.lock_keys(new))
+        await self.lock(session, matching.lock_keys(new), shared=in_batch)
         if existing is None:
             result = await self._insert(session, who, registration, new, keys)
         else:
@@ -570,7 +596,12 @@ class MasterIndex:
     # --- bulk registration -----------------------------------------------------------------
 
     async def register_batch(
-        self, session: AsyncSession, who: Caller, registrations: Sequence[domain.Registration]
+        self,
+        session: AsyncSession,
+        who: Caller,
+        registrations: Sequence[domain.Registration],
+        *,
+        link: BatchLink | None = None,
     ) -> list[Registered | DomainError]:
         """Register many new records of one domain in a few statements (bulk load): candidates,
         frequencies and existing records are read for the whole batch at once, records earlier in
@@ -594,7 +625,11 @@ class MasterIndex:
                 registration, record_id=str(uuid.uuid4()), enterprise_id=domain.new_enterprise_id()
             )
             fresh.append((i, registration, new))
-        await self.lock(session, set().union(*(matching.lock_keys(n) for _, _, n in fresh)) if fresh else set())
+        await self.lock(
+            session,
+            set().union(*(matching.lock_keys(n) for _, _, n in fresh)) if fresh else set(),
+            shared=link is not None,
+        )
         all_keys = set().union(*(matching.search_keys(n) for _, _, n in fresh)) if fresh else set()
         sealing = store.sealing_of(session)
         # Each key's blind index once per batch: the lookup and the rows written both need it.
@@ -603,19 +638,25 @@ class MasterIndex:
         frequencies = await store.frequencies_of(
             session, {(f, v) for _, _, n in fresh for f, v in matching.frequency_values(n).items() if v}
         )
+        # The batch before, still committing, is not in the database yet: its records as it
+        # decided them (a record it committed meanwhile is read twice: one candidate, by id).
+        carried = await link.previous if link is not None and link.previous is not None else {}
         in_batch: dict[str, list[MatchRecord]] = {}
         now = utcnow()
         patients, identifiers, keys, history, events, tasks = [], [], [], [], [], []
         deltas: dict[tuple[str, str], int] = {}
         results: dict[int, Registered | DomainError] = {}
-        for i, registration, new in fresh:
+        for n, (i, registration, new) in enumerate(fresh):
+            if link is not None and n % 50 == 49:
+                # Let the batch before this one go on writing and committing meanwhile.
+                await asyncio.sleep(0)
             own_keys = matching.search_keys(new)
             candidates: dict[str, MatchRecord] = {}
-            for key in own_keys:
-                for record in stored.get(key, ()):
-                    candidates[record.record_id] = record
-                for record in in_batch.get(key, ()):
-                    candidates[record.record_id] = record
+            # Smallest blocks first: past the cap, what is left out is the big name-only block.
+            for key in sorted(own_keys, key=lambda k: len(stored.get(k, ()))):
+                for source in (stored, carried, in_batch):
+                    for record in source.get(key, ()):
+                        candidates[record.record_id] = record
                 if len(candidates) > 500:
                     break
             decision = matching.decide(new, list(candidates.values()), self.params, frequencies)
@@ -700,13 +741,14 @@ class MasterIndex:
                     deltas[(f, v)] = deltas.get((f, v), 0) + 1
                     deltas[(f, "")] = deltas.get((f, ""), 0) + 1
             results[i] = Registered(record=None, created=True, method=method, outcome=decision.outcome)  # type: ignore[arg-type]
+        if link is not None:
+            link.scored.set_result(in_batch)
         tables = store.metadata.tables
         await store.insert_rows(session, tables["patient"], patients)
         await store.insert_rows(session, tables["patient_identifier"], identifiers)
         await store.insert_rows(session, tables["blocking_key"], keys)
         await store.insert_rows(session, tables["link_history"], history)
         await store.insert_rows(session, tables["review_task"], tasks)
-        await store.add_frequency_deltas(session, deltas)
         await store.insert_rows(
             session,
             tables["outbox"],
@@ -735,10 +777,15 @@ class MasterIndex:
             for result in results.values():
                 if isinstance(result, Registered):
                     result.audit_event_id = audit_id
+        if link is not None and link.committed is not None:
+            # The name counts are rows both batches update: the one before must commit first, or
+            # it could wait on this batch's row locks while this batch waits for its commit.
+            await link.committed
+        await store.add_frequency_deltas(session, deltas)
         for i in later:
             try:
                 async with session.begin_nested():
-                    results[i] = await self.register(session, who, registrations[i])
+                    results[i] = await self.register(session, who, registrations[i], in_batch=link is not None)
             except DomainError as exc:
                 results[i] = exc
         return [results[i] for i in range(len(registrations))]

@@ -12,11 +12,13 @@ import hl7.mllp
 import pytest
 from sqlalchemy import func, select, text
 
-from services.mpi import domain, store
-from services.mpi.bulk import load_csv
-from services.mpi.index import MasterIndex
+from services.mpi import domain, matching, store
+from services.mpi.bulk import BatchPipeline, bulk_caller, load_csv
+from services.mpi.index import BatchLink, MasterIndex, Registered
+from services.mpi.matching import Outcome
 from services.mpi.mllp import AdtFeed, serve
 from services.mpi.standalone import IndexHandle, open_index
+from services.shared import gb11643
 from services.shared.auth import Caller
 from tests.conftest import _backends, base_settings, drop_schemas
 from tests.factories import fresh_national_id
@@ -165,20 +167,24 @@ def _write_population(path: Path, rows: int) -> set[int]:
     return invalid
 
 
+class PowerCut(Exception):
+    pass
+
+
 class CrashingIndex(MasterIndex):
-    """A real index whose process dies (as in a power cut) after writing its n-th batch, before
-    the batch commits."""
+    """A real index whose connection is lost (as in a power cut) after writing its n-th batch,
+    before the batch commits."""
 
     def __init__(self, base: MasterIndex, crash_at: int) -> None:
         super().__init__(audit=base.audit, outbox=base.outbox, params=base.params)
         self.batches = 0
         self.crash_at = crash_at
 
-    async def register_batch(self, session, who: Caller, registrations: list[domain.Registration]):  # type: ignore[no-untyped-def]
-        results = await super().register_batch(session, who, registrations)
+    async def register_batch(self, session, who: Caller, registrations: list[domain.Registration], **options):  # type: ignore[no-untyped-def]
+        results = await super().register_batch(session, who, registrations, **options)
         self.batches += 1
         if self.batches == self.crash_at:
-            raise SystemExit("power cut")
+            raise PowerCut
         return results
 
 
@@ -198,7 +204,7 @@ async def test_bulk_load_interrupted_then_resumed_loses_and_duplicates_nothing(
     crashing = IndexHandle(
         engine=index.engine, sessions=index.sessions, outbox=index.outbox, master=CrashingIndex(index.master, 3)
     )
-    with pytest.raises(SystemExit):
+    with pytest.raises(PowerCut):
         await load_csv(crashing, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
     # Third run: resumes after the last committed batch and finishes.
     done = await load_csv(index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
@@ -248,3 +254,116 @@ async def test_bulk_load_keeps_the_planner_statistics_of_the_growing_tables(inde
     await load_csv(index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
     # And again once the table had doubled: the statistics are not those of the first batch.
     assert await analysed_rows() >= 1000 - len([n for n in invalid if n <= 1000])
+
+
+# --- two batches in flight ------------------------------------------------------------------------
+
+
+def _person(domain_id: str, local_id: str, national_id: str) -> domain.Registration:
+    return domain.validate_registration(
+        domain=domain_id,
+        local_id=local_id,
+        name_text="欧阳春晓",
+        gender=domain.Gender.MALE if gb11643.gender(national_id) == "male" else domain.Gender.FEMALE,
+        birth_date=gb11643.birth_date(national_id).isoformat(),
+        national_id=national_id,
+    )
+
+
+async def test_a_batch_links_to_a_record_the_batch_before_it_decided_but_has_not_committed(
+    index: IndexHandle,
+) -> None:
+    national_id = fresh_national_id()
+    earlier = _person("hosp-a", "A-1", national_id)
+    # The batch before, still committing: its record is not in the database, only handed on.
+    carried = store.match_record_of_registration(earlier, record_id="r-earlier", enterprise_id="e-earlier")
+    loop = asyncio.get_running_loop()
+    previous: asyncio.Future[dict[str, list[matching.MatchRecord]]] = loop.create_future()
+    previous.set_result({key: [carried] for key in matching.blocking_keys(carried)})
+    scored: asyncio.Future[dict[str, list[matching.MatchRecord]]] = loop.create_future()
+    async with index.sessions() as session, session.begin():
+        [result] = await index.master.register_batch(
+            session, bulk_caller("hosp-b"), [_person("hosp-b", "B-1", national_id)], link=BatchLink(previous, scored)
+        )
+        record = await store.find_record(session, domain="hosp-b", local_id="B-1")
+    assert isinstance(result, Registered)
+    assert result.outcome is Outcome.LINK
+    assert record is not None
+    assert record.enterprise_id == "e-earlier"
+    # And hands its own on to the batch after it, as linked.
+    handed = {r.record_id: r.enterprise_id for records in scored.result().values() for r in records}
+    assert handed == {record.id: "e-earlier"}
+
+
+async def test_a_failed_batch_fails_the_one_after_it_and_neither_commits(index: IndexHandle) -> None:
+    async def cut(session: object, results: object) -> None:
+        raise PowerCut
+
+    first = [_person(FACILITY, f"F-{n}", fresh_national_id()) for n in range(3)]
+    second = [_person(FACILITY, f"S-{n}", fresh_national_id()) for n in range(3)]
+
+    async def load() -> None:
+        async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+            await pipeline.submit(bulk_caller(FACILITY), first, cut)
+            await pipeline.submit(bulk_caller(FACILITY), second)
+
+    with pytest.raises(PowerCut):
+        await load()
+    async with index.sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(store.PatientRecord)) == 0
+    # The index is usable again: nothing is left locked.
+    async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+        await pipeline.submit(bulk_caller(FACILITY), second)
+        await pipeline.submit(bulk_caller(FACILITY), first)
+    async with index.sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(store.PatientRecord)) == 6
+
+
+async def test_one_bulk_load_runs_at_a_time(index: IndexHandle) -> None:
+    if index.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer anyway")
+    first = BatchPipeline(index.engine, index.sessions, index.master)
+    second = BatchPipeline(index.engine, index.sessions, index.master)
+    await first.__aenter__()
+    waiting = asyncio.create_task(second.__aenter__())
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+    await first.__aexit__(None, None, None)
+    await asyncio.wait_for(waiting, 10)
+    await second.__aexit__(None, None, None)
+
+
+async def test_a_batch_updating_a_record_runs_alongside_the_next_batch_sharing_its_keys(
+    index: IndexHandle, tmp_path: Path
+) -> None:
+    mapping = ["mrn=local_id", "xm=name", "csrq=birth_date", "dh=phone", "dz=address"]
+    header = ["mrn", "xm", "csrq", "dh", "dz"]
+    shared_phone = "13712345678"
+
+    def write(path: Path, rows: list[list[str]]) -> Path:
+        with path.open("w", encoding="utf-8", newline="") as handle:
+            csv.writer(handle).writerows([header, *rows])
+        return path
+
+    first = write(tmp_path / "first.csv", [["A-1", "张三丰", "1950-04-09", shared_phone, "武当山1号"]])
+    await load_csv(index, first, domain_id=FACILITY, mapping=mapping, rejects=tmp_path / "r1.csv")
+    # Batch 1 updates A-1 after registering 199 others (its keys are locked by the update then),
+    # while batch 2, in flight, holds the same phone's key shared and waits for batch 1's commit.
+    others = [[f"N-{n}", f"测试{n:03d}", f"1970-01-{n % 28 + 1:02d}", f"136{n:08d}", ""] for n in range(199)]
+    second = write(
+        tmp_path / "second.csv",
+        [
+            *others,
+            ["A-1", "张三丰", "1950-04-09", shared_phone, "武当山紫霄宫2号"],
+            ["D-1", "赵敏", "1990-03-03", shared_phone, ""],
+        ],
+    )
+    report = await asyncio.wait_for(
+        load_csv(index, second, domain_id=FACILITY, mapping=mapping, rejects=tmp_path / "r2.csv", batch_size=200), 30
+    )
+    assert report.counts.updated == 1
+    assert report.counts.new + report.counts.review + report.counts.linked == 200
+    async with index.sessions() as session:
+        updated = await store.find_record(session, domain=FACILITY, local_id="A-1")
+    assert updated is not None
+    assert updated.address_line == "武当山紫霄宫2号"
