@@ -41,6 +41,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -871,6 +872,10 @@ async def person_identities(
 
 async def known_local_ids(session: AsyncSession, *, domain: str, local_ids: list[str]) -> set[str]:
     """Which of these local ids one domain has registered already."""
+    if session.bind.dialect.name == "postgresql":
+        # An array parameter, not an IN list rendered parameter by parameter (see match_candidates_by_key).
+        found = await session.scalars(_KNOWN_LOCAL_IDS, {"domain": domain, "local_ids": local_ids})
+        return set(found)
     rows = await session.scalars(
         select(PatientRecord.local_id).where(PatientRecord.domain == domain, PatientRecord.local_id.in_(local_ids))
     )
@@ -945,6 +950,20 @@ async def insert_rows(session: AsyncSession, table: Table, rows: list[dict[str, 
     )
 
 
+_KNOWN_LOCAL_IDS = text(
+    "SELECT p.local_id FROM unnest(CAST(:local_ids AS varchar[])) AS l(local_id) "
+    "JOIN patient AS p ON p.domain = :domain AND p.local_id = l.local_id"
+)
+_KEYED_PAIRS = text(
+    "SELECT b.key, b.patient_id FROM unnest(CAST(:keys AS varchar[])) AS k(key) JOIN blocking_key AS b ON b.key = k.key"
+)
+_ACTIVE_PATIENTS = text(
+    "SELECT p.id, p.domain, p.enterprise_id, p.sealed, p.gender, p.birth_date, p.province, p.city, "
+    "p.district, p.postal_code FROM unnest(CAST(:ids AS varchar[])) AS i(id) "
+    "JOIN patient AS p ON p.id = i.id WHERE p.merged_into IS NULL"
+)
+
+
 async def match_candidates_by_key(
     session: AsyncSession, keys: set[str], *, digests: dict[str, str] | None = None, chunk: int = 900
 ) -> dict[str, list[MatchRecord]]:
@@ -956,18 +975,30 @@ async def match_candidates_by_key(
     clear_of = {(digests or {}).get(k) or sealing.key(k): k for k in keys}
     ordered = sorted(clear_of)
     pairs: list[tuple[str, str]] = []
-    for start in range(0, len(ordered), chunk):
-        rows = await session.execute(
-            select(BlockingKey.key, BlockingKey.patient_id).where(BlockingKey.key.in_(ordered[start : start + chunk]))
-        )
-        pairs.extend((clear_of[k], p) for k, p in rows)
-    ids = sorted({p for _, p in pairs})
     records: dict[str, MatchRecord] = {}
-    for start in range(0, len(ids), chunk):
-        part = ids[start : start + chunk]
-        rows = await session.execute(select(patient).where(patient.c.id.in_(part), patient.c.merged_into.is_(None)))
+    if session.bind.dialect.name == "postgresql":
+        # One array parameter joined by index, not an IN list: SQLAlchemy renders an IN list
+        # parameter by parameter, which took 30 % of a bulk load's time at 500k records.
+        rows = await session.execute(_KEYED_PAIRS, {"keys": ordered})
+        pairs = [(clear_of[k], p) for k, p in rows]
+        ids = sorted({p for _, p in pairs})
+        rows = await session.execute(_ACTIVE_PATIENTS, {"ids": ids})
         for row in rows.mappings():
             records[row["id"]] = match_record_of_row(row, sealing)
+    else:
+        for start in range(0, len(ordered), chunk):
+            rows = await session.execute(
+                select(BlockingKey.key, BlockingKey.patient_id).where(
+                    BlockingKey.key.in_(ordered[start : start + chunk])
+                )
+            )
+            pairs.extend((clear_of[k], p) for k, p in rows)
+        ids = sorted({p for _, p in pairs})
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            rows = await session.execute(select(patient).where(patient.c.id.in_(part), patient.c.merged_into.is_(None)))
+            for row in rows.mappings():
+                records[row["id"]] = match_record_of_row(row, sealing)
     by_key: dict[str, list[MatchRecord]] = {}
     for key, patient_id in pairs:
         if patient_id in records:
