@@ -250,9 +250,7 @@ class MasterIndex:
         await store.set_blocking_keys(session, record.id, keys, new=True)
         await store.adjust_frequencies(session, matching.frequency_values(new), 1)
         await self._event(session, change="register", record=record, previous=None, method=method.value, score=score)
-        tasks = (
-            await self._open_tasks(session, record.id, decision.review) if decision.outcome is Outcome.REVIEW else []
-        )
+        tasks = await self._open_tasks(session, record.id, decision.review) if decision.review else []
         return Registered(record=record, created=True, method=method, outcome=decision.outcome, review_task_ids=tasks)
 
     async def _update(
@@ -307,7 +305,7 @@ class MasterIndex:
                 reason="update",
             )
             method = domain.LinkMethod.NEW
-        if decision.outcome is Outcome.REVIEW:
+        if decision.review:
             tasks = await self._open_tasks(session, record.id, decision.review)
         return Registered(record=record, created=False, method=method, outcome=decision.outcome, review_task_ids=tasks)
 
@@ -720,7 +718,7 @@ class MasterIndex:
                     "at": now.isoformat(),
                 }
             )
-            if decision.outcome is Outcome.REVIEW:
+            if decision.review:
                 for scored in decision.review:
                     tasks.append(
                         {

@@ -130,6 +130,10 @@ def _match_keys(record: MatchRecord) -> set[str]:
     if record.name.full_pinyin:
         year = record.birth_date.year if record.birth_date else ""
         keys.add(f"y:{_sorted_name(record)}:{year}")
+        if record.birth_date is not None:
+            # Name with month and day: finds a birth year mistyped by a digit (1980 / 1989), which
+            # changes both the name + year and the birth date keys.
+            keys.add(f"m:{_sorted_name(record)}:{record.birth_date:%m-%d}")
     keys |= _birth_date_and_family_keys(record)
     keys.update(f"i:{system}|{value}"[:120] for system, value in record.identifiers)
     return keys
@@ -630,8 +634,10 @@ def decide(
     `different` holds the record ids a data steward declared a different person from `new`:
     their enterprise ids are never proposed again. Each enterprise id is represented by its best
     scoring record. One enterprise id at or above the link threshold (or linked by rule) is
-    linked; two or more are ambiguous and go to review; enterprise ids between the thresholds
-    (or held by a rule) go to review, and the record gets a new enterprise id meanwhile.
+    linked; two or more are ambiguous and go to review, unless exactly one of them is linked by the
+    national-id rule: that one is linked and the others go to review alongside (a LINK decision
+    with `review`); enterprise ids between the thresholds (or held by a rule) go to review, and
+    the record gets a new enterprise id meanwhile.
     """
     excluded = {c.enterprise_id for c in candidates if c.record_id in different}
     best: dict[str, ScoredCandidate] = {}
@@ -654,9 +660,29 @@ def decide(
         return MatchDecision(
             Outcome.LINK, enterprise_id=chosen.record.enterprise_id, rule=chosen.rule, best=chosen, review=()
         )
+    ruled = [s for s in linkable if s.rule is Rule.NATIONAL_ID]
+    clear_best = len(linkable) > 1 and linkable[0].comparison.total - linkable[1].comparison.total >= _CLEAR_MARGIN
+    if len(ruled) == 1 or (not ruled and clear_best):
+        # One person by the national-id rule, others by score only: the rule decides, as it would
+        # alone. The others look like the same person split earlier (a record held for review got
+        # an enterprise id of its own): a steward decides whether they join.
+        chosen = ruled[0] if ruled else linkable[0]
+        others = tuple(s for s in reviewable if s is not chosen)
+        return MatchDecision(
+            Outcome.LINK,
+            enterprise_id=chosen.record.enterprise_id,
+            rule=chosen.rule,
+            best=chosen,
+            review=others[:max_review],
+        )
     if reviewable:
         return MatchDecision(Outcome.REVIEW, best=reviewable[0], review=tuple(reviewable[:max_review]))
     return MatchDecision(Outcome.NEW, best=ranked[0] if ranked else None)
+
+
+# Bits by which the best of several linkable people must outscore the next for a link (2^5: 32
+# times likelihood ratio); closer, they are ambiguous.
+_CLEAR_MARGIN = 5.0
 
 
 def _rank(scored: ScoredCandidate) -> tuple[int, float]:

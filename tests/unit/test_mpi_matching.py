@@ -74,6 +74,12 @@ def test_a_mistyped_given_name_is_found_by_birth_date_and_family_name() -> None:
     assert not _shares_a_key(record("n", "李秀芳", gender="female", birth_date=D(1980, 5, 5)), filed)
 
 
+def test_a_birth_year_mistyped_by_a_digit_is_found_by_name_month_and_day() -> None:
+    filed = record("c", "张秀英", gender="female", birth_date=D(1980, 5, 5))
+    assert _shares_a_key(record("n", "张秀英", gender="female", birth_date=D(1989, 5, 5)), filed)
+    assert not _shares_a_key(record("n", "张秀英", gender="female", birth_date=D(1989, 6, 5)), filed)
+
+
 def test_a_romanised_name_of_either_order_meets_the_characters() -> None:
     filed = record("c", "张秀英", birth_date=D(1980, 5, 5))
     # Given name mistyped as well: only the birth date + family key can find it.
@@ -317,6 +323,28 @@ def test_two_linkable_people_are_ambiguous() -> None:
     fields = {"phones": ["13800138000"]}
     candidates = [record("c1", "张伟", **fields), record("c2", "张伟", domain="c", **fields)]
     assert decide(record("n", "张伟", domain="b", **fields), candidates, PARAMS).outcome is Outcome.REVIEW
+
+
+def test_of_several_linkable_people_the_national_id_rule_decides_and_the_others_go_to_review() -> None:
+    # The same person split earlier: one record carries the id, the other only the phone.
+    fields = {"phones": ["13800138000"], "address_line": "西城区西直门南大街2号"}
+    with_id = record("c1", "张伟", national_id=MALE_ID, **fields)
+    without = record("c2", "张伟", domain="c", **fields)
+    decision = decide(record("n", "张伟", domain="b", national_id=MALE_ID, **fields), [with_id, without], PARAMS)
+    assert decision.outcome is Outcome.LINK
+    assert decision.rule is Rule.NATIONAL_ID
+    assert decision.enterprise_id == "e-c1"
+    assert [s.record.record_id for s in decision.review] == ["c2"]
+
+
+def test_of_several_linkable_people_a_clearly_better_one_is_linked() -> None:
+    new = record("n", "张伟", domain="b", phones=["13800138000"], address_line="西城区西直门南大街2号")
+    close = record("c1", "张伟", phones=["13800138000"], address_line="西城区西直门南大街2号")
+    farther = record("c2", "张伟", domain="c", phones=["13800138000"])
+    decision = decide(new, [close, farther], PARAMS)
+    assert decision.outcome is Outcome.LINK
+    assert decision.enterprise_id == "e-c1"
+    assert [s.record.record_id for s in decision.review] == ["c2"]
 
 
 # --- EM ---------------------------------------------------------------------------------------

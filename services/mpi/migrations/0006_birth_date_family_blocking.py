@@ -1,4 +1,5 @@
-"""blocking by birth date and family name: file every active record under its new `d:` keys
+"""blocking by birth date and family name, and by name with month and day: file every active
+record under its new `d:` and `m:` keys
 
 Revision ID: 0006
 Revises: 0005
@@ -6,10 +7,11 @@ Create Date: 2026-12-15 10:00:00
 
 Matching no longer reads the birth date + gender block (it grows with the index: ~15 records at
 1M, ~300 in a region of 20M) but the birth date with the family name's pinyin
-(`matching._birth_date_and_family_keys`). The old keys stay (demographic search by birth date
-still reads them); each active record gets its new keys, computed from its opened personal data
-with the keys the runner passes (`protection`). Blocking keys are blind indexes, so the new keys
-can only be derived from the records, not from the old keys.
+(`matching._birth_date_and_family_keys`), and it also reads the name with the birth month and day
+(a birth year mistyped by a digit). The old keys stay (demographic search by birth date still
+reads them); each active record gets its new keys, computed from its opened personal data with
+the keys the runner passes (`protection`). Blocking keys are blind indexes, so the new keys can
+only be derived from the records, not from the old keys.
 """
 
 from collections.abc import Sequence
