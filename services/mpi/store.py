@@ -893,6 +893,16 @@ async def frequencies_of(
         by_field[f].append(digest)
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
+    if session.bind.dialect.name == "postgresql":
+        # Two arrays joined by the primary key, not IN lists (see match_candidates_by_key).
+        pairs = [(f, d) for f, digests in sorted(by_field.items()) for d in digests]
+        rows = await session.execute(_NAME_COUNTS, {"fields": [f for f, _ in pairs], "values": [d for _, d in pairs]})
+        for field_name, value, count in rows:
+            if value == "":
+                totals[field_name] = count
+            else:
+                counts[clear_of[(field_name, value)]] = count
+        return ValueFrequencies(counts=counts, totals=totals)
     # Each condition is (field = f AND value IN (…)) on the (field, value) primary key. A single
     # registration's few values go in one query (an OR of the fields: one index scan each); a bulk
     # batch's go one query per field, chunked for SQLite's parameter limit.
@@ -954,8 +964,16 @@ _KNOWN_LOCAL_IDS = text(
     "SELECT p.local_id FROM unnest(CAST(:local_ids AS varchar[])) AS l(local_id) "
     "JOIN patient AS p ON p.domain = :domain AND p.local_id = l.local_id"
 )
+_NAME_COUNTS = text(
+    "SELECT n.field, n.value, n.count FROM unnest(CAST(:fields AS varchar[]), CAST(:values AS varchar[])) "
+    "AS q(field, value) JOIN name_frequency AS n ON n.field = q.field AND n.value = q.value"
+)
+# Records read per blocking key at most: scoring stops at 500 candidates anyway, and the name-only
+# block of a common name (read for records without a birth date) grows with the region.
+BLOCK_READ_LIMIT = 501
 _KEYED_PAIRS = text(
-    "SELECT b.key, b.patient_id FROM unnest(CAST(:keys AS varchar[])) AS k(key) JOIN blocking_key AS b ON b.key = k.key"
+    "SELECT k.key, b.patient_id FROM unnest(CAST(:keys AS varchar[])) AS k(key) CROSS JOIN LATERAL "
+    "(SELECT patient_id FROM blocking_key WHERE key = k.key ORDER BY patient_id LIMIT :per_key) AS b"
 )
 _ACTIVE_PATIENTS = text(
     "SELECT p.id, p.domain, p.enterprise_id, p.sealed, p.gender, p.birth_date, p.province, p.city, "
@@ -979,7 +997,7 @@ async def match_candidates_by_key(
     if session.bind.dialect.name == "postgresql":
         # One array parameter joined by index, not an IN list: SQLAlchemy renders an IN list
         # parameter by parameter, which took 30 % of a bulk load's time at 500k records.
-        rows = await session.execute(_KEYED_PAIRS, {"keys": ordered})
+        rows = await session.execute(_KEYED_PAIRS, {"keys": ordered, "per_key": BLOCK_READ_LIMIT})
         pairs = [(clear_of[k], p) for k, p in rows]
         ids = sorted({p for _, p in pairs})
         rows = await session.execute(_ACTIVE_PATIENTS, {"ids": ids})
@@ -993,6 +1011,14 @@ async def match_candidates_by_key(
                 )
             )
             pairs.extend((clear_of[k], p) for k, p in rows)
+        # As on PostgreSQL: at most BLOCK_READ_LIMIT records per key, in index order.
+        per_key: dict[str, int] = {}
+        capped = []
+        for key, patient_id in sorted(pairs):
+            per_key[key] = per_key.get(key, 0) + 1
+            if per_key[key] <= BLOCK_READ_LIMIT:
+                capped.append((key, patient_id))
+        pairs = capped
         ids = sorted({p for _, p in pairs})
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]

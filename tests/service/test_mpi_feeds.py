@@ -367,3 +367,22 @@ async def test_a_batch_updating_a_record_runs_alongside_the_next_batch_sharing_i
         updated = await store.find_record(session, domain=FACILITY, local_id="A-1")
     assert updated is not None
     assert updated.address_line == "武当山紫霄宫2号"
+
+
+async def test_a_block_is_read_to_its_limit_and_no_further(index: IndexHandle) -> None:
+    # More records than the limit share one name-only block (the same name, no birth date).
+    registrations = [
+        domain.validate_registration(
+            domain=FACILITY, local_id=f"W-{n}", name_text="王伟", gender=domain.Gender.MALE, phones=[f"135{n:08d}"]
+        )
+        for n in range(store.BLOCK_READ_LIMIT + 9)
+    ]
+    async with index.sessions() as session, session.begin():
+        results = await index.master.register_batch(session, bulk_caller(FACILITY), registrations)
+    assert all(isinstance(r, Registered) for r in results)
+    [key] = matching.name_keys(store.match_record_of_registration(registrations[0], record_id="", enterprise_id=""))
+    async with index.sessions() as session:
+        found = await store.match_candidates_by_key(session, {key})
+        stored = await session.scalar(select(func.count()).select_from(store.PatientRecord))
+    assert stored == store.BLOCK_READ_LIMIT + 9
+    assert len(found[key]) == store.BLOCK_READ_LIMIT
