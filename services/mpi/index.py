@@ -718,22 +718,21 @@ class MasterIndex:
                     "at": now.isoformat(),
                 }
             )
-            if decision.review:
-                for scored in decision.review:
-                    tasks.append(
-                        {
-                            "id": str(uuid.uuid4()),
-                            "patient_id": new.record_id,
-                            "candidate_id": scored.record.record_id,
-                            "score": scored.comparison.total,
-                            "comparison": comparison_json(scored.comparison),
-                            "hold": scored.hold,
-                            "status": "open",
-                            "created_at": now,
-                            "decided_at": None,
-                            "decided_by": "",
-                        }
-                    )
+            for scored in decision.review:
+                tasks.append(
+                    {
+                        "id": str(uuid.uuid4()),
+                        "patient_id": new.record_id,
+                        "candidate_id": scored.record.record_id,
+                        "score": scored.comparison.total,
+                        "comparison": comparison_json(scored.comparison),
+                        "hold": scored.hold,
+                        "status": "open",
+                        "created_at": now,
+                        "decided_at": None,
+                        "decided_by": "",
+                    }
+                )
             for f, v in matching.frequency_values(new).items():
                 if v:
                     deltas[(f, v)] = deltas.get((f, v), 0) + 1

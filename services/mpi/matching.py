@@ -140,9 +140,9 @@ def _match_keys(record: MatchRecord) -> set[str]:
 
 
 def _birth_date_and_family_keys(record: MatchRecord) -> set[str]:
-    # The birth date finds a person whose given name was mistyped or whose birth year differs
-    # from nothing else; alone (with gender) its block holds 1 / 73,000 of the population and
-    # grows with the index: ~15 records at 1M, ~300 in a region of 20M, read by every
+    # The birth date finds a person whose given name was mistyped or read differently (the name
+    # + year key differs then); alone (with gender) its block holds 1 / 73,000 of the population
+    # and grows with the index: ~15 records at 1M, ~300 in a region of 20M, read by every
     # registration. With the family name's pinyin it stays a few records (王 / 李 / 张 are ~7 %
     # each); homophone family names (张 / 章) share it. A romanised name's order is not known
     # ("Wei Zhang"), so it files under both parts.
@@ -169,7 +169,11 @@ def _birth_date_keys(record: MatchRecord) -> set[str]:
     read by matching: its blocks are big)."""
     if record.birth_date is None:
         return set()
-    return {f"b:{record.birth_date.isoformat()}:{_gender_key(record.gender)}"}
+    return {_birth_date_key(record.birth_date, _gender_key(record.gender))}
+
+
+def _birth_date_key(born: datetime.date, gender_key: str) -> str:
+    return f"b:{born.isoformat()}:{gender_key}"
 
 
 def blocking_keys(record: MatchRecord) -> set[str]:
@@ -205,9 +209,8 @@ def demographic_keys(query: MatchRecord) -> set[str]:
     if query.birth_date is None:
         keys |= name_keys(query)
     else:
-        date = query.birth_date.isoformat()
         genders = ("m", "f", "u") if _gender_key(query.gender) == "u" else (_gender_key(query.gender), "u")
-        keys.update(f"b:{date}:{g}" for g in genders)
+        keys.update(_birth_date_key(query.birth_date, g) for g in genders)
     return keys
 
 

@@ -893,33 +893,34 @@ async def frequencies_of(
         by_field[f].append(digest)
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
+    results = []
     if session.bind.dialect.name == "postgresql":
         # Two arrays joined by the primary key, not IN lists (see match_candidates_by_key).
         pairs = [(f, d) for f, digests in sorted(by_field.items()) for d in digests]
-        rows = await session.execute(_NAME_COUNTS, {"fields": [f for f, _ in pairs], "values": [d for _, d in pairs]})
-        for field_name, value, count in rows:
-            if value == "":
-                totals[field_name] = count
-            else:
-                counts[clear_of[(field_name, value)]] = count
-        return ValueFrequencies(counts=counts, totals=totals)
-    # Each condition is (field = f AND value IN (…)) on the (field, value) primary key. A single
-    # registration's few values go in one query (an OR of the fields: one index scan each); a bulk
-    # batch's go one query per field, chunked for SQLite's parameter limit.
-    if sum(len(d) for d in by_field.values()) <= 900:
-        chunks = [[(f, d) for f, d in sorted(by_field.items())]]
-    else:
-        chunks = [
-            [(f, digests[start : start + 900])]
-            for f, digests in sorted(by_field.items())
-            for start in range(0, len(digests), 900)
-        ]
-    for chunk in chunks:
-        rows = await session.execute(
-            select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
-                or_(*(and_(NameFrequency.field == f, NameFrequency.value.in_(d)) for f, d in chunk))
-            )
+        results.append(
+            await session.execute(_NAME_COUNTS, {"fields": [f for f, _ in pairs], "values": [d for _, d in pairs]})
         )
+    else:
+        # Each condition is (field = f AND value IN (…)) on the (field, value) primary key. A single
+        # registration's few values go in one query (an OR of the fields: one index scan each); a
+        # bulk batch's go one query per field, chunked for SQLite's parameter limit.
+        if sum(len(d) for d in by_field.values()) <= 900:
+            chunks = [[(f, d) for f, d in sorted(by_field.items())]]
+        else:
+            chunks = [
+                [(f, digests[start : start + 900])]
+                for f, digests in sorted(by_field.items())
+                for start in range(0, len(digests), 900)
+            ]
+        for chunk in chunks:
+            results.append(
+                await session.execute(
+                    select(NameFrequency.field, NameFrequency.value, NameFrequency.count).where(
+                        or_(*(and_(NameFrequency.field == f, NameFrequency.value.in_(d)) for f, d in chunk))
+                    )
+                )
+            )
+    for rows in results:
         for field_name, value, count in rows:
             if value == "":
                 totals[field_name] = count
