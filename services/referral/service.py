@@ -5,16 +5,19 @@ from pathlib import Path
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
 from services.referral.servicer import ReferralsServicer
 from services.referral.store import metadata
-from services.shared.consent_grants import GRANT_TOPIC, consent_grant_sender
+from services.shared import workflow
 from services.shared.process import ServiceRuntime, ServiceSpec
+from services.shared.workflow.engine import register_relays
 
 
 def _build(runtime: ServiceRuntime) -> list:
-    runtime.outbox.register(GRANT_TOPIC, consent_grant_sender(runtime.channel("consent"), runtime.credentials))
+    register_relays(runtime)
+    servicer = ReferralsServicer(runtime)
+    workflow.attach(runtime, servicer)
     return [
         (
             referral_pb2_grpc.add_ReferralsServicer_to_server,
-            ReferralsServicer(runtime),
+            servicer,
             referral_pb2.DESCRIPTOR.services_by_name["Referrals"].full_name,
         )
     ]

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
 from services.referral import workflow
-from services.referral.store import ReferralRecord, ReferralStateChangeRecord
+from services.referral.store import TABLES, ReferralRecord
 from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
-from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
-from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
+from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 
 
 def _same_request(existing: ReferralRecord, fields: dict[str, object]) -> ReferralRecord:
@@ -37,18 +38,18 @@ def _ts(value: object) -> Timestamp:
     return ts
 
 
-def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | None = None) -> referral_pb2.Referral:
+def _message(record: ReferralRecord, history: Sequence[Mapping[str, Any]] | None = None) -> referral_pb2.Referral:
     created = Timestamp()
     created.FromDatetime(record.created_at)
     return referral_pb2.Referral(
         history=[
             referral_pb2.ReferralStateChange(
-                from_state=h.from_state,  # type: ignore[arg-type]
-                to_state=h.to_state,  # type: ignore[arg-type]
-                organization_id=h.organization_id,
-                practitioner_id=h.practitioner_id,
-                reason=h.reason,
-                changed=_ts(h.changed_at),
+                from_state=h["from_state"],
+                to_state=h["to_state"],
+                organization_id=h["organization_id"],
+                practitioner_id=h["practitioner_id"],
+                reason=h["reason"],
+                changed=_ts(h["changed_at"]),
             )
             for h in history or ()
         ],
@@ -67,6 +68,7 @@ def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | 
 class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
+        self.engine = WorkflowEngine(runtime, workflow.MACHINE, TABLES)
 
     async def CreateReferral(
         self, request: referral_pb2.CreateReferralRequest, context: object
@@ -137,7 +139,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who.require_role("doctor", "nurse", "admin")
         async with self._rt.sessions() as session:
             record = await session.get(ReferralRecord, request.referral_id)
-            history = await _history(session, request.referral_id)
+            history = await self.engine.history(session, request.referral_id)
         # A referral is visible to its two parties only; to anyone else it does not exist.
         if record is None or who.organization_id not in {
             record.requester_organization_id,
@@ -160,8 +162,8 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         return referral_pb2.GetReferralResponse(referral=_message(record, history))
 
     async def _transition(self, name: str, referral_id: str, reason: str) -> tuple[referral_pb2.Referral, list[str]]:
-        """Move a referral as `name` says; the state change, its history row, the grant message
-        for consent and the audit event commit in one transaction."""
+        """Move a referral through the shared workflow engine (state, history row, consent grant
+        message, audit event and the other side's notification in one transaction)."""
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor")
@@ -172,62 +174,40 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             record.target_organization_id,
         }:
             raise NotFound("no such referral", reason="referral-not-found")
-        party = (
+        side = (
             workflow.Party.TARGET if who.organization_id == record.target_organization_id else workflow.Party.REQUESTER
         )
-        decided = workflow.move(name, state=record.state, caller_party=party)
-        if decided.repeated:
-            async with self._rt.sessions() as session:
-                return _message(record, await _history(session, record.id)), []
-        person = await identity.cross_reference(
-            self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+        patient = common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+
+        async def enterprise_id() -> str:
+            return (await identity.cross_reference(self._rt, patient)).enterprise_id
+
+        applied = await self.engine.apply(
+            name,
+            subject=Subject(
+                item_id=record.id,
+                state=record.state,
+                version=record.version,
+                resource_type="ServiceRequest",
+                enterprise_id="",
+                origin_organization_id=record.requester_organization_id,
+                target_organization_ids=(record.target_organization_id,),
+                grant=GrantSpec(
+                    organization_id=record.target_organization_id,
+                    purpose_of_use="referral",
+                    patient=patient,
+                    document_ids=json.loads(record.document_ids),
+                ),
+            ),
+            who=who,
+            side=side,
+            reason=reason,
+            resolve_enterprise_id=enterprise_id,
         )
-        async with self._rt.sessions() as session, session.begin():
-            # Only from the state the move was checked against: a concurrent move wins, this one fails.
-            moved = await session.execute(
-                update(ReferralRecord)
-                .where(ReferralRecord.id == record.id, ReferralRecord.state == record.state)
-                .values(state=decided.to_state)
-            )
-            if moved.rowcount != 1:  # type: ignore[attr-defined]
-                raise FailedPrecondition("the referral changed meanwhile; read it again", reason="referral-state")
-            session.add(
-                ReferralStateChangeRecord(
-                    id=str(uuid.uuid4()),
-                    referral_id=record.id,
-                    from_state=record.state,
-                    to_state=decided.to_state,
-                    organization_id=who.organization_id,
-                    practitioner_id=who.practitioner_id,
-                    reason=reason[:2000],
-                    changed_at=utcnow(),
-                )
-            )
-            if decided.grant is not GrantEffect.NONE:
-                await self._rt.outbox.add(
-                    session,
-                    GRANT_TOPIC,
-                    grant_message(
-                        decided.grant,
-                        reference=f"ServiceRequest/{record.id}",
-                        organization_id=record.target_organization_id,
-                        purpose_of_use="referral",
-                        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
-                        document_ids=json.loads(record.document_ids),
-                    ),
-                )
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type=f"referral.{name}",
-                action=Action.ACTION_UPDATE,
-                patient_enterprise_id=person.enterprise_id,
-                entities=[("ServiceRequest", record.id)],
-            )
-            record.state = decided.to_state
-            history = await _history(session, record.id)
-        self._rt.outbox.notify()
-        return _message(record, history), [event_id]
+        async with self._rt.sessions() as session:
+            record = await session.get(ReferralRecord, record.id, populate_existing=True) or record
+            history = await self.engine.history(session, record.id)
+        return _message(record, history), applied.audit_event_ids
 
     async def AcceptReferral(
         self, request: referral_pb2.AcceptReferralRequest, context: object
@@ -252,12 +232,3 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     ) -> referral_pb2.CancelReferralResponse:
         referral, events = await self._transition("cancel", request.referral_id, request.reason)
         return referral_pb2.CancelReferralResponse(referral=referral, audit_event_ids=events)
-
-
-async def _history(session: AsyncSession, referral_id: str) -> list[ReferralStateChangeRecord]:
-    rows = await session.scalars(
-        select(ReferralStateChangeRecord)
-        .where(ReferralStateChangeRecord.referral_id == referral_id)
-        .order_by(ReferralStateChangeRecord.changed_at, ReferralStateChangeRecord.id)
-    )
-    return list(rows.all())

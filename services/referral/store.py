@@ -9,6 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
 from services.shared.outbox import outbox_table
+from services.shared.workflow.engine import WorkflowTables, clock_table
 
 metadata = MetaData()
 
@@ -29,6 +30,8 @@ class ReferralRecord(Base):
     direction: Mapped[int]
     reason: Mapped[str] = mapped_column(Text)
     state: Mapped[int]
+    # Compare-and-set of the workflow engine: every move bumps it.
+    version: Mapped[int] = mapped_column(default=0, server_default="0")
     document_ids: Mapped[str] = mapped_column(Text, default="[]")
     idempotency_key: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
@@ -43,10 +46,19 @@ class ReferralStateChangeRecord(Base):
     referral_id: Mapped[str] = mapped_column(String(36), index=True)
     from_state: Mapped[int]
     to_state: Mapped[int]
+    move: Mapped[str] = mapped_column(String(32), default="", server_default="")
     organization_id: Mapped[str] = mapped_column(String(64))
     practitioner_id: Mapped[str] = mapped_column(String(64), default="")
+    role: Mapped[str] = mapped_column(String(32), default="", server_default="")
     reason: Mapped[str] = mapped_column(Text, default="")
+    request_key: Mapped[str] = mapped_column(String(128), default="", server_default="")
     changed_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
 
 
 outbox_table(metadata)
+TABLES = WorkflowTables(
+    item=ReferralRecord.__table__,  # type: ignore[arg-type]
+    history=ReferralStateChangeRecord.__table__,  # type: ignore[arg-type]
+    item_fk="referral_id",
+    clocks=clock_table(metadata, "referral_clock"),
+)

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
-from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
-from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
+from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.teleconsult import workflow
-from services.teleconsult.store import ConsultationRecord, ConsultationStateChangeRecord
+from services.teleconsult.store import TABLES, ConsultationRecord
 
 
 def _same_request(existing: ConsultationRecord, fields: dict[str, object]) -> ConsultationRecord:
@@ -38,19 +39,19 @@ def _ts(value: object) -> Timestamp:
 
 
 def _message(
-    record: ConsultationRecord, history: list[ConsultationStateChangeRecord] | None = None
+    record: ConsultationRecord, history: Sequence[Mapping[str, Any]] | None = None
 ) -> teleconsult_pb2.Consultation:
     created = Timestamp()
     created.FromDatetime(record.created_at)
     return teleconsult_pb2.Consultation(
         history=[
             teleconsult_pb2.ConsultationStateChange(
-                from_state=h.from_state,  # type: ignore[arg-type]
-                to_state=h.to_state,  # type: ignore[arg-type]
-                organization_id=h.organization_id,
-                practitioner_id=h.practitioner_id,
-                reason=h.reason,
-                changed=_ts(h.changed_at),
+                from_state=h["from_state"],
+                to_state=h["to_state"],
+                organization_id=h["organization_id"],
+                practitioner_id=h["practitioner_id"],
+                reason=h["reason"],
+                changed=_ts(h["changed_at"]),
             )
             for h in history or ()
         ],
@@ -70,6 +71,7 @@ def _message(
 class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
+        self.engine = WorkflowEngine(runtime, workflow.MACHINE, TABLES)
 
     async def RequestConsultation(
         self, request: teleconsult_pb2.RequestConsultationRequest, context: object
@@ -149,7 +151,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         who.require_role("doctor", "nurse", "admin")
         async with self._rt.sessions() as session:
             record = await session.get(ConsultationRecord, request.consultation_id)
-            history = await _history(session, request.consultation_id)
+            history = await self.engine.history(session, request.consultation_id)
         if record is None or who.organization_id not in {
             record.requester_organization_id,
             record.consultant_organization_id,
@@ -173,8 +175,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     async def _transition(
         self, name: str, consultation_id: str, reason: str
     ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
-        """Move a consultation; the state, its history row, the consent grant message and the audit
-        event commit in one transaction."""
+        """Move a consultation through the shared workflow engine (state, history row, consent
+        grant message, audit event and the other side's notification in one transaction)."""
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor")
@@ -185,65 +187,42 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             record.consultant_organization_id,
         }:
             raise NotFound("no such consultation", reason="consultation-not-found")
-        party = (
+        side = (
             workflow.Party.CONSULTANT
             if who.organization_id == record.consultant_organization_id
             else workflow.Party.REQUESTER
         )
-        decided = workflow.move(name, state=record.state, caller_party=party)
-        if decided.repeated:
-            async with self._rt.sessions() as session:
-                return _message(record, await _history(session, record.id)), []
-        person = await identity.cross_reference(
-            self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+        patient = common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
+
+        async def enterprise_id() -> str:
+            return (await identity.cross_reference(self._rt, patient)).enterprise_id
+
+        applied = await self.engine.apply(
+            name,
+            subject=Subject(
+                item_id=record.id,
+                state=record.state,
+                version=record.version,
+                resource_type="ServiceRequest",
+                enterprise_id="",
+                origin_organization_id=record.requester_organization_id,
+                target_organization_ids=(record.consultant_organization_id,),
+                grant=GrantSpec(
+                    organization_id=record.consultant_organization_id,
+                    purpose_of_use="consultation",
+                    patient=patient,
+                    document_ids=json.loads(record.document_ids),
+                ),
+            ),
+            who=who,
+            side=side,
+            reason=reason,
+            resolve_enterprise_id=enterprise_id,
         )
-        async with self._rt.sessions() as session, session.begin():
-            moved = await session.execute(
-                update(ConsultationRecord)
-                .where(ConsultationRecord.id == record.id, ConsultationRecord.state == record.state)
-                .values(state=decided.to_state)
-            )
-            if moved.rowcount != 1:  # type: ignore[attr-defined]
-                raise FailedPrecondition(
-                    "the consultation changed meanwhile; read it again", reason="consultation-state"
-                )
-            session.add(
-                ConsultationStateChangeRecord(
-                    id=str(uuid.uuid4()),
-                    consultation_id=record.id,
-                    from_state=record.state,
-                    to_state=decided.to_state,
-                    organization_id=who.organization_id,
-                    practitioner_id=who.practitioner_id,
-                    reason=reason[:2000],
-                    changed_at=utcnow(),
-                )
-            )
-            if decided.grant is not GrantEffect.NONE:
-                await self._rt.outbox.add(
-                    session,
-                    GRANT_TOPIC,
-                    grant_message(
-                        decided.grant,
-                        reference=f"ServiceRequest/{record.id}",
-                        organization_id=record.consultant_organization_id,
-                        purpose_of_use="consultation",
-                        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
-                        document_ids=json.loads(record.document_ids),
-                    ),
-                )
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type=f"consultation.{name}",
-                action=Action.ACTION_UPDATE,
-                patient_enterprise_id=person.enterprise_id,
-                entities=[("ServiceRequest", record.id)],
-            )
-            record.state = decided.to_state
-            history = await _history(session, record.id)
-        self._rt.outbox.notify()
-        return _message(record, history), [event_id]
+        async with self._rt.sessions() as session:
+            record = await session.get(ConsultationRecord, record.id, populate_existing=True) or record
+            history = await self.engine.history(session, record.id)
+        return _message(record, history), applied.audit_event_ids
 
     async def AcceptConsultation(
         self, request: teleconsult_pb2.AcceptConsultationRequest, context: object
@@ -256,12 +235,3 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     ) -> teleconsult_pb2.CancelConsultationResponse:
         consultation, events = await self._transition("cancel", request.consultation_id, request.reason)
         return teleconsult_pb2.CancelConsultationResponse(consultation=consultation, audit_event_ids=events)
-
-
-async def _history(session: AsyncSession, consultation_id: str) -> list[ConsultationStateChangeRecord]:
-    rows = await session.scalars(
-        select(ConsultationStateChangeRecord)
-        .where(ConsultationStateChangeRecord.consultation_id == consultation_id)
-        .order_by(ConsultationStateChangeRecord.changed_at, ConsultationStateChangeRecord.id)
-    )
-    return list(rows.all())
