@@ -56,6 +56,9 @@ class Caller:
     department: str = ""
     purpose_of_use: str = ""
     client_address: str = ""
+    # RFC 7638 thumbprints of the organisation's registered keys (the token's `client_jkt`): a
+    # statement the hospital signs (a user assertion, a report's signature) is checked against them.
+    key_thumbprints: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def is_platform(self) -> bool:
@@ -231,6 +234,7 @@ def caller_from_claims(claims: Mapping[str, Any], metadata: Mapping[str, str | b
         department=user.department if user else "",
         purpose_of_use=user.purpose_of_use if user else "",
         client_address=_text(metadata, CLIENT_ADDRESS_KEY)[:64],
+        key_thumbprints=frozenset(str(k) for k in claims.get("client_jkt", ()) or ()),
     )
 
 
