@@ -212,6 +212,13 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
 
     def _check_header(self, who: Caller, header: registry_pb2.RegisterDocumentRequest) -> _Submission:
         entry = header.entry
+        # An exchange service files a document on behalf of a member organisation (the
+        # teleconsult service files a signed consultation report, authored by the consulting
+        # organisation, into the patient's record at the requesting hospital): it names both.
+        # A member organisation always files as itself, about a patient of its own domain.
+        on_behalf = who.is_platform and bool(entry.source_organization_id)
+        source_organization_id = entry.source_organization_id[:64] if on_behalf else who.organization_id
+        patient_domain = (entry.patient.domain[:64] or source_organization_id) if on_behalf else who.organization_id
         source_document_id = domain.check_source_document_id(entry.source_document_id)
         if not entry.type_code.code:
             raise InvalidArgument("a document type code is required", reason="type-code-missing")
@@ -265,8 +272,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         record = store.DocumentEntryRecord(
             id=str(uuid.uuid4()),
             source_document_id=source_document_id,
-            source_organization_id=who.organization_id,
-            patient_domain=who.organization_id,
+            source_organization_id=source_organization_id,
+            patient_domain=patient_domain,
             patient_local_id=entry.patient.local_id,
             enterprise_id="",
             author_id=entry.author.practitioner_id[:64] or who.practitioner_id,
@@ -322,12 +329,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 return await self._earlier(sub, own)
         existing = (
             await store.find_by_source_ids(
-                session, source_organization_id=sub.who.organization_id, source_document_ids=[sub.source_document_id]
+                session, source_organization_id=sub.record.source_organization_id, source_document_ids=[sub.source_document_id]
             )
         ).get(sub.source_document_id)
         if existing is None and sub.record.idempotency_key:
             existing = await store.find_by_idempotency_key(
-                session, source_organization_id=sub.who.organization_id, idempotency_key=sub.record.idempotency_key
+                session, source_organization_id=sub.record.source_organization_id, idempotency_key=sub.record.idempotency_key
             )
             if existing is not None and existing.source_document_id != sub.source_document_id:
                 raise AlreadyExists(
@@ -344,8 +351,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if not header.entry.patient.local_id:
             raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
         sub = self._check_header(who, header)
-        patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=header.entry.patient.local_id)
         record = sub.record
+        patient_ref = common_pb2.PatientRef(domain=record.patient_domain, local_id=header.entry.patient.local_id)
         try:
             async with self._rt.sessions() as session, session.begin():
                 # mpi resolves the person while this transaction looks for an earlier attempt (a
@@ -455,7 +462,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             target_status=target.status,
             target_source_organization_id=target.source_organization_id,
             target_enterprise_id=target_person,
-            organization_id=sub.who.organization_id,
+            organization_id=sub.record.source_organization_id,
             enterprise_id=enterprise_id,
         )
         if sub.relation == domain.REPLACES and not await store.supersede(session, target.id):
