@@ -35,6 +35,7 @@ from gateway.routes import (
     patient_index,
     patients,
     subscriptions,
+    teleconsult,
     workflows,
 )
 from gateway.smart import ALLOWED_SCOPES, AuthorizationServer
@@ -174,6 +175,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(patients.router)
     app.include_router(documents.router)
     app.include_router(workflows.router)
+    app.include_router(teleconsult.router)
     app.include_router(audit.router)
     app.include_router(fhir.router)
     app.include_router(consent.router)

@@ -1,4 +1,4 @@
-"""Referrals and teleconsultation requests (REST; the full workflows grow in their own issues)."""
+"""Referrals (REST; the full workflow grows in its own issue). Consultations: routes/teleconsult.py."""
 
 from __future__ import annotations
 
@@ -12,21 +12,12 @@ from gateway.deps import Context
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
-from hie.teleconsult.v1 import teleconsult_pb2
 
 router = APIRouter(prefix="/api/v1", tags=["workflows"])
 _DIRECTIONS = {
     "up": referral_pb2.REFERRAL_DIRECTION_UP,
     "down": referral_pb2.REFERRAL_DIRECTION_DOWN,
     "lateral": referral_pb2.REFERRAL_DIRECTION_LATERAL,
-}
-_KINDS = {
-    "imaging": teleconsult_pb2.CONSULTATION_KIND_IMAGING,
-    "ecg": teleconsult_pb2.CONSULTATION_KIND_ECG,
-    "pathology": teleconsult_pb2.CONSULTATION_KIND_PATHOLOGY,
-    "ultrasound": teleconsult_pb2.CONSULTATION_KIND_ULTRASOUND,
-    "specialist": teleconsult_pb2.CONSULTATION_KIND_SPECIALIST,
-    "multidisciplinary": teleconsult_pb2.CONSULTATION_KIND_MULTIDISCIPLINARY,
 }
 
 
@@ -35,14 +26,6 @@ class ReferralIn(BaseModel):
     target_organization_id: str = Field(min_length=1, max_length=64)
     direction: Literal["up", "down", "lateral"]
     reason: str = Field(default="", max_length=2000)
-    document_ids: list[str] = Field(default_factory=list, max_length=50)
-
-
-class ConsultationIn(BaseModel):
-    patient_local_id: str = Field(min_length=1, max_length=64)
-    consultant_organization_id: str = Field(min_length=1, max_length=64)
-    kind: Literal["imaging", "ecg", "pathology", "ultrasound", "specialist", "multidisciplinary"]
-    question: str = Field(default="", max_length=4000)
     document_ids: list[str] = Field(default_factory=list, max_length=50)
 
 
@@ -128,33 +111,6 @@ async def move_referral(
     return {**_referral_json(result.referral), "audit_event_ids": list(result.audit_event_ids)}
 
 
-def _consultation_state(state: int) -> str:
-    return teleconsult_pb2.ConsultationState.Name(state).removeprefix("CONSULTATION_STATE_").lower()  # type: ignore[arg-type]
-
-
-def _consultation_json(c: teleconsult_pb2.Consultation) -> dict[str, Any]:
-    return {
-        "consultation_id": c.consultation_id,
-        "state": _consultation_state(c.state),
-        "document_ids": list(c.document_ids),
-        "history": [
-            {
-                "from": _consultation_state(h.from_state),
-                "to": _consultation_state(h.to_state),
-                "organization_id": h.organization_id,
-                "practitioner_id": h.practitioner_id,
-                "reason": h.reason,
-                "changed": h.changed.ToDatetime(tzinfo=datetime.UTC).isoformat(),
-            }
-            for h in c.history
-        ],
-        "requester_organization_id": c.requester_organization_id,
-        "consultant_organization_id": c.consultant_organization_id,
-        "patient": {"domain": c.patient.domain, "local_id": c.patient.local_id},
-        "question": c.question,
-    }
-
-
 @router.get("/referrals/{referral_id}")
 async def get_referral(referral_id: str, ctx: Context, request: Request) -> dict[str, Any]:
     """A referral, to its two parties only."""
@@ -165,62 +121,3 @@ async def get_referral(referral_id: str, ctx: Context, request: Request) -> dict
         )
     )
     return _referral_json(result.referral)
-
-
-@router.get("/consultations/{consultation_id}")
-async def get_consultation(consultation_id: str, ctx: Context, request: Request) -> dict[str, Any]:
-    """A consultation, to its two parties only."""
-    ctx.require_scope("ServiceRequest", "r")
-    result = await rpc(
-        request.app.state.stubs.teleconsult.GetConsultation(
-            teleconsult_pb2.GetConsultationRequest(consultation_id=consultation_id[:64]), metadata=ctx.metadata
-        )
-    )
-    return _consultation_json(result.consultation)
-
-
-@router.post("/consultations", status_code=201)
-async def request_consultation(body: ConsultationIn, ctx: Context, request: Request) -> dict[str, Any]:
-    ctx.require_scope("ServiceRequest", "c")
-    result = await rpc(
-        request.app.state.stubs.teleconsult.RequestConsultation(
-            teleconsult_pb2.RequestConsultationRequest(
-                consultation=teleconsult_pb2.Consultation(
-                    patient=common_pb2.PatientRef(local_id=body.patient_local_id),
-                    consultant_organization_id=body.consultant_organization_id,
-                    kind=_KINDS[body.kind],
-                    question=body.question,
-                    document_ids=body.document_ids,
-                ),
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
-            ),
-            metadata=ctx.metadata,
-        )
-    )
-    return _consultation_json(result.consultation)
-
-
-_CONSULTATION_TRANSITIONS = {
-    "accept": ("AcceptConsultation", teleconsult_pb2.AcceptConsultationRequest),
-    "cancel": ("CancelConsultation", teleconsult_pb2.CancelConsultationRequest),
-}
-
-
-@router.post("/consultations/{consultation_id}/{transition}")
-async def move_consultation(
-    consultation_id: str,
-    transition: Literal["accept", "cancel"],
-    ctx: Context,
-    request: Request,
-    body: TransitionIn | None = None,
-) -> dict[str, Any]:
-    """Accept (consultant organisation: grants it the attached documents and the patient's summary
-    for the purpose consultation) or cancel (requesting organisation: revokes that grant)."""
-    ctx.require_scope("ServiceRequest", "u")
-    method, message = _CONSULTATION_TRANSITIONS[transition]
-    result = await rpc(
-        getattr(request.app.state.stubs.teleconsult, method)(
-            message(consultation_id=consultation_id[:64], reason=body.reason if body else ""), metadata=ctx.metadata
-        )
-    )
-    return {**_consultation_json(result.consultation), "audit_event_ids": list(result.audit_event_ids)}

@@ -1,18 +1,29 @@
 """The teleconsult service as the process runner sees it."""
 
+import os
 from pathlib import Path
 
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.shared import workflow
 from services.shared.process import ServiceRuntime, ServiceSpec
+from services.shared.protection.rotation import ProtectedColumns
 from services.shared.workflow.engine import register_relays
+from services.teleconsult.deadlines import DeadlinePolicy
+from services.teleconsult.directory import QualificationRules
 from services.teleconsult.servicer import TeleconsultationsServicer
-from services.teleconsult.store import metadata
+from services.teleconsult.store import message_context, metadata, report_context, sealed_context
 
 
 def _build(runtime: ServiceRuntime) -> list:
     register_relays(runtime)
-    servicer = TeleconsultationsServicer(runtime)
+    servicer = TeleconsultationsServicer(
+        runtime,
+        deadlines=DeadlinePolicy.parse(os.environ.get("HIE_TELECONSULT_DEADLINES", "")),
+        rules=QualificationRules(min_practice_years=int(os.environ.get("HIE_TELECONSULT_MIN_PRACTICE_YEARS", "3"))),
+        join_url_template=os.environ.get("HIE_TELECONSULT_JOIN_URL", ""),
+    )
+    servicer.scanner.interval = float(os.environ.get("HIE_TELECONSULT_DEADLINE_SCAN_SECONDS", "15"))
+    servicer.scanner.start()
     workflow.attach(runtime, servicer)
     return [
         (
@@ -23,4 +34,16 @@ def _build(runtime: ServiceRuntime) -> list:
     ]
 
 
-SPEC = ServiceSpec(name="teleconsult", metadata=metadata, versions=Path(__file__).parent / "migrations", build=_build)
+SPEC = ServiceSpec(
+    name="teleconsult",
+    metadata=metadata,
+    versions=Path(__file__).parent / "migrations",
+    build=_build,
+    # Free text (question, purpose, summary, messages, report) is sealed at rest.
+    protects_personal_data=True,
+    protected=(
+        ProtectedColumns(table="consultation", columns={"sealed": lambda row: sealed_context(row["id"])}),
+        ProtectedColumns(table="consultation_message", columns={"sealed": lambda row: message_context(row["id"])}),
+        ProtectedColumns(table="consultation_report", columns={"sealed": lambda row: report_context(row["id"])}),
+    ),
+)

@@ -12,6 +12,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ConsultationUrgency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONSULTATION_URGENCY_UNSPECIFIED: _ClassVar[ConsultationUrgency]
+    CONSULTATION_URGENCY_ROUTINE: _ClassVar[ConsultationUrgency]
+    CONSULTATION_URGENCY_URGENT: _ClassVar[ConsultationUrgency]
+    CONSULTATION_URGENCY_EMERGENCY: _ClassVar[ConsultationUrgency]
+
 class ConsultationKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONSULTATION_KIND_UNSPECIFIED: _ClassVar[ConsultationKind]
@@ -35,8 +42,17 @@ class ConsultationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONSULTATION_STATE_ASSIGNED: _ClassVar[ConsultationState]
     CONSULTATION_STATE_SCHEDULED: _ClassVar[ConsultationState]
     CONSULTATION_STATE_IN_SESSION: _ClassVar[ConsultationState]
-    CONSULTATION_STATE_REPORTED: _ClassVar[ConsultationState]
+    CONSULTATION_STATE_REPORT_FINAL: _ClassVar[ConsultationState]
     CONSULTATION_STATE_CANCELLED: _ClassVar[ConsultationState]
+    CONSULTATION_STATE_DECLINED: _ClassVar[ConsultationState]
+    CONSULTATION_STATE_IN_REVIEW: _ClassVar[ConsultationState]
+    CONSULTATION_STATE_INFORMATION_REQUESTED: _ClassVar[ConsultationState]
+    CONSULTATION_STATE_REPORT_PRELIMINARY: _ClassVar[ConsultationState]
+    CONSULTATION_STATE_CLOSED: _ClassVar[ConsultationState]
+CONSULTATION_URGENCY_UNSPECIFIED: ConsultationUrgency
+CONSULTATION_URGENCY_ROUTINE: ConsultationUrgency
+CONSULTATION_URGENCY_URGENT: ConsultationUrgency
+CONSULTATION_URGENCY_EMERGENCY: ConsultationUrgency
 CONSULTATION_KIND_UNSPECIFIED: ConsultationKind
 CONSULTATION_KIND_IMAGING: ConsultationKind
 CONSULTATION_KIND_ECG: ConsultationKind
@@ -52,11 +68,132 @@ CONSULTATION_STATE_REQUESTED: ConsultationState
 CONSULTATION_STATE_ASSIGNED: ConsultationState
 CONSULTATION_STATE_SCHEDULED: ConsultationState
 CONSULTATION_STATE_IN_SESSION: ConsultationState
-CONSULTATION_STATE_REPORTED: ConsultationState
+CONSULTATION_STATE_REPORT_FINAL: ConsultationState
 CONSULTATION_STATE_CANCELLED: ConsultationState
+CONSULTATION_STATE_DECLINED: ConsultationState
+CONSULTATION_STATE_IN_REVIEW: ConsultationState
+CONSULTATION_STATE_INFORMATION_REQUESTED: ConsultationState
+CONSULTATION_STATE_REPORT_PRELIMINARY: ConsultationState
+CONSULTATION_STATE_CLOSED: ConsultationState
+
+class ImagingStudy(_message.Message):
+    __slots__ = ("study_instance_uid", "wado_rs_url", "document_id")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    WADO_RS_URL_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    wado_rs_url: str
+    document_id: str
+    def __init__(self, study_instance_uid: _Optional[str] = ..., wado_rs_url: _Optional[str] = ..., document_id: _Optional[str] = ...) -> None: ...
+
+class InformedConsent(_message.Message):
+    __slots__ = ("evidence_document_id", "signer", "guardian_name", "guardian_relationship", "signed")
+    EVIDENCE_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    GUARDIAN_NAME_FIELD_NUMBER: _ClassVar[int]
+    GUARDIAN_RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
+    evidence_document_id: str
+    signer: str
+    guardian_name: str
+    guardian_relationship: str
+    signed: _timestamp_pb2.Timestamp
+    def __init__(self, evidence_document_id: _Optional[str] = ..., signer: _Optional[str] = ..., guardian_name: _Optional[str] = ..., guardian_relationship: _Optional[str] = ..., signed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Appointment(_message.Message):
+    __slots__ = ("start", "end", "join_url", "slot_ids")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    JOIN_URL_FIELD_NUMBER: _ClassVar[int]
+    SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
+    start: _timestamp_pb2.Timestamp
+    end: _timestamp_pb2.Timestamp
+    join_url: str
+    slot_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., join_url: _Optional[str] = ..., slot_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Clock(_message.Message):
+    __slots__ = ("name", "due", "paused", "fired", "stopped")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DUE_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    FIRED_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    due: _timestamp_pb2.Timestamp
+    paused: bool
+    fired: bool
+    stopped: bool
+    def __init__(self, name: _Optional[str] = ..., due: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., paused: _Optional[bool] = ..., fired: _Optional[bool] = ..., stopped: _Optional[bool] = ...) -> None: ...
+
+class Message(_message.Message):
+    __slots__ = ("message_id", "organization_id", "practitioner_id", "move", "text", "document_ids", "sent")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    organization_id: str
+    practitioner_id: str
+    move: str
+    text: str
+    document_ids: _containers.RepeatedScalarFieldContainer[str]
+    sent: _timestamp_pb2.Timestamp
+    def __init__(self, message_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., move: _Optional[str] = ..., text: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., sent: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Opinion(_message.Message):
+    __slots__ = ("practitioner_id", "practitioner_name", "opinion")
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_NAME_FIELD_NUMBER: _ClassVar[int]
+    OPINION_FIELD_NUMBER: _ClassVar[int]
+    practitioner_id: str
+    practitioner_name: str
+    opinion: str
+    def __init__(self, practitioner_id: _Optional[str] = ..., practitioner_name: _Optional[str] = ..., opinion: _Optional[str] = ...) -> None: ...
+
+class ReportContent(_message.Message):
+    __slots__ = ("findings", "impression", "recommendations", "opinions", "conclusion")
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATIONS_FIELD_NUMBER: _ClassVar[int]
+    OPINIONS_FIELD_NUMBER: _ClassVar[int]
+    CONCLUSION_FIELD_NUMBER: _ClassVar[int]
+    findings: str
+    impression: str
+    recommendations: str
+    opinions: _containers.RepeatedCompositeFieldContainer[Opinion]
+    conclusion: str
+    def __init__(self, findings: _Optional[str] = ..., impression: _Optional[str] = ..., recommendations: _Optional[str] = ..., opinions: _Optional[_Iterable[_Union[Opinion, _Mapping]]] = ..., conclusion: _Optional[str] = ...) -> None: ...
+
+class Report(_message.Message):
+    __slots__ = ("version", "status", "content", "diagnostic_report_json", "signature_jws", "signer_jwk_json", "signer_practitioner_id", "signed", "document_id", "sha256")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTIC_REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_JWS_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_JWK_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    status: str
+    content: ReportContent
+    diagnostic_report_json: str
+    signature_jws: str
+    signer_jwk_json: str
+    signer_practitioner_id: str
+    signed: _timestamp_pb2.Timestamp
+    document_id: str
+    sha256: str
+    def __init__(self, version: _Optional[int] = ..., status: _Optional[str] = ..., content: _Optional[_Union[ReportContent, _Mapping]] = ..., diagnostic_report_json: _Optional[str] = ..., signature_jws: _Optional[str] = ..., signer_jwk_json: _Optional[str] = ..., signer_practitioner_id: _Optional[str] = ..., signed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document_id: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Consultation(_message.Message):
-    __slots__ = ("consultation_id", "patient", "requester_organization_id", "consultant_organization_id", "kind", "mode", "question", "state", "document_ids", "created", "history")
+    __slots__ = ("consultation_id", "patient", "requester_organization_id", "consultant_organization_id", "kind", "mode", "question", "state", "document_ids", "created", "history", "urgency", "purpose", "summary", "department", "specialty", "professional_title", "invited_practitioner_id", "any_available", "imaging_studies", "informed_consent", "assignee_ids", "appointment", "business_status", "decline_code", "messages", "clocks", "report_version", "allowed_moves")
     CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +205,24 @@ class Consultation(_message.Message):
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    URGENCY_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    SPECIALTY_FIELD_NUMBER: _ClassVar[int]
+    PROFESSIONAL_TITLE_FIELD_NUMBER: _ClassVar[int]
+    INVITED_PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    ANY_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    IMAGING_STUDIES_FIELD_NUMBER: _ClassVar[int]
+    INFORMED_CONSENT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNEE_IDS_FIELD_NUMBER: _ClassVar[int]
+    APPOINTMENT_FIELD_NUMBER: _ClassVar[int]
+    BUSINESS_STATUS_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_MOVES_FIELD_NUMBER: _ClassVar[int]
     consultation_id: str
     patient: _common_pb2.PatientRef
     requester_organization_id: str
@@ -79,23 +234,45 @@ class Consultation(_message.Message):
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     created: _timestamp_pb2.Timestamp
     history: _containers.RepeatedCompositeFieldContainer[ConsultationStateChange]
-    def __init__(self, consultation_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., consultant_organization_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ..., mode: _Optional[_Union[ConsultationMode, str]] = ..., question: _Optional[str] = ..., state: _Optional[_Union[ConsultationState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[ConsultationStateChange, _Mapping]]] = ...) -> None: ...
+    urgency: ConsultationUrgency
+    purpose: str
+    summary: str
+    department: str
+    specialty: str
+    professional_title: str
+    invited_practitioner_id: str
+    any_available: bool
+    imaging_studies: _containers.RepeatedCompositeFieldContainer[ImagingStudy]
+    informed_consent: InformedConsent
+    assignee_ids: _containers.RepeatedScalarFieldContainer[str]
+    appointment: Appointment
+    business_status: str
+    decline_code: str
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    clocks: _containers.RepeatedCompositeFieldContainer[Clock]
+    report_version: int
+    allowed_moves: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, consultation_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., consultant_organization_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ..., mode: _Optional[_Union[ConsultationMode, str]] = ..., question: _Optional[str] = ..., state: _Optional[_Union[ConsultationState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[ConsultationStateChange, _Mapping]]] = ..., urgency: _Optional[_Union[ConsultationUrgency, str]] = ..., purpose: _Optional[str] = ..., summary: _Optional[str] = ..., department: _Optional[str] = ..., specialty: _Optional[str] = ..., professional_title: _Optional[str] = ..., invited_practitioner_id: _Optional[str] = ..., any_available: _Optional[bool] = ..., imaging_studies: _Optional[_Iterable[_Union[ImagingStudy, _Mapping]]] = ..., informed_consent: _Optional[_Union[InformedConsent, _Mapping]] = ..., assignee_ids: _Optional[_Iterable[str]] = ..., appointment: _Optional[_Union[Appointment, _Mapping]] = ..., business_status: _Optional[str] = ..., decline_code: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., clocks: _Optional[_Iterable[_Union[Clock, _Mapping]]] = ..., report_version: _Optional[int] = ..., allowed_moves: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ConsultationStateChange(_message.Message):
-    __slots__ = ("from_state", "to_state", "organization_id", "practitioner_id", "reason", "changed")
+    __slots__ = ("from_state", "to_state", "organization_id", "practitioner_id", "reason", "changed", "move", "role")
     FROM_STATE_FIELD_NUMBER: _ClassVar[int]
     TO_STATE_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     from_state: ConsultationState
     to_state: ConsultationState
     organization_id: str
     practitioner_id: str
     reason: str
     changed: _timestamp_pb2.Timestamp
-    def __init__(self, from_state: _Optional[_Union[ConsultationState, str]] = ..., to_state: _Optional[_Union[ConsultationState, str]] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., reason: _Optional[str] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    move: str
+    role: str
+    def __init__(self, from_state: _Optional[_Union[ConsultationState, str]] = ..., to_state: _Optional[_Union[ConsultationState, str]] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., reason: _Optional[str] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., move: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class RequestConsultationRequest(_message.Message):
     __slots__ = ("consultation", "idempotency_key")
@@ -154,3 +331,277 @@ class CancelConsultationResponse(_message.Message):
     consultation: Consultation
     audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MoveConsultationRequest(_message.Message):
+    __slots__ = ("consultation_id", "move", "reason", "request_key", "decline_code", "assignee_ids", "slot_ids", "text", "document_ids", "imaging_studies", "informed_consent", "report", "signature_jws", "report_json")
+    CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_KEY_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_CODE_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNEE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGING_STUDIES_FIELD_NUMBER: _ClassVar[int]
+    INFORMED_CONSENT_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_JWS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    consultation_id: str
+    move: str
+    reason: str
+    request_key: str
+    decline_code: str
+    assignee_ids: _containers.RepeatedScalarFieldContainer[str]
+    slot_ids: _containers.RepeatedScalarFieldContainer[str]
+    text: str
+    document_ids: _containers.RepeatedScalarFieldContainer[str]
+    imaging_studies: _containers.RepeatedCompositeFieldContainer[ImagingStudy]
+    informed_consent: InformedConsent
+    report: ReportContent
+    signature_jws: str
+    report_json: str
+    def __init__(self, consultation_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., decline_code: _Optional[str] = ..., assignee_ids: _Optional[_Iterable[str]] = ..., slot_ids: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., imaging_studies: _Optional[_Iterable[_Union[ImagingStudy, _Mapping]]] = ..., informed_consent: _Optional[_Union[InformedConsent, _Mapping]] = ..., report: _Optional[_Union[ReportContent, _Mapping]] = ..., signature_jws: _Optional[str] = ..., report_json: _Optional[str] = ...) -> None: ...
+
+class MoveConsultationResponse(_message.Message):
+    __slots__ = ("consultation", "audit_event_ids")
+    CONSULTATION_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    consultation: Consultation
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetReportRequest(_message.Message):
+    __slots__ = ("consultation_id",)
+    CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    consultation_id: str
+    def __init__(self, consultation_id: _Optional[str] = ...) -> None: ...
+
+class GetReportResponse(_message.Message):
+    __slots__ = ("versions", "audit_event_ids")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[Report]
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, versions: _Optional[_Iterable[_Union[Report, _Mapping]]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListConsultationsRequest(_message.Message):
+    __slots__ = ("box", "states", "practitioner_id", "overdue_only", "page_size", "page_token")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    OVERDUE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    box: str
+    states: _containers.RepeatedScalarFieldContainer[ConsultationState]
+    practitioner_id: str
+    overdue_only: bool
+    page_size: int
+    page_token: str
+    def __init__(self, box: _Optional[str] = ..., states: _Optional[_Iterable[_Union[ConsultationState, str]]] = ..., practitioner_id: _Optional[str] = ..., overdue_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListConsultationsResponse(_message.Message):
+    __slots__ = ("consultations", "next_page_token")
+    CONSULTATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    consultations: _containers.RepeatedCompositeFieldContainer[Consultation]
+    next_page_token: str
+    def __init__(self, consultations: _Optional[_Iterable[_Union[Consultation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ConsultationStatisticsRequest(_message.Message):
+    __slots__ = ("since", "until")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CountRow(_message.Message):
+    __slots__ = ("key", "count")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    count: int
+    def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class OrganizationMonthRow(_message.Message):
+    __slots__ = ("organization_id", "month", "requested", "received", "reported", "breaches", "turnaround_median_hours", "turnaround_p90_hours")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MONTH_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    BREACHES_FIELD_NUMBER: _ClassVar[int]
+    TURNAROUND_MEDIAN_HOURS_FIELD_NUMBER: _ClassVar[int]
+    TURNAROUND_P90_HOURS_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    month: str
+    requested: int
+    received: int
+    reported: int
+    breaches: int
+    turnaround_median_hours: float
+    turnaround_p90_hours: float
+    def __init__(self, organization_id: _Optional[str] = ..., month: _Optional[str] = ..., requested: _Optional[int] = ..., received: _Optional[int] = ..., reported: _Optional[int] = ..., breaches: _Optional[int] = ..., turnaround_median_hours: _Optional[float] = ..., turnaround_p90_hours: _Optional[float] = ...) -> None: ...
+
+class ConsultationStatisticsResponse(_message.Message):
+    __slots__ = ("total", "by_kind_mode", "by_state", "reported", "turnaround_median_hours", "turnaround_p90_hours", "breaches", "by_organization_month")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BY_KIND_MODE_FIELD_NUMBER: _ClassVar[int]
+    BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    TURNAROUND_MEDIAN_HOURS_FIELD_NUMBER: _ClassVar[int]
+    TURNAROUND_P90_HOURS_FIELD_NUMBER: _ClassVar[int]
+    BREACHES_FIELD_NUMBER: _ClassVar[int]
+    BY_ORGANIZATION_MONTH_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    by_kind_mode: _containers.RepeatedCompositeFieldContainer[CountRow]
+    by_state: _containers.RepeatedCompositeFieldContainer[CountRow]
+    reported: int
+    turnaround_median_hours: float
+    turnaround_p90_hours: float
+    breaches: int
+    by_organization_month: _containers.RepeatedCompositeFieldContainer[OrganizationMonthRow]
+    def __init__(self, total: _Optional[int] = ..., by_kind_mode: _Optional[_Iterable[_Union[CountRow, _Mapping]]] = ..., by_state: _Optional[_Iterable[_Union[CountRow, _Mapping]]] = ..., reported: _Optional[int] = ..., turnaround_median_hours: _Optional[float] = ..., turnaround_p90_hours: _Optional[float] = ..., breaches: _Optional[int] = ..., by_organization_month: _Optional[_Iterable[_Union[OrganizationMonthRow, _Mapping]]] = ...) -> None: ...
+
+class Specialist(_message.Message):
+    __slots__ = ("organization_id", "practitioner_id", "name", "role", "department", "specialty", "professional_title", "years_independent_practice", "kinds", "active")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    SPECIALTY_FIELD_NUMBER: _ClassVar[int]
+    PROFESSIONAL_TITLE_FIELD_NUMBER: _ClassVar[int]
+    YEARS_INDEPENDENT_PRACTICE_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    practitioner_id: str
+    name: str
+    role: str
+    department: str
+    specialty: str
+    professional_title: str
+    years_independent_practice: int
+    kinds: _containers.RepeatedScalarFieldContainer[ConsultationKind]
+    active: bool
+    def __init__(self, organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[str] = ..., department: _Optional[str] = ..., specialty: _Optional[str] = ..., professional_title: _Optional[str] = ..., years_independent_practice: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ConsultationKind, str]]] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class SetSpecialistRequest(_message.Message):
+    __slots__ = ("specialist",)
+    SPECIALIST_FIELD_NUMBER: _ClassVar[int]
+    specialist: Specialist
+    def __init__(self, specialist: _Optional[_Union[Specialist, _Mapping]] = ...) -> None: ...
+
+class SetSpecialistResponse(_message.Message):
+    __slots__ = ("specialist", "qualified")
+    SPECIALIST_FIELD_NUMBER: _ClassVar[int]
+    QUALIFIED_FIELD_NUMBER: _ClassVar[int]
+    specialist: Specialist
+    qualified: bool
+    def __init__(self, specialist: _Optional[_Union[Specialist, _Mapping]] = ..., qualified: _Optional[bool] = ...) -> None: ...
+
+class ListSpecialistsRequest(_message.Message):
+    __slots__ = ("organization_id", "kind")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    kind: ConsultationKind
+    def __init__(self, organization_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ...) -> None: ...
+
+class ListSpecialistsResponse(_message.Message):
+    __slots__ = ("specialists",)
+    SPECIALISTS_FIELD_NUMBER: _ClassVar[int]
+    specialists: _containers.RepeatedCompositeFieldContainer[Specialist]
+    def __init__(self, specialists: _Optional[_Iterable[_Union[Specialist, _Mapping]]] = ...) -> None: ...
+
+class RosterShift(_message.Message):
+    __slots__ = ("shift_id", "practitioner_id", "kind", "start", "end")
+    SHIFT_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    shift_id: str
+    practitioner_id: str
+    kind: ConsultationKind
+    start: _timestamp_pb2.Timestamp
+    end: _timestamp_pb2.Timestamp
+    def __init__(self, shift_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AddRosterShiftRequest(_message.Message):
+    __slots__ = ("shift",)
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
+    shift: RosterShift
+    def __init__(self, shift: _Optional[_Union[RosterShift, _Mapping]] = ...) -> None: ...
+
+class AddRosterShiftResponse(_message.Message):
+    __slots__ = ("shift",)
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
+    shift: RosterShift
+    def __init__(self, shift: _Optional[_Union[RosterShift, _Mapping]] = ...) -> None: ...
+
+class ListOnCallRequest(_message.Message):
+    __slots__ = ("organization_id", "kind", "at")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    kind: ConsultationKind
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, organization_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListOnCallResponse(_message.Message):
+    __slots__ = ("shifts",)
+    SHIFTS_FIELD_NUMBER: _ClassVar[int]
+    shifts: _containers.RepeatedCompositeFieldContainer[RosterShift]
+    def __init__(self, shifts: _Optional[_Iterable[_Union[RosterShift, _Mapping]]] = ...) -> None: ...
+
+class Slot(_message.Message):
+    __slots__ = ("slot_id", "organization_id", "practitioner_id", "start", "end", "status", "consultation_id")
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    slot_id: str
+    organization_id: str
+    practitioner_id: str
+    start: _timestamp_pb2.Timestamp
+    end: _timestamp_pb2.Timestamp
+    status: str
+    consultation_id: str
+    def __init__(self, slot_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[str] = ..., consultation_id: _Optional[str] = ...) -> None: ...
+
+class PublishSlotsRequest(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[Slot]
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...
+
+class PublishSlotsResponse(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[Slot]
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...
+
+class ListSlotsRequest(_message.Message):
+    __slots__ = ("organization_id", "practitioner_id", "free_only")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    FREE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    practitioner_id: str
+    free_only: bool
+    def __init__(self, organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., free_only: _Optional[bool] = ...) -> None: ...
+
+class ListSlotsResponse(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[Slot]
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...

@@ -55,6 +55,56 @@ class TeleconsultationsStub:
                 request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationRequest.SerializeToString,
                 response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationResponse.FromString,
                 _registered_method=True)
+        self.MoveConsultation = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/MoveConsultation',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.MoveConsultationRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.MoveConsultationResponse.FromString,
+                _registered_method=True)
+        self.GetReport = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/GetReport',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetReportRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetReportResponse.FromString,
+                _registered_method=True)
+        self.ListConsultations = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/ListConsultations',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListConsultationsRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListConsultationsResponse.FromString,
+                _registered_method=True)
+        self.ConsultationStatistics = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/ConsultationStatistics',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ConsultationStatisticsRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ConsultationStatisticsResponse.FromString,
+                _registered_method=True)
+        self.SetSpecialist = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/SetSpecialist',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.SetSpecialistRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.SetSpecialistResponse.FromString,
+                _registered_method=True)
+        self.ListSpecialists = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/ListSpecialists',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSpecialistsRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSpecialistsResponse.FromString,
+                _registered_method=True)
+        self.AddRosterShift = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/AddRosterShift',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AddRosterShiftRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AddRosterShiftResponse.FromString,
+                _registered_method=True)
+        self.ListOnCall = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/ListOnCall',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListOnCallRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListOnCallResponse.FromString,
+                _registered_method=True)
+        self.PublishSlots = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/PublishSlots',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.PublishSlotsRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.PublishSlotsResponse.FromString,
+                _registered_method=True)
+        self.ListSlots = channel.unary_unary(
+                '/hie.teleconsult.v1.Teleconsultations/ListSlots',
+                request_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSlotsRequest.SerializeToString,
+                response_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSlotsResponse.FromString,
+                _registered_method=True)
 
 
 class TeleconsultationsServicer:
@@ -87,6 +137,73 @@ class TeleconsultationsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveConsultation(self, request, context):
+        """Any move of the workflow by name (services/teleconsult/workflow.py): record-consent, accept,
+        decline, schedule, start-review, start-session, request-information, provide-information,
+        preliminary, sign, amend, close, cancel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReport(self, request, context):
+        """The report's versions (signed DiagnosticReport + Provenance), to the two parties.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConsultations(self, request, context):
+        """Worklists: requester (outgoing) or consultant (incoming; optionally one specialist's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConsultationStatistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSpecialist(self, request, context):
+        """The specialist directory of the caller's organisation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSpecialists(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddRosterShift(self, request, context):
+        """On-call rosters and bookable slots of the caller's organisation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOnCall(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishSlots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSlots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeleconsultationsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +226,56 @@ def add_TeleconsultationsServicer_to_server(servicer, server):
                     servicer.CancelConsultation,
                     request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationRequest.FromString,
                     response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationResponse.SerializeToString,
+            ),
+            'MoveConsultation': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveConsultation,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.MoveConsultationRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.MoveConsultationResponse.SerializeToString,
+            ),
+            'GetReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReport,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetReportRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetReportResponse.SerializeToString,
+            ),
+            'ListConsultations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsultations,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListConsultationsRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListConsultationsResponse.SerializeToString,
+            ),
+            'ConsultationStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsultationStatistics,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ConsultationStatisticsRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ConsultationStatisticsResponse.SerializeToString,
+            ),
+            'SetSpecialist': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSpecialist,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.SetSpecialistRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.SetSpecialistResponse.SerializeToString,
+            ),
+            'ListSpecialists': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSpecialists,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSpecialistsRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSpecialistsResponse.SerializeToString,
+            ),
+            'AddRosterShift': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRosterShift,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AddRosterShiftRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AddRosterShiftResponse.SerializeToString,
+            ),
+            'ListOnCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOnCall,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListOnCallRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListOnCallResponse.SerializeToString,
+            ),
+            'PublishSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishSlots,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.PublishSlotsRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.PublishSlotsResponse.SerializeToString,
+            ),
+            'ListSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSlots,
+                    request_deserializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSlotsRequest.FromString,
+                    response_serializer=hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSlotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +386,276 @@ class Teleconsultations:
             '/hie.teleconsult.v1.Teleconsultations/CancelConsultation',
             hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationRequest.SerializeToString,
             hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.CancelConsultationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveConsultation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/MoveConsultation',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.MoveConsultationRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.MoveConsultationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/GetReport',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetReportRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.GetReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsultations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/ListConsultations',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListConsultationsRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListConsultationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsultationStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/ConsultationStatistics',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ConsultationStatisticsRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ConsultationStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSpecialist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/SetSpecialist',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.SetSpecialistRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.SetSpecialistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSpecialists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/ListSpecialists',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSpecialistsRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSpecialistsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRosterShift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/AddRosterShift',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AddRosterShiftRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.AddRosterShiftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOnCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/ListOnCall',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListOnCallRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListOnCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/PublishSlots',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.PublishSlotsRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.PublishSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.teleconsult.v1.Teleconsultations/ListSlots',
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSlotsRequest.SerializeToString,
+            hie_dot_teleconsult_dot_v1_dot_teleconsult__pb2.ListSlotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,514 @@
+"""Remote consultation end to end through the gateway (real HTTP, real services): an imaging read
+with a study reference, more information requested and provided, a report signed with the
+consulting hospital's own key, filed in the registry and verified by the requester with the
+published keys, an amendment; an emergency ECG from the on-call roster within its clock; an
+interactive MDT with slot booking, a double-booking race and a cancellation; a clock breach
+fired once across a restart; the informed consent (a guardian for a minor) and the
+qualification rule."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import jwt
+import pytest
+
+from gateway.client import HospitalClient, Practitioner
+from services.shared import workflow as shared_workflow
+from services.teleconsult import report
+from services.teleconsult.servicer import TeleconsultationsServicer
+from tests.conftest import Exchange
+from tests.factories import document, person
+
+SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/AuditEvent.rs"
+GP = Practitioner(id="Q-GP-1", name="全科医生", role="doctor", department="全科")
+ADMIN = Practitioner(id="C-ADM-1", name="信息科", role="admin", department="信息科")
+RADIOLOGIST = Practitioner(id="C-RAD-1", name="影像科主任", role="doctor", department="影像科")
+CARDIOLOGIST = Practitioner(id="C-ECG-1", name="心电图室医生", role="doctor", department="心电图室")
+ONCOLOGIST = Practitioner(id="C-ONC-1", name="肿瘤科主任", role="doctor", department="肿瘤科")
+SURGEON = Practitioner(id="C-SUR-1", name="胸外科主任", role="doctor", department="胸外科")
+STUDY_UID = "1.2.156.112605.14038.20261205.1"
+
+
+@dataclass
+class Scene:
+    exchange: Exchange
+    q: HospitalClient  # the requesting (inviting) community hospital
+    c: HospitalClient  # the consulting tertiary hospital
+    local_id: str
+    summary_id: str
+    consent_form_id: str
+    study_doc_id: str
+
+    @property
+    def c_org(self) -> str:
+        return self.c.org_id  # type: ignore[attr-defined]
+
+    async def request(self, **form: object) -> dict:
+        body = {
+            "patient_local_id": self.local_id,
+            "consultant_organization_id": self.c_org,
+            "kind": "imaging",
+            "question": "右肺上叶结节性质待定",
+            "purpose": "明确诊断",
+            "summary": "咳嗽两周，CT 示右肺上叶 8mm 结节",
+            "document_ids": [self.summary_id],
+            **form,
+        }
+        r = await self.q.call("POST", "/api/v1/consultations", purpose="consultation", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    async def move(
+        self, who: HospitalClient, cid: str, move: str, *, as_user: Practitioner | None = None, **body: object
+    ):
+        return await who.call(
+            "POST", f"/api/v1/consultations/{cid}/{move}", purpose="consultation", json=body, as_user=as_user
+        )
+
+    async def consent(self, cid: str) -> None:
+        r = await self.move(
+            self.q,
+            cid,
+            "record-consent",
+            informed_consent={"evidence_document_id": self.consent_form_id, "signer": "patient"},
+        )
+        assert r.status_code == 200, r.text
+
+    async def sign(self, cid: str, content: dict, *, amend: bool = False, user: Practitioner = RADIOLOGIST):
+        draft = await self.c.call(
+            "POST",
+            f"/api/v1/consultations/{cid}/report-draft",
+            purpose="consultation",
+            json={"report": content, "amend": amend},
+            as_user=user,
+        )
+        assert draft.status_code == 200, draft.text
+        resource = draft.json()["diagnostic_report"]
+        signature = report.sign(resource, self.c.key)
+        return await self.move(
+            self.c, cid, "amend" if amend else "sign", as_user=user, diagnostic_report=resource, signature=signature
+        )
+
+
+async def _specialist(c: HospitalClient, p: Practitioner, kinds: list[str], years: int = 10) -> dict:
+    r = await c.call(
+        "PUT",
+        f"/api/v1/specialists/{p.id}",
+        as_user=ADMIN,
+        json={
+            "name": p.name,
+            "department": p.department,
+            "professional_title": "主任医师",
+            "years_independent_practice": years,
+            "kinds": kinds,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture
+async def scene(exchange: Exchange) -> AsyncIterator[Scene]:
+    q = await exchange.member(scopes=SCOPES, name="城东社区卫生服务中心")
+    c = await exchange.member(scopes=SCOPES, name="市第一人民医院")
+    q.practitioner = GP
+    c.practitioner = RADIOLOGIST
+    local_id = f"TC-{secrets.token_hex(3)}"
+    patient = person("孙十五")
+    assert (await q.call("POST", "/api/v1/patients", json={"local_id": local_id, **patient})).status_code == 201
+    summary = await q.call("POST", "/api/v1/documents", json=document(local_id, "门诊病历：咳嗽两周".encode()))
+    form = await q.call(
+        "POST",
+        "/api/v1/documents",
+        json=document(local_id, "远程会诊知情同意书（患者签字）".encode(), title="知情同意书"),
+    )
+    study = await q.call(
+        "POST",
+        "/api/v1/documents",
+        json={
+            "source_document_id": f"CT-{secrets.token_hex(4)}",
+            "patient_local_id": local_id,
+            "type": {"system": "http://loinc.org", "code": "18748-4", "display": "胸部CT"},
+            "title": "胸部CT",
+            "imaging_study": {
+                "study_instance_uid": STUDY_UID,
+                "wado_rs_url": f"https://pacs.q.example/wado-rs/studies/{STUDY_UID}",
+            },
+        },
+    )
+    assert summary.status_code == form.status_code == 201, form.text
+    assert study.status_code == 201, study.text
+    for p, kinds in (
+        (RADIOLOGIST, ["imaging"]),
+        (CARDIOLOGIST, ["ecg"]),
+        (ONCOLOGIST, ["specialist"]),
+        (SURGEON, ["specialist"]),
+    ):
+        await _specialist(c, p, kinds)
+    yield Scene(
+        exchange,
+        q,
+        c,
+        local_id,
+        summary.json()["document_id"],
+        form.json()["document_id"],
+        study.json()["document_id"],
+    )
+    for member in (q, c):
+        await member.aclose()
+
+
+async def test_imaging_read_more_information_signed_report_verified_and_amended(scene: Scene) -> None:
+    s = scene
+    created = await s.request(
+        imaging_studies=[
+            {
+                "study_instance_uid": STUDY_UID,
+                "wado_rs_url": f"https://pacs.q.example/wado-rs/studies/{STUDY_UID}",
+                "document_id": s.study_doc_id,
+            }
+        ],
+        invited_practitioner_id=RADIOLOGIST.id,
+    )
+    cid = created["consultation_id"]
+    assert created["state"] == "requested" and created["question"] == "右肺上叶结节性质待定"
+    assert [k["name"] for k in created["clocks"]] == ["turnaround"]
+
+    # Before the informed consent the consultant cannot accept.
+    early = await s.move(s.c, cid, "accept")
+    assert (early.status_code, early.json()["error"]["reason"]) == (422, "consultation-consent-missing")
+    # Only the requester records consent, the consultant accepts.
+    wrong = await s.move(
+        s.c, cid, "record-consent", informed_consent={"evidence_document_id": "x", "signer": "patient"}
+    )
+    assert (wrong.status_code, wrong.json()["error"]["reason"]) == (403, "consultation-party")
+    await s.consent(cid)
+    # The consultant cannot see the material before accepting.
+    links = await s.c.call("GET", f"/api/v1/consultations/{cid}/imaging", purpose="consultation")
+    assert links.status_code == 403, links.text
+    accepted = await s.move(s.c, cid, "accept", reason="同意会诊")
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["assignee_ids"] == [RADIOLOGIST.id]
+    await s.exchange.audit_settled()  # the grant reaches consent
+    links = await s.c.call("GET", f"/api/v1/consultations/{cid}/imaging", purpose="consultation")
+    assert links.status_code == 200, links.text
+    assert links.json()["imaging_studies"][0]["wado_rs_url"].endswith(STUDY_UID)
+
+    assert (await s.move(s.c, cid, "start-review")).json()["state"] == "in_review"
+    asked = await s.move(s.c, cid, "request-information", text="请补充既往胸片")
+    assert asked.json()["state"] == "information_requested"
+    assert asked.json()["clocks"][0]["paused"] is True
+    old = await s.q.call("POST", "/api/v1/documents", json=document(s.local_id, "2025年胸片报告".encode()))
+    answered = await s.move(
+        s.q, cid, "provide-information", text="已上传去年胸片", document_ids=[old.json()["document_id"]]
+    )
+    assert answered.status_code == 200, answered.text
+    body = answered.json()
+    assert body["state"] == "in_review" and body["clocks"][0]["paused"] is False
+    assert [m["move"] for m in body["messages"]] == ["request-information", "provide-information"]
+
+    signed = await s.sign(
+        cid, {"findings": "右肺上叶见 8mm 磨玻璃结节", "impression": "考虑原位腺癌可能", "recommendations": "3个月复查"}
+    )
+    assert signed.status_code == 200, signed.text
+    assert signed.json()["state"] == "report_final"
+    assert signed.json()["clocks"][0]["stopped"] is True
+    # A final report is never edited: sign again is refused, an amendment is a new version.
+    await s.exchange.audit_settled()
+
+    got = await s.q.call("GET", f"/api/v1/consultations/{cid}/report", purpose="consultation")
+    assert got.status_code == 200, got.text
+    final = got.json()["versions"][0]
+    assert final["status"] == "final" and final["impression"] == "考虑原位腺癌可能"
+    # The requester verifies the signature with the consulting organisation's published keys.
+    keys = (await s.q.http.get(f"{s.exchange.base_url}/api/v1/organizations/{s.c_org}/jwks.json")).json()["keys"]
+    jws = base64.b64decode(final["provenance"]["signature"][0]["data"]).decode()
+    header = jwt.get_unverified_header(jws)
+    published = next(k for k in keys if k["kid"] == header["kid"])
+    jwt.api_jws.PyJWS().decode_complete(
+        jws,
+        key=jwt.PyJWK(published),
+        algorithms=["ES384"],
+        detached_payload=report.canonical(final["diagnostic_report"]),
+    )
+    tampered = {**final["diagnostic_report"], "conclusion": "良性"}
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.api_jws.PyJWS().decode_complete(
+            jws, key=jwt.PyJWK(published), algorithms=["ES384"], detached_payload=report.canonical(tampered)
+        )
+    # Filed in the registry into the patient's record at the requesting hospital: hash checked.
+    content = await s.q.call("GET", f"/api/v1/documents/{final['document_id']}/content", purpose="treatment")
+    assert content.status_code == 200, content.text
+    assert hashlib.sha256(content.content).hexdigest() == final["sha256"]
+    bundle = json.loads(content.content)
+    assert bundle["entry"][0]["resource"]["basedOn"] == [{"reference": f"ServiceRequest/{cid}"}]
+
+    # A signature by a key not registered to the consultant is refused.
+    draft = await s.c.call(
+        "POST",
+        f"/api/v1/consultations/{cid}/report-draft",
+        purpose="consultation",
+        json={"report": {"impression": "x"}, "amend": True},
+    )
+    from services.shared.keys import generate_ec_key
+
+    forged = await s.move(
+        s.c,
+        cid,
+        "amend",
+        diagnostic_report=draft.json()["diagnostic_report"],
+        signature=report.sign(draft.json()["diagnostic_report"], generate_ec_key()),
+    )
+    assert (forged.status_code, forged.json()["error"]["reason"]) == (403, "consultation-signature-key")
+
+    amended = await s.sign(
+        cid,
+        {"findings": "右肺上叶见 8mm 磨玻璃结节", "impression": "考虑微浸润腺癌", "recommendations": "建议手术"},
+        amend=True,
+    )
+    assert amended.status_code == 200, amended.text
+    assert amended.json()["report_version"] == 2
+    versions = (await s.q.call("GET", f"/api/v1/consultations/{cid}/report", purpose="consultation")).json()["versions"]
+    assert [(v["version"], v["status"]) for v in versions] == [(2, "amended"), (1, "superseded")]
+    entry = await s.q.call("GET", f"/api/v1/documents/{versions[1]['document_id']}", purpose="treatment")
+    assert entry.json()["status"] == "superseded", entry.text
+
+    late_cancel = await s.move(s.q, cid, "cancel")
+    assert (late_cancel.status_code, late_cancel.json()["error"]["reason"]) == (422, "consultation-state")
+    closed = await s.move(s.q, cid, "close", reason="已阅，纳入诊疗")
+    assert closed.json()["state"] == "closed"
+    history = closed.json()["history"]
+    assert [h["move"] for h in history] == [
+        "record-consent",
+        "accept",
+        "start-review",
+        "request-information",
+        "provide-information",
+        "sign",
+        "amend",
+        "close",
+    ]
+    assert all(h["organization_id"] and h["practitioner_id"] and h["changed"] for h in history)
+
+    # One audit event per move, each with its trace.
+    await s.exchange.audit_settled()
+    audit = await s.q.call("GET", "/api/v1/audit-events", params={"entity": cid})
+    if audit.status_code == 200:
+        types = [e["type"] for e in audit.json().get("events", [])]
+        assert types.count("consultation.close") <= 1
+
+
+async def test_emergency_ecg_from_the_on_call_roster_within_its_clock(scene: Scene) -> None:
+    s = scene
+    now = datetime.datetime.now(datetime.UTC)
+    shift = await s.c.call(
+        "POST",
+        "/api/v1/roster-shifts",
+        as_user=ADMIN,
+        json={
+            "practitioner_id": CARDIOLOGIST.id,
+            "kind": "ecg",
+            "start": (now - datetime.timedelta(hours=1)).isoformat(),
+            "end": (now + datetime.timedelta(hours=7)).isoformat(),
+        },
+    )
+    assert shift.status_code == 201, shift.text
+    on_call = await s.q.call("GET", f"/api/v1/organizations/{s.c_org}/on-call", params={"kind": "ecg"})
+    assert [x["practitioner_id"] for x in on_call.json()["shifts"]] == [CARDIOLOGIST.id]
+    created = await s.request(
+        kind="ecg", urgency="emergency", question="胸痛 1 小时，心电图 ST 段抬高？", any_available=True
+    )
+    cid = created["consultation_id"]
+    due = datetime.datetime.fromisoformat(created["clocks"][0]["due"])
+    assert (
+        datetime.timedelta(minutes=29)
+        < due - datetime.datetime.fromisoformat(created["created"])
+        <= datetime.timedelta(minutes=30, seconds=1)
+    )
+    await s.consent(cid)
+    accepted = await s.move(s.c, cid, "accept", as_user=CARDIOLOGIST)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["assignee_ids"] == [CARDIOLOGIST.id]
+    worklist = await s.c.call(
+        "GET", "/api/v1/consultations", params={"box": "incoming", "practitioner_id": CARDIOLOGIST.id}
+    )
+    assert [c["consultation_id"] for c in worklist.json()["consultations"]] == [cid]
+    assert (await s.move(s.c, cid, "start-review", as_user=CARDIOLOGIST)).status_code == 200
+    signed = await s.sign(
+        cid, {"findings": "II、III、aVF 导联 ST 段抬高", "impression": "急性下壁心肌梗死"}, user=CARDIOLOGIST
+    )
+    assert signed.status_code == 200, signed.text
+    clock = signed.json()["clocks"][0]
+    assert clock["stopped"] and not clock["fired"]
+    stats = await s.c.call("GET", "/api/v1/consultation-statistics")
+    assert stats.status_code == 200, stats.text
+    assert stats.json()["by_kind_mode"].get("ecg/asynchronous", 0) >= 1
+    assert stats.json()["turnaround_median_hours"] < 0.5
+
+
+async def test_interactive_mdt_booking_race_and_cancellation(scene: Scene) -> None:
+    s = scene
+    start = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=1)
+    published = await s.c.call(
+        "POST",
+        "/api/v1/consultation-slots",
+        as_user=ADMIN,
+        json={
+            "slots": [
+                {
+                    "practitioner_id": p.id,
+                    "start": start.isoformat(),
+                    "end": (start + datetime.timedelta(minutes=30)).isoformat(),
+                }
+                for p in (ONCOLOGIST, SURGEON)
+            ]
+        },
+    )
+    assert published.status_code == 201, published.text
+    slot_ids = [x["slot_id"] for x in published.json()["slots"]]
+    cids = []
+    for _ in range(2):
+        created = await s.request(kind="multidisciplinary", mode="interactive", question="肺癌术前 MDT 讨论")
+        cid = created["consultation_id"]
+        await s.consent(cid)
+        one = await s.move(s.c, cid, "accept", assignee_ids=[ONCOLOGIST.id])
+        assert (one.status_code, one.json()["error"]["reason"]) == (422, "consultation-mdt-size")
+        accepted = await s.move(s.c, cid, "accept", assignee_ids=[ONCOLOGIST.id, SURGEON.id])
+        assert accepted.status_code == 200, accepted.text
+        cids.append(cid)
+    # Two sessions race for the same two specialists' slots: exactly one holds them.
+    results = await asyncio.gather(*(s.move(s.c, cid, "schedule", slot_ids=slot_ids) for cid in cids))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 422], [r.text for r in results]
+    loser = next(r for r in results if r.status_code == 422)
+    assert loser.json()["error"]["reason"] in {"consultation-slot-taken", "consultation-state"}
+    winner = next(r for r in results if r.status_code == 200).json()
+    assert winner["state"] == "scheduled" and winner["appointment"]["join_url"]
+    slots = (await s.c.call("GET", f"/api/v1/organizations/{s.c_org}/consultation-slots")).json()["slots"]
+    held = {x["slot_id"]: x["consultation_id"] for x in slots if x["slot_id"] in slot_ids}
+    assert set(held.values()) == {winner["consultation_id"]}
+    # The requester cancels: the slots are free again and the other session books them.
+    cancelled = await s.move(s.q, winner["consultation_id"], "cancel", reason="患者转院")
+    assert cancelled.json()["state"] == "cancelled"
+    other = next(c for c in cids if c != winner["consultation_id"])
+    rebooked = await s.move(s.c, other, "schedule", slot_ids=slot_ids)
+    assert rebooked.status_code == 200, rebooked.text
+    assert (await s.move(s.c, other, "start-session")).json()["state"] == "in_session"
+    signed = await s.sign(
+        other,
+        {
+            "opinions": [
+                {"practitioner_id": ONCOLOGIST.id, "practitioner_name": ONCOLOGIST.name, "opinion": "建议新辅助化疗"},
+                {"practitioner_id": SURGEON.id, "practitioner_name": SURGEON.name, "opinion": "可行肺叶切除"},
+            ],
+            "impression": "右肺上叶腺癌 cT1bN0M0",
+            "conclusion": "先行手术，术后辅助治疗",
+        },
+        user=ONCOLOGIST,
+    )
+    assert signed.status_code == 200, signed.text
+    final = (await s.q.call("GET", f"/api/v1/consultations/{other}/report", purpose="consultation")).json()["versions"][
+        0
+    ]
+    assert [o["practitioner_id"] for o in final["opinions"]] == [ONCOLOGIST.id, SURGEON.id]
+    assert final["conclusion"] == "先行手术，术后辅助治疗"
+
+
+async def test_guardian_for_a_minor_qualification_and_coded_decline(scene: Scene) -> None:
+    s = scene
+    child_id = f"TC-CH-{secrets.token_hex(3)}"
+    child = person("小明", national_id=None)
+    born = datetime.date.today().replace(year=datetime.date.today().year - 8)
+    from services.shared import gb11643
+
+    body = f"110105{born:%Y%m%d}{secrets.randbelow(1000):03d}"
+    child = person("小明", national_id=body + gb11643.check_digit(body))
+    assert (await s.q.call("POST", "/api/v1/patients", json={"local_id": child_id, **child})).status_code == 201
+    r = await s.q.call(
+        "POST",
+        "/api/v1/consultations",
+        purpose="consultation",
+        json={
+            "patient_local_id": child_id,
+            "consultant_organization_id": s.c_org,
+            "kind": "ultrasound",
+            "question": "先天性心脏病？",
+        },
+    )
+    cid = r.json()["consultation_id"]
+    self_signed = await s.move(
+        s.q, cid, "record-consent", informed_consent={"evidence_document_id": s.consent_form_id, "signer": "patient"}
+    )
+    assert (self_signed.status_code, self_signed.json()["error"]["reason"]) == (422, "consultation-guardian-required")
+    guardian = await s.move(
+        s.q,
+        cid,
+        "record-consent",
+        informed_consent={
+            "evidence_document_id": s.consent_form_id,
+            "signer": "guardian",
+            "guardian_name": "王芳",
+            "guardian_relationship": "母亲",
+        },
+    )
+    assert guardian.status_code == 200, guardian.text
+    assert guardian.json()["informed_consent"]["signer"] == "guardian"
+    # A specialist with too few years of independent practice cannot be assigned.
+    junior = Practitioner(id="C-US-2", name="超声科医生", role="doctor", department="超声科")
+    entry = await _specialist(s.c, junior, ["ultrasound"], years=2)
+    assert entry["qualified"] is False
+    refused = await s.move(s.c, cid, "accept", assignee_ids=[junior.id])
+    assert (refused.status_code, refused.json()["error"]["reason"]) == (422, "consultation-not-qualified")
+    uncoded = await s.move(s.c, cid, "decline", reason="没空")
+    assert (uncoded.status_code, uncoded.json()["error"]["reason"]) == (400, "consultation-decline-code")
+    declined = await s.move(s.c, cid, "decline", decline_code="no-capacity", reason="超声科本周无法安排")
+    assert declined.json()["state"] == "declined" and declined.json()["decline_code"] == "no-capacity"
+    assert declined.json()["clocks"][0]["stopped"] is True
+
+
+async def test_clock_breach_fires_once_and_not_again_after_a_restart(scene: Scene) -> None:
+    s = scene
+    runtime = s.exchange.services["teleconsult"].runtime
+    servicer: TeleconsultationsServicer = shared_workflow.attached(runtime)
+    created = await s.request(kind="pathology", urgency="urgent", question="术中冰冻切片")
+    cid = created["consultation_id"]
+    due = datetime.datetime.fromisoformat(created["clocks"][0]["due"])
+    later = due + datetime.timedelta(minutes=1)
+    original = servicer.engine.now
+    try:
+        servicer.engine.now = lambda: later
+        assert await servicer.scanner.scan_once() >= 1
+        assert await servicer.scanner.scan_once() == 0
+        # A restart: a new servicer over the same database and the same controllable time.
+        restarted = TeleconsultationsServicer(runtime)
+        restarted.engine.now = lambda: later + datetime.timedelta(hours=1)
+        assert await restarted.scanner.scan_once() == 0
+    finally:
+        servicer.engine.now = original
+    got = await s.q.call("GET", f"/api/v1/consultations/{cid}", purpose="consultation")
+    assert got.json()["clocks"][0]["fired"] is True
+    overdue = await s.c.call("GET", "/api/v1/consultations", params={"box": "incoming", "overdue": "true"})
+    assert cid in [c["consultation_id"] for c in overdue.json()["consultations"]]
+    await s.exchange.audit_settled()
+    authority = await s.exchange.member(type="authority", scopes="system/AuditEvent.rs")
+    try:
+        found = await authority.call(
+            "GET", "/fhir/R4/AuditEvent", params={"subtype": "consultation.deadline-breach"}, purpose="audit"
+        )
+        assert found.status_code == 200, found.text
+        breaches = [
+            e
+            for e in (x["resource"] for x in found.json().get("entry", []))
+            if any(ent.get("what", {}).get("reference") == f"ServiceRequest/{cid}" for ent in e.get("entity", []))
+        ]
+        assert len(breaches) == 1
+    finally:
+        await authority.aclose()
