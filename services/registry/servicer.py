@@ -329,12 +329,16 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 return await self._earlier(sub, own)
         existing = (
             await store.find_by_source_ids(
-                session, source_organization_id=sub.record.source_organization_id, source_document_ids=[sub.source_document_id]
+                session,
+                source_organization_id=sub.record.source_organization_id,
+                source_document_ids=[sub.source_document_id],
             )
         ).get(sub.source_document_id)
         if existing is None and sub.record.idempotency_key:
             existing = await store.find_by_idempotency_key(
-                session, source_organization_id=sub.record.source_organization_id, idempotency_key=sub.record.idempotency_key
+                session,
+                source_organization_id=sub.record.source_organization_id,
+                idempotency_key=sub.record.idempotency_key,
             )
             if existing is not None and existing.source_document_id != sub.source_document_id:
                 raise AlreadyExists(

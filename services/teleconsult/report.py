@@ -211,7 +211,8 @@ def verify(resource: Mapping[str, Any], jws: str, *, registered: frozenset[str] 
             reason="consultation-signature-invalid",
         )
     try:
-        key = jwt.PyJWK(jwk)
+        # The algorithm named with the key: PyJWK alone guesses RS256 for any RSA key.
+        key = jwt.PyJWK({**jwk, "alg": header["alg"]})
         print_ = thumbprint(jwk)
     except (KeyError, ValueError, TypeError, jwt.PyJWTError):
         raise InvalidArgument("the signature's key is not usable", reason="consultation-signature-invalid") from None

@@ -537,7 +537,12 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
 
         async def book(session: AsyncSession, decision: Decision) -> None:
             # Every participant's slot at once, each only if still free: a concurrent booking of
-            # any one of them leaves fewer rows updated and the whole move rolls back.
+            # any one of them leaves fewer rows updated and the whole move rolls back. The rows
+            # are locked in id order first, so two bookings of overlapping sets cannot deadlock.
+            if session.bind.dialect.name == "postgresql":
+                await session.execute(
+                    select(SlotRecord.id).where(SlotRecord.id.in_(slot_ids)).order_by(SlotRecord.id).with_for_update()
+                )
             taken = await session.execute(
                 update(SlotRecord)
                 .where(SlotRecord.id.in_(slot_ids), SlotRecord.consultation_id.is_(None))

@@ -160,7 +160,12 @@ CASES = [
         "consultation.request",
         "create",
         purpose="consultation",
-        body=lambda c: {"patient_local_id": "COV-A", "consultant_organization_id": c["b_org"], "kind": "imaging"},
+        body=lambda c: {
+            "patient_local_id": "COV-A",
+            "consultant_organization_id": c["b_org"],
+            "kind": "imaging",
+            "question": "肺结节性质？",
+        },
         keep=_keep("consultation", "consultation_id"),
     ),
     Case(

@@ -133,9 +133,33 @@ async def test_consultation_grant_opens_and_cancel_closes(scene: Scene) -> None:
     consultation_id = requested.json()["consultation_id"]
     refused = await s.a.call("POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation")
     assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "consultation-party")
-    accepted = await s.b.call("POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation")
+    # The patient's informed consent first (the signed form is a document of the requester), and
+    # a qualified specialist of the consultant's directory to assign.
+    recorded = await s.a.call(
+        "POST",
+        f"/api/v1/consultations/{consultation_id}/record-consent",
+        purpose="consultation",
+        json={"informed_consent": {"evidence_document_id": s.summary_id, "signer": "patient"}},
+    )
+    assert recorded.status_code == 200, recorded.text
+    listed = await s.b.call(
+        "PUT",
+        f"/api/v1/specialists/{EMERGENCY_DOCTOR.id}",
+        as_user=Practitioner(id="B-ADM", name="信息科", role="admin", department="信息科"),
+        json={"name": EMERGENCY_DOCTOR.name, "years_independent_practice": 5, "kinds": ["imaging"]},
+    )
+    assert listed.status_code == 200, listed.text
+    accepted = await s.b.call(
+        "POST",
+        f"/api/v1/consultations/{consultation_id}/accept",
+        purpose="consultation",
+        json={"assignee_ids": [EMERGENCY_DOCTOR.id]},
+    )
     assert accepted.status_code == 200, accepted.text
-    assert (accepted.json()["state"], [h["to"] for h in accepted.json()["history"]]) == ("assigned", ["assigned"])
+    assert (accepted.json()["state"], [h["to"] for h in accepted.json()["history"]]) == (
+        "assigned",
+        ["requested", "assigned"],
+    )
     await s.exchange.audit_settled()  # the teleconsult outbox delivers the grant to consent
     assert await s.visible_to_b("consultation") == {s.summary_id}
     assert await s.visible_to_b("referral") == set()

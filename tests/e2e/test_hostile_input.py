@@ -151,7 +151,12 @@ async def test_other_hospitals_referrals_and_consultations_are_invisible(exchang
     consultation = await a.call(
         "POST",
         "/api/v1/consultations",
-        json={"patient_local_id": "P-1", "consultant_organization_id": b.org_id, "kind": "ecg"},  # type: ignore[attr-defined]
+        json={
+            "patient_local_id": "P-1",
+            "consultant_organization_id": b.org_id,
+            "kind": "ecg",
+            "question": "ST 段改变？",
+        },  # type: ignore[attr-defined]
     )
     assert consultation.status_code == 201
     referral_id = referral.json()["referral_id"]

@@ -6,7 +6,7 @@ import pytest
 
 from services.referral import workflow as referral
 from services.shared.consent_grants import GrantEffect
-from services.shared.errors import FailedPrecondition, PermissionDenied
+from services.shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.teleconsult import workflow as teleconsult
 
 R, T = referral.Party.REQUESTER, referral.Party.TARGET
@@ -44,14 +44,39 @@ def test_referral_transitions(
 
 
 C, Q = teleconsult.Party.CONSULTANT, teleconsult.Party.REQUESTER
+# Facts that satisfy every guard (consent recorded, asynchronous, coded decline, a report).
+FACTS = {"informed_consent": True, "mode": 1, "decline_code": "no-capacity", "report": True}
+INTERACTIVE = {**FACTS, "mode": teleconsult.INTERACTIVE}
 CONSULTATION_CASES = [
+    ("record-consent", Q, teleconsult.REQUESTED, (teleconsult.REQUESTED, GrantEffect.NONE)),
+    ("record-consent", C, teleconsult.REQUESTED, "consultation-party"),
+    ("record-consent", Q, teleconsult.ASSIGNED, "consultation-state"),
     ("accept", C, teleconsult.REQUESTED, (teleconsult.ASSIGNED, GrantEffect.GRANT)),
     ("accept", Q, teleconsult.REQUESTED, "consultation-party"),
     ("accept", C, teleconsult.CANCELLED, "consultation-state"),
+    ("decline", C, teleconsult.REQUESTED, (teleconsult.DECLINED, GrantEffect.NONE)),
+    ("decline", C, teleconsult.ASSIGNED, "consultation-state"),
+    ("start-review", C, teleconsult.ASSIGNED, (teleconsult.IN_REVIEW, GrantEffect.NONE)),
+    ("request-information", C, teleconsult.IN_REVIEW, (teleconsult.INFORMATION_REQUESTED, GrantEffect.NONE)),
+    ("request-information", Q, teleconsult.IN_REVIEW, "consultation-party"),
+    ("provide-information", Q, teleconsult.INFORMATION_REQUESTED, (teleconsult.IN_REVIEW, GrantEffect.GRANT)),
+    ("provide-information", C, teleconsult.INFORMATION_REQUESTED, "consultation-party"),
+    ("preliminary", C, teleconsult.IN_REVIEW, (teleconsult.REPORT_PRELIMINARY, GrantEffect.NONE)),
+    ("sign", C, teleconsult.REPORT_PRELIMINARY, (teleconsult.REPORT_FINAL, GrantEffect.NONE)),
+    ("sign", C, teleconsult.IN_SESSION, (teleconsult.REPORT_FINAL, GrantEffect.NONE)),
+    ("sign", C, teleconsult.REQUESTED, "consultation-state"),
+    ("amend", C, teleconsult.REPORT_FINAL, (teleconsult.REPORT_FINAL, GrantEffect.NONE)),
+    ("amend", C, teleconsult.CLOSED, "consultation-state"),
+    ("close", Q, teleconsult.REPORT_FINAL, (teleconsult.CLOSED, GrantEffect.CLOSE)),
+    ("close", C, teleconsult.REPORT_FINAL, "consultation-party"),
     ("cancel", Q, teleconsult.REQUESTED, (teleconsult.CANCELLED, GrantEffect.NONE)),
     ("cancel", Q, teleconsult.ASSIGNED, (teleconsult.CANCELLED, GrantEffect.REVOKE)),
+    ("cancel", Q, teleconsult.IN_SESSION, (teleconsult.CANCELLED, GrantEffect.REVOKE)),
+    ("cancel", Q, teleconsult.REPORT_PRELIMINARY, (teleconsult.CANCELLED, GrantEffect.REVOKE)),
     ("cancel", C, teleconsult.ASSIGNED, "consultation-party"),
-    ("cancel", Q, teleconsult.IN_SESSION, "consultation-state"),
+    # Cancelled by the requester only before a final report.
+    ("cancel", Q, teleconsult.REPORT_FINAL, "consultation-state"),
+    ("cancel", Q, teleconsult.CLOSED, "consultation-state"),
 ]
 
 
@@ -61,8 +86,40 @@ def test_consultation_transitions(
 ) -> None:
     if isinstance(expected, str):
         with pytest.raises((PermissionDenied, FailedPrecondition)) as refused:
-            teleconsult.move(name, state=state, caller_party=party)
+            teleconsult.move(name, state=state, caller_party=party, facts=FACTS)
         assert refused.value.reason == expected
         return
-    moved = teleconsult.move(name, state=state, caller_party=party)
+    moved = teleconsult.move(name, state=state, caller_party=party, facts=FACTS)
     assert (moved.to_state, moved.grant) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "facts", "reason"),
+    [
+        ("accept", teleconsult.REQUESTED, {**FACTS, "informed_consent": False}, "consultation-consent-missing"),
+        ("decline", teleconsult.REQUESTED, {**FACTS, "decline_code": "busy"}, "consultation-decline-code"),
+        ("schedule", teleconsult.ASSIGNED, FACTS, "consultation-mode"),
+        ("start-review", teleconsult.ASSIGNED, INTERACTIVE, "consultation-mode"),
+        ("sign", teleconsult.IN_REVIEW, {**FACTS, "report": False}, "consultation-report-invalid"),
+    ],
+)
+def test_consultation_guards(name: str, state: int, facts: dict[str, object], reason: str) -> None:
+    with pytest.raises((FailedPrecondition, InvalidArgument)) as refused:
+        teleconsult.move(name, state=state, caller_party=C, facts=facts)
+    assert refused.value.reason == reason
+
+
+def test_scheduling_is_for_interactive_consultations() -> None:
+    moved = teleconsult.move("schedule", state=teleconsult.ASSIGNED, caller_party=C, facts=INTERACTIVE)
+    assert moved.to_state == teleconsult.SCHEDULED
+
+
+def test_more_information_pauses_and_resumes_the_turnaround_clock() -> None:
+    asked = teleconsult.move("request-information", state=teleconsult.IN_REVIEW, caller_party=C, facts=FACTS)
+    answered = teleconsult.move(
+        "provide-information", state=teleconsult.INFORMATION_REQUESTED, caller_party=Q, facts=FACTS
+    )
+    signed = teleconsult.move("sign", state=teleconsult.IN_REVIEW, caller_party=C, facts=FACTS)
+    assert asked.clocks.pause == (teleconsult.TURNAROUND,)
+    assert answered.clocks.resume == (teleconsult.TURNAROUND,)
+    assert signed.clocks.stop == ("*",)

@@ -347,6 +347,7 @@ def register_relays(runtime: ServiceRuntime) -> None:
 def workflow_event_sender(channel: Callable[[], grpc.aio.Channel], credentials: PlatformCredentials) -> Sender:
     """Hands staged workflow notifications to the registry's notification broker (PublishEvent),
     under the service's platform identity, continuing each move's trace; raises until it answers."""
+
     async def send(payloads: Sequence[bytes]) -> None:
         stub = notifications_pb2_grpc.NotificationBrokerStub(channel())
         for payload in payloads:
