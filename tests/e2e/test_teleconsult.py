@@ -301,12 +301,9 @@ async def test_imaging_read_more_information_signed_report_verified_and_amended(
     ]
     assert all(h["organization_id"] and h["practitioner_id"] and h["changed"] for h in history)
 
-    # One audit event per move, each with its trace.
-    await s.exchange.audit_settled()
-    audit = await s.q.call("GET", "/api/v1/audit-events", params={"entity": cid})
-    if audit.status_code == 200:
-        types = [e["type"] for e in audit.json().get("events", [])]
-        assert types.count("consultation.close") <= 1
+    # Each move is audited once.
+    for move in ("sign", "amend", "close"):
+        assert len(await _breach_or_move_events(s.exchange, f"consultation.{move}", cid)) == 1
 
 
 async def test_emergency_ecg_from_the_on_call_roster_within_its_clock(scene: Scene) -> None:
@@ -505,18 +502,135 @@ async def test_clock_breach_fires_once_and_not_again_after_a_restart(scene: Scen
     assert got.json()["clocks"][0]["fired"] is True
     overdue = await s.c.call("GET", "/api/v1/consultations", params={"box": "incoming", "overdue": "true"})
     assert cid in [c["consultation_id"] for c in overdue.json()["consultations"]]
-    await s.exchange.audit_settled()
-    authority = await s.exchange.member(type="authority", scopes="system/AuditEvent.rs")
+    assert len(await _breach_or_move_events(s.exchange, "consultation.deadline-breach", cid)) == 1
+
+
+async def _breach_or_move_events(exchange: Exchange, subtype: str, cid: str) -> list[dict]:
+    """The authority's AuditEvents of one type about one consultation."""
+    await exchange.audit_settled()
+    authority = await exchange.member(type="authority", scopes="system/AuditEvent.rs")
     try:
-        found = await authority.call(
-            "GET", "/fhir/R4/AuditEvent", params={"subtype": "consultation.deadline-breach"}, purpose="audit"
-        )
+        found = await authority.call("GET", "/fhir/R4/AuditEvent", params={"subtype": subtype}, purpose="audit")
         assert found.status_code == 200, found.text
-        breaches = [
+        return [
             e
             for e in (x["resource"] for x in found.json().get("entry", []))
             if any(ent.get("what", {}).get("reference") == f"ServiceRequest/{cid}" for ent in e.get("entity", []))
         ]
-        assert len(breaches) == 1
     finally:
         await authority.aclose()
+
+
+async def test_fhir_view_and_one_audited_trace_per_move(scene: Scene) -> None:
+    s = scene
+    created = await s.request(
+        imaging_studies=[
+            {
+                "study_instance_uid": STUDY_UID,
+                "wado_rs_url": f"https://pacs.q.example/wado-rs/studies/{STUDY_UID}",
+                "document_id": s.study_doc_id,
+            }
+        ],
+        urgency="urgent",
+        invited_practitioner_id=RADIOLOGIST.id,
+    )
+    cid = created["consultation_id"]
+    await s.consent(cid)
+    trace_ids = {}
+    for who, move, body in (
+        (s.c, "accept", {}),
+        (s.c, "start-review", {}),
+        (s.c, "request-information", {"text": "请补充增强 CT"}),
+    ):
+        trace_id = secrets.token_hex(16)
+        r = await who.call(
+            "POST",
+            f"/api/v1/consultations/{cid}/{move}",
+            purpose="consultation",
+            json=body,
+            traceparent=f"00-{trace_id}-{secrets.token_hex(8)}-01",
+        )
+        assert r.status_code == 200, r.text
+        trace_ids[move] = trace_id
+    fhir = {"Accept": "application/fhir+json"}
+    sr = (await s.q.call("GET", f"/fhir/R4/ServiceRequest/{cid}", purpose="consultation", headers=fhir)).json()
+    assert sr["priority"] == "urgent"
+    assert sr["reasonCode"] == [{"text": "右肺上叶结节性质待定"}]
+    assert any(i.get("identifier", {}).get("value") == f"urn:oid:{STUDY_UID}" for i in sr["supportingInfo"])
+    t = (await s.c.call("GET", f"/fhir/R4/Task/{cid}", purpose="consultation", headers=fhir)).json()
+    assert (t["status"], t["businessStatus"]["coding"][0]["code"]) == ("on-hold", "information-requested")
+    incoming = await s.c.call("GET", "/fhir/R4/Task", params={"owner": f"Organization/{s.c_org}"}, headers=fhir)
+    assert cid in [e["resource"]["id"] for e in incoming.json()["entry"]]
+    thread = await s.q.call(
+        "GET", "/fhir/R4/Communication", params={"based-on": f"ServiceRequest/{cid}"}, purpose="consultation"
+    )
+    assert [e["resource"]["payload"][0]["contentString"] for e in thread.json()["entry"]] == ["请补充增强 CT"]
+    assert (await s.move(s.q, cid, "provide-information", text="增强 CT 已上传")).status_code == 200
+    assert (await s.sign(cid, {"impression": "良性结节可能大"})).status_code == 200
+    reports = await s.q.call(
+        "GET", "/fhir/R4/DiagnosticReport", params={"based-on": f"ServiceRequest/{cid}"}, purpose="consultation"
+    )
+    modes = [(e["resource"]["resourceType"], e["search"]["mode"]) for e in reports.json()["entry"]]
+    assert modes == [("DiagnosticReport", "match"), ("Provenance", "include")]
+    provenance = reports.json()["entry"][1]["resource"]
+    assert provenance["signature"][0]["sigFormat"] == "application/jose"
+    assert provenance["target"] == [{"reference": f"DiagnosticReport/{cid}-v1"}]
+    done = (await s.q.call("GET", f"/fhir/R4/Task/{cid}", purpose="consultation")).json()
+    assert done["status"] == "completed"
+    assert done["output"][0]["valueReference"]["reference"] == f"DiagnosticReport/{cid}-v1"
+    statement = (await s.q.http.get(f"{s.exchange.base_url}/fhir/R4/metadata")).json()
+    served = {r["type"] for r in statement["rest"][0]["resource"]}
+    assert {
+        "ServiceRequest",
+        "Task",
+        "Appointment",
+        "Schedule",
+        "Slot",
+        "Communication",
+        "DiagnosticReport",
+        "Provenance",
+    } <= served
+    # Every move is one audit event, carrying the trace it was made in.
+    for move, trace_id in trace_ids.items():
+        events = await _breach_or_move_events(s.exchange, f"consultation.{move}", cid)
+        assert len(events) == 1, move
+        traces = [x.get("valueString") for x in events[0].get("extension", []) if x["url"] == "urn:hie:trace-id"]
+        assert traces == [trace_id], move
+
+
+async def test_interactive_schedule_and_slot_view(scene: Scene) -> None:
+    s = scene
+    start = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=2)
+    published = await s.c.call(
+        "POST",
+        "/api/v1/consultation-slots",
+        as_user=ADMIN,
+        json={
+            "slots": [
+                {
+                    "practitioner_id": RADIOLOGIST.id,
+                    "start": start.isoformat(),
+                    "end": (start + datetime.timedelta(minutes=20)).isoformat(),
+                }
+            ]
+        },
+    )
+    slot_id = published.json()["slots"][0]["slot_id"]
+    created = await s.request(mode="interactive", invited_practitioner_id=RADIOLOGIST.id)
+    cid = created["consultation_id"]
+    await s.consent(cid)
+    assert (await s.move(s.c, cid, "accept")).status_code == 200
+    refused = await s.move(s.c, cid, "start-review")
+    assert (refused.status_code, refused.json()["error"]["reason"]) == (422, "consultation-mode")
+    scheduled = await s.move(s.c, cid, "schedule", slot_ids=[slot_id])
+    assert scheduled.status_code == 200, scheduled.text
+    schedules = await s.q.call("GET", "/fhir/R4/Schedule", params={"actor": f"Organization/{s.c_org}"})
+    assert f"{s.c_org}.{RADIOLOGIST.id}" in [e["resource"]["id"] for e in schedules.json()["entry"]]
+    slots = await s.q.call("GET", "/fhir/R4/Slot", params={"schedule": f"Schedule/{s.c_org}.{RADIOLOGIST.id}"})
+    assert [(e["resource"]["id"], e["resource"]["status"]) for e in slots.json()["entry"]] == [(slot_id, "busy")]
+    appointment = (await s.q.call("GET", f"/fhir/R4/Appointment/{cid}", purpose="consultation")).json()
+    assert appointment["status"] == "booked"
+    assert appointment["slot"] == [{"reference": f"Slot/{slot_id}"}]
+    missing = await s.q.call("GET", "/fhir/R4/Appointment/nope", purpose="consultation")
+    assert missing.status_code == 404
+    assert missing.json()["resourceType"] == "OperationOutcome"
