@@ -435,9 +435,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         side = _side(who, record)
         # The party and state are checked before any other work (a wrong side learns nothing more).
         transition = workflow.MACHINE.transition(name)
-        if side != transition.side or record.state not in {*transition.sources, transition.target}:
-            # The wrong side or state is refused before any other work (filing, lookups).
+        if side != transition.side or record.state not in transition.sources:
+            # The wrong side or state is refused before any other work (filing, lookups); the
+            # same move again (the state it went to) is a retry, answered with what is there.
             workflow.MACHINE.decide(name, state=record.state, side=side)
+            return await self._current(record, side), []
+        if request.request_key and await self._already_made(record.id, name, request.request_key[:128]):
+            # A retried self-loop (an amendment) must not file a second version.
+            return await self._current(record, side), []
         prepare = _PREPARE.get(name)
         plan = Plan()
         if prepare is not None:
@@ -460,6 +465,22 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             message = await self._message(session, fresh)
             message.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
         return message, applied.audit_event_ids
+
+    async def _current(self, record: ConsultationRecord, side: workflow.Party) -> teleconsult_pb2.Consultation:
+        async with self._rt.sessions() as session:
+            message = await self._message(session, record)
+        message.allowed_moves.extend(workflow.MACHINE.moves_from(record.state, side))
+        return message
+
+    async def _already_made(self, consultation_id: str, name: str, request_key: str) -> bool:
+        h = TABLES.history
+        async with self._rt.sessions() as session:
+            found = await session.scalar(
+                select(h.c.id).where(
+                    h.c.consultation_id == consultation_id, h.c.move == name, h.c.request_key == request_key
+                )
+            )
+        return found is not None
 
     # each preparation fills a Plan: row changes, guard facts and writes in the move's transaction
 

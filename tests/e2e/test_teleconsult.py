@@ -208,6 +208,9 @@ async def test_imaging_read_more_information_signed_report_verified_and_amended(
     assert asked.json()["state"] == "information_requested"
     assert asked.json()["clocks"][0]["paused"] is True
     old = await s.q.call("POST", "/api/v1/documents", json=document(s.local_id, "2025年胸片报告".encode()))
+    old_id = old.json()["document_id"]
+    before = await s.c.call("GET", f"/api/v1/documents/{old_id}/content", purpose="consultation")
+    assert before.status_code == 403, before.text
     answered = await s.move(
         s.q, cid, "provide-information", text="已上传去年胸片", document_ids=[old.json()["document_id"]]
     )
@@ -216,14 +219,26 @@ async def test_imaging_read_more_information_signed_report_verified_and_amended(
     assert body["state"] == "in_review"
     assert body["clocks"][0]["paused"] is False
     assert [m["move"] for m in body["messages"]] == ["request-information", "provide-information"]
+    # The answer's documents join the consultant's grant.
+    await s.exchange.audit_settled()
+    after = await s.c.call("GET", f"/api/v1/documents/{old_id}/content", purpose="consultation")
+    assert after.status_code == 200, after.text
 
+    preliminary = await s.move(s.c, cid, "preliminary", report={"findings": "右肺上叶磨玻璃结节", "impression": "待定"})
+    assert preliminary.status_code == 200, preliminary.text
+    assert preliminary.json()["state"] == "report_preliminary"
     signed = await s.sign(
         cid, {"findings": "右肺上叶见 8mm 磨玻璃结节", "impression": "考虑原位腺癌可能", "recommendations": "3个月复查"}
     )
     assert signed.status_code == 200, signed.text
     assert signed.json()["state"] == "report_final"
     assert signed.json()["clocks"][0]["stopped"] is True
-    # A final report is never edited: sign again is refused, an amendment is a new version.
+    # A final report is never edited: signing again is answered as a retry and files nothing.
+    again = await s.sign(cid, {"impression": "改为良性"})
+    assert again.status_code == 200, again.text
+    assert again.json()["report_version"] == 2
+    listed = await s.q.call("GET", "/api/v1/documents", params={"patient_local_id": s.local_id})
+    assert [e["title"] for e in listed.json()["entries"]].count("远程会诊报告") == 1
     await s.exchange.audit_settled()
 
     got = await s.q.call("GET", f"/api/v1/consultations/{cid}/report", purpose="consultation")
@@ -278,9 +293,9 @@ async def test_imaging_read_more_information_signed_report_verified_and_amended(
         amend=True,
     )
     assert amended.status_code == 200, amended.text
-    assert amended.json()["report_version"] == 2
+    assert amended.json()["report_version"] == 3
     versions = (await s.q.call("GET", f"/api/v1/consultations/{cid}/report", purpose="consultation")).json()["versions"]
-    assert [(v["version"], v["status"]) for v in versions] == [(2, "amended"), (1, "superseded")]
+    assert [(v["version"], v["status"]) for v in versions] == [(3, "amended"), (2, "superseded"), (1, "preliminary")]
     entry = await s.q.call("GET", f"/api/v1/documents/{versions[1]['document_id']}", purpose="treatment")
     assert entry.json()["status"] == "superseded", entry.text
 
@@ -295,6 +310,7 @@ async def test_imaging_read_more_information_signed_report_verified_and_amended(
         "start-review",
         "request-information",
         "provide-information",
+        "preliminary",
         "sign",
         "amend",
         "close",
