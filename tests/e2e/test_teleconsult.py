@@ -26,6 +26,7 @@ from services.teleconsult import report
 from services.teleconsult.servicer import TeleconsultationsServicer
 from tests.conftest import Exchange
 from tests.factories import document, person
+from tests.service.test_notifications import Receiver
 
 SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/AuditEvent.rs"
 GP = Practitioner(id="Q-GP-1", name="全科医生", role="doctor", department="全科")
@@ -650,3 +651,39 @@ async def test_interactive_schedule_and_slot_view(scene: Scene) -> None:
     missing = await s.q.call("GET", "/fhir/R4/Appointment/nope", purpose="consultation")
     assert missing.status_code == 404
     assert missing.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_the_requester_is_notified_of_the_report_and_its_amendment(scene: Scene) -> None:
+    s = scene
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        subscribed = await s.q.call(
+            "POST",
+            "/api/v1/subscriptions",
+            json={
+                "topic": "workflow-state",
+                "endpoint_url": receiver.url,
+                "expires": (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)).isoformat(),
+            },
+        )
+        assert subscribed.status_code == 201, subscribed.text
+        cid = (await s.request(invited_practitioner_id=RADIOLOGIST.id))["consultation_id"]
+        await s.consent(cid)
+        for move in ("accept", "start-review"):
+            assert (await s.move(s.c, cid, move)).status_code == 200
+        assert (await s.sign(cid, {"impression": "陈旧性病灶"})).status_code == 200
+        assert (await s.sign(cid, {"impression": "陈旧性结核灶"}, amend=True)).status_code == 200
+        await s.exchange.audit_settled()
+        notices = [json.loads(body) for _headers, body, _status in receiver.acknowledged()]
+        mine = [n for n in notices if n["resource"]["id"] == cid]
+        assert [n["event_type"] for n in mine] == [
+            "consultation.accept",
+            "consultation.start-review",
+            "consultation.sign",
+            "consultation.amend",
+        ]
+        assert mine[-1]["resource"] == {"type": "ServiceRequest", "id": cid, "status": "report-amended"}
+        assert "陈旧性" not in json.dumps(notices, ensure_ascii=False)  # ids and status only
+    finally:
+        await receiver.stop()
