@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from gateway.client import HospitalClient, Practitioner, new_traceparent
+from gateway.demo_teleconsult import consultation_steps
 from gateway.organizations import register_organization
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks
@@ -86,11 +87,12 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
     """Run the exchange; raises DemoFailed at the first step that does not answer as expected."""
     report = DemoReport(echo)
     run = secrets.token_hex(3)
-    hospital_scopes = "system/Patient.crs system/DocumentReference.crs system/AuditEvent.rs"
+    hospital_scopes = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/AuditEvent.rs"
+    a_id = f"hosp-a-{run}"
     a = await _member(
         settings,
         base_url,
-        org_id=f"hosp-a-{run}",
+        org_id=a_id,
         name="市第一人民医院",
         type="hospital",
         scopes=hospital_scopes,
@@ -235,6 +237,8 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
                 )
         if not {"document.query", "document.retrieve"} <= {e["type"] for e in events}:
             raise DemoFailed("the exchange's audit records did not arrive")
+        a.org_id = a_id  # type: ignore[attr-defined]
+        await consultation_steps(report, requester=b, consultant=a, patient_local_id="B-7788", run=run)
         if echo:
             print("demo exchange completed")
         return report

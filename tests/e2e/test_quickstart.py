@@ -80,6 +80,8 @@ def test_hie_up_then_demo_then_stop(tmp_path: Path) -> None:
         assert "link: national-id" in demo.stdout
         assert "demo exchange completed" in demo.stdout
         assert "document.retrieve" in demo.stdout
+        # A remote consultation: the signed report verified by the requester with published keys.
+        assert "signature verified with key" in demo.stdout
         # Each service has its own SQLite database.
         assert {p.name for p in tmp_path.glob("*.db")} == {
             "mpi.db",
