@@ -412,13 +412,16 @@ async def statistics(
     request: Request,
     since: datetime.datetime | None = None,
     until: datetime.datetime | None = None,
+    organization_id: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """Volume by type and mode, turnaround median / p90, breaches, per organisation and month
-    (the authority: the region; a hospital: its own)."""
-    ctx.require_scope("ServiceRequest", "r")
+    (the authority's auditors: the region or one organisation; a hospital: its own)."""
     r = await rpc(
         request.app.state.stubs.teleconsult.ConsultationStatistics(
-            teleconsult_pb2.ConsultationStatisticsRequest(since=_ts(since), until=_ts(until)), metadata=ctx.metadata
+            teleconsult_pb2.ConsultationStatisticsRequest(
+                since=_ts(since), until=_ts(until), organization_id=organization_id
+            ),
+            metadata=ctx.metadata,
         )
     )
     return {

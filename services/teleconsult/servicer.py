@@ -24,7 +24,14 @@ from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
-from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, error_from_rpc
+from services.shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    error_from_rpc,
+)
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection
 from services.shared.workflow.clocks import DeadlineScanner
@@ -928,9 +935,17 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self, request: teleconsult_pb2.ConsultationStatisticsRequest, context: object
     ) -> teleconsult_pb2.ConsultationStatisticsResponse:
         who = caller()
-        who.require_scope("ServiceRequest", "r")
-        if who.organization_type != "authority":
-            who.require_role("admin", "doctor")
+        if who.organization_type == "authority":
+            # The regional authority's auditors see the region (or one organisation).
+            who.require_scope("AuditEvent", "r")
+            who.require_role("auditor")
+            org = request.organization_id[:64]
+        else:
+            who.require_scope("ServiceRequest", "r")
+            who.require_role("doctor", "admin")
+            if request.organization_id and request.organization_id != who.organization_id:
+                raise PermissionDenied("a hospital sees its own statistics only", reason="consultation-statistics")
+            org = who.organization_id
         c = ConsultationRecord
         query = select(c)
         since, until = _time(request.since), _time(request.until)
@@ -938,12 +953,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             query = query.where(c.created_at >= since)
         if until:
             query = query.where(c.created_at < until)
-        if who.organization_type != "authority":
-            # A hospital sees its own figures; the authority the region's.
-            query = query.where(
-                (c.requester_organization_id == who.organization_id)
-                | (c.consultant_organization_id == who.organization_id)
-            )
+        if org:
+            query = query.where((c.requester_organization_id == org) | (c.consultant_organization_id == org))
         clocks = TABLES.clocks
         async with self._rt.sessions() as session, session.begin():
             rows = list(await session.scalars(query))

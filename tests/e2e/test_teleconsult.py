@@ -520,6 +520,20 @@ async def test_clock_breach_fires_once_and_not_again_after_a_restart(scene: Scen
     overdue = await s.c.call("GET", "/api/v1/consultations", params={"box": "incoming", "overdue": "true"})
     assert cid in [c["consultation_id"] for c in overdue.json()["consultations"]]
     assert len(await _breach_or_move_events(s.exchange, "consultation.deadline-breach", cid)) == 1
+    # The authority's regional statistics count it against the consulting organisation.
+    authority = await s.exchange.member(type="authority", scopes="system/AuditEvent.rs")
+    try:
+        stats = await authority.call(
+            "GET", "/api/v1/consultation-statistics", params={"organization_id": s.c_org}, purpose="audit"
+        )
+        assert stats.status_code == 200, stats.text
+        rows = [r for r in stats.json()["by_organization_month"] if r["organization_id"] == s.c_org]
+        assert sum(r["breaches"] for r in rows) == 1
+        assert stats.json()["by_kind_mode"] == {"pathology/asynchronous": 1}
+    finally:
+        await authority.aclose()
+    other = await s.q.call("GET", "/api/v1/consultation-statistics", params={"organization_id": s.c_org})
+    assert (other.status_code, other.json()["error"]["reason"]) == (403, "consultation-statistics")
 
 
 async def _breach_or_move_events(exchange: Exchange, subtype: str, cid: str) -> list[dict]:

@@ -411,12 +411,14 @@ class ListConsultationsResponse(_message.Message):
     def __init__(self, consultations: _Optional[_Iterable[_Union[Consultation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ConsultationStatisticsRequest(_message.Message):
-    __slots__ = ("since", "until")
+    __slots__ = ("since", "until", "organization_id")
     SINCE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     since: _timestamp_pb2.Timestamp
     until: _timestamp_pb2.Timestamp
-    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    organization_id: str
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., organization_id: _Optional[str] = ...) -> None: ...
 
 class CountRow(_message.Message):
     __slots__ = ("key", "count")
