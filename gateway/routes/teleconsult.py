@@ -214,10 +214,12 @@ async def worklist(
     state: list[str] = Query(default_factory=list),
     practitioner_id: str = Query(default="", max_length=64),
     overdue: bool = False,
+    on_call: bool = False,
     page_size: int = Query(default=50, ge=1, le=200),
     page_token: str = Query(default="", max_length=16),
 ) -> dict[str, Any]:
-    """Worklists: outgoing (requester) or incoming (consultant; `practitioner_id`: one specialist's)."""
+    """Worklists: outgoing (requester) or incoming (consultant; `practitioner_id`: one specialist's
+    assignments; `on_call`: the requests waiting for whoever is on call now for their type)."""
     ctx.require_scope("ServiceRequest", "r")
     result = await rpc(
         request.app.state.stubs.teleconsult.ListConsultations(
@@ -226,6 +228,7 @@ async def worklist(
                 states=[state_code(s) for s in state],
                 practitioner_id=practitioner_id,
                 overdue_only=overdue,
+                on_call=on_call,
                 page_size=page_size,
                 page_token=page_token,
             ),

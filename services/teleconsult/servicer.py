@@ -902,7 +902,22 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         )
         if request.states:
             query = query.where(c.state.in_([int(s) for s in request.states]))
-        if request.practitioner_id and request.box == "incoming":
+        if request.on_call and request.box == "incoming":
+            practitioner = request.practitioner_id[:64] or who.practitioner_id
+            now = self.engine.now()
+            r = RosterShiftRecord
+            kinds = select(r.kind).where(
+                r.organization_id == who.organization_id,
+                r.practitioner_id == practitioner,
+                r.start_at <= now,
+                r.end_at > now,
+            )
+            query = query.where(
+                c.state == workflow.REQUESTED,
+                c.kind.in_(kinds),
+                c.invited_practitioner_id.in_(["", practitioner]),
+            )
+        elif request.practitioner_id and request.box == "incoming":
             query = query.where(
                 c.id.in_(
                     select(ParticipantRecord.consultation_id).where(

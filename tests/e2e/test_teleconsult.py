@@ -16,6 +16,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import jwt
 import pytest
@@ -24,7 +25,7 @@ from gateway.client import HospitalClient, Practitioner
 from services.shared import workflow as shared_workflow
 from services.teleconsult import report
 from services.teleconsult.servicer import TeleconsultationsServicer
-from tests.conftest import Exchange
+from tests.conftest import Exchange, base_settings, start_exchange
 from tests.factories import document, person
 from tests.service.test_notifications import Receiver
 
@@ -350,6 +351,13 @@ async def test_emergency_ecg_from_the_on_call_roster_within_its_clock(scene: Sce
         < due - datetime.datetime.fromisoformat(created["created"])
         <= datetime.timedelta(minutes=30, seconds=1)
     )
+    # The on-call cardiologist's roster worklist shows the waiting request; the radiologist's not.
+    waiting = await s.c.call(
+        "GET", "/api/v1/consultations", params={"box": "incoming", "on_call": "true"}, as_user=CARDIOLOGIST
+    )
+    assert [c["consultation_id"] for c in waiting.json()["consultations"]] == [cid]
+    other = await s.c.call("GET", "/api/v1/consultations", params={"box": "incoming", "on_call": "true"})
+    assert other.json()["consultations"] == []
     await s.consent(cid)
     accepted = await s.move(s.c, cid, "accept", as_user=CARDIOLOGIST)
     assert accepted.status_code == 200, accepted.text
@@ -701,3 +709,43 @@ async def test_the_requester_is_notified_of_the_report_and_its_amendment(scene: 
         assert "陈旧性" not in json.dumps(notices, ensure_ascii=False)  # ids and status only
     finally:
         await receiver.stop()
+
+
+async def test_the_consultants_grant_ends_when_the_consultation_closes(
+    tmp_path: Path, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing ends the grant at close + the region's grace; with no grace, at once (an exchange
+    of its own: the grace is the consent service's setting)."""
+    monkeypatch.setenv("HIE_CONSENT_GRANT_GRACE_SECONDS", "0")
+    exchange, gateway = await start_exchange(base_settings(tmp_path, keys_dir, "sqlite"), "sqlite")
+    try:
+        q = await exchange.member(scopes=SCOPES, name="城南社区卫生服务中心")
+        c = await exchange.member(scopes=SCOPES, name="市中心医院")
+        q.practitioner, c.practitioner = GP, RADIOLOGIST
+        patient = person("钱十六")
+        assert (await q.call("POST", "/api/v1/patients", json={"local_id": "G-1", **patient})).status_code == 201
+        summary = await q.call("POST", "/api/v1/documents", json=document("G-1", "门诊病历".encode()))
+        summary_id = summary.json()["document_id"]
+        await _specialist(c, RADIOLOGIST, ["imaging"])
+        s = Scene(exchange, q, c, "G-1", summary_id, summary_id, "")
+        cid = (await s.request(invited_practitioner_id=RADIOLOGIST.id))["consultation_id"]
+
+        async def consultant_reads() -> int:
+            await exchange.audit_settled()
+            return (await c.call("GET", f"/api/v1/documents/{summary_id}/content", purpose="consultation")).status_code
+
+        assert await consultant_reads() == 403
+        await s.consent(cid)
+        assert (await s.move(c, cid, "accept")).status_code == 200
+        assert await consultant_reads() == 200
+        assert (await s.move(c, cid, "start-review")).status_code == 200
+        assert (await s.sign(cid, {"impression": "未见异常"})).status_code == 200
+        assert await consultant_reads() == 200  # open until the requester closes
+        assert (await s.move(q, cid, "close")).status_code == 200
+        assert await consultant_reads() == 403
+        for member in (q, c):
+            await member.aclose()
+    finally:
+        await gateway.stop()
+        for service in exchange.services.values():
+            await service.stop(grace=None)

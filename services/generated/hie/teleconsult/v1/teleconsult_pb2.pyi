@@ -387,20 +387,22 @@ class GetReportResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[Report, _Mapping]]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListConsultationsRequest(_message.Message):
-    __slots__ = ("box", "states", "practitioner_id", "overdue_only", "page_size", "page_token")
+    __slots__ = ("box", "states", "practitioner_id", "overdue_only", "page_size", "page_token", "on_call")
     BOX_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
     PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
     OVERDUE_ONLY_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ON_CALL_FIELD_NUMBER: _ClassVar[int]
     box: str
     states: _containers.RepeatedScalarFieldContainer[ConsultationState]
     practitioner_id: str
     overdue_only: bool
     page_size: int
     page_token: str
-    def __init__(self, box: _Optional[str] = ..., states: _Optional[_Iterable[_Union[ConsultationState, str]]] = ..., practitioner_id: _Optional[str] = ..., overdue_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    on_call: bool
+    def __init__(self, box: _Optional[str] = ..., states: _Optional[_Iterable[_Union[ConsultationState, str]]] = ..., practitioner_id: _Optional[str] = ..., overdue_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., on_call: _Optional[bool] = ...) -> None: ...
 
 class ListConsultationsResponse(_message.Message):
     __slots__ = ("consultations", "next_page_token")
