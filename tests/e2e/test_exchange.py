@@ -39,7 +39,15 @@ async def test_demo_runs_against_the_exchange(exchange: Exchange) -> None:
         200,
         200,
         200,
+        # The remote consultation: study, consent form, directory, request, consent, accept,
+        # review, draft, sign, report read, published keys, filed record, close.
+        201,
+        201,
+        200,
+        201,
+        *[200] * 9,
     ]
+    assert any("signs the report with its own key" in s.title for s in report.steps)
 
 
 async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None:  # type: ignore[no-untyped-def]
