@@ -344,7 +344,7 @@ def report_json(r: teleconsult_pb2.Report) -> dict[str, Any]:
     resource = json.loads(r.diagnostic_report_json or "{}")
     provenance = None
     if r.signature_jws:
-        jwk = json.loads(r.signer_jwk_json or "{}")
+        # The same Provenance as the one filed in the registry with the report.
         provenance = report_model.provenance(
             resource=resource,
             jws=r.signature_jws,
@@ -352,9 +352,6 @@ def report_json(r: teleconsult_pb2.Report) -> dict[str, Any]:
             practitioner_id=r.signer_practitioner_id,
             signed=r.signed.ToDatetime(tzinfo=datetime.UTC),
         )
-        provenance["signature"][0]["extension"] = [
-            {"url": "urn:hie:signer-key-thumbprint", "valueString": jwk.get("kid", "")}
-        ]
     return {
         "version": r.version,
         "status": r.status,
@@ -369,6 +366,8 @@ def report_json(r: teleconsult_pb2.Report) -> dict[str, Any]:
         "diagnostic_report": resource,
         "provenance": provenance,
         "signature": r.signature_jws,
+        # RFC 7638 thumbprint (= kid in the published JWKS) of the key that signed it.
+        "signer_key_id": json.loads(r.signer_jwk_json).get("kid", "") if r.signer_jwk_json else "",
         "document_id": r.document_id,
         "sha256": r.sha256,
         "signed": iso(r.signed),

@@ -459,8 +459,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             subject=self._subject(record, plan.document_ids),
             who=who,
             side=side,
-            reason=(request.decline_code + (": " if request.reason else "") if name == "decline" else "")
-            + request.reason[:2000],
+            # A decline's code is kept in its own column; the reason is the free text.
+            reason=request.reason[:2000],
             request_key=request.request_key[:128],
             changes=plan.changes,
             facts=plan.facts,

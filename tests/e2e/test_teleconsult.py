@@ -253,6 +253,7 @@ async def test_imaging_read_more_information_signed_report_verified_and_amended(
     jws = base64.b64decode(final["provenance"]["signature"][0]["data"]).decode()
     header = jwt.get_unverified_header(jws)
     published = next(k for k in keys if k["kid"] == header["kid"])
+    assert final["signer_key_id"] == header["kid"]
     jwt.api_jws.PyJWS().decode_complete(
         jws,
         key=jwt.PyJWK(published),
