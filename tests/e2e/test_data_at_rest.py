@@ -1,6 +1,7 @@
 """A database dump after the demo holds no national id, phone number, street address, patient
-name or document content in clear: the mpi seals personal data, the registry envelope-encrypts
-content, and nothing else (audit, outbox, gateway) keeps a copy."""
+name, document content or consultation text in clear: the mpi seals personal data, the registry
+envelope-encrypts content, teleconsult seals the form, messages and reports, and nothing else
+(audit, outbox, gateway) keeps a copy."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ NEEDLES = {
     "document content": "社区获得性肺炎".encode(),
     "document content (title)": "出院医嘱".encode(),
     "document content (CDA markup)": b"<ClinicalDocument",
+    # The demo's remote consultation: the form's free text, the report, the filed record.
+    "consultation question": "右肺上叶结节，性质待定".encode(),
+    "consultation summary": "咳嗽两周，低热".encode(),
+    "report findings": "磨玻璃结节，边界清".encode(),
+    "report impression": "考虑原位腺癌可能".encode(),
 }
 
 
