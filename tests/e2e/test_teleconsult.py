@@ -752,3 +752,21 @@ async def test_the_consultants_grant_ends_when_the_consultation_closes(
         await gateway.stop()
         for service in exchange.services.values():
             await service.stop(grace=None)
+
+
+async def test_concurrent_moves_one_wins(scene: Scene) -> None:
+    """Two doctors of the consultant answer at once, one accepting, one declining: one move wins,
+    the other is refused naming the state it lost to; the history holds exactly the winner."""
+    s = scene
+    for _ in range(3):
+        cid = (await s.request(invited_practitioner_id=RADIOLOGIST.id))["consultation_id"]
+        await s.consent(cid)
+        accept, decline = await asyncio.gather(
+            s.move(s.c, cid, "accept"), s.move(s.c, cid, "decline", decline_code="no-capacity", as_user=CARDIOLOGIST)
+        )
+        assert sorted([accept.status_code, decline.status_code]) == [200, 422], (accept.text, decline.text)
+        loser = accept if accept.status_code == 422 else decline
+        assert loser.json()["error"]["reason"] == "consultation-state"
+        final = (await s.q.call("GET", f"/api/v1/consultations/{cid}", purpose="consultation")).json()
+        moves = [h["move"] for h in final["history"]]
+        assert moves in (["record-consent", "accept"], ["record-consent", "decline"])
