@@ -98,7 +98,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             self.engine,
             describe=self._describe,
             # The turnaround clock waits for the consultant's report.
-            responsible=lambda _clock, subject: subject.target_organization_ids[0],
+            responsible=lambda _clock, subject: subject.target_organization_ids[:1],
         )
 
     # --- sealing ------------------------------------------------------------------------------
