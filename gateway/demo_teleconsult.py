@@ -185,7 +185,12 @@ async def consultation_steps(
     if echo:
         print(f"      signature verified with key {kid[:16]}…; record {final['document_id']} hash checked")
         print(f"      impression: {final['impression']}")
-    await move(requester, "close", "B closes the consultation (the inviting doctor keeps the decision)")
+    await move(
+        requester,
+        "close",
+        "B closes the consultation (the inviting doctor keeps the decision)",
+        reason="已阅报告，纳入诊疗计划",
+    )
     if signed["state"] != "report_final":
         raise DemoFailed("the consultation did not reach a final report")
     return cid

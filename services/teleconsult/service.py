@@ -11,7 +11,7 @@ from services.shared.workflow.engine import register_relays
 from services.teleconsult.deadlines import DeadlinePolicy
 from services.teleconsult.directory import QualificationRules
 from services.teleconsult.servicer import TeleconsultationsServicer
-from services.teleconsult.store import message_context, metadata, report_context, sealed_context
+from services.teleconsult.store import history_context, message_context, metadata, report_context, sealed_context
 
 
 def _build(runtime: ServiceRuntime) -> list:
@@ -39,11 +39,12 @@ SPEC = ServiceSpec(
     metadata=metadata,
     versions=Path(__file__).parent / "migrations",
     build=_build,
-    # Free text (question, purpose, summary, messages, report) is sealed at rest.
+    # Free text (question, purpose, summary, move reasons, messages, report) is sealed at rest.
     protects_personal_data=True,
     protected=(
         ProtectedColumns(table="consultation", columns={"sealed": lambda row: sealed_context(row["id"])}),
         ProtectedColumns(table="consultation_message", columns={"sealed": lambda row: message_context(row["id"])}),
         ProtectedColumns(table="consultation_report", columns={"sealed": lambda row: report_context(row["id"])}),
+        ProtectedColumns(table="consultation_state_change", columns={"reason": lambda row: history_context(row["id"])}),
     ),
 )

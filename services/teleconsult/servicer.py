@@ -48,6 +48,7 @@ from services.teleconsult.store import (
     RosterShiftRecord,
     SlotRecord,
     SpecialistRecord,
+    history_context,
     message_context,
     report_context,
     sealed_context,
@@ -92,7 +93,16 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self.rules = rules or directory.QualificationRules()
         # The configurable video provider's join link; no video is built here.
         self.join_url_template = join_url_template or "https://meet.example.invalid/hie/{consultation_id}"
-        self.engine = WorkflowEngine(runtime, workflow.MACHINE, TABLES, deadlines=self.deadlines)
+        self.engine = WorkflowEngine(
+            runtime,
+            workflow.MACHINE,
+            TABLES,
+            deadlines=self.deadlines,
+            # Why a move was made is free text: sealed like the rest (consultation.history:<id>).
+            seal_reason=lambda history_id, text: self._protection.fields.encrypt(
+                text, context=history_context(history_id)
+            ),
+        )
         self.scanner = DeadlineScanner(
             runtime,
             self.engine,
@@ -114,8 +124,6 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         return dict(json.loads(self._protection.fields.decrypt(sealed, context=context)))
 
     def _form(self, record: ConsultationRecord) -> dict[str, Any]:
-        if record.sealed is None:  # a row from before migration 0004
-            return {"question": record.question, "purpose": "", "summary": ""}
         return self._open(sealed_context(record.id), record.sealed)
 
     # --- mapping ------------------------------------------------------------------------------
@@ -197,7 +205,11 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     to_state=h["to_state"],
                     organization_id=h["organization_id"],
                     practitioner_id=h["practitioner_id"],
-                    reason=h["reason"],
+                    reason=(
+                        self._protection.fields.decrypt(h["reason"], context=history_context(h["id"]))
+                        if h["reason"]
+                        else ""
+                    ),
                     changed=_ts(h["changed_at"]),
                     move=h["move"],
                     role=h["role"],

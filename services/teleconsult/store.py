@@ -29,7 +29,7 @@ class ConsultationRecord(Base):
     consultant_organization_id: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[int]
     mode: Mapped[int]
-    # Before migration 0004 the question in clear; since, empty (it is in `sealed`).
+    # Empty since migration 0004 (which sealed existing questions in place): the text is in `sealed`.
     question: Mapped[str] = mapped_column(Text)
     state: Mapped[int]
     # Compare-and-set of the workflow engine: every move bumps it.
@@ -166,6 +166,11 @@ def message_context(message_id: str) -> str:
 
 def report_context(report_id: str) -> str:
     return f"consultation.report:{report_id}"
+
+
+def history_context(history_id: str) -> str:
+    """A move's reason (the engine's history row), sealed through the engine's `seal_reason`."""
+    return f"consultation.history:{history_id}"
 
 
 class ConsultationStateChangeRecord(Base):

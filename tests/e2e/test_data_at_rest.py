@@ -29,6 +29,7 @@ NEEDLES = {
     "consultation summary": "咳嗽两周，低热".encode(),
     "report findings": "磨玻璃结节，边界清".encode(),
     "report impression": "考虑原位腺癌可能".encode(),
+    "move reason": "纳入诊疗计划".encode(),
 }
 
 

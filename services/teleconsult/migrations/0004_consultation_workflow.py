@@ -1,6 +1,10 @@
 """consultation workflow: application form, sealed free text, participants, messages, report
 versions, specialist directory, on-call rosters, bookable slots
 
+Existing rows are sealed in place with the keys the runner passes (`protection`): a
+consultation's clear question moves into `consultation.sealed` and every history reason is
+sealed, so no clear copy remains.
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-05 22:00:00
@@ -9,7 +13,7 @@ Create Date: 2026-12-05 22:00:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 import services.shared.db
 
@@ -120,6 +124,34 @@ def upgrade() -> None:
         sa.UniqueConstraint("organization_id", "practitioner_id", "start_at", name="uq_consultation_slot_start"),
     )
     op.create_index("ix_consultation_slot_consultation_id", "consultation_slot", ["consultation_id"], unique=False)
+    bind = op.get_bind()
+    if (
+        bind.execute(sa.text("SELECT count(*) FROM consultation")).scalar()
+        or bind.execute(sa.text("SELECT count(*) FROM consultation_state_change")).scalar()
+    ):
+        protection = context.config.attributes.get("protection")
+        if protection is None:
+            raise RuntimeError("sealing the consultations' free text needs the data keys (HIE_DATA_KEYS_FILE)")
+        _seal_rows(bind, protection)
+
+
+def _seal_rows(bind: sa.Connection, protection: object) -> None:
+    import json
+
+    from services.teleconsult.store import history_context, sealed_context
+
+    fields = protection.fields  # type: ignore[attr-defined]
+    for row in bind.execute(sa.text("SELECT id, question FROM consultation")).all():
+        form = {"question": row.question or "", "purpose": "", "summary": ""}
+        sealed = fields.encrypt(json.dumps(form, ensure_ascii=False), context=sealed_context(row.id))
+        bind.execute(
+            sa.text("UPDATE consultation SET sealed = :s, question = '' WHERE id = :i"), {"s": sealed, "i": row.id}
+        )
+    for row in bind.execute(sa.text("SELECT id, reason FROM consultation_state_change")).all():
+        bind.execute(
+            sa.text("UPDATE consultation_state_change SET reason = :s WHERE id = :i"),
+            {"s": fields.encrypt(row.reason or "", context=history_context(row.id)), "i": row.id},
+        )
 
 
 def downgrade() -> None:
