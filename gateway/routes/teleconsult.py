@@ -351,6 +351,7 @@ def report_json(r: teleconsult_pb2.Report) -> dict[str, Any]:
             organization_id=(resource.get("performer") or [{}])[0].get("identifier", {}).get("value", ""),
             practitioner_id=r.signer_practitioner_id,
             signed=r.signed.ToDatetime(tzinfo=datetime.UTC),
+            sm2_signature=r.sm2_signature,
         )
     return {
         "version": r.version,
@@ -367,6 +368,7 @@ def report_json(r: teleconsult_pb2.Report) -> dict[str, Any]:
         "provenance": provenance,
         "signature": r.signature_jws,
         # RFC 7638 thumbprint (= kid in the published JWKS) of the key that signed it.
+        "sm2_signature": r.sm2_signature,
         "signer_key_id": json.loads(r.signer_jwk_json).get("kid", "") if r.signer_jwk_json else "",
         "document_id": r.document_id,
         "sha256": r.sha256,

@@ -39,6 +39,11 @@ AUTHOR_SIGNATURE = {
     "code": "1.2.840.10065.1.12.1.1",
     "display": "Author's Signature",
 }
+VERIFICATION_SIGNATURE = {
+    "system": "urn:iso-astm:E1762-95:2013",
+    "code": "1.2.840.10065.1.12.1.5",
+    "display": "Verification Signature",
+}
 FINDINGS_EXTENSION = "urn:hie:consultation:findings"
 RECOMMENDATIONS_EXTENSION = "urn:hie:consultation:recommendations"
 OPINION_EXTENSION = "urn:hie:consultation:opinion"
@@ -233,13 +238,20 @@ def verify(resource: Mapping[str, Any], jws: str, *, registered: frozenset[str] 
 
 
 def provenance(
-    *, resource: Mapping[str, Any], jws: str, organization_id: str, practitioner_id: str, signed: datetime.datetime
+    *,
+    resource: Mapping[str, Any],
+    jws: str,
+    organization_id: str,
+    practitioner_id: str,
+    signed: datetime.datetime,
+    sm2_signature: str = "",
 ) -> dict[str, Any]:
-    """The Provenance of a signed report version (the signature travels in it)."""
+    """The Provenance of a signed report version (the signature travels in it; under the
+    national-algorithms option the exchange's SM2 co-signature beside it)."""
     when = signed.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     who = {"identifier": {"system": f"urn:hie:practitioner:{organization_id}", "value": practitioner_id}}
     org = {"identifier": {"system": HIE_ORGANIZATION, "value": organization_id}}
-    return {
+    result: dict[str, Any] = {
         "resourceType": "Provenance",
         "id": f"{resource['id']}-provenance",
         "target": [{"reference": f"DiagnosticReport/{resource['id']}"}],
@@ -273,6 +285,20 @@ def provenance(
             }
         ],
     }
+    if sm2_signature:
+        # GB/T 32918.2 SM2 with SM3 (GB/T 35276 default signer id) over the same canonical bytes,
+        # by the exchange's platform key (GET /api/v1/notifications/sm2-key publishes it).
+        result["signature"].append(
+            {
+                "type": [VERIFICATION_SIGNATURE],
+                "when": when,
+                "who": {"identifier": {"system": HIE_ORGANIZATION, "value": "platform"}},
+                "targetFormat": "application/fhir+json",
+                "sigFormat": "application/x-sm2-sm3-signature",
+                "data": base64.b64encode(bytes.fromhex(sm2_signature)).decode(),
+            }
+        )
+    return result
 
 
 def record_bundle(resource: Mapping[str, Any], prov: Mapping[str, Any]) -> bytes:

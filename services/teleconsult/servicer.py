@@ -34,6 +34,7 @@ from services.shared.errors import (
 )
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection
+from services.shared.protection.sm2 import load_or_create_signing_key
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
@@ -92,6 +93,12 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self.deadlines = deadlines or DeadlinePolicy()
         self.rules = rules or directory.QualificationRules()
         # The configurable video provider's join link; no video is built here.
+        # National-algorithms option: the platform's SM2 key co-signs each signed report.
+        self._sm2 = (
+            load_or_create_signing_key(runtime.settings.sm2_signing_key_file)
+            if runtime.settings.crypto_suite == "sm"
+            else None
+        )
         self.join_url_template = join_url_template or "https://meet.example.invalid/hie/{consultation_id}"
         self.engine = WorkflowEngine(
             runtime,
@@ -675,12 +682,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         report.check_submitted(submitted, expected=expected)
         signer_jwk = report.verify(expected, request.signature_jws, registered=who.key_thumbprints)
         now = self.engine.now()
+        sm2_signature = self._sm2.sign(report.canonical(expected)).hex() if self._sm2 is not None else ""
         provenance = report.provenance(
             resource=expected,
             jws=request.signature_jws,
             organization_id=record.consultant_organization_id,
             practitioner_id=who.practitioner_id,
             signed=now,
+            sm2_signature=sm2_signature,
         )
         document = await self._file(
             record,
@@ -704,6 +713,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 signed=now,
                 document=document,
                 supersedes=previous.id if previous else "",
+                sm2_signature=sm2_signature,
             )
         )
 
@@ -759,6 +769,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         signed: datetime.datetime | None = None,
         document: registry_pb2.DocumentEntry | None = None,
         supersedes: str = "",
+        sm2_signature: str = "",
     ) -> Any:
         report_id = str(uuid.uuid4())
         sealed = self._seal(report_context(report_id), {"content": dict(content), "diagnostic_report": dict(resource)})
@@ -782,6 +793,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     signed_at=signed,
                     document_id=document.document_id if document else "",
                     sha256=document.sha256 if document else "",
+                    sm2_signature=sm2_signature,
                     created_at=now,
                 )
             )
@@ -891,6 +903,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     signed=_ts(r.signed_at),
                     document_id=r.document_id,
                     sha256=r.sha256,
+                    sm2_signature=r.sm2_signature,
                 )
             )
         return teleconsult_pb2.GetReportResponse(versions=versions, audit_event_ids=[event_id])

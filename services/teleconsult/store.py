@@ -104,6 +104,8 @@ class ReportRecord(Base):
     signed_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     document_id: Mapped[str] = mapped_column(String(36), default="")
     sha256: Mapped[str] = mapped_column(String(64), default="")
+    # National-algorithms option: the exchange's SM2 co-signature (hex), else "".
+    sm2_signature: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.demo import run_demo
 from services.shared.protection.keyring import DataKeyring
 from services.shared.protection.sm2 import Sm2VerifyingKey
+from services.teleconsult import report as consultation_report
 from tests.conftest import base_settings, drop_schemas, start_exchange
 
 
@@ -33,6 +34,15 @@ async def test_demo_round_trips_under_sm4_and_the_checkpoint_is_sm2_co_signed(tm
         key = await hospital.call("GET", "/api/v1/notifications/sm2-key")
         assert key.status_code == 200, key.text
         assert key.json() == {"algorithm": "SM2", "public_key": public.hex(), "signer_id": "1234567812345678"}
+        # The demo's consultation report: the hospital's ES384 signature and the exchange's SM2
+        # co-signature over the same canonical DiagnosticReport, both in the filed Provenance.
+        read = next(step for step in report.steps if step.title == "B reads the signed report")
+        final = read.response.json()["versions"][0]
+        canonical = consultation_report.canonical(final["diagnostic_report"])
+        assert public.verify(canonical, bytes.fromhex(final["sm2_signature"]))
+        assert not public.verify(canonical + b" ", bytes.fromhex(final["sm2_signature"]))
+        formats = [sig["sigFormat"] for sig in final["provenance"]["signature"]]
+        assert formats == ["application/jose", "application/x-sm2-sm3-signature"]
         await hospital.aclose()
         await auditor.aclose()
     finally:

@@ -82,6 +82,7 @@ def upgrade() -> None:
         sa.Column("signed_at", _TIME, nullable=True),
         sa.Column("document_id", sa.String(length=36), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("sm2_signature", sa.Text(), server_default="", nullable=False),
         sa.Column("created_at", _TIME, nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("consultation_id", "version", name="uq_consultation_report_version"),

@@ -169,7 +169,7 @@ class ReportContent(_message.Message):
     def __init__(self, findings: _Optional[str] = ..., impression: _Optional[str] = ..., recommendations: _Optional[str] = ..., opinions: _Optional[_Iterable[_Union[Opinion, _Mapping]]] = ..., conclusion: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("version", "status", "content", "diagnostic_report_json", "signature_jws", "signer_jwk_json", "signer_practitioner_id", "signed", "document_id", "sha256")
+    __slots__ = ("version", "status", "content", "diagnostic_report_json", "signature_jws", "signer_jwk_json", "signer_practitioner_id", "signed", "document_id", "sha256", "sm2_signature")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class Report(_message.Message):
     SIGNED_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    SM2_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     version: int
     status: str
     content: ReportContent
@@ -190,7 +191,8 @@ class Report(_message.Message):
     signed: _timestamp_pb2.Timestamp
     document_id: str
     sha256: str
-    def __init__(self, version: _Optional[int] = ..., status: _Optional[str] = ..., content: _Optional[_Union[ReportContent, _Mapping]] = ..., diagnostic_report_json: _Optional[str] = ..., signature_jws: _Optional[str] = ..., signer_jwk_json: _Optional[str] = ..., signer_practitioner_id: _Optional[str] = ..., signed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document_id: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    sm2_signature: str
+    def __init__(self, version: _Optional[int] = ..., status: _Optional[str] = ..., content: _Optional[_Union[ReportContent, _Mapping]] = ..., diagnostic_report_json: _Optional[str] = ..., signature_jws: _Optional[str] = ..., signer_jwk_json: _Optional[str] = ..., signer_practitioner_id: _Optional[str] = ..., signed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document_id: _Optional[str] = ..., sha256: _Optional[str] = ..., sm2_signature: _Optional[str] = ...) -> None: ...
 
 class Consultation(_message.Message):
     __slots__ = ("consultation_id", "patient", "requester_organization_id", "consultant_organization_id", "kind", "mode", "question", "state", "document_ids", "created", "history", "urgency", "purpose", "summary", "department", "specialty", "professional_title", "invited_practitioner_id", "any_available", "imaging_studies", "informed_consent", "assignee_ids", "appointment", "business_status", "decline_code", "messages", "clocks", "report_version", "allowed_moves")
