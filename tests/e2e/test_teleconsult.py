@@ -367,6 +367,12 @@ async def test_emergency_ecg_from_the_on_call_roster_within_its_clock(scene: Sce
         "GET", "/api/v1/consultations", params={"box": "incoming", "practitioner_id": CARDIOLOGIST.id}
     )
     assert [c["consultation_id"] for c in worklist.json()["consultations"]] == [cid]
+    by_state = await s.c.call("GET", "/api/v1/consultations", params={"box": "incoming", "state": ["assigned"]})
+    assert [c["consultation_id"] for c in by_state.json()["consultations"]] == [cid]
+    none_yet = await s.c.call("GET", "/api/v1/consultations", params={"box": "incoming", "state": ["report_final"]})
+    assert none_yet.json()["consultations"] == []
+    unknown = await s.c.call("GET", "/api/v1/consultations", params={"box": "incoming", "state": ["lost"]})
+    assert (unknown.status_code, unknown.json()["error"]["reason"]) == (400, "consultation-state")
     assert (await s.move(s.c, cid, "start-review", as_user=CARDIOLOGIST)).status_code == 200
     signed = await s.sign(
         cid, {"findings": "II、III、aVF 导联 ST 段抬高", "impression": "急性下壁心肌梗死"}, user=CARDIOLOGIST
