@@ -16,12 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import store
-from gateway.errors import ApiError, error_response
+from gateway.errors import RETRY_AFTER_SECONDS, ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
 from gateway.routes import (
     audit,
@@ -99,6 +100,21 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
     app.openapi_schema = schema
     return schema
+
+
+# How long /readyz waits for each dependency's health answer.
+READINESS_TIMEOUT_SECONDS = 0.5
+
+
+async def _serving(channel: grpc.aio.Channel) -> bool:
+    """Whether the service behind the channel answers its health check SERVING now."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=READINESS_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
@@ -189,10 +205,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
+        # Asked now, of every dependency at once: a channel's cached state lags a restart (it
+        # said "down" after a service was back and "ready" ten seconds into an outage).
         channels: dict[str, grpc.aio.Channel] = request.app.state.channels
-        states = {name: ch.get_state(try_to_connect=True).name for name, ch in channels.items()}
-        down = [n for n, s in states.items() if s in {"TRANSIENT_FAILURE", "SHUTDOWN"}]
-        return JSONResponse({"status": "degraded" if down else "ready", "down": down}, status_code=503 if down else 200)
+        names = sorted(channels)
+        answers = await asyncio.gather(*(_serving(channels[name]) for name in names))
+        down = [name for name, serving in zip(names, answers, strict=True) if not serving]
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if down else None
+        return JSONResponse(
+            {"status": "degraded" if down else "ready", "down": down},
+            status_code=503 if down else 200,
+            headers=headers,
+        )
 
     @app.middleware("http")
     async def trace_and_security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]

@@ -42,6 +42,9 @@ _FHIR_ISSUE_BY_HTTP = {
 }
 
 
+TRACE_ID_EXTENSION = "urn:hie:trace-id"
+
+
 class ApiError(Exception):
     """An error the gateway answers with; message and reason are safe for clients."""
 
@@ -53,13 +56,34 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+# What a client is told when a status came from the transport (no reason from a service's domain
+# layer): the transport's own text names internal addresses and socket errors, never shown.
+_TRANSPORT_ANSWERS: dict[int, tuple[str, str]] = {
+    503: ("service-unavailable", "a service of the exchange is unavailable; retry shortly"),
+    504: ("timeout", "a service of the exchange did not answer in time; retry shortly"),
+    429: ("resource-exhausted", "the request exceeds what the exchange accepts now"),
+}
+# Seconds a client should wait before retrying a 503 (a restarted service is reachable again
+# within about a second: the reconnect backoff is bounded in services/shared/clients.py).
+RETRY_AFTER_SECONDS = 2
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
+    """The client's answer to a failed call: a stable reason and a message written by us.
+
+    A service's domain error carries its reason in trailing metadata and a message that is safe
+    to show; anything else (connection refused, stream reset, deadline, message too large) is
+    the transport's text and stays inside."""
     status = _HTTP_BY_GRPC.get(exc.code(), 500)
     reason = dict(exc.trailing_metadata() or ()).get(REASON_METADATA_KEY)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
     if status == 500:
         # Server faults and data-integrity failures: the detail stays inside.
         return ApiError(500, reason if isinstance(reason, str) else "internal", "the exchange could not complete this")
-    return ApiError(status, reason if isinstance(reason, str) else exc.code().name.lower(), exc.details() or "")
+    if not isinstance(reason, str):
+        reason, message = _TRANSPORT_ANSWERS.get(status, (exc.code().name.lower(), "request not served"))
+        return ApiError(status, reason, message, headers=headers)
+    return ApiError(status, reason, exc.details() or "", headers=headers)
 
 
 def error_body(request: Request, error: ApiError) -> dict[str, Any]:
@@ -75,6 +99,8 @@ def error_body(request: Request, error: ApiError) -> dict[str, Any]:
                     "diagnostics": error.message,
                 }
             ],
+            # The trace id an operator finds the exchange by (also in the X-Trace-Id header).
+            **({"extension": [{"url": TRACE_ID_EXTENSION, "valueString": trace_id}]} if trace_id else {}),
         }
     return {
         "error": {

@@ -180,10 +180,13 @@ class Notifier:
                 give_up_after=datetime.timedelta(seconds=settings.dead_letter_after_seconds),
                 dead_letter=self._dead_letter,
                 on_attempt=self._audit_attempt,
+                # A hospital's receiver that hangs holds up webhook deliveries only, never the
+                # audit trail (issue 23: 5-10 s of audit lag behind one hung receiver).
+                lane="webhooks",
             ),
         )
         if settings.nats_url:
-            runtime.outbox.register(NATS_TOPIC, self._publish_nats)
+            runtime.outbox.register(NATS_TOPIC, self._publish_nats, DeliveryPolicy(lane="broker"))
             runtime.background(self._close_nats_on_exit(), name="nats-close")
 
     # --- staging (inside the caller's transaction) --------------------------------------------
