@@ -53,6 +53,7 @@ from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
+from services.shared.storage_faults import storage_unavailable
 from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
@@ -262,6 +263,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         # The route template, not the path: paths can carry patient local ids.
         route = getattr(request.scope.get("route"), "path", "[unmatched route]")
+        fault = storage_unavailable(exc, component="gateway", where=f"{request.method} {route}")
+        if fault is not None:
+            # The gateway's own database (tokens, its audit outbox) is full or down.
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return error_response(request, ApiError(503, fault.reason, fault.message, headers=headers))
         _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route)
         return error_response(request, ApiError(500, "internal", "the exchange could not complete this"))
 

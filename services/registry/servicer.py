@@ -36,6 +36,7 @@ from services.shared.errors import (
     PermissionDenied,
     error_from_rpc,
 )
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection.fields import TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
@@ -50,6 +51,8 @@ _CONSENT_BATCH = 1000
 _MAX_ROUNDS = 5
 # Role per operation (from the hospital's verified user assertion).
 _AUTHORS = ("doctor", "nurse", "technician")
+# The operation a kept first answer belongs to (one key, one operation).
+_REGISTER_OPERATION = "document.register"
 _READERS = ("doctor", "nurse", "pharmacist", "technician")
 _CURRENT = registry_pb2.DOCUMENT_STATUS_CURRENT
 _IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
@@ -155,6 +158,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
         self._rt = runtime
         self._notifier = notifier
+        self._answers = FirstAnswers(store.idempotent_answers)
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
@@ -335,19 +339,45 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 )
         return _as_retry(existing, sub) if existing is not None else None
 
+    async def _first_answer(
+        self, session: AsyncSession, who: Caller, key: str, request_fingerprint: str
+    ) -> registry_pb2.RegisterDocumentResponse | None:
+        if not key:
+            return None
+        return await self._answers.first(
+            session,
+            organization_id=who.organization_id,
+            key=key,
+            operation=_REGISTER_OPERATION,
+            request_fingerprint=request_fingerprint,
+            response_type=registry_pb2.RegisterDocumentResponse,
+        )
+
     async def _register(
         self, header: registry_pb2.RegisterDocumentRequest, pieces: AsyncIterator[bytes]
-    ) -> tuple[store.DocumentEntryRecord, bool, list[str]]:
+    ) -> registry_pb2.RegisterDocumentResponse:
+        """Register one document. With an idempotency key the answer is kept with the
+        registration, and a retry of the same request gets that first answer again (201 and its
+        audit event ids, even if the first answer was lost to a crash after the commit)."""
         who = caller()
         who.require_scope("DocumentReference", "c")
         who.require_role(*_AUTHORS)
         if not header.entry.patient.local_id:
             raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
+        key = check_key(header.idempotency_key.strip())
+        # The request without its content (streamed or inline): the declared SHA-256 and size,
+        # checked against the content, stand for it.
+        bare = registry_pb2.RegisterDocumentRequest()
+        bare.CopyFrom(header)
+        bare.ClearField("content")
+        request_fingerprint = fingerprint(_REGISTER_OPERATION, bare)
         sub = self._check_header(who, header)
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=header.entry.patient.local_id)
         record = sub.record
         try:
             async with self._rt.sessions() as session, session.begin():
+                if (first := await self._first_answer(session, who, key, request_fingerprint)) is not None:
+                    return first
                 # mpi resolves the person while this transaction looks for an earlier attempt (a
                 # retry is answered from it; a concurrent duplicate is caught by the unique
                 # constraints below): the two are independent.
@@ -361,7 +391,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 if isinstance(existing, BaseException):
                     raise existing
                 if existing is not None:
-                    return existing, False, []
+                    return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
                 enterprise_id = person.enterprise_id
                 record.enterprise_id = enterprise_id
                 if sub.relation:
@@ -428,16 +458,31 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                             entities=[("DocumentReference", sub.target_id)],
                         )
                     )
+                answer = registry_pb2.RegisterDocumentResponse(
+                    entry=entry_message(record), created=True, audit_event_ids=event_ids
+                )
+                if key:
+                    await self._answers.keep(
+                        session,
+                        organization_id=who.organization_id,
+                        key=key,
+                        operation=_REGISTER_OPERATION,
+                        request_fingerprint=request_fingerprint,
+                        response=answer,
+                    )
         except IntegrityError:
             # A concurrent submission of the same document committed first: answer as its retry.
+            async with self._rt.sessions() as session:
+                if (first := await self._first_answer(session, who, key, request_fingerprint)) is not None:
+                    return first
             existing = await self._earlier(sub)
             if existing is None:
                 raise AlreadyExists(
                     "that source document id is registered with different content", reason="document-id-reused"
                 ) from None
-            return existing, False, []
+            return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
         self._rt.outbox.notify()
-        return record, True, event_ids
+        return answer
 
     async def _relate(self, session: AsyncSession, sub: _Submission, enterprise_id: str) -> None:
         """Checks a replace / append / transform against its target (same source organisation,
@@ -603,10 +648,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     async def RegisterDocument(
         self, request: registry_pb2.RegisterDocumentRequest, context: object
     ) -> registry_pb2.RegisterDocumentResponse:
-        record, created, event_ids = await self._register(request, _single(request.content))
-        return registry_pb2.RegisterDocumentResponse(
-            entry=entry_message(record), created=created, audit_event_ids=event_ids
-        )
+        return await self._register(request, _single(request.content))
 
     async def RegisterDocumentStream(
         self, request_iterator: AsyncIterator[registry_pb2.RegisterDocumentStreamRequest], context: object
@@ -624,9 +666,9 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 if message.chunk:
                     yield message.chunk
 
-        record, created, event_ids = await self._register(first.header, pieces())
+        answer = await self._register(first.header, pieces())
         return registry_pb2.RegisterDocumentStreamResponse(
-            entry=entry_message(record), created=created, audit_event_ids=event_ids
+            entry=answer.entry, created=answer.created, audit_event_ids=answer.audit_event_ids
         )
 
     async def MarkEnteredInError(

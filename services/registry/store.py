@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -123,6 +124,8 @@ class DocumentChunk(Base):
 
 
 outbox_table(metadata)
+# The first answers to keyed registrations and subscriptions (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)
 
 
 async def find_by_source_ids(

@@ -148,6 +148,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         listen=listen or settings.listen_for(spec.name),
         verifier=runtime.verifier,
         tls=settings.grpc_tls,
+        component=spec.name,
     )
     health_server = (
         await create_health_server(settings.health_listen, health_servicer) if settings.health_listen else None
