@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
 
 
 # How long /readyz waits for each dependency's health answer.
-READINESS_TIMEOUT_SECONDS = 0.5
+READINESS_TIMEOUT_SECONDS = 1.0
 
 
 async def _serving(channel: grpc.aio.Channel) -> bool:
@@ -145,6 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.standing = OrganizationStanding(sessions, ttl_seconds=settings.revocation_check_seconds)
         app.state.buckets = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
         outbox = Outbox(store.metadata.tables["outbox"], sessions)
+        outbox.lease = timedelta(seconds=settings.outbox_lease_seconds)
         outbox.register(
             AUDIT_TOPIC,
             audit_sender(

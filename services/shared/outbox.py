@@ -93,6 +93,8 @@ class Outbox:
         self._wakes: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.poll_interval = 2.0
+        # How long a claim lasts (HIE_OUTBOX_LEASE_SECONDS).
+        self.lease = _LEASE
         # After a commit wakes the relay it waits this long, so the messages of many requests go
         # out in one pass (one claim, one send, one acknowledgement) instead of one pass each:
         # under load a pass per request doubled the work of a read request.
@@ -182,7 +184,7 @@ class Outbox:
             rows = (await session.execute(query)).all()
             if rows:
                 await session.execute(
-                    update(t).where(t.c.id.in_([r.id for r in rows])).values(next_attempt_at=utcnow() + _LEASE)
+                    update(t).where(t.c.id.in_([r.id for r in rows])).values(next_attempt_at=utcnow() + self.lease)
                 )
         by_topic: dict[str, list[_Claimed]] = {}
         for row in rows:
