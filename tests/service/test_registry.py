@@ -252,7 +252,8 @@ async def test_register_is_idempotent_by_source_id_and_by_idempotency_key(hospit
     keyed = await a.stub.RegisterDocument(request, metadata=a.md)
     retried = await a.stub.RegisterDocument(request, metadata=a.md)
     # A keyed retry gets the first answer again: created, and the same audit event.
-    assert keyed.created and len(keyed.audit_event_ids) == 1
+    assert keyed.created
+    assert len(keyed.audit_event_ids) == 1
     assert retried == keyed
     request.entry.source_document_id = "OPD-3"
     with pytest.raises(grpc.aio.AioRpcError) as reused:
