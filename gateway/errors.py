@@ -76,6 +76,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
     the transport's text and stays inside."""
     status = _HTTP_BY_GRPC.get(exc.code(), 500)
     reason = dict(exc.trailing_metadata() or ()).get(REASON_METADATA_KEY)
+    if exc.code() == grpc.StatusCode.UNKNOWN and not isinstance(reason, str):
+        # A call cut by a service that died mid-request ("Stream removed"): our services never
+        # answer UNKNOWN themselves (unexpected errors are INTERNAL), so a retry may well succeed.
+        status = 503
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
     if status == 500:
         # Server faults and data-integrity failures: the detail stays inside.
