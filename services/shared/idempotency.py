@@ -51,9 +51,14 @@ def check_key(key: str) -> str:
     return key
 
 
-def fingerprint(operation: str, request: Message) -> str:
-    """What tells a retry from another request under the same key."""
-    return hashlib.sha256(operation.encode() + b"\0" + request.SerializeToString(deterministic=True)).hexdigest()
+def fingerprint(operation: str, request: Message, *context: str) -> str:
+    """What tells a retry from another request under the same key (`context`: what else the
+    answer depends on that the request does not carry, e.g. the acting practitioner)."""
+    digest = hashlib.sha256(operation.encode())
+    for part in context:
+        digest.update(b"\0" + part.encode())
+    digest.update(b"\0" + request.SerializeToString(deterministic=True))
+    return digest.hexdigest()
 
 
 class FirstAnswers:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -328,13 +329,21 @@ async def test_break_glass_notifies_the_patients_home_hospital(scene: Scene) -> 
             },
         )
         assert subscribed.status_code == 201, subscribed.text
-        declared = await s.b.call(
-            "POST",
-            "/api/v1/consent/break-glass",
-            purpose="emergency",
-            json={"patient_local_id": "CE-B", "reason": "患者昏迷送入急诊", "duration_seconds": 60},
-        )
+        # Declared with an idempotency key and retried (the first answer was lost): one
+        # declaration, one notice, the first answer again.
+        key = secrets.token_hex(8)
+        declared, retried = [
+            await s.b.call(
+                "POST",
+                "/api/v1/consent/break-glass",
+                purpose="emergency",
+                headers={"Idempotency-Key": key},
+                json={"patient_local_id": "CE-B", "reason": "患者昏迷送入急诊", "duration_seconds": 60},
+            )
+            for _ in range(2)
+        ]
         assert declared.status_code == 201, declared.text
+        assert (retried.status_code, retried.json()) == (201, declared.json())
         await s.exchange.audit_settled()
         notices = [json.loads(body) for _headers, body, _status in receiver.acknowledged()]
         assert [n["event_type"] for n in notices] == ["consent.break-glass"]
