@@ -53,6 +53,7 @@ _MAX_ROUNDS = 5
 _AUTHORS = ("doctor", "nurse", "technician")
 # The operation a kept first answer belongs to (one key, one operation).
 _REGISTER_OPERATION = "document.register"
+_ENTERED_IN_ERROR_OPERATION = "document.entered-in-error"
 _READERS = ("doctor", "nurse", "pharmacist", "technician")
 _CURRENT = registry_pb2.DOCUMENT_STATUS_CURRENT
 _IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
@@ -678,7 +679,24 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         who.require_scope("DocumentReference", "c")
         who.require_role(*_AUTHORS)
         document_id = _document_id(request.document_id)
+        key = check_key(request.idempotency_key.strip())
+        request_fingerprint = fingerprint(_ENTERED_IN_ERROR_OPERATION, request)
         async with self._rt.sessions() as session, session.begin():
+            if (
+                key
+                and (
+                    first := await self._answers.first(
+                        session,
+                        organization_id=who.organization_id,
+                        key=key,
+                        operation=_ENTERED_IN_ERROR_OPERATION,
+                        request_fingerprint=request_fingerprint,
+                        response_type=registry_pb2.MarkEnteredInErrorResponse,
+                    )
+                )
+                is not None
+            ):
+                return first
             record = await session.get(store.DocumentEntryRecord, document_id)
             if record is None:
                 raise NotFound("no such document", reason="document-not-found")
@@ -696,8 +714,18 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("DocumentReference", record.id)],
             )
+            answer = registry_pb2.MarkEnteredInErrorResponse(entry=entry_message(record), audit_event_ids=[event_id])
+            if key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_ENTERED_IN_ERROR_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return registry_pb2.MarkEnteredInErrorResponse(entry=entry_message(record), audit_event_ids=[event_id])
+        return answer
 
     # --- query ------------------------------------------------------------------------------
 

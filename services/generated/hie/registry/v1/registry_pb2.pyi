@@ -266,10 +266,12 @@ class GetDocumentEntryResponse(_message.Message):
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MarkEnteredInErrorRequest(_message.Message):
-    __slots__ = ("document_id",)
+    __slots__ = ("document_id", "idempotency_key")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     document_id: str
-    def __init__(self, document_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, document_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MarkEnteredInErrorResponse(_message.Message):
     __slots__ = ("entry", "audit_event_ids")
