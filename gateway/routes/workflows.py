@@ -122,7 +122,12 @@ async def move_referral(
     method, message = _TRANSITIONS[transition]
     result = await rpc(
         getattr(request.app.state.stubs.referral, method)(
-            message(referral_id=referral_id[:64], reason=body.reason if body else ""), metadata=ctx.metadata
+            message(
+                referral_id=referral_id[:64],
+                reason=body.reason if body else "",
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+            ),
+            metadata=ctx.metadata,
         )
     )
     return {**_referral_json(result.referral), "audit_event_ids": list(result.audit_event_ids)}
@@ -220,7 +225,12 @@ async def move_consultation(
     method, message = _CONSULTATION_TRANSITIONS[transition]
     result = await rpc(
         getattr(request.app.state.stubs.teleconsult, method)(
-            message(consultation_id=consultation_id[:64], reason=body.reason if body else ""), metadata=ctx.metadata
+            message(
+                consultation_id=consultation_id[:64],
+                reason=body.reason if body else "",
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+            ),
+            metadata=ctx.metadata,
         )
     )
     return {**_consultation_json(result.consultation), "audit_event_ids": list(result.audit_event_ids)}

@@ -14,13 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
 from services.referral import workflow
-from services.referral.store import ReferralRecord, ReferralStateChangeRecord
+from services.referral.store import ReferralRecord, ReferralStateChangeRecord, idempotent_answers
 from services.shared import identity
 from services.shared.audit_trail import Action
-from services.shared.auth import caller
+from services.shared.auth import Caller, caller
 from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 
 
@@ -64,9 +65,21 @@ def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | 
     )
 
 
+_CREATE_OPERATION = "referral.create"
+_MoveRequest = (
+    referral_pb2.AcceptReferralRequest
+    | referral_pb2.RejectReferralRequest
+    | referral_pb2.CompleteReferralRequest
+    | referral_pb2.CancelReferralRequest
+)
+# Transitions' answers share one layout (referral, audit event ids): kept and read as this one.
+_Moved = referral_pb2.AcceptReferralResponse
+
+
 class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
+        self._answers = FirstAnswers(idempotent_answers)
 
     async def CreateReferral(
         self, request: referral_pb2.CreateReferralRequest, context: object
@@ -87,7 +100,9 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         enterprise_id = await identity.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
         )
-        key = request.idempotency_key or str(uuid.uuid4())
+        given_key = check_key(request.idempotency_key)
+        key = given_key or str(uuid.uuid4())
+        request_fingerprint = fingerprint(_CREATE_OPERATION, request)
         record_fields = {
             "target_organization_id": ref.target_organization_id,
             "patient_local_id": ref.patient.local_id,
@@ -103,7 +118,17 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 )
             )
             if existing is not None:
-                return referral_pb2.CreateReferralResponse(referral=_message(_same_request(existing, record_fields)))
+                _same_request(existing, record_fields)
+                first = await self._answers.first(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_CREATE_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response_type=referral_pb2.CreateReferralResponse,
+                )
+                # The first answer; created before answers were kept: the referral as it is now.
+                return first if first is not None else referral_pb2.CreateReferralResponse(referral=_message(existing))
             record = ReferralRecord(
                 id=str(uuid.uuid4()),
                 patient_domain=who.organization_id,
@@ -126,8 +151,18 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
+            answer = referral_pb2.CreateReferralResponse(referral=_message(record))
+            if given_key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_CREATE_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return referral_pb2.CreateReferralResponse(referral=_message(record))
+        return answer
 
     async def GetReferral(
         self, request: referral_pb2.GetReferralRequest, context: object
@@ -159,12 +194,32 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         self._rt.outbox.notify()
         return referral_pb2.GetReferralResponse(referral=_message(record, history))
 
-    async def _transition(self, name: str, referral_id: str, reason: str) -> tuple[referral_pb2.Referral, list[str]]:
+    async def _first_move(self, who: Caller, key: str, operation: str, request_fingerprint: str) -> _Moved | None:
+        if not key:
+            return None
+        async with self._rt.sessions() as session:
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=_Moved,
+            )
+
+    async def _transition(self, name: str, request: _MoveRequest) -> tuple[referral_pb2.Referral, list[str]]:
         """Move a referral as `name` says; the state change, its history row, the grant message
-        for consent and the audit event commit in one transaction."""
+        for consent, the audit event and (with an idempotency key) the answer commit in one
+        transaction. A keyed retry gets the first answer."""
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor")
+        referral_id, reason = request.referral_id, request.reason
+        key = check_key(request.idempotency_key)
+        operation = f"referral.{name}"
+        request_fingerprint = fingerprint(operation, request)
+        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
+            return first.referral, list(first.audit_event_ids)
         async with self._rt.sessions() as session:
             record = await session.get(ReferralRecord, referral_id[:36])
         if record is None or who.organization_id not in {
@@ -226,31 +281,41 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             )
             record.state = decided.to_state
             history = await _history(session, record.id)
+            answer = _Moved(referral=_message(record, history), audit_event_ids=[event_id])
+            if key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=operation,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return _message(record, history), [event_id]
+        return answer.referral, list(answer.audit_event_ids)
 
     async def AcceptReferral(
         self, request: referral_pb2.AcceptReferralRequest, context: object
     ) -> referral_pb2.AcceptReferralResponse:
-        referral, events = await self._transition("accept", request.referral_id, request.reason)
+        referral, events = await self._transition("accept", request)
         return referral_pb2.AcceptReferralResponse(referral=referral, audit_event_ids=events)
 
     async def RejectReferral(
         self, request: referral_pb2.RejectReferralRequest, context: object
     ) -> referral_pb2.RejectReferralResponse:
-        referral, events = await self._transition("reject", request.referral_id, request.reason)
+        referral, events = await self._transition("reject", request)
         return referral_pb2.RejectReferralResponse(referral=referral, audit_event_ids=events)
 
     async def CompleteReferral(
         self, request: referral_pb2.CompleteReferralRequest, context: object
     ) -> referral_pb2.CompleteReferralResponse:
-        referral, events = await self._transition("complete", request.referral_id, request.reason)
+        referral, events = await self._transition("complete", request)
         return referral_pb2.CompleteReferralResponse(referral=referral, audit_event_ids=events)
 
     async def CancelReferral(
         self, request: referral_pb2.CancelReferralRequest, context: object
     ) -> referral_pb2.CancelReferralResponse:
-        referral, events = await self._transition("cancel", request.referral_id, request.reason)
+        referral, events = await self._transition("cancel", request)
         return referral_pb2.CancelReferralResponse(referral=referral, audit_event_ids=events)
 
 

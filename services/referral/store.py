@@ -8,6 +8,7 @@ from sqlalchemy import MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -50,3 +51,5 @@ class ReferralStateChangeRecord(Base):
 
 
 outbox_table(metadata)
+# The first answers to keyed creations and moves (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)

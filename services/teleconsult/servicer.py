@@ -15,13 +15,14 @@ from hie.common.v1 import common_pb2
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.shared import identity
 from services.shared.audit_trail import Action
-from services.shared.auth import caller
+from services.shared.auth import Caller, caller
 from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.teleconsult import workflow
-from services.teleconsult.store import ConsultationRecord, ConsultationStateChangeRecord
+from services.teleconsult.store import ConsultationRecord, ConsultationStateChangeRecord, idempotent_answers
 
 
 def _same_request(existing: ConsultationRecord, fields: dict[str, object]) -> ConsultationRecord:
@@ -67,9 +68,16 @@ def _message(
     )
 
 
+_REQUEST_OPERATION = "consultation.request"
+_MoveRequest = teleconsult_pb2.AcceptConsultationRequest | teleconsult_pb2.CancelConsultationRequest
+# Transitions' answers share one layout (consultation, audit event ids): kept and read as this one.
+_Moved = teleconsult_pb2.AcceptConsultationResponse
+
+
 class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
+        self._answers = FirstAnswers(idempotent_answers)
 
     async def RequestConsultation(
         self, request: teleconsult_pb2.RequestConsultationRequest, context: object
@@ -95,7 +103,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         enterprise_id = await identity.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
         )
-        key = request.idempotency_key or str(uuid.uuid4())
+        given_key = check_key(request.idempotency_key)
+        key = given_key or str(uuid.uuid4())
+        request_fingerprint = fingerprint(_REQUEST_OPERATION, request)
         record_fields = {
             "consultant_organization_id": c.consultant_organization_id,
             "patient_local_id": c.patient.local_id,
@@ -112,9 +122,19 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 )
             )
             if existing is not None:
-                return teleconsult_pb2.RequestConsultationResponse(
-                    consultation=_message(_same_request(existing, record_fields))
+                _same_request(existing, record_fields)
+                first = await self._answers.first(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_REQUEST_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response_type=teleconsult_pb2.RequestConsultationResponse,
                 )
+                # The first answer; requested before answers were kept: the consultation as it is now.
+                if first is not None:
+                    return first
+                return teleconsult_pb2.RequestConsultationResponse(consultation=_message(existing))
             record = ConsultationRecord(
                 id=str(uuid.uuid4()),
                 patient_domain=who.organization_id,
@@ -138,8 +158,18 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
+            answer = teleconsult_pb2.RequestConsultationResponse(consultation=_message(record))
+            if given_key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_REQUEST_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return teleconsult_pb2.RequestConsultationResponse(consultation=_message(record))
+        return answer
 
     async def GetConsultation(
         self, request: teleconsult_pb2.GetConsultationRequest, context: object
@@ -170,14 +200,32 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self._rt.outbox.notify()
         return teleconsult_pb2.GetConsultationResponse(consultation=_message(record, history))
 
-    async def _transition(
-        self, name: str, consultation_id: str, reason: str
-    ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
-        """Move a consultation; the state, its history row, the consent grant message and the audit
-        event commit in one transaction."""
+    async def _first_move(self, who: Caller, key: str, operation: str, request_fingerprint: str) -> _Moved | None:
+        if not key:
+            return None
+        async with self._rt.sessions() as session:
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=_Moved,
+            )
+
+    async def _transition(self, name: str, request: _MoveRequest) -> tuple[teleconsult_pb2.Consultation, list[str]]:
+        """Move a consultation; the state, its history row, the consent grant message, the audit
+        event and (with an idempotency key) the answer commit in one transaction. A keyed retry
+        gets the first answer."""
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor")
+        consultation_id, reason = request.consultation_id, request.reason
+        key = check_key(request.idempotency_key)
+        operation = f"consultation.{name}"
+        request_fingerprint = fingerprint(operation, request)
+        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
+            return first.consultation, list(first.audit_event_ids)
         async with self._rt.sessions() as session:
             record = await session.get(ConsultationRecord, consultation_id[:36])
         if record is None or who.organization_id not in {
@@ -242,19 +290,29 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
             record.state = decided.to_state
             history = await _history(session, record.id)
+            answer = _Moved(consultation=_message(record, history), audit_event_ids=[event_id])
+            if key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=operation,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return _message(record, history), [event_id]
+        return answer.consultation, list(answer.audit_event_ids)
 
     async def AcceptConsultation(
         self, request: teleconsult_pb2.AcceptConsultationRequest, context: object
     ) -> teleconsult_pb2.AcceptConsultationResponse:
-        consultation, events = await self._transition("accept", request.consultation_id, request.reason)
+        consultation, events = await self._transition("accept", request)
         return teleconsult_pb2.AcceptConsultationResponse(consultation=consultation, audit_event_ids=events)
 
     async def CancelConsultation(
         self, request: teleconsult_pb2.CancelConsultationRequest, context: object
     ) -> teleconsult_pb2.CancelConsultationResponse:
-        consultation, events = await self._transition("cancel", request.consultation_id, request.reason)
+        consultation, events = await self._transition("cancel", request)
         return teleconsult_pb2.CancelConsultationResponse(consultation=consultation, audit_event_ids=events)
 
 

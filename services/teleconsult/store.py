@@ -8,6 +8,7 @@ from sqlalchemy import MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -51,3 +52,5 @@ class ConsultationStateChangeRecord(Base):
 
 
 outbox_table(metadata)
+# The first answers to keyed creations and moves (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)

@@ -73,29 +73,39 @@ async def test_referral_grant_opens_and_cancel_closes(scene: Scene) -> None:
     assert await s.visible_to_b("referral") == set()
     assert await s.retrieve_by_b(s.summary_id, "referral") == 403
 
-    created = await s.a.call(
-        "POST",
-        "/api/v1/referrals",
-        purpose="referral",
-        json={
-            "patient_local_id": "CE-A",
-            "target_organization_id": s.b.org_id,  # type: ignore[attr-defined]
-            "direction": "up",
-            "reason": "血压控制不佳，转上级医院",
-            "document_ids": [s.summary_id, s.psy_id],
-        },
-    )
+    referral = {
+        "patient_local_id": "CE-A",
+        "target_organization_id": s.b.org_id,  # type: ignore[attr-defined]
+        "direction": "up",
+        "reason": "血压控制不佳，转上级医院",
+        "document_ids": [s.summary_id, s.psy_id],
+    }
+    create_key = {"Idempotency-Key": secrets.token_hex(8)}
+    created = await s.a.call("POST", "/api/v1/referrals", purpose="referral", json=referral, headers=create_key)
     assert created.status_code == 201, created.text
     referral_id = created.json()["referral_id"]
     # Only the receiving hospital accepts.
     refused = await s.a.call("POST", f"/api/v1/referrals/{referral_id}/accept", purpose="referral")
     assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "referral-party")
-    accepted = await s.b.call(
-        "POST", f"/api/v1/referrals/{referral_id}/accept", purpose="referral", json={"reason": "同意接收"}
-    )
+    accept_key = {"Idempotency-Key": secrets.token_hex(8)}
+    accepted, accepted_again = [
+        await s.b.call(
+            "POST",
+            f"/api/v1/referrals/{referral_id}/accept",
+            purpose="referral",
+            json={"reason": "同意接收"},
+            headers=accept_key,
+        )
+        for _ in range(2)
+    ]
     assert accepted.status_code == 200, accepted.text
     assert accepted.json()["state"] == "accepted"
     assert [h["to"] for h in accepted.json()["history"]] == ["accepted"]
+    # Keyed retries answer the first answers (the accept's audit event; the creation as created).
+    assert accepted_again.json() == accepted.json()
+    assert len(accepted.json()["audit_event_ids"]) == 1
+    created_again = await s.a.call("POST", "/api/v1/referrals", purpose="referral", json=referral, headers=create_key)
+    assert (created_again.status_code, created_again.json()) == (201, created.json())
     await s.exchange.audit_settled()  # the referral outbox delivers the grant to consent
 
     # The attached summary is visible for the referral; the attached mental-health note is not
@@ -140,8 +150,20 @@ async def test_consultation_grant_opens_and_cancel_closes(scene: Scene) -> None:
     await s.exchange.audit_settled()  # the teleconsult outbox delivers the grant to consent
     assert await s.visible_to_b("consultation") == {s.summary_id}
     assert await s.visible_to_b("referral") == set()
-    cancelled = await s.a.call("POST", f"/api/v1/consultations/{consultation_id}/cancel", purpose="consultation")
+    cancel_key = {"Idempotency-Key": secrets.token_hex(8)}
+    cancelled, cancelled_again = [
+        await s.a.call(
+            "POST", f"/api/v1/consultations/{consultation_id}/cancel", purpose="consultation", headers=cancel_key
+        )
+        for _ in range(2)
+    ]
     assert cancelled.json()["state"] == "cancelled"
+    assert cancelled_again.json() == cancelled.json()
+    assert len(cancelled.json()["audit_event_ids"]) == 1
+    reused = await s.a.call(
+        "POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation", headers=cancel_key
+    )
+    assert (reused.status_code, reused.json()["error"]["reason"]) == (409, "idempotency-key-reused")
     await s.exchange.audit_settled()
     assert await s.visible_to_b("consultation") == set()
     assert await s.retrieve_by_b(s.summary_id, "consultation") == 403

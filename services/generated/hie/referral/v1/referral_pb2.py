@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hie.common.v1 import common_pb2 as hie_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehie/referral/v1/referral.proto\x12\x0fhie.referral.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"\xfe\x02\n\x08Referral\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12*\n\x07patient\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12!\n\x19requester_organization_id\x18\x03 \x01(\t\x12\x1e\n\x16target_organization_id\x18\x04 \x01(\t\x12\x35\n\tdirection\x18\x05 \x01(\x0e\x32\".hie.referral.v1.ReferralDirection\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12-\n\x05state\x18\x07 \x01(\x0e\x32\x1e.hie.referral.v1.ReferralState\x12\x14\n\x0c\x64ocument_ids\x18\x08 \x03(\t\x12+\n\x07\x63reated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07history\x18\n \x03(\x0b\x32$.hie.referral.v1.ReferralStateChange\"\xea\x01\n\x13ReferralStateChange\x12\x32\n\nfrom_state\x18\x01 \x01(\x0e\x32\x1e.hie.referral.v1.ReferralState\x12\x30\n\x08to_state\x18\x02 \x01(\x0e\x32\x1e.hie.referral.v1.ReferralState\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12+\n\x07\x63hanged\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x15\x43reateReferralRequest\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"E\n\x16\x43reateReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\")\n\x12GetReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\"B\n\x13GetReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\"<\n\x15\x41\x63\x63\x65ptReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"^\n\x16\x41\x63\x63\x65ptReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"<\n\x15RejectReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"^\n\x16RejectReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\">\n\x17\x43ompleteReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"`\n\x18\x43ompleteReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"<\n\x15\x43\x61ncelReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"^\n\x16\x43\x61ncelReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t*\xfd\x01\n\rReferralState\x12\x1e\n\x1aREFERRAL_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18REFERRAL_STATE_REQUESTED\x10\x01\x12\x1b\n\x17REFERRAL_STATE_ACCEPTED\x10\x02\x12\x1b\n\x17REFERRAL_STATE_REJECTED\x10\x03\x12\x1c\n\x18REFERRAL_STATE_SCHEDULED\x10\x04\x12\x1a\n\x16REFERRAL_STATE_ARRIVED\x10\x05\x12\x1c\n\x18REFERRAL_STATE_COMPLETED\x10\x06\x12\x1c\n\x18REFERRAL_STATE_CANCELLED\x10\x07*\x8f\x01\n\x11ReferralDirection\x12\"\n\x1eREFERRAL_DIRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15REFERRAL_DIRECTION_UP\x10\x01\x12\x1b\n\x17REFERRAL_DIRECTION_DOWN\x10\x02\x12\x1e\n\x1aREFERRAL_DIRECTION_LATERAL\x10\x03\x32\xda\x04\n\tReferrals\x12\x61\n\x0e\x43reateReferral\x12&.hie.referral.v1.CreateReferralRequest\x1a\'.hie.referral.v1.CreateReferralResponse\x12X\n\x0bGetReferral\x12#.hie.referral.v1.GetReferralRequest\x1a$.hie.referral.v1.GetReferralResponse\x12\x61\n\x0e\x41\x63\x63\x65ptReferral\x12&.hie.referral.v1.AcceptReferralRequest\x1a\'.hie.referral.v1.AcceptReferralResponse\x12\x61\n\x0eRejectReferral\x12&.hie.referral.v1.RejectReferralRequest\x1a\'.hie.referral.v1.RejectReferralResponse\x12g\n\x10\x43ompleteReferral\x12(.hie.referral.v1.CompleteReferralRequest\x1a).hie.referral.v1.CompleteReferralResponse\x12\x61\n\x0e\x43\x61ncelReferral\x12&.hie.referral.v1.CancelReferralRequest\x1a\'.hie.referral.v1.CancelReferralResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehie/referral/v1/referral.proto\x12\x0fhie.referral.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"\xfe\x02\n\x08Referral\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12*\n\x07patient\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12!\n\x19requester_organization_id\x18\x03 \x01(\t\x12\x1e\n\x16target_organization_id\x18\x04 \x01(\t\x12\x35\n\tdirection\x18\x05 \x01(\x0e\x32\".hie.referral.v1.ReferralDirection\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12-\n\x05state\x18\x07 \x01(\x0e\x32\x1e.hie.referral.v1.ReferralState\x12\x14\n\x0c\x64ocument_ids\x18\x08 \x03(\t\x12+\n\x07\x63reated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07history\x18\n \x03(\x0b\x32$.hie.referral.v1.ReferralStateChange\"\xea\x01\n\x13ReferralStateChange\x12\x32\n\nfrom_state\x18\x01 \x01(\x0e\x32\x1e.hie.referral.v1.ReferralState\x12\x30\n\x08to_state\x18\x02 \x01(\x0e\x32\x1e.hie.referral.v1.ReferralState\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12+\n\x07\x63hanged\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x15\x43reateReferralRequest\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"E\n\x16\x43reateReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\")\n\x12GetReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\"B\n\x13GetReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\"U\n\x15\x41\x63\x63\x65ptReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"^\n\x16\x41\x63\x63\x65ptReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"U\n\x15RejectReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"^\n\x16RejectReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"W\n\x17\x43ompleteReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"`\n\x18\x43ompleteReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"U\n\x15\x43\x61ncelReferralRequest\x12\x13\n\x0breferral_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"^\n\x16\x43\x61ncelReferralResponse\x12+\n\x08referral\x18\x01 \x01(\x0b\x32\x19.hie.referral.v1.Referral\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t*\xfd\x01\n\rReferralState\x12\x1e\n\x1aREFERRAL_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18REFERRAL_STATE_REQUESTED\x10\x01\x12\x1b\n\x17REFERRAL_STATE_ACCEPTED\x10\x02\x12\x1b\n\x17REFERRAL_STATE_REJECTED\x10\x03\x12\x1c\n\x18REFERRAL_STATE_SCHEDULED\x10\x04\x12\x1a\n\x16REFERRAL_STATE_ARRIVED\x10\x05\x12\x1c\n\x18REFERRAL_STATE_COMPLETED\x10\x06\x12\x1c\n\x18REFERRAL_STATE_CANCELLED\x10\x07*\x8f\x01\n\x11ReferralDirection\x12\"\n\x1eREFERRAL_DIRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15REFERRAL_DIRECTION_UP\x10\x01\x12\x1b\n\x17REFERRAL_DIRECTION_DOWN\x10\x02\x12\x1e\n\x1aREFERRAL_DIRECTION_LATERAL\x10\x03\x32\xda\x04\n\tReferrals\x12\x61\n\x0e\x43reateReferral\x12&.hie.referral.v1.CreateReferralRequest\x1a\'.hie.referral.v1.CreateReferralResponse\x12X\n\x0bGetReferral\x12#.hie.referral.v1.GetReferralRequest\x1a$.hie.referral.v1.GetReferralResponse\x12\x61\n\x0e\x41\x63\x63\x65ptReferral\x12&.hie.referral.v1.AcceptReferralRequest\x1a\'.hie.referral.v1.AcceptReferralResponse\x12\x61\n\x0eRejectReferral\x12&.hie.referral.v1.RejectReferralRequest\x1a\'.hie.referral.v1.RejectReferralResponse\x12g\n\x10\x43ompleteReferral\x12(.hie.referral.v1.CompleteReferralRequest\x1a).hie.referral.v1.CompleteReferralResponse\x12\x61\n\x0e\x43\x61ncelReferral\x12&.hie.referral.v1.CancelReferralRequest\x1a\'.hie.referral.v1.CancelReferralResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hie.referral.v1.referral_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REFERRALSTATE']._serialized_start=1648
-  _globals['_REFERRALSTATE']._serialized_end=1901
-  _globals['_REFERRALDIRECTION']._serialized_start=1904
-  _globals['_REFERRALDIRECTION']._serialized_end=2047
+  _globals['_REFERRALSTATE']._serialized_start=1748
+  _globals['_REFERRALSTATE']._serialized_end=2001
+  _globals['_REFERRALDIRECTION']._serialized_start=2004
+  _globals['_REFERRALDIRECTION']._serialized_end=2147
   _globals['_REFERRAL']._serialized_start=113
   _globals['_REFERRAL']._serialized_end=495
   _globals['_REFERRALSTATECHANGE']._serialized_start=498
@@ -51,21 +51,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREFERRALRESPONSE']._serialized_start=943
   _globals['_GETREFERRALRESPONSE']._serialized_end=1009
   _globals['_ACCEPTREFERRALREQUEST']._serialized_start=1011
-  _globals['_ACCEPTREFERRALREQUEST']._serialized_end=1071
-  _globals['_ACCEPTREFERRALRESPONSE']._serialized_start=1073
-  _globals['_ACCEPTREFERRALRESPONSE']._serialized_end=1167
-  _globals['_REJECTREFERRALREQUEST']._serialized_start=1169
-  _globals['_REJECTREFERRALREQUEST']._serialized_end=1229
-  _globals['_REJECTREFERRALRESPONSE']._serialized_start=1231
-  _globals['_REJECTREFERRALRESPONSE']._serialized_end=1325
-  _globals['_COMPLETEREFERRALREQUEST']._serialized_start=1327
-  _globals['_COMPLETEREFERRALREQUEST']._serialized_end=1389
-  _globals['_COMPLETEREFERRALRESPONSE']._serialized_start=1391
-  _globals['_COMPLETEREFERRALRESPONSE']._serialized_end=1487
-  _globals['_CANCELREFERRALREQUEST']._serialized_start=1489
-  _globals['_CANCELREFERRALREQUEST']._serialized_end=1549
-  _globals['_CANCELREFERRALRESPONSE']._serialized_start=1551
-  _globals['_CANCELREFERRALRESPONSE']._serialized_end=1645
-  _globals['_REFERRALS']._serialized_start=2050
-  _globals['_REFERRALS']._serialized_end=2652
+  _globals['_ACCEPTREFERRALREQUEST']._serialized_end=1096
+  _globals['_ACCEPTREFERRALRESPONSE']._serialized_start=1098
+  _globals['_ACCEPTREFERRALRESPONSE']._serialized_end=1192
+  _globals['_REJECTREFERRALREQUEST']._serialized_start=1194
+  _globals['_REJECTREFERRALREQUEST']._serialized_end=1279
+  _globals['_REJECTREFERRALRESPONSE']._serialized_start=1281
+  _globals['_REJECTREFERRALRESPONSE']._serialized_end=1375
+  _globals['_COMPLETEREFERRALREQUEST']._serialized_start=1377
+  _globals['_COMPLETEREFERRALREQUEST']._serialized_end=1464
+  _globals['_COMPLETEREFERRALRESPONSE']._serialized_start=1466
+  _globals['_COMPLETEREFERRALRESPONSE']._serialized_end=1562
+  _globals['_CANCELREFERRALREQUEST']._serialized_start=1564
+  _globals['_CANCELREFERRALREQUEST']._serialized_end=1649
+  _globals['_CANCELREFERRALRESPONSE']._serialized_start=1651
+  _globals['_CANCELREFERRALRESPONSE']._serialized_end=1745
+  _globals['_REFERRALS']._serialized_start=2150
+  _globals['_REFERRALS']._serialized_end=2752
 # @@protoc_insertion_point(module_scope)

@@ -109,12 +109,14 @@ class GetReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ...) -> None: ...
 
 class AcceptReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AcceptReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -125,12 +127,14 @@ class AcceptReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RejectReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RejectReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -141,12 +145,14 @@ class RejectReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CompleteReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CompleteReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -157,12 +163,14 @@ class CompleteReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CancelReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
