@@ -32,6 +32,7 @@ _FHIR_ISSUE_BY_HTTP = {
     403: "forbidden",
     404: "not-found",
     405: "not-supported",
+    406: "not-supported",
     409: "conflict",
     413: "too-long",
     415: "not-supported",

@@ -27,6 +27,7 @@ import base64
 import binascii
 import datetime
 import hashlib
+import json
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -40,6 +41,11 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.documents import open_content, repr_digest
 from gateway.routes.fhir import FHIR_JSON, _date_range, _token
+from gateway.routes.fhir_patient import (
+    own_local_id_of_identifier,
+    own_local_id_of_patient,
+    patient_id_of_reference,
+)
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 
@@ -68,20 +74,34 @@ _RELATION = {
 _RELATION_CODES = {v: k for k, v in _RELATION.items()}
 _DEFAULT_COUNT = 20
 _MAX_COUNT = 200
-_SEARCH_PARAMS = {"patient", "patient.identifier", "type", "category", "date", "status", "_count", "page"}
+_SEARCH_PARAMS = {
+    "patient",
+    "patient.identifier",
+    "type",
+    "category",
+    "date",
+    "status",
+    "_count",
+    "_summary",
+    "page",
+}
+# A total (`_summary=count`, `_count=0`) is counted over consent-filtered pages: at most this many.
+_MAX_COUNTED_PAGES = 25
 _LOCAL_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 DOCUMENT_REFERENCE_SEARCH_PARAMS: list[dict[str, str]] = [
     {
         "name": "patient",
         "type": "reference",
-        "documentation": "The patient as the calling hospital knows them: `Patient/<local id>` (its own "
-        "domain). Results cover every hospital the person has records in.",
+        "documentation": "`Patient/<id>` (or its absolute URL on this base): the id of the caller's own "
+        "record of the person as the exchange gives it (PDQm search, ITI-104 Location). Results cover every "
+        "hospital the person has records in.",
     },
     {
         "name": "patient.identifier",
         "type": "token",
-        "documentation": "`urn:hie:patient:<your organisation>|<local id>` (or the local id alone).",
+        "documentation": "`urn:hie:patient-id:<your organisation>|<local id>` (or the local id alone); the "
+        "older system urn:hie:patient:<organisation> is still accepted.",
     },
     {"name": "type", "type": "token", "documentation": "LOINC or urn:hie:shared-document-type code; either matches."},
     {"name": "category", "type": "token", "documentation": "The class code (urn:hie:document-class)."},
@@ -92,6 +112,17 @@ DOCUMENT_REFERENCE_SEARCH_PARAMS: list[dict[str, str]] = [
         "repeat for a range.",
     },
     {"name": "status", "type": "token", "documentation": "current (default), superseded, entered-in-error."},
+    {
+        "name": "_count",
+        "type": "number",
+        "documentation": f"Page size (default {_DEFAULT_COUNT}, at most {_MAX_COUNT}); 0: the total only.",
+    },
+    {
+        "name": "_summary",
+        "type": "token",
+        "documentation": "count: the total only (of the entries consent lets the caller see; "
+        f"not given beyond {_MAX_COUNTED_PAGES * _MAX_COUNT}).",
+    },
 ]
 
 
@@ -187,14 +218,16 @@ def _bad(reason: str, message: str) -> ApiError:
     return ApiError(400, reason, message)
 
 
-def _patient_local_id(name: str, value: str, organization_id: str) -> str:
+async def _patient_local_id(ctx: Context, request: Request, name: str, value: str) -> str:
+    """The caller's local id of the patient a search names: `patient` is a reference to a Patient
+    of this exchange (`Patient/<id>` or its absolute URL), `patient.identifier` a local id
+    (`urn:hie:patient-id:<your organisation>|<local id>`)."""
     if name == "patient":
-        local = value.removeprefix("Patient/")
+        patient_id = patient_id_of_reference(value, request.app.state.settings.public_url)
+        local = await own_local_id_of_patient(ctx, request, patient_id)
     else:
-        system, bar, local = value.rpartition("|")
-        if bar and system not in {"", f"urn:hie:patient:{organization_id}"}:
-            # Another hospital's identifiers are not searchable: the caller names its own patient.
-            raise ApiError(404, "patient-not-found", "patient.identifier: use your own domain's patient ids")
+        system, _, local = value.rpartition("|")
+        local = own_local_id_of_identifier(ctx, system, local, name)
     if not _LOCAL_ID.fullmatch(local):
         raise _bad("search-value-invalid", f"{name}: a local patient id")
     return local
@@ -220,6 +253,7 @@ async def search_document_references(
     query = registry_pb2.FindDocumentsRequest()
     local_id = ""
     size = _DEFAULT_COUNT
+    total_only = False
     since: datetime.datetime | None = None
     until: datetime.datetime | None = None
     for name, raw in items:
@@ -229,7 +263,7 @@ async def search_document_references(
         if not value:
             raise _bad("search-value-invalid", f"{name}: a value is required")
         if name in {"patient", "patient.identifier"}:
-            found = _patient_local_id(name, value, ctx.caller.organization_id)
+            found = await _patient_local_id(ctx, request, name, value)
             if local_id and found != local_id:
                 raise _bad("search-value-invalid", "one patient per search")
             local_id = found
@@ -251,9 +285,14 @@ async def search_document_references(
             if high is not None:
                 until = high if until is None else min(until, high)
         elif name == "_count":
-            if not value.isdigit() or int(value) < 1:
-                raise _bad("count-invalid", "_count: a positive number")
+            if not value.isascii() or not value.isdigit():
+                raise _bad("count-invalid", "_count: a number (0: the total only)")
             size = min(int(value), _MAX_COUNT)
+            total_only = total_only or size == 0
+        elif name == "_summary":
+            if value not in ("count", "false"):
+                raise _bad("search-value-invalid", "_summary: count (or false)")
+            total_only = total_only or value == "count"
         elif name == "page":
             query.page.page_token = value
     if not local_id:
@@ -264,27 +303,42 @@ async def search_document_references(
         query.service_from.FromDatetime(since.astimezone(datetime.UTC))
     if until is not None:
         query.service_to.FromDatetime(until.astimezone(datetime.UTC))
-    result = await rpc(request.app.state.stubs.registry.FindDocuments(query, metadata=ctx.metadata))
     base = request.app.state.settings.public_url
     links = [{"relation": "self", "url": f"{base}/fhir/R4/DocumentReference?{urlencode(items)}"}]
+    if total_only:
+        return _fhir(await _counted(ctx, request, query, links))
+    result = await rpc(request.app.state.stubs.registry.FindDocuments(query, metadata=ctx.metadata))
     if result.page.next_page_token:
         following = [(k, v) for k, v in items if k != "page"] + [("page", result.page.next_page_token)]
         links.append({"relation": "next", "url": f"{base}/fhir/R4/DocumentReference?{urlencode(following)}"})
-    return _fhir(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "link": links,
-            "entry": [
-                {
-                    "fullUrl": f"{base}/fhir/R4/DocumentReference/{e.document_id}",
-                    "resource": document_reference(e, base),
-                    "search": {"mode": "match"},
-                }
-                for e in result.entries
-            ],
-        }
-    )
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": links}
+    if result.entries:  # JSON-FHIR has no empty arrays: an empty searchset has no entry
+        bundle["entry"] = [
+            {
+                "fullUrl": f"{base}/fhir/R4/DocumentReference/{e.document_id}",
+                "resource": document_reference(e, base),
+                "search": {"mode": "match"},
+            }
+            for e in result.entries
+        ]
+    return _fhir(bundle)
+
+
+async def _counted(
+    ctx: Context, request: Request, query: registry_pb2.FindDocumentsRequest, links: list[dict[str, str]]
+) -> dict[str, Any]:
+    """The searchset of `_summary=count` / `_count=0`: the total of what the caller may see. The
+    registry filters by consent page by page, so the entries are counted over full pages (each
+    query audited as any search is); beyond the cap the total is left out, as FHIR allows."""
+    query.page.page_size = _MAX_COUNT
+    total = 0
+    for _ in range(_MAX_COUNTED_PAGES):
+        result = await rpc(request.app.state.stubs.registry.FindDocuments(query, metadata=ctx.metadata))
+        total += len(result.entries)
+        if not result.page.next_page_token:
+            return {"resourceType": "Bundle", "type": "searchset", "total": total, "link": links}
+        query.page.page_token = result.page.next_page_token
+    return {"resourceType": "Bundle", "type": "searchset", "link": links}
 
 
 @router.get("/DocumentReference/{document_id}", response_class=JSONResponse)
@@ -358,16 +412,23 @@ def _instant(value: Any, what: str) -> Timestamp | None:
     return ts
 
 
-def _subject_local_id(reference: Any, organization_id: str) -> str:
-    if not isinstance(reference, dict):
+async def _subject_local_id(ctx: Context, request: Request, subject: Any) -> str:
+    """The caller's local id of DocumentReference.subject: a reference to a Patient of this exchange
+    (`Patient/<id>` or its absolute URL), or the hospital's local-id identifier."""
+    if not isinstance(subject, dict):
         raise ApiError(422, "subject-missing", "DocumentReference.subject is required")
-    if isinstance(reference.get("reference"), str):
-        return _patient_local_id("patient", reference["reference"], organization_id)
-    identifier = reference.get("identifier")
+    if isinstance(subject.get("reference"), str):
+        return await _patient_local_id(ctx, request, "patient", subject["reference"])
+    identifier = subject.get("identifier")
     if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
         system = str(identifier.get("system", ""))
-        return _patient_local_id("patient.identifier", f"{system}|{identifier['value']}", organization_id)
-    raise ApiError(422, "subject-missing", "DocumentReference.subject needs Patient/<local id> or an identifier")
+        return await _patient_local_id(ctx, request, "patient.identifier", f"{system}|{identifier['value']}")
+    raise ApiError(
+        422,
+        "subject-missing",
+        "DocumentReference.subject needs Patient/<id> or the identifier "
+        "urn:hie:patient-id:<your organisation>|<local id>",
+    )
 
 
 # Documents per provide-document bundle (the registry's submission set limit).
@@ -375,7 +436,7 @@ MAX_BUNDLE_DOCUMENTS = 500
 
 
 def _provide_request(
-    resource: dict[str, Any], binaries: dict[str, dict[str, Any]], organization_id: str
+    resource: dict[str, Any], binaries: dict[str, dict[str, Any]], patient_local_id: str
 ) -> registry_pb2.RegisterDocumentRequest:
     """One DocumentReference of a provide-document bundle (with its Binary) as a registration."""
     master = resource.get("masterIdentifier")
@@ -393,7 +454,7 @@ def _provide_request(
     mime_type = str(attachment.get("contentType", ""))[:100]
     entry = registry_pb2.DocumentEntry(
         source_document_id=source_document_id[:128],
-        patient=common_pb2.PatientRef(local_id=_subject_local_id(resource.get("subject"), organization_id)),
+        patient=common_pb2.PatientRef(local_id=patient_local_id),
         type_code=_first_coding(resource.get("type"), "type"),
         title=str(resource.get("description") or attachment.get("title") or "")[:256],
         language=str(attachment.get("language", ""))[:16],
@@ -491,7 +552,15 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     if not references or len(references) > MAX_BUNDLE_DOCUMENTS:
         raise ApiError(422, "bundle-documents", f"from one to {MAX_BUNDLE_DOCUMENTS} DocumentReferences per bundle")
     binaries = {str(e.get("fullUrl", "")): e["resource"] for e in entries if e["resource"]["resourceType"] == "Binary"}
-    registrations = [_provide_request(r, binaries, ctx.caller.organization_id) for r in references]
+    # Each distinct subject is resolved once (a bundle is about one patient, usually one subject).
+    subjects: dict[str, str] = {}
+    for r in references:
+        key = json.dumps(r.get("subject"), sort_keys=True)
+        if key not in subjects:
+            subjects[key] = await _subject_local_id(ctx, request, r.get("subject"))
+    registrations = [
+        _provide_request(r, binaries, subjects[json.dumps(r.get("subject"), sort_keys=True)]) for r in references
+    ]
     key = request.headers.get("idempotency-key", "")[:120]
     registry = request.app.state.stubs.registry
     if len(registrations) == 1:
