@@ -83,6 +83,8 @@ _SEARCH_PARAMS = {
     "status",
     "_count",
     "_summary",
+    "_total",
+    "_totalMethod",
     "page",
 }
 # A total (`_summary=count`, `_count=0`) is counted over consent-filtered pages: at most this many.
@@ -295,6 +297,8 @@ async def search_document_references(
             total_only = total_only or value == "count"
         elif name == "page":
             query.page.page_token = value
+        # `_total` / `_totalMethod` (fhirpy's count() sends it): the total is counted when asked
+        # for by _summary=count or _count=0, whatever they say.
     if not local_id:
         raise _bad("patient-required", "a patient or patient.identifier is required")
     query.patient.CopyFrom(common_pb2.PatientRef(local_id=local_id))

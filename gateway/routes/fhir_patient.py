@@ -58,8 +58,13 @@ _PDQ_PARAMS = {
     "telecom",
     "_count",
     "_summary",
+    "_total",
+    "_totalMethod",
     "page",
 }
+# Asked by clients and answered anyway (Bundle.total is given whenever the search can be counted):
+# FHIR `_total` and fhirpy's `_totalMethod`, which its count() sends.
+_TOTAL_HINTS = {"_total", "_totalMethod"}
 # Ids one `_id` search takes (comma-separated: any of them).
 _MAX_IDS = 20
 DEFAULT_COUNT, MAX_COUNT = 20, 100
@@ -361,6 +366,8 @@ async def search_patients_by_post(ctx: Context, request: Request) -> JSONRespons
 _LIMITS = {
     "_id": 800,
     "_summary": 8,
+    "_total": 10,
+    "_totalMethod": 10,
     "family": 64,
     "given": 64,
     "name": 64,
@@ -393,6 +400,8 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
         raise _bad("search-value-invalid", "_summary: count (or false)")
     # FHIR search: "_summary=count" and "_count=0" both ask for the total only.
     total_only = summary == "count" or count == 0
+    for hint in _TOTAL_HINTS:
+        values.pop(hint, None)
     if "_id" in values:
         return await _pdq_by_id(ctx, request, items, values, total_only=total_only)
     birthdate, gender = values.get("birthdate", ""), values.get("gender", "")
