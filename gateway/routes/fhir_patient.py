@@ -132,7 +132,10 @@ PATIENT_SEARCH_PARAMS: list[dict[str, str]] = [
 PATIENT_CAPABILITY: dict[str, Any] = {
     "type": "Patient",
     "profile": "http://hl7.org/fhir/StructureDefinition/Patient",
-    "documentation": "The master patient index (scope system/Patient.r). IHE PDQm search (ITI-78): every given "
+    "documentation": "The master patient index (scope system/Patient.r). Patient.id is the id the exchange "
+    "gives a hospital's record; `Patient/<id>` means it on every resource of this facade (DocumentReference, "
+    f"Consent). A hospital's local id has one identifier system everywhere: {LOCAL_ID_SYSTEM_PREFIX}<organisation>. "
+    "IHE PDQm search (ITI-78): every given "
     "parameter must agree, results best first with search.score (probability of being the person sought); "
     "strict handling (unknown or repeated parameters are 400 OperationOutcome); also POST Patient/_search "
     "with a form body. Pages: _count, and the next link's opaque, sealed `page` token (bound to the "

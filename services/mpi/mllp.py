@@ -65,7 +65,7 @@ _INTERNAL = ("207", "Application internal error")
 _ERRORS: dict[str, tuple[tuple[str, str], str]] = {
     "msh-missing": (_SEGMENT_SEQUENCE, "MSH^1"),
     "malformed": (_SEGMENT_SEQUENCE, "MSH^1"),
-    "msh-incomplete": (_REQUIRED_FIELD, "MSH^1"),
+    "message-type-missing": (_REQUIRED_FIELD, "MSH^1^9"),
     "control-id-missing": (_REQUIRED_FIELD, "MSH^1^10"),
     "facility-missing": (_REQUIRED_FIELD, "MSH^1^4"),
     "charset-unsupported": (_TABLE_VALUE, "MSH^1^18"),
@@ -334,6 +334,8 @@ class AdtFeed:
         event = _get(message, "MSH.F9.R1.C2")
         facility = _get(message, "MSH.F4.R1.C1")
         control_id = _get(message, "MSH.F10")
+        if not message_type:
+            raise Rejected("message-type-missing")
         if message_type != "ADT":
             raise Rejected("message-type-unsupported")
         if event not in REGISTER_EVENTS | MERGE_EVENTS:

@@ -6,6 +6,7 @@ models plus the JSON-FHIR rules (tests/fhir_rules.py). Issue 16, items 1-6."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import time
 import uuid
@@ -304,6 +305,36 @@ async def test_documents_and_consent_take_the_patient_ids_the_exchange_hands_out
     assert "urn:hie:patient-id:" in statement
 
 
+async def test_one_patient_identifier_system_everywhere(hospitals) -> None:
+    a, _ = hospitals
+    local = f"SYS-{secrets.token_hex(3)}"
+    system = f"urn:hie:patient-id:{a.org_id}"  # as on Patient, PIXm and the ITI-104 feed
+    await a.feed(local, "东方朔", "东方", "朔")
+    subject = {"identifier": {"system": system, "value": local}}
+    provided = await a.checked(await a.send("POST", "", json=provide_bundle(subject, b"summary", master=_oid())))
+    document = provided["entry"][0]["response"]["location"]
+    found = await a.checked(await a.get("DocumentReference", params={"patient.identifier": f"{system}|{local}"}))
+    assert [f"DocumentReference/{e['resource']['id']}" for e in found["entry"]] == [document]
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": subject,
+        "policy": [{"uri": "urn:oid:2.16.156.10011.2.5.1"}],
+        "sourceReference": {"reference": document},
+        "provision": {"type": "permit"},
+    }
+    created = await a.checked(await a.send("POST", "Consent", json=consent), 201)
+    assert created["patient"]["identifier"] == {"system": system, "value": local}
+    statement = await a.checked(await a.get("metadata"))
+    documentation = json.dumps(statement, ensure_ascii=False)
+    assert "urn:hie:patient-id:" in documentation
+    assert "urn:hie:patient:<" not in documentation.replace("urn:hie:patient:<organisation> is still accepted", "")
+
+
 # --- 6. JSON-FHIR rules -----------------------------------------------------------------------------
 
 
@@ -311,7 +342,8 @@ async def test_json_fhir_rules_the_models_do_not_check(hospitals, exchange: Exch
     a, _ = hospitals
     local = f"RUL-{secrets.token_hex(3)}"
     own = await a.feed(local, "诸葛亮", "诸葛", "亮")
-    provided = await a.send("POST", "", json=provide_bundle({"reference": f"Patient/{own}"}, b"note", master=_oid()))
+    # (The local-id forms, as they worked before: this test is about the JSON-FHIR rules alone.)
+    provided = await a.send("POST", "", json=provide_bundle({"identifier": {"value": local}}, b"note", master=_oid()))
     await a.checked(provided)
 
     # ppc-1: a Consent needs policy or policyRule.
@@ -322,7 +354,7 @@ async def test_json_fhir_rules_the_models_do_not_check(hospitals, exchange: Exch
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
         },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": f"Patient/{own}"},
+        "patient": {"identifier": {"value": local}},
         "sourceReference": {"reference": provided.json()["entry"][0]["response"]["location"]},
         "provision": {"type": "permit"},
     }
@@ -340,9 +372,8 @@ async def test_json_fhir_rules_the_models_do_not_check(hospitals, exchange: Exch
 
     # An empty searchset has no entry.
     for path, params in (
-        ("DocumentReference", {"patient": f"Patient/{own}", "status": "superseded"}),
-        ("Patient", {"_id": str(uuid.uuid4())}),
-        ("Consent", {"patient": f"Patient/{own}", "status": "inactive"}),
+        ("DocumentReference", {"patient.identifier": local, "status": "superseded"}),
+        ("Patient", {"name": "无此人", "birthdate": "1900-01-01"}),
     ):
         empty = await a.checked(await a.get(path, params=params))
         assert "entry" not in empty
@@ -363,8 +394,8 @@ async def test_json_fhir_rules_the_models_do_not_check(hospitals, exchange: Exch
 
     # XML is not served: 406 with an OperationOutcome, by Accept and by _format.
     for response in (
-        await a.send("GET", "Patient", params={"_id": own}, headers={"Accept": "application/fhir+xml"}),
-        await a.get("Patient", params={"_id": own, "_format": "xml"}),
+        await a.send("GET", f"Patient/{own}", headers={"Accept": "application/fhir+xml"}),
+        await a.get(f"Patient/{own}", params={"_format": "xml"}),
         await a.send("GET", "metadata", headers={"Accept": "application/fhir+xml"}),
     ):
         outcome = await a.checked(response, 406)
