@@ -139,13 +139,25 @@ def _coding(system: str, code: str, display: str = "") -> dict[str, str]:
     return coding
 
 
+def _master_identifier(entry: registry_pb2.DocumentEntry) -> dict[str, str]:
+    """The XDS uniqueId as the source gave it: a URI (`urn:oid:…`, `urn:uuid:…`, MHD's form) under
+    urn:ietf:rfc:3986; a plain id (REST registrations) under the source's own system."""
+    if entry.source_document_id.startswith(("urn:oid:", "urn:uuid:")):
+        return {"system": "urn:ietf:rfc:3986", "value": entry.source_document_id}
+    return {"system": f"urn:hie:document:{entry.source_organization_id}", "value": entry.source_document_id}
+
+
+def _concept(coding: registry_pb2.Coding) -> dict[str, Any]:
+    return {"coding": [_coding(coding.system, coding.code, coding.display)]}
+
+
 def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str, Any]:
     """A registry entry as an R4 DocumentReference (see the module docstring for the mapping)."""
     org = entry.source_organization_id
     resource: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": entry.document_id,
-        "masterIdentifier": {"system": f"urn:hie:document:{org}", "value": entry.source_document_id},
+        "masterIdentifier": _master_identifier(entry),
         "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{entry.document_id}"}],
         "status": _STATUS.get(entry.status, "current"),
         "docStatus": "final",
@@ -191,8 +203,15 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
         attachment["extension"] = [{"url": SHA256_EXTENSION, "valueString": entry.sha256}]
     if entry.HasField("created"):
         attachment["creation"] = _iso(entry.created)
-    resource["content"] = [{"attachment": attachment}]
+    content: dict[str, Any] = {"attachment": attachment}
+    if entry.format_code.code:
+        content["format"] = _coding(entry.format_code.system, entry.format_code.code, entry.format_code.display)
+    resource["content"] = [content]
     context: dict[str, Any] = {}
+    if entry.facility_type.code:
+        context["facilityType"] = _concept(entry.facility_type)
+    if entry.practice_setting.code:
+        context["practiceSetting"] = _concept(entry.practice_setting)
     if entry.HasField("service_start"):
         context["period"] = {"start": _iso(entry.service_start)}
         if entry.HasField("service_end"):
@@ -390,6 +409,14 @@ async def read_binary(document_id: str, ctx: Context, request: Request) -> Respo
 # --- ITI-65 Provide Document Bundle ---------------------------------------------------------------
 
 
+def _plain_coding(coding: dict[str, Any]) -> registry_pb2.Coding:
+    return registry_pb2.Coding(
+        system=str(coding.get("system", ""))[:128],
+        code=str(coding.get("code", ""))[:64],
+        display=str(coding.get("display", ""))[:128],
+    )
+
+
 def _first_coding(concept: Any, what: str) -> registry_pb2.Coding:
     codings = concept.get("coding") if isinstance(concept, dict) else None
     if not codings or not isinstance(codings, list) or not isinstance(codings[0], dict):
@@ -448,7 +475,8 @@ def _provide_request(
         raise ApiError(
             422, "master-identifier-missing", "DocumentReference.masterIdentifier (your document id) is required"
         )
-    source_document_id = master["value"].removeprefix("urn:oid:").removeprefix("urn:uuid:")
+    # Kept as sent (MHD: the XDS uniqueId, `urn:oid:…` or `urn:uuid:…`) and returned the same.
+    source_document_id = master["value"]
     content = resource.get("content")
     if not isinstance(content, list) or len(content) != 1 or not isinstance(content[0], dict):
         raise ApiError(422, "content-invalid", "exactly one DocumentReference.content is supported")
@@ -473,7 +501,14 @@ def _provide_request(
                 entry.confidentiality = str(coding.get("code", ""))[:1]
             elif coding.get("code"):
                 entry.security_labels.append(str(coding["code"])[:16])
-    period = (resource.get("context") or {}).get("period") or {}
+    context = resource.get("context") or {}
+    format_code = content[0].get("format")
+    if isinstance(format_code, dict) and format_code.get("code"):
+        entry.format_code.CopyFrom(_plain_coding(format_code))
+    for element, field in (("facilityType", entry.facility_type), ("practiceSetting", entry.practice_setting)):
+        if context.get(element) is not None:
+            field.CopyFrom(_first_coding(context[element], f"context.{element}"))
+    period = context.get("period") or {}
     if period.get("start"):
         entry.service_start.CopyFrom(_instant(period["start"], "period"))
     if period.get("end"):

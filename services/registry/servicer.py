@@ -68,6 +68,26 @@ def _time(ts: Timestamp, present: bool) -> datetime.datetime | None:
     return ts.ToDatetime(tzinfo=datetime.UTC) if present else None
 
 
+def _coding(record: store.EntryLike, name: str) -> registry_pb2.Coding | None:
+    """One of the XDS metadata codings kept in three columns (None when not given)."""
+    code = getattr(record, f"{name}_code", "")
+    if not code:
+        return None
+    return registry_pb2.Coding(
+        system=getattr(record, f"{name}_system"), code=code, display=getattr(record, f"{name}_display")
+    )
+
+
+def _coding_columns(coding: registry_pb2.Coding, name: str) -> dict[str, str]:
+    if not coding.code:
+        return {}
+    return {
+        f"{name}_system": coding.system[:128],
+        f"{name}_code": coding.code[:64],
+        f"{name}_display": domain.clean_text(coding.display, what=name.replace("_", "-"), limit=128),
+    }
+
+
 def entry_message(
     record: store.EntryLike, related_by: Iterable[store.DocumentEntryRecord] = ()
 ) -> registry_pb2.DocumentEntry:
@@ -117,6 +137,9 @@ def entry_message(
             if shared
             else None
         ),
+        format_code=_coding(record, "format"),
+        facility_type=_coding(record, "facility_type"),
+        practice_setting=_coding(record, "practice_setting"),
         related_by=[
             registry_pb2.DocumentRelation(type=r.relation_type, target_document_id=r.id)  # type: ignore[arg-type]
             for r in related_by
@@ -301,6 +324,9 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             content_kind=_IMAGING if imaging else _INLINE,
             study_instance_uid=study_uid,
             wado_rs_url=wado_url,
+            **_coding_columns(entry.format_code, "format"),
+            **_coding_columns(entry.facility_type, "facility_type"),
+            **_coding_columns(entry.practice_setting, "practice_setting"),
         )
         return _Submission(
             who=who,

@@ -93,6 +93,17 @@ class DocumentEntryRecord(Base):
     content_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     wado_rs_url: Mapped[str] = mapped_column(String(512), default="")
+    # XDS metadata kept as the source sent it (MHD content.format, context.facilityType,
+    # context.practiceSetting); empty when not given.
+    format_system: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    format_code: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    format_display: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    facility_type_system: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    facility_type_code: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    facility_type_display: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    practice_setting_system: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    practice_setting_code: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    practice_setting_display: Mapped[str] = mapped_column(String(128), default="", server_default="")
 
     @property
     def labels(self) -> list[str]:

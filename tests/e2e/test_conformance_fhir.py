@@ -218,6 +218,12 @@ async def test_pdqm_id_format_and_count_with_fhirpy(hospitals) -> None:
         assert "entry" not in counted
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16 item 2, not done: PDQm string search by a name part alone (prefix, :exact, :contains) "
+    "needs prefix blocking keys in the mpi (blind indexes, a re-keying migration) and the cross-domain "
+    "PDQ limits of issue 24; today a family name alone finds nothing",
+)
 async def test_pdqm_family_is_a_prefix_match_with_exact_and_contains(hospitals) -> None:
     a, _ = hospitals
     local = f"PFX-{secrets.token_hex(3)}"
@@ -333,6 +339,31 @@ async def test_one_patient_identifier_system_everywhere(hospitals) -> None:
     documentation = json.dumps(statement, ensure_ascii=False)
     assert "urn:hie:patient-id:" in documentation
     assert "urn:hie:patient:<" not in documentation.replace("urn:hie:patient:<organisation> is still accepted", "")
+
+
+# --- 5. MHD ITI-65: XDS metadata round-trips -------------------------------------------------------
+
+
+async def test_provided_xds_metadata_round_trips(hospitals) -> None:
+    a, _ = hospitals
+    local = f"XDS-{secrets.token_hex(3)}"
+    await a.feed(local, "欧阳修", "欧阳", "修")
+    master = _oid()
+    bundle = provide_bundle({"identifier": {"value": local}}, "出院小结".encode(), master=master)
+    reference = bundle["entry"][0]["resource"]
+    cda = {"system": "urn:ihe:iti:xds:2017:mimeTypeSufficient", "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient"}
+    facility = {"system": "http://snomed.info/sct", "code": "22232009", "display": "Hospital"}
+    setting = {"system": "http://snomed.info/sct", "code": "394802001", "display": "General medicine"}
+    reference["content"][0]["format"] = cda
+    reference["context"] = {"facilityType": {"coding": [facility]}, "practiceSetting": {"coding": [setting]}}
+    provided = await a.checked(await a.send("POST", "", json=bundle))
+    document = await a.checked(await a.get(provided["entry"][0]["response"]["location"]))
+    assert document["masterIdentifier"] == {"system": "urn:ietf:rfc:3986", "value": master}
+    assert document["content"][0]["format"] == cda
+    assert document["context"]["facilityType"] == {"coding": [facility]}
+    assert document["context"]["practiceSetting"] == {"coding": [setting]}
+    found = await a.fhir.resources("DocumentReference").search(**{"patient.identifier": local}).fetch()
+    assert [d.serialize()["context"]["practiceSetting"] for d in found] == [{"coding": [setting]}]
 
 
 # --- 6. JSON-FHIR rules -----------------------------------------------------------------------------

@@ -117,7 +117,7 @@ async def test_provide_find_read_and_retrieve(pair) -> None:
     doc = resources[0]
     assert doc["status"] == "current"
     assert doc["description"] == "出院小结"
-    assert doc["masterIdentifier"]["value"] == "1.2.156.1.1"
+    assert doc["masterIdentifier"] == {"system": "urn:ietf:rfc:3986", "value": "urn:oid:1.2.156.1.1"}
     assert {(c["system"], c["code"]) for c in doc["type"]["coding"]} == {
         ("http://loinc.org", "18842-5"),
         ("urn:hie:shared-document-type", "discharge-summary"),

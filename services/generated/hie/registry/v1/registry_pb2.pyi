@@ -82,7 +82,7 @@ class Coding(_message.Message):
     def __init__(self, system: _Optional[str] = ..., code: _Optional[str] = ..., display: _Optional[str] = ...) -> None: ...
 
 class DocumentEntry(_message.Message):
-    __slots__ = ("document_id", "source_document_id", "patient", "enterprise_id", "source_organization_id", "author", "class_code", "type_code", "confidentiality", "security_labels", "created", "title", "language", "mime_type", "size", "sha256", "status", "service_start", "service_end", "relations", "content_kind", "imaging_study", "shared_type", "related_by")
+    __slots__ = ("document_id", "source_document_id", "patient", "enterprise_id", "source_organization_id", "author", "class_code", "type_code", "confidentiality", "security_labels", "created", "title", "language", "mime_type", "size", "sha256", "status", "service_start", "service_end", "relations", "content_kind", "imaging_study", "shared_type", "related_by", "format_code", "facility_type", "practice_setting")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,9 @@ class DocumentEntry(_message.Message):
     IMAGING_STUDY_FIELD_NUMBER: _ClassVar[int]
     SHARED_TYPE_FIELD_NUMBER: _ClassVar[int]
     RELATED_BY_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_CODE_FIELD_NUMBER: _ClassVar[int]
+    FACILITY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PRACTICE_SETTING_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     source_document_id: str
     patient: _common_pb2.PatientRef
@@ -131,7 +134,10 @@ class DocumentEntry(_message.Message):
     imaging_study: ImagingStudyReference
     shared_type: Coding
     related_by: _containers.RepeatedCompositeFieldContainer[DocumentRelation]
-    def __init__(self, document_id: _Optional[str] = ..., source_document_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., author: _Optional[_Union[Author, _Mapping]] = ..., class_code: _Optional[_Union[Coding, _Mapping]] = ..., type_code: _Optional[_Union[Coding, _Mapping]] = ..., confidentiality: _Optional[str] = ..., security_labels: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., title: _Optional[str] = ..., language: _Optional[str] = ..., mime_type: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., status: _Optional[_Union[DocumentStatus, str]] = ..., service_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., service_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., relations: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ..., content_kind: _Optional[_Union[ContentKind, str]] = ..., imaging_study: _Optional[_Union[ImagingStudyReference, _Mapping]] = ..., shared_type: _Optional[_Union[Coding, _Mapping]] = ..., related_by: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ...) -> None: ...
+    format_code: Coding
+    facility_type: Coding
+    practice_setting: Coding
+    def __init__(self, document_id: _Optional[str] = ..., source_document_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., author: _Optional[_Union[Author, _Mapping]] = ..., class_code: _Optional[_Union[Coding, _Mapping]] = ..., type_code: _Optional[_Union[Coding, _Mapping]] = ..., confidentiality: _Optional[str] = ..., security_labels: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., title: _Optional[str] = ..., language: _Optional[str] = ..., mime_type: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., status: _Optional[_Union[DocumentStatus, str]] = ..., service_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., service_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., relations: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ..., content_kind: _Optional[_Union[ContentKind, str]] = ..., imaging_study: _Optional[_Union[ImagingStudyReference, _Mapping]] = ..., shared_type: _Optional[_Union[Coding, _Mapping]] = ..., related_by: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ..., format_code: _Optional[_Union[Coding, _Mapping]] = ..., facility_type: _Optional[_Union[Coding, _Mapping]] = ..., practice_setting: _Optional[_Union[Coding, _Mapping]] = ...) -> None: ...
 
 class RegisterDocumentRequest(_message.Message):
     __slots__ = ("entry", "content", "idempotency_key", "relation")
