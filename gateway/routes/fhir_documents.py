@@ -569,8 +569,9 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     answered with a transaction-response.
 
     The bundle is atomic: one DocumentReference is one registration, several are one submission
-    set, registered together in one transaction or not at all. The List is acknowledged, not
-    stored. Resubmitting the same masterIdentifiers with the same content answers 200 with the
+    set, registered together in one transaction or not at all. The List (the SubmissionSet) is
+    stored with them (uniqueId, title, date, designationType; its members the bundle's documents)
+    and found by ITI-66. Resubmitting the same masterIdentifiers with the same content answers 200 with the
     first registrations (an Idempotency-Key header keys a one-document bundle; with several
     documents each is keyed by the header and its position)."""
     ctx.require_scope("DocumentReference", "c")
@@ -602,7 +603,20 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     ]
     key = request.headers.get("idempotency-key", "")[:120]
     registry = request.app.state.stubs.registry
-    if len(registrations) == 1:
+    lists = [e["resource"] for e in entries if e["resource"]["resourceType"] == "List"]
+    if len(lists) > 1:
+        raise ApiError(422, "bundle-resource", "at most one List (the SubmissionSet) per bundle")
+    stored_set: registry_pb2.SubmissionSet | None = None
+    if lists:
+        for position, registration in enumerate(registrations):
+            registration.idempotency_key = f"{key}#{position}" if key else ""
+        submitted = registry_pb2.RegisterSubmissionSetRequest(
+            documents=registrations, submission_set=_submission_set(lists[0])
+        )
+        answer = await rpc(registry.RegisterSubmissionSet(submitted, metadata=ctx.metadata))
+        results = list(answer.documents)
+        stored_set = answer.submission_set
+    elif len(registrations) == 1:
         registrations[0].idempotency_key = key
         results = [await rpc(registry.RegisterDocument(registrations[0], metadata=ctx.metadata))]
     else:
@@ -626,8 +640,12 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
         elif kind == "Binary" and str(e.get("fullUrl", "")) in by_binary:
             result = by_binary[str(e.get("fullUrl", ""))]
             answers.append({"response": _provided(result, f"Binary/{result.entry.document_id}")})
+        elif kind == "List" and stored_set is not None:
+            # The set is new when any of its documents is (a retry answers the earlier set).
+            status = "201 Created" if any(r.created for r in results) else "200 OK"
+            answers.append({"response": {"status": status, "location": f"List/{stored_set.submission_set_id}"}})
         else:
-            note = "SubmissionSet acknowledged; not stored as a List" if kind == "List" else "Binary not referenced"
+            note = "Binary not referenced"
             answers.append(
                 {
                     "response": {
@@ -650,6 +668,127 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     )
 
 
+# IHE MHD SubmissionSet (List) elements kept: identifier use=usual (the uniqueId), title, date,
+# the designationType extension (XDS contentTypeCode).
+MHD_LIST_TYPES = "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes"
+DESIGNATION_TYPE_EXTENSION = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/ihe-designationType"
+
+
+def _submission_set(resource: dict[str, Any]) -> registry_pb2.SubmissionSet:
+    """The SubmissionSet metadata of an ITI-65 List (the members are the bundle's documents)."""
+    identifiers = [i for i in resource.get("identifier") or [] if isinstance(i, dict)]
+    unique = next((i for i in identifiers if i.get("use") == "usual"), identifiers[0] if identifiers else {})
+    given = registry_pb2.SubmissionSet(
+        source_id=str(unique.get("value", ""))[:128],
+        title=str(resource.get("title", ""))[:256],
+    )
+    for extension in resource.get("extension") or []:
+        if isinstance(extension, dict) and extension.get("url") == DESIGNATION_TYPE_EXTENSION:
+            given.content_type.CopyFrom(_first_coding(extension.get("valueCodeableConcept"), "designationType"))
+    if resource.get("date"):
+        stamp = _instant(resource["date"], "date")
+        if stamp is not None:
+            given.submitted.CopyFrom(stamp)
+    return given
+
+
+def submission_set_list(submission_set: registry_pb2.SubmissionSet) -> dict[str, Any]:
+    """A stored SubmissionSet as the MHD List (ITI-66), its visible members as entries."""
+    resource: dict[str, Any] = {"resourceType": "List", "id": submission_set.submission_set_id}
+    if submission_set.content_type.code:
+        resource["extension"] = [
+            {
+                "url": DESIGNATION_TYPE_EXTENSION,
+                "valueCodeableConcept": _concept(submission_set.content_type),
+            }
+        ]
+    identifiers = [
+        {"use": "official", "system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{submission_set.submission_set_id}"}
+    ]
+    if submission_set.source_id:
+        system = (
+            "urn:ietf:rfc:3986"
+            if submission_set.source_id.startswith("urn:")
+            else (f"urn:hie:submission-set:{submission_set.source_organization_id}")
+        )
+        identifiers.insert(0, {"use": "usual", "system": system, "value": submission_set.source_id})
+    resource["identifier"] = identifiers
+    resource["status"] = "current"
+    resource["mode"] = "working"
+    if submission_set.title:
+        resource["title"] = submission_set.title
+    resource["code"] = {"coding": [{"system": MHD_LIST_TYPES, "code": "submissionset"}]}
+    resource["subject"] = {"identifier": {"system": ENTERPRISE_ID_SYSTEM, "value": submission_set.enterprise_id}}
+    if submission_set.HasField("submitted"):
+        resource["date"] = _iso(submission_set.submitted)
+    resource["source"] = {
+        "identifier": {"system": "urn:hie:organization", "value": submission_set.source_organization_id}
+    }
+    resource["entry"] = [{"item": {"reference": f"DocumentReference/{d}"}} for d in submission_set.document_ids]
+    return resource
+
+
+_LIST_SEARCH_PARAMS = {"patient", "patient.identifier", "code", "_count", "page"}
+
+
+@router.get("/List", response_class=JSONResponse)
+async def find_document_lists(ctx: Context, request: Request) -> JSONResponse:
+    """IHE MHD ITI-66 Find Document Lists: the person's SubmissionSets (newest first), each with
+    the documents consent lets the caller see; `code=submissionset` (folders are not kept)."""
+    ctx.require_scope("DocumentReference", "r")
+    items = list(request.query_params.multi_items())
+    local_id, size, page, matches_nothing = "", _DEFAULT_COUNT, "", False
+    for name, raw in items:
+        if name not in _LIST_SEARCH_PARAMS:
+            raise _bad("search-param-unknown", f"unknown search parameter {name[:64]!r} (strict handling)")
+        value = raw.strip()
+        if not value:
+            raise _bad("search-value-invalid", f"{name}: a value is required")
+        if name in {"patient", "patient.identifier"}:
+            found = await _patient_local_id(ctx, request, name, value)
+            if local_id and found != local_id:
+                raise _bad("search-value-invalid", "one patient per search")
+            local_id = found
+        elif name == "code":
+            codes = {v.rpartition("|")[2] for v in value.split(",")}
+            matches_nothing = "submissionset" not in codes
+        elif name == "_count":
+            if not value.isascii() or not value.isdigit() or int(value) < 1:
+                raise _bad("count-invalid", "_count: a positive number")
+            size = min(int(value), _MAX_COUNT)
+        elif name == "page":
+            page = value[:128]
+    if not local_id:
+        raise _bad("patient-required", "a patient or patient.identifier is required")
+    base = request.app.state.settings.public_url
+    links = [{"relation": "self", "url": f"{base}/fhir/R4/List?{urlencode(items)}"}]
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": links}
+    if matches_nothing:
+        return _fhir(bundle)
+    result = await rpc(
+        request.app.state.stubs.registry.FindSubmissionSets(
+            registry_pb2.FindSubmissionSetsRequest(
+                patient=common_pb2.PatientRef(local_id=local_id),
+                page=common_pb2.PageRequest(page_size=size, page_token=page),
+            ),
+            metadata=ctx.metadata,
+        )
+    )
+    if result.page.next_page_token:
+        following = [(k, v) for k, v in items if k != "page"] + [("page", result.page.next_page_token)]
+        links.append({"relation": "next", "url": f"{base}/fhir/R4/List?{urlencode(following)}"})
+    if result.submission_sets:  # JSON-FHIR has no empty arrays
+        bundle["entry"] = [
+            {
+                "fullUrl": f"{base}/fhir/R4/List/{s.submission_set_id}",
+                "resource": submission_set_list(s),
+                "search": {"mode": "match"},
+            }
+            for s in result.submission_sets
+        ]
+    return _fhir(bundle)
+
+
 def _provided(result: registry_pb2.RegisterDocumentResponse, location: str) -> dict[str, str]:
     return {"status": "201 Created" if result.created else "200 OK", "location": location}
 
@@ -663,6 +802,19 @@ CAPABILITY_RESOURCES: list[dict[str, Any]] = [
         "the ITI-65 transaction (POST /fhir/R4/): one or more DocumentReferences about one patient, atomic.",
         "interaction": [{"code": "read"}, {"code": "search-type"}],
         "searchParam": DOCUMENT_REFERENCE_SEARCH_PARAMS,
+    },
+    {
+        "type": "List",
+        "profile": "http://hl7.org/fhir/StructureDefinition/List",
+        "documentation": "IHE MHD ITI-66 Find Document Lists: the SubmissionSets an ITI-65 bundle's List "
+        "created, by patient (Patient/<id> or patient.identifier) and code=submissionset; each lists the "
+        "documents consent lets the caller see (a set with none is left out). Folders are not kept.",
+        "interaction": [{"code": "search-type"}],
+        "searchParam": [
+            {"name": "patient", "type": "reference", "documentation": "Patient/<id> of the caller's own record"},
+            {"name": "patient.identifier", "type": "token", "documentation": "urn:hie:patient-id:<org>|<local id>"},
+            {"name": "code", "type": "token", "documentation": "submissionset"},
+        ],
     },
     {
         "type": "Binary",

@@ -366,6 +366,81 @@ async def test_provided_xds_metadata_round_trips(hospitals) -> None:
     assert [d.serialize()["context"]["practiceSetting"] for d in found] == [{"coding": [setting]}]
 
 
+async def test_the_submission_set_is_stored_and_found_by_iti_66(hospitals) -> None:
+    a, b = hospitals
+    local = f"LST-{secrets.token_hex(3)}"
+    national_id = fresh_national_id()
+    own = await a.feed(local, "慕容复", "慕容", "复", national_id=national_id)
+    theirs = await b.feed(f"B-{local}", "慕容复", "慕容", "复", national_id=national_id)
+    first = provide_bundle({"reference": f"Patient/{own}"}, "出院小结".encode(), master=_oid())
+    second = provide_bundle({"reference": f"Patient/{own}"}, "检验报告".encode(), master=_oid())
+    unique = _oid()
+    designation = {"system": "http://loinc.org", "code": "34133-9", "display": "Summary of episode note"}
+    submission_set = {
+        "resourceType": "List",
+        "extension": [
+            {
+                "url": "https://profiles.ihe.net/ITI/MHD/StructureDefinition/ihe-designationType",
+                "valueCodeableConcept": {"coding": [designation]},
+            }
+        ],
+        "identifier": [{"use": "usual", "system": "urn:ietf:rfc:3986", "value": unique}],
+        "status": "current",
+        "mode": "working",
+        "title": "出院资料",
+        "code": {
+            "coding": [{"system": "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes", "code": "submissionset"}]
+        },
+        "subject": {"reference": f"Patient/{own}"},
+        "date": "2026-11-20T10:00:00+08:00",
+        "entry": [
+            {"item": {"reference": first["entry"][0]["fullUrl"]}},
+            {"item": {"reference": second["entry"][0]["fullUrl"]}},
+        ],
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": submission_set,
+                "request": {"method": "POST", "url": "List"},
+            },
+            *first["entry"],
+            *second["entry"],
+        ],
+    }
+    provided = await a.checked(await a.send("POST", "", json=bundle))
+    list_location = provided["entry"][0]["response"]["location"]
+    assert list_location.startswith("List/")
+    documents = [
+        e["response"]["location"] for e in provided["entry"][1:] if e["response"]["location"].startswith("Doc")
+    ]
+    again = await a.checked(await a.send("POST", "", json=bundle))
+    assert again["entry"][0]["response"] == {"status": "200 OK", "location": list_location}
+
+    # ITI-66 with fhirpy, by the Patient id and by the identifier; the members resolve.
+    lists = await a.fhir.resources("List").search(patient=f"Patient/{own}", code="submissionset").fetch_all()
+    assert [f"List/{item.id}" for item in lists] == [list_location]
+    found = lists[0].serialize()
+    await check_fhir(found, base=a.base, read=a.status_of)
+    assert {"use": "usual", "system": "urn:ietf:rfc:3986", "value": unique} in found["identifier"]
+    assert found["title"] == "出院资料"
+    assert found["extension"][0]["valueCodeableConcept"] == {"coding": [designation]}
+    assert [e["item"]["reference"] for e in found["entry"]] == documents
+    by_identifier = await a.checked(
+        await a.get("List", params={"patient.identifier": f"urn:hie:patient-id:{a.org_id}|{local}"})
+    )
+    assert [e["resource"]["id"] for e in by_identifier["entry"]] == [lists[0].id]
+    # The other hospital finds it through its own record of the person.
+    assert [item.id for item in await b.fhir.resources("List").search(patient=f"Patient/{theirs}").fetch_all()] == [
+        lists[0].id
+    ]
+    folders = await a.checked(await a.get("List", params={"patient": f"Patient/{own}", "code": "folder"}))
+    assert "entry" not in folders
+
+
 # --- 6. JSON-FHIR rules -----------------------------------------------------------------------------
 
 

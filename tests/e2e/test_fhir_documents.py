@@ -102,12 +102,14 @@ async def test_provide_find_read_and_retrieve(pair) -> None:
     assert answer["resourceType"] == "Bundle"
     assert answer["type"] == "transaction-response"
     statuses = [e["response"]["status"] for e in answer["entry"]]
-    assert statuses == ["200 OK", "201 Created", "201 Created"]
+    assert statuses == ["201 Created", "201 Created", "201 Created"]  # the List is stored (ITI-66)
+    assert answer["entry"][0]["response"]["location"].startswith("List/")
     document_id = answer["entry"][1]["response"]["location"].removeprefix("DocumentReference/")
     assert answer["entry"][2]["response"]["location"] == f"Binary/{document_id}"
     # The same submission again: the first registration.
     again = await a.call("POST", "/fhir/R4/", json=bundle)
-    assert [e["response"]["status"] for e in again.json()["entry"]][1] == "200 OK"
+    assert [e["response"]["status"] for e in again.json()["entry"]] == ["200 OK", "200 OK", "200 OK"]
+    assert again.json()["entry"][0]["response"]["location"] == answer["entry"][0]["response"]["location"]
 
     found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient.identifier": local})
     assert found.status_code == 200
