@@ -46,12 +46,22 @@ _FHIR_ISSUE_BY_HTTP = {
 class ApiError(Exception):
     """An error the gateway answers with; message and reason are safe for clients."""
 
-    def __init__(self, status: int, reason: str, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        issues: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
         self.headers = headers or {}
+        # FHIR element-level detail (FHIRPath expression, what is wrong), one OperationOutcome issue each.
+        self.issues = issues or []
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
@@ -66,17 +76,14 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
 def error_body(request: Request, error: ApiError) -> dict[str, Any]:
     trace_id, _ = current_trace_ids()
     if request.url.path.startswith("/fhir/"):
-        return {
-            "resourceType": "OperationOutcome",
-            "issue": [
-                {
-                    "severity": "error",
-                    "code": _FHIR_ISSUE_BY_HTTP.get(error.status, "exception"),
-                    "details": {"coding": [{"system": "urn:hie:error-reason", "code": error.reason}]},
-                    "diagnostics": error.message,
-                }
-            ],
-        }
+        code = _FHIR_ISSUE_BY_HTTP.get(error.status, "exception")
+        details = {"coding": [{"system": "urn:hie:error-reason", "code": error.reason}]}
+        issues = [{"severity": "error", "code": code, "details": details, "diagnostics": error.message}]
+        issues += [
+            {"severity": "error", "code": "structure", "diagnostics": text, "expression": [expression]}
+            for expression, text in error.issues
+        ]
+        return {"resourceType": "OperationOutcome", "issue": issues}
     return {
         "error": {
             "status": error.status,

@@ -32,6 +32,7 @@ from gateway.deps import Context
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.consent import ACTOR_KINDS, PROVISION_TYPES, isoformat, timestamp
+from gateway.routes.fhir_models import validate_resource
 from gateway.routes.fhir_patient import (
     local_id_system,
     own_local_id_of_identifier,
@@ -346,6 +347,7 @@ async def create_consent(request: Request, ctx: Context) -> JSONResponse:
         raise _invalid("the body is not JSON") from None
     if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
         raise _invalid("the body must be a Consent resource")
+    validate_resource(resource, "Consent")
     if resource.get("status", "active") != "active":
         raise _invalid("only an active Consent can be created")
     if not isinstance(resource.get("provision"), dict):

@@ -41,6 +41,7 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.documents import open_content, repr_digest
 from gateway.routes.fhir import FHIR_JSON, _date_range, _token
+from gateway.routes.fhir_models import validate_resource
 from gateway.routes.fhir_patient import (
     own_local_id_of_identifier,
     own_local_id_of_patient,
@@ -584,6 +585,7 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     entries = bundle.get("entry")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise _bad("bundle-invalid", "Bundle.entry is required")
+    validate_resource(bundle, "Bundle")
     for e in entries:
         kind = (e.get("resource") or {}).get("resourceType")
         if kind not in {"DocumentReference", "Binary", "List"}:

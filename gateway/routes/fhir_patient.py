@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from gateway.deps import Context
 from gateway.errors import ApiError
 from gateway.routes import rpc
+from gateway.routes.fhir_models import validate_resource
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
 from services.shared import gb11643
@@ -615,6 +616,7 @@ async def match_patient(ctx: Context, request: Request, parameters: Annotated[di
     ctx.require_scope("Patient", "r")
     if parameters.get("resourceType") != "Parameters":
         raise _bad("parameters-invalid", "the body must be a Parameters resource")
+    validate_resource(parameters, "Parameters")
     resource: dict[str, Any] | None = None
     count, only_certain = 10, False
     for parameter in parameters.get("parameter") or []:
@@ -629,6 +631,7 @@ async def match_patient(ctx: Context, request: Request, parameters: Annotated[di
             only_certain = parameter.get("valueBoolean") is True
     if resource is None:
         raise _bad("parameters-invalid", "the resource parameter is required")
+    validate_resource(resource, "Patient", root="Parameters.parameter.resource")
     if not isinstance(count, int) or not 1 <= count <= 100:
         raise _bad("parameters-invalid", "count must be 1 to 100")
     result = await rpc(
@@ -810,9 +813,9 @@ async def patient_identity_feed(
         raise ApiError(413, "body-too-large", "a Patient resource is at most 64 KiB")
     try:
         resource = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _bad("resource-invalid", "the body is not JSON") from None
-    patient = _patient_message(resource)
+    patient = _patient_message(validate_resource(resource, "Patient"))
     local_ids = [
         (ident.get("system"), ident.get("value"))
         for ident in resource.get("identifier") or []

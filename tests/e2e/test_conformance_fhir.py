@@ -511,3 +511,54 @@ async def test_json_fhir_rules_the_models_do_not_check(hospitals, exchange: Exch
     content = await a.send("GET", binary, headers={"Accept": "text/plain"})
     assert content.status_code == 200
     assert content.content == b"note"
+
+
+# --- Incoming resources parsed with the R4B models -----------------------------------------------
+
+
+async def test_incoming_resources_get_element_level_errors(hospitals) -> None:
+    a, _ = hospitals
+    local = f"VAL-{secrets.token_hex(3)}"
+    await a.feed(local, "令狐冲", "令狐", "冲")
+
+    def expressions(outcome: dict[str, Any]) -> set[str]:
+        return {e for issue in outcome["issue"] for e in issue.get("expression", [])}
+
+    bundle = provide_bundle({"identifier": {"value": local}}, b"x", master=_oid())
+    bundle["entry"][0]["resource"]["date"] = "20.11.2026"
+    bundle["entry"][0]["resource"]["author"] = {"display": "not a list"}
+    refused = await a.checked(await a.send("POST", "", json=bundle), 400)
+    assert {
+        "Bundle.entry[0].resource.date",
+        "Bundle.entry[0].resource.author",
+    } <= expressions(refused)
+    assert "20.11.2026" not in json.dumps(refused)
+
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {"text": "privacy"},
+        "category": [{"text": "consent"}],
+        "patient": {"identifier": {"value": local}},
+        "policy": [{"uri": "urn:oid:2.16.156.10011.2.5.1"}],
+        "provision": {"type": "permit", "period": {"start": "yesterday"}, "colour": "blue"},
+    }
+    refused = await a.checked(await a.send("POST", "Consent", json=consent), 400)
+    assert {"Consent.provision.period.start", "Consent.provision.colour"} <= expressions(refused)
+
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [{"system": f"urn:hie:patient-id:{a.org_id}", "value": local}],
+        "name": [{"family": "令狐", "given": "冲"}],
+        "birthDate": "1990-02-30x",
+    }
+    feed = await a.send("PUT", "Patient", params={"identifier": f"urn:hie:patient-id:{a.org_id}|{local}"}, json=patient)
+    refused = await a.checked(feed, 400)
+    assert {"Patient.name[0].given", "Patient.birthDate"} <= expressions(refused)
+
+    parameters = {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "resource", "resource": {"resourceType": "Patient", "gender": 1, "nickname": "冲"}}],
+    }
+    refused = await a.checked(await a.send("POST", "Patient/$match", json=parameters), 400)
+    assert "Parameters.parameter[0].resource.nickname" in expressions(refused)

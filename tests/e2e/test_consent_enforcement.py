@@ -258,9 +258,18 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
                     "type": "permit",
                     "actor": [
                         {
+                            # Consent.provision.actor.role is required (1..1) in FHIR R4.
+                            "role": {
+                                "coding": [
+                                    {
+                                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                        "code": "IRCP",
+                                    }
+                                ]
+                            },
                             "reference": {
                                 "identifier": {"system": "urn:hie:organization", "value": s.b.org_id}  # type: ignore[attr-defined]
-                            }
+                            },
                         }
                     ],
                     "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}],
