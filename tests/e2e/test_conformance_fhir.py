@@ -372,8 +372,8 @@ async def test_the_submission_set_is_stored_and_found_by_iti_66(hospitals) -> No
     national_id = fresh_national_id()
     own = await a.feed(local, "慕容复", "慕容", "复", national_id=national_id)
     theirs = await b.feed(f"B-{local}", "慕容复", "慕容", "复", national_id=national_id)
-    first = provide_bundle({"reference": f"Patient/{own}"}, "出院小结".encode(), master=_oid())
-    second = provide_bundle({"reference": f"Patient/{own}"}, "检验报告".encode(), master=_oid())
+    first = provide_bundle({"identifier": {"value": local}}, "出院小结".encode(), master=_oid())
+    second = provide_bundle({"identifier": {"value": local}}, "检验报告".encode(), master=_oid())
     unique = _oid()
     designation = {"system": "http://loinc.org", "code": "34133-9", "display": "Summary of episode note"}
     submission_set = {
@@ -391,7 +391,7 @@ async def test_the_submission_set_is_stored_and_found_by_iti_66(hospitals) -> No
         "code": {
             "coding": [{"system": "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes", "code": "submissionset"}]
         },
-        "subject": {"reference": f"Patient/{own}"},
+        "subject": {"identifier": {"value": local}},
         "date": "2026-11-20T10:00:00+08:00",
         "entry": [
             {"item": {"reference": first["entry"][0]["fullUrl"]}},
