@@ -283,5 +283,6 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Trace-Id", "traceresponse", "Repr-Digest", "Retry-After"],
         )
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(fhir.FhirFormat)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz", server_request_hook=_scrub_url)
     return app

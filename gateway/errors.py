@@ -32,6 +32,7 @@ _FHIR_ISSUE_BY_HTTP = {
     403: "forbidden",
     404: "not-found",
     405: "not-supported",
+    406: "not-supported",
     409: "conflict",
     413: "too-long",
     415: "not-supported",
@@ -48,12 +49,22 @@ TRACE_ID_EXTENSION = "urn:hie:trace-id"
 class ApiError(Exception):
     """An error the gateway answers with; message and reason are safe for clients."""
 
-    def __init__(self, status: int, reason: str, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        issues: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
         self.headers = headers or {}
+        # FHIR element-level detail (FHIRPath expression, what is wrong), one OperationOutcome issue each.
+        self.issues = issues or []
 
 
 # What a client is told when a status came from the transport (no reason from a service's domain
@@ -93,16 +104,16 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
 def error_body(request: Request, error: ApiError) -> dict[str, Any]:
     trace_id, _ = current_trace_ids()
     if request.url.path.startswith("/fhir/"):
+        code = _FHIR_ISSUE_BY_HTTP.get(error.status, "exception")
+        details = {"coding": [{"system": "urn:hie:error-reason", "code": error.reason}]}
+        issues = [{"severity": "error", "code": code, "details": details, "diagnostics": error.message}]
+        issues += [
+            {"severity": "error", "code": "structure", "diagnostics": text, "expression": [expression]}
+            for expression, text in error.issues
+        ]
         return {
             "resourceType": "OperationOutcome",
-            "issue": [
-                {
-                    "severity": "error",
-                    "code": _FHIR_ISSUE_BY_HTTP.get(error.status, "exception"),
-                    "details": {"coding": [{"system": "urn:hie:error-reason", "code": error.reason}]},
-                    "diagnostics": error.message,
-                }
-            ],
+            "issue": issues,
             # The trace id an operator finds the exchange by (also in the X-Trace-Id header).
             **({"extension": [{"url": TRACE_ID_EXTENSION, "valueString": trace_id}]} if trace_id else {}),
         }

@@ -270,7 +270,7 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
         },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": "Patient/CE-A"},
+        "patient": {"identifier": {"system": f"urn:hie:patient-id:{s.a.org_id}", "value": "CE-A"}},  # type: ignore[attr-defined]
         "policy": [{"uri": "urn:oid:2.16.156.10011.2.5.1"}],
         "sourceReference": {"reference": "DocumentReference/consent-form-CE-2"},
         "provision": {
@@ -281,9 +281,18 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
                     "type": "permit",
                     "actor": [
                         {
+                            # Consent.provision.actor.role is required (1..1) in FHIR R4.
+                            "role": {
+                                "coding": [
+                                    {
+                                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                        "code": "IRCP",
+                                    }
+                                ]
+                            },
                             "reference": {
                                 "identifier": {"system": "urn:hie:organization", "value": s.b.org_id}  # type: ignore[attr-defined]
-                            }
+                            },
                         }
                     ],
                     "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}],
@@ -311,7 +320,7 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
     read = await s.b.call("GET", f"/fhir/R4/Consent/{resource['id']}")
     assert read.status_code == 200
     assert read.json()["provision"] == resource["provision"]
-    searched = await s.b.call("GET", "/fhir/R4/Consent", params={"patient": "Patient/CE-B"})
+    searched = await s.b.call("GET", "/fhir/R4/Consent", params={"patient.identifier": "CE-B"})
     assert searched.status_code == 200, searched.text
     assert searched.json()["resourceType"] == "Bundle"
     assert [e["resource"]["id"] for e in searched.json()["entry"]] == [resource["id"]]
