@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import click
 import grpc
 import httpx
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typer.core import TyperOption
 
 from gateway import cli_mpi
 from gateway.cli_mpi import MLLP_PORT
@@ -27,6 +29,15 @@ from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
 from services.shared.transport import GrpcTls
+
+
+def _flag_type(self: TyperOption, ctx: click.Context) -> str | None:
+    """Flags take no value: typer 0.29 shows `<bool>` after them (`--help <bool>`); show nothing."""
+    return None if self.is_flag else _typer_option_type(self, ctx)
+
+
+_typer_option_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 app = typer.Typer(help="Regional health information exchange.", no_args_is_help=True, add_completion=False)
 org_app = typer.Typer(help="Member organisations and their OAuth2 clients.", no_args_is_help=True)
@@ -551,20 +562,25 @@ def demo(
     gateway_url: Annotated[str, typer.Option(help="Default: the running `hie up`")] = "",
     database_url: DatabaseUrl = "",
 ) -> None:
-    """Run one real exchange between two new hospitals against a running `hie up`."""
+    """Run one real exchange between two hospitals against a running `hie up` (the demo's three
+    organisations are registered on the first run and reused after)."""
     from gateway.demo import DemoFailed, run_demo
 
-    state_file = data_dir / _STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    state = _running_state(data_dir)
     url = gateway_url or state.get("gateway_url")
     if not url:
-        typer.echo("no running exchange found: start one with `hie up` (or pass --gateway-url)", err=True)
-        raise typer.Exit(2)
+        typer.echo(
+            f"no running exchange for {data_dir.resolve()}: start one with `hie up` (or pass --gateway-url)", err=True
+        )
+        raise typer.Exit(_EXIT_UNREACHABLE)
+    if not _gateway_ready(url):
+        typer.echo(f"the exchange at {url} does not answer ready (`hie status --wait 60`)", err=True)
+        raise typer.Exit(_EXIT_UNREACHABLE)
     try:
         asyncio.run(run_demo(_settings(data_dir, database_url or state.get("database_url", "")), url))
-    except (DemoFailed, httpx.HTTPError) as exc:
+    except (DemoFailed, httpx.HTTPError, DomainError) as exc:
         typer.echo(f"demo failed: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(_EXIT_FAILED) from None
 
 
 bench_app = typer.Typer(help="Benchmarks (commands, not tests).", no_args_is_help=True)

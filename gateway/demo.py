@@ -31,6 +31,51 @@ class DemoFailed(Exception):
     pass
 
 
+# What an audit event type means, in an auditor's words.
+_WHAT = {
+    "patient.register": "registered a patient record",
+    "patient.update": "updated a patient record",
+    "document.register": "registered a document",
+    "document.query": "searched the region's documents of the patient",
+    "document.retrieve": "read a document's content",
+}
+# Reads of clinical data ask consent first: a recorded success is a permit; a minor failure on a
+# read is the exchange refusing it (consent or scope), which the denied-access report lists.
+_CONSENT = {"success": "permitted", "minor-failure": "denied"}
+
+
+def mask_name(name: str) -> str:
+    """The family name and one * per other character (张三 → 张*), as the masking policy shows a
+    patient's name to roles that may not see it in full."""
+    return name[:1] + "*" * (len(name) - 1)
+
+
+def auditor_lines(
+    event: dict[str, Any], *, org_names: dict[str, str], patient_name: str, document_titles: dict[str, str]
+) -> list[str]:
+    """One audit record as an auditor reads it: when, who (practitioner, role, organisation), for
+    what purpose, which patient (masked), what was done, the consent decision and the trace."""
+    when = event["occurred"][:19].replace("T", " ") + " UTC"
+    org = event["organization_id"]
+    eid = event["patient_enterprise_id"]
+    entities = ", ".join(
+        f"{document_titles.get(e['id'], e['type'])} ({e['id'][:8]}…)" for e in event.get("entities", [])
+    )
+    what = _WHAT.get(event["type"], event["type"]) + (f": {entities}" if entities else "")
+    reads = event["action"] in {"read", "execute"} and event["type"].startswith(("document.", "patient.query"))
+    consent = _CONSENT.get(event["outcome"], event["outcome"]) if reads else "not asked (a write by the owner)"
+    return [
+        f"#{event['sequence']}  {when}  ({event['type']}, outcome {event['outcome']})",
+        f"    who:      {event['practitioner_name']} ({event['practitioner_id']}), {event['role']},"
+        f" {org_names.get(org, org)} ({org})",
+        f"    purpose:  {event['purpose_of_use']}",
+        f"    patient:  {mask_name(patient_name)} (enterprise id {eid[:4]}…{eid[-4:]})" if eid else "    patient:  —",
+        f"    what:     {what}",
+        f"    consent:  {consent}",
+        f"    trace:    {event['trace_id']} (recorded by {event['source_service']}, chain hash {event['hash'][:12]}…)",
+    ]
+
+
 def discharge_summary_cda(patient_name: str) -> bytes:
     """A small CDA R2 discharge summary with Chinese narrative."""
     return f"""<?xml version="1.0" encoding="UTF-8"?>
@@ -241,15 +286,20 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
                 break
             await asyncio.sleep(0.1)
         report.step("authority reads the exchange's audit trail", listed, 200)
-        for event in events:
-            if echo:
-                print(
-                    f"      #{event['sequence']} {event['type']:<20} {event['organization_id']:<18}"
-                    f" {event['source_service']:<9} {event['event_id']} hash={event['hash'][:12]}…"
-                )
+        if echo:
+            names = {
+                "demo-hosp-a": "市第一人民医院",
+                "demo-chc-b": "城东社区卫生服务中心",
+                "demo-authority": "市卫生健康委员会",
+            }
+            titles = {document_id: "出院小结 — 呼吸内科"}
+            for event in events:
+                for line in auditor_lines(event, org_names=names, patient_name="张三", document_titles=titles):
+                    print(f"      {line}")
         if not {"document.query", "document.retrieve"} <= {e["type"] for e in events}:
             raise DemoFailed("the exchange's audit records did not arrive")
         if echo:
+            print(f"      both records carry trace {trace_id}: one exchange, B's search and its read")
             print("demo exchange completed")
         return report
     finally:
