@@ -605,28 +605,92 @@ bench_app.command("mpi")(cli_mpi.bench_mpi)
 @bench_app.command("exchange")
 def bench_exchange(
     exchanges: Annotated[int, typer.Option(help="How many full exchanges to run")] = 200,
-    data_dir: DataDir = Path(".hie"),
-    gateway_url: Annotated[str, typer.Option(help="Default: the running `hie up`")] = "",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data dir of the exchange to measure [default: a new one of its own, removed after]"),
+    ] = None,
+    gateway_url: Annotated[
+        str, typer.Option(help="Measure this running exchange instead (its data dir: --data-dir)")
+    ] = "",
     database_url: DatabaseUrl = "",
     output: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-results/exchange.json"),
 ) -> None:
-    """Latency of register / link / register document / find / retrieve through the gateway, sequentially."""
+    """Latency of register / link / register document / find / retrieve through the gateway, sequentially.
+    By default on an exchange of its own (a temporary data dir, own schemas with --database-url), so
+    the synthetic hospitals and patients never land in a real index or audit log."""
+    import shutil
+    import subprocess
+    import tempfile
+
     from gateway.bench import run_exchange_bench, write_result
 
-    state_file = data_dir / _STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    own = not gateway_url and data_dir is None
+    up: subprocess.Popen[bytes] | None = None
+    if own:
+        data_dir = Path(tempfile.mkdtemp(prefix="hie-bench-"))
+        prefix = f"bench_{os.urandom(3).hex()}_"
+        ports = _free_port_block()
+        env = {
+            **os.environ,
+            "HIE_DATA_DIR": str(data_dir),
+            "HIE_GATEWAY_PORT": str(ports),
+            "HIE_SERVICE_BASE_PORT": str(ports + 1),
+            "HIE_MLLP_PORT": "0",
+            "HIE_DB_SCHEMA_PREFIX": prefix,
+        }
+        if database_url:
+            env["HIE_DATABASE_URL"] = database_url
+        where = (
+            f"schemas {prefix}* in {database_url.split('@')[-1]} (kept after the run: drop them)"
+            if database_url
+            else f"SQLite in {data_dir} (removed after)"
+        )
+        typer.echo(f"benchmark exchange of its own: {where}; --gateway-url measures a running one")
+        up = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        gateway_url = f"http://127.0.0.1:{ports}"
+        try:
+            _wait_for_gateway(gateway_url, time.monotonic() + 120)
+        except TimeoutError:
+            up.terminate()
+            up.wait()
+            _fail("the benchmark's own exchange did not start", _EXIT_FAILED)
+        os.environ["HIE_DB_SCHEMA_PREFIX"] = prefix
+    assert data_dir is not None
+    state = _running_state(data_dir)
     url = gateway_url or state.get("gateway_url")
     if not url:
         typer.echo("no running exchange found: start one with `hie up` (or pass --gateway-url)", err=True)
-        raise typer.Exit(2)
-    settings = _settings(data_dir, database_url or state.get("database_url", ""))
-    result = asyncio.run(run_exchange_bench(settings, url, exchanges=exchanges))
+        raise typer.Exit(_EXIT_UNREACHABLE)
+    if not own:
+        typer.echo(f"measuring the exchange at {url}: its bench-* hospitals and synthetic patients stay in {data_dir}")
+    try:
+        settings = _settings(data_dir, database_url or state.get("database_url", ""))
+        result = asyncio.run(run_exchange_bench(settings, url, exchanges=exchanges))
+    finally:
+        if up is not None:
+            up.terminate()
+            up.wait(timeout=60)
+            shutil.rmtree(data_dir, ignore_errors=True)
     write_result(result, output)
     typer.echo(f"{result['exchanges']} exchanges in {result['wall_seconds']} s ({result['exchanges_per_second']}/s)")
     typer.echo(f"{'operation':<20}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for op, row in result["operations"].items():
         typer.echo(f"{op:<20}{row['n']:>6}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['p99_ms']:>10}{row['max_ms']:>10}")
     typer.echo(f"written to {output}")
+
+
+def _free_port_block() -> int:
+    """A port P with P..P+6 free (the gateway, then six gRPC ports) for an exchange of one's own."""
+    import random
+
+    for _ in range(500):
+        first = random.randint(20_000, 60_000)
+        uses = [PortUse(port, "bench", "") for port in range(first, first + 7)]
+        if not taken_ports(uses):
+            return first
+    _fail("no block of seven free ports found", _EXIT_PORT_TAKEN)
 
 
 @bench_app.command("audit")

@@ -169,6 +169,13 @@ def test_hie_up_then_demo_twice_then_stop(tmp_path: Path) -> None:
         assert verified.returncode == 0, verified.stderr
         assert "audit chain intact" in verified.stdout
         assert "your checkpoint matched" in verified.stdout
+        # A checkpoint whose signature does not verify is a verification failure (1), on one line.
+        header, payload, signature = checkpoint.stdout.strip().split(".")
+        held.write_text(f"{header}.{payload}.{signature[::-1]}")
+        forged = _hie("audit", "verify", "--expect", str(held), env=env)
+        assert forged.returncode == 1, forged.stderr
+        assert "signature does not verify" in forged.stderr
+        assert len(forged.stderr.strip().splitlines()) == 1
         # Gateway key rotation: in the running exchange's folder by default, confirmed as served.
         rotated = _hie("keys", "rotate", env=env)
         assert rotated.returncode == 0, rotated.stdout + rotated.stderr
