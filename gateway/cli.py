@@ -39,13 +39,20 @@ def _flag_type(self: TyperOption, ctx: click.Context) -> str | None:
 _typer_option_type = TyperOption.display_type_rich
 TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
-app = typer.Typer(help="Regional health information exchange.", no_args_is_help=True, add_completion=False)
-org_app = typer.Typer(help="Member organisations and their OAuth2 clients.", no_args_is_help=True)
-keys_app = typer.Typer(help="The exchange's own signing keys.", no_args_is_help=True)
-audit_app = typer.Typer(help="The exchange audit log.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Regional health information exchange.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+org_app = typer.Typer(
+    rich_markup_mode="markdown", help="Member organisations and their OAuth2 clients.", no_args_is_help=True
+)
+keys_app = typer.Typer(rich_markup_mode="markdown", help="The exchange's own signing keys.", no_args_is_help=True)
+audit_app = typer.Typer(rich_markup_mode="markdown", help="The exchange audit log.", no_args_is_help=True)
 app.add_typer(org_app, name="org")
 app.add_typer(keys_app, name="keys")
-db_app = typer.Typer(help="Database schemas and migrations.", no_args_is_help=True)
+db_app = typer.Typer(rich_markup_mode="markdown", help="Database schemas and migrations.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(cli_mpi.app, name="mpi")
@@ -268,7 +275,9 @@ def org_keygen(
     typer.echo(f"register it: hie org add --id {id} --name NAME --type hospital --jwks {jwks_file}")
 
 
-keys_of_org = typer.Typer(help="An organisation's registered public keys (rotation).", no_args_is_help=True)
+keys_of_org = typer.Typer(
+    rich_markup_mode="markdown", help="An organisation's registered public keys (rotation).", no_args_is_help=True
+)
 org_app.add_typer(keys_of_org, name="keys")
 
 
@@ -583,7 +592,7 @@ def demo(
         raise typer.Exit(_EXIT_FAILED) from None
 
 
-bench_app = typer.Typer(help="Benchmarks (commands, not tests).", no_args_is_help=True)
+bench_app = typer.Typer(rich_markup_mode="markdown", help="Benchmarks (commands, not tests).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 bench_app.command("consent")(bench_consent)
 

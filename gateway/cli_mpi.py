@@ -16,7 +16,7 @@ import typer
 
 from services.shared.config import Settings
 
-app = typer.Typer(help="The master patient index.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode="markdown", help="The master patient index.", no_args_is_help=True)
 MLLP_PORT = 2575
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Exchange data directory")]
