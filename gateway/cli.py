@@ -396,8 +396,18 @@ def _running_state(data_dir: Path) -> dict[str, Any]:
     state_file = data_dir / _STATE_FILE
     try:
         state = json.loads(state_file.read_text())
-        os.kill(int(state["pid"]), 0)
+        pid = int(state["pid"])
+        os.kill(pid, 0)
     except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    # A file left by a `hie up` killed with -9 may name a pid the system has since reused.
+    try:
+        if b"up" not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            return {}
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return {}  # the process ended meanwhile (without /proc the pid check is all there is)
+    except OSError:
         return {}
     return state
 
