@@ -83,11 +83,11 @@ class Child:
     restart_at: float | None = None
     backoff: float = FIRST_BACKOFF_SECONDS
 
-    def start(self) -> None:
+    def start(self, now: float) -> None:
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module names
             self.command, env=self.env, preexec_fn=_die_with_parent, process_group=0
         )
-        self.started_at = time.monotonic()
+        self.started_at = now
         self.restart_at = None
 
 
@@ -109,7 +109,7 @@ class Supervisor:
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> Child:
         child = Child(name=name, command=command, env=env)
-        child.start()
+        child.start(self._clock())
         self.children.append(child)
         return child
 
@@ -134,7 +134,7 @@ class Supervisor:
                 child.restart_at = now + child.backoff
                 child.backoff = min(child.backoff * 2, MAX_BACKOFF_SECONDS)
             elif child.restart_at is not None and now >= child.restart_at:
-                child.start()
+                child.start(now)
                 assert child.process is not None
                 self._log(f"{child.name} restarted (pid {child.process.pid})")
 

@@ -65,9 +65,11 @@ def test_crashes_spread_beyond_the_window_never_give_up() -> None:
     supervisor.start("mpi", CRASHING, {})
     for _ in range(CRASH_LIMIT * 2):
         _until_exited(supervisor)
-        supervisor.check()
-        # Each crash after a long stable run: backoff back at its first step, no loop.
+        # Each crash after a long stable run: backoff back at its first step, no crash loop.
         clock.now += CRASH_WINDOW_SECONDS
+        supervisor.check()
+        assert supervisor.children[0].restart_at == clock.now + FIRST_BACKOFF_SECONDS
+        clock.now += FIRST_BACKOFF_SECONDS
         supervisor.check()
     assert supervisor.children[0].backoff == FIRST_BACKOFF_SECONDS * 2
     supervisor.stop_all()
