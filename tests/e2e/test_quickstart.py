@@ -285,7 +285,7 @@ def test_hie_up_restarts_a_killed_service(tmp_path: Path) -> None:
 
         async def scenario() -> float:
             try:
-                await _register_until_answered(client, 10)
+                await _register_until_answered(client, 60)
                 os.kill(pid, signal.SIGKILL)
                 return await _register_until_answered(client, RECOVERY_BOUND_SECONDS)
             finally:
