@@ -279,7 +279,8 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
             print(f"      exchange trace id: {trace_id}")
 
         events: list[dict[str, Any]] = []
-        for _ in range(50):
+        # The audit relay delivers within a second or so; a loaded machine may take longer.
+        for _ in range(300):
             listed = await auditor.call("GET", "/api/v1/audit/events", params={"trace_id": trace_id}, purpose="audit")
             events = listed.json().get("events", []) if listed.status_code == 200 else []
             if {"document.query", "document.retrieve"} <= {e["type"] for e in events}:
