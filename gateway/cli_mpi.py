@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import typer
 
 from services.shared.config import Settings
 
-app = typer.Typer(help="The master patient index.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode="markdown", help="The master patient index.", no_args_is_help=True)
 MLLP_PORT = 2575
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Exchange data directory")]
@@ -148,6 +147,14 @@ def export_links(
     if format_ not in ("csv", "jsonl"):
         typer.echo("--format is csv or jsonl", err=True)
         raise typer.Exit(2)
+    if not database_url and not (data_dir / "mpi.db").exists():
+        # A read-only command never creates an exchange (keys, databases) where there is none.
+        typer.echo(
+            f"error: no exchange data in {data_dir.resolve()} (no mpi.db): run it from the exchange's folder"
+            " or pass --data-dir / HIE_DATA_DIR (or --database-url)",
+            err=True,
+        )
+        raise typer.Exit(3)
 
     async def run(out: object) -> int:
         writer = csv.writer(out) if format_ == "csv" else None  # type: ignore[arg-type]
@@ -171,12 +178,15 @@ def export_links(
     typer.echo(f"{rows} records", err=True)
 
 
-def start_listener(service_base_port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """The MLLP listener as a process of `hie up` (port 2575, or base port + 20 when the services
-    were moved off their defaults, so two exchanges on one machine do not collide)."""
-    port = MLLP_PORT if service_base_port == 7101 else service_base_port + 20
-    command = [sys.executable, "-m", "gateway.cli_mpi", "mllp", "--port", str(port)]
-    return subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and module
+def default_mllp_port(service_base_port: int) -> int:
+    """2575, or the service base port + 20 when the services were moved off their defaults, so two
+    exchanges on one machine do not collide (`hie up --mllp-port` sets it outright)."""
+    return MLLP_PORT if service_base_port == 7101 else service_base_port + 20
+
+
+def listener_command(port: int) -> list[str]:
+    """The MLLP listener as a process of `hie up`."""
+    return [sys.executable, "-m", "gateway.cli_mpi", "mllp", "--port", str(port)]
 
 
 @app.command("mllp")

@@ -368,6 +368,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 created=result.created,
                 link_method=_LINK_TO_PROTO.get(result.method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
                 audit_event_ids=[result.audit_event_id],
+                review_task_ids=result.review_task_ids,
             )
 
         try:

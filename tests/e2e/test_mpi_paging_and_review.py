@@ -198,3 +198,20 @@ async def test_idempotency_key_header_returns_the_first_answer(exchange: Exchang
         "POST", "/api/v1/patients", json={**body, "local_id": "ID-2"}, headers={"Idempotency-Key": key}
     )
     assert reused.status_code == 409
+
+
+async def test_second_record_of_a_person_at_the_same_hospital_says_it_went_to_review(exchange: Exchange) -> None:
+    a = await _member(exchange, "市第七人民医院")
+    person = {"name": "孙丽", "gender": "female", "birth_date": _born(), "phones": ["13811112222"]}
+    first = await a.call("POST", "/api/v1/patients", json={"local_id": "S7-1", **person})
+    assert first.status_code == 201, first.text
+    assert first.json()["review_task_ids"] == []
+    assert "review" not in first.json()
+    second = await a.call("POST", "/api/v1/patients", json={"local_id": "S7-2", **person})
+    assert second.status_code == 201, second.text
+    body = second.json()
+    assert body["link_method"] == "new"
+    assert len(body["review_task_ids"]) == 1
+    assert "data steward" in body["review"]
+    listed = await a.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "nobody"}, as_user=STEWARD)
+    assert body["review_task_ids"][0] in {t["id"] for t in listed.json()["tasks"]}
