@@ -18,7 +18,7 @@ import httpx
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import cli_mpi
+from gateway import cli_mpi, cli_users
 from gateway.cli_registry import bench_registry
 from services.consent.bench import bench_consent
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
@@ -36,6 +36,7 @@ db_app = typer.Typer(help="Database schemas and migrations.", no_args_is_help=Tr
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(cli_mpi.app, name="mpi")
+app.add_typer(cli_users.app, name="user")
 COMPONENTS = (*SERVICE_PORTS, "gateway")
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]
