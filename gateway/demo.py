@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from gateway.client import HospitalClient, Practitioner, new_traceparent
+from gateway.console.demo import print_console_sign_in
 from gateway.organizations import register_organization
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks
@@ -237,6 +238,7 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
             raise DemoFailed("the exchange's audit records did not arrive")
         if echo:
             print("demo exchange completed")
+            await print_console_sign_in(settings, base_url, authority_org_id=f"authority-{run}")
         return report
     finally:
         for member in (a, b, auditor):

@@ -80,6 +80,9 @@ def test_hie_up_then_demo_then_stop(tmp_path: Path) -> None:
         assert "link: national-id" in demo.stdout
         assert "demo exchange completed" in demo.stdout
         assert "document.retrieve" in demo.stdout
+        # It ends with the web console's address and a person to sign in with.
+        assert f"web console: http://127.0.0.1:{gateway_port}/console/" in demo.stdout.splitlines()[-1]
+        assert "user auditor, password " in demo.stdout.splitlines()[-1]
         # Each service has its own SQLite database.
         assert {p.name for p in tmp_path.glob("*.db")} == {
             "mpi.db",
