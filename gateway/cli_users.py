@@ -187,3 +187,45 @@ def user_reset_password(
     typer.echo(f"{username}: password reset, lockout cleared, sessions ended")
     if given is None:
         typer.echo(f"one-time password: {password}")
+
+
+@app.command("oidc")
+def user_oidc(
+    org: Org,
+    issuer: Annotated[str, typer.Option("--issuer", help="The provider's issuer URL (https)")] = "",
+    client_id: Annotated[str, typer.Option("--client-id", help="The exchange's client id at the provider")] = "",
+    client_secret_file: Annotated[
+        Path | None, typer.Option("--client-secret-file", exists=True, dir_okay=False)
+    ] = None,
+    username_claim: Annotated[
+        str, typer.Option("--username-claim", help="ID token claim that names the console user")
+    ] = "preferred_username",
+    remove: Annotated[bool, typer.Option("--remove", help="Stop upstream sign-in for the organisation")] = False,
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Let the organisation's people sign in through its own OpenID Connect provider."""
+    from gateway import store as gateway_store
+    from gateway.console import store
+    from gateway.console.upstream import allowed_issuer
+    from services.shared.errors import InvalidArgument, NotFound
+
+    async def run() -> str:
+        async with gateway_transaction(_settings(data_dir, database_url)) as session:
+            if await gateway_store.organization(session, org) is None:
+                raise NotFound("no such organisation")
+            existing = await session.get(store.OidcProvider, org)
+            if remove:
+                if existing is not None:
+                    await session.delete(existing)
+                return "upstream sign-in removed"
+            if not issuer or not client_id or not allowed_issuer(issuer):
+                raise InvalidArgument("--issuer (https) and --client-id are required")
+            secret = client_secret_file.read_text(encoding="utf-8").strip() if client_secret_file else ""
+            provider = existing or store.OidcProvider(org_id=org)
+            provider.issuer, provider.client_id = issuer, client_id
+            provider.client_secret, provider.username_claim = secret, username_claim
+            session.add(provider)
+            return f"upstream sign-in through {issuer}"
+
+    typer.echo(_run(run()))

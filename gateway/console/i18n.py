@@ -30,6 +30,14 @@ _TEXT: dict[str, tuple[str, str]] = {
     "signin.disabled": ("账户已停用，请联系本机构管理员。", "This account is disabled. Ask your administrator."),
     "signin.bad_request": ("登录请求无效。", "The sign-in request is not valid."),
     "signin.oidc": ("使用本机构统一身份认证登录", "Sign in with your organisation's identity provider"),
+    "signin.no_upstream": (
+        "该机构未配置统一身份认证。",
+        "This organisation has no identity provider configured.",
+    ),
+    "signin.upstream_failed": (
+        "机构统一身份认证未能完成登录。",
+        "The organisation's identity provider did not sign you in.",
+    ),
     "signin.expired": ("登录已过期，请重新登录。", "The sign-in expired; please sign in again."),
     "who.purpose": ("使用目的", "Purpose of use"),
     "who.change": ("更改", "Change"),

@@ -7,17 +7,19 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import store as gateway_store
-from gateway.console import store, users
+from gateway.console import store, upstream, users
 from gateway.console.api import ConsoleApi, SignInRequired, exchange_code
 from gateway.console.authorization import AUTHORIZE_PATH, Person, person_caller
 from gateway.console.i18n import LANGUAGES, language_of
@@ -204,6 +206,8 @@ async def authorize_submit(request: Request) -> Response:
         return render(request, "message.html", status=400, lang=lang, title_key="signin.bad_request", detail=problem)
     org_id, username = form.get("org", "")[:64].strip(), form.get("username", "")[:64].strip()
     address = request.client.host if request.client else ""
+    if form.get("method") == "oidc":
+        return await _start_upstream(request, params, org_id=org_id, lang=lang)
     async with request.app.state.sessions() as db, db.begin():
         result = await users.authenticate(db, org_id=org_id, username=username, password=form.get("password", ""))
         org = await gateway_store.organization(db, org_id)
@@ -347,3 +351,93 @@ async def set_preferences(request: Request, ctx: Console) -> Response:
                 row.purpose_of_use = form["purpose"]
     back = form.get("back", "")
     return RedirectResponse(back if back.startswith("/console/") else home_of(ctx.user), status_code=303)
+
+
+# -- an organisation's upstream OpenID Connect provider ----------------------------------------
+
+
+def _upstream_redirect_uri(request: Request) -> str:
+    return f"{request.app.state.settings.public_url}{upstream.UPSTREAM_CALLBACK_PATH}"
+
+
+async def _start_upstream(request: Request, params: dict[str, str], *, org_id: str, lang: str) -> Response:
+    """Send the browser to the organisation's provider, remembering the console's request."""
+    async with request.app.state.sessions() as db:
+        provider = await db.get(store.OidcProvider, org_id) if org_id else None
+    if provider is None:
+        return _signin_page(request, params, lang=lang, error="signin.no_upstream", status=400, org_id=org_id)
+    try:
+        started = await upstream.start(provider, redirect_uri=_upstream_redirect_uri(request))
+    except (upstream.UpstreamRefused, httpx.HTTPError):
+        return _signin_page(request, params, lang=lang, error="signin.upstream_failed", status=502, org_id=org_id)
+    async with request.app.state.sessions() as db, db.begin():
+        await store.purge_expired(db)
+        db.add(
+            store.PendingSignIn(
+                state_hash=store.digest(started.state),
+                code_verifier=started.verifier,
+                nonce=started.nonce,
+                org_id=org_id,
+                resume=json.dumps({**params, "lang": lang}),
+                expires_at=utcnow() + PENDING_LIFETIME,
+            )
+        )
+    return RedirectResponse(started.location, status_code=303)
+
+
+@router.get(upstream.UPSTREAM_CALLBACK_PATH)
+async def upstream_callback(request: Request) -> Response:
+    """The provider's answer: verify the ID token, find the organisation's person, and continue
+    the console's own authorization request with a code of the exchange."""
+    state_value, code = request.query_params.get("state", ""), request.query_params.get("code", "")
+    lang = language_of(request.headers.get("accept-language", ""))
+    async with request.app.state.sessions() as db, db.begin():
+        pending = await db.get(store.PendingSignIn, store.digest(state_value)) if state_value else None
+        if pending is not None:
+            await db.delete(pending)
+    if pending is None or pending.expires_at <= utcnow() or not pending.org_id or not code:
+        return render(request, "message.html", status=400, lang=lang, title_key="signin.expired", detail="")
+    params = json.loads(pending.resume)
+    lang = params.pop("lang", lang)
+    address = request.client.host if request.client else ""
+    async with request.app.state.sessions() as db:
+        provider = await db.get(store.OidcProvider, pending.org_id)
+    if provider is None:
+        return render(request, "message.html", status=400, lang=lang, title_key="signin.no_upstream", detail="")
+    try:
+        claims = await upstream.finish(
+            provider,
+            code=code,
+            verifier=pending.code_verifier,
+            nonce=pending.nonce,
+            redirect_uri=_upstream_redirect_uri(request),
+        )
+    except (upstream.UpstreamRefused, httpx.HTTPError):
+        return render(request, "message.html", status=401, lang=lang, title_key="signin.upstream_failed", detail="")
+    state = console_state(request.app)
+    async with request.app.state.sessions() as db, db.begin():
+        org = await gateway_store.organization(db, pending.org_id)
+        user = await store.user_by_name(db, pending.org_id, str(claims.get(provider.username_claim, ""))[:64])
+        reason = ""
+        if user is None or org is None:
+            reason = "invalid"
+        elif user.status != "active" or org.status != "active":
+            reason = "disabled"
+        elif user.locked_until is not None and user.locked_until > utcnow():
+            reason = "locked"
+        elif user.oidc_subject not in (None, claims["sub"]):
+            reason = "invalid"
+        person = Person(user=user, org=org) if user is not None and org is not None else None
+        await _audit_sign_in(request, db, person, reason, address)
+        if reason:
+            outcome = None
+        else:
+            assert user is not None
+            assert person is not None
+            user.oidc_subject = str(claims["sub"])[:255]
+            outcome = await state.authorization.authorize(db, params, person)
+    if outcome is None or outcome.error:
+        return render(
+            request, "message.html", status=401, lang=lang, title_key=f"signin.{reason or 'bad_request'}", detail=""
+        )
+    return RedirectResponse(outcome.location, status_code=303)

@@ -67,7 +67,7 @@ async def sign_in(page: Any, base_url: str, org: str, username: str, password: s
     await page.get_by_label("机构代码").fill(org)
     await page.get_by_label("用户名").fill(username)
     await page.get_by_label("密码").fill(password)
-    await page.get_by_role("button", name="登录").click()
+    await page.get_by_role("button", name="登录", exact=True).click()
     await page.wait_for_load_state()
 
 
