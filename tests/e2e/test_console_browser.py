@@ -280,3 +280,35 @@ async def test_page_scripts_cannot_read_the_token(exchange: Exchange, page: Any)
         f"{exchange.base_url}/console/preferences", form={"purpose": "emergency"}, max_redirects=0
     )
     assert forged.status == 403
+
+
+async def test_administrator_adds_a_person_who_then_signs_in(exchange: Exchange, page: Any, browser: Any) -> None:
+    a, _ = await _hospitals(exchange)
+    admin = await _user(exchange, a.org_id, "admin", "信息科管理员", "信息科")  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, a.org_id, admin, PASSWORD)  # type: ignore[attr-defined]
+    assert page.url.endswith("/console/users")
+    newcomer = f"nurse{secrets.token_hex(3)}"
+    await page.get_by_label("用户名").fill(newcomer)
+    await page.get_by_label("姓名").fill("司马护士")
+    await page.get_by_label("角色").select_option("nurse")
+    await page.get_by_label("科室").fill("急诊科")
+    await page.get_by_role("button", name="添加用户").click()
+    one_time = (await page.locator("#one-time-password").inner_text()).strip()
+    assert "司马护士" in await page.locator("table").inner_text()
+    await check_accessibility(page)
+    await screenshot(page, "admin-users", exchange.backend)
+
+    other = await browser.new_context(locale="en-US")
+    try:
+        second = await other.new_page()
+        await second.goto(f"{exchange.base_url}/console/login?lang=en")
+        await second.get_by_label("Organisation id").fill(a.org_id)  # type: ignore[attr-defined]
+        await second.get_by_label("Username").fill(newcomer)
+        await second.get_by_label("Password").fill(one_time)
+        await second.get_by_role("button", name="Sign in", exact=True).click()
+        await second.wait_for_url(re.compile("/console/clinician"))
+        assert "Find a patient" in await second.locator("h1").inner_text()
+        assert "司马护士" in await second.locator("header").inner_text()
+        await screenshot(second, "clinician-english", exchange.backend)
+    finally:
+        await other.close()
