@@ -89,13 +89,18 @@ class ConsoleApi:
                 "client_id": CONSOLE_CLIENT_ID,
             },
         )
-        if response.status_code != 200:
-            raise SignInRequired
-        body = response.json()
         async with self._request.app.state.sessions() as db, db.begin():
             row = await db.get(store.ConsoleSession, self._session.id_hash)
             if row is None:
                 raise SignInRequired
+            if response.status_code != 200:
+                # Another request of the same session (a second tab) renewed first and spent
+                # the refresh token: use what it stored.
+                if row.access_expires_at - _REFRESH_MARGIN > utcnow():
+                    self._session = row
+                    return row.access_token
+                raise SignInRequired
+            body = response.json()
             row.access_token = body["access_token"]
             row.refresh_token = body.get("refresh_token", row.refresh_token)
             row.access_expires_at = utcnow() + datetime.timedelta(seconds=int(body["expires_in"]))

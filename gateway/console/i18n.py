@@ -38,6 +38,7 @@ _TEXT: dict[str, tuple[str, str]] = {
         "机构统一身份认证未能完成登录。",
         "The organisation's identity provider did not sign you in.",
     ),
+    "signin.slow_down": ("登录尝试过于频繁，请稍后再试。", "Too many sign-in attempts; try again shortly."),
     "signin.expired": ("登录已过期，请重新登录。", "The sign-in expired; please sign in again."),
     "who.purpose": ("使用目的", "Purpose of use"),
     "who.change": ("更改", "Change"),

@@ -330,10 +330,13 @@ async def document_content(document_id: str, request: Request, ctx: Console) -> 
     content = await ctx.api.get(f"/api/v1/documents/{document_id[:64]}/content")
     if not content.ok:
         return page(ctx, "message.html", status=content.status, title_key="common.error", detail=content.error)
+    media_type = content.headers.get("content-type", "application/octet-stream")
+    # Only a PDF opens in the browser; anything else (HTML a hospital registered, say) downloads.
+    disposition = "inline" if media_type.split(";")[0] == "application/pdf" else "attachment"
     return Response(
         content.content,
-        media_type=content.headers.get("content-type", "application/octet-stream"),
-        headers={"Content-Security-Policy": "sandbox; default-src 'none'", "Content-Disposition": "inline"},
+        media_type=media_type,
+        headers={"Content-Security-Policy": "sandbox; default-src 'none'", "Content-Disposition": disposition},
     )
 
 

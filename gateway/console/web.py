@@ -206,6 +206,10 @@ async def authorize_submit(request: Request) -> Response:
         return render(request, "message.html", status=400, lang=lang, title_key="signin.bad_request", detail=problem)
     org_id, username = form.get("org", "")[:64].strip(), form.get("username", "")[:64].strip()
     address = request.client.host if request.client else ""
+    # Each password check costs tens of milliseconds of argon2: the token endpoint's per-address
+    # bucket bounds how fast one address can make the gateway spend it.
+    if request.app.state.buckets.take(f"signin:{address}"):
+        return _signin_page(request, params, lang=lang, error="signin.slow_down", status=429, org_id=org_id)
     if form.get("method") == "oidc":
         return await _start_upstream(request, params, org_id=org_id, lang=lang)
     async with request.app.state.sessions() as db, db.begin():
