@@ -312,3 +312,24 @@ async def test_administrator_adds_a_person_who_then_signs_in(exchange: Exchange,
         await screenshot(second, "clinician-english", exchange.backend)
     finally:
         await other.close()
+
+
+async def test_sign_in_and_search_by_keyboard_alone(exchange: Exchange, page: Any) -> None:
+    a, _ = await _hospitals(exchange)
+    username = await _user(exchange, a.org_id, "doctor", "钱医生")  # type: ignore[attr-defined]
+    await page.goto(f"{exchange.base_url}/console/login")
+    await page.keyboard.press("Tab")  # the skip link comes first
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.id") == "org"
+    await page.keyboard.type(a.org_id)  # type: ignore[attr-defined]
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(username)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(PASSWORD)
+    await page.keyboard.press("Enter")
+    await page.wait_for_url(re.compile("/console/clinician"))
+    # The skip link leads straight to the page's content.
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.className") == "skip"
+    await page.keyboard.press("Enter")
+    assert await page.evaluate("document.activeElement.id") == "main"
