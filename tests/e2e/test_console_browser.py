@@ -333,3 +333,31 @@ async def test_sign_in_and_search_by_keyboard_alone(exchange: Exchange, page: An
     assert await page.evaluate("document.activeElement.className") == "skip"
     await page.keyboard.press("Enter")
     assert await page.evaluate("document.activeElement.id") == "main"
+
+
+async def test_steward_merges_and_unmerges_with_confirmation(exchange: Exchange, page: Any) -> None:
+    _, b = await _hospitals(exchange)
+    survivor, subsumed = f"MS-{secrets.token_hex(3)}", f"MD-{secrets.token_hex(3)}"
+    for local_id in (survivor, subsumed):
+        registered = await b.call("POST", "/api/v1/patients", json={"local_id": local_id, **person("诸葛亮")})
+        assert registered.status_code == 201, registered.text
+    steward = await _user(exchange, b.org_id, "data-steward", "冯管理", "病案室")  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, b.org_id, steward, PASSWORD)  # type: ignore[attr-defined]
+
+    await page.goto(f"{exchange.base_url}/console/steward/merge")
+    await page.get_by_label("保留记录院内号").fill(survivor)
+    await page.get_by_label("被合并记录院内号").fill(subsumed)
+    await page.get_by_role("button", name="合并本机构两条记录").click()
+    # Nothing happens before the confirmation.
+    assert subsumed in await page.locator("dl").inner_text()
+    await page.get_by_role("button", name="确认").click()
+    assert "已完成" in await page.locator("h1").inner_text()
+
+    await page.goto(f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={subsumed}")  # type: ignore[attr-defined]
+    assert "merge" in (await page.locator("table").inner_text()).lower()
+    await page.get_by_role("button", name="撤销合并").click()
+    await page.get_by_role("button", name="确认").click()
+    assert "已完成" in await page.locator("h1").inner_text()
+    await page.goto(f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={subsumed}")  # type: ignore[attr-defined]
+    assert "unmerge" in (await page.locator("table").inner_text()).lower()
+    await screenshot(page, "steward-unmerged", exchange.backend)
