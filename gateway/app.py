@@ -22,7 +22,7 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import store
+from gateway import console, store
 from gateway.errors import RETRY_AFTER_SECONDS, ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
 from gateway.routes import (
@@ -201,6 +201,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(subscriptions.router)
     app.include_router(fhir_patient.router)
     app.include_router(patient_index.router)
+    console.mount(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -237,7 +238,8 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers["Cache-Control"] = response.headers.get("Cache-Control", "no-store")
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+        # A page sets its own (the console's allows its own script and style files).
+        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
         if settings.public_url.startswith("https://"):
             response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
         return response

@@ -20,7 +20,7 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.core import TyperOption
 
-from gateway import cli_mpi
+from gateway import cli_mpi, cli_users
 from gateway.cli_mpi import MLLP_PORT
 from gateway.cli_registry import bench_registry
 from gateway.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
@@ -56,6 +56,7 @@ db_app = typer.Typer(rich_markup_mode="markdown", help="Database schemas and mig
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(cli_mpi.app, name="mpi")
+app.add_typer(cli_users.app, name="user")
 COMPONENTS = (*SERVICE_PORTS, "gateway")
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]

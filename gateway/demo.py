@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from gateway.client import HospitalClient, Practitioner, new_traceparent
+from gateway.console.demo import print_console_sign_in
 from gateway.organizations import add_keys, find_organization, register_organization
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks, load_private_key, public_jwk, write_private_key
@@ -302,6 +303,7 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
         if echo:
             print(f"      both records carry trace {trace_id}: one exchange, B's search and its read")
             print("demo exchange completed")
+            await print_console_sign_in(settings, base_url, authority_org_id="demo-authority")
         return report
     finally:
         for member in (a, b, auditor):

@@ -227,7 +227,26 @@ class AuthorizationServer:
             self._key, self._kid, self._alg = key, public_jwk(key)["kid"], algorithm_for(key)
             self._key_mtime = mtime
 
-    def _access_token(self, org: store.Organization, scopes: list[str]) -> IssuedToken:
+    def access_token_for_person(
+        self,
+        org: store.Organization,
+        scopes: list[str],
+        *,
+        assertion_key_thumbprint: str,
+        person_claims: dict[str, str],
+    ) -> IssuedToken:
+        """The same access token for a person signed in through the console
+        (gateway/console/authorization.py): user assertions are signed by the console key."""
+        return self._access_token(org, scopes, client_jkt=[assertion_key_thumbprint], extra=person_claims)
+
+    def _access_token(
+        self,
+        org: store.Organization,
+        scopes: list[str],
+        *,
+        client_jkt: list[str] | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> IssuedToken:
         self._load_signing_key()
         now = int(time.time())
         claims = {
@@ -243,7 +262,8 @@ class AuthorizationServer:
             "org": org.id,
             "org_type": org.type,
             # Thumbprints of the client's registered keys: services check user assertions against them.
-            "client_jkt": sorted(thumbprint(k) for k in org.keys),
+            "client_jkt": client_jkt if client_jkt is not None else sorted(thumbprint(k) for k in org.keys),
+            **(extra or {}),
         }
         token = jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "at+jwt"})
         return IssuedToken(access_token=token, expires_in=ACCESS_TOKEN_LIFETIME, scope=" ".join(scopes))

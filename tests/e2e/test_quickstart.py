@@ -142,6 +142,9 @@ def test_hie_up_then_demo_twice_then_stop(tmp_path: Path) -> None:
             assert "patient:  张* (enterprise id" in demo.stdout
             assert "consent:  permitted" in demo.stdout
             assert "张三" not in demo.stdout.split("authority reads")[1]
+            # It ends with the web console's address and a person to sign in with.
+            assert f"web console: http://127.0.0.1:{ports[0]}/console/" in demo.stdout.splitlines()[-1]
+            assert "user auditor, password " in demo.stdout.splitlines()[-1]
         # The second run reused the demo's three organisations.
         listed = _hie("org", "list", env=env)
         assert listed.stdout.splitlines()[0].split()[:4] == ["ID", "TYPE", "STATUS", "CLIENT"]
