@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 import uuid
 from typing import Any
 
@@ -86,6 +87,31 @@ async def remember_assertion(session: AsyncSession, *, jti: str, client_id: str,
     try:
         async with session.begin_nested():
             session.add(UsedAssertion(jti=jti, client_id=client_id, expires_at=expires_at))
+            await session.flush()
+    except IntegrityError:
+        return False
+    return True
+
+
+_PRUNE_EVERY_SECONDS = 30.0
+_last_prune = 0.0
+
+
+async def remember_user_assertion(
+    session: AsyncSession, *, jti: str, client_id: str, expires_at: datetime.datetime
+) -> bool:
+    """False if this client used this user assertion jti before (a replay). Kept in the same table
+    as client assertion jtis, in the client's own namespace; expired ones are pruned now and then
+    rather than on every request (this runs on every API call)."""
+    global _last_prune
+    now = time.monotonic()
+    if now - _last_prune > _PRUNE_EVERY_SECONDS:
+        _last_prune = now
+        await session.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
+    key = f"user:{client_id}:{jti}"[:256]
+    try:
+        async with session.begin_nested():
+            session.add(UsedAssertion(jti=key, client_id=client_id[:64], expires_at=expires_at))
             await session.flush()
     except IntegrityError:
         return False

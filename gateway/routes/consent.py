@@ -102,6 +102,8 @@ class ExplainIn(BaseModel):
     purpose_of_use: str = Field(default="treatment", max_length=32)
     action: str = Field(default="access", max_length=16)
     at: datetime.datetime | None = None
+    # The requester's role; empty means doctor (the role break-the-glass serves).
+    role: str = Field(default="", max_length=32)
 
 
 def timestamp(value: datetime.datetime | None, what: str) -> Timestamp | None:
@@ -365,6 +367,7 @@ async def explain_decision(body: ExplainIn, ctx: Context, request: Request) -> d
                 purpose_of_use=body.purpose_of_use,
                 action=body.action,
                 at=timestamp(body.at, "at"),
+                role=body.role,
             ),
             metadata=ctx.metadata,
         )

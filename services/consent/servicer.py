@@ -117,6 +117,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             department=who.department,
             practitioner_id=who.practitioner_id,
             action=request.action or "access",
+            role=who.role,
+            holds_record=request.requester_holds_record,
         )
         now = utcnow()
         consent = await self.cache.get(request.enterprise_id)
@@ -157,12 +159,25 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             )
         if request.purpose_of_use and request.purpose_of_use not in PURPOSES_OF_USE:
             raise InvalidArgument("unknown purpose of use", reason="purpose-invalid")
+        # The person's records decide two things: a hospital's auditor explains decisions about
+        # people its own domain registered only (another hospital's patient, and whether a
+        # directive of theirs exists, are not its business), and whether the requester holds a
+        # record of the person (the care relationship).
+        try:
+            person = await identity.cross_reference_by_enterprise_id(self._rt, request.enterprise_id)
+        except NotFound:
+            raise NotFound("no such patient", reason="patient-not-found") from None
+        domains = {r.domain for r in person.refs}
+        if who.organization_type == "hospital" and who.organization_id not in domains:
+            raise NotFound("no such patient", reason="patient-not-found")
         requester = fhir_consent.Requester(
             organization_id=request.organization_id[:64],
             purpose_of_use=request.purpose_of_use,
             department=request.department[:64],
             practitioner_id=request.practitioner_id[:64],
             action=request.action or "access",
+            role=request.role[:32] or policy.BREAK_GLASS_ROLE,
+            holds_record=request.organization_id in domains,
         )
         at = messages.moment(request.at, request.HasField("at")) or utcnow()
         item = messages.item_of(request.item)

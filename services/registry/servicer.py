@@ -160,11 +160,15 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
         return consent_pb2_grpc.ConsentDecisionPointStub(self._rt.channel("consent"))
 
-    async def _decide(self, enterprise_id: str, entries: list[store.EntryLike]) -> dict[str, consent_pb2.ItemDecision]:
+    async def _decide(
+        self, xref: mpi_pb2.CrossReferenceResponse, entries: list[store.EntryLike]
+    ) -> dict[str, consent_pb2.ItemDecision]:
         if not entries:
             return {}
         request = consent_pb2.DecideRequest(
-            enterprise_id=enterprise_id,
+            enterprise_id=xref.enterprise_id,
+            # The care relationship: the caller's organisation registered the person itself.
+            requester_holds_record=caller().organization_id in {r.domain for r in xref.refs},
             items=[
                 consent_pb2.DecisionItem(
                     item_id=e.id,
@@ -727,7 +731,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 after=after,
                 limit=limit,
             )
-            decisions = await self._decide(xref.enterprise_id, rows)
+            decisions = await self._decide(xref, rows)
             for row in rows:
                 decision = decisions.get(row.id)
                 # A document consent denies is absent from the result, not an error.
@@ -765,7 +769,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 ),
                 store.related_to(session, document_id),
             )
-        decision = (await self._decide(xref.enterprise_id, [record])).get(record.id)
+        decision = (await self._decide(xref, [record])).get(record.id)
         if decision is None or decision.decision != consent_pb2.DECISION_PERMIT:
             await self._record(
                 who,

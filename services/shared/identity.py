@@ -29,3 +29,15 @@ async def registered_person(runtime: ServiceRuntime, ref: common_pb2.PatientRef)
         return (await cross_reference(runtime, ref)).enterprise_id
     except NotFound:
         raise FailedPrecondition("register the patient first", reason="patient-not-registered") from None
+
+
+async def cross_reference_by_enterprise_id(
+    runtime: ServiceRuntime, enterprise_id: str
+) -> mpi_pb2.CrossReferenceResponse:
+    """Every active record of the person with this enterprise id; NotFound when there is none."""
+    try:
+        return await mpi_pb2_grpc.PatientIndexStub(runtime.channel("mpi")).CrossReference(
+            mpi_pb2.CrossReferenceRequest(enterprise_id=enterprise_id), metadata=runtime.credentials.metadata()
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from None
