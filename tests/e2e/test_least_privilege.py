@@ -1,0 +1,263 @@
+"""Least privilege across hospitals, attacked through the gateway as the security test did:
+who may assert which role, what a cross-domain search returns, clinical reads only with a care
+relationship, typed user-assertion claims, one assertion per request, break-the-glass bound to
+the role that declared it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from gateway.client import HospitalClient, Practitioner, user_assertion
+from services.shared.config import TOKEN_AUDIENCE
+from services.shared.keys import algorithm_for, public_jwk
+from tests.conftest import Exchange
+from tests.factories import document, fresh_national_id, person
+
+SCOPES = (
+    "system/Patient.crs system/DocumentReference.crs system/Binary.r system/ServiceRequest.crus "
+    "system/Consent.cruds system/AuditEvent.rs"
+)
+STEWARD = Practitioner(id="S-1", name="数据管理员", role="data-steward", department="主索引组")
+NATIONAL_ID = fresh_national_id()
+DOCTOR = Practitioner(id="D-1", name="王医生", role="doctor", department="急诊科")
+
+
+@dataclass
+class Region:
+    exchange: Exchange
+    a: HospitalClient
+    b: HospitalClient
+    c: HospitalClient
+    patient: dict[str, Any]
+    document_id: str
+
+
+@pytest.fixture
+async def region(exchange: Exchange) -> AsyncIterator[Region]:
+    a = await exchange.member(scopes=SCOPES, name="市第一医院")
+    b = await exchange.member(scopes=SCOPES, name="区中心医院")
+    c = await exchange.member(scopes=SCOPES, name="镇卫生院")
+    for member in (a, b, c):
+        member.practitioner = DOCTOR
+    patient = person(
+        "欧阳娜娜",
+        phones=["13912345678"],
+        address={"province": "北京市", "city": "北京市", "district": "朝阳区", "line": "建国路88号3单元"},
+    )
+    registered = await a.call("POST", "/api/v1/patients", json={"local_id": "LP-A", **patient})
+    assert registered.status_code == 201, registered.text
+    doc = await a.call("POST", "/api/v1/documents", json=document("LP-A", "出院小结：冠心病".encode()))
+    assert doc.status_code == 201, doc.text
+    yield Region(exchange, a, b, c, patient, doc.json()["document_id"])
+    for member in (a, b, c):
+        await member.aclose()
+
+
+# --- item 1: roles by organisation type; cross-domain search --------------------------------
+
+
+async def test_roles_are_the_exchanges_decision_by_organisation_type(region: Region) -> None:
+    r = region
+    as_steward = await r.b.call("GET", "/api/v1/patients/search", params={"national_id": NATIONAL_ID}, as_user=STEWARD)
+    assert (as_steward.status_code, as_steward.json()["error"]["reason"]) == (401, "role-not-allowed")
+    assert "data-steward" in as_steward.json()["error"]["message"]
+    authority = await r.exchange.member(type="authority", scopes="system/DocumentReference.rs system/Binary.r")
+    as_doctor = await authority.call("GET", f"/api/v1/documents/{r.document_id}/content", as_user=DOCTOR)
+    assert (as_doctor.status_code, as_doctor.json()["error"]["reason"]) == (401, "role-not-allowed")
+    fhir = await authority.call("GET", f"/fhir/R4/Binary/{r.document_id}", as_user=DOCTOR)
+    assert fhir.status_code == 401
+    # The platform operator's staff are the data stewards.
+    platform = await r.exchange.member(type="platform-admin", scopes="system/Patient.rs")
+    steward = await platform.call(
+        "GET", "/api/v1/patients/search", params={"national_id": r.patient["national_id"]}, as_user=STEWARD
+    )
+    assert steward.status_code == 200, steward.text
+    # ... and even they get a search result, not a directory entry: the national id is masked.
+    [found] = steward.json()["results"]
+    assert r.patient["national_id"] not in str(found)
+    for member in (authority, platform):
+        await member.aclose()
+
+
+async def test_cross_domain_search_picks_a_person_not_a_directory(region: Region) -> None:
+    r = region
+    # A birth date (or a name) alone lists strangers: refused.
+    for params in (
+        {"birth_date": r.patient["birth_date"]},
+        {"name": "欧阳娜娜"},
+        {"gender": "female", "birth_date": r.patient["birth_date"]},
+    ):
+        broad = await r.b.call("GET", "/api/v1/patients/search", params=params)
+        assert (broad.status_code, broad.json()["error"]["reason"]) == (400, "search-too-broad"), params
+    found = await r.b.call(
+        "GET", "/api/v1/patients/search", params={"name": "欧阳娜娜", "birth_date": r.patient["birth_date"]}
+    )
+    assert found.status_code == 200, found.text
+    [result] = [x for x in found.json()["results"] if x["patient"]["local_id"] == "LP-A"]
+    shown = result["patient"]
+    assert shown["name"] == "欧阳娜娜"  # enough to pick the right person
+    assert r.patient["national_id"] not in str(found.json())
+    assert [i["value"] for i in shown["identifiers"]] and all("*" in i["value"] for i in shown["identifiers"])
+    assert shown["phones"] == []
+    assert shown["address"]["line"] == "" and shown["address"]["district"] == "朝阳区"
+    # FHIR PDQm the same.
+    fhir = await r.b.call("GET", "/fhir/R4/Patient", params={"name": "欧阳娜娜", "birthdate": r.patient["birth_date"]})
+    assert fhir.status_code == 200, fhir.text
+    assert r.patient["national_id"] not in fhir.text and "13912345678" not in fhir.text and "建国路" not in fhir.text
+    # A's own clinicians still see their own record in full.
+    own = await r.a.call("GET", "/api/v1/patients/search", params={"national_id": r.patient["national_id"]})
+    assert "13912345678" in own.text
+
+
+async def test_cross_domain_results_are_capped(exchange: Exchange) -> None:
+    a = await exchange.member(scopes=SCOPES)
+    b = await exchange.member(scopes=SCOPES)
+    for i in range(12):
+        twin = {**person("李伟"), "birth_date": "1980-01-01", "gender": "male", "phones": [f"1391234{i:04d}"]}
+        twin.pop("national_id")
+        assert (await a.call("POST", "/api/v1/patients", json={"local_id": f"CAP-{i}", **twin})).status_code == 201
+    seen: list[str] = []
+    params: dict[str, Any] = {"name": "李伟", "birth_date": "1980-01-01", "limit": 5}
+    for _ in range(5):
+        page = await b.call("GET", "/api/v1/patients/search", params=params)
+        assert page.status_code == 200, page.text
+        seen += [x["patient"]["local_id"] for x in page.json()["results"]]
+        if not page.json()["next_page_token"]:
+            break
+        params = {"page_token": page.json()["next_page_token"]}
+    assert len(seen) == 10
+    for member in (a, b):
+        await member.aclose()
+
+
+# --- item 2: care relationship -----------------------------------------------------------------
+
+
+async def test_clinical_reads_need_a_care_relationship(region: Region) -> None:
+    r = region
+    # C holds no record of the person: no content, no metadata, whatever the clinical role.
+    for user in (DOCTOR, Practitioner(id="T-1", name="技师", role="technician", department="检验科")):
+        content = await r.c.call("GET", f"/api/v1/documents/{r.document_id}/content", as_user=user)
+        assert (content.status_code, content.json()["error"]["reason"]) == (403, "consent-denied"), user.role
+        entry = await r.c.call("GET", f"/api/v1/documents/{r.document_id}", as_user=user)
+        assert entry.status_code == 403
+        binary = await r.c.call("GET", f"/fhir/R4/Binary/{r.document_id}", as_user=user)
+        assert binary.status_code == 403
+        reference = await r.c.call("GET", f"/fhir/R4/DocumentReference/{r.document_id}", as_user=user)
+        assert reference.status_code == 403
+    # The everyday case: the patient's first visit to B registers them (national id from the
+    # card), and B's doctor sees the shared history.
+    visit = await r.b.call("POST", "/api/v1/patients", json={"local_id": "LP-B", **r.patient})
+    assert (visit.status_code, visit.json()["link_method"]) == (201, "national-id")
+    history = await r.b.call("GET", "/api/v1/documents", params={"patient_local_id": "LP-B"})
+    assert [e["document_id"] for e in history.json()["entries"]] == [r.document_id]
+    content = await r.b.call("GET", f"/api/v1/documents/{r.document_id}/content")
+    assert content.status_code == 200
+    assert (await r.b.call("GET", f"/fhir/R4/Binary/{r.document_id}")).status_code == 200
+
+
+# --- item 3: claim types ------------------------------------------------------------------------
+
+
+def _assertion(client: HospitalClient, **claims: Any) -> str:
+    now = int(time.time())
+    body = {
+        "iss": client.client_id,
+        "sub": "D-1",
+        "aud": TOKEN_AUDIENCE,
+        "iat": now,
+        "exp": now + 120,
+        "jti": str(uuid.uuid4()),
+        "name": "王医生",
+        "role": "doctor",
+        "department": "急诊科",
+        "purpose_of_use": "treatment",
+        **claims,
+    }
+    jwk = public_jwk(client.key)
+    public = {k: jwk[k] for k in ("kty", "crv", "x", "y", "n", "e") if k in jwk}
+    return jwt.encode(body, client.key, algorithm=algorithm_for(client.key), headers={"kid": jwk["kid"], "jwk": public})
+
+
+async def _search_with(exchange: Exchange, client: HospitalClient, assertion: str) -> httpx.Response:
+    async with httpx.AsyncClient() as http:
+        return await http.get(
+            f"{exchange.base_url}/api/v1/patients/search",
+            params={"national_id": NATIONAL_ID},
+            headers={"Authorization": f"Bearer {await client.access_token()}", "X-HIE-User-Assertion": assertion},
+        )
+
+
+async def test_user_assertion_claim_types_are_validated(region: Region) -> None:
+    r = region
+    cases = {
+        "role": {"role": ["doctor", "admin"]},
+        "purpose_of_use": {"purpose_of_use": {"treatment": True}},
+        "name": {"name": ["王", "医生"]},
+        "department": {"department": {"id": "急诊科"}},
+        "sub": {"sub": ""},
+    }
+    for claim, claims in cases.items():
+        response = await _search_with(r.exchange, r.b, _assertion(r.b, **claims))
+        assert response.status_code == 401, (claim, response.text)
+        assert response.json()["error"]["reason"] == "user-assertion"
+        assert claim in response.json()["error"]["message"], claim
+
+
+# --- item 8: lifetime and replay --------------------------------------------------------------
+
+
+async def test_user_assertions_are_short_lived_and_used_once(region: Region) -> None:
+    r = region
+    once = _assertion(r.b)
+    assert (await _search_with(r.exchange, r.b, once)).status_code == 200
+    replayed = await _search_with(r.exchange, r.b, once)
+    assert (replayed.status_code, replayed.json()["error"]["reason"]) == (401, "user-assertion-replayed")
+    now = int(time.time())
+    long_lived = _assertion(r.b, iat=now, exp=now + 900)
+    assert (await _search_with(r.exchange, r.b, long_lived)).status_code == 401
+    # The client of the repository signs one per request: repeated calls keep working.
+    for _ in range(3):
+        assert (
+            await r.b.call("GET", "/api/v1/patients/search", params={"national_id": NATIONAL_ID})
+        ).status_code == 200
+
+
+# --- item 7: break-the-glass bound to the declaring role and department -----------------------
+
+
+async def test_break_glass_is_bound_to_the_declaring_role_and_department(region: Region) -> None:
+    r = region
+    assert (await r.b.call("POST", "/api/v1/patients", json={"local_id": "LP-B", **r.patient})).status_code == 201
+    deny = await r.a.call(
+        "POST",
+        "/api/v1/consent/directives",
+        json={
+            "patient_local_id": "LP-A",
+            "policy_ids": ["urn:oid:2.16.156.10011.2.5.1"],
+            "evidence_document_id": "consent-form-LP-1",
+            "provision": {"type": "deny", "actors": [{"kind": "organization", "organization_id": r.b.org_id}]},  # type: ignore[attr-defined]
+        },
+    )
+    assert deny.status_code == 201, deny.text
+    declared = await r.b.call(
+        "POST",
+        "/api/v1/consent/break-glass",
+        purpose="emergency",
+        json={"patient_local_id": "LP-B", "reason": "患者昏迷送入急诊，需既往病史"},
+    )
+    assert declared.status_code == 201, declared.text
+    url = f"/api/v1/documents/{r.document_id}/content"
+    assert (await r.b.call("GET", url, purpose="emergency")).status_code == 200
+    nurse = Practitioner(id=DOCTOR.id, name=DOCTOR.name, role="nurse", department=DOCTOR.department)
+    assert (await r.b.call("GET", url, purpose="emergency", as_user=nurse)).status_code == 403
+    elsewhere = Practitioner(id=DOCTOR.id, name=DOCTOR.name, role="doctor", department="放射科")
+    assert (await r.b.call("GET", url, purpose="emergency", as_user=elsewhere)).status_code == 403
