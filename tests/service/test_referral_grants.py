@@ -148,6 +148,7 @@ async def test_grant_follows_the_referral_through_an_outage_and_a_restart(
                     consent_pb2.DecideRequest(
                         enterprise_id=enterprise_id,
                         items=[consent_pb2.DecisionItem(item_id="doc-attached-1", source_organization_id=a_org)],
+                        requester_holds_record=True,
                     ),
                     metadata=meta(b_org, doctor_b),
                 )
