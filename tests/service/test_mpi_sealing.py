@@ -20,8 +20,7 @@ from gateway.data_keys import keys_in_use, rotate_data_keys
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
 from services.mpi.service import SPEC as MPI
-from services.shared import gb11643
-from services.shared import migrations
+from services.shared import gb11643, migrations
 from services.shared.config import Settings
 from services.shared.db import engine_for
 from services.shared.errors import REASON_METADATA_KEY
