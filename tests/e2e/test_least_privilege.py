@@ -5,6 +5,7 @@ the role that declared it."""
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -264,3 +265,30 @@ async def test_break_glass_is_bound_to_the_declaring_role_and_department(region:
     assert (await r.b.call("GET", url, purpose="emergency", as_user=nurse)).status_code == 403
     elsewhere = Practitioner(id=DOCTOR.id, name=DOCTOR.name, role="doctor", department="放射科")
     assert (await r.b.call("GET", url, purpose="emergency", as_user=elsewhere)).status_code == 403
+
+
+# --- item 4: notification endpoints -------------------------------------------------------------
+
+
+async def test_numeric_hosts_and_the_exchanges_own_ports_are_refused_as_endpoints(region: Region) -> None:
+    """The address the connection would use is what is checked: 2852039166, 0xa9fea9fe and
+    169.254.43518 are all 169.254.169.254; a service's gRPC port on this machine is the
+    exchange itself (loopback is allowed here only because the tests configure it)."""
+    r = region
+    expires = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)).isoformat()
+    audit_port = r.exchange.services["audit"].port
+    for endpoint in (
+        "http://2852039166/latest/meta-data/",
+        "http://0xa9fea9fe/latest/meta-data/",
+        "http://169.254.43518/latest/meta-data/",
+        f"http://127.0.0.1:{audit_port}/hie.audit.v1.AuditLog/Record",
+        "http://127.0.0.1:7106/",
+    ):
+        refused = await r.b.call(
+            "POST",
+            "/api/v1/subscriptions",
+            json={"topic": "workflow-state", "endpoint_url": endpoint, "expires": expires},
+        )
+        assert refused.status_code == 403, (endpoint, refused.text)
+        assert refused.json()["error"]["reason"] == "endpoint-address-not-allowed"
+    assert (await r.b.call("GET", "/api/v1/subscriptions")).json()["subscriptions"] == []

@@ -222,3 +222,22 @@ def test_clean_text_limit() -> None:
 @pytest.mark.parametrize("value", ["出院\x00小结", "出院\r\n小结", "出院\u200d小结", "出院\u2066小结", "\ue123"])
 def test_clean_text_rejects_control_characters(value: str) -> None:
     assert invalid_reason(clean_text, value, what="comments", limit=500) == "comments-invalid"
+
+
+def test_endpoint_addresses_never_link_local_loopback_only_when_configured() -> None:
+    """SSRF: link-local (the metadata service) is refused even when listed; loopback only with
+    HIE_NOTIFY_ALLOW_LOOPBACK; the exchange's own ports never on a non-public address."""
+    from services.registry.dsub import EndpointPolicy
+
+    listed = EndpointPolicy.parse(
+        '{"*": ["http://169.254.169.254/", "http://127.0.0.1:9000/"]}', "169.254.0.0/16", production=True
+    )
+    assert not listed.address_allowed("169.254.169.254", "http://169.254.169.254/", 80)
+    assert not listed.address_allowed("127.0.0.1", "http://127.0.0.1:9000/", 9000)
+    dev = EndpointPolicy.parse("", production=False)
+    assert not dev.address_allowed("127.0.0.1", "http://127.0.0.1/", 80)
+    assert dev.address_allowed("203.0.113.7", "http://his.example/", 80)
+    tests = EndpointPolicy.parse("", production=False, allow_loopback=True, own_ports=frozenset({7106}))
+    assert tests.address_allowed("127.0.0.1", "http://127.0.0.1:9000/", 9000)
+    assert not tests.address_allowed("127.0.0.1", "http://127.0.0.1:7106/", 7106)
+    assert not tests.address_allowed("10.0.0.5", "http://10.0.0.5:7106/", 7106)
