@@ -292,3 +292,24 @@ async def test_numeric_hosts_and_the_exchanges_own_ports_are_refused_as_endpoint
         assert refused.status_code == 403, (endpoint, refused.text)
         assert refused.json()["error"]["reason"] == "endpoint-address-not-allowed"
     assert (await r.b.call("GET", "/api/v1/subscriptions")).json()["subscriptions"] == []
+
+
+# --- item 6: page positions beyond 64 bits --------------------------------------------------
+
+
+async def test_page_positions_beyond_64_bits_are_a_bad_request(region: Region) -> None:
+    r = region
+    auditor = Practitioner(id="AUD-B", name="院内审计", role="auditor", department="审计科")
+    rest = await r.b.call(
+        "GET",
+        "/api/v1/audit/events",
+        params={"page_token": "99999999999999999999999"},
+        as_user=auditor,
+        purpose="audit",
+    )
+    assert (rest.status_code, rest.json()["error"]["reason"]) == (400, "page-token")
+    fhir = await r.b.call(
+        "GET", "/fhir/R4/AuditEvent", params={"page": "9223372036854775808"}, as_user=auditor, purpose="audit"
+    )
+    assert fhir.status_code == 400, fhir.text
+    assert fhir.json()["resourceType"] == "OperationOutcome"
