@@ -227,6 +227,16 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 raise NotFound("no such directive", reason="directive-not-found")
         return record
 
+    async def _own_evidence(self, who: Caller, evidence: str) -> None:
+        """A directive's evidence is the signed form the recording organisation holds: an id that
+        names another organisation's registered document is refused (a reference to a local form,
+        not registered at the exchange, is the hospital's own)."""
+        entry = await identity.document_source(self._rt, evidence) if evidence else None
+        if entry is not None and entry.source_organization_id != who.organization_id:
+            raise FailedPrecondition(
+                "the evidence must be a document your organisation registered", reason="evidence-not-own"
+            )
+
     def _directive_content(
         self, message: consent_pb2.Directive
     ) -> tuple[fhir_consent.Provision, tuple[str, ...], str, fhir_consent.Period]:
@@ -281,6 +291,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_role(*_DIRECTIVE_WRITERS)
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         enterprise_id = await self._own_patient(who, request.directive.patient)
+        await self._own_evidence(who, evidence)
         stored = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
         digest = _digest(request.directive.patient.local_id, stored, policy_ids, evidence, period)
         key = request.idempotency_key[:128] or str(uuid.uuid4())
@@ -366,6 +377,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_role(*_DIRECTIVE_WRITERS)
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         found = await self._visible_directive(who, request.directive.directive_id)
+        await self._own_evidence(who, evidence)
         async with self._rt.sessions() as session, session.begin():
             record = await session.get(store.DirectiveRecord, found.id, with_for_update=True)
             assert record is not None  # directives are never deleted

@@ -84,9 +84,11 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         ref = request.referral
         if not ref.patient.local_id or not ref.target_organization_id:
             raise InvalidArgument("a referral needs a patient and a target organisation", reason="referral-invalid")
-        enterprise_id = await identity.registered_person(
-            self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
-        )
+        if ref.target_organization_id == who.organization_id:
+            raise InvalidArgument("a referral goes to another organisation", reason="self-referral")
+        patient = common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
+        enterprise_id = await identity.registered_person(self._rt, patient)
+        await identity.require_own_documents(self._rt, who.organization_id, patient, list(ref.document_ids))
         key = request.idempotency_key or str(uuid.uuid4())
         record_fields = {
             "target_organization_id": ref.target_organization_id,

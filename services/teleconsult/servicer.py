@@ -92,9 +92,11 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 "a consultation needs a patient, a consultant organisation and a kind",
                 reason="consultation-invalid",
             )
-        enterprise_id = await identity.registered_person(
-            self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
-        )
+        if c.consultant_organization_id == who.organization_id:
+            raise InvalidArgument("a consultation goes to another organisation", reason="self-consultation")
+        patient = common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
+        enterprise_id = await identity.registered_person(self._rt, patient)
+        await identity.require_own_documents(self._rt, who.organization_id, patient, list(c.document_ids))
         key = request.idempotency_key or str(uuid.uuid4())
         record_fields = {
             "consultant_organization_id": c.consultant_organization_id,

@@ -313,3 +313,86 @@ async def test_page_positions_beyond_64_bits_are_a_bad_request(region: Region) -
     )
     assert fhir.status_code == 400, fhir.text
     assert fhir.json()["resourceType"] == "OperationOutcome"
+
+
+# --- item 9: cross-tenant metadata ---------------------------------------------------------------
+
+
+async def test_cross_tenant_metadata_is_refused_with_a_reason(region: Region) -> None:
+    r = region
+    # B registers a patient of its own, then tries to hand out A's document through its workflows.
+    mine = person("令狐冲")
+    assert (await r.b.call("POST", "/api/v1/patients", json={"local_id": "LP-B2", **mine})).status_code == 201
+    a_patient = await r.a.call("GET", "/api/v1/patients/LP-A/cross-references")
+    enterprise_id = a_patient.json()["enterprise_id"]
+    referral = await r.b.call(
+        "POST",
+        "/api/v1/referrals",
+        purpose="referral",
+        json={
+            "patient_local_id": "LP-B2",
+            "target_organization_id": r.c.org_id,  # type: ignore[attr-defined]
+            "direction": "up",
+            "document_ids": [r.document_id],
+        },
+    )
+    assert (referral.status_code, referral.json()["error"]["reason"]) == (422, "document-not-own"), referral.text
+    consultation = await r.b.call(
+        "POST",
+        "/api/v1/consultations",
+        purpose="consultation",
+        json={
+            "patient_local_id": "LP-B2",
+            "consultant_organization_id": r.c.org_id,  # type: ignore[attr-defined]
+            "kind": "imaging",
+            "document_ids": [r.document_id],
+        },
+    )
+    assert (consultation.status_code, consultation.json()["error"]["reason"]) == (422, "document-not-own")
+    to_itself = await r.b.call(
+        "POST",
+        "/api/v1/referrals",
+        purpose="referral",
+        json={"patient_local_id": "LP-B2", "target_organization_id": r.b.org_id, "direction": "lateral"},  # type: ignore[attr-defined]
+    )
+    assert (to_itself.status_code, to_itself.json()["error"]["reason"]) == (400, "self-referral")
+    evidence = await r.b.call(
+        "POST",
+        "/api/v1/consent/directives",
+        json={
+            "patient_local_id": "LP-B2",
+            "policy_ids": ["urn:oid:2.16.156.10011.2.5.1"],
+            "evidence_document_id": r.document_id,
+            "provision": {"type": "deny"},
+        },
+    )
+    assert (evidence.status_code, evidence.json()["error"]["reason"]) == (422, "evidence-not-own"), evidence.text
+    # B's auditor asks the exchange to explain a decision about A's patient, whom B never registered.
+    auditor = Practitioner(id="AUD-B", name="院内审计", role="auditor", department="审计科")
+    explained = await r.b.call(
+        "POST",
+        "/api/v1/consent/explain",
+        purpose="audit",
+        as_user=auditor,
+        json={
+            "enterprise_id": enterprise_id,
+            "item": {"document_id": r.document_id, "source_organization_id": r.a.org_id},  # type: ignore[attr-defined]
+            "organization_id": r.b.org_id,  # type: ignore[attr-defined]
+        },
+    )
+    assert (explained.status_code, explained.json()["error"]["reason"]) == (404, "patient-not-found")
+    assert "Consent/" not in explained.text
+    # The same requests with B's own material are accepted.
+    own = await r.b.call("POST", "/api/v1/documents", json=document("LP-B2", "门诊病历".encode()))
+    accepted = await r.b.call(
+        "POST",
+        "/api/v1/referrals",
+        purpose="referral",
+        json={
+            "patient_local_id": "LP-B2",
+            "target_organization_id": r.c.org_id,  # type: ignore[attr-defined]
+            "direction": "up",
+            "document_ids": [own.json()["document_id"]],
+        },
+    )
+    assert accepted.status_code == 201, accepted.text
