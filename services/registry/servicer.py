@@ -74,10 +74,10 @@ def entry_message(
     shared = document_types.BY_SHARED_CODE.get(record.shared_type)
     return registry_pb2.DocumentEntry(
         document_id=record.id,
+        source_organization_id=record.source_organization_id,
         source_document_id=record.source_document_id,
         patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
         enterprise_id=record.enterprise_id,
-        source_organization_id=record.source_organization_id,
         author=registry_pb2.Author(
             practitioner_id=record.author_id,
             practitioner_name=record.author_name,
@@ -197,8 +197,14 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         enterprise_id: str,
         document_id: str,
         outcome: int = Outcome.OUTCOME_SUCCESS,
+        source_organization_id: str = "",
     ) -> str:
-        """An audit event in its own transaction (reads, and denied or failed accesses)."""
+        """An audit event in its own transaction (reads, and denied or failed accesses). A read of
+        another organisation's document names that organisation too: the authority's report of
+        registrations followed by cross-domain reads is built from it."""
+        entities = [("DocumentReference", document_id)]
+        if source_organization_id and source_organization_id != who.organization_id:
+            entities.append(("Organization", source_organization_id))
         async with self._rt.sessions() as session, session.begin():
             event_id = await self._rt.audit.record(
                 session,
@@ -207,7 +213,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 action=action,  # type: ignore[arg-type]
                 outcome=outcome,  # type: ignore[arg-type]
                 patient_enterprise_id=enterprise_id,
-                entities=[("DocumentReference", document_id)],
+                entities=entities,
             )
         self._rt.outbox.notify()
         return event_id
@@ -783,6 +789,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 outcome=Outcome.OUTCOME_MINOR_FAILURE,
                 enterprise_id=xref.enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             raise PermissionDenied("consent does not permit this access", reason="consent-denied")
         return record, xref.enterprise_id, related
@@ -793,7 +800,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         who = caller()
         record, enterprise_id, related = await self._readable(who, request.document_id, audit_type="document.read")
         event_id = await self._record(
-            who, type="document.read", action=Action.ACTION_READ, enterprise_id=enterprise_id, document_id=record.id
+            who,
+            type="document.read",
+            action=Action.ACTION_READ,
+            enterprise_id=enterprise_id,
+            document_id=record.id,
+            source_organization_id=record.source_organization_id,
         )
         return registry_pb2.GetDocumentEntryResponse(entry=entry_message(record, related), audit_event_ids=[event_id])
 
@@ -834,6 +846,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 outcome=Outcome.OUTCOME_SERIOUS_FAILURE,
                 enterprise_id=enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             return DataCorruption("stored document content failed its integrity check", reason="content-corrupt")
 
@@ -844,6 +857,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 action=Action.ACTION_READ,
                 enterprise_id=enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
             return
@@ -871,6 +885,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     action=Action.ACTION_READ,
                     enterprise_id=enterprise_id,
                     document_id=record.id,
+                    source_organization_id=record.source_organization_id,
                 )
                 yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
                 started = True

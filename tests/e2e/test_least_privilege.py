@@ -396,3 +396,27 @@ async def test_cross_tenant_metadata_is_refused_with_a_reason(region: Region) ->
         },
     )
     assert accepted.status_code == 201, accepted.text
+
+
+async def test_the_authority_sees_registrations_followed_by_cross_domain_reads(region: Region) -> None:
+    r = region
+    started = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    assert (await r.b.call("POST", "/api/v1/patients", json={"local_id": "LP-B", **r.patient})).status_code == 201
+    assert (await r.b.call("GET", f"/api/v1/documents/{r.document_id}/content")).status_code == 200
+    assert (await r.a.call("GET", f"/api/v1/documents/{r.document_id}/content")).status_code == 200  # its own
+    await r.exchange.audit_settled()
+    authority = await r.exchange.member(type="authority", scopes="system/AuditEvent.rs", name="市卫健委")
+    report = await authority.call(
+        "GET",
+        "/api/v1/audit/reports/registrations-then-reads",
+        params={"since": started.isoformat()},
+        purpose="audit",
+    )
+    assert report.status_code == 200, report.text
+    rows = {row["organization_id"]: row for row in report.json()["organizations"]}
+    b = rows[r.b.org_id]  # type: ignore[attr-defined]
+    assert (b["registrations"], b["cross_domain_reads"], b["patients_without_prior_encounter"]) == (1, 1, 1)
+    assert b["share_without_prior_encounter"] == 1.0
+    a = rows[r.a.org_id]  # type: ignore[attr-defined]
+    assert (a["registrations"], a["cross_domain_reads"]) == (1, 0)
+    await authority.aclose()
