@@ -20,13 +20,18 @@ from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
-from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, DataCorruption, FailedPrecondition, InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
+from services.shared.protection import TamperedCiphertextError
+from services.shared.protection.keyring import UnknownKeyError
 
 
-def _same_request(existing: ReferralRecord, fields: dict[str, object]) -> ReferralRecord:
-    """A retry must repeat the request it retries; the same key with another request is a conflict."""
-    if any(getattr(existing, name) != value for name, value in fields.items()):
+def _same_request(existing: ReferralRecord, fields: dict[str, object], reason: str) -> ReferralRecord:
+    """A retry must repeat the request it retries; the same key with another request is a conflict
+    (the reason compared as opened: it is stored encrypted)."""
+    if reason != fields["reason"] or any(
+        getattr(existing, name) != value for name, value in fields.items() if name != "reason"
+    ):
         raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
     return existing
 
@@ -37,7 +42,9 @@ def _ts(value: object) -> Timestamp:
     return ts
 
 
-def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | None = None) -> referral_pb2.Referral:
+def _message(
+    record: ReferralRecord, history: list[ReferralStateChangeRecord] | None = None, *, reason: str = ""
+) -> referral_pb2.Referral:
     created = Timestamp()
     created.FromDatetime(record.created_at)
     return referral_pb2.Referral(
@@ -57,7 +64,7 @@ def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | 
         requester_organization_id=record.requester_organization_id,
         target_organization_id=record.target_organization_id,
         direction=record.direction,  # type: ignore[arg-type]
-        reason=record.reason,
+        reason=reason,
         state=record.state,  # type: ignore[arg-type]
         document_ids=json.loads(record.document_ids),
         created=created,
@@ -67,6 +74,23 @@ def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | 
 class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
+        assert runtime.protection is not None  # the SPEC protects clinical free text
+        self._fields = runtime.protection.fields
+
+    # Clinical free text is stored encrypted with the field cipher the mpi uses, bound to its row.
+    def _seal(self, text: str, record_id: str) -> str:
+        return self._fields.encrypt(text, context=f"referral.reason:{record_id}") if text else ""
+
+    def _open(self, record: ReferralRecord) -> str:
+        try:
+            return self._fields.open_text(record.reason, context=f"referral.reason:{record.id}")
+        except (TamperedCiphertextError, UnknownKeyError):
+            raise DataCorruption("stored clinical text failed its integrity check", reason="content-corrupt") from None
+
+    def _msg(
+        self, record: ReferralRecord, history: list[ReferralStateChangeRecord] | None = None
+    ) -> referral_pb2.Referral:
+        return _message(record, history, reason=self._open(record))
 
     async def CreateReferral(
         self, request: referral_pb2.CreateReferralRequest, context: object
@@ -105,15 +129,18 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 )
             )
             if existing is not None:
-                return referral_pb2.CreateReferralResponse(referral=_message(_same_request(existing, record_fields)))
+                return referral_pb2.CreateReferralResponse(
+                    referral=self._msg(_same_request(existing, record_fields, self._open(existing)))
+                )
+            record_id = str(uuid.uuid4())
             record = ReferralRecord(
-                id=str(uuid.uuid4()),
+                id=record_id,
                 patient_domain=who.organization_id,
                 patient_local_id=ref.patient.local_id,
                 requester_organization_id=who.organization_id,
                 target_organization_id=ref.target_organization_id,
                 direction=int(ref.direction),
-                reason=ref.reason[:2000],
+                reason=self._seal(ref.reason[:2000], record_id),
                 state=referral_pb2.REFERRAL_STATE_REQUESTED,
                 document_ids=json.dumps(list(ref.document_ids)),
                 idempotency_key=key,
@@ -129,7 +156,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
-        return referral_pb2.CreateReferralResponse(referral=_message(record))
+        return referral_pb2.CreateReferralResponse(referral=self._msg(record))
 
     async def GetReferral(
         self, request: referral_pb2.GetReferralRequest, context: object
@@ -159,7 +186,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
-        return referral_pb2.GetReferralResponse(referral=_message(record, history))
+        return referral_pb2.GetReferralResponse(referral=self._msg(record, history))
 
     async def _transition(self, name: str, referral_id: str, reason: str) -> tuple[referral_pb2.Referral, list[str]]:
         """Move a referral as `name` says; the state change, its history row, the grant message
@@ -180,7 +207,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         decided = workflow.move(name, state=record.state, caller_party=party)
         if decided.repeated:
             async with self._rt.sessions() as session:
-                return _message(record, await _history(session, record.id)), []
+                return self._msg(record, await _history(session, record.id)), []
         person = await identity.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
@@ -229,7 +256,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             record.state = decided.to_state
             history = await _history(session, record.id)
         self._rt.outbox.notify()
-        return _message(record, history), [event_id]
+        return self._msg(record, history), [event_id]
 
     async def AcceptReferral(
         self, request: referral_pb2.AcceptReferralRequest, context: object

@@ -18,15 +18,20 @@ from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
-from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, DataCorruption, FailedPrecondition, InvalidArgument, NotFound
 from services.shared.process import ServiceRuntime
+from services.shared.protection import TamperedCiphertextError
+from services.shared.protection.keyring import UnknownKeyError
 from services.teleconsult import workflow
 from services.teleconsult.store import ConsultationRecord, ConsultationStateChangeRecord
 
 
-def _same_request(existing: ConsultationRecord, fields: dict[str, object]) -> ConsultationRecord:
-    """A retry must repeat the request it retries; the same key with another request is a conflict."""
-    if any(getattr(existing, name) != value for name, value in fields.items()):
+def _same_request(existing: ConsultationRecord, fields: dict[str, object], question: str) -> ConsultationRecord:
+    """A retry must repeat the request it retries; the same key with another request is a conflict
+    (the question compared as opened: it is stored encrypted)."""
+    if question != fields["question"] or any(
+        getattr(existing, name) != value for name, value in fields.items() if name != "question"
+    ):
         raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
     return existing
 
@@ -38,7 +43,7 @@ def _ts(value: object) -> Timestamp:
 
 
 def _message(
-    record: ConsultationRecord, history: list[ConsultationStateChangeRecord] | None = None
+    record: ConsultationRecord, history: list[ConsultationStateChangeRecord] | None = None, *, question: str = ""
 ) -> teleconsult_pb2.Consultation:
     created = Timestamp()
     created.FromDatetime(record.created_at)
@@ -60,7 +65,7 @@ def _message(
         consultant_organization_id=record.consultant_organization_id,
         kind=record.kind,  # type: ignore[arg-type]
         mode=record.mode,  # type: ignore[arg-type]
-        question=record.question,
+        question=question,
         state=record.state,  # type: ignore[arg-type]
         document_ids=json.loads(record.document_ids),
         created=created,
@@ -70,6 +75,23 @@ def _message(
 class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
+        assert runtime.protection is not None  # the SPEC protects clinical free text
+        self._fields = runtime.protection.fields
+
+    # Clinical free text is stored encrypted with the field cipher the mpi uses, bound to its row.
+    def _seal(self, text: str, record_id: str) -> str:
+        return self._fields.encrypt(text, context=f"teleconsult.question:{record_id}") if text else ""
+
+    def _open(self, record: ConsultationRecord) -> str:
+        try:
+            return self._fields.open_text(record.question, context=f"teleconsult.question:{record.id}")
+        except (TamperedCiphertextError, UnknownKeyError):
+            raise DataCorruption("stored clinical text failed its integrity check", reason="content-corrupt") from None
+
+    def _msg(
+        self, record: ConsultationRecord, history: list[ConsultationStateChangeRecord] | None = None
+    ) -> teleconsult_pb2.Consultation:
+        return _message(record, history, question=self._open(record))
 
     async def RequestConsultation(
         self, request: teleconsult_pb2.RequestConsultationRequest, context: object
@@ -115,17 +137,18 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
             if existing is not None:
                 return teleconsult_pb2.RequestConsultationResponse(
-                    consultation=_message(_same_request(existing, record_fields))
+                    consultation=self._msg(_same_request(existing, record_fields, self._open(existing)))
                 )
+            record_id = str(uuid.uuid4())
             record = ConsultationRecord(
-                id=str(uuid.uuid4()),
+                id=record_id,
                 patient_domain=who.organization_id,
                 patient_local_id=c.patient.local_id,
                 requester_organization_id=who.organization_id,
                 consultant_organization_id=c.consultant_organization_id,
                 kind=int(c.kind),
                 mode=int(c.mode or teleconsult_pb2.CONSULTATION_MODE_ASYNCHRONOUS),
-                question=c.question[:4000],
+                question=self._seal(c.question[:4000], record_id),
                 state=teleconsult_pb2.CONSULTATION_STATE_REQUESTED,
                 document_ids=json.dumps(list(c.document_ids)),
                 idempotency_key=key,
@@ -141,7 +164,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
-        return teleconsult_pb2.RequestConsultationResponse(consultation=_message(record))
+        return teleconsult_pb2.RequestConsultationResponse(consultation=self._msg(record))
 
     async def GetConsultation(
         self, request: teleconsult_pb2.GetConsultationRequest, context: object
@@ -170,7 +193,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
-        return teleconsult_pb2.GetConsultationResponse(consultation=_message(record, history))
+        return teleconsult_pb2.GetConsultationResponse(consultation=self._msg(record, history))
 
     async def _transition(
         self, name: str, consultation_id: str, reason: str
@@ -195,7 +218,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         decided = workflow.move(name, state=record.state, caller_party=party)
         if decided.repeated:
             async with self._rt.sessions() as session:
-                return _message(record, await _history(session, record.id)), []
+                return self._msg(record, await _history(session, record.id)), []
         person = await identity.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
@@ -245,7 +268,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             record.state = decided.to_state
             history = await _history(session, record.id)
         self._rt.outbox.notify()
-        return _message(record, history), [event_id]
+        return self._msg(record, history), [event_id]
 
     async def AcceptConsultation(
         self, request: teleconsult_pb2.AcceptConsultationRequest, context: object

@@ -420,3 +420,61 @@ async def test_the_authority_sees_registrations_followed_by_cross_domain_reads(r
     a = rows[r.a.org_id]  # type: ignore[attr-defined]
     assert (a["registrations"], a["cross_domain_reads"]) == (1, 0)
     await authority.aclose()
+
+
+# --- item 5: clinical free text encrypted at rest --------------------------------------------
+
+
+async def test_referral_reason_and_consultation_question_are_encrypted_at_rest(region: Region) -> None:
+    r = region
+    reason = "疑似急性心肌梗死，肌钙蛋白升高，请上级医院介入治疗"
+    question = "胸片右下肺阴影性质待定，请放射科会诊"
+    referral = await r.a.call(
+        "POST",
+        "/api/v1/referrals",
+        purpose="referral",
+        json={
+            "patient_local_id": "LP-A",
+            "target_organization_id": r.b.org_id,  # type: ignore[attr-defined]
+            "direction": "up",
+            "reason": reason,
+            "document_ids": [r.document_id],
+        },
+    )
+    assert referral.status_code == 201, referral.text
+    consultation = await r.a.call(
+        "POST",
+        "/api/v1/consultations",
+        purpose="consultation",
+        json={
+            "patient_local_id": "LP-A",
+            "consultant_organization_id": r.b.org_id,  # type: ignore[attr-defined]
+            "kind": "imaging",
+            "question": question,
+        },
+    )
+    assert consultation.status_code == 201, consultation.text
+    # The parties read them back in clear.
+    got = await r.a.call("GET", f"/api/v1/referrals/{referral.json()['referral_id']}", purpose="referral")
+    assert got.json()["reason"] == reason
+    asked = await r.a.call(
+        "GET", f"/api/v1/consultations/{consultation.json()['consultation_id']}", purpose="consultation"
+    )
+    assert asked.json()["question"] == question
+    # The databases hold ciphertext only.
+    for service, table, column, text in (
+        ("referral", "referral", "reason", reason),
+        ("teleconsult", "consultation", "question", question),
+    ):
+        runtime = r.exchange.services[service].runtime
+        async with runtime.engine.connect() as conn:
+            stored = [row[0] for row in await conn.exec_driver_sql(f"SELECT {column} FROM {table}")]  # noqa: S608
+        assert stored
+        assert all(value.startswith("e1:") or value == "" for value in stored)
+        if r.exchange.backend == "sqlite":
+            path = r.exchange.settings.data_dir / f"{service}.db"
+            assert path.stat().st_mode & 0o777 == 0o600
+            for file in (path, path.with_name(path.name + "-wal")):
+                if file.exists():
+                    assert text.encode() not in file.read_bytes()
+                    assert file.stat().st_mode & 0o777 == 0o600
