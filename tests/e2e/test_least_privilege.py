@@ -478,3 +478,24 @@ async def test_referral_reason_and_consultation_question_are_encrypted_at_rest(r
                 if file.exists():
                     assert text.encode() not in file.read_bytes()
                     assert file.stat().st_mode & 0o777 == 0o600
+
+
+# --- item 10: the API contract -----------------------------------------------------------------
+
+
+async def test_openapi_declares_error_responses_and_fhir_media_and_405_names_allowed_methods(
+    exchange: Exchange,
+) -> None:
+    async with httpx.AsyncClient() as http:
+        schema = (await http.get(f"{exchange.base_url}/openapi.json")).json()
+        not_allowed = await http.delete(f"{exchange.base_url}/api/v1/patients/search")
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert {"400", "401", "403", "404", "422"} <= set(operation["responses"]), (method, path)
+    search = schema["paths"]["/api/v1/patients/search"]["get"]["responses"]
+    assert search["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    fhir = schema["paths"]["/fhir/R4/Patient"]["get"]["responses"]
+    assert "application/fhir+json" in fhir["200"]["content"]
+    assert "application/fhir+json" in fhir["404"]["content"]
+    assert not_allowed.status_code == 405
+    assert "GET" in not_allowed.headers["allow"]
