@@ -70,8 +70,9 @@ class EndpointPolicy:
     (numeric forms such as `2852039166`, `0xa9fea9fe` or `169.254.43518` are addresses too) and
     delivery connects to the address checked. Whatever is configured, link-local addresses (the
     cloud metadata service), multicast, unspecified and reserved addresses and the exchange's own
-    service ports on a non-public address are never allowed; loopback only when
-    HIE_NOTIFY_ALLOW_LOOPBACK says so (tests that run the receiver on this machine).
+    service ports on a non-public address are never allowed; loopback only when configured
+    explicitly: named literally by a listed base URL, inside a listed network, or
+    HIE_NOTIFY_ALLOW_LOOPBACK (tests that run the receiver on this machine).
     """
 
     bases: dict[str, tuple[str, ...]]
@@ -148,13 +149,13 @@ class EndpointPolicy:
             return False  # never, whatever is configured: the metadata service lives here
         if port in self.own_ports and not ip.is_global:
             return False  # the exchange's own gRPC services and gateway
-        if ip.is_loopback:
-            return self.allow_loopback
         literal = _literal_ip(urlsplit(base).hostname or "")
         if literal is not None and literal == ip and self.enforced:
             return True  # the admin named this very address
         if any(ip in network for network in self.private_networks):
-            return True
+            return True  # the admin listed this network
+        if ip.is_loopback:
+            return self.allow_loopback  # otherwise only when configured explicitly (tests)
         if self.production:
             return ip.is_global
         return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import secrets
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from gateway.client import HospitalClient, Practitioner
@@ -28,6 +29,20 @@ def _born() -> str:
 
 def _code(response: object) -> str:
     return response.json()["issue"][0]["details"]["coding"][0]["code"]  # type: ignore[attr-defined]
+
+
+async def _task_of(steward: HospitalClient, domain: str, local_id: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The open review task with this record, paging through the region's queue."""
+    params = dict(kwargs.pop("params", {}))
+    while True:
+        listed = await steward.call(*args, params={**params, "page_size": 200}, **kwargs)
+        assert listed.status_code == 200, listed.text
+        for t in listed.json()["tasks"]:
+            if (domain, local_id) in {(r["domain"], r["local_id"]) for r in (t["patient"], t["candidate"])}:
+                return t
+        token = listed.json().get("next_page_token")
+        assert token, "task not found"
+        params["page_token"] = token
 
 
 async def test_pdqm_next_links_walk_every_match_once(exchange: Exchange) -> None:
@@ -144,13 +159,10 @@ async def test_stewards_claim_tasks_over_rest(exchange: Exchange) -> None:
     person = {"name": "王芳", "gender": "female", "birth_date": born}
     await a.call("POST", "/api/v1/patients", json={"local_id": "RA-1", **person, "phones": ["13811110001"]})
     await b.call("POST", "/api/v1/patients", json={"local_id": "RB-1", **person, "phones": ["13922220002"]})
-    listed = await ops.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "nobody"}, as_user=STEWARD)
-    assert listed.status_code == 200, listed.text
-    [task] = [
-        t
-        for t in listed.json()["tasks"]
-        if (b.org_id, "RB-1") in {(r["domain"], r["local_id"]) for r in (t["patient"], t["candidate"])}  # type: ignore[attr-defined]
-    ]
+    # The platform's stewards see the whole region's queue: page to this pair's task.
+    task = await _task_of(
+        ops, b.org_id, "RB-1", "GET", "/api/v1/mpi/review-tasks", params={"assigned": "nobody"}, as_user=STEWARD
+    )  # type: ignore[attr-defined]
     assert task["assignee"] is None
 
     claimed = await ops.call("POST", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=STEWARD)
