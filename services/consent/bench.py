@@ -171,7 +171,8 @@ async def run_bench(settings: Settings, keys: Path, batches: int) -> dict[str, A
     try:
         enterprise_id = str(uuid.uuid4())
         await _fill(running, enterprise_id)
-        request = consent_pb2.DecideRequest(enterprise_id=enterprise_id, items=_items())
+        # The requester registered the patient (the care relationship): every rule is evaluated.
+        request = consent_pb2.DecideRequest(enterprise_id=enterprise_id, items=_items(), requester_holds_record=True)
         metadata = _metadata(keys)
         rpc_times: list[float] = []
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -204,6 +205,8 @@ async def run_bench(settings: Settings, keys: Path, batches: int) -> dict[str, A
                 purpose_of_use=who.purpose_of_use,
                 department=who.department,
                 practitioner_id=who.practitioner_id,
+                role=who.role,
+                holds_record=True,
             )
             decision_only: list[float] = []
             for _ in range(batches):

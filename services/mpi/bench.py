@@ -443,9 +443,14 @@ async def _run(
         try:
             log(f"timing {len(held_out)} single registrations over gRPC …")
             metadata = {d: _metadata(keys_dir, d) for d in {d for _, d, _, _ in held_out}}
+            minted = time.monotonic()
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
                 stub = mpi_pb2_grpc.PatientIndexStub(channel)
                 for _, domain_id, local_id, fields in held_out:
+                    if time.monotonic() - minted > MAX_LIFETIME_SECONDS - 60:
+                        # User assertions live five minutes: sign fresh ones (outside the timing).
+                        metadata = {d: _metadata(keys_dir, d) for d in metadata}
+                        minted = time.monotonic()
                     request = mpi_pb2.RegisterPatientRequest(patient=_patient(local_id, fields))
                     begun = time.perf_counter()
                     try:
