@@ -99,7 +99,7 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
         for operation in operations.values():
             if path.startswith("/api/"):
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
-            _declare_errors(operation, fhir=fhir)
+            _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
     app.openapi_schema = schema
     return schema
 
@@ -123,6 +123,12 @@ _ERROR_SCHEMAS: dict[str, Any] = {
             }
         },
     },
+    # RFC 6749 §5.2: the token endpoint answers errors in OAuth's own form.
+    "OAuthError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+    },
     "OperationOutcome": {
         "type": "object",
         "required": ["resourceType", "issue"],
@@ -135,14 +141,16 @@ _ERROR_STATUSES = {
     "403": "scope, role or consent does not permit this",
     "404": "no such resource (or not visible to the caller)",
     "422": "the request cannot be processed in the resource's current state",
+    "405": "the method is not supported here (Allow names those that are)",
 }
 
 
-def _declare_errors(operation: dict[str, Any], *, fhir: bool) -> None:
+def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = False) -> None:
     """Declare the error responses the route gives, with their real body (FastAPI's default 422
     `HTTPValidationError` is not what the gateway answers: validation errors are 400), and
     application/fhir+json on FHIR routes."""
-    body = {"$ref": "#/components/schemas/OperationOutcome" if fhir else "#/components/schemas/Error"}
+    name = "OperationOutcome" if fhir else "OAuthError" if oauth else "Error"
+    body = {"$ref": f"#/components/schemas/{name}"}
     media = "application/fhir+json" if fhir else "application/json"
     responses = operation.setdefault("responses", {})
     for status, description in _ERROR_STATUSES.items():

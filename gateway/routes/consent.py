@@ -112,7 +112,11 @@ def timestamp(value: datetime.datetime | None, what: str) -> Timestamp | None:
     if value.tzinfo is None:
         raise ApiError(400, "time-zone-missing", f"{what} must carry a time zone")
     ts = Timestamp()
-    ts.FromDatetime(value.astimezone(datetime.UTC))
+    try:
+        ts.FromDatetime(value.astimezone(datetime.UTC))
+    except (OverflowError, ValueError):
+        # e.g. 0001-01-01T00:00:00+01:00 is before the first representable instant.
+        raise ApiError(400, "date-invalid", f"{what}: date out of range") from None
     return ts
 
 

@@ -499,3 +499,24 @@ async def test_openapi_declares_error_responses_and_fhir_media_and_405_names_all
     assert "application/fhir+json" in fhir["404"]["content"]
     assert not_allowed.status_code == 405
     assert "GET" in not_allowed.headers["allow"]
+
+
+async def test_a_directive_period_before_the_first_instant_is_a_bad_request(region: Region) -> None:
+    """Found by the schemathesis run: a period start at 0001-01-01 in a zone east of UTC cannot be
+    converted (OverflowError) — 400, not 500."""
+    revised = await r_put(region)
+    assert (revised.status_code, revised.json()["error"]["reason"]) == (400, "date-invalid"), revised.text
+
+
+async def r_put(r: Region) -> httpx.Response:
+    return await r.a.call(
+        "POST",
+        "/api/v1/consent/directives",
+        json={
+            "patient_local_id": "LP-A",
+            "policy_ids": ["urn:oid:2.16.156.10011.2.5.1"],
+            "evidence_document_id": "consent-form-LP-2",
+            "provision": {"type": "deny"},
+            "period": {"start": "0001-01-01T00:00:00+01:00"},
+        },
+    )
