@@ -75,7 +75,8 @@ class DirectiveRevisionIn(BaseModel):
     evidence_document_id: str = Field(default="", max_length=64)
     period: PeriodIn | None = None
     provision: ProvisionIn
-    expected_revision: int = Field(default=0, ge=0)
+    # int32 in the RPC: a larger number is refused as invalid (400), not a 500.
+    expected_revision: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 class BreakGlassIn(BaseModel):

@@ -520,3 +520,13 @@ async def r_put(r: Region) -> httpx.Response:
             "period": {"start": "0001-01-01T00:00:00+01:00"},
         },
     )
+
+
+async def test_an_expected_revision_beyond_int32_is_a_bad_request(region: Region) -> None:
+    """Found by the schemathesis run: expected_revision 2**31 overflowed the RPC's int32 (500)."""
+    revised = await region.a.call(
+        "PUT",
+        f"/api/v1/consent/directives/{uuid.uuid4()}",
+        json={"provision": {"type": "deny"}, "expected_revision": 2**31},
+    )
+    assert (revised.status_code, revised.json()["error"]["reason"]) == (400, "invalid-request"), revised.text
