@@ -96,10 +96,13 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
             "description": "The hospital's signed JWT naming the acting practitioner, role and purpose of use.",
         },
     }
+    schema["components"].setdefault("schemas", {}).update(_ERROR_SCHEMAS)
     for path, operations in schema.get("paths", {}).items():
-        if path.startswith("/api/"):
-            for operation in operations.values():
+        fhir = path.startswith("/fhir/")
+        for operation in operations.values():
+            if path.startswith("/api/"):
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
+            _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
     app.openapi_schema = schema
     return schema
 
@@ -117,6 +120,64 @@ async def _serving(channel: grpc.aio.Channel) -> bool:
     except grpc.aio.AioRpcError:
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# The error bodies every route may answer with (gateway/errors.py): JSON `{"error": …}` on the
+# REST API, a FHIR OperationOutcome on /fhir/.
+_ERROR_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["status", "reason", "message"],
+                "properties": {
+                    "status": {"type": "integer"},
+                    "reason": {"type": "string"},
+                    "message": {"type": "string"},
+                    "trace_id": {"type": "string"},
+                },
+            }
+        },
+    },
+    # RFC 6749 §5.2: the token endpoint answers errors in OAuth's own form.
+    "OAuthError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+    },
+    "OperationOutcome": {
+        "type": "object",
+        "required": ["resourceType", "issue"],
+        "properties": {"resourceType": {"const": "OperationOutcome"}, "issue": {"type": "array"}},
+    },
+}
+_ERROR_STATUSES = {
+    "400": "invalid request (reason names the problem)",
+    "401": "no valid access token or user assertion",
+    "403": "scope, role or consent does not permit this",
+    "404": "no such resource (or not visible to the caller)",
+    "422": "the request cannot be processed in the resource's current state",
+    "405": "the method is not supported here (Allow names those that are)",
+}
+
+
+def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = False) -> None:
+    """Declare the error responses the route gives, with their real body (FastAPI's default 422
+    `HTTPValidationError` is not what the gateway answers: validation errors are 400), and
+    application/fhir+json on FHIR routes."""
+    name = "OperationOutcome" if fhir else "OAuthError" if oauth else "Error"
+    body = {"$ref": f"#/components/schemas/{name}"}
+    media = "application/fhir+json" if fhir else "application/json"
+    responses = operation.setdefault("responses", {})
+    for status, description in _ERROR_STATUSES.items():
+        responses[status] = {"description": description, "content": {media: {"schema": body}}}
+    if fhir:
+        for status, response in responses.items():
+            content = response.get("content")
+            if status.startswith("2") and content and "application/json" in content:
+                content["application/fhir+json"] = content.pop("application/json")
 
 
 @dataclass
@@ -257,7 +318,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "no-route", 405: "method-not-allowed"}.get(exc.status_code, "http")
-        return error_response(request, ApiError(exc.status_code, reason, "request not served"))
+        # RFC 9110 §15.5.6: a 405 names the methods the resource supports (Starlette's `Allow`).
+        headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+        return error_response(request, ApiError(exc.status_code, reason, "request not served", headers=headers))
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:

@@ -40,7 +40,8 @@ ALLOWED_SCOPES: dict[str, tuple[str, ...]] = {
         "system/AuditEvent.rs",
     ),
     "authority": ("system/AuditEvent.rs", "system/Patient.rs", "system/DocumentReference.rs"),
-    "platform-admin": ("system/Patient.rs", "system/AuditEvent.rs"),
+    # The platform operator's data stewards work the mpi review queue (link, unlink, decide).
+    "platform-admin": ("system/Patient.rus", "system/AuditEvent.rs"),
 }
 
 

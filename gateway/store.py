@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 import uuid
 from typing import Any
 
-from sqlalchemy import MetaData, String, Text, delete, select
+from sqlalchemy import MetaData, String, Text, delete, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -86,6 +87,35 @@ async def remember_assertion(session: AsyncSession, *, jti: str, client_id: str,
     try:
         async with session.begin_nested():
             session.add(UsedAssertion(jti=jti, client_id=client_id, expires_at=expires_at))
+            await session.flush()
+    except IntegrityError:
+        return False
+    return True
+
+
+_PRUNE_EVERY_SECONDS = 30.0
+_last_prune = 0.0
+
+
+async def remember_user_assertion(
+    session: AsyncSession, *, jti: str, client_id: str, expires_at: datetime.datetime
+) -> bool:
+    """False if this client used this user assertion jti before (a replay). Kept in the same table
+    as client assertion jtis, in the client's own namespace; expired ones are pruned now and then
+    rather than on every request (this runs on every API call)."""
+    global _last_prune
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        # No wait for the WAL flush: a crash may forget the last jtis, reopening a replay window of
+        # at most one assertion lifetime (five minutes) for them; every request pays otherwise.
+        await session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    now = time.monotonic()
+    if now - _last_prune > _PRUNE_EVERY_SECONDS:
+        _last_prune = now
+        await session.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
+    key = f"user:{client_id}:{jti}"[:256]
+    try:
+        async with session.begin_nested():
+            session.add(UsedAssertion(jti=key, client_id=client_id[:64], expires_at=expires_at))
             await session.flush()
     except IntegrityError:
         return False

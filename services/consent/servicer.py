@@ -124,6 +124,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             department=who.department,
             practitioner_id=who.practitioner_id,
             action=request.action or "access",
+            role=who.role,
+            holds_record=request.requester_holds_record,
         )
         now = utcnow()
         consent = await self.cache.get(request.enterprise_id)
@@ -164,12 +166,25 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             )
         if request.purpose_of_use and request.purpose_of_use not in PURPOSES_OF_USE:
             raise InvalidArgument("unknown purpose of use", reason="purpose-invalid")
+        # The person's records decide two things: a hospital's auditor explains decisions about
+        # people its own domain registered only (another hospital's patient, and whether a
+        # directive of theirs exists, are not its business), and whether the requester holds a
+        # record of the person (the care relationship).
+        try:
+            person = await identity.cross_reference_by_enterprise_id(self._rt, request.enterprise_id)
+        except NotFound:
+            raise NotFound("no such patient", reason="patient-not-found") from None
+        domains = {r.domain for r in person.refs}
+        if who.organization_type == "hospital" and who.organization_id not in domains:
+            raise NotFound("no such patient", reason="patient-not-found")
         requester = fhir_consent.Requester(
             organization_id=request.organization_id[:64],
             purpose_of_use=request.purpose_of_use,
             department=request.department[:64],
             practitioner_id=request.practitioner_id[:64],
             action=request.action or "access",
+            role=request.role[:32] or policy.BREAK_GLASS_ROLE,
+            holds_record=request.organization_id in domains,
         )
         at = messages.moment(request.at, request.HasField("at")) or utcnow()
         item = messages.item_of(request.item)
@@ -218,6 +233,16 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             if who.organization_id not in {r.domain for r in person.refs}:
                 raise NotFound("no such directive", reason="directive-not-found")
         return record
+
+    async def _own_evidence(self, who: Caller, evidence: str) -> None:
+        """A directive's evidence is the signed form the recording organisation holds: an id that
+        names another organisation's registered document is refused (a reference to a local form,
+        not registered at the exchange, is the hospital's own)."""
+        entry = await identity.document_source(self._rt, evidence) if evidence else None
+        if entry is not None and entry.source_organization_id != who.organization_id:
+            raise FailedPrecondition(
+                "the evidence must be a document your organisation registered", reason="evidence-not-own"
+            )
 
     def _directive_content(
         self, message: consent_pb2.Directive
@@ -273,6 +298,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_role(*_DIRECTIVE_WRITERS)
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         enterprise_id = await self._own_patient(who, request.directive.patient)
+        await self._own_evidence(who, evidence)
         stored = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
         digest = _digest(request.directive.patient.local_id, stored, policy_ids, evidence, period)
         key = request.idempotency_key[:128] or str(uuid.uuid4())
@@ -379,6 +405,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_role(*_DIRECTIVE_WRITERS)
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         found = await self._visible_directive(who, request.directive.directive_id)
+        await self._own_evidence(who, evidence)
         async with self._rt.sessions() as session, session.begin():
             record = await session.get(store.DirectiveRecord, found.id, with_for_update=True)
             assert record is not None  # directives are never deleted

@@ -179,6 +179,7 @@ def break_glass_of(record: BreakGlassRecord) -> BreakGlass:
         practitioner_id=record.practitioner_id,
         starts=record.starts,
         expires=record.expires,
+        department=record.department,
     )
 
 

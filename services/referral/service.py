@@ -20,4 +20,11 @@ def _build(runtime: ServiceRuntime) -> list:
     ]
 
 
-SPEC = ServiceSpec(name="referral", metadata=metadata, versions=Path(__file__).parent / "migrations", build=_build)
+SPEC = ServiceSpec(
+    name="referral",
+    metadata=metadata,
+    versions=Path(__file__).parent / "migrations",
+    build=_build,
+    # Clinical free text (referral reason / consultation question) is field-encrypted.
+    protects_personal_data=True,
+)

@@ -20,14 +20,19 @@ from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
-from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, DataCorruption, FailedPrecondition, InvalidArgument, NotFound
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
+from services.shared.protection import TamperedCiphertextError
+from services.shared.protection.keyring import UnknownKeyError
 
 
-def _same_request(existing: ReferralRecord, fields: dict[str, object]) -> ReferralRecord:
-    """A retry must repeat the request it retries; the same key with another request is a conflict."""
-    if any(getattr(existing, name) != value for name, value in fields.items()):
+def _same_request(existing: ReferralRecord, fields: dict[str, object], reason: str) -> ReferralRecord:
+    """A retry must repeat the request it retries; the same key with another request is a conflict
+    (the reason compared as opened: it is stored encrypted)."""
+    if reason != fields["reason"] or any(
+        getattr(existing, name) != value for name, value in fields.items() if name != "reason"
+    ):
         raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
     return existing
 
@@ -38,7 +43,9 @@ def _ts(value: object) -> Timestamp:
     return ts
 
 
-def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | None = None) -> referral_pb2.Referral:
+def _message(
+    record: ReferralRecord, history: list[ReferralStateChangeRecord] | None = None, *, reason: str = ""
+) -> referral_pb2.Referral:
     created = Timestamp()
     created.FromDatetime(record.created_at)
     return referral_pb2.Referral(
@@ -58,7 +65,7 @@ def _message(record: ReferralRecord, history: list[ReferralStateChangeRecord] | 
         requester_organization_id=record.requester_organization_id,
         target_organization_id=record.target_organization_id,
         direction=record.direction,  # type: ignore[arg-type]
-        reason=record.reason,
+        reason=reason,
         state=record.state,  # type: ignore[arg-type]
         document_ids=json.loads(record.document_ids),
         created=created,
@@ -80,6 +87,23 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
         self._answers = FirstAnswers(idempotent_answers)
+        assert runtime.protection is not None  # the SPEC protects clinical free text
+        self._fields = runtime.protection.fields
+
+    # Clinical free text is stored encrypted with the field cipher the mpi uses, bound to its row.
+    def _seal(self, text: str, record_id: str) -> str:
+        return self._fields.encrypt(text, context=f"referral.reason:{record_id}") if text else ""
+
+    def _open(self, record: ReferralRecord) -> str:
+        try:
+            return self._fields.open_text(record.reason, context=f"referral.reason:{record.id}")
+        except (TamperedCiphertextError, UnknownKeyError):
+            raise DataCorruption("stored clinical text failed its integrity check", reason="content-corrupt") from None
+
+    def _msg(
+        self, record: ReferralRecord, history: list[ReferralStateChangeRecord] | None = None
+    ) -> referral_pb2.Referral:
+        return _message(record, history, reason=self._open(record))
 
     async def CreateReferral(
         self, request: referral_pb2.CreateReferralRequest, context: object
@@ -97,9 +121,11 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         ref = request.referral
         if not ref.patient.local_id or not ref.target_organization_id:
             raise InvalidArgument("a referral needs a patient and a target organisation", reason="referral-invalid")
-        enterprise_id = await identity.registered_person(
-            self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
-        )
+        if ref.target_organization_id == who.organization_id:
+            raise InvalidArgument("a referral goes to another organisation", reason="self-referral")
+        patient = common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
+        enterprise_id = await identity.registered_person(self._rt, patient)
+        await identity.require_own_documents(self._rt, who.organization_id, patient, list(ref.document_ids))
         given_key = check_key(request.idempotency_key)
         key = given_key or str(uuid.uuid4())
         request_fingerprint = fingerprint(_CREATE_OPERATION, request)
@@ -118,7 +144,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 )
             )
             if existing is not None:
-                _same_request(existing, record_fields)
+                _same_request(existing, record_fields, self._open(existing))
                 first = await self._answers.first(
                     session,
                     organization_id=who.organization_id,
@@ -128,15 +154,16 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     response_type=referral_pb2.CreateReferralResponse,
                 )
                 # The first answer; created before answers were kept: the referral as it is now.
-                return first if first is not None else referral_pb2.CreateReferralResponse(referral=_message(existing))
+                return first if first is not None else referral_pb2.CreateReferralResponse(referral=self._msg(existing))
+            record_id = str(uuid.uuid4())
             record = ReferralRecord(
-                id=str(uuid.uuid4()),
+                id=record_id,
                 patient_domain=who.organization_id,
                 patient_local_id=ref.patient.local_id,
                 requester_organization_id=who.organization_id,
                 target_organization_id=ref.target_organization_id,
                 direction=int(ref.direction),
-                reason=ref.reason[:2000],
+                reason=self._seal(ref.reason[:2000], record_id),
                 state=referral_pb2.REFERRAL_STATE_REQUESTED,
                 document_ids=json.dumps(list(ref.document_ids)),
                 idempotency_key=key,
@@ -151,7 +178,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
-            answer = referral_pb2.CreateReferralResponse(referral=_message(record))
+            answer = referral_pb2.CreateReferralResponse(referral=self._msg(record))
             if given_key:
                 await self._answers.keep(
                     session,
@@ -192,7 +219,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
-        return referral_pb2.GetReferralResponse(referral=_message(record, history))
+        return referral_pb2.GetReferralResponse(referral=self._msg(record, history))
 
     async def _first_move(self, who: Caller, key: str, operation: str, request_fingerprint: str) -> _Moved | None:
         if not key:
@@ -233,7 +260,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         decided = workflow.move(name, state=record.state, caller_party=party)
         if decided.repeated:
             async with self._rt.sessions() as session:
-                return _message(record, await _history(session, record.id)), []
+                return self._msg(record, await _history(session, record.id)), []
         person = await identity.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
@@ -281,7 +308,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             )
             record.state = decided.to_state
             history = await _history(session, record.id)
-            answer = _Moved(referral=_message(record, history), audit_event_ids=[event_id])
+            answer = _Moved(referral=self._msg(record, history), audit_event_ids=[event_id])
             if key:
                 await self._answers.keep(
                     session,

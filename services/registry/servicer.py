@@ -120,10 +120,10 @@ def entry_message(
     shared = document_types.BY_SHARED_CODE.get(record.shared_type)
     return registry_pb2.DocumentEntry(
         document_id=record.id,
+        source_organization_id=record.source_organization_id,
         source_document_id=record.source_document_id,
         patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
         enterprise_id=record.enterprise_id,
-        source_organization_id=record.source_organization_id,
         author=registry_pb2.Author(
             practitioner_id=record.author_id,
             practitioner_name=record.author_name,
@@ -210,11 +210,15 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
         return consent_pb2_grpc.ConsentDecisionPointStub(self._rt.channel("consent"))
 
-    async def _decide(self, enterprise_id: str, entries: list[store.EntryLike]) -> dict[str, consent_pb2.ItemDecision]:
+    async def _decide(
+        self, xref: mpi_pb2.CrossReferenceResponse, entries: list[store.EntryLike]
+    ) -> dict[str, consent_pb2.ItemDecision]:
         if not entries:
             return {}
         request = consent_pb2.DecideRequest(
-            enterprise_id=enterprise_id,
+            enterprise_id=xref.enterprise_id,
+            # The care relationship: the caller's organisation registered the person itself.
+            requester_holds_record=caller().organization_id in {r.domain for r in xref.refs},
             items=[
                 consent_pb2.DecisionItem(
                     item_id=e.id,
@@ -243,8 +247,14 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         enterprise_id: str,
         document_id: str,
         outcome: int = Outcome.OUTCOME_SUCCESS,
+        source_organization_id: str = "",
     ) -> str:
-        """An audit event in its own transaction (reads, and denied or failed accesses)."""
+        """An audit event in its own transaction (reads, and denied or failed accesses). A read of
+        another organisation's document names that organisation too: the authority's report of
+        registrations followed by cross-domain reads is built from it."""
+        entities = [("DocumentReference", document_id)]
+        if source_organization_id and source_organization_id != who.organization_id:
+            entities.append(("Organization", source_organization_id))
         async with self._rt.sessions() as session, session.begin():
             event_id = await self._rt.audit.record(
                 session,
@@ -253,7 +263,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 action=action,  # type: ignore[arg-type]
                 outcome=outcome,  # type: ignore[arg-type]
                 patient_enterprise_id=enterprise_id,
-                entities=[("DocumentReference", document_id)],
+                entities=entities,
             )
         self._rt.outbox.notify()
         return event_id
@@ -945,7 +955,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 after=after,
                 limit=limit,
             )
-            decisions = await self._decide(xref.enterprise_id, rows)
+            decisions = await self._decide(xref, rows)
             for row in rows:
                 decision = decisions.get(row.id)
                 # A document consent denies is absent from the result, not an error.
@@ -969,7 +979,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         permits the caller; a denial is audited and answered PERMISSION_DENIED."""
         who.require_scope("DocumentReference", "r")
         who.require_role(*_READERS)
-        who.require_purpose()
+        if not who.is_platform:
+            who.require_purpose()
         document_id = _document_id(document_id)
         async with self._rt.sessions() as session:
             record = await session.get(store.DocumentEntryRecord, document_id)
@@ -983,7 +994,11 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 ),
                 store.related_to(session, document_id),
             )
-        decision = (await self._decide(xref.enterprise_id, [record])).get(record.id)
+        if who.is_platform:
+            # An exchange service checking, for an operation whose caller it already checked, whose
+            # document an id names (referral attachments, a directive's evidence): no clinical read.
+            return record, xref.enterprise_id, related
+        decision = (await self._decide(xref, [record])).get(record.id)
         if decision is None or decision.decision != consent_pb2.DECISION_PERMIT:
             await self._record(
                 who,
@@ -992,6 +1007,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 outcome=Outcome.OUTCOME_MINOR_FAILURE,
                 enterprise_id=xref.enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             raise PermissionDenied("consent does not permit this access", reason="consent-denied")
         return record, xref.enterprise_id, related
@@ -1002,7 +1018,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         who = caller()
         record, enterprise_id, related = await self._readable(who, request.document_id, audit_type="document.read")
         event_id = await self._record(
-            who, type="document.read", action=Action.ACTION_READ, enterprise_id=enterprise_id, document_id=record.id
+            who,
+            type="document.read",
+            action=Action.ACTION_READ,
+            enterprise_id=enterprise_id,
+            document_id=record.id,
+            source_organization_id=record.source_organization_id,
         )
         return registry_pb2.GetDocumentEntryResponse(entry=entry_message(record, related), audit_event_ids=[event_id])
 
@@ -1043,6 +1064,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 outcome=Outcome.OUTCOME_SERIOUS_FAILURE,
                 enterprise_id=enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             return DataCorruption("stored document content failed its integrity check", reason="content-corrupt")
 
@@ -1053,6 +1075,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 action=Action.ACTION_READ,
                 enterprise_id=enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
             return
@@ -1080,6 +1103,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     action=Action.ACTION_READ,
                     enterprise_id=enterprise_id,
                     document_id=record.id,
+                    source_organization_id=record.source_organization_id,
                 )
                 yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
                 started = True

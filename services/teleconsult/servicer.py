@@ -18,16 +18,21 @@ from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, grant_message
 from services.shared.db import utcnow
-from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.errors import AlreadyExists, DataCorruption, FailedPrecondition, InvalidArgument, NotFound
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
+from services.shared.protection import TamperedCiphertextError
+from services.shared.protection.keyring import UnknownKeyError
 from services.teleconsult import workflow
 from services.teleconsult.store import ConsultationRecord, ConsultationStateChangeRecord, idempotent_answers
 
 
-def _same_request(existing: ConsultationRecord, fields: dict[str, object]) -> ConsultationRecord:
-    """A retry must repeat the request it retries; the same key with another request is a conflict."""
-    if any(getattr(existing, name) != value for name, value in fields.items()):
+def _same_request(existing: ConsultationRecord, fields: dict[str, object], question: str) -> ConsultationRecord:
+    """A retry must repeat the request it retries; the same key with another request is a conflict
+    (the question compared as opened: it is stored encrypted)."""
+    if question != fields["question"] or any(
+        getattr(existing, name) != value for name, value in fields.items() if name != "question"
+    ):
         raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
     return existing
 
@@ -39,7 +44,7 @@ def _ts(value: object) -> Timestamp:
 
 
 def _message(
-    record: ConsultationRecord, history: list[ConsultationStateChangeRecord] | None = None
+    record: ConsultationRecord, history: list[ConsultationStateChangeRecord] | None = None, *, question: str = ""
 ) -> teleconsult_pb2.Consultation:
     created = Timestamp()
     created.FromDatetime(record.created_at)
@@ -61,7 +66,7 @@ def _message(
         consultant_organization_id=record.consultant_organization_id,
         kind=record.kind,  # type: ignore[arg-type]
         mode=record.mode,  # type: ignore[arg-type]
-        question=record.question,
+        question=question,
         state=record.state,  # type: ignore[arg-type]
         document_ids=json.loads(record.document_ids),
         created=created,
@@ -78,6 +83,23 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
         self._answers = FirstAnswers(idempotent_answers)
+        assert runtime.protection is not None  # the SPEC protects clinical free text
+        self._fields = runtime.protection.fields
+
+    # Clinical free text is stored encrypted with the field cipher the mpi uses, bound to its row.
+    def _seal(self, text: str, record_id: str) -> str:
+        return self._fields.encrypt(text, context=f"teleconsult.question:{record_id}") if text else ""
+
+    def _open(self, record: ConsultationRecord) -> str:
+        try:
+            return self._fields.open_text(record.question, context=f"teleconsult.question:{record.id}")
+        except (TamperedCiphertextError, UnknownKeyError):
+            raise DataCorruption("stored clinical text failed its integrity check", reason="content-corrupt") from None
+
+    def _msg(
+        self, record: ConsultationRecord, history: list[ConsultationStateChangeRecord] | None = None
+    ) -> teleconsult_pb2.Consultation:
+        return _message(record, history, question=self._open(record))
 
     async def RequestConsultation(
         self, request: teleconsult_pb2.RequestConsultationRequest, context: object
@@ -100,9 +122,11 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 "a consultation needs a patient, a consultant organisation and a kind",
                 reason="consultation-invalid",
             )
-        enterprise_id = await identity.registered_person(
-            self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
-        )
+        if c.consultant_organization_id == who.organization_id:
+            raise InvalidArgument("a consultation goes to another organisation", reason="self-consultation")
+        patient = common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
+        enterprise_id = await identity.registered_person(self._rt, patient)
+        await identity.require_own_documents(self._rt, who.organization_id, patient, list(c.document_ids))
         given_key = check_key(request.idempotency_key)
         key = given_key or str(uuid.uuid4())
         request_fingerprint = fingerprint(_REQUEST_OPERATION, request)
@@ -122,7 +146,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 )
             )
             if existing is not None:
-                _same_request(existing, record_fields)
+                _same_request(existing, record_fields, self._open(existing))
                 first = await self._answers.first(
                     session,
                     organization_id=who.organization_id,
@@ -134,16 +158,17 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 # The first answer; requested before answers were kept: the consultation as it is now.
                 if first is not None:
                     return first
-                return teleconsult_pb2.RequestConsultationResponse(consultation=_message(existing))
+                return teleconsult_pb2.RequestConsultationResponse(consultation=self._msg(existing))
+            record_id = str(uuid.uuid4())
             record = ConsultationRecord(
-                id=str(uuid.uuid4()),
+                id=record_id,
                 patient_domain=who.organization_id,
                 patient_local_id=c.patient.local_id,
                 requester_organization_id=who.organization_id,
                 consultant_organization_id=c.consultant_organization_id,
                 kind=int(c.kind),
                 mode=int(c.mode or teleconsult_pb2.CONSULTATION_MODE_ASYNCHRONOUS),
-                question=c.question[:4000],
+                question=self._seal(c.question[:4000], record_id),
                 state=teleconsult_pb2.CONSULTATION_STATE_REQUESTED,
                 document_ids=json.dumps(list(c.document_ids)),
                 idempotency_key=key,
@@ -158,7 +183,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
-            answer = teleconsult_pb2.RequestConsultationResponse(consultation=_message(record))
+            answer = teleconsult_pb2.RequestConsultationResponse(consultation=self._msg(record))
             if given_key:
                 await self._answers.keep(
                     session,
@@ -198,7 +223,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 entities=[("ServiceRequest", record.id)],
             )
         self._rt.outbox.notify()
-        return teleconsult_pb2.GetConsultationResponse(consultation=_message(record, history))
+        return teleconsult_pb2.GetConsultationResponse(consultation=self._msg(record, history))
 
     async def _first_move(self, who: Caller, key: str, operation: str, request_fingerprint: str) -> _Moved | None:
         if not key:
@@ -241,7 +266,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         decided = workflow.move(name, state=record.state, caller_party=party)
         if decided.repeated:
             async with self._rt.sessions() as session:
-                return _message(record, await _history(session, record.id)), []
+                return self._msg(record, await _history(session, record.id)), []
         person = await identity.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
@@ -290,7 +315,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
             record.state = decided.to_state
             history = await _history(session, record.id)
-            answer = _Moved(consultation=_message(record, history), audit_event_ids=[event_id])
+            answer = _Moved(consultation=self._msg(record, history), audit_event_ids=[event_id])
             if key:
                 await self._answers.keep(
                     session,

@@ -113,7 +113,8 @@ async def _decide(
     stub: consent_pb2_grpc.ConsentDecisionPointStub, s: Scene, items: list[consent_pb2.DecisionItem], **meta: object
 ) -> list[consent_pb2.ItemDecision]:
     reply = await stub.Decide(
-        consent_pb2.DecideRequest(enterprise_id=s.enterprise_id, items=items),
+        # B registered the patient too: the care relationship the registry checks and passes on.
+        consent_pb2.DecideRequest(enterprise_id=s.enterprise_id, items=items, requester_holds_record=True),
         metadata=s.meta(s.b_org, **meta),  # type: ignore[arg-type]
     )
     return list(reply.decisions)

@@ -67,7 +67,8 @@ class Hospital:
             "iat": now,
             "exp": now + 120,
             "org": self.org,
-            "org_type": self.org_type,
+            # Data stewards are the platform operator's staff (services/shared/user_assertion.py).
+            "org_type": "platform-admin" if role == "data-steward" else self.org_type,
             "scope": "system/Patient.crus",
             "client_jkt": [public_jwk(hospital_key)["kid"]],
         }
