@@ -276,6 +276,9 @@ def _entity_what(type: str, id: str) -> dict[str, Any]:
     of the person, not a Patient id; records are `<domain>|<local id>`)."""
     if type in _RESOLVABLE_TYPES and _FHIR_ID.fullmatch(id):
         return {"reference": f"{type}/{id}"}
+    if type == "Organization":
+        # The same identifier system as the agent's organisation.
+        return {"identifier": {"system": "urn:hie:organization", "value": id}}
     return {"identifier": {"system": f"urn:hie:entity:{type or 'unknown'}", "value": id}}
 
 

@@ -733,7 +733,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             )
             more, sets = len(sets) > size, sets[:size]
             members = await store.entries_by_ids(session, [d for s in sets for d in s.document_ids.split()])
-            decisions = await self._decide(xref.enterprise_id, members)
+            decisions = await self._decide(xref, members)
             visible = {d for d, decision in decisions.items() if decision.decision == consent_pb2.DECISION_PERMIT}
             found = []
             for s in sets:

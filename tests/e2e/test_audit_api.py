@@ -536,7 +536,8 @@ async def test_fhir_search_maps_audit_events(scenario: Scenario) -> None:
                 },
             },
             {
-                "what": {"reference": f"Organization/{s.a_org}"},
+                # The facade serves no Organization by id: an identifier, as for the agent.
+                "what": {"identifier": {"system": "urn:hie:organization", "value": s.a_org}},
                 "type": {
                     "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
                     "code": "2",

@@ -21,7 +21,7 @@ from authlib.oauth2.rfc7523 import PrivateKeyJWT
 from fhirpy import AsyncFHIRClient
 from joserfc.jwk import ECKey
 
-from gateway.client import HospitalClient, user_assertion
+from gateway.client import FreshUserAssertionHeaders, HospitalClient
 from services.shared.keys import private_pem, public_jwk
 from tests.conftest import Exchange
 from tests.factories import fresh_national_id, person
@@ -58,7 +58,7 @@ class Hospital:
 
     client: HospitalClient
     fhir: AsyncFHIRClient
-    headers: dict[str, str]
+    headers: FreshUserAssertionHeaders
     org_id: str
 
     @property
@@ -109,10 +109,10 @@ class Hospital:
 async def hospital(exchange: Exchange, name: str) -> Hospital:
     client = await exchange.member(name=name, scopes=SCOPES)
     token = await authlib_token(client)
-    assertion = user_assertion(
-        key=client.key, client_id=client.client_id, practitioner=client.practitioner, purpose="treatment", lifetime=900
+    # A user assertion is taken once: every request (fhirpy's too) reads a newly signed one.
+    headers = FreshUserAssertionHeaders(
+        key=client.key, client_id=client.client_id, practitioner=client.practitioner, purpose="treatment", token=token
     )
-    headers = {"Authorization": f"Bearer {token}", "X-HIE-User-Assertion": assertion}
     fhir = AsyncFHIRClient(f"{client.base_url}/fhir/R4", authorization=headers["Authorization"], extra_headers=headers)
     return Hospital(client=client, fhir=fhir, headers=headers, org_id=client.org_id)  # type: ignore[attr-defined]
 
