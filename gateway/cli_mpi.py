@@ -19,6 +19,8 @@ from services.shared.config import Settings
 
 app = typer.Typer(help="The master patient index.", no_args_is_help=True)
 MLLP_PORT = 2575
+# Below this many records an EM estimate rests on a handful of matches (degenerate weights).
+MIN_ESTIMATE_RECORDS = 2_000
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Exchange data directory")]
 DatabaseUrl = Annotated[str, typer.Option(envvar="HIE_DATABASE_URL", help="Default: SQLite under the data dir")]
@@ -38,7 +40,8 @@ def _settings(data_dir: Path, database_url: str) -> Settings:
 @app.command("weights")
 def weights(
     parameters: ParametersFile = None,
-    estimate: Annotated[int, typer.Option(help="Re-estimate m/u by EM from up to N stored records")] = 0,
+    estimate: Annotated[bool, typer.Option(help="Re-estimate m/u by EM from the stored records")] = False,
+    sample: Annotated[int, typer.Option(min=1, help="Records to estimate from (with --estimate)")] = 20_000,
     write: Annotated[Path | None, typer.Option(help="Write the (estimated) parameters as JSON here")] = None,
     data_dir: DataDir = Path(".hie"),
     database_url: DatabaseUrl = "",
@@ -52,12 +55,20 @@ def weights(
 
         async def run() -> object:
             async with open_index(_settings(data_dir, database_url), params=params) as handle:
-                return await estimate_from_index(handle, sample=estimate)
+                return await estimate_from_index(handle, sample=sample)
 
-        params = asyncio.run(run())  # type: ignore[assignment]
+        estimated = asyncio.run(run())
+        params = estimated.parameters  # type: ignore[attr-defined]
         typer.echo(
-            f"estimated by EM from candidate pairs of up to {estimate} records (prior match {params.prior_match:.4f})"
+            f"estimated by EM from {estimated.records} records: {estimated.candidate_pairs} candidate pairs, "  # type: ignore[attr-defined]
+            f"{estimated.random_pairs} random pairs (prior match {params.prior_match:.4f})"  # type: ignore[attr-defined]
         )
+        if estimated.records < MIN_ESTIMATE_RECORDS:  # type: ignore[attr-defined]
+            typer.echo(
+                f"warning: too few records to estimate from (fewer than {MIN_ESTIMATE_RECORDS}): the weights "
+                "below are unreliable; keep the shipped parameters until more records are loaded",
+                err=True,
+            )
     typer.echo(f"link threshold   {params.link_threshold:>8.2f} bits (at or above: automatic link)")
     typer.echo(f"review threshold {params.review_threshold:>8.2f} bits (between: review task; below: new person)")
     typer.echo(
@@ -72,9 +83,18 @@ def weights(
         typer.echo(f"written to {write}")
 
 
-@app.command("load")
+_LOAD_HELP = (
+    "Load a hospital's historical patients in batches, resumable: run it again after an interruption.\n\n"
+    "Target fields (a column named like one maps to it; others with --map csvcol=field): "
+    "local_id (required), family, given, name, gender, birth_date (YYYY-MM-DD, YYYYMMDD, YYYY/MM/DD; "
+    "a date that is no valid date is left out, the record kept), national_id, phone (, or ; "
+    "separated), address, province, city, district, postcode, identifier:<system>."
+)
+
+
+@app.command("load", help=_LOAD_HELP)
 def load(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV with a header row, UTF-8")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV with a header row")],
     domain: Annotated[str, typer.Option("--domain", help="The hospital (organisation id) whose records these are")],
     map_: Annotated[list[str] | None, typer.Option("--map", help="csvcol=field (repeatable)")] = None,
     batch: Annotated[int, typer.Option(min=1, max=5000, help="Rows per transaction")] = 500,
@@ -82,21 +102,26 @@ def load(
         Path | None, typer.Option(help="Rejected rows (row number, reason); default FILE.rejects.csv")
     ] = None,
     check_domain: Annotated[bool, typer.Option(help="Require a registered, active hospital")] = True,
+    encoding: Annotated[
+        str, typer.Option(help="The file's encoding: utf-8 (default; a BOM is skipped), gb18030 or gbk")
+    ] = "utf-8",
     data_dir: DataDir = Path(".hie"),
     database_url: DatabaseUrl = "",
 ) -> None:
-    """Load a hospital's historical patients in batches, resumable: run it again after an interruption."""
     from tqdm import tqdm
 
-    from services.mpi.bulk import load_csv
+    from services.mpi.bulk import EncodingError, check_encoding, codec_of, load_csv
     from services.mpi.standalone import open_index
 
     settings = _settings(data_dir, database_url)
+    try:
+        total = check_encoding(file, codec_of(encoding))
+    except EncodingError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     if check_domain and not asyncio.run(_is_hospital(settings, domain)):
         typer.echo("the domain is not a registered, active hospital (see `hie org list`)", err=True)
         raise typer.Exit(2)
-    with file.open(encoding="utf-8-sig") as handle:
-        total = max(sum(1 for _ in handle) - 1, 0)
     rejects_file = rejects or file.with_suffix(".rejects.csv")
 
     async def run() -> object:
@@ -110,6 +135,7 @@ def load(
                     rejects=rejects_file,
                     batch_size=batch,
                     progress=bar.update,
+                    encoding=encoding,
                 )
 
     try:
@@ -118,12 +144,17 @@ def load(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     counts = report.counts  # type: ignore[attr-defined]
+    if report.already_loaded:  # type: ignore[attr-defined]
+        typer.echo(f"{file.name} was already loaded into {domain} ({counts.rows} rows): nothing changed")
+        return
     if report.resumed_from:  # type: ignore[attr-defined]
         typer.echo(f"resumed after row {report.resumed_from}")  # type: ignore[attr-defined]
     typer.echo(
         f"rows {counts.rows}: new {counts.new}, linked {counts.linked}, review {counts.review}, "
         f"updated {counts.updated}, rejected {counts.rejected} (reasons in {rejects_file})"
     )
+    if counts.birth_dates_dropped:
+        typer.echo(f"{counts.birth_dates_dropped} birth dates left out (not a valid date; the records kept)")
 
 
 async def _is_hospital(settings: Settings, org_id: str) -> bool:

@@ -9,6 +9,7 @@ import asyncio
 import csv
 import hashlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -222,6 +223,8 @@ class LoadCounts:
     updated: int = 0
     rejected: int = 0
     rows: int = 0
+    # Records kept without their birth date (not a valid date).
+    birth_dates_dropped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -235,6 +238,8 @@ class LoadReport:
     seconds: float = 0.0
     rejects_file: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    # The whole file had been loaded by an earlier run: nothing was read or changed.
+    already_loaded: bool = False
 
 
 def column_map(mapping: list[str], header: list[str]) -> dict[str, str]:
@@ -252,8 +257,31 @@ def column_map(mapping: list[str], header: list[str]) -> dict[str, str]:
     return result
 
 
+_DATE_SEPARATORS = str.maketrans({"/": "-", ".": "-"})
+_DATE_SHAPE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def birth_date_text(value: str) -> str:
+    """A birth date as exported, in ISO form: YYYY-MM-DD, YYYYMMDD, YYYY/MM/DD or YYYY.MM.DD;
+    "" when it has a date's shape but is no valid date (a typo such as 19651332, or out of
+    range): the record is kept without it (a missing birth date is no evidence either way, a
+    rejected row loses the patient). Text that is no date at all is returned as it is (the row
+    is rejected: the column is probably mapped wrong)."""
+    text = value.strip().translate(_DATE_SEPARATORS)
+    if len(text) == 8 and text.isdigit():
+        text = f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    if not _DATE_SHAPE.fullmatch(text):
+        return value.strip()  # not a date at all: validation rejects the row
+    try:
+        domain.parse_birth_date(text)
+    except DomainError:
+        return ""
+    return text
+
+
 def registration_from_row(row: dict[str, str], mapping: dict[str, str], domain_id: str) -> domain.Registration:
-    """One CSV row as a validated registration (InvalidArgument names the field, never its value)."""
+    """One CSV row as a validated registration (InvalidArgument names the field, never its value).
+    A birth date that is not a valid date is left out (counted by the load), not a rejection."""
     values: dict[str, str] = {}
     identifiers = []
     for column, target in mapping.items():
@@ -271,7 +299,7 @@ def registration_from_row(row: dict[str, str], mapping: dict[str, str], domain_i
         family=values.get("family", ""),
         given=values.get("given", ""),
         gender=_GENDERS.get(values.get("gender", "").lower(), domain.Gender.UNKNOWN),
-        birth_date=values.get("birth_date", ""),
+        birth_date=birth_date_text(values.get("birth_date", "")),
         national_id=values.get("national_id", ""),
         phones=phones[:5],
         province=values.get("province", ""),
@@ -283,6 +311,10 @@ def registration_from_row(row: dict[str, str], mapping: dict[str, str], domain_i
     )
 
 
+def _birth_date_value(row: dict[str, str], mapping: dict[str, str]) -> str:
+    return next(((row.get(c) or "").strip() for c, target in mapping.items() if target == "birth_date"), "")
+
+
 def load_id_of(path: Path, domain_id: str) -> str:
     """A load is one file (by content) into one domain."""
     digest = hashlib.sha256(domain_id.encode() + b"\0")
@@ -292,13 +324,43 @@ def load_id_of(path: Path, domain_id: str) -> str:
     return digest.hexdigest()[:64]
 
 
-def _rows(path: Path) -> Iterator[dict[str, str]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+# Encodings a hospital's export may come in: UTF-8 (a BOM is skipped), and GB18030 / GBK from
+# Chinese hospital systems (GB18030 is a superset of GBK, so GBK files read as GB18030).
+ENCODINGS = {"utf-8": "utf-8-sig", "utf8": "utf-8-sig", "gb18030": "gb18030", "gbk": "gb18030"}
+
+
+class EncodingError(ValueError):
+    """The file's bytes are not in the encoding asked for (the message names `--encoding`)."""
+
+
+def codec_of(encoding: str) -> str:
+    """The Python codec of an accepted `--encoding` value; EncodingError for any other."""
+    codec = ENCODINGS.get(encoding.strip().lower())
+    if codec is None:
+        raise EncodingError(f"--encoding must be one of {', '.join(sorted(ENCODINGS))}")
+    return codec
+
+
+def check_encoding(path: Path, codec: str) -> int:
+    """The number of data rows; EncodingError naming `--encoding` when the bytes do not decode
+    (read whole before anything is loaded, so a load never stops half-way on a bad byte)."""
+    try:
+        with path.open(encoding=codec, newline="") as handle:
+            return max(sum(1 for _ in csv.reader(handle)) - 1, 0)
+    except UnicodeDecodeError:
+        raise EncodingError(
+            f"the file is not valid {codec.removesuffix('-sig').upper()}: name its encoding with "
+            "--encoding (gb18030 or gbk for exports of Chinese hospital systems)"
+        ) from None
+
+
+def _rows(path: Path, codec: str = "utf-8-sig") -> Iterator[dict[str, str]]:
+    with path.open(encoding=codec, newline="") as handle:
         yield from csv.DictReader(handle)
 
 
-def header_of(path: Path) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+def header_of(path: Path, codec: str = "utf-8-sig") -> list[str]:
+    with path.open(encoding=codec, newline="") as handle:
         return next(csv.reader(handle), [])
 
 
@@ -335,16 +397,21 @@ async def load_csv(
     batch_size: int = 500,
     progress: Callable[[int], None] = lambda n: None,
     stop_after_batches: int | None = None,
+    encoding: str = "utf-8",
 ) -> LoadReport:
     """Load (or resume loading) a CSV file into the domain; `progress(n)` is told of every n rows
-    done. `stop_after_batches` stops early, as an interruption would (for tests and benchmarks)."""
-    header = header_of(path)
+    done. `stop_after_batches` stops early, as an interruption would (for tests and benchmarks).
+    A file loaded to its end before is not read again (`LoadReport.already_loaded`)."""
+    codec = codec_of(encoding)
+    header = header_of(path, codec)
     columns = column_map(mapping, header)
     load_id = load_id_of(path, domain_id)
     async with handle.sessions() as session:
         state = await bulk_load(session, load_id)
     done = state.rows_done if state else 0
     counts = LoadCounts(**json.loads(state.counts)) if state else LoadCounts()
+    if state is not None and state.rows_done >= check_encoding(path, codec):
+        return LoadReport(load_id=load_id, counts=counts, resumed_from=done, rejects_file=rejects, already_loaded=True)
     reasons: dict[str, int] = {}
     _keep_rejects_before(rejects, done)
     who = bulk_caller(domain_id)
@@ -362,15 +429,19 @@ async def load_csv(
         and the load's progress, committed with the batch) and what follows its commit."""
         rejected_lines = []
         valid: list[tuple[int, domain.Registration]] = []
+        dropped = 0
         for number, row in rows:
             try:
-                valid.append((number, registration_from_row(row, columns, domain_id)))
+                registration = registration_from_row(row, columns, domain_id)
+                valid.append((number, registration))
+                dropped += registration.birth_date is None and bool(_birth_date_value(row, columns))
             except DomainError as exc:
                 rejected_lines.append((number, exc.reason))
 
         async def finish(session: AsyncSession, results: BatchResults) -> None:
             nonlocal done
             rejected = list(rejected_lines)
+            counts.birth_dates_dropped += dropped
             for (number, _), result in zip(valid, results, strict=True):
                 if isinstance(result, DomainError):
                     rejected.append((number, result.reason))
@@ -400,7 +471,7 @@ async def load_csv(
         return [r for _, r in valid], finish, committed
 
     async with BatchPipeline(handle.engine, handle.sessions, master) as pipeline:
-        for number, row in enumerate(_rows(path), start=1):
+        for number, row in enumerate(_rows(path, codec), start=1):
             if number <= done:
                 continue
             batch.append((number, row))

@@ -5,6 +5,7 @@ RPCs; their audit and link events wait in the mpi outbox for the service's relay
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -62,10 +63,22 @@ async def open_index(
         await engine.dispose()
 
 
-async def estimate_from_index(handle: IndexHandle, *, sample: int) -> matching.MatchParameters:
-    """EM estimate of m / u from the comparison vectors of candidate pairs of up to `sample`
-    stored records (blocking as in matching), starting from the parameters in force."""
+@dataclass(frozen=True)
+class Estimate:
+    """EM-estimated parameters and what they rest on."""
+
+    parameters: matching.MatchParameters
+    records: int
+    candidate_pairs: int
+    random_pairs: int
+
+
+async def estimate_from_index(handle: IndexHandle, *, sample: int, seed: int = 1) -> Estimate:
+    """EM estimate of m / u from up to `sample` stored records: u from pairs of records drawn at
+    random (almost all different people), m and the match share by EM over the candidate pairs
+    (blocking as in matching), starting from the parameters in force."""
     vectors: list[dict[str, str]] = []
+    opened: list[matching.MatchRecord] = []
     async with handle.sessions() as session:
         ids = list(
             await session.scalars(
@@ -76,7 +89,15 @@ async def estimate_from_index(handle: IndexHandle, *, sample: int) -> matching.M
             records = await store.records_by_id(session, ids[start : start + 500])
             for record in records.values():
                 own = store.match_record_of(record)
+                opened.append(own)
                 for candidate in await store.candidates(session, matching.search_keys(own), limit=50):
                     if candidate.id != record.id:
                         vectors.append(matching.compare(own, store.match_record_of(candidate)))
-    return matching.estimate_parameters(vectors, handle.master.params)
+    rng = random.Random(seed)
+    random_vectors = (
+        [matching.compare(*rng.sample(opened, 2)) for _ in range(min(50_000, 10 * len(opened)))]
+        if len(opened) >= 2
+        else []
+    )
+    params = matching.estimate_parameters(vectors, handle.master.params, random_vectors=random_vectors)
+    return Estimate(params, len(opened), len(vectors), len(random_vectors))

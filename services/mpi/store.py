@@ -891,6 +891,10 @@ async def frequencies_of(
     by_field: dict[str, list[str]] = {f: [""] for f in (fields or set()) | {f for f, _ in values}}
     for f, digest in clear_of:
         by_field[f].append(digest)
+    if not by_field:
+        # Nothing to count (a bulk batch of updates only). An empty OR would select every row
+        # (SQLAlchemy renders or_() as no condition), names of other records included.
+        return ValueFrequencies()
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
     results = []
