@@ -136,8 +136,8 @@ def test_compound_surnames_and_latin_orders_are_split() -> None:
         ("Zhang Wei", "zhang  wei", (EXACT, EXACT)),
         ("Wei Zhang", "张伟", (SWAPPED, SWAPPED)),
         ("Wei Zhang", "Zhang Wei", (SWAPPED, SWAPPED)),
-        ("Zhang Xiaoming", "Zhang Xiaomin", (EXACT, SIMILAR)),
-        ("Catherine Smith", "Katherine Smith", (SIMILAR, EXACT)),
+        ("Zhang Xiaoming", "Zhang Xiaomin", (EXACT, matching.TYPO)),  # Latin, one letter: a typo
+        ("Catherine Smith", "Katherine Smith", (matching.TYPO, EXACT)),
         ("张伟", "李娜", (DIFFERENT, DIFFERENT)),
         ("欧阳娜娜", "Ouyang Nana", (PINYIN, PINYIN)),
         ("曾小贤", "Zeng Xiaoxian", (PINYIN, PINYIN)),
@@ -368,3 +368,49 @@ def test_em_recovers_separated_match_and_non_match_distributions() -> None:
     assert estimated.m["birth_date"][EXACT] == pytest.approx(0.95, abs=0.05)
     assert estimated.u["phone"][AGREE] < 0.03
     assert estimated.weight("birth_date", EXACT) > estimated.weight("gender", AGREE)
+
+
+# --- Latin-script names, postcodes, twins (issue 20) ------------------------------------------
+
+
+def test_latin_names_with_typos_land_on_typo_and_approximate_levels() -> None:
+    typo = compare_names(name_forms("", "neumann", "michaela"), name_forms("", "nuemann", "michaela"))
+    assert typo == (matching.TYPO, EXACT)
+    approx = compare_names(name_forms("", "stanfield", "christopher"), name_forms("", "stanfoeld", "kristofer"))
+    assert approx == (matching.TYPO, matching.APPROXIMATE)
+    assert compare_names(name_forms("", "x", "mikaela"), name_forms("", "x", "mikazea"))[1] == SIMILAR
+    assert compare_names(name_forms("", "dixon", "luke"), name_forms("", "menzies", "luke"))[0] == DIFFERENT
+
+
+def test_swapped_latin_parts_with_a_typo_are_swapped() -> None:
+    assert compare_names(name_forms("", "vaszocz", "adam"), name_forms("", "adam", "vaszoc")) == (SWAPPED, SWAPPED)
+
+
+def test_a_part_missing_on_both_sides_is_missing_not_homophone() -> None:
+    assert compare_names(name_forms("", "", "jack"), name_forms("", "", "jack")) == (MISSING, EXACT)
+
+
+def test_postcode_one_digit_off() -> None:
+    assert matching.compare_postcodes("4223", "4223") == AGREE
+    assert matching.compare_postcodes("4223", "4232") == ONE_DIGIT
+    assert matching.compare_postcodes("4223", "4229") == ONE_DIGIT
+    assert matching.compare_postcodes("4223", "3182") == DISAGREE
+    assert matching.compare_postcodes("", "3182") == MISSING
+
+
+def test_blocking_survives_a_name_typo_with_a_date_typo() -> None:
+    born = datetime.date(1971, 8, 30)
+    a = record("a", "", family="lodge", given="joel", birth_date=born, postal_code="4012")
+    b = record("b", "", family="lodgw", given="joe", birth_date=datetime.date(1971, 8, 3), postal_code="4012")
+    assert matching.search_keys(b) & matching.blocking_keys(a)
+
+
+def test_twins_are_held_and_a_surname_change_is_left_to_the_weights() -> None:
+    params = load_parameters()
+    born = datetime.date(1990, 5, 6)
+    common = {"birth_date": born, "address_line": "8 stanley street miami", "postal_code": "4223"}
+    twin_a = record("a", "", family="neumann", given="michaela", **common)
+    twin_b = record("b", "", family="neumann", given="courtney", domain="urn:hie:org:b", **common)
+    assert matching.assess(twin_b, twin_a, params).hold == "name-differs"
+    married = record("c", "", family="painter", given="michaela", domain="urn:hie:org:b", **common)
+    assert matching.assess(married, twin_a, params).hold == ""
