@@ -19,8 +19,6 @@ from services.shared.config import Settings
 
 app = typer.Typer(help="The master patient index.", no_args_is_help=True)
 MLLP_PORT = 2575
-# Below this many records an EM estimate rests on a handful of matches (degenerate weights).
-MIN_ESTIMATE_RECORDS = 2_000
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Exchange data directory")]
 DatabaseUrl = Annotated[str, typer.Option(envvar="HIE_DATABASE_URL", help="Default: SQLite under the data dir")]
@@ -40,46 +38,80 @@ def _settings(data_dir: Path, database_url: str) -> Settings:
 @app.command("weights")
 def weights(
     parameters: ParametersFile = None,
-    estimate: Annotated[bool, typer.Option(help="Re-estimate m/u by EM from the stored records")] = False,
-    sample: Annotated[int, typer.Option(min=1, help="Records to estimate from (with --estimate)")] = 20_000,
-    write: Annotated[Path | None, typer.Option(help="Write the (estimated) parameters as JSON here")] = None,
+    estimate: Annotated[
+        bool, typer.Option(help="Re-estimate m/u by EM from the stored records and store the estimate")
+    ] = False,
+    sample: Annotated[int, typer.Option(min=1, help="Records to estimate from (with --estimate)")] = 5_000,
+    write: Annotated[
+        Path | None, typer.Option(help="Write the parameters (in force or estimated) as JSON here")
+    ] = None,
     data_dir: DataDir = Path(".hie"),
     database_url: DatabaseUrl = "",
 ) -> None:
-    """Print the Fellegi–Sunter weights in force (m, u, log2(m/u) per field and level) and the thresholds."""
-    from services.mpi.standalone import estimate_from_index, open_index
+    """Print the Fellegi–Sunter weights in force (m, u, log2(m/u) per field and level), the
+    thresholds, and the stored EM estimate they come from (or the shipped census priors)."""
+    from services.mpi import estimation
+    from services.mpi.standalone import open_index
     from services.mpi.standalone import parameters as load
 
-    params = load(parameters)
-    if estimate:
+    async def run() -> tuple[object, dict[str, object] | None, estimation.Estimate | None]:
+        async with open_index(
+            _settings(data_dir, database_url), params=load(parameters) if parameters else None
+        ) as handle:
+            master = handle.master
+            async with handle.sessions() as session:
+                await master.refresh_parameters(session, force=True)
+            fresh = None
+            if estimate:
+                async with handle.sessions() as session, session.begin():
+                    fresh = await estimation.estimate_from_index(session, master.base_params, sample=sample)
+                    if fresh.reliable:
+                        await estimation.save(session, fresh, source="on-demand")
+                async with handle.sessions() as session:
+                    await master.refresh_parameters(session, force=True)
+            return master.params, master.estimate, fresh
 
-        async def run() -> object:
-            async with open_index(_settings(data_dir, database_url), params=params) as handle:
-                return await estimate_from_index(handle, sample=sample)
-
-        estimated = asyncio.run(run())
-        params = estimated.parameters  # type: ignore[attr-defined]
+    params, in_force, fresh = asyncio.run(run())
+    if fresh is not None:
         typer.echo(
-            f"estimated by EM from {estimated.records} records: {estimated.candidate_pairs} candidate pairs, "  # type: ignore[attr-defined]
-            f"{estimated.random_pairs} random pairs (prior match {params.prior_match:.4f})"  # type: ignore[attr-defined]
+            f"estimated by EM from {fresh.records} records: {fresh.candidate_pairs} candidate pairs "
+            f"({fresh.expected_matches:.0f} taken for matches), {fresh.random_pairs} random pairs"
         )
-        if estimated.records < MIN_ESTIMATE_RECORDS:  # type: ignore[attr-defined]
+        if not fresh.reliable:
             typer.echo(
-                f"warning: too few records to estimate from (fewer than {MIN_ESTIMATE_RECORDS}): the weights "
-                "below are unreliable; keep the shipped parameters until more records are loaded",
+                f"warning: too few records or matches to estimate from (need {estimation.MIN_RECORDS} records and "
+                f"{estimation.MIN_EXPECTED_MATCHES} matches): not stored, the weights in force are unchanged",
                 err=True,
             )
-    typer.echo(f"link threshold   {params.link_threshold:>8.2f} bits (at or above: automatic link)")
-    typer.echo(f"review threshold {params.review_threshold:>8.2f} bits (between: review task; below: new person)")
+        if write is not None:
+            params = fresh.parameters  # what --write writes: the estimate just made
+    if parameters is not None:
+        typer.echo(f"parameters from {parameters} (stored estimates not used)")
+    elif in_force is None:
+        typer.echo("weights: shipped census priors (no estimate stored yet)")
+    else:
+        typer.echo(
+            f"weights: EM estimate #{in_force['id']} ({in_force['source']}, "
+            f"{in_force['estimated_at']:%Y-%m-%d %H:%M} UTC) "  # type: ignore[str-format]
+            f"from {in_force['records']} records, {in_force['candidate_pairs']} candidate pairs, "
+            f"{in_force['random_pairs']} random pairs"
+        )
+    p = params  # type: ignore[assignment]
+    typer.echo(f"link threshold   {p.link_threshold:>8.2f} bits (at or above: automatic link)")  # type: ignore[attr-defined]
+    typer.echo(f"review threshold {p.review_threshold:>8.2f} bits (between: review task; below: new person)")  # type: ignore[attr-defined]
     typer.echo(
-        f"name frequency adjustment on {', '.join(params.frequency_fields)}: log2(u_exact / share), "
-        f"between -{params.max_penalty} and +{params.max_bonus} bits"
+        f"name frequency adjustment on {', '.join(p.frequency_fields)}: log2(u_exact / share), "  # type: ignore[attr-defined]
+        f"between -{p.max_penalty} and +{p.max_bonus} bits"  # type: ignore[attr-defined]
+    )
+    typer.echo(
+        "twins (given name different, birth dates agreeing): "  # type: ignore[attr-defined]
+        + ("held for review" if p.holds_twins() else "left to the weights (given names often differ in matches)")  # type: ignore[attr-defined]
     )
     typer.echo(f"{'field':<12}{'level':<19}{'m':>10}{'u':>12}{'weight':>9}")
-    for field, level, m, u, weight in params.weights_table():
+    for field, level, m, u, weight in p.weights_table():  # type: ignore[attr-defined]
         typer.echo(f"{field:<12}{level:<19}{m:>10.5f}{u:>12.3g}{weight:>9.2f}")
     if write is not None:
-        write.write_text(json.dumps(params.to_json(), ensure_ascii=False, indent=2), encoding="utf-8")
+        write.write_text(json.dumps(p.to_json(), ensure_ascii=False, indent=2), encoding="utf-8")  # type: ignore[attr-defined]
         typer.echo(f"written to {write}")
 
 
@@ -153,6 +185,12 @@ def load(
         f"rows {counts.rows}: new {counts.new}, linked {counts.linked}, review {counts.review}, "
         f"updated {counts.updated}, rejected {counts.rejected} (reasons in {rejects_file})"
     )
+    for source, learned in report.estimates:  # type: ignore[attr-defined]
+        when = "before the load, from its rows against the index" if source == "bulk-load" else "after the load"
+        typer.echo(
+            f"weights learned by EM {when}: {learned.records} records, {learned.candidate_pairs} candidate pairs, "
+            f"{learned.random_pairs} random pairs (stored; see `hie mpi weights`)"
+        )
     if counts.birth_dates_dropped:
         typer.echo(f"{counts.birth_dates_dropped} birth dates left out (not a valid date; the records kept)")
 

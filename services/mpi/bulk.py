@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from services.mpi import domain
+from services.mpi import domain, estimation
 from services.mpi.index import BULK_LOAD_LOCK, BatchLink, MasterIndex, Registered
-from services.mpi.matching import Outcome
+from services.mpi.matching import MatchRecord, Outcome
 from services.mpi.standalone import IndexHandle
-from services.mpi.store import bulk_load, save_bulk_load
+from services.mpi.store import active_count, bulk_load, match_record_of_registration, save_bulk_load
 from services.shared.auth import Caller
 from services.shared.errors import DomainError
 
@@ -240,6 +240,9 @@ class LoadReport:
     reasons: dict[str, int] = field(default_factory=dict)
     # The whole file had been loaded by an earlier run: nothing was read or changed.
     already_loaded: bool = False
+    # EM estimates stored by this load (source, estimate): before it, from its rows against the
+    # index; after it, from the index.
+    estimates: list[tuple[str, estimation.Estimate]] = field(default_factory=list)
 
 
 def column_map(mapping: list[str], header: list[str]) -> dict[str, str]:
@@ -412,6 +415,11 @@ async def load_csv(
     counts = LoadCounts(**json.loads(state.counts)) if state else LoadCounts()
     if state is not None and state.rows_done >= check_encoding(path, codec):
         return LoadReport(load_id=load_id, counts=counts, resumed_from=done, rejects_file=rejects, already_loaded=True)
+    estimates: list[tuple[str, estimation.Estimate]] = []
+    if handle.master.use_estimates and done == 0:
+        before = await _estimate_before(handle, path, codec, columns, domain_id)
+        if before is not None:
+            estimates.append(("bulk-load", before))
     reasons: dict[str, int] = {}
     _keep_rejects_before(rejects, done)
     who = bulk_caller(domain_id)
@@ -484,11 +492,60 @@ async def load_csv(
         else:
             if batch:
                 await pipeline.submit(who, *submitted(batch))
+    seconds = time.perf_counter() - started
+    if handle.master.use_estimates and counts.rows - (state.rows_done if state else 0) >= estimation.MIN_RECORDS:
+        after = await _estimate_after(handle)
+        if after is not None:
+            estimates.append(("index", after))
     return LoadReport(
         load_id=load_id,
         counts=counts,
         resumed_from=state.rows_done if state else 0,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         rejects_file=rejects,
         reasons=reasons,
+        estimates=estimates,
     )
+
+
+async def _estimate_before(
+    handle: IndexHandle, path: Path, codec: str, columns: dict[str, str], domain_id: str
+) -> estimation.Estimate | None:
+    """Weights for this load, learned before it decides anything: a sample of the file's rows
+    against the index's records of other domains (when both are large enough). Stored and in
+    force at once when reliable."""
+    sample: list[MatchRecord] = []
+    for number, row in enumerate(_rows(path, codec), start=1):
+        if len(sample) >= estimation.SAMPLE:
+            break
+        try:
+            registration = registration_from_row(row, columns, domain_id)
+        except DomainError:
+            continue
+        sample.append(
+            match_record_of_registration(registration, record_id=f"row-{number}", enterprise_id=f"row-{number}")
+        )
+    if len(sample) < estimation.MIN_RECORDS:
+        return None
+    async with handle.sessions() as session, session.begin():
+        if await active_count(session) < estimation.MIN_RECORDS:
+            return None
+        result = await estimation.estimate(session, sample, handle.master.base_params)
+        if not result.reliable:
+            return None
+        await estimation.save(session, result, source="bulk-load")
+    async with handle.sessions() as session:
+        await handle.master.refresh_parameters(session, force=True)
+    return result
+
+
+async def _estimate_after(handle: IndexHandle) -> estimation.Estimate | None:
+    """Weights learned from the index as the load left it (for the registrations that follow)."""
+    async with handle.sessions() as session, session.begin():
+        result = await estimation.estimate_from_index(session, handle.master.base_params)
+        if not result.reliable:
+            return None
+        await estimation.save(session, result, source="index")
+    async with handle.sessions() as session:
+        await handle.master.refresh_parameters(session, force=True)
+    return result

@@ -452,8 +452,13 @@ class MatchParameters:
     max_bonus: float = 4.0
     max_penalty: float = 3.0
     surname_shares: Mapping[str, float] = field(default_factory=dict)
-    # Hold a pair whose given names differ and whose birth dates agree for review (twins).
-    hold_twins: bool = True
+    # Hold a pair whose given names differ and whose birth dates agree for review (twins) while
+    # m(given / different) is below this: 1 always, 0 never.
+    twin_hold_below: float = 0.1
+
+    def holds_twins(self) -> bool:
+        """Whether a different given name with agreeing birth dates is held for review."""
+        return self.m.get("given", {}).get(DIFFERENT, 0.0) < self.twin_hold_below
 
     def weight(self, field_name: str, level: str) -> float:
         """log2(m/u) of a level; 0 for a missing value or a level without parameters."""
@@ -471,7 +476,7 @@ class MatchParameters:
             "link_threshold": self.link_threshold,
             "review_threshold": self.review_threshold,
             "prior_match": self.prior_match,
-            "hold_twins": self.hold_twins,
+            "twin_hold_below": self.twin_hold_below,
             "frequency": {
                 "fields": list(self.frequency_fields),
                 "pseudo_count": self.pseudo_count,
@@ -522,8 +527,28 @@ def parameters_from_json(data: Mapping[str, Any]) -> MatchParameters:
         max_bonus=float(frequency.get("max_bonus", 4.0)),
         max_penalty=float(frequency.get("max_penalty", 3.0)),
         surname_shares=dict(data.get("surname_shares", {})),
-        hold_twins=bool(data.get("hold_twins", True)),
+        twin_hold_below=float(data.get("twin_hold_below", 0.1)),
     )
+
+
+def estimate_json(params: MatchParameters) -> dict[str, Any]:
+    """What an EM estimate changes, as stored: the match share and m / u per field and level."""
+    return {
+        "prior_match": params.prior_match,
+        "fields": {f: {level: [params.m[f][level], params.u[f][level]] for level in params.m[f]} for f in params.m},
+    }
+
+
+def with_estimate(base: MatchParameters, estimate: Mapping[str, Any]) -> MatchParameters:
+    """The base parameters (thresholds, frequency settings, census priors) with a stored
+    estimate's m / u for the levels both know (a level added since keeps its prior values)."""
+    m = {f: dict(levels) for f, levels in base.m.items()}
+    u = {f: dict(levels) for f, levels in base.u.items()}
+    for f, levels in estimate.get("fields", {}).items():
+        for level, (mv, uv) in levels.items():
+            if f in m and level in m[f] and 0 < float(mv) <= 1 and 0 < float(uv) <= 1:
+                m[f][level], u[f][level] = float(mv), float(uv)
+    return replace(base, m=m, u=u, prior_match=float(estimate.get("prior_match", base.prior_match)))
 
 
 def load_parameters(path: Path | None = None) -> MatchParameters:
@@ -696,14 +721,16 @@ def assess(
             return ScoredCandidate(candidate, comparison, rule=Rule.NATIONAL_ID)
     if levels["national_id"] == DISAGREE:
         return ScoredCandidate(candidate, comparison, hold="national-id-differs")
-    if params.hold_twins and levels["given"] == DIFFERENT and levels["birth_date"] not in _BIRTH_DATE_DISAGREEMENT:
+    if params.holds_twins() and levels["given"] == DIFFERENT and levels["birth_date"] not in _BIRTH_DATE_DISAGREEMENT:
         # Twins share a surname, birth date, address and phone: a given name that is not a
         # variant of the other, with birth dates that agree (or one missing), is never linked
         # without a person looking at it. Otherwise the weights decide: a family name that
         # differs (a married name, a surname mistyped beyond recognition) or birth dates that
         # disagree weigh against the link, and what else agrees may still outweigh them.
-        # `hold_twins: false` leaves twins to the weights too (exports whose given names are
-        # unreliable: the weight of a different given name then comes from the data, by EM).
+        # Unless the data say a different given name is common among matches (m of given /
+        # different ≥ `twin_hold_below`, learned by EM: an export whose given names are often
+        # replaced or garbled): a different given name is then far more often an entry error than
+        # a twin (≈ 2 % of births), and the weights decide.
         return ScoredCandidate(candidate, comparison, hold="name-differs")
     if new.domain == candidate.domain:
         return ScoredCandidate(candidate, comparison, hold="same-domain")

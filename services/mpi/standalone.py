@@ -5,16 +5,14 @@ RPCs; their audit and link events wait in the mpi outbox for the service's relay
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from services.mpi import matching, store
+from services.mpi import estimation, matching, store
 from services.mpi.index import MasterIndex
 from services.mpi.service import PARAMETERS_ENV, SPEC
 from services.shared import migrations
@@ -56,48 +54,21 @@ async def open_index(
     sessions = session_factory(engine)
     store.sealed_sessions(sessions, protection)
     outbox = Outbox(SPEC.metadata.tables["outbox"], sessions)
-    master = MasterIndex(audit=AuditTrail(outbox, service=SPEC.name), outbox=outbox, params=params or parameters())
+    # Stored estimates are used unless parameters are named (a file, here or by the environment).
+    master = MasterIndex(
+        audit=AuditTrail(outbox, service=SPEC.name),
+        outbox=outbox,
+        params=params or parameters(),
+        use_estimates=params is None and not os.environ.get(PARAMETERS_ENV),
+    )
     try:
         yield IndexHandle(engine=engine, sessions=sessions, outbox=outbox, master=master)
     finally:
         await engine.dispose()
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """EM-estimated parameters and what they rest on."""
-
-    parameters: matching.MatchParameters
-    records: int
-    candidate_pairs: int
-    random_pairs: int
-
-
-async def estimate_from_index(handle: IndexHandle, *, sample: int, seed: int = 1) -> Estimate:
-    """EM estimate of m / u from up to `sample` stored records: u from pairs of records drawn at
-    random (almost all different people), m and the match share by EM over the candidate pairs
-    (blocking as in matching), starting from the parameters in force."""
-    vectors: list[dict[str, str]] = []
-    opened: list[matching.MatchRecord] = []
+async def estimate_from_index(handle: IndexHandle, *, sample: int) -> estimation.Estimate:
+    """EM estimate of m / u from up to `sample` stored records (`estimation`), starting from the
+    configured parameters (the census priors, not an earlier estimate)."""
     async with handle.sessions() as session:
-        ids = list(
-            await session.scalars(
-                select(store.PatientRecord.id).where(store.PatientRecord.merged_into.is_(None)).limit(sample)
-            )
-        )
-        for start in range(0, len(ids), 500):
-            records = await store.records_by_id(session, ids[start : start + 500])
-            for record in records.values():
-                own = store.match_record_of(record)
-                opened.append(own)
-                for candidate in await store.candidates(session, matching.search_keys(own), limit=50):
-                    if candidate.id != record.id:
-                        vectors.append(matching.compare(own, store.match_record_of(candidate)))
-    rng = random.Random(seed)
-    random_vectors = (
-        [matching.compare(*rng.sample(opened, 2)) for _ in range(min(50_000, 10 * len(opened)))]
-        if len(opened) >= 2
-        else []
-    )
-    params = matching.estimate_parameters(vectors, handle.master.params, random_vectors=random_vectors)
-    return Estimate(params, len(opened), len(vectors), len(random_vectors))
+        return await estimation.estimate_from_index(session, handle.master.base_params, sample=sample)
