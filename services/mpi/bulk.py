@@ -515,9 +515,11 @@ async def _estimate_before(
     against the index's records of other domains (when both are large enough). Stored and in
     force at once when reliable."""
     sample: list[MatchRecord] = []
+    rows = 0
     for number, row in enumerate(_rows(path, codec), start=1):
+        rows = number
         if len(sample) >= estimation.SAMPLE:
-            break
+            continue  # counted: the index's size after the load
         try:
             registration = registration_from_row(row, columns, domain_id)
         except DomainError:
@@ -528,9 +530,10 @@ async def _estimate_before(
     if len(sample) < estimation.MIN_RECORDS:
         return None
     async with handle.sessions() as session, session.begin():
-        if await active_count(session) < estimation.MIN_RECORDS:
+        stored = await active_count(session)
+        if stored < estimation.MIN_RECORDS:
             return None
-        result = await estimation.estimate(session, sample, handle.master.base_params)
+        result = await estimation.estimate(session, sample, handle.master.base_params, population=stored + rows)
         if not result.reliable:
             return None
         await estimation.save(session, result, source="bulk-load")

@@ -37,6 +37,8 @@ class Estimate:
     records: int
     candidate_pairs: int
     random_pairs: int
+    # Records in the index the estimate is for (its thresholds follow from it).
+    population: int = 0
 
     @property
     def expected_matches(self) -> float:
@@ -54,6 +56,7 @@ async def estimate(
     sample: Sequence[matching.MatchRecord],
     start: matching.MatchParameters,
     *,
+    population: int,
     seed: int = 1,
 ) -> Estimate:
     """EM over the candidate pairs the sampled records find in the index (another domain's
@@ -72,7 +75,7 @@ async def estimate(
             if a.domain != b.domain:
                 random_vectors.append(matching.compare(a, b))
     parameters = matching.estimate_parameters(vectors, start, random_vectors=random_vectors)
-    return Estimate(parameters, len(sample), len(vectors), len(random_vectors))
+    return Estimate(parameters, len(sample), len(vectors), len(random_vectors), population)
 
 
 async def estimate_from_index(
@@ -80,7 +83,7 @@ async def estimate_from_index(
 ) -> Estimate:
     """An estimate from up to `sample` stored records drawn at random."""
     records = [store.match_record_of(r) for r in await store.random_records(session, sample)]
-    return await estimate(session, records, start)
+    return await estimate(session, records, start, population=await store.active_count(session))
 
 
 async def save(session: AsyncSession, result: Estimate, *, source: str) -> store.MatchEstimate:
@@ -91,5 +94,5 @@ async def save(session: AsyncSession, result: Estimate, *, source: str) -> store
         records=result.records,
         candidate_pairs=result.candidate_pairs,
         random_pairs=result.random_pairs,
-        parameters=matching.estimate_json(result.parameters),
+        parameters=matching.estimate_json(result.parameters, population=result.population),
     )

@@ -78,6 +78,17 @@ class MatchRecord:
     address: frozenset[str] = frozenset()
     postcode: str = ""
     identifiers: frozenset[tuple[str, str]] = frozenset()
+    # The first number of the street address (a house number: blocking only).
+    street_number: str = ""
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def street_number(address_line: str) -> str:
+    """The first number in an address line (full-width digits folded), "" when there is none."""
+    found = _NUMBER.search(unicodedata.normalize("NFKC", address_line))
+    return found.group()[:8] if found else ""
 
 
 def address_tokens(*parts: str) -> frozenset[str]:
@@ -124,6 +135,7 @@ def match_record(
         address=address_tokens(province, city, district, address_line),
         postcode=postal_code.strip(),
         identifiers=frozenset(identifiers),
+        street_number=street_number(address_line),
     )
 
 
@@ -174,14 +186,20 @@ def _typo_tolerant_keys(record: MatchRecord) -> set[str]:
     if name.han:
         parts = parts[:1]
     keys: set[str] = set()
+    postcode = record.postcode[:12]
     if record.birth_date is not None:
         keys.update(f"di:{record.birth_date.isoformat()}:{part[0]}" for part in parts)
-    postcode = record.postcode[:12]
-    if postcode and parts:
+        if postcode:
+            # Birth date and postcode: both name parts replaced or missing.
+            keys.add(f"bp:{record.birth_date.isoformat()}:{postcode}")
+    for place, prefix in ((postcode, "p"), (record.street_number, "s")):
+        # Postcode, or house number (a postcode mistyped), with the name.
+        if not place or not parts:
+            continue
         if name.han:
-            keys.add(f"pn:{postcode}:{_sorted_name(record)}")
+            keys.add(f"{prefix}n:{place}:{_sorted_name(record)}")
         else:
-            keys.update(f"pp:{postcode}:{part[:3]}" for part in parts)
+            keys.update(f"{prefix}p:{place}:{part[:3]}" for part in parts)
     return keys
 
 
@@ -456,6 +474,11 @@ class MatchParameters:
     # m(given / different) is below this: 1 always, 0 never.
     twin_hold_below: float = 0.1
 
+    # With weights learned from the data (an estimate in force), the thresholds follow from
+    # these: the posterior probability of one person at which a pair is linked / reviewed.
+    target_precision: float = 0.999
+    review_precision: float = 0.5
+
     def holds_twins(self) -> bool:
         """Whether a different given name with agreeing birth dates is held for review."""
         return self.m.get("given", {}).get(DIFFERENT, 0.0) < self.twin_hold_below
@@ -477,6 +500,8 @@ class MatchParameters:
             "review_threshold": self.review_threshold,
             "prior_match": self.prior_match,
             "twin_hold_below": self.twin_hold_below,
+            "target_precision": self.target_precision,
+            "review_precision": self.review_precision,
             "frequency": {
                 "fields": list(self.frequency_fields),
                 "pseudo_count": self.pseudo_count,
@@ -528,27 +553,60 @@ def parameters_from_json(data: Mapping[str, Any]) -> MatchParameters:
         max_penalty=float(frequency.get("max_penalty", 3.0)),
         surname_shares=dict(data.get("surname_shares", {})),
         twin_hold_below=float(data.get("twin_hold_below", 0.1)),
+        target_precision=_probability(data.get("target_precision", 0.999), "target_precision"),
+        review_precision=_probability(data.get("review_precision", 0.5), "review_precision"),
     )
 
 
-def estimate_json(params: MatchParameters) -> dict[str, Any]:
-    """What an EM estimate changes, as stored: the match share and m / u per field and level."""
+def estimate_json(params: MatchParameters, *, population: int) -> dict[str, Any]:
+    """What an EM estimate changes, as stored: m / u per field and level, the share of matches
+    among the candidate pairs, and the index's size (`population`) the thresholds follow from."""
     return {
-        "prior_match": params.prior_match,
+        "candidate_match_share": params.prior_match,
+        "population": population,
         "fields": {f: {level: [params.m[f][level], params.u[f][level]] for level in params.m[f]} for f in params.m},
     }
 
 
+def _log2_odds(probability: float) -> float:
+    return math.log2(probability / (1 - probability))
+
+
+def thresholds_for(params: MatchParameters, population: int) -> tuple[float, float]:
+    """(link, review) thresholds in bits from the target precisions: with u counted from random
+    pairs, a pair's weight is its log-likelihood ratio against two people drawn at random, whose
+    prior odds of being one person are about 1 : population (a record has at most a few others
+    of its person among them). A pair is linked when its posterior probability of being one
+    person reaches `target_precision`, reviewed from `review_precision`."""
+    prior = math.log2(max(population, 2))
+    link = _log2_odds(params.target_precision) + prior
+    review = min(_log2_odds(params.review_precision) + prior, link)
+    return round(link, 2), round(review, 2)
+
+
 def with_estimate(base: MatchParameters, estimate: Mapping[str, Any]) -> MatchParameters:
-    """The base parameters (thresholds, frequency settings, census priors) with a stored
-    estimate's m / u for the levels both know (a level added since keeps its prior values)."""
+    """The base parameters (frequency settings, census priors) with a stored estimate's m / u for
+    the levels both know (a level added since keeps its prior values), the thresholds from the
+    target precisions at the estimate's population, and the prior share of matches of a random
+    pair (1 / population: what `Comparison.probability` weighs against)."""
     m = {f: dict(levels) for f, levels in base.m.items()}
     u = {f: dict(levels) for f, levels in base.u.items()}
     for f, levels in estimate.get("fields", {}).items():
         for level, (mv, uv) in levels.items():
             if f in m and level in m[f] and 0 < float(mv) <= 1 and 0 < float(uv) <= 1:
                 m[f][level], u[f][level] = float(mv), float(uv)
-    return replace(base, m=m, u=u, prior_match=float(estimate.get("prior_match", base.prior_match)))
+    population = int(estimate.get("population", 0))
+    if population < 2:
+        return replace(base, m=m, u=u)
+    link, review = thresholds_for(base, population)
+    return replace(base, m=m, u=u, prior_match=1 / population, link_threshold=link, review_threshold=review)
+
+
+def _probability(value: object, name: str) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not 0 < number < 1:
+        raise ValueError(f"{name} must be between 0 and 1 (exclusive)")
+    return number
 
 
 def load_parameters(path: Path | None = None) -> MatchParameters:
