@@ -86,7 +86,9 @@ def weights(
         if write is not None:
             params = fresh.parameters  # what --write writes: the estimate just made
     if parameters is not None:
-        typer.echo(f"parameters from {parameters} (stored estimates not used)")
+        typer.echo(f"parameters from {parameters}")
+    if not params.learn_weights:  # type: ignore[attr-defined]
+        typer.echo("weights: as configured (learn_weights is false: stored estimates not used)")
     elif in_force is None:
         typer.echo("weights: shipped census priors (no estimate stored yet)")
     else:

@@ -478,6 +478,8 @@ class MatchParameters:
     # these: the posterior probability of one person at which a pair is linked / reviewed.
     target_precision: float = 0.999
     review_precision: float = 0.5
+    # Use the weights learned from the index's records (stored EM estimates) over these.
+    learn_weights: bool = True
 
     def holds_twins(self) -> bool:
         """Whether a different given name with agreeing birth dates is held for review."""
@@ -502,6 +504,7 @@ class MatchParameters:
             "twin_hold_below": self.twin_hold_below,
             "target_precision": self.target_precision,
             "review_precision": self.review_precision,
+            "learn_weights": self.learn_weights,
             "frequency": {
                 "fields": list(self.frequency_fields),
                 "pseudo_count": self.pseudo_count,
@@ -555,6 +558,7 @@ def parameters_from_json(data: Mapping[str, Any]) -> MatchParameters:
         twin_hold_below=float(data.get("twin_hold_below", 0.1)),
         target_precision=_probability(data.get("target_precision", 0.999), "target_precision"),
         review_precision=_probability(data.get("review_precision", 0.5), "review_precision"),
+        learn_weights=bool(data.get("learn_weights", True)),
     )
 
 
@@ -779,16 +783,17 @@ def assess(
             return ScoredCandidate(candidate, comparison, rule=Rule.NATIONAL_ID)
     if levels["national_id"] == DISAGREE:
         return ScoredCandidate(candidate, comparison, hold="national-id-differs")
-    if params.holds_twins() and levels["given"] == DIFFERENT and levels["birth_date"] not in _BIRTH_DATE_DISAGREEMENT:
-        # Twins share a surname, birth date, address and phone: a given name that is not a
-        # variant of the other, with birth dates that agree (or one missing), is never linked
-        # without a person looking at it. Otherwise the weights decide: a family name that
-        # differs (a married name, a surname mistyped beyond recognition) or birth dates that
-        # disagree weigh against the link, and what else agrees may still outweigh them.
-        # Unless the data say a different given name is common among matches (m of given /
-        # different ≥ `twin_hold_below`, learned by EM: an export whose given names are often
-        # replaced or garbled): a different given name is then far more often an entry error than
-        # a twin (≈ 2 % of births), and the weights decide.
+    if levels["given"] == DIFFERENT and (levels["birth_date"] in _BIRTH_DATE_DISAGREEMENT or params.holds_twins()):
+        # A given name that is no variant of the other: with birth dates that disagree this is
+        # how a household looks (siblings, parent and child share a surname, an address and a
+        # phone; weights learned under independence of fields add those up as if unrelated),
+        # with birth dates that agree (or one missing) how twins look. Never linked without a
+        # person looking at it. Twins are left to the weights only when the data say a
+        # different given name is common among matches (m of given / different ≥
+        # `twin_hold_below`, learned by EM: an export whose given names are often replaced or
+        # garbled); a different given name is then far more often an entry error than a twin
+        # (≈ 2 % of births). A family name that differs (a married name, a surname mistyped
+        # beyond recognition) is left to the weights.
         return ScoredCandidate(candidate, comparison, hold="name-differs")
     if new.domain == candidate.domain:
         return ScoredCandidate(candidate, comparison, hold="same-domain")

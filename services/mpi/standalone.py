@@ -54,12 +54,10 @@ async def open_index(
     sessions = session_factory(engine)
     store.sealed_sessions(sessions, protection)
     outbox = Outbox(SPEC.metadata.tables["outbox"], sessions)
-    # Stored estimates are used unless parameters are named (a file, here or by the environment).
+    base = params or parameters()
+    # Stored estimates are used over the parameters unless they say `"learn_weights": false`.
     master = MasterIndex(
-        audit=AuditTrail(outbox, service=SPEC.name),
-        outbox=outbox,
-        params=params or parameters(),
-        use_estimates=params is None and not os.environ.get(PARAMETERS_ENV),
+        audit=AuditTrail(outbox, service=SPEC.name), outbox=outbox, params=base, use_estimates=base.learn_weights
     )
     try:
         yield IndexHandle(engine=engine, sessions=sessions, outbox=outbox, master=master)

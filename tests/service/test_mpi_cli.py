@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -128,3 +129,72 @@ def test_estimate_is_a_flag_and_warns_on_a_tiny_sample(tmp_path: Path) -> None:
     estimated = runner.invoke(app, ["mpi", "weights", "--estimate", *common])
     assert estimated.exit_code == 0, estimated.output
     assert "too few" in estimated.output
+
+
+def _latin_exports(tmp_path: Path, people: int) -> tuple[Path, Path]:
+    """Two hospitals' exports of the same people (Latin names, no id, phone or gender): the
+    second with typos in names, dates and postcodes, swapped name parts and missing values."""
+    rng = random.Random(5)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def word(n: int) -> str:
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    def typo(value: str) -> str:
+        i = rng.randrange(len(value))
+        return value[:i] + rng.choice(letters) + value[i + 1 :]
+
+    header = ["local_id", "given", "family", "address", "district", "postcode", "birth_date"]
+    first, second = [header], [header]
+    for n in range(people):
+        given, family = word(rng.randint(4, 8)), word(rng.randint(5, 9))
+        born = f"{rng.randint(1920, 2020)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+        address, suburb, postcode = f"{rng.randint(1, 300)} {word(7)} street", word(8), f"{rng.randint(2000, 7999)}"
+        first.append([f"A-{n}", given, family, address, suburb, postcode, born])
+        roll = rng.random()
+        if roll < 0.2:
+            given = typo(given)
+        elif roll < 0.3:
+            family = typo(family)
+        elif roll < 0.35:
+            given, family = family, given
+        elif roll < 0.4:
+            given = ""
+        roll = rng.random()
+        if roll < 0.1:
+            born = born[:-1] + str((int(born[-1]) + 1) % 10)
+        elif roll < 0.15:
+            born = ""
+        if rng.random() < 0.1:
+            postcode = typo(postcode[:-1]) + postcode[-1]
+        second.append([f"B-{n}", given, family, address, suburb, postcode, born])
+    paths = tmp_path / "hospital-a.csv", tmp_path / "hospital-b.csv"
+    _write(paths[0], first)
+    _write(paths[1], second)
+    return paths
+
+
+def test_weights_are_learned_from_a_large_enough_load_and_shown(tmp_path: Path) -> None:
+    common = ["--data-dir", str(tmp_path)]
+    first, second = _latin_exports(tmp_path, 2_100)
+    loaded = runner.invoke(app, ["mpi", "load", str(first), "--domain", "hosp-a", "--no-check-domain", *common])
+    assert loaded.exit_code == 0, loaded.output
+    assert "weights learned" not in loaded.output  # one hospital alone: no pairs across domains to learn from
+    priors = runner.invoke(app, ["mpi", "weights", *common])
+    assert "shipped census priors" in priors.output
+    linked = runner.invoke(app, ["mpi", "load", str(second), "--domain", "hosp-b", "--no-check-domain", *common])
+    assert linked.exit_code == 0, linked.output
+    assert "weights learned by EM before the load" in linked.output
+    shown = runner.invoke(app, ["mpi", "weights", *common])
+    assert shown.exit_code == 0, shown.output
+    assert "EM estimate #" in shown.output
+    assert "(index, " in shown.output  # the estimate after the load: from the whole index
+    assert "from 4200 records" in shown.output
+    exported = runner.invoke(app, ["mpi", "export-links", "--output", str(tmp_path / "links.csv"), *common])
+    assert exported.exit_code == 0
+    people: dict[str, set[str]] = {}
+    for row in csv.DictReader((tmp_path / "links.csv").open(encoding="utf-8")):
+        people.setdefault(row["enterprise_id"], set()).add(row["local_id"])
+    assert all(len({local_id.split("-")[1] for local_id in p}) == 1 for p in people.values())  # no false link
+    joined = sum(1 for p in people.values() if len(p) == 2)
+    assert joined >= 0.97 * 2_100  # nearly every person's two records are one enterprise id

@@ -4,6 +4,7 @@ weights, frequency-adjusted surnames, the national id rules, the decision and EM
 from __future__ import annotations
 
 import datetime
+import math
 import random
 
 import pytest
@@ -414,3 +415,60 @@ def test_twins_are_held_and_a_surname_change_is_left_to_the_weights() -> None:
     assert matching.assess(twin_b, twin_a, params).hold == "name-differs"
     married = record("c", "", family="painter", given="michaela", domain="urn:hie:org:b", **common)
     assert matching.assess(married, twin_a, params).hold == ""
+
+
+def test_a_household_member_is_held_even_under_learned_weights() -> None:
+    # Weights learned from an export whose given names and birth dates are often garbled weigh a
+    # different given name and birth date little; a sibling at the same address must still not link.
+    learned = matching.with_estimate(
+        load_parameters(),
+        {
+            "population": 10_000,
+            "fields": {"given": {"different": [0.25, 0.99]}, "birth_date": {"different": [0.2, 0.99]}},
+        },
+    )
+    assert not learned.holds_twins()
+    common = {"address_line": "8 stanley street miami", "postal_code": "4223", "gender": "unknown"}
+    parent = record("a", "", family="neumann", given="michaela", birth_date=datetime.date(1960, 1, 2), **common)
+    child = record(
+        "b",
+        "",
+        family="neumann",
+        given="courtney",
+        birth_date=datetime.date(1990, 5, 6),
+        domain="urn:hie:org:b",
+        **common,
+    )
+    assert matching.assess(child, parent, learned).hold == "name-differs"
+    typo = record(
+        "c",
+        "",
+        family="neumann",
+        given="michaela",
+        birth_date=datetime.date(1960, 1, 2),
+        domain="urn:hie:org:b",
+        **common,
+    )
+    assert matching.assess(typo, parent, learned).hold == ""
+
+
+def test_thresholds_follow_from_the_target_precision_and_the_index_size() -> None:
+    params = load_parameters()
+    link, review = matching.thresholds_for(params, 10_000)
+    assert link == pytest.approx(math.log2(0.999 / 0.001) + math.log2(10_000), abs=0.01)
+    assert review == pytest.approx(math.log2(10_000), abs=0.01)
+    bigger, _ = matching.thresholds_for(params, 1_000_000)
+    assert bigger > link  # more people to confuse a record with: more evidence needed
+    learned = matching.with_estimate(params, {"population": 10_000, "fields": {}})
+    assert (learned.link_threshold, learned.review_threshold) == (link, review)
+    assert matching.with_estimate(params, {"fields": {}}).link_threshold == params.link_threshold
+
+
+def test_em_with_random_pairs_keeps_u_and_levels_nobody_reached() -> None:
+    params = load_parameters()
+    matches = [{"family": EXACT, "given": EXACT, "birth_date": EXACT}] * 90
+    others = [{"family": DIFFERENT, "given": DIFFERENT, "birth_date": DIFFERENT}] * 900
+    estimated = estimate_parameters(matches + others[:10], params, random_vectors=others)
+    assert estimated.m["family"][EXACT] > 0.8
+    assert estimated.u["family"][EXACT] < 0.01  # from the random pairs, not the candidates
+    assert estimated.m["family"][HOMOPHONE] == params.m["family"][HOMOPHONE]  # never seen: kept
