@@ -79,8 +79,9 @@ def weights(
         )
         if not fresh.reliable:
             typer.echo(
-                f"warning: too few records or matches to estimate from (need {estimation.MIN_RECORDS} records and "
-                f"{estimation.MIN_EXPECTED_MATCHES} matches): not stored, the weights in force are unchanged",
+                f"warning: too few records or matches to estimate from (need an index of {estimation.MIN_INDEX}, "
+                f"a sample of {estimation.MIN_RECORDS} records and {estimation.MIN_EXPECTED_MATCHES} matches): "
+                "not stored, the weights in force are unchanged",
                 err=True,
             )
         if write is not None:

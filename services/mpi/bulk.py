@@ -531,7 +531,7 @@ async def _estimate_before(
         return None
     async with handle.sessions() as session, session.begin():
         stored = await active_count(session)
-        if stored < estimation.MIN_RECORDS:
+        if stored < estimation.MIN_INDEX:
             return None
         result = await estimation.estimate(session, sample, handle.master.base_params, population=stored + rows)
         if not result.reliable:

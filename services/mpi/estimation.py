@@ -20,8 +20,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.mpi import matching, store
 
-# Below these an estimate rests on a handful of matches: degenerate weights.
-MIN_RECORDS = 2_000
+# Below these an estimate rests on a handful of matches: degenerate weights. The index must
+# hold MIN_INDEX records (the random pairs u is counted from, and someone to match); the sample
+# (a load's rows, or stored records) MIN_RECORDS, finding MIN_EXPECTED_MATCHES matches.
+MIN_INDEX = 2_000
+MIN_RECORDS = 500
 MIN_EXPECTED_MATCHES = 200
 # Records sampled (a load's rows, or stored records), random pairs counted for u.
 SAMPLE = 5_000
@@ -48,7 +51,11 @@ class Estimate:
     @property
     def reliable(self) -> bool:
         """Enough records and matches for the estimate to be used."""
-        return self.records >= MIN_RECORDS and self.expected_matches >= MIN_EXPECTED_MATCHES
+        return (
+            self.population >= MIN_INDEX
+            and self.records >= MIN_RECORDS
+            and self.expected_matches >= MIN_EXPECTED_MATCHES
+        )
 
 
 async def estimate(
