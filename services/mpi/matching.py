@@ -879,6 +879,7 @@ def estimate_parameters(
     iterations: int = 50,
     tolerance: float = 1e-6,
     random_vectors: Sequence[Mapping[str, str]] = (),
+    prior_weight: float = 20.0,
 ) -> MatchParameters:
     """Estimate m, u and the share of matches from unlabelled comparison vectors (EM under
     conditional independence of fields). `vectors` are the levels of candidate pairs (e.g. from
@@ -923,7 +924,11 @@ def estimate_parameters(
             m_total = sum(m_sum[f].values())
             u_total = sum(u_sum[f].values())
             for level in m[f]:
-                new_m = max(m_sum[f][level] / m_total, floor) if m_total else m[f][level]
+                # A Dirichlet prior of `prior_weight` pairs at the starting values: a level the
+                # few matches of a small sample never reached is rare, not impossible.
+                new_m = max(
+                    (m_sum[f][level] + prior_weight * start.m[f][level]) / (m_total + prior_weight), floor
+                )
                 new_u = u[f][level] if fixed_u else (max(u_sum[f][level] / u_total, floor) if u_total else u[f][level])
                 change = max(change, abs(new_m - m[f][level]), abs(new_u - u[f][level]))
                 m[f][level], u[f][level] = new_m, new_u
