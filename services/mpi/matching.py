@@ -926,9 +926,7 @@ def estimate_parameters(
             for level in m[f]:
                 # A Dirichlet prior of `prior_weight` pairs at the starting values: a level the
                 # few matches of a small sample never reached is rare, not impossible.
-                new_m = max(
-                    (m_sum[f][level] + prior_weight * start.m[f][level]) / (m_total + prior_weight), floor
-                )
+                new_m = max((m_sum[f][level] + prior_weight * start.m[f][level]) / (m_total + prior_weight), floor)
                 new_u = u[f][level] if fixed_u else (max(u_sum[f][level] / u_total, floor) if u_total else u[f][level])
                 change = max(change, abs(new_m - m[f][level]), abs(new_u - u[f][level]))
                 m[f][level], u[f][level] = new_m, new_u
