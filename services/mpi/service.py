@@ -28,7 +28,8 @@ def master_index(runtime: ServiceRuntime) -> MasterIndex:
     """The index over the runtime's store, with the configured match parameters."""
     path = os.environ.get(PARAMETERS_ENV)
     params = load_parameters(Path(path) if path else None)
-    return MasterIndex(audit=runtime.audit, outbox=runtime.outbox, params=params)
+    # The latest stored EM estimate over them, unless they say `"learn_weights": false`.
+    return MasterIndex(audit=runtime.audit, outbox=runtime.outbox, params=params, use_estimates=params.learn_weights)
 
 
 def _nats_sender(url: str) -> Sender:
