@@ -34,6 +34,7 @@ from gateway.routes import (
     oauth,
     patient_index,
     patients,
+    referrals,
     subscriptions,
     workflows,
 )
@@ -174,6 +175,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(patients.router)
     app.include_router(documents.router)
     app.include_router(workflows.router)
+    app.include_router(referrals.router)
     app.include_router(audit.router)
     app.include_router(fhir.router)
     app.include_router(consent.router)

@@ -119,6 +119,7 @@ def org_add(
     jwks_file: Annotated[Path, typer.Option("--jwks", exists=True, dir_okay=False, help="Public JWKS file")],
     data_dir: DataDir = Path(".hie"),
     database_url: DatabaseUrl = "",
+    tier: Annotated[str, typer.Option("--tier", help="hospitals: community | secondary | tertiary")] = "",
 ) -> None:
     """Register a member institution and its public key(s); prints its OAuth2 client id."""
     from gateway.organizations import register_organization
@@ -126,12 +127,28 @@ def org_add(
     try:
         jwks = json.loads(jwks_file.read_text(encoding="utf-8"))
         org = asyncio.run(
-            register_organization(_settings(data_dir, database_url), org_id=id, name=name, type=type, jwks=jwks)
+            register_organization(
+                _settings(data_dir, database_url), org_id=id, name=name, type=type, jwks=jwks, tier=tier
+            )
         )
     except (DomainError, json.JSONDecodeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(org.client_id)
+
+
+@org_app.command("tier")
+def org_tier(
+    id: Annotated[str, typer.Option("--id")],
+    tier: Annotated[str, typer.Option("--tier", help="community | secondary | tertiary, or '' to clear")],
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Set a hospital's tier in the medical alliance (referral directions follow from it)."""
+    from gateway.organizations import set_tier
+
+    _org_call(set_tier(_settings(data_dir, database_url), org_id=id, tier=tier))
+    typer.echo(f"{id}: tier {tier or '(none)'}")
 
 
 keys_of_org = typer.Typer(help="An organisation's registered public keys (rotation).", no_args_is_help=True)

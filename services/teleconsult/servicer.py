@@ -216,7 +216,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             ),
             who=who,
             side=side,
-            reason=reason,
+            reason=reason[:2000],
             resolve_enterprise_id=enterprise_id,
         )
         async with self._rt.sessions() as session:

@@ -135,8 +135,11 @@ class WorkflowEngine:
         *,
         deadlines: DeadlinePolicy | None = None,
         now: Now = utcnow,
+        seal_reason: Callable[[str, str], str] | None = None,
     ) -> None:
         self._rt = runtime
+        # Free text of a move (why; an interim note) sealed at rest: (history row id, text) -> stored value.
+        self._seal_reason = seal_reason
         self.machine = machine
         self.tables = tables
         self.deadlines = deadlines or (lambda _name, _facts: None)
@@ -188,10 +191,11 @@ class WorkflowEngine:
                     f"{self.machine.state_name(int(current or 0))}; read it again",
                     reason=f"{self.kind}-state",
                 )
+            history_id = str(uuid.uuid4())
             await session.execute(
                 t.history.insert().values(
                     {
-                        "id": str(uuid.uuid4()),
+                        "id": history_id,
                         t.item_fk: subject.item_id,
                         "from_state": decision.from_state,
                         "to_state": decision.to_state,
@@ -199,7 +203,7 @@ class WorkflowEngine:
                         "organization_id": who.organization_id,
                         "practitioner_id": who.practitioner_id,
                         "role": who.role,
-                        "reason": reason[:2000],
+                        "reason": self._seal_reason(history_id, reason) if self._seal_reason else reason,
                         "request_key": request_key[:128],
                         "changed_at": now,
                     }
@@ -347,6 +351,7 @@ def register_relays(runtime: ServiceRuntime) -> None:
 def workflow_event_sender(channel: Callable[[], grpc.aio.Channel], credentials: PlatformCredentials) -> Sender:
     """Hands staged workflow notifications to the registry's notification broker (PublishEvent),
     under the service's platform identity, continuing each move's trace; raises until it answers."""
+
     async def send(payloads: Sequence[bytes]) -> None:
         stub = notifications_pb2_grpc.NotificationBrokerStub(channel())
         for payload in payloads:

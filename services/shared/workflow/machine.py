@@ -51,7 +51,8 @@ class Transition:
     business_status: str = ""
     clocks: ClockEffect = NO_CLOCKS
     guard: Guard | None = None
-    # A move that stays in its state (an interim note): a retry is recognised by its request key only.
+    # A move that stays in the state it starts from (an interim note; `target` is then ignored):
+    # a retry is recognised by its request key only.
     self_loop: bool = False
 
 
@@ -87,7 +88,7 @@ class Machine:
     def decide(self, name: str, *, state: int, side: str, facts: Mapping[str, object] | None = None) -> Decision:
         """The move `name` by `side` from `state`: PermissionDenied (`<kind>-party`) for the wrong
         side, FailedPrecondition (`<kind>-state`, naming the current state) when the state does not
-        allow it, whatever the guard raises when the facts do not."""
+        allow it, whatever the guard raises when the facts (plus `state`) do not."""
         transition = self.transitions[name]
         if side != transition.side:
             label = self.side_labels.get(transition.side, transition.side)
@@ -103,14 +104,14 @@ class Machine:
                 reason=f"{self.kind}-state",
             )
         if transition.guard is not None:
-            transition.guard(facts or {})
+            transition.guard({**(facts or {}), "state": state})
         grant = transition.grant
         if grant is GrantEffect.REVOKE and state not in self.granted:
             grant = GrantEffect.NONE
         return Decision(
             name,
             state,
-            transition.target,
+            state if transition.self_loop else transition.target,
             repeated=False,
             grant=grant,
             business_status=transition.business_status,
