@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.deps import Context
+from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.referrals import DIRECTIONS, SERVICES, URGENCIES, directory_metadata, referral_json
 from hie.common.v1 import common_pb2
@@ -120,6 +121,16 @@ async def create_referral(body: ReferralIn, ctx: Context, request: Request) -> d
     return referral_json(result.referral)
 
 
+def _if_match(request: Request) -> int | None:
+    """The version an If-Match header names (`W/"3"`, `"3"` or `3`), None without one."""
+    value = request.headers.get("if-match", "").strip().removeprefix("W/").strip('"')
+    if not value:
+        return None
+    if not value.isdigit() or len(value) > 9:
+        raise ApiError(400, "if-match", 'If-Match names a referral version, e.g. W/"3"')
+    return int(value)
+
+
 def _timestamp(value: datetime.datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
@@ -183,6 +194,7 @@ async def move_referral(
                 slot_id=body.slot_id,
                 bed_department=body.bed_department,
                 outcome_document_id=body.outcome_document_id,
+                expected_version=_if_match(request),
             ),
             metadata=ctx.metadata,
         )

@@ -589,8 +589,20 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         async with self._rt.sessions() as session:
             record = self._visible(await session.get(ReferralRecord, request.referral_id[:36]), who.organization_id)
         side = self._side(record, who.organization_id)
+        if not side and record.target_organization_id:
+            # A candidate that lost the race to accept.
+            raise FailedPrecondition(
+                f"another organisation accepted this referral (state {workflow.state_name(record.state)})",
+                reason="referral-state",
+            )
         if not side:
             raise PermissionDenied("a candidate that declined makes no more moves", reason="referral-party")
+        if request.HasField("expected_version") and request.expected_version != record.version:
+            raise FailedPrecondition(
+                f"the referral is at version {record.version} (state {workflow.state_name(record.state)}), "
+                f"not {request.expected_version}",
+                reason="referral-version",
+            )
         # The origin's cancel of a scheduled referral asks the target to confirm (360X).
         if name == "cancel" and side == workflow.Party.REQUESTER and record.state == workflow.SCHEDULED:
             name = "request-cancel"

@@ -311,7 +311,7 @@ class CancelReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MoveReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "move", "reason", "request_key", "rejection_code", "advice", "slot_id", "bed_department", "outcome_document_id")
+    __slots__ = ("referral_id", "move", "reason", "request_key", "rejection_code", "advice", "slot_id", "bed_department", "outcome_document_id", "expected_version")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +321,7 @@ class MoveReferralRequest(_message.Message):
     SLOT_ID_FIELD_NUMBER: _ClassVar[int]
     BED_DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     move: str
     reason: str
@@ -330,7 +331,8 @@ class MoveReferralRequest(_message.Message):
     slot_id: str
     bed_department: str
     outcome_document_id: str
-    def __init__(self, referral_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., rejection_code: _Optional[str] = ..., advice: _Optional[str] = ..., slot_id: _Optional[str] = ..., bed_department: _Optional[str] = ..., outcome_document_id: _Optional[str] = ...) -> None: ...
+    expected_version: int
+    def __init__(self, referral_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., rejection_code: _Optional[str] = ..., advice: _Optional[str] = ..., slot_id: _Optional[str] = ..., bed_department: _Optional[str] = ..., outcome_document_id: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class MoveReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
