@@ -31,6 +31,7 @@ from gateway.routes import (
     fhir_consent,
     fhir_documents,
     fhir_patient,
+    fhir_referral,
     oauth,
     patient_index,
     patients,
@@ -183,6 +184,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(fhir_documents.router)
     app.include_router(subscriptions.router)
     app.include_router(fhir_patient.router)
+    app.include_router(fhir_referral.router)
     app.include_router(patient_index.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -140,7 +140,7 @@ _UNENCODED_PLUS = re.compile(r" (\d{2}:\d{2})$")
 
 @router.get("/metadata")
 async def capability_statement(request: Request) -> JSONResponse:
-    from gateway.routes import fhir_documents  # imports this module: resolved at call time
+    from gateway.routes import fhir_documents, fhir_referral  # imports this module: resolved at call time
 
     base = request.app.state.settings.public_url
     statement: dict[str, Any] = {
@@ -192,6 +192,7 @@ async def capability_statement(request: Request) -> JSONResponse:
                     CONSENT_CAPABILITY,
                     PATIENT_CAPABILITY,
                     *fhir_documents.CAPABILITY_RESOURCES,
+                    *fhir_referral.CAPABILITY_RESOURCES,
                 ],
             }
         ],
