@@ -18,9 +18,11 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import select
 
 from gateway.client import HospitalClient, Practitioner, new_traceparent
 from gateway.organizations import set_tier
+from services.referral.store import TABLES
 from tests.conftest import Exchange
 from tests.factories import document, person
 
@@ -228,6 +230,16 @@ async def test_up_and_down_the_alliance_as_a_closed_loop(alliance: Alliance) -> 
     assert r["slot_id"] == slot_id
     assert [c["name"] for c in r["clocks"]] == ["accept"]
     assert r["diagnosis"] == {"code": "I20.0", "text": "不稳定型心绞痛"}
+
+    # Free text is sealed at rest: the referral's and its history's rows hold no clear copy.
+    async with s.exchange.services["referral"].runtime.sessions() as session:
+        stored = [
+            str(tuple(row))
+            for table in (TABLES.item, TABLES.history)
+            for row in (await session.execute(select(table))).all()
+        ]
+    assert stored
+    assert not any(clear in row for row in stored for clear in ("反复胸痛", "不稳定型心绞痛", "0571-00000000"))
 
     # Wrong side / wrong state.
     _refused(
