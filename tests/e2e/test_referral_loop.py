@@ -52,7 +52,8 @@ class Receiver:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        self.received.append(json.loads(body))
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.received.append({**json.loads(body), "_traceparent": headers.get("traceparent", "")})
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
 
@@ -401,6 +402,16 @@ async def test_up_and_down_the_alliance_as_a_closed_loop(alliance: Alliance) -> 
     assert "referral.accept" not in about_up
     assert "referral.acknowledge" in about_up
     assert all(n["resource"]["type"] == "ServiceRequest" for n in s.community_hook.received)
+    # The webhook continues the trace of the move that caused it.
+    accept_hook = next(
+        n
+        for n in s.community_hook.received
+        if n["event_type"] == "referral.accept" and n["resource"]["id"] == referral_id
+    )
+    assert accept_hook["_traceparent"].split("-")[1] == accepted["trace_id"]
+    # Completion makes the outcome readable by the referrer (its own patient, treatment).
+    outcome_read = await s.community.call("GET", f"/api/v1/documents/{outcome_id}/content")
+    assert outcome_read.status_code == 200, outcome_read.text
 
 
 async def _get(client: HospitalClient, referral_id: str) -> dict[str, Any]:
