@@ -637,7 +637,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 changes["direction"] = _DIRECTION[derived]
         if name == "accept":
             changes["accepted_at"] = now
-            await self._assign_follow_ups(record, target)
         if name in ("reject", "hold"):
             if name == "reject":
                 changes["rejection_code"] = request.rejection_code
@@ -658,6 +657,11 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             changes["closed_at"] = now
 
         async def within(session: AsyncSession, decision: Decision) -> None:
+            if name == "accept" and not record.target_organization_id:
+                # Follow-ups of a down-referral to candidates belong to whoever accepts.
+                await session.execute(
+                    update(FollowUpRecord).where(FollowUpRecord.referral_id == record.id).values(organization_id=target)
+                )
             if name == "schedule":
                 if record.service == "admission":
                     await self._reserve_bed(session, target, request.bed_department[:64])
@@ -702,14 +706,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         async with self._rt.sessions() as session:
             fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
             return await self._message(session, fresh, who=who), applied.audit_event_ids
-
-    async def _assign_follow_ups(self, record: ReferralRecord, target: str) -> None:
-        # Follow-ups of a down-referral to candidates belong to whoever accepts.
-        if not record.target_organization_id:
-            async with self._rt.sessions() as session, session.begin():
-                await session.execute(
-                    update(FollowUpRecord).where(FollowUpRecord.referral_id == record.id).values(organization_id=target)
-                )
 
     async def _follow_up_facts(self, record: ReferralRecord) -> dict[str, object]:
         async with self._rt.sessions() as session:
