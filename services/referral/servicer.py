@@ -107,9 +107,9 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             self.engine,
             describe=self._describe,
             responsible=lambda clock, subject: (
-                subject.target_organization_ids[0]
-                if RESPONSIBLE.get(clock) == "target" and len(subject.target_organization_ids) == 1
-                else subject.origin_organization_id
+                subject.target_organization_ids
+                if RESPONSIBLE.get(clock) == "target" and subject.target_organization_ids
+                else (subject.origin_organization_id,)
             ),
         )
 

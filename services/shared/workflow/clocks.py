@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,8 +28,9 @@ from services.shared.workflow.engine import Subject, WorkflowEngine
 
 _log = logging.getLogger(__name__)
 _BATCH = 100
-# Which side's move a clock waits for: the organisation a breach is attributed to.
-Responsible = Callable[[str, Subject], str]
+# Whose move a clock waits for: the organisation(s) a breach is attributed to (one audit event each;
+# several while candidates are asked and none has accepted).
+Responsible = Callable[[str, Subject], Sequence[str]]
 # The service's mapping of an item (by id) inside the scan's transaction; None if it is gone.
 Describe = Callable[[AsyncSession, str], Awaitable[Subject | None]]
 
@@ -93,20 +94,20 @@ class DeadlineScanner:
                 subject = await self._describe(session, row.item_id)
                 if subject is None:
                     continue
-                late = self._responsible(row.name, subject)
                 kind = self._engine.kind
-                await self._rt.audit.record(
-                    session,
-                    caller=Caller(
-                        organization_id=late,
-                        organization_type=PLATFORM,
-                        client_id=f"service:{self._rt.name}",
-                    ),
-                    type=f"{kind}.deadline-breach",
-                    action=Action.ACTION_EXECUTE,
-                    patient_enterprise_id=subject.enterprise_id,
-                    entities=[(subject.resource_type, subject.item_id), ("Clock", row.name)],
-                )
+                for late in self._responsible(row.name, subject):
+                    await self._rt.audit.record(
+                        session,
+                        caller=Caller(
+                            organization_id=late,
+                            organization_type=PLATFORM,
+                            client_id=f"service:{self._rt.name}",
+                        ),
+                        type=f"{kind}.deadline-breach",
+                        action=Action.ACTION_EXECUTE,
+                        patient_enterprise_id=subject.enterprise_id,
+                        entities=[(subject.resource_type, subject.item_id), ("Clock", row.name)],
+                    )
                 await self._engine.notify(
                     session,
                     event_type=f"{kind}.deadline-breach",
