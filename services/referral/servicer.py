@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.referral import directory, domain, workflow
+from services.referral import directory, domain, messages, store, workflow
 from services.referral.deadlines import RESPONSIBLE, DeadlinePolicy
 from services.referral.store import (
     TABLES,
@@ -74,12 +74,7 @@ _NURSE_MOVES = frozenset({"arrive", "no-show", "start", "note"})
 _PAGE = 50
 
 
-def _ts(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+_ts = messages.timestamp
 
 
 def _dt(ts: Timestamp) -> datetime.datetime:
@@ -441,7 +436,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     )
                 )
             if ref.book_slot_id:
-                booked = await self._book_slot(session, ref.book_slot_id[:36], target, referral_id)
+                booked = await store.book_slot(session, ref.book_slot_id[:36], target, referral_id)
                 record.slot_id = booked.id
                 record.appointment_start = booked.start_at
             subject = self._subject(record)
@@ -509,64 +504,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 "a down-referral follows a completed up-referral: parent_referral_id", reason="referral-parent"
             )
         return parent.episode_id or parent.id
-
-    # --- slots and beds -----------------------------------------------------------------------
-
-    async def _book_slot(
-        self, session: AsyncSession, slot_id: str, organization_id: str, referral_id: str
-    ) -> SlotRecord:
-        """Take a free slot of `organization_id` for a referral: one conditional UPDATE, so of two
-        referrals racing for one slot exactly one gets it."""
-        taken = await session.execute(
-            update(SlotRecord)
-            .where(
-                SlotRecord.id == slot_id,
-                SlotRecord.organization_id == organization_id,
-                or_(SlotRecord.referral_id.is_(None), SlotRecord.referral_id == referral_id),
-            )
-            .values(referral_id=referral_id)
-        )
-        if taken.rowcount != 1:  # type: ignore[attr-defined]
-            raise FailedPrecondition("the slot is taken or not the target's: slot_id", reason="referral-slot-taken")
-        slot = await session.get(SlotRecord, slot_id, populate_existing=True)
-        assert slot is not None
-        return slot
-
-    @staticmethod
-    async def _free_slot(session: AsyncSession, record: ReferralRecord) -> None:
-        if record.slot_id:
-            await session.execute(
-                update(SlotRecord)
-                .where(SlotRecord.id == record.slot_id, SlotRecord.referral_id == record.id)
-                .values(referral_id=None)
-            )
-
-    @staticmethod
-    async def _reserve_bed(session: AsyncSession, organization_id: str, department: str) -> None:
-        reserved = await session.execute(
-            update(BedCountRecord)
-            .where(
-                BedCountRecord.organization_id == organization_id,
-                BedCountRecord.department == department,
-                BedCountRecord.reserved < BedCountRecord.total,
-            )
-            .values(reserved=BedCountRecord.reserved + 1)
-        )
-        if reserved.rowcount != 1:  # type: ignore[attr-defined]
-            raise FailedPrecondition("no free bed in that department: bed_department", reason="referral-no-bed")
-
-    @staticmethod
-    async def _release_bed(session: AsyncSession, record: ReferralRecord) -> None:
-        if record.bed_department:
-            await session.execute(
-                update(BedCountRecord)
-                .where(
-                    BedCountRecord.organization_id == record.target_organization_id,
-                    BedCountRecord.department == record.bed_department,
-                    BedCountRecord.reserved > 0,
-                )
-                .values(reserved=BedCountRecord.reserved - 1)
-            )
 
     # --- moves ----------------------------------------------------------------------------------
 
@@ -664,7 +601,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 )
             if name == "schedule":
                 if record.service == "admission":
-                    await self._reserve_bed(session, target, request.bed_department[:64])
+                    await store.reserve_bed(session, target, request.bed_department[:64])
                     await session.execute(
                         update(ReferralRecord)
                         .where(ReferralRecord.id == record.id)
@@ -673,18 +610,18 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 else:
                     slot_id = request.slot_id[:36] or record.slot_id
                     if record.slot_id and record.slot_id != slot_id and record.state != workflow.NO_SHOW:
-                        await self._free_slot(session, record)
-                    slot = await self._book_slot(session, slot_id, target, record.id)
+                        await store.free_slot(session, record)
+                    slot = await store.book_slot(session, slot_id, target, record.id)
                     await session.execute(
                         update(ReferralRecord)
                         .where(ReferralRecord.id == record.id)
                         .values(slot_id=slot.id, appointment_start=slot.start_at)
                     )
             if decision.to_state in (workflow.CANCELLED, workflow.REJECTED):
-                await self._free_slot(session, record)
-                await self._release_bed(session, record)
+                await store.free_slot(session, record)
+                await store.release_bed(session, record)
             if decision.to_state == workflow.COMPLETED:
-                await self._release_bed(session, record)
+                await store.release_bed(session, record)
 
         patient = common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
 
@@ -981,7 +918,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 entities=[("Slot", r.id) for r in records],
             )
         self._rt.outbox.notify()
-        return referral_pb2.PublishSlotsResponse(slots=[_slot_message(r) for r in records])
+        return referral_pb2.PublishSlotsResponse(slots=[messages.slot(r) for r in records])
 
     async def ListSlots(
         self, request: referral_pb2.ListSlotsRequest, context: object
@@ -1000,7 +937,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             query = query.where(SlotRecord.start_at >= _dt(request.since))
         async with self._rt.sessions() as session:
             records = list(await session.scalars(query.order_by(SlotRecord.start_at, SlotRecord.id).limit(500)))
-        return referral_pb2.ListSlotsResponse(slots=[_slot_message(r) for r in records])
+        return referral_pb2.ListSlotsResponse(slots=[messages.slot(r) for r in records])
 
     async def SetBedCount(
         self, request: referral_pb2.SetBedCountRequest, context: object
@@ -1030,7 +967,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 entities=[("Location", f"{who.organization_id}/{request.department}")],
             )
         self._rt.outbox.notify()
-        return referral_pb2.SetBedCountResponse(bed_count=_bed_message(record))
+        return referral_pb2.SetBedCountResponse(bed_count=messages.bed_count(record))
 
     async def ListBedCounts(
         self, request: referral_pb2.ListBedCountsRequest, context: object
@@ -1046,7 +983,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     .order_by(BedCountRecord.department)
                 )
             )
-        return referral_pb2.ListBedCountsResponse(bed_counts=[_bed_message(r) for r in records])
+        return referral_pb2.ListBedCountsResponse(bed_counts=[messages.bed_count(r) for r in records])
 
     # --- statistics ---------------------------------------------------------------------------
 
@@ -1140,23 +1077,3 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 if not org or o == org
             ],
         )
-
-
-def _slot_message(record: SlotRecord) -> referral_pb2.Slot:
-    return referral_pb2.Slot(
-        slot_id=record.id,
-        organization_id=record.organization_id,
-        department=record.department,
-        start=_ts(record.start_at),
-        end=_ts(record.end_at),
-        status="busy" if record.referral_id else "free",
-    )
-
-
-def _bed_message(record: BedCountRecord) -> referral_pb2.BedCount:
-    return referral_pb2.BedCount(
-        organization_id=record.organization_id,
-        department=record.department,
-        total=record.total,
-        reserved=record.reserved,
-    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import Index, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import Index, MetaData, String, Text, UniqueConstraint, or_, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
+from services.shared.errors import FailedPrecondition
 from services.shared.outbox import outbox_table
 from services.shared.workflow.engine import WorkflowTables, clock_table
 
@@ -152,3 +154,61 @@ def history_context(history_id: str) -> str:
 
 def follow_up_context(follow_up_id: str) -> str:
     return f"referral.follow_up:{follow_up_id}"
+
+
+# --- slots and beds: taken and given back inside a move's transaction -----------------------
+
+
+async def book_slot(session: AsyncSession, slot_id: str, organization_id: str, referral_id: str) -> SlotRecord:
+    """Take a free slot of `organization_id` for a referral: one conditional UPDATE, so of two
+    referrals racing for one slot exactly one gets it."""
+    taken = await session.execute(
+        update(SlotRecord)
+        .where(
+            SlotRecord.id == slot_id,
+            SlotRecord.organization_id == organization_id,
+            or_(SlotRecord.referral_id.is_(None), SlotRecord.referral_id == referral_id),
+        )
+        .values(referral_id=referral_id)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        raise FailedPrecondition("the slot is taken or not the target's: slot_id", reason="referral-slot-taken")
+    slot = await session.get(SlotRecord, slot_id, populate_existing=True)
+    assert slot is not None
+    return slot
+
+
+async def free_slot(session: AsyncSession, record: ReferralRecord) -> None:
+    if record.slot_id:
+        await session.execute(
+            update(SlotRecord)
+            .where(SlotRecord.id == record.slot_id, SlotRecord.referral_id == record.id)
+            .values(referral_id=None)
+        )
+
+
+async def reserve_bed(session: AsyncSession, organization_id: str, department: str) -> None:
+    reserved = await session.execute(
+        update(BedCountRecord)
+        .where(
+            BedCountRecord.organization_id == organization_id,
+            BedCountRecord.department == department,
+            BedCountRecord.reserved < BedCountRecord.total,
+        )
+        .values(reserved=BedCountRecord.reserved + 1)
+    )
+    if reserved.rowcount != 1:  # type: ignore[attr-defined]
+        raise FailedPrecondition("no free bed in that department: bed_department", reason="referral-no-bed")
+
+
+async def release_bed(session: AsyncSession, record: ReferralRecord) -> None:
+    if record.bed_department:
+        await session.execute(
+            update(BedCountRecord)
+            .where(
+                BedCountRecord.organization_id == record.target_organization_id,
+                BedCountRecord.department == record.bed_department,
+                BedCountRecord.reserved > 0,
+            )
+            .values(reserved=BedCountRecord.reserved - 1)
+        )
