@@ -5,6 +5,7 @@ deadlines.py (clocks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import uuid
@@ -628,9 +629,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         async def enterprise_id() -> str:
             return (await identity.cross_reference(self._rt, patient)).enterprise_id
 
+        subject = self._subject(record, target=target if name == "accept" else "")
+        if name == "accept" and not record.target_organization_id:
+            # The other candidates hear that the referral is taken.
+            others = tuple(c["org"] for c in open_candidates if c["org"] != target)
+            subject = dataclasses.replace(subject, target_organization_ids=(target, *others))
         applied = await self.engine.apply(
             name,
-            subject=self._subject(record, target=target if name == "accept" else ""),
+            subject=subject,
             who=who,
             side=side,
             reason=reason,

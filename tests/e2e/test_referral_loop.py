@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import uvicorn
 from sqlalchemy import select
@@ -53,7 +54,14 @@ class Receiver:
             if not message.get("more_body"):
                 break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        self.received.append({**json.loads(body), "_traceparent": headers.get("traceparent", "")})
+        self.received.append(
+            {
+                **json.loads(body),
+                "_traceparent": headers.get("traceparent", ""),
+                "_signature": headers.get("x-hie-signature", ""),
+                "_body": body,
+            }
+        )
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
 
@@ -409,6 +417,14 @@ async def test_up_and_down_the_alliance_as_a_closed_loop(alliance: Alliance) -> 
         if n["event_type"] == "referral.accept" and n["resource"]["id"] == referral_id
     )
     assert accept_hook["_traceparent"].split("-")[1] == accepted["trace_id"]
+    # Signed by the exchange's platform key over the exact body (detached JWS).
+    trusted = json.loads(s.exchange.settings.trusted_jwks_file.read_text())
+    (platform,) = [k for k in trusted["keys"] if k.get("hie_issuer") == "platform"]
+    jwk = jwt.PyJWK({k: v for k, v in platform.items() if not k.startswith("hie_")})
+    verified = jwt.api_jws.decode_complete(
+        accept_hook["_signature"], key=jwk.key, algorithms=["ES384"], detached_payload=accept_hook["_body"]
+    )
+    assert verified["header"]["typ"] == "hie-notification+jws"
     # Completion makes the outcome readable by the referrer (its own patient, treatment).
     outcome_read = await s.community.call("GET", f"/api/v1/documents/{outcome_id}/content")
     assert outcome_read.status_code == 200, outcome_read.text
