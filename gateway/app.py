@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import store
-from gateway.errors import ApiError, error_response
+from gateway.errors import RETRY_AFTER_SECONDS, ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
 from gateway.routes import (
     audit,
@@ -54,6 +56,7 @@ from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
+from services.shared.storage_faults import storage_unavailable
 from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
@@ -103,6 +106,21 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+# How long /readyz waits for each dependency's health answer.
+READINESS_TIMEOUT_SECONDS = 1.0
+
+
+async def _serving(channel: grpc.aio.Channel) -> bool:
+    """Whether the service behind the channel answers its health check SERVING now."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=READINESS_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 @dataclass
 class ServiceStubs:
     mpi: mpi_pb2_grpc.PatientIndexStub
@@ -130,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.standing = OrganizationStanding(sessions, ttl_seconds=settings.revocation_check_seconds)
         app.state.buckets = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
         outbox = Outbox(store.metadata.tables["outbox"], sessions)
+        outbox.lease = timedelta(seconds=settings.outbox_lease_seconds)
         outbox.register(
             AUDIT_TOPIC,
             audit_sender(
@@ -193,10 +212,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
+        # Asked now, of every dependency at once: a channel's cached state lags a restart (it
+        # said "down" after a service was back and "ready" ten seconds into an outage).
         channels: dict[str, grpc.aio.Channel] = request.app.state.channels
-        states = {name: ch.get_state(try_to_connect=True).name for name, ch in channels.items()}
-        down = [n for n, s in states.items() if s in {"TRANSIENT_FAILURE", "SHUTDOWN"}]
-        return JSONResponse({"status": "degraded" if down else "ready", "down": down}, status_code=503 if down else 200)
+        names = sorted(channels)
+        answers = await asyncio.gather(*(_serving(channels[name]) for name in names))
+        down = [name for name, serving in zip(names, answers, strict=True) if not serving]
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if down else None
+        return JSONResponse(
+            {"status": "degraded" if down else "ready", "down": down},
+            status_code=503 if down else 200,
+            headers=headers,
+        )
 
     @app.middleware("http")
     async def trace_and_security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -242,6 +269,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         # The route template, not the path: paths can carry patient local ids.
         route = getattr(request.scope.get("route"), "path", "[unmatched route]")
+        fault = storage_unavailable(exc, component="gateway", where=f"{request.method} {route}")
+        if fault is not None:
+            # The gateway's own database (tokens, its audit outbox) is full or down.
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return error_response(request, ApiError(503, fault.reason, fault.message, headers=headers))
         _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route)
         return error_response(request, ApiError(500, "internal", "the exchange could not complete this"))
 
@@ -255,5 +287,6 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Trace-Id", "traceresponse", "Repr-Digest", "Retry-After"],
         )
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(fhir.FhirFormat)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz", server_request_hook=_scrub_url)
     return app

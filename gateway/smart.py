@@ -277,5 +277,7 @@ class AuthorizationServer:
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGORITHMS,
             "scopes_supported": sorted({s for scopes in ALLOWED_SCOPES.values() for s in scopes}),
-            "capabilities": ["client-confidential-asymmetric"],
+            # SMART App Launch 2.x: "permission-v2" says the server speaks the v2 scope syntax
+            # (system/Patient.rs) the tokens carry.
+            "capabilities": ["client-confidential-asymmetric", "permission-v2"],
         }

@@ -330,6 +330,7 @@ async def declare_break_glass(body: BreakGlassIn, ctx: Context, request: Request
                 patient=common_pb2.PatientRef(local_id=body.patient_local_id),
                 reason=body.reason,
                 duration_seconds=body.duration_seconds,
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
             ),
             metadata=ctx.metadata,
         )

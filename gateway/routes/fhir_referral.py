@@ -31,6 +31,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gateway.deps import Context
 from gateway.errors import ApiError
 from gateway.routes import rpc
+from gateway.routes.fhir_patient import own_local_id_of_identifier, own_local_id_of_patient, patient_id_of_reference
 from gateway.routes.referrals import SERVICES, URGENCIES, directory_metadata, state_code, state_name
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
@@ -323,15 +324,21 @@ def _bundle(request: Request, resources: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
-def _local_id(subject: Any) -> str:
+async def _local_id(ctx: Context, request: Request, subject: Any) -> str:
+    """The caller's local id of ServiceRequest.subject, by the facade's one rule: `Patient/<id>` is
+    the id the exchange gives the caller's own record, a local id goes in the identifier
+    `urn:hie:patient-id:<own organisation>|<local id>`."""
     if isinstance(subject, dict):
-        reference = str(subject.get("reference", ""))
-        if reference.startswith("Patient/"):
-            return reference.removeprefix("Patient/")[:64]
+        reference = subject.get("reference")
+        if isinstance(reference, str) and reference:
+            patient_id = patient_id_of_reference(reference, request.app.state.settings.public_url)
+            return await own_local_id_of_patient(ctx, request, patient_id)
         identifier = subject.get("identifier")
-        if isinstance(identifier, dict) and identifier.get("value"):
-            return str(identifier["value"])[:64]
-    raise _bad("ServiceRequest.subject needs Patient/<local id> or an identifier")
+        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str) and identifier["value"]:
+            return own_local_id_of_identifier(
+                ctx, str(identifier.get("system", "")), identifier["value"], "ServiceRequest.subject.identifier"
+            )
+    raise _bad("ServiceRequest.subject needs Patient/<id> or the urn:hie:patient-id identifier")
 
 
 def _organization(reference: Any) -> str:
@@ -393,11 +400,12 @@ async def create_service_request(request: Request, ctx: Context) -> JSONResponse
         for s in resource.get("supportingInfo") or []
         if isinstance(s, dict) and str(s.get("reference", "")).startswith("DocumentReference/")
     ]
+    local_id = await _local_id(ctx, request, resource.get("subject"))
     result = await rpc(
         request.app.state.stubs.referral.CreateReferral(
             referral_pb2.CreateReferralRequest(
                 referral=referral_pb2.Referral(
-                    patient=common_pb2.PatientRef(local_id=_local_id(resource.get("subject"))),
+                    patient=common_pb2.PatientRef(local_id=local_id),
                     target_organization_id=targets[0] if len(targets) == 1 else "",
                     candidate_organization_ids=targets if len(targets) > 1 else [],
                     reason="\n".join(notes)[:2000],
@@ -537,7 +545,7 @@ async def update_task(referral_id: str, ctx: Context, request: Request) -> JSONR
                 referral_id=referral_id[:64],
                 move=move,
                 reason=(notes[-1] if notes else "")[:2000],
-                request_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
                 rejection_code=reason_code[:32],
                 advice=str((resource.get("statusReason") or {}).get("text") or "")[:2000],
                 slot_id=slot_id,

@@ -19,7 +19,11 @@ _MAX_FORM_BYTES = 16 * 1024
 
 
 @router.get("/.well-known/smart-configuration")
+@router.get("/fhir/R4/.well-known/smart-configuration")
 async def smart_configuration(request: Request) -> dict[str, Any]:
+    """SMART discovery. SMART App Launch 2.x (conformance): "the server SHALL ... host a
+    smart-configuration JSON document at [base]/.well-known/smart-configuration" where [base] is
+    the FHIR base URL; it is also served at the server root, where clients used to look."""
     server: AuthorizationServer = request.app.state.authorization
     return server.smart_configuration()
 

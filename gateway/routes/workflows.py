@@ -188,7 +188,7 @@ async def move_referral(
                 referral_id=referral_id[:64],
                 move=transition,
                 reason=body.reason,
-                request_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
                 rejection_code=body.rejection_code,
                 advice=body.advice,
                 slot_id=body.slot_id,
@@ -294,7 +294,12 @@ async def move_consultation(
     method, message = _CONSULTATION_TRANSITIONS[transition]
     result = await rpc(
         getattr(request.app.state.stubs.teleconsult, method)(
-            message(consultation_id=consultation_id[:64], reason=body.reason if body else ""), metadata=ctx.metadata
+            message(
+                consultation_id=consultation_id[:64],
+                reason=body.reason if body else "",
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+            ),
+            metadata=ctx.metadata,
         )
     )
     return {**_consultation_json(result.consultation), "audit_event_ids": list(result.audit_event_ids)}

@@ -25,6 +25,7 @@ from services.shared.audit_trail import Action
 from services.shared.auth import Caller, PlatformCredentials, caller
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
 from services.shared.user_assertion import PURPOSES_OF_USE
@@ -80,6 +81,11 @@ def _workflow_entity(reference: str) -> tuple[str, str]:
     return (kind, identifier) if identifier else ("ServiceRequest", reference)
 
 
+# The operation a kept first answer belongs to (services/shared/idempotency.py).
+_RECORD_OPERATION = "consent.directive.record"
+_BREAK_GLASS_OPERATION = "consent.break-glass"
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -87,6 +93,7 @@ def _digest(*parts: object) -> str:
 class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer):
     def __init__(self, runtime: ServiceRuntime, regional_policy: policy.RegionalPolicy | None = None) -> None:
         self._rt = runtime
+        self._answers = FirstAnswers(store.idempotent_answers)
         self.regional_policy = regional_policy or policy.RegionalPolicy.from_env()
         self.cache = PatientConsentCache(runtime.engine, runtime.sessions)
         runtime.background(self._close_on_stop(), name="consent-cache")
@@ -304,6 +311,17 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     raise AlreadyExists(
                         "idempotency key already used for a different directive", reason="idempotency-key-reused"
                     )
+                # A retry: the first answer (created, its audit event), kept with the directive.
+                first = await self._answers.first(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_RECORD_OPERATION,
+                    request_fingerprint=digest,
+                    response_type=consent_pb2.RecordDirectiveResponse,
+                )
+                if first is not None:
+                    return first
                 return consent_pb2.RecordDirectiveResponse(
                     directive=messages.directive_message(existing), created=False
                 )
@@ -338,10 +356,20 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 patient_enterprise_id=enterprise_id,
                 entities=[("Consent", record.id)],
             )
+            answer = consent_pb2.RecordDirectiveResponse(
+                directive=messages.directive_message(record), created=True, audit_event_ids=[event_id]
+            )
+            if request.idempotency_key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_RECORD_OPERATION,
+                    request_fingerprint=digest,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return consent_pb2.RecordDirectiveResponse(
-            directive=messages.directive_message(record), created=True, audit_event_ids=[event_id]
-        )
+        return answer
 
     async def ReviseDirective(
         self, request: consent_pb2.ReviseDirectiveRequest, context: object
@@ -603,9 +631,26 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         )
         # The patient's home hospitals: every other domain that registered the person.
         notify = sorted({r.domain for r in person.refs} - {who.organization_id})
+        key = check_key(request.idempotency_key.strip())
+        request_fingerprint = fingerprint(_BREAK_GLASS_OPERATION, request, who.practitioner_id)
         for attempt in range(2):
             try:
                 async with self._rt.sessions() as session, session.begin():
+                    first = (
+                        await self._answers.first(
+                            session,
+                            organization_id=who.organization_id,
+                            key=key,
+                            operation=_BREAK_GLASS_OPERATION,
+                            request_fingerprint=request_fingerprint,
+                            response_type=consent_pb2.DeclareBreakGlassResponse,
+                        )
+                        if key
+                        else None
+                    )
+                    if first is not None:
+                        # A retry: the one declaration (not a second grant and notification).
+                        return first
                     session.add(record)
                     await store.bump_version(session, person.enterprise_id)
                     event_id = await self._rt.audit.record(
@@ -631,15 +676,27 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                             }
                         ).encode(),
                     )
+                    answer = consent_pb2.DeclareBreakGlassResponse(
+                        break_glass_id=record.id,
+                        enterprise_id=person.enterprise_id,
+                        starts=messages.timestamp(record.starts),
+                        expires=messages.timestamp(record.expires),
+                        audit_event_ids=[event_id],
+                    )
+                    if key:
+                        await self._answers.keep(
+                            session,
+                            organization_id=who.organization_id,
+                            key=key,
+                            operation=_BREAK_GLASS_OPERATION,
+                            request_fingerprint=request_fingerprint,
+                            response=answer,
+                        )
                 break
             except IntegrityError:
+                # A concurrent first change of the patient, or a concurrent retry of this key
+                # (answered from its first answer on the second attempt).
                 if attempt:
                     raise
         self._rt.outbox.notify()
-        return consent_pb2.DeclareBreakGlassResponse(
-            break_glass_id=record.id,
-            enterprise_id=person.enterprise_id,
-            starts=messages.timestamp(record.starts),
-            expires=messages.timestamp(record.expires),
-            audit_event_ids=[event_id],
-        )
+        return answer

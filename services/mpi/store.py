@@ -226,6 +226,9 @@ class InboundMessage(Base):
     ack_code: Mapped[str] = mapped_column(String(2))
     reason: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    # SHA-256 of the message's content (mllp.content_digest): a retry has the same, a different
+    # message reusing the control id does not. Empty for rows from before it was kept.
+    digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class BulkLoad(Base):
@@ -767,11 +770,16 @@ async def inbound_message(session: AsyncSession, facility: str, control_id: str)
 
 
 async def add_inbound_message(
-    session: AsyncSession, facility: str, control_id: str, *, ack_code: str, reason: str
+    session: AsyncSession, facility: str, control_id: str, *, ack_code: str, reason: str, digest: str = ""
 ) -> None:
     session.add(
         InboundMessage(
-            facility=facility, control_id=control_id, ack_code=ack_code, reason=reason[:64], received_at=utcnow()
+            facility=facility,
+            control_id=control_id,
+            ack_code=ack_code,
+            reason=reason[:64],
+            received_at=utcnow(),
+            digest=digest,
         )
     )
     await session.flush()

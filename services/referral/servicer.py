@@ -31,6 +31,7 @@ from services.referral.store import (
     SlotRecord,
     follow_up_context,
     history_context,
+    idempotent_answers,
     sealed_context,
 )
 from services.shared import identity
@@ -45,6 +46,7 @@ from services.shared.errors import (
     PermissionDenied,
     error_from_rpc,
 )
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.workflow.clocks import DeadlineScanner
@@ -73,6 +75,7 @@ _SERVICE_CODE = {v: k for k, v in _SERVICE.items()}
 # Moves a nurse may record besides a doctor (the front desk records arrivals and no-shows).
 _NURSE_MOVES = frozenset({"arrive", "no-show", "start", "note"})
 _PAGE = 50
+_CREATE_OPERATION = "referral.create"
 
 
 _ts = messages.timestamp
@@ -88,6 +91,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         if runtime.protection is None:
             raise RuntimeError("the referral service seals free text: it needs the data keys")
         self._protection: DataProtection = runtime.protection
+        self._answers = FirstAnswers(idempotent_answers)
         self._directory = TokenVerifier(runtime.settings.trusted_jwks_file, audience=directory.DIRECTORY_AUDIENCE)
         self.engine = WorkflowEngine(
             runtime,
@@ -363,7 +367,9 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 reason="referral-slot",
             )
         document_ids = list(dict.fromkeys(d[:64] for d in ref.document_ids if d))
-        key = request.idempotency_key[:128] or str(uuid.uuid4())
+        given_key = check_key(request.idempotency_key)
+        key = given_key or str(uuid.uuid4())
+        request_fingerprint = fingerprint(_CREATE_OPERATION, request)
         retry_fields = {
             "target_organization_id": target,
             "patient_local_id": ref.patient.local_id,
@@ -381,6 +387,17 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     raise AlreadyExists(
                         "idempotency key already used for a different request", reason="idempotency-key-reused"
                     )
+                first = await self._answers.first(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_CREATE_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response_type=referral_pb2.CreateReferralResponse,
+                )
+                # The first answer; created before answers were kept: the referral as it is now.
+                if first is not None:
+                    return first
                 return referral_pb2.CreateReferralResponse(referral=await self._message(session, existing, who=who))
         enterprise_id = await identity.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
@@ -458,9 +475,19 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 resource_id=referral_id,
                 status="2.0",
             )
+            await session.flush()
+            answer = referral_pb2.CreateReferralResponse(referral=await self._message(session, record, who=who))
+            if given_key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_CREATE_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        async with self._rt.sessions() as session:
-            return referral_pb2.CreateReferralResponse(referral=await self._message(session, record, who=who))
+        return answer
 
     async def _check_documents(self, document_ids: Sequence[str], enterprise_id: str) -> None:
         """Only documents of this patient, readable by the caller (the registry checks consent and
@@ -515,6 +542,8 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         return referral_pb2.MoveReferralResponse(referral=referral, audit_event_ids=events)
 
     async def _move(self, request: referral_pb2.MoveReferralRequest) -> tuple[referral_pb2.Referral, list[str]]:
+        """One move through the engine. With an idempotency key the answer is kept in the move's
+        transaction and a retry (same key, same request) gets it again, audit event ids included."""
         who = caller()
         who.require_scope("ServiceRequest", "u")
         name = request.move
@@ -524,6 +553,48 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             who.require_role("doctor", "nurse")
         else:
             who.require_role("doctor")
+        key = check_key(request.idempotency_key)
+        operation = f"referral.{name}"
+        request_fingerprint = fingerprint(operation, request)
+        if key:
+            try:
+                return await self._keyed_move(request, who, key, operation, request_fingerprint)
+            except IntegrityError:
+                # A concurrent first use of the key committed first: answer as its retry.
+                first = await self._first_move(who, key, operation, request_fingerprint)
+                if first is None:
+                    raise
+                return first.referral, list(first.audit_event_ids)
+        return await self._apply_move(request, who)
+
+    async def _first_move(
+        self, who: Caller, key: str, operation: str, request_fingerprint: str
+    ) -> referral_pb2.MoveReferralResponse | None:
+        async with self._rt.sessions() as session:
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=referral_pb2.MoveReferralResponse,
+            )
+
+    async def _keyed_move(
+        self, request: referral_pb2.MoveReferralRequest, who: Caller, key: str, operation: str, request_fingerprint: str
+    ) -> tuple[referral_pb2.Referral, list[str]]:
+        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
+            return first.referral, list(first.audit_event_ids)
+        return await self._apply_move(request, who, keep=(key, operation, request_fingerprint))
+
+    async def _apply_move(
+        self,
+        request: referral_pb2.MoveReferralRequest,
+        who: Caller,
+        *,
+        keep: tuple[str, str, str] | None = None,
+    ) -> tuple[referral_pb2.Referral, list[str]]:
+        name = request.move
         async with self._rt.sessions() as session:
             record = self._visible(await session.get(ReferralRecord, request.referral_id[:36]), who.organization_id)
         side = self._side(record, who.organization_id)
@@ -634,18 +705,41 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             # The other candidates hear that the referral is taken.
             others = tuple(c["org"] for c in open_candidates if c["org"] != target)
             subject = dataclasses.replace(subject, target_organization_ids=(target, *others))
+        kept: list[referral_pb2.MoveReferralResponse] = []
+
+        async def answer(session: AsyncSession, audit_event_ids: list[str]) -> None:
+            # Read in the move's transaction: the answer kept is the one the caller gets.
+            fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
+            moved = referral_pb2.MoveReferralResponse(
+                referral=await self._message(session, fresh, who=who), audit_event_ids=audit_event_ids
+            )
+            if keep is not None:
+                key, operation, request_fingerprint = keep
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=operation,
+                    request_fingerprint=request_fingerprint,
+                    response=moved,
+                )
+            kept.append(moved)
+
         applied = await self.engine.apply(
             name,
             subject=subject,
             who=who,
             side=side,
             reason=reason,
-            request_key=request.request_key,
+            request_key=request.request_key or request.idempotency_key,
             changes=changes,
             facts=facts,
             within=within,
             resolve_enterprise_id=enterprise_id,
+            answer=answer,
         )
+        if kept:
+            return kept[0].referral, list(kept[0].audit_event_ids)
         async with self._rt.sessions() as session:
             fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
             return await self._message(session, fresh, who=who), applied.audit_event_ids
@@ -681,7 +775,12 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         self, request: referral_pb2.AcceptReferralRequest, context: object
     ) -> referral_pb2.AcceptReferralResponse:
         referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(referral_id=request.referral_id, move="accept", reason=request.reason)
+            referral_pb2.MoveReferralRequest(
+                referral_id=request.referral_id,
+                move="accept",
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
+            )
         )
         return referral_pb2.AcceptReferralResponse(referral=referral, audit_event_ids=events)
 
@@ -689,7 +788,12 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         self, request: referral_pb2.RejectReferralRequest, context: object
     ) -> referral_pb2.RejectReferralResponse:
         referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(referral_id=request.referral_id, move="reject", reason=request.reason)
+            referral_pb2.MoveReferralRequest(
+                referral_id=request.referral_id,
+                move="reject",
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
+            )
         )
         return referral_pb2.RejectReferralResponse(referral=referral, audit_event_ids=events)
 
@@ -697,7 +801,12 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         self, request: referral_pb2.CompleteReferralRequest, context: object
     ) -> referral_pb2.CompleteReferralResponse:
         referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(referral_id=request.referral_id, move="complete", reason=request.reason)
+            referral_pb2.MoveReferralRequest(
+                referral_id=request.referral_id,
+                move="complete",
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
+            )
         )
         return referral_pb2.CompleteReferralResponse(referral=referral, audit_event_ids=events)
 
@@ -705,7 +814,12 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         self, request: referral_pb2.CancelReferralRequest, context: object
     ) -> referral_pb2.CancelReferralResponse:
         referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(referral_id=request.referral_id, move="cancel", reason=request.reason)
+            referral_pb2.MoveReferralRequest(
+                referral_id=request.referral_id,
+                move="cancel",
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
+            )
         )
         return referral_pb2.CancelReferralResponse(referral=referral, audit_event_ids=events)
 

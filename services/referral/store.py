@@ -11,6 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
 from services.shared.errors import FailedPrecondition
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 from services.shared.workflow.engine import WorkflowTables, clock_table
 
@@ -36,7 +37,7 @@ class ReferralRecord(Base):
     # Empty while candidates are asked and none has accepted.
     target_organization_id: Mapped[str] = mapped_column(String(64), index=True)
     direction: Mapped[int]
-    # Before migration 0004 the reason in clear; since, empty (it is in `sealed`).
+    # Before migration 0005 the reason in clear; since, empty (it is in `sealed`).
     reason: Mapped[str] = mapped_column(Text)
     state: Mapped[int]
     # Compare-and-set of the workflow engine: every move bumps it.
@@ -212,3 +213,7 @@ async def release_bed(session: AsyncSession, record: ReferralRecord) -> None:
             )
             .values(reserved=BedCountRecord.reserved - 1)
         )
+
+
+# The first answers to keyed creations and moves (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)

@@ -39,6 +39,7 @@ import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.trace import SpanKind
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
@@ -49,6 +50,7 @@ from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import PLATFORM, Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.keys import algorithm_for, load_private_key, public_jwk
 from services.shared.outbox import DeliveryPolicy
 from services.shared.process import ServiceRuntime
@@ -180,10 +182,13 @@ class Notifier:
                 give_up_after=datetime.timedelta(seconds=settings.dead_letter_after_seconds),
                 dead_letter=self._dead_letter,
                 on_attempt=self._audit_attempt,
+                # A hospital's receiver that hangs holds up webhook deliveries only, never the
+                # audit trail (issue 23: 5-10 s of audit lag behind one hung receiver).
+                lane="webhooks",
             ),
         )
         if settings.nats_url:
-            runtime.outbox.register(NATS_TOPIC, self._publish_nats)
+            runtime.outbox.register(NATS_TOPIC, self._publish_nats, DeliveryPolicy(lane="broker"))
             runtime.background(self._close_nats_on_exit(), name="nats-close")
 
     # --- staging (inside the caller's transaction) --------------------------------------------
@@ -447,10 +452,15 @@ def _dead_letter_message(record: store.DeadLetterRecord) -> notifications_pb2.De
     )
 
 
+# The operation a kept first answer belongs to (services/shared/idempotency.py).
+_SUBSCRIBE_OPERATION = "subscription.create"
+
+
 class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServicer):
     def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
         self._rt = runtime
         self._notifier = notifier
+        self._answers = FirstAnswers(store.idempotent_answers)
 
     async def Subscribe(  # noqa: N802 - gRPC method name
         self, request: notifications_pb2.SubscribeRequest, context: object
@@ -496,18 +506,53 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
             expires=expires,
             created=now,
         )
-        async with self._rt.sessions() as session, session.begin():
-            session.add(record)
-            await self._rt.audit.record(
+        key = check_key(request.idempotency_key.strip())
+        request_fingerprint = fingerprint(_SUBSCRIBE_OPERATION, request)
+
+        async def first_answer(session: AsyncSession) -> notifications_pb2.SubscribeResponse | None:
+            if not key:
+                return None
+            return await self._answers.first(
                 session,
-                caller=who,
-                type="subscription.create",
-                action=Action.ACTION_CREATE,
-                patient_enterprise_id=enterprise_id,
-                entities=[("Subscription", record.id)],
+                organization_id=who.organization_id,
+                key=key,
+                operation=_SUBSCRIBE_OPERATION,
+                request_fingerprint=request_fingerprint,
+                response_type=notifications_pb2.SubscribeResponse,
             )
+
+        try:
+            async with self._rt.sessions() as session, session.begin():
+                if (first := await first_answer(session)) is not None:
+                    # A retry: the one subscription, not a second one notifying twice.
+                    return first
+                session.add(record)
+                await self._rt.audit.record(
+                    session,
+                    caller=who,
+                    type="subscription.create",
+                    action=Action.ACTION_CREATE,
+                    patient_enterprise_id=enterprise_id,
+                    entities=[("Subscription", record.id)],
+                )
+                answer = notifications_pb2.SubscribeResponse(subscription=_subscription_message(record))
+                if key:
+                    await self._answers.keep(
+                        session,
+                        organization_id=who.organization_id,
+                        key=key,
+                        operation=_SUBSCRIBE_OPERATION,
+                        request_fingerprint=request_fingerprint,
+                        response=answer,
+                    )
+        except IntegrityError:
+            # A concurrent retry with the same key committed first: answer as that retry.
+            async with self._rt.sessions() as session:
+                if (first := await first_answer(session)) is not None:
+                    return first
+            raise
         self._rt.outbox.notify()
-        return notifications_pb2.SubscribeResponse(subscription=_subscription_message(record))
+        return answer
 
     async def Unsubscribe(  # noqa: N802 - gRPC method name
         self, request: notifications_pb2.UnsubscribeRequest, context: object

@@ -11,18 +11,20 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
 from services.shared import identity
 from services.shared.audit_trail import Action
-from services.shared.auth import caller
+from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, InvalidArgument, NotFound
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.teleconsult import workflow
-from services.teleconsult.store import TABLES, ConsultationRecord
+from services.teleconsult.store import TABLES, ConsultationRecord, idempotent_answers
 
 
 def _same_request(existing: ConsultationRecord, fields: dict[str, object]) -> ConsultationRecord:
@@ -68,10 +70,17 @@ def _message(
     )
 
 
+_REQUEST_OPERATION = "consultation.request"
+_MoveRequest = teleconsult_pb2.AcceptConsultationRequest | teleconsult_pb2.CancelConsultationRequest
+# Moves' answers share one layout (consultation, audit event ids): kept and read as this one.
+_Moved = teleconsult_pb2.AcceptConsultationResponse
+
+
 class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._rt = runtime
         self.engine = WorkflowEngine(runtime, workflow.MACHINE, TABLES)
+        self._answers = FirstAnswers(idempotent_answers)
 
     async def RequestConsultation(
         self, request: teleconsult_pb2.RequestConsultationRequest, context: object
@@ -97,7 +106,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         enterprise_id = await identity.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
         )
-        key = request.idempotency_key or str(uuid.uuid4())
+        given_key = check_key(request.idempotency_key)
+        key = given_key or str(uuid.uuid4())
+        request_fingerprint = fingerprint(_REQUEST_OPERATION, request)
         record_fields = {
             "consultant_organization_id": c.consultant_organization_id,
             "patient_local_id": c.patient.local_id,
@@ -114,9 +125,19 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 )
             )
             if existing is not None:
-                return teleconsult_pb2.RequestConsultationResponse(
-                    consultation=_message(_same_request(existing, record_fields))
+                _same_request(existing, record_fields)
+                first = await self._answers.first(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_REQUEST_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response_type=teleconsult_pb2.RequestConsultationResponse,
                 )
+                # The first answer; requested before answers were kept: the consultation as it is now.
+                if first is not None:
+                    return first
+                return teleconsult_pb2.RequestConsultationResponse(consultation=_message(existing))
             record = ConsultationRecord(
                 id=str(uuid.uuid4()),
                 patient_domain=who.organization_id,
@@ -140,8 +161,18 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
+            answer = teleconsult_pb2.RequestConsultationResponse(consultation=_message(record))
+            if given_key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_REQUEST_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return teleconsult_pb2.RequestConsultationResponse(consultation=_message(record))
+        return answer
 
     async def GetConsultation(
         self, request: teleconsult_pb2.GetConsultationRequest, context: object
@@ -172,14 +203,44 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self._rt.outbox.notify()
         return teleconsult_pb2.GetConsultationResponse(consultation=_message(record, history))
 
-    async def _transition(
-        self, name: str, consultation_id: str, reason: str
-    ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
+    async def _first_move(self, who: Caller, key: str, operation: str, request_fingerprint: str) -> _Moved | None:
+        async with self._rt.sessions() as session:
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=_Moved,
+            )
+
+    async def _transition(self, name: str, request: _MoveRequest) -> tuple[teleconsult_pb2.Consultation, list[str]]:
         """Move a consultation through the shared workflow engine (state, history row, consent
-        grant message, audit event and the other side's notification in one transaction)."""
+        grant message, audit event, the other side's notification and, with an idempotency key,
+        the answer in one transaction). A keyed retry gets the first answer."""
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor")
+        key = check_key(request.idempotency_key)
+        operation = f"consultation.{name}"
+        request_fingerprint = fingerprint(operation, request)
+        if key:
+            if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
+                return first.consultation, list(first.audit_event_ids)
+            try:
+                return await self._apply_move(name, request, who, keep=(key, operation, request_fingerprint))
+            except IntegrityError:
+                # A concurrent first use of the key committed first: answer as its retry.
+                first = await self._first_move(who, key, operation, request_fingerprint)
+                if first is None:
+                    raise
+                return first.consultation, list(first.audit_event_ids)
+        return await self._apply_move(name, request, who)
+
+    async def _apply_move(
+        self, name: str, request: _MoveRequest, who: Caller, *, keep: tuple[str, str, str] | None = None
+    ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
+        consultation_id, reason = request.consultation_id, request.reason
         async with self._rt.sessions() as session:
             record = await session.get(ConsultationRecord, consultation_id[:36])
         if record is None or who.organization_id not in {
@@ -196,6 +257,28 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
 
         async def enterprise_id() -> str:
             return (await identity.cross_reference(self._rt, patient)).enterprise_id
+
+        kept: list[_Moved] = []
+
+        async def answer(session: AsyncSession, audit_event_ids: list[str]) -> None:
+            # Read in the move's transaction: the answer kept is the one the caller gets.
+            fresh = await session.get(ConsultationRecord, consultation_id[:36], populate_existing=True)
+            assert fresh is not None
+            moved = _Moved(
+                consultation=_message(fresh, await self.engine.history(session, fresh.id)),
+                audit_event_ids=audit_event_ids,
+            )
+            if keep is not None:
+                key, operation, request_fingerprint = keep
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=operation,
+                    request_fingerprint=request_fingerprint,
+                    response=moved,
+                )
+            kept.append(moved)
 
         applied = await self.engine.apply(
             name,
@@ -218,7 +301,10 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             side=side,
             reason=reason[:2000],
             resolve_enterprise_id=enterprise_id,
+            answer=answer,
         )
+        if kept:
+            return kept[0].consultation, list(kept[0].audit_event_ids)
         async with self._rt.sessions() as session:
             record = await session.get(ConsultationRecord, record.id, populate_existing=True) or record
             history = await self.engine.history(session, record.id)
@@ -227,11 +313,11 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     async def AcceptConsultation(
         self, request: teleconsult_pb2.AcceptConsultationRequest, context: object
     ) -> teleconsult_pb2.AcceptConsultationResponse:
-        consultation, events = await self._transition("accept", request.consultation_id, request.reason)
+        consultation, events = await self._transition("accept", request)
         return teleconsult_pb2.AcceptConsultationResponse(consultation=consultation, audit_event_ids=events)
 
     async def CancelConsultation(
         self, request: teleconsult_pb2.CancelConsultationRequest, context: object
     ) -> teleconsult_pb2.CancelConsultationResponse:
-        consultation, events = await self._transition("cancel", request.consultation_id, request.reason)
+        consultation, events = await self._transition("cancel", request)
         return teleconsult_pb2.CancelConsultationResponse(consultation=consultation, audit_event_ids=events)

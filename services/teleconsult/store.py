@@ -8,6 +8,7 @@ from sqlalchemy import MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 from services.shared.workflow.engine import WorkflowTables, clock_table
 
@@ -63,3 +64,5 @@ TABLES = WorkflowTables(
     item_fk="consultation_id",
     clocks=clock_table(metadata, "consultation_clock"),
 )
+# The first answers to keyed creations and moves (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)

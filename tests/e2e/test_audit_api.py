@@ -408,12 +408,12 @@ def _resources(response: httpx.Response) -> list[dict[str, Any]]:
     assert bundle["type"] == "searchset"
     assert "total" not in bundle
     assert bundle["link"][0]["relation"] == "self"
-    for entry in bundle["entry"]:
+    for entry in bundle.get("entry", []):
         resource = entry["resource"]
         assert entry["fullUrl"].endswith(f"/fhir/R4/AuditEvent/{resource['id']}")
         assert entry["search"] == {"mode": "match"}
         _check_audit_event(resource)
-    return [entry["resource"] for entry in bundle["entry"]]
+    return [entry["resource"] for entry in bundle.get("entry", [])]
 
 
 def _check_audit_event(resource: dict[str, Any]) -> None:
@@ -506,7 +506,7 @@ async def test_fhir_search_maps_audit_events(scenario: Scenario) -> None:
         document_id = s.plain_id if resource["outcome"] == "0" else s.restricted_id
         assert resource["entity"] == [
             {
-                "what": {"reference": f"Patient/{s.enterprise_id}"},
+                "what": {"identifier": {"system": "urn:hie:enterprise-id", "value": s.enterprise_id}},
                 "type": {
                     "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
                     "code": "1",
@@ -593,7 +593,8 @@ async def test_fhir_search_parameters(scenario: Scenario) -> None:
     about = _resources(await _bundle(s.auditor, [*window, ("patient", f"Patient/{s.enterprise_id}")]))
     assert {_org_of(r) for r in about} >= {s.a_org, s.b_org}
     for resource in about:
-        assert {"reference": f"Patient/{s.enterprise_id}"} in [e["what"] for e in resource["entity"]]
+        enterprise = {"identifier": {"system": "urn:hie:enterprise-id", "value": s.enterprise_id}}
+        assert enterprise in [e["what"] for e in resource["entity"]]
     assert [r["id"] for r in about] == await ids(("patient", s.enterprise_id))
 
 

@@ -75,7 +75,7 @@ async def test_referral_through_fhir(exchange: Exchange) -> None:
             "status": "active",
             "intent": "order",
             "priority": "urgent",
-            "subject": {"reference": "Patient/FR-C"},
+            "subject": {"identifier": {"system": f"urn:hie:patient-id:{c_org}", "value": "FR-C"}},
             "performer": [{"identifier": {"system": "urn:hie:organization", "value": h_org}}],
             "reasonCode": [
                 {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "G45.9"}], "text": "短暂性脑缺血发作"}

@@ -104,10 +104,14 @@ async def test_pdqm_next_links_walk_every_match_once(exchange: Exchange) -> None
 
 async def test_pdqm_count_is_validated(exchange: Exchange) -> None:
     a = await _member(exchange, "市第四人民医院")
-    for bad in ("0", "101", "abc", "-1", "2.5", "1000000"):
+    for bad in ("101", "abc", "-1", "2.5", "1000000"):
         response = await a.call("GET", "/fhir/R4/Patient", params={"family": "王", "_count": bad})
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["resourceType"] == "OperationOutcome"
+    # _count=0 asks for the total only (FHIR search; fhirpy's count()).
+    counted = await a.call("GET", "/fhir/R4/Patient", params={"family": "王", "_count": "0"})
+    assert counted.status_code == 200, counted.text
+    assert "entry" not in counted.json()
 
 
 async def test_capability_statement_lists_patient(exchange: Exchange) -> None:
@@ -126,7 +130,9 @@ async def test_capability_statement_lists_patient(exchange: Exchange) -> None:
         "gender",
         "identifier",
         "telecom",
+        "_id",
         "_count",
+        "_summary",
     }
     assert {o["name"]: o["definition"] for o in patient["operation"]} == {
         "match": "http://hl7.org/fhir/OperationDefinition/Patient-match",

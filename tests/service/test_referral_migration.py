@@ -1,4 +1,4 @@
-"""Migration 0004 of the referral service: referrals stored before free text was sealed keep their
+"""Migration 0005 of the referral service: referrals stored before free text was sealed keep their
 reason and history, sealed in place (no clear copy left), readable through the service. Real
 database (SQLite and PostgreSQL), real migrations, real referral service."""
 
@@ -31,7 +31,7 @@ async def test_existing_referrals_are_sealed_in_place(backend: str, tmp_path: Pa
         await ensure_schema(engine, settings.schema_for("referral"))
         async with engine.begin() as conn:
             await conn.run_sync(
-                lambda sync: command.upgrade(alembic_config(REFERRAL.versions, REFERRAL.metadata, sync), "0003")
+                lambda sync: command.upgrade(alembic_config(REFERRAL.versions, REFERRAL.metadata, sync), "0004")
             )
             now = datetime.datetime.now(datetime.UTC)
             await conn.execute(

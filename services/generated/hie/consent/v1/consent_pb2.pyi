@@ -345,14 +345,16 @@ class RevokeGrantResponse(_message.Message):
     def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
 
 class DeclareBreakGlassRequest(_message.Message):
-    __slots__ = ("patient", "reason", "duration_seconds")
+    __slots__ = ("patient", "reason", "duration_seconds", "idempotency_key")
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     patient: _common_pb2.PatientRef
     reason: str
     duration_seconds: int
-    def __init__(self, patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., reason: _Optional[str] = ..., duration_seconds: _Optional[int] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., reason: _Optional[str] = ..., duration_seconds: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class DeclareBreakGlassResponse(_message.Message):
     __slots__ = ("break_glass_id", "enterprise_id", "starts", "expires", "audit_event_ids")

@@ -247,12 +247,14 @@ class GetReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ...) -> None: ...
 
 class AcceptReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AcceptReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -263,12 +265,14 @@ class AcceptReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RejectReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RejectReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -279,12 +283,14 @@ class RejectReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CompleteReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CompleteReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -295,12 +301,14 @@ class CompleteReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CancelReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -311,7 +319,7 @@ class CancelReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MoveReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "move", "reason", "request_key", "rejection_code", "advice", "slot_id", "bed_department", "outcome_document_id", "expected_version")
+    __slots__ = ("referral_id", "move", "reason", "request_key", "rejection_code", "advice", "slot_id", "bed_department", "outcome_document_id", "expected_version", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +330,7 @@ class MoveReferralRequest(_message.Message):
     BED_DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     move: str
     reason: str
@@ -332,7 +341,8 @@ class MoveReferralRequest(_message.Message):
     bed_department: str
     outcome_document_id: str
     expected_version: int
-    def __init__(self, referral_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., rejection_code: _Optional[str] = ..., advice: _Optional[str] = ..., slot_id: _Optional[str] = ..., bed_department: _Optional[str] = ..., outcome_document_id: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., rejection_code: _Optional[str] = ..., advice: _Optional[str] = ..., slot_id: _Optional[str] = ..., bed_department: _Optional[str] = ..., outcome_document_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MoveReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")

@@ -124,12 +124,14 @@ class GetConsultationResponse(_message.Message):
     def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ...) -> None: ...
 
 class AcceptConsultationRequest(_message.Message):
-    __slots__ = ("consultation_id", "reason")
+    __slots__ = ("consultation_id", "reason", "idempotency_key")
     CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     consultation_id: str
     reason: str
-    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AcceptConsultationResponse(_message.Message):
     __slots__ = ("consultation", "audit_event_ids")
@@ -140,12 +142,14 @@ class AcceptConsultationResponse(_message.Message):
     def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelConsultationRequest(_message.Message):
-    __slots__ = ("consultation_id", "reason")
+    __slots__ = ("consultation_id", "reason", "idempotency_key")
     CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     consultation_id: str
     reason: str
-    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CancelConsultationResponse(_message.Message):
     __slots__ = ("consultation", "audit_event_ids")
