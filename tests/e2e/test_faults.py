@@ -381,7 +381,11 @@ async def test_a_registration_committed_before_a_crash_answers_its_first_201_and
         down = await client.call("GET", "/api/v1/documents", params={"patient_local_id": local})
         assert (down.status_code, down.json()["error"]["reason"]) == (503, "service-unavailable")
         _assert_nothing_internal(down)
-        fhir_down = await client.call("GET", "/fhir/R4/DocumentReference", params={"patient": local})
+        fhir_down = await client.call(
+            "GET",
+            "/fhir/R4/DocumentReference",
+            params={"patient.identifier": f"urn:hie:patient-id:{client.org_id}|{local}"},
+        )
         assert fhir_down.status_code == 503
         _assert_nothing_internal(fhir_down)
         # Clients keep asking: each failed connection attempt lengthens the channel's reconnect
