@@ -19,6 +19,7 @@ from gateway.client import HospitalClient, Practitioner
 from gateway.organizations import set_tier
 from tests.conftest import Exchange
 from tests.factories import document, person
+from tests.fhir_rules import check_fhir
 
 SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus"
 BSER = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"
@@ -194,6 +195,25 @@ async def test_referral_through_fhir(exchange: Exchange) -> None:
             (await community.call("GET", f"/fhir/R4/CarePlan/{down.json()['referral_id']}", purpose="referral")).json()
         )
         assert [a.detail.description for a in plan.activity] == ["一月后复诊"]
+
+        # Every referral resource by the facade's rules: R4B, and no empty arrays, objects or strings.
+        down_id = down.json()["referral_id"]
+        for client, path, params in [
+            (community, f"ServiceRequest/{referral_id}", None),
+            (hospital, f"Task/{referral_id}", None),
+            (hospital, "Task", None),
+            (community, f"Appointment/{referral_id}", None),
+            (community, "Slot", {"organization": h_org}),
+            (community, "Communication", {"based-on": f"ServiceRequest/{referral_id}"}),
+            (community, f"CarePlan/{down_id}", None),
+            (community, f"ServiceRequest/{down_id}", None),
+            (community, f"Task/{down_id}", None),
+        ]:
+            read = await client.call("GET", f"/fhir/R4/{path}", params=params, purpose="referral")
+            assert read.status_code == 200, read.text
+            await check_fhir(read.json(), base=exchange.base_url)
+        for resource in (created.json(), accepted.json(), completed.json(), closed.json()):
+            await check_fhir(resource, base=exchange.base_url)
 
         statement = (await community.call("GET", "/fhir/R4/metadata")).json()
         types = {r["type"] for r in statement["rest"][0]["resource"]}
