@@ -208,12 +208,16 @@ class FollowUpDoneIn(BaseModel):
 async def complete_follow_up(
     referral_id: str, follow_up_id: str, ctx: Context, request: Request, body: FollowUpDoneIn | None = None
 ) -> dict[str, Any]:
-    """The community records a follow-up of a down-referral's care plan as done."""
+    """The community records a follow-up of a down-referral's care plan as done (an Idempotency-Key
+    makes a retry answer the first response)."""
     ctx.require_scope("ServiceRequest", "u")
     result = await rpc(
         request.app.state.stubs.referral.CompleteFollowUp(
             referral_pb2.CompleteFollowUpRequest(
-                referral_id=referral_id[:64], follow_up_id=follow_up_id[:64], note=body.note if body else ""
+                referral_id=referral_id[:64],
+                follow_up_id=follow_up_id[:64],
+                note=body.note if body else "",
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
             ),
             metadata=ctx.metadata,
         )
@@ -301,14 +305,16 @@ def slot_json(slot: referral_pb2.Slot) -> dict[str, Any]:
 
 @router.post("/referral-slots", status_code=201)
 async def publish_slots(body: SlotsIn, ctx: Context, request: Request) -> dict[str, Any]:
-    """The caller organisation publishes bookable slots of its departments."""
+    """The caller organisation publishes bookable slots of its departments (an Idempotency-Key makes
+    a retry answer the first response: the same slots, not new ones)."""
     ctx.require_scope("ServiceRequest", "u")
     result = await rpc(
         request.app.state.stubs.referral.PublishSlots(
             referral_pb2.PublishSlotsRequest(
                 slots=[
                     referral_pb2.Slot(department=s.department, start=_ts(s.start), end=_ts(s.end)) for s in body.slots
-                ]
+                ],
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
             ),
             metadata=ctx.metadata,
         )

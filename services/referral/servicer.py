@@ -9,10 +9,11 @@ import dataclasses
 import datetime
 import json
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -76,6 +77,7 @@ _SERVICE_CODE = {v: k for k, v in _SERVICE.items()}
 _NURSE_MOVES = frozenset({"arrive", "no-show", "start", "note"})
 _PAGE = 50
 _CREATE_OPERATION = "referral.create"
+_Answer = TypeVar("_Answer", bound=Message)
 
 
 _ts = messages.timestamp
@@ -580,6 +582,58 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 response_type=referral_pb2.MoveReferralResponse,
             )
 
+    async def _first_answer(
+        self, who: Caller, key: str, operation: str, request_fingerprint: str, response_type: type[_Answer]
+    ) -> _Answer | None:
+        async with self._rt.sessions() as session:
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=response_type,
+            )
+
+    async def _keep(
+        self, session: AsyncSession, who: Caller, keep: tuple[str, str, str] | None, answer: Message
+    ) -> None:
+        if keep is not None:
+            key, operation, request_fingerprint = keep
+            await self._answers.keep(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response=answer,
+            )
+
+    async def _keyed(
+        self,
+        who: Caller,
+        key: str,
+        operation: str,
+        request: Message,
+        response_type: type[_Answer],
+        run: Callable[[tuple[str, str, str] | None], Awaitable[_Answer]],
+    ) -> _Answer:
+        """`run` a write once per Idempotency-Key: a keyed retry gets the first answer (kept by
+        `run` in its transaction through `_keep`); without a key `run` simply runs."""
+        if not key:
+            return await run(None)
+        request_fingerprint = fingerprint(operation, request)
+        if (first := await self._first_answer(who, key, operation, request_fingerprint, response_type)) is not None:
+            return first
+        try:
+            return await run((key, operation, request_fingerprint))
+        except IntegrityError:
+            # A concurrent first use of the key committed first: answer as its retry.
+            first = await self._first_answer(who, key, operation, request_fingerprint, response_type)
+            if first is None:
+                raise
+            return first
+
     async def _keyed_move(
         self, request: referral_pb2.MoveReferralRequest, who: Caller, key: str, operation: str, request_fingerprint: str
     ) -> tuple[referral_pb2.Referral, list[str]]:
@@ -943,6 +997,19 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor", "nurse")
+        key = check_key(request.idempotency_key)
+        return await self._keyed(
+            who,
+            key,
+            "referral.follow-up",
+            request,
+            referral_pb2.CompleteFollowUpResponse,
+            lambda keep: self._complete_follow_up(request, who, keep),
+        )
+
+    async def _complete_follow_up(
+        self, request: referral_pb2.CompleteFollowUpRequest, who: Caller, keep: tuple[str, str, str] | None
+    ) -> referral_pb2.CompleteFollowUpResponse:
         note = domain.check_text(request.note, field="note", limit=2000)
         async with self._rt.sessions() as session:
             record = self._visible(await session.get(ReferralRecord, request.referral_id[:36]), who.organization_id)
@@ -993,11 +1060,13 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     resource_id=record.id,
                     status="follow-up-done",
                 )
-        self._rt.outbox.notify()
-        async with self._rt.sessions() as session:
-            return referral_pb2.CompleteFollowUpResponse(
+            await session.flush()
+            answer = referral_pb2.CompleteFollowUpResponse(
                 referral=await self._message(session, record, who=who), audit_event_ids=events
             )
+            await self._keep(session, who, keep, answer)
+        self._rt.outbox.notify()
+        return answer
 
     # --- slots, beds --------------------------------------------------------------------------
 
@@ -1007,6 +1076,19 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor", "admin")
+        key = check_key(request.idempotency_key)
+        return await self._keyed(
+            who,
+            key,
+            "referral.slots.publish",
+            request,
+            referral_pb2.PublishSlotsResponse,
+            lambda keep: self._publish_slots(request, who, keep),
+        )
+
+    async def _publish_slots(
+        self, request: referral_pb2.PublishSlotsRequest, who: Caller, keep: tuple[str, str, str] | None
+    ) -> referral_pb2.PublishSlotsResponse:
         if not request.slots or len(request.slots) > 200:
             raise InvalidArgument("publish 1 to 200 slots at a time", reason="referral-slot")
         now = self.engine.now()
@@ -1037,8 +1119,10 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 action=Action.ACTION_CREATE,
                 entities=[("Slot", r.id) for r in records],
             )
+            answer = referral_pb2.PublishSlotsResponse(slots=[messages.slot(r) for r in records])
+            await self._keep(session, who, keep, answer)
         self._rt.outbox.notify()
-        return referral_pb2.PublishSlotsResponse(slots=[messages.slot(r) for r in records])
+        return answer
 
     async def ListSlots(
         self, request: referral_pb2.ListSlotsRequest, context: object

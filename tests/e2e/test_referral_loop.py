@@ -164,21 +164,27 @@ async def test_up_and_down_the_alliance_as_a_closed_loop(alliance: Alliance) -> 
     assert ecg.status_code == 201, ecg.text
     ecg_id = ecg.json()["document_id"]
     start = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=1)
+    published = {
+        "slots": [
+            {
+                "department": "心内科",
+                "start": (start + datetime.timedelta(minutes=30 * i)).isoformat(),
+                "end": (start + datetime.timedelta(minutes=30 * (i + 1))).isoformat(),
+            }
+            for i in range(2)
+        ]
+    }
     slots = await s.tertiary.call(
-        "POST",
-        "/api/v1/referral-slots",
-        json={
-            "slots": [
-                {
-                    "department": "心内科",
-                    "start": (start + datetime.timedelta(minutes=30 * i)).isoformat(),
-                    "end": (start + datetime.timedelta(minutes=30 * (i + 1))).isoformat(),
-                }
-                for i in range(2)
-            ]
-        },
+        "POST", "/api/v1/referral-slots", json=published, headers={"Idempotency-Key": "slots-1"}
     )
     assert slots.status_code == 201, slots.text
+    # A retried publication answers the first one: the same two slots, no new ones.
+    again = await s.tertiary.call(
+        "POST", "/api/v1/referral-slots", json=published, headers={"Idempotency-Key": "slots-1"}
+    )
+    assert (again.status_code, again.json()) == (201, slots.json())
+    mine = await s.tertiary.call("GET", "/api/v1/referral-slots", params={"department": "心内科"})
+    assert len(mine.json()["slots"]) == 2
     slot_id = slots.json()["slots"][0]["slot_id"]
     up = {
         "patient_local_id": "RL-C-1",
@@ -361,8 +367,18 @@ async def test_up_and_down_the_alliance_as_a_closed_loop(alliance: Alliance) -> 
         f"/api/v1/referrals/{down_id}/follow-ups/{follow_up_id}/complete",
         json={"note": "血压130/80，无胸痛"},
         purpose="referral",
+        headers={"Idempotency-Key": "fu-1"},
     )
     assert done.status_code == 200, done.text
+    assert len(done.json()["audit_event_ids"]) == 1
+    done_again = await s.community.call(
+        "POST",
+        f"/api/v1/referrals/{down_id}/follow-ups/{follow_up_id}/complete",
+        json={"note": "血压130/80，无胸痛"},
+        purpose="referral",
+        headers={"Idempotency-Key": "fu-1"},
+    )
+    assert (done_again.status_code, done_again.json()) == (200, done.json())
     assert done.json()["care_plan"]["follow_ups"][0]["note"] == "血压130/80，无胸痛"
     episode = await s.community.call("GET", f"/api/v1/referral-episodes/{closed['episode_id']}", purpose="referral")
     assert episode.json()["status"] == "open"

@@ -471,10 +471,12 @@ class Slot(_message.Message):
     def __init__(self, slot_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., department: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[str] = ...) -> None: ...
 
 class PublishSlotsRequest(_message.Message):
-    __slots__ = ("slots",)
+    __slots__ = ("slots", "idempotency_key")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[Slot]
-    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class PublishSlotsResponse(_message.Message):
     __slots__ = ("slots",)
@@ -539,14 +541,16 @@ class ListBedCountsResponse(_message.Message):
     def __init__(self, bed_counts: _Optional[_Iterable[_Union[BedCount, _Mapping]]] = ...) -> None: ...
 
 class CompleteFollowUpRequest(_message.Message):
-    __slots__ = ("referral_id", "follow_up_id", "note")
+    __slots__ = ("referral_id", "follow_up_id", "note", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_UP_ID_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     follow_up_id: str
     note: str
-    def __init__(self, referral_id: _Optional[str] = ..., follow_up_id: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., follow_up_id: _Optional[str] = ..., note: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CompleteFollowUpResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
