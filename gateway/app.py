@@ -33,9 +33,11 @@ from gateway.routes import (
     fhir_consent,
     fhir_documents,
     fhir_patient,
+    fhir_referral,
     oauth,
     patient_index,
     patients,
+    referrals,
     subscriptions,
     workflows,
 )
@@ -254,6 +256,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(patients.router)
     app.include_router(documents.router)
     app.include_router(workflows.router)
+    app.include_router(referrals.router)
     app.include_router(audit.router)
     app.include_router(fhir.router)
     app.include_router(consent.router)
@@ -261,6 +264,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(fhir_documents.router)
     app.include_router(subscriptions.router)
     app.include_router(fhir_patient.router)
+    app.include_router(fhir_referral.router)
     app.include_router(patient_index.router)
     console.mount(app)
 

@@ -238,13 +238,14 @@ def org_add(
     ],
     data_dir: DataDir = Path(".hie"),
     database_url: DatabaseUrl = "",
+    tier: Annotated[str, typer.Option("--tier", help="hospitals: community | secondary | tertiary")] = "",
 ) -> None:
     """Register a member institution and its public key(s); prints its OAuth2 client id."""
     from gateway.organizations import register_organization
 
     jwks = _read_public_keys(jwks_file)
     org = _org_call(
-        register_organization(_settings(data_dir, database_url), org_id=id, name=name, type=type, jwks=jwks)
+        register_organization(_settings(data_dir, database_url), org_id=id, name=name, type=type, jwks=jwks, tier=tier)
     )
     typer.echo(org.client_id)  # type: ignore[attr-defined]
 
@@ -274,6 +275,20 @@ def org_keygen(
     typer.echo(f"private key: {private_file} (mode 0600; keep it at the hospital, never send it)")
     typer.echo(f"public JWKS: {jwks_file} (kid {jwk['kid']}, {jwk['alg']})")
     typer.echo(f"register it: hie org add --id {id} --name NAME --type hospital --jwks {jwks_file}")
+
+
+@org_app.command("tier")
+def org_tier(
+    id: Annotated[str, typer.Option("--id")],
+    tier: Annotated[str, typer.Option("--tier", help="community | secondary | tertiary, or '' to clear")],
+    data_dir: DataDir = Path(".hie"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Set a hospital's tier in the medical alliance (referral directions follow from it)."""
+    from gateway.organizations import set_tier
+
+    _org_call(set_tier(_settings(data_dir, database_url), org_id=id, tier=tier))
+    typer.echo(f"{id}: tier {tier or '(none)'}")
 
 
 keys_of_org = typer.Typer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import httpx
 
 from gateway.client import HospitalClient, Practitioner, new_traceparent
 from gateway.console.demo import print_console_sign_in
-from gateway.organizations import add_keys, find_organization, register_organization
+from gateway.organizations import add_keys, find_organization, register_organization, set_tier
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks, load_private_key, public_jwk, write_private_key
 
@@ -105,6 +106,8 @@ class DemoReport:
     def __init__(self, echo: bool) -> None:
         self.echo = echo
         self.steps: list[Step] = []
+        # The referral up and back down (referral_round_trip), reported apart.
+        self.referral: DemoReport | None = None
 
     def step(self, title: str, response: httpx.Response, expect: int | set[int], **details: Any) -> dict[str, Any]:
         expected = {expect} if isinstance(expect, int) else expect
@@ -139,14 +142,16 @@ async def _member(
         await add_keys(settings, org_id=org_id, jwks=jwks(key))
     if org.status != "active":
         raise DemoFailed(f"the demo organisation {org_id} is revoked (`hie org revoke --id {org_id} --reinstate`)")
-    return HospitalClient(base_url=base_url, client_id=org.client_id, key=key, scopes=scopes)
+    client = HospitalClient(base_url=base_url, client_id=org.client_id, key=key, scopes=scopes)
+    client.client_org = org_id  # type: ignore[attr-defined]
+    return client
 
 
 async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> DemoReport:
     """Run the exchange; raises DemoFailed at the first step that does not answer as expected."""
     report = DemoReport(echo)
     run = secrets.token_hex(3)
-    hospital_scopes = "system/Patient.crs system/DocumentReference.crs system/AuditEvent.rs"
+    hospital_scopes = "system/Patient.crs system/DocumentReference.crs system/AuditEvent.rs system/ServiceRequest.crus"
     a = await _member(
         settings,
         base_url,
@@ -300,6 +305,7 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
                     print(f"      {line}")
         if not {"document.query", "document.retrieve"} <= {e["type"] for e in events}:
             raise DemoFailed("the exchange's audit records did not arrive")
+        report.referral = await referral_round_trip(settings, a, b, echo=echo)
         if echo:
             print(f"      both records carry trace {trace_id}: one exchange, B's search and its read")
             print("demo exchange completed")
@@ -308,3 +314,147 @@ async def run_demo(settings: Settings, base_url: str, *, echo: bool = True) -> D
     finally:
         for member in (a, b, auditor):
             await member.aclose()
+
+
+async def referral_round_trip(
+    settings: Settings, tertiary: HospitalClient, community: HospitalClient, *, echo: bool = True
+) -> DemoReport:
+    """双向转诊 after the record exchange: the community centre refers the patient up to the
+    tertiary hospital with a slot, the hospital sees the patient and returns the outcome, then
+    refers the patient back down with a care plan the community follows up; the episode closes."""
+    report = DemoReport(echo)
+    t_org = tertiary.client_org  # type: ignore[attr-defined]
+    c_org = community.client_org  # type: ignore[attr-defined]
+    await set_tier(settings, org_id=t_org, tier="tertiary")
+    await set_tier(settings, org_id=c_org, tier="community")
+    if echo:
+        print("two-way referral (双向转诊)")
+    start = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=1)
+    slots = report.step(
+        "A publishes a 呼吸内科 slot",
+        await tertiary.call(
+            "POST",
+            "/api/v1/referral-slots",
+            json={
+                "slots": [
+                    {
+                        "department": "呼吸内科",
+                        "start": start.isoformat(),
+                        "end": (start + datetime.timedelta(minutes=30)).isoformat(),
+                    }
+                ]
+            },
+        ),
+        201,
+    )
+    slot_id = slots["slots"][0]["slot_id"]
+
+    async def move(client: HospitalClient, referral_id: str, name: str, expect: int = 200, **body: Any) -> Any:
+        return report.step(
+            f"{'A' if client is tertiary else 'B'} {name}",
+            await client.call("POST", f"/api/v1/referrals/{referral_id}/{name}", json=body, purpose="referral"),
+            expect,
+        )
+
+    up = report.step(
+        "B refers the patient up to A (urgent, J18.9, slot booked)",
+        await community.call(
+            "POST",
+            "/api/v1/referrals",
+            json={
+                "patient_local_id": "B-7788",
+                "target_organization_id": t_org,
+                "reason": "发热咳嗽一周，抗感染治疗效果不佳",
+                "diagnosis": {"code": "J18.9", "text": "肺炎"},
+                "urgency": "urgent",
+                "target_department": "呼吸内科",
+                "book_slot_id": slot_id,
+            },
+            purpose="referral",
+        ),
+        201,
+    )
+    up_id = up["referral_id"]
+    if echo:
+        print(f"      referral_number: {up['referral_number']}  direction: {up['direction']}")
+    await move(tertiary, up_id, "accept", reason="同意接收")
+    await move(tertiary, up_id, "schedule", slot_id=slot_id)
+    await move(tertiary, up_id, "arrive")
+    note = report.step(
+        "A registers the consultation note",
+        await tertiary.call(
+            "POST",
+            "/api/v1/documents",
+            json=_text_document("A-MRN-0001", "会诊记录：社区获得性肺炎，已调整抗感染方案"),
+        ),
+        201,
+    )
+    await move(tertiary, up_id, "complete", outcome_document_id=note["document_id"])
+    closed = await move(community, up_id, "acknowledge", reason="已阅结果")
+    due = start + datetime.timedelta(days=14)
+    down = report.step(
+        "A refers the patient back down with a care plan",
+        await tertiary.call(
+            "POST",
+            "/api/v1/referrals",
+            json={
+                "patient_local_id": "A-MRN-0001",
+                "target_organization_id": c_org,
+                "parent_referral_id": up_id,
+                "reason": "病情好转，转回社区继续治疗",
+                "diagnosis": {"code": "J18.9", "text": "肺炎（恢复期）"},
+                "service": "rehabilitation",
+                "care_plan": {
+                    "follow_ups": [{"description": "两周后复查胸片", "due": due.isoformat()}],
+                    "medication": "阿莫西林克拉维酸钾 口服 7天",
+                    "warning_signs": "再次高热或呼吸困难立即就诊",
+                },
+            },
+            purpose="referral",
+        ),
+        201,
+    )
+    down_id = down["referral_id"]
+    await move(community, down_id, "accept", reason="已接收康复计划")
+    follow_up = down["care_plan"]["follow_ups"][0]["follow_up_id"]
+    report.step(
+        "B does the first follow-up",
+        await community.call(
+            "POST",
+            f"/api/v1/referrals/{down_id}/follow-ups/{follow_up}/complete",
+            json={"note": "胸片示炎症吸收"},
+            purpose="referral",
+        ),
+        200,
+    )
+    visit = report.step(
+        "B registers the follow-up note",
+        await community.call("POST", "/api/v1/documents", json=_text_document("B-7788", "随访记录：恢复良好")),
+        201,
+    )
+    await move(community, down_id, "complete", outcome_document_id=visit["document_id"])
+    await move(tertiary, down_id, "acknowledge")
+    episode = report.step(
+        "the episode up and back down",
+        await community.call("GET", f"/api/v1/referral-episodes/{closed['episode_id']}", purpose="referral"),
+        200,
+    )
+    if episode["status"] != "closed":
+        raise DemoFailed("the referral episode did not close")
+    if echo:
+        print(f"      episode {episode['episode_id']}: {episode['status']}, {len(episode['referrals'])} referrals")
+    return report
+
+
+def _text_document(local_id: str, text: str) -> dict[str, Any]:
+    content = text.encode()
+    return {
+        "source_document_id": f"DEMO-{secrets.token_hex(4)}",
+        "patient_local_id": local_id,
+        "type": {"system": "http://loinc.org", "code": "11488-4", "display": "会诊记录"},
+        "title": text.split("：")[0],
+        "mime_type": "text/plain",
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "size": len(content),
+        "content_base64": base64.b64encode(content).decode(),
+    }

@@ -46,21 +46,35 @@ async def _refuse_keys_of_others(session: AsyncSession, org_id: str, jwks: dict[
 
 
 async def register_organization(
-    settings: Settings, *, org_id: str, name: str, type: str, jwks: dict[str, Any]
+    settings: Settings, *, org_id: str, name: str, type: str, jwks: dict[str, Any], tier: str = ""
 ) -> store.Organization:
     if type not in store.ORGANIZATION_TYPES:
         raise InvalidArgument(f"organisation type must be one of {', '.join(store.ORGANIZATION_TYPES)}")
+    _check_tier(type, tier)
     async with _gateway_session(settings) as session, session.begin():
         if await store.organization(session, org_id) is not None:
             raise AlreadyExists("an organisation with that id is registered")
         await _refuse_keys_of_others(session, org_id, check_jwks(jwks))
-        return await store.add_organization(session, org_id=org_id, name=name, type=type, jwks=jwks)
+        return await store.add_organization(session, org_id=org_id, name=name, type=type, jwks=jwks, tier=tier)
 
 
 async def find_organization(settings: Settings, org_id: str) -> store.Organization | None:
     """The organisation with that id, or None."""
     async with _gateway_session(settings) as session:
         return await store.organization(session, org_id)
+
+
+def _check_tier(type: str, tier: str) -> None:
+    if tier and (type != "hospital" or tier not in store.ORGANIZATION_TIERS):
+        raise InvalidArgument(f"a hospital's tier is one of {', '.join(store.ORGANIZATION_TIERS)}")
+
+
+async def set_tier(settings: Settings, *, org_id: str, tier: str) -> None:
+    """Set (or with "" clear) a hospital's tier: referrals created afterwards take their direction from it."""
+    async with _gateway_session(settings) as session, session.begin():
+        org = await _existing(session, org_id)
+        _check_tier(org.type, tier)
+        org.tier = tier
 
 
 async def list_organizations(settings: Settings) -> list[store.Organization]:

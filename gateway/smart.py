@@ -15,6 +15,7 @@ import jwt
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import store
+from services.referral.directory import DIRECTORY_AUDIENCE, STATEMENT_LIFETIME_SECONDS
 from services.shared.audit_trail import Action, AuditTrail, Outcome
 from services.shared.auth import Caller
 from services.shared.config import TOKEN_AUDIENCE
@@ -268,6 +269,24 @@ class AuthorizationServer:
         }
         token = jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "at+jwt"})
         return IssuedToken(access_token=token, expires_in=ACCESS_TOKEN_LIFETIME, scope=" ".join(scopes))
+
+    def directory_statement(self, *, client_id: str, tiers: dict[str, str]) -> str:
+        """The organisations' tiers from the exchange's directory, signed for one client's request
+        (services/referral/directory.py explains why and how the referral service checks it)."""
+        self._load_signing_key()
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "sub": client_id,
+            "aud": DIRECTORY_AUDIENCE,
+            "iat": now,
+            "exp": now + STATEMENT_LIFETIME_SECONDS,
+            "jti": str(uuid.uuid4()),
+            "tiers": tiers,
+        }
+        return jwt.encode(
+            claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "hie-directory+jwt"}
+        )
 
     def smart_configuration(self) -> dict[str, Any]:
         """GET /.well-known/smart-configuration (SMART App Launch 2.x, backend services subset)."""

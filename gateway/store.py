@@ -18,6 +18,8 @@ from services.shared.outbox import outbox_table
 
 metadata = MetaData()
 ORGANIZATION_TYPES = ("hospital", "authority", "platform-admin")
+# A hospital's level in the medical alliance (分级诊疗): a referral's direction follows from it.
+ORGANIZATION_TIERS = ("community", "secondary", "tertiary")
 
 
 class Base(DeclarativeBase):
@@ -35,6 +37,8 @@ class Organization(Base):
     client_id: Mapped[str] = mapped_column(String(64), unique=True)
     jwks: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="active")
+    # community | secondary | tertiary, or "" when not set (hospitals only).
+    tier: Mapped[str] = mapped_column(String(16), default="", server_default="")
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
 
     @property
@@ -57,12 +61,13 @@ class UsedAssertion(Base):
 
 
 async def add_organization(
-    session: AsyncSession, *, org_id: str, name: str, type: str, jwks: dict[str, Any]
+    session: AsyncSession, *, org_id: str, name: str, type: str, jwks: dict[str, Any], tier: str = ""
 ) -> Organization:
     org = Organization(
         id=org_id,
         name=name,
         type=type,
+        tier=tier,
         client_id=str(uuid.uuid4()),
         jwks=json.dumps(jwks, ensure_ascii=False),
         status="active",
@@ -143,3 +148,11 @@ async def remove_key(session: AsyncSession, org: Organization, kid: str) -> list
         raise ValueError("an organisation keeps at least one key; revoke it instead")
     org.jwks = json.dumps({"keys": keys}, ensure_ascii=False)
     return [k["kid"] for k in keys]
+
+
+async def tiers(session: AsyncSession, org_ids: list[str]) -> dict[str, str]:
+    """The tier of each named organisation that has one."""
+    rows = await session.execute(
+        select(Organization.id, Organization.tier).where(Organization.id.in_(org_ids), Organization.tier != "")
+    )
+    return {org_id: tier for org_id, tier in rows.all()}

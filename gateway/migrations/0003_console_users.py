@@ -1,6 +1,6 @@
 """console users
 
-Revision ID: 0003_console
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-05 21:27:45.936864
 """
@@ -12,7 +12,7 @@ from alembic import op
 
 import services.shared.db
 
-revision: str = "0003_console"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

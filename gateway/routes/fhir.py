@@ -191,7 +191,7 @@ class FhirFormat:
 
 @router.get("/metadata")
 async def capability_statement(request: Request) -> JSONResponse:
-    from gateway.routes import fhir_documents  # imports this module: resolved at call time
+    from gateway.routes import fhir_documents, fhir_referral  # imports this module: resolved at call time
 
     base = request.app.state.settings.public_url
     statement: dict[str, Any] = {
@@ -243,6 +243,7 @@ async def capability_statement(request: Request) -> JSONResponse:
                     CONSENT_CAPABILITY,
                     PATIENT_CAPABILITY,
                     *fhir_documents.CAPABILITY_RESOURCES,
+                    *fhir_referral.CAPABILITY_RESOURCES,
                 ],
             }
         ],

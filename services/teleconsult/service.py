@@ -3,18 +3,21 @@
 from pathlib import Path
 
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
-from services.shared.consent_grants import GRANT_TOPIC, consent_grant_sender
+from services.shared import workflow
 from services.shared.process import ServiceRuntime, ServiceSpec
+from services.shared.workflow.engine import register_relays
 from services.teleconsult.servicer import TeleconsultationsServicer
 from services.teleconsult.store import metadata
 
 
 def _build(runtime: ServiceRuntime) -> list:
-    runtime.outbox.register(GRANT_TOPIC, consent_grant_sender(runtime.channel("consent"), runtime.credentials))
+    register_relays(runtime)
+    servicer = TeleconsultationsServicer(runtime)
+    workflow.attach(runtime, servicer)
     return [
         (
             teleconsult_pb2_grpc.add_TeleconsultationsServicer_to_server,
-            TeleconsultationsServicer(runtime),
+            servicer,
             teleconsult_pb2.DESCRIPTOR.services_by_name["Teleconsultations"].full_name,
         )
     ]

@@ -1,4 +1,5 @@
-"""The consultation transitions the consent grant follows (pure: no I/O).
+"""The consultation transition table (pure: no I/O), applied by the shared workflow engine
+(services/shared/workflow).
 
     REQUESTED --accept (consultant)--> ASSIGNED
     REQUESTED / ASSIGNED / SCHEDULED --cancel (requester)--> CANCELLED
@@ -9,12 +10,11 @@ teleconsultation issue; the report is what will close the grant (end = report + 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
 
 from hie.teleconsult.v1 import teleconsult_pb2
 from services.shared.consent_grants import GrantEffect
-from services.shared.errors import FailedPrecondition, PermissionDenied
+from services.shared.workflow.machine import Decision, Machine, Transition
 
 REQUESTED = teleconsult_pb2.CONSULTATION_STATE_REQUESTED
 ASSIGNED = teleconsult_pb2.CONSULTATION_STATE_ASSIGNED
@@ -30,38 +30,25 @@ class Party(StrEnum):
     CONSULTANT = "consultant"
 
 
-@dataclass(frozen=True)
-class Transition:
-    sources: frozenset[int]
-    target: int
-    party: Party
+def state_name(state: int) -> str:
+    return teleconsult_pb2.ConsultationState.Name(state).removeprefix("CONSULTATION_STATE_").lower()  # type: ignore[arg-type]
 
 
-TRANSITIONS = {
-    "accept": Transition(frozenset({REQUESTED}), ASSIGNED, Party.CONSULTANT),
-    "cancel": Transition(frozenset({REQUESTED, ASSIGNED, SCHEDULED}), CANCELLED, Party.REQUESTER),
-}
+MACHINE = Machine(
+    kind="consultation",
+    transitions={
+        "accept": Transition("accept", frozenset({REQUESTED}), ASSIGNED, Party.CONSULTANT, grant=GrantEffect.GRANT),
+        "cancel": Transition(
+            "cancel", frozenset({REQUESTED, ASSIGNED, SCHEDULED}), CANCELLED, Party.REQUESTER, grant=GrantEffect.REVOKE
+        ),
+    },
+    state_name=state_name,
+    granted=_GRANTED,
+    side_labels={Party.REQUESTER: "requesting", Party.CONSULTANT: "consultant"},
+)
 
 
-@dataclass(frozen=True)
-class Move:
-    to_state: int
-    repeated: bool
-    grant: GrantEffect
-
-
-def move(name: str, *, state: int, caller_party: Party) -> Move:
+def move(name: str, *, state: int, caller_party: Party) -> Decision:
     """The move `name` by `caller_party` from `state`; PermissionDenied (`consultation-party`) for
     the wrong party, FailedPrecondition (`consultation-state`) when the state does not allow it."""
-    transition = TRANSITIONS[name]
-    if caller_party is not transition.party:
-        raise PermissionDenied(
-            f"only the {transition.party.value} organisation may {name} a consultation", reason="consultation-party"
-        )
-    if state == transition.target:
-        return Move(state, repeated=True, grant=GrantEffect.NONE)
-    if state not in transition.sources:
-        raise FailedPrecondition(f"a consultation in this state cannot be moved by {name}", reason="consultation-state")
-    if name == "accept":
-        return Move(transition.target, repeated=False, grant=GrantEffect.GRANT)
-    return Move(transition.target, repeated=False, grant=GrantEffect.REVOKE if state in _GRANTED else GrantEffect.NONE)
+    return MACHINE.decide(name, state=state, side=caller_party)
