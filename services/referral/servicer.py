@@ -319,7 +319,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             )
         if who.organization_id in (target, *candidates):
             raise InvalidArgument(
-                "an organisation does not refer to itself: target_organization_id", reason="referral-self"
+                "an organisation does not refer to itself: target_organization_id", reason="self-referral"
             )
         tiers = directory.tiers_from_metadata(
             self._directory, list(context.invocation_metadata() or ()), client_id=who.client_id
@@ -404,7 +404,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         enterprise_id = await identity.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
         )
-        await self._check_documents(document_ids, enterprise_id)
+        await self._check_documents(document_ids, enterprise_id, who.organization_id)
         referral_id = str(uuid.uuid4())
         episode_id = referral_id
         if ref.parent_referral_id:
@@ -491,9 +491,10 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         self._rt.outbox.notify()
         return answer
 
-    async def _check_documents(self, document_ids: Sequence[str], enterprise_id: str) -> None:
-        """Only documents of this patient, readable by the caller (the registry checks consent and
-        audits the read), within the stated size limits."""
+    async def _check_documents(self, document_ids: Sequence[str], enterprise_id: str, requester: str) -> None:
+        """Only the requester's own documents of this patient (an accepted referral grants the
+        target access to them, so they must be the requester's to share), readable by the caller
+        (the registry checks consent and audits the read), within the stated size limits."""
         if not document_ids:
             return
         if len(document_ids) > domain.MAX_DOCUMENTS:
@@ -515,6 +516,11 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             if entry.enterprise_id != enterprise_id:
                 raise InvalidArgument(
                     f"document_ids[{index}] is not a document of this patient", reason="referral-documents"
+                )
+            if entry.source_organization_id != requester:
+                raise FailedPrecondition(
+                    f"document_ids[{index}] was registered by another organisation: attach your own documents",
+                    reason="document-not-own",
                 )
             sizes.append(int(entry.size))
         domain.check_attachments(sizes)

@@ -216,7 +216,7 @@ async def test_up_and_down_the_alliance_as_a_closed_loop(alliance: Alliance) -> 
     to_self = await s.community.call(
         "POST", "/api/v1/referrals", json={**up, "target_organization_id": s.community_org}, purpose="referral"
     )
-    _refused(to_self, 400, "referral-self")
+    _refused(to_self, 400, "self-referral")
     not_ours = await s.tertiary.call(
         "POST", "/api/v1/documents", json=document("RL-T-1", "三甲医院的检查报告".encode())
     )
