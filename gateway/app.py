@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import store
-from gateway.errors import ApiError, error_response
+from gateway import console, store
+from gateway.errors import RETRY_AFTER_SECONDS, ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
 from gateway.routes import (
     audit,
@@ -31,10 +33,12 @@ from gateway.routes import (
     fhir_consent,
     fhir_documents,
     fhir_patient,
+    fhir_referral,
     fhir_teleconsult,
     oauth,
     patient_index,
     patients,
+    referrals,
     subscriptions,
     teleconsult,
     workflows,
@@ -54,6 +58,7 @@ from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
+from services.shared.storage_faults import storage_unavailable
 from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
@@ -95,12 +100,88 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
             "description": "The hospital's signed JWT naming the acting practitioner, role and purpose of use.",
         },
     }
+    schema["components"].setdefault("schemas", {}).update(_ERROR_SCHEMAS)
     for path, operations in schema.get("paths", {}).items():
-        if path.startswith("/api/"):
-            for operation in operations.values():
+        fhir = path.startswith("/fhir/")
+        for operation in operations.values():
+            if path.startswith("/api/"):
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
+            _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
     app.openapi_schema = schema
     return schema
+
+
+# How long /readyz waits for each dependency's health answer.
+READINESS_TIMEOUT_SECONDS = 1.0
+
+
+async def _serving(channel: grpc.aio.Channel) -> bool:
+    """Whether the service behind the channel answers its health check SERVING now."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=READINESS_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# The error bodies every route may answer with (gateway/errors.py): JSON `{"error": …}` on the
+# REST API, a FHIR OperationOutcome on /fhir/.
+_ERROR_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["status", "reason", "message"],
+                "properties": {
+                    "status": {"type": "integer"},
+                    "reason": {"type": "string"},
+                    "message": {"type": "string"},
+                    "trace_id": {"type": "string"},
+                },
+            }
+        },
+    },
+    # RFC 6749 §5.2: the token endpoint answers errors in OAuth's own form.
+    "OAuthError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+    },
+    "OperationOutcome": {
+        "type": "object",
+        "required": ["resourceType", "issue"],
+        "properties": {"resourceType": {"const": "OperationOutcome"}, "issue": {"type": "array"}},
+    },
+}
+_ERROR_STATUSES = {
+    "400": "invalid request (reason names the problem)",
+    "401": "no valid access token or user assertion",
+    "403": "scope, role or consent does not permit this",
+    "404": "no such resource (or not visible to the caller)",
+    "422": "the request cannot be processed in the resource's current state",
+    "405": "the method is not supported here (Allow names those that are)",
+}
+
+
+def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = False) -> None:
+    """Declare the error responses the route gives, with their real body (FastAPI's default 422
+    `HTTPValidationError` is not what the gateway answers: validation errors are 400), and
+    application/fhir+json on FHIR routes."""
+    name = "OperationOutcome" if fhir else "OAuthError" if oauth else "Error"
+    body = {"$ref": f"#/components/schemas/{name}"}
+    media = "application/fhir+json" if fhir else "application/json"
+    responses = operation.setdefault("responses", {})
+    for status, description in _ERROR_STATUSES.items():
+        responses[status] = {"description": description, "content": {media: {"schema": body}}}
+    if fhir:
+        for status, response in responses.items():
+            content = response.get("content")
+            if status.startswith("2") and content and "application/json" in content:
+                content["application/fhir+json"] = content.pop("application/json")
 
 
 @dataclass
@@ -130,6 +211,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.standing = OrganizationStanding(sessions, ttl_seconds=settings.revocation_check_seconds)
         app.state.buckets = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
         outbox = Outbox(store.metadata.tables["outbox"], sessions)
+        outbox.lease = timedelta(seconds=settings.outbox_lease_seconds)
         outbox.register(
             AUDIT_TOPIC,
             audit_sender(
@@ -177,6 +259,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(documents.router)
     app.include_router(workflows.router)
     app.include_router(teleconsult.router)
+    app.include_router(referrals.router)
     app.include_router(audit.router)
     app.include_router(fhir.router)
     app.include_router(consent.router)
@@ -185,7 +268,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(subscriptions.router)
     app.include_router(fhir_patient.router)
     app.include_router(fhir_teleconsult.router)
+    app.include_router(fhir_referral.router)
     app.include_router(patient_index.router)
+    console.mount(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -193,10 +278,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
+        # Asked now, of every dependency at once: a channel's cached state lags a restart (it
+        # said "down" after a service was back and "ready" ten seconds into an outage).
         channels: dict[str, grpc.aio.Channel] = request.app.state.channels
-        states = {name: ch.get_state(try_to_connect=True).name for name, ch in channels.items()}
-        down = [n for n, s in states.items() if s in {"TRANSIENT_FAILURE", "SHUTDOWN"}]
-        return JSONResponse({"status": "degraded" if down else "ready", "down": down}, status_code=503 if down else 200)
+        names = sorted(channels)
+        answers = await asyncio.gather(*(_serving(channels[name]) for name in names))
+        down = [name for name, serving in zip(names, answers, strict=True) if not serving]
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if down else None
+        return JSONResponse(
+            {"status": "degraded" if down else "ready", "down": down},
+            status_code=503 if down else 200,
+            headers=headers,
+        )
 
     @app.middleware("http")
     async def trace_and_security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -214,7 +307,8 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers["Cache-Control"] = response.headers.get("Cache-Control", "no-store")
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+        # A page sets its own (the console's allows its own script and style files).
+        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
         if settings.public_url.startswith("https://"):
             response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
         return response
@@ -232,7 +326,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "no-route", 405: "method-not-allowed"}.get(exc.status_code, "http")
-        return error_response(request, ApiError(exc.status_code, reason, "request not served"))
+        # RFC 9110 §15.5.6: a 405 names the methods the resource supports (Starlette's `Allow`).
+        headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+        return error_response(request, ApiError(exc.status_code, reason, "request not served", headers=headers))
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
@@ -242,6 +338,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         # The route template, not the path: paths can carry patient local ids.
         route = getattr(request.scope.get("route"), "path", "[unmatched route]")
+        fault = storage_unavailable(exc, component="gateway", where=f"{request.method} {route}")
+        if fault is not None:
+            # The gateway's own database (tokens, its audit outbox) is full or down.
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return error_response(request, ApiError(503, fault.reason, fault.message, headers=headers))
         _log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route)
         return error_response(request, ApiError(500, "internal", "the exchange could not complete this"))
 
@@ -255,5 +356,6 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Trace-Id", "traceresponse", "Repr-Digest", "Retry-After"],
         )
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(fhir.FhirFormat)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz", server_request_hook=_scrub_url)
     return app

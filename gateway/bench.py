@@ -106,3 +106,45 @@ async def run_exchange_bench(settings: Settings, base_url: str, *, exchanges: in
 def write_result(result: dict[str, Any], output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
+
+
+async def replay_check_cost(database_url: str, *, rounds: int = 2000) -> dict[str, float]:
+    """What refusing a reused user-assertion jti adds to each API request: one insert of the jti
+    in its own transaction (gateway/deps.py), timed alone against the gateway's database.
+
+    `python -c "import asyncio; from gateway.bench import replay_check_cost;
+    print(asyncio.run(replay_check_cost('sqlite+aiosqlite:///tmp/replay.db')))"`
+    """
+    import datetime
+    import uuid
+
+    from gateway import store
+    from services.shared.db import create_engine, session_factory
+
+    engine = create_engine(database_url, schema="gateway_replay_bench")
+    try:
+        async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                await conn.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS gateway_replay_bench")
+            await conn.run_sync(store.metadata.create_all, tables=[store.UsedAssertion.__table__])
+        sessions = session_factory(engine)
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            async with sessions() as session, session.begin():
+                await store.remember_user_assertion(
+                    session, jti=str(uuid.uuid4()), client_id="bench", expires_at=expires
+                )
+            times.append((time.perf_counter() - started) * 1000)
+        return {
+            "rounds": rounds,
+            "mean_ms": round(statistics.fmean(times), 3),
+            "p50_ms": round(_percentile(times, 0.5), 3),
+            "p95_ms": round(_percentile(times, 0.95), 3),
+        }
+    finally:
+        if engine.dialect.name == "postgresql":
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("DROP SCHEMA IF EXISTS gateway_replay_bench CASCADE")
+        await engine.dispose()

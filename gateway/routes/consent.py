@@ -75,7 +75,8 @@ class DirectiveRevisionIn(BaseModel):
     evidence_document_id: str = Field(default="", max_length=64)
     period: PeriodIn | None = None
     provision: ProvisionIn
-    expected_revision: int = Field(default=0, ge=0)
+    # int32 in the RPC: a larger number is refused as invalid (400), not a 500.
+    expected_revision: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 class BreakGlassIn(BaseModel):
@@ -102,6 +103,8 @@ class ExplainIn(BaseModel):
     purpose_of_use: str = Field(default="treatment", max_length=32)
     action: str = Field(default="access", max_length=16)
     at: datetime.datetime | None = None
+    # The requester's role; empty means doctor (the role break-the-glass serves).
+    role: str = Field(default="", max_length=32)
 
 
 def timestamp(value: datetime.datetime | None, what: str) -> Timestamp | None:
@@ -110,7 +113,11 @@ def timestamp(value: datetime.datetime | None, what: str) -> Timestamp | None:
     if value.tzinfo is None:
         raise ApiError(400, "time-zone-missing", f"{what} must carry a time zone")
     ts = Timestamp()
-    ts.FromDatetime(value.astimezone(datetime.UTC))
+    try:
+        ts.FromDatetime(value.astimezone(datetime.UTC))
+    except (OverflowError, ValueError):
+        # e.g. 0001-01-01T00:00:00+01:00 is before the first representable instant.
+        raise ApiError(400, "date-invalid", f"{what}: date out of range") from None
     return ts
 
 
@@ -330,6 +337,7 @@ async def declare_break_glass(body: BreakGlassIn, ctx: Context, request: Request
                 patient=common_pb2.PatientRef(local_id=body.patient_local_id),
                 reason=body.reason,
                 duration_seconds=body.duration_seconds,
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
             ),
             metadata=ctx.metadata,
         )
@@ -365,6 +373,7 @@ async def explain_decision(body: ExplainIn, ctx: Context, request: Request) -> d
                 purpose_of_use=body.purpose_of_use,
                 action=body.action,
                 at=timestamp(body.at, "at"),
+                role=body.role,
             ),
             metadata=ctx.metadata,
         )

@@ -314,7 +314,10 @@ async def mark_entered_in_error(document_id: str, ctx: Context, request: Request
     ctx.require_scope("DocumentReference", "c")
     result = await rpc(
         request.app.state.stubs.registry.MarkEnteredInError(
-            registry_pb2.MarkEnteredInErrorRequest(document_id=document_id[:64]), metadata=ctx.metadata
+            registry_pb2.MarkEnteredInErrorRequest(
+                document_id=document_id[:64], idempotency_key=request.headers.get("idempotency-key", "")[:128]
+            ),
+            metadata=ctx.metadata,
         )
     )
     return {**entry_json(result.entry), "audit_event_ids": list(result.audit_event_ids)}

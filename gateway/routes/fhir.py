@@ -20,13 +20,14 @@ import datetime
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.deps import CallContext
-from gateway.errors import ApiError
+from gateway.errors import ApiError, error_response
 from gateway.routes.audit import AuditContext, action_name, isoformat, query_page, timestamp
 from gateway.routes.fhir_consent import CONSENT_CAPABILITY
 from gateway.routes.fhir_patient import INSTANTIATES, PATIENT_CAPABILITY
@@ -42,6 +43,7 @@ HIE_PURPOSE_SYSTEM = "urn:hie:purpose-of-use"
 ENTITY_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/security-source-type"
+ENTERPRISE_ID_SYSTEM = "urn:hie:enterprise-id"
 TRACE_ID_EXTENSION = "urn:hie:trace-id"
 HASH_EXTENSION = "urn:hie:audit-hash"
 
@@ -138,9 +140,62 @@ _DATE_PREFIXES = {"eq", "ge", "gt", "le", "lt"}
 _UNENCODED_PLUS = re.compile(r" (\d{2}:\d{2})$")
 
 
+# FHIR R4 http.html#mime-type: `_format` values and Accept media types meaning JSON (the only
+# format served; XML is answered 406 Not Acceptable, as FHIR allows a server that does not serve it).
+_JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json"})
+_JSON_ACCEPT = frozenset({"application/fhir+json", "application/json", "application/*", "*/*", "application/json+fhir"})
+
+
+def _accepts_json(accept: str) -> bool:
+    """Whether an Accept header admits JSON (q=0 excludes a type; no header admits anything)."""
+    if not accept.strip():
+        return True
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() in _JSON_ACCEPT and not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00") for p in params):
+            return True
+    return False
+
+
+class FhirFormat:
+    """Content negotiation on the FHIR facade: `_format=json` is taken off the query (routes are
+    strict about parameters) and an XML-only request, by `_format` or Accept, is 406 with an
+    OperationOutcome. Binary reads negotiate their own content type (the document's)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith("/fhir/"):
+            await self.app(scope, receive, send)
+            return
+        query = scope.get("query_string", b"").decode("utf-8", "replace")
+        items = parse_qsl(query, keep_blank_values=True)
+        formats = [v for k, v in items if k == "_format"]
+        acceptable = all(f.split(";")[0].strip().lower() in _JSON_FORMATS for f in formats)
+        if not formats and not path.startswith("/fhir/R4/Binary/"):
+            accept = dict(scope.get("headers", ())).get(b"accept", b"").decode("latin-1")
+            acceptable = _accepts_json(accept)
+        if not acceptable:
+            error = ApiError(
+                406, "format-not-acceptable", "only JSON (application/fhir+json) is served; XML is not supported"
+            )
+            await error_response(Request(scope), error)(scope, receive, send)
+            return
+        if formats:
+            kept = urlencode([(k, v) for k, v in items if k != "_format"])
+            scope = {**scope, "query_string": kept.encode("ascii")}
+        await self.app(scope, receive, send)
+
+
 @router.get("/metadata")
 async def capability_statement(request: Request) -> JSONResponse:
-    from gateway.routes import fhir_documents, fhir_teleconsult  # imports this module: resolved at call time
+    from gateway.routes import (  # imports this module: resolved at call time
+        fhir_documents,
+        fhir_referral,
+        fhir_teleconsult,
+    )
 
     base = request.app.state.settings.public_url
     statement: dict[str, Any] = {
@@ -192,6 +247,7 @@ async def capability_statement(request: Request) -> JSONResponse:
                     CONSENT_CAPABILITY,
                     PATIENT_CAPABILITY,
                     *fhir_documents.CAPABILITY_RESOURCES,
+                    *fhir_referral.CAPABILITY_RESOURCES,
                     *fhir_teleconsult.CAPABILITY_RESOURCES,
                 ],
             }
@@ -216,9 +272,19 @@ def _purpose(word: str) -> dict[str, Any]:
     return {"coding": codings, "text": word}
 
 
+# Resource types the facade serves by id: only their references resolve within the exchange.
+_RESOLVABLE_TYPES = frozenset({"DocumentReference", "Binary", "Consent"})
+
+
 def _entity_what(type: str, id: str) -> dict[str, Any]:
-    if _RESOURCE_TYPE.fullmatch(type) and _FHIR_ID.fullmatch(id):
+    """AuditEvent.entity.what: a reference where the facade serves that resource by that id (so
+    the reference resolves), an identifier otherwise (a patient's enterprise id is an identifier
+    of the person, not a Patient id; records are `<domain>|<local id>`)."""
+    if type in _RESOLVABLE_TYPES and _FHIR_ID.fullmatch(id):
         return {"reference": f"{type}/{id}"}
+    if type == "Organization":
+        # The same identifier system as the agent's organisation.
+        return {"identifier": {"system": "urn:hie:organization", "value": id}}
     return {"identifier": {"system": f"urn:hie:entity:{type or 'unknown'}", "value": id}}
 
 
@@ -273,17 +339,16 @@ def audit_event_resource(event: audit_pb2.AuditEvent) -> dict[str, Any]:
         "type": [_coding(SOURCE_TYPE_SYSTEM, "4", "Application Server")],
     }
     entities: list[dict[str, Any]] = []
-    patient = f"Patient/{event.patient_enterprise_id}" if event.patient_enterprise_id else ""
-    if patient:
+    if event.patient_enterprise_id:
         entities.append(
             {
-                "what": _entity_what("Patient", event.patient_enterprise_id),
+                "what": {"identifier": {"system": ENTERPRISE_ID_SYSTEM, "value": event.patient_enterprise_id}},
                 "type": _coding(ENTITY_TYPE_SYSTEM, "1", "Person"),
                 "role": _coding(OBJECT_ROLE_SYSTEM, "1", "Patient"),
             }
         )
     for entity in event.entities:
-        if f"{entity.type}/{entity.id}" == patient:
+        if entity.type == "Patient" and entity.id == event.patient_enterprise_id:
             continue
         entities.append(
             {"what": _entity_what(entity.type, entity.id), "type": _coding(ENTITY_TYPE_SYSTEM, "2", "System Object")}
@@ -505,17 +570,14 @@ async def search_audit_events(
     if next_token:
         following = [(k, v) for k, v in items if k != "page"] + [("page", next_token)]
         links.append({"relation": "next", "url": _search_url(base, following)})
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "link": links,
-        "entry": [
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": links}
+    if events:  # JSON-FHIR has no empty arrays: an empty searchset has no entry
+        bundle["entry"] = [
             {
                 "fullUrl": f"{base}/fhir/R4/AuditEvent/{event.event_id}",
                 "resource": audit_event_resource(event),
                 "search": {"mode": "match"},
             }
             for event in events
-        ],
-    }
+        ]
     return JSONResponse(bundle, media_type=FHIR_JSON)

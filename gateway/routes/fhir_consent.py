@@ -4,9 +4,11 @@ Mapping (a directive ↔ a Consent):
 
 - `status` active / inactive (revoked); `scope` consentscope `patient-privacy`; `category` LOINC
   59284-0 Patient Consent; `patient` the caller's own record of the patient (identifier in
-  `urn:hie:patient:<organisation>`); `dateTime` when recorded; `organization` the recording one;
-  `meta.versionId` the revision.
-- IHE BPPC: `policy[].uri` the acknowledged policy ids; `sourceReference` the signed form
+  `urn:hie:patient-id:<organisation>`, the one local-id system of the facade); `dateTime` when
+  recorded; `organization` the recording one; `meta.versionId` the revision.
+- IHE BPPC: `policy[].uri` the acknowledged policy ids (a directive acknowledging none has
+  `policyRule` = the region's policy instead: invariant ppc-1 wants one of them, and JSON-FHIR has
+  no empty arrays); `sourceReference` the signed form
   (`DocumentReference/<evidence document id>`); the directive's effective period in the
   extension `urn:hie:directive-period`.
 - `provision` (nested as FHIR nests it): `type`, `period`, `actor[].reference` (Organization /
@@ -30,6 +32,13 @@ from gateway.deps import Context
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.consent import ACTOR_KINDS, PROVISION_TYPES, isoformat, timestamp
+from gateway.routes.fhir_models import validate_resource
+from gateway.routes.fhir_patient import (
+    local_id_system,
+    own_local_id_of_identifier,
+    own_local_id_of_patient,
+    patient_id_of_reference,
+)
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2
 
@@ -46,6 +55,12 @@ ORGANIZATION_SYSTEM = "urn:hie:organization"
 REGION_SYSTEM = "urn:hie:region"
 PERIOD_EXTENSION = "urn:hie:directive-period"
 OBLIGATION_EXTENSION = "urn:hie:obligation"
+# Consent.policyRule of a directive that names no policy of its own: the region's (opt-in / opt-out
+# as configured in the consent service).
+REGION_POLICY_RULE: dict[str, Any] = {
+    "coding": [{"system": "urn:hie:consent-policy", "code": "region"}],
+    "text": "the regional exchange's consent policy",
+}
 # Unambiguous v3 PurposeOfUse codes accepted on input (referral and consultation have none of their own).
 _V3_PURPOSES = {
     "TREAT": "treatment",
@@ -68,7 +83,16 @@ CONSENT_CAPABILITY: dict[str, Any] = {
     "patient (system/Consent.r) for patients the caller's domain registered. Errors are OperationOutcome.",
     "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
     "searchParam": [
-        {"name": "patient", "type": "reference", "documentation": "Patient/<local id> in the caller's domain"},
+        {
+            "name": "patient",
+            "type": "reference",
+            "documentation": "Patient/<id> (or its absolute URL): the id the exchange gives the caller's own record",
+        },
+        {
+            "name": "patient.identifier",
+            "type": "token",
+            "documentation": "urn:hie:patient-id:<your organisation>|<local id> (urn:hie:patient:… still accepted)",
+        },
         {"name": "status", "type": "token", "documentation": "active or inactive"},
     ],
 }
@@ -274,12 +298,15 @@ def consent_resource(d: consent_pb2.Directive) -> dict[str, Any]:
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
         },
         "category": [{"coding": [{"system": LOINC, "code": "59284-0", "display": "Patient Consent"}]}],
-        "patient": {"identifier": {"system": f"urn:hie:patient:{d.patient.domain}", "value": d.patient.local_id}},
+        "patient": {"identifier": {"system": local_id_system(d.patient.domain), "value": d.patient.local_id}},
         "dateTime": isoformat(d.recorded, d.HasField("recorded")),
         "organization": [{"identifier": {"system": ORGANIZATION_SYSTEM, "value": d.recorded_by_organization_id}}],
-        "policy": [{"uri": uri} for uri in d.policy_ids],
-        "provision": provision_resource(d.provision),
     }
+    if d.policy_ids:
+        resource["policy"] = [{"uri": uri} for uri in d.policy_ids]
+    else:
+        resource["policyRule"] = REGION_POLICY_RULE
+    resource["provision"] = provision_resource(d.provision)
     if d.evidence_document_id:
         resource["sourceReference"] = {"reference": f"DocumentReference/{d.evidence_document_id}"}
     period = _fhir_period(d, "period")
@@ -288,17 +315,22 @@ def consent_resource(d: consent_pb2.Directive) -> dict[str, Any]:
     return resource
 
 
-def _patient_local_id(resource: dict[str, Any]) -> str:
+async def _patient_local_id(ctx: Context, request: Request, resource: dict[str, Any]) -> str:
+    """The caller's local id of Consent.patient: `Patient/<id>` (or its absolute URL) of the caller's
+    own record, or the local-id identifier of the caller's domain."""
     patient = resource.get("patient")
     if not isinstance(patient, dict):
         raise _invalid("Consent.patient is required")
-    reference = str(patient.get("reference", ""))
-    if reference.startswith("Patient/"):
-        return reference.removeprefix("Patient/")[:64]
+    reference = patient.get("reference")
+    if isinstance(reference, str) and reference:
+        patient_id = patient_id_of_reference(reference, request.app.state.settings.public_url)
+        return await own_local_id_of_patient(ctx, request, patient_id)
     identifier = patient.get("identifier")
-    if isinstance(identifier, dict) and identifier.get("value"):
-        return str(identifier["value"])[:64]
-    raise _invalid("Consent.patient needs a Patient/<local id> reference or an identifier")
+    if isinstance(identifier, dict) and isinstance(identifier.get("value"), str) and identifier["value"]:
+        return own_local_id_of_identifier(
+            ctx, str(identifier.get("system", "")), identifier["value"], "Consent.patient.identifier"
+        )
+    raise _invalid("Consent.patient needs a Patient/<id> reference or the urn:hie:patient-id identifier")
 
 
 def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -315,6 +347,7 @@ async def create_consent(request: Request, ctx: Context) -> JSONResponse:
         raise _invalid("the body is not JSON") from None
     if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
         raise _invalid("the body must be a Consent resource")
+    validate_resource(resource, "Consent")
     if resource.get("status", "active") != "active":
         raise _invalid("only an active Consent can be created")
     if not isinstance(resource.get("provision"), dict):
@@ -324,6 +357,12 @@ async def create_consent(request: Request, ctx: Context) -> JSONResponse:
     policies = resource.get("policy") or []
     if not isinstance(policies, list):
         raise _invalid("Consent.policy must be a list")
+    uris = [str(p["uri"])[:256] for p in policies if isinstance(p, dict) and isinstance(p.get("uri"), str) and p["uri"]]
+    if not uris and not isinstance(resource.get("policyRule"), dict):
+        # FHIR R4 Consent invariant ppc-1: "Either a Policy or PolicyRule" (for a privacy consent).
+        raise ApiError(
+            400, "consent-policy-missing", "Consent.policy (with uri) or Consent.policyRule is required (ppc-1)"
+        )
     period = next(
         (
             e.get("valuePeriod")
@@ -336,8 +375,8 @@ async def create_consent(request: Request, ctx: Context) -> JSONResponse:
         request.app.state.stubs.consent.RecordDirective(
             consent_pb2.RecordDirectiveRequest(
                 directive=consent_pb2.Directive(
-                    patient=common_pb2.PatientRef(local_id=_patient_local_id(resource)),
-                    policy_ids=[str(p.get("uri", ""))[:256] for p in policies if isinstance(p, dict)],
+                    patient=common_pb2.PatientRef(local_id=await _patient_local_id(ctx, request, resource)),
+                    policy_ids=uris,
                     evidence_document_id=evidence.removeprefix("DocumentReference/")[:64],
                     period=_period_message(period, "extension.valuePeriod"),
                     provision=provision_message(resource["provision"]),
@@ -367,21 +406,30 @@ async def read_consent(consent_id: str, ctx: Context, request: Request) -> JSONR
 async def search_consent(
     ctx: Context,
     request: Request,
-    patient: str = Query(min_length=1, max_length=80, description="Patient/<local id> or the local id"),
+    patient: str = Query(default="", max_length=200, description="Patient/<id> (the caller's own record)"),
+    patient_identifier: str = Query(
+        default="", alias="patient.identifier", max_length=200, description="urn:hie:patient-id:<org>|<local id>"
+    ),
     status: str = Query(default="", max_length=16, description="active (default: all) or inactive"),
 ) -> JSONResponse:
     """FHIR search by patient: every directive of the person (recorded by any hospital)."""
     ctx.require_scope("Consent", "r")
     if status not in {"", "active", "inactive"}:
         raise _invalid("status must be active or inactive")
-    unknown = {k for k in request.query_params if k not in {"patient", "status"}}
+    unknown = {k for k in request.query_params if k not in {"patient", "patient.identifier", "status"}}
     if unknown:
         raise ApiError(400, "search-parameter-unknown", "unknown search parameters: " + ", ".join(sorted(unknown)))
+    if bool(patient) == bool(patient_identifier):
+        raise ApiError(400, "patient-required", "give one of patient or patient.identifier")
+    if patient:
+        patient_id = patient_id_of_reference(patient, request.app.state.settings.public_url)
+        local_id = await own_local_id_of_patient(ctx, request, patient_id)
+    else:
+        system, _, value = patient_identifier.rpartition("|")
+        local_id = own_local_id_of_identifier(ctx, system, value, "patient.identifier")
     result = await rpc(
         request.app.state.stubs.consent.ListDirectives(
-            consent_pb2.ListDirectivesRequest(
-                patient=common_pb2.PatientRef(local_id=patient.removeprefix("Patient/")), include_revoked=True
-            ),
+            consent_pb2.ListDirectivesRequest(patient=common_pb2.PatientRef(local_id=local_id), include_revoked=True),
             metadata=ctx.metadata,
         )
     )
@@ -389,15 +437,15 @@ async def search_consent(
     resources = [consent_resource(d) for d in result.directives]
     if status:
         resources = [r for r in resources if r["status"] == status]
-    return _fhir(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(resources),
-            "link": [{"relation": "self", "url": f"{base}/fhir/R4/Consent?{request.url.query}"}],
-            "entry": [
-                {"fullUrl": f"{base}/fhir/R4/Consent/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                for r in resources
-            ],
-        }
-    )
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "link": [{"relation": "self", "url": f"{base}/fhir/R4/Consent?{request.url.query}"}],
+    }
+    if resources:  # JSON-FHIR has no empty arrays: an empty searchset has no entry
+        bundle["entry"] = [
+            {"fullUrl": f"{base}/fhir/R4/Consent/{r['id']}", "resource": r, "search": {"mode": "match"}}
+            for r in resources
+        ]
+    return _fhir(bundle)

@@ -27,6 +27,7 @@ import base64
 import binascii
 import datetime
 import hashlib
+import json
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -40,6 +41,12 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.documents import open_content, repr_digest
 from gateway.routes.fhir import FHIR_JSON, _date_range, _token
+from gateway.routes.fhir_models import validate_resource
+from gateway.routes.fhir_patient import (
+    own_local_id_of_identifier,
+    own_local_id_of_patient,
+    patient_id_of_reference,
+)
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 
@@ -68,20 +75,36 @@ _RELATION = {
 _RELATION_CODES = {v: k for k, v in _RELATION.items()}
 _DEFAULT_COUNT = 20
 _MAX_COUNT = 200
-_SEARCH_PARAMS = {"patient", "patient.identifier", "type", "category", "date", "status", "_count", "page"}
+_SEARCH_PARAMS = {
+    "patient",
+    "patient.identifier",
+    "type",
+    "category",
+    "date",
+    "status",
+    "_count",
+    "_summary",
+    "_total",
+    "_totalMethod",
+    "page",
+}
+# A total (`_summary=count`, `_count=0`) is counted over consent-filtered pages: at most this many.
+_MAX_COUNTED_PAGES = 25
 _LOCAL_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 DOCUMENT_REFERENCE_SEARCH_PARAMS: list[dict[str, str]] = [
     {
         "name": "patient",
         "type": "reference",
-        "documentation": "The patient as the calling hospital knows them: `Patient/<local id>` (its own "
-        "domain). Results cover every hospital the person has records in.",
+        "documentation": "`Patient/<id>` (or its absolute URL on this base): the id of the caller's own "
+        "record of the person as the exchange gives it (PDQm search, ITI-104 Location). Results cover every "
+        "hospital the person has records in.",
     },
     {
         "name": "patient.identifier",
         "type": "token",
-        "documentation": "`urn:hie:patient:<your organisation>|<local id>` (or the local id alone).",
+        "documentation": "`urn:hie:patient-id:<your organisation>|<local id>` (or the local id alone); the "
+        "older system urn:hie:patient:<organisation> is still accepted.",
     },
     {"name": "type", "type": "token", "documentation": "LOINC or urn:hie:shared-document-type code; either matches."},
     {"name": "category", "type": "token", "documentation": "The class code (urn:hie:document-class)."},
@@ -92,6 +115,17 @@ DOCUMENT_REFERENCE_SEARCH_PARAMS: list[dict[str, str]] = [
         "repeat for a range.",
     },
     {"name": "status", "type": "token", "documentation": "current (default), superseded, entered-in-error."},
+    {
+        "name": "_count",
+        "type": "number",
+        "documentation": f"Page size (default {_DEFAULT_COUNT}, at most {_MAX_COUNT}); 0: the total only.",
+    },
+    {
+        "name": "_summary",
+        "type": "token",
+        "documentation": "count: the total only (of the entries consent lets the caller see; "
+        f"not given beyond {_MAX_COUNTED_PAGES * _MAX_COUNT}).",
+    },
 ]
 
 
@@ -106,13 +140,25 @@ def _coding(system: str, code: str, display: str = "") -> dict[str, str]:
     return coding
 
 
+def _master_identifier(entry: registry_pb2.DocumentEntry) -> dict[str, str]:
+    """The XDS uniqueId as the source gave it: a URI (`urn:oid:…`, `urn:uuid:…`, MHD's form) under
+    urn:ietf:rfc:3986; a plain id (REST registrations) under the source's own system."""
+    if entry.source_document_id.startswith(("urn:oid:", "urn:uuid:")):
+        return {"system": "urn:ietf:rfc:3986", "value": entry.source_document_id}
+    return {"system": f"urn:hie:document:{entry.source_organization_id}", "value": entry.source_document_id}
+
+
+def _concept(coding: registry_pb2.Coding) -> dict[str, Any]:
+    return {"coding": [_coding(coding.system, coding.code, coding.display)]}
+
+
 def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str, Any]:
     """A registry entry as an R4 DocumentReference (see the module docstring for the mapping)."""
     org = entry.source_organization_id
     resource: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": entry.document_id,
-        "masterIdentifier": {"system": f"urn:hie:document:{org}", "value": entry.source_document_id},
+        "masterIdentifier": _master_identifier(entry),
         "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{entry.document_id}"}],
         "status": _STATUS.get(entry.status, "current"),
         "docStatus": "final",
@@ -158,8 +204,15 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
         attachment["extension"] = [{"url": SHA256_EXTENSION, "valueString": entry.sha256}]
     if entry.HasField("created"):
         attachment["creation"] = _iso(entry.created)
-    resource["content"] = [{"attachment": attachment}]
+    content: dict[str, Any] = {"attachment": attachment}
+    if entry.format_code.code:
+        content["format"] = _coding(entry.format_code.system, entry.format_code.code, entry.format_code.display)
+    resource["content"] = [content]
     context: dict[str, Any] = {}
+    if entry.facility_type.code:
+        context["facilityType"] = _concept(entry.facility_type)
+    if entry.practice_setting.code:
+        context["practiceSetting"] = _concept(entry.practice_setting)
     if entry.HasField("service_start"):
         context["period"] = {"start": _iso(entry.service_start)}
         if entry.HasField("service_end"):
@@ -187,14 +240,16 @@ def _bad(reason: str, message: str) -> ApiError:
     return ApiError(400, reason, message)
 
 
-def _patient_local_id(name: str, value: str, organization_id: str) -> str:
+async def _patient_local_id(ctx: Context, request: Request, name: str, value: str) -> str:
+    """The caller's local id of the patient a search names: `patient` is a reference to a Patient
+    of this exchange (`Patient/<id>` or its absolute URL), `patient.identifier` a local id
+    (`urn:hie:patient-id:<your organisation>|<local id>`)."""
     if name == "patient":
-        local = value.removeprefix("Patient/")
+        patient_id = patient_id_of_reference(value, request.app.state.settings.public_url)
+        local = await own_local_id_of_patient(ctx, request, patient_id)
     else:
-        system, bar, local = value.rpartition("|")
-        if bar and system not in {"", f"urn:hie:patient:{organization_id}"}:
-            # Another hospital's identifiers are not searchable: the caller names its own patient.
-            raise ApiError(404, "patient-not-found", "patient.identifier: use your own domain's patient ids")
+        system, _, local = value.rpartition("|")
+        local = own_local_id_of_identifier(ctx, system, local, name)
     if not _LOCAL_ID.fullmatch(local):
         raise _bad("search-value-invalid", f"{name}: a local patient id")
     return local
@@ -220,6 +275,7 @@ async def search_document_references(
     query = registry_pb2.FindDocumentsRequest()
     local_id = ""
     size = _DEFAULT_COUNT
+    total_only = False
     since: datetime.datetime | None = None
     until: datetime.datetime | None = None
     for name, raw in items:
@@ -229,7 +285,7 @@ async def search_document_references(
         if not value:
             raise _bad("search-value-invalid", f"{name}: a value is required")
         if name in {"patient", "patient.identifier"}:
-            found = _patient_local_id(name, value, ctx.caller.organization_id)
+            found = await _patient_local_id(ctx, request, name, value)
             if local_id and found != local_id:
                 raise _bad("search-value-invalid", "one patient per search")
             local_id = found
@@ -251,11 +307,18 @@ async def search_document_references(
             if high is not None:
                 until = high if until is None else min(until, high)
         elif name == "_count":
-            if not value.isdigit() or int(value) < 1:
-                raise _bad("count-invalid", "_count: a positive number")
+            if not value.isascii() or not value.isdigit():
+                raise _bad("count-invalid", "_count: a number (0: the total only)")
             size = min(int(value), _MAX_COUNT)
+            total_only = total_only or size == 0
+        elif name == "_summary":
+            if value not in ("count", "false"):
+                raise _bad("search-value-invalid", "_summary: count (or false)")
+            total_only = total_only or value == "count"
         elif name == "page":
             query.page.page_token = value
+        # `_total` / `_totalMethod` (fhirpy's count() sends it): the total is counted when asked
+        # for by _summary=count or _count=0, whatever they say.
     if not local_id:
         raise _bad("patient-required", "a patient or patient.identifier is required")
     query.patient.CopyFrom(common_pb2.PatientRef(local_id=local_id))
@@ -264,27 +327,42 @@ async def search_document_references(
         query.service_from.FromDatetime(since.astimezone(datetime.UTC))
     if until is not None:
         query.service_to.FromDatetime(until.astimezone(datetime.UTC))
-    result = await rpc(request.app.state.stubs.registry.FindDocuments(query, metadata=ctx.metadata))
     base = request.app.state.settings.public_url
     links = [{"relation": "self", "url": f"{base}/fhir/R4/DocumentReference?{urlencode(items)}"}]
+    if total_only:
+        return _fhir(await _counted(ctx, request, query, links))
+    result = await rpc(request.app.state.stubs.registry.FindDocuments(query, metadata=ctx.metadata))
     if result.page.next_page_token:
         following = [(k, v) for k, v in items if k != "page"] + [("page", result.page.next_page_token)]
         links.append({"relation": "next", "url": f"{base}/fhir/R4/DocumentReference?{urlencode(following)}"})
-    return _fhir(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "link": links,
-            "entry": [
-                {
-                    "fullUrl": f"{base}/fhir/R4/DocumentReference/{e.document_id}",
-                    "resource": document_reference(e, base),
-                    "search": {"mode": "match"},
-                }
-                for e in result.entries
-            ],
-        }
-    )
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": links}
+    if result.entries:  # JSON-FHIR has no empty arrays: an empty searchset has no entry
+        bundle["entry"] = [
+            {
+                "fullUrl": f"{base}/fhir/R4/DocumentReference/{e.document_id}",
+                "resource": document_reference(e, base),
+                "search": {"mode": "match"},
+            }
+            for e in result.entries
+        ]
+    return _fhir(bundle)
+
+
+async def _counted(
+    ctx: Context, request: Request, query: registry_pb2.FindDocumentsRequest, links: list[dict[str, str]]
+) -> dict[str, Any]:
+    """The searchset of `_summary=count` / `_count=0`: the total of what the caller may see. The
+    registry filters by consent page by page, so the entries are counted over full pages (each
+    query audited as any search is); beyond the cap the total is left out, as FHIR allows."""
+    query.page.page_size = _MAX_COUNT
+    total = 0
+    for _ in range(_MAX_COUNTED_PAGES):
+        result = await rpc(request.app.state.stubs.registry.FindDocuments(query, metadata=ctx.metadata))
+        total += len(result.entries)
+        if not result.page.next_page_token:
+            return {"resourceType": "Bundle", "type": "searchset", "total": total, "link": links}
+        query.page.page_token = result.page.next_page_token
+    return {"resourceType": "Bundle", "type": "searchset", "link": links}
 
 
 @router.get("/DocumentReference/{document_id}", response_class=JSONResponse)
@@ -332,6 +410,14 @@ async def read_binary(document_id: str, ctx: Context, request: Request) -> Respo
 # --- ITI-65 Provide Document Bundle ---------------------------------------------------------------
 
 
+def _plain_coding(coding: dict[str, Any]) -> registry_pb2.Coding:
+    return registry_pb2.Coding(
+        system=str(coding.get("system", ""))[:128],
+        code=str(coding.get("code", ""))[:64],
+        display=str(coding.get("display", ""))[:128],
+    )
+
+
 def _first_coding(concept: Any, what: str) -> registry_pb2.Coding:
     codings = concept.get("coding") if isinstance(concept, dict) else None
     if not codings or not isinstance(codings, list) or not isinstance(codings[0], dict):
@@ -358,16 +444,23 @@ def _instant(value: Any, what: str) -> Timestamp | None:
     return ts
 
 
-def _subject_local_id(reference: Any, organization_id: str) -> str:
-    if not isinstance(reference, dict):
+async def _subject_local_id(ctx: Context, request: Request, subject: Any) -> str:
+    """The caller's local id of DocumentReference.subject: a reference to a Patient of this exchange
+    (`Patient/<id>` or its absolute URL), or the hospital's local-id identifier."""
+    if not isinstance(subject, dict):
         raise ApiError(422, "subject-missing", "DocumentReference.subject is required")
-    if isinstance(reference.get("reference"), str):
-        return _patient_local_id("patient", reference["reference"], organization_id)
-    identifier = reference.get("identifier")
+    if isinstance(subject.get("reference"), str):
+        return await _patient_local_id(ctx, request, "patient", subject["reference"])
+    identifier = subject.get("identifier")
     if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
         system = str(identifier.get("system", ""))
-        return _patient_local_id("patient.identifier", f"{system}|{identifier['value']}", organization_id)
-    raise ApiError(422, "subject-missing", "DocumentReference.subject needs Patient/<local id> or an identifier")
+        return await _patient_local_id(ctx, request, "patient.identifier", f"{system}|{identifier['value']}")
+    raise ApiError(
+        422,
+        "subject-missing",
+        "DocumentReference.subject needs Patient/<id> or the identifier "
+        "urn:hie:patient-id:<your organisation>|<local id>",
+    )
 
 
 # Documents per provide-document bundle (the registry's submission set limit).
@@ -375,7 +468,7 @@ MAX_BUNDLE_DOCUMENTS = 500
 
 
 def _provide_request(
-    resource: dict[str, Any], binaries: dict[str, dict[str, Any]], organization_id: str
+    resource: dict[str, Any], binaries: dict[str, dict[str, Any]], patient_local_id: str
 ) -> registry_pb2.RegisterDocumentRequest:
     """One DocumentReference of a provide-document bundle (with its Binary) as a registration."""
     master = resource.get("masterIdentifier")
@@ -383,7 +476,8 @@ def _provide_request(
         raise ApiError(
             422, "master-identifier-missing", "DocumentReference.masterIdentifier (your document id) is required"
         )
-    source_document_id = master["value"].removeprefix("urn:oid:").removeprefix("urn:uuid:")
+    # Kept as sent (MHD: the XDS uniqueId, `urn:oid:…` or `urn:uuid:…`) and returned the same.
+    source_document_id = master["value"]
     content = resource.get("content")
     if not isinstance(content, list) or len(content) != 1 or not isinstance(content[0], dict):
         raise ApiError(422, "content-invalid", "exactly one DocumentReference.content is supported")
@@ -393,7 +487,7 @@ def _provide_request(
     mime_type = str(attachment.get("contentType", ""))[:100]
     entry = registry_pb2.DocumentEntry(
         source_document_id=source_document_id[:128],
-        patient=common_pb2.PatientRef(local_id=_subject_local_id(resource.get("subject"), organization_id)),
+        patient=common_pb2.PatientRef(local_id=patient_local_id),
         type_code=_first_coding(resource.get("type"), "type"),
         title=str(resource.get("description") or attachment.get("title") or "")[:256],
         language=str(attachment.get("language", ""))[:16],
@@ -408,7 +502,14 @@ def _provide_request(
                 entry.confidentiality = str(coding.get("code", ""))[:1]
             elif coding.get("code"):
                 entry.security_labels.append(str(coding["code"])[:16])
-    period = (resource.get("context") or {}).get("period") or {}
+    context = resource.get("context") or {}
+    format_code = content[0].get("format")
+    if isinstance(format_code, dict) and format_code.get("code"):
+        entry.format_code.CopyFrom(_plain_coding(format_code))
+    for element, field in (("facilityType", entry.facility_type), ("practiceSetting", entry.practice_setting)):
+        if context.get(element) is not None:
+            field.CopyFrom(_first_coding(context[element], f"context.{element}"))
+    period = context.get("period") or {}
     if period.get("start"):
         entry.service_start.CopyFrom(_instant(period["start"], "period"))
     if period.get("end"):
@@ -469,8 +570,9 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     answered with a transaction-response.
 
     The bundle is atomic: one DocumentReference is one registration, several are one submission
-    set, registered together in one transaction or not at all. The List is acknowledged, not
-    stored. Resubmitting the same masterIdentifiers with the same content answers 200 with the
+    set, registered together in one transaction or not at all. The List (the SubmissionSet) is
+    stored with them (uniqueId, title, date, designationType; its members the bundle's documents)
+    and found by ITI-66. Resubmitting the same masterIdentifiers with the same content answers 200 with the
     first registrations (an Idempotency-Key header keys a one-document bundle; with several
     documents each is keyed by the header and its position)."""
     ctx.require_scope("DocumentReference", "c")
@@ -483,6 +585,7 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     entries = bundle.get("entry")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise _bad("bundle-invalid", "Bundle.entry is required")
+    validate_resource(bundle, "Bundle")
     for e in entries:
         kind = (e.get("resource") or {}).get("resourceType")
         if kind not in {"DocumentReference", "Binary", "List"}:
@@ -491,10 +594,31 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     if not references or len(references) > MAX_BUNDLE_DOCUMENTS:
         raise ApiError(422, "bundle-documents", f"from one to {MAX_BUNDLE_DOCUMENTS} DocumentReferences per bundle")
     binaries = {str(e.get("fullUrl", "")): e["resource"] for e in entries if e["resource"]["resourceType"] == "Binary"}
-    registrations = [_provide_request(r, binaries, ctx.caller.organization_id) for r in references]
+    # Each distinct subject is resolved once (a bundle is about one patient, usually one subject).
+    subjects: dict[str, str] = {}
+    for r in references:
+        key = json.dumps(r.get("subject"), sort_keys=True)
+        if key not in subjects:
+            subjects[key] = await _subject_local_id(ctx, request, r.get("subject"))
+    registrations = [
+        _provide_request(r, binaries, subjects[json.dumps(r.get("subject"), sort_keys=True)]) for r in references
+    ]
     key = request.headers.get("idempotency-key", "")[:120]
     registry = request.app.state.stubs.registry
-    if len(registrations) == 1:
+    lists = [e["resource"] for e in entries if e["resource"]["resourceType"] == "List"]
+    if len(lists) > 1:
+        raise ApiError(422, "bundle-resource", "at most one List (the SubmissionSet) per bundle")
+    stored_set: registry_pb2.SubmissionSet | None = None
+    if lists:
+        for position, registration in enumerate(registrations):
+            registration.idempotency_key = f"{key}#{position}" if key else ""
+        submitted = registry_pb2.RegisterSubmissionSetRequest(
+            documents=registrations, submission_set=_submission_set(lists[0])
+        )
+        answer = await rpc(registry.RegisterSubmissionSet(submitted, metadata=ctx.metadata))
+        results = list(answer.documents)
+        stored_set = answer.submission_set
+    elif len(registrations) == 1:
         registrations[0].idempotency_key = key
         results = [await rpc(registry.RegisterDocument(registrations[0], metadata=ctx.metadata))]
     else:
@@ -518,8 +642,12 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
         elif kind == "Binary" and str(e.get("fullUrl", "")) in by_binary:
             result = by_binary[str(e.get("fullUrl", ""))]
             answers.append({"response": _provided(result, f"Binary/{result.entry.document_id}")})
+        elif kind == "List" and stored_set is not None:
+            # The set is new when any of its documents is (a retry answers the earlier set).
+            status = "201 Created" if any(r.created for r in results) else "200 OK"
+            answers.append({"response": {"status": status, "location": f"List/{stored_set.submission_set_id}"}})
         else:
-            note = "SubmissionSet acknowledged; not stored as a List" if kind == "List" else "Binary not referenced"
+            note = "Binary not referenced"
             answers.append(
                 {
                     "response": {
@@ -542,6 +670,127 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     )
 
 
+# IHE MHD SubmissionSet (List) elements kept: identifier use=usual (the uniqueId), title, date,
+# the designationType extension (XDS contentTypeCode).
+MHD_LIST_TYPES = "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes"
+DESIGNATION_TYPE_EXTENSION = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/ihe-designationType"
+
+
+def _submission_set(resource: dict[str, Any]) -> registry_pb2.SubmissionSet:
+    """The SubmissionSet metadata of an ITI-65 List (the members are the bundle's documents)."""
+    identifiers = [i for i in resource.get("identifier") or [] if isinstance(i, dict)]
+    unique = next((i for i in identifiers if i.get("use") == "usual"), identifiers[0] if identifiers else {})
+    given = registry_pb2.SubmissionSet(
+        source_id=str(unique.get("value", ""))[:128],
+        title=str(resource.get("title", ""))[:256],
+    )
+    for extension in resource.get("extension") or []:
+        if isinstance(extension, dict) and extension.get("url") == DESIGNATION_TYPE_EXTENSION:
+            given.content_type.CopyFrom(_first_coding(extension.get("valueCodeableConcept"), "designationType"))
+    if resource.get("date"):
+        stamp = _instant(resource["date"], "date")
+        if stamp is not None:
+            given.submitted.CopyFrom(stamp)
+    return given
+
+
+def submission_set_list(submission_set: registry_pb2.SubmissionSet) -> dict[str, Any]:
+    """A stored SubmissionSet as the MHD List (ITI-66), its visible members as entries."""
+    resource: dict[str, Any] = {"resourceType": "List", "id": submission_set.submission_set_id}
+    if submission_set.content_type.code:
+        resource["extension"] = [
+            {
+                "url": DESIGNATION_TYPE_EXTENSION,
+                "valueCodeableConcept": _concept(submission_set.content_type),
+            }
+        ]
+    identifiers = [
+        {"use": "official", "system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{submission_set.submission_set_id}"}
+    ]
+    if submission_set.source_id:
+        system = (
+            "urn:ietf:rfc:3986"
+            if submission_set.source_id.startswith("urn:")
+            else (f"urn:hie:submission-set:{submission_set.source_organization_id}")
+        )
+        identifiers.insert(0, {"use": "usual", "system": system, "value": submission_set.source_id})
+    resource["identifier"] = identifiers
+    resource["status"] = "current"
+    resource["mode"] = "working"
+    if submission_set.title:
+        resource["title"] = submission_set.title
+    resource["code"] = {"coding": [{"system": MHD_LIST_TYPES, "code": "submissionset"}]}
+    resource["subject"] = {"identifier": {"system": ENTERPRISE_ID_SYSTEM, "value": submission_set.enterprise_id}}
+    if submission_set.HasField("submitted"):
+        resource["date"] = _iso(submission_set.submitted)
+    resource["source"] = {
+        "identifier": {"system": "urn:hie:organization", "value": submission_set.source_organization_id}
+    }
+    resource["entry"] = [{"item": {"reference": f"DocumentReference/{d}"}} for d in submission_set.document_ids]
+    return resource
+
+
+_LIST_SEARCH_PARAMS = {"patient", "patient.identifier", "code", "_count", "page"}
+
+
+@router.get("/List", response_class=JSONResponse)
+async def find_document_lists(ctx: Context, request: Request) -> JSONResponse:
+    """IHE MHD ITI-66 Find Document Lists: the person's SubmissionSets (newest first), each with
+    the documents consent lets the caller see; `code=submissionset` (folders are not kept)."""
+    ctx.require_scope("DocumentReference", "r")
+    items = list(request.query_params.multi_items())
+    local_id, size, page, matches_nothing = "", _DEFAULT_COUNT, "", False
+    for name, raw in items:
+        if name not in _LIST_SEARCH_PARAMS:
+            raise _bad("search-param-unknown", f"unknown search parameter {name[:64]!r} (strict handling)")
+        value = raw.strip()
+        if not value:
+            raise _bad("search-value-invalid", f"{name}: a value is required")
+        if name in {"patient", "patient.identifier"}:
+            found = await _patient_local_id(ctx, request, name, value)
+            if local_id and found != local_id:
+                raise _bad("search-value-invalid", "one patient per search")
+            local_id = found
+        elif name == "code":
+            codes = {v.rpartition("|")[2] for v in value.split(",")}
+            matches_nothing = "submissionset" not in codes
+        elif name == "_count":
+            if not value.isascii() or not value.isdigit() or int(value) < 1:
+                raise _bad("count-invalid", "_count: a positive number")
+            size = min(int(value), _MAX_COUNT)
+        elif name == "page":
+            page = value[:128]
+    if not local_id:
+        raise _bad("patient-required", "a patient or patient.identifier is required")
+    base = request.app.state.settings.public_url
+    links = [{"relation": "self", "url": f"{base}/fhir/R4/List?{urlencode(items)}"}]
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": links}
+    if matches_nothing:
+        return _fhir(bundle)
+    result = await rpc(
+        request.app.state.stubs.registry.FindSubmissionSets(
+            registry_pb2.FindSubmissionSetsRequest(
+                patient=common_pb2.PatientRef(local_id=local_id),
+                page=common_pb2.PageRequest(page_size=size, page_token=page),
+            ),
+            metadata=ctx.metadata,
+        )
+    )
+    if result.page.next_page_token:
+        following = [(k, v) for k, v in items if k != "page"] + [("page", result.page.next_page_token)]
+        links.append({"relation": "next", "url": f"{base}/fhir/R4/List?{urlencode(following)}"})
+    if result.submission_sets:  # JSON-FHIR has no empty arrays
+        bundle["entry"] = [
+            {
+                "fullUrl": f"{base}/fhir/R4/List/{s.submission_set_id}",
+                "resource": submission_set_list(s),
+                "search": {"mode": "match"},
+            }
+            for s in result.submission_sets
+        ]
+    return _fhir(bundle)
+
+
 def _provided(result: registry_pb2.RegisterDocumentResponse, location: str) -> dict[str, str]:
     return {"status": "201 Created" if result.created else "200 OK", "location": location}
 
@@ -555,6 +804,19 @@ CAPABILITY_RESOURCES: list[dict[str, Any]] = [
         "the ITI-65 transaction (POST /fhir/R4/): one or more DocumentReferences about one patient, atomic.",
         "interaction": [{"code": "read"}, {"code": "search-type"}],
         "searchParam": DOCUMENT_REFERENCE_SEARCH_PARAMS,
+    },
+    {
+        "type": "List",
+        "profile": "http://hl7.org/fhir/StructureDefinition/List",
+        "documentation": "IHE MHD ITI-66 Find Document Lists: the SubmissionSets an ITI-65 bundle's List "
+        "created, by patient (Patient/<id> or patient.identifier) and code=submissionset; each lists the "
+        "documents consent lets the caller see (a set with none is left out). Folders are not kept.",
+        "interaction": [{"code": "search-type"}],
+        "searchParam": [
+            {"name": "patient", "type": "reference", "documentation": "Patient/<id> of the caller's own record"},
+            {"name": "patient.identifier", "type": "token", "documentation": "urn:hie:patient-id:<org>|<local id>"},
+            {"name": "code", "type": "token", "documentation": "submissionset"},
+        ],
     },
     {
         "type": "Binary",

@@ -23,13 +23,18 @@ from fastapi.responses import JSONResponse
 from gateway.deps import Context
 from gateway.errors import ApiError
 from gateway.routes import rpc
+from gateway.routes.fhir_models import validate_resource
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
 from services.shared import gb11643
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
 FHIR_JSON = "application/fhir+json"
+# The one identifier system of a hospital's local patient id, everywhere on the facade (Patient,
+# PIXm, ITI-104, DocumentReference, Consent). The older `urn:hie:patient:<domain>` is still
+# accepted on input (LEGACY_LOCAL_ID_SYSTEM_PREFIX) and never written.
 LOCAL_ID_SYSTEM_PREFIX = "urn:hie:patient-id:"
+LEGACY_LOCAL_ID_SYSTEM_PREFIX = "urn:hie:patient:"
 ENTERPRISE_ID_SYSTEM = "urn:hie:enterprise-id"
 NATIONAL_ID_SYSTEM = "urn:hie:identifier:cn-resident-id"
 # Record ids are UUIDs; anything else is not a Patient of this exchange.
@@ -43,7 +48,26 @@ _GENDERS = {
     "unknown": mpi_pb2.GENDER_UNKNOWN,
 }
 _GENDER_CODES = {v: k for k, v in _GENDERS.items()}
-_PDQ_PARAMS = {"family", "given", "name", "birthdate", "gender", "identifier", "telecom", "_count", "page"}
+_PDQ_PARAMS = {
+    "_id",
+    "family",
+    "given",
+    "name",
+    "birthdate",
+    "gender",
+    "identifier",
+    "telecom",
+    "_count",
+    "_summary",
+    "_total",
+    "_totalMethod",
+    "page",
+}
+# Asked by clients and answered anyway (Bundle.total is given whenever the search can be counted):
+# FHIR `_total` and fhirpy's `_totalMethod`, which its count() sends.
+_TOTAL_HINTS = {"_total", "_totalMethod"}
+# Ids one `_id` search takes (comma-separated: any of them).
+_MAX_IDS = 20
 DEFAULT_COUNT, MAX_COUNT = 20, 100
 
 
@@ -91,17 +115,28 @@ PATIENT_SEARCH_PARAMS: list[dict[str, str]] = [
     ),
     _search_param("telecom", "token", "A phone number ([phone|]number; the last 8 digits compare)."),
     {
+        "name": "_id",
+        "definition": "http://hl7.org/fhir/SearchParameter/Resource-id",
+        "type": "token",
+        "documentation": f"Patient ids (comma-separated, at most {_MAX_IDS}); not combined with demographics.",
+    },
+    {
         "name": "_count",
         "type": "number",
-        "documentation": f"Page size, 1 to {MAX_COUNT} (default {DEFAULT_COUNT}); follow the Bundle's next link.",
+        "documentation": f"Page size, 1 to {MAX_COUNT} (default {DEFAULT_COUNT}); follow the Bundle's next link. "
+        "_count=0 answers the total only.",
     },
+    {"name": "_summary", "type": "token", "documentation": "count: the total only (no entries)."},
 ]
 
 # This facade's entry in the CapabilityStatement (gateway/routes/fhir.py lists it).
 PATIENT_CAPABILITY: dict[str, Any] = {
     "type": "Patient",
     "profile": "http://hl7.org/fhir/StructureDefinition/Patient",
-    "documentation": "The master patient index (scope system/Patient.r). IHE PDQm search (ITI-78): every given "
+    "documentation": "The master patient index (scope system/Patient.r). Patient.id is the id the exchange "
+    "gives a hospital's record; `Patient/<id>` means it on every resource of this facade (DocumentReference, "
+    f"Consent). A hospital's local id has one identifier system everywhere: {LOCAL_ID_SYSTEM_PREFIX}<organisation>. "
+    "IHE PDQm search (ITI-78): every given "
     "parameter must agree, results best first with search.score (probability of being the person sought); "
     "strict handling (unknown or repeated parameters are 400 OperationOutcome); also POST Patient/_search "
     "with a form body. Pages: _count, and the next link's opaque, sealed `page` token (bound to the "
@@ -142,6 +177,66 @@ PATIENT_CAPABILITY: dict[str, Any] = {
 def _bad(reason: str, message: str) -> ApiError:
     # Messages name the parameter only, never its value (it may be a patient's name or id).
     return ApiError(400, reason, message)
+
+
+def local_id_system(domain: str) -> str:
+    """The identifier system of a hospital's local patient ids."""
+    return f"{LOCAL_ID_SYSTEM_PREFIX}{domain}"
+
+
+def local_id_domain(system: str) -> str | None:
+    """The domain a local-id identifier system names (either spelling), or None."""
+    for prefix in (LOCAL_ID_SYSTEM_PREFIX, LEGACY_LOCAL_ID_SYSTEM_PREFIX):
+        if system.startswith(prefix) and len(system) > len(prefix):
+            return system.removeprefix(prefix)
+    return None
+
+
+_NOT_YOURS = "no Patient with that id among your domain's records"
+
+
+def patient_id_of_reference(reference: str, base: str) -> str:
+    """The Patient id of a reference `Patient/<id>` or `<FHIR base>/Patient/<id>` (the exchange's
+    own base only); 404 for anything that cannot name a Patient of this exchange."""
+    own = f"{base}/fhir/R4/"
+    if reference.startswith(own):
+        reference = reference.removeprefix(own)
+    patient_id = reference.removeprefix("Patient/") if reference.startswith("Patient/") else ""
+    if not _RECORD_ID.fullmatch(patient_id):
+        # FHIR: Patient/<id> is the id this exchange gave the Patient (what PDQm and read return);
+        # a hospital's local id goes through the identifier (patient.identifier=<system>|<id>).
+        raise ApiError(404, "patient-not-found", "no Patient with that id (a local id goes in patient.identifier)")
+    return patient_id
+
+
+async def own_local_id_of_patient(ctx: Context, request: Request, patient_id: str) -> str:
+    """The caller's local id of the Patient with that id. A hospital reaches clinical data through
+    its own record of the person (the registry and consent services take the caller's local id),
+    so the Patient must be one of the caller's own domain; another's is 404, as unknown ids are."""
+    try:
+        found = await rpc(
+            request.app.state.stubs.mpi.GetPatient(
+                mpi_pb2.GetPatientRequest(record_id=patient_id), metadata=ctx.metadata
+            )
+        )
+    except ApiError as exc:
+        if exc.status in (403, 404):
+            raise ApiError(404, "patient-not-found", _NOT_YOURS) from None
+        raise
+    if found.patient.ref.domain != ctx.caller.organization_id or not found.patient.ref.local_id:
+        raise ApiError(404, "patient-not-found", _NOT_YOURS)
+    return found.patient.ref.local_id
+
+
+def own_local_id_of_identifier(ctx: Context, system: str, value: str, element: str) -> str:
+    """The local id of an identifier `<system>|<local id>` of the caller's own domain (either
+    spelling of the system; a bare value is taken as the caller's). Another domain's is 404:
+    a hospital names its own patients."""
+    if system and local_id_domain(system) != ctx.caller.organization_id:
+        raise ApiError(404, "patient-not-found", f"{element}: use your own domain's patient ids")
+    if not value or len(value) > 64:
+        raise _bad("search-value-invalid", f"{element}: a local patient id")
+    return value
 
 
 def patient_resource(patient: mpi_pb2.Patient) -> dict[str, Any]:
@@ -273,6 +368,10 @@ async def search_patients_by_post(ctx: Context, request: Request) -> JSONRespons
 
 
 _LIMITS = {
+    "_id": 800,
+    "_summary": 8,
+    "_total": 10,
+    "_totalMethod": 10,
     "family": 64,
     "given": 64,
     "name": 64,
@@ -297,9 +396,18 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
             raise _bad("search-value-invalid", f"{key}: value too long")
         values[key] = value
     count_text = values.get("_count", str(DEFAULT_COUNT))
-    if not count_text.isascii() or not count_text.isdigit() or not 1 <= int(count_text) <= MAX_COUNT:
-        raise _bad("search-value-invalid", f"_count: 1 to {MAX_COUNT}")
+    if not count_text.isascii() or not count_text.isdigit() or not 0 <= int(count_text) <= MAX_COUNT:
+        raise _bad("search-value-invalid", f"_count: 0 to {MAX_COUNT}")
     count = int(count_text)
+    summary = values.get("_summary", "")
+    if summary not in ("", "count", "false"):
+        raise _bad("search-value-invalid", "_summary: count (or false)")
+    # FHIR search: "_summary=count" and "_count=0" both ask for the total only.
+    total_only = summary == "count" or count == 0
+    for hint in _TOTAL_HINTS:
+        values.pop(hint, None)
+    if "_id" in values:
+        return await _pdq_by_id(ctx, request, items, values, total_only=total_only)
     birthdate, gender = values.get("birthdate", ""), values.get("gender", "")
     if birthdate.startswith(("eq", "ge", "gt", "le", "lt", "ne", "sa", "eb", "ap")):
         birthdate = birthdate[2:] if birthdate.startswith("eq") else "!"
@@ -314,7 +422,7 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
         birth_date=birthdate,
         gender=_GENDERS.get(gender, mpi_pb2.GENDER_UNSPECIFIED),
         phone=values.get("telecom", "").removeprefix("phone|"),
-        limit=count,
+        limit=count or 1,
         page_token=values.get("page", ""),
     )
     if values.get("identifier"):
@@ -329,6 +437,12 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
     links = [
         {"relation": "self", "url": f"{base}/fhir/R4/Patient" + (f"?{urlencode(_masked(items))}" if items else "")}
     ]
+    if total_only:
+        counted: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+        if result.HasField("total"):
+            counted["total"] = result.total
+        counted["link"] = links
+        return JSONResponse(counted, media_type=FHIR_JSON)
     if result.next_page_token:
         # The token carries the search itself: the link repeats no name, id or phone, and works the
         # same after a POST _search.
@@ -338,7 +452,52 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
     if result.HasField("total"):
         bundle["total"] = result.total
     bundle["link"] = links
-    bundle["entry"] = [_entry(base, r, grade=False) for r in result.results]
+    if result.results:  # JSON-FHIR has no empty arrays: an empty searchset has no entry
+        bundle["entry"] = [_entry(base, r, grade=False) for r in result.results]
+    return JSONResponse(bundle, media_type=FHIR_JSON)
+
+
+async def _pdq_by_id(
+    ctx: Context, request: Request, items: list[tuple[str, str]], values: dict[str, str], *, total_only: bool
+) -> JSONResponse:
+    """PDQm `_id` (ITI-78: a Supplier SHALL support it): the Patients with those ids, each read
+    as a FHIR read is (masked by role and purpose); an unknown or merged-away id matches nothing."""
+    if set(values) - {"_id", "_count", "_summary"}:
+        raise _bad("search-parameter-combination", "_id is not combined with other search parameters")
+    ids = [i.strip() for i in values["_id"].split(",")]
+    if not all(ids) or len(ids) > _MAX_IDS:
+        raise _bad("search-value-invalid", f"_id: one to {_MAX_IDS} comma-separated ids")
+    found: list[mpi_pb2.Patient] = []
+    for patient_id in dict.fromkeys(ids):
+        if not _RECORD_ID.fullmatch(patient_id):
+            continue
+        try:
+            result = await rpc(
+                request.app.state.stubs.mpi.GetPatient(
+                    mpi_pb2.GetPatientRequest(record_id=patient_id), metadata=ctx.metadata
+                )
+            )
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            continue
+        found.append(result.patient)
+    base = request.app.state.settings.public_url
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(found),
+        "link": [{"relation": "self", "url": f"{base}/fhir/R4/Patient?{urlencode(items)}"}],
+    }
+    if found and not total_only:
+        bundle["entry"] = [
+            {
+                "fullUrl": f"{base}/fhir/R4/Patient/{p.record_id}",
+                "resource": patient_resource(p),
+                "search": {"mode": "match"},
+            }
+            for p in found
+        ]
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
 
@@ -457,6 +616,7 @@ async def match_patient(ctx: Context, request: Request, parameters: Annotated[di
     ctx.require_scope("Patient", "r")
     if parameters.get("resourceType") != "Parameters":
         raise _bad("parameters-invalid", "the body must be a Parameters resource")
+    validate_resource(parameters, "Parameters")
     resource: dict[str, Any] | None = None
     count, only_certain = 10, False
     for parameter in parameters.get("parameter") or []:
@@ -471,6 +631,7 @@ async def match_patient(ctx: Context, request: Request, parameters: Annotated[di
             only_certain = parameter.get("valueBoolean") is True
     if resource is None:
         raise _bad("parameters-invalid", "the resource parameter is required")
+    validate_resource(resource, "Patient", root="Parameters.parameter.resource")
     if not isinstance(count, int) or not 1 <= count <= 100:
         raise _bad("parameters-invalid", "count must be 1 to 100")
     result = await rpc(
@@ -480,12 +641,9 @@ async def match_patient(ctx: Context, request: Request, parameters: Annotated[di
         )
     )
     base = request.app.state.settings.public_url
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(result.results),
-        "entry": [_entry(base, r, grade=True) for r in result.results],
-    }
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": len(result.results)}
+    if result.results:  # JSON-FHIR has no empty arrays
+        bundle["entry"] = [_entry(base, r, grade=True) for r in result.results]
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
 
@@ -655,9 +813,9 @@ async def patient_identity_feed(
         raise ApiError(413, "body-too-large", "a Patient resource is at most 64 KiB")
     try:
         resource = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _bad("resource-invalid", "the body is not JSON") from None
-    patient = _patient_message(resource)
+    patient = _patient_message(validate_resource(resource, "Patient"))
     local_ids = [
         (ident.get("system"), ident.get("value"))
         for ident in resource.get("identifier") or []

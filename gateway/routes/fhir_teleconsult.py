@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from gateway.deps import CallContext, Context
 from gateway.errors import ApiError
-from gateway.routes import rpc
+from gateway.routes import fhir_referral, rpc
 from gateway.routes.teleconsult import iso, report_json
 from hie.teleconsult.v1 import teleconsult_pb2
 from services.teleconsult.workflow import state_name
@@ -222,14 +222,36 @@ def task(c: teleconsult_pb2.Consultation) -> dict[str, Any]:
     return resource
 
 
+# Referrals and consultations share the ServiceRequest / Task / Appointment / Communication / Slot
+# endpoints (both are ServiceRequests with a Task): this router is mounted first and answers for a
+# consultation, handing anything else to the referral routes (a referral id, a referral search).
+
+
+async def _consultation_or_none(
+    request: Request, ctx: CallContext, consultation_id: str
+) -> teleconsult_pb2.Consultation | None:
+    try:
+        return await _consultation(request, ctx, consultation_id)
+    except ApiError as error:
+        if error.status == 404 and error.reason == "consultation-not-found":
+            return None
+        raise
+
+
 @router.get("/ServiceRequest/{consultation_id}")
 async def read_service_request(consultation_id: str, ctx: Context, request: Request) -> JSONResponse:
-    return _fhir(service_request(await _consultation(request, ctx, consultation_id)))
+    c = await _consultation_or_none(request, ctx, consultation_id)
+    if c is None:
+        return await fhir_referral.read_service_request(consultation_id, ctx, request)
+    return _fhir(service_request(c))
 
 
 @router.get("/Task/{consultation_id}")
 async def read_task(consultation_id: str, ctx: Context, request: Request) -> JSONResponse:
-    return _fhir(task(await _consultation(request, ctx, consultation_id)))
+    c = await _consultation_or_none(request, ctx, consultation_id)
+    if c is None:
+        return await fhir_referral.read_task(consultation_id, ctx, request)
+    return _fhir(task(c))
 
 
 @router.get("/Task")
@@ -240,8 +262,13 @@ async def search_task(
     requester: str = Query(default="", max_length=140),
     status: str = Query(default="", max_length=32),
 ) -> JSONResponse:
-    """A worklist: owner=Organization/<caller> (incoming) or requester=Organization/<caller> (outgoing)."""
+    """A worklist: owner=Organization/<caller> (incoming) or requester=Organization/<caller> (outgoing).
+    Without either, the referral worklist (`_box`)."""
     ctx.require_scope("ServiceRequest", "r")
+    if not owner and not requester:
+        return await fhir_referral.search_tasks(
+            ctx, request, _box=request.query_params.get("_box", "incoming"), status=status
+        )
     if bool(owner) == bool(requester):
         raise ApiError(400, "search-invalid", "search Task by owner or by requester (the caller's organisation)")
     org = _reference_id(owner or requester, "Organization")
@@ -261,7 +288,9 @@ async def search_task(
 
 @router.get("/Appointment/{consultation_id}")
 async def read_appointment(consultation_id: str, ctx: Context, request: Request) -> JSONResponse:
-    c = await _consultation(request, ctx, consultation_id)
+    c = await _consultation_or_none(request, ctx, consultation_id)
+    if c is None:
+        return await fhir_referral.read_appointment(consultation_id, ctx, request)
     if not c.HasField("appointment"):
         raise ApiError(404, "appointment-not-found", "no session is scheduled for this consultation")
     state = state_name(c.state)
@@ -305,10 +334,18 @@ def _slot(s: teleconsult_pb2.Slot) -> dict[str, Any]:
 async def search_slot(
     ctx: Context,
     request: Request,
-    schedule: str = Query(min_length=1, max_length=200),
+    schedule: str = Query(default="", max_length=200),
     status: str = Query(default="", max_length=8),
 ) -> JSONResponse:
+    """A specialist's consultation slots by `schedule`; without it, a referral target's (`organization`)."""
     ctx.require_scope("ServiceRequest", "r")
+    if not schedule:
+        if status not in ("", "free", "busy"):
+            raise ApiError(400, "search-invalid", "status is free or busy")
+        organization = request.query_params.get("organization", "")
+        if not organization:
+            raise ApiError(400, "search-invalid", "search Slot by schedule or by organization")
+        return await fhir_referral.search_slots(ctx, request, organization=organization[:64], status=status)
     org, _, practitioner = _reference_id(schedule, "Schedule").partition(".")
     result = await rpc(
         request.app.state.stubs.teleconsult.ListSlots(
@@ -354,7 +391,9 @@ async def search_schedule(
 async def search_communication(
     ctx: Context, request: Request, based_on: str = Query(alias="based-on", min_length=1, max_length=200)
 ) -> JSONResponse:
-    c = await _consultation(request, ctx, _reference_id(based_on, "ServiceRequest"))
+    c = await _consultation_or_none(request, ctx, _reference_id(based_on, "ServiceRequest"))
+    if c is None:
+        return await fhir_referral.search_communications(ctx, request, based_on=based_on[:90])
     communications = [
         {
             "resourceType": "Communication",

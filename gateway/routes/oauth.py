@@ -10,6 +10,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.console.authorization import USER_GRANT_TYPES
+from gateway.console.state import console_state
 from gateway.limits import retry_after
 from gateway.smart import AuthorizationServer, OAuthError
 from services.shared.keys import ISSUER_MEMBER, RETIRED_KEY_RETENTION_SECONDS, RETIRED_MEMBER
@@ -19,7 +21,11 @@ _MAX_FORM_BYTES = 16 * 1024
 
 
 @router.get("/.well-known/smart-configuration")
+@router.get("/fhir/R4/.well-known/smart-configuration")
 async def smart_configuration(request: Request) -> dict[str, Any]:
+    """SMART discovery. SMART App Launch 2.x (conformance): "the server SHALL ... host a
+    smart-configuration JSON document at [base]/.well-known/smart-configuration" where [base] is
+    the FHIR base URL; it is also served at the server root, where clients used to look."""
     server: AuthorizationServer = request.app.state.authorization
     return server.smart_configuration()
 
@@ -60,6 +66,13 @@ async def token(request: Request) -> JSONResponse:
             pairs = urllib.parse.parse_qsl(body.decode("utf-8"), strict_parsing=False, max_num_fields=20)
         except (UnicodeDecodeError, ValueError):
             raise OAuthError("invalid_request", "token request is not a valid form") from None
+        params = dict(pairs)
+        if params.get("grant_type") in USER_GRANT_TYPES:
+            # People (the console's sign-in): authorization code + PKCE, refresh tokens.
+            status, body = await console_state(request.app).authorization.token(
+                params, client_address=request.client.host if request.client else ""
+            )
+            return JSONResponse(body, status_code=status, headers=headers)
         server: AuthorizationServer = request.app.state.authorization
         issued = await server.issue(dict(pairs), client_address=request.client.host if request.client else "")
     except OAuthError as exc:

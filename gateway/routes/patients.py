@@ -112,6 +112,14 @@ async def register_patient(body: PatientIn, ctx: Context, request: Request, resp
         "created": result.created,
         "link_method": _LINK_METHODS.get(result.link_method, "unknown"),
         "audit_event_ids": list(result.audit_event_ids),
+        # A possible match a data steward decides (e.g. a second record of one person at the same
+        # hospital): said in the answer, so the registrar knows the link is pending.
+        "review_task_ids": list(result.review_task_ids),
+        **(
+            {"review": "a possible match with another record was sent to a data steward's review"}
+            if result.review_task_ids
+            else {}
+        ),
     }
 
 

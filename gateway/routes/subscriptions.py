@@ -71,7 +71,9 @@ def dead_letter_json(dead: notifications_pb2.DeadLetter) -> dict[str, Any]:
 @router.post("/subscriptions", status_code=201)
 async def subscribe(body: SubscriptionIn, ctx: Context, request: Request) -> dict[str, Any]:
     """Subscribe the caller's organisation to new documents of a patient it treats, to documents of
-    a type, or to its referrals' and consultations' state changes, until `expires`."""
+    a type, or to its referrals' and consultations' state changes, until `expires`. With an
+    `Idempotency-Key` a retry gets the first answer (one subscription); the key with another
+    request is 409 `idempotency-key-reused`."""
     ctx.require_scope("DocumentReference", "r")
     if body.expires.tzinfo is None:
         raise ApiError(400, "expiry-invalid", "expires must carry a time zone")
@@ -85,6 +87,7 @@ async def subscribe(body: SubscriptionIn, ctx: Context, request: Request) -> dic
                 type_code=body.type_code,
                 endpoint_url=body.endpoint_url,
                 expires=expires,
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
             ),
             metadata=ctx.metadata,
         )

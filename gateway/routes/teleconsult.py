@@ -662,7 +662,10 @@ async def move_consultation(
                 consultation_id=consultation_id[:64],
                 move=move,
                 reason=body.reason,
+                # Idempotency-Key: the first answer to a retry, kept with the move (and the
+                # engine's own retry key, so a retried amendment files no second version).
                 request_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=request.headers.get("idempotency-key", "")[:128],
                 decline_code=body.decline_code,
                 assignee_ids=body.assignee_ids,
                 slot_ids=body.slot_ids,

@@ -226,6 +226,9 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             after = int(request.page.page_token or 0)
         except ValueError:
             raise InvalidArgument("bad page token", reason="page-token") from None
+        if not 0 <= after < 2**63:
+            # A sequence is a signed 64-bit integer in the database: anything else is no position.
+            raise InvalidArgument("bad page token", reason="page-token")
         async with self._rt.sessions() as session:
             rows = await store.query(session, search, after_sequence=after, limit=size + 1)
         more = len(rows) > size

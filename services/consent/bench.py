@@ -50,7 +50,7 @@ from services.shared.config import TOKEN_AUDIENCE, Settings
 from services.shared.db import utcnow
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk
 from services.shared.process import RunningService, start_service
-from services.shared.user_assertion import PURPOSES_OF_USE
+from services.shared.user_assertion import MAX_LIFETIME_SECONDS, PURPOSES_OF_USE
 
 TARGET_P99_MS = 2.0
 _PATHS = ("rpc", "in_service", "decision_only")
@@ -160,7 +160,8 @@ def _metadata(keys: Path) -> tuple[tuple[str, str], ...]:
         client_id=f"client-{_REQUESTER}",
         practitioner=Practitioner(id="B-DOC-1", name="压测医生", role="doctor", department="心内科"),
         purpose="treatment",
-        lifetime=3600,
+        # User assertions live at most five minutes (services/shared/user_assertion.py).
+        lifetime=MAX_LIFETIME_SECONDS,
     )
     return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))
 
@@ -170,7 +171,8 @@ async def run_bench(settings: Settings, keys: Path, batches: int) -> dict[str, A
     try:
         enterprise_id = str(uuid.uuid4())
         await _fill(running, enterprise_id)
-        request = consent_pb2.DecideRequest(enterprise_id=enterprise_id, items=_items())
+        # The requester registered the patient (the care relationship): every rule is evaluated.
+        request = consent_pb2.DecideRequest(enterprise_id=enterprise_id, items=_items(), requester_holds_record=True)
         metadata = _metadata(keys)
         rpc_times: list[float] = []
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -203,6 +205,8 @@ async def run_bench(settings: Settings, keys: Path, batches: int) -> dict[str, A
                 purpose_of_use=who.purpose_of_use,
                 department=who.department,
                 practitioner_id=who.practitioner_id,
+                role=who.role,
+                holds_record=True,
             )
             decision_only: list[float] = []
             for _ in range(batches):

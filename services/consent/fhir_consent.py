@@ -83,6 +83,11 @@ class Requester:
     department: str = ""
     practitioner_id: str = ""
     action: str = "access"
+    # The acting person's role (break-the-glass is bound to the role that declared it).
+    role: str = ""
+    # The care relationship the exchange checked: the requesting organisation holds a record of
+    # the person in its own domain (the mpi's cross-reference says so).
+    holds_record: bool = False
 
 
 @dataclass(frozen=True)

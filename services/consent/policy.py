@@ -5,6 +5,13 @@ referral / consultation grants and break-the-glass, combined by the precedence r
 For one document and one request, the first rule that applies decides:
 
 1. Own document: the requesting organisation registered the document → PERMIT `own-document`.
+1a. Care relationship: the requesting organisation holds no record of the person in its own
+   domain and no active referral or consultation grant of it covers the document → DENY
+   `no-care-relationship` (a hospital reads another's documents about a person it registered
+   itself, or that a referral or consultation sent it; an authority or the platform never reads
+   clinical content this way). Linking by national id is evidence of identity; the care
+   relationship is the record the hospital registered, which the authority's registration report
+   watches.
 2. Patient directives: among the provisions of the patient's directives in force that match the
    request, the most specific (`fhir_consent.Specificity`) decides; at equal specificity a deny
    beats a permit. A permit matches a document carrying a restricted sensitivity label only if
@@ -17,10 +24,11 @@ For one document and one request, the first rule that applies decides:
 5. Regional default: opt-out region and the purpose is one the region permits by default →
    PERMIT `regional-default:<purpose>`; opt-out otherwise → DENY
    `regional-default:purpose-not-permitted`; opt-in region → DENY `regional-default:opt-in`.
-6. Break-the-glass: a DENY from rules 2, 4 or 5 becomes PERMIT `break-glass` when the requesting
-   practitioner of the requesting organisation has declared break-the-glass for this patient,
-   it has not expired, the purpose is `emergency`, and the document carries no label the region
-   marks never overridable.
+6. Break-the-glass: a DENY from rules 1a, 2, 4 or 5 becomes PERMIT `break-glass` when the
+   requesting practitioner of the requesting organisation, acting in the role (a doctor) and the
+   department that declared it, has declared break-the-glass for this patient, it has not
+   expired, the purpose is `emergency`, and the document carries no label the region marks never
+   overridable.
 
 A PERMIT carries the obligations of the deciding provision and those the region attaches to the
 purpose (research: de-identify).
@@ -64,6 +72,9 @@ DEFAULT_PERMITTED_PURPOSES = frozenset({"treatment"})
 # LOINC 60591-5 Patient summary Document: what "the patient's summary" of a grant means.
 PATIENT_SUMMARY_TYPES = frozenset({"60591-5"})
 EMERGENCY = "emergency"
+# Break-the-glass is declared by a doctor (the consent servicer's DeclareBreakGlass), and serves
+# only that role: the same practitioner id asserting another role does not inherit it.
+BREAK_GLASS_ROLE = "doctor"
 
 
 @dataclass(frozen=True)
@@ -173,11 +184,14 @@ class BreakGlass:
     practitioner_id: str
     starts: datetime.datetime
     expires: datetime.datetime
+    department: str = ""
 
     def covers(self, requester: Requester, now: datetime.datetime) -> bool:
         return (
             self.organization_id == requester.organization_id
             and self.practitioner_id == requester.practitioner_id
+            and requester.role == BREAK_GLASS_ROLE
+            and self.department == requester.department
             and self.starts <= now < self.expires
         )
 
@@ -273,6 +287,8 @@ def _without_break_glass(ctx: _Context, item: Item) -> Verdict:
     policy, requester = ctx.policy, ctx.requester
     if item.source_organization_id == requester.organization_id:
         return Verdict(item.item_id, ConsentDecision.PERMIT, "own-document")
+    if not requester.holds_record and not any(_grant_covers(policy, g, item) for g in ctx.grants):
+        return Verdict(item.item_id, ConsentDecision.DENY, "no-care-relationship")
     restricted = item.security_labels & policy.restricted_labels
     covering = [
         a
@@ -383,6 +399,8 @@ _BASIS_WORDS = {
     "directive-permit": "a provision of the patient's consent directive permits this access",
     "directive-deny": "a provision of the patient's consent directive denies this access",
     "grant": "an accepted referral or consultation grants the requesting organisation access for this purpose",
+    "no-care-relationship": "the requesting organisation holds no record of this person in its own domain and "
+    "no referral or consultation grants it access",
     "restricted-sensitivity": "the document is in a restricted sensitivity class and no provision of the "
     "patient's directives explicitly permits it",
     "regional-default:opt-in": "the region is opt-in and the patient has not permitted this access",

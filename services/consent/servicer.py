@@ -25,6 +25,7 @@ from services.shared.audit_trail import Action
 from services.shared.auth import Caller, PlatformCredentials, caller
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
 from services.shared.user_assertion import PURPOSES_OF_USE
@@ -80,6 +81,11 @@ def _workflow_entity(reference: str) -> tuple[str, str]:
     return (kind, identifier) if identifier else ("ServiceRequest", reference)
 
 
+# The operation a kept first answer belongs to (services/shared/idempotency.py).
+_RECORD_OPERATION = "consent.directive.record"
+_BREAK_GLASS_OPERATION = "consent.break-glass"
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -87,6 +93,7 @@ def _digest(*parts: object) -> str:
 class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer):
     def __init__(self, runtime: ServiceRuntime, regional_policy: policy.RegionalPolicy | None = None) -> None:
         self._rt = runtime
+        self._answers = FirstAnswers(store.idempotent_answers)
         self.regional_policy = regional_policy or policy.RegionalPolicy.from_env()
         self.cache = PatientConsentCache(runtime.engine, runtime.sessions)
         runtime.background(self._close_on_stop(), name="consent-cache")
@@ -117,6 +124,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             department=who.department,
             practitioner_id=who.practitioner_id,
             action=request.action or "access",
+            role=who.role,
+            holds_record=request.requester_holds_record,
         )
         now = utcnow()
         consent = await self.cache.get(request.enterprise_id)
@@ -157,12 +166,25 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             )
         if request.purpose_of_use and request.purpose_of_use not in PURPOSES_OF_USE:
             raise InvalidArgument("unknown purpose of use", reason="purpose-invalid")
+        # The person's records decide two things: a hospital's auditor explains decisions about
+        # people its own domain registered only (another hospital's patient, and whether a
+        # directive of theirs exists, are not its business), and whether the requester holds a
+        # record of the person (the care relationship).
+        try:
+            person = await identity.cross_reference_by_enterprise_id(self._rt, request.enterprise_id)
+        except NotFound:
+            raise NotFound("no such patient", reason="patient-not-found") from None
+        domains = {r.domain for r in person.refs}
+        if who.organization_type == "hospital" and who.organization_id not in domains:
+            raise NotFound("no such patient", reason="patient-not-found")
         requester = fhir_consent.Requester(
             organization_id=request.organization_id[:64],
             purpose_of_use=request.purpose_of_use,
             department=request.department[:64],
             practitioner_id=request.practitioner_id[:64],
             action=request.action or "access",
+            role=request.role[:32] or policy.BREAK_GLASS_ROLE,
+            holds_record=request.organization_id in domains,
         )
         at = messages.moment(request.at, request.HasField("at")) or utcnow()
         item = messages.item_of(request.item)
@@ -211,6 +233,16 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             if who.organization_id not in {r.domain for r in person.refs}:
                 raise NotFound("no such directive", reason="directive-not-found")
         return record
+
+    async def _own_evidence(self, who: Caller, evidence: str) -> None:
+        """A directive's evidence is the signed form the recording organisation holds: an id that
+        names another organisation's registered document is refused (a reference to a local form,
+        not registered at the exchange, is the hospital's own)."""
+        entry = await identity.document_source(self._rt, evidence) if evidence else None
+        if entry is not None and entry.source_organization_id != who.organization_id:
+            raise FailedPrecondition(
+                "the evidence must be a document your organisation registered", reason="evidence-not-own"
+            )
 
     def _directive_content(
         self, message: consent_pb2.Directive
@@ -266,6 +298,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_role(*_DIRECTIVE_WRITERS)
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         enterprise_id = await self._own_patient(who, request.directive.patient)
+        await self._own_evidence(who, evidence)
         stored = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
         digest = _digest(request.directive.patient.local_id, stored, policy_ids, evidence, period)
         key = request.idempotency_key[:128] or str(uuid.uuid4())
@@ -304,6 +337,17 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     raise AlreadyExists(
                         "idempotency key already used for a different directive", reason="idempotency-key-reused"
                     )
+                # A retry: the first answer (created, its audit event), kept with the directive.
+                first = await self._answers.first(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_RECORD_OPERATION,
+                    request_fingerprint=digest,
+                    response_type=consent_pb2.RecordDirectiveResponse,
+                )
+                if first is not None:
+                    return first
                 return consent_pb2.RecordDirectiveResponse(
                     directive=messages.directive_message(existing), created=False
                 )
@@ -338,10 +382,20 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 patient_enterprise_id=enterprise_id,
                 entities=[("Consent", record.id)],
             )
+            answer = consent_pb2.RecordDirectiveResponse(
+                directive=messages.directive_message(record), created=True, audit_event_ids=[event_id]
+            )
+            if request.idempotency_key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_RECORD_OPERATION,
+                    request_fingerprint=digest,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return consent_pb2.RecordDirectiveResponse(
-            directive=messages.directive_message(record), created=True, audit_event_ids=[event_id]
-        )
+        return answer
 
     async def ReviseDirective(
         self, request: consent_pb2.ReviseDirectiveRequest, context: object
@@ -351,6 +405,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_role(*_DIRECTIVE_WRITERS)
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         found = await self._visible_directive(who, request.directive.directive_id)
+        await self._own_evidence(who, evidence)
         async with self._rt.sessions() as session, session.begin():
             record = await session.get(store.DirectiveRecord, found.id, with_for_update=True)
             assert record is not None  # directives are never deleted
@@ -603,9 +658,26 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         )
         # The patient's home hospitals: every other domain that registered the person.
         notify = sorted({r.domain for r in person.refs} - {who.organization_id})
+        key = check_key(request.idempotency_key.strip())
+        request_fingerprint = fingerprint(_BREAK_GLASS_OPERATION, request, who.practitioner_id)
         for attempt in range(2):
             try:
                 async with self._rt.sessions() as session, session.begin():
+                    first = (
+                        await self._answers.first(
+                            session,
+                            organization_id=who.organization_id,
+                            key=key,
+                            operation=_BREAK_GLASS_OPERATION,
+                            request_fingerprint=request_fingerprint,
+                            response_type=consent_pb2.DeclareBreakGlassResponse,
+                        )
+                        if key
+                        else None
+                    )
+                    if first is not None:
+                        # A retry: the one declaration (not a second grant and notification).
+                        return first
                     session.add(record)
                     await store.bump_version(session, person.enterprise_id)
                     event_id = await self._rt.audit.record(
@@ -631,15 +703,27 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                             }
                         ).encode(),
                     )
+                    answer = consent_pb2.DeclareBreakGlassResponse(
+                        break_glass_id=record.id,
+                        enterprise_id=person.enterprise_id,
+                        starts=messages.timestamp(record.starts),
+                        expires=messages.timestamp(record.expires),
+                        audit_event_ids=[event_id],
+                    )
+                    if key:
+                        await self._answers.keep(
+                            session,
+                            organization_id=who.organization_id,
+                            key=key,
+                            operation=_BREAK_GLASS_OPERATION,
+                            request_fingerprint=request_fingerprint,
+                            response=answer,
+                        )
                 break
             except IntegrityError:
+                # A concurrent first change of the patient, or a concurrent retry of this key
+                # (answered from its first answer on the second attempt).
                 if attempt:
                     raise
         self._rt.outbox.notify()
-        return consent_pb2.DeclareBreakGlassResponse(
-            break_glass_id=record.id,
-            enterprise_id=person.enterprise_id,
-            starts=messages.timestamp(record.starts),
-            expires=messages.timestamp(record.expires),
-            audit_event_ids=[event_id],
-        )
+        return answer

@@ -26,6 +26,7 @@ from services.consent import fhir_consent
 from services.consent.bppc import Directive, DirectiveStatus
 from services.consent.policy import AccessGrant, BreakGlass, PatientConsent
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 from services.shared.user_assertion import PURPOSES_OF_USE
 
@@ -117,6 +118,8 @@ class PatientVersionRecord(Base):
 
 
 outbox_table(metadata)
+# The first answers to keyed directive records (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)
 
 
 async def bump_version(session: AsyncSession, enterprise_id: str) -> None:
@@ -176,6 +179,7 @@ def break_glass_of(record: BreakGlassRecord) -> BreakGlass:
         practitioner_id=record.practitioner_id,
         starts=record.starts,
         expires=record.expires,
+        department=record.department,
     )
 
 

@@ -9,6 +9,7 @@ import asyncio
 import csv
 import hashlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from services.mpi import domain
+from services.mpi import domain, estimation
 from services.mpi.index import BULK_LOAD_LOCK, BatchLink, MasterIndex, Registered
-from services.mpi.matching import Outcome
+from services.mpi.matching import MatchRecord, Outcome
 from services.mpi.standalone import IndexHandle
-from services.mpi.store import bulk_load, save_bulk_load
+from services.mpi.store import active_count, bulk_load, match_record_of_registration, save_bulk_load
 from services.shared.auth import Caller
 from services.shared.errors import DomainError
 
@@ -222,6 +223,8 @@ class LoadCounts:
     updated: int = 0
     rejected: int = 0
     rows: int = 0
+    # Records kept without their birth date (not a valid date).
+    birth_dates_dropped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -235,6 +238,11 @@ class LoadReport:
     seconds: float = 0.0
     rejects_file: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    # The whole file had been loaded by an earlier run: nothing was read or changed.
+    already_loaded: bool = False
+    # EM estimates stored by this load (source, estimate): before it, from its rows against the
+    # index; after it, from the index.
+    estimates: list[tuple[str, estimation.Estimate]] = field(default_factory=list)
 
 
 def column_map(mapping: list[str], header: list[str]) -> dict[str, str]:
@@ -252,8 +260,31 @@ def column_map(mapping: list[str], header: list[str]) -> dict[str, str]:
     return result
 
 
+_DATE_SEPARATORS = str.maketrans({"/": "-", ".": "-"})
+_DATE_SHAPE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def birth_date_text(value: str) -> str:
+    """A birth date as exported, in ISO form: YYYY-MM-DD, YYYYMMDD, YYYY/MM/DD or YYYY.MM.DD;
+    "" when it has a date's shape but is no valid date (a typo such as 19651332, or out of
+    range): the record is kept without it (a missing birth date is no evidence either way, a
+    rejected row loses the patient). Text that is no date at all is returned as it is (the row
+    is rejected: the column is probably mapped wrong)."""
+    text = value.strip().translate(_DATE_SEPARATORS)
+    if len(text) == 8 and text.isdigit():
+        text = f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    if not _DATE_SHAPE.fullmatch(text):
+        return value.strip()  # not a date at all: validation rejects the row
+    try:
+        domain.parse_birth_date(text)
+    except DomainError:
+        return ""
+    return text
+
+
 def registration_from_row(row: dict[str, str], mapping: dict[str, str], domain_id: str) -> domain.Registration:
-    """One CSV row as a validated registration (InvalidArgument names the field, never its value)."""
+    """One CSV row as a validated registration (InvalidArgument names the field, never its value).
+    A birth date that is not a valid date is left out (counted by the load), not a rejection."""
     values: dict[str, str] = {}
     identifiers = []
     for column, target in mapping.items():
@@ -271,7 +302,7 @@ def registration_from_row(row: dict[str, str], mapping: dict[str, str], domain_i
         family=values.get("family", ""),
         given=values.get("given", ""),
         gender=_GENDERS.get(values.get("gender", "").lower(), domain.Gender.UNKNOWN),
-        birth_date=values.get("birth_date", ""),
+        birth_date=birth_date_text(values.get("birth_date", "")),
         national_id=values.get("national_id", ""),
         phones=phones[:5],
         province=values.get("province", ""),
@@ -283,6 +314,10 @@ def registration_from_row(row: dict[str, str], mapping: dict[str, str], domain_i
     )
 
 
+def _birth_date_value(row: dict[str, str], mapping: dict[str, str]) -> str:
+    return next(((row.get(c) or "").strip() for c, target in mapping.items() if target == "birth_date"), "")
+
+
 def load_id_of(path: Path, domain_id: str) -> str:
     """A load is one file (by content) into one domain."""
     digest = hashlib.sha256(domain_id.encode() + b"\0")
@@ -292,13 +327,43 @@ def load_id_of(path: Path, domain_id: str) -> str:
     return digest.hexdigest()[:64]
 
 
-def _rows(path: Path) -> Iterator[dict[str, str]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+# Encodings a hospital's export may come in: UTF-8 (a BOM is skipped), and GB18030 / GBK from
+# Chinese hospital systems (GB18030 is a superset of GBK, so GBK files read as GB18030).
+ENCODINGS = {"utf-8": "utf-8-sig", "utf8": "utf-8-sig", "gb18030": "gb18030", "gbk": "gb18030"}
+
+
+class EncodingError(ValueError):
+    """The file's bytes are not in the encoding asked for (the message names `--encoding`)."""
+
+
+def codec_of(encoding: str) -> str:
+    """The Python codec of an accepted `--encoding` value; EncodingError for any other."""
+    codec = ENCODINGS.get(encoding.strip().lower())
+    if codec is None:
+        raise EncodingError(f"--encoding must be one of {', '.join(sorted(ENCODINGS))}")
+    return codec
+
+
+def check_encoding(path: Path, codec: str) -> int:
+    """The number of data rows; EncodingError naming `--encoding` when the bytes do not decode
+    (read whole before anything is loaded, so a load never stops half-way on a bad byte)."""
+    try:
+        with path.open(encoding=codec, newline="") as handle:
+            return max(sum(1 for _ in csv.reader(handle)) - 1, 0)
+    except UnicodeDecodeError:
+        raise EncodingError(
+            f"the file is not valid {codec.removesuffix('-sig').upper()}: name its encoding with "
+            "--encoding (gb18030 or gbk for exports of Chinese hospital systems)"
+        ) from None
+
+
+def _rows(path: Path, codec: str = "utf-8-sig") -> Iterator[dict[str, str]]:
+    with path.open(encoding=codec, newline="") as handle:
         yield from csv.DictReader(handle)
 
 
-def header_of(path: Path) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+def header_of(path: Path, codec: str = "utf-8-sig") -> list[str]:
+    with path.open(encoding=codec, newline="") as handle:
         return next(csv.reader(handle), [])
 
 
@@ -335,16 +400,26 @@ async def load_csv(
     batch_size: int = 500,
     progress: Callable[[int], None] = lambda n: None,
     stop_after_batches: int | None = None,
+    encoding: str = "utf-8",
 ) -> LoadReport:
     """Load (or resume loading) a CSV file into the domain; `progress(n)` is told of every n rows
-    done. `stop_after_batches` stops early, as an interruption would (for tests and benchmarks)."""
-    header = header_of(path)
+    done. `stop_after_batches` stops early, as an interruption would (for tests and benchmarks).
+    A file loaded to its end before is not read again (`LoadReport.already_loaded`)."""
+    codec = codec_of(encoding)
+    header = header_of(path, codec)
     columns = column_map(mapping, header)
     load_id = load_id_of(path, domain_id)
     async with handle.sessions() as session:
         state = await bulk_load(session, load_id)
     done = state.rows_done if state else 0
     counts = LoadCounts(**json.loads(state.counts)) if state else LoadCounts()
+    if state is not None and state.rows_done >= check_encoding(path, codec):
+        return LoadReport(load_id=load_id, counts=counts, resumed_from=done, rejects_file=rejects, already_loaded=True)
+    estimates: list[tuple[str, estimation.Estimate]] = []
+    if handle.master.use_estimates and done == 0:
+        before = await _estimate_before(handle, path, codec, columns, domain_id)
+        if before is not None:
+            estimates.append(("bulk-load", before))
     reasons: dict[str, int] = {}
     _keep_rejects_before(rejects, done)
     who = bulk_caller(domain_id)
@@ -362,15 +437,19 @@ async def load_csv(
         and the load's progress, committed with the batch) and what follows its commit."""
         rejected_lines = []
         valid: list[tuple[int, domain.Registration]] = []
+        dropped = 0
         for number, row in rows:
             try:
-                valid.append((number, registration_from_row(row, columns, domain_id)))
+                registration = registration_from_row(row, columns, domain_id)
+                valid.append((number, registration))
+                dropped += registration.birth_date is None and bool(_birth_date_value(row, columns))
             except DomainError as exc:
                 rejected_lines.append((number, exc.reason))
 
         async def finish(session: AsyncSession, results: BatchResults) -> None:
             nonlocal done
             rejected = list(rejected_lines)
+            counts.birth_dates_dropped += dropped
             for (number, _), result in zip(valid, results, strict=True):
                 if isinstance(result, DomainError):
                     rejected.append((number, result.reason))
@@ -400,7 +479,7 @@ async def load_csv(
         return [r for _, r in valid], finish, committed
 
     async with BatchPipeline(handle.engine, handle.sessions, master) as pipeline:
-        for number, row in enumerate(_rows(path), start=1):
+        for number, row in enumerate(_rows(path, codec), start=1):
             if number <= done:
                 continue
             batch.append((number, row))
@@ -413,11 +492,63 @@ async def load_csv(
         else:
             if batch:
                 await pipeline.submit(who, *submitted(batch))
+    seconds = time.perf_counter() - started
+    if handle.master.use_estimates and counts.rows - (state.rows_done if state else 0) >= estimation.MIN_RECORDS:
+        after = await _estimate_after(handle)
+        if after is not None:
+            estimates.append(("index", after))
     return LoadReport(
         load_id=load_id,
         counts=counts,
         resumed_from=state.rows_done if state else 0,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         rejects_file=rejects,
         reasons=reasons,
+        estimates=estimates,
     )
+
+
+async def _estimate_before(
+    handle: IndexHandle, path: Path, codec: str, columns: dict[str, str], domain_id: str
+) -> estimation.Estimate | None:
+    """Weights for this load, learned before it decides anything: a sample of the file's rows
+    against the index's records of other domains (when both are large enough). Stored and in
+    force at once when reliable."""
+    sample: list[MatchRecord] = []
+    rows = 0
+    for number, row in enumerate(_rows(path, codec), start=1):
+        rows = number
+        if len(sample) >= estimation.SAMPLE:
+            continue  # counted: the index's size after the load
+        try:
+            registration = registration_from_row(row, columns, domain_id)
+        except DomainError:
+            continue
+        sample.append(
+            match_record_of_registration(registration, record_id=f"row-{number}", enterprise_id=f"row-{number}")
+        )
+    if len(sample) < estimation.MIN_RECORDS:
+        return None
+    async with handle.sessions() as session, session.begin():
+        stored = await active_count(session)
+        if stored < estimation.MIN_INDEX:
+            return None
+        result = await estimation.estimate(session, sample, handle.master.base_params, population=stored + rows)
+        if not result.reliable:
+            return None
+        await estimation.save(session, result, source="bulk-load")
+    async with handle.sessions() as session:
+        await handle.master.refresh_parameters(session, force=True)
+    return result
+
+
+async def _estimate_after(handle: IndexHandle) -> estimation.Estimate | None:
+    """Weights learned from the index as the load left it (for the registrations that follow)."""
+    async with handle.sessions() as session, session.begin():
+        result = await estimation.estimate_from_index(session, handle.master.base_params)
+        if not result.reliable:
+            return None
+        await estimation.save(session, result, source="index")
+    async with handle.sessions() as session:
+        await handle.master.refresh_parameters(session, force=True)
+    return result

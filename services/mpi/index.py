@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
+import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Iterable, Sequence
@@ -28,6 +30,8 @@ from services.shared.errors import DomainError, FailedPrecondition, InvalidArgum
 from services.shared.outbox import Outbox
 
 LINK_TOPIC = "mpi.link.changed"
+# How often (seconds) an index looks for a newer stored estimate of the match weights.
+ESTIMATE_CHECK_SECONDS = 60.0
 # Advisory lock ids of the index ("MPI" in the high bytes, apart from other users of advisory locks),
 # taken with the schema's hash as the first key: advisory locks are database-wide, and indexes of
 # other exchanges (schema prefixes) in the same database must not wait on each other's blocking keys.
@@ -92,10 +96,40 @@ def comparison_json(comparison: matching.Comparison) -> str:
 class MasterIndex:
     """Operations of the index; each runs inside a session transaction the caller owns."""
 
-    def __init__(self, *, audit: AuditTrail, outbox: Outbox, params: MatchParameters) -> None:
+    def __init__(
+        self, *, audit: AuditTrail, outbox: Outbox, params: MatchParameters, use_estimates: bool = True
+    ) -> None:
         self.audit = audit
         self.outbox = outbox
+        # The configured parameters (shipped census priors, or an operator's file) and those in
+        # force: with `use_estimates` the latest stored EM estimate's m / u over them.
+        self.base_params = params
         self.params = params
+        self.use_estimates = use_estimates
+        # The estimate in force (id, when, source, records, candidate / random pairs), or None.
+        self.estimate: dict[str, object] | None = None
+        self._estimate_checked = -math.inf
+
+    async def refresh_parameters(self, session: AsyncSession, *, force: bool = False) -> None:
+        """Take up the latest stored estimate (looked for at most once a minute, so a load's or an
+        operator's estimate reaches a running service without a restart)."""
+        if not self.use_estimates:
+            return
+        now = time.monotonic()
+        if not force and now - self._estimate_checked < ESTIMATE_CHECK_SECONDS:
+            return
+        self._estimate_checked = now
+        latest = await store.latest_estimate(session)
+        if latest is not None and (self.estimate is None or latest.id != self.estimate["id"]):
+            self.params = matching.with_estimate(self.base_params, json.loads(latest.parameters))
+            self.estimate = {
+                "id": latest.id,
+                "estimated_at": latest.estimated_at,
+                "source": latest.source,
+                "records": latest.records,
+                "candidate_pairs": latest.candidate_pairs,
+                "random_pairs": latest.random_pairs,
+            }
 
     # --- events ------------------------------------------------------------------------------
 
@@ -200,6 +234,7 @@ class MasterIndex:
         """Insert or update a record of the caller's domain and (re)decide its link. `in_batch`:
         an update within a bulk batch running alongside another of its load (locks shared, as the
         batch's own: the other batch holds its keys shared and waits for this one's commit)."""
+        await self.refresh_parameters(session)
         existing = await store.find_record(session, domain=registration.domain, local_id=registration.local_id)
         if existing is not None and existing.merged_into is not None:
             raise FailedPrecondition("that local id was merged into another record", reason="patient-merged")
@@ -573,6 +608,7 @@ class MasterIndex:
         self, session: AsyncSession, query: MatchRecord, *, limit: int, minimum: float | None = None
     ) -> list[Ranked]:
         """Records sharing a blocking key with the query, scored against it, best first."""
+        await self.refresh_parameters(session)
         found = await store.candidates(session, matching.demographic_keys(query))
         frequencies = await store.value_frequencies(session, matching.frequency_values(query))
         ranked = []
@@ -607,6 +643,7 @@ class MasterIndex:
         already known (updates) and repeats within the batch go through `register` one by one.
         One audit event covers the batch, naming every record it wrote. A record refused by a
         domain rule is returned as its error (its row is not written)."""
+        await self.refresh_parameters(session)
         if not registrations:
             return []
         domain_id = registrations[0].domain

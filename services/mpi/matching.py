@@ -24,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from rapidfuzz.distance import JaroWinkler
+from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
 
 from services.mpi.chinese_names import NameForms, name_forms, pinyin_of
 from services.shared import gb11643
@@ -37,6 +37,12 @@ HOMOPHONE = "homophone"
 PINYIN = "pinyin"
 SWAPPED = "swapped"
 SIMILAR = "similar"
+# Latin spellings further apart than a typo but closer than two different names (Jaro–Winkler
+# ≥ 0.8 or two edits: "stanfield" / "stanfoeld", "mikaela" / "mikazea").
+APPROXIMATE = "approximate"
+# One edit apart (a letter wrong, missing, extra, or two adjacent letters transposed) of Latin
+# spellings of four letters or more: a typo, stronger evidence than Jaro–Winkler's "similar".
+TYPO = "typo"
 DIFFERENT = "different"
 ONE_DIGIT = "one_digit"
 DAY_MONTH_SWAPPED = "day_month_swapped"
@@ -50,7 +56,9 @@ MISSING = "missing"
 FIELDS = ("family", "given", "birth_date", "gender", "national_id", "phone", "address", "postcode", "identifier")
 # Jaro–Winkler similarity of pinyin / Latin spellings at or above which names are "similar" (typos).
 SIMILAR_NAME = 0.9
+APPROXIMATE_NAME = 0.8
 _NAME_AGREEMENT = frozenset({EXACT, HOMOPHONE, PINYIN})
+_BIRTH_DATE_DISAGREEMENT = frozenset({DIFFERENT, "year_only"})
 _ADDRESS_NOISE = re.compile(r"[\s,，.。、#()（）\-—_/]+")
 _ADDRESS_WORDS = ("自治区", "自治州", "特别行政区", "省", "市", "区", "县", "号院", "号楼", "单元")
 
@@ -70,6 +78,17 @@ class MatchRecord:
     address: frozenset[str] = frozenset()
     postcode: str = ""
     identifiers: frozenset[tuple[str, str]] = frozenset()
+    # The first number of the street address (a house number: blocking only).
+    street_number: str = ""
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def street_number(address_line: str) -> str:
+    """The first number in an address line (full-width digits folded), "" when there is none."""
+    found = _NUMBER.search(unicodedata.normalize("NFKC", address_line))
+    return found.group()[:8] if found else ""
 
 
 def address_tokens(*parts: str) -> frozenset[str]:
@@ -116,6 +135,7 @@ def match_record(
         address=address_tokens(province, city, district, address_line),
         postcode=postal_code.strip(),
         identifiers=frozenset(identifiers),
+        street_number=street_number(address_line),
     )
 
 
@@ -135,6 +155,7 @@ def _match_keys(record: MatchRecord) -> set[str]:
             # changes both the name + year and the birth date keys.
             keys.add(f"m:{_sorted_name(record)}:{record.birth_date:%m-%d}")
     keys |= _birth_date_and_family_keys(record)
+    keys |= _typo_tolerant_keys(record)
     keys.update(f"i:{system}|{value}"[:120] for system, value in record.identifiers)
     return keys
 
@@ -151,6 +172,35 @@ def _birth_date_and_family_keys(record: MatchRecord) -> set[str]:
     name = record.name
     parts = {name.family_pinyin} if name.han else {name.family_pinyin, name.given_pinyin}
     return {f"d:{record.birth_date.isoformat()}:{part[:20]}" for part in parts if part}
+
+
+def _typo_tolerant_keys(record: MatchRecord) -> set[str]:
+    # Keys that survive a typo in a name part together with a typo in the birth date (the name +
+    # year, name + month-day and birth date + family keys all change then), and name order:
+    # the birth date with the initial of each name part (a Latin name files under both, its order
+    # is not known), and the postcode with the first three letters of each Latin name part (a Han
+    # name: with the whole name, as a postcode's 王s are many). Each stays a few records per key
+    # (a birth date's people starting with one letter; a postcode's people sharing three letters).
+    name = record.name
+    parts = [p for p in (name.family_pinyin, name.given_pinyin) if p]
+    if name.han:
+        parts = parts[:1]
+    keys: set[str] = set()
+    postcode = record.postcode[:12]
+    if record.birth_date is not None:
+        keys.update(f"di:{record.birth_date.isoformat()}:{part[0]}" for part in parts)
+        if postcode:
+            # Birth date and postcode: both name parts replaced or missing.
+            keys.add(f"bp:{record.birth_date.isoformat()}:{postcode}")
+    for place, prefix in ((postcode, "p"), (record.street_number, "s")):
+        # Postcode, or house number (a postcode mistyped), with the name.
+        if not place or not parts:
+            continue
+        if name.han:
+            keys.add(f"{prefix}n:{place}:{_sorted_name(record)}")
+        else:
+            keys.update(f"{prefix}p:{place}:{part[:3]}" for part in parts)
+    return keys
 
 
 def _sorted_name(record: MatchRecord) -> str:
@@ -234,11 +284,27 @@ def compare_name_part(a: str, a_pinyin: str, a_han: bool, b: str, b_pinyin: str,
             return HOMOPHONE
     elif a_pinyin == b_pinyin:
         return PINYIN
-    if JaroWinkler.similarity(a_pinyin, b_pinyin) >= SIMILAR_NAME:
+    similarity = JaroWinkler.similarity(a_pinyin, b_pinyin)
+    if (
+        not a_han
+        and not b_han
+        and min(len(a_pinyin), len(b_pinyin)) >= 4
+        and DamerauLevenshtein.distance(a_pinyin, b_pinyin, score_cutoff=2) <= 1
+    ):
+        return TYPO
+    if similarity >= SIMILAR_NAME:
         return SIMILAR
     if a_han and b_han and len(a) == len(b) >= 2 and sum(x != y for x, y in zip(a, b, strict=True)) == 1:
         # One character of a two- or three-character name mistyped (a wrong character, not a homophone).
         return SIMILAR
+    if a_han or b_han:
+        return DIFFERENT
+    # Latin spellings (romanised or foreign names): one edit (a letter wrong, missing, extra or
+    # two letters transposed) of a name of four letters or more is a typo ("joel" / "jeol");
+    # two edits, or Jaro–Winkler ≥ 0.8, are weaker evidence.
+    edits = DamerauLevenshtein.distance(a_pinyin, b_pinyin, score_cutoff=3)
+    if similarity >= APPROXIMATE_NAME or (edits <= 2 and min(len(a_pinyin), len(b_pinyin)) >= 5):
+        return APPROXIMATE
     return DIFFERENT
 
 
@@ -257,7 +323,25 @@ def compare_names(a: NameForms, b: NameForms) -> tuple[str, str]:
     ):
         return SWAPPED, SWAPPED
     if (
+        family not in _NAME_AGREEMENT
+        and given not in _NAME_AGREEMENT
+        and not (a.han or b.han)
+        and a.family_pinyin
+        and a.given_pinyin
+        and b.family_pinyin
+        and b.given_pinyin
+        and a.family_pinyin != a.given_pinyin
+        and JaroWinkler.similarity(a.family_pinyin, b.given_pinyin) >= SIMILAR_NAME
+        and JaroWinkler.similarity(a.given_pinyin, b.family_pinyin) >= SIMILAR_NAME
+    ):
+        # Latin parts the other way round, one of them (or both) with a typo.
+        return SWAPPED, SWAPPED
+    if (
         (family in (MISSING, DIFFERENT) or given in (MISSING, DIFFERENT))
+        and a.family_pinyin
+        and a.given_pinyin
+        and b.family_pinyin
+        and b.given_pinyin
         and a.full_pinyin
         and a.full_pinyin == (b.full_pinyin)
     ):
@@ -331,6 +415,18 @@ def compare_values(a: str | None, b: str | None) -> str:
     return AGREE if a == b else DISAGREE
 
 
+def compare_postcodes(a: str, b: str) -> str:
+    """Agree; one digit off (one wrong or two adjacent transposed: a typo, or a neighbouring
+    delivery area); disagree; missing when either has none."""
+    if not a or not b:
+        return MISSING
+    if a == b:
+        return AGREE
+    if len(a) == len(b) and DamerauLevenshtein.distance(a, b, score_cutoff=2) <= 1:
+        return ONE_DIGIT
+    return DISAGREE
+
+
 def compare_identifiers(a: frozenset[tuple[str, str]], b: frozenset[tuple[str, str]]) -> str:
     """Another identifier (social insurance, health card, passport) in common agrees; the same
     assigning authority with another value disagrees; nothing to compare is missing."""
@@ -352,7 +448,7 @@ def compare(a: MatchRecord, b: MatchRecord) -> dict[str, str]:
         "national_id": compare_values(a.national_id, b.national_id),
         "phone": compare_phones(a.phones, b.phones),
         "address": compare_addresses(a.address, b.address),
-        "postcode": compare_values(a.postcode, b.postcode),
+        "postcode": compare_postcodes(a.postcode, b.postcode),
         "identifier": compare_identifiers(a.identifiers, b.identifiers),
     }
 
@@ -374,6 +470,20 @@ class MatchParameters:
     max_bonus: float = 4.0
     max_penalty: float = 3.0
     surname_shares: Mapping[str, float] = field(default_factory=dict)
+    # Hold a pair whose given names differ and whose birth dates agree for review (twins) while
+    # m(given / different) is below this: 1 always, 0 never.
+    twin_hold_below: float = 0.1
+
+    # With weights learned from the data (an estimate in force), the thresholds follow from
+    # these: the posterior probability of one person at which a pair is linked / reviewed.
+    target_precision: float = 0.999
+    review_precision: float = 0.5
+    # Use the weights learned from the index's records (stored EM estimates) over these.
+    learn_weights: bool = True
+
+    def holds_twins(self) -> bool:
+        """Whether a different given name with agreeing birth dates is held for review."""
+        return self.m.get("given", {}).get(DIFFERENT, 0.0) < self.twin_hold_below
 
     def weight(self, field_name: str, level: str) -> float:
         """log2(m/u) of a level; 0 for a missing value or a level without parameters."""
@@ -391,6 +501,10 @@ class MatchParameters:
             "link_threshold": self.link_threshold,
             "review_threshold": self.review_threshold,
             "prior_match": self.prior_match,
+            "twin_hold_below": self.twin_hold_below,
+            "target_precision": self.target_precision,
+            "review_precision": self.review_precision,
+            "learn_weights": self.learn_weights,
             "frequency": {
                 "fields": list(self.frequency_fields),
                 "pseudo_count": self.pseudo_count,
@@ -441,7 +555,62 @@ def parameters_from_json(data: Mapping[str, Any]) -> MatchParameters:
         max_bonus=float(frequency.get("max_bonus", 4.0)),
         max_penalty=float(frequency.get("max_penalty", 3.0)),
         surname_shares=dict(data.get("surname_shares", {})),
+        twin_hold_below=float(data.get("twin_hold_below", 0.1)),
+        target_precision=_probability(data.get("target_precision", 0.999), "target_precision"),
+        review_precision=_probability(data.get("review_precision", 0.5), "review_precision"),
+        learn_weights=bool(data.get("learn_weights", True)),
     )
+
+
+def estimate_json(params: MatchParameters, *, population: int) -> dict[str, Any]:
+    """What an EM estimate changes, as stored: m / u per field and level, the share of matches
+    among the candidate pairs, and the index's size (`population`) the thresholds follow from."""
+    return {
+        "candidate_match_share": params.prior_match,
+        "population": population,
+        "fields": {f: {level: [params.m[f][level], params.u[f][level]] for level in params.m[f]} for f in params.m},
+    }
+
+
+def _log2_odds(probability: float) -> float:
+    return math.log2(probability / (1 - probability))
+
+
+def thresholds_for(params: MatchParameters, population: int) -> tuple[float, float]:
+    """(link, review) thresholds in bits from the target precisions: with u counted from random
+    pairs, a pair's weight is its log-likelihood ratio against two people drawn at random, whose
+    prior odds of being one person are about 1 : population (a record has at most a few others
+    of its person among them). A pair is linked when its posterior probability of being one
+    person reaches `target_precision`, reviewed from `review_precision`."""
+    prior = math.log2(max(population, 2))
+    link = _log2_odds(params.target_precision) + prior
+    review = min(_log2_odds(params.review_precision) + prior, link)
+    return round(link, 2), round(review, 2)
+
+
+def with_estimate(base: MatchParameters, estimate: Mapping[str, Any]) -> MatchParameters:
+    """The base parameters (frequency settings, census priors) with a stored estimate's m / u for
+    the levels both know (a level added since keeps its prior values), the thresholds from the
+    target precisions at the estimate's population, and the prior share of matches of a random
+    pair (1 / population: what `Comparison.probability` weighs against)."""
+    m = {f: dict(levels) for f, levels in base.m.items()}
+    u = {f: dict(levels) for f, levels in base.u.items()}
+    for f, levels in estimate.get("fields", {}).items():
+        for level, (mv, uv) in levels.items():
+            if f in m and level in m[f] and 0 < float(mv) <= 1 and 0 < float(uv) <= 1:
+                m[f][level], u[f][level] = float(mv), float(uv)
+    population = int(estimate.get("population", 0))
+    if population < 2:
+        return replace(base, m=m, u=u)
+    link, review = thresholds_for(base, population)
+    return replace(base, m=m, u=u, prior_match=1 / population, link_threshold=link, review_threshold=review)
+
+
+def _probability(value: object, name: str) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not 0 < number < 1:
+        raise ValueError(f"{name} must be between 0 and 1 (exclusive)")
+    return number
 
 
 def load_parameters(path: Path | None = None) -> MatchParameters:
@@ -614,9 +783,17 @@ def assess(
             return ScoredCandidate(candidate, comparison, rule=Rule.NATIONAL_ID)
     if levels["national_id"] == DISAGREE:
         return ScoredCandidate(candidate, comparison, hold="national-id-differs")
-    if DIFFERENT in (levels["family"], levels["given"]):
-        # Twins and siblings share a surname, birth date, address and phone: a given name that
-        # is not a variant of the other is never linked without a person looking at it.
+    if levels["given"] == DIFFERENT and (levels["birth_date"] in _BIRTH_DATE_DISAGREEMENT or params.holds_twins()):
+        # A given name that is no variant of the other: with birth dates that disagree this is
+        # how a household looks (siblings, parent and child share a surname, an address and a
+        # phone; weights learned under independence of fields add those up as if unrelated),
+        # with birth dates that agree (or one missing) how twins look. Never linked without a
+        # person looking at it. Twins are left to the weights only when the data say a
+        # different given name is common among matches (m of given / different ≥
+        # `twin_hold_below`, learned by EM: an export whose given names are often replaced or
+        # garbled); a different given name is then far more often an entry error than a twin
+        # (≈ 2 % of births). A family name that differs (a married name, a surname mistyped
+        # beyond recognition) is left to the weights.
         return ScoredCandidate(candidate, comparison, hold="name-differs")
     if new.domain == candidate.domain:
         return ScoredCandidate(candidate, comparison, hold="same-domain")
@@ -701,16 +878,27 @@ def estimate_parameters(
     *,
     iterations: int = 50,
     tolerance: float = 1e-6,
+    random_vectors: Sequence[Mapping[str, str]] = (),
+    prior_weight: float = 20.0,
 ) -> MatchParameters:
     """Estimate m, u and the share of matches from unlabelled comparison vectors (EM under
     conditional independence of fields). `vectors` are the levels of candidate pairs (e.g. from
     blocking); `start` gives the levels and starting values. Missing levels carry no
     information and are skipped. Probabilities are kept ≥ 1e-6 so no level weighs infinitely.
+
+    With `random_vectors` (pairs of records drawn at random: almost all different people) u is
+    counted from those and held fixed, and EM estimates m and the match share only, as splink
+    does: candidate pairs share a blocking key, so among them different people agree on names
+    and birth dates far more often than in the population, and EM's u from them would make an
+    agreeing name worth little.
     """
     if not vectors:
         return start
     m = {f: dict(levels) for f, levels in start.m.items()}
     u = {f: dict(levels) for f, levels in start.u.items()}
+    fixed_u = bool(random_vectors)
+    if fixed_u:
+        u = _level_shares(random_vectors, start.u)
     p = min(max(start.prior_match, 1e-4), 0.5)
     floor = 1e-6
     for _ in range(iterations):
@@ -736,11 +924,44 @@ def estimate_parameters(
             m_total = sum(m_sum[f].values())
             u_total = sum(u_sum[f].values())
             for level in m[f]:
-                new_m = max(m_sum[f][level] / m_total, floor) if m_total else m[f][level]
-                new_u = max(u_sum[f][level] / u_total, floor) if u_total else u[f][level]
+                # A Dirichlet prior of `prior_weight` pairs at the starting values: a level the
+                # few matches of a small sample never reached is rare, not impossible.
+                new_m = max((m_sum[f][level] + prior_weight * start.m[f][level]) / (m_total + prior_weight), floor)
+                new_u = u[f][level] if fixed_u else (max(u_sum[f][level] / u_total, floor) if u_total else u[f][level])
                 change = max(change, abs(new_m - m[f][level]), abs(new_u - u[f][level]))
                 m[f][level], u[f][level] = new_m, new_u
         p = new_p
         if change < tolerance:
             break
+    # A level no pair reached (homophones in data without Chinese characters) is no evidence
+    # either way: it keeps its starting values rather than the floor (which would weigh it at
+    # −6 bits on the day it first occurs).
+    seen = {(f, level) for vector in (*vectors, *random_vectors) for f, level in vector.items()}
+    for f in m:
+        for level in m[f]:
+            if (f, level) not in seen:
+                m[f][level], u[f][level] = start.m[f][level], start.u[f][level]
     return replace(start, m=m, u=u, prior_match=p)
+
+
+def _level_shares(
+    vectors: Sequence[Mapping[str, str]], start: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Share of each level among the non-missing values of a field (with one pseudo-count per
+    level, so a level never seen is rare, not impossible); a field never compared keeps its
+    starting values."""
+    shares: dict[str, dict[str, float]] = {}
+    for f, levels in start.items():
+        counts = dict.fromkeys(levels, 1.0)
+        seen = 0
+        for vector in vectors:
+            level = vector.get(f)
+            if level in counts:
+                counts[level] += 1
+                seen += 1
+        if not seen:
+            shares[f] = dict(levels)
+            continue
+        total = sum(counts.values())
+        shares[f] = {level: counts[level] / total for level in levels}
+    return shares

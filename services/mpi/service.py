@@ -12,7 +12,7 @@ from services.mpi.index import LINK_TOPIC, MasterIndex
 from services.mpi.matching import load_parameters
 from services.mpi.servicer import PatientIndexServicer
 from services.mpi.store import metadata, sealed_context, sealed_sessions
-from services.shared.outbox import Sender
+from services.shared.outbox import DeliveryPolicy, Sender
 from services.shared.process import ServiceRuntime, ServiceSpec
 from services.shared.protection.rotation import ProtectedColumns
 
@@ -28,7 +28,8 @@ def master_index(runtime: ServiceRuntime) -> MasterIndex:
     """The index over the runtime's store, with the configured match parameters."""
     path = os.environ.get(PARAMETERS_ENV)
     params = load_parameters(Path(path) if path else None)
-    return MasterIndex(audit=runtime.audit, outbox=runtime.outbox, params=params)
+    # The latest stored EM estimate over them, unless they say `"learn_weights": false`.
+    return MasterIndex(audit=runtime.audit, outbox=runtime.outbox, params=params, use_estimates=params.learn_weights)
 
 
 def _nats_sender(url: str) -> Sender:
@@ -59,7 +60,8 @@ def _build(runtime: ServiceRuntime) -> list:
     assert runtime.protection is not None
     sealed_sessions(runtime.sessions, runtime.protection)
     url = os.environ.get(NATS_ENV)
-    runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber)
+    # Its own relay lane: a NATS server that stalls does not hold up the audit trail.
+    runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber, DeliveryPolicy(lane="broker"))
     master = master_index(runtime)
     try:
         lease = claim_lease(os.environ.get(CLAIM_ENV))

@@ -23,7 +23,7 @@ from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
-from services.shared.protection.masking import MaskingPolicy, mask_name
+from services.shared.protection.masking import CROSS_DOMAIN_FLOOR, MaskingPolicy, mask_name
 
 # Role per operation (from the hospital's verified user assertion).
 _REGISTRARS = ("doctor", "nurse", "data-steward", "admin")
@@ -51,6 +51,9 @@ _MERGERS = ("data-steward", "admin")
 # Demographic search and match: clinicians and stewards looking a patient up.
 _SEARCHERS = ("doctor", "nurse", "data-steward", "admin")
 _MAX_RESULTS = 100
+# A cross-domain search is for picking the right person, not a directory: at most this many
+# records of other domains per search (over all its pages); the caller's own records are not capped.
+CROSS_DOMAIN_RESULT_CAP = 10
 # store.candidates' default cap on the records one search reads: a search that reaches it is too
 # broad to count, so no total is given (paging still works over the records read).
 _CANDIDATE_CAP = 500
@@ -127,22 +130,41 @@ class Disclosure:
     policy: MaskingPolicy
     role: str
     purpose: str
+    # The caller's own domain ("" for an organisation that registers no patients); records of any
+    # other domain found by a search are shown at most as CROSS_DOMAIN_FLOOR allows.
+    domain: str = ""
+    platform: bool = False
+    floor: dict[str, str] | None = None
 
     @classmethod
     def to(cls, who: Caller, policy: MaskingPolicy) -> Disclosure:
-        return cls(policy=policy, role=who.role, purpose=who.purpose_of_use)
+        return cls(
+            policy=policy,
+            role=who.role,
+            purpose=who.purpose_of_use,
+            domain=who.organization_id if who.organization_type == "hospital" else "",
+            platform=who.is_platform,
+        )
+
+    def of_found(self, record_domain: str) -> Disclosure:
+        """The disclosure for a record a search or match found: another domain's record (any
+        record, for an organisation without a domain) is a candidate to pick, not a directory
+        entry."""
+        if self.platform or record_domain == self.domain:
+            return self
+        return dataclasses.replace(self, floor=CROSS_DOMAIN_FLOOR)
 
     def national_id(self, value: str) -> str | None:
-        return self.policy.national_id(value, role=self.role, purpose=self.purpose)
+        return self.policy.national_id(value, role=self.role, purpose=self.purpose, floor=self.floor)
 
     def identifier(self, value: str) -> str | None:
-        return self.policy.identifier(value, role=self.role, purpose=self.purpose)
+        return self.policy.identifier(value, role=self.role, purpose=self.purpose, floor=self.floor)
 
     def phone(self, value: str) -> str | None:
-        return self.policy.phone(value, role=self.role, purpose=self.purpose)
+        return self.policy.phone(value, role=self.role, purpose=self.purpose, floor=self.floor)
 
     def name(self, text: str, family: str, given: str) -> tuple[str, str, str]:
-        how = self.policy.treatment("name", role=self.role, purpose=self.purpose)
+        how = self.policy.treatment("name", role=self.role, purpose=self.purpose, floor=self.floor)
         if how == "clear":
             return text, family, given
         if how == "partial":
@@ -154,7 +176,7 @@ class Disclosure:
         return (self.policy.birth_date(value, role=self.role, purpose=self.purpose) or "") if value else ""
 
     def address(self, address: dict[str, str]) -> dict[str, str]:
-        return self.policy.address(address, role=self.role, purpose=self.purpose) or {}
+        return self.policy.address(address, role=self.role, purpose=self.purpose, floor=self.floor) or {}
 
 
 def patient_message(record: store.PatientRecord, disclosure: Disclosure) -> mpi_pb2.Patient:
@@ -210,7 +232,7 @@ def _fields(comparison: matching.Comparison) -> list[mpi_pb2.FieldAgreement]:
 
 def _scored(ranked: index.Ranked, disclosure: Disclosure) -> mpi_pb2.ScoredPatient:
     return mpi_pb2.ScoredPatient(
-        patient=patient_message(ranked.record, disclosure),
+        patient=patient_message(ranked.record, disclosure.of_found(ranked.record.domain)),
         weight=ranked.comparison.total,
         probability=round(ranked.probability, 6),
         grade=ranked.grade,
@@ -368,6 +390,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 created=result.created,
                 link_method=_LINK_TO_PROTO.get(result.method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
                 audit_event_ids=[result.audit_event_id],
+                review_task_ids=result.review_task_ids,
             )
 
         try:
@@ -384,6 +407,8 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_scope("Patient", "r")
         who.require_role(*_READERS)
         ref = request.ref
+        if request.enterprise_id:
+            return await self._person_by_enterprise_id(who, request.enterprise_id)
         if not ref.domain or not ref.local_id:
             raise InvalidArgument("patient domain and local id are required", reason="patient-ref-missing")
         if who.organization_type == "hospital" and ref.domain != who.organization_id:
@@ -431,6 +456,20 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         self._rt.outbox.notify()
         return response
 
+    async def _person_by_enterprise_id(self, who: Caller, enterprise_id: str) -> mpi_pb2.CrossReferenceResponse:
+        """Every record of the person, for an exchange service (consent checks which domains
+        hold one); a hospital never looks a person up by enterprise id here."""
+        if not who.is_platform:
+            raise PermissionDenied("only exchange services resolve a person by enterprise id", reason="role")
+        async with self._rt.sessions() as session:
+            records = await store.records_of_person(session, enterprise_id[:64])
+        if not records:
+            raise NotFound("no such person", reason="patient-not-found")
+        return mpi_pb2.CrossReferenceResponse(
+            enterprise_id=enterprise_id,
+            refs=[common_pb2.PatientRef(domain=r.domain, local_id=r.local_id) for r in records],
+        )
+
     async def GetPatient(self, request: mpi_pb2.GetPatientRequest, context: object) -> mpi_pb2.GetPatientResponse:
         who = caller()
         who.require_scope("Patient", "r")
@@ -464,7 +503,9 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
         self._rt.outbox.notify()
-        return mpi_pb2.GetPatientResponse(patient=patient_message(record, self._disclosure(who)))
+        return mpi_pb2.GetPatientResponse(
+            patient=patient_message(record, self._disclosure(who).of_found(record.domain))
+        )
 
     # --- PDQ and $match -------------------------------------------------------------------------
 
@@ -473,7 +514,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
     ) -> list[mpi_pb2.ScoredPatient]:
         disclosure = self._disclosure(who)
         async with self._rt.sessions() as session, session.begin():
-            ranked = await self._index.rank(session, query, limit=limit, minimum=minimum)
+            ranked = _capped(who, await self._index.rank(session, query, limit=limit, minimum=minimum))
             await self._rt.audit.record(
                 session,
                 caller=who,
@@ -510,12 +551,14 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 raise InvalidArgument("the search differs from the page token's", reason="page-token-invalid")
             search = first
         query, criteria = _search_query(search)
+        if not who.is_platform:
+            criteria.require_enough()
         disclosure = self._disclosure(who)
         async with self._rt.sessions() as session, session.begin():
             # Every candidate is scored anyway to rank them, so filtering all of them gives the
             # total for free; pages are cut by keyset (weight, domain, local id), the ranking's order.
             ranked = await self._index.rank(session, query, limit=_CANDIDATE_CAP)
-            found = [r for r in ranked if _satisfies(r.comparison.levels, criteria)]
+            found = _capped(who, [r for r in ranked if _satisfies(r.comparison.levels, criteria)])
             following = [r for r in found if after is None or _rank_key(r) > after]
             page = following[:size]
             await self._rt.audit.record(
@@ -865,6 +908,34 @@ class _Criteria:
     national_id: bool
     identifier: bool
     phone: bool
+
+    def require_enough(self) -> None:
+        """The minimum a search across the region needs: an identifier the caller holds (the
+        national id from the patient's card, another identifier), or a name with a birth date or
+        a phone number. A birth date or a name alone would list strangers."""
+        if self.national_id or self.identifier:
+            return
+        if self.has_name and (self.birth_date or self.phone):
+            return
+        raise InvalidArgument(
+            "search with an identifier, or a name with a birth date or phone number", reason="search-too-broad"
+        )
+
+
+def _capped(who: Caller, ranked: list[index.Ranked]) -> list[index.Ranked]:
+    """The results in order, with at most CROSS_DOMAIN_RESULT_CAP records of other domains (an
+    exchange service calling for itself is not capped)."""
+    if who.is_platform:
+        return ranked
+    own = who.organization_id if who.organization_type == "hospital" else None
+    kept, foreign = [], 0
+    for r in ranked:
+        if r.record.domain != own:
+            foreign += 1
+            if foreign > CROSS_DOMAIN_RESULT_CAP:
+                continue
+        kept.append(r)
+    return kept
 
 
 def _search_query(request: mpi_pb2.SearchPatientsRequest) -> tuple[matching.MatchRecord, _Criteria]:

@@ -10,10 +10,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from services.mpi import matching, store
+from services.mpi import estimation, matching, store
 from services.mpi.index import MasterIndex
 from services.mpi.service import PARAMETERS_ENV, SPEC
 from services.shared import migrations
@@ -55,28 +54,19 @@ async def open_index(
     sessions = session_factory(engine)
     store.sealed_sessions(sessions, protection)
     outbox = Outbox(SPEC.metadata.tables["outbox"], sessions)
-    master = MasterIndex(audit=AuditTrail(outbox, service=SPEC.name), outbox=outbox, params=params or parameters())
+    base = params or parameters()
+    # Stored estimates are used over the parameters unless they say `"learn_weights": false`.
+    master = MasterIndex(
+        audit=AuditTrail(outbox, service=SPEC.name), outbox=outbox, params=base, use_estimates=base.learn_weights
+    )
     try:
         yield IndexHandle(engine=engine, sessions=sessions, outbox=outbox, master=master)
     finally:
         await engine.dispose()
 
 
-async def estimate_from_index(handle: IndexHandle, *, sample: int) -> matching.MatchParameters:
-    """EM estimate of m / u from the comparison vectors of candidate pairs of up to `sample`
-    stored records (blocking as in matching), starting from the parameters in force."""
-    vectors: list[dict[str, str]] = []
+async def estimate_from_index(handle: IndexHandle, *, sample: int) -> estimation.Estimate:
+    """EM estimate of m / u from up to `sample` stored records (`estimation`), starting from the
+    configured parameters (the census priors, not an earlier estimate)."""
     async with handle.sessions() as session:
-        ids = list(
-            await session.scalars(
-                select(store.PatientRecord.id).where(store.PatientRecord.merged_into.is_(None)).limit(sample)
-            )
-        )
-        for start in range(0, len(ids), 500):
-            records = await store.records_by_id(session, ids[start : start + 500])
-            for record in records.values():
-                own = store.match_record_of(record)
-                for candidate in await store.candidates(session, matching.search_keys(own), limit=50):
-                    if candidate.id != record.id:
-                        vectors.append(matching.compare(own, store.match_record_of(candidate)))
-    return matching.estimate_parameters(vectors, handle.master.params)
+        return await estimation.estimate_from_index(session, handle.master.base_params, sample=sample)

@@ -37,6 +37,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     event,
+    func,
     insert,
     literal,
     or_,
@@ -226,6 +227,9 @@ class InboundMessage(Base):
     ack_code: Mapped[str] = mapped_column(String(2))
     reason: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    # SHA-256 of the message's content (mllp.content_digest): a retry has the same, a different
+    # message reusing the control id does not. Empty for rows from before it was kept.
+    digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class BulkLoad(Base):
@@ -239,6 +243,25 @@ class BulkLoad(Base):
     rows_done: Mapped[int] = mapped_column(Integer, default=0)
     counts: Mapped[str] = mapped_column(Text, default="{}")
     updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+
+
+class MatchEstimate(Base):
+    """An estimate of m / u per comparison level learned from the index's own records (EM), with
+    what it rests on. Aggregates only: no record, name or value is in it. The latest one is in
+    force (over the shipped priors) unless an operator names a parameters file."""
+
+    __tablename__ = "match_estimate"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    estimated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    # bulk-load (a load's rows against the index, before they are decided), index (stored
+    # records against each other), on-demand (`hie mpi weights --estimate`).
+    source: Mapped[str] = mapped_column(String(32))
+    records: Mapped[int] = mapped_column(Integer)
+    candidate_pairs: Mapped[int] = mapped_column(Integer)
+    random_pairs: Mapped[int] = mapped_column(Integer)
+    # {"prior_match": p, "fields": {field: {level: [m, u]}}}
+    parameters: Mapped[str] = mapped_column(Text)
 
 
 outbox_table(metadata)
@@ -767,11 +790,16 @@ async def inbound_message(session: AsyncSession, facility: str, control_id: str)
 
 
 async def add_inbound_message(
-    session: AsyncSession, facility: str, control_id: str, *, ack_code: str, reason: str
+    session: AsyncSession, facility: str, control_id: str, *, ack_code: str, reason: str, digest: str = ""
 ) -> None:
     session.add(
         InboundMessage(
-            facility=facility, control_id=control_id, ack_code=ack_code, reason=reason[:64], received_at=utcnow()
+            facility=facility,
+            control_id=control_id,
+            ack_code=ack_code,
+            reason=reason[:64],
+            received_at=utcnow(),
+            digest=digest,
         )
     )
     await session.flush()
@@ -891,6 +919,10 @@ async def frequencies_of(
     by_field: dict[str, list[str]] = {f: [""] for f in (fields or set()) | {f for f, _ in values}}
     for f, digest in clear_of:
         by_field[f].append(digest)
+    if not by_field:
+        # Nothing to count (a bulk batch of updates only). An empty OR would select every row
+        # (SQLAlchemy renders or_() as no condition), names of other records included.
+        return ValueFrequencies()
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
     results = []
@@ -1031,3 +1063,49 @@ async def match_candidates_by_key(
         if patient_id in records:
             by_key.setdefault(key, []).append(records[patient_id])
     return by_key
+
+
+async def save_estimate(
+    session: AsyncSession,
+    *,
+    source: str,
+    records: int,
+    candidate_pairs: int,
+    random_pairs: int,
+    parameters: Mapping[str, Any],
+) -> MatchEstimate:
+    """Store an EM estimate (it is in force from now on for indexes that use estimates)."""
+    row = MatchEstimate(
+        estimated_at=utcnow(),
+        source=source,
+        records=records,
+        candidate_pairs=candidate_pairs,
+        random_pairs=random_pairs,
+        parameters=json.dumps(parameters, sort_keys=True),
+    )
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def latest_estimate(session: AsyncSession) -> MatchEstimate | None:
+    """The estimate in force: the latest stored one, or None (the shipped priors: a cold start)."""
+    return await session.scalar(select(MatchEstimate).order_by(MatchEstimate.id.desc()).limit(1))
+
+
+async def random_records(session: AsyncSession, count: int) -> list[PatientRecord]:
+    """Up to `count` active records drawn at random (the u-probabilities' sample)."""
+    ids = list(
+        await session.scalars(
+            select(PatientRecord.id).where(PatientRecord.merged_into.is_(None)).order_by(func.random()).limit(count)
+        )
+    )
+    return list((await records_by_id(session, ids)).values())
+
+
+async def active_count(session: AsyncSession) -> int:
+    """Active (not merged-away) records in the index."""
+    return int(
+        await session.scalar(select(func.count()).select_from(PatientRecord).where(PatientRecord.merged_into.is_(None)))
+        or 0
+    )

@@ -214,6 +214,15 @@ def _entry_rows(
                 "content_kind": 1,
                 "study_instance_uid": "",
                 "wado_rs_url": "",
+                "format_system": "",
+                "format_code": "",
+                "format_display": "",
+                "facility_type_system": "",
+                "facility_type_code": "",
+                "facility_type_display": "",
+                "practice_setting_system": "",
+                "practice_setting_code": "",
+                "practice_setting_display": "",
                 "content_key": key.wrapped if key else None,
             }
         )

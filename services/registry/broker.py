@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -32,13 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.trace import SpanKind
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
@@ -47,8 +49,10 @@ from services.registry import dsub, store
 from services.shared import identity
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import PLATFORM, Caller, caller
+from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.keys import algorithm_for, load_private_key, public_jwk
 from services.shared.outbox import DeliveryPolicy
 from services.shared.process import ServiceRuntime
@@ -75,6 +79,8 @@ class NotificationSettings:
     endpoint_allow_list: str = ""
     # Comma-separated CIDRs production may deliver into (a regional private network).
     private_networks: str = ""
+    # Loopback endpoints (a receiver on this machine): tests only, never by default.
+    allow_loopback: bool = False
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> NotificationSettings:
@@ -87,6 +93,7 @@ class NotificationSettings:
             nats_url=env.get("HIE_NATS_URL", ""),
             endpoint_allow_list=_allow_list(env),
             private_networks=env.get("HIE_NOTIFY_PRIVATE_NETWORKS", ""),
+            allow_loopback=env.get("HIE_NOTIFY_ALLOW_LOOPBACK", "").lower() in {"1", "true", "yes"},
         )
 
 
@@ -127,29 +134,65 @@ def _ts(value: datetime.datetime) -> Timestamp:
     return ts
 
 
-async def check_endpoint(policy: dsub.EndpointPolicy, organization_id: str, url: str) -> None:
-    """Refuse an endpoint outside the organisation's allow-listed base URLs, or one whose host
-    is (or, in production, resolves to) an address notifications may not go to."""
+async def check_endpoint(
+    policy: dsub.EndpointPolicy, organization_id: str, url: str, *, delivering: bool = False
+) -> list[str]:
+    """The addresses notifications to `url` may connect to; EndpointRefused if the endpoint is
+    outside the organisation's allow-listed base URLs, or its host is or resolves to an address
+    notifications may not go to. The host is resolved in every mode (a numeric host such as
+    `2852039166` is an address); a name that does not resolve is refused in production and at
+    delivery, and accepted at subscription in development (hospital hosts that do not exist yet)."""
     base = policy.base_for(organization_id, url)
     if base is None:
         raise EndpointRefused("endpoint-not-allowed")
+    host = urlsplit(url).hostname or ""
     literal = dsub.literal_ip(url)
     if literal:
         addresses = [literal]
-    elif policy.production:
-        host = urlsplit(url).hostname or ""
+    else:
         try:
             infos = await asyncio.wait_for(
                 asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
                 _RESOLVE_TIMEOUT_SECONDS,
             )
         except (OSError, TimeoutError):
-            raise EndpointRefused("endpoint-unresolvable") from None
-        addresses = [str(info[4][0]) for info in infos]
-    else:
-        addresses = []  # development: host names are not resolved
-    if not all(policy.address_allowed(address, base) for address in addresses):
+            if policy.production or delivering:
+                raise EndpointRefused("endpoint-unresolvable") from None
+            return []
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    port = dsub.endpoint_port(url)
+    # Every address the name resolves to must be allowed: the connection may use any of them.
+    if not addresses or not all(policy.address_allowed(address, base, port) for address in addresses):
         raise EndpointRefused("endpoint-address-not-allowed")
+    return addresses
+
+
+def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The request to `url` sent to `address` (the one checked), with the original Host header and,
+    for https, the original name for SNI and certificate verification."""
+    parts = urlsplit(url)
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    literal = f"[{ip}]" if ip.version == 6 else str(ip)
+    netloc = f"{literal}:{parts.port}" if parts.port else literal
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    extensions = {"sni_hostname": parts.hostname or ""} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), {"host": host_header}, extensions
+
+
+def own_ports(settings: Settings) -> frozenset[int]:
+    """The ports the exchange itself listens on (its services' targets and the gateway)."""
+    ports = {GATEWAY_PORT, *SERVICE_PORTS.values()}
+    for target in settings.targets.values():
+        _, _, port = target.rpartition(":")
+        if port.isdigit():
+            ports.add(int(port))
+    public = urlsplit(settings.public_url)
+    try:
+        if public.port:
+            ports.add(public.port)
+    except ValueError:
+        pass
+    return frozenset(ports)
 
 
 class Notifier:
@@ -166,6 +209,8 @@ class Notifier:
             settings.endpoint_allow_list,
             settings.private_networks,
             production=runtime.settings.environment == "production",
+            allow_loopback=settings.allow_loopback,
+            own_ports=own_ports(runtime.settings),
         )
         self._nats: Any = None
         # One client (one connection pool) for every delivery, not one per notification.
@@ -180,10 +225,13 @@ class Notifier:
                 give_up_after=datetime.timedelta(seconds=settings.dead_letter_after_seconds),
                 dead_letter=self._dead_letter,
                 on_attempt=self._audit_attempt,
+                # A hospital's receiver that hangs holds up webhook deliveries only, never the
+                # audit trail (issue 23: 5-10 s of audit lag behind one hung receiver).
+                lane="webhooks",
             ),
         )
         if settings.nats_url:
-            runtime.outbox.register(NATS_TOPIC, self._publish_nats)
+            runtime.outbox.register(NATS_TOPIC, self._publish_nats, DeliveryPolicy(lane="broker"))
             runtime.background(self._close_nats_on_exit(), name="nats-close")
 
     # --- staging (inside the caller's transaction) --------------------------------------------
@@ -283,16 +331,18 @@ class Notifier:
             is_payload_detached=True,
         )
 
-    async def check_endpoint(self, organization_id: str, url: str) -> None:
+    async def check_endpoint(self, organization_id: str, url: str, *, delivering: bool = False) -> list[str]:
         """Raise EndpointRefused unless notifications of this organisation may go to `url`."""
-        await check_endpoint(self.endpoints, organization_id, url)
+        return await check_endpoint(self.endpoints, organization_id, url, delivering=delivering)
 
     async def _deliver(self, payloads: Sequence[bytes]) -> None:
         for payload in payloads:
             item = dsub.Notification.from_payload(payload)
             # Checked again at each delivery: the allow list may have shrunk since the
             # subscription, and a host name may resolve elsewhere now (DNS rebinding).
-            await self.check_endpoint(item.organization_id, item.endpoint_url)
+            addresses = await self.check_endpoint(item.organization_id, item.endpoint_url, delivering=True)
+            # Connect to the address just checked, not to whatever a second lookup returns.
+            url, host_header, extensions = pinned(item.endpoint_url, addresses[0])
             with tracer.start_as_current_span(
                 "notification.deliver", context=remote_parent(item.trace_id, item.span_id), kind=SpanKind.CLIENT
             ) as span:
@@ -309,7 +359,9 @@ class Notifier:
                     headers["x-hie-signature-sm2"] = self.sm2.sign(item.body).hex()
                 if trace_id:
                     headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
-                response = await self._client().post(item.endpoint_url, content=item.body, headers=headers)
+                response = await self._client().post(
+                    url, content=item.body, headers={**headers, **host_header}, extensions=extensions
+                )
                 span.set_attribute("http.response.status_code", response.status_code)
                 if not 200 <= response.status_code < 300:
                     raise DeliveryRefused(response.status_code)
@@ -447,10 +499,15 @@ def _dead_letter_message(record: store.DeadLetterRecord) -> notifications_pb2.De
     )
 
 
+# The operation a kept first answer belongs to (services/shared/idempotency.py).
+_SUBSCRIBE_OPERATION = "subscription.create"
+
+
 class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServicer):
     def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
         self._rt = runtime
         self._notifier = notifier
+        self._answers = FirstAnswers(store.idempotent_answers)
 
     async def Subscribe(  # noqa: N802 - gRPC method name
         self, request: notifications_pb2.SubscribeRequest, context: object
@@ -496,18 +553,53 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
             expires=expires,
             created=now,
         )
-        async with self._rt.sessions() as session, session.begin():
-            session.add(record)
-            await self._rt.audit.record(
+        key = check_key(request.idempotency_key.strip())
+        request_fingerprint = fingerprint(_SUBSCRIBE_OPERATION, request)
+
+        async def first_answer(session: AsyncSession) -> notifications_pb2.SubscribeResponse | None:
+            if not key:
+                return None
+            return await self._answers.first(
                 session,
-                caller=who,
-                type="subscription.create",
-                action=Action.ACTION_CREATE,
-                patient_enterprise_id=enterprise_id,
-                entities=[("Subscription", record.id)],
+                organization_id=who.organization_id,
+                key=key,
+                operation=_SUBSCRIBE_OPERATION,
+                request_fingerprint=request_fingerprint,
+                response_type=notifications_pb2.SubscribeResponse,
             )
+
+        try:
+            async with self._rt.sessions() as session, session.begin():
+                if (first := await first_answer(session)) is not None:
+                    # A retry: the one subscription, not a second one notifying twice.
+                    return first
+                session.add(record)
+                await self._rt.audit.record(
+                    session,
+                    caller=who,
+                    type="subscription.create",
+                    action=Action.ACTION_CREATE,
+                    patient_enterprise_id=enterprise_id,
+                    entities=[("Subscription", record.id)],
+                )
+                answer = notifications_pb2.SubscribeResponse(subscription=_subscription_message(record))
+                if key:
+                    await self._answers.keep(
+                        session,
+                        organization_id=who.organization_id,
+                        key=key,
+                        operation=_SUBSCRIBE_OPERATION,
+                        request_fingerprint=request_fingerprint,
+                        response=answer,
+                    )
+        except IntegrityError:
+            # A concurrent retry with the same key committed first: answer as that retry.
+            async with self._rt.sessions() as session:
+                if (first := await first_answer(session)) is not None:
+                    return first
+            raise
         self._rt.outbox.notify()
-        return notifications_pb2.SubscribeResponse(subscription=_subscription_message(record))
+        return answer
 
     async def Unsubscribe(  # noqa: N802 - gRPC method name
         self, request: notifications_pb2.UnsubscribeRequest, context: object

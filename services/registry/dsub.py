@@ -64,17 +64,34 @@ class EndpointPolicy:
     forgery. The admin lists each hospital's notification base URLs; an endpoint must lie under one
     of its own organisation's (or a `*` entry). In production every address the endpoint's host
     resolves to must be public, or inside a listed private network, or named literally by the
-    matching base URL; loopback, link-local, multicast and unspecified addresses are refused
-    unless so listed. In development with nothing configured any endpoint is accepted, except
-    literal link-local, multicast, unspecified and reserved addresses.
+    matching base URL. In development with nothing configured any base is accepted.
+
+    In every mode the address checked is the one the connection will use: the host is resolved
+    (numeric forms such as `2852039166`, `0xa9fea9fe` or `169.254.43518` are addresses too) and
+    delivery connects to the address checked. Whatever is configured, link-local addresses (the
+    cloud metadata service), multicast, unspecified and reserved addresses and the exchange's own
+    service ports on a non-public address are never allowed; loopback only when configured
+    explicitly: named literally by a listed base URL, inside a listed network, or
+    HIE_NOTIFY_ALLOW_LOOPBACK (tests that run the receiver on this machine).
     """
 
     bases: dict[str, tuple[str, ...]]
     private_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     production: bool = False
+    allow_loopback: bool = False
+    # The exchange's own listening ports (gateway, services): never a notification's target.
+    own_ports: frozenset[int] = frozenset()
 
     @classmethod
-    def parse(cls, allow_list: str, private_networks: str = "", *, production: bool) -> EndpointPolicy:
+    def parse(
+        cls,
+        allow_list: str,
+        private_networks: str = "",
+        *,
+        production: bool,
+        allow_loopback: bool = False,
+        own_ports: frozenset[int] = frozenset(),
+    ) -> EndpointPolicy:
         """`allow_list`: JSON object of organisation id (or `*`) to a list of base URLs;
         `private_networks`: comma-separated CIDRs. A malformed configuration is refused at start."""
         bases: dict[str, tuple[str, ...]] = {}
@@ -93,7 +110,13 @@ class EndpointPolicy:
         networks = tuple(
             ipaddress.ip_network(cidr.strip(), strict=False) for cidr in private_networks.split(",") if cidr.strip()
         )
-        return cls(bases=bases, private_networks=networks, production=production)
+        return cls(
+            bases=bases,
+            private_networks=networks,
+            production=production,
+            allow_loopback=allow_loopback,
+            own_ports=own_ports,
+        )
 
     @property
     def enforced(self) -> bool:
@@ -116,19 +139,23 @@ class EndpointPolicy:
                 return base
         return None
 
-    def address_allowed(self, address: str, base: str) -> bool:
-        """Whether a notification may be sent to this IP address (resolved from, or literally in,
-        an endpoint lying under `base`)."""
+    def address_allowed(self, address: str, base: str, port: int = 0) -> bool:
+        """Whether a notification may be sent to this IP address and port (resolved from, or
+        literally in, an endpoint lying under `base`)."""
         ip = ipaddress.ip_address(address.split("%", 1)[0])
         if getattr(ip, "ipv4_mapped", None) is not None:
             ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+            return False  # never, whatever is configured: the metadata service lives here
+        if port in self.own_ports and not ip.is_global:
+            return False  # the exchange's own gRPC services and gateway
         literal = _literal_ip(urlsplit(base).hostname or "")
         if literal is not None and literal == ip and self.enforced:
             return True  # the admin named this very address
         if any(ip in network for network in self.private_networks):
-            return True
-        if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
-            return False
+            return True  # the admin listed this network
+        if ip.is_loopback:
+            return self.allow_loopback  # otherwise only when configured explicitly (tests)
         if self.production:
             return ip.is_global
         return True
@@ -145,6 +172,12 @@ def literal_ip(url: str) -> str:
     """The endpoint's host if it is an IP address literal, else ""."""
     ip = _literal_ip(urlsplit(url).hostname or "")
     return str(ip) if ip is not None else ""
+
+
+def endpoint_port(url: str) -> int:
+    """The port a connection to the endpoint uses (the scheme's default when none is given)."""
+    parts = _parts(url)
+    return parts[2] if parts is not None else 0
 
 
 def _parts(url: str) -> tuple[str, str, int, str] | None:

@@ -36,6 +36,7 @@ from services.shared.errors import (
     PermissionDenied,
     error_from_rpc,
 )
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection.fields import TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
@@ -50,6 +51,9 @@ _CONSENT_BATCH = 1000
 _MAX_ROUNDS = 5
 # Role per operation (from the hospital's verified user assertion).
 _AUTHORS = ("doctor", "nurse", "technician")
+# The operation a kept first answer belongs to (one key, one operation).
+_REGISTER_OPERATION = "document.register"
+_ENTERED_IN_ERROR_OPERATION = "document.entered-in-error"
 _READERS = ("doctor", "nurse", "pharmacist", "technician")
 _CURRENT = registry_pb2.DOCUMENT_STATUS_CURRENT
 _IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
@@ -68,16 +72,58 @@ def _time(ts: Timestamp, present: bool) -> datetime.datetime | None:
     return ts.ToDatetime(tzinfo=datetime.UTC) if present else None
 
 
+def _coding(record: store.EntryLike, name: str) -> registry_pb2.Coding | None:
+    """One of the XDS metadata codings kept in three columns (None when not given)."""
+    code = getattr(record, f"{name}_code", "")
+    if not code:
+        return None
+    return registry_pb2.Coding(
+        system=getattr(record, f"{name}_system"), code=code, display=getattr(record, f"{name}_display")
+    )
+
+
+def _coding_columns(coding: registry_pb2.Coding, name: str) -> dict[str, str]:
+    if not coding.code:
+        return {}
+    return {
+        f"{name}_system": coding.system[:128],
+        f"{name}_code": coding.code[:64],
+        f"{name}_display": domain.clean_text(coding.display, what=name.replace("_", "-"), limit=128),
+    }
+
+
+def _submission_set_message(record: store.SubmissionSetRecord) -> registry_pb2.SubmissionSet:
+    return registry_pb2.SubmissionSet(
+        submission_set_id=record.id,
+        source_id=record.source_id,
+        source_organization_id=record.source_organization_id,
+        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
+        enterprise_id=record.enterprise_id,
+        title=record.title,
+        content_type=(
+            registry_pb2.Coding(
+                system=record.content_type_system,
+                code=record.content_type_code,
+                display=record.content_type_display,
+            )
+            if record.content_type_code
+            else None
+        ),
+        submitted=_ts(record.submitted),
+        document_ids=record.document_ids.split(),
+    )
+
+
 def entry_message(
     record: store.EntryLike, related_by: Iterable[store.DocumentEntryRecord] = ()
 ) -> registry_pb2.DocumentEntry:
     shared = document_types.BY_SHARED_CODE.get(record.shared_type)
     return registry_pb2.DocumentEntry(
         document_id=record.id,
+        source_organization_id=record.source_organization_id,
         source_document_id=record.source_document_id,
         patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
         enterprise_id=record.enterprise_id,
-        source_organization_id=record.source_organization_id,
         author=registry_pb2.Author(
             practitioner_id=record.author_id,
             practitioner_name=record.author_name,
@@ -117,6 +163,9 @@ def entry_message(
             if shared
             else None
         ),
+        format_code=_coding(record, "format"),
+        facility_type=_coding(record, "facility_type"),
+        practice_setting=_coding(record, "practice_setting"),
         related_by=[
             registry_pb2.DocumentRelation(type=r.relation_type, target_document_id=r.id)  # type: ignore[arg-type]
             for r in related_by
@@ -155,16 +204,21 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     def __init__(self, runtime: ServiceRuntime, notifier: Notifier) -> None:
         self._rt = runtime
         self._notifier = notifier
+        self._answers = FirstAnswers(store.idempotent_answers)
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
         return consent_pb2_grpc.ConsentDecisionPointStub(self._rt.channel("consent"))
 
-    async def _decide(self, enterprise_id: str, entries: list[store.EntryLike]) -> dict[str, consent_pb2.ItemDecision]:
+    async def _decide(
+        self, xref: mpi_pb2.CrossReferenceResponse, entries: list[store.EntryLike]
+    ) -> dict[str, consent_pb2.ItemDecision]:
         if not entries:
             return {}
         request = consent_pb2.DecideRequest(
-            enterprise_id=enterprise_id,
+            enterprise_id=xref.enterprise_id,
+            # The care relationship: the caller's organisation registered the person itself.
+            requester_holds_record=caller().organization_id in {r.domain for r in xref.refs},
             items=[
                 consent_pb2.DecisionItem(
                     item_id=e.id,
@@ -193,8 +247,14 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         enterprise_id: str,
         document_id: str,
         outcome: int = Outcome.OUTCOME_SUCCESS,
+        source_organization_id: str = "",
     ) -> str:
-        """An audit event in its own transaction (reads, and denied or failed accesses)."""
+        """An audit event in its own transaction (reads, and denied or failed accesses). A read of
+        another organisation's document names that organisation too: the authority's report of
+        registrations followed by cross-domain reads is built from it."""
+        entities = [("DocumentReference", document_id)]
+        if source_organization_id and source_organization_id != who.organization_id:
+            entities.append(("Organization", source_organization_id))
         async with self._rt.sessions() as session, session.begin():
             event_id = await self._rt.audit.record(
                 session,
@@ -203,7 +263,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 action=action,  # type: ignore[arg-type]
                 outcome=outcome,  # type: ignore[arg-type]
                 patient_enterprise_id=enterprise_id,
-                entities=[("DocumentReference", document_id)],
+                entities=entities,
             )
         self._rt.outbox.notify()
         return event_id
@@ -308,6 +368,9 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             content_kind=_IMAGING if imaging else _INLINE,
             study_instance_uid=study_uid,
             wado_rs_url=wado_url,
+            **_coding_columns(entry.format_code, "format"),
+            **_coding_columns(entry.facility_type, "facility_type"),
+            **_coding_columns(entry.practice_setting, "practice_setting"),
         )
         return _Submission(
             who=who,
@@ -346,19 +409,45 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 )
         return _as_retry(existing, sub) if existing is not None else None
 
+    async def _first_answer(
+        self, session: AsyncSession, who: Caller, key: str, request_fingerprint: str
+    ) -> registry_pb2.RegisterDocumentResponse | None:
+        if not key:
+            return None
+        return await self._answers.first(
+            session,
+            organization_id=who.organization_id,
+            key=key,
+            operation=_REGISTER_OPERATION,
+            request_fingerprint=request_fingerprint,
+            response_type=registry_pb2.RegisterDocumentResponse,
+        )
+
     async def _register(
         self, header: registry_pb2.RegisterDocumentRequest, pieces: AsyncIterator[bytes]
-    ) -> tuple[store.DocumentEntryRecord, bool, list[str]]:
+    ) -> registry_pb2.RegisterDocumentResponse:
+        """Register one document. With an idempotency key the answer is kept with the
+        registration, and a retry of the same request gets that first answer again (201 and its
+        audit event ids, even if the first answer was lost to a crash after the commit)."""
         who = caller()
         who.require_scope("DocumentReference", "c")
         who.require_role(*_AUTHORS)
         if not header.entry.patient.local_id:
             raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
+        key = check_key(header.idempotency_key.strip())
+        # The request without its content (streamed or inline): the declared SHA-256 and size,
+        # checked against the content, stand for it.
+        bare = registry_pb2.RegisterDocumentRequest()
+        bare.CopyFrom(header)
+        bare.ClearField("content")
+        request_fingerprint = fingerprint(_REGISTER_OPERATION, bare)
         sub = self._check_header(who, header)
         record = sub.record
         patient_ref = common_pb2.PatientRef(domain=record.patient_domain, local_id=header.entry.patient.local_id)
         try:
             async with self._rt.sessions() as session, session.begin():
+                if (first := await self._first_answer(session, who, key, request_fingerprint)) is not None:
+                    return first
                 # mpi resolves the person while this transaction looks for an earlier attempt (a
                 # retry is answered from it; a concurrent duplicate is caught by the unique
                 # constraints below): the two are independent.
@@ -372,7 +461,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 if isinstance(existing, BaseException):
                     raise existing
                 if existing is not None:
-                    return existing, False, []
+                    return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
                 enterprise_id = person.enterprise_id
                 record.enterprise_id = enterprise_id
                 if sub.relation:
@@ -439,16 +528,31 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                             entities=[("DocumentReference", sub.target_id)],
                         )
                     )
+                answer = registry_pb2.RegisterDocumentResponse(
+                    entry=entry_message(record), created=True, audit_event_ids=event_ids
+                )
+                if key:
+                    await self._answers.keep(
+                        session,
+                        organization_id=who.organization_id,
+                        key=key,
+                        operation=_REGISTER_OPERATION,
+                        request_fingerprint=request_fingerprint,
+                        response=answer,
+                    )
         except IntegrityError:
             # A concurrent submission of the same document committed first: answer as its retry.
+            async with self._rt.sessions() as session:
+                if (first := await self._first_answer(session, who, key, request_fingerprint)) is not None:
+                    return first
             existing = await self._earlier(sub)
             if existing is None:
                 raise AlreadyExists(
                     "that source document id is registered with different content", reason="document-id-reused"
                 ) from None
-            return existing, False, []
+            return registry_pb2.RegisterDocumentResponse(entry=entry_message(existing), created=False)
         self._rt.outbox.notify()
-        return record, True, event_ids
+        return answer
 
     async def _relate(self, session: AsyncSession, sub: _Submission, enterprise_id: str) -> None:
         """Checks a replace / append / transform against its target (same source organisation,
@@ -546,6 +650,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                             )
                         )
                 await self._notifier.stage_documents(session, [s.record for s in new], person.refs)
+                stored_set = None
+                if request.HasField("submission_set"):
+                    members = [earlier.get(s.source_document_id, s.record).id for s in subs]
+                    stored_set = await self._store_submission_set(
+                        session, who, request.submission_set, patient_ref, enterprise_id, members
+                    )
         except IntegrityError:
             # A concurrent submission of some of these documents committed first.
             raise AlreadyExists(
@@ -554,6 +664,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if new:
             self._rt.outbox.notify()
         return registry_pb2.RegisterSubmissionSetResponse(
+            submission_set=_submission_set_message(stored_set) if stored_set is not None else None,
             enterprise_id=enterprise_id,
             documents=[
                 registry_pb2.RegisterDocumentResponse(
@@ -563,6 +674,99 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 )
                 for s in subs
             ],
+        )
+
+    async def _store_submission_set(
+        self,
+        session: AsyncSession,
+        who: Caller,
+        given: registry_pb2.SubmissionSet,
+        patient: common_pb2.PatientRef,
+        enterprise_id: str,
+        members: list[str],
+    ) -> store.SubmissionSetRecord:
+        """The SubmissionSet as the source sent it (XDS: its uniqueId identifies it; a set
+        submitted again under the same uniqueId is the earlier one)."""
+        # Without a uniqueId (MHD requires one) the set is named by its members, so a retry of the
+        # same submission finds the earlier set instead of storing a second one.
+        source_id = domain.check_source_document_id(
+            given.source_id or f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, ' '.join(members))}"
+        )
+        earlier = await store.submission_set_by_source(
+            session, source_organization_id=who.organization_id, source_id=source_id
+        )
+        if earlier is not None:
+            return earlier
+        record = store.SubmissionSetRecord(
+            id=str(uuid.uuid4()),
+            source_id=source_id,
+            source_organization_id=who.organization_id,
+            patient_domain=patient.domain,
+            patient_local_id=patient.local_id,
+            enterprise_id=enterprise_id,
+            title=domain.clean_text(given.title, what="title", limit=256),
+            content_type_system=given.content_type.system[:128],
+            content_type_code=given.content_type.code[:64],
+            content_type_display=domain.clean_text(given.content_type.display, what="content-type", limit=128),
+            submitted=_time(given.submitted, given.HasField("submitted")) or utcnow(),
+            document_ids=" ".join(members),
+        )
+        session.add(record)
+        await session.flush()
+        return record
+
+    async def FindSubmissionSets(
+        self, request: registry_pb2.FindSubmissionSetsRequest, context: object
+    ) -> registry_pb2.FindSubmissionSetsResponse:
+        """A person's submission sets (MHD ITI-66), newest first; each lists the members consent
+        lets the caller see, and a set with none visible is left out (it would disclose that
+        documents exist). Audited as one query naming the sets returned."""
+        who = caller()
+        who.require_scope("DocumentReference", "r")
+        who.require_role(*_READERS)
+        who.require_purpose()
+        ref = common_pb2.PatientRef(
+            domain=request.patient.domain or who.organization_id, local_id=request.patient.local_id
+        )
+        if not ref.local_id:
+            raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
+        if ref.domain != who.organization_id and not who.is_platform:
+            raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
+        size = min(request.page.page_size or 20, _MAX_PAGE)
+        cursor = domain.QueryCursor.decode(request.page.page_token)
+        async with self._rt.sessions() as session, session.begin():
+            xref = await identity.cross_reference(self._rt, ref)
+            sets = await store.submission_sets_of_patient(
+                session,
+                refs=[(r.domain, r.local_id) for r in xref.refs],
+                after=(cursor.service_time, cursor.document_id) if cursor else None,
+                limit=size + 1,
+            )
+            more, sets = len(sets) > size, sets[:size]
+            members = await store.entries_by_ids(session, [d for s in sets for d in s.document_ids.split()])
+            decisions = await self._decide(xref, members)
+            visible = {d for d, decision in decisions.items() if decision.decision == consent_pb2.DECISION_PERMIT}
+            found = []
+            for s in sets:
+                message = _submission_set_message(s)
+                message.ClearField("document_ids")
+                message.document_ids.extend(d for d in s.document_ids.split() if d in visible)
+                if message.document_ids:
+                    found.append(message)
+            event_id = await self._rt.audit.record(
+                session,
+                caller=who,
+                type="submission-set.query",
+                action=Action.ACTION_EXECUTE,
+                patient_enterprise_id=xref.enterprise_id,
+                entities=[("List", s.submission_set_id) for s in found],
+            )
+        self._rt.outbox.notify()
+        next_token = domain.QueryCursor(sets[-1].submitted, sets[-1].id).encode() if more and sets else ""
+        return registry_pb2.FindSubmissionSetsResponse(
+            submission_sets=found,
+            page=common_pb2.PageResponse(next_page_token=next_token),
+            audit_event_ids=[event_id],
         )
 
     async def _earlier_of_set(
@@ -614,10 +818,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     async def RegisterDocument(
         self, request: registry_pb2.RegisterDocumentRequest, context: object
     ) -> registry_pb2.RegisterDocumentResponse:
-        record, created, event_ids = await self._register(request, _single(request.content))
-        return registry_pb2.RegisterDocumentResponse(
-            entry=entry_message(record), created=created, audit_event_ids=event_ids
-        )
+        return await self._register(request, _single(request.content))
 
     async def RegisterDocumentStream(
         self, request_iterator: AsyncIterator[registry_pb2.RegisterDocumentStreamRequest], context: object
@@ -635,9 +836,9 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 if message.chunk:
                     yield message.chunk
 
-        record, created, event_ids = await self._register(first.header, pieces())
+        answer = await self._register(first.header, pieces())
         return registry_pb2.RegisterDocumentStreamResponse(
-            entry=entry_message(record), created=created, audit_event_ids=event_ids
+            entry=answer.entry, created=answer.created, audit_event_ids=answer.audit_event_ids
         )
 
     async def MarkEnteredInError(
@@ -647,7 +848,24 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         who.require_scope("DocumentReference", "c")
         who.require_role(*_AUTHORS)
         document_id = _document_id(request.document_id)
+        key = check_key(request.idempotency_key.strip())
+        request_fingerprint = fingerprint(_ENTERED_IN_ERROR_OPERATION, request)
         async with self._rt.sessions() as session, session.begin():
+            if (
+                key
+                and (
+                    first := await self._answers.first(
+                        session,
+                        organization_id=who.organization_id,
+                        key=key,
+                        operation=_ENTERED_IN_ERROR_OPERATION,
+                        request_fingerprint=request_fingerprint,
+                        response_type=registry_pb2.MarkEnteredInErrorResponse,
+                    )
+                )
+                is not None
+            ):
+                return first
             record = await session.get(store.DocumentEntryRecord, document_id)
             if record is None:
                 raise NotFound("no such document", reason="document-not-found")
@@ -665,8 +883,18 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("DocumentReference", record.id)],
             )
+            answer = registry_pb2.MarkEnteredInErrorResponse(entry=entry_message(record), audit_event_ids=[event_id])
+            if key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_ENTERED_IN_ERROR_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return registry_pb2.MarkEnteredInErrorResponse(entry=entry_message(record), audit_event_ids=[event_id])
+        return answer
 
     # --- query ------------------------------------------------------------------------------
 
@@ -738,7 +966,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 after=after,
                 limit=limit,
             )
-            decisions = await self._decide(xref.enterprise_id, rows)
+            decisions = await self._decide(xref, rows)
             for row in rows:
                 decision = decisions.get(row.id)
                 # A document consent denies is absent from the result, not an error.
@@ -762,7 +990,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         permits the caller; a denial is audited and answered PERMISSION_DENIED."""
         who.require_scope("DocumentReference", "r")
         who.require_role(*_READERS)
-        who.require_purpose()
+        if not who.is_platform:
+            who.require_purpose()
         document_id = _document_id(document_id)
         async with self._rt.sessions() as session:
             record = await session.get(store.DocumentEntryRecord, document_id)
@@ -776,7 +1005,11 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 ),
                 store.related_to(session, document_id),
             )
-        decision = (await self._decide(xref.enterprise_id, [record])).get(record.id)
+        if who.is_platform:
+            # An exchange service checking, for an operation whose caller it already checked, whose
+            # document an id names (referral attachments, a directive's evidence): no clinical read.
+            return record, xref.enterprise_id, related
+        decision = (await self._decide(xref, [record])).get(record.id)
         if decision is None or decision.decision != consent_pb2.DECISION_PERMIT:
             await self._record(
                 who,
@@ -785,6 +1018,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 outcome=Outcome.OUTCOME_MINOR_FAILURE,
                 enterprise_id=xref.enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             raise PermissionDenied("consent does not permit this access", reason="consent-denied")
         return record, xref.enterprise_id, related
@@ -795,7 +1029,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         who = caller()
         record, enterprise_id, related = await self._readable(who, request.document_id, audit_type="document.read")
         event_id = await self._record(
-            who, type="document.read", action=Action.ACTION_READ, enterprise_id=enterprise_id, document_id=record.id
+            who,
+            type="document.read",
+            action=Action.ACTION_READ,
+            enterprise_id=enterprise_id,
+            document_id=record.id,
+            source_organization_id=record.source_organization_id,
         )
         return registry_pb2.GetDocumentEntryResponse(entry=entry_message(record, related), audit_event_ids=[event_id])
 
@@ -836,6 +1075,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 outcome=Outcome.OUTCOME_SERIOUS_FAILURE,
                 enterprise_id=enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             return DataCorruption("stored document content failed its integrity check", reason="content-corrupt")
 
@@ -846,6 +1086,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 action=Action.ACTION_READ,
                 enterprise_id=enterprise_id,
                 document_id=record.id,
+                source_organization_id=record.source_organization_id,
             )
             yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
             return
@@ -873,6 +1114,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     action=Action.ACTION_READ,
                     enterprise_id=enterprise_id,
                     document_id=record.id,
+                    source_organization_id=record.source_organization_id,
                 )
                 yield registry_pb2.RetrieveDocumentStreamResponse(entry=entry, audit_event_ids=[event_id])
                 started = True

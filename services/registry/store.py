@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -93,6 +94,17 @@ class DocumentEntryRecord(Base):
     content_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     wado_rs_url: Mapped[str] = mapped_column(String(512), default="")
+    # XDS metadata kept as the source sent it (MHD content.format, context.facilityType,
+    # context.practiceSetting); empty when not given.
+    format_system: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    format_code: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    format_display: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    facility_type_system: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    facility_type_code: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    facility_type_display: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    practice_setting_system: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    practice_setting_code: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    practice_setting_display: Mapped[str] = mapped_column(String(128), default="", server_default="")
 
     @property
     def labels(self) -> list[str]:
@@ -123,6 +135,8 @@ class DocumentChunk(Base):
 
 
 outbox_table(metadata)
+# The first answers to keyed registrations and subscriptions (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)
 
 
 async def find_by_source_ids(
@@ -222,6 +236,59 @@ async def chunk(session: AsyncSession, document_id: str, seq: int) -> bytes | No
     return await session.scalar(
         select(DocumentChunk.data).where(DocumentChunk.document_id == document_id, DocumentChunk.seq == seq)
     )
+
+
+class SubmissionSetRecord(Base):
+    """An XDS SubmissionSet (MHD: the List of an ITI-65 bundle) as the source sent it; its
+    members are the documents registered with it."""
+
+    __tablename__ = "submission_set"
+    __table_args__ = (
+        UniqueConstraint("source_organization_id", "source_id", name="uq_submission_set_source"),
+        Index("ix_submission_set_patient", "patient_domain", "patient_local_id", "submitted"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    source_id: Mapped[str] = mapped_column(String(128))
+    source_organization_id: Mapped[str] = mapped_column(String(64))
+    patient_domain: Mapped[str] = mapped_column(String(64))
+    patient_local_id: Mapped[str] = mapped_column(String(64))
+    enterprise_id: Mapped[str] = mapped_column(String(36))
+    title: Mapped[str] = mapped_column(String(256), default="")
+    content_type_system: Mapped[str] = mapped_column(String(128), default="")
+    content_type_code: Mapped[str] = mapped_column(String(64), default="")
+    content_type_display: Mapped[str] = mapped_column(String(128), default="")
+    submitted: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
+    # Member document ids in submission order, space-separated (at most MAX_SET_DOCUMENTS).
+    document_ids: Mapped[str] = mapped_column(Text, default="")
+
+
+async def submission_set_by_source(
+    session: AsyncSession, *, source_organization_id: str, source_id: str
+) -> SubmissionSetRecord | None:
+    return await session.scalar(
+        select(SubmissionSetRecord).where(
+            SubmissionSetRecord.source_organization_id == source_organization_id,
+            SubmissionSetRecord.source_id == source_id,
+        )
+    )
+
+
+async def submission_sets_of_patient(
+    session: AsyncSession, *, refs: Sequence[tuple[str, str]], after: tuple[datetime.datetime, str] | None, limit: int
+) -> list[SubmissionSetRecord]:
+    """A person's submission sets (under any of their identities), newest first, after a cursor."""
+    s = SubmissionSetRecord
+    stmt = select(s).where(tuple_(s.patient_domain, s.patient_local_id).in_(list(refs)))
+    if after is not None:
+        stmt = stmt.where(tuple_(s.submitted, s.id) < tuple_(*after))
+    return list(await session.scalars(stmt.order_by(s.submitted.desc(), s.id.desc()).limit(limit)))
+
+
+async def entries_by_ids(session: AsyncSession, ids: Sequence[str]) -> list[DocumentEntryRecord]:
+    if not ids:
+        return []
+    return list(await session.scalars(select(DocumentEntryRecord).where(DocumentEntryRecord.id.in_(list(ids)))))
 
 
 class SubscriptionRecord(Base):

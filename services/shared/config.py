@@ -44,6 +44,9 @@ class Settings:
     public_url: str = f"http://127.0.0.1:{GATEWAY_PORT}"
     otel_exporter: str = "none"
     log_level: str = "INFO"
+    # How long a relay's claim on outbox messages lasts: a relay that died mid-send (kill -9)
+    # leaves them due again after it. Longer than the slowest send (a webhook's timeout).
+    outbox_lease_seconds: float = 30.0
     # Gateway hardening.
     rate_limit_per_second: float = 50.0
     rate_limit_burst: int = 100
@@ -87,6 +90,7 @@ class Settings:
             public_url=env.get("HIE_PUBLIC_URL", f"http://127.0.0.1:{GATEWAY_PORT}").rstrip("/"),
             otel_exporter=env.get("HIE_OTEL_EXPORTER", "none"),
             log_level=env.get("HIE_LOG_LEVEL", "INFO"),
+            outbox_lease_seconds=float(env.get("HIE_OUTBOX_LEASE_SECONDS", "30")),
             rate_limit_per_second=float(env.get("HIE_RATE_LIMIT_PER_SECOND", "50")),
             rate_limit_burst=int(env.get("HIE_RATE_LIMIT_BURST", "100")),
             request_timeout_seconds=float(env.get("HIE_REQUEST_TIMEOUT_SECONDS", "30")),

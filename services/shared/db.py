@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,9 +57,9 @@ def create_engine(url: str, *, schema: str) -> AsyncEngine:
         kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
         kwargs["pool_size"] = 10
     elif url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+        path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(path))
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -66,6 +67,17 @@ def create_engine(url: str, *, schema: str) -> AsyncEngine:
         ping_when_idle(engine)
     trace_statements(engine, schema=schema)
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite database file 0600 (like the keys) before SQLite does: it creates its
+    -wal and -shm files with the database file's permissions. An existing file is narrowed too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
+    for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if companion.exists():
+            os.chmod(companion, 0o600)
 
 
 # A pooled connection unused for longer than this is pinged before it is handed out.

@@ -83,9 +83,17 @@ def status_for(error: DomainError) -> grpc.StatusCode:
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> DomainError:
     """Turn a downstream service's error back into a domain error, keeping its reason."""
     reason = dict(exc.trailing_metadata() or ()).get(REASON_METADATA_KEY)
+    if not isinstance(reason, str):
+        # Not a peer's domain error but the transport's (connection refused, stream reset): its
+        # text names internal addresses and is never passed on.
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable("a dependent service is unavailable", reason="service-unavailable")
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Unavailable("a dependent service timed out", reason="timeout")
+        return Unavailable("a dependent service failed", reason="upstream")
     for cls, code in _STATUS_BY_ERROR.items():
         if code == exc.code():
-            return cls(exc.details() or code.name.lower(), reason=reason if isinstance(reason, str) else None)
+            return cls(exc.details() or code.name.lower(), reason=reason)
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable("a dependent service timed out", reason="timeout")
     return Unavailable("a dependent service failed", reason="upstream")

@@ -8,6 +8,9 @@ A topic is delivered in batches acknowledged together (the default) or, with a
 `DeliveryPolicy(per_message=True)`, one message at a time so one receiver's failure does not
 resend what others acknowledged; a policy can also give a message up after a period and hand it
 to a dead-letter sink (in the same transaction that takes it out of the outbox).
+
+Each delivery lane (`DeliveryPolicy.lane`) has its own relay task claiming only its topics, so
+a receiver that hangs (a hospital's webhook) holds up its own lane and never the audit trail.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ class DeliveryPolicy:
     # Called per message with every attempt's outcome, inside the outbox's own transaction (e.g.
     # to stage an audit event of the attempt with it).
     on_attempt: AttemptRecorder | None = None
+    # Topics of one lane are relayed by one task; lanes run independently. Deliveries to
+    # third parties (webhooks) go in a lane of their own: their timeouts and retries must not
+    # delay the exchange's own deliveries (audit, grants).
+    lane: str = "default"
 
     def backoff(self, attempts: int) -> timedelta:
         return min(self.base_backoff * (2**attempts), self.max_backoff)
@@ -83,9 +90,11 @@ class Outbox:
         self._sessions = sessions
         self._senders: dict[str, Sender] = {}
         self._policies: dict[str, DeliveryPolicy] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self.poll_interval = 2.0
+        # How long a claim lasts (HIE_OUTBOX_LEASE_SECONDS).
+        self.lease = _LEASE
         # After a commit wakes the relay it waits this long, so the messages of many requests go
         # out in one pass (one claim, one send, one acknowledgement) instead of one pass each:
         # under load a pass per request doubled the work of a read request.
@@ -94,6 +103,13 @@ class Outbox:
     def register(self, topic: str, sender: Sender, policy: DeliveryPolicy | None = None) -> None:
         self._senders[topic] = sender
         self._policies[topic] = policy or DeliveryPolicy()
+        self._wakes.setdefault(self._policies[topic].lane, asyncio.Event())
+
+    def _lanes(self) -> dict[str, list[str]]:
+        lanes: dict[str, list[str]] = {}
+        for topic, policy in self._policies.items():
+            lanes.setdefault(policy.lane, []).append(topic)
+        return lanes
 
     async def add(self, session: AsyncSession, topic: str, payload: bytes) -> str:
         """Stage a message in the caller's transaction; it is sent only if that commits."""
@@ -107,45 +123,51 @@ class Outbox:
         return message_id
 
     def notify(self) -> None:
-        """Tell the relay a commit added messages, so it need not wait for its next poll."""
-        self._wake.set()
+        """Tell the relays a commit added messages, so they need not wait for their next poll."""
+        for wake in self._wakes.values():
+            wake.set()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="outbox-relay")
+        for lane, topics in self._lanes().items():
+            if lane not in self._tasks:
+                self._tasks[lane] = asyncio.create_task(self._run(lane, topics), name=f"outbox-relay-{lane}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
-    async def _run(self) -> None:
+    async def _run(self, lane: str, topics: list[str]) -> None:
+        wake = self._wakes[lane]
         while True:
             try:
                 # A pass that claimed a full batch may have left more due; a shorter one left
                 # nothing (what commits meanwhile sets the wake event): no empty pass after it.
-                while (await self._relay())[0] >= _BATCH:
+                while (await self._relay(topics))[0] >= _BATCH:
                     pass
             except Exception as exc:  # the relay must outlive any one failure
                 _log.warning("outbox relay pass failed: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            if self._wake.is_set():
+                await asyncio.wait_for(wake.wait(), timeout=self.poll_interval)
+            if wake.is_set():
                 await asyncio.sleep(self.linger)
-            self._wake.clear()
+            wake.clear()
 
     async def relay_once(self) -> int:
-        """Deliver one batch of due messages; returns how many were acknowledged.
+        """Deliver one batch of due messages of every lane; returns how many were acknowledged.
 
         Rows are claimed with a lease in a short transaction, so no lock is held while
         sending and a relay that dies mid-send leaves them due again after the lease.
         """
-        return (await self._relay())[1]
+        passes = [self._relay(topics) for topics in self._lanes().values()] or [self._relay([])]
+        return sum(acknowledged for _claimed, acknowledged in await asyncio.gather(*passes))
 
-    async def _relay(self) -> tuple[int, int]:
-        """One pass: (messages claimed, messages acknowledged)."""
+    async def _relay(self, topics: list[str]) -> tuple[int, int]:
+        """One pass over the given topics (none registered: every topic): (messages claimed,
+        messages acknowledged)."""
         t = self._table
         async with self._sessions() as session, session.begin():
             query = (
@@ -154,13 +176,15 @@ class Outbox:
                 .order_by(t.c.created_at)
                 .limit(_BATCH)
             )
+            if topics:
+                query = query.where(t.c.topic.in_(topics))
             if session.bind.dialect.name == "postgresql":
                 # Several replicas may relay at once; each claims rows no other holds.
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.execute(query)).all()
             if rows:
                 await session.execute(
-                    update(t).where(t.c.id.in_([r.id for r in rows])).values(next_attempt_at=utcnow() + _LEASE)
+                    update(t).where(t.c.id.in_([r.id for r in rows])).values(next_attempt_at=utcnow() + self.lease)
                 )
         by_topic: dict[str, list[_Claimed]] = {}
         for row in rows:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
     )
     sessions = session_factory(engine)
     outbox = Outbox(spec.metadata.tables["outbox"], sessions)
+    outbox.lease = timedelta(seconds=settings.outbox_lease_seconds)
     credentials = PlatformCredentials.from_file(
         settings.service_signing_key_file, service=spec.name, issuer=f"urn:hie:service:{spec.name}"
     )
@@ -148,6 +150,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         listen=listen or settings.listen_for(spec.name),
         verifier=runtime.verifier,
         tls=settings.grpc_tls,
+        component=spec.name,
     )
     health_server = (
         await create_health_server(settings.health_listen, health_servicer) if settings.health_listen else None

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.shared.auth import FORWARDED_KEYS, TokenVerifier, current_caller, forwarded_metadata
 from services.shared.errors import REASON_METADATA_KEY, DomainError, InvalidArgument, Unauthenticated, status_for
+from services.shared.storage_faults import storage_unavailable
 from services.shared.tracing import annotate_caller, server_interceptors
 from services.shared.transport import GrpcTls
 
@@ -37,8 +38,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
     reaches the client.
     """
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, *, component: str = "service") -> None:
         self._verifier = verifier
+        self._component = component
 
     async def intercept_service(
         self,
@@ -50,7 +52,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
         metadata = {k: v for k, v in handler_call_details.invocation_metadata or ()}
-        guard = _CallGuard(self._verifier, metadata, method)
+        guard = _CallGuard(self._verifier, metadata, method, self._component)
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
@@ -96,10 +98,11 @@ class _CallGuard:
     """What every call kind shares: the verified caller, the forwarded metadata, and the one
     mapping of domain errors (and anything unexpected) to status codes."""
 
-    def __init__(self, verifier: TokenVerifier, metadata: dict[str, Any], method: str) -> None:
+    def __init__(self, verifier: TokenVerifier, metadata: dict[str, Any], method: str, component: str) -> None:
         self._verifier = verifier
         self._metadata = metadata
         self._method = method
+        self._component = component
 
     @contextlib.asynccontextmanager
     async def call(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -120,6 +123,12 @@ class _CallGuard:
             context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
             await context.abort(status_for(exc), exc.message)
         except Exception as exc:
+            fault = storage_unavailable(exc, component=self._component, where=self._method)
+            if fault is not None:
+                # A full disk or an unreachable database: the caller may retry later (503), the
+                # operator is told once per burst and by the hie.storage.faults counter.
+                context.set_trailing_metadata(((REASON_METADATA_KEY, fault.reason),))
+                await context.abort(status_for(fault), fault.message)
             # The exception text may quote stored data: log its type and the code path only.
             _log.error(
                 "unhandled %s in %s\n%s",
@@ -178,14 +187,22 @@ def _has_nul(message: Message) -> bool:
 
 
 async def create_server(
-    *, bindings: Sequence[ServicerBinding], listen: str, verifier: TokenVerifier, tls: GrpcTls | None = None
+    *,
+    bindings: Sequence[ServicerBinding],
+    listen: str,
+    verifier: TokenVerifier,
+    tls: GrpcTls | None = None,
+    component: str = "service",
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A started server with the bindings, health and reflection; returns it and its bound port."""
     server = grpc.aio.server(
-        interceptors=[*server_interceptors(), CallerInterceptor(verifier)],
+        interceptors=[*server_interceptors(), CallerInterceptor(verifier, component=component)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC binds with SO_REUSEPORT by default: a second exchange's service would share the
+            # port silently and answer the first one's health checks. Fail to bind instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
     health_servicer = health.aio.HealthServicer()

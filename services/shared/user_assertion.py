@@ -8,8 +8,10 @@ A user assertion is a JWT the hospital signs with one of its registered keys:
     claims   iss  the hospital's OAuth2 client id (must equal the access token's client)
              sub  the practitioner's id in the hospital
              aud  urn:hie:exchange
-             iat, exp (at most one hour apart), jti
-             name, role, department, purpose_of_use
+             iat, exp (at most five minutes apart), jti (used once per client: the gateway
+                  refuses a replay)
+             name, role, department, purpose_of_use (strings; role and purpose from the
+                  lists below; role also within what the organisation's type may assert)
 
 The access token lists the RFC 7638 thumbprints of the client's registered keys
 (`client_jkt`), so any service can check, with no lookup, that the assertion was signed by
@@ -34,8 +36,20 @@ PURPOSES_OF_USE = frozenset(
     {"treatment", "referral", "consultation", "emergency", "research", "public-health", "audit", "operations"}
 )
 ROLES = frozenset({"doctor", "nurse", "pharmacist", "technician", "data-steward", "auditor", "admin"})
-MAX_LIFETIME_SECONDS = 3600
+# Which roles an organisation may assert is the exchange's decision, by organisation type:
+# member hospitals assert clinical roles and their own administrators and auditors; the platform
+# operator's staff are the region's data stewards (and its own administrators and auditors); an
+# authority's staff are auditors, never clinicians.
+ROLES_BY_ORGANIZATION_TYPE: dict[str, frozenset[str]] = {
+    "hospital": frozenset({"doctor", "nurse", "pharmacist", "technician", "auditor", "admin"}),
+    "platform-admin": frozenset({"data-steward", "auditor", "admin"}),
+    "authority": frozenset({"auditor"}),
+}
+# An assertion vouches for one request (IHE IUA: short-lived); the gateway refuses a reused jti.
+MAX_LIFETIME_SECONDS = 300
 _LEEWAY = 5
+# The claims that are strings, with their length bound (sub must also be non-empty).
+_STRING_CLAIMS = {"sub": 64, "name": 64, "role": 32, "department": 64, "purpose_of_use": 32, "jti": 256}
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,10 @@ class ActingUser:
 
 def _refuse(message: str) -> Unauthenticated:
     return Unauthenticated(message, reason="user-assertion")
+
+
+def _claim_refused(name: str, problem: str) -> Unauthenticated:
+    return Unauthenticated(f"user assertion claim {name} {problem}", reason="user-assertion")
 
 
 _verified: dict[tuple[str, str, tuple[str, ...]], tuple[float, ActingUser]] = {}
@@ -102,25 +120,46 @@ def _verify(assertion: str, token_claims: Mapping[str, Any]) -> tuple[ActingUser
         )
     except (jwt.PyJWTError, TypeError, ValueError):
         raise _refuse("user assertion not accepted") from None
+    for name, limit in _STRING_CLAIMS.items():
+        if name in claims:
+            _check_string(name, claims[name], limit)
+    if not claims["sub"]:
+        raise _claim_refused("sub", "is empty")
+    if not isinstance(claims["exp"], int | float) or not isinstance(claims["iat"], int | float):
+        raise _claim_refused("exp", "is not a number")
     if claims["exp"] - claims["iat"] > MAX_LIFETIME_SECONDS or claims["iat"] > time.time() + _LEEWAY:
         raise _refuse("user assertion lifetime too long or issued in the future")
     role, purpose = claims.get("role"), claims.get("purpose_of_use")
     if role not in ROLES:
-        raise _refuse("user assertion role is not known")
+        raise _claim_refused("role", "is not a known role")
     if purpose not in PURPOSES_OF_USE:
-        raise _refuse("user assertion purpose of use is not known")
+        raise _claim_refused("purpose_of_use", "is not a known purpose of use")
+    organization_type = str(token_claims.get("org_type", ""))
+    if organization_type != "platform" and role not in ROLES_BY_ORGANIZATION_TYPE.get(organization_type, ()):
+        # The exchange decides who may be what: a hospital cannot make its staff data stewards,
+        # an authority cannot make its staff clinicians.
+        raise Unauthenticated(
+            f"an organisation of type {organization_type or 'unknown'} may not assert the role {role}",
+            reason="role-not-allowed",
+        )
     user = ActingUser(
-        practitioner_id=_bounded(claims["sub"], 64),
-        name=_bounded(claims.get("name", ""), 64),
+        practitioner_id=claims["sub"],
+        name=claims.get("name", ""),
         role=role,
-        department=_bounded(claims.get("department", ""), 64),
+        department=claims.get("department", ""),
         purpose_of_use=purpose,
     )
     return user, float(claims["exp"])
 
 
-def _bounded(value: object, limit: int) -> str:
-    text = value if isinstance(value, str) else ""
-    if len(text) > limit or any(ord(ch) < 32 for ch in text):
-        raise _refuse("user assertion claim malformed")
-    return text
+def assertion_id(assertion: str) -> tuple[str, float]:
+    """The jti and exp of an assertion already verified (for the gateway's replay check)."""
+    claims = jwt.decode(assertion, options={"verify_signature": False})
+    return str(claims["jti"]), float(claims["exp"])
+
+
+def _check_string(name: str, value: object, limit: int) -> None:
+    if not isinstance(value, str):
+        raise _claim_refused(name, "must be a string")
+    if len(value) > limit or any(ord(ch) < 32 for ch in value):
+        raise _claim_refused(name, f"must be at most {limit} printable characters")

@@ -64,7 +64,7 @@ def check_form(c: teleconsult_pb2.Consultation, *, requester_organization_id: st
     if c.kind not in teleconsult_pb2.ConsultationKind.values():
         raise _invalid("unknown consultation kind")
     if c.consultant_organization_id == requester_organization_id:
-        raise _invalid("a consultation invites another organisation")
+        raise InvalidArgument("a consultation invites another organisation", reason="self-consultation")
     if not c.question.strip():
         raise _invalid("the clinical question is required")
     if c.professional_title and c.professional_title not in TITLES:

@@ -32,6 +32,7 @@ from services.shared.errors import (
     PermissionDenied,
     error_from_rpc,
 )
+from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection
 from services.shared.protection.sm2 import load_or_create_signing_key
@@ -50,12 +51,14 @@ from services.teleconsult.store import (
     SlotRecord,
     SpecialistRecord,
     history_context,
+    idempotent_answers,
     message_context,
     report_context,
     sealed_context,
 )
 
 _FINAL_STATUSES = ("final", "amended")
+_REQUEST_OPERATION = "consultation.request"
 _MAX_PAGE = 200
 
 
@@ -110,6 +113,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 text, context=history_context(history_id)
             ),
         )
+        # The first answers to keyed requests and moves (Idempotency-Key), kept in the write's transaction.
+        self._answers = FirstAnswers(idempotent_answers)
         self.scanner = DeadlineScanner(
             runtime,
             self.engine,
@@ -318,7 +323,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         enterprise_id = await identity.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
         )
-        key = request.idempotency_key or str(uuid.uuid4())
+        await self._check_documents(
+            [*c.document_ids, *(s["document_id"] for s in form.imaging_studies if s["document_id"])],
+            enterprise_id,
+            who.organization_id,
+        )
+        given_key = check_key(request.idempotency_key)
+        key = given_key or str(uuid.uuid4())
+        request_fingerprint = fingerprint(_REQUEST_OPERATION, request)
         compared = {
             "consultant_organization_id": c.consultant_organization_id,
             "patient_local_id": c.patient.local_id,
@@ -338,6 +350,17 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     raise AlreadyExists(
                         "idempotency key already used for a different request", reason="idempotency-key-reused"
                     )
+                first = await self._answers.first(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_REQUEST_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response_type=teleconsult_pb2.RequestConsultationResponse,
+                )
+                # The first answer, byte for byte; requested before answers were kept: as it is now.
+                if first is not None:
+                    return first
                 return teleconsult_pb2.RequestConsultationResponse(consultation=await self._message(session, existing))
             consultation_id = str(uuid.uuid4())
             record = ConsultationRecord(
@@ -388,9 +411,48 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 resource_id=record.id,
                 status="requested",
             )
-            message = await self._message(session, record)
+            answer = teleconsult_pb2.RequestConsultationResponse(consultation=await self._message(session, record))
+            if given_key:
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=_REQUEST_OPERATION,
+                    request_fingerprint=request_fingerprint,
+                    response=answer,
+                )
         self._rt.outbox.notify()
-        return teleconsult_pb2.RequestConsultationResponse(consultation=message)
+        return answer
+
+    async def _check_documents(self, document_ids: Sequence[str], enterprise_id: str, requester: str) -> None:
+        """Only the requester's own documents of this patient (the consultant is granted them, so
+        they must be the requester's to share), readable by the caller: the registry is asked
+        under the caller's identity (it checks consent and audits the read), as referral does."""
+        if not document_ids:
+            return
+        stub = registry_pb2_grpc.DocumentRegistryStub(self._rt.channel("registry"))
+        for index, document_id in enumerate(dict.fromkeys(document_ids)):
+            try:
+                entry = (
+                    await stub.GetDocumentEntry(registry_pb2.GetDocumentEntryRequest(document_id=document_id[:64]))
+                ).entry
+            except grpc.aio.AioRpcError as exc:
+                error = error_from_rpc(exc)
+                if isinstance(error, (NotFound, PermissionDenied, InvalidArgument)):
+                    raise InvalidArgument(
+                        f"document {index + 1} is not a document the caller may attach",
+                        reason="consultation-documents",
+                    ) from None
+                raise error from None
+            if entry.enterprise_id != enterprise_id:
+                raise InvalidArgument(
+                    f"document {index + 1} is not a document of this patient", reason="consultation-documents"
+                )
+            if entry.source_organization_id != requester:
+                raise FailedPrecondition(
+                    f"document {index + 1} was registered by another organisation: attach your own documents",
+                    reason="document-not-own",
+                )
 
     async def GetConsultation(
         self, request: teleconsult_pb2.GetConsultationRequest, context: object
@@ -422,7 +484,10 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     ) -> teleconsult_pb2.AcceptConsultationResponse:
         consultation, events = await self._move(
             teleconsult_pb2.MoveConsultationRequest(
-                consultation_id=request.consultation_id, move="accept", reason=request.reason
+                consultation_id=request.consultation_id,
+                move="accept",
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
             )
         )
         return teleconsult_pb2.AcceptConsultationResponse(consultation=consultation, audit_event_ids=events)
@@ -432,7 +497,10 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
     ) -> teleconsult_pb2.CancelConsultationResponse:
         consultation, events = await self._move(
             teleconsult_pb2.MoveConsultationRequest(
-                consultation_id=request.consultation_id, move="cancel", reason=request.reason
+                consultation_id=request.consultation_id,
+                move="cancel",
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
             )
         )
         return teleconsult_pb2.CancelConsultationResponse(consultation=consultation, audit_event_ids=events)
@@ -447,8 +515,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self, request: teleconsult_pb2.MoveConsultationRequest
     ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
         """One move through the shared workflow engine: state, history row, consent grant message,
-        clocks, audit event, the other side's notification and the move's own rows (participants,
-        slots, messages, report versions) in one transaction."""
+        clocks, audit event, the other side's notification, the move's own rows (participants,
+        slots, messages, report versions) and, with an Idempotency-Key, its answer in one
+        transaction. A keyed retry (same key, same request) gets the first answer, byte for byte."""
         who = caller()
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor")
@@ -457,6 +526,39 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             raise InvalidArgument(
                 f"unknown move; one of {', '.join(sorted(workflow.MOVES))}", reason="consultation-move"
             )
+        key = check_key(request.idempotency_key)
+        if not key:
+            return await self._apply_move(request, who, keep=None)
+        operation = f"consultation.{name}"
+        request_fingerprint = fingerprint(operation, request)
+        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
+            return first.consultation, list(first.audit_event_ids)
+        try:
+            return await self._apply_move(request, who, keep=(key, operation, request_fingerprint))
+        except IntegrityError:
+            # A concurrent first use of the key committed first: answer as its retry.
+            first = await self._first_move(who, key, operation, request_fingerprint)
+            if first is None:
+                raise
+            return first.consultation, list(first.audit_event_ids)
+
+    async def _first_move(
+        self, who: Caller, key: str, operation: str, request_fingerprint: str
+    ) -> teleconsult_pb2.MoveConsultationResponse | None:
+        async with self._rt.sessions() as session:
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=teleconsult_pb2.MoveConsultationResponse,
+            )
+
+    async def _apply_move(
+        self, request: teleconsult_pb2.MoveConsultationRequest, who: Caller, *, keep: tuple[str, str, str] | None
+    ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
+        name = request.move
         record = await self._visible(who, request.consultation_id)
         side = _side(who, record)
         # The party and state are checked before any other work (a wrong side learns nothing more).
@@ -473,6 +575,28 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         plan = Plan()
         if prepare is not None:
             await prepare(self, plan, who, record, request)
+        kept: list[teleconsult_pb2.MoveConsultationResponse] = []
+
+        async def answer(session: AsyncSession, audit_event_ids: list[str]) -> None:
+            # Read in the move's transaction: the answer kept is the one the caller gets.
+            fresh = await self._load(session, record.id)
+            assert fresh is not None
+            moved = teleconsult_pb2.MoveConsultationResponse(
+                consultation=await self._message(session, fresh), audit_event_ids=audit_event_ids
+            )
+            moved.consultation.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
+            if keep is not None:
+                key, operation, request_fingerprint = keep
+                await self._answers.keep(
+                    session,
+                    organization_id=who.organization_id,
+                    key=key,
+                    operation=operation,
+                    request_fingerprint=request_fingerprint,
+                    response=moved,
+                )
+            kept.append(moved)
+
         applied = await self.engine.apply(
             name,
             subject=self._subject(record, plan.document_ids),
@@ -485,7 +609,10 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             facts=plan.facts,
             within=plan.within(),
             resolve_enterprise_id=lambda: self._enterprise_id(record),
+            answer=answer,
         )
+        if kept:
+            return kept[0].consultation, list(kept[0].audit_event_ids)
         async with self._rt.sessions() as session:
             fresh = await self._load(session, record.id) or record
             message = await self._message(session, fresh)
@@ -611,6 +738,11 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         added = [d[:64] for d in request.document_ids][:50]
         studies = directory.check_imaging_studies(request.imaging_studies)
         if request.move == "provide-information":
+            await self._check_documents(
+                [*added, *(s["document_id"] for s in studies if s["document_id"])],
+                await self._enterprise_id(record),
+                who.organization_id,
+            )
             plan.document_ids = [
                 *_granted_documents(record),
                 *added,

@@ -8,6 +8,7 @@ from sqlalchemy import Boolean, Index, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
 from services.shared.workflow.engine import WorkflowTables, clock_table
 
@@ -29,7 +30,7 @@ class ConsultationRecord(Base):
     consultant_organization_id: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[int]
     mode: Mapped[int]
-    # Empty since migration 0004 (which sealed existing questions in place): the text is in `sealed`.
+    # Empty since migration 0005 (which sealed existing questions in place): the text is in `sealed`.
     question: Mapped[str] = mapped_column(Text)
     state: Mapped[int]
     # Compare-and-set of the workflow engine: every move bumps it.
@@ -200,3 +201,5 @@ TABLES = WorkflowTables(
     item_fk="consultation_id",
     clocks=clock_table(metadata, "consultation_clock"),
 )
+# The first answers to keyed creations and moves (services/shared/idempotency.py).
+idempotent_answers = idempotency_table(metadata)

@@ -203,7 +203,13 @@ async def test_search_by_practitioner_purpose_and_outcome(scenario: Scenario) ->
 
     denied = await _events(s.auditor, **s.window(organization_id=s.b_org, outcome="minor-failure"))
     assert [(e["type"], e["action"], e["entities"]) for e in denied] == [
-        ("document.retrieve", "read", [{"type": "DocumentReference", "id": s.restricted_id}])
+        # A read of another organisation's document names that organisation (for the authority's
+        # registrations-then-reads report).
+        (
+            "document.retrieve",
+            "read",
+            [{"type": "DocumentReference", "id": s.restricted_id}, {"type": "Organization", "id": s.a_org}],
+        )
     ]
     assert denied[0]["patient_enterprise_id"] == s.enterprise_id
     failures = await _events(s.auditor, **s.window(organization_id=s.b_org, failures_only="true"))
@@ -273,7 +279,7 @@ async def test_csv_export(scenario: Scenario, monkeypatch: pytest.MonkeyPatch) -
         assert row["entities"] == ";".join(f"{e['type']}/{e['id']}" for e in event["entities"])
     denied = [r for r in rows if r["outcome"] == "minor-failure"]
     assert [(r["type"], r["action"], r["entities"]) for r in denied] == [
-        ("document.retrieve", "read", f"DocumentReference/{s.restricted_id}")
+        ("document.retrieve", "read", f"DocumentReference/{s.restricted_id};Organization/{s.a_org}")
     ]
     assert denied[0]["practitioner_name"] == "李医生"
     assert denied[0]["patient_enterprise_id"] == s.enterprise_id
@@ -356,7 +362,10 @@ async def test_denied_and_break_glass_reports(scenario: Scenario) -> None:
     assert [(e["type"], e["outcome"], e["practitioner_id"]) for e in events] == [
         ("document.retrieve", "minor-failure", s.doctor.id)
     ]
-    assert events[0]["entities"] == [{"type": "DocumentReference", "id": s.restricted_id}]
+    assert events[0]["entities"] == [
+        {"type": "DocumentReference", "id": s.restricted_id},
+        {"type": "Organization", "id": s.a_org},
+    ]
     region = await s.auditor.call("GET", "/api/v1/audit/reports/denied", params=s.window(), purpose="audit")
     assert events[0]["event_id"] in {e["event_id"] for e in region.json()["events"]}
     assert all(e["outcome"] != "success" for e in region.json()["events"])
@@ -408,12 +417,12 @@ def _resources(response: httpx.Response) -> list[dict[str, Any]]:
     assert bundle["type"] == "searchset"
     assert "total" not in bundle
     assert bundle["link"][0]["relation"] == "self"
-    for entry in bundle["entry"]:
+    for entry in bundle.get("entry", []):
         resource = entry["resource"]
         assert entry["fullUrl"].endswith(f"/fhir/R4/AuditEvent/{resource['id']}")
         assert entry["search"] == {"mode": "match"}
         _check_audit_event(resource)
-    return [entry["resource"] for entry in bundle["entry"]]
+    return [entry["resource"] for entry in bundle.get("entry", [])]
 
 
 def _check_audit_event(resource: dict[str, Any]) -> None:
@@ -506,7 +515,7 @@ async def test_fhir_search_maps_audit_events(scenario: Scenario) -> None:
         document_id = s.plain_id if resource["outcome"] == "0" else s.restricted_id
         assert resource["entity"] == [
             {
-                "what": {"reference": f"Patient/{s.enterprise_id}"},
+                "what": {"identifier": {"system": "urn:hie:enterprise-id", "value": s.enterprise_id}},
                 "type": {
                     "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
                     "code": "1",
@@ -520,6 +529,15 @@ async def test_fhir_search_maps_audit_events(scenario: Scenario) -> None:
             },
             {
                 "what": {"reference": f"DocumentReference/{document_id}"},
+                "type": {
+                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "code": "2",
+                    "display": "System Object",
+                },
+            },
+            {
+                # The facade serves no Organization by id: an identifier, as for the agent.
+                "what": {"identifier": {"system": "urn:hie:organization", "value": s.a_org}},
                 "type": {
                     "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
                     "code": "2",
@@ -593,7 +611,8 @@ async def test_fhir_search_parameters(scenario: Scenario) -> None:
     about = _resources(await _bundle(s.auditor, [*window, ("patient", f"Patient/{s.enterprise_id}")]))
     assert {_org_of(r) for r in about} >= {s.a_org, s.b_org}
     for resource in about:
-        assert {"reference": f"Patient/{s.enterprise_id}"} in [e["what"] for e in resource["entity"]]
+        enterprise = {"identifier": {"system": "urn:hie:enterprise-id", "value": s.enterprise_id}}
+        assert enterprise in [e["what"] for e in resource["entity"]]
     assert [r["id"] for r in about] == await ids(("patient", s.enterprise_id))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -72,29 +73,39 @@ async def test_referral_grant_opens_and_cancel_closes(scene: Scene) -> None:
     assert await s.visible_to_b("referral") == set()
     assert await s.retrieve_by_b(s.summary_id, "referral") == 403
 
-    created = await s.a.call(
-        "POST",
-        "/api/v1/referrals",
-        purpose="referral",
-        json={
-            "patient_local_id": "CE-A",
-            "target_organization_id": s.b.org_id,  # type: ignore[attr-defined]
-            "direction": "up",
-            "reason": "血压控制不佳，转上级医院",
-            "document_ids": [s.summary_id, s.psy_id],
-        },
-    )
+    referral = {
+        "patient_local_id": "CE-A",
+        "target_organization_id": s.b.org_id,  # type: ignore[attr-defined]
+        "direction": "up",
+        "reason": "血压控制不佳，转上级医院",
+        "document_ids": [s.summary_id, s.psy_id],
+    }
+    create_key = {"Idempotency-Key": secrets.token_hex(8)}
+    created = await s.a.call("POST", "/api/v1/referrals", purpose="referral", json=referral, headers=create_key)
     assert created.status_code == 201, created.text
     referral_id = created.json()["referral_id"]
     # Only the receiving hospital accepts.
     refused = await s.a.call("POST", f"/api/v1/referrals/{referral_id}/accept", purpose="referral")
     assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "referral-party")
-    accepted = await s.b.call(
-        "POST", f"/api/v1/referrals/{referral_id}/accept", purpose="referral", json={"reason": "同意接收"}
-    )
+    accept_key = {"Idempotency-Key": secrets.token_hex(8)}
+    accepted, accepted_again = [
+        await s.b.call(
+            "POST",
+            f"/api/v1/referrals/{referral_id}/accept",
+            purpose="referral",
+            json={"reason": "同意接收"},
+            headers=accept_key,
+        )
+        for _ in range(2)
+    ]
     assert accepted.status_code == 200, accepted.text
     assert accepted.json()["state"] == "accepted"
     assert [h["to"] for h in accepted.json()["history"]] == ["accepted"]
+    # Keyed retries answer the first answers (the accept's audit event; the creation as created).
+    assert accepted_again.json() == accepted.json()
+    assert len(accepted.json()["audit_event_ids"]) == 1
+    created_again = await s.a.call("POST", "/api/v1/referrals", purpose="referral", json=referral, headers=create_key)
+    assert (created_again.status_code, created_again.json()) == (201, created.json())
     await s.exchange.audit_settled()  # the referral outbox delivers the grant to consent
 
     # The attached summary is visible for the referral; the attached mental-health note is not
@@ -163,8 +174,20 @@ async def test_consultation_grant_opens_and_cancel_closes(scene: Scene) -> None:
     await s.exchange.audit_settled()  # the teleconsult outbox delivers the grant to consent
     assert await s.visible_to_b("consultation") == {s.summary_id}
     assert await s.visible_to_b("referral") == set()
-    cancelled = await s.a.call("POST", f"/api/v1/consultations/{consultation_id}/cancel", purpose="consultation")
+    cancel_key = {"Idempotency-Key": secrets.token_hex(8)}
+    cancelled, cancelled_again = [
+        await s.a.call(
+            "POST", f"/api/v1/consultations/{consultation_id}/cancel", purpose="consultation", headers=cancel_key
+        )
+        for _ in range(2)
+    ]
     assert cancelled.json()["state"] == "cancelled"
+    assert cancelled_again.json() == cancelled.json()
+    assert len(cancelled.json()["audit_event_ids"]) == 1
+    reused = await s.a.call(
+        "POST", f"/api/v1/consultations/{consultation_id}/accept", purpose="consultation", headers=cancel_key
+    )
+    assert (reused.status_code, reused.json()["error"]["reason"]) == (409, "idempotency-key-reused")
     await s.exchange.audit_settled()
     assert await s.visible_to_b("consultation") == set()
     assert await s.retrieve_by_b(s.summary_id, "consultation") == 403
@@ -271,7 +294,7 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
         },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": "Patient/CE-A"},
+        "patient": {"identifier": {"system": f"urn:hie:patient-id:{s.a.org_id}", "value": "CE-A"}},  # type: ignore[attr-defined]
         "policy": [{"uri": "urn:oid:2.16.156.10011.2.5.1"}],
         "sourceReference": {"reference": "DocumentReference/consent-form-CE-2"},
         "provision": {
@@ -282,9 +305,18 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
                     "type": "permit",
                     "actor": [
                         {
+                            # Consent.provision.actor.role is required (1..1) in FHIR R4.
+                            "role": {
+                                "coding": [
+                                    {
+                                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                        "code": "IRCP",
+                                    }
+                                ]
+                            },
                             "reference": {
                                 "identifier": {"system": "urn:hie:organization", "value": s.b.org_id}  # type: ignore[attr-defined]
-                            }
+                            },
                         }
                     ],
                     "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}],
@@ -312,7 +344,7 @@ async def test_fhir_consent_create_read_search(scene: Scene) -> None:
     read = await s.b.call("GET", f"/fhir/R4/Consent/{resource['id']}")
     assert read.status_code == 200
     assert read.json()["provision"] == resource["provision"]
-    searched = await s.b.call("GET", "/fhir/R4/Consent", params={"patient": "Patient/CE-B"})
+    searched = await s.b.call("GET", "/fhir/R4/Consent", params={"patient.identifier": "CE-B"})
     assert searched.status_code == 200, searched.text
     assert searched.json()["resourceType"] == "Bundle"
     assert [e["resource"]["id"] for e in searched.json()["entry"]] == [resource["id"]]
@@ -352,13 +384,21 @@ async def test_break_glass_notifies_the_patients_home_hospital(scene: Scene) -> 
             },
         )
         assert subscribed.status_code == 201, subscribed.text
-        declared = await s.b.call(
-            "POST",
-            "/api/v1/consent/break-glass",
-            purpose="emergency",
-            json={"patient_local_id": "CE-B", "reason": "患者昏迷送入急诊", "duration_seconds": 60},
-        )
+        # Declared with an idempotency key and retried (the first answer was lost): one
+        # declaration, one notice, the first answer again.
+        key = secrets.token_hex(8)
+        declared, retried = [
+            await s.b.call(
+                "POST",
+                "/api/v1/consent/break-glass",
+                purpose="emergency",
+                headers={"Idempotency-Key": key},
+                json={"patient_local_id": "CE-B", "reason": "患者昏迷送入急诊", "duration_seconds": 60},
+            )
+            for _ in range(2)
+        ]
         assert declared.status_code == 201, declared.text
+        assert (retried.status_code, retried.json()) == (201, declared.json())
         await s.exchange.audit_settled()
         notices = [json.loads(body) for _headers, body, _status in receiver.acknowledged()]
         assert [n["event_type"] for n in notices] == ["consent.break-glass"]

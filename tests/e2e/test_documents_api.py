@@ -163,8 +163,14 @@ async def test_replace_and_entered_in_error_over_rest(pair) -> None:
     assert old.json()["status"] == "superseded"
     assert old.json()["related_by"] == [{"type": "replaces", "document_id": second_id}]
     assert (await b.call("GET", f"/api/v1/documents/{first_id}/content")).content == "出院小结 v1".encode()
-    marked = await a.call("POST", f"/api/v1/documents/{second_id}/entered-in-error")
+    key = {"Idempotency-Key": secrets.token_hex(8)}
+    marked = await a.call("POST", f"/api/v1/documents/{second_id}/entered-in-error", headers=key)
     assert marked.json()["status"] == "entered-in-error"
+    # A retry with the key (the first answer was lost) answers it again, not "already withdrawn".
+    retried = await a.call("POST", f"/api/v1/documents/{second_id}/entered-in-error", headers=key)
+    assert (retried.status_code, retried.json()) == (200, marked.json())
+    reused = await a.call("POST", f"/api/v1/documents/{first_id}/entered-in-error", headers=key)
+    assert (reused.status_code, reused.json()["error"]["reason"]) == (409, "idempotency-key-reused")
     assert (await b.call("GET", "/api/v1/documents", params={"patient_local_id": local})).json()["entries"] == []
     denied = await b.call("POST", f"/api/v1/documents/{first_id}/entered-in-error")
     assert denied.status_code == 404

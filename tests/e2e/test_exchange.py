@@ -156,7 +156,11 @@ async def test_exchange_between_two_hospitals(exchange: Exchange, spans) -> None
     assert all(e["trace_id"] == trace_id for e in events)
     assert by_type["document.retrieve"]["organization_id"] == b.org_id  # type: ignore[attr-defined]
     assert by_type["document.retrieve"]["patient_enterprise_id"] == eid
-    assert by_type["document.retrieve"]["entities"] == [{"type": "DocumentReference", "id": document_id}]
+    # A read of another organisation's document names its source (registrations-then-reads report).
+    assert by_type["document.retrieve"]["entities"] == [
+        {"type": "DocumentReference", "id": document_id},
+        {"type": "Organization", "id": a.org_id},  # type: ignore[attr-defined]
+    ]
     assert by_type["document.retrieve"]["event_id"] == retrieved.headers["x-hie-audit-event-id"]
     assert by_type["document.query"]["event_id"] in found.json()["audit_event_ids"]
     # A hospital sees only its own requests' records.

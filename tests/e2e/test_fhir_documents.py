@@ -32,7 +32,8 @@ def provide_bundle(local_id: str, content: bytes, *, master: str = "", **documen
         },
         "status": "current",
         "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5", "display": "出院小结"}]},
-        "subject": {"reference": f"Patient/{local_id}"},
+        # The hospital's local id (the identifier system may be left out for the caller's own).
+        "subject": {"identifier": {"value": local_id}},
         "date": "2026-11-20T10:00:00+08:00",
         "description": "出院小结",
         "securityLabel": [
@@ -101,14 +102,16 @@ async def test_provide_find_read_and_retrieve(pair) -> None:
     assert answer["resourceType"] == "Bundle"
     assert answer["type"] == "transaction-response"
     statuses = [e["response"]["status"] for e in answer["entry"]]
-    assert statuses == ["200 OK", "201 Created", "201 Created"]
+    assert statuses == ["201 Created", "201 Created", "201 Created"]  # the List is stored (ITI-66)
+    assert answer["entry"][0]["response"]["location"].startswith("List/")
     document_id = answer["entry"][1]["response"]["location"].removeprefix("DocumentReference/")
     assert answer["entry"][2]["response"]["location"] == f"Binary/{document_id}"
     # The same submission again: the first registration.
     again = await a.call("POST", "/fhir/R4/", json=bundle)
-    assert [e["response"]["status"] for e in again.json()["entry"]][1] == "200 OK"
+    assert [e["response"]["status"] for e in again.json()["entry"]] == ["200 OK", "200 OK", "200 OK"]
+    assert again.json()["entry"][0]["response"]["location"] == answer["entry"][0]["response"]["location"]
 
-    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": f"Patient/{local}"})
+    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient.identifier": local})
     assert found.status_code == 200
     assert found.headers["content-type"].startswith("application/fhir+json")
     resources = [e["resource"] for e in found.json()["entry"]]
@@ -116,7 +119,7 @@ async def test_provide_find_read_and_retrieve(pair) -> None:
     doc = resources[0]
     assert doc["status"] == "current"
     assert doc["description"] == "出院小结"
-    assert doc["masterIdentifier"]["value"] == "1.2.156.1.1"
+    assert doc["masterIdentifier"] == {"system": "urn:ietf:rfc:3986", "value": "urn:oid:1.2.156.1.1"}
     assert {(c["system"], c["code"]) for c in doc["type"]["coding"]} == {
         ("http://loinc.org", "18842-5"),
         ("urn:hie:shared-document-type", "discharge-summary"),
@@ -152,7 +155,7 @@ async def test_search_filters_and_paging(pair) -> None:
     lab_id = (await a.call("POST", "/fhir/R4/", json=lab)).json()["entry"][1]["response"]["location"].split("/")[1]
 
     seen: list[str] = []
-    url = f"/fhir/R4/DocumentReference?patient.identifier=urn:hie:patient:{b.org_id}|{local}&type=http://loinc.org|18842-5&_count=2"  # type: ignore[attr-defined]
+    url = f"/fhir/R4/DocumentReference?patient.identifier=urn:hie:patient-id:{b.org_id}|{local}&type=http://loinc.org|18842-5&_count=2"  # type: ignore[attr-defined]
     while url:
         page = (await b.call("GET", url)).json()
         assert len(page["entry"]) <= 2
@@ -162,16 +165,16 @@ async def test_search_filters_and_paging(pair) -> None:
     assert seen == list(reversed(ids))  # newest service time first, full pages, no repeats
 
     async def search(**params: str) -> list[str]:
-        response = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local, **params})
+        response = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient.identifier": local, **params})
         assert response.status_code == 200, response.text
-        return [e["resource"]["id"] for e in response.json()["entry"]]
+        return [e["resource"]["id"] for e in response.json().get("entry", [])]
 
     assert await search(type="lab-report") == [lab_id]
     assert await search(category="urn:hie:document-class|report") == [lab_id]
     window = await b.call(
         "GET",
         "/fhir/R4/DocumentReference",
-        params=[("patient", local), ("date", "ge2026-10-02"), ("date", "lt2026-10-04")],
+        params=[("patient.identifier", local), ("date", "ge2026-10-02"), ("date", "lt2026-10-04")],
     )
     assert [e["resource"]["id"] for e in window.json()["entry"]] == [ids[2], ids[1]]
     assert await search(status="superseded") == []
@@ -179,7 +182,7 @@ async def test_search_filters_and_paging(pair) -> None:
 
 async def test_errors_are_operation_outcomes(pair) -> None:
     a, b, local = pair
-    unknown = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local, "author": "x"})
+    unknown = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient.identifier": local, "author": "x"})
     assert unknown.status_code == 400
     assert unknown.json()["resourceType"] == "OperationOutcome"
     assert unknown.json()["issue"][0]["details"]["coding"][0]["code"] == "search-param-unknown"
@@ -221,8 +224,10 @@ async def test_provide_a_replacement_with_relates_to(pair) -> None:
     assert new["relatesTo"] == [{"code": "replaces", "target": {"reference": f"DocumentReference/{first_id}"}}]
     old = (await b.call("GET", f"/fhir/R4/DocumentReference/{first_id}")).json()
     assert old["status"] == "superseded"
-    superseded = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local, "status": "superseded"})
-    assert [e["resource"]["id"] for e in superseded.json()["entry"]] == [first_id]
+    superseded = await b.call(
+        "GET", "/fhir/R4/DocumentReference", params={"patient.identifier": local, "status": "superseded"}
+    )
+    assert [e["resource"]["id"] for e in superseded.json().get("entry", [])] == [first_id]
     again = await a.call(
         "POST",
         "/fhir/R4/",
@@ -254,8 +259,8 @@ async def test_a_bundle_of_several_documents_is_one_atomic_submission_set(pair) 
     # Each Binary is answered with its own document.
     assert [x.removeprefix("Binary/") for x in binaries] == [x.removeprefix("DocumentReference/") for x in references]
 
-    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local})
-    ids = {e["resource"]["id"] for e in found.json()["entry"]}
+    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient.identifier": local})
+    ids = {e["resource"]["id"] for e in found.json().get("entry", [])}
     assert {x.removeprefix("DocumentReference/") for x in references} <= ids
     for location, content in zip(binaries, contents, strict=True):
         read = await b.call("GET", f"/fhir/R4/{location}")
@@ -275,5 +280,5 @@ async def test_a_bundle_about_two_patients_is_refused_whole(pair) -> None:
     assert refused.status_code == 400
     assert refused.json()["resourceType"] == "OperationOutcome"
     assert refused.json()["issue"][0]["details"]["coding"][0]["code"] == "submission-set-patient-mismatch"
-    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient": local})
+    found = await b.call("GET", "/fhir/R4/DocumentReference", params={"patient.identifier": local})
     assert not found.json().get("entry")

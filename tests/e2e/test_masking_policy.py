@@ -71,13 +71,25 @@ async def test_a_treating_doctor_reaches_the_patient_but_sees_the_national_id_pa
     assert resource["birthDate"] == patient["born"]
 
 
-async def test_a_data_steward_sees_full_identifiers_to_resolve_matches(
-    registered: tuple[HospitalClient, dict[str, Any]],
+async def test_a_platform_steward_searching_gets_a_candidate_not_a_directory(
+    registered: tuple[HospitalClient, dict[str, Any]], exchange: Exchange
 ) -> None:
+    """Stewards are the platform operator's staff (a hospital may not assert the role); a search
+    shows them, as anyone outside the patient's domain, masked identifiers and no phone or street
+    (they see full identifiers on the review tasks they resolve)."""
     hospital, patient = registered
-    resource = await _found(hospital, patient, as_user=STEWARD, purpose="operations")
-    assert _national_ids(resource) == [patient["national_id"]]
-    assert _telecom(resource) == patient["phones"]
+    refused = await hospital.call(
+        "GET", "/fhir/R4/Patient", params={"family": "上官"}, as_user=STEWARD, purpose="operations"
+    )
+    assert refused.status_code == 401
+    platform = await exchange.member(type="platform-admin", name="平台运营")
+    platform.scopes = "system/Patient.rs"
+    resource = await _found(platform, patient, as_user=STEWARD, purpose="operations")
+    nid = patient["national_id"]
+    assert _national_ids(resource) == [f"{nid[:6]}********{nid[-4:]}"]
+    assert _telecom(resource) == []
+    assert "line" not in resource["address"][0]
+    await platform.aclose()
 
 
 async def test_an_administrator_gets_the_default_phone_and_address_to_district(
@@ -97,7 +109,7 @@ async def test_research_gets_a_de_identified_record_whatever_the_role(
     registered: tuple[HospitalClient, dict[str, Any]],
 ) -> None:
     hospital, patient = registered
-    for user in (DOCTOR, STEWARD):
+    for user in (DOCTOR, ADMIN):
         resource = await _found(hospital, patient, as_user=user, purpose="research")
         assert "name" not in resource
         assert "telecom" not in resource
@@ -134,7 +146,14 @@ async def test_fhir_read_of_a_pdq_result_is_masked_like_search_and_unknown_ids_a
     read = await other.call("GET", f"/fhir/R4/Patient/{found['id']}", as_user=DOCTOR, purpose="treatment")
     assert read.status_code == 200, read.text
     assert read.headers["content-type"].startswith("application/fhir+json")
-    assert read.json() == found
+    # Another domain's record: enough to pick the person, not how to reach them.
+    shown = read.json()
+    assert shown["name"] == found["name"]
+    assert shown["birthDate"] == found["birthDate"]
+    assert "telecom" not in shown
+    assert "line" not in shown["address"][0]
+    nid = patient["national_id"]
+    assert _national_ids(shown) == [f"{nid[:6]}********{nid[-4:]}"]
     research = await other.call("GET", f"/fhir/R4/Patient/{found['id']}", as_user=DOCTOR, purpose="research")
     assert "name" not in research.json()
     assert research.json()["birthDate"] == patient["born"][:4]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import secrets
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from gateway.client import HospitalClient, Practitioner
@@ -28,6 +29,20 @@ def _born() -> str:
 
 def _code(response: object) -> str:
     return response.json()["issue"][0]["details"]["coding"][0]["code"]  # type: ignore[attr-defined]
+
+
+async def _task_of(steward: HospitalClient, domain: str, local_id: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The open review task with this record, paging through the region's queue."""
+    params = dict(kwargs.pop("params", {}))
+    while True:
+        listed = await steward.call(*args, params={**params, "page_size": 200}, **kwargs)
+        assert listed.status_code == 200, listed.text
+        for t in listed.json()["tasks"]:
+            if (domain, local_id) in {(r["domain"], r["local_id"]) for r in (t["patient"], t["candidate"])}:
+                return t
+        token = listed.json().get("next_page_token")
+        assert token, "task not found"
+        params["page_token"] = token
 
 
 async def test_pdqm_next_links_walk_every_match_once(exchange: Exchange) -> None:
@@ -104,10 +119,14 @@ async def test_pdqm_next_links_walk_every_match_once(exchange: Exchange) -> None
 
 async def test_pdqm_count_is_validated(exchange: Exchange) -> None:
     a = await _member(exchange, "市第四人民医院")
-    for bad in ("0", "101", "abc", "-1", "2.5", "1000000"):
+    for bad in ("101", "abc", "-1", "2.5", "1000000"):
         response = await a.call("GET", "/fhir/R4/Patient", params={"family": "王", "_count": bad})
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["resourceType"] == "OperationOutcome"
+    # _count=0 asks for the total only (FHIR search; fhirpy's count()).
+    counted = await a.call("GET", "/fhir/R4/Patient", params={"family": "王", "birthdate": _born(), "_count": "0"})
+    assert counted.status_code == 200, counted.text
+    assert "entry" not in counted.json()
 
 
 async def test_capability_statement_lists_patient(exchange: Exchange) -> None:
@@ -126,7 +145,9 @@ async def test_capability_statement_lists_patient(exchange: Exchange) -> None:
         "gender",
         "identifier",
         "telecom",
+        "_id",
         "_count",
+        "_summary",
     }
     assert {o["name"]: o["definition"] for o in patient["operation"]} == {
         "match": "http://hl7.org/fhir/OperationDefinition/Patient-match",
@@ -138,16 +159,19 @@ async def test_capability_statement_lists_patient(exchange: Exchange) -> None:
 async def test_stewards_claim_tasks_over_rest(exchange: Exchange) -> None:
     a = await _member(exchange, "市第六人民医院")
     b = await _member(exchange, "城西南社区卫生服务中心")
+    # The region's data stewards are the platform operator's staff.
+    ops = await exchange.member(type="platform-admin", scopes="system/Patient.rus", name="平台运营")
     born = _born()
     person = {"name": "王芳", "gender": "female", "birth_date": born}
     await a.call("POST", "/api/v1/patients", json={"local_id": "RA-1", **person, "phones": ["13811110001"]})
     await b.call("POST", "/api/v1/patients", json={"local_id": "RB-1", **person, "phones": ["13922220002"]})
-    listed = await b.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "nobody"}, as_user=STEWARD)
-    assert listed.status_code == 200, listed.text
-    [task] = [t for t in listed.json()["tasks"] if "RB-1" in {t["patient"]["local_id"], t["candidate"]["local_id"]}]
+    # The platform's stewards see the whole region's queue: page to this pair's task.
+    task = await _task_of(
+        ops, b.org_id, "RB-1", "GET", "/api/v1/mpi/review-tasks", params={"assigned": "nobody"}, as_user=STEWARD
+    )  # type: ignore[attr-defined]
     assert task["assignee"] is None
 
-    claimed = await b.call("POST", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=STEWARD)
+    claimed = await ops.call("POST", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=STEWARD)
     assert claimed.status_code == 200, claimed.text
     assert claimed.json()["assignee"]["practitioner_id"] == "DS-1"
     assert claimed.json()["assignee"]["expired"] is False
@@ -155,24 +179,24 @@ async def test_stewards_claim_tasks_over_rest(exchange: Exchange) -> None:
         claimed.json()["assignee"]["assigned"]
     )
     assert lease == datetime.timedelta(minutes=30)  # HIE_MPI_REVIEW_CLAIM_SECONDS unset
-    mine = await b.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "me"}, as_user=STEWARD)
+    mine = await ops.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "me"}, as_user=STEWARD)
     assert task["id"] in {t["id"] for t in mine.json()["tasks"]}
-    not_theirs = await b.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "me"}, as_user=OTHER_STEWARD)
+    not_theirs = await ops.call("GET", "/api/v1/mpi/review-tasks", params={"assigned": "me"}, as_user=OTHER_STEWARD)
     assert task["id"] not in {t["id"] for t in not_theirs.json()["tasks"]}
-    refused = await b.call("POST", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=OTHER_STEWARD)
+    refused = await ops.call("POST", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=OTHER_STEWARD)
     assert refused.status_code == 422
-    blocked = await b.call(
+    blocked = await ops.call(
         "POST", f"/api/v1/mpi/review-tasks/{task['id']}/decision", json={"decision": "same"}, as_user=OTHER_STEWARD
     )
     assert blocked.status_code == 422
-    handed = await b.call(
+    handed = await ops.call(
         "POST",
         f"/api/v1/mpi/review-tasks/{task['id']}/assignment",
         json={"assignee": "DS-2"},
         as_user=STEWARD,
     )
     assert handed.json()["assignee"]["practitioner_id"] == "DS-2"
-    released = await b.call("DELETE", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=OTHER_STEWARD)
+    released = await ops.call("DELETE", f"/api/v1/mpi/review-tasks/{task['id']}/assignment", as_user=OTHER_STEWARD)
     assert released.status_code == 200, released.text
     assert released.json()["assignee"] is None
     as_doctor = await b.call("POST", f"/api/v1/mpi/review-tasks/{task['id']}/assignment")
@@ -192,3 +216,24 @@ async def test_idempotency_key_header_returns_the_first_answer(exchange: Exchang
         "POST", "/api/v1/patients", json={**body, "local_id": "ID-2"}, headers={"Idempotency-Key": key}
     )
     assert reused.status_code == 409
+
+
+async def test_second_record_of_a_person_at_the_same_hospital_says_it_went_to_review(exchange: Exchange) -> None:
+    a = await _member(exchange, "市第七人民医院")
+    person = {"name": "孙丽", "gender": "female", "birth_date": _born(), "phones": ["13811112222"]}
+    first = await a.call("POST", "/api/v1/patients", json={"local_id": "S7-1", **person})
+    assert first.status_code == 201, first.text
+    assert first.json()["review_task_ids"] == []
+    assert "review" not in first.json()
+    second = await a.call("POST", "/api/v1/patients", json={"local_id": "S7-2", **person})
+    assert second.status_code == 201, second.text
+    body = second.json()
+    assert body["link_method"] == "new"
+    assert len(body["review_task_ids"]) == 1
+    assert "data steward" in body["review"]
+    # The region's data stewards (the platform operator's staff) find that task in their queue.
+    ops = await exchange.member(type="platform-admin", scopes="system/Patient.rus", name="平台运营")
+    task = await _task_of(
+        ops, a.org_id, "S7-2", "GET", "/api/v1/mpi/review-tasks", params={"assigned": "nobody"}, as_user=STEWARD
+    )  # type: ignore[attr-defined]
+    assert task["id"] == body["review_task_ids"][0]

@@ -113,7 +113,8 @@ async def _decide(
     stub: consent_pb2_grpc.ConsentDecisionPointStub, s: Scene, items: list[consent_pb2.DecisionItem], **meta: object
 ) -> list[consent_pb2.ItemDecision]:
     reply = await stub.Decide(
-        consent_pb2.DecideRequest(enterprise_id=s.enterprise_id, items=items),
+        # B registered the patient too: the care relationship the registry checks and passes on.
+        consent_pb2.DecideRequest(enterprise_id=s.enterprise_id, items=items, requester_holds_record=True),
         metadata=s.meta(s.b_org, **meta),  # type: ignore[arg-type]
     )
     return list(reply.decisions)
@@ -143,12 +144,14 @@ async def test_directive_lifecycle_revocation_takes_effect_on_the_next_request(s
         assert directive.enterprise_id == s.enterprise_id
         assert directive.status == consent_pb2.DIRECTIVE_STATUS_ACTIVE
         assert directive.revision == 1
-        # A retry with the same key is the same directive; another request under it is refused.
+        # A retry with the same key gets the first answer (created, its audit event); another
+        # request under it is refused.
         again = await stub.RecordDirective(
             consent_pb2.RecordDirectiveRequest(directive=_directive("CS-A", _deny_org(s.b_org)), idempotency_key="k1"),
             metadata=s.meta(s.a_org),
         )
-        assert (again.created, again.directive.directive_id) == (False, directive.directive_id)
+        assert again == recorded
+        assert len(again.audit_event_ids) == 1
         with pytest.raises(grpc.aio.AioRpcError) as reused:
             await stub.RecordDirective(
                 consent_pb2.RecordDirectiveRequest(directive=_directive("CS-A", _deny_org("x")), idempotency_key="k1"),

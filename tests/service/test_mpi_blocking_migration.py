@@ -1,6 +1,6 @@
-"""Migration 0006: records stored before matching blocked on birth date + family name are filed
-under those keys, so a registration found only by them still meets its person. Real gRPC
-server, real database (SQLite and PostgreSQL)."""
+"""Migrations 0006 and 0008: records stored before matching blocked on birth date + family name
+(0006), or on the typo-tolerant keys (0008), are filed under those keys, so a registration found
+only by them still meets its person. Real gRPC server, real database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ async def test_the_migration_files_existing_records_under_birth_date_and_family_
             removed = await conn.execute(sa.text("DELETE FROM blocking_key WHERE key = :k"), {"k": digest})
             assert removed.rowcount == 1
             await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0005'"))
+            # Later migrations run again from 0005: their changes are undone too (0007's column,
+            # 0008's table).
+            await conn.execute(sa.text("ALTER TABLE inbound_message DROP COLUMN digest"))
+            await conn.execute(sa.text("DROP TABLE match_estimate"))
     finally:
         await running.stop(grace=None)
 
@@ -55,6 +59,49 @@ async def test_the_migration_files_existing_records_under_birth_date_and_family_
         assert filed == 1
         second = Hospital(running, keys_dir)
         got = await second.register("B-1", "张秀芳", **_FIRST)
+        tasks = await _tasks_for(second, "B-1")
+        assert got.patient.enterprise_id == stored.patient.enterprise_id or [
+            t.candidate.ref.local_id for t in tasks
+        ] == ["A-1"]
+    finally:
+        await running.stop(grace=None)
+        await drop_schemas(settings)
+
+
+@pytest.mark.parametrize("backend", _backends())
+async def test_0008_files_existing_records_under_the_typo_tolerant_keys(
+    backend: str, tmp_path: Path, keys_dir: Path
+) -> None:
+    settings = base_settings(tmp_path, keys_dir, backend)
+    running = await _started(settings)
+    line = {"birth_date": "1971-08-30", "line": "12 Pinkerton Circuit", "postal_code": "4012"}
+    try:
+        first = Hospital(running, keys_dir)
+        stored = await first.register("A-1", "Lodge, Joel", **line)
+        assert running.runtime.protection is not None
+        sealing = RecordSealing(running.runtime.protection)
+        digests = [sealing.key(k) for k in ("di:1971-08-30:l", "di:1971-08-30:j", "pp:4012:lod", "pp:4012:joe")]
+        digests += [sealing.key(k) for k in ("bp:1971-08-30:4012", "sp:12:lod", "sp:12:joe")]
+        async with running.runtime.engine.begin() as conn:
+            for digest in digests:
+                removed = await conn.execute(sa.text("DELETE FROM blocking_key WHERE key = :k"), {"k": digest})
+                assert removed.rowcount == 1
+            await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0007'"))
+            await conn.execute(sa.text("DROP TABLE match_estimate"))
+    finally:
+        await running.stop(grace=None)
+
+    running = await _started(settings)
+    try:
+        async with running.runtime.engine.connect() as conn:
+            for digest in digests:
+                filed = await conn.scalar(sa.text("SELECT count(*) FROM blocking_key WHERE key = :k"), {"k": digest})
+                assert filed == 1
+        # A typo in the family name and the birth day: only the new keys find the record.
+        second = Hospital(running, keys_dir)
+        got = await second.register(
+            "B-1", "Lodgw, Joel", birth_date="1971-08-03", line="12 Pinkerton Circuit", postal_code="4012"
+        )
         tasks = await _tasks_for(second, "B-1")
         assert got.patient.enterprise_id == stored.patient.enterprise_id or [
             t.candidate.ref.local_id for t in tasks

@@ -161,7 +161,7 @@ def _write_population(path: Path, rows: int) -> set[int]:
         for n in range(1, rows + 1):
             born = f"19{50 + n % 40}-{n % 12 + 1:02d}-{n % 28 + 1:02d}"
             if n % 97 == 0:
-                born = "1990-13-40"
+                born = "unknown"  # no date at all: rejected (a mistyped date is left out, the row kept)
                 invalid.add(n)
             writer.writerow([f"H-{n:05d}", f"测试{n:05d}", "男" if n % 2 else "女", born, "", f"137{n:08d}"])
     return invalid

@@ -67,7 +67,8 @@ class Hospital:
             "iat": now,
             "exp": now + 120,
             "org": self.org,
-            "org_type": self.org_type,
+            # Data stewards are the platform operator's staff (services/shared/user_assertion.py).
+            "org_type": "platform-admin" if role == "data-steward" else self.org_type,
             "scope": "system/Patient.crus",
             "client_jkt": [public_jwk(hospital_key)["kid"]],
         }
@@ -97,7 +98,7 @@ class Hospital:
             gender=fields.pop("gender", mpi_pb2.GENDER_MALE),
             birth_date=str(fields.pop("birth_date", "1980-01-01")),
             phones=list(fields.pop("phones", [])),
-            address=mpi_pb2.Address(line=str(fields.pop("line", ""))),
+            address=mpi_pb2.Address(line=str(fields.pop("line", "")), postal_code=str(fields.pop("postal_code", ""))),
         )
         return await self.call("RegisterPatient", mpi_pb2.RegisterPatientRequest(patient=patient), role=role)
 

@@ -20,7 +20,7 @@ from services.referral.service import SPEC as REFERRAL
 from services.shared.consent_grants import GRANT_TOPIC
 from services.shared.process import RunningService, start_service
 from tests.conftest import Exchange, base_settings, drop_schemas
-from tests.factories import direct_metadata, person
+from tests.factories import direct_metadata, document, person
 
 SCOPES = "system/ServiceRequest.crus system/DocumentReference.rs system/Patient.crs"
 
@@ -61,6 +61,10 @@ async def test_grant_follows_the_referral_through_an_outage_and_a_restart(
     at_a = await a.call("POST", "/api/v1/patients", json={"local_id": "RG-A", **patient})
     await b.call("POST", "/api/v1/patients", json={"local_id": "RG-B", **patient})
     enterprise_id = at_a.json()["enterprise_id"]
+    # A referral attaches the requester's own documents about the patient.
+    attached = await a.call("POST", "/api/v1/documents", json=document("RG-A", "转诊摘要".encode()))
+    assert attached.status_code == 201, attached.text
+    attached_id = attached.json()["document_id"]
     await a.aclose()
     await b.aclose()
     key = exchange.settings.gateway_signing_key_file
@@ -85,7 +89,7 @@ async def test_grant_follows_the_referral_through_an_outage_and_a_restart(
                         target_organization_id=b_org,
                         direction=referral_pb2.REFERRAL_DIRECTION_UP,
                         reason="胸痛待查，建议上级医院进一步诊治",
-                        document_ids=["doc-attached-1"],
+                        document_ids=[attached_id],
                     )
                 ),
                 metadata=meta(a_org, doctor_a),
@@ -147,7 +151,8 @@ async def test_grant_follows_the_referral_through_an_outage_and_a_restart(
                 reply = await consent.Decide(
                     consent_pb2.DecideRequest(
                         enterprise_id=enterprise_id,
-                        items=[consent_pb2.DecisionItem(item_id="doc-attached-1", source_organization_id=a_org)],
+                        items=[consent_pb2.DecisionItem(item_id=attached_id, source_organization_id=a_org)],
+                        requester_holds_record=True,
                     ),
                     metadata=meta(b_org, doctor_b),
                 )

@@ -1,4 +1,4 @@
-"""Migration 0004 of the teleconsult service: consultations stored before free text was sealed
+"""Migration 0005 of the teleconsult service: consultations stored before free text was sealed
 keep their question and history reasons, sealed in place (no clear copy left), readable through
 the service. Real database (SQLite and PostgreSQL), real migrations, real teleconsult service."""
 
@@ -31,7 +31,7 @@ async def test_existing_consultations_are_sealed_in_place(backend: str, tmp_path
         await ensure_schema(engine, settings.schema_for("teleconsult"))
         async with engine.begin() as conn:
             await conn.run_sync(
-                lambda sync: command.upgrade(alembic_config(TELECONSULT.versions, TELECONSULT.metadata, sync), "0003")
+                lambda sync: command.upgrade(alembic_config(TELECONSULT.versions, TELECONSULT.metadata, sync), "0004")
             )
             now = datetime.datetime.now(datetime.UTC)
             await conn.execute(

@@ -69,6 +69,7 @@ def _break_glass(data: dict[str, Any]) -> BreakGlass:
         break_glass_id=data["id"],
         organization_id=data["organization_id"],
         practitioner_id=data["practitioner_id"],
+        department=data.get("department", _DEFAULTS["request"]["department"]),
         starts=_time(data["starts"]),  # type: ignore[arg-type]
         expires=_time(data["expires"]),  # type: ignore[arg-type]
     )

@@ -222,3 +222,58 @@ def test_clean_text_limit() -> None:
 @pytest.mark.parametrize("value", ["出院\x00小结", "出院\r\n小结", "出院\u200d小结", "出院\u2066小结", "\ue123"])
 def test_clean_text_rejects_control_characters(value: str) -> None:
     assert invalid_reason(clean_text, value, what="comments", limit=500) == "comments-invalid"
+
+
+def test_endpoint_addresses_never_link_local_loopback_only_when_configured() -> None:
+    """SSRF: link-local (the metadata service) is refused even when listed; loopback only with
+    HIE_NOTIFY_ALLOW_LOOPBACK; the exchange's own ports never on a non-public address."""
+    from services.registry.dsub import EndpointPolicy
+
+    listed = EndpointPolicy.parse(
+        '{"*": ["http://169.254.169.254/", "http://127.0.0.1:9000/"]}', "169.254.0.0/16", production=True
+    )
+    assert not listed.address_allowed("169.254.169.254", "http://169.254.169.254/", 80)
+    dev = EndpointPolicy.parse("", production=False)
+    assert not dev.address_allowed("127.0.0.1", "http://127.0.0.1/", 80)
+    assert dev.address_allowed("203.0.113.7", "http://his.example/", 80)
+    tests = EndpointPolicy.parse("", production=False, allow_loopback=True, own_ports=frozenset({7106}))
+    assert tests.address_allowed("127.0.0.1", "http://127.0.0.1:9000/", 9000)
+    assert not tests.address_allowed("127.0.0.1", "http://127.0.0.1:7106/", 7106)
+    assert not tests.address_allowed("10.0.0.5", "http://10.0.0.5:7106/", 7106)
+
+
+def test_registrations_then_reads_flags_an_organisation_reading_strangers() -> None:
+    """The authority's report: an organisation that registers people and at once reads other
+    hospitals' documents about them stands out from the region."""
+    import datetime
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from gateway.routes.audit import registrations_then_reads
+    from hie.audit.v1 import audit_pb2
+    from hie.common.v1 import common_pb2
+
+    def event(kind: str, org: str, person: str, minute: int, source: str = "") -> audit_pb2.AuditEvent:
+        at = Timestamp()
+        at.FromDatetime(datetime.datetime(2026, 12, 1, 8, minute, tzinfo=datetime.UTC))
+        entities = [audit_pb2.EntityRef(type="DocumentReference", id=f"doc-{person}")]
+        if source:
+            entities.append(audit_pb2.EntityRef(type="Organization", id=source))
+        return audit_pb2.AuditEvent(
+            type=kind,
+            actor=common_pb2.CallerContext(organization_id=org),
+            patient_enterprise_id=person,
+            occurred=at,
+            outcome=audit_pb2.OUTCOME_SUCCESS,
+            entities=entities,
+        )
+
+    registrations = [event("patient.register", "harvester", f"p{i}", 1) for i in range(6)]
+    reads = [event("document.retrieve", "harvester", f"p{i}", 2, source="org-a") for i in range(6)]
+    # A hospital that knew its patients before the period: reads, no fresh registrations.
+    reads += [event("document.retrieve", "regular", f"q{i}", 2, source="org-a") for i in range(6)]
+    rows = {r["organization_id"]: r for r in registrations_then_reads(registrations, reads)}
+    assert rows["harvester"]["share_without_prior_encounter"] == 1.0
+    assert rows["harvester"]["outlier"] is True
+    assert rows["regular"]["share_without_prior_encounter"] == 0.0
+    assert rows["regular"]["outlier"] is False

@@ -50,7 +50,10 @@ def test_development_without_a_list_accepts_endpoints_but_not_link_local() -> No
     policy = dsub.EndpointPolicy.parse("", production=False)
     assert not policy.enforced
     assert policy.base_for("hosp-a", "http://127.0.0.1:9000/n") == "http://127.0.0.1:9000/n"
-    assert policy.address_allowed("127.0.0.1", "http://127.0.0.1:9000/n")
+    # Loopback only when configured explicitly (the tests' local receivers).
+    assert policy.address_allowed("127.0.0.1", "http://127.0.0.1:9000/n") is False
+    loopback = dsub.EndpointPolicy.parse("", production=False, allow_loopback=True)
+    assert loopback.address_allowed("127.0.0.1", "http://127.0.0.1:9000/n")
     assert policy.address_allowed("169.254.169.254", "http://169.254.169.254/latest") is False
     # Production with nothing listed allows nothing.
     assert dsub.EndpointPolicy.parse("", production=True).base_for("hosp-a", "https://x.example/n") is None

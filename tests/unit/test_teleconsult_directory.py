@@ -37,7 +37,6 @@ def test_a_form_defaults_to_asynchronous_and_routine() -> None:
     "overrides",
     [
         {"question": ""},
-        {"consultant_organization_id": "hosp-q"},
         {"kind": pb.CONSULTATION_KIND_MULTIDISCIPLINARY},  # an MDT is interactive
         {"professional_title": "教授"},
         {"imaging_studies": [pb.ImagingStudy(study_instance_uid="1.2.x", wado_rs_url="https://pacs/x")]},
@@ -48,6 +47,12 @@ def test_an_incomplete_or_wrong_form_is_refused(overrides: dict[str, object]) ->
     with pytest.raises(InvalidArgument) as refused:
         directory.check_form(_form(**overrides), requester_organization_id="hosp-q")
     assert refused.value.reason == "consultation-invalid"
+
+
+def test_a_consultation_of_the_requester_itself_is_refused_with_its_reason() -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        directory.check_form(_form(consultant_organization_id="hosp-q"), requester_organization_id="hosp-q")
+    assert refused.value.reason == "self-consultation"
 
 
 def _consent(**overrides: object) -> pb.InformedConsent:

@@ -126,6 +126,13 @@ class FieldCipher:
         aad = f"{_PREFIX}:{key_id}|{context}".encode()
         return aead_decrypt(key, body[:_NONCE], body[_NONCE:], aad).decode("utf-8")
 
+    def open_text(self, stored: str, *, context: str) -> str:
+        """A stored free-text value: decrypted when protected, as it is when written in clear
+        before the column was protected (empty stays empty)."""
+        if not stored.startswith(f"{_PREFIX}:"):
+            return stored
+        return self.decrypt(stored, context=context)
+
     def needs_rotation(self, token: str) -> bool:
         return field_key_id(token) != self.keyring.active.id
 

@@ -22,11 +22,22 @@ from typing import Any
 
 from services.shared import gb11643
 
-__all__ = ["FIELDS", "TREATMENTS", "MaskingPolicy", "MaskingRule", "default_policy"]
+__all__ = ["CROSS_DOMAIN_FLOOR", "FIELDS", "TREATMENTS", "MaskingPolicy", "MaskingRule", "default_policy"]
 
 FIELDS = frozenset({"national_id", "identifier", "phone", "address", "name", "birth_date"})
 TREATMENTS = frozenset({"clear", "partial", "district", "city", "year", "remove"})
 _ADDRESS_DISTRICT = ("province", "city", "district", "country")
+# How much each treatment hides, to take the stronger of two.
+_STRENGTH = {"clear": 0, "partial": 1, "year": 1, "district": 1, "city": 2, "remove": 3}
+# What a hospital sees, at most, of a record another domain registered (a cross-domain search
+# picks the right person, it is not a directory): identifiers masked, no phone, no street address.
+# It applies whatever the caller's role, so no asserted role turns a search into a directory.
+CROSS_DOMAIN_FLOOR: dict[str, str] = {
+    "national_id": "partial",
+    "identifier": "partial",
+    "phone": "remove",
+    "address": "district",
+}
 _ADDRESS_CITY = ("province", "city", "country")
 
 
@@ -73,23 +84,29 @@ class MaskingPolicy:
             ]
         )
 
-    def treatment(self, field: str, *, role: str, purpose: str) -> str:
-        """How `field` is shown to a caller with this role acting for this purpose."""
+    def treatment(self, field: str, *, role: str, purpose: str, floor: dict[str, str] | None = None) -> str:
+        """How `field` is shown to a caller with this role acting for this purpose; with a floor,
+        never less hidden than the floor's treatment of the field."""
         for rule in self.rules:
             if field in rule.fields and rule.applies(role, purpose):
-                return rule.fields[field]
+                how = rule.fields[field]
+                least = (floor or {}).get(field)
+                if least is not None and _STRENGTH.get(least, 0) > _STRENGTH.get(how, 0):
+                    return least
+                return how
         raise KeyError(field)  # unreachable: the default covers every field
 
     # -- value-level treatments
-    def national_id(self, value: str, *, role: str, purpose: str) -> str | None:
-        how = self.treatment("national_id", role=role, purpose=purpose)
+    def national_id(self, value: str, *, role: str, purpose: str, floor: dict[str, str] | None = None) -> str | None:
+        how = self.treatment("national_id", role=role, purpose=purpose, floor=floor)
         return _text(value, how, partial=gb11643.mask)
 
-    def phone(self, value: str, *, role: str, purpose: str) -> str | None:
-        return _text(value, self.treatment("phone", role=role, purpose=purpose), partial=mask_phone)
+    def phone(self, value: str, *, role: str, purpose: str, floor: dict[str, str] | None = None) -> str | None:
+        return _text(value, self.treatment("phone", role=role, purpose=purpose, floor=floor), partial=mask_phone)
 
-    def identifier(self, value: str, *, role: str, purpose: str) -> str | None:
-        return _text(value, self.treatment("identifier", role=role, purpose=purpose), partial=mask_tail)
+    def identifier(self, value: str, *, role: str, purpose: str, floor: dict[str, str] | None = None) -> str | None:
+        how = self.treatment("identifier", role=role, purpose=purpose, floor=floor)
+        return _text(value, how, partial=mask_tail)
 
     def name(self, value: str, *, role: str, purpose: str) -> str | None:
         return _text(value, self.treatment("name", role=role, purpose=purpose), partial=mask_name)
@@ -100,9 +117,11 @@ class MaskingPolicy:
             return value[:4]
         return _text(value, how, partial=lambda v: v[:7])
 
-    def address(self, address: dict[str, Any], *, role: str, purpose: str) -> dict[str, Any] | None:
+    def address(
+        self, address: dict[str, Any], *, role: str, purpose: str, floor: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
         """An address dict (province, city, district, street, postcode, text …) cut to what is allowed."""
-        how = self.treatment("address", role=role, purpose=purpose)
+        how = self.treatment("address", role=role, purpose=purpose, floor=floor)
         if how == "clear":
             return dict(address)
         if how == "remove":

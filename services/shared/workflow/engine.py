@@ -122,6 +122,9 @@ class Applied:
 
 # Service-specific writes in the move's transaction (book a slot, link the outcome document...).
 Within = Callable[[AsyncSession, Decision], Awaitable[None]]
+# The caller's last write in the move's transaction, once the audit event ids are known (keep the
+# first answer to an Idempotency-Key, services/shared/idempotency.py).
+Answer = Callable[[AsyncSession, list[str]], Awaitable[None]]
 
 
 class WorkflowEngine:
@@ -163,6 +166,7 @@ class WorkflowEngine:
         facts: Mapping[str, object] | None = None,
         within: Within | None = None,
         resolve_enterprise_id: Callable[[], Awaitable[str]] | None = None,
+        answer: Answer | None = None,
     ) -> Applied:
         """Apply the move `name` by `who` (on `side`) to `subject` once (see the module docstring)."""
         if request_key and await self._already_applied(subject.item_id, name, request_key):
@@ -241,6 +245,8 @@ class WorkflowEngine:
                 resource_id=subject.item_id,
                 status=decision.business_status or self.machine.state_name(decision.to_state),
             )
+            if answer is not None:
+                await answer(session, [event_id])
         self._rt.outbox.notify()
         return Applied(decision, [event_id], repeated=False)
 

@@ -69,14 +69,16 @@ class DecisionItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., class_code: _Optional[str] = ..., type_code: _Optional[str] = ..., security_labels: _Optional[_Iterable[str]] = ..., data_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("enterprise_id", "items", "action")
+    __slots__ = ("enterprise_id", "items", "action", "requester_holds_record")
     ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_HOLDS_RECORD_FIELD_NUMBER: _ClassVar[int]
     enterprise_id: str
     items: _containers.RepeatedCompositeFieldContainer[DecisionItem]
     action: str
-    def __init__(self, enterprise_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[DecisionItem, _Mapping]]] = ..., action: _Optional[str] = ...) -> None: ...
+    requester_holds_record: bool
+    def __init__(self, enterprise_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[DecisionItem, _Mapping]]] = ..., action: _Optional[str] = ..., requester_holds_record: _Optional[bool] = ...) -> None: ...
 
 class Obligation(_message.Message):
     __slots__ = ("code", "masked_fields", "display")
@@ -111,7 +113,7 @@ class DecideResponse(_message.Message):
     def __init__(self, decisions: _Optional[_Iterable[_Union[ItemDecision, _Mapping]]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("enterprise_id", "item", "organization_id", "department", "practitioner_id", "purpose_of_use", "action", "at")
+    __slots__ = ("enterprise_id", "item", "organization_id", "department", "practitioner_id", "purpose_of_use", "action", "at", "role")
     ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,7 @@ class ExplainRequest(_message.Message):
     PURPOSE_OF_USE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     enterprise_id: str
     item: DecisionItem
     organization_id: str
@@ -128,7 +131,8 @@ class ExplainRequest(_message.Message):
     purpose_of_use: str
     action: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, enterprise_id: _Optional[str] = ..., item: _Optional[_Union[DecisionItem, _Mapping]] = ..., organization_id: _Optional[str] = ..., department: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., purpose_of_use: _Optional[str] = ..., action: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    role: str
+    def __init__(self, enterprise_id: _Optional[str] = ..., item: _Optional[_Union[DecisionItem, _Mapping]] = ..., organization_id: _Optional[str] = ..., department: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., purpose_of_use: _Optional[str] = ..., action: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("decision", "explanation")
@@ -345,14 +349,16 @@ class RevokeGrantResponse(_message.Message):
     def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
 
 class DeclareBreakGlassRequest(_message.Message):
-    __slots__ = ("patient", "reason", "duration_seconds")
+    __slots__ = ("patient", "reason", "duration_seconds", "idempotency_key")
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     patient: _common_pb2.PatientRef
     reason: str
     duration_seconds: int
-    def __init__(self, patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., reason: _Optional[str] = ..., duration_seconds: _Optional[int] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., reason: _Optional[str] = ..., duration_seconds: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class DeclareBreakGlassResponse(_message.Message):
     __slots__ = ("break_glass_id", "enterprise_id", "starts", "expires", "audit_event_ids")

@@ -117,26 +117,30 @@ class RegisterPatientRequest(_message.Message):
     def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RegisterPatientResponse(_message.Message):
-    __slots__ = ("patient", "created", "link_method", "audit_event_ids")
+    __slots__ = ("patient", "created", "link_method", "audit_event_ids", "review_task_ids")
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     LINK_METHOD_FIELD_NUMBER: _ClassVar[int]
     AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     patient: Patient
     created: bool
     link_method: LinkMethod
     audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ..., created: _Optional[bool] = ..., link_method: _Optional[_Union[LinkMethod, str]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    review_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ..., created: _Optional[bool] = ..., link_method: _Optional[_Union[LinkMethod, str]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ..., review_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CrossReferenceRequest(_message.Message):
-    __slots__ = ("ref", "target_domains", "include_merged")
+    __slots__ = ("ref", "target_domains", "include_merged", "enterprise_id")
     REF_FIELD_NUMBER: _ClassVar[int]
     TARGET_DOMAINS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_MERGED_FIELD_NUMBER: _ClassVar[int]
+    ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
     ref: _common_pb2.PatientRef
     target_domains: _containers.RepeatedScalarFieldContainer[str]
     include_merged: bool
-    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., target_domains: _Optional[_Iterable[str]] = ..., include_merged: _Optional[bool] = ...) -> None: ...
+    enterprise_id: str
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., target_domains: _Optional[_Iterable[str]] = ..., include_merged: _Optional[bool] = ..., enterprise_id: _Optional[str] = ...) -> None: ...
 
 class CrossReferenceResponse(_message.Message):
     __slots__ = ("enterprise_id", "refs")

@@ -22,6 +22,27 @@ class ReferralState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFERRAL_STATE_ARRIVED: _ClassVar[ReferralState]
     REFERRAL_STATE_COMPLETED: _ClassVar[ReferralState]
     REFERRAL_STATE_CANCELLED: _ClassVar[ReferralState]
+    REFERRAL_STATE_RECEIVED: _ClassVar[ReferralState]
+    REFERRAL_STATE_IN_PROGRESS: _ClassVar[ReferralState]
+    REFERRAL_STATE_NO_SHOW: _ClassVar[ReferralState]
+    REFERRAL_STATE_CLOSED: _ClassVar[ReferralState]
+    REFERRAL_STATE_ON_HOLD: _ClassVar[ReferralState]
+    REFERRAL_STATE_CANCEL_REQUESTED: _ClassVar[ReferralState]
+
+class ReferralUrgency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFERRAL_URGENCY_UNSPECIFIED: _ClassVar[ReferralUrgency]
+    REFERRAL_URGENCY_ROUTINE: _ClassVar[ReferralUrgency]
+    REFERRAL_URGENCY_URGENT: _ClassVar[ReferralUrgency]
+    REFERRAL_URGENCY_EMERGENCY: _ClassVar[ReferralUrgency]
+
+class ReferralService(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFERRAL_SERVICE_UNSPECIFIED: _ClassVar[ReferralService]
+    REFERRAL_SERVICE_OUTPATIENT: _ClassVar[ReferralService]
+    REFERRAL_SERVICE_ADMISSION: _ClassVar[ReferralService]
+    REFERRAL_SERVICE_EXAMINATION: _ClassVar[ReferralService]
+    REFERRAL_SERVICE_REHABILITATION: _ClassVar[ReferralService]
 
 class ReferralDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,13 +58,28 @@ REFERRAL_STATE_SCHEDULED: ReferralState
 REFERRAL_STATE_ARRIVED: ReferralState
 REFERRAL_STATE_COMPLETED: ReferralState
 REFERRAL_STATE_CANCELLED: ReferralState
+REFERRAL_STATE_RECEIVED: ReferralState
+REFERRAL_STATE_IN_PROGRESS: ReferralState
+REFERRAL_STATE_NO_SHOW: ReferralState
+REFERRAL_STATE_CLOSED: ReferralState
+REFERRAL_STATE_ON_HOLD: ReferralState
+REFERRAL_STATE_CANCEL_REQUESTED: ReferralState
+REFERRAL_URGENCY_UNSPECIFIED: ReferralUrgency
+REFERRAL_URGENCY_ROUTINE: ReferralUrgency
+REFERRAL_URGENCY_URGENT: ReferralUrgency
+REFERRAL_URGENCY_EMERGENCY: ReferralUrgency
+REFERRAL_SERVICE_UNSPECIFIED: ReferralService
+REFERRAL_SERVICE_OUTPATIENT: ReferralService
+REFERRAL_SERVICE_ADMISSION: ReferralService
+REFERRAL_SERVICE_EXAMINATION: ReferralService
+REFERRAL_SERVICE_REHABILITATION: ReferralService
 REFERRAL_DIRECTION_UNSPECIFIED: ReferralDirection
 REFERRAL_DIRECTION_UP: ReferralDirection
 REFERRAL_DIRECTION_DOWN: ReferralDirection
 REFERRAL_DIRECTION_LATERAL: ReferralDirection
 
 class Referral(_message.Message):
-    __slots__ = ("referral_id", "patient", "requester_organization_id", "target_organization_id", "direction", "reason", "state", "document_ids", "created", "history")
+    __slots__ = ("referral_id", "patient", "requester_organization_id", "target_organization_id", "direction", "reason", "state", "document_ids", "created", "history", "referral_number", "urgency", "service", "diagnosis", "target_department", "target_practitioner_id", "candidate_organization_ids", "clinical_summary", "contact", "business_status", "rejection_code", "advice", "slot_id", "appointment_start", "bed_department", "outcome_document_id", "care_plan", "episode_id", "parent_referral_id", "origin_tier", "target_tier", "version", "clocks", "overdue", "allowed_moves", "book_slot_id")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +90,32 @@ class Referral(_message.Message):
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    REFERRAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    URGENCY_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSIS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ORGANIZATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLINICAL_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CONTACT_FIELD_NUMBER: _ClassVar[int]
+    BUSINESS_STATUS_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_CODE_FIELD_NUMBER: _ClassVar[int]
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    APPOINTMENT_START_FIELD_NUMBER: _ClassVar[int]
+    BED_DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CARE_PLAN_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_TIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    OVERDUE_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_MOVES_FIELD_NUMBER: _ClassVar[int]
+    BOOK_SLOT_ID_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     patient: _common_pb2.PatientRef
     requester_organization_id: str
@@ -64,23 +126,99 @@ class Referral(_message.Message):
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     created: _timestamp_pb2.Timestamp
     history: _containers.RepeatedCompositeFieldContainer[ReferralStateChange]
-    def __init__(self, referral_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., target_organization_id: _Optional[str] = ..., direction: _Optional[_Union[ReferralDirection, str]] = ..., reason: _Optional[str] = ..., state: _Optional[_Union[ReferralState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[ReferralStateChange, _Mapping]]] = ...) -> None: ...
+    referral_number: str
+    urgency: ReferralUrgency
+    service: ReferralService
+    diagnosis: Diagnosis
+    target_department: str
+    target_practitioner_id: str
+    candidate_organization_ids: _containers.RepeatedScalarFieldContainer[str]
+    clinical_summary: str
+    contact: str
+    business_status: str
+    rejection_code: str
+    advice: str
+    slot_id: str
+    appointment_start: _timestamp_pb2.Timestamp
+    bed_department: str
+    outcome_document_id: str
+    care_plan: CarePlan
+    episode_id: str
+    parent_referral_id: str
+    origin_tier: str
+    target_tier: str
+    version: int
+    clocks: _containers.RepeatedCompositeFieldContainer[Clock]
+    overdue: bool
+    allowed_moves: _containers.RepeatedScalarFieldContainer[str]
+    book_slot_id: str
+    def __init__(self, referral_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., requester_organization_id: _Optional[str] = ..., target_organization_id: _Optional[str] = ..., direction: _Optional[_Union[ReferralDirection, str]] = ..., reason: _Optional[str] = ..., state: _Optional[_Union[ReferralState, str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[ReferralStateChange, _Mapping]]] = ..., referral_number: _Optional[str] = ..., urgency: _Optional[_Union[ReferralUrgency, str]] = ..., service: _Optional[_Union[ReferralService, str]] = ..., diagnosis: _Optional[_Union[Diagnosis, _Mapping]] = ..., target_department: _Optional[str] = ..., target_practitioner_id: _Optional[str] = ..., candidate_organization_ids: _Optional[_Iterable[str]] = ..., clinical_summary: _Optional[str] = ..., contact: _Optional[str] = ..., business_status: _Optional[str] = ..., rejection_code: _Optional[str] = ..., advice: _Optional[str] = ..., slot_id: _Optional[str] = ..., appointment_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bed_department: _Optional[str] = ..., outcome_document_id: _Optional[str] = ..., care_plan: _Optional[_Union[CarePlan, _Mapping]] = ..., episode_id: _Optional[str] = ..., parent_referral_id: _Optional[str] = ..., origin_tier: _Optional[str] = ..., target_tier: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[Clock, _Mapping]]] = ..., overdue: _Optional[bool] = ..., allowed_moves: _Optional[_Iterable[str]] = ..., book_slot_id: _Optional[str] = ...) -> None: ...
+
+class Diagnosis(_message.Message):
+    __slots__ = ("code", "text")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    text: str
+    def __init__(self, code: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class CarePlan(_message.Message):
+    __slots__ = ("follow_ups", "medication", "warning_signs")
+    FOLLOW_UPS_FIELD_NUMBER: _ClassVar[int]
+    MEDICATION_FIELD_NUMBER: _ClassVar[int]
+    WARNING_SIGNS_FIELD_NUMBER: _ClassVar[int]
+    follow_ups: _containers.RepeatedCompositeFieldContainer[FollowUp]
+    medication: str
+    warning_signs: str
+    def __init__(self, follow_ups: _Optional[_Iterable[_Union[FollowUp, _Mapping]]] = ..., medication: _Optional[str] = ..., warning_signs: _Optional[str] = ...) -> None: ...
+
+class FollowUp(_message.Message):
+    __slots__ = ("follow_up_id", "description", "due", "done", "note")
+    FOLLOW_UP_ID_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DUE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    follow_up_id: str
+    description: str
+    due: _timestamp_pb2.Timestamp
+    done: _timestamp_pb2.Timestamp
+    note: str
+    def __init__(self, follow_up_id: _Optional[str] = ..., description: _Optional[str] = ..., due: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., done: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class Clock(_message.Message):
+    __slots__ = ("name", "due", "paused", "fired", "stopped")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DUE_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    FIRED_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    due: _timestamp_pb2.Timestamp
+    paused: bool
+    fired: bool
+    stopped: bool
+    def __init__(self, name: _Optional[str] = ..., due: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., paused: _Optional[bool] = ..., fired: _Optional[bool] = ..., stopped: _Optional[bool] = ...) -> None: ...
 
 class ReferralStateChange(_message.Message):
-    __slots__ = ("from_state", "to_state", "organization_id", "practitioner_id", "reason", "changed")
+    __slots__ = ("from_state", "to_state", "organization_id", "practitioner_id", "reason", "changed", "move", "role")
     FROM_STATE_FIELD_NUMBER: _ClassVar[int]
     TO_STATE_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     PRACTITIONER_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     from_state: ReferralState
     to_state: ReferralState
     organization_id: str
     practitioner_id: str
     reason: str
     changed: _timestamp_pb2.Timestamp
-    def __init__(self, from_state: _Optional[_Union[ReferralState, str]] = ..., to_state: _Optional[_Union[ReferralState, str]] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., reason: _Optional[str] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    move: str
+    role: str
+    def __init__(self, from_state: _Optional[_Union[ReferralState, str]] = ..., to_state: _Optional[_Union[ReferralState, str]] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., reason: _Optional[str] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., move: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class CreateReferralRequest(_message.Message):
     __slots__ = ("referral", "idempotency_key")
@@ -109,12 +247,14 @@ class GetReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ...) -> None: ...
 
 class AcceptReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AcceptReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -125,12 +265,14 @@ class AcceptReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RejectReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RejectReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -141,12 +283,14 @@ class RejectReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CompleteReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CompleteReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -157,12 +301,14 @@ class CompleteReferralResponse(_message.Message):
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelReferralRequest(_message.Message):
-    __slots__ = ("referral_id", "reason")
+    __slots__ = ("referral_id", "reason", "idempotency_key")
     REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     referral_id: str
     reason: str
-    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CancelReferralResponse(_message.Message):
     __slots__ = ("referral", "audit_event_ids")
@@ -171,3 +317,261 @@ class CancelReferralResponse(_message.Message):
     referral: Referral
     audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MoveReferralRequest(_message.Message):
+    __slots__ = ("referral_id", "move", "reason", "request_key", "rejection_code", "advice", "slot_id", "bed_department", "outcome_document_id", "expected_version", "idempotency_key")
+    REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_KEY_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_CODE_FIELD_NUMBER: _ClassVar[int]
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    BED_DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    referral_id: str
+    move: str
+    reason: str
+    request_key: str
+    rejection_code: str
+    advice: str
+    slot_id: str
+    bed_department: str
+    outcome_document_id: str
+    expected_version: int
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., rejection_code: _Optional[str] = ..., advice: _Optional[str] = ..., slot_id: _Optional[str] = ..., bed_department: _Optional[str] = ..., outcome_document_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class MoveReferralResponse(_message.Message):
+    __slots__ = ("referral", "audit_event_ids")
+    REFERRAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    referral: Referral
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListReferralsRequest(_message.Message):
+    __slots__ = ("box", "states", "urgency", "direction", "overdue_only", "department", "page_size", "page_token", "patient_local_id")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    URGENCY_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    OVERDUE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_LOCAL_ID_FIELD_NUMBER: _ClassVar[int]
+    box: str
+    states: _containers.RepeatedScalarFieldContainer[ReferralState]
+    urgency: ReferralUrgency
+    direction: ReferralDirection
+    overdue_only: bool
+    department: str
+    page_size: int
+    page_token: str
+    patient_local_id: str
+    def __init__(self, box: _Optional[str] = ..., states: _Optional[_Iterable[_Union[ReferralState, str]]] = ..., urgency: _Optional[_Union[ReferralUrgency, str]] = ..., direction: _Optional[_Union[ReferralDirection, str]] = ..., overdue_only: _Optional[bool] = ..., department: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., patient_local_id: _Optional[str] = ...) -> None: ...
+
+class ListReferralsResponse(_message.Message):
+    __slots__ = ("referrals", "next_page_token")
+    REFERRALS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    referrals: _containers.RepeatedCompositeFieldContainer[Referral]
+    next_page_token: str
+    def __init__(self, referrals: _Optional[_Iterable[_Union[Referral, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ReferralStatisticsRequest(_message.Message):
+    __slots__ = ("since", "until", "organization_id")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    organization_id: str
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., organization_id: _Optional[str] = ...) -> None: ...
+
+class CountRow(_message.Message):
+    __slots__ = ("key", "count")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    count: int
+    def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class DurationStats(_message.Message):
+    __slots__ = ("name", "samples", "median_hours", "p90_hours")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_HOURS_FIELD_NUMBER: _ClassVar[int]
+    P90_HOURS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    samples: int
+    median_hours: float
+    p90_hours: float
+    def __init__(self, name: _Optional[str] = ..., samples: _Optional[int] = ..., median_hours: _Optional[float] = ..., p90_hours: _Optional[float] = ...) -> None: ...
+
+class OrganizationMonthRow(_message.Message):
+    __slots__ = ("organization_id", "month", "sent", "received", "accepted", "closed", "breaches")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MONTH_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    BREACHES_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    month: str
+    sent: int
+    received: int
+    accepted: int
+    closed: int
+    breaches: int
+    def __init__(self, organization_id: _Optional[str] = ..., month: _Optional[str] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ..., accepted: _Optional[int] = ..., closed: _Optional[int] = ..., breaches: _Optional[int] = ...) -> None: ...
+
+class ReferralStatisticsResponse(_message.Message):
+    __slots__ = ("total", "by_direction", "by_tier_pair", "by_state", "acceptance_rate", "durations", "loop_closure_rate", "breaches", "by_organization_month", "breaches_by_clock")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BY_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    BY_TIER_PAIR_FIELD_NUMBER: _ClassVar[int]
+    BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    DURATIONS_FIELD_NUMBER: _ClassVar[int]
+    LOOP_CLOSURE_RATE_FIELD_NUMBER: _ClassVar[int]
+    BREACHES_FIELD_NUMBER: _ClassVar[int]
+    BY_ORGANIZATION_MONTH_FIELD_NUMBER: _ClassVar[int]
+    BREACHES_BY_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    by_direction: _containers.RepeatedCompositeFieldContainer[CountRow]
+    by_tier_pair: _containers.RepeatedCompositeFieldContainer[CountRow]
+    by_state: _containers.RepeatedCompositeFieldContainer[CountRow]
+    acceptance_rate: float
+    durations: _containers.RepeatedCompositeFieldContainer[DurationStats]
+    loop_closure_rate: float
+    breaches: int
+    by_organization_month: _containers.RepeatedCompositeFieldContainer[OrganizationMonthRow]
+    breaches_by_clock: _containers.RepeatedCompositeFieldContainer[CountRow]
+    def __init__(self, total: _Optional[int] = ..., by_direction: _Optional[_Iterable[_Union[CountRow, _Mapping]]] = ..., by_tier_pair: _Optional[_Iterable[_Union[CountRow, _Mapping]]] = ..., by_state: _Optional[_Iterable[_Union[CountRow, _Mapping]]] = ..., acceptance_rate: _Optional[float] = ..., durations: _Optional[_Iterable[_Union[DurationStats, _Mapping]]] = ..., loop_closure_rate: _Optional[float] = ..., breaches: _Optional[int] = ..., by_organization_month: _Optional[_Iterable[_Union[OrganizationMonthRow, _Mapping]]] = ..., breaches_by_clock: _Optional[_Iterable[_Union[CountRow, _Mapping]]] = ...) -> None: ...
+
+class Slot(_message.Message):
+    __slots__ = ("slot_id", "organization_id", "department", "start", "end", "status")
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    slot_id: str
+    organization_id: str
+    department: str
+    start: _timestamp_pb2.Timestamp
+    end: _timestamp_pb2.Timestamp
+    status: str
+    def __init__(self, slot_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., department: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[str] = ...) -> None: ...
+
+class PublishSlotsRequest(_message.Message):
+    __slots__ = ("slots", "idempotency_key")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[Slot]
+    idempotency_key: str
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class PublishSlotsResponse(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[Slot]
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...
+
+class ListSlotsRequest(_message.Message):
+    __slots__ = ("organization_id", "department", "free_only", "since")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    FREE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    department: str
+    free_only: bool
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, organization_id: _Optional[str] = ..., department: _Optional[str] = ..., free_only: _Optional[bool] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListSlotsResponse(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[Slot]
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...
+
+class BedCount(_message.Message):
+    __slots__ = ("organization_id", "department", "total", "reserved")
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    department: str
+    total: int
+    reserved: int
+    def __init__(self, organization_id: _Optional[str] = ..., department: _Optional[str] = ..., total: _Optional[int] = ..., reserved: _Optional[int] = ...) -> None: ...
+
+class SetBedCountRequest(_message.Message):
+    __slots__ = ("department", "total")
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    department: str
+    total: int
+    def __init__(self, department: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+
+class SetBedCountResponse(_message.Message):
+    __slots__ = ("bed_count",)
+    BED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    bed_count: BedCount
+    def __init__(self, bed_count: _Optional[_Union[BedCount, _Mapping]] = ...) -> None: ...
+
+class ListBedCountsRequest(_message.Message):
+    __slots__ = ("organization_id",)
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    organization_id: str
+    def __init__(self, organization_id: _Optional[str] = ...) -> None: ...
+
+class ListBedCountsResponse(_message.Message):
+    __slots__ = ("bed_counts",)
+    BED_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    bed_counts: _containers.RepeatedCompositeFieldContainer[BedCount]
+    def __init__(self, bed_counts: _Optional[_Iterable[_Union[BedCount, _Mapping]]] = ...) -> None: ...
+
+class CompleteFollowUpRequest(_message.Message):
+    __slots__ = ("referral_id", "follow_up_id", "note", "idempotency_key")
+    REFERRAL_ID_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_UP_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    referral_id: str
+    follow_up_id: str
+    note: str
+    idempotency_key: str
+    def __init__(self, referral_id: _Optional[str] = ..., follow_up_id: _Optional[str] = ..., note: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class CompleteFollowUpResponse(_message.Message):
+    __slots__ = ("referral", "audit_event_ids")
+    REFERRAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    referral: Referral
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, referral: _Optional[_Union[Referral, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetEpisodeRequest(_message.Message):
+    __slots__ = ("episode_id",)
+    EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
+    episode_id: str
+    def __init__(self, episode_id: _Optional[str] = ...) -> None: ...
+
+class GetEpisodeResponse(_message.Message):
+    __slots__ = ("episode_id", "status", "referrals")
+    EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REFERRALS_FIELD_NUMBER: _ClassVar[int]
+    episode_id: str
+    status: str
+    referrals: _containers.RepeatedCompositeFieldContainer[Referral]
+    def __init__(self, episode_id: _Optional[str] = ..., status: _Optional[str] = ..., referrals: _Optional[_Iterable[_Union[Referral, _Mapping]]] = ...) -> None: ...

@@ -65,6 +65,51 @@ class ReferralsStub:
                 request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralRequest.SerializeToString,
                 response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralResponse.FromString,
                 _registered_method=True)
+        self.MoveReferral = channel.unary_unary(
+                '/hie.referral.v1.Referrals/MoveReferral',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.MoveReferralRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.MoveReferralResponse.FromString,
+                _registered_method=True)
+        self.ListReferrals = channel.unary_unary(
+                '/hie.referral.v1.Referrals/ListReferrals',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListReferralsRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListReferralsResponse.FromString,
+                _registered_method=True)
+        self.ReferralStatistics = channel.unary_unary(
+                '/hie.referral.v1.Referrals/ReferralStatistics',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ReferralStatisticsRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ReferralStatisticsResponse.FromString,
+                _registered_method=True)
+        self.PublishSlots = channel.unary_unary(
+                '/hie.referral.v1.Referrals/PublishSlots',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.PublishSlotsRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.PublishSlotsResponse.FromString,
+                _registered_method=True)
+        self.ListSlots = channel.unary_unary(
+                '/hie.referral.v1.Referrals/ListSlots',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListSlotsRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListSlotsResponse.FromString,
+                _registered_method=True)
+        self.SetBedCount = channel.unary_unary(
+                '/hie.referral.v1.Referrals/SetBedCount',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.SetBedCountRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.SetBedCountResponse.FromString,
+                _registered_method=True)
+        self.ListBedCounts = channel.unary_unary(
+                '/hie.referral.v1.Referrals/ListBedCounts',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListBedCountsRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListBedCountsResponse.FromString,
+                _registered_method=True)
+        self.CompleteFollowUp = channel.unary_unary(
+                '/hie.referral.v1.Referrals/CompleteFollowUp',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteFollowUpRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteFollowUpResponse.FromString,
+                _registered_method=True)
+        self.GetEpisode = channel.unary_unary(
+                '/hie.referral.v1.Referrals/GetEpisode',
+                request_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetEpisodeRequest.SerializeToString,
+                response_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetEpisodeResponse.FromString,
+                _registered_method=True)
 
 
 class ReferralsServicer:
@@ -111,6 +156,67 @@ class ReferralsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveReferral(self, request, context):
+        """Any move of the workflow by name (receive, accept, reject, hold, supply, schedule, arrive,
+        no-show, start, note, complete, acknowledge, cancel, confirm-cancel); see the service README.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReferrals(self, request, context):
+        """Worklists: the caller organisation's incoming or outgoing referrals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReferralStatistics(self, request, context):
+        """Regional statistics (the authority; a hospital sees its own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishSlots(self, request, context):
+        """Bookable slots and bed counts a receiving organisation publishes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSlots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBedCount(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBedCounts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteFollowUp(self, request, context):
+        """Follow-up tasks of a down-referral's care plan, done by the community side.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEpisode(self, request, context):
+        """An up-referral and the down-referrals that follow it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReferralsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +249,51 @@ def add_ReferralsServicer_to_server(servicer, server):
                     servicer.CancelReferral,
                     request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralRequest.FromString,
                     response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralResponse.SerializeToString,
+            ),
+            'MoveReferral': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveReferral,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.MoveReferralRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.MoveReferralResponse.SerializeToString,
+            ),
+            'ListReferrals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReferrals,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListReferralsRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListReferralsResponse.SerializeToString,
+            ),
+            'ReferralStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReferralStatistics,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ReferralStatisticsRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ReferralStatisticsResponse.SerializeToString,
+            ),
+            'PublishSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishSlots,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.PublishSlotsRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.PublishSlotsResponse.SerializeToString,
+            ),
+            'ListSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSlots,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListSlotsRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListSlotsResponse.SerializeToString,
+            ),
+            'SetBedCount': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBedCount,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.SetBedCountRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.SetBedCountResponse.SerializeToString,
+            ),
+            'ListBedCounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBedCounts,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListBedCountsRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.ListBedCountsResponse.SerializeToString,
+            ),
+            'CompleteFollowUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteFollowUp,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteFollowUpRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.CompleteFollowUpResponse.SerializeToString,
+            ),
+            'GetEpisode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEpisode,
+                    request_deserializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetEpisodeRequest.FromString,
+                    response_serializer=hie_dot_referral_dot_v1_dot_referral__pb2.GetEpisodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +458,249 @@ class Referrals:
             '/hie.referral.v1.Referrals/CancelReferral',
             hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralRequest.SerializeToString,
             hie_dot_referral_dot_v1_dot_referral__pb2.CancelReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveReferral(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/MoveReferral',
+            hie_dot_referral_dot_v1_dot_referral__pb2.MoveReferralRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.MoveReferralResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReferrals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/ListReferrals',
+            hie_dot_referral_dot_v1_dot_referral__pb2.ListReferralsRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.ListReferralsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReferralStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/ReferralStatistics',
+            hie_dot_referral_dot_v1_dot_referral__pb2.ReferralStatisticsRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.ReferralStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/PublishSlots',
+            hie_dot_referral_dot_v1_dot_referral__pb2.PublishSlotsRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.PublishSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/ListSlots',
+            hie_dot_referral_dot_v1_dot_referral__pb2.ListSlotsRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.ListSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBedCount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/SetBedCount',
+            hie_dot_referral_dot_v1_dot_referral__pb2.SetBedCountRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.SetBedCountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBedCounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/ListBedCounts',
+            hie_dot_referral_dot_v1_dot_referral__pb2.ListBedCountsRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.ListBedCountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteFollowUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/CompleteFollowUp',
+            hie_dot_referral_dot_v1_dot_referral__pb2.CompleteFollowUpRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.CompleteFollowUpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEpisode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.referral.v1.Referrals/GetEpisode',
+            hie_dot_referral_dot_v1_dot_referral__pb2.GetEpisodeRequest.SerializeToString,
+            hie_dot_referral_dot_v1_dot_referral__pb2.GetEpisodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,18 +56,20 @@ class Subscription(_message.Message):
     def __init__(self, subscription_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., topic: _Optional[_Union[Topic, str]] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., type_code: _Optional[str] = ..., endpoint_url: _Optional[str] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("topic", "patient", "type_code", "endpoint_url", "expires")
+    __slots__ = ("topic", "patient", "type_code", "endpoint_url", "expires", "idempotency_key")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     TYPE_CODE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     topic: Topic
     patient: _common_pb2.PatientRef
     type_code: str
     endpoint_url: str
     expires: _timestamp_pb2.Timestamp
-    def __init__(self, topic: _Optional[_Union[Topic, str]] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., type_code: _Optional[str] = ..., endpoint_url: _Optional[str] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, topic: _Optional[_Union[Topic, str]] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., type_code: _Optional[str] = ..., endpoint_url: _Optional[str] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class SubscribeResponse(_message.Message):
     __slots__ = ("subscription",)

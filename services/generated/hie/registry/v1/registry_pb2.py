@@ -27,19 +27,19 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hie.common.v1 import common_pb2 as hie_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehie/registry/v1/registry.proto\x12\x0fhie.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"[\n\x10\x44ocumentRelation\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.hie.registry.v1.RelationType\x12\x1a\n\x12target_document_id\x18\x02 \x01(\t\"H\n\x15ImagingStudyReference\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x13\n\x0bwado_rs_url\x18\x02 \x01(\t\"^\n\x06\x41uthor\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12\x19\n\x11practitioner_name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\"7\n\x06\x43oding\x12\x0e\n\x06system\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07\x64isplay\x18\x03 \x01(\t\"\xf9\x06\n\rDocumentEntry\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x1a\n\x12source_document_id\x18\x02 \x01(\t\x12*\n\x07patient\x18\x03 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x15\n\renterprise_id\x18\x04 \x01(\t\x12\x1e\n\x16source_organization_id\x18\x05 \x01(\t\x12\'\n\x06\x61uthor\x18\x06 \x01(\x0b\x32\x17.hie.registry.v1.Author\x12+\n\nclass_code\x18\x07 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12*\n\ttype_code\x18\x08 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12\x17\n\x0f\x63onfidentiality\x18\t \x01(\t\x12\x17\n\x0fsecurity_labels\x18\n \x03(\t\x12+\n\x07\x63reated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05title\x18\x0c \x01(\t\x12\x10\n\x08language\x18\r \x01(\t\x12\x11\n\tmime_type\x18\x0e \x01(\t\x12\x0c\n\x04size\x18\x0f \x01(\x03\x12\x0e\n\x06sha256\x18\x10 \x01(\t\x12/\n\x06status\x18\x11 \x01(\x0e\x32\x1f.hie.registry.v1.DocumentStatus\x12\x31\n\rservice_start\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bservice_end\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\trelations\x18\x14 \x03(\x0b\x32!.hie.registry.v1.DocumentRelation\x12\x32\n\x0c\x63ontent_kind\x18\x15 \x01(\x0e\x32\x1c.hie.registry.v1.ContentKind\x12=\n\rimaging_study\x18\x16 \x01(\x0b\x32&.hie.registry.v1.ImagingStudyReference\x12,\n\x0bshared_type\x18\x17 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12\x35\n\nrelated_by\x18\x18 \x03(\x0b\x32!.hie.registry.v1.DocumentRelation\"\xa7\x01\n\x17RegisterDocumentRequest\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x33\n\x08relation\x18\x04 \x01(\x0b\x32!.hie.registry.v1.DocumentRelation\"s\n\x18RegisterDocumentResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"[\n\x1cRegisterSubmissionSetRequest\x12;\n\tdocuments\x18\x01 \x03(\x0b\x32(.hie.registry.v1.RegisterDocumentRequest\"t\n\x1dRegisterSubmissionSetResponse\x12<\n\tdocuments\x18\x01 \x03(\x0b\x32).hie.registry.v1.RegisterDocumentResponse\x12\x15\n\renterprise_id\x18\x02 \x01(\t\"\xcb\x02\n\x14\x46indDocumentsRequest\x12*\n\x07patient\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x12\n\ntype_codes\x18\x02 \x03(\t\x12\x31\n\x08statuses\x18\x03 \x03(\x0e\x32\x1f.hie.registry.v1.DocumentStatus\x12(\n\x04page\x18\x04 \x01(\x0b\x32\x1a.hie.common.v1.PageRequest\x12\x13\n\x0b\x63lass_codes\x18\x05 \x03(\t\x12\x30\n\x0cservice_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nservice_to\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17source_organization_ids\x18\x08 \x03(\t\"\xa3\x01\n\x15\x46indDocumentsResponse\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12/\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12)\n\x04page\x18\x03 \x01(\x0b\x32\x1b.hie.common.v1.PageResponse\x12\x17\n\x0f\x61udit_event_ids\x18\x04 \x03(\t\".\n\x17RetrieveDocumentRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"s\n\x18RetrieveDocumentResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"t\n\x1dRegisterDocumentStreamRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.hie.registry.v1.RegisterDocumentRequestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"y\n\x1eRegisterDocumentStreamResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"4\n\x1dRetrieveDocumentStreamRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"\x83\x01\n\x1eRetrieveDocumentStreamResponse\x12/\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntryH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\tB\x06\n\x04part\".\n\x17GetDocumentEntryRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"b\n\x18GetDocumentEntryResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"0\n\x19MarkEnteredInErrorRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"d\n\x1aMarkEnteredInErrorResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t*\x82\x01\n\x0cRelationType\x12\x1d\n\x19RELATION_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RELATION_TYPE_REPLACES\x10\x01\x12\x19\n\x15RELATION_TYPE_APPENDS\x10\x02\x12\x1c\n\x18RELATION_TYPE_TRANSFORMS\x10\x03*d\n\x0b\x43ontentKind\x12\x1c\n\x18\x43ONTENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ONTENT_KIND_INLINE\x10\x01\x12\x1e\n\x1a\x43ONTENT_KIND_IMAGING_STUDY\x10\x02*\x94\x01\n\x0e\x44ocumentStatus\x12\x1f\n\x1b\x44OCUMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44OCUMENT_STATUS_CURRENT\x10\x01\x12\x1e\n\x1a\x44OCUMENT_STATUS_SUPERSEDED\x10\x02\x12$\n DOCUMENT_STATUS_ENTERED_IN_ERROR\x10\x03\x32\x8e\x07\n\x10\x44ocumentRegistry\x12g\n\x10RegisterDocument\x12(.hie.registry.v1.RegisterDocumentRequest\x1a).hie.registry.v1.RegisterDocumentResponse\x12v\n\x15RegisterSubmissionSet\x12-.hie.registry.v1.RegisterSubmissionSetRequest\x1a..hie.registry.v1.RegisterSubmissionSetResponse\x12^\n\rFindDocuments\x12%.hie.registry.v1.FindDocumentsRequest\x1a&.hie.registry.v1.FindDocumentsResponse\x12g\n\x10RetrieveDocument\x12(.hie.registry.v1.RetrieveDocumentRequest\x1a).hie.registry.v1.RetrieveDocumentResponse\x12{\n\x16RegisterDocumentStream\x12..hie.registry.v1.RegisterDocumentStreamRequest\x1a/.hie.registry.v1.RegisterDocumentStreamResponse(\x01\x12{\n\x16RetrieveDocumentStream\x12..hie.registry.v1.RetrieveDocumentStreamRequest\x1a/.hie.registry.v1.RetrieveDocumentStreamResponse0\x01\x12g\n\x10GetDocumentEntry\x12(.hie.registry.v1.GetDocumentEntryRequest\x1a).hie.registry.v1.GetDocumentEntryResponse\x12m\n\x12MarkEnteredInError\x12*.hie.registry.v1.MarkEnteredInErrorRequest\x1a+.hie.registry.v1.MarkEnteredInErrorResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehie/registry/v1/registry.proto\x12\x0fhie.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"[\n\x10\x44ocumentRelation\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.hie.registry.v1.RelationType\x12\x1a\n\x12target_document_id\x18\x02 \x01(\t\"H\n\x15ImagingStudyReference\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x13\n\x0bwado_rs_url\x18\x02 \x01(\t\"^\n\x06\x41uthor\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12\x19\n\x11practitioner_name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\"7\n\x06\x43oding\x12\x0e\n\x06system\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07\x64isplay\x18\x03 \x01(\t\"\x8a\x08\n\rDocumentEntry\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x1a\n\x12source_document_id\x18\x02 \x01(\t\x12*\n\x07patient\x18\x03 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x15\n\renterprise_id\x18\x04 \x01(\t\x12\x1e\n\x16source_organization_id\x18\x05 \x01(\t\x12\'\n\x06\x61uthor\x18\x06 \x01(\x0b\x32\x17.hie.registry.v1.Author\x12+\n\nclass_code\x18\x07 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12*\n\ttype_code\x18\x08 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12\x17\n\x0f\x63onfidentiality\x18\t \x01(\t\x12\x17\n\x0fsecurity_labels\x18\n \x03(\t\x12+\n\x07\x63reated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05title\x18\x0c \x01(\t\x12\x10\n\x08language\x18\r \x01(\t\x12\x11\n\tmime_type\x18\x0e \x01(\t\x12\x0c\n\x04size\x18\x0f \x01(\x03\x12\x0e\n\x06sha256\x18\x10 \x01(\t\x12/\n\x06status\x18\x11 \x01(\x0e\x32\x1f.hie.registry.v1.DocumentStatus\x12\x31\n\rservice_start\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bservice_end\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\trelations\x18\x14 \x03(\x0b\x32!.hie.registry.v1.DocumentRelation\x12\x32\n\x0c\x63ontent_kind\x18\x15 \x01(\x0e\x32\x1c.hie.registry.v1.ContentKind\x12=\n\rimaging_study\x18\x16 \x01(\x0b\x32&.hie.registry.v1.ImagingStudyReference\x12,\n\x0bshared_type\x18\x17 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12\x35\n\nrelated_by\x18\x18 \x03(\x0b\x32!.hie.registry.v1.DocumentRelation\x12,\n\x0b\x66ormat_code\x18\x19 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12.\n\rfacility_type\x18\x1a \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12\x31\n\x10practice_setting\x18\x1b \x01(\x0b\x32\x17.hie.registry.v1.Coding\"\xa7\x01\n\x17RegisterDocumentRequest\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x33\n\x08relation\x18\x04 \x01(\x0b\x32!.hie.registry.v1.DocumentRelation\"s\n\x18RegisterDocumentResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"\x93\x01\n\x1cRegisterSubmissionSetRequest\x12;\n\tdocuments\x18\x01 \x03(\x0b\x32(.hie.registry.v1.RegisterDocumentRequest\x12\x36\n\x0esubmission_set\x18\x02 \x01(\x0b\x32\x1e.hie.registry.v1.SubmissionSet\"\xac\x01\n\x1dRegisterSubmissionSetResponse\x12<\n\tdocuments\x18\x01 \x03(\x0b\x32).hie.registry.v1.RegisterDocumentResponse\x12\x15\n\renterprise_id\x18\x02 \x01(\t\x12\x36\n\x0esubmission_set\x18\x03 \x01(\x0b\x32\x1e.hie.registry.v1.SubmissionSet\"\xa3\x02\n\rSubmissionSet\x12\x19\n\x11submission_set_id\x18\x01 \x01(\t\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x1e\n\x16source_organization_id\x18\x03 \x01(\t\x12*\n\x07patient\x18\x04 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x15\n\renterprise_id\x18\x05 \x01(\t\x12\r\n\x05title\x18\x06 \x01(\t\x12-\n\x0c\x63ontent_type\x18\x07 \x01(\x0b\x32\x17.hie.registry.v1.Coding\x12-\n\tsubmitted\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64ocument_ids\x18\t \x03(\t\"q\n\x19\x46indSubmissionSetsRequest\x12*\n\x07patient\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12(\n\x04page\x18\x02 \x01(\x0b\x32\x1a.hie.common.v1.PageRequest\"\x99\x01\n\x1a\x46indSubmissionSetsResponse\x12\x37\n\x0fsubmission_sets\x18\x01 \x03(\x0b\x32\x1e.hie.registry.v1.SubmissionSet\x12)\n\x04page\x18\x02 \x01(\x0b\x32\x1b.hie.common.v1.PageResponse\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"\xcb\x02\n\x14\x46indDocumentsRequest\x12*\n\x07patient\x18\x01 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x12\n\ntype_codes\x18\x02 \x03(\t\x12\x31\n\x08statuses\x18\x03 \x03(\x0e\x32\x1f.hie.registry.v1.DocumentStatus\x12(\n\x04page\x18\x04 \x01(\x0b\x32\x1a.hie.common.v1.PageRequest\x12\x13\n\x0b\x63lass_codes\x18\x05 \x03(\t\x12\x30\n\x0cservice_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nservice_to\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17source_organization_ids\x18\x08 \x03(\t\"\xa3\x01\n\x15\x46indDocumentsResponse\x12\x15\n\renterprise_id\x18\x01 \x01(\t\x12/\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12)\n\x04page\x18\x03 \x01(\x0b\x32\x1b.hie.common.v1.PageResponse\x12\x17\n\x0f\x61udit_event_ids\x18\x04 \x03(\t\".\n\x17RetrieveDocumentRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"s\n\x18RetrieveDocumentResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"t\n\x1dRegisterDocumentStreamRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.hie.registry.v1.RegisterDocumentRequestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"y\n\x1eRegisterDocumentStreamResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\t\"4\n\x1dRetrieveDocumentStreamRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"\x83\x01\n\x1eRetrieveDocumentStreamResponse\x12/\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntryH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x17\n\x0f\x61udit_event_ids\x18\x03 \x03(\tB\x06\n\x04part\".\n\x17GetDocumentEntryRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"b\n\x18GetDocumentEntryResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t\"I\n\x19MarkEnteredInErrorRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"d\n\x1aMarkEnteredInErrorResponse\x12-\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1e.hie.registry.v1.DocumentEntry\x12\x17\n\x0f\x61udit_event_ids\x18\x02 \x03(\t*\x82\x01\n\x0cRelationType\x12\x1d\n\x19RELATION_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RELATION_TYPE_REPLACES\x10\x01\x12\x19\n\x15RELATION_TYPE_APPENDS\x10\x02\x12\x1c\n\x18RELATION_TYPE_TRANSFORMS\x10\x03*d\n\x0b\x43ontentKind\x12\x1c\n\x18\x43ONTENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ONTENT_KIND_INLINE\x10\x01\x12\x1e\n\x1a\x43ONTENT_KIND_IMAGING_STUDY\x10\x02*\x94\x01\n\x0e\x44ocumentStatus\x12\x1f\n\x1b\x44OCUMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44OCUMENT_STATUS_CURRENT\x10\x01\x12\x1e\n\x1a\x44OCUMENT_STATUS_SUPERSEDED\x10\x02\x12$\n DOCUMENT_STATUS_ENTERED_IN_ERROR\x10\x03\x32\xfd\x07\n\x10\x44ocumentRegistry\x12g\n\x10RegisterDocument\x12(.hie.registry.v1.RegisterDocumentRequest\x1a).hie.registry.v1.RegisterDocumentResponse\x12v\n\x15RegisterSubmissionSet\x12-.hie.registry.v1.RegisterSubmissionSetRequest\x1a..hie.registry.v1.RegisterSubmissionSetResponse\x12^\n\rFindDocuments\x12%.hie.registry.v1.FindDocumentsRequest\x1a&.hie.registry.v1.FindDocumentsResponse\x12g\n\x10RetrieveDocument\x12(.hie.registry.v1.RetrieveDocumentRequest\x1a).hie.registry.v1.RetrieveDocumentResponse\x12{\n\x16RegisterDocumentStream\x12..hie.registry.v1.RegisterDocumentStreamRequest\x1a/.hie.registry.v1.RegisterDocumentStreamResponse(\x01\x12{\n\x16RetrieveDocumentStream\x12..hie.registry.v1.RetrieveDocumentStreamRequest\x1a/.hie.registry.v1.RetrieveDocumentStreamResponse0\x01\x12g\n\x10GetDocumentEntry\x12(.hie.registry.v1.GetDocumentEntryRequest\x1a).hie.registry.v1.GetDocumentEntryResponse\x12m\n\x12MarkEnteredInError\x12*.hie.registry.v1.MarkEnteredInErrorRequest\x1a+.hie.registry.v1.MarkEnteredInErrorResponse\x12m\n\x12\x46indSubmissionSets\x12*.hie.registry.v1.FindSubmissionSetsRequest\x1a+.hie.registry.v1.FindSubmissionSetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hie.registry.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RELATIONTYPE']._serialized_start=3217
-  _globals['_RELATIONTYPE']._serialized_end=3347
-  _globals['_CONTENTKIND']._serialized_start=3349
-  _globals['_CONTENTKIND']._serialized_end=3449
-  _globals['_DOCUMENTSTATUS']._serialized_start=3452
-  _globals['_DOCUMENTSTATUS']._serialized_end=3600
+  _globals['_RELATIONTYPE']._serialized_start=4066
+  _globals['_RELATIONTYPE']._serialized_end=4196
+  _globals['_CONTENTKIND']._serialized_start=4198
+  _globals['_CONTENTKIND']._serialized_end=4298
+  _globals['_DOCUMENTSTATUS']._serialized_start=4301
+  _globals['_DOCUMENTSTATUS']._serialized_end=4449
   _globals['_DOCUMENTRELATION']._serialized_start=112
   _globals['_DOCUMENTRELATION']._serialized_end=203
   _globals['_IMAGINGSTUDYREFERENCE']._serialized_start=205
@@ -49,39 +49,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CODING']._serialized_start=375
   _globals['_CODING']._serialized_end=430
   _globals['_DOCUMENTENTRY']._serialized_start=433
-  _globals['_DOCUMENTENTRY']._serialized_end=1322
-  _globals['_REGISTERDOCUMENTREQUEST']._serialized_start=1325
-  _globals['_REGISTERDOCUMENTREQUEST']._serialized_end=1492
-  _globals['_REGISTERDOCUMENTRESPONSE']._serialized_start=1494
-  _globals['_REGISTERDOCUMENTRESPONSE']._serialized_end=1609
-  _globals['_REGISTERSUBMISSIONSETREQUEST']._serialized_start=1611
-  _globals['_REGISTERSUBMISSIONSETREQUEST']._serialized_end=1702
-  _globals['_REGISTERSUBMISSIONSETRESPONSE']._serialized_start=1704
-  _globals['_REGISTERSUBMISSIONSETRESPONSE']._serialized_end=1820
-  _globals['_FINDDOCUMENTSREQUEST']._serialized_start=1823
-  _globals['_FINDDOCUMENTSREQUEST']._serialized_end=2154
-  _globals['_FINDDOCUMENTSRESPONSE']._serialized_start=2157
-  _globals['_FINDDOCUMENTSRESPONSE']._serialized_end=2320
-  _globals['_RETRIEVEDOCUMENTREQUEST']._serialized_start=2322
-  _globals['_RETRIEVEDOCUMENTREQUEST']._serialized_end=2368
-  _globals['_RETRIEVEDOCUMENTRESPONSE']._serialized_start=2370
-  _globals['_RETRIEVEDOCUMENTRESPONSE']._serialized_end=2485
-  _globals['_REGISTERDOCUMENTSTREAMREQUEST']._serialized_start=2487
-  _globals['_REGISTERDOCUMENTSTREAMREQUEST']._serialized_end=2603
-  _globals['_REGISTERDOCUMENTSTREAMRESPONSE']._serialized_start=2605
-  _globals['_REGISTERDOCUMENTSTREAMRESPONSE']._serialized_end=2726
-  _globals['_RETRIEVEDOCUMENTSTREAMREQUEST']._serialized_start=2728
-  _globals['_RETRIEVEDOCUMENTSTREAMREQUEST']._serialized_end=2780
-  _globals['_RETRIEVEDOCUMENTSTREAMRESPONSE']._serialized_start=2783
-  _globals['_RETRIEVEDOCUMENTSTREAMRESPONSE']._serialized_end=2914
-  _globals['_GETDOCUMENTENTRYREQUEST']._serialized_start=2916
-  _globals['_GETDOCUMENTENTRYREQUEST']._serialized_end=2962
-  _globals['_GETDOCUMENTENTRYRESPONSE']._serialized_start=2964
-  _globals['_GETDOCUMENTENTRYRESPONSE']._serialized_end=3062
-  _globals['_MARKENTEREDINERRORREQUEST']._serialized_start=3064
-  _globals['_MARKENTEREDINERRORREQUEST']._serialized_end=3112
-  _globals['_MARKENTEREDINERRORRESPONSE']._serialized_start=3114
-  _globals['_MARKENTEREDINERRORRESPONSE']._serialized_end=3214
-  _globals['_DOCUMENTREGISTRY']._serialized_start=3603
-  _globals['_DOCUMENTREGISTRY']._serialized_end=4513
+  _globals['_DOCUMENTENTRY']._serialized_end=1467
+  _globals['_REGISTERDOCUMENTREQUEST']._serialized_start=1470
+  _globals['_REGISTERDOCUMENTREQUEST']._serialized_end=1637
+  _globals['_REGISTERDOCUMENTRESPONSE']._serialized_start=1639
+  _globals['_REGISTERDOCUMENTRESPONSE']._serialized_end=1754
+  _globals['_REGISTERSUBMISSIONSETREQUEST']._serialized_start=1757
+  _globals['_REGISTERSUBMISSIONSETREQUEST']._serialized_end=1904
+  _globals['_REGISTERSUBMISSIONSETRESPONSE']._serialized_start=1907
+  _globals['_REGISTERSUBMISSIONSETRESPONSE']._serialized_end=2079
+  _globals['_SUBMISSIONSET']._serialized_start=2082
+  _globals['_SUBMISSIONSET']._serialized_end=2373
+  _globals['_FINDSUBMISSIONSETSREQUEST']._serialized_start=2375
+  _globals['_FINDSUBMISSIONSETSREQUEST']._serialized_end=2488
+  _globals['_FINDSUBMISSIONSETSRESPONSE']._serialized_start=2491
+  _globals['_FINDSUBMISSIONSETSRESPONSE']._serialized_end=2644
+  _globals['_FINDDOCUMENTSREQUEST']._serialized_start=2647
+  _globals['_FINDDOCUMENTSREQUEST']._serialized_end=2978
+  _globals['_FINDDOCUMENTSRESPONSE']._serialized_start=2981
+  _globals['_FINDDOCUMENTSRESPONSE']._serialized_end=3144
+  _globals['_RETRIEVEDOCUMENTREQUEST']._serialized_start=3146
+  _globals['_RETRIEVEDOCUMENTREQUEST']._serialized_end=3192
+  _globals['_RETRIEVEDOCUMENTRESPONSE']._serialized_start=3194
+  _globals['_RETRIEVEDOCUMENTRESPONSE']._serialized_end=3309
+  _globals['_REGISTERDOCUMENTSTREAMREQUEST']._serialized_start=3311
+  _globals['_REGISTERDOCUMENTSTREAMREQUEST']._serialized_end=3427
+  _globals['_REGISTERDOCUMENTSTREAMRESPONSE']._serialized_start=3429
+  _globals['_REGISTERDOCUMENTSTREAMRESPONSE']._serialized_end=3550
+  _globals['_RETRIEVEDOCUMENTSTREAMREQUEST']._serialized_start=3552
+  _globals['_RETRIEVEDOCUMENTSTREAMREQUEST']._serialized_end=3604
+  _globals['_RETRIEVEDOCUMENTSTREAMRESPONSE']._serialized_start=3607
+  _globals['_RETRIEVEDOCUMENTSTREAMRESPONSE']._serialized_end=3738
+  _globals['_GETDOCUMENTENTRYREQUEST']._serialized_start=3740
+  _globals['_GETDOCUMENTENTRYREQUEST']._serialized_end=3786
+  _globals['_GETDOCUMENTENTRYRESPONSE']._serialized_start=3788
+  _globals['_GETDOCUMENTENTRYRESPONSE']._serialized_end=3886
+  _globals['_MARKENTEREDINERRORREQUEST']._serialized_start=3888
+  _globals['_MARKENTEREDINERRORREQUEST']._serialized_end=3961
+  _globals['_MARKENTEREDINERRORRESPONSE']._serialized_start=3963
+  _globals['_MARKENTEREDINERRORRESPONSE']._serialized_end=4063
+  _globals['_DOCUMENTREGISTRY']._serialized_start=4452
+  _globals['_DOCUMENTREGISTRY']._serialized_end=5473
 # @@protoc_insertion_point(module_scope)

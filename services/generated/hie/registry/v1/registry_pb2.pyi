@@ -82,7 +82,7 @@ class Coding(_message.Message):
     def __init__(self, system: _Optional[str] = ..., code: _Optional[str] = ..., display: _Optional[str] = ...) -> None: ...
 
 class DocumentEntry(_message.Message):
-    __slots__ = ("document_id", "source_document_id", "patient", "enterprise_id", "source_organization_id", "author", "class_code", "type_code", "confidentiality", "security_labels", "created", "title", "language", "mime_type", "size", "sha256", "status", "service_start", "service_end", "relations", "content_kind", "imaging_study", "shared_type", "related_by")
+    __slots__ = ("document_id", "source_document_id", "patient", "enterprise_id", "source_organization_id", "author", "class_code", "type_code", "confidentiality", "security_labels", "created", "title", "language", "mime_type", "size", "sha256", "status", "service_start", "service_end", "relations", "content_kind", "imaging_study", "shared_type", "related_by", "format_code", "facility_type", "practice_setting")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,9 @@ class DocumentEntry(_message.Message):
     IMAGING_STUDY_FIELD_NUMBER: _ClassVar[int]
     SHARED_TYPE_FIELD_NUMBER: _ClassVar[int]
     RELATED_BY_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_CODE_FIELD_NUMBER: _ClassVar[int]
+    FACILITY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PRACTICE_SETTING_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     source_document_id: str
     patient: _common_pb2.PatientRef
@@ -131,7 +134,10 @@ class DocumentEntry(_message.Message):
     imaging_study: ImagingStudyReference
     shared_type: Coding
     related_by: _containers.RepeatedCompositeFieldContainer[DocumentRelation]
-    def __init__(self, document_id: _Optional[str] = ..., source_document_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., author: _Optional[_Union[Author, _Mapping]] = ..., class_code: _Optional[_Union[Coding, _Mapping]] = ..., type_code: _Optional[_Union[Coding, _Mapping]] = ..., confidentiality: _Optional[str] = ..., security_labels: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., title: _Optional[str] = ..., language: _Optional[str] = ..., mime_type: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., status: _Optional[_Union[DocumentStatus, str]] = ..., service_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., service_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., relations: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ..., content_kind: _Optional[_Union[ContentKind, str]] = ..., imaging_study: _Optional[_Union[ImagingStudyReference, _Mapping]] = ..., shared_type: _Optional[_Union[Coding, _Mapping]] = ..., related_by: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ...) -> None: ...
+    format_code: Coding
+    facility_type: Coding
+    practice_setting: Coding
+    def __init__(self, document_id: _Optional[str] = ..., source_document_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., author: _Optional[_Union[Author, _Mapping]] = ..., class_code: _Optional[_Union[Coding, _Mapping]] = ..., type_code: _Optional[_Union[Coding, _Mapping]] = ..., confidentiality: _Optional[str] = ..., security_labels: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., title: _Optional[str] = ..., language: _Optional[str] = ..., mime_type: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., status: _Optional[_Union[DocumentStatus, str]] = ..., service_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., service_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., relations: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ..., content_kind: _Optional[_Union[ContentKind, str]] = ..., imaging_study: _Optional[_Union[ImagingStudyReference, _Mapping]] = ..., shared_type: _Optional[_Union[Coding, _Mapping]] = ..., related_by: _Optional[_Iterable[_Union[DocumentRelation, _Mapping]]] = ..., format_code: _Optional[_Union[Coding, _Mapping]] = ..., facility_type: _Optional[_Union[Coding, _Mapping]] = ..., practice_setting: _Optional[_Union[Coding, _Mapping]] = ...) -> None: ...
 
 class RegisterDocumentRequest(_message.Message):
     __slots__ = ("entry", "content", "idempotency_key", "relation")
@@ -156,18 +162,62 @@ class RegisterDocumentResponse(_message.Message):
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., created: _Optional[bool] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterSubmissionSetRequest(_message.Message):
-    __slots__ = ("documents",)
+    __slots__ = ("documents", "submission_set")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    SUBMISSION_SET_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[RegisterDocumentRequest]
-    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentRequest, _Mapping]]] = ...) -> None: ...
+    submission_set: SubmissionSet
+    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentRequest, _Mapping]]] = ..., submission_set: _Optional[_Union[SubmissionSet, _Mapping]] = ...) -> None: ...
 
 class RegisterSubmissionSetResponse(_message.Message):
-    __slots__ = ("documents", "enterprise_id")
+    __slots__ = ("documents", "enterprise_id", "submission_set")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBMISSION_SET_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[RegisterDocumentResponse]
     enterprise_id: str
-    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentResponse, _Mapping]]] = ..., enterprise_id: _Optional[str] = ...) -> None: ...
+    submission_set: SubmissionSet
+    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentResponse, _Mapping]]] = ..., enterprise_id: _Optional[str] = ..., submission_set: _Optional[_Union[SubmissionSet, _Mapping]] = ...) -> None: ...
+
+class SubmissionSet(_message.Message):
+    __slots__ = ("submission_set_id", "source_id", "source_organization_id", "patient", "enterprise_id", "title", "content_type", "submitted", "document_ids")
+    SUBMISSION_SET_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    submission_set_id: str
+    source_id: str
+    source_organization_id: str
+    patient: _common_pb2.PatientRef
+    enterprise_id: str
+    title: str
+    content_type: Coding
+    submitted: _timestamp_pb2.Timestamp
+    document_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, submission_set_id: _Optional[str] = ..., source_id: _Optional[str] = ..., source_organization_id: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., enterprise_id: _Optional[str] = ..., title: _Optional[str] = ..., content_type: _Optional[_Union[Coding, _Mapping]] = ..., submitted: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FindSubmissionSetsRequest(_message.Message):
+    __slots__ = ("patient", "page")
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    patient: _common_pb2.PatientRef
+    page: _common_pb2.PageRequest
+    def __init__(self, patient: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ...) -> None: ...
+
+class FindSubmissionSetsResponse(_message.Message):
+    __slots__ = ("submission_sets", "page", "audit_event_ids")
+    SUBMISSION_SETS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    submission_sets: _containers.RepeatedCompositeFieldContainer[SubmissionSet]
+    page: _common_pb2.PageResponse
+    audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, submission_sets: _Optional[_Iterable[_Union[SubmissionSet, _Mapping]]] = ..., page: _Optional[_Union[_common_pb2.PageResponse, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FindDocumentsRequest(_message.Message):
     __slots__ = ("patient", "type_codes", "statuses", "page", "class_codes", "service_from", "service_to", "source_organization_ids")
@@ -266,10 +316,12 @@ class GetDocumentEntryResponse(_message.Message):
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MarkEnteredInErrorRequest(_message.Message):
-    __slots__ = ("document_id",)
+    __slots__ = ("document_id", "idempotency_key")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     document_id: str
-    def __init__(self, document_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, document_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MarkEnteredInErrorResponse(_message.Message):
     __slots__ = ("entry", "audit_event_ids")

@@ -75,6 +75,11 @@ class DocumentRegistryStub:
                 request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorRequest.SerializeToString,
                 response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorResponse.FromString,
                 _registered_method=True)
+        self.FindSubmissionSets = channel.unary_unary(
+                '/hie.registry.v1.DocumentRegistry/FindSubmissionSets',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsResponse.FromString,
+                _registered_method=True)
 
 
 class DocumentRegistryServicer:
@@ -143,6 +148,14 @@ class DocumentRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindSubmissionSets(self, request, context):
+        """The submission sets of a person (MHD ITI-66 Find Document Lists), each with the members the
+        caller may see (consent-filtered, audited); newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DocumentRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +198,11 @@ def add_DocumentRegistryServicer_to_server(servicer, server):
                     servicer.MarkEnteredInError,
                     request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorRequest.FromString,
                     response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorResponse.SerializeToString,
+            ),
+            'FindSubmissionSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindSubmissionSets,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +421,33 @@ class DocumentRegistry:
             '/hie.registry.v1.DocumentRegistry/MarkEnteredInError',
             hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorRequest.SerializeToString,
             hie_dot_registry_dot_v1_dot_registry__pb2.MarkEnteredInErrorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindSubmissionSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.registry.v1.DocumentRegistry/FindSubmissionSets',
+            hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -303,12 +303,14 @@ class GetConsultationResponse(_message.Message):
     def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ...) -> None: ...
 
 class AcceptConsultationRequest(_message.Message):
-    __slots__ = ("consultation_id", "reason")
+    __slots__ = ("consultation_id", "reason", "idempotency_key")
     CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     consultation_id: str
     reason: str
-    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AcceptConsultationResponse(_message.Message):
     __slots__ = ("consultation", "audit_event_ids")
@@ -319,12 +321,14 @@ class AcceptConsultationResponse(_message.Message):
     def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelConsultationRequest(_message.Message):
-    __slots__ = ("consultation_id", "reason")
+    __slots__ = ("consultation_id", "reason", "idempotency_key")
     CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     consultation_id: str
     reason: str
-    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, consultation_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CancelConsultationResponse(_message.Message):
     __slots__ = ("consultation", "audit_event_ids")
@@ -335,7 +339,7 @@ class CancelConsultationResponse(_message.Message):
     def __init__(self, consultation: _Optional[_Union[Consultation, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MoveConsultationRequest(_message.Message):
-    __slots__ = ("consultation_id", "move", "reason", "request_key", "decline_code", "assignee_ids", "slot_ids", "text", "document_ids", "imaging_studies", "informed_consent", "report", "signature_jws", "report_json")
+    __slots__ = ("consultation_id", "move", "reason", "request_key", "decline_code", "assignee_ids", "slot_ids", "text", "document_ids", "imaging_studies", "informed_consent", "report", "signature_jws", "report_json", "idempotency_key")
     CONSULTATION_ID_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +354,7 @@ class MoveConsultationRequest(_message.Message):
     REPORT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_JWS_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     consultation_id: str
     move: str
     reason: str
@@ -364,7 +369,8 @@ class MoveConsultationRequest(_message.Message):
     report: ReportContent
     signature_jws: str
     report_json: str
-    def __init__(self, consultation_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., decline_code: _Optional[str] = ..., assignee_ids: _Optional[_Iterable[str]] = ..., slot_ids: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., imaging_studies: _Optional[_Iterable[_Union[ImagingStudy, _Mapping]]] = ..., informed_consent: _Optional[_Union[InformedConsent, _Mapping]] = ..., report: _Optional[_Union[ReportContent, _Mapping]] = ..., signature_jws: _Optional[str] = ..., report_json: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, consultation_id: _Optional[str] = ..., move: _Optional[str] = ..., reason: _Optional[str] = ..., request_key: _Optional[str] = ..., decline_code: _Optional[str] = ..., assignee_ids: _Optional[_Iterable[str]] = ..., slot_ids: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., imaging_studies: _Optional[_Iterable[_Union[ImagingStudy, _Mapping]]] = ..., informed_consent: _Optional[_Union[InformedConsent, _Mapping]] = ..., report: _Optional[_Union[ReportContent, _Mapping]] = ..., signature_jws: _Optional[str] = ..., report_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MoveConsultationResponse(_message.Message):
     __slots__ = ("consultation", "audit_event_ids")

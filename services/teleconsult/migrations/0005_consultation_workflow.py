@@ -5,8 +5,8 @@ Existing rows are sealed in place with the keys the runner passes (`protection`)
 consultation's clear question moves into `consultation.sealed` and every history reason is
 sealed, so no clear copy remains.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-05 22:00:00
 """
 
@@ -17,8 +17,8 @@ from alembic import context, op
 
 import services.shared.db
 
-revision: str = "0004"
-down_revision: str | None = "0003"
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

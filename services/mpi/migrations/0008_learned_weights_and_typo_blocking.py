@@ -1,0 +1,88 @@
+"""weights learned from the index's records (`match_estimate`), and typo-tolerant blocking: file
+every active record under its new `di:`, `pp:` and `pn:` keys
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-22 10:00:00
+
+`match_estimate` holds EM estimates of m / u per comparison level with what they rest on
+(records, candidate pairs, random pairs): aggregates only. Matching also looks candidates up by
+the birth date with the initial of each name part and by the postcode with the first letters of
+each Latin name part (the whole name of a Han one): `matching._typo_tolerant_keys`. As in 0006,
+each active record gets its new keys from its opened personal data with the keys the runner
+passes (blind indexes cannot be derived from each other); the keys it has are kept.
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import context, op
+
+import services.shared.db
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+_BATCH = 1000
+
+
+def upgrade() -> None:
+    op.create_table(
+        "match_estimate",
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("estimated_at", services.shared.db.UtcDateTime(timezone=True), nullable=False),
+        sa.Column("source", sa.String(length=32), nullable=False),
+        sa.Column("records", sa.Integer(), nullable=False),
+        sa.Column("candidate_pairs", sa.Integer(), nullable=False),
+        sa.Column("random_pairs", sa.Integer(), nullable=False),
+        sa.Column("parameters", sa.Text(), nullable=False),
+    )
+    bind = op.get_bind()
+    if not bind.execute(sa.text("SELECT count(*) FROM patient WHERE merged_into IS NULL")).scalar():
+        return
+    protection = context.config.attributes.get("protection")
+    if protection is None:
+        raise RuntimeError("re-keying the mpi's existing records needs the data keys (HIE_DATA_KEYS_FILE)")
+
+    from services.mpi import matching
+    from services.mpi.store import RecordSealing, match_record_of_row
+
+    sealing = RecordSealing(protection)  # type: ignore[arg-type]
+    after = ""
+    while True:
+        rows = (
+            bind.execute(
+                sa.text(
+                    "SELECT id, domain, enterprise_id, sealed, gender, birth_date, province, city, district, "
+                    "postal_code FROM patient WHERE id > :after AND merged_into IS NULL ORDER BY id LIMIT :n"
+                ),
+                {"after": after, "n": _BATCH},
+            )
+            .mappings()
+            .all()
+        )
+        if not rows:
+            break
+        new = []
+        for row in rows:
+            record = match_record_of_row(_dated(row), sealing)
+            new += [{"k": sealing.key(k), "p": row["id"]} for k in sorted(matching.blocking_keys(record))]
+        bind.execute(sa.text("INSERT INTO blocking_key (key, patient_id) VALUES (:k, :p) ON CONFLICT DO NOTHING"), new)
+        after = rows[-1]["id"]
+
+
+def _dated(row: sa.RowMapping) -> dict[str, object]:
+    # SQLite hands a DATE column back as text through plain SQL.
+    values = dict(row)
+    if isinstance(values["birth_date"], str):
+        import datetime
+
+        values["birth_date"] = datetime.date.fromisoformat(values["birth_date"])
+    return values
+
+
+def downgrade() -> None:
+    # The new keys cannot be told from the others (blind indexes); the old code never reads them.
+    op.drop_table("match_estimate")

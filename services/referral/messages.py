@@ -1,0 +1,38 @@
+"""Referral protobuf messages of the rows that need no unsealing (slots, bed counts)."""
+
+from __future__ import annotations
+
+import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hie.referral.v1 import referral_pb2
+from services.referral.store import BedCountRecord, SlotRecord
+
+
+def timestamp(value: datetime.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def slot(record: SlotRecord) -> referral_pb2.Slot:
+    return referral_pb2.Slot(
+        slot_id=record.id,
+        organization_id=record.organization_id,
+        department=record.department,
+        start=timestamp(record.start_at),
+        end=timestamp(record.end_at),
+        status="busy" if record.referral_id else "free",
+    )
+
+
+def bed_count(record: BedCountRecord) -> referral_pb2.BedCount:
+    return referral_pb2.BedCount(
+        organization_id=record.organization_id,
+        department=record.department,
+        total=record.total,
+        reserved=record.reserved,
+    )

@@ -1,0 +1,35 @@
+"""the first answer to a keyed write (creation, workflow move), kept with the write
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-05 21:30:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from services.shared.db import UtcDateTime
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "idempotent_answer",
+        sa.Column("organization_id", sa.String(length=64), nullable=False),
+        sa.Column("idempotency_key", sa.String(length=128), nullable=False),
+        sa.Column("operation", sa.String(length=64), nullable=False),
+        sa.Column("fingerprint", sa.String(length=64), nullable=False),
+        sa.Column("response", sa.LargeBinary(), nullable=False),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("organization_id", "idempotency_key", name="pk_idempotent_answer"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("idempotent_answer")

@@ -1,0 +1,363 @@
+"""The web console in a real headless Chromium (Playwright, Debian's /usr/bin/chromium) against
+the running exchange: people sign in with authorization code + PKCE, and every screen works
+through the exchange's public API. Screenshots go to test-artifacts/console/ (gitignored)."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli_users import add_console_user
+from gateway.client import new_traceparent
+from gateway.demo import discharge_summary_cda
+from tests.conftest import Exchange
+from tests.factories import document, person
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
+AXE = Path(__file__).resolve().parents[1] / "support" / "axe" / "axe.min.js"
+PASSWORD = "正确的马电池订书钉-42"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
+playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is in the test extras")
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as p:
+        launched = await p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(locale="zh-CN")
+    opened = await context.new_page()
+    opened.csp_violations = []  # type: ignore[attr-defined]
+    opened.on(
+        "console",
+        lambda message: (
+            opened.csp_violations.append(message.text)  # type: ignore[attr-defined]
+            if "Content Security Policy" in message.text
+            else None
+        ),
+    )
+    try:
+        yield opened
+    finally:
+        await context.close()
+
+
+async def sign_in(page: Any, base_url: str, org: str, username: str, password: str) -> None:
+    await page.goto(f"{base_url}/console/login")
+    await page.get_by_label("机构代码").fill(org)
+    await page.get_by_label("用户名").fill(username)
+    await page.get_by_label("密码").fill(password)
+    await page.get_by_role("button", name="登录", exact=True).click()
+    await page.wait_for_load_state()
+
+
+async def screenshot(page: Any, name: str, backend: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}-{backend}.png"), full_page=True)
+
+
+async def check_accessibility(page: Any) -> None:
+    """axe-core on the current page: no serious or critical violation (forms labelled, etc.)."""
+    # Injected through the DevTools protocol (page.evaluate), which the page's CSP does not
+    # govern: a <script> tag would be refused, as it should be.
+    await page.evaluate(AXE.read_text(encoding="utf-8") + "\n;true")
+    result = await page.evaluate(
+        "async () => await axe.run(document, {runOnly: ['wcag2a', 'wcag2aa', 'best-practice']})"
+    )
+    bad = [
+        (v["id"], [n["target"] for n in v["nodes"]][:3])
+        for v in result["violations"]
+        if v["impact"] in {"serious", "critical"}
+    ]
+    assert bad == [], json.dumps(bad, ensure_ascii=False)
+
+
+async def _hospitals(exchange: Exchange) -> tuple[Any, Any]:
+    a = await exchange.member(name="市第一人民医院")
+    b = await exchange.member(name="城东社区卫生服务中心")
+    return a, b
+
+
+async def _user(exchange: Exchange, org: str, role: str, name: str, department: str = "") -> str:
+    username = f"{role[:4]}{secrets.token_hex(3)}"
+    await add_console_user(
+        exchange.settings,
+        org_id=org,
+        username=username,
+        display_name=name,
+        role=role,
+        department=department,
+        password=PASSWORD,
+    )
+    return username
+
+
+async def _shared_document(exchange: Exchange, a: Any, b: Any, trace_id: str) -> str:
+    """张三 at both hospitals; A registers a discharge summary and B reads it, in one trace."""
+    patient = person("张三", family="张", given="三", address={"province": "北京市", "line": "金融街 1 号"})
+    assert (await a.call("POST", "/api/v1/patients", json={"local_id": "A-1", **patient})).status_code == 201
+    assert (await b.call("POST", "/api/v1/patients", json={"local_id": "B-1", **patient})).status_code == 201
+    registered = await a.call(
+        "POST",
+        "/api/v1/documents",
+        json=document("A-1", discharge_summary_cda("张三")),
+        traceparent=new_traceparent(trace_id),
+    )
+    assert registered.status_code == 201, registered.text
+    document_id = registered.json()["document_id"]
+    read = await b.call("GET", f"/api/v1/documents/{document_id}/content", traceparent=new_traceparent(trace_id))
+    assert read.status_code == 200
+    await exchange.audit_settled()
+    return str(document_id)
+
+
+async def test_auditor_follows_a_trace_across_two_hospitals(exchange: Exchange, page: Any) -> None:
+    a, b = await _hospitals(exchange)
+    authority = await exchange.member(type="authority", name="市卫健委")
+    trace_id = secrets.token_hex(16)
+    await _shared_document(exchange, a, b, trace_id)
+    auditor = await _user(exchange, authority.org_id, "auditor", "陈审计", "医政医管处")  # type: ignore[attr-defined]
+
+    await sign_in(page, exchange.base_url, authority.org_id, auditor, PASSWORD)  # type: ignore[attr-defined]
+    assert page.url.endswith("/console/audit")
+    await page.get_by_label("追踪号").fill(trace_id)
+    await page.get_by_role("button", name="查询").click()
+    rows = page.locator("table.events tbody tr")
+    assert await rows.count() >= 2
+    await check_accessibility(page)
+    await screenshot(page, "auditor-search", exchange.backend)
+
+    await rows.first.get_by_role("link").click()
+    await page.wait_for_url(re.compile(f"/console/audit/trace/{trace_id}"))
+    lanes = {await item.get_attribute("data-org") for item in await page.locator("ol.timeline li").all()}
+    assert {a.org_id, b.org_id} <= lanes  # type: ignore[attr-defined]
+    assert await page.locator("ol.timeline li[aria-current=true]").count() == 1
+    await screenshot(page, "auditor-timeline", exchange.backend)
+
+    # The console's own calls are audited, naming the person.
+    await exchange.audit_settled()
+    await page.goto(f"{exchange.base_url}/console/audit?practitioner_id={auditor}&all=1")
+    assert await page.locator("table.events tbody tr").count() >= 1
+    assert "陈审计" in await page.locator("table.events").inner_text()
+
+    await page.goto(f"{exchange.base_url}/console/audit/overview")
+    assert "完整" in await page.locator("#chain-status").inner_text()
+    assert await page.locator("#checkpoint").count() == 1
+    assert await page.locator("svg.chart").count() >= 1
+    await screenshot(page, "auditor-overview", exchange.backend)
+
+    export = await page.request.get(f"{exchange.base_url}/console/audit/export.csv?trace_id={trace_id}")
+    assert export.status == 200
+    assert (await export.text()).splitlines()[0].startswith("event_id,")
+
+    await page.goto(
+        f"{exchange.base_url}/console/audit/patient-access?patient_domain={a.org_id}&patient_local_id=A-1"  # type: ignore[attr-defined]
+    )
+    assert await page.locator("table.events tbody tr").count() >= 1
+    await check_accessibility(page)
+    await screenshot(page, "auditor-patient-access", exchange.backend)
+    assert page.csp_violations == []  # type: ignore[attr-defined]
+
+
+async def test_steward_resolves_a_review_task(exchange: Exchange, page: Any) -> None:
+    a, b = await _hospitals(exchange)
+    born = f"{1940 + secrets.randbelow(60)}-{1 + secrets.randbelow(12):02d}-{1 + secrets.randbelow(28):02d}"
+    local = f"RV-{secrets.token_hex(3)}"
+    common = {"name": "王芳", "gender": "female", "birth_date": born}
+    await a.call("POST", "/api/v1/patients", json={"local_id": local, **common, "phones": ["13811110001"]})
+    await b.call("POST", "/api/v1/patients", json={"local_id": local, **common, "phones": ["13922220002"]})
+    steward = await _user(exchange, b.org_id, "data-steward", "吴管理", "病案室")  # type: ignore[attr-defined]
+
+    await sign_in(page, exchange.base_url, b.org_id, steward, PASSWORD)  # type: ignore[attr-defined]
+    assert page.url.endswith("/console/steward")
+    task = page.locator("section.task", has_text=born)
+    assert await task.count() == 1
+    assert "王芳" in await task.inner_text()
+    await check_accessibility(page)
+    await screenshot(page, "steward-queue", exchange.backend)
+    await task.get_by_role("button", name="认领").click()
+    task = page.locator("section.task", has_text=born)
+    assert steward in await task.inner_text()
+    await task.get_by_role("button", name="同一人").click()
+    await screenshot(page, "steward-confirm", exchange.backend)
+    await page.get_by_role("button", name="确认").click()
+    await page.wait_for_url(re.compile("/console/steward"))
+    assert await page.locator("section.task", has_text=born).count() == 0
+
+    await page.goto(f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={local}")  # type: ignore[attr-defined]
+    history = await page.locator("table").inner_text()
+    assert a.org_id in history  # type: ignore[attr-defined]
+    await screenshot(page, "steward-history", exchange.backend)
+    assert page.csp_violations == []  # type: ignore[attr-defined]
+
+
+async def test_clinician_finds_a_patient_and_opens_a_shared_document(exchange: Exchange, page: Any) -> None:
+    a, b = await _hospitals(exchange)
+    await _shared_document(exchange, a, b, secrets.token_hex(16))
+    doctor = await _user(exchange, b.org_id, "doctor", "李医生", "全科")  # type: ignore[attr-defined]
+
+    await sign_in(page, exchange.base_url, b.org_id, doctor, PASSWORD)  # type: ignore[attr-defined]
+    assert page.url.endswith("/console/clinician")
+    await page.get_by_label("姓", exact=True).fill("张")
+    await page.get_by_label("名", exact=True).fill("三")
+    await page.get_by_role("button", name="查询").click()
+    row = page.locator("table.patients tbody tr", has_text=b.org_id)  # type: ignore[attr-defined]
+    assert "张三" in await row.first.inner_text()
+    await check_accessibility(page)
+    await screenshot(page, "clinician-search", exchange.backend)
+    await row.first.get_by_role("link").click()
+    assert "出院小结" in await page.locator("table.documents").inner_text()
+    await screenshot(page, "clinician-documents", exchange.backend)
+    await page.locator("table.documents").get_by_role("link").first.click()
+    viewer = await page.locator("article.cda").inner_text()
+    assert "社区获得性肺炎" in viewer
+    assert await page.locator("section.placeholder").count() == 0  # worklists live on the search screen
+    await screenshot(page, "clinician-viewer", exchange.backend)
+    assert page.csp_violations == []  # type: ignore[attr-defined]
+
+
+async def test_wrong_password_locks_after_the_limit(exchange: Exchange, page: Any) -> None:
+    a, _ = await _hospitals(exchange)
+    username = await _user(exchange, a.org_id, "doctor", "王医生")  # type: ignore[attr-defined]
+    for _ in range(4):
+        await sign_in(page, exchange.base_url, a.org_id, username, "not-the-password")  # type: ignore[attr-defined]
+        assert "用户名或密码错误" in await page.locator("#signin-error").inner_text()
+    await sign_in(page, exchange.base_url, a.org_id, username, "not-the-password")  # type: ignore[attr-defined]
+    assert "锁定" in await page.locator("#signin-error").inner_text()
+    # Locked: even the right password is refused now.
+    await sign_in(page, exchange.base_url, a.org_id, username, PASSWORD)  # type: ignore[attr-defined]
+    assert "锁定" in await page.locator("#signin-error").inner_text()
+    await check_accessibility(page)
+    await screenshot(page, "signin-locked", exchange.backend)
+
+
+async def test_page_scripts_cannot_read_the_token(exchange: Exchange, page: Any) -> None:
+    a, _ = await _hospitals(exchange)
+    username = await _user(exchange, a.org_id, "doctor", "赵医生")  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, a.org_id, username, PASSWORD)  # type: ignore[attr-defined]
+    assert page.url.endswith("/console/clinician")
+    cookies = {c["name"]: c for c in await page.context.cookies()}
+    assert cookies["hie_console"]["httpOnly"] is True
+    assert cookies["hie_console"]["sameSite"] == "Strict"
+    assert "hie_console" not in await page.evaluate("document.cookie")
+    # No token anywhere in the page, and the API refuses a script that has none to send.
+    assert "eyJ" not in await page.content()
+    status = await page.evaluate(
+        "async () => { try { return (await fetch('/api/v1/audit/events')).status } catch { return 'blocked' } }"
+    )
+    assert status == "blocked"  # CSP connect-src 'none': page scripts make no requests at all
+    # The session cookie is not an API credential either.
+    with_cookies = await page.request.get(f"{exchange.base_url}/api/v1/audit/events")
+    assert with_cookies.status == 401
+    # Inline script is refused by the Content-Security-Policy.
+    await page.evaluate(
+        "() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+        " document.body.appendChild(s); }"
+    )
+    assert await page.evaluate("() => window.injected === undefined")
+    # A change without the session's CSRF token is refused.
+    forged = await page.request.post(
+        f"{exchange.base_url}/console/preferences", form={"purpose": "emergency"}, max_redirects=0
+    )
+    assert forged.status == 403
+
+
+async def test_administrator_adds_a_person_who_then_signs_in(exchange: Exchange, page: Any, browser: Any) -> None:
+    a, _ = await _hospitals(exchange)
+    admin = await _user(exchange, a.org_id, "admin", "信息科管理员", "信息科")  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, a.org_id, admin, PASSWORD)  # type: ignore[attr-defined]
+    assert page.url.endswith("/console/users")
+    newcomer = f"nurse{secrets.token_hex(3)}"
+    await page.get_by_label("用户名").fill(newcomer)
+    await page.get_by_label("姓名").fill("司马护士")
+    await page.get_by_label("角色").select_option("nurse")
+    await page.get_by_label("科室").fill("急诊科")
+    await page.get_by_role("button", name="添加用户").click()
+    one_time = (await page.locator("#one-time-password").inner_text()).strip()
+    assert "司马护士" in await page.locator("table").inner_text()
+    await check_accessibility(page)
+    await screenshot(page, "admin-users", exchange.backend)
+
+    other = await browser.new_context(locale="en-US")
+    try:
+        second = await other.new_page()
+        await second.goto(f"{exchange.base_url}/console/login?lang=en")
+        await second.get_by_label("Organisation id").fill(a.org_id)  # type: ignore[attr-defined]
+        await second.get_by_label("Username").fill(newcomer)
+        await second.get_by_label("Password").fill(one_time)
+        await second.get_by_role("button", name="Sign in", exact=True).click()
+        await second.wait_for_url(re.compile("/console/clinician"))
+        assert "Find a patient" in await second.locator("h1").inner_text()
+        assert "司马护士" in await second.locator("header").inner_text()
+        await screenshot(second, "clinician-english", exchange.backend)
+    finally:
+        await other.close()
+
+
+async def test_sign_in_and_search_by_keyboard_alone(exchange: Exchange, page: Any) -> None:
+    a, _ = await _hospitals(exchange)
+    username = await _user(exchange, a.org_id, "doctor", "钱医生")  # type: ignore[attr-defined]
+    await page.goto(f"{exchange.base_url}/console/login")
+    await page.keyboard.press("Tab")  # the skip link comes first
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.id") == "org"
+    await page.keyboard.type(a.org_id)  # type: ignore[attr-defined]
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(username)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(PASSWORD)
+    await page.keyboard.press("Enter")
+    await page.wait_for_url(re.compile("/console/clinician"))
+    # The skip link leads straight to the page's content.
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.className") == "skip"
+    await page.keyboard.press("Enter")
+    assert await page.evaluate("document.activeElement.id") == "main"
+
+
+async def test_steward_merges_and_unmerges_with_confirmation(exchange: Exchange, page: Any) -> None:
+    _, b = await _hospitals(exchange)
+    survivor, subsumed = f"MS-{secrets.token_hex(3)}", f"MD-{secrets.token_hex(3)}"
+    for local_id in (survivor, subsumed):
+        registered = await b.call("POST", "/api/v1/patients", json={"local_id": local_id, **person("诸葛亮")})
+        assert registered.status_code == 201, registered.text
+    steward = await _user(exchange, b.org_id, "data-steward", "冯管理", "病案室")  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, b.org_id, steward, PASSWORD)  # type: ignore[attr-defined]
+
+    await page.goto(f"{exchange.base_url}/console/steward/merge")
+    await page.get_by_label("保留记录院内号").fill(survivor)
+    await page.get_by_label("被合并记录院内号").fill(subsumed)
+    await page.get_by_role("button", name="合并本机构两条记录").click()
+    # Nothing happens before the confirmation.
+    assert subsumed in await page.locator("dl").inner_text()
+    await page.get_by_role("button", name="确认").click()
+    assert "已完成" in await page.locator("h1").inner_text()
+
+    await page.goto(f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={subsumed}")  # type: ignore[attr-defined]
+    assert "merge" in (await page.locator("table").inner_text()).lower()
+    await page.get_by_role("button", name="撤销合并").click()
+    await page.get_by_role("button", name="确认").click()
+    assert "已完成" in await page.locator("h1").inner_text()
+    await page.goto(f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={subsumed}")  # type: ignore[attr-defined]
+    assert "unmerge" in (await page.locator("table").inner_text()).lower()
+    await screenshot(page, "steward-unmerged", exchange.backend)

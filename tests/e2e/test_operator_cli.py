@@ -1,0 +1,131 @@
+"""Operator commands as an operator types them: hospital key pairs, registering keys given as a
+JWKS or a PEM public key, one key per organisation, rotation only in an exchange's key folder,
+read-only commands that never create an exchange, and one-line errors with distinct exit codes."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from services.shared.keys import generate_ec_key, load_private_key, public_jwk
+
+runner = CliRunner()
+
+
+def _hie(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args), env={"HIE_DATA_DIR": "", "HIE_DATABASE_URL": ""})
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_keygen_writes_a_0600_private_key_never_printed_and_a_jwks(tmp_path: Path) -> None:
+    code, out, err = _hie("org", "keygen", "--id", "hosp-k", "--out", str(tmp_path))
+    assert code == 0, err
+    private = tmp_path / "hosp-k.key.pem"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert "PRIVATE KEY" not in out
+    assert "BEGIN" not in out
+    [jwk] = json.loads((tmp_path / "hosp-k.jwks.json").read_text())["keys"]
+    assert "d" not in jwk
+    assert jwk["kid"] == public_jwk(load_private_key(private))["kid"]
+    assert f"--jwks {tmp_path / 'hosp-k.jwks.json'}" in out
+    # Never overwrites a key pair.
+    code, _out, err = _hie("org", "keygen", "--id", "hosp-k", "--out", str(tmp_path))
+    assert code == 2
+    assert "exists" in err
+
+
+def test_org_add_takes_a_pem_public_key_and_refuses_one_key_for_two_orgs(tmp_path: Path) -> None:
+    data = str(tmp_path / "x")
+    key = generate_ec_key()
+    pem = tmp_path / "pub.pem"
+    pem.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    code, out, err = _hie("org", "add", "--id", "h1", "--name", "一院", "--type", "hospital", "--jwks", str(pem),
+                          "--data-dir", data)  # fmt: skip
+    assert code == 0, err
+    assert out.strip()
+    # The same key for a second organisation (as a JWKS this time, another kid): refused.
+    jwks = tmp_path / "same.jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**public_jwk(key), "kid": "another-kid"}]}))
+    code, _out, err = _hie("org", "add", "--id", "h2", "--name", "二院", "--type", "hospital", "--jwks", str(jwks),
+                           "--data-dir", data)  # fmt: skip
+    assert code == 2
+    assert "registered to organisation h1" in err
+    code, _out, err = _hie("org", "keys", "add", "--id", "h1", "--jwks", str(jwks), "--data-dir", data)
+    assert code == 0, err
+    code, out, _err = _hie("org", "list", "--data-dir", data)
+    assert out.splitlines()[0].split()[:3] == ["ID", "TYPE", "STATUS"]
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["h1"]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("not json at all", "neither a JWKS (JSON with a keys array) nor a PEM public key"),
+        ('{"keys": []}', "a JWKS needs a non-empty keys array"),
+        ("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "holds a private key"),
+        ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "is not an EC (P-256 / P-384) or RSA"),
+    ],
+)
+def test_org_add_says_what_it_expects(tmp_path: Path, content: str, says: str) -> None:
+    given = tmp_path / "key.pem"
+    given.write_text(content)
+    code, _out, err = _hie("org", "add", "--id", "h", "--name", "院", "--type", "hospital", "--jwks", str(given),
+                           "--data-dir", str(tmp_path / "d"))  # fmt: skip
+    assert code == 2
+    assert says in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["org", "list"],
+        ["org", "revoke", "--id", "h"],
+        ["mpi", "export-links"],
+        ["audit", "verify"],
+        ["audit", "checkpoint"],
+    ],
+)
+def test_read_only_commands_never_create_an_exchange(tmp_path: Path, command: list[str]) -> None:
+    empty = tmp_path / "wrong-folder"
+    code, _out, err = _hie(*command, "--data-dir", str(empty))
+    assert code == 3
+    assert f"no exchange data in {empty}" in err
+    assert not empty.exists()
+
+
+def test_rotation_into_a_folder_that_is_not_an_exchange_key_folder_is_refused(tmp_path: Path) -> None:
+    code, _out, err = _hie("keys", "rotate", "--dir", str(tmp_path))
+    assert code == 3
+    assert f"{tmp_path} is not an exchange's key folder" in err
+    assert "nothing rotated" in err
+    assert list(tmp_path.iterdir()) == []
+    # In the data dir of an exchange (not running): rotated, and it says when the key is used.
+    code, _out, err = _hie("keys", "init", "--dir", str(tmp_path / "ex" / "keys"))
+    assert code == 0, err
+    code, out, err = _hie("keys", "rotate", "--data-dir", str(tmp_path / "ex"))
+    assert code == 0, err
+    assert "gateway key rotated" in out
+    assert "signs with the new key when it starts" in out
+
+
+def test_audit_verify_expect_file_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "platform.pem").write_text("")
+    code, _out, err = _hie("audit", "verify", "--data-dir", str(tmp_path), "--expect", str(tmp_path / "missing.jws"))
+    assert code == 2
+    assert err.startswith(f"error: cannot read --expect {tmp_path / 'missing.jws'}")
+    bad = tmp_path / "bad.jws"
+    bad.write_text("not a checkpoint")
+    code, _out, err = _hie("audit", "verify", "--data-dir", str(tmp_path), "--expect", str(bad))
+    assert code == 2
+    assert "is not a checkpoint" in err

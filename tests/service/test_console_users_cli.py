@@ -1,0 +1,104 @@
+"""`hie user …`: an organisation's administrator manages console users from the command line;
+passwords are argon2id hashes and five wrong passwords lock the account until a reset."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from gateway.cli_users import _settings, gateway_transaction
+from gateway.console import store, users
+from services.shared.keys import generate_ec_key, jwks
+
+runner = CliRunner()
+
+
+async def _authenticate(data_dir: Path, password: str) -> str:
+    async with gateway_transaction(_settings(data_dir, "")) as session:
+        return (await users.authenticate(session, org_id="hosp-1", username="li", password=password)).reason
+
+
+def test_add_list_lock_reset_disable(tmp_path: Path) -> None:
+    keys = tmp_path / "jwks.json"
+    keys.write_text(json.dumps(jwks(generate_ec_key())))
+    common = ["--data-dir", str(tmp_path)]
+    org = runner.invoke(
+        app,
+        [
+            "org",
+            "add",
+            "--id",
+            "hosp-1",
+            "--name",
+            "市第一人民医院",
+            "--type",
+            "hospital",
+            "--jwks",
+            str(keys),
+            *common,
+        ],
+    )
+    assert org.exit_code == 0, org.output
+
+    added = runner.invoke(
+        app,
+        [
+            "user",
+            "add",
+            "--org",
+            "hosp-1",
+            "--username",
+            "li",
+            "--name",
+            "李医生",
+            "--role",
+            "doctor",
+            "--department",
+            "呼吸内科",
+            *common,
+        ],
+    )
+    assert added.exit_code == 0, added.output
+    password = re.search(r"one-time password: (\S+)", added.output)
+    assert password is not None
+    again = runner.invoke(
+        app, ["user", "add", "--org", "hosp-1", "--username", "li", "--name", "李", "--role", "doctor", *common]
+    )
+    assert again.exit_code == 2
+    assert "exists" in again.output
+    assert "Traceback" not in again.output
+    wrong_role = runner.invoke(
+        app, ["user", "add", "--org", "hosp-1", "--username", "x", "--name", "某", "--role", "pilot", *common]
+    )
+    assert wrong_role.exit_code == 2
+
+    async def stored_hash() -> str:
+        async with gateway_transaction(_settings(tmp_path, "")) as session:
+            user = await store.user_by_name(session, "hosp-1", "li")
+            assert user is not None
+            return user.password_hash or ""
+
+    assert asyncio.run(stored_hash()).startswith("$argon2id$")
+    assert asyncio.run(_authenticate(tmp_path, password.group(1))) == ""
+    reasons = [asyncio.run(_authenticate(tmp_path, "wrong-password")) for _ in range(users.MAX_FAILED_ATTEMPTS)]
+    assert reasons == ["invalid"] * (users.MAX_FAILED_ATTEMPTS - 1) + ["locked"]
+    assert asyncio.run(_authenticate(tmp_path, password.group(1))) == "locked"
+    listed = runner.invoke(app, ["user", "list", "--org", "hosp-1", *common])
+    assert "李医生" in listed.output
+    assert "locked" in listed.output
+
+    reset = runner.invoke(app, ["user", "reset-password", "--org", "hosp-1", "--username", "li", *common])
+    assert reset.exit_code == 0, reset.output
+    fresh = re.search(r"one-time password: (\S+)", reset.output)
+    assert fresh is not None
+    assert asyncio.run(_authenticate(tmp_path, fresh.group(1))) == ""
+
+    disabled = runner.invoke(app, ["user", "disable", "--org", "hosp-1", "--username", "li", *common])
+    assert disabled.exit_code == 0
+    assert asyncio.run(_authenticate(tmp_path, fresh.group(1))) == "disabled"
+    assert "disabled" in runner.invoke(app, ["user", "list", "--org", "hosp-1", *common]).output
