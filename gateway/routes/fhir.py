@@ -273,7 +273,9 @@ def _purpose(word: str) -> dict[str, Any]:
 
 
 # Resource types the facade serves by id: only their references resolve within the exchange.
-_RESOLVABLE_TYPES = frozenset({"DocumentReference", "Binary", "Consent"})
+# ServiceRequest: referrals and consultations are read by id on the facade
+# (routes/fhir_referral.py, routes/fhir_teleconsult.py).
+_RESOLVABLE_TYPES = frozenset({"DocumentReference", "Binary", "Consent", "ServiceRequest"})
 
 
 def _entity_what(type: str, id: str) -> dict[str, Any]:

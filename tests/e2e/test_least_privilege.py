@@ -346,6 +346,7 @@ async def test_cross_tenant_metadata_is_refused_with_a_reason(region: Region) ->
             "patient_local_id": "LP-B2",
             "consultant_organization_id": r.c.org_id,  # type: ignore[attr-defined]
             "kind": "imaging",
+            "question": "胸片阴影性质待定",
             "document_ids": [r.document_id],
         },
     )
@@ -361,6 +362,18 @@ async def test_cross_tenant_metadata_is_refused_with_a_reason(region: Region) ->
         json={"patient_local_id": "LP-B2", "target_organization_id": r.b.org_id, "direction": "lateral"},  # type: ignore[attr-defined]
     )
     assert (to_itself.status_code, to_itself.json()["error"]["reason"]) == (400, "self-referral")
+    consult_itself = await r.b.call(
+        "POST",
+        "/api/v1/consultations",
+        purpose="consultation",
+        json={
+            "patient_local_id": "LP-B2",
+            "consultant_organization_id": r.b.org_id,  # type: ignore[attr-defined]
+            "kind": "imaging",
+            "question": "胸片阴影性质待定",
+        },
+    )
+    assert (consult_itself.status_code, consult_itself.json()["error"]["reason"]) == (400, "self-consultation")
     evidence = await r.b.call(
         "POST",
         "/api/v1/consent/directives",

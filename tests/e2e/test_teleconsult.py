@@ -776,3 +776,49 @@ async def test_concurrent_moves_one_wins(scene: Scene) -> None:
         final = (await s.q.call("GET", f"/api/v1/consultations/{cid}", purpose="consultation")).json()
         moves = [h["move"] for h in final["history"]]
         assert moves in (["record-consent", "accept"], ["record-consent", "decline"])
+
+
+async def test_keyed_request_and_moves_answer_their_first_response(scene: Scene) -> None:
+    """Idempotency-Key on a consultation's writes (services/shared/idempotency.py): a retry gets
+    the first answer byte for byte (audit event ids included) and changes nothing; the same key
+    with another request or move is 409 idempotency-key-reused."""
+    s = scene
+    body = {
+        "patient_local_id": s.local_id,
+        "consultant_organization_id": s.c_org,
+        "kind": "imaging",
+        "question": "右肺上叶结节性质待定",
+        "document_ids": [s.summary_id],
+    }
+    key = {"Idempotency-Key": f"req-{secrets.token_hex(4)}"}
+    first = await s.q.call("POST", "/api/v1/consultations", purpose="consultation", json=body, headers=key)
+    again = await s.q.call("POST", "/api/v1/consultations", purpose="consultation", json=body, headers=key)
+    assert (first.status_code, again.status_code) == (201, 201), again.text
+    assert again.content == first.content
+    other = await s.q.call(
+        "POST", "/api/v1/consultations", purpose="consultation", json={**body, "question": "另一个问题"}, headers=key
+    )
+    assert (other.status_code, other.json()["error"]["reason"]) == (409, "idempotency-key-reused")
+    cid = first.json()["consultation_id"]
+    consent = {"informed_consent": {"evidence_document_id": s.consent_form_id, "signer": "patient"}}
+    move_key = {"Idempotency-Key": f"mv-{secrets.token_hex(4)}"}
+    moves = [
+        await s.q.call(
+            "POST",
+            f"/api/v1/consultations/{cid}/record-consent",
+            purpose="consultation",
+            json=consent,
+            headers=move_key,
+        )
+        for _ in range(2)
+    ]
+    assert moves[0].status_code == 200, moves[0].text
+    assert moves[1].content == moves[0].content
+    assert len(moves[0].json()["audit_event_ids"]) == 1
+    reused = await s.q.call(
+        "POST", f"/api/v1/consultations/{cid}/cancel", purpose="consultation", json={}, headers=move_key
+    )
+    assert (reused.status_code, reused.json()["error"]["reason"]) == (409, "idempotency-key-reused")
+    assert len(await _breach_or_move_events(s.exchange, "consultation.record-consent", cid)) == 1
+    got = await s.q.call("GET", f"/api/v1/consultations/{cid}", purpose="consultation")
+    assert got.json()["state"] == "requested"
