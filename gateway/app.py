@@ -17,12 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import console, store
+from gateway.deps import call_context
 from gateway.errors import RETRY_AFTER_SECONDS, ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
 from gateway.routes import (
@@ -97,14 +99,105 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
         },
     }
     schema["components"].setdefault("schemas", {}).update(_ERROR_SCHEMAS)
+    authenticated = _authenticated_operations(app)
     for path, operations in schema.get("paths", {}).items():
-        fhir = path.startswith("/fhir/")
-        for operation in operations.values():
-            if path.startswith("/api/"):
+        # FHIR resources are application/fhir+json; SMART discovery under /fhir/R4 is plain JSON.
+        fhir = path.startswith("/fhir/") and "/.well-known/" not in path
+        for method, operation in operations.items():
+            if (method.upper(), path) in authenticated:
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
             _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
+            _declare_request_rules(operation, REQUEST_RULES.get((method.upper(), path), {}))
     app.openapi_schema = schema
     return schema
+
+
+def _authenticated_operations(app: FastAPI) -> set[tuple[str, str]]:
+    """(method, path) of the routes that take the caller's token and user assertion (the
+    `Context` dependency); public ones (a JWKS) declare no security."""
+
+    def needs_caller(dependant: Any) -> bool:
+        return any(d.call is call_context or needs_caller(d) for d in dependant.dependencies)
+
+    return {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute) and needs_caller(route.dependant)
+        for method in route.methods
+    }
+
+
+# Rules a request must also follow that JSON Schema cannot state (a rule across fields, a check
+# digit, a FHIR resource's structure, the state or configuration of the exchange): per operation,
+# the 400 reasons they give and what each means. Declared in the OpenAPI document as the
+# extension `x-hie-request-rules` and in the 400 description, so a client (and the contract test)
+# knows a schema-valid request may still be refused for exactly these reasons.
+_FHIR_SEARCH_SYNTAX = "a search value in FHIR R4 search syntax (token system|code, date prefixes, _count a number)"
+_NATIONAL_ID = "the national id's check digit and birth date (GB 11643)"
+REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
+    ("POST", "/api/v1/patients"): {
+        "name-missing": "a name, or a family or given name, with a letter in it",
+        "national-id-invalid": _NATIONAL_ID,
+        "national-id-checksum": _NATIONAL_ID,
+        "national-id-birth-date": _NATIONAL_ID,
+        "national-id-conflict": "the national id and an NNCHN identifier name the same number",
+        "birth-date-invalid": "a real calendar date, not in the future",
+        "phone-invalid": "6 to 15 digits (+86 allowed)",
+        "local-id-invalid": "printable characters without spaces",
+        "identifier-invalid": "an identifier needs a system and a value",
+    },
+    ("GET", "/api/v1/patients/search"): {
+        "search-too-broad": "give a name, birth date, national id or phone (at least one criterion)",
+    },
+    ("GET", "/fhir/R4/Patient"): {
+        "search-too-broad": "give a name, birthdate, identifier or telecom (at least one criterion)",
+        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+    },
+    ("POST", "/fhir/R4/Patient/_search"): {
+        "search-too-broad": "give a name, birthdate, identifier or telecom (at least one criterion)",
+        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+    },
+    ("GET", "/fhir/R4/Consent"): {"patient-required": "give one of patient or patient.identifier"},
+    ("GET", "/fhir/R4/DocumentReference"): {
+        "patient-required": "give one of patient or patient.identifier",
+        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+    },
+    ("GET", "/fhir/R4/List"): {
+        "patient-required": "give one of patient or patient.identifier",
+        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+    },
+    ("GET", "/fhir/R4/AuditEvent"): {"search-value-invalid": _FHIR_SEARCH_SYNTAX},
+    ("POST", "/api/v1/consent/directives"): {
+        "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+    },
+    ("PUT", "/api/v1/consent/directives/{directive_id}"): {
+        "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+    },
+    ("POST", "/api/v1/subscriptions"): {
+        "endpoint-invalid": "an https URL (http in development) whose host resolves to an allowed address",
+    },
+    ("PUT", "/api/v1/documents/source/{source_document_id}"): {
+        "metadata-invalid": "X-HIE-Document-Metadata is base64url of the document metadata JSON",
+    },
+    ("POST", "/fhir/R4/"): {"bundle-invalid": "an IHE MHD ITI-65 transaction Bundle (FHIR R4)"},
+    ("POST", "/fhir/R4/Consent"): {"consent-invalid": "a FHIR R4 Consent resource"},
+    ("POST", "/fhir/R4/Patient/$match"): {"parameters-invalid": "a FHIR R4 Parameters resource with a Patient"},
+    ("PUT", "/fhir/R4/Patient"): {
+        "conditional-update-invalid": "identifier urn:hie:patient-id:<your organisation>|<local id>",
+        "patient-invalid": "a FHIR R4 Patient resource",
+    },
+    ("GET", "/fhir/R4/Patient/$ihe-pix"): {
+        "source-identifier-invalid": "sourceIdentifier urn:hie:patient-id:<domain>|<local id>",
+    },
+}
+
+
+def _declare_request_rules(operation: dict[str, Any], rules: dict[str, str]) -> None:
+    if not rules:
+        return
+    operation["x-hie-request-rules"] = dict(rules)
+    bad = operation["responses"]["400"]
+    bad["description"] += "; also refused, with these reasons: " + "; ".join(f"{k}: {v}" for k, v in rules.items())
 
 
 # How long /readyz waits for each dependency's health answer.
@@ -159,6 +252,7 @@ _ERROR_STATUSES = {
     "403": "scope, role or consent does not permit this",
     "404": "no such resource (or not visible to the caller)",
     "422": "the request cannot be processed in the resource's current state",
+    "429": "too many requests from this client (Retry-After says when to try again)",
     "405": "the method is not supported here (Allow names those that are)",
 }
 
@@ -178,6 +272,15 @@ def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = Fals
             content = response.get("content")
             if status.startswith("2") and content and "application/json" in content:
                 content["application/fhir+json"] = content.pop("application/json")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the routes of the request's path serve."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema and route.path_regex.match(request.url.path):
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 @dataclass
@@ -318,8 +421,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "no-route", 405: "method-not-allowed"}.get(exc.status_code, "http")
-        # RFC 9110 §15.5.6: a 405 names the methods the resource supports (Starlette's `Allow`).
+        # RFC 9110 §15.5.6: a 405 names the methods the resource supports. Starlette's `Allow`
+        # names those of the first route matching the path only: the path's GET and POST are
+        # separate routes here, so every route of the path is asked.
         headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+        if exc.status_code == 405:
+            headers = {"Allow": ", ".join(_allowed_methods(request))}
         return error_response(request, ApiError(exc.status_code, reason, "request not served", headers=headers))
 
     @app.exception_handler(RecursionError)
