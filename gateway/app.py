@@ -107,7 +107,7 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
             if (method.upper(), path) in authenticated:
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
             _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
-            _declare_request_rules(operation, REQUEST_RULES.get((method.upper(), path), {}))
+            _declare_request_rules(operation, _rules_of(method.upper(), path, operation))
     app.openapi_schema = schema
     return schema
 
@@ -133,40 +133,88 @@ def _authenticated_operations(app: FastAPI) -> set[tuple[str, str]]:
 # extension `x-hie-request-rules` and in the 400 description, so a client (and the contract test)
 # knows a schema-valid request may still be refused for exactly these reasons.
 _FHIR_SEARCH_SYNTAX = "a search value in FHIR R4 search syntax (token system|code, date prefixes, _count a number)"
-_NATIONAL_ID = "the national id's check digit and birth date (GB 11643)"
+_FHIR_SEARCH = {
+    reason: _FHIR_SEARCH_SYNTAX
+    for reason in (
+        "search-value-invalid",
+        "date-invalid",
+        "status-invalid",
+        "search-parameter-unknown",
+        "count-invalid",
+    )
+}
+_TEXT = "text without control, format, surrogate or private-use characters"
+# The mpi's checks of demographic values (services/mpi/domain.py).
+_DEMOGRAPHICS = {
+    "phone-invalid": "6 to 15 digits (+86 allowed)",
+    "birth-date-invalid": "a real calendar date from 1880 to today",
+    **{f"{field}-invalid": _TEXT for field in ("name", "family", "given")},
+    **{
+        f"national-id-{problem}": "the national id's check digit and birth date (GB 11643)"
+        for problem in ("format", "region", "birth_date", "check_digit")
+    },
+}
+# A document's content agrees with its metadata (hash, size, media type) and its codes come from
+# the registry's value sets (services/registry/README.md).
+_DOCUMENT = {
+    reason: "content, SHA-256 and size agree; codes, media type, relation and study as the registry's README says"
+    for reason in (
+        "content-empty",
+        "content-corrupt",
+        "content-not-allowed",
+        "hash-invalid",
+        "hash-mismatch",
+        "size-mismatch",
+        "mime-type-invalid",
+        "confidentiality",
+        "service-period-invalid",
+        "relation-invalid",
+        "study-uid-invalid",
+        "wado-url-invalid",
+        "source-document-id-invalid",
+        "type-code-unknown",
+        "created-invalid",
+        "stream-header-missing",
+        "stream-content-in-header",
+        "stream-header-repeated",
+    )
+} | {f"{field}-invalid": _TEXT for field in ("title", "type", "class", "department")}
 REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
+    ("POST", "/api/v1/documents"): _DOCUMENT,
     ("POST", "/api/v1/patients"): {
         "name-missing": "a name, or a family or given name, with a letter in it",
-        "national-id-invalid": _NATIONAL_ID,
-        "national-id-checksum": _NATIONAL_ID,
-        "national-id-birth-date": _NATIONAL_ID,
+        "name-too-long": "the name (or family and given name together) at most 64 characters",
+        **_DEMOGRAPHICS,
         "national-id-conflict": "the national id and an NNCHN identifier name the same number",
-        "birth-date-invalid": "a real calendar date, not in the future",
-        "phone-invalid": "6 to 15 digits (+86 allowed)",
         "local-id-invalid": "printable characters without spaces",
         "identifier-invalid": "an identifier needs a system and a value",
+        **{f"{field}-invalid": _TEXT for field in ("name", "family", "given", "province", "city", "district")},
+        **{f"{field}-invalid": _TEXT for field in ("address", "postcode")},
     },
     ("GET", "/api/v1/patients/search"): {
         "search-too-broad": "give a name, birth date, national id or phone (at least one criterion)",
+        **_DEMOGRAPHICS,
     },
     ("GET", "/fhir/R4/Patient"): {
         "search-too-broad": "give a name, birthdate, identifier or telecom (at least one criterion)",
-        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+        **_FHIR_SEARCH,
+        **_DEMOGRAPHICS,
     },
     ("POST", "/fhir/R4/Patient/_search"): {
         "search-too-broad": "give a name, birthdate, identifier or telecom (at least one criterion)",
-        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+        **_FHIR_SEARCH,
+        **_DEMOGRAPHICS,
     },
-    ("GET", "/fhir/R4/Consent"): {"patient-required": "give one of patient or patient.identifier"},
+    ("GET", "/fhir/R4/Consent"): {"patient-required": "give one of patient or patient.identifier", **_FHIR_SEARCH},
     ("GET", "/fhir/R4/DocumentReference"): {
         "patient-required": "give one of patient or patient.identifier",
-        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+        **_FHIR_SEARCH,
     },
     ("GET", "/fhir/R4/List"): {
         "patient-required": "give one of patient or patient.identifier",
-        "search-value-invalid": _FHIR_SEARCH_SYNTAX,
+        **_FHIR_SEARCH,
     },
-    ("GET", "/fhir/R4/AuditEvent"): {"search-value-invalid": _FHIR_SEARCH_SYNTAX},
+    ("GET", "/fhir/R4/AuditEvent"): _FHIR_SEARCH,
     ("POST", "/api/v1/consent/directives"): {
         "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
     },
@@ -178,6 +226,7 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
     },
     ("PUT", "/api/v1/documents/source/{source_document_id}"): {
         "metadata-invalid": "X-HIE-Document-Metadata is base64url of the document metadata JSON",
+        **_DOCUMENT,
     },
     ("POST", "/fhir/R4/"): {"bundle-invalid": "an IHE MHD ITI-65 transaction Bundle (FHIR R4)"},
     ("POST", "/fhir/R4/Consent"): {"consent-invalid": "a FHIR R4 Consent resource"},
@@ -190,6 +239,22 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
         "source-identifier-invalid": "sourceIdentifier urn:hie:patient-id:<domain>|<local id>",
     },
 }
+
+
+# Every request: the services refuse NUL in any text (services/shared/server.py).
+_EVERY_REQUEST = {"nul-character": "no text field contains NUL (U+0000)"}
+# A page token is the one the previous page handed out (sealed, carrying the search).
+_PAGE_TOKEN = {
+    reason: "a page token / page the previous answer handed out"
+    for reason in ("page-token", "page-token-invalid", "page-invalid")
+}
+
+
+def _rules_of(method: str, path: str, operation: dict[str, Any]) -> dict[str, str]:
+    rules = {**_EVERY_REQUEST, **REQUEST_RULES.get((method, path), {})}
+    if any(p.get("name") in {"page_token", "page"} for p in operation.get("parameters", [])):
+        rules.update(_PAGE_TOKEN)
+    return rules
 
 
 def _declare_request_rules(operation: dict[str, Any], rules: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.contract
 # Referral and teleconsultation routes are being reworked on other branches: left out of the run
 # until they land (their request models follow the same rules then).
 EXCLUDED_PATHS = r"^/api/v1/(referrals|consultations)\b|^/fhir/R4/(ServiceRequest|Task)\b"
-MAX_EXAMPLES = int(os.environ.get("HIE_CONTRACT_MAX_EXAMPLES", "10"))
+MAX_EXAMPLES = int(os.environ.get("HIE_CONTRACT_MAX_EXAMPLES", "3"))
 
 
 @dataclass
@@ -77,8 +78,6 @@ def _schema(hospital: Hospital) -> Any:
             # 422 is the gateway's answer for a request its resource's current state refuses (a
             # patient not registered, a task already decided): state no schema can state.
             "checks": {"positive_data_acceptance": {"expected-statuses": [*_ACCEPTANCE, "422"]}},
-            # Under the gateway's per-client bucket (50/s): a 429 would hide what the run checks.
-            "rate-limit": "40/s",
             "request-timeout": 30,
         }
     )
@@ -178,6 +177,8 @@ def run_contract(hospital: Hospital) -> Findings:
     )
 
 
+# The contract is the gateway's, not the database's: run once, on the embedded default.
+@pytest.mark.parametrize("exchange", ["sqlite"], indirect=True)
 async def test_every_operation_keeps_the_openapi_contract(exchange: Exchange) -> None:
     member = await exchange.member()
     hospital = Hospital(
@@ -187,10 +188,11 @@ async def test_every_operation_keeps_the_openapi_contract(exchange: Exchange) ->
         practitioner=Practitioner(id="D-CT-1", name="合约医生", role="doctor", department="内科"),
     )
     # The engine's HTTP is blocking: it runs in a thread while this loop serves the exchange.
+    started = time.monotonic()
     findings = await asyncio.to_thread(run_contract, hospital)
     by_kind = Counter({kind: len(found) for kind, found in findings.unique.items()})
     print(
-        f"\ncontract: {findings.operations} operations, {findings.cases} cases, "
+        f"\ncontract ({time.monotonic() - started:.0f} s): {findings.operations} operations, {findings.cases} cases, "
         f"{findings.failing_cases} failing cases, {findings.total()} unique failures {dict(by_kind)}"
     )
     for kind, found in sorted(findings.unique.items()):
