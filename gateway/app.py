@@ -17,11 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from gateway import console, store
 from gateway.deps import call_context
@@ -120,11 +121,23 @@ def _authenticated_operations(app: FastAPI) -> set[tuple[str, str]]:
         return any(d.call is call_context or needs_caller(d) for d in dependant.dependencies)
 
     return {
-        (method, route.path)
-        for route in app.routes
-        if isinstance(route, APIRoute) and needs_caller(route.dependant)
-        for method in route.methods
+        (method, path)
+        for path, methods, route in _api_routes(app)
+        if needs_caller(route.dependant)
+        for method in methods
     }
+
+
+def _api_routes(app: FastAPI, *, in_schema: bool = False) -> list[tuple[str, set[str], APIRoute]]:
+    """(full path, methods, route) of every API route, through the included routers (FastAPI
+    keeps them nested: `app.routes` holds the routers, not their routes)."""
+    return [
+        (context.path, set(context.methods or ()), context.original_route)
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute)
+        and context.path
+        and (context.include_in_schema or not in_schema)
+    ]
 
 
 # Rules a request must also follow that JSON Schema cannot state (a rule across fields, a check
@@ -341,11 +354,15 @@ def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = Fals
 
 def _allowed_methods(request: Request) -> list[str]:
     """The methods the routes of the request's path serve."""
-    methods: set[str] = set()
-    for route in request.app.routes:
-        if isinstance(route, APIRoute) and route.include_in_schema and route.path_regex.match(request.url.path):
-            methods |= route.methods or set()
-    return sorted(methods)
+    matching = [
+        (path, served)
+        for path, served, _ in _api_routes(request.app, in_schema=True)
+        if compile_path(path)[0].match(request.url.path)
+    ]
+    # A literal path names its own resource (`/Patient/$match`), not an id of a templated one
+    # (`/Patient/{patient_id}`), as the OpenAPI document lists them.
+    literal = [(path, served) for path, served in matching if "{" not in path]
+    return sorted({method for _, served in (literal or matching) for method in served})
 
 
 @dataclass

@@ -201,3 +201,19 @@ async def test_every_operation_keeps_the_openapi_contract(exchange: Exchange) ->
     assert findings.operations > 40
     assert not findings.errors, findings.errors
     assert findings.total() == 0, dict(by_kind)
+
+
+async def test_a_405_names_every_method_of_the_path_and_public_routes_declare_no_security(
+    exchange: Exchange,
+) -> None:
+    """Found by the contract run: GET and POST of one path are separate routes, and the 405 named
+    only the first one's method; the public notification JWKS was declared as needing a token."""
+    async with httpx.AsyncClient() as http:
+        refused = await http.request("PATCH", f"{exchange.base_url}/api/v1/consent/directives")
+        schema = (await http.get(f"{exchange.base_url}/openapi.json")).json()
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "GET, POST"
+    assert "security" not in schema["paths"]["/api/v1/notifications/jwks.json"]["get"]
+    assert schema["paths"]["/api/v1/patients"]["post"]["security"]
+    rules = schema["paths"]["/api/v1/patients/search"]["get"]["x-hie-request-rules"]
+    assert "search-too-broad" in rules
