@@ -17,12 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, iter_route_contexts
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Span
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from gateway import console, store
+from gateway.deps import call_context
 from gateway.errors import RETRY_AFTER_SECONDS, ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
 from gateway.routes import (
@@ -101,14 +104,182 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
         },
     }
     schema["components"].setdefault("schemas", {}).update(_ERROR_SCHEMAS)
+    authenticated = _authenticated_operations(app)
     for path, operations in schema.get("paths", {}).items():
-        fhir = path.startswith("/fhir/")
-        for operation in operations.values():
-            if path.startswith("/api/"):
+        # FHIR resources are application/fhir+json; SMART discovery under /fhir/R4 is plain JSON.
+        fhir = path.startswith("/fhir/") and "/.well-known/" not in path
+        for method, operation in operations.items():
+            if (method.upper(), path) in authenticated:
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
             _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
+            _declare_request_rules(operation, _rules_of(method.upper(), path, operation))
     app.openapi_schema = schema
     return schema
+
+
+def _authenticated_operations(app: FastAPI) -> set[tuple[str, str]]:
+    """(method, path) of the routes that take the caller's token and user assertion (the
+    `Context` dependency); public ones (a JWKS) declare no security."""
+
+    def needs_caller(dependant: Any) -> bool:
+        return any(d.call is call_context or needs_caller(d) for d in dependant.dependencies)
+
+    return {
+        (method, path)
+        for path, methods, route in _api_routes(app)
+        if needs_caller(route.dependant)
+        for method in methods
+    }
+
+
+def _api_routes(app: FastAPI, *, in_schema: bool = False) -> list[tuple[str, set[str], APIRoute]]:
+    """(full path, methods, route) of every API route, through the included routers (FastAPI
+    keeps them nested: `app.routes` holds the routers, not their routes)."""
+    return [
+        (context.path, set(context.methods or ()), context.original_route)
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute)
+        and context.path
+        and (context.include_in_schema or not in_schema)
+    ]
+
+
+# Rules a request must also follow that JSON Schema cannot state (a rule across fields, a check
+# digit, a FHIR resource's structure, the state or configuration of the exchange): per operation,
+# the 400 reasons they give and what each means. Declared in the OpenAPI document as the
+# extension `x-hie-request-rules` and in the 400 description, so a client (and the contract test)
+# knows a schema-valid request may still be refused for exactly these reasons.
+_FHIR_SEARCH_SYNTAX = "a search value in FHIR R4 search syntax (token system|code, date prefixes, _count a number)"
+_FHIR_SEARCH = {
+    reason: _FHIR_SEARCH_SYNTAX
+    for reason in (
+        "search-value-invalid",
+        "date-invalid",
+        "status-invalid",
+        "search-parameter-unknown",
+        "count-invalid",
+    )
+}
+_TEXT = "text without control, format, surrogate or private-use characters"
+# The mpi's checks of demographic values (services/mpi/domain.py).
+_DEMOGRAPHICS = {
+    "phone-invalid": "6 to 15 digits (+86 allowed)",
+    "birth-date-invalid": "a real calendar date from 1880 to today",
+    **{f"{field}-invalid": _TEXT for field in ("name", "family", "given")},
+    **{
+        f"national-id-{problem}": "the national id's check digit and birth date (GB 11643)"
+        for problem in ("format", "region", "birth_date", "check_digit")
+    },
+}
+# A document's content agrees with its metadata (hash, size, media type) and its codes come from
+# the registry's value sets (services/registry/README.md).
+_DOCUMENT = {
+    reason: "content, SHA-256 and size agree; codes, media type, relation and study as the registry's README says"
+    for reason in (
+        "content-empty",
+        "content-corrupt",
+        "content-not-allowed",
+        "hash-invalid",
+        "hash-mismatch",
+        "size-mismatch",
+        "mime-type-invalid",
+        "confidentiality",
+        "service-period-invalid",
+        "relation-invalid",
+        "study-uid-invalid",
+        "wado-url-invalid",
+        "source-document-id-invalid",
+        "type-code-unknown",
+        "created-invalid",
+        "stream-header-missing",
+        "stream-content-in-header",
+        "stream-header-repeated",
+    )
+} | {f"{field}-invalid": _TEXT for field in ("title", "type", "class", "department")}
+REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
+    ("POST", "/api/v1/documents"): _DOCUMENT,
+    ("POST", "/api/v1/patients"): {
+        "name-missing": "a name, or a family or given name, with a letter in it",
+        "name-too-long": "the name (or family and given name together) at most 64 characters",
+        **_DEMOGRAPHICS,
+        "national-id-conflict": "the national id and an NNCHN identifier name the same number",
+        "local-id-invalid": "printable characters without spaces",
+        "identifier-invalid": "an identifier needs a system and a value",
+        **{f"{field}-invalid": _TEXT for field in ("name", "family", "given", "province", "city", "district")},
+        **{f"{field}-invalid": _TEXT for field in ("address", "postcode")},
+    },
+    ("GET", "/api/v1/patients/search"): {
+        "search-too-broad": "give a name, birth date, national id or phone (at least one criterion)",
+        **_DEMOGRAPHICS,
+    },
+    ("GET", "/fhir/R4/Patient"): {
+        "search-too-broad": "give a name, birthdate, identifier or telecom (at least one criterion)",
+        **_FHIR_SEARCH,
+        **_DEMOGRAPHICS,
+    },
+    ("POST", "/fhir/R4/Patient/_search"): {
+        "search-too-broad": "give a name, birthdate, identifier or telecom (at least one criterion)",
+        **_FHIR_SEARCH,
+        **_DEMOGRAPHICS,
+    },
+    ("GET", "/fhir/R4/Consent"): {"patient-required": "give one of patient or patient.identifier", **_FHIR_SEARCH},
+    ("GET", "/fhir/R4/DocumentReference"): {
+        "patient-required": "give one of patient or patient.identifier",
+        **_FHIR_SEARCH,
+    },
+    ("GET", "/fhir/R4/List"): {
+        "patient-required": "give one of patient or patient.identifier",
+        **_FHIR_SEARCH,
+    },
+    ("GET", "/fhir/R4/AuditEvent"): _FHIR_SEARCH,
+    ("POST", "/api/v1/consent/directives"): {
+        "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+    },
+    ("PUT", "/api/v1/consent/directives/{directive_id}"): {
+        "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+    },
+    ("POST", "/api/v1/subscriptions"): {
+        "endpoint-invalid": "an https URL (http in development) whose host resolves to an allowed address",
+    },
+    ("PUT", "/api/v1/documents/source/{source_document_id}"): {
+        "metadata-invalid": "X-HIE-Document-Metadata is base64url of the document metadata JSON",
+        **_DOCUMENT,
+    },
+    ("POST", "/fhir/R4/"): {"bundle-invalid": "an IHE MHD ITI-65 transaction Bundle (FHIR R4)"},
+    ("POST", "/fhir/R4/Consent"): {"consent-invalid": "a FHIR R4 Consent resource"},
+    ("POST", "/fhir/R4/Patient/$match"): {"parameters-invalid": "a FHIR R4 Parameters resource with a Patient"},
+    ("PUT", "/fhir/R4/Patient"): {
+        "conditional-update-invalid": "identifier urn:hie:patient-id:<your organisation>|<local id>",
+        "patient-invalid": "a FHIR R4 Patient resource",
+    },
+    ("GET", "/fhir/R4/Patient/$ihe-pix"): {
+        "source-identifier-invalid": "sourceIdentifier urn:hie:patient-id:<domain>|<local id>",
+    },
+}
+
+
+# Every request: the services refuse NUL in any text (services/shared/server.py).
+_EVERY_REQUEST = {"nul-character": "no text field contains NUL (U+0000)"}
+# A page token is the one the previous page handed out (sealed, carrying the search).
+_PAGE_TOKEN = {
+    reason: "a page token / page the previous answer handed out"
+    for reason in ("page-token", "page-token-invalid", "page-invalid")
+}
+
+
+def _rules_of(method: str, path: str, operation: dict[str, Any]) -> dict[str, str]:
+    rules = {**_EVERY_REQUEST, **REQUEST_RULES.get((method, path), {})}
+    if any(p.get("name") in {"page_token", "page"} for p in operation.get("parameters", [])):
+        rules.update(_PAGE_TOKEN)
+    return rules
+
+
+def _declare_request_rules(operation: dict[str, Any], rules: dict[str, str]) -> None:
+    if not rules:
+        return
+    operation["x-hie-request-rules"] = dict(rules)
+    bad = operation["responses"]["400"]
+    bad["description"] += "; also refused, with these reasons: " + "; ".join(f"{k}: {v}" for k, v in rules.items())
 
 
 # How long /readyz waits for each dependency's health answer.
@@ -163,6 +334,7 @@ _ERROR_STATUSES = {
     "403": "scope, role or consent does not permit this",
     "404": "no such resource (or not visible to the caller)",
     "422": "the request cannot be processed in the resource's current state",
+    "429": "too many requests from this client (Retry-After says when to try again)",
     "405": "the method is not supported here (Allow names those that are)",
 }
 
@@ -182,6 +354,19 @@ def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = Fals
             content = response.get("content")
             if status.startswith("2") and content and "application/json" in content:
                 content["application/fhir+json"] = content.pop("application/json")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the routes of the request's path serve."""
+    matching = [
+        (path, served)
+        for path, served, _ in _api_routes(request.app, in_schema=True)
+        if compile_path(path)[0].match(request.url.path)
+    ]
+    # A literal path names its own resource (`/Patient/$match`), not an id of a templated one
+    # (`/Patient/{patient_id}`), as the OpenAPI document lists them.
+    literal = [(path, served) for path, served in matching if "{" not in path]
+    return sorted({method for _, served in (literal or matching) for method in served})
 
 
 @dataclass
@@ -326,8 +511,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "no-route", 405: "method-not-allowed"}.get(exc.status_code, "http")
-        # RFC 9110 §15.5.6: a 405 names the methods the resource supports (Starlette's `Allow`).
+        # RFC 9110 §15.5.6: a 405 names the methods the resource supports. Starlette's `Allow`
+        # names those of the first route matching the path only: the path's GET and POST are
+        # separate routes here, so every route of the path is asked.
         headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+        if exc.status_code == 405:
+            headers = {"Allow": ", ".join(_allowed_methods(request))}
         return error_response(request, ApiError(exc.status_code, reason, "request not served", headers=headers))
 
     @app.exception_handler(RecursionError)

@@ -33,6 +33,8 @@ OUTCOMES: dict[str, audit_pb2.Outcome.ValueType] = {
     "major-failure": audit_pb2.OUTCOME_MAJOR_FAILURE,
 }
 _OUTCOME_NAMES = {value: name for name, value in OUTCOMES.items()}
+_OUTCOME_VALUES = {"enum": ["", *OUTCOMES]}
+_PURPOSE_VALUES = {"enum": ["", *sorted(PURPOSES_OF_USE)]}
 _ACTION_NAMES = {
     audit_pb2.ACTION_CREATE: "create",
     audit_pb2.ACTION_READ: "read",
@@ -86,6 +88,11 @@ def outcome_name(outcome: int) -> str:
 
 def action_name(action: int) -> str:
     return _ACTION_NAMES.get(action, "unspecified")  # type: ignore[call-overload]
+
+
+# What `parse_instant` takes, stated in the OpenAPI document: empty (no bound) or an RFC 3339
+# date-time (which always carries its zone).
+OPTIONAL_INSTANT: dict[str, Any] = {"anyOf": [{"maxLength": 0}, {"format": "date-time"}]}
 
 
 def isoformat(ts: Timestamp) -> str:
@@ -172,11 +179,17 @@ def event_filter(
     patient_local_id: str = Query(default="", max_length=64, description="patient access report"),
     patient_domain: str = Query(default="", max_length=64),
     practitioner_id: str = Query(default="", max_length=64),
-    purpose_of_use: str = Query(default="", max_length=32, description=", ".join(sorted(PURPOSES_OF_USE))),
-    outcome: str = Query(default="", max_length=32, description=", ".join(OUTCOMES)),
+    purpose_of_use: str = Query(
+        default="", max_length=32, description=", ".join(sorted(PURPOSES_OF_USE)), json_schema_extra=_PURPOSE_VALUES
+    ),
+    outcome: str = Query(default="", max_length=32, description=", ".join(OUTCOMES), json_schema_extra=_OUTCOME_VALUES),
     failures_only: bool = Query(default=False, description="denied or failed accesses only"),
-    since: str = Query(default="", max_length=64, description=f"occurred at or after: {_DATE_HELP}"),
-    until: str = Query(default="", max_length=64, description=f"occurred before: {_DATE_HELP}"),
+    since: str = Query(
+        default="", max_length=64, description=f"occurred at or after: {_DATE_HELP}", json_schema_extra=OPTIONAL_INSTANT
+    ),
+    until: str = Query(
+        default="", max_length=64, description=f"occurred before: {_DATE_HELP}", json_schema_extra=OPTIONAL_INSTANT
+    ),
 ) -> audit_pb2.QueryRequest:
     """The search filters shared by the JSON search and the CSV export (no paging)."""
     query = audit_pb2.QueryRequest(
@@ -294,8 +307,8 @@ async def export_events(ctx: AuditContext, request: Request, query: EventFilter)
 async def volume_report(
     ctx: AuditContext,
     request: Request,
-    since: str = Query(default="", max_length=64, description=_DATE_HELP),
-    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    since: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
     organization_id: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """Exchange volumes per UTC day, organisation, event type and outcome."""
@@ -334,8 +347,8 @@ async def _report_events(
 async def denied_report(
     ctx: AuditContext,
     request: Request,
-    since: str = Query(default="", max_length=64, description=_DATE_HELP),
-    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    since: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
     organization_id: str = Query(default="", max_length=64),
     page_size: int = Query(default=100, ge=1, le=500),
     page_token: str = Query(default="", max_length=32),
@@ -351,8 +364,8 @@ async def denied_report(
 async def break_glass_report(
     ctx: AuditContext,
     request: Request,
-    since: str = Query(default="", max_length=64, description=_DATE_HELP),
-    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    since: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
     organization_id: str = Query(default="", max_length=64),
     page_size: int = Query(default=100, ge=1, le=500),
     page_token: str = Query(default="", max_length=32),
@@ -482,8 +495,8 @@ async def _all_events(request: Request, ctx: CallContext, query: audit_pb2.Query
 async def registrations_then_reads_report(
     ctx: AuditContext,
     request: Request,
-    since: str = Query(default="", max_length=64, description=_DATE_HELP),
-    until: str = Query(default="", max_length=64, description=_DATE_HELP),
+    since: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
+    until: str = Query(default="", max_length=64, description=_DATE_HELP, json_schema_extra=OPTIONAL_INSTANT),
     organization_id: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """For the authority, next to the patient access report: each organisation's registrations

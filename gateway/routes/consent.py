@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.deps import Context
 from gateway.errors import ApiError
@@ -62,7 +62,18 @@ class ProvisionIn(BaseModel):
     provisions: list[ProvisionIn] = Field(default_factory=list, max_length=50)
 
 
+def _evidence_required(schema: dict[str, Any]) -> None:
+    """The consent service refuses a directive without its evidence (`evidence-missing`): the
+    OpenAPI document says the field is required."""
+    schema["required"] = sorted({*schema.get("required", []), "evidence_document_id"})
+    evidence = schema["properties"]["evidence_document_id"]
+    evidence.pop("default", None)
+    evidence["minLength"] = 1
+
+
 class DirectiveIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_evidence_required)
+
     patient_local_id: str = Field(min_length=1, max_length=64)
     policy_ids: list[str] = Field(default_factory=list, max_length=10)
     evidence_document_id: str = Field(default="", max_length=64, description="The signed consent form's document id")
@@ -71,6 +82,8 @@ class DirectiveIn(BaseModel):
 
 
 class DirectiveRevisionIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_evidence_required)
+
     policy_ids: list[str] = Field(default_factory=list, max_length=10)
     evidence_document_id: str = Field(default="", max_length=64)
     period: PeriodIn | None = None

@@ -42,12 +42,20 @@ _STATUS_NAMES = {
     registry_pb2.DOCUMENT_STATUS_ENTERED_IN_ERROR: "entered-in-error",
 }
 _STATUSES = {v: k for k, v in _STATUS_NAMES.items()}
+_STATUS_ITEMS = {"items": {"type": "string", "enum": sorted(_STATUSES)}}
 
 
 class CodingIn(BaseModel):
     system: str = Field(default="", max_length=128)
     code: str = Field(max_length=64)
     display: str = Field(default="", max_length=128)
+
+
+class TypeCodingIn(CodingIn):
+    """The document's type: its code is required (the registry refuses an empty one with
+    `type-code-missing`; stated here so the OpenAPI document says so)."""
+
+    code: str = Field(max_length=64, json_schema_extra={"minLength": 1})
 
 
 class AuthorIn(BaseModel):
@@ -71,9 +79,9 @@ class DocumentMetadataIn(BaseModel):
     """The metadata of a document whose content is streamed as the request body."""
 
     patient_local_id: str = Field(min_length=1, max_length=64)
-    type: CodingIn
+    type: TypeCodingIn
     class_: CodingIn | None = Field(default=None, alias="class")
-    title: str = Field(min_length=1, max_length=256)
+    title: str = Field(min_length=1, max_length=256, json_schema_extra={"pattern": r"\S"})
     language: str = Field(default="zh-CN", max_length=16)
     confidentiality: str = Field(default="N", max_length=1)
     security_labels: list[str] = Field(default_factory=list, max_length=10)
@@ -331,7 +339,7 @@ async def find_documents(
     patient_domain: str = Query(default="", max_length=64),
     type: list[str] = Query(default=[], max_length=20),
     class_: list[str] = Query(default=[], alias="class", max_length=20),
-    status: list[str] = Query(default=[], max_length=3),
+    status: list[str] = Query(default=[], max_length=3, json_schema_extra=_STATUS_ITEMS),
     source_organization: list[str] = Query(default=[], max_length=20),
     service_from: datetime.datetime | None = None,
     service_to: datetime.datetime | None = None,

@@ -410,7 +410,12 @@ async def search_consent(
     patient_identifier: str = Query(
         default="", alias="patient.identifier", max_length=200, description="urn:hie:patient-id:<org>|<local id>"
     ),
-    status: str = Query(default="", max_length=16, description="active (default: all) or inactive"),
+    status: str = Query(
+        default="",
+        max_length=16,
+        description="active (default: all) or inactive",
+        json_schema_extra={"enum": ["", "active", "inactive"]},
+    ),
 ) -> JSONResponse:
     """FHIR search by patient: every directive of the person (recorded by any hospital)."""
     ctx.require_scope("Consent", "r")

@@ -864,7 +864,8 @@ async def patient_identity_feed(
     )
 
 
-@router.delete("/Patient", response_class=JSONResponse)
+# Not an operation the API offers (always 405): left out of the OpenAPI document.
+@router.delete("/Patient", response_class=JSONResponse, include_in_schema=False)
 async def remove_patient(ctx: Context) -> JSONResponse:
     """ITI-104 Remove Patient (conditional delete) is an option this Manager does not support: a
     hospital retires a record by merging it (replaced-by), the exchange keeps every identity it

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.deps import Context
 from gateway.routes import rpc
@@ -31,8 +31,8 @@ _LINK_METHODS = {
 
 
 class IdentifierIn(BaseModel):
-    system: str = Field(max_length=256)
-    value: str = Field(max_length=128)
+    system: str = Field(max_length=256, json_schema_extra={"minLength": 1})
+    value: str = Field(max_length=128, json_schema_extra={"minLength": 1})
     type: str = Field(default="", max_length=16)
 
 
@@ -44,16 +44,38 @@ class AddressIn(BaseModel):
     postal_code: str = Field(default="", max_length=12)
 
 
-class PatientIn(BaseModel):
-    """A patient of the calling hospital, under the hospital's own local id."""
+# The mpi's rules (services/mpi/domain.py), stated in the OpenAPI document; the mpi enforces
+# them with its own reasons (`local-id-invalid`, `name-missing`, `birth-date-invalid`, …).
+_LOCAL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}$"
+# A name: the full name, or else the family or given name, with a non-space character in it.
+_A_NAME: dict[str, Any] = {
+    "anyOf": [{"required": [field], "properties": {field: {"pattern": r"\S"}}} for field in ("name", "family", "given")]
+}
 
-    local_id: str = Field(min_length=1, max_length=64)
+
+class PatientIn(BaseModel):
+    """A patient of the calling hospital, under the hospital's own local id. It needs a name (or
+    a family or given name)."""
+
+    model_config = ConfigDict(json_schema_extra=_A_NAME)
+
+    local_id: str = Field(min_length=1, max_length=64, json_schema_extra={"pattern": _LOCAL_ID})
     name: str = Field(default="", max_length=64, description="Full name as written, e.g. 张伟")
     family: str = Field(default="", max_length=64)
     given: str = Field(default="", max_length=64)
     gender: Literal["male", "female", "other", "unknown"] = "unknown"
-    birth_date: str = Field(default="", max_length=10, description="YYYY-MM-DD")
-    national_id: str = Field(default="", max_length=20, description="居民身份证号 (18 digits, or legacy 15)")
+    birth_date: str = Field(
+        default="",
+        max_length=10,
+        description="YYYY-MM-DD, from 1880 to today",
+        json_schema_extra={"anyOf": [{"maxLength": 0}, {"format": "date"}]},
+    )
+    national_id: str = Field(
+        default="",
+        max_length=20,
+        description="居民身份证号 (18 digits, or legacy 15)",
+        json_schema_extra={"pattern": "^([0-9]{17}[0-9Xx]|[0-9]{15})?$"},
+    )
     phones: list[str] = Field(default_factory=list, max_length=5)
     address: AddressIn = Field(default_factory=AddressIn)
     identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=20)
@@ -81,7 +103,7 @@ def patient_json(patient: mpi_pb2.Patient) -> dict[str, Any]:
     }
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses={200: {"description": "the patient was known: updated"}})
 async def register_patient(body: PatientIn, ctx: Context, request: Request, response: Response) -> dict[str, Any]:
     """Register (201) or update (200) a patient of the caller's domain, linked to their enterprise id."""
     ctx.require_scope("Patient", "c")
