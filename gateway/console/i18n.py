@@ -89,6 +89,18 @@ _TEXT: dict[str, tuple[str, str]] = {
     "audit.day": ("日期", "Day"),
     "audit.count": ("数量", "Count"),
     "audit.patient_access": ("患者访问报告", "Patient access report"),
+    "audit.registrations": ("登记后跨机构调阅", "Registrations then cross-domain reads"),
+    "audit.registrations_help": (
+        "各机构登记患者后调阅其他机构文档的情况：调阅量、此前无就诊记录的患者占比，以及明显偏离全市水平的机构。",
+        "Per organisation: registrations followed by reads of other organisations' documents about the "
+        "same people — volume, the share of those people with no prior encounter, and outliers against the region.",
+    ),
+    "audit.registrations_count": ("登记数", "Registrations"),
+    "audit.cross_domain_reads": ("跨机构调阅数", "Cross-domain reads"),
+    "audit.patients_read": ("被调阅患者数", "Patients read"),
+    "audit.without_prior_encounter": ("此前无就诊记录", "No prior encounter"),
+    "audit.outlier": ("异常", "Outlier"),
+    "audit.outlier_yes": ("是", "Yes"),
     "audit.patient_domain": ("患者所在机构", "Patient's organisation"),
     "audit.patient_local_id": ("患者院内号", "Patient local id"),
     "steward.title": ("主索引审核队列", "Match review queue"),

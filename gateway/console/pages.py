@@ -136,6 +136,19 @@ async def patient_access(request: Request, ctx: Console) -> Response:
     return page(ctx, "patient_access.html", filters=filters, result=result)
 
 
+@router.get("/audit/registrations")
+async def registrations_then_reads(request: Request, ctx: Console) -> Response:
+    """Beside the patient access report: per organisation, its registrations followed by reads
+    of other organisations' documents about the same people, the share of those people it had no
+    prior encounter with, and the outliers (30 days unless a range is given)."""
+    filters = _filters(request, ("since", "until", "organization_id"))
+    if not filters["since"]:
+        since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+        filters["since"] = since.replace(microsecond=0).isoformat()
+    result = await ctx.api.get("/api/v1/audit/reports/registrations-then-reads", filters)
+    return page(ctx, "registrations.html", filters=filters, result=result)
+
+
 @router.get("/audit/export.csv")
 async def audit_export(request: Request, ctx: Console) -> Response:
     """The API's CSV export of the same search, handed to the browser as a download."""

@@ -202,6 +202,14 @@ async def test_auditor_follows_a_trace_across_two_hospitals(exchange: Exchange, 
     assert await page.locator("table.events tbody tr").count() >= 1
     await check_accessibility(page)
     await screenshot(page, "auditor-patient-access", exchange.backend)
+
+    # Beside it, the authority's report of registrations followed by cross-domain reads: B
+    # registered 张三 and then read A's document about him.
+    await page.get_by_role("link", name="登记后跨机构调阅").click()
+    row = await page.locator(f"table.registrations tr[data-org='{b.org_id}']").inner_text()  # type: ignore[attr-defined]
+    assert int(row.split()[2]) >= 1  # cross-domain reads
+    await check_accessibility(page)
+    await screenshot(page, "auditor-registrations", exchange.backend)
     assert page.csp_violations == []  # type: ignore[attr-defined]
 
 
