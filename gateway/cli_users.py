@@ -96,7 +96,17 @@ def user_add(
     org: Org,
     username: Username,
     name: Annotated[str, typer.Option("--name", help="Display name, e.g. 陈审计")],
-    role: Annotated[str, typer.Option("--role", help="doctor, nurse, …, data-steward, auditor, admin")],
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role",
+            help=(
+                "one its organisation's type may assert (hospital: doctor, nurse, pharmacist, "
+                "technician, auditor, admin; platform-admin: data-steward, auditor, admin; "
+                "authority: auditor)"
+            ),
+        ),
+    ],
     department: Annotated[str, typer.Option("--department")] = "",
     password_file: Annotated[
         Path | None, typer.Option("--password-file", exists=True, dir_okay=False, help="else one is generated")

@@ -20,7 +20,8 @@ from gateway.client import Practitioner, user_assertion
 from services.shared.keys import generate_ec_key, load_private_key, public_jwk, write_private_key
 
 CONSOLE_KEY_FILE = "console.pem"
-# A console assertion covers one API call; the services accept up to an hour.
+# A console assertion covers one API call: ConsoleApi.call signs a new one (a new jti) for every
+# call, since the gateway takes each jti once; the services accept at most five minutes.
 ASSERTION_LIFETIME_SECONDS = 120
 
 

@@ -89,6 +89,18 @@ _TEXT: dict[str, tuple[str, str]] = {
     "audit.day": ("日期", "Day"),
     "audit.count": ("数量", "Count"),
     "audit.patient_access": ("患者访问报告", "Patient access report"),
+    "audit.registrations": ("登记后跨机构调阅", "Registrations then cross-domain reads"),
+    "audit.registrations_help": (
+        "各机构登记患者后调阅其他机构文档的情况：调阅量、此前无就诊记录的患者占比，以及明显偏离全市水平的机构。",
+        "Per organisation: registrations followed by reads of other organisations' documents about the "
+        "same people — volume, the share of those people with no prior encounter, and outliers against the region.",
+    ),
+    "audit.registrations_count": ("登记数", "Registrations"),
+    "audit.cross_domain_reads": ("跨机构调阅数", "Cross-domain reads"),
+    "audit.patients_read": ("被调阅患者数", "Patients read"),
+    "audit.without_prior_encounter": ("此前无就诊记录", "No prior encounter"),
+    "audit.outlier": ("异常", "Outlier"),
+    "audit.outlier_yes": ("是", "Yes"),
     "audit.patient_domain": ("患者所在机构", "Patient's organisation"),
     "audit.patient_local_id": ("患者院内号", "Patient local id"),
     "steward.title": ("主索引审核队列", "Match review queue"),
@@ -110,6 +122,19 @@ _TEXT: dict[str, tuple[str, str]] = {
     "steward.domain": ("机构", "Organisation"),
     "steward.local_id": ("院内号", "Local id"),
     "steward.merge": ("合并本机构两条记录", "Merge two records of your organisation"),
+    "steward.link": ("链接为同一人", "Link as one person"),
+    "steward.link_help": (
+        "把一条记录（任一机构）链接到另一条记录所属的人，例如同一机构的两条重复记录。"
+        "注销重复的院内号（合并）由该医院自己完成。",
+        "Join a record (of any organisation) to the person of another record, e.g. two records of one "
+        "hospital. Retiring a duplicate local id (a merge) is the hospital's own act.",
+    ),
+    "steward.target": ("所属人的记录", "Record of the person to join"),
+    "steward.target_domain": ("目标机构", "Target organisation"),
+    "steward.target_local_id": ("目标院内号", "Target local id"),
+    "steward.unlink": ("撤销链接", "Unlink"),
+    "steward.confirm_link": ("确认将以下记录链接为同一人？", "Link these records as one person?"),
+    "steward.confirm_unlink": ("确认将该记录移出其所属的人？", "Take this record out of its person?"),
     "steward.survivor": ("保留记录院内号", "Surviving record's local id"),
     "steward.subsumed": ("被合并记录院内号", "Merged-away record's local id"),
     "steward.unmerge": ("撤销合并", "Unmerge"),
@@ -125,6 +150,7 @@ _TEXT: dict[str, tuple[str, str]] = {
     "patient.national_id": ("身份证号", "National id"),
     "patient.phone": ("电话", "Phone"),
     "patient.address": ("地址", "Address"),
+    "patient.district": ("所在地区", "District"),
     "patient.enterprise_id": ("主索引号", "Enterprise id"),
     "gender.male": ("男", "Male"),
     "gender.female": ("女", "Female"),
@@ -134,6 +160,18 @@ _TEXT: dict[str, tuple[str, str]] = {
     "clinician.family": ("姓", "Family name"),
     "clinician.given": ("名", "Given name"),
     "clinician.documents": ("共享文档", "Shared documents"),
+    "clinician.search_help": (
+        "请填写患者身份证号（或其他证件号），或姓名加出生日期或电话：全市范围的查找只为选定对的人，不是通讯录。",
+        "Give the patient's national id (or another identifier), or a name with a birth date or phone: a "
+        "region-wide search is for picking the right person, not a directory.",
+    ),
+    "clinician.masked_help": (
+        "其他机构的记录只显示遮蔽的证件号、不含电话和详细地址，最多 10 条；"
+        "调阅其共享文档需本机构已登记该患者（首诊登记），或有已接受的转诊、会诊。",
+        "Records of other organisations show masked identifiers, no phone and no street, at most 10; "
+        "their shared documents open once your organisation has registered the patient (first visit), "
+        "or through an accepted referral or consultation.",
+    ),
     "clinician.documents_help": (
         "已按患者同意和使用目的过滤。",
         "Filtered by the patient's consent and your purpose of use.",

@@ -8,7 +8,7 @@ import datetime
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
@@ -136,6 +136,19 @@ async def patient_access(request: Request, ctx: Console) -> Response:
     return page(ctx, "patient_access.html", filters=filters, result=result)
 
 
+@router.get("/audit/registrations")
+async def registrations_then_reads(request: Request, ctx: Console) -> Response:
+    """Beside the patient access report: per organisation, its registrations followed by reads
+    of other organisations' documents about the same people, the share of those people it had no
+    prior encounter with, and the outliers (30 days unless a range is given)."""
+    filters = _filters(request, ("since", "until", "organization_id"))
+    if not filters["since"]:
+        since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+        filters["since"] = since.replace(microsecond=0).isoformat()
+    result = await ctx.api.get("/api/v1/audit/reports/registrations-then-reads", filters)
+    return page(ctx, "registrations.html", filters=filters, result=result)
+
+
 @router.get("/audit/export.csv")
 async def audit_export(request: Request, ctx: Console) -> Response:
     """The API's CSV export of the same search, handed to the browser as a download."""
@@ -164,9 +177,18 @@ async def steward_queue(request: Request, ctx: Console) -> Response:
     """The review queue: both records side by side, per-field agreement and score."""
     assigned = request.query_params.get("assigned", "any")
     assigned = assigned if assigned in {"any", "me", "nobody"} else "any"
-    result = await ctx.api.get("/api/v1/mpi/review-tasks", {"assigned": assigned, "page_size": 50})
+    # A platform steward's queue is the whole region's: it pages (oldest first).
+    result = await ctx.api.get(
+        "/api/v1/mpi/review-tasks",
+        {"assigned": assigned, "page_size": 50, "page_token": request.query_params.get("page_token", "")[:200]},
+    )
     tasks = [{**task, "agreement": _agreement_rows(task)} for task in result.body.get("tasks", [])] if result.ok else []
-    return page(ctx, "steward.html", result=result, tasks=tasks, assigned=assigned)
+    next_page = (
+        urlencode({"assigned": assigned, "page_token": result.body["next_page_token"]})
+        if result.ok and result.body.get("next_page_token")
+        else ""
+    )
+    return page(ctx, "steward.html", result=result, tasks=tasks, assigned=assigned, next_page=next_page)
 
 
 async def _task_action(request: Request, ctx: ConsoleContext, method: str, path: str, json: Any = None) -> Response:
@@ -174,7 +196,7 @@ async def _task_action(request: Request, ctx: ConsoleContext, method: str, path:
     result = await ctx.api.call(method, path, json=json) if json is not None else await ctx.api.call(method, path)
     if not result.ok:
         return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
-    return RedirectResponse("/console/steward?done=1", status_code=303)
+    return RedirectResponse("/console/steward?assigned=me&done=1", status_code=303)
 
 
 @router.post("/steward/tasks/{task_id}/claim")
@@ -206,28 +228,98 @@ async def decide_task(task_id: str, request: Request, ctx: Console) -> Response:
     result = await ctx.api.post(f"/api/v1/mpi/review-tasks/{task_id[:64]}/decision", {"decision": decision})
     if not result.ok:
         return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
-    return RedirectResponse("/console/steward?done=1", status_code=303)
+    return RedirectResponse("/console/steward?assigned=me&done=1", status_code=303)
 
 
 @router.get("/steward/history")
 async def link_history(request: Request, ctx: Console) -> Response:
+    """Every link change of a record's person: a platform steward names any domain, a hospital's
+    administrator its own records (the API decides what each may see)."""
     filters = _filters(request, ("domain", "local_id"))
     result = None
     if filters["local_id"]:
         result = await ctx.api.get(
-            f"/api/v1/patients/{filters['local_id']}/link-history", {"domain": filters["domain"]}
+            f"/api/v1/patients/{quote(filters['local_id'], safe='')}/link-history", {"domain": filters["domain"]}
         )
     return page(ctx, "history.html", filters=filters, result=result)
 
 
-@router.get("/steward/merge")
+_LINK_FIELDS = ("domain", "local_id", "target_domain", "target_local_id")
+
+
+@router.get("/steward/link")
+async def link_form(request: Request, ctx: Console) -> Response:
+    return page(ctx, "link.html", filters=_filters(request, _LINK_FIELDS))
+
+
+@router.post("/steward/link")
+async def link(request: Request, ctx: Console) -> Response:
+    """A platform steward joins a record (any domain) to the person of another record, e.g. two
+    records of one hospital found to be one person, after a confirmation. (Retiring a duplicate
+    local id is a merge: the hospital's own act, below.)"""
+    form = await checked_form(request, ctx)
+    chosen = {name: form.get(name, "").strip()[:64] for name in _LINK_FIELDS}
+    if not all(chosen.values()):
+        return page(ctx, "message.html", status=400, title_key="common.error", detail={"reason": "record-missing"})
+    if form.get("confirmed") != "yes":
+        return page(
+            ctx,
+            "confirm.html",
+            question_key="steward.confirm_link",
+            action="/console/steward/link",
+            fields={**chosen, "confirmed": "yes"},
+            summary=[
+                ("steward.record", f"{chosen['domain']} / {chosen['local_id']}"),
+                ("steward.target", f"{chosen['target_domain']} / {chosen['target_local_id']}"),
+            ],
+        )
+    result = await ctx.api.call(
+        "POST",
+        f"/api/v1/patients/{quote(chosen['local_id'], safe='')}/link",
+        params={"domain": chosen["domain"]},
+        json={"target": {"domain": chosen["target_domain"], "local_id": chosen["target_local_id"]}},
+    )
+    if not result.ok:
+        return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
+    return page(ctx, "message.html", title_key="common.done", detail="")
+
+
+@router.post("/steward/unlink")
+async def unlink(request: Request, ctx: Console) -> Response:
+    """A platform steward takes a record (any domain) out of its person, after a confirmation."""
+    form = await checked_form(request, ctx)
+    domain, local_id = form.get("domain", "").strip()[:64], form.get("local_id", "").strip()[:64]
+    if not domain or not local_id:
+        return page(ctx, "message.html", status=400, title_key="common.error", detail={"reason": "record-missing"})
+    if form.get("confirmed") != "yes":
+        return page(
+            ctx,
+            "confirm.html",
+            question_key="steward.confirm_unlink",
+            action="/console/steward/unlink",
+            fields={"domain": domain, "local_id": local_id, "confirmed": "yes"},
+            summary=[("steward.record", f"{domain} / {local_id}")],
+        )
+    result = await ctx.api.call(
+        "POST", f"/api/v1/patients/{quote(local_id, safe='')}/unlink", params={"domain": domain}
+    )
+    if not result.ok:
+        return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
+    return page(ctx, "message.html", title_key="common.done", detail="")
+
+
+# -- a hospital's administrator: its own duplicate records -------------------------------------
+
+
+@router.get("/records/merge")
 async def merge_form(request: Request, ctx: Console) -> Response:
     return page(ctx, "merge.html")
 
 
-@router.post("/steward/merge")
+@router.post("/records/merge")
 async def merge(request: Request, ctx: Console) -> Response:
-    """Merge two records of the person's own organisation, after a confirmation."""
+    """A hospital retires a duplicate local record into the surviving one (ADT^A40: only a
+    hospital merges, and only its own records), after a confirmation."""
     form = await checked_form(request, ctx)
     survivor, subsumed = form.get("survivor_local_id", "")[:64], form.get("subsumed_local_id", "")[:64]
     if form.get("confirmed") != "yes":
@@ -235,7 +327,7 @@ async def merge(request: Request, ctx: Console) -> Response:
             ctx,
             "confirm.html",
             question_key="steward.confirm_merge",
-            action="/console/steward/merge",
+            action="/console/records/merge",
             fields={"survivor_local_id": survivor, "subsumed_local_id": subsumed, "confirmed": "yes"},
             summary=[("steward.survivor", survivor), ("steward.subsumed", subsumed)],
         )
@@ -247,7 +339,7 @@ async def merge(request: Request, ctx: Console) -> Response:
     return page(ctx, "message.html", title_key="common.done", detail="")
 
 
-@router.post("/steward/unmerge")
+@router.post("/records/unmerge")
 async def unmerge(request: Request, ctx: Console) -> Response:
     form = await checked_form(request, ctx)
     local_id = form.get("local_id", "")[:64]
@@ -256,11 +348,11 @@ async def unmerge(request: Request, ctx: Console) -> Response:
             ctx,
             "confirm.html",
             question_key="steward.confirm_unmerge",
-            action="/console/steward/unmerge",
+            action="/console/records/unmerge",
             fields={"local_id": local_id, "confirmed": "yes"},
             summary=[("steward.local_id", local_id)],
         )
-    result = await ctx.api.post(f"/api/v1/patients/{local_id}/unmerge")
+    result = await ctx.api.post(f"/api/v1/patients/{quote(local_id, safe='')}/unmerge")
     if not result.ok:
         return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
     return page(ctx, "message.html", title_key="common.done", detail="")
@@ -355,7 +447,7 @@ async def list_users(request: Request, ctx: Console) -> Response:
         return refused
     async with request.app.state.sessions() as db:
         people = await users.store.users_of(db, ctx.org.id)
-    return page(ctx, "users.html", people=people, roles=users.ROLES_BY_ORG_TYPE.get(ctx.org.type, ()), password="")
+    return page(ctx, "users.html", people=people, roles=users.roles_for(ctx.org.type), password="")
 
 
 @router.post("/users")
@@ -390,6 +482,4 @@ async def change_users(request: Request, ctx: Console) -> Response:
         return page(ctx, "message.html", status=400, title_key="common.error", detail={"reason": exc.reason})
     async with request.app.state.sessions() as db:
         people = await users.store.users_of(db, ctx.org.id)
-    return page(
-        ctx, "users.html", people=people, roles=users.ROLES_BY_ORG_TYPE.get(ctx.org.type, ()), password=password
-    )
+    return page(ctx, "users.html", people=people, roles=users.roles_for(ctx.org.type), password=password)

@@ -19,6 +19,7 @@ from gateway import store as gateway_store
 from gateway.console import store
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.user_assertion import ROLES_BY_ORGANIZATION_TYPE
 
 # argon2-cffi's defaults are RFC 9106's second recommended option (argon2id, t=3, m=64 MiB, p=4).
 _HASHER = PasswordHasher()
@@ -26,15 +27,22 @@ MAX_FAILED_ATTEMPTS = 5
 LOCKOUT = datetime.timedelta(minutes=15)
 MIN_PASSWORD_LENGTH = 10
 
-# Which roles a person of each kind of organisation may hold in the console (DESIGN.md: member
-# hospitals assert clinical roles and their own administrators and auditors; the platform
-# operator's staff are the data stewards; the authority's staff are auditors, never clinicians).
-# Services still apply their own rules to every call; this only refuses nonsense at creation.
-ROLES_BY_ORG_TYPE: dict[str, tuple[str, ...]] = {
-    "hospital": ("doctor", "nurse", "pharmacist", "technician", "data-steward", "auditor", "admin"),
-    "authority": ("auditor", "admin"),
-    "platform-admin": ("data-steward", "auditor", "admin"),
-}
+# Which roles a person of each kind of organisation may hold is the exchange's one table
+# (services/shared/user_assertion.py ROLES_BY_ORGANIZATION_TYPE): the console signs the same user
+# assertion a hospital system does, so a role that table refuses would only fail on every call.
+# An authority's people are auditors only: no console administrator of its own; the platform
+# operator adds them with `hie user add --org <authority>`.
+
+# Display order only (the table above decides which).
+_ROLE_ORDER = ("doctor", "nurse", "pharmacist", "technician", "data-steward", "auditor", "admin")
+
+
+def roles_for(org_type: str) -> tuple[str, ...]:
+    """The roles a person of an organisation of this type may hold, in a stable order."""
+    allowed = ROLES_BY_ORGANIZATION_TYPE.get(org_type, frozenset())
+    return tuple(role for role in _ROLE_ORDER if role in allowed)
+
+
 # The purpose of use a person starts with (changeable in the console where the role allows).
 DEFAULT_PURPOSE = {"auditor": "audit", "data-steward": "operations", "admin": "operations"}
 CLINICAL_PURPOSES = ("treatment", "emergency", "referral", "consultation")
@@ -120,9 +128,9 @@ async def add_user(
     org = await gateway_store.organization(session, org_id)
     if org is None:
         raise NotFound("no such organisation", reason="organization-unknown")
-    if role not in ROLES_BY_ORG_TYPE.get(org.type, ()):
+    if role not in roles_for(org.type):
         raise InvalidArgument(
-            f"role must be one of {', '.join(ROLES_BY_ORG_TYPE.get(org.type, ()))} for a {org.type}",
+            f"role must be one of {', '.join(roles_for(org.type))} for a {org.type}",
             reason="role-not-allowed",
         )
     if not username or len(username) > 64 or not username.replace("-", "").replace("_", "").replace(".", "").isalnum():

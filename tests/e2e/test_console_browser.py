@@ -112,9 +112,33 @@ async def _user(exchange: Exchange, org: str, role: str, name: str, department: 
     return username
 
 
-async def _shared_document(exchange: Exchange, a: Any, b: Any, trace_id: str) -> str:
-    """张三 at both hospitals; A registers a discharge summary and B reads it, in one trace."""
-    patient = person("张三", family="张", given="三", address={"province": "北京市", "line": "金融街 1 号"})
+async def _platform_operator(exchange: Exchange) -> Any:
+    """The platform operator, whose staff are the region's data stewards."""
+    return await exchange.member(type="platform-admin", scopes="system/Patient.rus", name="平台运营")
+
+
+async def _find_task(page: Any, born: str) -> Any:
+    """The review task of the pair born on that day, paging through the region's queue."""
+    while True:
+        task = page.locator("section.task", has_text=born)
+        if await task.count() == 1:
+            return task
+        following = page.locator("#next-page")
+        assert await following.count() == 1, "the task is not in the queue"
+        await following.click()
+        await page.wait_for_load_state()
+
+
+async def _shared_document(exchange: Exchange, a: Any, b: Any, trace_id: str) -> dict[str, Any]:
+    """张三 at both hospitals (B registered him at his first visit there, with the national id from
+    his card: its care relationship); A registers a discharge summary and B reads it, in one trace."""
+    patient = person(
+        "张三",
+        family="张",
+        given="三",
+        phones=["13800138000"],
+        address={"province": "北京市", "district": "西城区", "line": "金融街 1 号"},
+    )
     assert (await a.call("POST", "/api/v1/patients", json={"local_id": "A-1", **patient})).status_code == 201
     assert (await b.call("POST", "/api/v1/patients", json={"local_id": "B-1", **patient})).status_code == 201
     registered = await a.call(
@@ -128,7 +152,7 @@ async def _shared_document(exchange: Exchange, a: Any, b: Any, trace_id: str) ->
     read = await b.call("GET", f"/api/v1/documents/{document_id}/content", traceparent=new_traceparent(trace_id))
     assert read.status_code == 200
     await exchange.audit_settled()
-    return str(document_id)
+    return patient
 
 
 async def test_auditor_follows_a_trace_across_two_hospitals(exchange: Exchange, page: Any) -> None:
@@ -162,6 +186,8 @@ async def test_auditor_follows_a_trace_across_two_hospitals(exchange: Exchange, 
 
     await page.goto(f"{exchange.base_url}/console/audit/overview")
     assert "完整" in await page.locator("#chain-status").inner_text()
+    # One page, five API calls: each went with its own user assertion (the gateway takes a jti once).
+    assert await page.locator("div.error").count() == 0
     assert await page.locator("#checkpoint").count() == 1
     assert await page.locator("svg.chart").count() >= 1
     await screenshot(page, "auditor-overview", exchange.backend)
@@ -176,6 +202,14 @@ async def test_auditor_follows_a_trace_across_two_hospitals(exchange: Exchange, 
     assert await page.locator("table.events tbody tr").count() >= 1
     await check_accessibility(page)
     await screenshot(page, "auditor-patient-access", exchange.backend)
+
+    # Beside it, the authority's report of registrations followed by cross-domain reads: B
+    # registered 张三 and then read A's document about him.
+    await page.get_by_role("link", name="登记后跨机构调阅").click()
+    row = await page.locator(f"table.registrations tr[data-org='{b.org_id}']").inner_text()  # type: ignore[attr-defined]
+    assert int(row.split()[2]) >= 1  # cross-domain reads
+    await check_accessibility(page)
+    await screenshot(page, "auditor-registrations", exchange.backend)
     assert page.csp_violations == []  # type: ignore[attr-defined]
 
 
@@ -186,12 +220,14 @@ async def test_steward_resolves_a_review_task(exchange: Exchange, page: Any) -> 
     common = {"name": "王芳", "gender": "female", "birth_date": born}
     await a.call("POST", "/api/v1/patients", json={"local_id": local, **common, "phones": ["13811110001"]})
     await b.call("POST", "/api/v1/patients", json={"local_id": local, **common, "phones": ["13922220002"]})
-    steward = await _user(exchange, b.org_id, "data-steward", "吴管理", "病案室")  # type: ignore[attr-defined]
+    # The region's data stewards are the platform operator's staff (a hospital cannot have one).
+    ops = await _platform_operator(exchange)
+    steward = await _user(exchange, ops.org_id, "data-steward", "吴管理", "主索引管理组")  # type: ignore[attr-defined]
 
-    await sign_in(page, exchange.base_url, b.org_id, steward, PASSWORD)  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, ops.org_id, steward, PASSWORD)  # type: ignore[attr-defined]
     assert page.url.endswith("/console/steward")
-    task = page.locator("section.task", has_text=born)
-    assert await task.count() == 1
+    # The whole region's queue, oldest first: page to this pair's task.
+    task = await _find_task(page, born)
     assert "王芳" in await task.inner_text()
     await check_accessibility(page)
     await screenshot(page, "steward-queue", exchange.backend)
@@ -204,25 +240,43 @@ async def test_steward_resolves_a_review_task(exchange: Exchange, page: Any) -> 
     await page.wait_for_url(re.compile("/console/steward"))
     assert await page.locator("section.task", has_text=born).count() == 0
 
+    # The link history of a record of any domain.
     await page.goto(f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={local}")  # type: ignore[attr-defined]
     history = await page.locator("table").inner_text()
     assert a.org_id in history  # type: ignore[attr-defined]
+    assert "review-same" in history
     await screenshot(page, "steward-history", exchange.backend)
     assert page.csp_violations == []  # type: ignore[attr-defined]
 
 
 async def test_clinician_finds_a_patient_and_opens_a_shared_document(exchange: Exchange, page: Any) -> None:
     a, b = await _hospitals(exchange)
-    await _shared_document(exchange, a, b, secrets.token_hex(16))
+    patient = await _shared_document(exchange, a, b, secrets.token_hex(16))
     doctor = await _user(exchange, b.org_id, "doctor", "李医生", "全科")  # type: ignore[attr-defined]
 
     await sign_in(page, exchange.base_url, b.org_id, doctor, PASSWORD)  # type: ignore[attr-defined]
     assert page.url.endswith("/console/clinician")
+    # A name alone is not enough to search the region: the screen says what is.
     await page.get_by_label("姓", exact=True).fill("张")
     await page.get_by_label("名", exact=True).fill("三")
     await page.get_by_role("button", name="查询").click()
+    assert "search-too-broad" in await page.locator("div.error").inner_text()
+    assert await page.locator("table.patients").count() == 0
+    await page.get_by_label("出生日期").fill(patient["birth_date"])
+    await page.get_by_role("button", name="查询").click()
     row = page.locator("table.patients tbody tr", has_text=b.org_id)  # type: ignore[attr-defined]
     assert "张三" in await row.first.inner_text()
+    # Hospital A's record of him is there to pick the person, masked: no national id in clear,
+    # no phone, no street.
+    other = await page.locator("table.patients tbody tr", has_text=a.org_id).first.inner_text()  # type: ignore[attr-defined]
+    assert "张三" in other
+    assert patient["national_id"] not in other
+    assert patient["national_id"][-4:] in other
+    assert "*" in other
+    assert "西城区" in other
+    results = await page.locator("table.patients").inner_text()
+    assert "13800138000" not in results
+    assert "金融街" not in results
     await check_accessibility(page)
     await screenshot(page, "clinician-search", exchange.backend)
     await row.first.get_by_role("link").click()
@@ -335,16 +389,60 @@ async def test_sign_in_and_search_by_keyboard_alone(exchange: Exchange, page: An
     assert await page.evaluate("document.activeElement.id") == "main"
 
 
-async def test_steward_merges_and_unmerges_with_confirmation(exchange: Exchange, page: Any) -> None:
+async def test_steward_links_and_unlinks_two_records_of_one_hospital(exchange: Exchange, page: Any) -> None:
+    _, b = await _hospitals(exchange)
+    first, second = f"LK-{secrets.token_hex(3)}", f"LK-{secrets.token_hex(3)}"
+    for local_id in (first, second):
+        registered = await b.call("POST", "/api/v1/patients", json={"local_id": local_id, **person("诸葛亮")})
+        assert registered.status_code == 201, registered.text
+    ops = await _platform_operator(exchange)
+    steward = await _user(exchange, ops.org_id, "data-steward", "冯管理", "主索引管理组")  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, ops.org_id, steward, PASSWORD)  # type: ignore[attr-defined]
+
+    # The steward names both records, domain and local id: B's, not the steward's own organisation.
+    await page.goto(f"{exchange.base_url}/console/steward/link")
+    await page.get_by_label("机构", exact=True).fill(b.org_id)  # type: ignore[attr-defined]
+    await page.get_by_label("院内号", exact=True).fill(second)
+    await page.get_by_label("目标机构").fill(b.org_id)  # type: ignore[attr-defined]
+    await page.get_by_label("目标院内号").fill(first)
+    await check_accessibility(page)
+    await page.get_by_role("button", name="链接为同一人").click()
+    # Nothing happens before the confirmation.
+    summary = await page.locator("dl").inner_text()
+    assert second in summary
+    assert first in summary
+    history_url = f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={second}"  # type: ignore[attr-defined]
+    await screenshot(page, "steward-link-confirm", exchange.backend)
+    await page.get_by_role("button", name="确认").click()
+    assert "已完成" in await page.locator("h1").inner_text()
+
+    await page.goto(history_url)
+    history = await page.locator("table").inner_text()
+    assert "steward" in history
+    assert "link" in history
+    assert first in history
+    await page.get_by_role("button", name="撤销链接").click()
+    assert second in await page.locator("dl").inner_text()
+    await page.get_by_role("button", name="确认").click()
+    assert "已完成" in await page.locator("h1").inner_text()
+    await page.goto(history_url)
+    assert "unlink" in (await page.locator("table").inner_text()).lower()
+    await screenshot(page, "steward-unlinked", exchange.backend)
+    # The records are the hospital's: retiring one (a merge) is not the platform's act.
+    assert await page.locator("a[href='/console/records/merge']").count() == 0
+    assert page.csp_violations == []  # type: ignore[attr-defined]
+
+
+async def test_hospital_administrator_merges_and_unmerges_its_records(exchange: Exchange, page: Any) -> None:
     _, b = await _hospitals(exchange)
     survivor, subsumed = f"MS-{secrets.token_hex(3)}", f"MD-{secrets.token_hex(3)}"
     for local_id in (survivor, subsumed):
         registered = await b.call("POST", "/api/v1/patients", json={"local_id": local_id, **person("诸葛亮")})
         assert registered.status_code == 201, registered.text
-    steward = await _user(exchange, b.org_id, "data-steward", "冯管理", "病案室")  # type: ignore[attr-defined]
-    await sign_in(page, exchange.base_url, b.org_id, steward, PASSWORD)  # type: ignore[attr-defined]
+    admin = await _user(exchange, b.org_id, "admin", "病案室管理员", "病案室")  # type: ignore[attr-defined]
+    await sign_in(page, exchange.base_url, b.org_id, admin, PASSWORD)  # type: ignore[attr-defined]
 
-    await page.goto(f"{exchange.base_url}/console/steward/merge")
+    await page.get_by_role("link", name="合并本机构两条记录").click()
     await page.get_by_label("保留记录院内号").fill(survivor)
     await page.get_by_label("被合并记录院内号").fill(subsumed)
     await page.get_by_role("button", name="合并本机构两条记录").click()
@@ -360,4 +458,4 @@ async def test_steward_merges_and_unmerges_with_confirmation(exchange: Exchange,
     assert "已完成" in await page.locator("h1").inner_text()
     await page.goto(f"{exchange.base_url}/console/steward/history?domain={b.org_id}&local_id={subsumed}")  # type: ignore[attr-defined]
     assert "unmerge" in (await page.locator("table").inner_text()).lower()
-    await screenshot(page, "steward-unmerged", exchange.backend)
+    await screenshot(page, "admin-unmerged", exchange.backend)

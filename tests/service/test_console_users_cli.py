@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -102,3 +103,34 @@ def test_add_list_lock_reset_disable(tmp_path: Path) -> None:
     assert disabled.exit_code == 0
     assert asyncio.run(_authenticate(tmp_path, fresh.group(1))) == "disabled"
     assert "disabled" in runner.invoke(app, ["user", "list", "--org", "hosp-1", *common]).output
+
+
+def test_roles_follow_the_exchange_table_of_organisation_types(tmp_path: Path) -> None:
+    """A person gets only a role their organisation's type may assert (the one table in
+    services/shared/user_assertion.py): no data steward at a hospital, nothing but auditors at
+    an authority (whose people the platform operator adds with `hie user add`), stewards at the
+    platform operator."""
+    common = ["--data-dir", str(tmp_path)]
+    for org_id, org_type in (("hosp-1", "hospital"), ("wjw", "authority"), ("ops", "platform-admin")):
+        keys = tmp_path / f"{org_id}.json"
+        keys.write_text(json.dumps(jwks(generate_ec_key())))
+        added = runner.invoke(
+            app,
+            ["org", "add", "--id", org_id, "--name", "某机构", "--type", org_type, "--jwks", str(keys), *common],
+        )
+        assert added.exit_code == 0, added.output
+
+    def add(org_id: str, username: str, role: str) -> Any:
+        return runner.invoke(
+            app,
+            ["user", "add", "--org", org_id, "--username", username, "--name", "某人", "--role", role, *common],
+        )
+
+    for org_id, role in (("hosp-1", "data-steward"), ("wjw", "admin"), ("wjw", "doctor"), ("ops", "doctor")):
+        refused = add(org_id, f"x-{role}", role)
+        assert refused.exit_code == 2, (org_id, role, refused.output)
+        assert "role must be one of" in refused.output
+        assert "Traceback" not in refused.output
+    for org_id, role in (("hosp-1", "admin"), ("hosp-1", "auditor"), ("wjw", "auditor"), ("ops", "data-steward")):
+        accepted = add(org_id, f"ok-{role}", role)
+        assert accepted.exit_code == 0, (org_id, role, accepted.output)
