@@ -985,22 +985,29 @@ def _search_query(request: mpi_pb2.SearchPatientsRequest) -> tuple[matching.Matc
     return query, criteria
 
 
+# Name levels that are the same name written another way (characters / pinyin, a homophone, the
+# parts the other way round). A PDQ search is a FHIR string search: a spelling merely similar
+# (司徒 for 司马, a typo) is not the name sought; `$match` (MatchPatient) scores those.
+_SAME_NAME = frozenset({matching.EXACT, matching.HOMOPHONE, matching.PINYIN, matching.SWAPPED, matching.MISSING})
+
+
 def _names_agree(levels: dict[str, str]) -> bool:
-    """The index's own name agreement: each part at an agreeing level (exact, homophone, pinyin,
-    swapped, typo, similar), not both missing."""
-    if levels["family"] == matching.DIFFERENT or levels["given"] == matching.DIFFERENT:
+    """The same name in another writing: each part exact, homophone, pinyin or swapped (or not
+    given), not both missing."""
+    if levels["family"] not in _SAME_NAME or levels["given"] not in _SAME_NAME:
         return False
     return not (levels["family"] == matching.MISSING and levels["given"] == matching.MISSING)
 
 
-def _folded(text: str) -> str:
+def _folded(text: str) -> set[str]:
     """A value as a case- and accent-insensitive string search compares it: Han characters as
-    they are (compatibility forms unified, spaces dropped), Latin letters folded to lower-case
-    ASCII (tone marks and accents, spaces and punctuation dropped), as the index's pinyin is."""
+    they are (compatibility forms unified, spaces dropped); Latin letters folded as the index's
+    pinyin is (lower-case ASCII, ü as v: lü -> lv) and plainly (accents dropped: Müller -> muller)."""
     text = unicodedata.normalize("NFKC", text)
     if has_han(text):
-        return "".join(text.split())
-    return fold_latin(text)
+        return {"".join(text.split())} - {""}
+    plain = unicodedata.normalize("NFKD", text.casefold())
+    return {fold_latin(text), "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))} - {""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1008,9 +1015,10 @@ class _NameFilter:
     """FHIR string search on family, given and name (`SearchPatientsRequest.*_match`).
 
     - prefix (no modifier): the part starts with the value, case- and accent-insensitive, on
-      its characters or on its toneless pinyin (a Latin value: `zhang` / `zh` find 张三丰); a
-      record the index's own name agreement accepts (homophone 章 for 张, pinyin, swapped,
-      typo) also matches, ranked by its weight below the exact spellings;
+      its characters or on its toneless pinyin (a Latin value: `zhang` / `zh` find 张三丰); the
+      same name written another way (homophone 章 for 张, pinyin against characters, parts
+      swapped) also matches, ranked by its weight below the exact spellings; a merely similar
+      spelling (司徒 for 司马, a typo) does not;
     - exact: the part as registered, whole and case-sensitive;
     - contains: the value anywhere in the part, case- and accent-insensitive, on characters
       or pinyin.
@@ -1049,13 +1057,13 @@ class _NameFilter:
                     return False
                 continue
             wanted = _folded(value)
-            if not wanted:
-                return False
-            parts = _search_forms(forms, field)
+            parts = _search_forms(forms, field) | {
+                f for part in _registered_parts(record, field) if not has_han(part) for f in _folded(part)
+            }
             if mode == mpi_pb2.NAME_MATCH_CONTAINS:
-                if not any(wanted in p for p in parts):
+                if not any(w in p for w in wanted for p in parts):
                     return False
-            elif not (agree or any(p.startswith(wanted) for p in parts)):
+            elif not (agree or any(p.startswith(w) for w in wanted for p in parts)):
                 return False
         return True
 
