@@ -63,6 +63,15 @@ _PDQ_PARAMS = {
     "_totalMethod",
     "page",
 }
+# FHIR string search on the name parameters: no modifier is a prefix (case- and accent-insensitive),
+# `:exact` the whole value, `:contains` a substring. Other modifiers are refused as unknown.
+_NAME_MATCH = {
+    "": mpi_pb2.NAME_MATCH_PREFIX,
+    ":exact": mpi_pb2.NAME_MATCH_EXACT,
+    ":contains": mpi_pb2.NAME_MATCH_CONTAINS,
+}
+_NAME_PARAMS = ("family", "given", "name")
+_PDQ_PARAMS |= {f"{p}{m}" for p in _NAME_PARAMS for m in _NAME_MATCH if m}
 # Asked by clients and answered anyway (Bundle.total is given whenever the search can be counted):
 # FHIR `_total` and fhirpy's `_totalMethod`, which its count() sends.
 _TOTAL_HINTS = {"_total", "_totalMethod"}
@@ -101,10 +110,19 @@ PATIENT_SEARCH_PARAMS: list[dict[str, str]] = [
     _search_param(
         "family",
         "string",
-        "Family name in characters or pinyin (张 / Zhang); homophones (章) and swapped names match with a lower score.",
+        "Family name in characters or pinyin (张 / Zhang). FHIR string search: a prefix, case- and "
+        "accent-insensitive, on the characters or the toneless pinyin (司 and si find 司马; zhang finds 张); "
+        "homophones (章) and swapped names also match, with a lower score. Modifiers :exact (the whole part "
+        "as registered, case-sensitive) and :contains (anywhere, case- and accent-insensitive). Needs a "
+        "birthdate, telecom or identifier beside it.",
     ),
-    _search_param("given", "string", "Given name in characters or pinyin."),
-    _search_param("name", "string", "Full name as written (张伟, Zhang Wei)."),
+    _search_param("given", "string", "Given name in characters or pinyin; prefix, :exact, :contains as family."),
+    _search_param(
+        "name",
+        "string",
+        "Any part of the name (family, given, or the whole name as written: 张伟, Zhang Wei); prefix, "
+        ":exact, :contains as family.",
+    ),
     _search_param("birthdate", "date", "YYYY-MM-DD, exact (prefix eq only)."),
     _search_param("gender", "token", "male | female | other | unknown."),
     _search_param(
@@ -389,12 +407,16 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
     if unknown:
         raise _bad("search-parameter-unknown", "unknown search parameter")
     values: dict[str, str] = {}
+    modes: dict[str, int] = {}
     for key, value in items:
+        key, _, modifier = key.partition(":")
         if key in values:
             raise _bad("search-parameter-repeated", "a search parameter is given twice")
         if len(value) > _LIMITS.get(key, 6):
             raise _bad("search-value-invalid", f"{key}: value too long")
         values[key] = value
+        if key in _NAME_PARAMS:
+            modes[key] = _NAME_MATCH[f":{modifier}" if modifier else ""]
     count_text = values.get("_count", str(DEFAULT_COUNT))
     if not count_text.isascii() or not count_text.isdigit() or not 0 <= int(count_text) <= MAX_COUNT:
         raise _bad("search-value-invalid", f"_count: 0 to {MAX_COUNT}")
@@ -424,6 +446,9 @@ async def _pdq(ctx: Context, request: Request, items: list[tuple[str, str]]) -> 
         phone=values.get("telecom", "").removeprefix("phone|"),
         limit=count or 1,
         page_token=values.get("page", ""),
+        family_match=modes.get("family", mpi_pb2.NAME_MATCH_PREFIX),  # type: ignore[arg-type]
+        given_match=modes.get("given", mpi_pb2.NAME_MATCH_PREFIX),  # type: ignore[arg-type]
+        name_match=modes.get("name", mpi_pb2.NAME_MATCH_PREFIX),  # type: ignore[arg-type]
     )
     if values.get("identifier"):
         system, value = _token(values["identifier"])

@@ -84,6 +84,13 @@ class MergeIn(BaseModel):
     subsumed_local_id: str = Field(min_length=1, max_length=64)
 
 
+_NAME_MATCH = {
+    "prefix": mpi_pb2.NAME_MATCH_PREFIX,
+    "exact": mpi_pb2.NAME_MATCH_EXACT,
+    "contains": mpi_pb2.NAME_MATCH_CONTAINS,
+}
+
+
 @router.get("/patients/search")
 async def search_patients(
     ctx: Context,
@@ -95,10 +102,13 @@ async def search_patients(
     gender: Literal["", "male", "female", "other", "unknown"] = "",
     national_id: str = Query(default="", max_length=20),
     phone: str = Query(default="", max_length=24),
+    name_match: Literal["prefix", "exact", "contains"] = "prefix",
     limit: int = Query(default=20, ge=1, le=100),
     page_token: str = Query(default="", max_length=2048),
 ) -> dict[str, Any]:
     """PDQ: records across the region ranked by match weight against the given demographics,
+    `name_match` how family, given and name compare (FHIR string search: `prefix`, the default,
+    case- and accent-insensitive on characters or pinyin; `exact`; `contains`),
     `limit` per page; `next_page_token` (sealed, carrying the search) fetches the following page
     with no other parameter needed; `total` when the search is narrow enough to count."""
     ctx.require_scope("Patient", "r")
@@ -111,6 +121,11 @@ async def search_patients(
         phone=phone,
         limit=limit,
         page_token=page_token,
+        # Only on the names given: a page request (page_token alone) must not differ from the
+        # search its token carries.
+        family_match=_NAME_MATCH[name_match] if family else mpi_pb2.NAME_MATCH_PREFIX,
+        given_match=_NAME_MATCH[name_match] if given else mpi_pb2.NAME_MATCH_PREFIX,
+        name_match=_NAME_MATCH[name_match] if name else mpi_pb2.NAME_MATCH_PREFIX,
     )
     if national_id:
         search.identifier.CopyFrom(common_pb2.Identifier(type="NNCHN", value=national_id))

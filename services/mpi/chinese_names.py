@@ -111,6 +111,11 @@ def _fold_latin(text: str) -> str:
     return letters
 
 
+def fold_latin(text: str) -> str:
+    """Latin letters as the index compares them (lower-case ASCII; see `_fold_latin`)."""
+    return _fold_latin(text)
+
+
 @lru_cache(maxsize=65_536)
 def pinyin_of(text: str, *, surname: bool = False) -> str:
     """Toneless pinyin of Chinese characters, syllables run together ("张伟" -> "zhangwei");

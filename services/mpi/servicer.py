@@ -9,6 +9,7 @@ import datetime
 import hmac
 import json
 import time
+import unicodedata
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.mpi import domain, index, matching, review_store, store
+from services.mpi.chinese_names import NameForms, fold_latin, has_han, name_forms
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -558,7 +560,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             # Every candidate is scored anyway to rank them, so filtering all of them gives the
             # total for free; pages are cut by keyset (weight, domain, local id), the ranking's order.
             ranked = await self._index.rank(session, query, limit=_CANDIDATE_CAP)
-            found = _capped(who, [r for r in ranked if _satisfies(r.comparison.levels, criteria)])
+            names = _NameFilter.of(search)
+            found = _capped(
+                who,
+                [r for r in ranked if _satisfies(r.comparison.levels, criteria) and names.accepts(r, criteria)],
+            )
             following = [r for r in found if after is None or _rank_key(r) > after]
             page = following[:size]
             await self._rt.audit.record(
@@ -979,18 +985,128 @@ def _search_query(request: mpi_pb2.SearchPatientsRequest) -> tuple[matching.Matc
     return query, criteria
 
 
+# Name levels that are the same name written another way (characters / pinyin, a homophone, the
+# parts the other way round). A PDQ search is a FHIR string search: a spelling merely similar
+# (司徒 for 司马, a typo) is not the name sought; `$match` (MatchPatient) scores those.
+_SAME_NAME = frozenset({matching.EXACT, matching.HOMOPHONE, matching.PINYIN, matching.SWAPPED, matching.MISSING})
+
+
+def _names_agree(levels: dict[str, str]) -> bool:
+    """The same name in another writing: each part exact, homophone, pinyin or swapped (or not
+    given), not both missing."""
+    if levels["family"] not in _SAME_NAME or levels["given"] not in _SAME_NAME:
+        return False
+    return not (levels["family"] == matching.MISSING and levels["given"] == matching.MISSING)
+
+
+def _folded(text: str) -> set[str]:
+    """A value as a case- and accent-insensitive string search compares it: Han characters as
+    they are (compatibility forms unified, spaces dropped); Latin letters folded as the index's
+    pinyin is (lower-case ASCII, ü as v: lü -> lv) and plainly (accents dropped: Müller -> muller)."""
+    text = unicodedata.normalize("NFKC", text)
+    if has_han(text):
+        return {"".join(text.split())} - {""}
+    plain = unicodedata.normalize("NFKD", text.casefold())
+    return {fold_latin(text), "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))} - {""}
+
+
+@dataclasses.dataclass(frozen=True)
+class _NameFilter:
+    """FHIR string search on family, given and name (`SearchPatientsRequest.*_match`).
+
+    - prefix (no modifier): the part starts with the value, case- and accent-insensitive, on
+      its characters or on its toneless pinyin (a Latin value: `zhang` / `zh` find 张三丰); the
+      same name written another way (homophone 章 for 张, pinyin against characters, parts
+      swapped) also matches, ranked by its weight below the exact spellings; a merely similar
+      spelling (司徒 for 司马, a typo) does not;
+    - exact: the part as registered, whole and case-sensitive;
+    - contains: the value anywhere in the part, case- and accent-insensitive, on characters
+      or pinyin.
+    `name` is any part of the name: family, given, or the whole name (either order).
+    """
+
+    checks: tuple[tuple[str, str, int], ...]
+
+    @classmethod
+    def of(cls, search: mpi_pb2.SearchPatientsRequest) -> _NameFilter:
+        """The name checks of a search (one per name parameter given)."""
+        return cls(
+            tuple(
+                (field, value.strip(), mode)
+                for field, value, mode in (
+                    ("family", search.family, search.family_match),
+                    ("given", search.given, search.given_match),
+                    ("name", search.name, search.name_match),
+                )
+                if value.strip()
+            )
+        )
+
+    def accepts(self, ranked: index.Ranked, criteria: _Criteria) -> bool:
+        """Whether a candidate's name satisfies every name parameter of the search."""
+        if not criteria.has_name:
+            return True
+        agree = _names_agree(ranked.comparison.levels)
+        if not self.checks:
+            return agree
+        record = ranked.record
+        forms = name_forms(record.name_text, record.family, record.given)
+        for field, value, mode in self.checks:
+            if mode == mpi_pb2.NAME_MATCH_EXACT:
+                if value not in _registered_parts(record, field):
+                    return False
+                continue
+            wanted = _folded(value)
+            parts = _search_forms(forms, field) | {
+                f for part in _registered_parts(record, field) if not has_han(part) for f in _folded(part)
+            }
+            if mode == mpi_pb2.NAME_MATCH_CONTAINS:
+                if not any(w in p for w in wanted for p in parts):
+                    return False
+            elif not (agree or any(p.startswith(w) for w in wanted for p in parts)):
+                return False
+        return True
+
+
+def _registered_parts(record: store.PatientRecord, field: str) -> set[str]:
+    """A record's name parts as registered (`:exact` compares these whole)."""
+    family, given = (record.family or "").strip(), (record.given or "").strip()
+    if field == "family":
+        return {family}
+    if field == "given":
+        return {given}
+    parts = {family, given, (record.name_text or "").strip()}
+    if family and given:
+        parts |= {family + given, f"{given} {family}", f"{family} {given}"}
+    return parts - {""}
+
+
+def _search_forms(forms: NameForms, field: str) -> set[str]:
+    """The folded forms a case-insensitive search compares: the characters (or Latin letters)
+    and the toneless pinyin of the part; for `name`, of each part and of the whole name in
+    either order."""
+    family = {forms.family, forms.family_pinyin}
+    given = {forms.given, forms.given_pinyin}
+    if field == "family":
+        return family - {""}
+    if field == "given":
+        return given - {""}
+    whole = {
+        forms.family + forms.given,
+        forms.family_pinyin + forms.given_pinyin,
+        forms.given_pinyin + forms.family_pinyin,
+    }
+    return (family | given | whole) - {""}
+
+
 def _rank_key(ranked: index.Ranked) -> tuple[float, str, str]:
     """The ranking's order (index.rank): weight descending, then domain and local id."""
     return (-ranked.comparison.total, ranked.record.domain, ranked.record.local_id)
 
 
 def _satisfies(levels: dict[str, str], criteria: _Criteria) -> bool:
-    """PDQ: every parameter given must agree (names at any agreeing level: exact, homophone,
-    pinyin, swapped or similar; the birth date exactly; the gender; the identifier)."""
-    if criteria.has_name and (levels["family"] == matching.DIFFERENT or levels["given"] == matching.DIFFERENT):
-        return False
-    if criteria.has_name and levels["family"] == matching.MISSING and levels["given"] == matching.MISSING:
-        return False
+    """PDQ: every parameter given must agree (the birth date exactly; the gender; the identifier;
+    the phone). Names are `_NameFilter`'s."""
     if criteria.birth_date and levels["birth_date"] != matching.EXACT:
         return False
     if criteria.gender and levels["gender"] == matching.DISAGREE:

@@ -6,6 +6,7 @@ models plus the JSON-FHIR rules (tests/fhir_rules.py). Issue 16, items 1-6."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import secrets
 import time
@@ -22,6 +23,7 @@ from fhirpy import AsyncFHIRClient
 from joserfc.jwk import ECKey
 
 from gateway.client import FreshUserAssertionHeaders, HospitalClient
+from services.shared import gb11643
 from services.shared.keys import private_pem, public_jwk
 from tests.conftest import Exchange
 from tests.factories import fresh_national_id, person
@@ -218,28 +220,106 @@ async def test_pdqm_id_format_and_count_with_fhirpy(hospitals) -> None:
         assert "entry" not in counted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 2, not done: PDQm string search by a name part alone (prefix, :exact, :contains) "
-    "needs prefix blocking keys in the mpi (blind indexes, a re-keying migration) and the cross-domain "
-    "PDQ limits of issue 24; today a family name alone finds nothing",
-)
+def _born_on(born: datetime.date) -> str:
+    """A resident id (valid check digit) of someone born that day."""
+    body = f"110105{born:%Y%m%d}{secrets.randbelow(1000):03d}"
+    return body + gb11643.check_digit(body)
+
+
 async def test_pdqm_family_is_a_prefix_match_with_exact_and_contains(hospitals) -> None:
-    a, _ = hospitals
+    a, b = hospitals
+    # One birth date for all: a name (or a prefix of one) alone is too broad to search the region.
+    born = datetime.date(1950, 1, 1) + datetime.timedelta(days=secrets.randbelow(365 * 50))
     local = f"PFX-{secrets.token_hex(3)}"
-    ids = {
-        await a.feed(f"{local}-1", "司马懿", "司马", "懿"),
-        await a.feed(f"{local}-2", "司马昭", "司马", "昭"),
-    }
-    found = {p.id for p in await a.fhir.resources("Patient").search(family="司马").fetch_all()}
-    assert ids <= found
-    # FHIR string search: a prefix by default, `:exact` the whole value, `:contains` anywhere.
-    prefixed = {p.id for p in await a.fhir.resources("Patient").search(family="司").fetch_all()}
-    assert ids <= prefixed
-    exact = await a.checked(await a.get("Patient", params={"family:exact": "司"}))
-    assert ids.isdisjoint({e["resource"]["id"] for e in exact.get("entry", [])})
-    contains = await a.checked(await a.get("Patient", params={"family:contains": "马"}))
-    assert ids <= {e["resource"]["id"] for e in contains.get("entry", [])}
+    yi = await a.feed(f"{local}-1", "司马懿", "司马", "懿", national_id=_born_on(born))
+    zhao = await a.feed(f"{local}-2", "司马昭", "司马", "昭", national_id=_born_on(born))
+    situ = await b.feed(f"B-{local}-3", "司徒雷", "司徒", "雷", national_id=_born_on(born))
+    muller = await a.feed(f"{local}-4", "Hans Müller", "Müller", "Hans", national_id=_born_on(born))
+    ids = {yi, zhao}
+    day = born.isoformat()
+
+    async def found(**params: str) -> set[str]:
+        page = await a.checked(await a.get("Patient", params={"birthdate": day, **params}))
+        return {e["resource"]["id"] for e in page.get("entry", [])}
+
+    patients = a.fhir.resources("Patient")
+    assert {p.id for p in await patients.search(family="司马", birthdate=day).fetch_all()} == ids
+    # FHIR string search: a prefix by default, on the characters or the toneless pinyin, case- and
+    # accent-insensitive; across domains (司徒雷 is hospital b's).
+    assert {p.id for p in await patients.search(family="司", birthdate=day).fetch_all()} == ids | {situ}
+    assert await found(family="si") == ids | {situ}
+    assert await found(family="SIMA") == ids
+    assert await found(family="mul") == {muller}
+    assert await found(given="昭") == {zhao}
+    assert await found(given="zh") == {zhao}
+    assert await found(name="司马") == ids
+    assert await found(name="hans") == {muller}
+    # :exact is the whole part as registered (case-sensitive); :contains a substring anywhere.
+    assert await found(**{"family:exact": "司"}) == set()
+    assert await found(**{"family:exact": "司马"}) == ids
+    assert await found(**{"family:exact": "müller"}) == set()
+    assert await found(**{"family:exact": "Müller"}) == {muller}
+    assert await found(**{"name:exact": "司马昭"}) == {zhao}
+    assert await found(**{"family:contains": "马"}) == ids
+    assert await found(**{"family:contains": "MA"}) == ids
+    assert await found(**{"family:contains": "ll"}) == {muller}
+    assert await found(**{"given:contains": "懿"}) == {yi}
+    assert await found(**{"name:contains": "徒雷"}) == {situ}
+    # fhirpy's modifier form (family__contains -> family:contains), paged one by one: the sealed
+    # page token carries the modifier.
+    paged = patients.search(family__contains="马", birthdate=day).limit(1)
+    assert {p.id async for p in paged} == ids
+    assert await patients.search(family__exact="司马", birthdate=day).count() == 2
+
+    # Another domain's records stay masked (issue 24): no phone, national id masked.
+    theirs = await a.checked(await a.get("Patient", params={"family": "司", "birthdate": day}))
+    for entry in theirs["entry"]:
+        if entry["resource"]["id"] == situ:
+            assert "telecom" not in entry["resource"]
+            assert all("*" in i["value"] for i in entry["resource"]["identifier"] if "resident-id" in i["system"])
+
+    # A name prefix alone is still too broad; an unsupported modifier, or a name parameter given
+    # twice (with and without a modifier), is refused.
+    for params, reason in (
+        ({"family": "司"}, "search-too-broad"),
+        ({"family:exact": "司马"}, "search-too-broad"),
+        ({"family:missing": "true", "birthdate": day}, "search-parameter-unknown"),
+        ({"family:text": "司", "birthdate": day}, "search-parameter-unknown"),
+        ({"family": "司", "family:exact": "司马", "birthdate": day}, "search-parameter-repeated"),
+    ):
+        refused = await a.get("Patient", params=params)
+        outcome = await a.checked(refused, 400)
+        assert reason in json.dumps(outcome), (params, outcome)
+
+
+async def test_rest_patient_search_names_by_prefix_exact_and_contains(hospitals) -> None:
+    a, _ = hospitals
+    born = datetime.date(1950, 1, 1) + datetime.timedelta(days=secrets.randbelow(365 * 50))
+    local = f"RPX-{secrets.token_hex(3)}"
+    feng, zhangsan = f"{local}-1", f"{local}-2"
+    await a.feed(feng, "张三丰", "张", "三丰", national_id=_born_on(born))
+    await a.feed(zhangsan, "张三", "张", "三", national_id=_born_on(born))
+
+    async def found(**params: str) -> set[str]:
+        response = await a.client.call(
+            "GET", "/api/v1/patients/search", params={"birth_date": born.isoformat(), **params}
+        )
+        assert response.status_code == 200, response.text
+        return {r["patient"]["local_id"] for r in response.json()["results"]}
+
+    assert await found(family="张") == {feng, zhangsan}
+    assert await found(family="zhang") == {feng, zhangsan}
+    assert await found(name="张三") == {feng, zhangsan}
+    assert await found(name="张三", name_match="exact") == {zhangsan}
+    assert await found(given="丰", name_match="contains") == {feng}
+    assert await found(given="feng", name_match="contains") == {feng}
+    too_broad = await a.client.call("GET", "/api/v1/patients/search", params={"family": "张"})
+    assert too_broad.status_code == 400
+    assert too_broad.json()["error"]["reason"] == "search-too-broad"
+    bad = await a.client.call(
+        "GET", "/api/v1/patients/search", params={"family": "张", "birth_date": born.isoformat(), "name_match": "x"}
+    )
+    assert bad.status_code in (400, 422)
 
 
 # --- 3 and 4. One identifier system, Patient ids the exchange hands out ------------------------------

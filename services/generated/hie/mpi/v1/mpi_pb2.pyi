@@ -29,6 +29,12 @@ class LinkMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LINK_METHOD_STEWARD: _ClassVar[LinkMethod]
     LINK_METHOD_MERGE: _ClassVar[LinkMethod]
 
+class NameMatch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NAME_MATCH_PREFIX: _ClassVar[NameMatch]
+    NAME_MATCH_EXACT: _ClassVar[NameMatch]
+    NAME_MATCH_CONTAINS: _ClassVar[NameMatch]
+
 class ReviewAssignmentFilter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REVIEW_ASSIGNMENT_FILTER_ANY: _ClassVar[ReviewAssignmentFilter]
@@ -51,6 +57,9 @@ LINK_METHOD_NATIONAL_ID: LinkMethod
 LINK_METHOD_PROBABILISTIC: LinkMethod
 LINK_METHOD_STEWARD: LinkMethod
 LINK_METHOD_MERGE: LinkMethod
+NAME_MATCH_PREFIX: NameMatch
+NAME_MATCH_EXACT: NameMatch
+NAME_MATCH_CONTAINS: NameMatch
 REVIEW_ASSIGNMENT_FILTER_ANY: ReviewAssignmentFilter
 REVIEW_ASSIGNMENT_FILTER_MINE: ReviewAssignmentFilter
 REVIEW_ASSIGNMENT_FILTER_UNASSIGNED: ReviewAssignmentFilter
@@ -189,7 +198,7 @@ class ScoredPatient(_message.Message):
     def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ..., weight: _Optional[float] = ..., probability: _Optional[float] = ..., grade: _Optional[str] = ..., fields: _Optional[_Iterable[_Union[FieldAgreement, _Mapping]]] = ...) -> None: ...
 
 class SearchPatientsRequest(_message.Message):
-    __slots__ = ("family", "given", "name", "birth_date", "gender", "identifier", "phone", "limit", "page_token")
+    __slots__ = ("family", "given", "name", "birth_date", "gender", "identifier", "phone", "limit", "page_token", "family_match", "given_match", "name_match")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     GIVEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +208,9 @@ class SearchPatientsRequest(_message.Message):
     PHONE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_MATCH_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_MATCH_FIELD_NUMBER: _ClassVar[int]
+    NAME_MATCH_FIELD_NUMBER: _ClassVar[int]
     family: str
     given: str
     name: str
@@ -208,7 +220,10 @@ class SearchPatientsRequest(_message.Message):
     phone: str
     limit: int
     page_token: str
-    def __init__(self, family: _Optional[str] = ..., given: _Optional[str] = ..., name: _Optional[str] = ..., birth_date: _Optional[str] = ..., gender: _Optional[_Union[Gender, str]] = ..., identifier: _Optional[_Union[_common_pb2.Identifier, _Mapping]] = ..., phone: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    family_match: NameMatch
+    given_match: NameMatch
+    name_match: NameMatch
+    def __init__(self, family: _Optional[str] = ..., given: _Optional[str] = ..., name: _Optional[str] = ..., birth_date: _Optional[str] = ..., gender: _Optional[_Union[Gender, str]] = ..., identifier: _Optional[_Union[_common_pb2.Identifier, _Mapping]] = ..., phone: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ..., family_match: _Optional[_Union[NameMatch, str]] = ..., given_match: _Optional[_Union[NameMatch, str]] = ..., name_match: _Optional[_Union[NameMatch, str]] = ...) -> None: ...
 
 class SearchPatientsResponse(_message.Message):
     __slots__ = ("results", "next_page_token", "total")
