@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
@@ -230,7 +230,9 @@ def decision_json(d: consent_pb2.ItemDecision) -> dict[str, Any]:
 
 
 @router.post("/directives", status_code=201)
-async def record_directive(body: DirectiveIn, ctx: Context, request: Request, response: Response) -> dict[str, Any]:
+async def record_directive(
+    body: DirectiveIn, ctx: Context, request: Request, response: Response, key: IdempotencyKey
+) -> dict[str, Any]:
     """Record a patient's directive (FHIR Consent provisions, BPPC evidence) for a patient of the
     caller's own domain."""
     ctx.require_scope("Consent", "c")
@@ -244,7 +246,7 @@ async def record_directive(body: DirectiveIn, ctx: Context, request: Request, re
                     period=period_message(body.period, "period"),
                     provision=provision_message(body.provision),
                 ),
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )
@@ -326,7 +328,9 @@ async def revoke_directive(directive_id: str, ctx: Context, request: Request) ->
 
 
 @router.post("/break-glass", status_code=201)
-async def declare_break_glass(body: BreakGlassIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def declare_break_glass(
+    body: BreakGlassIn, ctx: Context, request: Request, key: IdempotencyKey
+) -> dict[str, Any]:
     """A clinician declares an emergency (purpose emergency): for a bounded time, requests for the
     purpose emergency see what a deny would hide, except what the region never lets be overridden.
     Audited as break-glass; the patient's home hospitals are notified."""
@@ -337,7 +341,7 @@ async def declare_break_glass(body: BreakGlassIn, ctx: Context, request: Request
                 patient=common_pb2.PatientRef(local_id=body.patient_local_id),
                 reason=body.reason,
                 duration_seconds=body.duration_seconds,
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.routes import rpc
 from gateway.routes.patients import _GENDERS, _LINK_METHODS, patient_json
 from hie.common.v1 import common_pb2

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Column, LargeBinary, MetaData, PrimaryKeyConstraint, String, Table, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.shared.db import UtcDateTime, utcnow
@@ -117,3 +119,56 @@ class FirstAnswers:
                 created_at=utcnow(),
             )
         )
+
+    async def once(
+        self,
+        sessions: Callable[[], AsyncSession],
+        *,
+        organization_id: str,
+        key: str,
+        operation: str,
+        request: Message,
+        response_type: type[M],
+        change: Callable[[AsyncSession], Awaitable[M]],
+        context: Sequence[str] = (),
+    ) -> tuple[M, bool]:
+        """Run `change` in one transaction and keep its answer there when a key is given; a
+        retry (same key, same request) gets the kept answer and runs nothing. Returns the answer
+        and whether it is a replay (the caller then skips after-commit work such as a relay
+        wake-up). The same key with another request is 409 idempotency-key-reused."""
+        key = check_key(key.strip())
+        request_fingerprint = fingerprint(operation, request, *context)
+
+        async def kept(session: AsyncSession) -> M | None:
+            if not key:
+                return None
+            return await self.first(
+                session,
+                organization_id=organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=response_type,
+            )
+
+        try:
+            async with sessions() as session, session.begin():
+                if (first := await kept(session)) is not None:
+                    return first, True
+                answer = await change(session)
+                if key:
+                    await self.keep(
+                        session,
+                        organization_id=organization_id,
+                        key=key,
+                        operation=operation,
+                        request_fingerprint=request_fingerprint,
+                        response=answer,
+                    )
+        except IntegrityError:
+            # A concurrent first use of the key committed first: answer as its retry.
+            async with sessions() as session:
+                if (first := await kept(session)) is not None:
+                    return first, True
+            raise
+        return answer, False
