@@ -293,9 +293,10 @@ async def get_directive(directive_id: str, ctx: Context, request: Request) -> di
 
 @router.put("/directives/{directive_id}")
 async def revise_directive(
-    directive_id: str, body: DirectiveRevisionIn, ctx: Context, request: Request
+    directive_id: str, body: DirectiveRevisionIn, ctx: Context, request: Request, key: IdempotencyKey
 ) -> dict[str, Any]:
-    """Replace a directive's provisions, policies, evidence and period (a new revision)."""
+    """Replace a directive's provisions, policies, evidence and period (a new revision). With an
+    `Idempotency-Key` a retry gets the first answer (one revision)."""
     ctx.require_scope("Consent", "u")
     result = await rpc(
         request.app.state.stubs.consent.ReviseDirective(
@@ -308,6 +309,7 @@ async def revise_directive(
                     provision=provision_message(body.provision),
                 ),
                 expected_revision=body.expected_revision,
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )
@@ -316,12 +318,14 @@ async def revise_directive(
 
 
 @router.delete("/directives/{directive_id}")
-async def revoke_directive(directive_id: str, ctx: Context, request: Request) -> dict[str, Any]:
-    """Revoke a directive: it stops applying on the next request."""
+async def revoke_directive(directive_id: str, ctx: Context, request: Request, key: IdempotencyKey) -> dict[str, Any]:
+    """Revoke a directive: it stops applying on the next request. With an `Idempotency-Key` a
+    retry gets the first answer (its audit event ids included)."""
     ctx.require_scope("Consent", "d")
     result = await rpc(
         request.app.state.stubs.consent.RevokeDirective(
-            consent_pb2.RevokeDirectiveRequest(directive_id=directive_id[:64]), metadata=ctx.metadata
+            consent_pb2.RevokeDirectiveRequest(directive_id=directive_id[:64], idempotency_key=key),
+            metadata=ctx.metadata,
         )
     )
     return {**directive_json(result.directive), "audit_event_ids": list(result.audit_event_ids)}
