@@ -26,6 +26,7 @@ from tests.factories import person
 from tests.service.test_notifications import Receiver
 
 ADMIN = Practitioner(id="A-ADM-1", name="信息科管理员", role="admin", department="信息科")
+STEWARD = Practitioner(id="DS-9", name="林管理", role="data-steward", department="病案室")
 
 # Write operations where the header makes no sense, each with the reason. Anything else that
 # changes state must declare Idempotency-Key (gateway/deps.py IdempotencyKey).
@@ -39,17 +40,9 @@ EXEMPT = {
     # ITI-104 Remove Patient: always 405, nothing to repeat.
     ("delete", "/fhir/R4/Patient"),
 }
-# Not yet keyed (gateway/README.md, Idempotency-Key): the mpi steward operations. Listed so the
-# list can only shrink: a route named here that declares the header fails the test too.
-NOT_YET_KEYED = {
-    ("post", "/api/v1/mpi/review-tasks/{task_id}/decision"),
-    ("post", "/api/v1/mpi/review-tasks/{task_id}/assignment"),
-    ("delete", "/api/v1/mpi/review-tasks/{task_id}/assignment"),
-    ("post", "/api/v1/patients/{local_id}/link"),
-    ("post", "/api/v1/patients/{local_id}/unlink"),
-    ("post", "/api/v1/patients/merge"),
-    ("post", "/api/v1/patients/{local_id}/unmerge"),
-}
+# Keyed routes that do not declare the header yet (none left); listed so that the list can only
+# shrink: a route named here that declares the header fails the test too.
+NOT_YET_KEYED: set[tuple[str, str]] = set()
 # Referral and teleconsultation routes (gateway/routes/workflows.py) are keyed in their services
 # and are being reworked on another branch, which declares the header there.
 WORKFLOW_PREFIXES = ("/api/v1/referrals", "/api/v1/consultations", "/fhir/R4/ServiceRequest", "/fhir/R4/Task")
@@ -315,3 +308,84 @@ async def test_a_bundle_of_several_documents_answers_its_first_answer(exchange: 
         if any(document_id in json.dumps(e) for document_id in ids)
     ]
     assert len(registered) == 1  # one event for the set, once
+
+
+async def test_mpi_steward_operations_answer_their_first_answer(exchange: Exchange) -> None:
+    a = await exchange.member(scopes="system/Patient.crus", name="市中医院")
+    b = await exchange.member(scopes="system/Patient.crus", name="城北社区卫生服务中心")
+    ops = await exchange.member(type="platform-admin", scopes="system/Patient.rus", name="平台运营")
+    auditor = await exchange.member(type="authority", name="市卫健委")
+    org = a.org_id  # type: ignore[attr-defined]
+    born = f"19{secrets.randbelow(70) + 25}-{secrets.randbelow(12) + 1:02d}-{secrets.randbelow(28) + 1:02d}"
+    records = {}
+    for local_id in ("K-1", "K-2"):
+        phone = f"138{secrets.randbelow(10**8):08d}"
+        body = {"local_id": local_id, "name": "杜若", "gender": "female", "birth_date": born, "phones": [phone]}
+        registered = await a.call("POST", "/api/v1/patients", json=body)
+        assert registered.status_code == 201, registered.text
+        records[local_id] = registered.json()
+
+    # Merge, retried: the first answer, not "already merged".
+    key = _key()
+    merge = {"survivor_local_id": "K-1", "subsumed_local_id": "K-2"}
+    merged = await a.call("POST", "/api/v1/patients/merge", json=merge, headers=key, as_user=ADMIN)
+    assert merged.status_code == 200, merged.text
+    _same(merged, await a.call("POST", "/api/v1/patients/merge", json=merge, headers=key, as_user=ADMIN))
+    swapped = {"survivor_local_id": "K-2", "subsumed_local_id": "K-1"}
+    _reused(await a.call("POST", "/api/v1/patients/merge", json=swapped, headers=key, as_user=ADMIN))
+
+    key = _key()
+    back = await a.call("POST", "/api/v1/patients/K-2/unmerge", headers=key, as_user=ADMIN)
+    assert back.status_code == 200, back.text
+    _same(back, await a.call("POST", "/api/v1/patients/K-2/unmerge", headers=key, as_user=ADMIN))
+    _reused(await a.call("POST", "/api/v1/patients/K-1/unmerge", headers=key, as_user=ADMIN))
+
+    # Unlink (the region's stewards), retried: one new enterprise id, not a second.
+    key = _key()
+    unlink = "/api/v1/patients/K-1/unlink"
+    unlinked = await ops.call("POST", unlink, params={"domain": org}, headers=key, as_user=STEWARD)
+    assert unlinked.status_code == 200, unlinked.text
+    _same(unlinked, await ops.call("POST", unlink, params={"domain": org}, headers=key, as_user=STEWARD))
+    # The same key from another steward is another request (the answer depends on who asks).
+    other = Practitioner(id="DS-10", name="江管理", role="data-steward", department="病案室")
+    _reused(await ops.call("POST", unlink, params={"domain": org}, headers=key, as_user=other))
+
+    # A review task: claimed and decided with keys.
+    person = {"name": "柳青", "gender": "male", "birth_date": born}
+    await a.call("POST", "/api/v1/patients", json={"local_id": "KR-1", **person, "phones": ["13811112222"]})
+    await b.call("POST", "/api/v1/patients", json={"local_id": "KR-2", **person, "phones": ["13933334444"]})
+    task = None
+    params: dict[str, Any] = {"assigned": "nobody", "page_size": 200}
+    while task is None:
+        listed = await ops.call("GET", "/api/v1/mpi/review-tasks", params=params, as_user=STEWARD)
+        assert listed.status_code == 200, listed.text
+        for t in listed.json()["tasks"]:
+            if (b.org_id, "KR-2") in {(r["domain"], r["local_id"]) for r in (t["patient"], t["candidate"])}:  # type: ignore[attr-defined]
+                task = t
+        if task is None:
+            assert listed.json().get("next_page_token"), "task not found"
+            params["page_token"] = listed.json()["next_page_token"]
+    assignment = f"/api/v1/mpi/review-tasks/{task['id']}/assignment"
+    key = _key()
+    claimed = await ops.call("POST", assignment, headers=key, as_user=STEWARD)
+    assert claimed.status_code == 200, claimed.text
+    _same(claimed, await ops.call("POST", assignment, headers=key, as_user=STEWARD))
+    key = _key()
+    decision = f"/api/v1/mpi/review-tasks/{task['id']}/decision"
+    decided = await ops.call("POST", decision, json={"decision": "different"}, headers=key, as_user=STEWARD)
+    assert decided.status_code == 200, decided.text
+    # Without the key a second decision is refused (already decided); with it, the first answer.
+    _same(decided, await ops.call("POST", decision, json={"decision": "different"}, headers=key, as_user=STEWARD))
+    _reused(await ops.call("POST", decision, json={"decision": "same"}, headers=key, as_user=STEWARD))
+
+    await exchange.audit_settled()
+    for type_, organization in (
+        ("patient.merge", org),
+        ("patient.unmerge", org),
+        ("patient.unlink", ops.org_id),  # type: ignore[attr-defined]
+        ("patient.review-assign", ops.org_id),  # type: ignore[attr-defined]
+        ("patient.review-decide", ops.org_id),  # type: ignore[attr-defined]
+    ):
+        assert len(await _events(auditor, organization, type_)) == 1, type_
+    for client in (a, b, ops, auditor):
+        await client.aclose()
