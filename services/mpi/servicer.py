@@ -9,7 +9,10 @@ import datetime
 import hmac
 import json
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import IntegrityError
 
@@ -114,6 +117,8 @@ class _AnswerSeal:
             self._protection.fields.decrypt(sealed.decode(), context=f"mpi.idempotent-answer:{context}")
         )
 
+
+M = TypeVar("M", bound=Message)
 
 # The operation a kept first answer belongs to (services/shared/idempotency.py).
 _LINK_OPERATION = "patient.link"
@@ -362,7 +367,14 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         self._rt.outbox.notify()
         return result
 
-    async def _keyed_write(self, who: Caller, request, operation: str, response_type, change):
+    async def _keyed_write(
+        self,
+        who: Caller,
+        request: Any,
+        operation: str,
+        response_type: type[M],
+        change: Callable[[Any], Awaitable[M]],
+    ) -> M:
         """`_write` for a request that may carry an idempotency key: a retry with the key gets
         the first answer (kept sealed in the change's transaction) and changes nothing."""
         if not request.idempotency_key.strip():
@@ -381,7 +393,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             )
         )
 
-        async def run():
+        async def run() -> tuple[M, bool]:
             return await self._answers.once(
                 self._rt.sessions,
                 organization_id=who.organization_id,
