@@ -7,7 +7,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from gateway import store
 from gateway.errors import ApiError
@@ -91,3 +91,27 @@ async def _refuse_replay(request: Request, assertion: str, client_id: str) -> No
 
 
 Context = Annotated[CallContext, Depends(call_context)]
+
+
+def _idempotency_key(
+    key: Annotated[
+        str,
+        Header(
+            alias="Idempotency-Key",
+            description=(
+                "At most 128 printable characters. A retry of the same request with the same key "
+                "gets the first response (status and body); the same key with another request is "
+                "409 idempotency-key-reused (gateway/README.md, Idempotency-Key)."
+            ),
+        ),
+    ] = "",
+) -> str:
+    """The request's Idempotency-Key as given (the owning service checks and keeps it)."""
+    # Only a bound on what is forwarded: a longer key still reaches the service too long and is
+    # refused there (400 idempotency-key-invalid) rather than cut to a key it was not.
+    return key[:129]
+
+
+# Declared on every write route, so the OpenAPI document lists the header on each of them
+# (tests/e2e/test_idempotency_routes.py walks the document).
+IdempotencyKey = Annotated[str, Depends(_idempotency_key)]

@@ -107,7 +107,7 @@ class ConsoleApi:
             self._session = row
         return self._session.access_token
 
-    async def call(self, method: str, path: str, **kwargs: Any) -> ApiResult:
+    async def call(self, method: str, path: str, *, idempotency_key: str = "", **kwargs: Any) -> ApiResult:
         state = console_state(self._request.app)
         async with _client(self._request) as http:
             token = await self._token(http)
@@ -128,6 +128,9 @@ class ConsoleApi:
                 # The page and the API calls it makes are one trace.
                 "traceparent": new_traceparent(trace_id or None),
             }
+            if idempotency_key:
+                # A confirmation submitted twice (double click, resent form) is one change.
+                headers["Idempotency-Key"] = idempotency_key
             response = await http.request(method, path, headers=headers, **kwargs)
         body: Any = None
         if response.headers.get("content-type", "").startswith("application/json"):
@@ -137,8 +140,8 @@ class ConsoleApi:
     async def get(self, path: str, params: dict[str, Any] | None = None) -> ApiResult:
         return await self.call("GET", path, params={k: v for k, v in (params or {}).items() if v not in ("", None)})
 
-    async def post(self, path: str, json: Any = None) -> ApiResult:
-        return await self.call("POST", path, json=json)
+    async def post(self, path: str, json: Any = None, *, idempotency_key: str = "") -> ApiResult:
+        return await self.call("POST", path, json=json, idempotency_key=idempotency_key)
 
     async def delete(self, path: str) -> ApiResult:
         return await self.call("DELETE", path)

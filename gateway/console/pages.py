@@ -5,8 +5,11 @@ only the organisation's own user administration reads the gateway's user table d
 from __future__ import annotations
 
 import datetime
+import re
+import secrets
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -191,6 +194,20 @@ async def steward_queue(request: Request, ctx: Console) -> Response:
     return page(ctx, "steward.html", result=result, tasks=tasks, assigned=assigned, next_page=next_page)
 
 
+# A confirmation page carries a fresh key; submitting it twice sends the same Idempotency-Key, so
+# the API answers the second submission with the first answer instead of changing twice.
+_REQUEST_KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def _new_request_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _request_key(form: Mapping[str, str]) -> str:
+    key = form.get("request_key", "")
+    return f"console-{key}" if _REQUEST_KEY.fullmatch(key) else ""
+
+
 async def _task_action(request: Request, ctx: ConsoleContext, method: str, path: str, json: Any = None) -> Response:
     await checked_form(request, ctx)
     result = await ctx.api.call(method, path, json=json) if json is not None else await ctx.api.call(method, path)
@@ -222,10 +239,14 @@ async def decide_task(task_id: str, request: Request, ctx: Console) -> Response:
             "confirm.html",
             question_key="steward.confirm_decision",
             action=f"/console/steward/tasks/{task_id[:64]}/decision",
-            fields={"decision": decision, "confirmed": "yes"},
+            fields={"decision": decision, "confirmed": "yes", "request_key": _new_request_key()},
             summary=[("steward.same" if decision == "same" else "steward.different", task_id[:64])],
         )
-    result = await ctx.api.post(f"/api/v1/mpi/review-tasks/{task_id[:64]}/decision", {"decision": decision})
+    result = await ctx.api.post(
+        f"/api/v1/mpi/review-tasks/{task_id[:64]}/decision",
+        {"decision": decision},
+        idempotency_key=_request_key(form),
+    )
     if not result.ok:
         return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
     return RedirectResponse("/console/steward?assigned=me&done=1", status_code=303)
@@ -328,11 +349,18 @@ async def merge(request: Request, ctx: Console) -> Response:
             "confirm.html",
             question_key="steward.confirm_merge",
             action="/console/records/merge",
-            fields={"survivor_local_id": survivor, "subsumed_local_id": subsumed, "confirmed": "yes"},
+            fields={
+                "survivor_local_id": survivor,
+                "subsumed_local_id": subsumed,
+                "confirmed": "yes",
+                "request_key": _new_request_key(),
+            },
             summary=[("steward.survivor", survivor), ("steward.subsumed", subsumed)],
         )
     result = await ctx.api.post(
-        "/api/v1/patients/merge", {"survivor_local_id": survivor, "subsumed_local_id": subsumed}
+        "/api/v1/patients/merge",
+        {"survivor_local_id": survivor, "subsumed_local_id": subsumed},
+        idempotency_key=_request_key(form),
     )
     if not result.ok:
         return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
@@ -349,10 +377,12 @@ async def unmerge(request: Request, ctx: Console) -> Response:
             "confirm.html",
             question_key="steward.confirm_unmerge",
             action="/console/records/unmerge",
-            fields={"local_id": local_id, "confirmed": "yes"},
+            fields={"local_id": local_id, "confirmed": "yes", "request_key": _new_request_key()},
             summary=[("steward.local_id", local_id)],
         )
-    result = await ctx.api.post(f"/api/v1/patients/{quote(local_id, safe='')}/unmerge")
+    result = await ctx.api.post(
+        f"/api/v1/patients/{quote(local_id, safe='')}/unmerge", idempotency_key=_request_key(form)
+    )
     if not result.ok:
         return page(ctx, "message.html", status=result.status, title_key="common.error", detail=result.error)
     return page(ctx, "message.html", title_key="common.done", detail="")

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
@@ -243,7 +243,9 @@ def decision_json(d: consent_pb2.ItemDecision) -> dict[str, Any]:
 
 
 @router.post("/directives", status_code=201)
-async def record_directive(body: DirectiveIn, ctx: Context, request: Request, response: Response) -> dict[str, Any]:
+async def record_directive(
+    body: DirectiveIn, ctx: Context, request: Request, response: Response, key: IdempotencyKey
+) -> dict[str, Any]:
     """Record a patient's directive (FHIR Consent provisions, BPPC evidence) for a patient of the
     caller's own domain."""
     ctx.require_scope("Consent", "c")
@@ -257,7 +259,7 @@ async def record_directive(body: DirectiveIn, ctx: Context, request: Request, re
                     period=period_message(body.period, "period"),
                     provision=provision_message(body.provision),
                 ),
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )
@@ -304,9 +306,10 @@ async def get_directive(directive_id: str, ctx: Context, request: Request) -> di
 
 @router.put("/directives/{directive_id}")
 async def revise_directive(
-    directive_id: str, body: DirectiveRevisionIn, ctx: Context, request: Request
+    directive_id: str, body: DirectiveRevisionIn, ctx: Context, request: Request, key: IdempotencyKey
 ) -> dict[str, Any]:
-    """Replace a directive's provisions, policies, evidence and period (a new revision)."""
+    """Replace a directive's provisions, policies, evidence and period (a new revision). With an
+    `Idempotency-Key` a retry gets the first answer (one revision)."""
     ctx.require_scope("Consent", "u")
     result = await rpc(
         request.app.state.stubs.consent.ReviseDirective(
@@ -319,6 +322,7 @@ async def revise_directive(
                     provision=provision_message(body.provision),
                 ),
                 expected_revision=body.expected_revision,
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )
@@ -327,19 +331,23 @@ async def revise_directive(
 
 
 @router.delete("/directives/{directive_id}")
-async def revoke_directive(directive_id: str, ctx: Context, request: Request) -> dict[str, Any]:
-    """Revoke a directive: it stops applying on the next request."""
+async def revoke_directive(directive_id: str, ctx: Context, request: Request, key: IdempotencyKey) -> dict[str, Any]:
+    """Revoke a directive: it stops applying on the next request. With an `Idempotency-Key` a
+    retry gets the first answer (its audit event ids included)."""
     ctx.require_scope("Consent", "d")
     result = await rpc(
         request.app.state.stubs.consent.RevokeDirective(
-            consent_pb2.RevokeDirectiveRequest(directive_id=directive_id[:64]), metadata=ctx.metadata
+            consent_pb2.RevokeDirectiveRequest(directive_id=directive_id[:64], idempotency_key=key),
+            metadata=ctx.metadata,
         )
     )
     return {**directive_json(result.directive), "audit_event_ids": list(result.audit_event_ids)}
 
 
 @router.post("/break-glass", status_code=201)
-async def declare_break_glass(body: BreakGlassIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def declare_break_glass(
+    body: BreakGlassIn, ctx: Context, request: Request, key: IdempotencyKey
+) -> dict[str, Any]:
     """A clinician declares an emergency (purpose emergency): for a bounded time, requests for the
     purpose emergency see what a deny would hide, except what the region never lets be overridden.
     Audited as break-glass; the patient's home hospitals are notified."""
@@ -350,7 +358,7 @@ async def declare_break_glass(body: BreakGlassIn, ctx: Context, request: Request
                 patient=common_pb2.PatientRef(local_id=body.patient_local_id),
                 reason=body.reason,
                 duration_seconds=body.duration_seconds,
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )

@@ -20,7 +20,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, ValidationError
 
-from gateway.deps import CallContext, Context
+from gateway.deps import CallContext, Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
@@ -217,7 +217,9 @@ def _registered(result: Any, response: Response) -> dict[str, Any]:
 
 
 @router.post("", status_code=201)
-async def register_document(body: DocumentIn, ctx: Context, request: Request, response: Response) -> dict[str, Any]:
+async def register_document(
+    body: DocumentIn, ctx: Context, request: Request, response: Response, key: IdempotencyKey
+) -> dict[str, Any]:
     """Register a document; the content's SHA-256 and size must match the declared ones. An
     imaging study reference (`imaging_study`) carries no content."""
     ctx.require_scope("DocumentReference", "c")
@@ -233,7 +235,7 @@ async def register_document(body: DocumentIn, ctx: Context, request: Request, re
             registry_pb2.RegisterDocumentRequest(
                 entry=entry,
                 content=content,
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=key,
                 relation=relation_proto(body.relation),
             ),
             metadata=ctx.metadata,
@@ -273,6 +275,7 @@ async def upload_document(
     metadata: Annotated[str, Header(alias=METADATA_HEADER, max_length=8192)],
     repr_digest: Annotated[str, Header(alias="repr-digest", max_length=512)],
     content_type: Annotated[str, Header(max_length=100)],
+    key: IdempotencyKey,
 ) -> dict[str, Any]:
     """Register a document by the hospital's own id with the content itself as the request body,
     streamed through to the registry (up to 50 MB, never held whole). The metadata travels as
@@ -290,7 +293,7 @@ async def upload_document(
             sha256=_declared_sha256(repr_digest),
             size=int(declared_size) if declared_size.isdigit() else 0,
         ),
-        idempotency_key=request.headers.get("idempotency-key", "")[:128],
+        idempotency_key=key,
         relation=relation_proto(body.relation),
     )
 
@@ -317,14 +320,14 @@ async def get_document_entry(document_id: str, ctx: Context, request: Request) -
 
 
 @router.post("/{document_id}/entered-in-error")
-async def mark_entered_in_error(document_id: str, ctx: Context, request: Request) -> dict[str, Any]:
+async def mark_entered_in_error(
+    document_id: str, ctx: Context, request: Request, key: IdempotencyKey
+) -> dict[str, Any]:
     """Withdraw a document the caller's organisation registered by mistake."""
     ctx.require_scope("DocumentReference", "c")
     result = await rpc(
         request.app.state.stubs.registry.MarkEnteredInError(
-            registry_pb2.MarkEnteredInErrorRequest(
-                document_id=document_id[:64], idempotency_key=request.headers.get("idempotency-key", "")[:128]
-            ),
+            registry_pb2.MarkEnteredInErrorRequest(document_id=document_id[:64], idempotency_key=key),
             metadata=ctx.metadata,
         )
     )

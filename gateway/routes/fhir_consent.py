@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.consent import ACTOR_KINDS, PROVISION_TYPES, isoformat, timestamp
@@ -338,7 +338,7 @@ def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
 
 
 @router.post("/Consent", status_code=201, response_class=JSONResponse)
-async def create_consent(request: Request, ctx: Context) -> JSONResponse:
+async def create_consent(request: Request, ctx: Context, key: IdempotencyKey) -> JSONResponse:
     """FHIR create: record a directive from a Consent resource for a patient of the caller's domain."""
     ctx.require_scope("Consent", "c")
     try:
@@ -381,7 +381,7 @@ async def create_consent(request: Request, ctx: Context) -> JSONResponse:
                     period=_period_message(period, "extension.valuePeriod"),
                     provision=provision_message(resource["provision"]),
                 ),
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )

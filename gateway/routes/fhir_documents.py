@@ -36,7 +36,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.documents import open_content, repr_digest
@@ -564,7 +564,7 @@ def _provide_request(
 
 
 @router.post("/", response_class=JSONResponse)
-async def provide_document_bundle(ctx: Context, request: Request) -> JSONResponse:
+async def provide_document_bundle(ctx: Context, request: Request, idempotency_key: IdempotencyKey) -> JSONResponse:
     """IHE MHD ITI-65 Provide Document Bundle: a transaction Bundle with one or more
     DocumentReferences about one patient, their Binaries and optionally the SubmissionSet List;
     answered with a transaction-response.
@@ -573,8 +573,9 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     set, registered together in one transaction or not at all. The List (the SubmissionSet) is
     stored with them (uniqueId, title, date, designationType; its members the bundle's documents)
     and found by ITI-66. Resubmitting the same masterIdentifiers with the same content answers 200 with the
-    first registrations (an Idempotency-Key header keys a one-document bundle; with several
-    documents each is keyed by the header and its position)."""
+    first registrations. With an Idempotency-Key header a retry gets the first response (status
+    and body: each document's first answer, `201 Created` included); the key with another bundle
+    is 409 `idempotency-key-reused`."""
     ctx.require_scope("DocumentReference", "c")
     try:
         bundle = await request.json()
@@ -597,13 +598,13 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     # Each distinct subject is resolved once (a bundle is about one patient, usually one subject).
     subjects: dict[str, str] = {}
     for r in references:
-        key = json.dumps(r.get("subject"), sort_keys=True)
-        if key not in subjects:
-            subjects[key] = await _subject_local_id(ctx, request, r.get("subject"))
+        subject = json.dumps(r.get("subject"), sort_keys=True)
+        if subject not in subjects:
+            subjects[subject] = await _subject_local_id(ctx, request, r.get("subject"))
     registrations = [
         _provide_request(r, binaries, subjects[json.dumps(r.get("subject"), sort_keys=True)]) for r in references
     ]
-    key = request.headers.get("idempotency-key", "")[:120]
+    key = idempotency_key
     registry = request.app.state.stubs.registry
     lists = [e["resource"] for e in entries if e["resource"]["resourceType"] == "List"]
     if len(lists) > 1:
@@ -611,9 +612,9 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
     stored_set: registry_pb2.SubmissionSet | None = None
     if lists:
         for position, registration in enumerate(registrations):
-            registration.idempotency_key = f"{key}#{position}" if key else ""
+            registration.idempotency_key = f"{key[:120]}#{position}" if key else ""
         submitted = registry_pb2.RegisterSubmissionSetRequest(
-            documents=registrations, submission_set=_submission_set(lists[0])
+            documents=registrations, submission_set=_submission_set(lists[0]), idempotency_key=key
         )
         answer = await rpc(registry.RegisterSubmissionSet(submitted, metadata=ctx.metadata))
         results = list(answer.documents)
@@ -623,8 +624,8 @@ async def provide_document_bundle(ctx: Context, request: Request) -> JSONRespons
         results = [await rpc(registry.RegisterDocument(registrations[0], metadata=ctx.metadata))]
     else:
         for position, registration in enumerate(registrations):
-            registration.idempotency_key = f"{key}#{position}" if key else ""
-        submitted = registry_pb2.RegisterSubmissionSetRequest(documents=registrations)
+            registration.idempotency_key = f"{key[:120]}#{position}" if key else ""
+        submitted = registry_pb2.RegisterSubmissionSetRequest(documents=registrations, idempotency_key=key)
         results = list((await rpc(registry.RegisterSubmissionSet(submitted, metadata=ctx.metadata))).documents)
     # Each Binary is answered with the document whose attachment named it.
     by_binary = {

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.fhir_models import validate_resource
@@ -813,6 +813,7 @@ async def _check_resource_id(ctx: Context, request: Request, resource_id: object
 async def patient_identity_feed(
     ctx: Context,
     request: Request,
+    key: IdempotencyKey,
     identifier: str = Query(max_length=300, description=f"{LOCAL_ID_SYSTEM_PREFIX}<your organisation>|<local id>"),
 ) -> JSONResponse:
     """IHE PIXm Patient Identity Feed FHIR (ITI-104), a FHIR conditional update on the hospital's
@@ -873,9 +874,7 @@ async def patient_identity_feed(
     patient.ref.local_id = local_id
     result = await rpc(
         request.app.state.stubs.mpi.RegisterPatient(
-            mpi_pb2.RegisterPatientRequest(
-                patient=patient, idempotency_key=request.headers.get("idempotency-key", "")[:128]
-            ),
+            mpi_pb2.RegisterPatientRequest(patient=patient, idempotency_key=key),
             metadata=ctx.metadata,
         )
     )

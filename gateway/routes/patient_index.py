@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.routes import rpc
 from gateway.routes.patients import _GENDERS, _LINK_METHODS, patient_json
 from hie.common.v1 import common_pb2
@@ -162,13 +162,16 @@ async def list_review_tasks(
 
 
 @router.post("/mpi/review-tasks/{task_id}/decision")
-async def decide_review(task_id: str, body: DecisionIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def decide_review(
+    task_id: str, body: DecisionIn, ctx: Context, request: Request, key: IdempotencyKey
+) -> dict[str, Any]:
     """Data stewards: the two records are the same person, or different people (remembered)."""
     ctx.require_scope("Patient", "u")
     decision = mpi_pb2.REVIEW_DECISION_SAME if body.decision == "same" else mpi_pb2.REVIEW_DECISION_DIFFERENT
     result = await rpc(
         request.app.state.stubs.mpi.DecideReview(
-            mpi_pb2.DecideReviewRequest(task_id=task_id[:64], decision=decision), metadata=ctx.metadata
+            mpi_pb2.DecideReviewRequest(task_id=task_id[:64], decision=decision, idempotency_key=key),
+            metadata=ctx.metadata,
         )
     )
     return task_json(result.task)
@@ -176,7 +179,7 @@ async def decide_review(task_id: str, body: DecisionIn, ctx: Context, request: R
 
 @router.post("/mpi/review-tasks/{task_id}/assignment")
 async def assign_review_task(
-    task_id: str, ctx: Context, request: Request, body: AssignIn | None = None
+    task_id: str, ctx: Context, request: Request, key: IdempotencyKey, body: AssignIn | None = None
 ) -> dict[str, Any]:
     """Data stewards: claim the task (no body, or no assignee) or give it to another steward of
     the caller's organisation; a task another steward holds needs `reassign` (else 422)."""
@@ -184,7 +187,9 @@ async def assign_review_task(
     body = body or AssignIn()
     result = await rpc(
         request.app.state.stubs.mpi.AssignReviewTask(
-            mpi_pb2.AssignReviewTaskRequest(task_id=task_id[:64], assignee=body.assignee, reassign=body.reassign),
+            mpi_pb2.AssignReviewTaskRequest(
+                task_id=task_id[:64], assignee=body.assignee, reassign=body.reassign, idempotency_key=key
+            ),
             metadata=ctx.metadata,
         )
     )
@@ -192,12 +197,12 @@ async def assign_review_task(
 
 
 @router.delete("/mpi/review-tasks/{task_id}/assignment")
-async def release_review_task(task_id: str, ctx: Context, request: Request) -> dict[str, Any]:
+async def release_review_task(task_id: str, ctx: Context, request: Request, key: IdempotencyKey) -> dict[str, Any]:
     """Data stewards: give a task the caller holds back to the queue."""
     ctx.require_scope("Patient", "u")
     result = await rpc(
         request.app.state.stubs.mpi.ReleaseReviewTask(
-            mpi_pb2.ReleaseReviewTaskRequest(task_id=task_id[:64]), metadata=ctx.metadata
+            mpi_pb2.ReleaseReviewTaskRequest(task_id=task_id[:64], idempotency_key=key), metadata=ctx.metadata
         )
     )
     return task_json(result.task)
@@ -209,7 +214,12 @@ def _ref(ctx: Context, local_id: str, domain: str) -> common_pb2.PatientRef:
 
 @router.post("/patients/{local_id}/link")
 async def link_patient(
-    local_id: str, body: LinkIn, ctx: Context, request: Request, domain: str = Query(default="", max_length=64)
+    local_id: str,
+    body: LinkIn,
+    ctx: Context,
+    request: Request,
+    key: IdempotencyKey,
+    domain: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """Data stewards: link this record to the person of the target record."""
     ctx.require_scope("Patient", "u")
@@ -218,6 +228,7 @@ async def link_patient(
             mpi_pb2.LinkPatientsRequest(
                 ref=_ref(ctx, local_id, domain),
                 target=common_pb2.PatientRef(domain=body.target.domain, local_id=body.target.local_id),
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )
@@ -227,26 +238,32 @@ async def link_patient(
 
 @router.post("/patients/{local_id}/unlink")
 async def unlink_patient(
-    local_id: str, ctx: Context, request: Request, domain: str = Query(default="", max_length=64)
+    local_id: str,
+    ctx: Context,
+    request: Request,
+    key: IdempotencyKey,
+    domain: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """Data stewards: take this record out of its person (a new enterprise id)."""
     ctx.require_scope("Patient", "u")
     result = await rpc(
         request.app.state.stubs.mpi.UnlinkPatient(
-            mpi_pb2.UnlinkPatientRequest(ref=_ref(ctx, local_id, domain)), metadata=ctx.metadata
+            mpi_pb2.UnlinkPatientRequest(ref=_ref(ctx, local_id, domain), idempotency_key=key), metadata=ctx.metadata
         )
     )
     return patient_json(result.patient)
 
 
 @router.post("/patients/merge")
-async def merge_patients(body: MergeIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def merge_patients(body: MergeIn, ctx: Context, request: Request, key: IdempotencyKey) -> dict[str, Any]:
     """The hospital merges two of its own records: the subsumed one is retired into the survivor."""
     ctx.require_scope("Patient", "u")
     result = await rpc(
         request.app.state.stubs.mpi.MergePatients(
             mpi_pb2.MergePatientsRequest(
-                survivor_local_id=body.survivor_local_id, subsumed_local_id=body.subsumed_local_id
+                survivor_local_id=body.survivor_local_id,
+                subsumed_local_id=body.subsumed_local_id,
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )
@@ -255,12 +272,12 @@ async def merge_patients(body: MergeIn, ctx: Context, request: Request) -> dict[
 
 
 @router.post("/patients/{local_id}/unmerge")
-async def unmerge_patient(local_id: str, ctx: Context, request: Request) -> dict[str, Any]:
+async def unmerge_patient(local_id: str, ctx: Context, request: Request, key: IdempotencyKey) -> dict[str, Any]:
     """Undo the hospital's last merge of this (retired) record."""
     ctx.require_scope("Patient", "u")
     result = await rpc(
         request.app.state.stubs.mpi.UnmergePatient(
-            mpi_pb2.UnmergePatientRequest(subsumed_local_id=local_id), metadata=ctx.metadata
+            mpi_pb2.UnmergePatientRequest(subsumed_local_id=local_id, idempotency_key=key), metadata=ctx.metadata
         )
     )
     return patient_json(result.patient)

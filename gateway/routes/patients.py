@@ -7,7 +7,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
@@ -104,7 +104,9 @@ def patient_json(patient: mpi_pb2.Patient) -> dict[str, Any]:
 
 
 @router.post("", status_code=201, responses={200: {"description": "the patient was known: updated"}})
-async def register_patient(body: PatientIn, ctx: Context, request: Request, response: Response) -> dict[str, Any]:
+async def register_patient(
+    body: PatientIn, ctx: Context, request: Request, response: Response, key: IdempotencyKey
+) -> dict[str, Any]:
     """Register (201) or update (200) a patient of the caller's domain, linked to their enterprise id."""
     ctx.require_scope("Patient", "c")
     identifiers = [common_pb2.Identifier(system=i.system, value=i.value, type=i.type) for i in body.identifiers]
@@ -121,9 +123,7 @@ async def register_patient(body: PatientIn, ctx: Context, request: Request, resp
     )
     result = await rpc(
         request.app.state.stubs.mpi.RegisterPatient(
-            mpi_pb2.RegisterPatientRequest(
-                patient=message, idempotency_key=request.headers.get("idempotency-key", "")[:128]
-            ),
+            mpi_pb2.RegisterPatientRequest(patient=message, idempotency_key=key),
             metadata=ctx.metadata,
         )
     )

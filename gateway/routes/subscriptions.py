@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
@@ -69,7 +69,7 @@ def dead_letter_json(dead: notifications_pb2.DeadLetter) -> dict[str, Any]:
 
 
 @router.post("/subscriptions", status_code=201)
-async def subscribe(body: SubscriptionIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def subscribe(body: SubscriptionIn, ctx: Context, request: Request, key: IdempotencyKey) -> dict[str, Any]:
     """Subscribe the caller's organisation to new documents of a patient it treats, to documents of
     a type, or to its referrals' and consultations' state changes, until `expires`. With an
     `Idempotency-Key` a retry gets the first answer (one subscription); the key with another
@@ -87,7 +87,7 @@ async def subscribe(body: SubscriptionIn, ctx: Context, request: Request) -> dic
                 type_code=body.type_code,
                 endpoint_url=body.endpoint_url,
                 expires=expires,
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=key,
             ),
             metadata=ctx.metadata,
         )
@@ -105,11 +105,13 @@ async def list_subscriptions(ctx: Context, request: Request) -> dict[str, Any]:
 
 
 @router.delete("/subscriptions/{subscription_id}", status_code=204)
-async def unsubscribe(subscription_id: str, ctx: Context, request: Request) -> None:
+async def unsubscribe(subscription_id: str, ctx: Context, request: Request, key: IdempotencyKey) -> None:
+    """End a subscription. With an `Idempotency-Key` a retry is 204 again (not 404)."""
     ctx.require_scope("DocumentReference", "r")
     await rpc(
         _broker(request).Unsubscribe(
-            notifications_pb2.UnsubscribeRequest(subscription_id=subscription_id[:64]), metadata=ctx.metadata
+            notifications_pb2.UnsubscribeRequest(subscription_id=subscription_id[:64], idempotency_key=key),
+            metadata=ctx.metadata,
         )
     )
 
@@ -125,12 +127,14 @@ async def list_dead_letters(ctx: Context, request: Request) -> dict[str, Any]:
 
 
 @router.post("/notifications/dead-letters/{event_id}/replay")
-async def replay_dead_letter(event_id: str, ctx: Context, request: Request) -> dict[str, Any]:
-    """Deliver a dead-lettered notification again, with its original event id (role admin)."""
+async def replay_dead_letter(event_id: str, ctx: Context, request: Request, key: IdempotencyKey) -> dict[str, Any]:
+    """Deliver a dead-lettered notification again, with its original event id (role admin). With
+    an `Idempotency-Key` a retry gets the first answer and replays nothing."""
     ctx.require_scope("DocumentReference", "r")
     result = await rpc(
         _broker(request).ReplayDeadLetter(
-            notifications_pb2.ReplayDeadLetterRequest(event_id=event_id[:64]), metadata=ctx.metadata
+            notifications_pb2.ReplayDeadLetterRequest(event_id=event_id[:64], idempotency_key=key),
+            metadata=ctx.metadata,
         )
     )
     return dead_letter_json(result.dead_letter)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
@@ -84,6 +85,8 @@ def _workflow_entity(reference: str) -> tuple[str, str]:
 # The operation a kept first answer belongs to (services/shared/idempotency.py).
 _RECORD_OPERATION = "consent.directive.record"
 _BREAK_GLASS_OPERATION = "consent.break-glass"
+_REVISE_OPERATION = "consent.directive.revise"
+_REVOKE_OPERATION = "consent.directive.revoke"
 
 
 def _digest(*parts: object) -> str:
@@ -406,7 +409,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         found = await self._visible_directive(who, request.directive.directive_id)
         await self._own_evidence(who, evidence)
-        async with self._rt.sessions() as session, session.begin():
+
+        async def change(session: AsyncSession) -> consent_pb2.ReviseDirectiveResponse:
             record = await session.get(store.DirectiveRecord, found.id, with_for_update=True)
             assert record is not None  # directives are never deleted
             if record.status != bppc.DirectiveStatus.ACTIVE.value:
@@ -429,10 +433,24 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Consent", record.id)],
             )
-        self._rt.outbox.notify()
-        return consent_pb2.ReviseDirectiveResponse(
-            directive=messages.directive_message(record), audit_event_ids=[event_id]
+            return consent_pb2.ReviseDirectiveResponse(
+                directive=messages.directive_message(record), audit_event_ids=[event_id]
+            )
+
+        # A keyed retry gets the first answer: one revision, not a second one (or a conflict).
+        answer, replayed = await self._answers.once(
+            self._rt.sessions,
+            organization_id=who.organization_id,
+            key=request.idempotency_key,
+            operation=_REVISE_OPERATION,
+            request=request,
+            response_type=consent_pb2.ReviseDirectiveResponse,
+            change=change,
+            context=(who.practitioner_id,),
         )
+        if not replayed:
+            self._rt.outbox.notify()
+        return answer
 
     async def RevokeDirective(
         self, request: consent_pb2.RevokeDirectiveRequest, context: object
@@ -441,7 +459,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_scope("Consent", "d")
         who.require_role(*_DIRECTIVE_WRITERS)
         found = await self._visible_directive(who, request.directive_id)
-        async with self._rt.sessions() as session, session.begin():
+
+        async def change(session: AsyncSession) -> consent_pb2.RevokeDirectiveResponse:
             record = await session.get(store.DirectiveRecord, found.id, with_for_update=True)
             assert record is not None
             if record.status == bppc.DirectiveStatus.REVOKED.value:
@@ -462,10 +481,24 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Consent", record.id)],
             )
-        self._rt.outbox.notify()
-        return consent_pb2.RevokeDirectiveResponse(
-            directive=messages.directive_message(record), audit_event_ids=[event_id]
+            return consent_pb2.RevokeDirectiveResponse(
+                directive=messages.directive_message(record), audit_event_ids=[event_id]
+            )
+
+        # A keyed retry gets the first answer, its audit event id included.
+        answer, replayed = await self._answers.once(
+            self._rt.sessions,
+            organization_id=who.organization_id,
+            key=request.idempotency_key,
+            operation=_REVOKE_OPERATION,
+            request=request,
+            response_type=consent_pb2.RevokeDirectiveResponse,
+            change=change,
+            context=(who.practitioner_id,),
         )
+        if not replayed:
+            self._rt.outbox.notify()
+        return answer
 
     async def ListDirectives(
         self, request: consent_pb2.ListDirectivesRequest, context: object

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from services.mpi.store import Base, PatientRecord, ReviewTask
 from services.shared.db import UtcDateTime
+from services.shared.idempotency import idempotency_table
 
 ANY, MINE, UNASSIGNED = "any", "mine", "unassigned"
 
@@ -168,3 +169,10 @@ async def add_registration_key(
         )
     )
     await session.flush()
+
+
+# --- first answers of the steward operations --------------------------------------------------
+
+# Link, unlink, merge, unmerge and the review-task moves keep their first answer here, sealed
+# (services/shared/idempotency.py; the answers name patients, so they are encrypted at rest).
+idempotent_answers = idempotency_table(Base.metadata)

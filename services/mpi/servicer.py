@@ -10,7 +10,10 @@ import hmac
 import json
 import time
 import unicodedata
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import IntegrityError
 
@@ -22,6 +25,7 @@ from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.shared.idempotency import FirstAnswers
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
@@ -97,6 +101,35 @@ class _Seal:
 
     def fingerprint(self, data: bytes) -> str:
         return self._protection.index.digest("mpi.idempotent-request", base64.b64encode(data).decode())
+
+
+class _AnswerSeal:
+    """Seals the kept first answers of steward operations (they name patients) with the mpi's
+    field cipher, bound to the organisation and key they answer."""
+
+    def __init__(self, protection: DataProtection) -> None:
+        self._protection = protection
+
+    def seal(self, answer: bytes, context: str) -> bytes:
+        encoded = base64.b64encode(answer).decode()
+        return self._protection.fields.encrypt(encoded, context=f"mpi.idempotent-answer:{context}").encode()
+
+    def open(self, sealed: bytes, context: str) -> bytes:
+        return base64.b64decode(
+            self._protection.fields.decrypt(sealed.decode(), context=f"mpi.idempotent-answer:{context}")
+        )
+
+
+M = TypeVar("M", bound=Message)
+
+# The operation a kept first answer belongs to (services/shared/idempotency.py).
+_LINK_OPERATION = "patient.link"
+_UNLINK_OPERATION = "patient.unlink"
+_MERGE_OPERATION = "patient.merge"
+_UNMERGE_OPERATION = "patient.unmerge"
+_DECIDE_OPERATION = "patient.review-decide"
+_ASSIGN_OPERATION = "patient.review-assign"
+_RELEASE_OPERATION = "patient.review-release"
 
 
 def registration_of(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registration:
@@ -316,6 +349,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         assert runtime.protection is not None  # the mpi's SPEC protects personal data
         self._masking = runtime.protection.masking
         self._seal = _Seal(runtime.protection)
+        self._answers = FirstAnswers(review_store.idempotent_answers, seal=_AnswerSeal(runtime.protection))
 
     def _disclosure(self, who: Caller) -> Disclosure:
         return Disclosure.to(who, self._masking)
@@ -334,6 +368,53 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             result = await run()
         self._rt.outbox.notify()
         return result
+
+    async def _keyed_write(
+        self,
+        who: Caller,
+        request: Any,
+        operation: str,
+        response_type: type[M],
+        change: Callable[[Any], Awaitable[M]],
+    ) -> M:
+        """`_write` for a request that may carry an idempotency key: a retry with the key gets
+        the first answer (kept sealed in the change's transaction) and changes nothing."""
+        if not request.idempotency_key.strip():
+            return await self._write(change)
+        # Keyed like registrations' fingerprints (a blind index: local ids are not stored); the
+        # answer depends on who asks (masking by role and purpose), so they are part of it.
+        request_fingerprint = self._seal.fingerprint(
+            b"\0".join(
+                [
+                    operation.encode(),
+                    who.practitioner_id.encode(),
+                    who.role.encode(),
+                    who.purpose_of_use.encode(),
+                    request.SerializeToString(deterministic=True),
+                ]
+            )
+        )
+
+        async def run() -> tuple[M, bool]:
+            return await self._answers.once(
+                self._rt.sessions,
+                organization_id=who.organization_id,
+                key=request.idempotency_key,
+                operation=operation,
+                request=request,
+                response_type=response_type,
+                change=change,
+                request_fingerprint=request_fingerprint,
+            )
+
+        if self._sqlite_lock is not None:
+            async with self._sqlite_lock:
+                answer, replayed = await run()
+        else:
+            answer, replayed = await run()
+        if not replayed:
+            self._rt.outbox.notify()
+        return answer
 
     async def RegisterPatient(
         self, request: mpi_pb2.RegisterPatientRequest, context: object
@@ -706,7 +787,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 task=await self._task_message(session, task, self._disclosure(who), held=held)
             )
 
-        return await self._write(decide)
+        return await self._keyed_write(who, request, _DECIDE_OPERATION, mpi_pb2.DecideReviewResponse, decide)
 
     async def AssignReviewTask(
         self, request: mpi_pb2.AssignReviewTaskRequest, context: object
@@ -752,7 +833,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             message = await self._task_message(session, task, self._disclosure(who), held=held, now=now)
             return mpi_pb2.AssignReviewTaskResponse(task=message)
 
-        return await self._write(assign)
+        return await self._keyed_write(who, request, _ASSIGN_OPERATION, mpi_pb2.AssignReviewTaskResponse, assign)
 
     async def ReleaseReviewTask(
         self, request: mpi_pb2.ReleaseReviewTaskRequest, context: object
@@ -783,7 +864,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 task=await self._task_message(session, task, self._disclosure(who))
             )
 
-        return await self._write(release)
+        return await self._keyed_write(who, request, _RELEASE_OPERATION, mpi_pb2.ReleaseReviewTaskResponse, release)
 
     # --- link, unlink, merge, unmerge ---------------------------------------------------------
 
@@ -799,7 +880,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             record = await self._index.link(session, who, source, target)
             return mpi_pb2.LinkPatientsResponse(patient=patient_message(record, disclosure))
 
-        return await self._write(link)
+        return await self._keyed_write(who, request, _LINK_OPERATION, mpi_pb2.LinkPatientsResponse, link)
 
     async def UnlinkPatient(
         self, request: mpi_pb2.UnlinkPatientRequest, context: object
@@ -815,7 +896,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             record = await self._index.unlink(session, who, source)
             return mpi_pb2.UnlinkPatientResponse(patient=patient_message(record, disclosure))
 
-        return await self._write(unlink)
+        return await self._keyed_write(who, request, _UNLINK_OPERATION, mpi_pb2.UnlinkPatientResponse, unlink)
 
     async def MergePatients(
         self, request: mpi_pb2.MergePatientsRequest, context: object
@@ -837,7 +918,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 survivor=patient_message(survivor, disclosure), subsumed=patient_message(subsumed, disclosure)
             )
 
-        return await self._write(merge)
+        return await self._keyed_write(who, request, _MERGE_OPERATION, mpi_pb2.MergePatientsResponse, merge)
 
     async def UnmergePatient(
         self, request: mpi_pb2.UnmergePatientRequest, context: object
@@ -854,7 +935,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             record = await self._index.unmerge(session, who, who.organization_id, request.subsumed_local_id)
             return mpi_pb2.UnmergePatientResponse(patient=patient_message(record, disclosure))
 
-        return await self._write(unmerge)
+        return await self._keyed_write(who, request, _UNMERGE_OPERATION, mpi_pb2.UnmergePatientResponse, unmerge)
 
     async def GetLinkHistory(
         self, request: mpi_pb2.GetLinkHistoryRequest, context: object

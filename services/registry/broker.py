@@ -501,6 +501,8 @@ def _dead_letter_message(record: store.DeadLetterRecord) -> notifications_pb2.De
 
 # The operation a kept first answer belongs to (services/shared/idempotency.py).
 _SUBSCRIBE_OPERATION = "subscription.create"
+_UNSUBSCRIBE_OPERATION = "subscription.delete"
+_REPLAY_OPERATION = "notification.replay"
 
 
 class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServicer):
@@ -607,7 +609,8 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
         who = caller()
         who.require_scope("DocumentReference", "r")
         who.require_role(*_SUBSCRIBERS)
-        async with self._rt.sessions() as session, session.begin():
+
+        async def change(session: AsyncSession) -> notifications_pb2.UnsubscribeResponse:
             record = await session.get(store.SubscriptionRecord, request.subscription_id[:36])
             if record is None or record.organization_id != who.organization_id:
                 raise NotFound("no such subscription", reason="subscription-not-found")
@@ -619,8 +622,21 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
                 action=Action.ACTION_DELETE,
                 entities=[("Subscription", record.id)],
             )
-        self._rt.outbox.notify()
-        return notifications_pb2.UnsubscribeResponse()
+            return notifications_pb2.UnsubscribeResponse()
+
+        # A retry of a keyed unsubscribe gets the first answer, not 404 for the one it removed.
+        answer, replayed = await self._answers.once(
+            self._rt.sessions,
+            organization_id=who.organization_id,
+            key=request.idempotency_key,
+            operation=_UNSUBSCRIBE_OPERATION,
+            request=request,
+            response_type=notifications_pb2.UnsubscribeResponse,
+            change=change,
+        )
+        if not replayed:
+            self._rt.outbox.notify()
+        return answer
 
     async def ListSubscriptions(  # noqa: N802 - gRPC method name
         self, request: notifications_pb2.ListSubscriptionsRequest, context: object
@@ -709,7 +725,8 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
         who = caller()
         who.require_scope("DocumentReference", "r")
         who.require_role("admin")
-        async with self._rt.sessions() as session, session.begin():
+
+        async def change(session: AsyncSession) -> notifications_pb2.ReplayDeadLetterResponse:
             record = await session.get(store.DeadLetterRecord, request.event_id[:36])
             if record is None or record.organization_id != who.organization_id:
                 raise NotFound("no such dead letter", reason="dead-letter-not-found")
@@ -725,5 +742,18 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
                 action=Action.ACTION_UPDATE,
                 entities=[("Notification", record.event_id)],
             )
-        self._rt.outbox.notify()
-        return notifications_pb2.ReplayDeadLetterResponse(dead_letter=_dead_letter_message(record))
+            return notifications_pb2.ReplayDeadLetterResponse(dead_letter=_dead_letter_message(record))
+
+        # A keyed retry gets the first answer (one replay), not 404 for the letter it removed.
+        answer, replayed = await self._answers.once(
+            self._rt.sessions,
+            organization_id=who.organization_id,
+            key=request.idempotency_key,
+            operation=_REPLAY_OPERATION,
+            request=request,
+            response_type=notifications_pb2.ReplayDeadLetterResponse,
+            change=change,
+        )
+        if not replayed:
+            self._rt.outbox.notify()
+        return answer

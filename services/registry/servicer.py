@@ -54,6 +54,7 @@ _AUTHORS = ("doctor", "nurse", "technician")
 # The operation a kept first answer belongs to (one key, one operation).
 _REGISTER_OPERATION = "document.register"
 _ENTERED_IN_ERROR_OPERATION = "document.entered-in-error"
+_SUBMISSION_SET_OPERATION = "document.submission-set"
 _READERS = ("doctor", "nurse", "pharmacist", "technician")
 _CURRENT = registry_pb2.DOCUMENT_STATUS_CURRENT
 _IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
@@ -605,8 +606,27 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if len({s.source_document_id for s in subs}) != len(subs):
             raise InvalidArgument("a document appears twice in the submission set", reason="submission-set-duplicate")
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=local_ids.pop())
+        key = check_key(request.idempotency_key.strip())
+        request_fingerprint = fingerprint(_SUBMISSION_SET_OPERATION, request)
+
+        async def first_answer(session: AsyncSession) -> registry_pb2.RegisterSubmissionSetResponse | None:
+            if not key:
+                return None
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=_SUBMISSION_SET_OPERATION,
+                request_fingerprint=request_fingerprint,
+                response_type=registry_pb2.RegisterSubmissionSetResponse,
+            )
+
         try:
             async with self._rt.sessions() as session, session.begin():
+                if (first := await first_answer(session)) is not None:
+                    # A retry of the keyed set: its first answer (created, audit ids), not
+                    # `created: false` per document.
+                    return first
                 person, earlier = await asyncio.gather(
                     identity.cross_reference(self._rt, patient_ref),
                     self._earlier_of_set(subs, session),
@@ -656,25 +676,39 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     stored_set = await self._store_submission_set(
                         session, who, request.submission_set, patient_ref, enterprise_id, members
                     )
+                answer = registry_pb2.RegisterSubmissionSetResponse(
+                    submission_set=_submission_set_message(stored_set) if stored_set is not None else None,
+                    enterprise_id=enterprise_id,
+                    documents=[
+                        registry_pb2.RegisterDocumentResponse(
+                            entry=entry_message(earlier.get(s.source_document_id, s.record)),
+                            created=s.source_document_id not in earlier,
+                            audit_event_ids=event_ids if s.source_document_id not in earlier else [],
+                        )
+                        for s in subs
+                    ],
+                )
+                if key:
+                    await self._answers.keep(
+                        session,
+                        organization_id=who.organization_id,
+                        key=key,
+                        operation=_SUBMISSION_SET_OPERATION,
+                        request_fingerprint=request_fingerprint,
+                        response=answer,
+                    )
         except IntegrityError:
+            # A concurrent retry of the keyed set committed first: answer as that retry.
+            async with self._rt.sessions() as session:
+                if (first := await first_answer(session)) is not None:
+                    return first
             # A concurrent submission of some of these documents committed first.
             raise AlreadyExists(
                 "a document of the set was registered concurrently; resubmit the set", reason="submission-set-conflict"
             ) from None
         if new:
             self._rt.outbox.notify()
-        return registry_pb2.RegisterSubmissionSetResponse(
-            submission_set=_submission_set_message(stored_set) if stored_set is not None else None,
-            enterprise_id=enterprise_id,
-            documents=[
-                registry_pb2.RegisterDocumentResponse(
-                    entry=entry_message(earlier.get(s.source_document_id, s.record)),
-                    created=s.source_document_id not in earlier,
-                    audit_event_ids=event_ids if s.source_document_id not in earlier else [],
-                )
-                for s in subs
-            ],
-        )
+        return answer
 
     async def _store_submission_set(
         self,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Column, LargeBinary, MetaData, PrimaryKeyConstraint, String, Table, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.shared.db import UtcDateTime, utcnow
@@ -61,11 +63,21 @@ def fingerprint(operation: str, request: Message, *context: str) -> str:
     return digest.hexdigest()
 
 
+class AnswerSeal(Protocol):
+    """Encrypts kept answers at rest, for a service whose answers carry personal data (the mpi:
+    its answers name patients); `context` binds a sealed answer to its organisation and key."""
+
+    def seal(self, answer: bytes, context: str) -> bytes: ...
+
+    def open(self, sealed: bytes, context: str) -> bytes: ...
+
+
 class FirstAnswers:
     """Looks up and keeps first answers in one service's `idempotent_answer` table."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, *, seal: AnswerSeal | None = None) -> None:
         self._table = table
+        self._seal = seal
 
     async def first(
         self,
@@ -91,8 +103,9 @@ class FirstAnswers:
             return None
         if row.operation != operation or not hmac.compare_digest(row.fingerprint, request_fingerprint):
             raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
+        data = row.response if self._seal is None else self._seal.open(row.response, f"{organization_id}\0{key}")
         answer = response_type()
-        answer.ParseFromString(row.response)
+        answer.ParseFromString(data)
         return answer
 
     async def keep(
@@ -107,13 +120,71 @@ class FirstAnswers:
     ) -> None:
         """Keep the answer in the caller's transaction; a concurrent first use of the key fails
         on the primary key at commit (the caller answers that as a retry)."""
+        data = response.SerializeToString(deterministic=True)
+        if self._seal is not None:
+            data = self._seal.seal(data, f"{organization_id}\0{key}")
         await session.execute(
             self._table.insert().values(
                 organization_id=organization_id,
                 idempotency_key=key,
                 operation=operation,
                 fingerprint=request_fingerprint,
-                response=response.SerializeToString(deterministic=True),
+                response=data,
                 created_at=utcnow(),
             )
         )
+
+    async def once(
+        self,
+        sessions: Callable[[], AsyncSession],
+        *,
+        organization_id: str,
+        key: str,
+        operation: str,
+        request: Message,
+        response_type: type[M],
+        change: Callable[[AsyncSession], Awaitable[M]],
+        context: Sequence[str] = (),
+        request_fingerprint: str = "",
+    ) -> tuple[M, bool]:
+        """Run `change` in one transaction and keep its answer there when a key is given; a
+        retry (same key, same request) gets the kept answer and runs nothing. Returns the answer
+        and whether it is a replay (the caller then skips after-commit work such as a relay
+        wake-up). The same key with another request is 409 idempotency-key-reused. A service
+        whose requests carry personal data passes its own (keyed) `request_fingerprint`."""
+        key = check_key(key.strip())
+        request_fingerprint = request_fingerprint or fingerprint(operation, request, *context)
+
+        async def kept(session: AsyncSession) -> M | None:
+            if not key:
+                return None
+            return await self.first(
+                session,
+                organization_id=organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=response_type,
+            )
+
+        try:
+            async with sessions() as session, session.begin():
+                if (first := await kept(session)) is not None:
+                    return first, True
+                answer = await change(session)
+                if key:
+                    await self.keep(
+                        session,
+                        organization_id=organization_id,
+                        key=key,
+                        operation=operation,
+                        request_fingerprint=request_fingerprint,
+                        response=answer,
+                    )
+        except IntegrityError:
+            # A concurrent first use of the key committed first: answer as its retry.
+            async with sessions() as session:
+                if (first := await kept(session)) is not None:
+                    return first, True
+            raise
+        return answer, False

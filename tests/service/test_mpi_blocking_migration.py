@@ -46,9 +46,10 @@ async def test_the_migration_files_existing_records_under_birth_date_and_family_
             assert removed.rowcount == 1
             await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0005'"))
             # Later migrations run again from 0005: their changes are undone too (0007's column,
-            # 0008's table).
+            # 0008's and 0009's tables).
             await conn.execute(sa.text("ALTER TABLE inbound_message DROP COLUMN digest"))
             await conn.execute(sa.text("DROP TABLE match_estimate"))
+            await conn.execute(sa.text("DROP TABLE idempotent_answer"))
     finally:
         await running.stop(grace=None)
 
@@ -88,6 +89,7 @@ async def test_0008_files_existing_records_under_the_typo_tolerant_keys(
                 assert removed.rowcount == 1
             await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0007'"))
             await conn.execute(sa.text("DROP TABLE match_estimate"))
+            await conn.execute(sa.text("DROP TABLE idempotent_answer"))  # 0009 runs again too
     finally:
         await running.stop(grace=None)
 

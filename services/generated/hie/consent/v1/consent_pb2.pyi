@@ -237,12 +237,14 @@ class RecordDirectiveResponse(_message.Message):
     def __init__(self, directive: _Optional[_Union[Directive, _Mapping]] = ..., created: _Optional[bool] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReviseDirectiveRequest(_message.Message):
-    __slots__ = ("directive", "expected_revision")
+    __slots__ = ("directive", "expected_revision", "idempotency_key")
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     directive: Directive
     expected_revision: int
-    def __init__(self, directive: _Optional[_Union[Directive, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, directive: _Optional[_Union[Directive, _Mapping]] = ..., expected_revision: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ReviseDirectiveResponse(_message.Message):
     __slots__ = ("directive", "audit_event_ids")
@@ -253,10 +255,12 @@ class ReviseDirectiveResponse(_message.Message):
     def __init__(self, directive: _Optional[_Union[Directive, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RevokeDirectiveRequest(_message.Message):
-    __slots__ = ("directive_id",)
+    __slots__ = ("directive_id", "idempotency_key")
     DIRECTIVE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     directive_id: str
-    def __init__(self, directive_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, directive_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RevokeDirectiveResponse(_message.Message):
     __slots__ = ("directive", "audit_event_ids")

@@ -300,12 +300,14 @@ class ListReviewTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[ReviewTask, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DecideReviewRequest(_message.Message):
-    __slots__ = ("task_id", "decision")
+    __slots__ = ("task_id", "decision", "idempotency_key")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     decision: ReviewDecision
-    def __init__(self, task_id: _Optional[str] = ..., decision: _Optional[_Union[ReviewDecision, str]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, task_id: _Optional[str] = ..., decision: _Optional[_Union[ReviewDecision, str]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class DecideReviewResponse(_message.Message):
     __slots__ = ("task",)
@@ -314,12 +316,14 @@ class DecideReviewResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[ReviewTask, _Mapping]] = ...) -> None: ...
 
 class LinkPatientsRequest(_message.Message):
-    __slots__ = ("ref", "target")
+    __slots__ = ("ref", "target", "idempotency_key")
     REF_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     ref: _common_pb2.PatientRef
     target: _common_pb2.PatientRef
-    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class LinkPatientsResponse(_message.Message):
     __slots__ = ("patient",)
@@ -328,10 +332,12 @@ class LinkPatientsResponse(_message.Message):
     def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
 
 class UnlinkPatientRequest(_message.Message):
-    __slots__ = ("ref",)
+    __slots__ = ("ref", "idempotency_key")
     REF_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     ref: _common_pb2.PatientRef
-    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, ref: _Optional[_Union[_common_pb2.PatientRef, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class UnlinkPatientResponse(_message.Message):
     __slots__ = ("patient",)
@@ -340,12 +346,14 @@ class UnlinkPatientResponse(_message.Message):
     def __init__(self, patient: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
 
 class MergePatientsRequest(_message.Message):
-    __slots__ = ("survivor_local_id", "subsumed_local_id")
+    __slots__ = ("survivor_local_id", "subsumed_local_id", "idempotency_key")
     SURVIVOR_LOCAL_ID_FIELD_NUMBER: _ClassVar[int]
     SUBSUMED_LOCAL_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     survivor_local_id: str
     subsumed_local_id: str
-    def __init__(self, survivor_local_id: _Optional[str] = ..., subsumed_local_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, survivor_local_id: _Optional[str] = ..., subsumed_local_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MergePatientsResponse(_message.Message):
     __slots__ = ("survivor", "subsumed")
@@ -356,10 +364,12 @@ class MergePatientsResponse(_message.Message):
     def __init__(self, survivor: _Optional[_Union[Patient, _Mapping]] = ..., subsumed: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
 
 class UnmergePatientRequest(_message.Message):
-    __slots__ = ("subsumed_local_id",)
+    __slots__ = ("subsumed_local_id", "idempotency_key")
     SUBSUMED_LOCAL_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     subsumed_local_id: str
-    def __init__(self, subsumed_local_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, subsumed_local_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class UnmergePatientResponse(_message.Message):
     __slots__ = ("patient",)
@@ -402,14 +412,16 @@ class GetLinkHistoryResponse(_message.Message):
     def __init__(self, enterprise_id: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[LinkChange, _Mapping]]] = ...) -> None: ...
 
 class AssignReviewTaskRequest(_message.Message):
-    __slots__ = ("task_id", "assignee", "reassign")
+    __slots__ = ("task_id", "assignee", "reassign", "idempotency_key")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ASSIGNEE_FIELD_NUMBER: _ClassVar[int]
     REASSIGN_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     assignee: str
     reassign: bool
-    def __init__(self, task_id: _Optional[str] = ..., assignee: _Optional[str] = ..., reassign: _Optional[bool] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, task_id: _Optional[str] = ..., assignee: _Optional[str] = ..., reassign: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AssignReviewTaskResponse(_message.Message):
     __slots__ = ("task",)
@@ -418,10 +430,12 @@ class AssignReviewTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[ReviewTask, _Mapping]] = ...) -> None: ...
 
 class ReleaseReviewTaskRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "idempotency_key")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ReleaseReviewTaskResponse(_message.Message):
     __slots__ = ("task",)

@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hie.common.v1 import common_pb2 as hie_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#hie/registry/v1/notifications.proto\x12\x0fhie.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"\x17\n\x15GetSigningKeysRequest\"G\n\x16GetSigningKeysResponse\x12\x16\n\x0esm2_public_key\x18\x01 \x01(\t\x12\x15\n\rsm2_signer_id\x18\x02 \x01(\t\"\x96\x02\n\x0cSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12%\n\x05topic\x18\x03 \x01(\x0e\x32\x16.hie.registry.v1.Topic\x12*\n\x07patient\x18\x04 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x11\n\ttype_code\x18\x05 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x06 \x01(\t\x12+\n\x07\x65xpires\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd4\x01\n\x10SubscribeRequest\x12%\n\x05topic\x18\x01 \x01(\x0e\x32\x16.hie.registry.v1.Topic\x12*\n\x07patient\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x11\n\ttype_code\x18\x03 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x04 \x01(\t\x12+\n\x07\x65xpires\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"H\n\x11SubscribeResponse\x12\x33\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1d.hie.registry.v1.Subscription\"-\n\x12UnsubscribeRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"\x15\n\x13UnsubscribeResponse\"\x1a\n\x18ListSubscriptionsRequest\"Q\n\x19ListSubscriptionsResponse\x12\x34\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1d.hie.registry.v1.Subscription\"\x7f\n\x13PublishEventRequest\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x18\n\x10organization_ids\x18\x02 \x03(\t\x12\x15\n\rresource_type\x18\x03 \x01(\t\x12\x13\n\x0bresource_id\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\"?\n\x14PublishEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rnotifications\x18\x02 \x01(\x05\"\xe7\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x02 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdead_lettered\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16ListDeadLettersRequest\"L\n\x17ListDeadLettersResponse\x12\x31\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1b.hie.registry.v1.DeadLetter\"+\n\x17ReplayDeadLetterRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"L\n\x18ReplayDeadLetterResponse\x12\x30\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x1b.hie.registry.v1.DeadLetter*m\n\x05Topic\x12\x15\n\x11TOPIC_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOPIC_PATIENT_DOCUMENT\x10\x01\x12\x17\n\x13TOPIC_DOCUMENT_TYPE\x10\x02\x12\x18\n\x14TOPIC_WORKFLOW_STATE\x10\x03\x32\xbd\x05\n\x12NotificationBroker\x12R\n\tSubscribe\x12!.hie.registry.v1.SubscribeRequest\x1a\".hie.registry.v1.SubscribeResponse\x12X\n\x0bUnsubscribe\x12#.hie.registry.v1.UnsubscribeRequest\x1a$.hie.registry.v1.UnsubscribeResponse\x12j\n\x11ListSubscriptions\x12).hie.registry.v1.ListSubscriptionsRequest\x1a*.hie.registry.v1.ListSubscriptionsResponse\x12[\n\x0cPublishEvent\x12$.hie.registry.v1.PublishEventRequest\x1a%.hie.registry.v1.PublishEventResponse\x12\x64\n\x0fListDeadLetters\x12\'.hie.registry.v1.ListDeadLettersRequest\x1a(.hie.registry.v1.ListDeadLettersResponse\x12g\n\x10ReplayDeadLetter\x12(.hie.registry.v1.ReplayDeadLetterRequest\x1a).hie.registry.v1.ReplayDeadLetterResponse\x12\x61\n\x0eGetSigningKeys\x12&.hie.registry.v1.GetSigningKeysRequest\x1a\'.hie.registry.v1.GetSigningKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#hie/registry/v1/notifications.proto\x12\x0fhie.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahie/common/v1/common.proto\"\x17\n\x15GetSigningKeysRequest\"G\n\x16GetSigningKeysResponse\x12\x16\n\x0esm2_public_key\x18\x01 \x01(\t\x12\x15\n\rsm2_signer_id\x18\x02 \x01(\t\"\x96\x02\n\x0cSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12%\n\x05topic\x18\x03 \x01(\x0e\x32\x16.hie.registry.v1.Topic\x12*\n\x07patient\x18\x04 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x11\n\ttype_code\x18\x05 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x06 \x01(\t\x12+\n\x07\x65xpires\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd4\x01\n\x10SubscribeRequest\x12%\n\x05topic\x18\x01 \x01(\x0e\x32\x16.hie.registry.v1.Topic\x12*\n\x07patient\x18\x02 \x01(\x0b\x32\x19.hie.common.v1.PatientRef\x12\x11\n\ttype_code\x18\x03 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x04 \x01(\t\x12+\n\x07\x65xpires\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"H\n\x11SubscribeResponse\x12\x33\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1d.hie.registry.v1.Subscription\"F\n\x12UnsubscribeRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x15\n\x13UnsubscribeResponse\"\x1a\n\x18ListSubscriptionsRequest\"Q\n\x19ListSubscriptionsResponse\x12\x34\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1d.hie.registry.v1.Subscription\"\x7f\n\x13PublishEventRequest\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x18\n\x10organization_ids\x18\x02 \x03(\t\x12\x15\n\rresource_type\x18\x03 \x01(\t\x12\x13\n\x0bresource_id\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\"?\n\x14PublishEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rnotifications\x18\x02 \x01(\x05\"\xe7\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x02 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdead_lettered\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16ListDeadLettersRequest\"L\n\x17ListDeadLettersResponse\x12\x31\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1b.hie.registry.v1.DeadLetter\"D\n\x17ReplayDeadLetterRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"L\n\x18ReplayDeadLetterResponse\x12\x30\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x1b.hie.registry.v1.DeadLetter*m\n\x05Topic\x12\x15\n\x11TOPIC_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOPIC_PATIENT_DOCUMENT\x10\x01\x12\x17\n\x13TOPIC_DOCUMENT_TYPE\x10\x02\x12\x18\n\x14TOPIC_WORKFLOW_STATE\x10\x03\x32\xbd\x05\n\x12NotificationBroker\x12R\n\tSubscribe\x12!.hie.registry.v1.SubscribeRequest\x1a\".hie.registry.v1.SubscribeResponse\x12X\n\x0bUnsubscribe\x12#.hie.registry.v1.UnsubscribeRequest\x1a$.hie.registry.v1.UnsubscribeResponse\x12j\n\x11ListSubscriptions\x12).hie.registry.v1.ListSubscriptionsRequest\x1a*.hie.registry.v1.ListSubscriptionsResponse\x12[\n\x0cPublishEvent\x12$.hie.registry.v1.PublishEventRequest\x1a%.hie.registry.v1.PublishEventResponse\x12\x64\n\x0fListDeadLetters\x12\'.hie.registry.v1.ListDeadLettersRequest\x1a(.hie.registry.v1.ListDeadLettersResponse\x12g\n\x10ReplayDeadLetter\x12(.hie.registry.v1.ReplayDeadLetterRequest\x1a).hie.registry.v1.ReplayDeadLetterResponse\x12\x61\n\x0eGetSigningKeys\x12&.hie.registry.v1.GetSigningKeysRequest\x1a\'.hie.registry.v1.GetSigningKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hie.registry.v1.notifications_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOPIC']._serialized_start=1621
-  _globals['_TOPIC']._serialized_end=1730
+  _globals['_TOPIC']._serialized_start=1671
+  _globals['_TOPIC']._serialized_end=1780
   _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=117
   _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=140
   _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=142
@@ -47,27 +47,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBERESPONSE']._serialized_start=711
   _globals['_SUBSCRIBERESPONSE']._serialized_end=783
   _globals['_UNSUBSCRIBEREQUEST']._serialized_start=785
-  _globals['_UNSUBSCRIBEREQUEST']._serialized_end=830
-  _globals['_UNSUBSCRIBERESPONSE']._serialized_start=832
-  _globals['_UNSUBSCRIBERESPONSE']._serialized_end=853
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=855
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=881
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=883
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=964
-  _globals['_PUBLISHEVENTREQUEST']._serialized_start=966
-  _globals['_PUBLISHEVENTREQUEST']._serialized_end=1093
-  _globals['_PUBLISHEVENTRESPONSE']._serialized_start=1095
-  _globals['_PUBLISHEVENTRESPONSE']._serialized_end=1158
-  _globals['_DEADLETTER']._serialized_start=1161
-  _globals['_DEADLETTER']._serialized_end=1392
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1394
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1418
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1420
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1496
-  _globals['_REPLAYDEADLETTERREQUEST']._serialized_start=1498
-  _globals['_REPLAYDEADLETTERREQUEST']._serialized_end=1541
-  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_start=1543
-  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_end=1619
-  _globals['_NOTIFICATIONBROKER']._serialized_start=1733
-  _globals['_NOTIFICATIONBROKER']._serialized_end=2434
+  _globals['_UNSUBSCRIBEREQUEST']._serialized_end=855
+  _globals['_UNSUBSCRIBERESPONSE']._serialized_start=857
+  _globals['_UNSUBSCRIBERESPONSE']._serialized_end=878
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=880
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=906
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=908
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=989
+  _globals['_PUBLISHEVENTREQUEST']._serialized_start=991
+  _globals['_PUBLISHEVENTREQUEST']._serialized_end=1118
+  _globals['_PUBLISHEVENTRESPONSE']._serialized_start=1120
+  _globals['_PUBLISHEVENTRESPONSE']._serialized_end=1183
+  _globals['_DEADLETTER']._serialized_start=1186
+  _globals['_DEADLETTER']._serialized_end=1417
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1419
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1443
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1445
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1521
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_start=1523
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_end=1591
+  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_start=1593
+  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_end=1669
+  _globals['_NOTIFICATIONBROKER']._serialized_start=1783
+  _globals['_NOTIFICATIONBROKER']._serialized_end=2484
 # @@protoc_insertion_point(module_scope)

@@ -78,10 +78,12 @@ class SubscribeResponse(_message.Message):
     def __init__(self, subscription: _Optional[_Union[Subscription, _Mapping]] = ...) -> None: ...
 
 class UnsubscribeRequest(_message.Message):
-    __slots__ = ("subscription_id",)
+    __slots__ = ("subscription_id", "idempotency_key")
     SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     subscription_id: str
-    def __init__(self, subscription_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, subscription_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class UnsubscribeResponse(_message.Message):
     __slots__ = ()
@@ -150,10 +152,12 @@ class ListDeadLettersResponse(_message.Message):
     def __init__(self, dead_letters: _Optional[_Iterable[_Union[DeadLetter, _Mapping]]] = ...) -> None: ...
 
 class ReplayDeadLetterRequest(_message.Message):
-    __slots__ = ("event_id",)
+    __slots__ = ("event_id", "idempotency_key")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     event_id: str
-    def __init__(self, event_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, event_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ReplayDeadLetterResponse(_message.Message):
     __slots__ = ("dead_letter",)

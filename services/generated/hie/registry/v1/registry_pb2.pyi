@@ -162,12 +162,14 @@ class RegisterDocumentResponse(_message.Message):
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., created: _Optional[bool] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterSubmissionSetRequest(_message.Message):
-    __slots__ = ("documents", "submission_set")
+    __slots__ = ("documents", "submission_set", "idempotency_key")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     SUBMISSION_SET_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[RegisterDocumentRequest]
     submission_set: SubmissionSet
-    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentRequest, _Mapping]]] = ..., submission_set: _Optional[_Union[SubmissionSet, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, documents: _Optional[_Iterable[_Union[RegisterDocumentRequest, _Mapping]]] = ..., submission_set: _Optional[_Union[SubmissionSet, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RegisterSubmissionSetResponse(_message.Message):
     __slots__ = ("documents", "enterprise_id", "submission_set")
