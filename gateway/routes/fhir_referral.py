@@ -28,7 +28,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.fhir_patient import own_local_id_of_identifier, own_local_id_of_patient, patient_id_of_reference
@@ -363,7 +363,7 @@ async def _json(request: Request, resource_type: str) -> dict[str, Any]:
 
 
 @router.post("/ServiceRequest", status_code=201, response_class=JSONResponse)
-async def create_service_request(request: Request, ctx: Context) -> JSONResponse:
+async def create_service_request(request: Request, idempotency_key: IdempotencyKey, ctx: Context) -> JSONResponse:
     """FHIR create: a referral from a ServiceRequest (its coordination Task has the same id)."""
     ctx.require_scope("ServiceRequest", "c")
     resource = await _json(request, "ServiceRequest")
@@ -414,7 +414,7 @@ async def create_service_request(request: Request, ctx: Context) -> JSONResponse
                     service=SERVICES[service],
                     document_ids=documents,
                 ),
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=idempotency_key,
             ),
             metadata=await directory_metadata(ctx, request, targets),
         )
@@ -489,7 +489,9 @@ def _inputs(resource: dict[str, Any]) -> tuple[str, str]:
 
 
 @router.put("/Task/{referral_id}", response_class=JSONResponse)
-async def update_task(referral_id: str, ctx: Context, request: Request) -> JSONResponse:
+async def update_task(
+    referral_id: str, ctx: Context, request: Request, idempotency_key: IdempotencyKey
+) -> JSONResponse:
     """A move by updating the Task: the new businessStatus (or status) names it."""
     ctx.require_scope("ServiceRequest", "u")
     resource = await _json(request, "Task")
@@ -545,7 +547,7 @@ async def update_task(referral_id: str, ctx: Context, request: Request) -> JSONR
                 referral_id=referral_id[:64],
                 move=move,
                 reason=(notes[-1] if notes else "")[:2000],
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=idempotency_key,
                 rejection_code=reason_code[:32],
                 advice=str((resource.get("statusReason") or {}).get("text") or "")[:2000],
                 slot_id=slot_id,

@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway import store
-from gateway.deps import CallContext, Context
+from gateway.deps import CallContext, Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.referral.v1 import referral_pb2
@@ -206,7 +206,12 @@ class FollowUpDoneIn(BaseModel):
 
 @router.post("/referrals/{referral_id}/follow-ups/{follow_up_id}/complete")
 async def complete_follow_up(
-    referral_id: str, follow_up_id: str, ctx: Context, request: Request, body: FollowUpDoneIn | None = None
+    referral_id: str,
+    follow_up_id: str,
+    ctx: Context,
+    request: Request,
+    idempotency_key: IdempotencyKey,
+    body: FollowUpDoneIn | None = None,
 ) -> dict[str, Any]:
     """The community records a follow-up of a down-referral's care plan as done (an Idempotency-Key
     makes a retry answer the first response)."""
@@ -217,7 +222,7 @@ async def complete_follow_up(
                 referral_id=referral_id[:64],
                 follow_up_id=follow_up_id[:64],
                 note=body.note if body else "",
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=idempotency_key,
             ),
             metadata=ctx.metadata,
         )
@@ -304,7 +309,9 @@ def slot_json(slot: referral_pb2.Slot) -> dict[str, Any]:
 
 
 @router.post("/referral-slots", status_code=201)
-async def publish_slots(body: SlotsIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def publish_slots(
+    body: SlotsIn, ctx: Context, request: Request, idempotency_key: IdempotencyKey
+) -> dict[str, Any]:
     """The caller organisation publishes bookable slots of its departments (an Idempotency-Key makes
     a retry answer the first response: the same slots, not new ones)."""
     ctx.require_scope("ServiceRequest", "u")
@@ -314,7 +321,7 @@ async def publish_slots(body: SlotsIn, ctx: Context, request: Request) -> dict[s
                 slots=[
                     referral_pb2.Slot(department=s.department, start=_ts(s.start), end=_ts(s.end)) for s in body.slots
                 ],
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=idempotency_key,
             ),
             metadata=ctx.metadata,
         )
@@ -356,12 +363,17 @@ def bed_json(bed: referral_pb2.BedCount) -> dict[str, Any]:
 
 
 @router.put("/referral-beds/{department}")
-async def set_beds(department: str, body: BedsIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def set_beds(
+    department: str, body: BedsIn, ctx: Context, request: Request, idempotency_key: IdempotencyKey
+) -> dict[str, Any]:
     """The caller organisation's admission beds for referrals in a department."""
     ctx.require_scope("ServiceRequest", "u")
     result = await rpc(
         request.app.state.stubs.referral.SetBedCount(
-            referral_pb2.SetBedCountRequest(department=department[:64], total=body.total), metadata=ctx.metadata
+            referral_pb2.SetBedCountRequest(
+                department=department[:64], total=body.total, idempotency_key=idempotency_key
+            ),
+            metadata=ctx.metadata,
         )
     )
     return bed_json(result.bed_count)

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway import store
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
@@ -176,7 +176,9 @@ class ConsultationIn(BaseModel):
 
 
 @router.post("/consultations", status_code=201)
-async def request_consultation(body: ConsultationIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def request_consultation(
+    body: ConsultationIn, ctx: Context, request: Request, idempotency_key: IdempotencyKey
+) -> dict[str, Any]:
     ctx.require_scope("ServiceRequest", "c")
     result = await rpc(
         request.app.state.stubs.teleconsult.RequestConsultation(
@@ -198,7 +200,7 @@ async def request_consultation(body: ConsultationIn, ctx: Context, request: Requ
                     document_ids=body.document_ids,
                     imaging_studies=_studies(body.imaging_studies),
                 ),
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=idempotency_key,
             ),
             metadata=ctx.metadata,
         )
@@ -477,7 +479,9 @@ def specialist_json(s: teleconsult_pb2.Specialist) -> dict[str, Any]:
 
 
 @router.put("/specialists/{practitioner_id}")
-async def set_specialist(practitioner_id: str, body: SpecialistIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def set_specialist(
+    practitioner_id: str, body: SpecialistIn, ctx: Context, request: Request, idempotency_key: IdempotencyKey
+) -> dict[str, Any]:
     """The caller's directory entry of one specialist (its administrator)."""
     ctx.require_scope("ServiceRequest", "u")
     r = await rpc(
@@ -492,7 +496,8 @@ async def set_specialist(practitioner_id: str, body: SpecialistIn, ctx: Context,
                     professional_title=body.professional_title,
                     years_independent_practice=body.years_independent_practice,
                     kinds=[KINDS[k] for k in body.kinds],
-                )
+                ),
+                idempotency_key=idempotency_key,
             ),
             metadata=ctx.metadata,
         )
@@ -534,7 +539,7 @@ def shift_json(s: teleconsult_pb2.RosterShift) -> dict[str, Any]:
 
 
 @router.post("/roster-shifts", status_code=201)
-async def add_shift(body: ShiftIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def add_shift(body: ShiftIn, ctx: Context, request: Request, idempotency_key: IdempotencyKey) -> dict[str, Any]:
     """An on-call shift of the caller's organisation (who reads emergency ECG / stroke imaging now)."""
     ctx.require_scope("ServiceRequest", "u")
     r = await rpc(
@@ -545,7 +550,8 @@ async def add_shift(body: ShiftIn, ctx: Context, request: Request) -> dict[str, 
                     kind=KINDS[body.kind],
                     start=_ts(body.start),
                     end=_ts(body.end),
-                )
+                ),
+                idempotency_key=idempotency_key,
             ),
             metadata=ctx.metadata,
         )
@@ -588,7 +594,9 @@ def slot_json(s: teleconsult_pb2.Slot) -> dict[str, Any]:
 
 
 @router.post("/consultation-slots", status_code=201)
-async def publish_slots(body: SlotsIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def publish_slots(
+    body: SlotsIn, ctx: Context, request: Request, idempotency_key: IdempotencyKey
+) -> dict[str, Any]:
     """Bookable session slots of the caller's specialists."""
     ctx.require_scope("ServiceRequest", "u")
     r = await rpc(
@@ -597,7 +605,8 @@ async def publish_slots(body: SlotsIn, ctx: Context, request: Request) -> dict[s
                 slots=[
                     teleconsult_pb2.Slot(practitioner_id=s.practitioner_id, start=_ts(s.start), end=_ts(s.end))
                     for s in body.slots
-                ]
+                ],
+                idempotency_key=idempotency_key,
             ),
             metadata=ctx.metadata,
         )
@@ -639,7 +648,12 @@ async def organization_keys(organization_id: str, request: Request) -> dict[str,
 # Last: the catch-all move path must not shadow report-draft.
 @router.post("/consultations/{consultation_id}/{move}")
 async def move_consultation(
-    consultation_id: str, move: str, ctx: Context, request: Request, body: MoveIn | None = None
+    consultation_id: str,
+    move: str,
+    ctx: Context,
+    request: Request,
+    idempotency_key: IdempotencyKey,
+    body: MoveIn | None = None,
 ) -> dict[str, Any]:
     """One move of the workflow (services/teleconsult/workflow.py); only the right side may make it."""
     ctx.require_scope("ServiceRequest", "u")
@@ -664,8 +678,8 @@ async def move_consultation(
                 reason=body.reason,
                 # Idempotency-Key: the first answer to a retry, kept with the move (and the
                 # engine's own retry key, so a retried amendment files no second version).
-                request_key=request.headers.get("idempotency-key", "")[:128],
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                request_key=idempotency_key,
+                idempotency_key=idempotency_key,
                 decline_code=body.decline_code,
                 assignee_ids=body.assignee_ids,
                 slot_ids=body.slot_ids,

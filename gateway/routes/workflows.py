@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
-from gateway.deps import Context
+from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.referrals import DIRECTIONS, SERVICES, URGENCIES, directory_metadata, referral_json
@@ -57,7 +57,9 @@ class ReferralIn(BaseModel):
 
 
 @router.post("/referrals", status_code=201)
-async def create_referral(body: ReferralIn, ctx: Context, request: Request) -> dict[str, Any]:
+async def create_referral(
+    body: ReferralIn, ctx: Context, request: Request, idempotency_key: IdempotencyKey
+) -> dict[str, Any]:
     """A referral from the caller organisation; its direction follows from the organisations'
     tiers in the exchange's directory (signed here for the referral service)."""
     ctx.require_scope("ServiceRequest", "c")
@@ -94,7 +96,7 @@ async def create_referral(body: ReferralIn, ctx: Context, request: Request) -> d
                     parent_referral_id=body.parent_referral_id,
                     book_slot_id=body.book_slot_id,
                 ),
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=idempotency_key,
             ),
             metadata=await directory_metadata(
                 ctx, request, [body.target_organization_id, *body.candidate_organization_ids]
@@ -160,6 +162,7 @@ async def move_referral(
     transition: ReferralMove,
     ctx: Context,
     request: Request,
+    idempotency_key: IdempotencyKey,
     body: TransitionIn | None = None,
 ) -> dict[str, Any]:
     """One move of a referral by the side allowed to make it (an Idempotency-Key makes it retryable)."""
@@ -171,7 +174,7 @@ async def move_referral(
                 referral_id=referral_id[:64],
                 move=transition,
                 reason=body.reason,
-                idempotency_key=request.headers.get("idempotency-key", "")[:128],
+                idempotency_key=idempotency_key,
                 rejection_code=body.rejection_code,
                 advice=body.advice,
                 slot_id=body.slot_id,

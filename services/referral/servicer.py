@@ -1157,7 +1157,8 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who.require_role("doctor", "admin")
         if not request.department or len(request.department) > 64 or not 0 <= request.total <= 10000:
             raise InvalidArgument("a department and a total of 0 to 10000 beds", reason="referral-bed")
-        async with self._rt.sessions() as session, session.begin():
+
+        async def change(session: AsyncSession) -> referral_pb2.SetBedCountResponse:
             record = await session.get(BedCountRecord, (who.organization_id, request.department), with_for_update=True)
             if record is None:
                 record = BedCountRecord(
@@ -1176,8 +1177,23 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 action=Action.ACTION_UPDATE,
                 entities=[("Location", f"{who.organization_id}/{request.department}")],
             )
-        self._rt.outbox.notify()
-        return referral_pb2.SetBedCountResponse(bed_count=messages.bed_count(record))
+            await session.flush()
+            return referral_pb2.SetBedCountResponse(bed_count=messages.bed_count(record))
+
+        # Idempotency-Key: a retry gets the first answer (the total it set then, not the
+        # current one) and records no second audit event.
+        answer, replay = await self._answers.once(
+            self._rt.sessions,
+            organization_id=who.organization_id,
+            key=request.idempotency_key,
+            operation="referral.beds",
+            request=request,
+            response_type=referral_pb2.SetBedCountResponse,
+            change=change,
+        )
+        if not replay:
+            self._rt.outbox.notify()
+        return answer
 
     async def ListBedCounts(
         self, request: referral_pb2.ListBedCountsRequest, context: object

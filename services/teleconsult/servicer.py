@@ -1160,7 +1160,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         who.require_scope("ServiceRequest", "u")
         who.require_role("admin")
         s = directory.check_specialist(request.specialist)
-        async with self._rt.sessions() as session, session.begin():
+
+        async def change(session: AsyncSession) -> teleconsult_pb2.SetSpecialistResponse:
             row = await session.get(SpecialistRecord, (who.organization_id, s["practitioner_id"]))
             if row is None:
                 row = SpecialistRecord(organization_id=who.organization_id, practitioner_id=s["practitioner_id"])
@@ -1175,10 +1176,24 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 patient_enterprise_id="",
                 entities=[("PractitionerRole", s["practitioner_id"])],
             )
-        self._rt.outbox.notify()
-        return teleconsult_pb2.SetSpecialistResponse(
-            specialist=directory.specialist_message(row), qualified=self.rules.qualified(row, kind=0)
+            await session.flush()
+            return teleconsult_pb2.SetSpecialistResponse(
+                specialist=directory.specialist_message(row), qualified=self.rules.qualified(row, kind=0)
+            )
+
+        # Idempotency-Key: a retry gets the first answer and records no second audit event.
+        answer, replay = await self._answers.once(
+            self._rt.sessions,
+            organization_id=who.organization_id,
+            key=request.idempotency_key,
+            operation="consultation.specialist",
+            request=request,
+            response_type=teleconsult_pb2.SetSpecialistResponse,
+            change=change,
         )
+        if not replay:
+            self._rt.outbox.notify()
+        return answer
 
     async def ListSpecialists(
         self, request: teleconsult_pb2.ListSpecialistsRequest, context: object
@@ -1222,9 +1237,23 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             start_at=start,
             end_at=end,
         )
-        async with self._rt.sessions() as session, session.begin():
+
+        async def change(session: AsyncSession) -> teleconsult_pb2.AddRosterShiftResponse:
             session.add(row)
-        return teleconsult_pb2.AddRosterShiftResponse(shift=directory.shift_message(row))
+            await session.flush()
+            return teleconsult_pb2.AddRosterShiftResponse(shift=directory.shift_message(row))
+
+        # Idempotency-Key: a retry gets the first shift, not a second one.
+        answer, _ = await self._answers.once(
+            self._rt.sessions,
+            organization_id=who.organization_id,
+            key=request.idempotency_key,
+            operation="consultation.roster-shift",
+            request=request,
+            response_type=teleconsult_pb2.AddRosterShiftResponse,
+            change=change,
+        )
+        return answer
 
     async def ListOnCall(
         self, request: teleconsult_pb2.ListOnCallRequest, context: object
@@ -1262,14 +1291,28 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     end_at=end,
                 )
             )
+
+        async def change(session: AsyncSession) -> teleconsult_pb2.PublishSlotsResponse:
+            session.add_all(rows)
+            await session.flush()
+            return teleconsult_pb2.PublishSlotsResponse(slots=[directory.slot_message(r) for r in rows])
+
         try:
-            async with self._rt.sessions() as session, session.begin():
-                session.add_all(rows)
+            # Idempotency-Key: a retry gets the first slots, not a slot-exists conflict with them.
+            answer, _ = await self._answers.once(
+                self._rt.sessions,
+                organization_id=who.organization_id,
+                key=request.idempotency_key,
+                operation="consultation.slots",
+                request=request,
+                response_type=teleconsult_pb2.PublishSlotsResponse,
+                change=change,
+            )
         except IntegrityError:
             raise AlreadyExists(
                 "a slot of that specialist starts at that time", reason="consultation-slot-exists"
             ) from None
-        return teleconsult_pb2.PublishSlotsResponse(slots=[directory.slot_message(r) for r in rows])
+        return answer
 
     async def ListSlots(
         self, request: teleconsult_pb2.ListSlotsRequest, context: object

@@ -37,15 +37,13 @@ EXEMPT = {
     ("post", "/api/v1/consent/explain"),
     ("post", "/fhir/R4/Patient/_search"),
     ("post", "/fhir/R4/Patient/$match"),
-    # ITI-104 Remove Patient: always 405, nothing to repeat.
-    ("delete", "/fhir/R4/Patient"),
+    # (ITI-104 Remove Patient, DELETE /fhir/R4/Patient, is always 405 and not in the document.)
+    # The report a consultant is to sign, rendered and returned: nothing is stored.
+    ("post", "/api/v1/consultations/{consultation_id}/report-draft"),
 }
 # Keyed routes that do not declare the header yet (none left); listed so that the list can only
 # shrink: a route named here that declares the header fails the test too.
 NOT_YET_KEYED: set[tuple[str, str]] = set()
-# Referral and teleconsultation routes (gateway/routes/workflows.py) are keyed in their services
-# and are being reworked on another branch, which declares the header there.
-WORKFLOW_PREFIXES = ("/api/v1/referrals", "/api/v1/consultations", "/fhir/R4/ServiceRequest", "/fhir/R4/Task")
 
 
 def _key() -> dict[str, str]:
@@ -94,7 +92,7 @@ async def test_every_write_operation_declares_the_idempotency_key_header(exchang
     missing, stale = [], []
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            if method not in {"post", "put", "patch", "delete"} or path.startswith(WORKFLOW_PREFIXES):
+            if method not in {"post", "put", "patch", "delete"}:
                 continue
             declared = any(
                 p.get("in") == "header" and p.get("name", "").lower() == "idempotency-key"
@@ -388,4 +386,73 @@ async def test_mpi_steward_operations_answer_their_first_answer(exchange: Exchan
     ):
         assert len(await _events(auditor, organization, type_)) == 1, type_
     for client in (a, b, ops, auditor):
+        await client.aclose()
+
+
+async def test_teleconsult_directory_roster_and_slots_answer_the_first_answer(exchange: Exchange) -> None:
+    c = await exchange.member(
+        scopes=f"{DEFAULT_SCOPES} system/ServiceRequest.crus system/AuditEvent.rs", name="市第一人民医院"
+    )
+    auditor = await exchange.member(type="authority", name="市卫健委")
+    specialist = {
+        "name": "心内科主任",
+        "department": "心内科",
+        "professional_title": "主任医师",
+        "years_independent_practice": 12,
+        "kinds": ["ecg"],
+    }
+    path = "/api/v1/specialists/C-CARD-1"
+    key = _key()
+    set_ = await c.call("PUT", path, json=specialist, headers=key, as_user=ADMIN)
+    assert set_.status_code == 200, set_.text
+    _same(set_, await c.call("PUT", path, json=specialist, headers=key, as_user=ADMIN))
+    _reused(await c.call("PUT", path, json={**specialist, "years_independent_practice": 3}, headers=key, as_user=ADMIN))
+
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    shift = {
+        "practitioner_id": "C-CARD-1",
+        "kind": "ecg",
+        "start": (now - datetime.timedelta(hours=1)).isoformat(),
+        "end": (now + datetime.timedelta(hours=7)).isoformat(),
+    }
+    key = _key()
+    added = await c.call("POST", "/api/v1/roster-shifts", json=shift, headers=key, as_user=ADMIN)
+    assert added.status_code == 201, added.text
+    # The retry gets the first shift (same shift_id), and no second shift is on call.
+    _same(added, await c.call("POST", "/api/v1/roster-shifts", json=shift, headers=key, as_user=ADMIN))
+    _reused(
+        await c.call("POST", "/api/v1/roster-shifts", json={**shift, "kind": "imaging"}, headers=key, as_user=ADMIN)
+    )
+    on_call = await c.call("GET", f"/api/v1/organizations/{c.org_id}/on-call", params={"kind": "ecg"})  # type: ignore[attr-defined]
+    assert [x["shift_id"] for x in on_call.json()["shifts"]] == [added.json()["shift_id"]]
+
+    slots = {
+        "slots": [
+            {
+                "practitioner_id": "C-CARD-1",
+                "start": (now + datetime.timedelta(days=1)).isoformat(),
+                "end": (now + datetime.timedelta(days=1, minutes=30)).isoformat(),
+            }
+        ]
+    }
+    key = _key()
+    published = await c.call("POST", "/api/v1/consultation-slots", json=slots, headers=key, as_user=ADMIN)
+    assert published.status_code == 201, published.text
+    # Without the key the same slot again is a conflict; with it, the first answer.
+    _same(published, await c.call("POST", "/api/v1/consultation-slots", json=slots, headers=key, as_user=ADMIN))
+    other = {"slots": [{**slots["slots"][0], "practitioner_id": "C-CARD-2"}]}
+    _reused(await c.call("POST", "/api/v1/consultation-slots", json=other, headers=key, as_user=ADMIN))
+    listed = await c.call("GET", f"/api/v1/organizations/{c.org_id}/consultation-slots")  # type: ignore[attr-defined]
+    assert [x["slot_id"] for x in listed.json()["slots"]] == [published.json()["slots"][0]["slot_id"]]
+
+    key = _key()
+    beds = await c.call("PUT", "/api/v1/referral-beds/心内科", json={"total": 8}, headers=key, as_user=ADMIN)
+    assert beds.status_code == 200, beds.text
+    _same(beds, await c.call("PUT", "/api/v1/referral-beds/心内科", json={"total": 8}, headers=key, as_user=ADMIN))
+    _reused(await c.call("PUT", "/api/v1/referral-beds/心内科", json={"total": 9}, headers=key, as_user=ADMIN))
+
+    await exchange.audit_settled()
+    for type_ in ("consultation.specialist-set", "referral.beds.set"):
+        assert len(await _events(auditor, c.org_id, type_)) == 1, type_  # type: ignore[attr-defined]
+    for client in (c, auditor):
         await client.aclose()

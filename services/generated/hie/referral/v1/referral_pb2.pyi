@@ -515,12 +515,14 @@ class BedCount(_message.Message):
     def __init__(self, organization_id: _Optional[str] = ..., department: _Optional[str] = ..., total: _Optional[int] = ..., reserved: _Optional[int] = ...) -> None: ...
 
 class SetBedCountRequest(_message.Message):
-    __slots__ = ("department", "total")
+    __slots__ = ("department", "total", "idempotency_key")
     DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     department: str
     total: int
-    def __init__(self, department: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, department: _Optional[str] = ..., total: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class SetBedCountResponse(_message.Message):
     __slots__ = ("bed_count",)

@@ -503,10 +503,12 @@ class Specialist(_message.Message):
     def __init__(self, organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[str] = ..., department: _Optional[str] = ..., specialty: _Optional[str] = ..., professional_title: _Optional[str] = ..., years_independent_practice: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ConsultationKind, str]]] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class SetSpecialistRequest(_message.Message):
-    __slots__ = ("specialist",)
+    __slots__ = ("specialist", "idempotency_key")
     SPECIALIST_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     specialist: Specialist
-    def __init__(self, specialist: _Optional[_Union[Specialist, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, specialist: _Optional[_Union[Specialist, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class SetSpecialistResponse(_message.Message):
     __slots__ = ("specialist", "qualified")
@@ -545,10 +547,12 @@ class RosterShift(_message.Message):
     def __init__(self, shift_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., kind: _Optional[_Union[ConsultationKind, str]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AddRosterShiftRequest(_message.Message):
-    __slots__ = ("shift",)
+    __slots__ = ("shift", "idempotency_key")
     SHIFT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     shift: RosterShift
-    def __init__(self, shift: _Optional[_Union[RosterShift, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, shift: _Optional[_Union[RosterShift, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AddRosterShiftResponse(_message.Message):
     __slots__ = ("shift",)
@@ -591,10 +595,12 @@ class Slot(_message.Message):
     def __init__(self, slot_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., practitioner_id: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[str] = ..., consultation_id: _Optional[str] = ...) -> None: ...
 
 class PublishSlotsRequest(_message.Message):
-    __slots__ = ("slots",)
+    __slots__ = ("slots", "idempotency_key")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[Slot]
-    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class PublishSlotsResponse(_message.Message):
     __slots__ = ("slots",)
