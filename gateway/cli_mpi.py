@@ -4,11 +4,10 @@ link export, the HL7 v2 MLLP listener) and `hie bench mpi`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import json
+import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -257,45 +256,23 @@ def default_mllp_port(service_base_port: int) -> int:
 
 
 def listener_command(port: int) -> list[str]:
-    """The MLLP listener as a process of `hie up`."""
-    return [sys.executable, "-m", "gateway.cli_mpi", "mllp", "--port", str(port)]
+    """The HL7 v2 ingress (gateway/mllp) as a process of `hie up`: it calls the mpi over gRPC."""
+    return [sys.executable, "-m", "gateway.mllp", "--port", str(port)]
 
 
 @app.command("mllp")
 def mllp(
-    port: Annotated[int, typer.Option(help="TCP port (HL7 v2 over MLLP)")] = MLLP_PORT,
-    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="HIE_MLLP_PORT", help="TCP port (HL7 v2 over MLLP)")] = MLLP_PORT,
+    host: Annotated[str, typer.Option(envvar="HIE_MLLP_HOST", help="Address to listen on")] = "127.0.0.1",
     facility: Annotated[list[str] | None, typer.Option(help="Accept only these sending facilities (MSH-4)")] = None,
     data_dir: DataDir = Path(".hie"),
-    database_url: DatabaseUrl = "",
 ) -> None:
-    """HL7 v2 ADT listener: A01/A04/A08/A28/A31 register or update, A40 merge; ACK after commit."""
-    from services.mpi.mllp import AdtFeed, serve
-    from services.mpi.standalone import open_index
+    """HL7 v2 ADT ingress (`python -m gateway.mllp`): A01/A04/A08/A28/A31 register or update, A40
+    merge, through the running mpi (HIE_MPI_TARGET); ACK after the mpi committed."""
+    from gateway.mllp.__main__ import main
 
-    settings = _settings(data_dir, database_url)
-    allowed = set(facility or [])
-    known: dict[str, tuple[bool, float]] = {}
-
-    async def facility_check(name: str) -> bool:
-        if allowed:
-            return name in allowed
-        cached = known.get(name)
-        if cached is None or time.monotonic() - cached[1] > 10:
-            cached = (await _is_hospital(settings, name), time.monotonic())
-            known[name] = cached
-        return cached[0]
-
-    async def run() -> None:
-        async with open_index(settings) as index:
-            feed = AdtFeed(sessions=index.sessions, master=index.master, facility_check=facility_check)
-            server = await serve(feed, host=host, port=port)
-            typer.echo(f"mllp         {host}:{port} (HL7 v2 ADT → mpi)")
-            async with server:
-                await server.serve_forever()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    os.environ["HIE_DATA_DIR"] = str(data_dir)
+    main(["--port", str(port), "--host", host, *(f"--facility={f}" for f in facility or [])])
 
 
 def bench_mpi(

@@ -17,6 +17,8 @@ SERVICE_PORTS: dict[str, int] = {
     "audit": 7106,
 }
 GATEWAY_PORT = 8400
+# The HL7 v2 ingress (gateway/mllp): MLLP's registered port.
+MLLP_PORT = 2575
 # The audience of every access token the gateway issues: the exchange as a whole.
 TOKEN_AUDIENCE = "urn:hie:exchange"  # noqa: S105 - an audience URI, not a secret
 
@@ -66,6 +68,9 @@ class Settings:
     https_cert_file: Path | None = None
     https_key_file: Path | None = None
     https_termination: str = "gateway"
+    # The HL7 v2 MLLP ingress (gateway/mllp): where it listens for legacy HIS feeds.
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = MLLP_PORT
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -103,6 +108,8 @@ class Settings:
             https_cert_file=Path(env["HIE_HTTPS_CERT"]) if env.get("HIE_HTTPS_CERT") else None,
             https_key_file=Path(env["HIE_HTTPS_KEY"]) if env.get("HIE_HTTPS_KEY") else None,
             https_termination=env.get("HIE_HTTPS_TERMINATION", "gateway"),
+            mllp_host=env.get("HIE_MLLP_HOST", "127.0.0.1"),
+            mllp_port=int(env.get("HIE_MLLP_PORT") or MLLP_PORT),
         )
         settings.check()
         return settings
@@ -115,6 +122,8 @@ class Settings:
             raise UnsafeSettingsError("HIE_CRYPTO_SUITE must be aes or sm")
         if self.https_termination not in {"gateway", "ingress"}:
             raise UnsafeSettingsError("HIE_HTTPS_TERMINATION must be gateway or ingress")
+        if not 0 <= self.mllp_port < 65536:
+            raise UnsafeSettingsError("HIE_MLLP_PORT must be a TCP port (0-65535)")
         if bool(self.https_cert_file) != bool(self.https_key_file):
             raise UnsafeSettingsError("HIE_HTTPS_CERT and HIE_HTTPS_KEY go together")
         if self.environment == "production":

@@ -1,4 +1,4 @@
-"""HL7 v2 conformance of the MLLP listener, driven with the `hl7` package's MLLP client as an
+"""HL7 v2 conformance of the MLLP ingress (gateway/mllp), driven with the `hl7` package's MLLP client as an
 interface engine sends: every frame answered on a connection that stays open, MSA-2 filled
 whenever MSH-10 is readable, table 0357 error codes, control ids never silently reused, LF and
 CRLF segment separators; what is applied is then found through the FHIR facade. Issue 16, 7-9."""
@@ -15,11 +15,10 @@ import hl7.mllp
 import pytest
 
 from gateway.client import HospitalClient
-from services.mpi.mllp import AdtFeed, serve
-from services.mpi.standalone import open_index
 from tests.conftest import Exchange
 from tests.factories import fresh_national_id
 from tests.fhir_rules import check_fhir
+from tests.support.mllp import running_ingress
 
 
 @dataclass
@@ -31,22 +30,15 @@ class Listener:
 
 @pytest.fixture
 async def listener(exchange: Exchange) -> AsyncIterator[Listener]:
-    """The MLLP listener over the running exchange's mpi database, as `hie up` runs it."""
+    """The HL7 v2 ingress (gateway/mllp) in front of the running exchange's mpi, with the
+    gateway's organisation registry as its list of member hospitals, as `hie up` runs it."""
     hospital = await exchange.member(name="县人民医院")
     facility = hospital.org_id  # type: ignore[attr-defined]
-
-    async def registered(name: str) -> bool:
-        return name == facility
-
-    async with open_index(exchange.settings) as index:
-        feed = AdtFeed(sessions=index.sessions, master=index.master, facility_check=registered)
-        server = await serve(feed, host="127.0.0.1", port=0)
-        try:
-            yield Listener(server.sockets[0].getsockname()[1], facility, hospital)
-        finally:
-            server.close()
-            await server.wait_closed()
-            await hospital.aclose()
+    try:
+        async with running_ingress(exchange.settings) as port:
+            yield Listener(port, facility, hospital)
+    finally:
+        await hospital.aclose()
 
 
 def adt(facility: str, control_id: str, pid: str, *, event: str = "A04", separator: str = "\r") -> str:

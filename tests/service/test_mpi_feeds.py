@@ -1,51 +1,60 @@
-"""The mpi's feeds on a real database: the HL7 v2 MLLP listener over real sockets (AA, AE, AR,
-GB 18030, retries, A40 merge) and the bulk loader interrupted and resumed."""
+"""The mpi's feeds on a real database: HL7 v2 over real sockets through the ingress
+(gateway/mllp) to a real mpi gRPC server (AA, AE, AR, GB 18030, retries, A40 merge) and the bulk
+loader interrupted and resumed."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import hl7.mllp
 import pytest
 from sqlalchemy import func, select, text
 
+from gateway.mllp.feed import StaticDirectory
 from services.mpi import domain, matching, store
 from services.mpi.bulk import BatchPipeline, bulk_caller, load_csv
 from services.mpi.index import BatchLink, MasterIndex, Registered
 from services.mpi.matching import Outcome
-from services.mpi.mllp import AdtFeed, serve
+from services.mpi.service import SPEC as MPI
 from services.mpi.standalone import IndexHandle, open_index
 from services.shared import gb11643
 from services.shared.auth import Caller
+from services.shared.config import Settings
+from services.shared.process import start_service
 from tests.conftest import _backends, base_settings, drop_schemas
 from tests.factories import fresh_national_id
+from tests.support.mllp import running_ingress, send
 
 FACILITY = "hosp-his-1"
 
 
 @pytest.fixture(params=_backends())
-async def index(request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path) -> AsyncIterator[IndexHandle]:
-    settings = base_settings(tmp_path, keys_dir, request.param)
+def settings(request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path) -> Settings:
+    return base_settings(tmp_path, keys_dir, request.param)
+
+
+@pytest.fixture
+async def index(settings: Settings) -> AsyncIterator[IndexHandle]:
     async with open_index(settings) as handle:
         yield handle
     await drop_schemas(settings)
 
 
 @pytest.fixture
-async def listener(index: IndexHandle) -> AsyncIterator[int]:
-    async def registered(facility: str) -> bool:
-        return facility == FACILITY
-
-    feed = AdtFeed(sessions=index.sessions, master=index.master, facility_check=registered)
-    server = await serve(feed, host="127.0.0.1", port=0)
+async def listener(settings: Settings, index: IndexHandle) -> AsyncIterator[int]:
+    """The ingress for FACILITY, calling a real mpi gRPC server on the index's database."""
+    mpi = await start_service(MPI, settings, listen="127.0.0.1:0")
     try:
-        yield server.sockets[0].getsockname()[1]
+        async with running_ingress(
+            dataclasses.replace(settings, targets={**settings.targets, "mpi": f"127.0.0.1:{mpi.port}"}),
+            directory=StaticDirectory({FACILITY}),
+        ) as port:
+            yield port
     finally:
-        server.close()
-        await server.wait_closed()
+        await mpi.stop(grace=None)
 
 
 def adt(event: str, control_id: str, pid: str, *, charset: str = "UNICODE UTF-8", facility: str = FACILITY) -> str:
@@ -56,13 +65,7 @@ def adt(event: str, control_id: str, pid: str, *, charset: str = "UNICODE UTF-8"
 
 
 async def exchange(port: int, payload: bytes) -> bytes:
-    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
-    try:
-        writer.writeblock(payload)
-        await writer.drain()
-        return await asyncio.wait_for(reader.readblock(), timeout=10)
-    finally:
-        writer.close()
+    return await send(port, payload, wait=10)
 
 
 def msa(ack: str) -> list[str]:
