@@ -152,6 +152,51 @@ async def test_retried_message_is_not_applied_twice_and_a40_merges(index: IndexH
     assert [h.reason for h in history] == ["register"]  # MSG-7 twice applied once
 
 
+async def test_mpi_down_is_answered_ar_and_the_resent_message_is_applied_once_it_is_back(
+    settings: Settings, index: IndexHandle
+) -> None:
+    mpi = await start_service(MPI, settings, listen="127.0.0.1:0")
+    port = mpi.port
+    target = dataclasses.replace(settings, targets={**settings.targets, "mpi": f"127.0.0.1:{port}"})
+    message = adt("A04", "DOWN-1", f"PID|1||MLLP-D^^^{FACILITY}^MR||钱^七||19750505|F").encode()
+    async with running_ingress(target, directory=StaticDirectory({FACILITY})) as listener:
+        assert (
+            msa(
+                (
+                    await exchange(listener, adt("A04", "UP-1", f"PID|1||MLLP-U^^^{FACILITY}^MR||钱^八").encode())
+                ).decode()
+            )[1]
+            == "AA"
+        )
+        await mpi.stop(grace=None)
+        ack = (await exchange(listener, message)).decode()
+        # Not AA: AR (HL7 v2.5 2.9: not processed for a reason unrelated to its content, the
+        # sender resends) with table 0357's 207 and the reason, never a traceback.
+        assert msa(ack)[1:3] == ["AR", "DOWN-1"]
+        err = next(s for s in ack.split("\r") if s.startswith("ERR")).split("|")
+        assert (err[3].split("^")[0], err[8]) == ("207", "mpi-unavailable")
+        assert "Traceback" not in ack
+        assert await _record(index, "MLLP-D") is None
+        mpi = await start_service(MPI, settings, listen=f"127.0.0.1:{port}")
+        try:
+            # The sender resends as interface engines do, until it is acknowledged.
+            for _ in range(100):
+                ack = (await exchange(listener, message)).decode()
+                if msa(ack)[1] == "AA":
+                    break
+                await asyncio.sleep(0.1)
+            assert msa(ack)[1:3] == ["AA", "DOWN-1"]
+            assert msa((await exchange(listener, message)).decode())[1:3] == ["AA", "DOWN-1"]
+        finally:
+            await mpi.stop(grace=None)
+    record = await _record(index, "MLLP-D")
+    assert record is not None
+    assert record.name_text == "钱七"
+    async with index.sessions() as session:
+        history = await store.link_history(session, [record.id])
+    assert [h.reason for h in history] == ["register"]
+
+
 # --- bulk load ------------------------------------------------------------------------------
 
 
