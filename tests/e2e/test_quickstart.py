@@ -23,6 +23,7 @@ from gateway.client import HospitalClient, Practitioner
 from gateway.supervisor import PortUse, taken_ports
 from services.shared.keys import load_private_key
 from tests.factories import person
+from tests.support.mllp import send
 
 ROOT = Path(__file__).resolve().parents[2]
 HIE = [sys.executable, "-m", "gateway.cli"]
@@ -147,6 +148,14 @@ def test_hie_up_then_demo_twice_then_stop(tmp_path: Path) -> None:
             # It ends with the web console's address and a person to sign in with.
             assert f"web console: http://127.0.0.1:{ports[0]}/console/" in demo.stdout.splitlines()[-1]
             assert "user auditor, password " in demo.stdout.splitlines()[-1]
+        # The HL7 v2 ingress `hie up` started (after the mpi) takes a member hospital's ADT feed.
+        output.wait_for(rf"mllp\s+127\.0\.0\.1:{ports[2]} ", timeout=30)
+        feed = (
+            "MSH|^~\\&|HIS|demo-hosp-a|HIE|HIE|20261201120000||ADT^A04^ADT_A04|UP-1|P|2.5|||||CHN|UNICODE UTF-8\r"
+            "PID|1||V2-UP-1^^^demo-hosp-a^MR||周^八||19800101|M"
+        )
+        ack = asyncio.run(send(ports[2], feed.encode())).decode()
+        assert "\rMSA|AA|UP-1" in ack, ack
         # The second run reused the demo's three organisations.
         listed = _hie("org", "list", env=env)
         assert listed.stdout.splitlines()[0].split()[:4] == ["ID", "TYPE", "STATUS", "CLIENT"]
