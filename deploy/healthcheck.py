@@ -3,12 +3,14 @@
 
     hie-healthcheck grpc 127.0.0.1:7101     # grpc.health.v1 Check on the overall server ("")
     hie-healthcheck http http://127.0.0.1:8400/readyz
+    hie-healthcheck tcp 127.0.0.1:2575      # a listening TCP port (the MLLP ingress)
 
 Exit 0 when healthy, 1 otherwise.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 import urllib.request
 
@@ -32,12 +34,20 @@ def check_http(url: str) -> bool:
         return 200 <= response.status < 300
 
 
+def check_tcp(address: str) -> bool:
+    """A connection accepted (and closed at once: MLLP sees an empty connection and ends it)."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S):
+        return True
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in {"grpc", "http"}:
+    checks = {"grpc": check_grpc, "http": check_http, "tcp": check_tcp}
+    if len(argv) != 3 or argv[1] not in checks:
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        ok = check_grpc(argv[2]) if argv[1] == "grpc" else check_http(argv[2])
+        ok = checks[argv[1]](argv[2])
     except Exception as exc:  # any failure is "unhealthy"
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
