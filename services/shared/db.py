@@ -73,7 +73,12 @@ def _private_file(path: Path) -> None:
     """Create the SQLite database file 0600 (like the keys) before SQLite does: it creates its
     -wal and -shm files with the database file's permissions. An existing file is narrowed too."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    if not path.exists():
+        # Only when missing: closing any descriptor of a file drops every POSIX lock this process
+        # holds on it, SQLite's included; a process that opens a second engine on a file it
+        # already uses would then let another process (the HL7 v2 ingress reading the gateway's
+        # registry) take itself for the last user and checkpoint the WAL away under it.
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     os.chmod(path, 0o600)
     for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         if companion.exists():

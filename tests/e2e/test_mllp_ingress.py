@@ -156,12 +156,8 @@ async def test_the_ingress_process_never_opens_the_mpi_database(
         # PostgreSQL: the gateway's schema is all it reads (the URL is the cluster's).
         env.update(HIE_DATABASE_URL=settings.database_url, HIE_DB_SCHEMA_PREFIX=settings.schema_prefix)
     else:
-        # This test process hosts the gateway and opens and closes the SQLite file again for each
-        # new member (services/shared/db.py `_private_file`), which drops its POSIX locks on it: a
-        # second process sharing the file would then see itself as the last reader and checkpoint
-        # away the WAL under the gateway. Separate `hie up` processes do not do that; the registry
-        # on SQLite is exercised in-process by test_conformance_hl7.py.
-        pytest.skip("the registry variant shares the gateway's database file only on PostgreSQL here")
+        # SQLite: the URL names the gateway's database file, the only database it is given.
+        env.update(HIE_DATABASE_URL=f"sqlite+aiosqlite:///{(settings.data_dir / 'gateway.db').resolve()}")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-X",
@@ -193,3 +189,13 @@ async def test_the_ingress_process_never_opens_the_mpi_database(
     assert not (data_dir / "mpi.db").exists()
     # Nothing opened or created in its own data directory either (an SQLite mpi.db would be).
     assert not list(data_dir.iterdir())
+    # The gateway's registry, which the ingress read beside the running gateway, is intact: a
+    # member registered now gets a token and registers a patient.
+    newcomer = await exchange.member(name="新成员医院")
+    try:
+        registered = await newcomer.call(
+            "POST", "/api/v1/patients", json={"local_id": f"N-{tag}", "name": "吴刚", "birth_date": "1970-01-02"}
+        )
+        assert registered.status_code == 201, registered.text
+    finally:
+        await newcomer.aclose()
