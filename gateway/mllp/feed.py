@@ -34,6 +34,7 @@ import grpc
 import hl7
 import hl7.mllp
 import jwt
+from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -59,6 +60,7 @@ from services.shared.idempotency import MAX_KEY_LENGTH
 from services.shared.keys import PrivateKey, algorithm_for, generate_ec_key, load_private_key, public_jwk, thumbprint
 
 _log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("gateway.mllp")
 
 # The acting "person" of every feed message: the HIS interface itself, as the hospital's
 # administrator (the role that registers and merges its own records, services/mpi/servicer.py).
@@ -209,14 +211,26 @@ class AdtFeed:
         with an ERR segment, and a failure of the exchange itself is AR 207 (the sender resends)."""
         header: Header | None = header_of(raw)
         codec = "utf-8"
-        try:
-            message, codec = parse(raw)
-            outcome = await self._apply(message, peer)
-        except Rejected as exc:
-            outcome = Outcome("AR", exc.reason)
-        except Exception as exc:  # the sender must get an answer; the detail stays in the log
-            _log.warning("HL7 v2 message not applied: %s", type(exc).__name__)
-            outcome = Outcome("AR", "internal")
+        # One trace per message, from here through the mpi to its audit record (which keeps the
+        # trace id). Attributes: the facility, the event and the answer; never patient data.
+        with _tracer.start_as_current_span("HL7v2 ADT", kind=trace.SpanKind.SERVER) as span:
+            try:
+                message, codec = parse(raw)
+                outcome = await self._apply(message, peer)
+            except Rejected as exc:
+                outcome = Outcome("AR", exc.reason)
+            except Exception as exc:  # the sender must get an answer; the detail stays in the log
+                _log.warning("HL7 v2 message not applied: %s", type(exc).__name__)
+                outcome = Outcome("AR", "internal")
+            if span.is_recording() and header is not None:
+                span.set_attributes(
+                    {
+                        "hie.organization_id": header.component(4, 1)[:64],
+                        "hl7.message_type": header.field(9)[:16],
+                        "hl7.ack_code": outcome.code,
+                        "hl7.error_reason": outcome.reason,
+                    }
+                )
         return acknowledgement(header, outcome).encode(codec, "replace")
 
     async def _apply(self, message: hl7.Message, peer: str) -> Outcome:

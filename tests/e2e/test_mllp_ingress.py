@@ -17,6 +17,7 @@ from typing import Any
 
 import hl7
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.client import HospitalClient
 from tests.conftest import Exchange
@@ -71,7 +72,7 @@ async def members(exchange: Exchange) -> AsyncIterator[tuple[HospitalClient, Hos
 
 
 async def test_a_feed_message_is_audited_like_a_rest_registration_naming_the_facility(
-    exchange: Exchange, members: tuple[HospitalClient, HospitalClient]
+    exchange: Exchange, members: tuple[HospitalClient, HospitalClient], spans: InMemorySpanExporter
 ) -> None:
     hospital, auditor = members
     facility = hospital.org_id  # type: ignore[attr-defined]
@@ -99,6 +100,11 @@ async def test_a_feed_message_is_audited_like_a_rest_registration_naming_the_fac
     assert via_v2["purpose_of_use"] == "operations"
     assert via_v2["source_address"] == "127.0.0.1"
     assert via_v2["patient_enterprise_id"]
+    # One trace from the ingress's message through the mpi to the audit record.
+    [message_span] = [s for s in spans.get_finished_spans() if s.name == "HL7v2 ADT"]
+    assert format(message_span.context.trace_id, "032x") == via_v2["trace_id"]
+    assert message_span.attributes["hie.organization_id"] == facility
+    assert message_span.attributes["hl7.ack_code"] == "AA"
 
 
 async def test_a_resent_control_id_gets_the_same_ack_and_registers_once(
