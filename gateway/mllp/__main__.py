@@ -35,6 +35,8 @@ async def run(settings: Settings, *, host: str, port: int, facilities: set[str] 
     """Serve until cancelled or SIGTERM / SIGINT."""
     if settings.gateway_signing_key_file is None:
         raise UnsafeSettingsError("the ingress needs HIE_GATEWAY_SIGNING_KEY_FILE")
+    credentials = FeedCredentials(signing_key_file=settings.gateway_signing_key_file, issuer=settings.public_url)
+    credentials.check()
     engine = None
     directory: FacilityDirectory
     if facilities:
@@ -44,11 +46,7 @@ async def run(settings: Settings, *, host: str, port: int, facilities: set[str] 
         engine = engine_for(settings, "gateway")
         directory = OrganisationRegistry(session_factory(engine))
     channel = open_channel(settings.targets["mpi"], tls=settings.grpc_tls)
-    feed = AdtFeed(
-        channel=channel,
-        directory=directory,
-        credentials=FeedCredentials(signing_key_file=settings.gateway_signing_key_file, issuer=settings.public_url),
-    )
+    feed = AdtFeed(channel=channel, directory=directory, credentials=credentials)
     server = await serve(feed, host=host, port=port)
     bound = server.sockets[0].getsockname()[1] if server.sockets else port
     print(f"mllp         {host}:{bound} (HL7 v2 ADT → mpi at {settings.targets['mpi']})", flush=True)
@@ -80,9 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     port = settings.mllp_port if args.port is None else args.port
     try:
         asyncio.run(run(settings, host=host, port=port, facilities=set(args.facility or ())))
-    except OSError as exc:
-        # A taken port or an unreadable key: a clear line, never a traceback.
-        print(f"mllp: cannot start: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        # A taken port, a missing or unreadable key: a clear line, never a traceback.
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename:
+            detail += f": {exc.filename}"
+        print(f"mllp: cannot start: {detail}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

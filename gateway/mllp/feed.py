@@ -98,6 +98,8 @@ class OrganisationRegistry:
         except (SQLAlchemyError, OSError) as exc:
             raise Unavailable("the organisation registry is unavailable", reason="registry-unavailable") from exc
         member = org is not None and org.type == "hospital" and org.status == "active"
+        if len(self._cache) >= 10_000:
+            self._cache.clear()  # bounded: a sender cycling through made-up MSH-4 values
         self._cache[facility] = (now, member)
         return member
 
@@ -136,6 +138,10 @@ class FeedCredentials:
             self._key_mtime = mtime
             self._tokens.clear()
         return self._signing_key
+
+    def check(self) -> None:
+        """Fail at start, not on the first message, when the signing key cannot be read."""
+        self._load()
 
     @staticmethod
     def client_id(facility: str) -> str:
