@@ -1,5 +1,5 @@
 """`hie mpi ...`: the master patient index's operator commands (weights in force, bulk load,
-link export, the HL7 v2 MLLP listener) and `hie bench mpi`."""
+link export, the HL7 v2 MLLP ingress `gateway.mllp`) and `hie bench mpi`."""
 
 from __future__ import annotations
 

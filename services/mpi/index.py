@@ -2,8 +2,8 @@
 steward decisions, link / unlink, merge / unmerge, search. Every change writes its link
 history, a `mpi.link.changed` event and an audit event in the caller's transaction.
 
-Used by the gRPC servicer, the HL7 v2 (MLLP) listener and the bulk loader alike, so a record
-fed by any of them is matched, linked and audited the same way.
+Used by the gRPC servicer (which the HL7 v2 ingress calls too) and the bulk loader alike, so a
+record fed by any of them is matched, linked and audited the same way.
 """
 
 from __future__ import annotations

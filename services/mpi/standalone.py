@@ -1,6 +1,7 @@
 """The index outside the gRPC server: the mpi's own database for the bulk loader, the link
-export, the MLLP listener and EM estimation. Changes go through the same `MasterIndex` as the
-RPCs; their audit and link events wait in the mpi outbox for the service's relay."""
+export and EM estimation (the HL7 v2 ingress calls the service instead). Changes go through the
+same `MasterIndex` as the RPCs; their audit and link events wait in the mpi outbox for the
+service's relay."""
 
 from __future__ import annotations
 
