@@ -219,6 +219,7 @@ def user_oidc(
     from gateway.console import store
     from gateway.console.upstream import allowed_issuer
     from services.shared.errors import InvalidArgument, NotFound
+    from services.shared.protection import DataProtection
 
     async def run() -> str:
         async with gateway_transaction(_settings(data_dir, database_url)) as session:
@@ -234,7 +235,10 @@ def user_oidc(
             secret = client_secret_file.read_text(encoding="utf-8").strip() if client_secret_file else ""
             provider = existing or store.OidcProvider(org_id=org)
             provider.issuer, provider.client_id = issuer, client_id
-            provider.client_secret, provider.username_claim = secret, username_claim
+            # Encrypted with the exchange's data keys, never stored in clear.
+            fields = DataProtection.from_settings(_settings(data_dir, database_url)).fields
+            provider.client_secret = store.seal_client_secret(fields, org, secret)
+            provider.username_claim = username_claim
             session.add(provider)
             return f"upstream sign-in through {issuer}"
 

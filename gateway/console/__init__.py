@@ -14,11 +14,12 @@ _STATIC = Path(__file__).resolve().parent / "static"
 
 def mount(app: FastAPI) -> None:
     """Add the console's routes, static files and handlers to the gateway application."""
-    from gateway.console import pages, web
+    from gateway.console import pages, web, workflows
     from gateway.console.api import SignInRequired
 
     app.include_router(web.router)
     app.include_router(pages.router)
+    app.include_router(workflows.router)
     app.mount("/console/static", StaticFiles(directory=_STATIC), name="console-static")
 
     async def sign_in(request: Request, exc: Exception) -> Response:

@@ -107,7 +107,11 @@ class ConsoleApi:
             self._session = row
         return self._session.access_token
 
-    async def call(self, method: str, path: str, *, idempotency_key: str = "", **kwargs: Any) -> ApiResult:
+    async def call(
+        self, method: str, path: str, *, idempotency_key: str = "", purpose: str = "", **kwargs: Any
+    ) -> ApiResult:
+        """One API call as the person; `purpose` names the purpose of use of a screen that acts
+        for one (a referral, a consultation), else the one chosen in the header applies."""
         state = console_state(self._request.app)
         async with _client(self._request) as http:
             token = await self._token(http)
@@ -119,7 +123,7 @@ class ConsoleApi:
                     role=self._user.role,
                     department=self._user.department,
                 ),
-                purpose=self._session.purpose_of_use,
+                purpose=purpose or self._session.purpose_of_use,
             )
             trace_id, _ = current_trace_ids()
             headers = {
@@ -137,11 +141,13 @@ class ConsoleApi:
             body = response.json()
         return ApiResult(response.status_code, body, response.headers, response.content)
 
-    async def get(self, path: str, params: dict[str, Any] | None = None) -> ApiResult:
-        return await self.call("GET", path, params={k: v for k, v in (params or {}).items() if v not in ("", None)})
+    async def get(self, path: str, params: dict[str, Any] | None = None, *, purpose: str = "") -> ApiResult:
+        return await self.call(
+            "GET", path, params={k: v for k, v in (params or {}).items() if v not in ("", None)}, purpose=purpose
+        )
 
-    async def post(self, path: str, json: Any = None, *, idempotency_key: str = "") -> ApiResult:
-        return await self.call("POST", path, json=json, idempotency_key=idempotency_key)
+    async def post(self, path: str, json: Any = None, *, idempotency_key: str = "", purpose: str = "") -> ApiResult:
+        return await self.call("POST", path, json=json, idempotency_key=idempotency_key, purpose=purpose)
 
     async def delete(self, path: str) -> ApiResult:
         return await self.call("DELETE", path)

@@ -15,9 +15,11 @@ same way); it is created on first use in development.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from gateway.client import Practitioner, user_assertion
 from services.shared.keys import generate_ec_key, load_private_key, public_jwk, write_private_key
+from services.teleconsult import report
 
 CONSOLE_KEY_FILE = "console.pem"
 # A console assertion covers one API call: ConsoleApi.call signs a new one (a new jti) for every
@@ -46,3 +48,13 @@ class AssertionSigner:
             purpose=purpose,
             lifetime=ASSERTION_LIFETIME_SECONDS,
         )
+
+    def sign_report(self, resource: dict[str, Any]) -> str:
+        """The detached JWS of a consultation report a specialist signs in the console.
+
+        The console key signs, as it signs the person's user assertion: the organisation's
+        private keys never reach the exchange, and the person authenticated to it. The
+        teleconsultation service accepts it because the console token's `client_jkt` names this
+        key (the organisation's registered keys do not include it, so the report verifies with the
+        console key, not with the organisation's published JWKS)."""
+        return report.sign(resource, self._key)

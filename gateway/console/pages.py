@@ -411,6 +411,13 @@ async def patient_documents(request: Request, ctx: Console) -> Response:
     return page(ctx, "documents.html", filters=filters, result=result)
 
 
+def _screen_purpose(request: Request, ctx: ConsoleContext) -> str:
+    """A document opened from a referral or a consultation is read for that purpose (`?purpose=`),
+    when the person's role may act for it; otherwise for the purpose chosen in the header."""
+    wanted = request.query_params.get("purpose", "")
+    return wanted if wanted in users.allowed_purposes(ctx.user.role) else ""
+
+
 def cda_sections(content: bytes) -> tuple[str, list[tuple[str, str]]]:
     """Title and (section title, text) pairs of a CDA document; the text only, never markup."""
     root = ET.fromstring(content)  # noqa: S314 - expat refuses external entities; output is text only
@@ -427,13 +434,14 @@ def cda_sections(content: bytes) -> tuple[str, list[tuple[str, str]]]:
 @router.get("/clinician/documents/{document_id}")
 async def view_document(document_id: str, request: Request, ctx: Console) -> Response:
     """Text and CDA shown as text in the page; PDF opened by the browser's own viewer."""
-    entry = await ctx.api.get(f"/api/v1/documents/{document_id[:64]}")
+    purpose = _screen_purpose(request, ctx)
+    entry = await ctx.api.get(f"/api/v1/documents/{document_id[:64]}", purpose=purpose)
     if not entry.ok:
         return page(ctx, "message.html", status=entry.status, title_key="common.error", detail=entry.error)
     mime = entry.body.get("mime_type", "")
     text, cda = "", None
     if mime != "application/pdf":
-        content = await ctx.api.get(f"/api/v1/documents/{document_id[:64]}/content")
+        content = await ctx.api.get(f"/api/v1/documents/{document_id[:64]}/content", purpose=purpose)
         if not content.ok:
             return page(ctx, "message.html", status=content.status, title_key="common.error", detail=content.error)
         if mime in {"text/xml", "application/xml", "application/hl7-cda+xml"}:
@@ -443,13 +451,13 @@ async def view_document(document_id: str, request: Request, ctx: Console) -> Res
                 cda = None
         if cda is None:
             text = content.content.decode("utf-8", errors="replace")
-    return page(ctx, "viewer.html", entry=entry.body, text=text, cda=cda)
+    return page(ctx, "viewer.html", entry=entry.body, text=text, cda=cda, purpose_query=purpose)
 
 
 @router.get("/clinician/documents/{document_id}/content")
 async def document_content(document_id: str, request: Request, ctx: Console) -> Response:
     """The content as the browser opens it (PDF), sandboxed: no script runs in it."""
-    content = await ctx.api.get(f"/api/v1/documents/{document_id[:64]}/content")
+    content = await ctx.api.get(f"/api/v1/documents/{document_id[:64]}/content", purpose=_screen_purpose(request, ctx))
     if not content.ok:
         return page(ctx, "message.html", status=content.status, title_key="common.error", detail=content.error)
     media_type = content.headers.get("content-type", "application/octet-stream")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +15,25 @@ from gateway.console.assertions import AssertionSigner
 from gateway.console.authorization import UserAuthorization
 from gateway.console.i18n import translator
 from services.shared.audit_trail import AuditTrail
+from services.shared.protection import DataProtection
 
 _HERE = Path(__file__).resolve().parent
+IDLE_TIMEOUT_ENV = "HIE_CONSOLE_IDLE_MINUTES"
+DEFAULT_IDLE_TIMEOUT = datetime.timedelta(minutes=15)
+
+
+def idle_timeout_from(environ: dict[str, str] | os._Environ[str]) -> datetime.timedelta:
+    """The console's idle timeout: HIE_CONSOLE_IDLE_MINUTES (1 to 480), 15 minutes by default."""
+    value = environ.get(IDLE_TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_IDLE_TIMEOUT
+    try:
+        minutes = float(value)
+    except ValueError:
+        raise ValueError(f"{IDLE_TIMEOUT_ENV} must be a number of minutes") from None
+    if not 1 <= minutes <= 480:
+        raise ValueError(f"{IDLE_TIMEOUT_ENV} must be between 1 and 480 minutes")
+    return datetime.timedelta(minutes=minutes)
 
 
 @dataclass
@@ -24,6 +43,10 @@ class ConsoleState:
     templates: Jinja2Templates
     audit: AuditTrail
     secure_cookies: bool
+    # The exchange's data keys: the upstream providers' client secrets are encrypted with them.
+    protection: DataProtection
+    # A session with no request for this long is over (sign in again).
+    idle_timeout: datetime.timedelta
 
 
 def console_state(app: FastAPI) -> ConsoleState:
@@ -46,6 +69,8 @@ def console_state(app: FastAPI) -> ConsoleState:
             templates=templates,
             audit=audit,
             secure_cookies=settings.public_url.startswith("https://"),
+            protection=DataProtection.from_settings(settings),
+            idle_timeout=idle_timeout_from(os.environ),
         )
         app.state.console = state
     return state

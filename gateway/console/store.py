@@ -3,7 +3,9 @@ users): people per organisation, authorization codes, refresh tokens, console se
 each organisation's optional upstream OpenID Connect provider.
 
 Secrets are stored only as hashes: passwords (argon2id), authorization codes, refresh tokens and
-session ids (SHA-256 of a 256-bit random value, enough against guessing)."""
+session ids (SHA-256 of a 256-bit random value, enough against guessing). The one secret the
+console must use again, an upstream provider's client secret, is encrypted with the exchange's
+field encryption (data keys, AES-GCM or SM4-GCM), bound to its table, column and organisation."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.store import Base
 from services.shared.db import UtcDateTime, utcnow
+from services.shared.protection.fields import FieldCipher
 
 
 def digest(secret: str) -> str:
@@ -86,7 +89,11 @@ class ConsoleSession(Base):
     refresh_token: Mapped[str] = mapped_column(Text, default="")
     purpose_of_use: Mapped[str] = mapped_column(String(32))
     language: Mapped[str] = mapped_column(String(8), default="zh")
+    # Absolute end (SESSION_LIFETIME from sign-in) ...
     expires_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime, index=True)
+    # ... and the last request of the browser: idle longer than the console's idle timeout, the
+    # session is over (a workstation left signed in on a ward).
+    last_seen_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class PendingSignIn(Base):
@@ -111,9 +118,25 @@ class OidcProvider(Base):
     org_id: Mapped[str] = mapped_column(String(64), ForeignKey("organization.id"), primary_key=True)
     issuer: Mapped[str] = mapped_column(Text)
     client_id: Mapped[str] = mapped_column(String(255))
+    # Encrypted with the exchange's data keys (services/shared/protection), never in clear:
+    # `seal_client_secret` / `client_secret_of`.
     client_secret: Mapped[str] = mapped_column(Text, default="")
     # Which ID-token claim names the console user (matched to `username` of that organisation).
     username_claim: Mapped[str] = mapped_column(String(64), default="preferred_username")
+
+
+_CLIENT_SECRET_CONTEXT = "gateway.console_oidc_provider.client_secret"  # noqa: S105 - a context label, not a secret
+
+
+def seal_client_secret(fields: FieldCipher, org_id: str, secret: str) -> str:
+    """The stored form of an upstream provider's client secret (empty stays empty)."""
+    return fields.encrypt(secret, context=f"{_CLIENT_SECRET_CONTEXT}|{org_id}") if secret else ""
+
+
+def client_secret_of(fields: FieldCipher, provider: OidcProvider) -> str:
+    """The provider's client secret in clear, for the token request only (a value stored before
+    encryption was introduced reads as it is)."""
+    return fields.open_text(provider.client_secret, context=f"{_CLIENT_SECRET_CONTEXT}|{provider.org_id}")
 
 
 async def user_by_name(session: AsyncSession, org_id: str, username: str) -> ConsoleUser | None:

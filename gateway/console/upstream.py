@@ -87,7 +87,7 @@ async def start(provider: store.OidcProvider, *, redirect_uri: str) -> UpstreamS
 
 
 async def finish(
-    provider: store.OidcProvider, *, code: str, verifier: str, nonce: str, redirect_uri: str
+    provider: store.OidcProvider, *, client_secret: str, code: str, verifier: str, nonce: str, redirect_uri: str
 ) -> dict[str, Any]:
     """Exchange the provider's code and return the verified ID token's claims."""
     metadata = await discover(provider.issuer)
@@ -99,7 +99,7 @@ async def finish(
                 "code": code,
                 "redirect_uri": redirect_uri,
                 "client_id": provider.client_id,
-                "client_secret": provider.client_secret,
+                "client_secret": client_secret,
                 "code_verifier": verifier,
             },
         )

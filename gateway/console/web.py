@@ -32,6 +32,7 @@ SESSION_COOKIE = "hie_console"
 SIGNIN_CSRF_COOKIE = "hie_signin_csrf"
 SESSION_LIFETIME = datetime.timedelta(hours=8)
 PENDING_LIFETIME = datetime.timedelta(minutes=10)
+_SEEN_GRANULARITY = datetime.timedelta(seconds=60)
 # No inline script or style anywhere in the console: everything comes from /console/static.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -109,13 +110,24 @@ async def console_context(request: Request) -> ConsoleContext:
     sid = request.cookies.get(SESSION_COOKIE, "")
     if not sid:
         raise SignInRequired
-    async with request.app.state.sessions() as db:
+    now, idle = utcnow(), console_state(request.app).idle_timeout
+    user = org = None
+    async with request.app.state.sessions() as db, db.begin():
         row = await db.get(store.ConsoleSession, store.digest(sid))
-        if row is None or row.expires_at <= utcnow():
+        if row is None or row.expires_at <= now:
             raise SignInRequired
-        user = await db.get(store.ConsoleUser, row.user_id)
-        org = await gateway_store.organization(db, user.org_id) if user else None
-    if user is None or org is None or user.status != "active" or org.status != "active":
+        idle_ended = row.last_seen_at + idle <= now
+        if idle_ended:
+            # Idle too long: the session ends here (and its refresh token with it), not just
+            # this request; committed before the sign-in redirect.
+            await _end_session(db, row)
+        else:
+            # One write a minute at most, not one per request.
+            if now - row.last_seen_at >= _SEEN_GRANULARITY:
+                row.last_seen_at = now
+            user = await db.get(store.ConsoleUser, row.user_id)
+            org = await gateway_store.organization(db, user.org_id) if user else None
+    if idle_ended or user is None or org is None or user.status != "active" or org.status != "active":
         raise SignInRequired
     return ConsoleContext(request, row, user, org, ConsoleApi(request, row, user, org_client_id=org.client_id))
 
@@ -320,11 +332,20 @@ async def sign_in_callback(request: Request) -> Response:
                 purpose_of_use=users.default_purpose(user.role),
                 language=lang,
                 expires_at=now + SESSION_LIFETIME,
+                last_seen_at=now,
             )
         )
     response = RedirectResponse(home_of(user), status_code=303)
     _cookie(response, request, SESSION_COOKIE, sid, path="/console", max_age=int(SESSION_LIFETIME.total_seconds()))
     return response
+
+
+async def _end_session(db: AsyncSession, row: store.ConsoleSession) -> None:
+    """Delete the session and revoke its refresh token."""
+    refresh = await db.get(store.RefreshToken, store.digest(row.refresh_token))
+    if refresh is not None:
+        refresh.revoked = True
+    await db.delete(row)
 
 
 @router.post("/console/logout")
@@ -333,10 +354,7 @@ async def sign_out(request: Request, ctx: Console) -> Response:
     async with request.app.state.sessions() as db, db.begin():
         row = await db.get(store.ConsoleSession, ctx.session.id_hash)
         if row is not None:
-            refresh = await db.get(store.RefreshToken, store.digest(row.refresh_token))
-            if refresh is not None:
-                refresh.revoked = True
-            await db.delete(row)
+            await _end_session(db, row)
     response = RedirectResponse("/console/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/console")
     return response
@@ -411,6 +429,7 @@ async def upstream_callback(request: Request) -> Response:
     try:
         claims = await upstream.finish(
             provider,
+            client_secret=store.client_secret_of(console_state(request.app).protection.fields, provider),
             code=code,
             verifier=pending.code_verifier,
             nonce=pending.nonce,

@@ -279,7 +279,7 @@ async def test_clinician_finds_a_patient_and_opens_a_shared_document(exchange: E
     assert "金融街" not in results
     await check_accessibility(page)
     await screenshot(page, "clinician-search", exchange.backend)
-    await row.first.get_by_role("link").click()
+    await row.first.get_by_role("link", name=re.compile("共享文档")).click()
     assert "出院小结" in await page.locator("table.documents").inner_text()
     await screenshot(page, "clinician-documents", exchange.backend)
     await page.locator("table.documents").get_by_role("link").first.click()

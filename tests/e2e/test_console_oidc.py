@@ -13,19 +13,23 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import jwt
 import pytest
+import sqlalchemy as sa
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from typer.testing import CliRunner
 
+from gateway import cli
 from gateway.cli_users import add_console_user, gateway_transaction
 from gateway.console import store
 from services.shared.keys import public_jwk
@@ -174,3 +178,61 @@ async def test_organisation_without_a_provider_gets_a_clear_answer(exchange: Exc
         answer = await _sign_in(http, exchange.base_url, hospital.org_id)  # type: ignore[attr-defined]
     assert answer.status_code == 400
     assert "未配置统一身份认证" in answer.text
+
+
+async def test_client_secret_is_stored_encrypted_and_still_signs_in(
+    exchange: Exchange, provider: Provider, tmp_path: Path
+) -> None:
+    """`hie user oidc --client-secret-file` keeps the provider's client secret encrypted with the
+    exchange's data keys: the stored bytes hold no copy of it, and sign-in still presents it."""
+    hospital = await exchange.member(name="市第五人民医院")
+    org = hospital.org_id  # type: ignore[attr-defined]
+    username = f"doc{secrets.token_hex(3)}"
+    await add_console_user(
+        exchange.settings, org_id=org, username=username, display_name="欧阳医生", role="doctor", password=None
+    )
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(CLIENT_SECRET + "\n", encoding="utf-8")
+    settings = exchange.settings
+    # The operator's command, as typed (its own event loop: in a thread beside the running exchange).
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        cli.app,
+        [
+            "user",
+            "oidc",
+            "--org",
+            org,
+            "--issuer",
+            provider.issuer,
+            "--client-id",
+            CLIENT_ID,
+            "--client-secret-file",
+            str(secret_file),
+            "--data-dir",
+            str(settings.data_dir),
+            "--database-url",
+            settings.database_url or "",
+        ],
+        env={"HIE_DB_SCHEMA_PREFIX": settings.schema_prefix, "HIE_DATA_KEYS_FILE": str(settings.data_keys_file)},
+    )
+    assert result.exit_code == 0, result.output
+    assert CLIENT_SECRET not in result.output
+
+    async with gateway_transaction(settings) as session:
+        stored = (
+            await session.execute(
+                sa.text("SELECT client_secret FROM console_oidc_provider WHERE org_id = :org"), {"org": org}
+            )
+        ).scalar_one()
+    raw = stored.encode() if isinstance(stored, str) else bytes(stored)
+    assert raw
+    assert CLIENT_SECRET.encode() not in raw
+    assert base64.urlsafe_b64encode(CLIENT_SECRET.encode()).rstrip(b"=") not in raw
+
+    async with httpx.AsyncClient(follow_redirects=True) as http:
+        provider.next_user = ("upstream-sub-9", username)
+        landed = await _sign_in(http, exchange.base_url, org)
+        # The provider's token endpoint checked the secret: it was decrypted for the request.
+        assert landed.status_code == 200, landed.text
+        assert landed.url.path == "/console/clinician"
