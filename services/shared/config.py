@@ -66,6 +66,10 @@ class Settings:
     https_cert_file: Path | None = None
     https_key_file: Path | None = None
     https_termination: str = "gateway"
+    # Operations metrics: the Prometheus scrape endpoint (host:port; off when unset, `hie up`
+    # sets one per process) and how often database-held values (backlogs, queues) are sampled.
+    metrics_listen: str | None = None
+    metrics_sample_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -103,6 +107,8 @@ class Settings:
             https_cert_file=Path(env["HIE_HTTPS_CERT"]) if env.get("HIE_HTTPS_CERT") else None,
             https_key_file=Path(env["HIE_HTTPS_KEY"]) if env.get("HIE_HTTPS_KEY") else None,
             https_termination=env.get("HIE_HTTPS_TERMINATION", "gateway"),
+            metrics_listen=env.get("HIE_METRICS_LISTEN") or None,
+            metrics_sample_seconds=float(env.get("HIE_METRICS_SAMPLE_SECONDS", "15")),
         )
         settings.check()
         return settings
@@ -115,6 +121,8 @@ class Settings:
             raise UnsafeSettingsError("HIE_CRYPTO_SUITE must be aes or sm")
         if self.https_termination not in {"gateway", "ingress"}:
             raise UnsafeSettingsError("HIE_HTTPS_TERMINATION must be gateway or ingress")
+        if self.metrics_sample_seconds <= 0:
+            raise UnsafeSettingsError("HIE_METRICS_SAMPLE_SECONDS must be positive")
         if bool(self.https_cert_file) != bool(self.https_key_file):
             raise UnsafeSettingsError("HIE_HTTPS_CERT and HIE_HTTPS_KEY go together")
         if self.environment == "production":
