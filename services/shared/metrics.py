@@ -169,6 +169,11 @@ BULK_LOAD_ROWS = SampledGauge(
 AUDIT_CHECKPOINT_AGE = SampledGauge(
     "hie.audit.checkpoint.age", "s", "Seconds since the audit chain's last signed checkpoint"
 )
+AUDIT_UNSIGNED_AGE = SampledGauge(
+    "hie.audit.unsigned_age", "s", "Age of the oldest audit record no checkpoint covers yet (0 when none)"
+)
+# The running code's version, one series per process (value 1), for `hie status` and dashboards.
+BUILD_INFO = SampledGauge("hie.build.info", "", "Version of the running component", "component", "version")
 # TLS / HTTPS certificates' notAfter (Unix time); alert some days ahead.
 CREDENTIAL_EXPIRY = SampledGauge(
     "hie.credential.expiry", "s", "Unix time at which a certificate expires", "component", "credential"
@@ -221,11 +226,23 @@ def start_metrics(service_name: str, settings: Any) -> int | None:
     """A process's metrics as its settings ask: the provider always (counters cost little), the
     scrape endpoint when HIE_METRICS_LISTEN is set. Returns the bound port or None."""
     configure_metrics(service_name, settings.otel_exporter)
+    BUILD_INFO.set(1, {"component": service_name, "version": version()})
     if not settings.metrics_listen:
         return None
     _server, port = serve_metrics(settings.metrics_listen)
     _log.info("metrics on http://%s/metrics", settings.metrics_listen.rpartition(":")[0] + f":{port}")
     return port
+
+
+def version() -> str:
+    """The installed exchange's version ("unknown" when run from a tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("hie-exchange")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 Probe = Callable[[], Awaitable[None]]
