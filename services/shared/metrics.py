@@ -25,7 +25,7 @@ from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
@@ -206,7 +206,12 @@ def configure_metrics(service_name: str, exporter: str, *, prometheus: bool = Tr
         if instrument.kind == "histogram"
     ]
     provider = MeterProvider(
-        metric_readers=readers, resource=Resource.create({"service.name": service_name}), views=views
+        metric_readers=readers,
+        resource=Resource.create({"service.name": service_name}),
+        views=views,
+        # Exemplars (trace ids on samples) are not shown by the Prometheus text format and cost a
+        # reservoir update on every measurement inside a sampled span: off.
+        exemplar_filter=AlwaysOffExemplarFilter(),
     )
     metrics.set_meter_provider(provider)
     return provider
@@ -223,9 +228,12 @@ def serve_metrics(listen: str) -> tuple[Any, int]:
 
 
 def start_metrics(service_name: str, settings: Any) -> int | None:
-    """A process's metrics as its settings ask: the provider always (counters cost little), the
-    scrape endpoint when HIE_METRICS_LISTEN is set. Returns the bound port or None."""
-    configure_metrics(service_name, settings.otel_exporter)
+    """A process's metrics as its settings ask: a scrape endpoint when HIE_METRICS_LISTEN is set,
+    OTLP push when HIE_OTEL_EXPORTER=otlp. With neither, no meter provider is installed and every
+    instrument stays the API's no-op (nothing recorded, nothing spent). Returns the bound port."""
+    if not settings.metrics_listen and settings.otel_exporter != "otlp":
+        return None
+    configure_metrics(service_name, settings.otel_exporter, prometheus=bool(settings.metrics_listen))
     BUILD_INFO.set(1, {"component": service_name, "version": version()})
     if not settings.metrics_listen:
         return None
