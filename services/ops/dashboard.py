@@ -18,7 +18,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "s",
         [
             (
-                "histogram_quantile(0.99, sum by (le, route) (rate(hie_http_server_duration_seconds_bucket[$__rate_interval])))",
+                "histogram_quantile(0.99, sum by (le, route)"
+                " (rate(hie_http_server_duration_seconds_bucket[$__rate_interval])))",
                 "{{route}}",
             )
         ],
@@ -43,7 +44,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "s",
         [
             (
-                "histogram_quantile(0.99, sum by (le, component) (rate(hie_rpc_server_duration_seconds_bucket[$__rate_interval])))",
+                "histogram_quantile(0.99, sum by (le, component)"
+                " (rate(hie_rpc_server_duration_seconds_bucket[$__rate_interval])))",
                 "{{component}}",
             )
         ],
