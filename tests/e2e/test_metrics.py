@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import datetime
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -310,3 +311,55 @@ async def test_the_metrics_page_carries_no_patient_data(scene: Scene) -> None:
     assert value(samples, "hie_http_server_requests_total") > 0
     for secret in (PATIENT_NAME, s.national_id, s.enterprise_id, s.document_id, s.a.local_id, s.b.local_id):  # type: ignore[attr-defined]
         assert secret not in page
+
+
+async def test_hie_status_shows_components_backlog_and_firing_alerts(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hie status` against a running exchange, as an operator runs it (in a thread: the
+    exchange answers on this test's event loop)."""
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+    from services.ops import alerts
+
+    s = scene
+    runner = CliRunner()
+
+    async def status(*args: str) -> tuple[int, str]:
+        result = await asyncio.to_thread(
+            runner.invoke, app, ["status", "--gateway-url", s.exchange.base_url, *args], catch_exceptions=False
+        )
+        return result.exit_code, result.output
+
+    code, out = await status("--metrics", f"exchange={metrics_url()}")
+    assert code == 0, out
+    assert f"exchange ready: {s.exchange.base_url}" in out
+    for component in ("gateway", "mpi", "registry", "consent", "referral", "teleconsult", "audit"):
+        assert re.search(rf"^{component}\s+(ready|serving)\s", out, re.MULTILINE), out
+    assert "HieOutboxBacklogOld" not in out
+
+    # The registry's relay stops: its backlog grows and ages past the (lowered) threshold.
+    monkeypatch.setattr(alerts, "OUTBOX_AGE_SECONDS", 1)
+    outbox = s.exchange.services["registry"].runtime.outbox
+    await s.exchange.audit_settled()
+    await outbox.stop()
+    try:
+        for _ in range(3):
+            assert (await s.a.call("GET", f"/api/v1/documents/{s.document_id}")).status_code == 200
+        assert await until("hie_outbox_oldest_age_seconds", lambda v: v > 1.5, component="registry") > 1.5
+        code, out = await status("--metrics", f"exchange={metrics_url()}")
+    finally:
+        outbox.start()
+    assert code == 0, out
+    registry_row = re.search(r"^registry\s+serving\s+\S+\s+(\d+)\s", out, re.MULTILINE)
+    assert registry_row, out
+    assert int(registry_row.group(1)) >= 3, out
+    assert re.search(r"HieOutboxBacklogOld\s+\[page\] registry: oldest undelivered message", out), out
+    # An endpoint that does not answer is an alert of its own.
+    code, out = await status("--metrics", f"exchange={metrics_url()}", "--metrics", "mpi=http://127.0.0.1:9/metrics")
+    assert "HieComponentDown" in out
+    assert "mpi: metrics endpoint" in out
+    # Not ready: the exit code `hie status --wait` scripts rely on.
+    result = await asyncio.to_thread(runner.invoke, app, ["status", "--gateway-url", "http://127.0.0.1:9"])
+    assert result.exit_code == 3
