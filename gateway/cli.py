@@ -452,12 +452,14 @@ def up(
     ] = None,
     exporter: Annotated[str, typer.Option(envvar="HIE_OTEL_EXPORTER", help="none | console | otlp")] = "none",
     metrics_base_port: Annotated[
-        int,
+        int | None,
         typer.Option(
             envvar="HIE_METRICS_BASE_PORT",
-            help="Prometheus /metrics: gateway on this port, services on the next six; 0 turns them off",
+            help="Prometheus /metrics: gateway on this port, services on the next six; 0 turns them off"
+            " [default: 9400, or the service base port + 40 when that is moved]",
+            show_default=False,
         ),
-    ] = 9400,
+    ] = None,
 ) -> None:
     """Start the six services, the gateway and the MLLP listener as separate processes on loopback,
     restart any that crashes (with backoff), and stop them all on Ctrl-C."""
@@ -480,6 +482,8 @@ def up(
     ]
     if mllp_port:
         uses.append(PortUse(mllp_port, "mllp", "--mllp-port / HIE_MLLP_PORT"))
+    if metrics_base_port is None:
+        metrics_base_port = ops_status.default_metrics_base_port(service_base_port)
     metrics_ports = ops_status.metrics_ports(metrics_base_port) if metrics_base_port else {}
     uses += [
         PortUse(p, f"{n} metrics", "--metrics-base-port / HIE_METRICS_BASE_PORT") for n, p in metrics_ports.items()

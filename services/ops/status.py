@@ -24,6 +24,12 @@ COMPONENTS = ("gateway", *SERVICE_PORTS)
 _COMPONENT_DOWN = next(a for a in ALERTS if a.name == "HieComponentDown")
 
 
+def default_metrics_base_port(service_base_port: int) -> int:
+    """9400, or the service base port + 40 when the services were moved off their defaults, so two
+    exchanges on one machine do not collide (as the MLLP port does)."""
+    return METRICS_BASE_PORT if service_base_port == 7101 else service_base_port + 40
+
+
 def metrics_ports(base: int) -> dict[str, int]:
     """The metrics port of each component `hie up` starts, from the base port."""
     return {name: base + i for i, name in enumerate(COMPONENTS)}
