@@ -363,3 +363,15 @@ async def test_hie_status_shows_components_backlog_and_firing_alerts(
     # Not ready: the exit code `hie status --wait` scripts rely on.
     result = await asyncio.to_thread(runner.invoke, app, ["status", "--gateway-url", "http://127.0.0.1:9"])
     assert result.exit_code == 3
+
+
+async def test_a_possible_match_grows_the_review_queue_gauge(scene: Scene) -> None:
+    s = scene
+    before = await until("hie_mpi_review_queue_size", lambda v: True)
+    phone = f"139{secrets.randbelow(10**8):08d}"
+    person_ = {"name": "钱监测", "gender": "female", "birth_date": "1981-03-04", "phones": [phone]}
+    first = await s.a.call("POST", "/api/v1/patients", json={"local_id": f"RQ-{phone}-1", **person_})
+    second = await s.a.call("POST", "/api/v1/patients", json={"local_id": f"RQ-{phone}-2", **person_})
+    assert first.status_code == second.status_code == 201, second.text
+    assert len(second.json()["review_task_ids"]) == 1
+    assert await until("hie_mpi_review_queue_size", lambda v: v >= before + 1) >= before + 1
