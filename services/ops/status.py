@@ -114,7 +114,7 @@ class Row:
     oldest: str = "-"
 
 
-def component_rows(readiness: Mapping[str, object], endpoints: Mapping[str, str], seen: Scrape) -> list[Row]:
+def component_rows(readiness: Mapping[str, object], seen: Scrape) -> list[Row]:
     """One row per component: health from the gateway's readiness (services) and from its
     metrics endpoint answering; version and backlog from its metrics."""
     down = set(readiness.get("down", []) or [])  # type: ignore[call-overload]
@@ -156,7 +156,7 @@ def report(gateway_url: str, endpoints: Mapping[str, str], echo: Callable[[str],
     readiness = gateway_readiness(gateway_url) or {"status": "unreachable", "down": list(SERVICE_PORTS)}
     seen = scrape(endpoints)
     echo(f"{'component':<12} {'health':<28} {'version':<10} {'backlog':>8} {'oldest':>8}")
-    for row in component_rows(readiness, endpoints, seen):
+    for row in component_rows(readiness, seen):
         echo(f"{row.component:<12} {row.health:<28} {row.version:<10} {row.backlog:>8} {row.oldest:>8}")
     if not endpoints:
         echo("alerts: not evaluated (no metrics endpoints: start with `hie up` or pass --metrics name=url)")
