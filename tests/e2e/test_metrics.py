@@ -248,8 +248,10 @@ async def test_a_dead_lettered_notification_shows(scene: Scene) -> None:
             for o in ("retry", "dead-letter")
         )
         assert attempts == len(receiver.received) >= 1
-        assert value(after, "hie_outbox_dead_letters_total", component="registry") > value(
-            before, "hie_outbox_dead_letters_total", component="registry"
+        # The relay counts the dead letter once its transaction (which recorded the attempt) commits.
+        dead_before = value(before, "hie_outbox_dead_letters_total", component="registry")
+        assert (
+            await until("hie_outbox_dead_letters_total", lambda v: v > dead_before, component="registry") > dead_before
         )
     finally:
         await receiver.stop()
