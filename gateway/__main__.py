@@ -5,6 +5,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.serving import uvicorn_config
 from services.shared.config import Settings
+from services.shared.metrics import start_metrics
 from services.shared.server import configure_logging
 from services.shared.tracing import configure_tracing
 
@@ -13,6 +14,7 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     configure_tracing("gateway", settings.otel_exporter)
+    start_metrics("gateway", settings)
     host, _, port = settings.listen_for("gateway").rpartition(":")
     uvicorn.Server(uvicorn_config(create_app(settings), settings, host=host, port=int(port))).run()
 

@@ -28,6 +28,7 @@ from gateway import console, store
 from gateway.deps import call_context
 from gateway.errors import RETRY_AFTER_SECONDS, ApiError, error_response
 from gateway.limits import BodySizeLimit, TokenBuckets
+from gateway.metrics import RequestMetrics
 from gateway.routes import (
     audit,
     consent,
@@ -60,6 +61,7 @@ from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
+from services.shared.metrics import watch_gateway
 from services.shared.outbox import Outbox
 from services.shared.storage_faults import storage_unavailable
 from services.shared.tracing import current_trace_ids
@@ -424,9 +426,12 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.channels = channels
         outbox.start()
+        samplers = watch_gateway(outbox, settings)
         try:
             yield
         finally:
+            for sampler in samplers:
+                sampler.cancel()
             await outbox.stop()
             for channel in channels.values():
                 await channel.close()
@@ -546,5 +551,6 @@ def create_app(settings: Settings) -> FastAPI:
         )
     app.add_middleware(BodySizeLimit)
     app.add_middleware(fhir.FhirFormat)
+    app.add_middleware(RequestMetrics)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz", server_request_hook=_scrub_url)
     return app

@@ -25,6 +25,7 @@ from gateway.cli_mpi import MLLP_PORT
 from gateway.cli_registry import bench_registry
 from gateway.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.consent.bench import bench_consent
+from services.ops import status as ops_status
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
@@ -450,6 +451,15 @@ def up(
         ),
     ] = None,
     exporter: Annotated[str, typer.Option(envvar="HIE_OTEL_EXPORTER", help="none | console | otlp")] = "none",
+    metrics_base_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="HIE_METRICS_BASE_PORT",
+            help="Prometheus /metrics: gateway on this port, services on the next six; 0 turns them off"
+            " [default: 9400, or the service base port + 40 when that is moved]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Start the six services, the gateway and the MLLP listener as separate processes on loopback,
     restart any that crashes (with backoff), and stop them all on Ctrl-C."""
@@ -472,6 +482,12 @@ def up(
     ]
     if mllp_port:
         uses.append(PortUse(mllp_port, "mllp", "--mllp-port / HIE_MLLP_PORT"))
+    if metrics_base_port is None:
+        metrics_base_port = ops_status.default_metrics_base_port(service_base_port)
+    metrics_ports = ops_status.metrics_ports(metrics_base_port) if metrics_base_port else {}
+    uses += [
+        PortUse(p, f"{n} metrics", "--metrics-base-port / HIE_METRICS_BASE_PORT") for n, p in metrics_ports.items()
+    ]
     if not all(0 < use.port < 65536 for use in uses):
         typer.echo("ports must be between 1 and 65535 (six gRPC ports from --service-base-port)", err=True)
         raise typer.Exit(2)
@@ -515,13 +531,16 @@ def up(
     try:
         # Audit first: every other service relays its audit events there.
         for name in ("audit", "mpi", "consent", "registry", "referral", "teleconsult"):
-            supervisor.start(name, [sys.executable, "-m", f"services.{name}"], {**env, "HIE_LISTEN": targets[name]})
+            listen = {"HIE_LISTEN": targets[name], **ops_status.metrics_env(metrics_ports, name)}
+            supervisor.start(name, [sys.executable, "-m", f"services.{name}"], {**env, **listen})
         deadline = time.monotonic() + 90
         for child in list(supervisor.children):
             _wait_for_service(targets[child.name], deadline, supervisor.check)
             typer.echo(f"{child.name:<12} serving on {targets[child.name]} (pid {child.process.pid})")  # type: ignore[union-attr]
         gateway = supervisor.start(
-            "gateway", [sys.executable, "-m", "gateway"], {**env, "HIE_LISTEN": f"127.0.0.1:{gateway_port}"}
+            "gateway",
+            [sys.executable, "-m", "gateway"],
+            {**env, "HIE_LISTEN": f"127.0.0.1:{gateway_port}", **ops_status.metrics_env(metrics_ports, "gateway")},
         )
         _wait_for_gateway(gateway_url, deadline, supervisor.check)
         typer.echo(f"gateway      {gateway_url} (pid {gateway.process.pid})")  # type: ignore[union-attr]
@@ -534,10 +553,14 @@ def up(
                     "gateway_url": gateway_url,
                     "database_url": database_url,
                     "audit_target": targets["audit"],
+                    "metrics": ops_status.metrics_endpoints(metrics_ports),
                     "pid": os.getpid(),
                 }
             )
         )
+        if metrics_ports:
+            ports = ", ".join(f"{name} :{port}" for name, port in metrics_ports.items())
+            typer.echo(f"metrics      http://127.0.0.1:<port>/metrics for {ports} (`hie status` reads them)")
         typer.echo(f"exchange up: {gateway_url}   ({_banner_hint()}; Ctrl-C stops)")
         while True:
             supervisor.check()
@@ -575,20 +598,21 @@ def status(
     data_dir: DataDir = Path(".hie"),
     gateway_url: Annotated[str, typer.Option(help="Default: the running `hie up` of the data dir")] = "",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the gateway to answer ready")] = 0.0,
+    metrics: Annotated[
+        list[str] | None, typer.Option(help="name=url of a metrics endpoint (default: those `hie up` recorded)")
+    ] = None,
 ) -> None:
-    """Is the exchange ready? Asks the gateway (`/readyz`); exit 0 when it answers ready, 3 when not."""
-    deadline = time.monotonic() + wait
-    while True:
-        url = gateway_url or _running_state(data_dir).get("gateway_url", "")
-        if url and _gateway_ready(url):
-            typer.echo(f"exchange ready: {url}")
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.5)
-    where = url or f"no running `hie up` for {data_dir.resolve()}"
-    typer.echo(f"exchange not ready: {where}", err=True)
-    raise typer.Exit(_EXIT_UNREACHABLE)
+    """Is the exchange ready (exit 0, 3 when not)? Then each component's health, version, outbox
+    backlog and the alerts firing, from the components' metrics endpoints."""
+    url, ready = ops_status.wait_until_ready(
+        lambda: gateway_url or _running_state(data_dir).get("gateway_url", ""), wait
+    )
+    if not ready:
+        typer.echo(f"exchange not ready: {url or f'no running `hie up` for {data_dir.resolve()}'}", err=True)
+        raise typer.Exit(_EXIT_UNREACHABLE)
+    typer.echo(f"exchange ready: {url}")
+    endpoints = ops_status.parse_endpoints(metrics) if metrics else _running_state(data_dir).get("metrics", {})
+    ops_status.report(url, endpoints, typer.echo)
 
 
 @app.command()

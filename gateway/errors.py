@@ -128,5 +128,6 @@ def error_body(request: Request, error: ApiError) -> dict[str, Any]:
 
 
 def error_response(request: Request, error: ApiError) -> JSONResponse:
+    request.scope["hie.error_reason"] = error.reason  # the metrics' errors-by-reason (gateway/metrics.py)
     media = "application/fhir+json" if request.url.path.startswith("/fhir/") else "application/json"
     return JSONResponse(error_body(request, error), status_code=error.status, headers=error.headers, media_type=media)

@@ -20,6 +20,7 @@ from services.shared.audit_trail import Action, AuditTrail, Outcome
 from services.shared.auth import Caller
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import algorithm_for, load_private_key, public_jwk, thumbprint
+from services.shared.metrics import TOKENS
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART Backend Services: clients SHALL support RS384 or ES384; RS256 / ES256 are accepted too.
@@ -129,6 +130,8 @@ class AuthorizationServer:
         client_id = claimed[:64] if isinstance(claimed, str) else ""
         async with self._sessions() as session, session.begin():
             org = await store.organization_by_client(session, client_id) if client_id else None
+            # Per organisation, "unknown" for an unregistered client id (its value is the caller's choice).
+            TOKENS.add(1, {"organization": org.id if org else "unknown", "outcome": "refused", "reason": error.error})
             who = Caller(
                 organization_id=org.id if org else "",
                 organization_type=org.type if org else "",
@@ -193,6 +196,7 @@ class AuthorizationServer:
                 )
             issued = self._access_token(org, scopes)
         self._audit_notify()
+        TOKENS.add(1, {"organization": org.id, "outcome": "issued", "reason": ""})
         return issued
 
     def _verify_assertion(self, assertion: str, header: dict[str, Any], org: store.Organization) -> dict[str, Any]:

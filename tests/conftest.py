@@ -32,6 +32,7 @@ from services.referral.service import SPEC as REFERRAL
 from services.registry.service import SPEC as REGISTRY
 from services.shared.config import SERVICE_PORTS, Settings
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, jwks
+from services.shared.metrics import configure_metrics
 from services.shared.outbox import Outbox
 from services.shared.process import RunningService, start_service
 from services.teleconsult.service import SPEC as TELECONSULT
@@ -47,6 +48,8 @@ SPANS = InMemorySpanExporter()
 _provider = TracerProvider()
 _provider.add_span_processor(SimpleSpanProcessor(SPANS))
 trace.set_tracer_provider(_provider)
+# One meter provider too (Prometheus reader): tests scrape what the exchange's processes expose.
+configure_metrics("tests", "none")
 
 
 @dataclass

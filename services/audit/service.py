@@ -3,12 +3,14 @@
 from pathlib import Path
 
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
+from services.audit import metrics
 from services.audit.servicer import AuditLogServicer
 from services.audit.store import metadata
 from services.shared.process import ServiceRuntime, ServiceSpec
 
 
 def _build(runtime: ServiceRuntime) -> list:
+    metrics.watch(runtime)
     return [
         (
             audit_pb2_grpc.add_AuditLogServicer_to_server,

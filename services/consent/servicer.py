@@ -27,6 +27,7 @@ from services.shared.auth import Caller, PlatformCredentials, caller
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
+from services.shared.metrics import BREAK_GLASS_DECLARATIONS, record_decisions
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
 from services.shared.user_assertion import PURPOSES_OF_USE
@@ -135,6 +136,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         verdicts = policy.decide_batch(
             self.regional_policy, consent, requester, [messages.item_of(item) for item in request.items], now
         )
+        record_decisions(verdicts)
         glass = [v for v in verdicts if v.break_glass]
         if glass:
             # Every access break-the-glass opened is on the record as such.
@@ -752,6 +754,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                             request_fingerprint=request_fingerprint,
                             response=answer,
                         )
+                BREAK_GLASS_DECLARATIONS.add(1, {"organization": who.organization_id})
                 break
             except IntegrityError:
                 # A concurrent first change of the patient, or a concurrent retry of this key

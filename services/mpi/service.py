@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
+from services.mpi import metrics
 from services.mpi.domain import claim_lease
 from services.mpi.index import LINK_TOPIC, MasterIndex
 from services.mpi.matching import load_parameters
@@ -63,6 +64,7 @@ def _build(runtime: ServiceRuntime) -> list:
     # Its own relay lane: a NATS server that stalls does not hold up the audit trail.
     runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber, DeliveryPolicy(lane="broker"))
     master = master_index(runtime)
+    metrics.watch(runtime)
     try:
         lease = claim_lease(os.environ.get(CLAIM_ENV))
     except ValueError as exc:

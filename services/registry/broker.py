@@ -54,6 +54,7 @@ from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.keys import algorithm_for, load_private_key, public_jwk
+from services.shared.metrics import NOTIFICATIONS
 from services.shared.outbox import DeliveryPolicy
 from services.shared.process import ServiceRuntime
 from services.shared.protection.sm2 import DEFAULT_SIGNER_ID, load_or_create_signing_key
@@ -385,6 +386,7 @@ class Notifier:
         transaction: who was sent what notification, attempt n, answered how. Ids and status
         codes only: the body, the endpoint and exception text stay out."""
         item = dsub.Notification.from_payload(payload)
+        NOTIFICATIONS.add(1, {"outcome": "delivered" if error is None else "dead-letter" if dead_lettered else "retry"})
         if error is None:
             result, outcome = "delivered", Outcome.OUTCOME_SUCCESS
         elif isinstance(error, DeliveryRefused):

@@ -71,6 +71,10 @@ class Settings:
     # The HL7 v2 MLLP ingress (gateway/mllp): where it listens for legacy HIS feeds.
     mllp_host: str = "127.0.0.1"
     mllp_port: int = MLLP_PORT
+    # Operations metrics: the Prometheus scrape endpoint (host:port; off when unset, `hie up`
+    # sets one per process) and how often database-held values (backlogs, queues) are sampled.
+    metrics_listen: str | None = None
+    metrics_sample_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -110,6 +114,8 @@ class Settings:
             https_termination=env.get("HIE_HTTPS_TERMINATION", "gateway"),
             mllp_host=env.get("HIE_MLLP_HOST", "127.0.0.1"),
             mllp_port=int(env.get("HIE_MLLP_PORT") or MLLP_PORT),
+            metrics_listen=env.get("HIE_METRICS_LISTEN") or None,
+            metrics_sample_seconds=float(env.get("HIE_METRICS_SAMPLE_SECONDS", "15")),
         )
         settings.check()
         return settings
@@ -124,6 +130,8 @@ class Settings:
             raise UnsafeSettingsError("HIE_HTTPS_TERMINATION must be gateway or ingress")
         if not 0 <= self.mllp_port < 65536:
             raise UnsafeSettingsError("HIE_MLLP_PORT must be a TCP port (0-65535)")
+        if self.metrics_sample_seconds <= 0:
+            raise UnsafeSettingsError("HIE_METRICS_SAMPLE_SECONDS must be positive")
         if bool(self.https_cert_file) != bool(self.https_key_file):
             raise UnsafeSettingsError("HIE_HTTPS_CERT and HIE_HTTPS_KEY go together")
         if self.environment == "production":

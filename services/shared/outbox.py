@@ -21,12 +21,13 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.shared.db import UtcDateTime, utcnow
+from services.shared.metrics import OUTBOX_DEAD_LETTERS, OUTBOX_DELIVERED, OUTBOX_FAILURES
 
 _log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class Outbox:
         # out in one pass (one claim, one send, one acknowledgement) instead of one pass each:
         # under load a pass per request doubled the work of a read request.
         self.linger = 0.2
+        # The owning component, as the outbox metrics' `component` attribute.
+        self.component = "unknown"
 
     def register(self, topic: str, sender: Sender, policy: DeliveryPolicy | None = None) -> None:
         self._senders[topic] = sender
@@ -225,6 +228,7 @@ class Outbox:
                         .values(attempts=t.c.attempts + 1, delivered_at=utcnow(), last_error="dead-lettered")
                     )
                     _log.warning("outbox gave up delivering %d message(s) to %s (%s)", len(ids), topic, error)
+                    OUTBOX_DEAD_LETTERS.add(len(ids), {"component": self.component, "topic": topic})
                     return 0
                 if policy.on_attempt is not None:
                     for item in items:
@@ -239,6 +243,7 @@ class Outbox:
                     )
                 )
             _log.warning("outbox delivery to %s failed (%s); will retry", topic, error)
+            OUTBOX_FAILURES.add(len(ids), {"component": self.component, "topic": topic})
             return 0
         async with self._sessions() as session, session.begin():
             await session.execute(
@@ -247,6 +252,7 @@ class Outbox:
             if policy.on_attempt is not None:
                 for item in items:
                     await policy.on_attempt(session, item.id, item.payload, item.attempts + 1, None, False)
+        OUTBOX_DELIVERED.add(len(ids), {"component": self.component, "topic": topic})
         return len(ids)
 
     async def pending(self) -> int:
@@ -256,6 +262,19 @@ class Outbox:
                 select(func.count()).select_from(self._table).where(self._table.c.delivered_at.is_(None))
             )
         return int(count or 0)
+
+    async def backlog(self) -> tuple[int, datetime | None]:
+        """Messages not yet acknowledged and when the oldest of them was staged (for metrics)."""
+        t = self._table
+        async with self._sessions() as session:
+            count, oldest = (
+                await session.execute(select(func.count(), func.min(t.c.created_at)).where(t.c.delivered_at.is_(None)))
+            ).one()
+        if isinstance(oldest, str):  # SQLite's MIN() over a type-decorated column returns text
+            oldest = datetime.fromisoformat(oldest)
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        return int(count or 0), oldest
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
+from services.shared.metrics import start_metrics, watch_service
 from services.shared.outbox import Outbox
 from services.shared.protection import DataProtection
 from services.shared.protection.rotation import ProtectedColumns, WrappedContentKeys
@@ -156,6 +157,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         await create_health_server(settings.health_listen, health_servicer) if settings.health_listen else None
     )
     outbox.start()
+    watch_service(runtime)
     return RunningService(
         spec=spec, server=server, port=port, health=health_servicer, runtime=runtime, health_server=health_server
     )
@@ -166,6 +168,7 @@ def main(spec: ServiceSpec) -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     configure_tracing(spec.name, settings.otel_exporter)
+    start_metrics(spec.name, settings)
 
     async def serve() -> None:
         running = await start_service(spec, settings)

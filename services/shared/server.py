@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.shared.auth import FORWARDED_KEYS, TokenVerifier, current_caller, forwarded_metadata
 from services.shared.errors import REASON_METADATA_KEY, DomainError, InvalidArgument, Unauthenticated, status_for
+from services.shared.rpc_metrics import RpcMetricsInterceptor
 from services.shared.storage_faults import storage_unavailable
 from services.shared.tracing import annotate_caller, server_interceptors
 from services.shared.transport import GrpcTls
@@ -196,7 +197,11 @@ async def create_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A started server with the bindings, health and reflection; returns it and its bound port."""
     server = grpc.aio.server(
-        interceptors=[*server_interceptors(), CallerInterceptor(verifier, component=component)],
+        interceptors=[
+            *server_interceptors(),
+            RpcMetricsInterceptor(component),
+            CallerInterceptor(verifier, component=component),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
