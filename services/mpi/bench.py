@@ -674,6 +674,8 @@ async def _run_heldout(name: str, database_url: str, log: Callable[[str], None])
                 open_tasks = await session.scalar(
                     select(text("count(*)")).select_from(store.ReviewTask).where(store.ReviewTask.status == "open")
                 )
+                await index.master.refresh_parameters(session, force=True)
+            params = index.master.params
     finally:
         if database_url:
             from sqlalchemy.ext.asyncio import create_async_engine
@@ -696,6 +698,7 @@ async def _run_heldout(name: str, database_url: str, log: Callable[[str], None])
                 pairs += 1
                 blocked += bool(matching.search_keys(later) & matching.blocking_keys(earlier))
     review_share = (open_tasks or 0) / max(len(links), 1)
+    misses = _misses(by_person, {(d, local_id): eid for d, local_id, eid in links}, params)
     return {
         "dataset": name,
         "records": len(links),
@@ -712,8 +715,58 @@ async def _run_heldout(name: str, database_url: str, log: Callable[[str], None])
             "blocking_recall": round(blocked / pairs, 5) if pairs else None,
         },
         "load": counts,
+        "misses": misses,
         "targets": HELDOUT_TARGETS,
         "met": {"f1": f1 >= HELDOUT_TARGETS["f1"], "review_share": review_share <= HELDOUT_TARGETS["review_share"]},
+    }
+
+
+def _misses(
+    by_person: dict[str, list[Any]], eid_of: dict[tuple[str, str], str], params: Any, *, top: int = 12
+) -> dict[str, Any]:
+    """Where the errors are, as aggregates (no values): the comparison vectors (field levels,
+    weight without the name-frequency adjustment) of the true pairs left apart (false negatives,
+    blocked or not) and of the pairs of different people joined (false positives), most common
+    first."""
+    from services.mpi import matching
+
+    records = {(r.domain, r.record_id): r for rs in by_person.values() for r in rs}
+    person_of = {key: person for person, rs in by_person.items() for key in ((r.domain, r.record_id) for r in rs)}
+
+    def pattern(a: Any, b: Any) -> str:
+        levels = matching.score(a, b, params).levels
+        return " ".join(f"{f}={level}" for f, level in levels.items() if level != matching.MISSING)
+
+    false_negatives: Counter[str] = Counter()
+    unblocked = 0
+    for rs in by_person.values():
+        for i, later in enumerate(rs):
+            for earlier in rs[:i]:
+                if eid_of.get((later.domain, later.record_id)) != eid_of.get((earlier.domain, earlier.record_id)):
+                    blocked = bool(matching.search_keys(later) & matching.blocking_keys(earlier))
+                    unblocked += not blocked
+                    total = matching.score(later, earlier, params).total
+                    false_negatives[
+                        f"{pattern(later, earlier)} | {total:.0f} bits{'' if blocked else ' unblocked'}"
+                    ] += 1
+    by_eid: dict[str, list[tuple[str, str]]] = {}
+    for key, eid in eid_of.items():
+        by_eid.setdefault(eid, []).append(key)
+    false_positives: Counter[str] = Counter()
+    for keys in by_eid.values():
+        for i, a in enumerate(keys):
+            for b in keys[:i]:
+                if a in records and b in records and person_of[a] != person_of[b]:
+                    total = matching.score(records[a], records[b], params).total
+                    false_positives[f"{pattern(records[a], records[b])} | {total:.0f} bits"] += 1
+    return {
+        "link_threshold": params.link_threshold,
+        "review_threshold": params.review_threshold,
+        "false_negative_pairs": sum(false_negatives.values()),
+        "false_negatives_unblocked": unblocked,
+        "false_negatives": false_negatives.most_common(top),
+        "false_positive_pairs": sum(false_positives.values()),
+        "false_positives": false_positives.most_common(top),
     }
 
 
