@@ -265,7 +265,12 @@ def _typo_tolerant_keys(record: MatchRecord) -> set[str]:
     keys: set[str] = set()
     postcode = record.postcode[:12]
     if record.birth_date is not None:
-        keys.update(f"di:{record.birth_date.isoformat()}:{part[0]}" for part in parts)
+        born = record.birth_date
+        dates = {born.isoformat()}
+        if born.day <= 12 and born.day != born.month:
+            # Day and month swapped (01/06 read as 6 January or 1 June): filed under both readings.
+            dates.add(datetime.date(born.year, born.day, born.month).isoformat())
+        keys.update(f"di:{date}:{part[0]}" for date in dates for part in parts)
         if postcode:
             # Birth date and postcode: both name parts replaced or missing.
             keys.add(f"bp:{record.birth_date.isoformat()}:{postcode}")

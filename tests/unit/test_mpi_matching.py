@@ -552,3 +552,9 @@ def test_a_record_with_names_and_birth_date_all_mistyped_is_found_by_its_street(
         postal_code="2121",
     )
     assert not _shares_a_key(elsewhere, a)
+
+
+def test_day_and_month_swapped_with_a_name_typo_still_share_a_key() -> None:
+    a = record("a", "", family="gracia", given="maria", birth_date=D(1936, 6, 1))
+    b = record("b", "", family="gracai", given="maria", birth_date=D(1936, 1, 6))
+    assert _shares_a_key(b, a)
