@@ -343,7 +343,7 @@ def bench_mpi(
             f"{result['dataset']:<8} {result['records']} records: precision {q['precision']:.4f}  recall "
             f"{q['recall']:.4f}  F1 {q['f1']:.4f} ({'met' if met['f1'] else 'MISSED'} ≥ 0.995)  review "
             f"{q['review_share'] * 100:.2f} % ({'met' if met['review_share'] else 'MISSED'} ≤ 2 %)  blocking "
-            f"recall {q['blocking_recall']:.4f}"
+            f"recall {q['blocking_recall']:.4f} (connected {q['blocking_recall_connected']:.4f})"
         )
         write_result(result, output.with_name(f"{output.stem}-{result['dataset']}{output.suffix}"))
     if only_heldout:
