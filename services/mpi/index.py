@@ -672,7 +672,10 @@ class MasterIndex:
         if link is not None and link.committed is not None:
             # The name counts are rows both batches update: the one before must commit first, or
             # it could wait on this batch's row locks while this batch waits for its commit.
+            # A review task may name a record of the batch before (a candidate it handed on):
+            # its foreign key needs that record committed.
             await link.committed
+        await store.insert_rows(session, store.metadata.tables["review_task"], rows.tasks)
         await store.add_frequency_deltas(session, rows.deltas)
         for i in later:
             try:
@@ -683,14 +686,13 @@ class MasterIndex:
         return [results[i] for i in range(len(registrations))]
 
     async def _write_batch(self, session: AsyncSession, who: Caller, rows: _BatchRows) -> str:
-        """Insert a batch's rows (executemany per table) and its one audit event; the event id
-        ("" when the batch wrote no record)."""
+        """Insert a batch's rows (executemany per table; review tasks are written later) and its
+        one audit event; the event id ("" when the batch wrote no record)."""
         tables = store.metadata.tables
         await store.insert_rows(session, tables["patient"], rows.patients)
         await store.insert_rows(session, tables["patient_identifier"], rows.identifiers)
         await store.insert_rows(session, tables["blocking_key"], rows.keys)
         await store.insert_rows(session, tables["link_history"], rows.history)
-        await store.insert_rows(session, tables["review_task"], rows.tasks)
         await store.insert_rows(session, tables["outbox"], rows.outbox())
         if not rows.patients:
             return ""
