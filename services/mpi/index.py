@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import math
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
@@ -646,176 +647,36 @@ class MasterIndex:
         await self.refresh_parameters(session)
         if not registrations:
             return []
-        domain_id = registrations[0].domain
-        existing = await store.known_local_ids(session, domain=domain_id, local_ids=[r.local_id for r in registrations])
-        fresh: list[tuple[int, domain.Registration, MatchRecord]] = []
-        later: list[int] = []
-        seen: set[str] = set()
-        for i, registration in enumerate(registrations):
-            if registration.local_id in existing or registration.local_id in seen:
-                later.append(i)
-                continue
-            seen.add(registration.local_id)
-            new = store.match_record_of_registration(
-                registration, record_id=str(uuid.uuid4()), enterprise_id=domain.new_enterprise_id()
-            )
-            fresh.append((i, registration, new))
+        fresh, later = await _split_batch(session, registrations)
         await self.lock(
             session,
             set().union(*(matching.lock_keys(n) for _, _, n in fresh)) if fresh else set(),
             shared=link is not None,
         )
-        all_keys = set().union(*(matching.search_keys(n) for _, _, n in fresh)) if fresh else set()
-        sealing = store.sealing_of(session)
-        # Each key's blind index once per batch: the lookup and the rows written both need it.
-        digests = {key: sealing.key(key) for key in all_keys}
-        stored = await store.match_candidates_by_key(session, all_keys, digests=digests)
-        frequencies = await store.frequencies_of(
-            session, {(f, v) for _, _, n in fresh for f, v in matching.frequency_values(n).items() if v}
-        )
-        # The batch before, still committing, is not in the database yet: its records as it
-        # decided them (a record it committed meanwhile is read twice: one candidate, by id).
-        carried = await link.previous if link is not None and link.previous is not None else {}
-        in_batch: dict[str, list[MatchRecord]] = {}
-        now = utcnow()
-        patients, identifiers, keys, history, events, tasks = [], [], [], [], [], []
-        deltas: dict[tuple[str, str], int] = {}
+        context = await _BatchContext.read(session, [n for _, _, n in fresh], link)
+        rows = _BatchRows(now=utcnow(), sealing=context.sealing, digests=context.digests)
         results: dict[int, Registered | DomainError] = {}
         for n, (i, registration, new) in enumerate(fresh):
             if link is not None and n % 50 == 49:
                 # Let the batch before this one go on writing and committing meanwhile.
                 await asyncio.sleep(0)
-            own_keys = matching.search_keys(new)
-            candidates: dict[str, MatchRecord] = {}
-            # Smallest blocks first: past the cap, what is left out is the big name-only block.
-            for key in sorted(own_keys, key=lambda k: len(stored.get(k, ()))):
-                for source in (stored, carried, in_batch):
-                    for record in source.get(key, ()):
-                        candidates[record.record_id] = record
-                if len(candidates) > 500:
-                    break
-            decision = matching.decide(new, list(candidates.values()), self.params, frequencies)
-            if decision.outcome is Outcome.LINK and decision.best is not None:
-                method = (
-                    domain.LinkMethod.NATIONAL_ID
-                    if decision.rule is Rule.NATIONAL_ID
-                    else domain.LinkMethod.PROBABILISTIC
-                )
-                enterprise_id, score = decision.enterprise_id, decision.best.comparison.total
-            else:
-                method, enterprise_id, score = domain.LinkMethod.NEW, new.enterprise_id, None
-            linked = replace_enterprise(new, enterprise_id)
-            for key in matching.blocking_keys(new):
-                in_batch.setdefault(key, []).append(linked)
-                keys.append({"key": digests.get(key) or sealing.key(key), "patient_id": new.record_id})
-            patients.append(
-                {
-                    "id": new.record_id,
-                    "domain": registration.domain,
-                    "local_id": registration.local_id,
-                    "enterprise_id": enterprise_id,
-                    **sealing.row(new.record_id, registration),
-                    "gender": registration.gender.value,
-                    "birth_date": registration.birth_date,
-                    "province": registration.province,
-                    "city": registration.city,
-                    "district": registration.district,
-                    "postal_code": registration.postal_code,
-                    "link_method": method.value,
-                    "link_score": score,
-                    "linked_at": now,
-                    "merged_into": None,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-            )
-            identifiers += sealing.identifier_rows(new.record_id, registration)
-            history.append(
-                {
-                    "patient_id": new.record_id,
-                    "enterprise_id": enterprise_id,
-                    "previous_enterprise_id": None,
-                    "method": method.value,
-                    "decided_by": "rule",
-                    "created_at": now,
-                    "score": score,
-                    "reason": "register",
-                }
-            )
-            events.append(
-                {
-                    "event_id": str(uuid.uuid4()),
-                    "change": "register",
-                    "domain": registration.domain,
-                    "local_id": registration.local_id,
-                    "enterprise_id": enterprise_id,
-                    "previous_enterprise_id": "",
-                    "method": method.value,
-                    "score": score,
-                    "at": now.isoformat(),
-                }
-            )
-            for scored in decision.review:
-                tasks.append(
-                    {
-                        "id": str(uuid.uuid4()),
-                        "patient_id": new.record_id,
-                        "candidate_id": scored.record.record_id,
-                        "score": scored.comparison.total,
-                        "comparison": comparison_json(scored.comparison),
-                        "hold": scored.hold,
-                        "status": "open",
-                        "created_at": now,
-                        "decided_at": None,
-                        "decided_by": "",
-                    }
-                )
-            for f, v in matching.frequency_values(new).items():
-                if v:
-                    deltas[(f, v)] = deltas.get((f, v), 0) + 1
-                    deltas[(f, "")] = deltas.get((f, ""), 0) + 1
+            decision = matching.decide(new, context.candidates_of(new), self.params, context.frequencies)
+            method = rows.add(registration, new, decision, context.in_batch)
             results[i] = Registered(record=None, created=True, method=method, outcome=decision.outcome)  # type: ignore[arg-type]
         if link is not None:
-            link.scored.set_result(in_batch)
-        tables = store.metadata.tables
-        await store.insert_rows(session, tables["patient"], patients)
-        await store.insert_rows(session, tables["patient_identifier"], identifiers)
-        await store.insert_rows(session, tables["blocking_key"], keys)
-        await store.insert_rows(session, tables["link_history"], history)
-        await store.insert_rows(session, tables["review_task"], tasks)
-        await store.insert_rows(
-            session,
-            tables["outbox"],
-            [
-                {
-                    "id": e["event_id"],
-                    "topic": LINK_TOPIC,
-                    "payload": json.dumps(e).encode(),
-                    "created_at": now,
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "delivered_at": None,
-                    "last_error": None,
-                }
-                for e in events
-            ],
-        )
-        if patients:
-            audit_id = await self.audit.record(
-                session,
-                caller=who,
-                type="patient.bulk-register",
-                action=Action.ACTION_CREATE,
-                entities=[("Patient", f"{p['domain']}|{p['local_id']}") for p in patients],
-            )
-            for result in results.values():
-                if isinstance(result, Registered):
-                    result.audit_event_id = audit_id
+            link.scored.set_result(context.in_batch)
+        audit_id = await self._write_batch(session, who, rows)
+        for result in results.values():
+            if isinstance(result, Registered):
+                result.audit_event_id = audit_id
         if link is not None and link.committed is not None:
             # The name counts are rows both batches update: the one before must commit first, or
             # it could wait on this batch's row locks while this batch waits for its commit.
+            # A review task may name a record of the batch before (a candidate it handed on):
+            # its foreign key needs that record committed.
             await link.committed
-        await store.add_frequency_deltas(session, deltas)
+        await store.insert_rows(session, store.metadata.tables["review_task"], rows.tasks)
+        await store.add_frequency_deltas(session, rows.deltas)
         for i in later:
             try:
                 async with session.begin_nested():
@@ -823,6 +684,210 @@ class MasterIndex:
             except DomainError as exc:
                 results[i] = exc
         return [results[i] for i in range(len(registrations))]
+
+    async def _write_batch(self, session: AsyncSession, who: Caller, rows: _BatchRows) -> str:
+        """Insert a batch's rows (executemany per table; review tasks are written later) and its
+        one audit event; the event id ("" when the batch wrote no record)."""
+        tables = store.metadata.tables
+        await store.insert_rows(session, tables["patient"], rows.patients)
+        await store.insert_rows(session, tables["patient_identifier"], rows.identifiers)
+        await store.insert_rows(session, tables["blocking_key"], rows.keys)
+        await store.insert_rows(session, tables["link_history"], rows.history)
+        await store.insert_rows(session, tables["outbox"], rows.outbox())
+        if not rows.patients:
+            return ""
+        return await self.audit.record(
+            session,
+            caller=who,
+            type="patient.bulk-register",
+            action=Action.ACTION_CREATE,
+            entities=[("Patient", f"{p['domain']}|{p['local_id']}") for p in rows.patients],
+        )
+
+
+async def _split_batch(
+    session: AsyncSession, registrations: Sequence[domain.Registration]
+) -> tuple[list[tuple[int, domain.Registration, MatchRecord]], list[int]]:
+    """(new records with their comparable form, positions of the rest): a local id the domain
+    already has, or one repeated within the batch, is registered one by one afterwards."""
+    domain_id = registrations[0].domain
+    existing = await store.known_local_ids(session, domain=domain_id, local_ids=[r.local_id for r in registrations])
+    fresh: list[tuple[int, domain.Registration, MatchRecord]] = []
+    later: list[int] = []
+    seen: set[str] = set()
+    for i, registration in enumerate(registrations):
+        if registration.local_id in existing or registration.local_id in seen:
+            later.append(i)
+            continue
+        seen.add(registration.local_id)
+        new = store.match_record_of_registration(
+            registration, record_id=str(uuid.uuid4()), enterprise_id=domain.new_enterprise_id()
+        )
+        fresh.append((i, registration, new))
+    return fresh, later
+
+
+@dataclass
+class _BatchContext:
+    """What a batch scores against: stored candidates by key (read once for the batch), the
+    records the batch before decided (`carried`), the batch's own records so far (`in_batch`),
+    name frequencies, and each key's blind index."""
+
+    sealing: store.RecordSealing
+    digests: dict[str, str]
+    stored: Mapping[str, Sequence[MatchRecord]]
+    carried: Mapping[str, Sequence[MatchRecord]]
+    frequencies: matching.ValueFrequencies
+    in_batch: dict[str, list[MatchRecord]] = field(default_factory=dict)
+
+    @classmethod
+    async def read(cls, session: AsyncSession, fresh: Sequence[MatchRecord], link: BatchLink | None) -> _BatchContext:
+        """Read the candidates and frequencies of a batch's new records."""
+        all_keys = set().union(*(matching.search_keys(n) for n in fresh)) if fresh else set()
+        sealing = store.sealing_of(session)
+        # Each key's blind index once per batch: the lookup and the rows written both need it.
+        digests = {key: sealing.key(key) for key in all_keys}
+        stored = await store.match_candidates_by_key(session, all_keys, digests=digests)
+        frequencies = await store.frequencies_of(
+            session, {(f, v) for n in fresh for f, v in matching.frequency_values(n).items() if v}
+        )
+        # The batch before, still committing, is not in the database yet: its records as it
+        # decided them (a record it committed meanwhile is read twice: one candidate, by id).
+        carried = await link.previous if link is not None and link.previous is not None else {}
+        return cls(sealing, digests, stored, carried, frequencies)
+
+    def candidates_of(self, new: MatchRecord) -> list[MatchRecord]:
+        """The records sharing a search key with `new`, at most about 500."""
+        candidates: dict[str, MatchRecord] = {}
+        # Smallest blocks first: past the cap, what is left out is the big name-only block.
+        for key in sorted(matching.search_keys(new), key=lambda k: len(self.stored.get(k, ()))):
+            for source in (self.stored, self.carried, self.in_batch):
+                for record in source.get(key, ()):
+                    candidates[record.record_id] = record
+            if len(candidates) > 500:
+                break
+        return list(candidates.values())
+
+
+@dataclass
+class _BatchRows:
+    """The rows a batch writes, built record by record."""
+
+    now: datetime.datetime
+    sealing: store.RecordSealing
+    digests: dict[str, str]
+    patients: list[dict[str, object]] = field(default_factory=list)
+    identifiers: list[dict[str, object]] = field(default_factory=list)
+    keys: list[dict[str, object]] = field(default_factory=list)
+    history: list[dict[str, object]] = field(default_factory=list)
+    events: list[dict[str, object]] = field(default_factory=list)
+    tasks: list[dict[str, object]] = field(default_factory=list)
+    deltas: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(
+        self,
+        registration: domain.Registration,
+        new: MatchRecord,
+        decision: MatchDecision,
+        in_batch: dict[str, list[MatchRecord]],
+    ) -> domain.LinkMethod:
+        """The rows of one decided record (filed in `in_batch` for the records after it); its
+        link method."""
+        if decision.outcome is Outcome.LINK and decision.best is not None:
+            method = (
+                domain.LinkMethod.NATIONAL_ID if decision.rule is Rule.NATIONAL_ID else domain.LinkMethod.PROBABILISTIC
+            )
+            enterprise_id, score = decision.enterprise_id, decision.best.comparison.total
+        else:
+            method, enterprise_id, score = domain.LinkMethod.NEW, new.enterprise_id, None
+        now, sealing = self.now, self.sealing
+        linked = replace_enterprise(new, enterprise_id)
+        for key in matching.blocking_keys(new):
+            in_batch.setdefault(key, []).append(linked)
+            self.keys.append({"key": self.digests.get(key) or sealing.key(key), "patient_id": new.record_id})
+        self.patients.append(
+            {
+                "id": new.record_id,
+                "domain": registration.domain,
+                "local_id": registration.local_id,
+                "enterprise_id": enterprise_id,
+                **sealing.row(new.record_id, registration),
+                "gender": registration.gender.value,
+                "birth_date": registration.birth_date,
+                "province": registration.province,
+                "city": registration.city,
+                "district": registration.district,
+                "postal_code": registration.postal_code,
+                "link_method": method.value,
+                "link_score": score,
+                "linked_at": now,
+                "merged_into": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+        self.identifiers += sealing.identifier_rows(new.record_id, registration)
+        self.history.append(
+            {
+                "patient_id": new.record_id,
+                "enterprise_id": enterprise_id,
+                "previous_enterprise_id": None,
+                "method": method.value,
+                "decided_by": "rule",
+                "created_at": now,
+                "score": score,
+                "reason": "register",
+            }
+        )
+        self.events.append(
+            {
+                "event_id": str(uuid.uuid4()),
+                "change": "register",
+                "domain": registration.domain,
+                "local_id": registration.local_id,
+                "enterprise_id": enterprise_id,
+                "previous_enterprise_id": "",
+                "method": method.value,
+                "score": score,
+                "at": now.isoformat(),
+            }
+        )
+        for scored in decision.review:
+            self.tasks.append(
+                {
+                    "id": str(uuid.uuid4()),
+                    "patient_id": new.record_id,
+                    "candidate_id": scored.record.record_id,
+                    "score": scored.comparison.total,
+                    "comparison": comparison_json(scored.comparison),
+                    "hold": scored.hold,
+                    "status": "open",
+                    "created_at": now,
+                    "decided_at": None,
+                    "decided_by": "",
+                }
+            )
+        for f, v in matching.frequency_values(new).items():
+            if v:
+                self.deltas[(f, v)] = self.deltas.get((f, v), 0) + 1
+                self.deltas[(f, "")] = self.deltas.get((f, ""), 0) + 1
+        return method
+
+    def outbox(self) -> list[dict[str, object]]:
+        """The link events as outbox rows."""
+        return [
+            {
+                "id": e["event_id"],
+                "topic": LINK_TOPIC,
+                "payload": json.dumps(e).encode(),
+                "created_at": self.now,
+                "attempts": 0,
+                "next_attempt_at": self.now,
+                "delivered_at": None,
+                "last_error": None,
+            }
+            for e in self.events
+        ]
 
 
 def replace_enterprise(record: MatchRecord, enterprise_id: str) -> MatchRecord:

@@ -14,6 +14,7 @@ a review task, below a new person.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import re
@@ -43,6 +44,12 @@ APPROXIMATE = "approximate"
 # One edit apart (a letter wrong, missing, extra, or two adjacent letters transposed) of Latin
 # spellings of four letters or more: a typo, stronger evidence than Jaro–Winkler's "similar".
 TYPO = "typo"
+# A Latin given name and a nickname of it, or two nicknames of one name ("william" / "bill",
+# "bill" / "will"): the maintained list of the `nicknames` package.
+NICKNAME = "nickname"
+# One part of a name in the other part's column, the other part replaced or missing ("james
+# reece" / "reece aleisha"): the family level is crossed, the given name no evidence.
+CROSSED = "crossed"
 DIFFERENT = "different"
 ONE_DIGIT = "one_digit"
 DAY_MONTH_SWAPPED = "day_month_swapped"
@@ -53,7 +60,18 @@ SAME = "same"
 PARTIAL = "partial"
 MISSING = "missing"
 
-FIELDS = ("family", "given", "birth_date", "gender", "national_id", "phone", "address", "postcode", "identifier")
+FIELDS = (
+    "family",
+    "given",
+    "birth_date",
+    "gender",
+    "national_id",
+    "phone",
+    "address",
+    "street_number",
+    "postcode",
+    "identifier",
+)
 # Jaro–Winkler similarity of pinyin / Latin spellings at or above which names are "similar" (typos).
 SIMILAR_NAME = 0.9
 APPROXIMATE_NAME = 0.8
@@ -78,8 +96,13 @@ class MatchRecord:
     address: frozenset[str] = frozenset()
     postcode: str = ""
     identifiers: frozenset[tuple[str, str]] = frozenset()
-    # The first number of the street address (a house number: blocking only).
+    # The first number of the street address (a house number: its own evidence and a blocking key).
     street_number: str = ""
+    # The locality (district / suburb), folded: blocking with the street's words.
+    locality: str = ""
+    # The first words of a Latin street address (four letters of each, street types left out):
+    # blocking by street and locality or postcode, which neither a name nor a date typo changes.
+    street_words: tuple[str, ...] = ()
 
 
 _NUMBER = re.compile(r"\d+")
@@ -89,6 +112,58 @@ def street_number(address_line: str) -> str:
     """The first number in an address line (full-width digits folded), "" when there is none."""
     found = _NUMBER.search(unicodedata.normalize("NFKC", address_line))
     return found.group()[:8] if found else ""
+
+
+# Street types and other words many streets share (of four letters or more: shorter words are
+# not street words anyway): no help in telling streets apart.
+_STREET_TYPES = frozenset(
+    {
+        "street",
+        "road",
+        "avenue",
+        "drive",
+        "place",
+        "crescent",
+        "cres",
+        "close",
+        "court",
+        "circuit",
+        "lane",
+        "parade",
+        "terrace",
+        "highway",
+        "boulevard",
+        "grove",
+        "square",
+        "circle",
+        "village",
+        "house",
+        "unit",
+        "flat",
+        "apartment",
+        "north",
+        "south",
+        "east",
+        "west",
+        "upper",
+        "lower",
+    }
+)
+_LATIN_WORD = re.compile(r"[a-z]{4,}")
+
+
+def street_words(address_line: str) -> tuple[str, ...]:
+    """The first three words of a Latin street address that are no street type, four letters
+    of each ("7 cope place strawberry fields" → cope, stra, fiel); () for a Han address."""
+    text = unicodedata.normalize("NFKD", address_line).casefold()
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    words = [w for w in _LATIN_WORD.findall(text) if w not in _STREET_TYPES]
+    return tuple(dict.fromkeys(w[:4] for w in words))[:3]
+
+
+def _locality(district: str) -> str:
+    text = unicodedata.normalize("NFKC", district).casefold()
+    return _ADDRESS_NOISE.sub("", text)[:24]
 
 
 def address_tokens(*parts: str) -> frozenset[str]:
@@ -136,6 +211,8 @@ def match_record(
         postcode=postal_code.strip(),
         identifiers=frozenset(identifiers),
         street_number=street_number(address_line),
+        locality=_locality(district),
+        street_words=street_words(address_line),
     )
 
 
@@ -188,10 +265,21 @@ def _typo_tolerant_keys(record: MatchRecord) -> set[str]:
     keys: set[str] = set()
     postcode = record.postcode[:12]
     if record.birth_date is not None:
-        keys.update(f"di:{record.birth_date.isoformat()}:{part[0]}" for part in parts)
+        born = record.birth_date
+        dates = {born.isoformat()}
+        if born.day <= 12 and born.day != born.month:
+            # Day and month swapped (01/06 read as 6 January or 1 June): filed under both readings.
+            dates.add(datetime.date(born.year, born.day, born.month).isoformat())
+        keys.update(f"di:{date}:{part[0]}" for date in dates for part in parts)
         if postcode:
             # Birth date and postcode: both name parts replaced or missing.
             keys.add(f"bp:{record.birth_date.isoformat()}:{postcode}")
+    for place in (record.locality, postcode):
+        # The street with the locality or the postcode: a person whose name parts and birth
+        # date are mistyped or missing together (a block is a street's residents, which does not
+        # grow with the region).
+        if place:
+            keys.update(f"sw:{place}:{word}" for word in record.street_words)
     for place, prefix in ((postcode, "p"), (record.street_number, "s")):
         # Postcode, or house number (a postcode mistyped), with the name.
         if not place or not parts:
@@ -347,7 +435,45 @@ def compare_names(a: NameForms, b: NameForms) -> tuple[str, str]:
     ):
         # The same letters split differently (a compound surname, "Ouyang Nana" / "Ou Yangnana").
         return PINYIN if a.han != b.han else HOMOPHONE, PINYIN if a.han != b.han else HOMOPHONE
+    latin = not (a.han or b.han)
+    if latin and given in (DIFFERENT, APPROXIMATE) and nicknames_agree(a.given_pinyin, b.given_pinyin):
+        given = NICKNAME
+    if (
+        latin
+        and family in _NO_AGREEMENT
+        and given in _NO_AGREEMENT
+        and (_same_spelling(a.given_pinyin, b.family_pinyin) or _same_spelling(a.family_pinyin, b.given_pinyin))
+    ):
+        return CROSSED, MISSING
     return family, given
+
+
+_NO_AGREEMENT = frozenset({MISSING, DIFFERENT, APPROXIMATE})
+
+
+def _same_spelling(a: str, b: str) -> bool:
+    # Equal, or a typo apart (names of four letters or more).
+    if not a or not b:
+        return False
+    return a == b or (min(len(a), len(b)) >= 4 and DamerauLevenshtein.distance(a, b, score_cutoff=2) <= 1)
+
+
+@functools.cache
+def _nicknamer() -> Any:
+    from nicknames import NickNamer
+
+    return NickNamer()
+
+
+@functools.lru_cache(maxsize=65_536)
+def nicknames_agree(a: str, b: str) -> bool:
+    """Whether one Latin given name is a nickname of the other, or both are of one name."""
+    if not a or not b or a == b or not a.isascii() or not b.isascii():
+        return False
+    namer = _nicknamer()
+    if b in namer.nicknames_of(a) or a in namer.nicknames_of(b):
+        return True
+    return bool(namer.canonicals_of(a) & namer.canonicals_of(b))
 
 
 def _digits(date: datetime.date) -> str:
@@ -448,6 +574,7 @@ def compare(a: MatchRecord, b: MatchRecord) -> dict[str, str]:
         "national_id": compare_values(a.national_id, b.national_id),
         "phone": compare_phones(a.phones, b.phones),
         "address": compare_addresses(a.address, b.address),
+        "street_number": compare_values(a.street_number, b.street_number),
         "postcode": compare_postcodes(a.postcode, b.postcode),
         "identifier": compare_identifiers(a.identifiers, b.identifiers),
     }

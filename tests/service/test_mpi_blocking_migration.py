@@ -1,4 +1,4 @@
-"""Migrations 0006 and 0008: records stored before matching blocked on birth date + family name
+"""Migrations 0006, 0008 and 0010: records stored before matching blocked on birth date + family name
 (0006), or on the typo-tolerant keys (0008), are filed under those keys, so a registration found
 only by them still meets its person. Real gRPC server, real database (SQLite and PostgreSQL)."""
 
@@ -103,6 +103,44 @@ async def test_0008_files_existing_records_under_the_typo_tolerant_keys(
         second = Hospital(running, keys_dir)
         got = await second.register(
             "B-1", "Lodgw, Joel", birth_date="1971-08-03", line="12 Pinkerton Circuit", postal_code="4012"
+        )
+        tasks = await _tasks_for(second, "B-1")
+        assert got.patient.enterprise_id == stored.patient.enterprise_id or [
+            t.candidate.ref.local_id for t in tasks
+        ] == ["A-1"]
+    finally:
+        await running.stop(grace=None)
+        await drop_schemas(settings)
+
+
+@pytest.mark.parametrize("backend", _backends())
+async def test_0010_files_existing_records_under_their_street(backend: str, tmp_path: Path, keys_dir: Path) -> None:
+    settings = base_settings(tmp_path, keys_dir, backend)
+    running = await _started(settings)
+    try:
+        first = Hospital(running, keys_dir)
+        stored = await first.register(
+            "A-1", "Lodge, Joel", birth_date="1971-08-30", line="12 Pinkerton Circuit", postal_code="4012"
+        )
+        assert running.runtime.protection is not None
+        digest = RecordSealing(running.runtime.protection).key("sw:4012:pink")
+        async with running.runtime.engine.begin() as conn:
+            removed = await conn.execute(sa.text("DELETE FROM blocking_key WHERE key = :k"), {"k": digest})
+            assert removed.rowcount == 1
+            await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0009'"))
+    finally:
+        await running.stop(grace=None)
+
+    running = await _started(settings)
+    try:
+        async with running.runtime.engine.connect() as conn:
+            filed = await conn.scalar(sa.text("SELECT count(*) FROM blocking_key WHERE key = :k"), {"k": digest})
+        assert filed == 1
+        # Both name parts mistyped in their first three letters, the birth date replaced and the
+        # house number mistyped: only the street with the postcode is left to find the record.
+        second = Hospital(running, keys_dir)
+        got = await second.register(
+            "B-1", "Lpdge, Jowl", birth_date="1917-08-30", line="21 Pinkerton Circuit", postal_code="4012"
         )
         tasks = await _tasks_for(second, "B-1")
         assert got.patient.enterprise_id == stored.patient.enterprise_id or [

@@ -103,6 +103,20 @@ def test_gb18030_export_loads_with_encoding_and_is_named_without_it(tmp_path: Pa
     assert "--encoding" in bad.output
 
 
+def test_a_utf8_export_with_a_bom_and_a_gbk_one_load(tmp_path: Path) -> None:
+    common = ["--data-dir", str(tmp_path)]
+    with_bom, gbk = tmp_path / "export-bom.csv", tmp_path / "export-gbk.csv"
+    # Excel's "CSV UTF-8" starts with a BOM: the first column is still local_id.
+    _write(with_bom, [_HEADER, ["Z-1", "欧阳娜娜", "女", "1990-05-06", ""]], encoding="utf-8-sig")
+    loaded = runner.invoke(app, [*_LOAD, str(with_bom), *common])
+    assert loaded.exit_code == 0, loaded.output
+    assert "new 1" in loaded.output
+    _write(gbk, [_HEADER, ["Z-2", "张伟", "男", "1980-01-01", ""]], encoding="gbk")
+    loaded = runner.invoke(app, [*_LOAD, str(gbk), "--encoding", "gbk", *common])
+    assert loaded.exit_code == 0, loaded.output
+    assert "new 1" in loaded.output
+
+
 def test_load_help_lists_the_target_fields() -> None:
     result = runner.invoke(app, ["mpi", "load", "--help"])
     assert result.exit_code == 0

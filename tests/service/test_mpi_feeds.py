@@ -434,3 +434,22 @@ async def test_a_block_is_read_to_its_limit_and_no_further(index: IndexHandle) -
         stored = await session.scalar(select(func.count()).select_from(store.PatientRecord))
     assert stored == store.BLOCK_READ_LIMIT + 9
     assert len(found[key]) == store.BLOCK_READ_LIMIT
+
+
+async def test_a_review_task_against_a_record_of_the_batch_before_waits_for_its_commit(index: IndexHandle) -> None:
+    # Seen in `hie bench mpi` on PostgreSQL: the batch in flight opened a review task naming a
+    # record the batch before had decided but not committed (ForeignKeyViolationError).
+    national_id = fresh_national_id()
+
+    async def slow_commit(session: object, results: object) -> None:
+        await asyncio.sleep(1.0)  # the batch before holds its transaction open meanwhile
+
+    async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+        await pipeline.submit(bulk_caller(FACILITY), [_person(FACILITY, "R-1", national_id)], slow_commit)
+        # The same person again in the same hospital: a duplicate, held for review against R-1.
+        await pipeline.submit(bulk_caller(FACILITY), [_person(FACILITY, "R-2", national_id)])
+    async with index.sessions() as session:
+        tasks = (await session.scalars(select(store.ReviewTask))).all()
+        first = await store.find_record(session, domain=FACILITY, local_id="R-1")
+    assert first is not None
+    assert [t.candidate_id for t in tasks] == [first.id]

@@ -472,3 +472,89 @@ def test_em_with_random_pairs_keeps_u_and_levels_nobody_reached() -> None:
     assert estimated.m["family"][EXACT] > 0.8
     assert estimated.u["family"][EXACT] < 0.01  # from the random pairs, not the candidates
     assert estimated.m["family"][HOMOPHONE] == params.m["family"][HOMOPHONE]  # never seen: kept
+
+
+def test_a_nickname_of_a_latin_given_name_is_its_own_level() -> None:
+    assert compare_names(name_forms("", "smith", "william"), name_forms("", "smith", "bill")) == (
+        EXACT,
+        matching.NICKNAME,
+    )
+    # Two nicknames of one name.
+    assert compare_names(name_forms("", "smith", "bob"), name_forms("", "smith", "robby"))[1] == matching.NICKNAME
+    assert compare_names(name_forms("", "smith", "william"), name_forms("", "smith", "oliver"))[1] == DIFFERENT
+    assert PARAMS.weight("given", matching.NICKNAME) > 0
+
+
+def test_one_name_part_in_the_other_column_is_crossed_not_two_different_names() -> None:
+    # "james reece" / "reece aleisha": reece moved to the given name, the other part replaced.
+    crossed = compare_names(name_forms("", "reece", "james"), name_forms("", "aleisha", "reece"))
+    assert crossed == (matching.CROSSED, MISSING)
+    # A typo in the moved part too.
+    assert compare_names(name_forms("", "havriluk", "tiarna"), name_forms("", "jacinta", "havrilyk"))[0] == (
+        matching.CROSSED
+    )
+    a = record("a", "", family="reece", given="james", birth_date=D(1960, 3, 4))
+    b = record("b", "", family="aleisha", given="reece", birth_date=D(1960, 3, 4), domain="urn:hie:org:b")
+    assert matching.assess(b, a, PARAMS).hold == ""  # not the household / twin hold of a different given name
+    assert compare_names(name_forms("", "smith", "james"), name_forms("", "jones", "mary")) == (DIFFERENT, DIFFERENT)
+
+
+def test_the_house_number_is_evidence_of_its_own() -> None:
+    a = record("a", "", family="lodge", given="joel", address_line="12 Pinkerton Circuit")
+    same = record("b", "", family="lodge", given="joel", address_line="12 pinkerton circuit")
+    other = record("c", "", family="lodge", given="joel", address_line="21 Pinkerton Circuit")
+    nothing = record("d", "", family="lodge", given="joel")
+    assert matching.compare(a, same)["street_number"] == AGREE
+    assert matching.compare(a, other)["street_number"] == DISAGREE
+    assert matching.compare(a, nothing)["street_number"] == MISSING
+    assert score(a, same, PARAMS).total > score(a, other, PARAMS).total
+
+
+def test_street_words_skip_numbers_and_street_types() -> None:
+    assert matching.street_words("7 cope place strawberry fields") == ("cope", "stra", "fiel")
+    assert matching.street_words("7 copeplace") == ("cope",)
+    assert matching.street_words("西城区金融街7号") == ()
+    assert matching.street_words("12 Rue Émile Zola") == ("emil", "zola")
+
+
+def test_a_record_with_names_and_birth_date_all_mistyped_is_found_by_its_street() -> None:
+    # Both name parts replaced or mistyped past their first letters, the birth date replaced, the
+    # house number and postcode mistyped: only the street with the locality is left.
+    a = record(
+        "a",
+        "",
+        family="morrison",
+        given="taliah",
+        birth_date=D(1909, 8, 28),
+        address_line="7 cope place",
+        district="Dover",
+        postal_code="6714",
+    )
+    b = record(
+        "b",
+        "",
+        family="nguyen",
+        given="samantha",
+        birth_date=D(1931, 2, 2),
+        address_line="18 copeplace",
+        district="dover",
+        postal_code="6774",
+    )
+    assert _shares_a_key(b, a)
+    elsewhere = record(
+        "c",
+        "",
+        family="nguyen",
+        given="samantha",
+        birth_date=D(1931, 2, 2),
+        address_line="18 copeplace",
+        district="epping",
+        postal_code="2121",
+    )
+    assert not _shares_a_key(elsewhere, a)
+
+
+def test_day_and_month_swapped_with_a_name_typo_still_share_a_key() -> None:
+    a = record("a", "", family="gracia", given="maria", birth_date=D(1936, 6, 1))
+    b = record("b", "", family="gracai", given="maria", birth_date=D(1936, 1, 6))
+    assert _shares_a_key(b, a)
