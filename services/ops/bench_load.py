@@ -460,8 +460,9 @@ async def build_region(
         if response.status_code not in (200, 201):
             raise RuntimeError(f"document bundle: HTTP {response.status_code}")
         for entry in response.json()["entry"]:
-            location = entry["response"]["location"]
-            region.documents.append((location.split("/")[1], person.index))
+            location = entry["response"].get("location", "")
+            if location.startswith("DocumentReference/"):
+                region.documents.append((location.split("/")[1], person.index))
 
     await _bounded(people, submit, concurrency)
     region.setup_seconds["documents"] = round(time.perf_counter() - started, 2)
