@@ -919,7 +919,7 @@ def start_own_exchange(database_url: str, extra_env: dict[str, str] | None = Non
     log = (data_dir / "up.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{ports}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the benchmark's exchange stopped: see {data_dir / 'up.log'}")
@@ -930,7 +930,10 @@ def start_own_exchange(database_url: str, extra_env: dict[str, str] | None = Non
             pass
         time.sleep(0.3)
     process.terminate()
-    raise RuntimeError("the benchmark's exchange did not become ready in 120 s")
+    process.wait(timeout=60)
+    if database_url:
+        asyncio.run(drop_bench_schemas(database_url, env["HIE_DB_SCHEMA_PREFIX"]))
+    raise RuntimeError("the benchmark's exchange did not become ready in 300 s")
 
 
 async def drop_bench_schemas(database_url: str, prefix: str) -> None:
