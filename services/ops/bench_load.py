@@ -922,6 +922,8 @@ def start_own_exchange(database_url: str, extra_env: dict[str, str] | None = Non
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if database_url:
+                asyncio.run(drop_bench_schemas(database_url, env["HIE_DB_SCHEMA_PREFIX"]))
             raise RuntimeError(f"the benchmark's exchange stopped: see {data_dir / 'up.log'}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
