@@ -1084,6 +1084,13 @@ def command(
                 echo=typer.echo,
             )
         )
+    except (RuntimeError, httpx.HTTPError, OSError) as exc:
+        # One line, never a traceback (nor a response body: it could name a patient).
+        typer.echo(f"error: the benchmark stopped: {type(exc).__name__}: {str(exc)[:200]}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("stopped", err=True)
+        raise typer.Exit(1) from None
     finally:
         if own is not None:
             own.stop()
