@@ -888,54 +888,79 @@ def free_port_block(size: int = 7) -> int:
 
 @dataclass
 class OwnExchange:
-    process: subprocess.Popen[bytes]
+    """The six services and the gateway as processes of this one (so their CPU is theirs)."""
+
+    processes: list[subprocess.Popen[bytes]]
     data_dir: Path
     gateway_url: str
     env: dict[str, str]
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def start_own_exchange(database_url: str, extra_env: dict[str, str] | None = None) -> OwnExchange:
-    """`hie up` in a temporary data dir, on free ports, in `bench_*` schemas when on PostgreSQL."""
+    """The exchange's processes as `hie up` starts them (audit first, the gateway last), in a
+    temporary data dir, on free ports, in `bench_*` schemas when on PostgreSQL; ready when the
+    gateway's /readyz says so (waiting up to five minutes: a busy shared machine is slow)."""
+    from services.shared.config import SERVICE_PORTS
+    from services.shared.keys import ensure_exchange_keys
+
     data_dir = Path(tempfile.mkdtemp(prefix="hie-bench-load-"))
     ports = free_port_block()
+    keys = ensure_exchange_keys(data_dir / "keys")
+    targets = {name: f"127.0.0.1:{ports + 1 + i}" for i, name in enumerate(SERVICE_PORTS)}
+    url = f"http://127.0.0.1:{ports}"
     env = {
         **os.environ,
         "HIE_DATA_DIR": str(data_dir),
-        "HIE_GATEWAY_PORT": str(ports),
-        "HIE_SERVICE_BASE_PORT": str(ports + 1),
-        "HIE_MLLP_PORT": "0",
+        "HIE_TRUSTED_JWKS_FILE": str(keys["trusted"]),
+        "HIE_GATEWAY_SIGNING_KEY_FILE": str(keys["gateway"]),
+        "HIE_SERVICE_SIGNING_KEY_FILE": str(keys["platform"]),
+        "HIE_PUBLIC_URL": url,
         "HIE_DB_SCHEMA_PREFIX": f"bench_{secrets.token_hex(3)}_",
+        **{f"HIE_{name.upper()}_TARGET": target for name, target in targets.items()},
         **(extra_env or {}),
     }
     if database_url:
         env["HIE_DATABASE_URL"] = database_url
-    log = (data_dir / "up.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{ports}"
+    log = (data_dir / "exchange.log").open("wb")
+    processes = []
+    for name in ("audit", "mpi", "consent", "registry", "referral", "teleconsult"):
+        processes.append(
+            subprocess.Popen(  # noqa: S603 - this interpreter, a fixed module name
+                [sys.executable, "-m", f"services.{name}"],
+                env={**env, "HIE_LISTEN": targets[name]},
+                stdout=log,
+                stderr=log,
+            )
+        )
+    processes.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway"], env={**env, "HIE_LISTEN": f"127.0.0.1:{ports}"}, stdout=log, stderr=log
+        )
+    )
+    own = OwnExchange(processes, data_dir, url, env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            if database_url:
-                asyncio.run(drop_bench_schemas(database_url, env["HIE_DB_SCHEMA_PREFIX"]))
-            raise RuntimeError(f"the benchmark's exchange stopped: see {data_dir / 'up.log'}")
+        if any(p.poll() is not None for p in processes):
+            break
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return OwnExchange(process, data_dir, url, env)
+                return own
         except httpx.HTTPError:
             pass
-        time.sleep(0.3)
-    process.terminate()
-    process.wait(timeout=60)
+        time.sleep(0.5)
+    own.stop()
     if database_url:
         asyncio.run(drop_bench_schemas(database_url, env["HIE_DB_SCHEMA_PREFIX"]))
-    raise RuntimeError("the benchmark's exchange did not become ready in 300 s")
+    raise RuntimeError(f"the benchmark's exchange did not become ready: see {data_dir / 'exchange.log'}")
 
 
 async def drop_bench_schemas(database_url: str, prefix: str) -> None:
@@ -1055,7 +1080,7 @@ def command(
         except RuntimeError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        env, url, up_pid = own.env, own.gateway_url, own.process.pid
+        env, url, up_pid = own.env, own.gateway_url, os.getpid()
     else:
         try:
             state = json.loads((data_dir / "up.json").read_text())
