@@ -466,7 +466,13 @@ async def build_region(
     async def submit(person: Person) -> None:
         member = members[person.home]
         bundle = _document_bundle(person.local_id(person.home), person, per_person)
-        response = await _send(member, "POST", "/fhir/R4/", json=bundle)
+        headers = {"Idempotency-Key": f"bl-bundle-{person.index}-{secrets.token_hex(4)}"}
+        for attempt in range(6):
+            response = await _send(member, "POST", "/fhir/R4/", json=bundle, headers=headers)
+            # 503 (database busy, on a shared machine): the same bundle again under the same key.
+            if response.status_code != 503:
+                break
+            await asyncio.sleep(0.5 * 2**attempt)
         if response.status_code not in (200, 201):
             raise RuntimeError(f"document bundle: HTTP {response.status_code}")
         for entry in response.json()["entry"]:
@@ -487,10 +493,12 @@ async def _send(
     *,
     purpose: str = "treatment",
     traceparent: str | None = None,
+    headers: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> httpx.Response:
     client = member.client
     headers = {
+        **(headers or {}),
         "Authorization": f"Bearer {await client.access_token()}",
         "X-HIE-User-Assertion": member.assertion(purpose),
     }
