@@ -48,6 +48,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.client import DEFAULT_SCOPES, HospitalClient, Practitioner, new_traceparent, user_assertion
 from services.shared import gb11643
@@ -1125,7 +1126,7 @@ def command(
                 echo=typer.echo,
             )
         )
-    except (RuntimeError, httpx.HTTPError, OSError) as exc:
+    except (RuntimeError, httpx.HTTPError, OSError, SQLAlchemyError) as exc:
         # One line, never a traceback (nor a response body: it could name a patient).
         typer.echo(f"error: the benchmark stopped: {type(exc).__name__}: {str(exc)[:200]}", err=True)
         raise typer.Exit(1) from None
