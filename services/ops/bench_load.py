@@ -34,6 +34,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -1138,6 +1139,7 @@ def command(
             own.stop()
             if database_url:
                 asyncio.run(drop_bench_schemas(database_url, own.env["HIE_DB_SCHEMA_PREFIX"]))
+            shutil.rmtree(own.data_dir, ignore_errors=True)
     write_json(result, output)
     verdict = result["correctness"]
     typer.echo(
