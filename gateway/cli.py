@@ -26,6 +26,7 @@ from gateway.cli_registry import bench_registry
 from gateway.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.consent.bench import bench_consent
 from services.ops import status as ops_status
+from services.ops import bench_load
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
@@ -659,6 +660,8 @@ def bench_protection_command(
 
 bench_app.command("registry")(bench_registry)
 bench_app.command("mpi")(cli_mpi.bench_mpi)
+# `hie bench load`: mixed traffic with the nothing-lost check (services/ops/bench_load.py).
+bench_app.command("load")(bench_load.command)
 
 
 @bench_app.command("exchange")

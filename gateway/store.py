@@ -9,6 +9,8 @@ import uuid
 from typing import Any
 
 from sqlalchemy import MetaData, String, Text, delete, select, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -118,13 +120,17 @@ async def remember_user_assertion(
         _last_prune = now
         await session.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
     key = f"user:{client_id}:{jti}"[:256]
-    try:
-        async with session.begin_nested():
-            session.add(UsedAssertion(jti=key, client_id=client_id[:64], expires_at=expires_at))
-            await session.flush()
-    except IntegrityError:
-        return False
-    return True
+    # One statement, no savepoint: a jti already there inserts nothing and returns no row.
+    insert = (
+        postgresql_insert if session.bind is not None and session.bind.dialect.name == "postgresql" else sqlite_insert
+    )
+    statement = (
+        insert(UsedAssertion)
+        .values(jti=key, client_id=client_id[:64], expires_at=expires_at)
+        .on_conflict_do_nothing(index_elements=[UsedAssertion.jti])
+        .returning(UsedAssertion.jti)
+    )
+    return (await session.execute(statement)).first() is not None
 
 
 async def organization(session: AsyncSession, org_id: str) -> Organization | None:

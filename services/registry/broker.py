@@ -1,476 +1,54 @@
-"""NotificationBroker: subscriptions (IHE DSUB), notifications staged in the registry's outbox
-in the transaction of the change, delivered by signed HTTP POSTs with the trace continued, retried
-with backoff, dead-lettered after a configurable period; optionally published to NATS JetStream.
-
-Delivery contract for receivers:
-
-- `POST <endpoint>` with the JSON body; `X-HIE-Event-Id` is the same on every retry of one
-  notification (de-duplicate by it); `X-HIE-Event-Type`; `traceparent` continues the trace of the
-  change that caused it.
-- `X-HIE-Signature` is a JWS compact serialisation with a detached payload (RFC 7515 Appendix F,
-  `<header>..<signature>`): the signing input is the protected header and the exact body bytes
-  (base64url). It is signed with the exchange's platform key (ES384, `kid` in the header,
-  `typ` `hie-notification+jws`); its public key is published at
-  `/api/v1/notifications/jwks.json` on the gateway.
-- Under the national-algorithms option (`HIE_CRYPTO_SUITE=sm`) `X-HIE-Signature-SM2` co-signs the
-  exact body bytes: hex of the DER SM2 signature (GB/T 32918.2 over SM3, signer id
-  "1234567812345678"), by the platform's SM2 key (`HIE_SM2_SIGNING_KEY_FILE`, the key that
-  co-signs audit checkpoints); its public key is at `/api/v1/notifications/sm2-key`.
-- Any 2xx acknowledges; anything else (or no answer within the timeout) is retried.
-"""
+"""NotificationBroker gRPC servicer: subscriptions (IHE DSUB), dead letters and their replay,
+published events, the keys receivers verify signatures with. Staging and signed delivery (with
+the delivery contract for receivers): services/registry/delivery.py; settings, endpoint policy and
+NATS publishing: notify_settings.py, endpoints.py, nats_publisher.py (re-exported here)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import ipaddress
-import json
-import logging
-import os
-import socket
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
-from opentelemetry.trace import SpanKind
-from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
 from services.registry import dsub, store
+from services.registry.delivery import NOTIFICATION_TOPIC, DeliveryRefused, Notifier
+from services.registry.endpoints import EndpointRefused, check_endpoint, own_ports, pinned
+from services.registry.nats_publisher import NATS_STREAM, NATS_TOPIC
+from services.registry.notify_settings import NotificationSettings
 from services.shared import identity
-from services.shared.audit_trail import Action, Outcome
-from services.shared.auth import PLATFORM, Caller, caller
-from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
+from services.shared.audit_trail import Action
+from services.shared.auth import caller
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
-from services.shared.keys import algorithm_for, load_private_key, public_jwk
-from services.shared.metrics import NOTIFICATIONS
-from services.shared.outbox import DeliveryPolicy
 from services.shared.process import ServiceRuntime
-from services.shared.protection.sm2 import DEFAULT_SIGNER_ID, load_or_create_signing_key
-from services.shared.tracing import current_trace_ids, remote_parent, tracer
+from services.shared.protection.sm2 import DEFAULT_SIGNER_ID
+from services.shared.tracing import current_trace_ids
 
-_log = logging.getLogger(__name__)
-NOTIFICATION_TOPIC = "notification"
-NATS_TOPIC = "nats"
-NATS_STREAM = "HIE_EVENTS"
+__all__ = [
+    "NATS_STREAM",
+    "NATS_TOPIC",
+    "NOTIFICATION_TOPIC",
+    "DeliveryRefused",
+    "EndpointRefused",
+    "NotificationBrokerServicer",
+    "NotificationSettings",
+    "Notifier",
+    "check_endpoint",
+    "own_ports",
+    "pinned",
+]
 _SUBSCRIBERS = ("admin", "doctor", "nurse")
-
-
-@dataclass(frozen=True)
-class NotificationSettings:
-    """Delivery settings (HIE_NOTIFY_*, HIE_NATS_URL)."""
-
-    retry_base_seconds: float = 5.0
-    max_backoff_seconds: float = 300.0
-    dead_letter_after_seconds: float = 24 * 3600.0
-    timeout_seconds: float = 10.0
-    nats_url: str = ""
-    # JSON {organisation id or "*": [base URL, ...]} (see dsub.EndpointPolicy).
-    endpoint_allow_list: str = ""
-    # Comma-separated CIDRs production may deliver into (a regional private network).
-    private_networks: str = ""
-    # Loopback endpoints (a receiver on this machine): tests only, never by default.
-    allow_loopback: bool = False
-
-    @classmethod
-    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> NotificationSettings:
-        env = os.environ if env is None else env
-        return cls(
-            retry_base_seconds=float(env.get("HIE_NOTIFY_RETRY_BASE_SECONDS", "5")),
-            max_backoff_seconds=float(env.get("HIE_NOTIFY_MAX_BACKOFF_SECONDS", "300")),
-            dead_letter_after_seconds=float(env.get("HIE_NOTIFY_DEAD_LETTER_AFTER_SECONDS", str(24 * 3600))),
-            timeout_seconds=float(env.get("HIE_NOTIFY_TIMEOUT_SECONDS", "10")),
-            nats_url=env.get("HIE_NATS_URL", ""),
-            endpoint_allow_list=_allow_list(env),
-            private_networks=env.get("HIE_NOTIFY_PRIVATE_NETWORKS", ""),
-            allow_loopback=env.get("HIE_NOTIFY_ALLOW_LOOPBACK", "").lower() in {"1", "true", "yes"},
-        )
-
-
-def _allow_list(env: os._Environ[str] | dict[str, str]) -> str:
-    """HIE_NOTIFY_ENDPOINT_ALLOWLIST (JSON), or the JSON file HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE names."""
-    path = env.get("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", "")
-    if path:
-        return Path(path).read_text(encoding="utf-8")
-    return env.get("HIE_NOTIFY_ENDPOINT_ALLOWLIST", "")
-
-
-class DeliveryRefused(Exception):
-    """The receiver answered with something other than 2xx."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(str(status))
-        self.status = status
-
-
-class EndpointRefused(Exception):
-    """The endpoint is (no longer) allowed: not under the organisation's allow-listed base URLs,
-    or its host resolves to an address notifications may not go to."""
-
-
-# Actor of the audit events of deliveries: the registry itself, acting for no user.
-_RELAY = Caller(
-    organization_id=PLATFORM,
-    organization_type=PLATFORM,
-    client_id="service:registry",
-    purpose_of_use="operations",
-)
-_RESOLVE_TIMEOUT_SECONDS = 5.0
 
 
 def _ts(value: datetime.datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
-
-
-async def check_endpoint(
-    policy: dsub.EndpointPolicy, organization_id: str, url: str, *, delivering: bool = False
-) -> list[str]:
-    """The addresses notifications to `url` may connect to; EndpointRefused if the endpoint is
-    outside the organisation's allow-listed base URLs, or its host is or resolves to an address
-    notifications may not go to. The host is resolved in every mode (a numeric host such as
-    `2852039166` is an address); a name that does not resolve is refused in production and at
-    delivery, and accepted at subscription in development (hospital hosts that do not exist yet)."""
-    base = policy.base_for(organization_id, url)
-    if base is None:
-        raise EndpointRefused("endpoint-not-allowed")
-    host = urlsplit(url).hostname or ""
-    literal = dsub.literal_ip(url)
-    if literal:
-        addresses = [literal]
-    else:
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
-                _RESOLVE_TIMEOUT_SECONDS,
-            )
-        except (OSError, TimeoutError):
-            if policy.production or delivering:
-                raise EndpointRefused("endpoint-unresolvable") from None
-            return []
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    port = dsub.endpoint_port(url)
-    # Every address the name resolves to must be allowed: the connection may use any of them.
-    if not addresses or not all(policy.address_allowed(address, base, port) for address in addresses):
-        raise EndpointRefused("endpoint-address-not-allowed")
-    return addresses
-
-
-def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
-    """The request to `url` sent to `address` (the one checked), with the original Host header and,
-    for https, the original name for SNI and certificate verification."""
-    parts = urlsplit(url)
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    literal = f"[{ip}]" if ip.version == 6 else str(ip)
-    netloc = f"{literal}:{parts.port}" if parts.port else literal
-    host_header = parts.netloc.rsplit("@", 1)[-1]
-    extensions = {"sni_hostname": parts.hostname or ""} if parts.scheme == "https" else {}
-    return urlunsplit(parts._replace(netloc=netloc)), {"host": host_header}, extensions
-
-
-def own_ports(settings: Settings) -> frozenset[int]:
-    """The ports the exchange itself listens on (its services' targets and the gateway)."""
-    ports = {GATEWAY_PORT, *SERVICE_PORTS.values()}
-    for target in settings.targets.values():
-        _, _, port = target.rpartition(":")
-        if port.isdigit():
-            ports.add(int(port))
-    public = urlsplit(settings.public_url)
-    try:
-        if public.port:
-            ports.add(public.port)
-    except ValueError:
-        pass
-    return frozenset(ports)
-
-
-class Notifier:
-    """Stages notifications with a change and delivers them from the outbox."""
-
-    def __init__(self, runtime: ServiceRuntime, settings: NotificationSettings) -> None:
-        self._rt = runtime
-        self.settings = settings
-        self._key = load_private_key(runtime.settings.service_signing_key_file)
-        self._kid = public_jwk(self._key)["kid"]
-        suite = runtime.settings.crypto_suite
-        self.sm2 = load_or_create_signing_key(runtime.settings.sm2_signing_key_file) if suite == "sm" else None
-        self.endpoints = dsub.EndpointPolicy.parse(
-            settings.endpoint_allow_list,
-            settings.private_networks,
-            production=runtime.settings.environment == "production",
-            allow_loopback=settings.allow_loopback,
-            own_ports=own_ports(runtime.settings),
-        )
-        self._nats: Any = None
-        # One client (one connection pool) for every delivery, not one per notification.
-        self._http: httpx.AsyncClient | None = None
-        runtime.outbox.register(
-            NOTIFICATION_TOPIC,
-            self._deliver,
-            DeliveryPolicy(
-                per_message=True,
-                base_backoff=datetime.timedelta(seconds=settings.retry_base_seconds),
-                max_backoff=datetime.timedelta(seconds=settings.max_backoff_seconds),
-                give_up_after=datetime.timedelta(seconds=settings.dead_letter_after_seconds),
-                dead_letter=self._dead_letter,
-                on_attempt=self._audit_attempt,
-                # A hospital's receiver that hangs holds up webhook deliveries only, never the
-                # audit trail (issue 23: 5-10 s of audit lag behind one hung receiver).
-                lane="webhooks",
-            ),
-        )
-        if settings.nats_url:
-            runtime.outbox.register(NATS_TOPIC, self._publish_nats, DeliveryPolicy(lane="broker"))
-            runtime.background(self._close_nats_on_exit(), name="nats-close")
-
-    # --- staging (inside the caller's transaction) --------------------------------------------
-
-    async def stage(
-        self, session: AsyncSession, notifications: Sequence[dsub.Notification], event: dict[str, Any]
-    ) -> None:
-        for item in notifications:
-            await self._rt.outbox.add(session, NOTIFICATION_TOPIC, item.payload())
-        if self.settings.nats_url:
-            await self._rt.outbox.add(session, NATS_TOPIC, json.dumps(event, ensure_ascii=False).encode())
-
-    async def stage_document(
-        self,
-        session: AsyncSession,
-        record: store.DocumentEntryRecord,
-        refs: Sequence[common_pb2.PatientRef],
-    ) -> int:
-        """Notifications for a newly registered document, in its registration's transaction."""
-        return await self.stage_documents(session, [record], refs)
-
-    async def stage_documents(
-        self,
-        session: AsyncSession,
-        records: Sequence[store.DocumentEntryRecord],
-        refs: Sequence[common_pb2.PatientRef],
-    ) -> int:
-        """Notifications for newly registered documents of one person, in their registration's
-        transaction: the live subscriptions are read once for all of them."""
-        announced = [
-            r
-            for r in records
-            if dsub.announced(confidentiality=r.confidentiality, security_labels=r.labels, status=r.status)
-        ]
-        if not announced:
-            return 0
-        now = utcnow()
-        pairs = [(r.domain, r.local_id) for r in refs]
-        subscriptions = await store.matching_subscriptions(
-            session,
-            refs=pairs,
-            type_codes=sorted({code for r in announced for code in (r.type_code, r.shared_type) if code}),
-            exclude_organization_id=announced[0].source_organization_id,
-            now=now,
-        )
-        trace_id, span_id = current_trace_ids()
-        staged = 0
-        for record in announced:
-            event_type = "document.registered" if not record.relation_type else "document.revised"
-            document = {
-                "document_id": record.id,
-                "source_organization_id": record.source_organization_id,
-                "type": {"system": record.type_system, "code": record.type_code},
-                "shared_type": record.shared_type,
-                "status": "current",
-            }
-            if record.relation_type:
-                names = {1: "replaces", 2: "appends", 3: "transforms"}
-                document["relation"] = {"type": names[record.relation_type], "document_id": record.related_document_id}
-            notifications = []
-            for sub in subscriptions:
-                # The type topic matched any of the set's types: this document's only.
-                if sub.topic == 2 and sub.type_code not in (record.type_code, record.shared_type):
-                    continue
-                local_ids = sorted(local for domain, local in pairs if domain == sub.organization_id)
-                notifications.append(
-                    dsub.notification(
-                        subscription_id=sub.id,
-                        organization_id=sub.organization_id,
-                        endpoint_url=sub.endpoint_url,
-                        topic=sub.topic,
-                        event_type=event_type,
-                        occurred=now,
-                        subject={
-                            "document": document,
-                            "patient": {"domain": sub.organization_id, "local_ids": local_ids},
-                        },
-                        trace_id=trace_id,
-                        span_id=span_id,
-                        enterprise_id=record.enterprise_id,
-                    )
-                )
-            event = {"event_id": str(uuid.uuid4()), "event_type": event_type, "document": document}
-            await self.stage(session, notifications, event)
-            staged += len(notifications)
-        return staged
-
-    # --- delivery (the outbox relay) -------------------------------------------------------------
-
-    def sign(self, body: bytes) -> str:
-        """A detached-payload compact JWS over the body (see the module docstring)."""
-        return jwt.api_jws.encode(
-            body,
-            self._key,
-            algorithm=algorithm_for(self._key),
-            headers={"kid": self._kid, "typ": dsub.SIGNATURE_TYPE},
-            is_payload_detached=True,
-        )
-
-    async def check_endpoint(self, organization_id: str, url: str, *, delivering: bool = False) -> list[str]:
-        """Raise EndpointRefused unless notifications of this organisation may go to `url`."""
-        return await check_endpoint(self.endpoints, organization_id, url, delivering=delivering)
-
-    async def _deliver(self, payloads: Sequence[bytes]) -> None:
-        for payload in payloads:
-            item = dsub.Notification.from_payload(payload)
-            # Checked again at each delivery: the allow list may have shrunk since the
-            # subscription, and a host name may resolve elsewhere now (DNS rebinding).
-            addresses = await self.check_endpoint(item.organization_id, item.endpoint_url, delivering=True)
-            # Connect to the address just checked, not to whatever a second lookup returns.
-            url, host_header, extensions = pinned(item.endpoint_url, addresses[0])
-            with tracer.start_as_current_span(
-                "notification.deliver", context=remote_parent(item.trace_id, item.span_id), kind=SpanKind.CLIENT
-            ) as span:
-                span.set_attribute("hie.notification.event_type", item.event_type)
-                span.set_attribute("hie.organization_id", item.organization_id)
-                trace_id, span_id = current_trace_ids()
-                headers = {
-                    "content-type": "application/json; charset=utf-8",
-                    "x-hie-event-id": item.event_id,
-                    "x-hie-event-type": item.event_type,
-                    "x-hie-signature": self.sign(item.body),
-                }
-                if self.sm2 is not None:
-                    headers["x-hie-signature-sm2"] = self.sm2.sign(item.body).hex()
-                if trace_id:
-                    headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
-                response = await self._client().post(
-                    url, content=item.body, headers={**headers, **host_header}, extensions=extensions
-                )
-                span.set_attribute("http.response.status_code", response.status_code)
-                if not 200 <= response.status_code < 300:
-                    raise DeliveryRefused(response.status_code)
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None or self._http.is_closed:
-            # Redirects are not followed: a notification goes to the endpoint that was allowed.
-            self._http = httpx.AsyncClient(timeout=self.settings.timeout_seconds, follow_redirects=False)
-        return self._http
-
-    async def _audit_attempt(
-        self,
-        session: AsyncSession,
-        message_id: str,
-        payload: bytes,
-        attempt: int,
-        error: BaseException | None,
-        dead_lettered: bool,
-    ) -> None:
-        """Each delivery attempt in the audit trail, staged with its outcome in the outbox's
-        transaction: who was sent what notification, attempt n, answered how. Ids and status
-        codes only: the body, the endpoint and exception text stay out."""
-        item = dsub.Notification.from_payload(payload)
-        NOTIFICATIONS.add(1, {"outcome": "delivered" if error is None else "dead-letter" if dead_lettered else "retry"})
-        if error is None:
-            result, outcome = "delivered", Outcome.OUTCOME_SUCCESS
-        elif isinstance(error, DeliveryRefused):
-            result, outcome = f"http-{error.status}", Outcome.OUTCOME_MINOR_FAILURE
-        elif isinstance(error, EndpointRefused):
-            result, outcome = str(error), Outcome.OUTCOME_MINOR_FAILURE
-        else:
-            result, outcome = type(error).__name__[:40], Outcome.OUTCOME_MINOR_FAILURE
-        entities = [
-            ("Notification", item.event_id),
-            ("Subscription", item.subscription_id),
-            ("Organization", item.organization_id),
-            ("DeliveryAttempt", f"{attempt}:{result}"),
-        ]
-        with tracer.start_as_current_span("notification.audit", context=remote_parent(item.trace_id, item.span_id)):
-            await self._rt.audit.record(
-                session,
-                caller=_RELAY,
-                type="notification.deliver",
-                action=Action.ACTION_EXECUTE,
-                outcome=outcome,  # type: ignore[arg-type]
-                patient_enterprise_id=item.enterprise_id,
-                entities=entities,
-            )
-            if dead_lettered:
-                await self._rt.audit.record(
-                    session,
-                    caller=_RELAY,
-                    type="notification.dead-letter",
-                    action=Action.ACTION_UPDATE,
-                    outcome=Outcome.OUTCOME_SERIOUS_FAILURE,
-                    patient_enterprise_id=item.enterprise_id,
-                    entities=entities,
-                )
-        self._rt.outbox.notify()
-
-    async def _dead_letter(
-        self, session: AsyncSession, message_id: str, topic: str, payload: bytes, attempts: int, error: str
-    ) -> None:
-        item = dsub.Notification.from_payload(payload)
-        now = utcnow()
-        existing = await session.get(store.DeadLetterRecord, item.event_id)
-        if existing is not None:
-            await session.delete(existing)
-            await session.flush()
-        session.add(
-            store.DeadLetterRecord(
-                event_id=item.event_id,
-                subscription_id=item.subscription_id,
-                organization_id=item.organization_id,
-                endpoint_url=item.endpoint_url,
-                event_type=item.event_type,
-                payload=payload,
-                attempts=attempts,
-                last_error=error[:200],
-                created=now,
-                dead_lettered=now,
-            )
-        )
-
-    async def _publish_nats(self, payloads: Sequence[bytes]) -> None:
-        """JetStream publish, de-duplicated by the event id (Nats-Msg-Id) on retries."""
-        import nats  # optional: only when HIE_NATS_URL is set
-
-        if self._nats is None or self._nats.is_closed:
-            self._nats = await nats.connect(self.settings.nats_url, connect_timeout=2, max_reconnect_attempts=1)
-            js = self._nats.jetstream()
-            try:
-                await js.find_stream_name_by_subject("hie.registry.>")
-            except nats.js.errors.NotFoundError:
-                await js.add_stream(name=NATS_STREAM, subjects=["hie.registry.>"])
-        js = self._nats.jetstream()
-        for payload in payloads:
-            event = json.loads(payload)
-            await js.publish(f"hie.registry.{event['event_type']}", payload, headers={"Nats-Msg-Id": event["event_id"]})
-
-    async def _close_nats_on_exit(self) -> None:
-        import asyncio
-
-        try:
-            await asyncio.Event().wait()
-        finally:
-            if self._nats is not None and not self._nats.is_closed:
-                await self._nats.close()
 
 
 def _subscription_message(record: store.SubscriptionRecord) -> notifications_pb2.Subscription:
@@ -647,11 +225,7 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
         who.require_scope("DocumentReference", "r")
         who.require_role(*_SUBSCRIBERS)
         async with self._rt.sessions() as session:
-            records = await session.scalars(
-                select(store.SubscriptionRecord)
-                .where(store.SubscriptionRecord.organization_id == who.organization_id)
-                .order_by(store.SubscriptionRecord.created)
-            )
+            records = await store.subscriptions_of(session, who.organization_id)
             return notifications_pb2.ListSubscriptionsResponse(
                 subscriptions=[_subscription_message(r) for r in records]
             )
@@ -713,12 +287,7 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
         who.require_scope("DocumentReference", "r")
         who.require_role("admin")
         async with self._rt.sessions() as session:
-            records = await session.scalars(
-                select(store.DeadLetterRecord)
-                .where(store.DeadLetterRecord.organization_id == who.organization_id)
-                .order_by(store.DeadLetterRecord.dead_lettered)
-                .limit(500)
-            )
+            records = await store.dead_letters_of(session, who.organization_id, limit=500)
             return notifications_pb2.ListDeadLettersResponse(dead_letters=[_dead_letter_message(r) for r in records])
 
     async def ReplayDeadLetter(  # noqa: N802 - gRPC method name
@@ -734,9 +303,7 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
                 raise NotFound("no such dead letter", reason="dead-letter-not-found")
             # The same payload, so the same event id: a receiver that did get it de-duplicates.
             await self._rt.outbox.add(session, NOTIFICATION_TOPIC, record.payload)
-            await session.execute(
-                delete(store.DeadLetterRecord).where(store.DeadLetterRecord.event_id == record.event_id)
-            )
+            await store.delete_dead_letter(session, record.event_id)
             await self._rt.audit.record(
                 session,
                 caller=who,

@@ -4,15 +4,11 @@ consent-filtered query, checked retrieval (unary and streamed)."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,8 +16,11 @@ from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from hie.mpi.v1 import mpi_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.registry import document_types, domain, store
+from services.registry import domain, store
 from services.registry.broker import Notifier
+from services.registry.content import ChunkWriter, read_chunks, sealed_chunks
+from services.registry.messages import entry_message, from_timestamp, submission_set_message, to_timestamp
+from services.registry.submission import Submission, as_retry, check_submission
 from services.shared import identity
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
@@ -61,141 +60,6 @@ _IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
 _INLINE = registry_pb2.CONTENT_KIND_INLINE
 
 
-def _ts(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def _time(ts: Timestamp, present: bool) -> datetime.datetime | None:
-    return ts.ToDatetime(tzinfo=datetime.UTC) if present else None
-
-
-def _coding(record: store.EntryLike, name: str) -> registry_pb2.Coding | None:
-    """One of the XDS metadata codings kept in three columns (None when not given)."""
-    code = getattr(record, f"{name}_code", "")
-    if not code:
-        return None
-    return registry_pb2.Coding(
-        system=getattr(record, f"{name}_system"), code=code, display=getattr(record, f"{name}_display")
-    )
-
-
-def _coding_columns(coding: registry_pb2.Coding, name: str) -> dict[str, str]:
-    if not coding.code:
-        return {}
-    return {
-        f"{name}_system": coding.system[:128],
-        f"{name}_code": coding.code[:64],
-        f"{name}_display": domain.clean_text(coding.display, what=name.replace("_", "-"), limit=128),
-    }
-
-
-def _submission_set_message(record: store.SubmissionSetRecord) -> registry_pb2.SubmissionSet:
-    return registry_pb2.SubmissionSet(
-        submission_set_id=record.id,
-        source_id=record.source_id,
-        source_organization_id=record.source_organization_id,
-        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
-        enterprise_id=record.enterprise_id,
-        title=record.title,
-        content_type=(
-            registry_pb2.Coding(
-                system=record.content_type_system,
-                code=record.content_type_code,
-                display=record.content_type_display,
-            )
-            if record.content_type_code
-            else None
-        ),
-        submitted=_ts(record.submitted),
-        document_ids=record.document_ids.split(),
-    )
-
-
-def entry_message(
-    record: store.EntryLike, related_by: Iterable[store.DocumentEntryRecord] = ()
-) -> registry_pb2.DocumentEntry:
-    shared = document_types.BY_SHARED_CODE.get(record.shared_type)
-    return registry_pb2.DocumentEntry(
-        document_id=record.id,
-        source_organization_id=record.source_organization_id,
-        source_document_id=record.source_document_id,
-        patient=common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id),
-        enterprise_id=record.enterprise_id,
-        author=registry_pb2.Author(
-            practitioner_id=record.author_id,
-            practitioner_name=record.author_name,
-            role=record.author_role,
-            department=record.author_department,
-        ),
-        class_code=registry_pb2.Coding(
-            system=record.class_system, code=record.class_code, display=record.class_display
-        ),
-        type_code=registry_pb2.Coding(system=record.type_system, code=record.type_code, display=record.type_display),
-        confidentiality=record.confidentiality,
-        security_labels=store.labels_of(record.security_labels),
-        created=_ts(record.created),
-        title=record.title,
-        language=record.language,
-        mime_type=record.mime_type,
-        size=record.size,
-        sha256=record.sha256,
-        status=record.status,  # type: ignore[arg-type]
-        service_start=_ts(record.service_start),
-        service_end=_ts(record.service_end),
-        relations=(
-            [registry_pb2.DocumentRelation(type=record.relation_type, target_document_id=record.related_document_id)]  # type: ignore[arg-type]
-            if record.relation_type
-            else []
-        ),
-        content_kind=record.content_kind,  # type: ignore[arg-type]
-        imaging_study=(
-            registry_pb2.ImagingStudyReference(
-                study_instance_uid=record.study_instance_uid, wado_rs_url=record.wado_rs_url
-            )
-            if record.content_kind == _IMAGING
-            else None
-        ),
-        shared_type=(
-            registry_pb2.Coding(system=document_types.SHARED_TYPE_SYSTEM, code=shared.code, display=shared.display)
-            if shared
-            else None
-        ),
-        format_code=_coding(record, "format"),
-        facility_type=_coding(record, "facility_type"),
-        practice_setting=_coding(record, "practice_setting"),
-        related_by=[
-            registry_pb2.DocumentRelation(type=r.relation_type, target_document_id=r.id)  # type: ignore[arg-type]
-            for r in related_by
-        ],
-    )
-
-
-@dataclass(frozen=True)
-class _Submission:
-    """A register request's header, checked, before any content is read."""
-
-    who: Caller
-    header: registry_pb2.RegisterDocumentRequest
-    source_document_id: str
-    record: store.DocumentEntryRecord
-    declared_sha256: str
-    declared_size: int
-    relation: int
-    target_id: str
-
-
-def _as_retry(existing: store.DocumentEntryRecord, sub: _Submission) -> store.DocumentEntryRecord:
-    """An earlier registration of this submission, answered as its retry; the same source id with
-    other content is refused."""
-    if existing.sha256 != sub.record.sha256 or existing.study_instance_uid != sub.record.study_instance_uid:
-        raise AlreadyExists("that source document id is registered with different content", reason="document-id-reused")
-    return existing
-
-
 async def _single(content: bytes) -> AsyncIterator[bytes]:
     if content:
         yield content
@@ -228,7 +92,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     type_code=e.type_code,
                     security_labels=store.labels_of(e.security_labels),
                     # When the care happened, for directives limited to a data period.
-                    data_time=_ts(e.service_start or e.created),
+                    data_time=to_timestamp(e.service_start or e.created),
                 )
                 for e in entries
             ],
@@ -271,120 +135,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
 
     # --- register ---------------------------------------------------------------------------
 
-    def _check_header(self, who: Caller, header: registry_pb2.RegisterDocumentRequest) -> _Submission:
-        entry = header.entry
-        # An exchange service files a document on behalf of a member organisation (the
-        # teleconsult service files a signed consultation report, authored by the consulting
-        # organisation, into the patient's record at the requesting hospital): it names both.
-        # A member organisation always files as itself, about a patient of its own domain.
-        on_behalf = who.is_platform and bool(entry.source_organization_id)
-        source_organization_id = entry.source_organization_id[:64] if on_behalf else who.organization_id
-        patient_domain = (entry.patient.domain[:64] or source_organization_id) if on_behalf else who.organization_id
-        source_document_id = domain.check_source_document_id(entry.source_document_id)
-        if not entry.type_code.code:
-            raise InvalidArgument("a document type code is required", reason="type-code-missing")
-        title = domain.clean_text(entry.title, what="title", limit=256, required=True)
-        confidentiality = domain.check_confidentiality(entry.confidentiality)
-        type_system, type_code = entry.type_code.system[:128], entry.type_code.code[:64]
-        type_display = domain.clean_text(entry.type_code.display, what="type", limit=128)
-        class_system, class_code = entry.class_code.system[:128], entry.class_code.code[:64]
-        class_display = domain.clean_text(entry.class_code.display, what="class", limit=128)
-        shared = document_types.shared_type_of(type_system, type_code)
-        if shared is None and type_system == document_types.SHARED_TYPE_SYSTEM:
-            raise InvalidArgument("unknown shared document type", reason="type-code-unknown")
-        if shared is not None:
-            # Recorded under LOINC where LOINC has the type, the shared type alongside.
-            if shared.loinc:
-                type_system, type_code = document_types.LOINC, shared.loinc
-            else:
-                type_system, type_code = document_types.SHARED_TYPE_SYSTEM, shared.code
-            type_display = type_display or shared.display
-            if not class_code:
-                class_system, class_code = document_types.CLASS_SYSTEM, shared.class_code
-                class_display = document_types.CLASS_DISPLAY[shared.class_code]
-        imaging = entry.content_kind == _IMAGING or entry.HasField("imaging_study")
-        study_uid = wado_url = ""
-        if imaging:
-            study_uid, wado_url = domain.check_imaging_study(
-                entry.imaging_study.study_instance_uid, entry.imaging_study.wado_rs_url
-            )
-            if header.content:
-                raise InvalidArgument("an imaging study reference carries no content", reason="content-not-allowed")
-            mime_type = domain.check_mime_type(entry.mime_type or "application/dicom")
-            declared_sha256 = ""
-        else:
-            mime_type = domain.check_mime_type(entry.mime_type)
-            declared_sha256 = domain.check_declaration(entry.sha256)
-        if entry.size < 0 or entry.size > domain.MAX_CONTENT_BYTES:
-            raise InvalidArgument("declared size out of range", reason="size-mismatch")
-        relation = int(header.relation.type)
-        target_id = ""
-        if relation:
-            try:
-                target_id = str(uuid.UUID(header.relation.target_document_id))
-            except ValueError:
-                raise NotFound("no such document", reason="document-not-found") from None
-        created = _time(entry.created, entry.HasField("created")) or utcnow()
-        service_start = _time(entry.service_start, entry.HasField("service_start"))
-        service_end = _time(entry.service_end, entry.HasField("service_end"))
-        if service_start and service_end and service_end < service_start:
-            raise InvalidArgument("service period ends before it starts", reason="service-period-invalid")
-        idempotency_key = header.idempotency_key.strip()[:128]
-        record = store.DocumentEntryRecord(
-            id=str(uuid.uuid4()),
-            source_document_id=source_document_id,
-            source_organization_id=source_organization_id,
-            patient_domain=patient_domain,
-            patient_local_id=entry.patient.local_id,
-            enterprise_id="",
-            author_id=entry.author.practitioner_id[:64] or who.practitioner_id,
-            author_name=domain.clean_text(
-                entry.author.practitioner_name or who.practitioner_name, what="author", limit=64
-            ),
-            author_role=entry.author.role[:32] or who.role,
-            author_department=domain.clean_text(entry.author.department or who.department, what="department", limit=64),
-            class_system=class_system,
-            class_code=class_code,
-            class_display=class_display,
-            type_system=type_system,
-            type_code=type_code,
-            type_display=type_display,
-            confidentiality=confidentiality,
-            security_labels=" ".join(sorted({label[:16] for label in entry.security_labels})),
-            title=title,
-            language=entry.language[:16] or "zh-CN",
-            mime_type=mime_type,
-            size=0 if imaging else entry.size,
-            sha256=declared_sha256,
-            status=_CURRENT,
-            created=created,
-            service_start=service_start,
-            service_end=service_end,
-            service_time=service_start or created,
-            registered_at=utcnow(),
-            idempotency_key=idempotency_key,
-            shared_type=shared.code if shared else "",
-            relation_type=relation,
-            related_document_id=target_id,
-            content_kind=_IMAGING if imaging else _INLINE,
-            study_instance_uid=study_uid,
-            wado_rs_url=wado_url,
-            **_coding_columns(entry.format_code, "format"),
-            **_coding_columns(entry.facility_type, "facility_type"),
-            **_coding_columns(entry.practice_setting, "practice_setting"),
-        )
-        return _Submission(
-            who=who,
-            header=header,
-            source_document_id=source_document_id,
-            record=record,
-            declared_sha256=declared_sha256,
-            declared_size=entry.size,
-            relation=relation,
-            target_id=target_id,
-        )
-
-    async def _earlier(self, sub: _Submission, session: AsyncSession | None = None) -> store.DocumentEntryRecord | None:
+    async def _earlier(self, sub: Submission, session: AsyncSession | None = None) -> store.DocumentEntryRecord | None:
         """The entry an earlier attempt of this submission registered (by source document id,
         then by idempotency key); a reused id or key with other content is refused. In the
         registering transaction when one is given (no connection of its own)."""
@@ -408,7 +159,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 raise AlreadyExists(
                     "that idempotency key was used for another document", reason="idempotency-key-reused"
                 )
-        return _as_retry(existing, sub) if existing is not None else None
+        return as_retry(existing, sub) if existing is not None else None
 
     async def _first_answer(
         self, session: AsyncSession, who: Caller, key: str, request_fingerprint: str
@@ -442,7 +193,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         bare.CopyFrom(header)
         bare.ClearField("content")
         request_fingerprint = fingerprint(_REGISTER_OPERATION, bare)
-        sub = self._check_header(who, header)
+        sub = check_submission(who, header)
         record = sub.record
         patient_ref = common_pb2.PatientRef(domain=record.patient_domain, local_id=header.entry.patient.local_id)
         try:
@@ -473,33 +224,15 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     record.content_key = content_key.wrapped
                 session.add(record)
                 await session.flush()
-                hasher = domain.ContentHasher()
-                seq = 0
-                pending = bytearray()
-
-                async def store_chunk(data: bytes, *, final: bool) -> None:
-                    nonlocal seq
-                    sealed = content_key.seal_chunk(seq, data, final=final) if content_key else data
-                    # Core inserts: chunks are not kept in the session's identity map.
-                    await session.execute(
-                        insert(store.DocumentChunk).values(document_id=record.id, seq=seq, data=sealed)
-                    )
-                    seq += 1
-
+                writer = ChunkWriter(session, record.id, content_key)
                 async for piece in pieces:
                     if record.content_kind == _IMAGING:
                         raise InvalidArgument(
                             "an imaging study reference carries no content", reason="content-not-allowed"
                         )
-                    hasher.update(piece)
-                    # Pieces of any size arrive; storage chunks are CHUNK_BYTES (the last one less).
-                    pending += piece
-                    # Strictly more than a chunk: the last chunk stays pending, to be sealed as last.
-                    while len(pending) > domain.CHUNK_BYTES:
-                        await store_chunk(bytes(pending[: domain.CHUNK_BYTES]), final=False)
-                        del pending[: domain.CHUNK_BYTES]
-                if pending:
-                    await store_chunk(bytes(pending), final=True)
+                    await writer.write(piece)
+                await writer.close()
+                hasher = writer.hasher
                 if record.content_kind == _INLINE:
                     digest = domain.check_received(
                         hasher, declared_sha256=sub.declared_sha256, declared_size=sub.declared_size
@@ -555,7 +288,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         self._rt.outbox.notify()
         return answer
 
-    async def _relate(self, session: AsyncSession, sub: _Submission, enterprise_id: str) -> None:
+    async def _relate(self, session: AsyncSession, sub: Submission, enterprise_id: str) -> None:
         """Checks a replace / append / transform against its target (same source organisation,
         same person, still current) and supersedes a replaced target, in the registering transaction."""
         target = await session.get(store.DocumentEntryRecord, sub.target_id)
@@ -602,7 +335,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise InvalidArgument(
                 "every document of a submission set names the same patient", reason="submission-set-patient-mismatch"
             )
-        subs = [self._check_header(who, d) for d in documents]
+        subs = [check_submission(who, d) for d in documents]
         if len({s.source_document_id for s in subs}) != len(subs):
             raise InvalidArgument("a document appears twice in the submission set", reason="submission-set-duplicate")
         patient_ref = common_pb2.PatientRef(domain=who.organization_id, local_id=local_ids.pop())
@@ -647,11 +380,10 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     sub.record.enterprise_id = enterprise_id
                     if sub.relation:
                         await self._relate(session, sub, enterprise_id)
-                    chunks.extend(self._sealed_content(sub, position))
+                    chunks.extend(sealed_chunks(sub, position, self._rt.protection))
                 session.add_all([s.record for s in new])
                 await session.flush()
-                if chunks:
-                    await session.execute(insert(store.DocumentChunk), chunks)
+                await store.insert_chunks(session, chunks)
                 event_ids: list[str] = []
                 superseded = [s.target_id for s in new if s.relation == domain.REPLACES]
                 for event_type, action, targets in (
@@ -677,7 +409,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                         session, who, request.submission_set, patient_ref, enterprise_id, members
                     )
                 answer = registry_pb2.RegisterSubmissionSetResponse(
-                    submission_set=_submission_set_message(stored_set) if stored_set is not None else None,
+                    submission_set=submission_set_message(stored_set) if stored_set is not None else None,
                     enterprise_id=enterprise_id,
                     documents=[
                         registry_pb2.RegisterDocumentResponse(
@@ -742,7 +474,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             content_type_system=given.content_type.system[:128],
             content_type_code=given.content_type.code[:64],
             content_type_display=domain.clean_text(given.content_type.display, what="content-type", limit=128),
-            submitted=_time(given.submitted, given.HasField("submitted")) or utcnow(),
+            submitted=from_timestamp(given.submitted, given.HasField("submitted")) or utcnow(),
             document_ids=" ".join(members),
         )
         session.add(record)
@@ -782,7 +514,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             visible = {d for d, decision in decisions.items() if decision.decision == consent_pb2.DECISION_PERMIT}
             found = []
             for s in sets:
-                message = _submission_set_message(s)
+                message = submission_set_message(s)
                 message.ClearField("document_ids")
                 message.document_ids.extend(d for d in s.document_ids.split() if d in visible)
                 if message.document_ids:
@@ -804,7 +536,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         )
 
     async def _earlier_of_set(
-        self, subs: list[_Submission], session: AsyncSession
+        self, subs: list[Submission], session: AsyncSession
     ) -> dict[str, store.DocumentEntryRecord]:
         """The documents of the set an earlier submission registered, by source document id (one
         query; a document also carrying an idempotency key is looked up by it as well)."""
@@ -817,37 +549,10 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         for sub in subs:
             existing = found.get(sub.source_document_id)
             if existing is not None:
-                earlier[sub.source_document_id] = _as_retry(existing, sub)
+                earlier[sub.source_document_id] = as_retry(existing, sub)
             elif sub.record.idempotency_key and (by_key := await self._earlier(sub, session)) is not None:
                 earlier[sub.source_document_id] = by_key
         return earlier
-
-    def _sealed_content(self, sub: _Submission, position: int) -> list[dict[str, object]]:
-        """A set document's content as chunk rows, checked against its declaration and sealed
-        under its own data key; errors name the document's position in the set, never its data."""
-        record, content = sub.record, sub.header.content
-        if record.content_kind == _IMAGING:
-            return []
-        hasher = domain.ContentHasher()
-        try:
-            hasher.update(content)
-            digest = domain.check_received(hasher, declared_sha256=sub.declared_sha256, declared_size=sub.declared_size)
-        except DomainError as exc:
-            where = f"document {position + 1} of the submission set"
-            raise type(exc)(f"{where}: {exc.message}", reason=exc.reason) from None
-        record.size = digest.size
-        key = self._rt.protection.new_content_key(record.id) if self._rt.protection is not None else None
-        if key is not None:
-            record.content_key = key.wrapped
-        pieces = [content[i : i + domain.CHUNK_BYTES] for i in range(0, len(content), domain.CHUNK_BYTES)]
-        return [
-            {
-                "document_id": record.id,
-                "seq": seq,
-                "data": key.seal_chunk(seq, piece, final=seq == len(pieces) - 1) if key else piece,
-            }
-            for seq, piece in enumerate(pieces)
-        ]
 
     async def RegisterDocument(
         self, request: registry_pb2.RegisterDocumentRequest, context: object
@@ -995,8 +700,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 class_codes=list(request.class_codes),
                 statuses=statuses,
                 source_organization_ids=list(request.source_organization_ids),
-                service_from=_time(request.service_from, request.HasField("service_from")),
-                service_to=_time(request.service_to, request.HasField("service_to")),
+                service_from=from_timestamp(request.service_from, request.HasField("service_from")),
+                service_to=from_timestamp(request.service_to, request.HasField("service_to")),
                 after=after,
                 limit=limit,
             )
@@ -1072,27 +777,6 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         )
         return registry_pb2.GetDocumentEntryResponse(entry=entry_message(record, related), audit_event_ids=[event_id])
 
-    async def _content(self, record: store.DocumentEntryRecord) -> AsyncIterator[tuple[int, bytes, bool]]:
-        """The stored chunks in order as (seq, data, is_last), decrypted, each yielded only once
-        the next was read, so the caller learns which is last before sending it. A chunk that
-        fails authentication (altered, reordered, cut short) raises TamperedCiphertextError."""
-        key = None
-        if record.content_key is not None:
-            if self._rt.protection is None:
-                raise TamperedCiphertextError("encrypted content and no data keys")
-            key = self._rt.protection.open_content_key(record.id, record.content_key)
-        async with self._rt.sessions() as session:
-            # The first two chunks in one query (one-chunk content, the common case, then needs no
-            # second query to learn it was the last); after that one query per chunk.
-            first = await store.chunks(session, record.id, 0, 2)
-            previous = first.get(0)
-            seq = 0
-            while previous is not None:
-                following = first.get(1) if seq == 0 else await store.chunk(session, record.id, seq + 1)
-                last = following is None
-                yield seq, key.open_chunk(seq, previous, final=last) if key else previous, last
-                previous, seq = following, seq + 1
-
     async def RetrieveDocumentStream(
         self, request: registry_pb2.RetrieveDocumentStreamRequest, context: object
     ) -> AsyncIterator[registry_pb2.RetrieveDocumentStreamResponse]:
@@ -1126,7 +810,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             return
         hasher = domain.ContentHasher(limit=2**62)
         started = False
-        chunks = self._content(record)
+        chunks = read_chunks(self._rt.sessions, self._rt.protection, record)
         while True:
             try:
                 _seq, data, last = await anext(chunks)

@@ -15,6 +15,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    delete,
+    insert,
     or_,
     select,
     text,
@@ -222,6 +224,17 @@ async def supersede(session: AsyncSession, document_id: str) -> bool:
     return result.rowcount == 1
 
 
+async def insert_chunk(session: AsyncSession, document_id: str, seq: int, data: bytes) -> None:
+    """One content chunk (a Core insert: chunks are not kept in the session's identity map)."""
+    await session.execute(insert(DocumentChunk).values(document_id=document_id, seq=seq, data=data))
+
+
+async def insert_chunks(session: AsyncSession, rows: list[dict[str, object]]) -> None:
+    """Chunk rows (document_id, seq, data) in one multi-row insert."""
+    if rows:
+        await session.execute(insert(DocumentChunk), rows)
+
+
 async def chunks(session: AsyncSession, document_id: str, first: int, count: int) -> dict[int, bytes]:
     """Chunks first..first+count-1 that exist, by position."""
     rows = await session.execute(
@@ -362,3 +375,29 @@ async def workflow_subscriptions(
             select(s).where(s.topic == 3, s.expires > now, s.organization_id.in_(list(organization_ids)))
         )
     )
+
+
+async def subscriptions_of(session: AsyncSession, organization_id: str) -> Sequence[SubscriptionRecord]:
+    """An organisation's subscriptions, oldest first."""
+    result = await session.scalars(
+        select(SubscriptionRecord)
+        .where(SubscriptionRecord.organization_id == organization_id)
+        .order_by(SubscriptionRecord.created)
+    )
+    return result.all()
+
+
+async def dead_letters_of(session: AsyncSession, organization_id: str, *, limit: int) -> Sequence[DeadLetterRecord]:
+    """An organisation's dead-lettered notifications, oldest first."""
+    result = await session.scalars(
+        select(DeadLetterRecord)
+        .where(DeadLetterRecord.organization_id == organization_id)
+        .order_by(DeadLetterRecord.dead_lettered)
+        .limit(limit)
+    )
+    return result.all()
+
+
+async def delete_dead_letter(session: AsyncSession, event_id: str) -> None:
+    """Remove a dead letter (it is being replayed)."""
+    await session.execute(delete(DeadLetterRecord).where(DeadLetterRecord.event_id == event_id))

@@ -7,6 +7,7 @@ identifiers or names.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import grpc
@@ -16,17 +17,45 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 _log = logging.getLogger(__name__)
 
 
-def configure_tracing(service_name: str, exporter: str) -> TracerProvider:
-    """Install the process's tracer provider; reuse one already installed (tests install their own)."""
+SAMPLE_RATIO_ENV = "HIE_TRACE_SAMPLE_RATIO"
+
+
+def sampler_for(exporter: str, ratio: float | None = None, *, edge: bool = False) -> Sampler:
+    """Which traces are recorded. The decision is taken once, where the exchange's trace starts
+    (the gateway, the edge), and every service follows its parent's sampled flag, so a trace is
+    recorded whole or not at all; a hospital's own `sampled` flag does not force recording at the
+    edge. Unrecorded spans still carry the trace id (audit records keep it) and propagate it.
+    Without an exporter nothing is recorded (spans no one receives cost CPU on every hop);
+    with one, `ratio` (HIE_TRACE_SAMPLE_RATIO, default 1) of the traces."""
+    if exporter == "none":
+        ratio = 0.0
+    root = TraceIdRatioBased(1.0 if ratio is None else min(1.0, max(0.0, ratio)))
+    if edge:
+        return ParentBased(root, remote_parent_sampled=root, remote_parent_not_sampled=root)
+    return ParentBased(root)
+
+
+def configure_tracing(service_name: str, exporter: str, *, edge: bool = False) -> TracerProvider:
+    """Install the process's tracer provider; reuse one already installed (tests install their own).
+    `edge`: the process where the exchange's traces start (the gateway)."""
     existing = trace.get_tracer_provider()
     if isinstance(existing, TracerProvider):
         return existing
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    ratio_text = os.environ.get(SAMPLE_RATIO_ENV, "")
+    try:
+        ratio = float(ratio_text) if ratio_text else None
+    except ValueError:
+        _log.warning("%s is not a number; recording every trace", SAMPLE_RATIO_ENV)
+        ratio = None
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}), sampler=sampler_for(exporter, ratio, edge=edge)
+    )
     span_exporter = _exporter(exporter)
     if span_exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
