@@ -25,8 +25,8 @@ from gateway.cli_mpi import MLLP_PORT
 from gateway.cli_registry import bench_registry
 from gateway.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.consent.bench import bench_consent
-from services.ops import status as ops_status
 from services.ops import bench_load
+from services.ops import status as ops_status
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
