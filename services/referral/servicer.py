@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -53,6 +53,7 @@ from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
+from services.shared.workflow.service import Keep, KeyedWrites, check_attachments, one_move_rpc
 
 _DIRECTION = {
     "up": referral_pb2.REFERRAL_DIRECTION_UP,
@@ -77,7 +78,9 @@ _SERVICE_CODE = {v: k for k, v in _SERVICE.items()}
 _NURSE_MOVES = frozenset({"arrive", "no-show", "start", "note"})
 _PAGE = 50
 _CREATE_OPERATION = "referral.create"
-_Answer = TypeVar("_Answer", bound=Message)
+_one_move = functools.partial(
+    one_move_rpc, move_request=referral_pb2.MoveReferralRequest, item_id="referral_id", item="referral"
+)
 
 
 _ts = messages.timestamp
@@ -94,6 +97,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             raise RuntimeError("the referral service seals free text: it needs the data keys")
         self._protection: DataProtection = runtime.protection
         self._answers = FirstAnswers(idempotent_answers)
+        self._writes = KeyedWrites(self._answers, runtime.sessions)
         self._directory = TokenVerifier(runtime.settings.trusted_jwks_file, audience=directory.DIRECTORY_AUDIENCE)
         self.engine = WorkflowEngine(
             runtime,
@@ -499,30 +503,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             return
         if len(document_ids) > domain.MAX_DOCUMENTS:
             domain.check_attachments([0] * len(document_ids))
-        stub = registry_pb2_grpc.DocumentRegistryStub(self._rt.channel("registry"))
-        sizes = []
-        for index, document_id in enumerate(document_ids):
-            try:
-                entry = (
-                    await stub.GetDocumentEntry(registry_pb2.GetDocumentEntryRequest(document_id=document_id))
-                ).entry
-            except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if isinstance(error, (NotFound, PermissionDenied, InvalidArgument)):
-                    raise InvalidArgument(
-                        f"document_ids[{index}] is not a document the caller may attach", reason="referral-documents"
-                    ) from None
-                raise error from None
-            if entry.enterprise_id != enterprise_id:
-                raise InvalidArgument(
-                    f"document_ids[{index}] is not a document of this patient", reason="referral-documents"
-                )
-            if entry.source_organization_id != requester:
-                raise FailedPrecondition(
-                    f"document_ids[{index}] was registered by another organisation: attach your own documents",
-                    reason="document-not-own",
-                )
-            sizes.append(int(entry.size))
+        sizes = await check_attachments(
+            self._rt,
+            document_ids,
+            enterprise_id=enterprise_id,
+            requester=requester,
+            reason="referral-documents",
+            name=lambda index: f"document_ids[{index}]",
+        )
         domain.check_attachments(sizes)
 
     async def _parent_episode(self, parent_id: str, who: Caller, enterprise_id: str, direction_name: str) -> str:
@@ -561,99 +549,23 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             who.require_role("doctor", "nurse")
         else:
             who.require_role("doctor")
-        key = check_key(request.idempotency_key)
-        operation = f"referral.{name}"
-        request_fingerprint = fingerprint(operation, request)
-        if key:
-            try:
-                return await self._keyed_move(request, who, key, operation, request_fingerprint)
-            except IntegrityError:
-                # A concurrent first use of the key committed first: answer as its retry.
-                first = await self._first_move(who, key, operation, request_fingerprint)
-                if first is None:
-                    raise
-                return first.referral, list(first.audit_event_ids)
-        return await self._apply_move(request, who)
-
-    async def _first_move(
-        self, who: Caller, key: str, operation: str, request_fingerprint: str
-    ) -> referral_pb2.MoveReferralResponse | None:
-        async with self._rt.sessions() as session:
-            return await self._answers.first(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response_type=referral_pb2.MoveReferralResponse,
-            )
-
-    async def _first_answer(
-        self, who: Caller, key: str, operation: str, request_fingerprint: str, response_type: type[_Answer]
-    ) -> _Answer | None:
-        async with self._rt.sessions() as session:
-            return await self._answers.first(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response_type=response_type,
-            )
-
-    async def _keep(
-        self, session: AsyncSession, who: Caller, keep: tuple[str, str, str] | None, answer: Message
-    ) -> None:
-        if keep is not None:
-            key, operation, request_fingerprint = keep
-            await self._answers.keep(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response=answer,
-            )
-
-    async def _keyed(
-        self,
-        who: Caller,
-        key: str,
-        operation: str,
-        request: Message,
-        response_type: type[_Answer],
-        run: Callable[[tuple[str, str, str] | None], Awaitable[_Answer]],
-    ) -> _Answer:
-        """`run` a write once per Idempotency-Key: a keyed retry gets the first answer (kept by
-        `run` in its transaction through `_keep`); without a key `run` simply runs."""
-        if not key:
-            return await run(None)
-        request_fingerprint = fingerprint(operation, request)
-        if (first := await self._first_answer(who, key, operation, request_fingerprint, response_type)) is not None:
-            return first
-        try:
-            return await run((key, operation, request_fingerprint))
-        except IntegrityError:
-            # A concurrent first use of the key committed first: answer as its retry.
-            first = await self._first_answer(who, key, operation, request_fingerprint, response_type)
-            if first is None:
-                raise
-            return first
-
-    async def _keyed_move(
-        self, request: referral_pb2.MoveReferralRequest, who: Caller, key: str, operation: str, request_fingerprint: str
-    ) -> tuple[referral_pb2.Referral, list[str]]:
-        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
-            return first.referral, list(first.audit_event_ids)
-        return await self._apply_move(request, who, keep=(key, operation, request_fingerprint))
+        moved = await self._writes.run(
+            who,
+            check_key(request.idempotency_key),
+            f"referral.{name}",
+            request,
+            referral_pb2.MoveReferralResponse,
+            lambda keep: self._apply_move(request, who, keep=keep),
+        )
+        return moved.referral, list(moved.audit_event_ids)
 
     async def _apply_move(
         self,
         request: referral_pb2.MoveReferralRequest,
         who: Caller,
         *,
-        keep: tuple[str, str, str] | None = None,
-    ) -> tuple[referral_pb2.Referral, list[str]]:
+        keep: Keep | None = None,
+    ) -> referral_pb2.MoveReferralResponse:
         name = request.move
         async with self._rt.sessions() as session:
             record = self._visible(await session.get(ReferralRecord, request.referral_id[:36]), who.organization_id)
@@ -773,16 +685,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             moved = referral_pb2.MoveReferralResponse(
                 referral=await self._message(session, fresh, who=who), audit_event_ids=audit_event_ids
             )
-            if keep is not None:
-                key, operation, request_fingerprint = keep
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=operation,
-                    request_fingerprint=request_fingerprint,
-                    response=moved,
-                )
+            await self._writes.keep(session, who, keep, moved)
             kept.append(moved)
 
         applied = await self.engine.apply(
@@ -799,10 +702,12 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             answer=answer,
         )
         if kept:
-            return kept[0].referral, list(kept[0].audit_event_ids)
+            return kept[0]
         async with self._rt.sessions() as session:
             fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
-            return await self._message(session, fresh, who=who), applied.audit_event_ids
+            return referral_pb2.MoveReferralResponse(
+                referral=await self._message(session, fresh, who=who), audit_event_ids=applied.audit_event_ids
+            )
 
     async def _follow_up_facts(self, record: ReferralRecord) -> dict[str, object]:
         async with self._rt.sessions() as session:
@@ -831,57 +736,11 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 reason="referral-outcome",
             )
 
-    async def AcceptReferral(
-        self, request: referral_pb2.AcceptReferralRequest, context: object
-    ) -> referral_pb2.AcceptReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="accept",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.AcceptReferralResponse(referral=referral, audit_event_ids=events)
-
-    async def RejectReferral(
-        self, request: referral_pb2.RejectReferralRequest, context: object
-    ) -> referral_pb2.RejectReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="reject",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.RejectReferralResponse(referral=referral, audit_event_ids=events)
-
-    async def CompleteReferral(
-        self, request: referral_pb2.CompleteReferralRequest, context: object
-    ) -> referral_pb2.CompleteReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="complete",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.CompleteReferralResponse(referral=referral, audit_event_ids=events)
-
-    async def CancelReferral(
-        self, request: referral_pb2.CancelReferralRequest, context: object
-    ) -> referral_pb2.CancelReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="cancel",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.CancelReferralResponse(referral=referral, audit_event_ids=events)
+    # The one-move RPCs of the first API: the general move with the move named.
+    AcceptReferral = _one_move("accept", referral_pb2.AcceptReferralResponse)
+    RejectReferral = _one_move("reject", referral_pb2.RejectReferralResponse)
+    CompleteReferral = _one_move("complete", referral_pb2.CompleteReferralResponse)
+    CancelReferral = _one_move("cancel", referral_pb2.CancelReferralResponse)
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -1004,7 +863,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor", "nurse")
         key = check_key(request.idempotency_key)
-        return await self._keyed(
+        return await self._writes.run(
             who,
             key,
             "referral.follow-up",
@@ -1014,7 +873,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         )
 
     async def _complete_follow_up(
-        self, request: referral_pb2.CompleteFollowUpRequest, who: Caller, keep: tuple[str, str, str] | None
+        self, request: referral_pb2.CompleteFollowUpRequest, who: Caller, keep: Keep | None
     ) -> referral_pb2.CompleteFollowUpResponse:
         note = domain.check_text(request.note, field="note", limit=2000)
         async with self._rt.sessions() as session:
@@ -1070,7 +929,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             answer = referral_pb2.CompleteFollowUpResponse(
                 referral=await self._message(session, record, who=who), audit_event_ids=events
             )
-            await self._keep(session, who, keep, answer)
+            await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 
@@ -1083,7 +942,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor", "admin")
         key = check_key(request.idempotency_key)
-        return await self._keyed(
+        return await self._writes.run(
             who,
             key,
             "referral.slots.publish",
@@ -1093,7 +952,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         )
 
     async def _publish_slots(
-        self, request: referral_pb2.PublishSlotsRequest, who: Caller, keep: tuple[str, str, str] | None
+        self, request: referral_pb2.PublishSlotsRequest, who: Caller, keep: Keep | None
     ) -> referral_pb2.PublishSlotsResponse:
         if not request.slots or len(request.slots) > 200:
             raise InvalidArgument("publish 1 to 200 slots at a time", reason="referral-slot")
@@ -1126,7 +985,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 entities=[("Slot", r.id) for r in records],
             )
             answer = referral_pb2.PublishSlotsResponse(slots=[messages.slot(r) for r in records])
-            await self._keep(session, who, keep, answer)
+            await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 

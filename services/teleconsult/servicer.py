@@ -5,6 +5,7 @@ directory.py, the report and its signature report.py, the turnaround clocks dead
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import uuid
@@ -39,6 +40,7 @@ from services.shared.protection.sm2 import load_or_create_signing_key
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
+from services.shared.workflow.service import Keep, KeyedWrites, check_attachments, one_move_rpc
 from services.teleconsult import directory, report, workflow
 from services.teleconsult.deadlines import DeadlinePolicy
 from services.teleconsult.store import (
@@ -59,6 +61,9 @@ from services.teleconsult.store import (
 
 _FINAL_STATUSES = ("final", "amended")
 _REQUEST_OPERATION = "consultation.request"
+_one_move = functools.partial(
+    one_move_rpc, move_request=teleconsult_pb2.MoveConsultationRequest, item_id="consultation_id", item="consultation"
+)
 _MAX_PAGE = 200
 
 
@@ -115,6 +120,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         )
         # The first answers to keyed requests and moves (Idempotency-Key), kept in the write's transaction.
         self._answers = FirstAnswers(idempotent_answers)
+        self._writes = KeyedWrites(self._answers, runtime.sessions)
         self.scanner = DeadlineScanner(
             runtime,
             self.engine,
@@ -430,29 +436,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         under the caller's identity (it checks consent and audits the read), as referral does."""
         if not document_ids:
             return
-        stub = registry_pb2_grpc.DocumentRegistryStub(self._rt.channel("registry"))
-        for index, document_id in enumerate(dict.fromkeys(document_ids)):
-            try:
-                entry = (
-                    await stub.GetDocumentEntry(registry_pb2.GetDocumentEntryRequest(document_id=document_id[:64]))
-                ).entry
-            except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if isinstance(error, (NotFound, PermissionDenied, InvalidArgument)):
-                    raise InvalidArgument(
-                        f"document {index + 1} is not a document the caller may attach",
-                        reason="consultation-documents",
-                    ) from None
-                raise error from None
-            if entry.enterprise_id != enterprise_id:
-                raise InvalidArgument(
-                    f"document {index + 1} is not a document of this patient", reason="consultation-documents"
-                )
-            if entry.source_organization_id != requester:
-                raise FailedPrecondition(
-                    f"document {index + 1} was registered by another organisation: attach your own documents",
-                    reason="document-not-own",
-                )
+        await check_attachments(
+            self._rt,
+            [document_id[:64] for document_id in dict.fromkeys(document_ids)],
+            enterprise_id=enterprise_id,
+            requester=requester,
+            reason="consultation-documents",
+            name=lambda index: f"document {index + 1}",
+        )
 
     async def GetConsultation(
         self, request: teleconsult_pb2.GetConsultationRequest, context: object
@@ -479,31 +470,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
 
     # --- moves ----------------------------------------------------------------------------------
 
-    async def AcceptConsultation(
-        self, request: teleconsult_pb2.AcceptConsultationRequest, context: object
-    ) -> teleconsult_pb2.AcceptConsultationResponse:
-        consultation, events = await self._move(
-            teleconsult_pb2.MoveConsultationRequest(
-                consultation_id=request.consultation_id,
-                move="accept",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return teleconsult_pb2.AcceptConsultationResponse(consultation=consultation, audit_event_ids=events)
-
-    async def CancelConsultation(
-        self, request: teleconsult_pb2.CancelConsultationRequest, context: object
-    ) -> teleconsult_pb2.CancelConsultationResponse:
-        consultation, events = await self._move(
-            teleconsult_pb2.MoveConsultationRequest(
-                consultation_id=request.consultation_id,
-                move="cancel",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return teleconsult_pb2.CancelConsultationResponse(consultation=consultation, audit_event_ids=events)
+    # The one-move RPCs of the first API: the general move with the move named.
+    AcceptConsultation = _one_move("accept", teleconsult_pb2.AcceptConsultationResponse)
+    CancelConsultation = _one_move("cancel", teleconsult_pb2.CancelConsultationResponse)
 
     async def MoveConsultation(
         self, request: teleconsult_pb2.MoveConsultationRequest, context: object
@@ -526,38 +495,19 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             raise InvalidArgument(
                 f"unknown move; one of {', '.join(sorted(workflow.MOVES))}", reason="consultation-move"
             )
-        key = check_key(request.idempotency_key)
-        if not key:
-            return await self._apply_move(request, who, keep=None)
-        operation = f"consultation.{name}"
-        request_fingerprint = fingerprint(operation, request)
-        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
-            return first.consultation, list(first.audit_event_ids)
-        try:
-            return await self._apply_move(request, who, keep=(key, operation, request_fingerprint))
-        except IntegrityError:
-            # A concurrent first use of the key committed first: answer as its retry.
-            first = await self._first_move(who, key, operation, request_fingerprint)
-            if first is None:
-                raise
-            return first.consultation, list(first.audit_event_ids)
-
-    async def _first_move(
-        self, who: Caller, key: str, operation: str, request_fingerprint: str
-    ) -> teleconsult_pb2.MoveConsultationResponse | None:
-        async with self._rt.sessions() as session:
-            return await self._answers.first(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response_type=teleconsult_pb2.MoveConsultationResponse,
-            )
+        moved = await self._writes.run(
+            who,
+            check_key(request.idempotency_key),
+            f"consultation.{name}",
+            request,
+            teleconsult_pb2.MoveConsultationResponse,
+            lambda keep: self._apply_move(request, who, keep=keep),
+        )
+        return moved.consultation, list(moved.audit_event_ids)
 
     async def _apply_move(
-        self, request: teleconsult_pb2.MoveConsultationRequest, who: Caller, *, keep: tuple[str, str, str] | None
-    ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
+        self, request: teleconsult_pb2.MoveConsultationRequest, who: Caller, *, keep: Keep | None
+    ) -> teleconsult_pb2.MoveConsultationResponse:
         name = request.move
         record = await self._visible(who, request.consultation_id)
         side = _side(who, record)
@@ -567,10 +517,10 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             # The wrong side or state is refused before any other work (filing, lookups); the
             # same move again (the state it went to) is a retry, answered with what is there.
             workflow.MACHINE.decide(name, state=record.state, side=side)
-            return await self._current(record, side), []
+            return teleconsult_pb2.MoveConsultationResponse(consultation=await self._current(record, side))
         if request.request_key and await self._already_made(record.id, name, request.request_key[:128]):
             # A retried self-loop (an amendment) must not file a second version.
-            return await self._current(record, side), []
+            return teleconsult_pb2.MoveConsultationResponse(consultation=await self._current(record, side))
         prepare = _PREPARE.get(name)
         plan = Plan()
         if prepare is not None:
@@ -585,16 +535,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 consultation=await self._message(session, fresh), audit_event_ids=audit_event_ids
             )
             moved.consultation.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
-            if keep is not None:
-                key, operation, request_fingerprint = keep
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=operation,
-                    request_fingerprint=request_fingerprint,
-                    response=moved,
-                )
+            await self._writes.keep(session, who, keep, moved)
             kept.append(moved)
 
         applied = await self.engine.apply(
@@ -612,12 +553,12 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             answer=answer,
         )
         if kept:
-            return kept[0].consultation, list(kept[0].audit_event_ids)
+            return kept[0]
         async with self._rt.sessions() as session:
             fresh = await self._load(session, record.id) or record
             message = await self._message(session, fresh)
             message.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
-        return message, applied.audit_event_ids
+        return teleconsult_pb2.MoveConsultationResponse(consultation=message, audit_event_ids=applied.audit_event_ids)
 
     async def _current(self, record: ConsultationRecord, side: workflow.Party) -> teleconsult_pb2.Consultation:
         async with self._rt.sessions() as session:

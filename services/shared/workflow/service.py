@@ -1,0 +1,144 @@
+"""What a workflow service's servicer does around the engine, written once for referral and
+teleconsultation: the first answer of a keyed write (a move, a follow-up, a slot publication),
+the check of the documents a requester attaches, and the one-move RPCs kept for older clients.
+
+Each service keeps its transition table (`workflow.py`), the mapping of its rows onto
+`engine.Subject` and the move's own rows; this module holds the shapes the two repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.shared.auth import Caller
+from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, error_from_rpc
+from services.shared.idempotency import FirstAnswers, fingerprint
+from services.shared.process import ServiceRuntime
+
+M = TypeVar("M", bound=Message)
+# What a keyed write keeps its answer under: (idempotency key, operation, request fingerprint).
+Keep = tuple[str, str, str]
+
+
+class KeyedWrites:
+    """A write run once per Idempotency-Key: a keyed retry (same key, same request) gets the first
+    answer, which the write keeps in its own transaction (`keep`); without a key it simply runs."""
+
+    def __init__(self, answers: FirstAnswers, sessions: Callable[[], AsyncSession]) -> None:
+        self._answers = answers
+        self._sessions = sessions
+
+    async def first(self, who: Caller, keep: Keep, response_type: type[M]) -> M | None:
+        """The first answer kept under `keep`, or None."""
+        key, operation, request_fingerprint = keep
+        async with self._sessions() as session:
+            return await self._answers.first(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response_type=response_type,
+            )
+
+    async def keep(self, session: AsyncSession, who: Caller, keep: Keep | None, answer: Message) -> None:
+        """Keep `answer` in the write's transaction (nothing without a key)."""
+        if keep is not None:
+            key, operation, request_fingerprint = keep
+            await self._answers.keep(
+                session,
+                organization_id=who.organization_id,
+                key=key,
+                operation=operation,
+                request_fingerprint=request_fingerprint,
+                response=answer,
+            )
+
+    async def run(
+        self,
+        who: Caller,
+        key: str,
+        operation: str,
+        request: Message,
+        response_type: type[M],
+        write: Callable[[Keep | None], Awaitable[M]],
+    ) -> M:
+        """`write` once per key (it calls `keep` with what it is handed, in its transaction)."""
+        if not key:
+            return await write(None)
+        keep = (key, operation, fingerprint(operation, request))
+        if (first := await self.first(who, keep, response_type)) is not None:
+            return first
+        try:
+            return await write(keep)
+        except IntegrityError:
+            # A concurrent first use of the key committed first: answer as its retry.
+            first = await self.first(who, keep, response_type)
+            if first is None:
+                raise
+            return first
+
+
+async def check_attachments(
+    runtime: ServiceRuntime,
+    document_ids: Sequence[str],
+    *,
+    enterprise_id: str,
+    requester: str,
+    reason: str,
+    name: Callable[[int], str],
+) -> list[int]:
+    """The sizes of the documents a requester attaches to a workflow item, each checked: readable
+    by the caller (the registry is asked under the caller's identity: it checks consent and
+    audits the read), of this patient, and registered by the requester itself (the other side is
+    granted them, so they must be the requester's to share). `name(index)` names a document in a
+    refusal (never its id: the message reaches the client)."""
+    stub = registry_pb2_grpc.DocumentRegistryStub(runtime.channel("registry"))
+    sizes = []
+    for index, document_id in enumerate(document_ids):
+        try:
+            entry = (await stub.GetDocumentEntry(registry_pb2.GetDocumentEntryRequest(document_id=document_id))).entry
+        except grpc.aio.AioRpcError as exc:
+            error = error_from_rpc(exc)
+            if isinstance(error, (NotFound, PermissionDenied, InvalidArgument)):
+                raise InvalidArgument(f"{name(index)} is not a document the caller may attach", reason=reason) from None
+            raise error from None
+        if entry.enterprise_id != enterprise_id:
+            raise InvalidArgument(f"{name(index)} is not a document of this patient", reason=reason)
+        if entry.source_organization_id != requester:
+            raise FailedPrecondition(
+                f"{name(index)} was registered by another organisation: attach your own documents",
+                reason="document-not-own",
+            )
+        sizes.append(int(entry.size))
+    return sizes
+
+
+def one_move_rpc(
+    move: str, response_type: type[Message], *, move_request: type[Message], item_id: str, item: str
+) -> Callable[..., Awaitable[Any]]:
+    """A one-move RPC kept for older clients (`AcceptReferral`, `CancelConsultation`…): the
+    servicer's general move (`_move`, answering (item, audit event ids)) with `move` named. Its
+    request carries the item id field `item_id`, `reason` and `idempotency_key`; its answer the
+    item under `item` and the audit event ids."""
+
+    async def rpc(self: Any, request: Any, context: object) -> Any:
+        moved, events = await self._move(
+            move_request(
+                **{item_id: getattr(request, item_id)},
+                move=move,
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
+            )
+        )
+        return response_type(**{item: moved, "audit_event_ids": events})
+
+    rpc.__doc__ = f"The {move} move, as the general move RPC with move={move!r}."
+    return rpc
