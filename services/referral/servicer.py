@@ -39,7 +39,6 @@ from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, TokenVerifier, caller
 from services.shared.errors import (
-    AlreadyExists,
     DataCorruption,
     FailedPrecondition,
     InvalidArgument,
@@ -375,32 +374,17 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         document_ids = list(dict.fromkeys(d[:64] for d in ref.document_ids if d))
         given_key = check_key(request.idempotency_key)
         key = given_key or str(uuid.uuid4())
-        request_fingerprint = fingerprint(_CREATE_OPERATION, request)
+        keep = (key, _CREATE_OPERATION, fingerprint(_CREATE_OPERATION, request))
         retry_fields = {
             "target_organization_id": target,
             "patient_local_id": ref.patient.local_id,
             "direction": _DIRECTION[direction_name],
         }
         async with self._rt.sessions() as session:
-            existing = await session.scalar(
-                select(ReferralRecord).where(
-                    ReferralRecord.requester_organization_id == who.organization_id,
-                    ReferralRecord.idempotency_key == key,
-                )
+            existing, first = await self._writes.earlier_create(
+                session, who, ReferralRecord, keep, retry_fields, referral_pb2.CreateReferralResponse
             )
             if existing is not None:
-                if any(getattr(existing, name) != value for name, value in retry_fields.items()):
-                    raise AlreadyExists(
-                        "idempotency key already used for a different request", reason="idempotency-key-reused"
-                    )
-                first = await self._answers.first(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_CREATE_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response_type=referral_pb2.CreateReferralResponse,
-                )
                 # The first answer; created before answers were kept: the referral as it is now.
                 if first is not None:
                     return first
@@ -484,14 +468,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             await session.flush()
             answer = referral_pb2.CreateReferralResponse(referral=await self._message(session, record, who=who))
             if given_key:
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_CREATE_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response=answer,
-                )
+                await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 

@@ -336,7 +336,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         )
         given_key = check_key(request.idempotency_key)
         key = given_key or str(uuid.uuid4())
-        request_fingerprint = fingerprint(_REQUEST_OPERATION, request)
+        keep = (key, _REQUEST_OPERATION, fingerprint(_REQUEST_OPERATION, request))
         compared = {
             "consultant_organization_id": c.consultant_organization_id,
             "patient_local_id": c.patient.local_id,
@@ -345,25 +345,10 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             "urgency": form.urgency,
         }
         async with self._rt.sessions() as session, session.begin():
-            existing = await session.scalar(
-                select(ConsultationRecord).where(
-                    ConsultationRecord.requester_organization_id == who.organization_id,
-                    ConsultationRecord.idempotency_key == key,
-                )
+            existing, first = await self._writes.earlier_create(
+                session, who, ConsultationRecord, keep, compared, teleconsult_pb2.RequestConsultationResponse
             )
             if existing is not None:
-                if any(getattr(existing, name) != value for name, value in compared.items()):
-                    raise AlreadyExists(
-                        "idempotency key already used for a different request", reason="idempotency-key-reused"
-                    )
-                first = await self._answers.first(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_REQUEST_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response_type=teleconsult_pb2.RequestConsultationResponse,
-                )
                 # The first answer, byte for byte; requested before answers were kept: as it is now.
                 if first is not None:
                     return first
@@ -419,14 +404,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
             answer = teleconsult_pb2.RequestConsultationResponse(consultation=await self._message(session, record))
             if given_key:
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_REQUEST_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response=answer,
-                )
+                await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 

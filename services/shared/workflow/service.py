@@ -8,17 +8,25 @@ Each service keeps its transition table (`workflow.py`), the mapping of its rows
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.shared.auth import Caller
-from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, error_from_rpc
+from services.shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    error_from_rpc,
+)
 from services.shared.idempotency import FirstAnswers, fingerprint
 from services.shared.process import ServiceRuntime
 
@@ -37,16 +45,44 @@ class KeyedWrites:
 
     async def first(self, who: Caller, keep: Keep, response_type: type[M]) -> M | None:
         """The first answer kept under `keep`, or None."""
-        key, operation, request_fingerprint = keep
         async with self._sessions() as session:
-            return await self._answers.first(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response_type=response_type,
+            return await self.first_in(session, who, keep, response_type)
+
+    async def first_in(self, session: AsyncSession, who: Caller, keep: Keep, response_type: type[M]) -> M | None:
+        """`first`, read in the caller's session."""
+        key, operation, request_fingerprint = keep
+        return await self._answers.first(
+            session,
+            organization_id=who.organization_id,
+            key=key,
+            operation=operation,
+            request_fingerprint=request_fingerprint,
+            response_type=response_type,
+        )
+
+    async def earlier_create(
+        self,
+        session: AsyncSession,
+        who: Caller,
+        model: Any,
+        keep: Keep,
+        compared: Mapping[str, object],
+        response_type: type[M],
+    ) -> tuple[Any, M | None]:
+        """The item an earlier create under this key made (`model` keeps the requester and the key
+        in `requester_organization_id` and `idempotency_key`) and the first answer to it; (None,
+        None) for a new key. The same key with other `compared` values is refused (409
+        idempotency-key-reused)."""
+        existing = await session.scalar(
+            select(model).where(
+                model.requester_organization_id == who.organization_id, model.idempotency_key == keep[0]
             )
+        )
+        if existing is None:
+            return None, None
+        if any(getattr(existing, name) != value for name, value in compared.items()):
+            raise AlreadyExists("idempotency key already used for a different request", reason="idempotency-key-reused")
+        return existing, await self.first_in(session, who, keep, response_type)
 
     async def keep(self, session: AsyncSession, who: Caller, keep: Keep | None, answer: Message) -> None:
         """Keep `answer` in the write's transaction (nothing without a key)."""
