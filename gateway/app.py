@@ -44,6 +44,7 @@ from gateway.routes import (
     referrals,
     subscriptions,
     teleconsult,
+    workflow_contract,
     workflows,
 )
 from gateway.smart import ALLOWED_SCOPES, AuthorizationServer
@@ -176,6 +177,7 @@ _DEMOGRAPHICS = {
 _DOCUMENT = {
     reason: "content, SHA-256 and size agree; codes, media type, relation and study as the registry's README says"
     for reason in (
+        "content-invalid",
         "content-empty",
         "content-corrupt",
         "content-not-allowed",
@@ -231,7 +233,12 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
         "patient-required": "give one of patient or patient.identifier",
         **_FHIR_SEARCH,
     },
-    ("GET", "/fhir/R4/AuditEvent"): _FHIR_SEARCH,
+    ("GET", "/fhir/R4/AuditEvent"): {
+        **_FHIR_SEARCH,
+        "search-param-unknown": _FHIR_SEARCH_SYNTAX,
+        "outcome-invalid": "outcome: 0, 4, 8 or 12",
+        "purpose-invalid": "purpose: a v3 PurposeOfUse code the exchange uses",
+    },
     ("POST", "/api/v1/consent/directives"): {
         "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
     },
@@ -255,6 +262,8 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
     ("GET", "/fhir/R4/Patient/$ihe-pix"): {
         "source-identifier-invalid": "sourceIdentifier urn:hie:patient-id:<domain>|<local id>",
     },
+    # Referrals and consultations (REST and FHIR).
+    **workflow_contract.REQUEST_RULES,
 }
 
 
@@ -363,10 +372,11 @@ def _allowed_methods(request: Request) -> list[str]:
         for path, served, _ in _api_routes(request.app, in_schema=True)
         if compile_path(path)[0].match(request.url.path)
     ]
-    # A literal path names its own resource (`/Patient/$match`), not an id of a templated one
-    # (`/Patient/{patient_id}`), as the OpenAPI document lists them.
-    literal = [(path, served) for path, served in matching if "{" not in path]
-    return sorted({method for _, served in (literal or matching) for method in served})
+    # The most specific path names the resource, as the OpenAPI document lists them: a literal
+    # `/Patient/$match` is not an id of `/Patient/{patient_id}`, nor `/consultations/{id}/report`
+    # a move of `/consultations/{id}/{move}`.
+    fewest = min((path.count("{") for path, _ in matching), default=0)
+    return sorted({method for path, served in matching if path.count("{") == fewest for method in served})
 
 
 @dataclass

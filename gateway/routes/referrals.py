@@ -15,6 +15,7 @@ from gateway import store
 from gateway.deps import CallContext, Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
+from gateway.routes.workflow_contract import REFERRAL_STATE_ITEMS, STRICT_BODY, DateTime, WholeNumber
 from hie.referral.v1 import referral_pb2
 from services.referral.directory import DIRECTORY_METADATA_KEY
 
@@ -152,7 +153,8 @@ async def list_referrals(
     ctx: Context,
     request: Request,
     box: Literal["incoming", "outgoing"],
-    state: list[str] = Query(default=[]),
+    # Stated as an enum; an unknown state is refused by name (400 referral-state).
+    state: list[str] = Query(default=[], json_schema_extra=REFERRAL_STATE_ITEMS),
     urgency: Literal["routine", "urgent", "emergency"] | None = None,
     direction: Literal["up", "down", "lateral"] | None = None,
     overdue: bool = False,
@@ -201,6 +203,8 @@ async def get_episode(episode_id: str, ctx: Context, request: Request) -> dict[s
 
 
 class FollowUpDoneIn(BaseModel):
+    model_config = STRICT_BODY
+
     note: str = Field(default="", max_length=2000)
 
 
@@ -237,8 +241,8 @@ async def complete_follow_up(
 async def referral_statistics(
     ctx: Context,
     request: Request,
-    since: datetime.datetime | None = None,
-    until: datetime.datetime | None = None,
+    since: DateTime | None = None,
+    until: DateTime | None = None,
     organization_id: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """Regional referral statistics (the authority), or a hospital's own."""
@@ -288,12 +292,16 @@ async def referral_statistics(
 
 
 class SlotIn(BaseModel):
+    model_config = STRICT_BODY
+
     department: str = Field(min_length=1, max_length=64)
-    start: datetime.datetime
-    end: datetime.datetime
+    start: DateTime
+    end: DateTime
 
 
 class SlotsIn(BaseModel):
+    model_config = STRICT_BODY
+
     slots: list[SlotIn] = Field(min_length=1, max_length=200)
 
 
@@ -349,7 +357,9 @@ async def list_slots(
 
 
 class BedsIn(BaseModel):
-    total: int = Field(ge=0, le=10000)
+    model_config = STRICT_BODY
+
+    total: WholeNumber = Field(ge=0, le=10000)
 
 
 def bed_json(bed: referral_pb2.BedCount) -> dict[str, Any]:
