@@ -96,7 +96,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             raise RuntimeError("the referral service seals free text: it needs the data keys")
         self._protection: DataProtection = runtime.protection
         self._answers = FirstAnswers(idempotent_answers)
-        self._writes = KeyedWrites(self._answers, runtime.sessions)
+        self._writes = KeyedWrites(self._answers, runtime)
         self._directory = TokenVerifier(runtime.settings.trusted_jwks_file, audience=directory.DIRECTORY_AUDIENCE)
         self.engine = WorkflowEngine(
             runtime,
@@ -1018,17 +1018,9 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
 
         # Idempotency-Key: a retry gets the first answer (the total it set then, not the
         # current one) and records no second audit event.
-        answer, replay = await self._answers.once(
-            self._rt.sessions,
-            organization_id=who.organization_id,
-            key=request.idempotency_key,
-            operation="referral.beds",
-            request=request,
-            response_type=referral_pb2.SetBedCountResponse,
-            change=change,
+        answer = await self._writes.once(
+            who, request.idempotency_key, "referral.beds", request, referral_pb2.SetBedCountResponse, change
         )
-        if not replay:
-            self._rt.outbox.notify()
         return answer
 
     async def ListBedCounts(

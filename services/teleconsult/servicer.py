@@ -120,7 +120,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         )
         # The first answers to keyed requests and moves (Idempotency-Key), kept in the write's transaction.
         self._answers = FirstAnswers(idempotent_answers)
-        self._writes = KeyedWrites(self._answers, runtime.sessions)
+        self._writes = KeyedWrites(self._answers, runtime)
         self.scanner = DeadlineScanner(
             runtime,
             self.engine,
@@ -1101,17 +1101,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
 
         # Idempotency-Key: a retry gets the first answer and records no second audit event.
-        answer, replay = await self._answers.once(
-            self._rt.sessions,
-            organization_id=who.organization_id,
-            key=request.idempotency_key,
-            operation="consultation.specialist",
-            request=request,
-            response_type=teleconsult_pb2.SetSpecialistResponse,
-            change=change,
+        answer = await self._writes.once(
+            who,
+            request.idempotency_key,
+            "consultation.specialist",
+            request,
+            teleconsult_pb2.SetSpecialistResponse,
+            change,
         )
-        if not replay:
-            self._rt.outbox.notify()
         return answer
 
     async def ListSpecialists(
@@ -1163,14 +1160,13 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             return teleconsult_pb2.AddRosterShiftResponse(shift=directory.shift_message(row))
 
         # Idempotency-Key: a retry gets the first shift, not a second one.
-        answer, _ = await self._answers.once(
-            self._rt.sessions,
-            organization_id=who.organization_id,
-            key=request.idempotency_key,
-            operation="consultation.roster-shift",
-            request=request,
-            response_type=teleconsult_pb2.AddRosterShiftResponse,
-            change=change,
+        answer = await self._writes.once(
+            who,
+            request.idempotency_key,
+            "consultation.roster-shift",
+            request,
+            teleconsult_pb2.AddRosterShiftResponse,
+            change,
         )
         return answer
 
@@ -1218,14 +1214,13 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
 
         try:
             # Idempotency-Key: a retry gets the first slots, not a slot-exists conflict with them.
-            answer, _ = await self._answers.once(
-                self._rt.sessions,
-                organization_id=who.organization_id,
-                key=request.idempotency_key,
-                operation="consultation.slots",
-                request=request,
-                response_type=teleconsult_pb2.PublishSlotsResponse,
-                change=change,
+            answer = await self._writes.once(
+                who,
+                request.idempotency_key,
+                "consultation.slots",
+                request,
+                teleconsult_pb2.PublishSlotsResponse,
+                change,
             )
         except IntegrityError:
             raise AlreadyExists(

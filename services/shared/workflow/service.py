@@ -39,9 +39,10 @@ class KeyedWrites:
     """A write run once per Idempotency-Key: a keyed retry (same key, same request) gets the first
     answer, which the write keeps in its own transaction (`keep`); without a key it simply runs."""
 
-    def __init__(self, answers: FirstAnswers, sessions: Callable[[], AsyncSession]) -> None:
+    def __init__(self, answers: FirstAnswers, runtime: ServiceRuntime) -> None:
         self._answers = answers
-        self._sessions = sessions
+        self._rt = runtime
+        self._sessions = runtime.sessions
 
     async def first(self, who: Caller, keep: Keep, response_type: type[M]) -> M | None:
         """The first answer kept under `keep`, or None."""
@@ -96,6 +97,30 @@ class KeyedWrites:
                 request_fingerprint=request_fingerprint,
                 response=answer,
             )
+
+    async def once(
+        self,
+        who: Caller,
+        key: str,
+        operation: str,
+        request: Message,
+        response_type: type[M],
+        change: Callable[[AsyncSession], Awaitable[M]],
+    ) -> M:
+        """`change` in one transaction, its answer kept there under the key (a retry gets it and
+        runs nothing); the outbox relay is woken for what the change recorded (its audit event)."""
+        answer, replay = await self._answers.once(
+            self._sessions,
+            organization_id=who.organization_id,
+            key=key,
+            operation=operation,
+            request=request,
+            response_type=response_type,
+            change=change,
+        )
+        if not replay:
+            self._rt.outbox.notify()
+        return answer
 
     async def run(
         self,
