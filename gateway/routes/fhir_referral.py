@@ -21,19 +21,17 @@ Clinical Order Workflows: the ServiceRequest is the authorisation, a coordinatio
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.fhir_patient import own_local_id_of_identifier, own_local_id_of_patient, patient_id_of_reference
 from gateway.routes.referrals import SERVICES, URGENCIES, directory_metadata, state_code, state_name
-from gateway.routes.workflow_contract import FHIR_REFERRAL_STATUS, fhir_body
+from gateway.routes.workflow_contract import FHIR_REFERRAL_STATUS, fhir_body, iso
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
 
@@ -158,12 +156,6 @@ def _bad(message: str, reason: str = "referral-invalid") -> ApiError:
     return ApiError(400, reason, message)
 
 
-def _iso(ts: Timestamp) -> str | None:
-    if not ts.seconds and not ts.nanos:
-        return None
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
 def _org(org_id: str) -> dict[str, Any]:
     return {"identifier": {"system": ORG_SYSTEM, "value": org_id}}
 
@@ -190,7 +182,7 @@ def service_request(r: referral_pb2.Referral) -> dict[str, Any]:
         "subject": {
             "identifier": {"system": f"{PATIENT_SYSTEM_PREFIX}{r.patient.domain}", "value": r.patient.local_id}
         },
-        "authoredOn": _iso(r.created),
+        "authoredOn": iso(r.created),
         "requester": _org(r.requester_organization_id),
         "performer": [
             _org(o) for o in ([r.target_organization_id] if r.target_organization_id else r.candidate_organization_ids)
@@ -218,12 +210,12 @@ def task(r: referral_pb2.Referral) -> dict[str, Any]:
         "intent": "order",
         "focus": {"reference": f"ServiceRequest/{r.referral_id}"},
         "for": {"identifier": {"system": f"{PATIENT_SYSTEM_PREFIX}{r.patient.domain}", "value": r.patient.local_id}},
-        "authoredOn": _iso(r.created),
+        "authoredOn": iso(r.created),
         "requester": _org(r.requester_organization_id),
         "owner": _org(r.target_organization_id) if r.target_organization_id else None,
     }
     if r.history:
-        resource["lastModified"] = _iso(r.history[-1].changed)
+        resource["lastModified"] = iso(r.history[-1].changed)
     if r.rejection_code:
         resource["statusReason"] = {
             "coding": [{"system": REJECTION_SYSTEM, "code": r.rejection_code}],
@@ -257,7 +249,7 @@ def appointment(r: referral_pb2.Referral) -> dict[str, Any]:
         "status": status,
         "basedOn": [{"reference": f"ServiceRequest/{r.referral_id}"}],
         "slot": [{"reference": f"Slot/{r.slot_id}"}],
-        "start": _iso(r.appointment_start),
+        "start": iso(r.appointment_start),
         "participant": [{"actor": {"display": r.target_organization_id}, "status": "accepted"}],
     }
     return {k: v for k, v in resource.items() if v is not None}
@@ -269,8 +261,8 @@ def _slot(s: referral_pb2.Slot) -> dict[str, Any]:
         "id": s.slot_id,
         "schedule": {"identifier": {"system": f"urn:hie:schedule:{s.organization_id}", "value": s.department}},
         "status": s.status,
-        "start": _iso(s.start),
-        "end": _iso(s.end),
+        "start": iso(s.start),
+        "end": iso(s.end),
     }
 
 
@@ -293,7 +285,7 @@ def care_plan(r: referral_pb2.Referral) -> dict[str, Any]:
                 "detail": {
                     "status": "completed" if f.HasField("done") else "scheduled",
                     "description": f.description,
-                    "scheduledString": _iso(f.due) or "",
+                    "scheduledString": iso(f.due) or "",
                 }
             }
             for f in plan.follow_ups
@@ -588,7 +580,7 @@ async def search_communications(ctx: Context, request: Request, based_on: str) -
             "id": f"{r.referral_id}-{index}",
             "status": "completed",
             "basedOn": [{"reference": f"ServiceRequest/{r.referral_id}"}],
-            "sent": _iso(h.changed),
+            "sent": iso(h.changed),
             "sender": _org(h.organization_id),
             "payload": [{"contentString": h.reason}],
         }

@@ -4,18 +4,16 @@ organisations' tiers the gateway signs for the referral service (services/referr
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway import store
 from gateway.deps import CallContext, Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
-from gateway.routes.workflow_contract import REFERRAL_STATE_ITEMS, STRICT_BODY, DateTime, WholeNumber
+from gateway.routes.workflow_contract import REFERRAL_STATE_ITEMS, STRICT_BODY, DateTime, WholeNumber, iso, timestamp
 from hie.referral.v1 import referral_pb2
 from services.referral.directory import DIRECTORY_METADATA_KEY
 
@@ -50,18 +48,6 @@ def state_code(name: str) -> int:
     return referral_pb2.ReferralState.Value(f"REFERRAL_STATE_{name.upper()}")
 
 
-def _iso(ts: Timestamp) -> str | None:
-    if not ts.seconds and not ts.nanos:
-        return None
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
-def _ts(value: datetime.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
-    return ts
-
-
 def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
     """A referral as the REST API shows it."""
     urgency = referral_pb2.ReferralUrgency.Name(r.urgency).removeprefix("REFERRAL_URGENCY_").lower()
@@ -91,7 +77,7 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
         "rejection_code": r.rejection_code,
         "advice": r.advice,
         "slot_id": r.slot_id,
-        "appointment_start": _iso(r.appointment_start),
+        "appointment_start": iso(r.appointment_start),
         "bed_department": r.bed_department,
         "outcome_document_id": r.outcome_document_id,
         "care_plan": {
@@ -101,8 +87,8 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
                 {
                     "follow_up_id": f.follow_up_id,
                     "description": f.description,
-                    "due": _iso(f.due),
-                    "done": _iso(f.done),
+                    "due": iso(f.due),
+                    "done": iso(f.done),
                     "note": f.note,
                 }
                 for f in r.care_plan.follow_ups
@@ -110,9 +96,9 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
         },
         "episode_id": r.episode_id,
         "parent_referral_id": r.parent_referral_id,
-        "created": _iso(r.created),
+        "created": iso(r.created),
         "clocks": [
-            {"name": c.name, "due": _iso(c.due), "paused": c.paused, "fired": c.fired, "stopped": c.stopped}
+            {"name": c.name, "due": iso(c.due), "paused": c.paused, "fired": c.fired, "stopped": c.stopped}
             for c in r.clocks
         ],
         "overdue": r.overdue,
@@ -126,7 +112,7 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
                 "practitioner_id": h.practitioner_id,
                 "role": h.role,
                 "reason": h.reason,
-                "changed": _iso(h.changed),
+                "changed": iso(h.changed),
             }
             for h in r.history
         ],
@@ -249,8 +235,8 @@ async def referral_statistics(
     result = await rpc(
         request.app.state.stubs.referral.ReferralStatistics(
             referral_pb2.ReferralStatisticsRequest(
-                since=_ts(since) if since else None,
-                until=_ts(until) if until else None,
+                since=timestamp(since) if since else None,
+                until=timestamp(until) if until else None,
                 organization_id=organization_id,
             ),
             metadata=ctx.metadata,
@@ -310,8 +296,8 @@ def slot_json(slot: referral_pb2.Slot) -> dict[str, Any]:
         "slot_id": slot.slot_id,
         "organization_id": slot.organization_id,
         "department": slot.department,
-        "start": _iso(slot.start),
-        "end": _iso(slot.end),
+        "start": iso(slot.start),
+        "end": iso(slot.end),
         "status": slot.status,
     }
 
@@ -327,7 +313,8 @@ async def publish_slots(
         request.app.state.stubs.referral.PublishSlots(
             referral_pb2.PublishSlotsRequest(
                 slots=[
-                    referral_pb2.Slot(department=s.department, start=_ts(s.start), end=_ts(s.end)) for s in body.slots
+                    referral_pb2.Slot(department=s.department, start=timestamp(s.start), end=timestamp(s.end))
+                    for s in body.slots
                 ],
                 idempotency_key=idempotency_key,
             ),

@@ -9,14 +9,20 @@ import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from gateway import store
 from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
-from gateway.routes.workflow_contract import CONSULTATION_STATE_ITEMS, STRICT_BODY, DateTime, WholeNumber
+from gateway.routes.workflow_contract import (
+    CONSULTATION_STATE_ITEMS,
+    STRICT_BODY,
+    DateTime,
+    WholeNumber,
+    iso,
+    timestamp,
+)
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 from hie.teleconsult.v1 import teleconsult_pb2
@@ -35,20 +41,6 @@ KindName = Literal["imaging", "ecg", "pathology", "ultrasound", "specialist", "m
 _KIND_NAME = {v: k for k, v in KINDS.items()}
 _MODE_NAME = {v: k for k, v in MODES.items()}
 _URGENCY_NAME = {v: k for k, v in URGENCIES.items()}
-
-
-def iso(ts: Timestamp) -> str | None:
-    if not ts.seconds and not ts.nanos:
-        return None
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
-def _ts(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
-    return ts
 
 
 def state_code(name: str) -> int:
@@ -455,7 +447,7 @@ async def statistics(
     r = await rpc(
         request.app.state.stubs.teleconsult.ConsultationStatistics(
             teleconsult_pb2.ConsultationStatisticsRequest(
-                since=_ts(since), until=_ts(until), organization_id=organization_id
+                since=timestamp(since), until=timestamp(until), organization_id=organization_id
             ),
             metadata=ctx.metadata,
         )
@@ -582,8 +574,8 @@ async def add_shift(body: ShiftIn, ctx: Context, request: Request, idempotency_k
                 shift=teleconsult_pb2.RosterShift(
                     practitioner_id=body.practitioner_id,
                     kind=KINDS[body.kind],
-                    start=_ts(body.start),
-                    end=_ts(body.end),
+                    start=timestamp(body.start),
+                    end=timestamp(body.end),
                 ),
                 idempotency_key=idempotency_key,
             ),
@@ -641,7 +633,9 @@ async def publish_slots(
         request.app.state.stubs.teleconsult.PublishSlots(
             teleconsult_pb2.PublishSlotsRequest(
                 slots=[
-                    teleconsult_pb2.Slot(practitioner_id=s.practitioner_id, start=_ts(s.start), end=_ts(s.end))
+                    teleconsult_pb2.Slot(
+                        practitioner_id=s.practitioner_id, start=timestamp(s.start), end=timestamp(s.end)
+                    )
                     for s in body.slots
                 ],
                 idempotency_key=idempotency_key,
@@ -706,7 +700,7 @@ async def move_consultation(
             signer=ic.signer,
             guardian_name=ic.guardian_name,
             guardian_relationship=ic.guardian_relationship,
-            signed=_ts(ic.signed),
+            signed=timestamp(ic.signed),
         )
     result = await rpc(
         request.app.state.stubs.teleconsult.MoveConsultation(

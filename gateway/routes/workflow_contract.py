@@ -9,6 +9,7 @@ import datetime
 import re
 from typing import Annotated, Any, Literal
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BeforeValidator, ConfigDict
 
 # Unknown fields are refused (400 invalid-request naming them), as the schema says.
@@ -26,6 +27,22 @@ def _date_time_text(value: object) -> object:
 
 
 DateTime = Annotated[datetime.datetime, BeforeValidator(_date_time_text)]
+
+
+def timestamp(value: datetime.datetime | None) -> Timestamp | None:
+    """A date-time for a service (one without an offset is taken as UTC)."""
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
+    return ts
+
+
+def iso(ts: Timestamp) -> str | None:
+    """A service's timestamp as the API writes it (None where it is unset)."""
+    if not ts.seconds and not ts.nanos:
+        return None
+    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
 
 
 def _whole_number(value: object) -> object:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.referrals import DIRECTIONS, SERVICES, URGENCIES, directory_metadata, referral_json
-from gateway.routes.workflow_contract import STRICT_BODY, DateTime
+from gateway.routes.workflow_contract import STRICT_BODY, DateTime, timestamp
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
 
@@ -121,7 +119,7 @@ async def create_referral(
                         medication=plan.medication,
                         warning_signs=plan.warning_signs,
                         follow_ups=[
-                            referral_pb2.FollowUp(description=f.description, due=_timestamp(f.due))
+                            referral_pb2.FollowUp(description=f.description, due=timestamp(f.due))
                             for f in plan.follow_ups
                         ],
                     )
@@ -148,12 +146,6 @@ def _if_match(request: Request) -> int | None:
     if not value.isdigit() or len(value) > 9:
         raise ApiError(400, "if-match", 'If-Match names a referral version, e.g. W/"3"')
     return int(value)
-
-
-def _timestamp(value: datetime.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
-    return ts
 
 
 class TransitionIn(BaseModel):

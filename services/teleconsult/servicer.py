@@ -40,7 +40,7 @@ from services.shared.protection.sm2 import load_or_create_signing_key
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
-from services.shared.workflow.service import Keep, KeyedWrites, check_attachments, one_move_rpc
+from services.shared.workflow.service import Keep, KeyedWrites, check_attachments, one_move_rpc, timestamp
 from services.teleconsult import directory, report, workflow
 from services.teleconsult.deadlines import DeadlinePolicy
 from services.teleconsult.store import (
@@ -65,14 +65,6 @@ _one_move = functools.partial(
     one_move_rpc, move_request=teleconsult_pb2.MoveConsultationRequest, item_id="consultation_id", item="consultation"
 )
 _MAX_PAGE = 200
-
-
-def _ts(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def _time(ts: Timestamp) -> datetime.datetime | None:
@@ -180,7 +172,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             summary=form.get("summary", ""),
             state=record.state,  # type: ignore[arg-type]
             document_ids=json.loads(record.document_ids),
-            created=_ts(record.created_at),
+            created=timestamp(record.created_at),
             urgency=record.urgency,  # type: ignore[arg-type]
             department=record.department,
             specialty=record.specialty,
@@ -194,7 +186,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     signer=consent["signer"],
                     guardian_name=consent.get("guardian_name", ""),
                     guardian_relationship=consent.get("guardian_relationship", ""),
-                    signed=_ts(datetime.datetime.fromisoformat(consent["signed"])),
+                    signed=timestamp(datetime.datetime.fromisoformat(consent["signed"])),
                 )
                 if consent
                 else None
@@ -202,8 +194,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             assignee_ids=participants,
             appointment=(
                 teleconsult_pb2.Appointment(
-                    start=_ts(record.appointment_start),
-                    end=_ts(record.appointment_end),
+                    start=timestamp(record.appointment_start),
+                    end=timestamp(record.appointment_end),
                     join_url=record.join_url,
                     slot_ids=slots,
                 )
@@ -228,7 +220,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                         if h["reason"]
                         else ""
                     ),
-                    changed=_ts(h["changed_at"]),
+                    changed=timestamp(h["changed_at"]),
                     move=h["move"],
                     role=h["role"],
                 )
@@ -245,14 +237,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     move=m.move,
                     text=opened.get("text", ""),
                     document_ids=opened.get("document_ids", []),
-                    sent=_ts(m.sent_at),
+                    sent=timestamp(m.sent_at),
                 )
             )
         for c in await self.engine.clocks(session, record.id):
             message.clocks.append(
                 teleconsult_pb2.Clock(
                     name=c["name"],
-                    due=_ts(c["due_at"]),
+                    due=timestamp(c["due_at"]),
                     paused=c["paused_at"] is not None,
                     fired=c["fired_at"] is not None,
                     stopped=c["stopped_at"] is not None,
@@ -951,7 +943,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     signature_jws=r.signature_jws,
                     signer_jwk_json=r.signer_jwk,
                     signer_practitioner_id=r.signer_practitioner_id,
-                    signed=_ts(r.signed_at),
+                    signed=timestamp(r.signed_at),
                     document_id=r.document_id,
                     sha256=r.sha256,
                     sm2_signature=r.sm2_signature,
