@@ -112,7 +112,7 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
         for method, operation in operations.items():
             if (method.upper(), path) in authenticated:
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
-            _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
+            _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"), write=method in _WRITES)
             _declare_request_rules(operation, _rules_of(method.upper(), path, operation))
     app.openapi_schema = schema
     return schema
@@ -348,7 +348,13 @@ _ERROR_STATUSES = {
 }
 
 
-def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = False) -> None:
+# A write may meet a conflict: its Idempotency-Key used for another request, a resource that
+# exists already or changed meanwhile (409, the reason names which).
+_WRITES = {"post", "put", "patch", "delete"}
+_CONFLICT = "conflict: the Idempotency-Key was used for another request, or the resource exists or changed"
+
+
+def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = False, write: bool = False) -> None:
     """Declare the error responses the route gives, with their real body (FastAPI's default 422
     `HTTPValidationError` is not what the gateway answers: validation errors are 400), and
     application/fhir+json on FHIR routes."""
@@ -356,7 +362,8 @@ def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = Fals
     body = {"$ref": f"#/components/schemas/{name}"}
     media = "application/fhir+json" if fhir else "application/json"
     responses = operation.setdefault("responses", {})
-    for status, description in _ERROR_STATUSES.items():
+    statuses = {**_ERROR_STATUSES, "409": _CONFLICT} if write and not oauth else _ERROR_STATUSES
+    for status, description in statuses.items():
         responses[status] = {"description": description, "content": {media: {"schema": body}}}
     if fhir:
         for status, response in responses.items():

@@ -18,6 +18,7 @@ from gateway.routes import rpc
 from gateway.routes.workflow_contract import (
     CONSULTATION_STATE_ITEMS,
     STRICT_BODY,
+    VISIBLE,
     DateTime,
     WholeNumber,
     iso,
@@ -147,7 +148,7 @@ _GUARDIAN_NAMED: dict[str, Any] = {
     "if": {"properties": {"signer": {"const": "guardian"}}},
     "then": {
         "required": ["guardian_name", "guardian_relationship"],
-        "properties": {"guardian_name": {"pattern": r"\S"}, "guardian_relationship": {"pattern": r"\S"}},
+        "properties": {"guardian_name": {"pattern": VISIBLE}, "guardian_relationship": {"pattern": VISIBLE}},
     },
 }
 
@@ -176,7 +177,7 @@ class ConsultationIn(BaseModel):
     kind: KindName
     mode: Literal["asynchronous", "interactive"] = "asynchronous"
     urgency: Literal["routine", "urgent", "emergency"] = "routine"
-    question: str = Field(min_length=1, max_length=4000, pattern=r"\S")
+    question: str = Field(min_length=1, max_length=4000, pattern=VISIBLE)
     purpose: str = Field(default="", max_length=2000)
     summary: str = Field(default="", max_length=20000)
     department: str = Field(default="", max_length=64)
@@ -479,7 +480,7 @@ async def statistics(
 class SpecialistIn(BaseModel):
     model_config = STRICT_BODY
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"\S")
+    name: str = Field(min_length=1, max_length=64, pattern=VISIBLE)
     role: str = Field(default="doctor", max_length=32)
     department: str = Field(default="", max_length=64)
     specialty: str = Field(default="", max_length=64)

@@ -57,9 +57,13 @@ def _whole_number(value: object) -> object:
 
 WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 
-# The id in a `<type>/<id>` reference: the exchange's ids (uuids, organisation ids; a Schedule's
-# `<organisation>.<practitioner>`) have no slash or space.
-_REFERENCE_ID = r"[^/\s]{1,128}"
+# The id in a `<type>/<id>` reference (uuids, organisation ids; a Schedule's
+# `<organisation>.<practitioner>`): no slash. (Not `\S`: JSON Schema's ECMAScript `\s` and the
+# gateway's own differ, e.g. on U+0085.)
+_REFERENCE_ID = r"[^/]{1,128}"
+# Text with a visible character in it: what a service's `.strip()` leaves non-empty, written out
+# because ECMAScript's `\s` (the schema's) and Python's / Rust's (the gateway's) differ.
+VISIBLE = "[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 
 
 def reference(resource_type: str, *, optional: bool = False) -> str:

@@ -11,7 +11,7 @@ from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.referrals import DIRECTIONS, SERVICES, URGENCIES, directory_metadata, referral_json
-from gateway.routes.workflow_contract import STRICT_BODY, DateTime, timestamp
+from gateway.routes.workflow_contract import STRICT_BODY, VISIBLE, DateTime, timestamp
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
 
@@ -29,7 +29,7 @@ class DiagnosisIn(BaseModel):
 class FollowUpIn(BaseModel):
     model_config = STRICT_BODY
 
-    description: str = Field(min_length=1, max_length=500, pattern=r"\S")
+    description: str = Field(min_length=1, max_length=500, pattern=VISIBLE)
     due: DateTime
 
 
@@ -67,7 +67,7 @@ class ReferralIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_TARGET)
 
-    patient_local_id: str = Field(min_length=1, max_length=64, pattern=r"^\S+$")
+    patient_local_id: str = Field(min_length=1, max_length=64)
     target_organization_id: str = Field(default="", max_length=64)
     candidate_organization_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=5
