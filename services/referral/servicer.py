@@ -52,7 +52,14 @@ from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
-from services.shared.workflow.service import Keep, KeyedWrites, check_attachments, one_move_rpc
+from services.shared.workflow.service import (
+    Keep,
+    KeyedWrites,
+    MoveAnswer,
+    check_attachments,
+    one_move_rpc,
+    statistics_scope,
+)
 
 _DIRECTION = {
     "up": referral_pb2.REFERRAL_DIRECTION_UP,
@@ -654,17 +661,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             # The other candidates hear that the referral is taken.
             others = tuple(c["org"] for c in open_candidates if c["org"] != target)
             subject = dataclasses.replace(subject, target_organization_ids=(target, *others))
-        kept: list[referral_pb2.MoveReferralResponse] = []
 
-        async def answer(session: AsyncSession, audit_event_ids: list[str]) -> None:
-            # Read in the move's transaction: the answer kept is the one the caller gets.
+        async def build(session: AsyncSession, audit_event_ids: list[str]) -> referral_pb2.MoveReferralResponse:
             fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
-            moved = referral_pb2.MoveReferralResponse(
+            return referral_pb2.MoveReferralResponse(
                 referral=await self._message(session, fresh, who=who), audit_event_ids=audit_event_ids
             )
-            await self._writes.keep(session, who, keep, moved)
-            kept.append(moved)
 
+        answer = MoveAnswer(self._writes, who, keep, build)
         applied = await self.engine.apply(
             name,
             subject=subject,
@@ -678,13 +682,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             resolve_enterprise_id=enterprise_id,
             answer=answer,
         )
-        if kept:
-            return kept[0]
-        async with self._rt.sessions() as session:
-            fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
-            return referral_pb2.MoveReferralResponse(
-                referral=await self._message(session, fresh, who=who), audit_event_ids=applied.audit_event_ids
-            )
+        return await answer.result(applied.audit_event_ids)
 
     async def _follow_up_facts(self, record: ReferralRecord) -> dict[str, object]:
         async with self._rt.sessions() as session:
@@ -1046,16 +1044,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     ) -> referral_pb2.ReferralStatisticsResponse:
         """The authority's regional view (any organisation or all); a hospital's own only."""
         who = caller()
-        if who.organization_type == "authority":
-            who.require_scope("AuditEvent", "r")
-            who.require_role("auditor")
-            org = request.organization_id[:64]
-        else:
-            who.require_scope("ServiceRequest", "r")
-            who.require_role("doctor", "admin")
-            if request.organization_id and request.organization_id != who.organization_id:
-                raise PermissionDenied("a hospital sees its own statistics only", reason="referral-statistics")
-            org = who.organization_id
+        org = statistics_scope(who, request.organization_id, reason="referral-statistics")
         r = ReferralRecord
         query = select(r)
         if request.HasField("since"):

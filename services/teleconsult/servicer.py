@@ -30,7 +30,6 @@ from services.shared.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     error_from_rpc,
 )
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
@@ -40,7 +39,15 @@ from services.shared.protection.sm2 import load_or_create_signing_key
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
-from services.shared.workflow.service import Keep, KeyedWrites, check_attachments, one_move_rpc, timestamp
+from services.shared.workflow.service import (
+    Keep,
+    KeyedWrites,
+    MoveAnswer,
+    check_attachments,
+    one_move_rpc,
+    statistics_scope,
+    timestamp,
+)
 from services.teleconsult import directory, report, workflow
 from services.teleconsult.deadlines import DeadlinePolicy
 from services.teleconsult.store import (
@@ -495,19 +502,16 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         plan = Plan()
         if prepare is not None:
             await prepare(self, plan, who, record, request)
-        kept: list[teleconsult_pb2.MoveConsultationResponse] = []
 
-        async def answer(session: AsyncSession, audit_event_ids: list[str]) -> None:
-            # Read in the move's transaction: the answer kept is the one the caller gets.
-            fresh = await self._load(session, record.id)
-            assert fresh is not None
+        async def build(session: AsyncSession, audit_event_ids: list[str]) -> teleconsult_pb2.MoveConsultationResponse:
+            fresh = await self._load(session, record.id) or record
             moved = teleconsult_pb2.MoveConsultationResponse(
                 consultation=await self._message(session, fresh), audit_event_ids=audit_event_ids
             )
             moved.consultation.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
-            await self._writes.keep(session, who, keep, moved)
-            kept.append(moved)
+            return moved
 
+        answer = MoveAnswer(self._writes, who, keep, build)
         applied = await self.engine.apply(
             name,
             subject=self._subject(record, plan.document_ids),
@@ -522,13 +526,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             resolve_enterprise_id=lambda: self._enterprise_id(record),
             answer=answer,
         )
-        if kept:
-            return kept[0]
-        async with self._rt.sessions() as session:
-            fresh = await self._load(session, record.id) or record
-            message = await self._message(session, fresh)
-            message.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
-        return teleconsult_pb2.MoveConsultationResponse(consultation=message, audit_event_ids=applied.audit_event_ids)
+        return await answer.result(applied.audit_event_ids)
 
     async def _current(self, record: ConsultationRecord, side: workflow.Party) -> teleconsult_pb2.Consultation:
         async with self._rt.sessions() as session:
@@ -1018,17 +1016,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self, request: teleconsult_pb2.ConsultationStatisticsRequest, context: object
     ) -> teleconsult_pb2.ConsultationStatisticsResponse:
         who = caller()
-        if who.organization_type == "authority":
-            # The regional authority's auditors see the region (or one organisation).
-            who.require_scope("AuditEvent", "r")
-            who.require_role("auditor")
-            org = request.organization_id[:64]
-        else:
-            who.require_scope("ServiceRequest", "r")
-            who.require_role("doctor", "admin")
-            if request.organization_id and request.organization_id != who.organization_id:
-                raise PermissionDenied("a hospital sees its own statistics only", reason="consultation-statistics")
-            org = who.organization_id
+        org = statistics_scope(who, request.organization_id, reason="consultation-statistics")
         c = ConsultationRecord
         query = select(c)
         since, until = _time(request.since), _time(request.until)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -45,6 +45,11 @@ class KeyedWrites:
         self._answers = answers
         self._rt = runtime
         self._sessions = runtime.sessions
+
+    @property
+    def sessions(self) -> Callable[[], AsyncSession]:
+        """The service's sessions."""
+        return self._sessions
 
     async def first(self, who: Caller, keep: Keep, response_type: type[M]) -> M | None:
         """The first answer kept under `keep`, or None."""
@@ -147,6 +152,53 @@ class KeyedWrites:
             if first is None:
                 raise
             return first
+
+
+class MoveAnswer(Generic[M]):
+    """The answer of one move, for the engine's `answer` hook: built in the move's transaction
+    (so the answer kept under the Idempotency-Key is the one the caller gets) by `build(session,
+    audit_event_ids)`; a move the engine answered without a transaction (a retry that reached the
+    state already) is built afterwards from what is there."""
+
+    def __init__(
+        self,
+        writes: KeyedWrites,
+        who: Caller,
+        keep: Keep | None,
+        build: Callable[[AsyncSession, list[str]], Awaitable[M]],
+    ) -> None:
+        self._writes = writes
+        self._who = who
+        self._keep = keep
+        self._build = build
+        self._answer: M | None = None
+
+    async def __call__(self, session: AsyncSession, audit_event_ids: list[str]) -> None:
+        answer = await self._build(session, audit_event_ids)
+        await self._writes.keep(session, self._who, self._keep, answer)
+        self._answer = answer
+
+    async def result(self, audit_event_ids: list[str]) -> M:
+        """The answer built in the move's transaction, else one built now."""
+        if self._answer is not None:
+            return self._answer
+        async with self._writes.sessions() as session:
+            return await self._build(session, audit_event_ids)
+
+
+def statistics_scope(who: Caller, organization_id: str, *, reason: str) -> str:
+    """The organisation a workflow's statistics cover ("" for the region): the authority's
+    auditors see the region or any one organisation; a hospital's doctors and administrators their
+    own organisation only (another is PermissionDenied with `reason`)."""
+    if who.organization_type == "authority":
+        who.require_scope("AuditEvent", "r")
+        who.require_role("auditor")
+        return organization_id[:64]
+    who.require_scope("ServiceRequest", "r")
+    who.require_role("doctor", "admin")
+    if organization_id and organization_id != who.organization_id:
+        raise PermissionDenied("a hospital sees its own statistics only", reason=reason)
+    return who.organization_id
 
 
 async def check_attachments(
