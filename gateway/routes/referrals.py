@@ -13,7 +13,17 @@ from gateway import store
 from gateway.deps import CallContext, Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
-from gateway.routes.workflow_contract import REFERRAL_STATE_ITEMS, STRICT_BODY, DateTime, WholeNumber, iso, timestamp
+from gateway.routes.workflow_contract import (
+    REFERRAL_STATE_ITEMS,
+    STRICT_BODY,
+    DateTime,
+    PeriodIn,
+    WholeNumber,
+    clocks_json,
+    history_json,
+    iso,
+    timestamp,
+)
 from hie.referral.v1 import referral_pb2
 from services.referral.directory import DIRECTORY_METADATA_KEY
 
@@ -97,25 +107,10 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
         "episode_id": r.episode_id,
         "parent_referral_id": r.parent_referral_id,
         "created": iso(r.created),
-        "clocks": [
-            {"name": c.name, "due": iso(c.due), "paused": c.paused, "fired": c.fired, "stopped": c.stopped}
-            for c in r.clocks
-        ],
+        "clocks": clocks_json(r.clocks),
         "overdue": r.overdue,
         "allowed_moves": list(r.allowed_moves),
-        "history": [
-            {
-                "move": h.move,
-                "from": state_name(h.from_state),
-                "to": state_name(h.to_state),
-                "organization_id": h.organization_id,
-                "practitioner_id": h.practitioner_id,
-                "role": h.role,
-                "reason": h.reason,
-                "changed": iso(h.changed),
-            }
-            for h in r.history
-        ],
+        "history": history_json(r.history, state_name),
     }
 
 
@@ -277,12 +272,8 @@ async def referral_statistics(
 # --- slots and beds ------------------------------------------------------------------------------
 
 
-class SlotIn(BaseModel):
-    model_config = STRICT_BODY
-
+class SlotIn(PeriodIn):
     department: str = Field(min_length=1, max_length=64)
-    start: DateTime
-    end: DateTime
 
 
 class SlotsIn(BaseModel):

@@ -20,7 +20,10 @@ from gateway.routes.workflow_contract import (
     STRICT_BODY,
     VISIBLE,
     DateTime,
+    PeriodIn,
     WholeNumber,
+    clocks_json,
+    history_json,
     iso,
     timestamp,
 )
@@ -111,23 +114,8 @@ def consultation_json(c: teleconsult_pb2.Consultation) -> dict[str, Any]:
             }
             for m in c.messages
         ],
-        "clocks": [
-            {"name": k.name, "due": iso(k.due), "paused": k.paused, "fired": k.fired, "stopped": k.stopped}
-            for k in c.clocks
-        ],
-        "history": [
-            {
-                "from": state_name(h.from_state),
-                "to": state_name(h.to_state),
-                "move": h.move,
-                "organization_id": h.organization_id,
-                "practitioner_id": h.practitioner_id,
-                "role": h.role,
-                "reason": h.reason,
-                "changed": iso(h.changed),
-            }
-            for h in c.history
-        ],
+        "clocks": clocks_json(c.clocks),
+        "history": history_json(c.history, state_name),
         "allowed_moves": list(c.allowed_moves),
         "created": iso(c.created),
     }
@@ -546,13 +534,9 @@ async def list_specialists(
     return {"specialists": [specialist_json(s) for s in r.specialists]}
 
 
-class ShiftIn(BaseModel):
-    model_config = STRICT_BODY
-
+class ShiftIn(PeriodIn):
     practitioner_id: str = Field(min_length=1, max_length=64)
     kind: KindName
-    start: DateTime
-    end: DateTime
 
 
 def shift_json(s: teleconsult_pb2.RosterShift) -> dict[str, Any]:
@@ -598,12 +582,8 @@ async def on_call(organization_id: str, ctx: Context, request: Request, kind: Ki
     return {"shifts": [shift_json(s) for s in r.shifts]}
 
 
-class SlotIn(BaseModel):
-    model_config = STRICT_BODY
-
+class SlotIn(PeriodIn):
     practitioner_id: str = Field(min_length=1, max_length=64)
-    start: DateTime
-    end: DateTime
 
 
 class SlotsIn(BaseModel):

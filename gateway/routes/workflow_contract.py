@@ -1,16 +1,18 @@
 """What the referral and consultation routes accept, stated once for their request models and the
 OpenAPI document: the value types JSON Schema states (date-times, FHIR ids and references, the
 workflows' state names), and, per operation, the refusals it cannot state (a rule across fields,
-the state of the item, the exchange's directory) as `x-hie-request-rules` (gateway/app.py)."""
+the state of the item, the exchange's directory) as `x-hie-request-rules` (gateway/app.py); and the
+parts of their JSON both workflows share (timestamps, deadline clocks, state history)."""
 
 from __future__ import annotations
 
 import datetime
 import re
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 # Unknown fields are refused (400 invalid-request naming them), as the schema says.
 STRICT_BODY = ConfigDict(extra="forbid", strict=False)
@@ -43,6 +45,39 @@ def iso(ts: Timestamp) -> str | None:
     if not ts.seconds and not ts.nanos:
         return None
     return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
+
+
+class PeriodIn(BaseModel):
+    """A period (a slot, a shift): it ends after it starts (the service's rule)."""
+
+    model_config = STRICT_BODY
+
+    start: DateTime
+    end: DateTime
+
+
+def clocks_json(clocks: Iterable[Any]) -> list[dict[str, Any]]:
+    """An item's deadline clocks (services/shared/workflow/clocks.py)."""
+    return [
+        {"name": c.name, "due": iso(c.due), "paused": c.paused, "fired": c.fired, "stopped": c.stopped} for c in clocks
+    ]
+
+
+def history_json(history: Iterable[Any], state_name: Callable[[int], str]) -> list[dict[str, Any]]:
+    """An item's state history, oldest first: each move, who made it and why."""
+    return [
+        {
+            "move": h.move,
+            "from": state_name(h.from_state),
+            "to": state_name(h.to_state),
+            "organization_id": h.organization_id,
+            "practitioner_id": h.practitioner_id,
+            "role": h.role,
+            "reason": h.reason,
+            "changed": iso(h.changed),
+        }
+        for h in history
+    ]
 
 
 def _whole_number(value: object) -> object:
