@@ -241,9 +241,11 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
     },
     ("POST", "/api/v1/consent/directives"): {
         "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+        "obligation-unknown": "obligations among deidentify, no-redisclosure",
     },
     ("PUT", "/api/v1/consent/directives/{directive_id}"): {
         "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+        "obligation-unknown": "obligations among deidentify, no-redisclosure",
     },
     ("POST", "/api/v1/subscriptions"): {
         "endpoint-invalid": "an https URL (http in development) whose host resolves to an allowed address",
