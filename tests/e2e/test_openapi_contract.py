@@ -247,3 +247,23 @@ async def test_the_workflow_routes_refuse_what_their_schema_refuses_and_name_the
     create = schema["paths"]["/fhir/R4/ServiceRequest"]["post"]
     assert create["requestBody"]["content"]["application/fhir+json"]["schema"]["required"] == ["resourceType"]
     assert "self-referral" in schema["paths"]["/api/v1/referrals"]["post"]["x-hie-request-rules"]
+
+
+async def test_a_document_size_beyond_int64_is_refused_not_a_server_error(exchange: Exchange) -> None:
+    """Found by the contract run: a declared size over 2^63 - 1 overflowed the registry message
+    (500 ValueError) instead of being refused."""
+    member = await exchange.member()
+    refused = await member.call(
+        "POST",
+        "/api/v1/documents",
+        json={
+            "patient_local_id": "P-1",
+            "type": {"system": "http://loinc.org", "code": "18842-5"},
+            "title": "出院小结",
+            "source_document_id": "D-1",
+            "size": 10**21,
+        },
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["reason"] == "invalid-request"
+    assert "size" in refused.json()["error"]["message"]
