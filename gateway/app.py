@@ -45,6 +45,7 @@ from gateway.routes import (
     referrals,
     subscriptions,
     teleconsult,
+    workflow_contract,
     workflows,
 )
 from gateway.smart import ALLOWED_SCOPES, AuthorizationServer
@@ -113,7 +114,7 @@ def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
         for method, operation in operations.items():
             if (method.upper(), path) in authenticated:
                 operation["security"] = [{"smartBackendServices": [], "userAssertion": []}]
-            _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"))
+            _declare_errors(operation, fhir=fhir, oauth=path.startswith("/oauth2/"), write=method in _WRITES)
             _declare_request_rules(operation, _rules_of(method.upper(), path, operation))
     app.openapi_schema = schema
     return schema
@@ -178,6 +179,7 @@ _DEMOGRAPHICS = {
 _DOCUMENT = {
     reason: "content, SHA-256 and size agree; codes, media type, relation and study as the registry's README says"
     for reason in (
+        "content-invalid",
         "content-empty",
         "content-corrupt",
         "content-not-allowed",
@@ -233,12 +235,19 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
         "patient-required": "give one of patient or patient.identifier",
         **_FHIR_SEARCH,
     },
-    ("GET", "/fhir/R4/AuditEvent"): _FHIR_SEARCH,
+    ("GET", "/fhir/R4/AuditEvent"): {
+        **_FHIR_SEARCH,
+        "search-param-unknown": _FHIR_SEARCH_SYNTAX,
+        "outcome-invalid": "outcome: 0, 4, 8 or 12",
+        "purpose-invalid": "purpose: a v3 PurposeOfUse code the exchange uses",
+    },
     ("POST", "/api/v1/consent/directives"): {
         "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+        "obligation-unknown": "obligations among deidentify, no-redisclosure",
     },
     ("PUT", "/api/v1/consent/directives/{directive_id}"): {
         "provision-invalid": "at least one permit or deny provision; codes from the consent vocabularies",
+        "obligation-unknown": "obligations among deidentify, no-redisclosure",
     },
     ("POST", "/api/v1/subscriptions"): {
         "endpoint-invalid": "an https URL (http in development) whose host resolves to an allowed address",
@@ -257,6 +266,8 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
     ("GET", "/fhir/R4/Patient/$ihe-pix"): {
         "source-identifier-invalid": "sourceIdentifier urn:hie:patient-id:<domain>|<local id>",
     },
+    # Referrals and consultations (REST and FHIR).
+    **workflow_contract.REQUEST_RULES,
 }
 
 
@@ -341,7 +352,13 @@ _ERROR_STATUSES = {
 }
 
 
-def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = False) -> None:
+# A write may meet a conflict: its Idempotency-Key used for another request, a resource that
+# exists already or changed meanwhile (409, the reason names which).
+_WRITES = {"post", "put", "patch", "delete"}
+_CONFLICT = "conflict: the Idempotency-Key was used for another request, or the resource exists or changed"
+
+
+def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = False, write: bool = False) -> None:
     """Declare the error responses the route gives, with their real body (FastAPI's default 422
     `HTTPValidationError` is not what the gateway answers: validation errors are 400), and
     application/fhir+json on FHIR routes."""
@@ -349,7 +366,8 @@ def _declare_errors(operation: dict[str, Any], *, fhir: bool, oauth: bool = Fals
     body = {"$ref": f"#/components/schemas/{name}"}
     media = "application/fhir+json" if fhir else "application/json"
     responses = operation.setdefault("responses", {})
-    for status, description in _ERROR_STATUSES.items():
+    statuses = {**_ERROR_STATUSES, "409": _CONFLICT} if write and not oauth else _ERROR_STATUSES
+    for status, description in statuses.items():
         responses[status] = {"description": description, "content": {media: {"schema": body}}}
     if fhir:
         for status, response in responses.items():
@@ -365,10 +383,11 @@ def _allowed_methods(request: Request) -> list[str]:
         for path, served, _ in _api_routes(request.app, in_schema=True)
         if compile_path(path)[0].match(request.url.path)
     ]
-    # A literal path names its own resource (`/Patient/$match`), not an id of a templated one
-    # (`/Patient/{patient_id}`), as the OpenAPI document lists them.
-    literal = [(path, served) for path, served in matching if "{" not in path]
-    return sorted({method for _, served in (literal or matching) for method in served})
+    # The most specific path names the resource, as the OpenAPI document lists them: a literal
+    # `/Patient/$match` is not an id of `/Patient/{patient_id}`, nor `/consultations/{id}/report`
+    # a move of `/consultations/{id}/{move}`.
+    fewest = min((path.count("{") for path, _ in matching), default=0)
+    return sorted({method for path, served in matching if path.count("{") == fewest for method in served})
 
 
 @dataclass

@@ -93,6 +93,9 @@ async def _refuse_replay(request: Request, assertion: str, client_id: str) -> No
 Context = Annotated[CallContext, Depends(call_context)]
 
 
+_KEY_SCHEMA = {"maxLength": 128, "pattern": "^[\\x20-\\x7e\\xa1-\\xac\\xae-\\xff]*$"}
+
+
 def _idempotency_key(
     key: Annotated[
         str,
@@ -103,6 +106,9 @@ def _idempotency_key(
                 "gets the first response (status and body); the same key with another request is "
                 "409 idempotency-key-reused (gateway/README.md, Idempotency-Key)."
             ),
+            # Stated for clients; the owning service checks it (400 idempotency-key-invalid). A
+            # header is Latin-1: printable as Python's str.isprintable() (the service's check).
+            json_schema_extra=_KEY_SCHEMA,
         ),
     ] = "",
 ) -> str:

@@ -99,7 +99,8 @@ class DocumentIn(DocumentMetadataIn):
     source_document_id: str = Field(min_length=1, max_length=128, description="The hospital's unique document id")
     mime_type: str = Field(default="", max_length=100)
     sha256: str = Field(default="", max_length=64, description="Lower-case hex SHA-256 of the content")
-    size: int = Field(default=0, ge=0)
+    # The registry keeps the size as int64: a larger number is refused here, not overflowed there.
+    size: int = Field(default=0, ge=0, le=2**63 - 1)
     content_base64: str = Field(default="")
 
 

@@ -21,18 +21,17 @@ Clinical Order Workflows: the ServiceRequest is the authorisation, a coordinatio
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.fhir_patient import own_local_id_of_identifier, own_local_id_of_patient, patient_id_of_reference
 from gateway.routes.referrals import SERVICES, URGENCIES, directory_metadata, state_code, state_name
+from gateway.routes.workflow_contract import FHIR_REFERRAL_STATUS, fhir_body, iso
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
 
@@ -157,12 +156,6 @@ def _bad(message: str, reason: str = "referral-invalid") -> ApiError:
     return ApiError(400, reason, message)
 
 
-def _iso(ts: Timestamp) -> str | None:
-    if not ts.seconds and not ts.nanos:
-        return None
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
 def _org(org_id: str) -> dict[str, Any]:
     return {"identifier": {"system": ORG_SYSTEM, "value": org_id}}
 
@@ -189,7 +182,7 @@ def service_request(r: referral_pb2.Referral) -> dict[str, Any]:
         "subject": {
             "identifier": {"system": f"{PATIENT_SYSTEM_PREFIX}{r.patient.domain}", "value": r.patient.local_id}
         },
-        "authoredOn": _iso(r.created),
+        "authoredOn": iso(r.created),
         "requester": _org(r.requester_organization_id),
         "performer": [
             _org(o) for o in ([r.target_organization_id] if r.target_organization_id else r.candidate_organization_ids)
@@ -217,12 +210,12 @@ def task(r: referral_pb2.Referral) -> dict[str, Any]:
         "intent": "order",
         "focus": {"reference": f"ServiceRequest/{r.referral_id}"},
         "for": {"identifier": {"system": f"{PATIENT_SYSTEM_PREFIX}{r.patient.domain}", "value": r.patient.local_id}},
-        "authoredOn": _iso(r.created),
+        "authoredOn": iso(r.created),
         "requester": _org(r.requester_organization_id),
         "owner": _org(r.target_organization_id) if r.target_organization_id else None,
     }
     if r.history:
-        resource["lastModified"] = _iso(r.history[-1].changed)
+        resource["lastModified"] = iso(r.history[-1].changed)
     if r.rejection_code:
         resource["statusReason"] = {
             "coding": [{"system": REJECTION_SYSTEM, "code": r.rejection_code}],
@@ -256,7 +249,7 @@ def appointment(r: referral_pb2.Referral) -> dict[str, Any]:
         "status": status,
         "basedOn": [{"reference": f"ServiceRequest/{r.referral_id}"}],
         "slot": [{"reference": f"Slot/{r.slot_id}"}],
-        "start": _iso(r.appointment_start),
+        "start": iso(r.appointment_start),
         "participant": [{"actor": {"display": r.target_organization_id}, "status": "accepted"}],
     }
     return {k: v for k, v in resource.items() if v is not None}
@@ -268,8 +261,8 @@ def _slot(s: referral_pb2.Slot) -> dict[str, Any]:
         "id": s.slot_id,
         "schedule": {"identifier": {"system": f"urn:hie:schedule:{s.organization_id}", "value": s.department}},
         "status": s.status,
-        "start": _iso(s.start),
-        "end": _iso(s.end),
+        "start": iso(s.start),
+        "end": iso(s.end),
     }
 
 
@@ -292,7 +285,7 @@ def care_plan(r: referral_pb2.Referral) -> dict[str, Any]:
                 "detail": {
                     "status": "completed" if f.HasField("done") else "scheduled",
                     "description": f.description,
-                    "scheduledString": _iso(f.due) or "",
+                    "scheduledString": iso(f.due) or "",
                 }
             }
             for f in plan.follow_ups
@@ -362,7 +355,7 @@ async def _json(request: Request, resource_type: str) -> dict[str, Any]:
     return resource
 
 
-@router.post("/ServiceRequest", status_code=201, response_class=JSONResponse)
+@router.post("/ServiceRequest", status_code=201, response_class=JSONResponse, openapi_extra=fhir_body("ServiceRequest"))
 async def create_service_request(request: Request, idempotency_key: IdempotencyKey, ctx: Context) -> JSONResponse:
     """FHIR create: a referral from a ServiceRequest (its coordination Task has the same id)."""
     ctx.require_scope("ServiceRequest", "c")
@@ -426,15 +419,21 @@ async def create_service_request(request: Request, idempotency_key: IdempotencyK
     )
 
 
-@router.get("/ServiceRequest/{referral_id}", response_class=JSONResponse)
+# Reads of one resource, the Task search and the Communication / Slot searches are served by the
+# consultation routes (fhir_teleconsult.py: mounted first, they hand a referral over to these).
 async def read_service_request(referral_id: str, ctx: Context, request: Request) -> JSONResponse:
     r = await _get(request, ctx, referral_id)
     return _fhir(service_request(r), headers={"ETag": f'W/"{r.version}"'})
 
 
+# The parameters a referral search (ServiceRequest, Task) may carry; Task's owner / requester
+# (a consultation worklist) may stand there empty.
+_SEARCH_PARAMETERS = {"_box", "status", "_count", "owner", "requester"}
+
+
 async def _search(request: Request, ctx: Context, box: str, status: str) -> list[referral_pb2.Referral]:
     ctx.require_scope("ServiceRequest", "r")
-    unknown = {k for k in request.query_params if k not in {"_box", "status", "_count"}}
+    unknown = {k for k in request.query_params if k not in _SEARCH_PARAMETERS}
     if unknown:
         raise ApiError(400, "search-parameter-unknown", "unknown search parameters: " + ", ".join(sorted(unknown)))
     try:
@@ -454,12 +453,11 @@ async def search_service_requests(
     ctx: Context,
     request: Request,
     _box: str = Query(default="outgoing", pattern="^(incoming|outgoing)$"),
-    status: str = "",
+    status: str = Query(default="", pattern=FHIR_REFERRAL_STATUS),
 ) -> JSONResponse:
     return _fhir(_bundle(request, [service_request(r) for r in await _search(request, ctx, _box, status)]))
 
 
-@router.get("/Task", response_class=JSONResponse)
 async def search_tasks(
     ctx: Context,
     request: Request,
@@ -469,7 +467,6 @@ async def search_tasks(
     return _fhir(_bundle(request, [task(r) for r in await _search(request, ctx, _box, status)]))
 
 
-@router.get("/Task/{referral_id}", response_class=JSONResponse)
 async def read_task(referral_id: str, ctx: Context, request: Request) -> JSONResponse:
     r = await _get(request, ctx, referral_id)
     return _fhir(task(r), headers={"ETag": f'W/"{r.version}"'})
@@ -488,11 +485,10 @@ def _inputs(resource: dict[str, Any]) -> tuple[str, str]:
     return slot_id, bed
 
 
-@router.put("/Task/{referral_id}", response_class=JSONResponse)
-async def update_task(
-    referral_id: str, ctx: Context, request: Request, idempotency_key: IdempotencyKey
-) -> JSONResponse:
+@router.put("/Task/{task_id}", response_class=JSONResponse, openapi_extra=fhir_body("Task"))
+async def update_task(task_id: str, ctx: Context, request: Request, idempotency_key: IdempotencyKey) -> JSONResponse:
     """A move by updating the Task: the new businessStatus (or status) names it."""
+    referral_id = task_id
     ctx.require_scope("ServiceRequest", "u")
     resource = await _json(request, "Task")
     current = await _get(request, ctx, referral_id)
@@ -561,7 +557,6 @@ async def update_task(
     return _fhir(task(result.referral), headers={"ETag": f'W/"{result.referral.version}"'})
 
 
-@router.get("/Appointment/{referral_id}", response_class=JSONResponse)
 async def read_appointment(referral_id: str, ctx: Context, request: Request) -> JSONResponse:
     r = await _get(request, ctx, referral_id)
     if not r.slot_id:
@@ -577,10 +572,7 @@ async def read_care_plan(referral_id: str, ctx: Context, request: Request) -> JS
     return _fhir({k: v for k, v in care_plan(r).items() if v is not None})
 
 
-@router.get("/Communication", response_class=JSONResponse)
-async def search_communications(
-    ctx: Context, request: Request, based_on: str = Query(alias="based-on", min_length=1, max_length=90)
-) -> JSONResponse:
+async def search_communications(ctx: Context, request: Request, based_on: str) -> JSONResponse:
     r = await _get(request, ctx, based_on.removeprefix("ServiceRequest/"))
     notes = [
         {
@@ -588,7 +580,7 @@ async def search_communications(
             "id": f"{r.referral_id}-{index}",
             "status": "completed",
             "basedOn": [{"reference": f"ServiceRequest/{r.referral_id}"}],
-            "sent": _iso(h.changed),
+            "sent": iso(h.changed),
             "sender": _org(h.organization_id),
             "payload": [{"contentString": h.reason}],
         }
@@ -598,13 +590,7 @@ async def search_communications(
     return _fhir(_bundle(request, notes))
 
 
-@router.get("/Slot", response_class=JSONResponse)
-async def search_slots(
-    ctx: Context,
-    request: Request,
-    organization: str = Query(min_length=1, max_length=64),
-    status: str = Query(default="", pattern="^(|free|busy)$"),
-) -> JSONResponse:
+async def search_slots(ctx: Context, request: Request, organization: str, status: str) -> JSONResponse:
     ctx.require_scope("ServiceRequest", "r")
     result = await rpc(
         request.app.state.stubs.referral.ListSlots(

@@ -19,6 +19,7 @@ from gateway.deps import CallContext, Context
 from gateway.errors import ApiError
 from gateway.routes import fhir_referral, rpc
 from gateway.routes.teleconsult import iso, report_json
+from gateway.routes.workflow_contract import FHIR_REFERRAL_STATUS, reference
 from hie.teleconsult.v1 import teleconsult_pb2
 from services.teleconsult.workflow import state_name
 
@@ -246,11 +247,12 @@ async def read_service_request(consultation_id: str, ctx: Context, request: Requ
     return _fhir(service_request(c))
 
 
-@router.get("/Task/{consultation_id}")
-async def read_task(consultation_id: str, ctx: Context, request: Request) -> JSONResponse:
-    c = await _consultation_or_none(request, ctx, consultation_id)
+@router.get("/Task/{task_id}")
+async def read_task(task_id: str, ctx: Context, request: Request) -> JSONResponse:
+    """A consultation's or a referral's coordination Task (its id is theirs)."""
+    c = await _consultation_or_none(request, ctx, task_id)
     if c is None:
-        return await fhir_referral.read_task(consultation_id, ctx, request)
+        return await fhir_referral.read_task(task_id, ctx, request)
     return _fhir(task(c))
 
 
@@ -258,17 +260,16 @@ async def read_task(consultation_id: str, ctx: Context, request: Request) -> JSO
 async def search_task(
     ctx: Context,
     request: Request,
-    owner: str = Query(default="", max_length=140),
-    requester: str = Query(default="", max_length=140),
-    status: str = Query(default="", max_length=32),
+    owner: str = Query(default="", max_length=140, pattern=reference("Organization", optional=True)),
+    requester: str = Query(default="", max_length=140, pattern=reference("Organization", optional=True)),
+    status: str = Query(default="", max_length=32, pattern=FHIR_REFERRAL_STATUS),
+    box: str = Query(default="incoming", alias="_box", pattern="^(incoming|outgoing)$"),
 ) -> JSONResponse:
     """A worklist: owner=Organization/<caller> (incoming) or requester=Organization/<caller> (outgoing).
     Without either, the referral worklist (`_box`)."""
     ctx.require_scope("ServiceRequest", "r")
     if not owner and not requester:
-        return await fhir_referral.search_tasks(
-            ctx, request, _box=request.query_params.get("_box", "incoming"), status=status
-        )
+        return await fhir_referral.search_tasks(ctx, request, _box=box, status=status)
     if bool(owner) == bool(requester):
         raise ApiError(400, "search-invalid", "search Task by owner or by requester (the caller's organisation)")
     org = _reference_id(owner or requester, "Organization")
@@ -334,18 +335,16 @@ def _slot(s: teleconsult_pb2.Slot) -> dict[str, Any]:
 async def search_slot(
     ctx: Context,
     request: Request,
-    schedule: str = Query(default="", max_length=200),
-    status: str = Query(default="", max_length=8),
+    schedule: str = Query(default="", max_length=200, pattern=reference("Schedule", optional=True)),
+    organization: str = Query(default="", max_length=64),
+    status: str = Query(default="", pattern="^(free|busy)?$"),
 ) -> JSONResponse:
     """A specialist's consultation slots by `schedule`; without it, a referral target's (`organization`)."""
     ctx.require_scope("ServiceRequest", "r")
     if not schedule:
-        if status not in ("", "free", "busy"):
-            raise ApiError(400, "search-invalid", "status is free or busy")
-        organization = request.query_params.get("organization", "")
         if not organization:
             raise ApiError(400, "search-invalid", "search Slot by schedule or by organization")
-        return await fhir_referral.search_slots(ctx, request, organization=organization[:64], status=status)
+        return await fhir_referral.search_slots(ctx, request, organization=organization, status=status)
     org, _, practitioner = _reference_id(schedule, "Schedule").partition(".")
     result = await rpc(
         request.app.state.stubs.teleconsult.ListSlots(
@@ -361,7 +360,7 @@ async def search_slot(
 
 @router.get("/Schedule")
 async def search_schedule(
-    ctx: Context, request: Request, actor: str = Query(min_length=1, max_length=140)
+    ctx: Context, request: Request, actor: str = Query(min_length=1, max_length=140, pattern=reference("Organization"))
 ) -> JSONResponse:
     ctx.require_scope("ServiceRequest", "r")
     org = _reference_id(actor, "Organization")
@@ -389,7 +388,9 @@ async def search_schedule(
 
 @router.get("/Communication")
 async def search_communication(
-    ctx: Context, request: Request, based_on: str = Query(alias="based-on", min_length=1, max_length=200)
+    ctx: Context,
+    request: Request,
+    based_on: str = Query(alias="based-on", min_length=1, max_length=200, pattern=reference("ServiceRequest")),
 ) -> JSONResponse:
     c = await _consultation_or_none(request, ctx, _reference_id(based_on, "ServiceRequest"))
     if c is None:
@@ -431,7 +432,9 @@ async def _reports(request: Request, ctx: CallContext, consultation_id: str) -> 
 
 @router.get("/DiagnosticReport")
 async def search_diagnostic_report(
-    ctx: Context, request: Request, based_on: str = Query(alias="based-on", min_length=1, max_length=200)
+    ctx: Context,
+    request: Request,
+    based_on: str = Query(alias="based-on", min_length=1, max_length=200, pattern=reference("ServiceRequest")),
 ) -> JSONResponse:
     versions = await _reports(request, ctx, _reference_id(based_on, "ServiceRequest"))
     entries: list[tuple[dict[str, Any], str]] = []

@@ -4,17 +4,26 @@ organisations' tiers the gateway signs for the referral service (services/referr
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway import store
 from gateway.deps import CallContext, Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
+from gateway.routes.workflow_contract import (
+    REFERRAL_STATE_ITEMS,
+    STRICT_BODY,
+    DateTime,
+    PeriodIn,
+    WholeNumber,
+    clocks_json,
+    history_json,
+    iso,
+    timestamp,
+)
 from hie.referral.v1 import referral_pb2
 from services.referral.directory import DIRECTORY_METADATA_KEY
 
@@ -49,18 +58,6 @@ def state_code(name: str) -> int:
     return referral_pb2.ReferralState.Value(f"REFERRAL_STATE_{name.upper()}")
 
 
-def _iso(ts: Timestamp) -> str | None:
-    if not ts.seconds and not ts.nanos:
-        return None
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
-def _ts(value: datetime.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
-    return ts
-
-
 def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
     """A referral as the REST API shows it."""
     urgency = referral_pb2.ReferralUrgency.Name(r.urgency).removeprefix("REFERRAL_URGENCY_").lower()
@@ -90,7 +87,7 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
         "rejection_code": r.rejection_code,
         "advice": r.advice,
         "slot_id": r.slot_id,
-        "appointment_start": _iso(r.appointment_start),
+        "appointment_start": iso(r.appointment_start),
         "bed_department": r.bed_department,
         "outcome_document_id": r.outcome_document_id,
         "care_plan": {
@@ -100,8 +97,8 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
                 {
                     "follow_up_id": f.follow_up_id,
                     "description": f.description,
-                    "due": _iso(f.due),
-                    "done": _iso(f.done),
+                    "due": iso(f.due),
+                    "done": iso(f.done),
                     "note": f.note,
                 }
                 for f in r.care_plan.follow_ups
@@ -109,26 +106,11 @@ def referral_json(r: referral_pb2.Referral) -> dict[str, Any]:
         },
         "episode_id": r.episode_id,
         "parent_referral_id": r.parent_referral_id,
-        "created": _iso(r.created),
-        "clocks": [
-            {"name": c.name, "due": _iso(c.due), "paused": c.paused, "fired": c.fired, "stopped": c.stopped}
-            for c in r.clocks
-        ],
+        "created": iso(r.created),
+        "clocks": clocks_json(r.clocks),
         "overdue": r.overdue,
         "allowed_moves": list(r.allowed_moves),
-        "history": [
-            {
-                "move": h.move,
-                "from": state_name(h.from_state),
-                "to": state_name(h.to_state),
-                "organization_id": h.organization_id,
-                "practitioner_id": h.practitioner_id,
-                "role": h.role,
-                "reason": h.reason,
-                "changed": _iso(h.changed),
-            }
-            for h in r.history
-        ],
+        "history": history_json(r.history, state_name),
     }
 
 
@@ -152,7 +134,8 @@ async def list_referrals(
     ctx: Context,
     request: Request,
     box: Literal["incoming", "outgoing"],
-    state: list[str] = Query(default=[]),
+    # Stated as an enum; an unknown state is refused by name (400 referral-state).
+    state: list[str] = Query(default=[], json_schema_extra=REFERRAL_STATE_ITEMS),
     urgency: Literal["routine", "urgent", "emergency"] | None = None,
     direction: Literal["up", "down", "lateral"] | None = None,
     overdue: bool = False,
@@ -201,6 +184,8 @@ async def get_episode(episode_id: str, ctx: Context, request: Request) -> dict[s
 
 
 class FollowUpDoneIn(BaseModel):
+    model_config = STRICT_BODY
+
     note: str = Field(default="", max_length=2000)
 
 
@@ -237,16 +222,16 @@ async def complete_follow_up(
 async def referral_statistics(
     ctx: Context,
     request: Request,
-    since: datetime.datetime | None = None,
-    until: datetime.datetime | None = None,
+    since: DateTime | None = None,
+    until: DateTime | None = None,
     organization_id: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """Regional referral statistics (the authority), or a hospital's own."""
     result = await rpc(
         request.app.state.stubs.referral.ReferralStatistics(
             referral_pb2.ReferralStatisticsRequest(
-                since=_ts(since) if since else None,
-                until=_ts(until) if until else None,
+                since=timestamp(since) if since else None,
+                until=timestamp(until) if until else None,
                 organization_id=organization_id,
             ),
             metadata=ctx.metadata,
@@ -287,13 +272,13 @@ async def referral_statistics(
 # --- slots and beds ------------------------------------------------------------------------------
 
 
-class SlotIn(BaseModel):
+class SlotIn(PeriodIn):
     department: str = Field(min_length=1, max_length=64)
-    start: datetime.datetime
-    end: datetime.datetime
 
 
 class SlotsIn(BaseModel):
+    model_config = STRICT_BODY
+
     slots: list[SlotIn] = Field(min_length=1, max_length=200)
 
 
@@ -302,8 +287,8 @@ def slot_json(slot: referral_pb2.Slot) -> dict[str, Any]:
         "slot_id": slot.slot_id,
         "organization_id": slot.organization_id,
         "department": slot.department,
-        "start": _iso(slot.start),
-        "end": _iso(slot.end),
+        "start": iso(slot.start),
+        "end": iso(slot.end),
         "status": slot.status,
     }
 
@@ -319,7 +304,8 @@ async def publish_slots(
         request.app.state.stubs.referral.PublishSlots(
             referral_pb2.PublishSlotsRequest(
                 slots=[
-                    referral_pb2.Slot(department=s.department, start=_ts(s.start), end=_ts(s.end)) for s in body.slots
+                    referral_pb2.Slot(department=s.department, start=timestamp(s.start), end=timestamp(s.end))
+                    for s in body.slots
                 ],
                 idempotency_key=idempotency_key,
             ),
@@ -349,7 +335,9 @@ async def list_slots(
 
 
 class BedsIn(BaseModel):
-    total: int = Field(ge=0, le=10000)
+    model_config = STRICT_BODY
+
+    total: WholeNumber = Field(ge=0, le=10000)
 
 
 def bed_json(bed: referral_pb2.BedCount) -> dict[str, Any]:

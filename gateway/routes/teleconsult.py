@@ -9,13 +9,24 @@ import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from gateway import store
 from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
+from gateway.routes.workflow_contract import (
+    CONSULTATION_STATE_ITEMS,
+    STRICT_BODY,
+    VISIBLE,
+    DateTime,
+    PeriodIn,
+    WholeNumber,
+    clocks_json,
+    history_json,
+    iso,
+    timestamp,
+)
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 from hie.teleconsult.v1 import teleconsult_pb2
@@ -28,24 +39,12 @@ MODES = {
     "asynchronous": teleconsult_pb2.CONSULTATION_MODE_ASYNCHRONOUS,
     "interactive": teleconsult_pb2.CONSULTATION_MODE_INTERACTIVE,
 }
+# Professional titles a specialist directory entry and an application may name (directory.TITLES).
+Title = Literal["", "住院医师", "主治医师", "副主任医师", "主任医师"]
 KindName = Literal["imaging", "ecg", "pathology", "ultrasound", "specialist", "multidisciplinary"]
 _KIND_NAME = {v: k for k, v in KINDS.items()}
 _MODE_NAME = {v: k for k, v in MODES.items()}
 _URGENCY_NAME = {v: k for k, v in URGENCIES.items()}
-
-
-def iso(ts: Timestamp) -> str | None:
-    if not ts.seconds and not ts.nanos:
-        return None
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
-def _ts(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
-    return ts
 
 
 def state_code(name: str) -> int:
@@ -115,40 +114,41 @@ def consultation_json(c: teleconsult_pb2.Consultation) -> dict[str, Any]:
             }
             for m in c.messages
         ],
-        "clocks": [
-            {"name": k.name, "due": iso(k.due), "paused": k.paused, "fired": k.fired, "stopped": k.stopped}
-            for k in c.clocks
-        ],
-        "history": [
-            {
-                "from": state_name(h.from_state),
-                "to": state_name(h.to_state),
-                "move": h.move,
-                "organization_id": h.organization_id,
-                "practitioner_id": h.practitioner_id,
-                "role": h.role,
-                "reason": h.reason,
-                "changed": iso(h.changed),
-            }
-            for h in c.history
-        ],
+        "clocks": clocks_json(c.clocks),
+        "history": history_json(c.history, state_name),
         "allowed_moves": list(c.allowed_moves),
         "created": iso(c.created),
     }
 
 
 class ImagingStudyIn(BaseModel):
-    study_instance_uid: str = Field(min_length=1, max_length=64)
-    wado_rs_url: str = Field(min_length=1, max_length=512)
+    """Imaging by reference: the DICOM Study Instance UID and the WADO-RS endpoint at the source PACS."""
+
+    model_config = STRICT_BODY
+
+    study_instance_uid: str = Field(min_length=1, max_length=64, pattern=r"^\s*[0-9]+(\.[0-9]+)*\s*$")
+    wado_rs_url: str = Field(min_length=9, max_length=512, pattern=r"^https://")
     document_id: str = Field(default="", max_length=64)
 
 
+# A guardian's consent names the guardian and the relationship.
+_GUARDIAN_NAMED: dict[str, Any] = {
+    "if": {"properties": {"signer": {"const": "guardian"}}},
+    "then": {
+        "required": ["guardian_name", "guardian_relationship"],
+        "properties": {"guardian_name": {"pattern": VISIBLE}, "guardian_relationship": {"pattern": VISIBLE}},
+    },
+}
+
+
 class InformedConsentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_GUARDIAN_NAMED)
+
     evidence_document_id: str = Field(min_length=1, max_length=64)
     signer: Literal["patient", "guardian"]
     guardian_name: str = Field(default="", max_length=64)
     guardian_relationship: str = Field(default="", max_length=32)
-    signed: datetime.datetime | None = None
+    signed: DateTime | None = None
 
 
 def _studies(studies: list[ImagingStudyIn]) -> list[teleconsult_pb2.ImagingStudy]:
@@ -158,19 +158,21 @@ def _studies(studies: list[ImagingStudyIn]) -> list[teleconsult_pb2.ImagingStudy
 class ConsultationIn(BaseModel):
     """The application form (申请单)."""
 
+    model_config = STRICT_BODY
+
     patient_local_id: str = Field(min_length=1, max_length=64)
     consultant_organization_id: str = Field(min_length=1, max_length=64)
     kind: KindName
     mode: Literal["asynchronous", "interactive"] = "asynchronous"
     urgency: Literal["routine", "urgent", "emergency"] = "routine"
-    question: str = Field(default="", max_length=4000)
+    question: str = Field(min_length=1, max_length=4000, pattern=VISIBLE)
     purpose: str = Field(default="", max_length=2000)
     summary: str = Field(default="", max_length=20000)
     department: str = Field(default="", max_length=64)
     specialty: str = Field(default="", max_length=64)
-    professional_title: str = Field(default="", max_length=32)
+    professional_title: Title = ""
     invited_practitioner_id: str = Field(default="", max_length=64)
-    any_available: bool = False
+    any_available: StrictBool = False
     document_ids: list[str] = Field(default_factory=list, max_length=50)
     imaging_studies: list[ImagingStudyIn] = Field(default_factory=list, max_length=20)
 
@@ -213,7 +215,8 @@ async def worklist(
     ctx: Context,
     request: Request,
     box: Literal["incoming", "outgoing"],
-    state: list[str] = Query(default_factory=list),
+    # Stated as an enum; an unknown state is refused by name (400 consultation-state).
+    state: list[str] = Query(default_factory=list, json_schema_extra=CONSULTATION_STATE_ITEMS),
     practitioner_id: str = Query(default="", max_length=64),
     overdue: bool = False,
     on_call: bool = False,
@@ -256,12 +259,16 @@ async def get_consultation(consultation_id: str, ctx: Context, request: Request)
 
 
 class OpinionIn(BaseModel):
+    model_config = STRICT_BODY
+
     practitioner_id: str = Field(min_length=1, max_length=64)
     practitioner_name: str = Field(default="", max_length=64)
     opinion: str = Field(min_length=1, max_length=8000)
 
 
 class ReportIn(BaseModel):
+    model_config = STRICT_BODY
+
     findings: str = Field(default="", max_length=20000)
     impression: str = Field(default="", max_length=8000)
     recommendations: str = Field(default="", max_length=8000)
@@ -279,6 +286,8 @@ class ReportIn(BaseModel):
 
 
 class MoveIn(BaseModel):
+    model_config = STRICT_BODY
+
     reason: str = Field(default="", max_length=2000)
     decline_code: str = Field(default="", max_length=32)
     assignee_ids: list[str] = Field(default_factory=list, max_length=20)
@@ -294,8 +303,10 @@ class MoveIn(BaseModel):
 
 
 class DraftIn(BaseModel):
+    model_config = STRICT_BODY
+
     report: ReportIn
-    amend: bool = False
+    amend: StrictBool = False
 
 
 @router.post("/consultations/{consultation_id}/report-draft")
@@ -416,8 +427,8 @@ async def imaging_links(consultation_id: str, ctx: Context, request: Request) ->
 async def statistics(
     ctx: Context,
     request: Request,
-    since: datetime.datetime | None = None,
-    until: datetime.datetime | None = None,
+    since: DateTime | None = None,
+    until: DateTime | None = None,
     organization_id: str = Query(default="", max_length=64),
 ) -> dict[str, Any]:
     """Volume by type and mode, turnaround median / p90, breaches, per organisation and month
@@ -425,7 +436,7 @@ async def statistics(
     r = await rpc(
         request.app.state.stubs.teleconsult.ConsultationStatistics(
             teleconsult_pb2.ConsultationStatisticsRequest(
-                since=_ts(since), until=_ts(until), organization_id=organization_id
+                since=timestamp(since), until=timestamp(until), organization_id=organization_id
             ),
             metadata=ctx.metadata,
         )
@@ -455,12 +466,14 @@ async def statistics(
 
 
 class SpecialistIn(BaseModel):
-    name: str = Field(min_length=1, max_length=64)
+    model_config = STRICT_BODY
+
+    name: str = Field(min_length=1, max_length=64, pattern=VISIBLE)
     role: str = Field(default="doctor", max_length=32)
     department: str = Field(default="", max_length=64)
     specialty: str = Field(default="", max_length=64)
-    professional_title: str = Field(default="", max_length=32)
-    years_independent_practice: int = Field(ge=0, le=70)
+    professional_title: Title = ""
+    years_independent_practice: WholeNumber = Field(ge=0, le=70)
     kinds: list[KindName] = Field(default_factory=list, max_length=6)
 
 
@@ -521,11 +534,9 @@ async def list_specialists(
     return {"specialists": [specialist_json(s) for s in r.specialists]}
 
 
-class ShiftIn(BaseModel):
+class ShiftIn(PeriodIn):
     practitioner_id: str = Field(min_length=1, max_length=64)
     kind: KindName
-    start: datetime.datetime
-    end: datetime.datetime
 
 
 def shift_json(s: teleconsult_pb2.RosterShift) -> dict[str, Any]:
@@ -548,8 +559,8 @@ async def add_shift(body: ShiftIn, ctx: Context, request: Request, idempotency_k
                 shift=teleconsult_pb2.RosterShift(
                     practitioner_id=body.practitioner_id,
                     kind=KINDS[body.kind],
-                    start=_ts(body.start),
-                    end=_ts(body.end),
+                    start=timestamp(body.start),
+                    end=timestamp(body.end),
                 ),
                 idempotency_key=idempotency_key,
             ),
@@ -571,13 +582,13 @@ async def on_call(organization_id: str, ctx: Context, request: Request, kind: Ki
     return {"shifts": [shift_json(s) for s in r.shifts]}
 
 
-class SlotIn(BaseModel):
+class SlotIn(PeriodIn):
     practitioner_id: str = Field(min_length=1, max_length=64)
-    start: datetime.datetime
-    end: datetime.datetime
 
 
 class SlotsIn(BaseModel):
+    model_config = STRICT_BODY
+
     slots: list[SlotIn] = Field(min_length=1, max_length=500)
 
 
@@ -603,7 +614,9 @@ async def publish_slots(
         request.app.state.stubs.teleconsult.PublishSlots(
             teleconsult_pb2.PublishSlotsRequest(
                 slots=[
-                    teleconsult_pb2.Slot(practitioner_id=s.practitioner_id, start=_ts(s.start), end=_ts(s.end))
+                    teleconsult_pb2.Slot(
+                        practitioner_id=s.practitioner_id, start=timestamp(s.start), end=timestamp(s.end)
+                    )
                     for s in body.slots
                 ],
                 idempotency_key=idempotency_key,
@@ -668,7 +681,7 @@ async def move_consultation(
             signer=ic.signer,
             guardian_name=ic.guardian_name,
             guardian_relationship=ic.guardian_relationship,
-            signed=_ts(ic.signed),
+            signed=timestamp(ic.signed),
         )
     result = await rpc(
         request.app.state.stubs.teleconsult.MoveConsultation(

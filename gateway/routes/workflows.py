@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.referrals import DIRECTIONS, SERVICES, URGENCIES, directory_metadata, referral_json
+from gateway.routes.workflow_contract import STRICT_BODY, VISIBLE, DateTime, timestamp
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
 
@@ -20,26 +19,59 @@ router = APIRouter(prefix="/api/v1", tags=["workflows"])
 
 
 class DiagnosisIn(BaseModel):
+    model_config = STRICT_BODY
+
+    # ICD-10, checked by the referral service (referral-diagnosis: form and chapter range).
     code: str = Field(min_length=1, max_length=16)
     text: str = Field(default="", max_length=200)
 
 
 class FollowUpIn(BaseModel):
-    description: str = Field(min_length=1, max_length=500)
-    due: datetime.datetime
+    model_config = STRICT_BODY
+
+    description: str = Field(min_length=1, max_length=500, pattern=VISIBLE)
+    due: DateTime
 
 
 class CarePlanIn(BaseModel):
+    model_config = STRICT_BODY
+
     follow_ups: list[FollowUpIn] = Field(default_factory=list, max_length=20)
     medication: str = Field(default="", max_length=4000)
     warning_signs: str = Field(default="", max_length=4000)
 
 
+# One target, or candidates (the first to accept wins): never both, never neither.
+_ONE_TARGET: dict[str, Any] = {
+    "oneOf": [
+        {
+            "required": ["target_organization_id"],
+            "properties": {
+                "target_organization_id": {"minLength": 1},
+                "candidate_organization_ids": {"maxItems": 0},
+            },
+        },
+        {
+            "required": ["candidate_organization_ids"],
+            "properties": {
+                "target_organization_id": {"maxLength": 0},
+                "candidate_organization_ids": {"minItems": 1},
+            },
+        },
+    ]
+}
+
+
 class ReferralIn(BaseModel):
+    """A referral of a patient of the caller's domain to one target or to candidates."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_TARGET)
+
     patient_local_id: str = Field(min_length=1, max_length=64)
-    # One target, or candidates (the first to accept wins).
     target_organization_id: str = Field(default="", max_length=64)
-    candidate_organization_ids: list[str] = Field(default_factory=list, max_length=5)
+    candidate_organization_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=5
+    )
     # Derived from the organisations' tiers; stated only where a tier is not registered.
     direction: Literal["up", "down", "lateral"] | None = None
     reason: str = Field(default="", max_length=2000)
@@ -87,7 +119,7 @@ async def create_referral(
                         medication=plan.medication,
                         warning_signs=plan.warning_signs,
                         follow_ups=[
-                            referral_pb2.FollowUp(description=f.description, due=_timestamp(f.due))
+                            referral_pb2.FollowUp(description=f.description, due=timestamp(f.due))
                             for f in plan.follow_ups
                         ],
                     )
@@ -116,16 +148,12 @@ def _if_match(request: Request) -> int | None:
     return int(value)
 
 
-def _timestamp(value: datetime.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
-    return ts
-
-
 class TransitionIn(BaseModel):
+    model_config = STRICT_BODY
+
     reason: str = Field(default="", max_length=2000)
     # reject: duplicate | inappropriate | incomplete | no-capacity | patient-choice
-    rejection_code: str = Field(default="", max_length=32)
+    rejection_code: Literal["", "duplicate", "inappropriate", "incomplete", "no-capacity", "patient-choice"] = ""
     advice: str = Field(default="", max_length=2000)
     slot_id: str = Field(default="", max_length=64)
     bed_department: str = Field(default="", max_length=64)

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from hie.referral.v1 import referral_pb2
 from services.referral.store import BedCountRecord, SlotRecord
-
-
-def timestamp(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+from services.shared.workflow.service import timestamp
 
 
 def slot(record: SlotRecord) -> referral_pb2.Slot:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -39,7 +39,6 @@ from services.shared import identity
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, TokenVerifier, caller
 from services.shared.errors import (
-    AlreadyExists,
     DataCorruption,
     FailedPrecondition,
     InvalidArgument,
@@ -53,6 +52,14 @@ from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
+from services.shared.workflow.service import (
+    Keep,
+    KeyedWrites,
+    MoveAnswer,
+    check_attachments,
+    one_move_rpc,
+    statistics_scope,
+)
 
 _DIRECTION = {
     "up": referral_pb2.REFERRAL_DIRECTION_UP,
@@ -77,7 +84,9 @@ _SERVICE_CODE = {v: k for k, v in _SERVICE.items()}
 _NURSE_MOVES = frozenset({"arrive", "no-show", "start", "note"})
 _PAGE = 50
 _CREATE_OPERATION = "referral.create"
-_Answer = TypeVar("_Answer", bound=Message)
+_one_move = functools.partial(
+    one_move_rpc, move_request=referral_pb2.MoveReferralRequest, item_id="referral_id", item="referral"
+)
 
 
 _ts = messages.timestamp
@@ -94,6 +103,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             raise RuntimeError("the referral service seals free text: it needs the data keys")
         self._protection: DataProtection = runtime.protection
         self._answers = FirstAnswers(idempotent_answers)
+        self._writes = KeyedWrites(self._answers, runtime)
         self._directory = TokenVerifier(runtime.settings.trusted_jwks_file, audience=directory.DIRECTORY_AUDIENCE)
         self.engine = WorkflowEngine(
             runtime,
@@ -371,32 +381,17 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         document_ids = list(dict.fromkeys(d[:64] for d in ref.document_ids if d))
         given_key = check_key(request.idempotency_key)
         key = given_key or str(uuid.uuid4())
-        request_fingerprint = fingerprint(_CREATE_OPERATION, request)
+        keep = (key, _CREATE_OPERATION, fingerprint(_CREATE_OPERATION, request))
         retry_fields = {
             "target_organization_id": target,
             "patient_local_id": ref.patient.local_id,
             "direction": _DIRECTION[direction_name],
         }
         async with self._rt.sessions() as session:
-            existing = await session.scalar(
-                select(ReferralRecord).where(
-                    ReferralRecord.requester_organization_id == who.organization_id,
-                    ReferralRecord.idempotency_key == key,
-                )
+            existing, first = await self._writes.earlier_create(
+                session, who, ReferralRecord, keep, retry_fields, referral_pb2.CreateReferralResponse
             )
             if existing is not None:
-                if any(getattr(existing, name) != value for name, value in retry_fields.items()):
-                    raise AlreadyExists(
-                        "idempotency key already used for a different request", reason="idempotency-key-reused"
-                    )
-                first = await self._answers.first(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_CREATE_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response_type=referral_pb2.CreateReferralResponse,
-                )
                 # The first answer; created before answers were kept: the referral as it is now.
                 if first is not None:
                     return first
@@ -480,14 +475,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             await session.flush()
             answer = referral_pb2.CreateReferralResponse(referral=await self._message(session, record, who=who))
             if given_key:
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_CREATE_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response=answer,
-                )
+                await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 
@@ -499,30 +487,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             return
         if len(document_ids) > domain.MAX_DOCUMENTS:
             domain.check_attachments([0] * len(document_ids))
-        stub = registry_pb2_grpc.DocumentRegistryStub(self._rt.channel("registry"))
-        sizes = []
-        for index, document_id in enumerate(document_ids):
-            try:
-                entry = (
-                    await stub.GetDocumentEntry(registry_pb2.GetDocumentEntryRequest(document_id=document_id))
-                ).entry
-            except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if isinstance(error, (NotFound, PermissionDenied, InvalidArgument)):
-                    raise InvalidArgument(
-                        f"document_ids[{index}] is not a document the caller may attach", reason="referral-documents"
-                    ) from None
-                raise error from None
-            if entry.enterprise_id != enterprise_id:
-                raise InvalidArgument(
-                    f"document_ids[{index}] is not a document of this patient", reason="referral-documents"
-                )
-            if entry.source_organization_id != requester:
-                raise FailedPrecondition(
-                    f"document_ids[{index}] was registered by another organisation: attach your own documents",
-                    reason="document-not-own",
-                )
-            sizes.append(int(entry.size))
+        sizes = await check_attachments(
+            self._rt,
+            document_ids,
+            enterprise_id=enterprise_id,
+            requester=requester,
+            reason="referral-documents",
+            name=lambda index: f"document_ids[{index}]",
+        )
         domain.check_attachments(sizes)
 
     async def _parent_episode(self, parent_id: str, who: Caller, enterprise_id: str, direction_name: str) -> str:
@@ -561,99 +533,23 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             who.require_role("doctor", "nurse")
         else:
             who.require_role("doctor")
-        key = check_key(request.idempotency_key)
-        operation = f"referral.{name}"
-        request_fingerprint = fingerprint(operation, request)
-        if key:
-            try:
-                return await self._keyed_move(request, who, key, operation, request_fingerprint)
-            except IntegrityError:
-                # A concurrent first use of the key committed first: answer as its retry.
-                first = await self._first_move(who, key, operation, request_fingerprint)
-                if first is None:
-                    raise
-                return first.referral, list(first.audit_event_ids)
-        return await self._apply_move(request, who)
-
-    async def _first_move(
-        self, who: Caller, key: str, operation: str, request_fingerprint: str
-    ) -> referral_pb2.MoveReferralResponse | None:
-        async with self._rt.sessions() as session:
-            return await self._answers.first(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response_type=referral_pb2.MoveReferralResponse,
-            )
-
-    async def _first_answer(
-        self, who: Caller, key: str, operation: str, request_fingerprint: str, response_type: type[_Answer]
-    ) -> _Answer | None:
-        async with self._rt.sessions() as session:
-            return await self._answers.first(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response_type=response_type,
-            )
-
-    async def _keep(
-        self, session: AsyncSession, who: Caller, keep: tuple[str, str, str] | None, answer: Message
-    ) -> None:
-        if keep is not None:
-            key, operation, request_fingerprint = keep
-            await self._answers.keep(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response=answer,
-            )
-
-    async def _keyed(
-        self,
-        who: Caller,
-        key: str,
-        operation: str,
-        request: Message,
-        response_type: type[_Answer],
-        run: Callable[[tuple[str, str, str] | None], Awaitable[_Answer]],
-    ) -> _Answer:
-        """`run` a write once per Idempotency-Key: a keyed retry gets the first answer (kept by
-        `run` in its transaction through `_keep`); without a key `run` simply runs."""
-        if not key:
-            return await run(None)
-        request_fingerprint = fingerprint(operation, request)
-        if (first := await self._first_answer(who, key, operation, request_fingerprint, response_type)) is not None:
-            return first
-        try:
-            return await run((key, operation, request_fingerprint))
-        except IntegrityError:
-            # A concurrent first use of the key committed first: answer as its retry.
-            first = await self._first_answer(who, key, operation, request_fingerprint, response_type)
-            if first is None:
-                raise
-            return first
-
-    async def _keyed_move(
-        self, request: referral_pb2.MoveReferralRequest, who: Caller, key: str, operation: str, request_fingerprint: str
-    ) -> tuple[referral_pb2.Referral, list[str]]:
-        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
-            return first.referral, list(first.audit_event_ids)
-        return await self._apply_move(request, who, keep=(key, operation, request_fingerprint))
+        moved = await self._writes.run(
+            who,
+            check_key(request.idempotency_key),
+            f"referral.{name}",
+            request,
+            referral_pb2.MoveReferralResponse,
+            lambda keep: self._apply_move(request, who, keep=keep),
+        )
+        return moved.referral, list(moved.audit_event_ids)
 
     async def _apply_move(
         self,
         request: referral_pb2.MoveReferralRequest,
         who: Caller,
         *,
-        keep: tuple[str, str, str] | None = None,
-    ) -> tuple[referral_pb2.Referral, list[str]]:
+        keep: Keep | None = None,
+    ) -> referral_pb2.MoveReferralResponse:
         name = request.move
         async with self._rt.sessions() as session:
             record = self._visible(await session.get(ReferralRecord, request.referral_id[:36]), who.organization_id)
@@ -765,26 +661,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             # The other candidates hear that the referral is taken.
             others = tuple(c["org"] for c in open_candidates if c["org"] != target)
             subject = dataclasses.replace(subject, target_organization_ids=(target, *others))
-        kept: list[referral_pb2.MoveReferralResponse] = []
 
-        async def answer(session: AsyncSession, audit_event_ids: list[str]) -> None:
-            # Read in the move's transaction: the answer kept is the one the caller gets.
+        async def build(session: AsyncSession, audit_event_ids: list[str]) -> referral_pb2.MoveReferralResponse:
             fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
-            moved = referral_pb2.MoveReferralResponse(
+            return referral_pb2.MoveReferralResponse(
                 referral=await self._message(session, fresh, who=who), audit_event_ids=audit_event_ids
             )
-            if keep is not None:
-                key, operation, request_fingerprint = keep
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=operation,
-                    request_fingerprint=request_fingerprint,
-                    response=moved,
-                )
-            kept.append(moved)
 
+        answer = MoveAnswer(self._writes, who, keep, build)
         applied = await self.engine.apply(
             name,
             subject=subject,
@@ -798,11 +682,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             resolve_enterprise_id=enterprise_id,
             answer=answer,
         )
-        if kept:
-            return kept[0].referral, list(kept[0].audit_event_ids)
-        async with self._rt.sessions() as session:
-            fresh = await session.get(ReferralRecord, record.id, populate_existing=True) or record
-            return await self._message(session, fresh, who=who), applied.audit_event_ids
+        return await answer.result(applied.audit_event_ids)
 
     async def _follow_up_facts(self, record: ReferralRecord) -> dict[str, object]:
         async with self._rt.sessions() as session:
@@ -831,57 +711,11 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 reason="referral-outcome",
             )
 
-    async def AcceptReferral(
-        self, request: referral_pb2.AcceptReferralRequest, context: object
-    ) -> referral_pb2.AcceptReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="accept",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.AcceptReferralResponse(referral=referral, audit_event_ids=events)
-
-    async def RejectReferral(
-        self, request: referral_pb2.RejectReferralRequest, context: object
-    ) -> referral_pb2.RejectReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="reject",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.RejectReferralResponse(referral=referral, audit_event_ids=events)
-
-    async def CompleteReferral(
-        self, request: referral_pb2.CompleteReferralRequest, context: object
-    ) -> referral_pb2.CompleteReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="complete",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.CompleteReferralResponse(referral=referral, audit_event_ids=events)
-
-    async def CancelReferral(
-        self, request: referral_pb2.CancelReferralRequest, context: object
-    ) -> referral_pb2.CancelReferralResponse:
-        referral, events = await self._move(
-            referral_pb2.MoveReferralRequest(
-                referral_id=request.referral_id,
-                move="cancel",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return referral_pb2.CancelReferralResponse(referral=referral, audit_event_ids=events)
+    # The one-move RPCs of the first API: the general move with the move named.
+    AcceptReferral = _one_move("accept", referral_pb2.AcceptReferralResponse)
+    RejectReferral = _one_move("reject", referral_pb2.RejectReferralResponse)
+    CompleteReferral = _one_move("complete", referral_pb2.CompleteReferralResponse)
+    CancelReferral = _one_move("cancel", referral_pb2.CancelReferralResponse)
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -1004,7 +838,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor", "nurse")
         key = check_key(request.idempotency_key)
-        return await self._keyed(
+        return await self._writes.run(
             who,
             key,
             "referral.follow-up",
@@ -1014,7 +848,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         )
 
     async def _complete_follow_up(
-        self, request: referral_pb2.CompleteFollowUpRequest, who: Caller, keep: tuple[str, str, str] | None
+        self, request: referral_pb2.CompleteFollowUpRequest, who: Caller, keep: Keep | None
     ) -> referral_pb2.CompleteFollowUpResponse:
         note = domain.check_text(request.note, field="note", limit=2000)
         async with self._rt.sessions() as session:
@@ -1070,7 +904,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             answer = referral_pb2.CompleteFollowUpResponse(
                 referral=await self._message(session, record, who=who), audit_event_ids=events
             )
-            await self._keep(session, who, keep, answer)
+            await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 
@@ -1083,7 +917,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         who.require_scope("ServiceRequest", "u")
         who.require_role("doctor", "admin")
         key = check_key(request.idempotency_key)
-        return await self._keyed(
+        return await self._writes.run(
             who,
             key,
             "referral.slots.publish",
@@ -1093,7 +927,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         )
 
     async def _publish_slots(
-        self, request: referral_pb2.PublishSlotsRequest, who: Caller, keep: tuple[str, str, str] | None
+        self, request: referral_pb2.PublishSlotsRequest, who: Caller, keep: Keep | None
     ) -> referral_pb2.PublishSlotsResponse:
         if not request.slots or len(request.slots) > 200:
             raise InvalidArgument("publish 1 to 200 slots at a time", reason="referral-slot")
@@ -1126,7 +960,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 entities=[("Slot", r.id) for r in records],
             )
             answer = referral_pb2.PublishSlotsResponse(slots=[messages.slot(r) for r in records])
-            await self._keep(session, who, keep, answer)
+            await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 
@@ -1182,17 +1016,9 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
 
         # Idempotency-Key: a retry gets the first answer (the total it set then, not the
         # current one) and records no second audit event.
-        answer, replay = await self._answers.once(
-            self._rt.sessions,
-            organization_id=who.organization_id,
-            key=request.idempotency_key,
-            operation="referral.beds",
-            request=request,
-            response_type=referral_pb2.SetBedCountResponse,
-            change=change,
+        answer = await self._writes.once(
+            who, request.idempotency_key, "referral.beds", request, referral_pb2.SetBedCountResponse, change
         )
-        if not replay:
-            self._rt.outbox.notify()
         return answer
 
     async def ListBedCounts(
@@ -1218,16 +1044,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
     ) -> referral_pb2.ReferralStatisticsResponse:
         """The authority's regional view (any organisation or all); a hospital's own only."""
         who = caller()
-        if who.organization_type == "authority":
-            who.require_scope("AuditEvent", "r")
-            who.require_role("auditor")
-            org = request.organization_id[:64]
-        else:
-            who.require_scope("ServiceRequest", "r")
-            who.require_role("doctor", "admin")
-            if request.organization_id and request.organization_id != who.organization_id:
-                raise PermissionDenied("a hospital sees its own statistics only", reason="referral-statistics")
-            org = who.organization_id
+        org = statistics_scope(who, request.organization_id, reason="referral-statistics")
         r = ReferralRecord
         query = select(r)
         if request.HasField("since"):

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.teleconsult.v1 import teleconsult_pb2
 from services.shared.errors import FailedPrecondition, InvalidArgument
+from services.shared.workflow.service import timestamp
 from services.teleconsult import workflow
 
 MULTIDISCIPLINARY = teleconsult_pb2.CONSULTATION_KIND_MULTIDISCIPLINARY
@@ -211,14 +211,6 @@ def check_booking(
     return start, end
 
 
-def _ts(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def specialist_message(s: Any) -> teleconsult_pb2.Specialist:
     return teleconsult_pb2.Specialist(
         organization_id=s.organization_id,
@@ -236,7 +228,11 @@ def specialist_message(s: Any) -> teleconsult_pb2.Specialist:
 
 def shift_message(r: Any) -> teleconsult_pb2.RosterShift:
     return teleconsult_pb2.RosterShift(
-        shift_id=r.id, practitioner_id=r.practitioner_id, kind=r.kind, start=_ts(r.start_at), end=_ts(r.end_at)
+        shift_id=r.id,
+        practitioner_id=r.practitioner_id,
+        kind=r.kind,
+        start=timestamp(r.start_at),
+        end=timestamp(r.end_at),
     )
 
 
@@ -245,8 +241,8 @@ def slot_message(r: Any, *, show_consultation: bool = True) -> teleconsult_pb2.S
         slot_id=r.id,
         organization_id=r.organization_id,
         practitioner_id=r.practitioner_id,
-        start=_ts(r.start_at),
-        end=_ts(r.end_at),
+        start=timestamp(r.start_at),
+        end=timestamp(r.end_at),
         status="busy" if r.consultation_id else "free",
         consultation_id=(r.consultation_id or "") if show_consultation else "",
     )

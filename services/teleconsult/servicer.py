@@ -5,6 +5,7 @@ directory.py, the report and its signature report.py, the turnaround clocks dead
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import uuid
@@ -29,7 +30,6 @@ from services.shared.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     error_from_rpc,
 )
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
@@ -39,6 +39,15 @@ from services.shared.protection.sm2 import load_or_create_signing_key
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
+from services.shared.workflow.service import (
+    Keep,
+    KeyedWrites,
+    MoveAnswer,
+    check_attachments,
+    one_move_rpc,
+    statistics_scope,
+    timestamp,
+)
 from services.teleconsult import directory, report, workflow
 from services.teleconsult.deadlines import DeadlinePolicy
 from services.teleconsult.store import (
@@ -59,15 +68,10 @@ from services.teleconsult.store import (
 
 _FINAL_STATUSES = ("final", "amended")
 _REQUEST_OPERATION = "consultation.request"
+_one_move = functools.partial(
+    one_move_rpc, move_request=teleconsult_pb2.MoveConsultationRequest, item_id="consultation_id", item="consultation"
+)
 _MAX_PAGE = 200
-
-
-def _ts(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def _time(ts: Timestamp) -> datetime.datetime | None:
@@ -115,6 +119,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         )
         # The first answers to keyed requests and moves (Idempotency-Key), kept in the write's transaction.
         self._answers = FirstAnswers(idempotent_answers)
+        self._writes = KeyedWrites(self._answers, runtime)
         self.scanner = DeadlineScanner(
             runtime,
             self.engine,
@@ -174,7 +179,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             summary=form.get("summary", ""),
             state=record.state,  # type: ignore[arg-type]
             document_ids=json.loads(record.document_ids),
-            created=_ts(record.created_at),
+            created=timestamp(record.created_at),
             urgency=record.urgency,  # type: ignore[arg-type]
             department=record.department,
             specialty=record.specialty,
@@ -188,7 +193,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     signer=consent["signer"],
                     guardian_name=consent.get("guardian_name", ""),
                     guardian_relationship=consent.get("guardian_relationship", ""),
-                    signed=_ts(datetime.datetime.fromisoformat(consent["signed"])),
+                    signed=timestamp(datetime.datetime.fromisoformat(consent["signed"])),
                 )
                 if consent
                 else None
@@ -196,8 +201,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             assignee_ids=participants,
             appointment=(
                 teleconsult_pb2.Appointment(
-                    start=_ts(record.appointment_start),
-                    end=_ts(record.appointment_end),
+                    start=timestamp(record.appointment_start),
+                    end=timestamp(record.appointment_end),
                     join_url=record.join_url,
                     slot_ids=slots,
                 )
@@ -222,7 +227,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                         if h["reason"]
                         else ""
                     ),
-                    changed=_ts(h["changed_at"]),
+                    changed=timestamp(h["changed_at"]),
                     move=h["move"],
                     role=h["role"],
                 )
@@ -239,14 +244,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     move=m.move,
                     text=opened.get("text", ""),
                     document_ids=opened.get("document_ids", []),
-                    sent=_ts(m.sent_at),
+                    sent=timestamp(m.sent_at),
                 )
             )
         for c in await self.engine.clocks(session, record.id):
             message.clocks.append(
                 teleconsult_pb2.Clock(
                     name=c["name"],
-                    due=_ts(c["due_at"]),
+                    due=timestamp(c["due_at"]),
                     paused=c["paused_at"] is not None,
                     fired=c["fired_at"] is not None,
                     stopped=c["stopped_at"] is not None,
@@ -330,7 +335,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         )
         given_key = check_key(request.idempotency_key)
         key = given_key or str(uuid.uuid4())
-        request_fingerprint = fingerprint(_REQUEST_OPERATION, request)
+        keep = (key, _REQUEST_OPERATION, fingerprint(_REQUEST_OPERATION, request))
         compared = {
             "consultant_organization_id": c.consultant_organization_id,
             "patient_local_id": c.patient.local_id,
@@ -339,25 +344,10 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             "urgency": form.urgency,
         }
         async with self._rt.sessions() as session, session.begin():
-            existing = await session.scalar(
-                select(ConsultationRecord).where(
-                    ConsultationRecord.requester_organization_id == who.organization_id,
-                    ConsultationRecord.idempotency_key == key,
-                )
+            existing, first = await self._writes.earlier_create(
+                session, who, ConsultationRecord, keep, compared, teleconsult_pb2.RequestConsultationResponse
             )
             if existing is not None:
-                if any(getattr(existing, name) != value for name, value in compared.items()):
-                    raise AlreadyExists(
-                        "idempotency key already used for a different request", reason="idempotency-key-reused"
-                    )
-                first = await self._answers.first(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_REQUEST_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response_type=teleconsult_pb2.RequestConsultationResponse,
-                )
                 # The first answer, byte for byte; requested before answers were kept: as it is now.
                 if first is not None:
                     return first
@@ -413,14 +403,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
             answer = teleconsult_pb2.RequestConsultationResponse(consultation=await self._message(session, record))
             if given_key:
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=_REQUEST_OPERATION,
-                    request_fingerprint=request_fingerprint,
-                    response=answer,
-                )
+                await self._writes.keep(session, who, keep, answer)
         self._rt.outbox.notify()
         return answer
 
@@ -430,29 +413,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         under the caller's identity (it checks consent and audits the read), as referral does."""
         if not document_ids:
             return
-        stub = registry_pb2_grpc.DocumentRegistryStub(self._rt.channel("registry"))
-        for index, document_id in enumerate(dict.fromkeys(document_ids)):
-            try:
-                entry = (
-                    await stub.GetDocumentEntry(registry_pb2.GetDocumentEntryRequest(document_id=document_id[:64]))
-                ).entry
-            except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if isinstance(error, (NotFound, PermissionDenied, InvalidArgument)):
-                    raise InvalidArgument(
-                        f"document {index + 1} is not a document the caller may attach",
-                        reason="consultation-documents",
-                    ) from None
-                raise error from None
-            if entry.enterprise_id != enterprise_id:
-                raise InvalidArgument(
-                    f"document {index + 1} is not a document of this patient", reason="consultation-documents"
-                )
-            if entry.source_organization_id != requester:
-                raise FailedPrecondition(
-                    f"document {index + 1} was registered by another organisation: attach your own documents",
-                    reason="document-not-own",
-                )
+        await check_attachments(
+            self._rt,
+            [document_id[:64] for document_id in dict.fromkeys(document_ids)],
+            enterprise_id=enterprise_id,
+            requester=requester,
+            reason="consultation-documents",
+            name=lambda index: f"document {index + 1}",
+        )
 
     async def GetConsultation(
         self, request: teleconsult_pb2.GetConsultationRequest, context: object
@@ -479,31 +447,9 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
 
     # --- moves ----------------------------------------------------------------------------------
 
-    async def AcceptConsultation(
-        self, request: teleconsult_pb2.AcceptConsultationRequest, context: object
-    ) -> teleconsult_pb2.AcceptConsultationResponse:
-        consultation, events = await self._move(
-            teleconsult_pb2.MoveConsultationRequest(
-                consultation_id=request.consultation_id,
-                move="accept",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return teleconsult_pb2.AcceptConsultationResponse(consultation=consultation, audit_event_ids=events)
-
-    async def CancelConsultation(
-        self, request: teleconsult_pb2.CancelConsultationRequest, context: object
-    ) -> teleconsult_pb2.CancelConsultationResponse:
-        consultation, events = await self._move(
-            teleconsult_pb2.MoveConsultationRequest(
-                consultation_id=request.consultation_id,
-                move="cancel",
-                reason=request.reason,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        return teleconsult_pb2.CancelConsultationResponse(consultation=consultation, audit_event_ids=events)
+    # The one-move RPCs of the first API: the general move with the move named.
+    AcceptConsultation = _one_move("accept", teleconsult_pb2.AcceptConsultationResponse)
+    CancelConsultation = _one_move("cancel", teleconsult_pb2.CancelConsultationResponse)
 
     async def MoveConsultation(
         self, request: teleconsult_pb2.MoveConsultationRequest, context: object
@@ -526,38 +472,19 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             raise InvalidArgument(
                 f"unknown move; one of {', '.join(sorted(workflow.MOVES))}", reason="consultation-move"
             )
-        key = check_key(request.idempotency_key)
-        if not key:
-            return await self._apply_move(request, who, keep=None)
-        operation = f"consultation.{name}"
-        request_fingerprint = fingerprint(operation, request)
-        if (first := await self._first_move(who, key, operation, request_fingerprint)) is not None:
-            return first.consultation, list(first.audit_event_ids)
-        try:
-            return await self._apply_move(request, who, keep=(key, operation, request_fingerprint))
-        except IntegrityError:
-            # A concurrent first use of the key committed first: answer as its retry.
-            first = await self._first_move(who, key, operation, request_fingerprint)
-            if first is None:
-                raise
-            return first.consultation, list(first.audit_event_ids)
-
-    async def _first_move(
-        self, who: Caller, key: str, operation: str, request_fingerprint: str
-    ) -> teleconsult_pb2.MoveConsultationResponse | None:
-        async with self._rt.sessions() as session:
-            return await self._answers.first(
-                session,
-                organization_id=who.organization_id,
-                key=key,
-                operation=operation,
-                request_fingerprint=request_fingerprint,
-                response_type=teleconsult_pb2.MoveConsultationResponse,
-            )
+        moved = await self._writes.run(
+            who,
+            check_key(request.idempotency_key),
+            f"consultation.{name}",
+            request,
+            teleconsult_pb2.MoveConsultationResponse,
+            lambda keep: self._apply_move(request, who, keep=keep),
+        )
+        return moved.consultation, list(moved.audit_event_ids)
 
     async def _apply_move(
-        self, request: teleconsult_pb2.MoveConsultationRequest, who: Caller, *, keep: tuple[str, str, str] | None
-    ) -> tuple[teleconsult_pb2.Consultation, list[str]]:
+        self, request: teleconsult_pb2.MoveConsultationRequest, who: Caller, *, keep: Keep | None
+    ) -> teleconsult_pb2.MoveConsultationResponse:
         name = request.move
         record = await self._visible(who, request.consultation_id)
         side = _side(who, record)
@@ -567,36 +494,24 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             # The wrong side or state is refused before any other work (filing, lookups); the
             # same move again (the state it went to) is a retry, answered with what is there.
             workflow.MACHINE.decide(name, state=record.state, side=side)
-            return await self._current(record, side), []
+            return teleconsult_pb2.MoveConsultationResponse(consultation=await self._current(record, side))
         if request.request_key and await self._already_made(record.id, name, request.request_key[:128]):
             # A retried self-loop (an amendment) must not file a second version.
-            return await self._current(record, side), []
+            return teleconsult_pb2.MoveConsultationResponse(consultation=await self._current(record, side))
         prepare = _PREPARE.get(name)
         plan = Plan()
         if prepare is not None:
             await prepare(self, plan, who, record, request)
-        kept: list[teleconsult_pb2.MoveConsultationResponse] = []
 
-        async def answer(session: AsyncSession, audit_event_ids: list[str]) -> None:
-            # Read in the move's transaction: the answer kept is the one the caller gets.
-            fresh = await self._load(session, record.id)
-            assert fresh is not None
+        async def build(session: AsyncSession, audit_event_ids: list[str]) -> teleconsult_pb2.MoveConsultationResponse:
+            fresh = await self._load(session, record.id) or record
             moved = teleconsult_pb2.MoveConsultationResponse(
                 consultation=await self._message(session, fresh), audit_event_ids=audit_event_ids
             )
             moved.consultation.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
-            if keep is not None:
-                key, operation, request_fingerprint = keep
-                await self._answers.keep(
-                    session,
-                    organization_id=who.organization_id,
-                    key=key,
-                    operation=operation,
-                    request_fingerprint=request_fingerprint,
-                    response=moved,
-                )
-            kept.append(moved)
+            return moved
 
+        answer = MoveAnswer(self._writes, who, keep, build)
         applied = await self.engine.apply(
             name,
             subject=self._subject(record, plan.document_ids),
@@ -611,13 +526,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             resolve_enterprise_id=lambda: self._enterprise_id(record),
             answer=answer,
         )
-        if kept:
-            return kept[0].consultation, list(kept[0].audit_event_ids)
-        async with self._rt.sessions() as session:
-            fresh = await self._load(session, record.id) or record
-            message = await self._message(session, fresh)
-            message.allowed_moves.extend(workflow.MACHINE.moves_from(fresh.state, side))
-        return message, applied.audit_event_ids
+        return await answer.result(applied.audit_event_ids)
 
     async def _current(self, record: ConsultationRecord, side: workflow.Party) -> teleconsult_pb2.Consultation:
         async with self._rt.sessions() as session:
@@ -1032,7 +941,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     signature_jws=r.signature_jws,
                     signer_jwk_json=r.signer_jwk,
                     signer_practitioner_id=r.signer_practitioner_id,
-                    signed=_ts(r.signed_at),
+                    signed=timestamp(r.signed_at),
                     document_id=r.document_id,
                     sha256=r.sha256,
                     sm2_signature=r.sm2_signature,
@@ -1107,17 +1016,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         self, request: teleconsult_pb2.ConsultationStatisticsRequest, context: object
     ) -> teleconsult_pb2.ConsultationStatisticsResponse:
         who = caller()
-        if who.organization_type == "authority":
-            # The regional authority's auditors see the region (or one organisation).
-            who.require_scope("AuditEvent", "r")
-            who.require_role("auditor")
-            org = request.organization_id[:64]
-        else:
-            who.require_scope("ServiceRequest", "r")
-            who.require_role("doctor", "admin")
-            if request.organization_id and request.organization_id != who.organization_id:
-                raise PermissionDenied("a hospital sees its own statistics only", reason="consultation-statistics")
-            org = who.organization_id
+        org = statistics_scope(who, request.organization_id, reason="consultation-statistics")
         c = ConsultationRecord
         query = select(c)
         since, until = _time(request.since), _time(request.until)
@@ -1182,17 +1081,14 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
 
         # Idempotency-Key: a retry gets the first answer and records no second audit event.
-        answer, replay = await self._answers.once(
-            self._rt.sessions,
-            organization_id=who.organization_id,
-            key=request.idempotency_key,
-            operation="consultation.specialist",
-            request=request,
-            response_type=teleconsult_pb2.SetSpecialistResponse,
-            change=change,
+        answer = await self._writes.once(
+            who,
+            request.idempotency_key,
+            "consultation.specialist",
+            request,
+            teleconsult_pb2.SetSpecialistResponse,
+            change,
         )
-        if not replay:
-            self._rt.outbox.notify()
         return answer
 
     async def ListSpecialists(
@@ -1244,14 +1140,13 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             return teleconsult_pb2.AddRosterShiftResponse(shift=directory.shift_message(row))
 
         # Idempotency-Key: a retry gets the first shift, not a second one.
-        answer, _ = await self._answers.once(
-            self._rt.sessions,
-            organization_id=who.organization_id,
-            key=request.idempotency_key,
-            operation="consultation.roster-shift",
-            request=request,
-            response_type=teleconsult_pb2.AddRosterShiftResponse,
-            change=change,
+        answer = await self._writes.once(
+            who,
+            request.idempotency_key,
+            "consultation.roster-shift",
+            request,
+            teleconsult_pb2.AddRosterShiftResponse,
+            change,
         )
         return answer
 
@@ -1299,14 +1194,13 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
 
         try:
             # Idempotency-Key: a retry gets the first slots, not a slot-exists conflict with them.
-            answer, _ = await self._answers.once(
-                self._rt.sessions,
-                organization_id=who.organization_id,
-                key=request.idempotency_key,
-                operation="consultation.slots",
-                request=request,
-                response_type=teleconsult_pb2.PublishSlotsResponse,
-                change=change,
+            answer = await self._writes.once(
+                who,
+                request.idempotency_key,
+                "consultation.slots",
+                request,
+                teleconsult_pb2.PublishSlotsResponse,
+                change,
             )
         except IntegrityError:
             raise AlreadyExists(

@@ -5,6 +5,10 @@
 - `engine`: applies a decided move once — compare-and-set on the item's version, history row,
   grant message, audit event, clocks and the other side's notification in one transaction.
 - `clocks`: the deadline scanner that fires each breached clock exactly once.
+- `service`: what a workflow servicer does around the engine — a write once per
+  Idempotency-Key (`KeyedWrites`: moves, creates, directory writes), a move's answer built and
+  kept in its transaction (`MoveAnswer`), the attached documents' check, the statistics scope,
+  the one-move RPCs of the first API (`one_move_rpc`) and protobuf timestamps.
 
 Each service keeps only its transition table and the mapping of its rows onto `engine.Subject`.
 """
