@@ -100,7 +100,9 @@ class DocumentIn(DocumentMetadataIn):
     mime_type: str = Field(default="", max_length=100)
     sha256: str = Field(default="", max_length=64, description="Lower-case hex SHA-256 of the content")
     # The registry keeps the size as int64: a larger number is refused here, not overflowed there.
-    size: int = Field(default=0, ge=0, le=2**63 - 1)
+    # The bound is JSON's largest exact integer (2^53 - 1, 8 PiB): a client writing the size as a
+    # number like 9223372036854775807.0 (a float that rounds past int64) stays inside the schema.
+    size: int = Field(default=0, ge=0, le=2**53 - 1)
     content_base64: str = Field(default="")
 
 

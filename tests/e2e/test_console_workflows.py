@@ -7,6 +7,7 @@ the exchange's public API. Screenshots go to test-artifacts/console/ (gitignored
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import re
 import secrets
@@ -81,6 +82,15 @@ async def _find_own_record(page: Any, region: Region) -> None:
     await page.get_by_label("身份证号").fill(region.patient["national_id"])
     await page.get_by_role("button", name="查询").click()
     await page.wait_for_load_state()
+
+
+async def _reload_until(page: Any, selector: str, text: str, within: float = 20.0) -> None:
+    """Reload `page` until `selector` shows `text` (an effect that arrives through an outbox)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while text not in await page.locator(selector).inner_text():
+        assert asyncio.get_running_loop().time() < deadline, f"{text!r} never appeared in {selector}"
+        await asyncio.sleep(0.5)
+        await page.reload()
 
 
 async def _state(page: Any, selector: str) -> str:
@@ -163,7 +173,9 @@ async def test_referral_round_trip_with_outcome_and_pdf_in_the_browser(region: R
         assert await _state(b_page, "#referral-state") == "accepted"
         # The attached PDF opens through the viewer (purpose referral, under the grant).
         await b_page.locator("ul.attached a").first.click()
-        assert "心电图报告" in await b_page.locator("h1").inner_text()
+        # The grant reaches consent through the referral service's outbox right after the accept
+        # commits: on a loaded machine the first open may come before it; a reload then shows it.
+        await _reload_until(b_page, "h1", "心电图报告")
         pdf_link = b_page.locator("#pdf-link")
         opened = await b_page.request.get(f"{base}{await pdf_link.get_attribute('href')}")
         assert opened.status == 200
