@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from gateway.cli_users import add_console_user, gateway_transaction
 from gateway.console import store
+from services.ops.cli_users import add_console_user, gateway_transaction
 from services.shared.keys import public_jwk
 from tests.conftest import Exchange, _loopback_socket
 

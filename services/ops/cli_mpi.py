@@ -258,7 +258,7 @@ def default_mllp_port(service_base_port: int) -> int:
 
 def listener_command(port: int) -> list[str]:
     """The MLLP listener as a process of `hie up`."""
-    return [sys.executable, "-m", "gateway.cli_mpi", "mllp", "--port", str(port)]
+    return [sys.executable, "-m", "services.ops.cli_mpi", "mllp", "--port", str(port)]
 
 
 @app.command("mllp")
@@ -320,8 +320,8 @@ def bench_mpi(
     bulk-load throughput, single-registration latency; and held-out public record-linkage data
     sets (`--dataset`): precision / recall / F1, review share and blocking recall, each target
     marked met or missed."""
-    from gateway.bench import write_result
     from services.mpi.bench import HELDOUT, heldout_files, run, run_heldout
+    from services.ops.bench import write_result
 
     names = [n for d in dataset or [] for n in (sorted(HELDOUT) if d == "heldout" else [d])]
     for name in names:

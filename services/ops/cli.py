@@ -20,11 +20,11 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.core import TyperOption
 
-from gateway import cli_mpi, cli_users
-from gateway.cli_mpi import MLLP_PORT
-from gateway.cli_registry import bench_registry
-from gateway.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.consent.bench import bench_consent
+from services.ops import cli_mpi, cli_users
+from services.ops.cli_mpi import MLLP_PORT
+from services.ops.cli_registry import bench_registry
+from services.ops.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
@@ -159,7 +159,7 @@ def keys_rotate_data(
 ) -> None:
     """Rotate the data-protection key online: new active key, then re-encrypt every protected field
     and re-wrap every document key, batch by batch, while the exchange keeps serving."""
-    from gateway.data_keys import rotate_data_keys
+    from services.ops.data_keys import rotate_data_keys
 
     report = asyncio.run(
         rotate_data_keys(_settings(data_dir, database_url), suite=suite or None, resume=resume, echo=typer.echo)
@@ -173,7 +173,7 @@ def keys_rotate_data(
 @keys_app.command("retire-data")
 def keys_retire_data(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl = "") -> None:
     """Drop old data keys that no stored value uses any more."""
-    from gateway.data_keys import retire_data_keys
+    from services.ops.data_keys import retire_data_keys
 
     retired = asyncio.run(retire_data_keys(_settings(data_dir, database_url)))
     typer.echo(f"retired: {', '.join(retired) if retired else 'none (every old key is still in use)'}")
@@ -599,7 +599,7 @@ def demo(
 ) -> None:
     """Run one real exchange between two hospitals against a running `hie up` (the demo's three
     organisations are registered on the first run and reused after)."""
-    from gateway.demo import DemoFailed, run_demo
+    from services.ops.demo import DemoFailed, run_demo
 
     state = _running_state(data_dir)
     url = gateway_url or state.get("gateway_url")
@@ -657,7 +657,7 @@ def bench_exchange(
     import subprocess
     import tempfile
 
-    from gateway.bench import run_exchange_bench, write_result
+    from services.ops.bench import run_exchange_bench, write_result
 
     own = not gateway_url and data_dir is None
     up: subprocess.Popen[bytes] | None = None
@@ -682,7 +682,10 @@ def bench_exchange(
         )
         typer.echo(f"benchmark exchange of its own: {where}; --gateway-url measures a running one")
         up = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [sys.executable, "-m", "services.ops.cli", "up"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         gateway_url = f"http://127.0.0.1:{ports}"
         try:
@@ -737,8 +740,8 @@ def bench_audit(
     output: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-results/audit.json"),
 ) -> None:
     """Fill a fresh audit database with N chained records, then time VerifyChain on it (intact, then tampered)."""
-    from gateway.bench import write_result
     from services.audit.bench import run
+    from services.ops.bench import write_result
 
     result = run(records, database_url, log=lambda message: typer.echo(message, err=True))
     write_result(result, output)

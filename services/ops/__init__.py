@@ -1,0 +1,1 @@
+"""Operator tooling: the `hie` command, the demo and the benchmark harnesses."""
