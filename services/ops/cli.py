@@ -25,6 +25,8 @@ from services.ops import cli_mpi, cli_users
 from services.ops.cli_mpi import MLLP_PORT
 from services.ops.cli_registry import bench_registry
 from services.ops.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
+from services.shared.components import DATABASE_COMPONENTS, SERVICE_BASE_PORT, SERVICES, by_port
+from services.shared.components import component as service_component
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
@@ -57,7 +59,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(cli_mpi.app, name="mpi")
 app.add_typer(cli_users.app, name="user")
-COMPONENTS = (*SERVICE_PORTS, "gateway")
+COMPONENTS = DATABASE_COMPONENTS
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]
 DatabaseUrl = Annotated[
@@ -439,7 +441,7 @@ def up(
             envvar="HIE_SERVICE_BASE_PORT",
             help="First of six consecutive gRPC ports (mpi, registry, consent, referral, teleconsult, audit)",
         ),
-    ] = 7101,
+    ] = SERVICE_BASE_PORT,
     mllp_port: Annotated[
         int | None,
         typer.Option(
@@ -464,11 +466,11 @@ def up(
         raise typer.Exit(_EXIT_PORT_TAKEN)
     if mllp_port is None:
         mllp_port = cli_mpi.default_mllp_port(service_base_port)
-    targets = {name: f"127.0.0.1:{service_base_port + i}" for i, name in enumerate(SERVICE_PORTS)}
+    targets = {c.name: f"127.0.0.1:{service_base_port + c.port_offset}" for c in by_port()}
     uses = [PortUse(gateway_port, "gateway", "--gateway-port / HIE_GATEWAY_PORT")]
     uses += [
-        PortUse(service_base_port + i, name, "--service-base-port / HIE_SERVICE_BASE_PORT")
-        for i, name in enumerate(SERVICE_PORTS)
+        PortUse(service_base_port + c.port_offset, c.name, "--service-base-port / HIE_SERVICE_BASE_PORT")
+        for c in by_port()
     ]
     if mllp_port:
         uses.append(PortUse(mllp_port, "mllp", "--mllp-port / HIE_MLLP_PORT"))
@@ -513,8 +515,8 @@ def up(
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     try:
-        # Audit first: every other service relays its audit events there.
-        for name in ("audit", "mpi", "consent", "registry", "referral", "teleconsult"):
+        # In the component list's order: audit first, as every other service relays its audit events there.
+        for name in (c.name for c in SERVICES):
             supervisor.start(name, [sys.executable, "-m", f"services.{name}"], {**env, "HIE_LISTEN": targets[name]})
         deadline = time.monotonic() + 90
         for child in list(supervisor.children):
@@ -884,23 +886,19 @@ def audit_checkpoint(data_dir: DataDir = Path(".hie"), target: AuditTarget = "")
 
 
 def _protects_personal_data(component: str) -> bool:
-    import importlib
-
     if component == "gateway":
         return False
-    return importlib.import_module(f"services.{component}.service").SPEC.protects_personal_data
+    return service_component(component).spec().protects_personal_data
 
 
 def _component_tables(component: str) -> tuple[Path, object]:
     """A component's migration folder and table metadata."""
-    import importlib
-
     if component == "gateway":
         from gateway.app import MIGRATIONS
         from gateway.store import metadata
 
         return MIGRATIONS, metadata
-    spec = importlib.import_module(f"services.{component}.service").SPEC
+    spec = service_component(component).spec()
     return spec.versions, spec.metadata
 
 

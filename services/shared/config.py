@@ -6,17 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.shared.components import GATEWAY_PORT, by_port
 from services.shared.transport import GrpcTls
 
-SERVICE_PORTS: dict[str, int] = {
-    "mpi": 7101,
-    "registry": 7102,
-    "consent": 7103,
-    "referral": 7104,
-    "teleconsult": 7105,
-    "audit": 7106,
-}
-GATEWAY_PORT = 8400
+# Each service's default port, in port order (services/shared/components.py lists the services).
+SERVICE_PORTS: dict[str, int] = {c.name: c.port for c in by_port()}
 # The audience of every access token the gateway issues: the exchange as a whole.
 TOKEN_AUDIENCE = "urn:hie:exchange"  # noqa: S105 - an audience URI, not a secret
 
