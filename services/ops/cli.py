@@ -94,7 +94,7 @@ def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/key
         typer.echo(f"{name}: {path}")
     settings = Settings.from_env(dict(os.environ))
     data_keys = directory / "data-keys.json"
-    keyring = load_or_create(data_keys, suite=settings.crypto_suite)
+    keyring = load_or_create(data_keys, environ=settings.protection_environ(), suite=settings.crypto_suite)
     typer.echo(f"data-keys: {data_keys} (active {keyring.active.id}, {keyring.active.suite.cipher})")
     if settings.crypto_suite == "sm":
         from services.shared.protection.sm2 import load_or_create_signing_key

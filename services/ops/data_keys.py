@@ -56,7 +56,7 @@ async def rotate_data_keys(
 ) -> RotationReport:
     """Make a new active key (unless resuming) and bring every protected value under it."""
     path = settings.data_keys_file
-    keyring = load_or_create(path, suite=settings.crypto_suite)
+    keyring = load_or_create(path, environ=settings.protection_environ(), suite=settings.crypto_suite)
     old = keyring.active.id
     if not resume:
         keyring = keyring.rotated(suite)

@@ -26,10 +26,9 @@ import datetime
 import ipaddress
 import json
 import logging
-import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from services.registry import dsub, store
 from services.shared import identity
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import PLATFORM, Caller, caller
-from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
+from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, ComponentSettings, Settings
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
@@ -83,8 +82,9 @@ class NotificationSettings:
     allow_loopback: bool = False
 
     @classmethod
-    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> NotificationSettings:
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] | None = None) -> NotificationSettings:
+        """From the registry's registered settings (services/shared/config.py), or a mapping given."""
+        env = ComponentSettings.from_env("registry").environ() if env is None else env
         return cls(
             retry_base_seconds=float(env.get("HIE_NOTIFY_RETRY_BASE_SECONDS", "5")),
             max_backoff_seconds=float(env.get("HIE_NOTIFY_MAX_BACKOFF_SECONDS", "300")),
@@ -97,7 +97,7 @@ class NotificationSettings:
         )
 
 
-def _allow_list(env: os._Environ[str] | dict[str, str]) -> str:
+def _allow_list(env: Mapping[str, str]) -> str:
     """HIE_NOTIFY_ENDPOINT_ALLOWLIST (JSON), or the JSON file HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE names."""
     path = env.get("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", "")
     if path:

@@ -40,3 +40,20 @@ def test_settings_and_the_gateway_stubs_follow_the_list() -> None:
     assert settings.targets == {c.name: f"127.0.0.1:{c.port}" for c in SERVICES}
     assert {f.name for f in dataclasses.fields(ServiceStubs)} == {c.name for c in SERVICES}
     assert set(DATABASE_COMPONENTS) == {*(c.name for c in SERVICES), "gateway"}
+
+
+def test_the_deployments_carry_every_component_at_its_port() -> None:
+    # compose and kustomize are static files: an entry added to the list without them fails here.
+    root = Path(__file__).resolve().parents[2]
+    compose = (root / "deploy/compose.yaml").read_text(encoding="utf-8")
+    kustomization = (root / "k8s/base/kustomization.yaml").read_text(encoding="utf-8")
+    configmap = (root / "k8s/base/configmap.yaml").read_text(encoding="utf-8")
+    policies = (root / "k8s/components/network-policy-deny-all/allow-services.yaml").read_text(encoding="utf-8")
+    for c in SERVICES:
+        target = f"HIE_{c.name.upper()}_TARGET: {c.name}:{c.port}"
+        assert f"\n  {c.name}:\n" in compose, c.name
+        assert target in compose, target
+        assert target in configmap, target
+        assert f"  - {c.name}.yaml\n" in kustomization, c.name
+        assert (root / "k8s/base" / f"{c.name}.yaml").exists(), c.name
+        assert f"name: {c.name}-ingress" in policies, c.name
