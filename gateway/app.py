@@ -60,6 +60,7 @@ from services.shared import migrations
 from services.shared.audit_trail import AUDIT_TOPIC, AuditTrail, audit_sender
 from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
+from services.shared.components import SERVICES
 from services.shared.config import Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.metrics import watch_gateway
@@ -392,6 +393,8 @@ def _allowed_methods(request: Request) -> list[str]:
 
 @dataclass
 class ServiceStubs:
+    """The gateway's stub for each service of the component list (one field per component)."""
+
     mpi: mpi_pb2_grpc.PatientIndexStub
     registry: registry_pb2_grpc.DocumentRegistryStub
     consent: consent_pb2_grpc.ConsentDecisionPointStub
@@ -435,14 +438,8 @@ def create_app(settings: Settings) -> FastAPI:
             audit=AuditTrail(outbox, service="gateway"),
             audit_notify=outbox.notify,
         )
-        app.state.stubs = ServiceStubs(
-            mpi=mpi_pb2_grpc.PatientIndexStub(channels["mpi"]),
-            registry=registry_pb2_grpc.DocumentRegistryStub(channels["registry"]),
-            consent=consent_pb2_grpc.ConsentDecisionPointStub(channels["consent"]),
-            referral=referral_pb2_grpc.ReferralsStub(channels["referral"]),
-            teleconsult=teleconsult_pb2_grpc.TeleconsultationsStub(channels["teleconsult"]),
-            audit=audit_pb2_grpc.AuditLogStub(channels["audit"]),
-        )
+        # One stub per service of the component list (services/shared/components.py).
+        app.state.stubs = ServiceStubs(**{c.name: c.stub()(channels[c.name]) for c in SERVICES})
         app.state.channels = channels
         outbox.start()
         samplers = watch_gateway(outbox, settings)

@@ -17,8 +17,10 @@ import httpx
 import jwt
 
 from gateway.smart import CLIENT_ASSERTION_TYPE
-from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import PrivateKey, algorithm_for, public_jwk
+
+# The hospital's side of the user assertion lives beside its verification (services import it too).
+from services.shared.user_assertion import Practitioner, user_assertion
 
 DEFAULT_SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crs system/AuditEvent.rs"
 
@@ -26,38 +28,6 @@ DEFAULT_SCOPES = "system/Patient.crs system/DocumentReference.crs system/Service
 def new_traceparent(trace_id: str | None = None) -> str:
     """A W3C traceparent: version 00, trace id, a fresh parent span id, sampled."""
     return f"00-{trace_id or secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
-@dataclass(frozen=True)
-class Practitioner:
-    """The person acting through the hospital's system."""
-
-    id: str = "D0001"
-    name: str = "值班医生"
-    role: str = "doctor"
-    department: str = "急诊科"
-
-
-def user_assertion(
-    *, key: PrivateKey, client_id: str, practitioner: Practitioner, purpose: str, lifetime: int = 300
-) -> str:
-    """The hospital's signed statement of who acts and why (see services/shared/user_assertion.py)."""
-    now = int(time.time())
-    jwk = public_jwk(key)
-    claims = {
-        "iss": client_id,
-        "sub": practitioner.id,
-        "aud": TOKEN_AUDIENCE,
-        "iat": now,
-        "exp": now + lifetime,
-        "jti": str(uuid.uuid4()),
-        "name": practitioner.name,
-        "role": practitioner.role,
-        "department": practitioner.department,
-        "purpose_of_use": purpose,
-    }
-    public = {k: jwk[k] for k in ("kty", "crv", "x", "y", "n", "e") if k in jwk}
-    return jwt.encode(claims, key, algorithm=algorithm_for(key), headers={"kid": jwk["kid"], "jwk": public})
 
 
 USER_ASSERTION_HEADER = "X-HIE-User-Assertion"

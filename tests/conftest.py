@@ -25,17 +25,12 @@ from gateway.app import create_app
 from gateway.client import HospitalClient, Practitioner
 from gateway.organizations import register_organization
 from gateway.serving import scheme, uvicorn_config
-from services.audit.service import SPEC as AUDIT
-from services.consent.service import SPEC as CONSENT
-from services.mpi.service import SPEC as MPI
-from services.referral.service import SPEC as REFERRAL
-from services.registry.service import SPEC as REGISTRY
-from services.shared.config import SERVICE_PORTS, Settings
+from services.shared.components import DATABASE_COMPONENTS, SERVICES
+from services.shared.config import Settings
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, jwks
 from services.shared.metrics import configure_metrics
 from services.shared.outbox import Outbox
 from services.shared.process import RunningService, start_service
-from services.teleconsult.service import SPEC as TELECONSULT
 
 POSTGRES_URL = os.environ.get("HIE_TEST_DATABASE_URL", "")
 # The tests' webhook receivers listen on this machine: loopback endpoints are allowed explicitly
@@ -164,15 +159,16 @@ async def drop_schemas(settings: Settings) -> None:
         return
     engine = create_async_engine(settings.database_url)
     async with engine.begin() as conn:
-        for component in [*SERVICE_PORTS, "gateway"]:
+        for component in DATABASE_COMPONENTS:
             await conn.execute(text(f'DROP SCHEMA IF EXISTS "{settings.schema_for(component)}" CASCADE'))
     await engine.dispose()
 
 
 async def start_exchange(settings: Settings, backend: str) -> tuple[Exchange, RunningGateway]:
     services: dict[str, RunningService] = {}
-    # Audit first (everyone relays to it), then mpi and consent (the registry calls them).
-    for spec in (AUDIT, MPI, CONSENT, REFERRAL, TELECONSULT, REGISTRY):
+    # In the component list's order: audit first (everyone relays to it), then mpi and consent
+    # (the registry calls them).
+    for spec in (c.spec() for c in SERVICES):
         running = await start_service(spec, settings, listen="127.0.0.1:0")
         services[spec.name] = running
         settings = dataclasses.replace(settings, targets={**settings.targets, spec.name: f"127.0.0.1:{running.port}"})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.cli_users import add_console_user, gateway_transaction
+from gateway.console.admin import add_console_user, gateway_transaction
 from services.shared.config import Settings
 from services.shared.errors import AlreadyExists
 

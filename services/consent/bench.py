@@ -40,7 +40,6 @@ import jwt
 import typer
 from sqlalchemy import text
 
-from gateway.client import Practitioner, user_assertion
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from services.consent import fhir_consent, messages, policy, store
 from services.consent.service import SPEC as CONSENT
@@ -50,7 +49,7 @@ from services.shared.config import TOKEN_AUDIENCE, Settings
 from services.shared.db import utcnow
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk
 from services.shared.process import RunningService, start_service
-from services.shared.user_assertion import MAX_LIFETIME_SECONDS, PURPOSES_OF_USE
+from services.shared.user_assertion import MAX_LIFETIME_SECONDS, PURPOSES_OF_USE, Practitioner, user_assertion
 
 TARGET_P99_MS = 2.0
 _PATHS = ("rpc", "in_service", "decision_only")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -48,6 +47,7 @@ from typing import Any
 
 from services.consent.bppc import Directive
 from services.consent.fhir_consent import Item, ProvisionType, Requester, Rule, Specificity, flatten
+from services.shared.config import ComponentSettings
 
 __all__ = ["Item", "Requester"]
 
@@ -137,7 +137,7 @@ class RegionalPolicy:
         """HIE_CONSENT_POLICY_FILE (JSON) first, then single settings override it:
         HIE_CONSENT_REGION_MODE, HIE_CONSENT_BREAK_GLASS_SECONDS, HIE_CONSENT_GRANT_GRACE_SECONDS,
         HIE_CONSENT_NEVER_OVERRIDABLE (comma-separated labels)."""
-        env = os.environ if env is None else env
+        env = ComponentSettings.from_env("consent").environ() if env is None else env
         data: dict[str, Any] = {}
         if env.get("HIE_CONSENT_POLICY_FILE"):
             data.update(json.loads(Path(env["HIE_CONSENT_POLICY_FILE"]).read_text(encoding="utf-8")))

@@ -98,7 +98,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
     def __init__(self, runtime: ServiceRuntime, regional_policy: policy.RegionalPolicy | None = None) -> None:
         self._rt = runtime
         self._answers = FirstAnswers(store.idempotent_answers)
-        self.regional_policy = regional_policy or policy.RegionalPolicy.from_env()
+        self.regional_policy = regional_policy or policy.RegionalPolicy.from_env(runtime.options.environ())
         self.cache = PatientConsentCache(runtime.engine, runtime.sessions)
         runtime.background(self._close_on_stop(), name="consent-cache")
 

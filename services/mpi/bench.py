@@ -38,7 +38,6 @@ import grpc
 import jwt
 from sqlalchemy import select, text
 
-from gateway.client import Practitioner, user_assertion
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.mpi import domain, store
@@ -51,7 +50,7 @@ from services.shared.config import TOKEN_AUDIENCE, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk
 from services.shared.process import start_service
-from services.shared.user_assertion import MAX_LIFETIME_SECONDS
+from services.shared.user_assertion import MAX_LIFETIME_SECONDS, Practitioner, user_assertion
 
 # Given-name characters grouped by reading: a homophone variant swaps within a group.
 _GIVEN_GROUPS = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ CLAIM_ENV = "HIE_MPI_REVIEW_CLAIM_SECONDS"
 
 def master_index(runtime: ServiceRuntime) -> MasterIndex:
     """The index over the runtime's store, with the configured match parameters."""
-    path = os.environ.get(PARAMETERS_ENV)
+    path = runtime.options.get(PARAMETERS_ENV)
     params = load_parameters(Path(path) if path else None)
     # The latest stored EM estimate over them, unless they say `"learn_weights": false`.
     return MasterIndex(audit=runtime.audit, outbox=runtime.outbox, params=params, use_estimates=params.learn_weights)
@@ -60,13 +59,13 @@ async def _no_subscriber(payloads: Sequence[bytes]) -> None:
 def _build(runtime: ServiceRuntime) -> list:
     assert runtime.protection is not None
     sealed_sessions(runtime.sessions, runtime.protection)
-    url = os.environ.get(NATS_ENV)
+    url = runtime.options.get(NATS_ENV)
     # Its own relay lane: a NATS server that stalls does not hold up the audit trail.
     runtime.outbox.register(LINK_TOPIC, _nats_sender(url) if url else _no_subscriber, DeliveryPolicy(lane="broker"))
     master = master_index(runtime)
     metrics.watch(runtime)
     try:
-        lease = claim_lease(os.environ.get(CLAIM_ENV))
+        lease = claim_lease(runtime.options.get(CLAIM_ENV))
     except ValueError as exc:
         raise ValueError(f"{CLAIM_ENV}: {exc}") from None
     return [

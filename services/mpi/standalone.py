@@ -5,7 +5,6 @@ service's relay."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from services.mpi.index import MasterIndex
 from services.mpi.service import PARAMETERS_ENV, SPEC
 from services.shared import migrations
 from services.shared.audit_trail import AuditTrail
-from services.shared.config import Settings
+from services.shared.config import ComponentSettings, Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.outbox import Outbox
 from services.shared.protection import DataProtection
@@ -34,7 +33,7 @@ class IndexHandle:
 
 def parameters(path: Path | None = None) -> matching.MatchParameters:
     """The match parameters in force: a given file, else HIE_MPI_MATCH_PARAMETERS, else the default."""
-    env = os.environ.get(PARAMETERS_ENV)
+    env = ComponentSettings.from_env("mpi").get(PARAMETERS_ENV)
     return matching.load_parameters(path or (Path(env) if env else None))
 
 

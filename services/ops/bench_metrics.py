@@ -105,8 +105,8 @@ def _tree_cpu_seconds(root: int) -> float:
 
 
 async def _drive(base_url: str, settings: Any, *, seconds: float, concurrency: int) -> dict[str, Any]:
-    from gateway.bench import _member
-    from gateway.demo import discharge_summary_cda
+    from services.ops.bench import _member
+    from services.ops.demo import discharge_summary_cda
     from services.shared import gb11643
 
     client = await _member(settings, base_url, "指标压测医院")
@@ -182,7 +182,7 @@ def bench_exchange(*, metrics_on: bool, seconds: float, concurrency: int) -> dic
     }
     env.pop("HIE_DATABASE_URL", None)
     up = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "services.ops.cli", "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     base_url = f"http://127.0.0.1:{base}"
     try:

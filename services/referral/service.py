@@ -1,6 +1,5 @@
 """The referral service as the process runner sees it."""
 
-import os
 from pathlib import Path
 
 from hie.referral.v1 import referral_pb2, referral_pb2_grpc
@@ -15,8 +14,9 @@ from services.shared.workflow.engine import register_relays
 
 def _build(runtime: ServiceRuntime) -> list:
     register_relays(runtime)
-    servicer = ReferralsServicer(runtime, deadlines=DeadlinePolicy.parse(os.environ.get("HIE_REFERRAL_DEADLINES", "")))
-    servicer.scanner.interval = float(os.environ.get("HIE_REFERRAL_DEADLINE_SCAN_SECONDS", "15"))
+    options = runtime.options
+    servicer = ReferralsServicer(runtime, deadlines=DeadlinePolicy.parse(options.get("HIE_REFERRAL_DEADLINES")))
+    servicer.scanner.interval = options.value("HIE_REFERRAL_DEADLINE_SCAN_SECONDS")
     servicer.scanner.start()
     workflow.attach(runtime, servicer)
     return [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.shared.config import ComponentSettings
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,9 @@ class NotificationSettings:
     allow_loopback: bool = False
 
     @classmethod
-    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> NotificationSettings:
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] | None = None) -> NotificationSettings:
+        """From the registry's registered settings (services/shared/config.py), or a mapping given."""
+        env = ComponentSettings.from_env("registry").environ() if env is None else env
         return cls(
             retry_base_seconds=float(env.get("HIE_NOTIFY_RETRY_BASE_SECONDS", "5")),
             max_backoff_seconds=float(env.get("HIE_NOTIFY_MAX_BACKOFF_SECONDS", "300")),
@@ -38,7 +41,7 @@ class NotificationSettings:
         )
 
 
-def _allow_list(env: os._Environ[str] | dict[str, str]) -> str:
+def _allow_list(env: Mapping[str, str]) -> str:
     """HIE_NOTIFY_ENDPOINT_ALLOWLIST (JSON), or the JSON file HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE names."""
     path = env.get("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", "")
     if path:

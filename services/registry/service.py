@@ -12,7 +12,7 @@ from services.shared.protection.rotation import WrappedContentKeys
 
 
 def _build(runtime: ServiceRuntime) -> list:
-    notifier = Notifier(runtime, NotificationSettings.from_env())
+    notifier = Notifier(runtime, NotificationSettings.from_env(runtime.options.environ()))
     return [
         (
             registry_pb2_grpc.add_DocumentRegistryServicer_to_server,

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from services.shared.components import GATEWAY_PORT, by_port
 from services.shared.transport import GrpcTls
 
-SERVICE_PORTS: dict[str, int] = {
-    "mpi": 7101,
-    "registry": 7102,
-    "consent": 7103,
-    "referral": 7104,
-    "teleconsult": 7105,
-    "audit": 7106,
-}
-GATEWAY_PORT = 8400
+# Each service's default port, in port order (services/shared/components.py lists the services).
+SERVICE_PORTS: dict[str, int] = {c.name: c.port for c in by_port()}
 # The HL7 v2 ingress (gateway/mllp): MLLP's registered port.
 MLLP_PORT = 2575
 # The audience of every access token the gateway issues: the exchange as a whole.
@@ -75,6 +71,9 @@ class Settings:
     # sets one per process) and how often database-held values (backlogs, queues) are sampled.
     metrics_listen: str | None = None
     metrics_sample_seconds: float = 15.0
+    # The data keys as an inline JSON document (instead of the key file), and the masking policy file.
+    data_keys_inline: str | None = None
+    masking_policy_file: Path | None = None
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Settings:
@@ -116,6 +115,8 @@ class Settings:
             mllp_port=int(env.get("HIE_MLLP_PORT") or MLLP_PORT),
             metrics_listen=env.get("HIE_METRICS_LISTEN") or None,
             metrics_sample_seconds=float(env.get("HIE_METRICS_SAMPLE_SECONDS", "15")),
+            data_keys_inline=env.get("HIE_DATA_KEYS") or None,
+            masking_policy_file=Path(env["HIE_MASKING_POLICY_FILE"]) if env.get("HIE_MASKING_POLICY_FILE") else None,
         )
         settings.check()
         return settings
@@ -146,6 +147,11 @@ class Settings:
                     "production needs HTTPS: HIE_HTTPS_CERT / HIE_HTTPS_KEY, or HIE_HTTPS_TERMINATION=ingress"
                 )
 
+    def protection_environ(self) -> dict[str, str]:
+        """HIE_DATA_KEYS and HIE_MASKING_POLICY_FILE as given, for the data-protection loaders."""
+        given = {"HIE_DATA_KEYS": self.data_keys_inline, "HIE_MASKING_POLICY_FILE": self.masking_policy_file}
+        return {name: str(value) for name, value in given.items() if value}
+
     def database_url_for(self, component: str) -> str:
         """The database URL a component uses: its own SQLite file by default."""
         if self.database_url:
@@ -160,3 +166,83 @@ class Settings:
             return self.listen
         port = GATEWAY_PORT if component == "gateway" else SERVICE_PORTS[component]
         return f"127.0.0.1:{port}"
+
+
+@dataclass(frozen=True)
+class ComponentSetting:
+    """A setting only some components read, beyond the common `Settings`: registered here so that
+    every HIE_* variable is read in this module and named in the README's configuration table
+    (tests/unit/test_settings_documented.py)."""
+
+    name: str
+    components: tuple[str, ...]
+    # The value when the variable is unset (None: the component's own default applies).
+    default: str | None = None
+    # How the value is typed when a component asks for it with `ComponentSettings.value`.
+    parse: Callable[[str], Any] = str
+
+
+COMPONENT_SETTINGS: tuple[ComponentSetting, ...] = (
+    # mpi (services/mpi/README.md)
+    ComponentSetting("HIE_MPI_MATCH_PARAMETERS", ("mpi",)),
+    ComponentSetting("HIE_MPI_REVIEW_CLAIM_SECONDS", ("mpi",)),
+    # NATS JetStream: the mpi's link changes and the registry's notifications.
+    ComponentSetting("HIE_NATS_URL", ("mpi", "registry")),
+    # registry: notification delivery (services/registry/README.md)
+    ComponentSetting("HIE_NOTIFY_RETRY_BASE_SECONDS", ("registry",), "5", float),
+    ComponentSetting("HIE_NOTIFY_MAX_BACKOFF_SECONDS", ("registry",), "300", float),
+    ComponentSetting("HIE_NOTIFY_DEAD_LETTER_AFTER_SECONDS", ("registry",), str(24 * 3600), float),
+    ComponentSetting("HIE_NOTIFY_TIMEOUT_SECONDS", ("registry",), "10", float),
+    ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST", ("registry",)),
+    ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", ("registry",)),
+    ComponentSetting("HIE_NOTIFY_PRIVATE_NETWORKS", ("registry",)),
+    ComponentSetting("HIE_NOTIFY_ALLOW_LOOPBACK", ("registry",)),
+    # consent: the region's policy (services/consent/README.md)
+    ComponentSetting("HIE_CONSENT_POLICY_FILE", ("consent",)),
+    ComponentSetting("HIE_CONSENT_REGION_MODE", ("consent",)),
+    ComponentSetting("HIE_CONSENT_BREAK_GLASS_SECONDS", ("consent",)),
+    ComponentSetting("HIE_CONSENT_GRANT_GRACE_SECONDS", ("consent",)),
+    ComponentSetting("HIE_CONSENT_NEVER_OVERRIDABLE", ("consent",)),
+    # referral and teleconsult: deadline clocks (services/*/README.md)
+    ComponentSetting("HIE_REFERRAL_DEADLINES", ("referral",), ""),
+    ComponentSetting("HIE_REFERRAL_DEADLINE_SCAN_SECONDS", ("referral",), "15", float),
+    ComponentSetting("HIE_TELECONSULT_DEADLINES", ("teleconsult",), ""),
+    ComponentSetting("HIE_TELECONSULT_DEADLINE_SCAN_SECONDS", ("teleconsult",), "15", float),
+    ComponentSetting("HIE_TELECONSULT_MIN_PRACTICE_YEARS", ("teleconsult",), "3", int),
+    ComponentSetting("HIE_TELECONSULT_JOIN_URL", ("teleconsult",), ""),
+)
+
+
+@dataclass(frozen=True)
+class ComponentSettings:
+    """The registered settings of one component, read from the environment when it starts."""
+
+    component: str
+    # The variables that are set, as given.
+    given: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, component: str, environ: Mapping[str, str] | None = None) -> ComponentSettings:
+        """Read `component`'s registered settings (only those) from the environment."""
+        env = os.environ if environ is None else environ
+        names = [s.name for s in COMPONENT_SETTINGS if component in s.components]
+        return cls(component, {name: env[name] for name in names if name in env})
+
+    def _registered(self, name: str) -> ComponentSetting:
+        for setting in COMPONENT_SETTINGS:
+            if setting.name == name and self.component in setting.components:
+                return setting
+        raise KeyError(f"{name} is not a registered setting of {self.component} (services/shared/config.py)")
+
+    def get(self, name: str) -> str | None:
+        """The value as given, else the registered default (None: the component's own default)."""
+        return self.given.get(name, self._registered(name).default)
+
+    def value(self, name: str) -> Any:
+        """The value typed by the setting's registered parser (None when unset without a default)."""
+        raw = self.get(name)
+        return None if raw is None else self._registered(name).parse(raw)
+
+    def environ(self) -> dict[str, str]:
+        """The given variables, for parsers that read an environment-like mapping."""
+        return dict(self.given)

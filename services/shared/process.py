@@ -24,7 +24,7 @@ from services.shared import migrations
 from services.shared.audit_trail import AUDIT_TOPIC, AuditTrail, audit_sender
 from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
-from services.shared.config import Settings
+from services.shared.config import ComponentSettings, Settings
 from services.shared.db import engine_for, session_factory
 from services.shared.metrics import start_metrics, watch_service
 from services.shared.outbox import Outbox
@@ -54,6 +54,9 @@ class ServiceRuntime:
     verifier: TokenVerifier | None = None
     # Field encryption, blind indexes, document key wrapping and masking (services/shared/protection).
     protection: DataProtection | None = None
+    # The component's own registered settings (services/shared/config.py COMPONENT_SETTINGS),
+    # read from the environment when it starts.
+    options: ComponentSettings = field(default_factory=lambda: ComponentSettings(""))
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -142,6 +145,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         credentials=credentials,
         verifier=TokenVerifier(settings.trusted_jwks_file),
         protection=protection,
+        options=ComponentSettings.from_env(spec.name),
     )
     if spec.relays_audit:
         outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))

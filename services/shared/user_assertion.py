@@ -21,6 +21,7 @@ a key registered to the same client the token was issued to.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ import jwt
 
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.errors import Unauthenticated
-from services.shared.keys import thumbprint
+from services.shared.keys import PrivateKey, algorithm_for, public_jwk, thumbprint
 
 ACCEPTED_ALGORITHMS = ["ES384", "ES256", "RS384", "RS256"]
 PURPOSES_OF_USE = frozenset(
@@ -163,3 +164,36 @@ def _check_string(name: str, value: object, limit: int) -> None:
         raise _claim_refused(name, "must be a string")
     if len(value) > limit or any(ord(ch) < 32 for ch in value):
         raise _claim_refused(name, f"must be at most {limit} printable characters")
+
+
+@dataclass(frozen=True)
+class Practitioner:
+    """The person acting through the hospital's system."""
+
+    id: str = "D0001"
+    name: str = "值班医生"
+    role: str = "doctor"
+    department: str = "急诊科"
+
+
+def user_assertion(
+    *, key: PrivateKey, client_id: str, practitioner: Practitioner, purpose: str, lifetime: int = 300
+) -> str:
+    """The hospital's signed statement of who acts and why (the claims above); what a hospital
+    system signs per request (gateway/client.py), and the benchmarks and tests as hospitals."""
+    now = int(time.time())
+    jwk = public_jwk(key)
+    claims = {
+        "iss": client_id,
+        "sub": practitioner.id,
+        "aud": TOKEN_AUDIENCE,
+        "iat": now,
+        "exp": now + lifetime,
+        "jti": str(uuid.uuid4()),
+        "name": practitioner.name,
+        "role": practitioner.role,
+        "department": practitioner.department,
+        "purpose_of_use": purpose,
+    }
+    public = {k: jwk[k] for k in ("kty", "crv", "x", "y", "n", "e") if k in jwk}
+    return jwt.encode(claims, key, algorithm=algorithm_for(key), headers={"kid": jwk["kid"], "jwk": public})

@@ -1,6 +1,5 @@
 """The teleconsult service as the process runner sees it."""
 
-import os
 from pathlib import Path
 
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
@@ -16,13 +15,14 @@ from services.teleconsult.store import history_context, message_context, metadat
 
 def _build(runtime: ServiceRuntime) -> list:
     register_relays(runtime)
+    options = runtime.options
     servicer = TeleconsultationsServicer(
         runtime,
-        deadlines=DeadlinePolicy.parse(os.environ.get("HIE_TELECONSULT_DEADLINES", "")),
-        rules=QualificationRules(min_practice_years=int(os.environ.get("HIE_TELECONSULT_MIN_PRACTICE_YEARS", "3"))),
-        join_url_template=os.environ.get("HIE_TELECONSULT_JOIN_URL", ""),
+        deadlines=DeadlinePolicy.parse(options.get("HIE_TELECONSULT_DEADLINES")),
+        rules=QualificationRules(min_practice_years=options.value("HIE_TELECONSULT_MIN_PRACTICE_YEARS")),
+        join_url_template=options.get("HIE_TELECONSULT_JOIN_URL"),
     )
-    servicer.scanner.interval = float(os.environ.get("HIE_TELECONSULT_DEADLINE_SCAN_SECONDS", "15"))
+    servicer.scanner.interval = options.value("HIE_TELECONSULT_DEADLINE_SCAN_SECONDS")
     servicer.scanner.start()
     workflow.attach(runtime, servicer)
     return [

@@ -80,7 +80,7 @@ def test_the_benchmark_runs_end_to_end_at_a_tiny_scale(tmp_path: Path) -> None:
     if database_url:
         args += ["--database-url", database_url]
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "bench", "load", *args, "--output", str(output)],
+        [sys.executable, "-m", "services.ops.cli", "bench", "load", *args, "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=280,

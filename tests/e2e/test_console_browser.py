@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from gateway.cli_users import add_console_user
 from gateway.client import new_traceparent
-from gateway.demo import discharge_summary_cda
+from services.ops.cli_users import add_console_user
+from services.ops.demo import discharge_summary_cda
 from tests.conftest import Exchange
 from tests.factories import document, person
 

@@ -12,9 +12,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from gateway.cli_users import add_console_user, gateway_transaction
 from gateway.console import users
 from gateway.console.authorization import ALL_SCOPES, CONSOLE_CLIENT_ID
+from services.ops.cli_users import add_console_user, gateway_transaction
 from tests.conftest import Exchange
 
 PASSWORD = "一个足够长的密码-2026"

@@ -29,9 +29,9 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from typer.testing import CliRunner
 
-from gateway import cli
-from gateway.cli_users import add_console_user, gateway_transaction
 from gateway.console import store
+from services.ops import cli
+from services.ops.cli_users import add_console_user, gateway_transaction
 from services.shared.keys import public_jwk
 from tests.conftest import Exchange, _loopback_socket
 

@@ -10,7 +10,7 @@ import secrets
 
 import httpx
 
-from gateway.cli_users import add_console_user
+from gateway.console.admin import add_console_user
 from gateway.client import Practitioner
 from gateway.organizations import set_tier
 from tests.conftest import Exchange

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import DEMO_NATIONAL_ID, run_demo
+from services.ops.demo import DEMO_NATIONAL_ID, run_demo
 from services.shared.config import Settings
 from tests.conftest import POSTGRES_URL, _backends, base_settings, drop_schemas, start_exchange
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from gateway.demo import run_demo
+from services.ops.demo import run_demo
 from services.shared.protection.keyring import DataKeyring
 from services.shared.protection.sm2 import Sm2VerifyingKey
 from services.teleconsult import report as consultation_report

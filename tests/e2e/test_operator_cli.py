@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
-from gateway.cli import app
+from services.ops.cli import app
 from services.shared.keys import generate_ec_key, load_private_key, public_jwk
 
 runner = CliRunner()

@@ -20,13 +20,13 @@ import httpx
 import pytest
 
 from gateway.client import HospitalClient, Practitioner
-from gateway.supervisor import PortUse, taken_ports
+from services.ops.supervisor import PortUse, taken_ports
 from services.shared.keys import load_private_key
 from tests.factories import person
 from tests.support.mllp import send
 
 ROOT = Path(__file__).resolve().parents[2]
-HIE = [sys.executable, "-m", "gateway.cli"]
+HIE = [sys.executable, "-m", "services.ops.cli"]
 # kill -9 of a service to the exchange answering through the gateway again: restart backoff
 # (0.5 s) + the service's start (~2 s alone, slower on a busy 2-core machine) + the gateway's
 # channel reconnect. Generous, as the machine is shared.

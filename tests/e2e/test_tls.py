@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.demo import run_demo
+from services.ops.demo import run_demo
 from services.shared.transport import GrpcTls
 from tests.conftest import base_settings, drop_schemas, start_exchange
 from tests.factories import person

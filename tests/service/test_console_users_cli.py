@@ -11,9 +11,9 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from gateway.cli import app
-from gateway.cli_users import _settings, gateway_transaction
 from gateway.console import store, users
+from services.ops.cli import app
+from services.ops.cli_users import _settings, gateway_transaction
 from services.shared.keys import generate_ec_key, jwks
 
 runner = CliRunner()

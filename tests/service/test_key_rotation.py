@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway.data_keys import keys_in_use, retire_data_keys, rotate_data_keys
+from services.ops.data_keys import keys_in_use, retire_data_keys, rotate_data_keys
 from services.shared.config import Settings
 from services.shared.db import engine_for
 from services.shared.process import ServiceSpec

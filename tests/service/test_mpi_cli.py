@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from gateway.cli import app
+from services.ops.cli import app
 
 runner = CliRunner()
 

@@ -16,10 +16,10 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from gateway.data_keys import keys_in_use, rotate_data_keys
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
 from services.mpi.service import SPEC as MPI
+from services.ops.data_keys import keys_in_use, rotate_data_keys
 from services.shared import gb11643, migrations
 from services.shared.config import Settings
 from services.shared.db import engine_for

@@ -513,7 +513,7 @@ async def test_content_is_encrypted_at_rest_and_chunks_cannot_be_swapped(exchang
 async def test_data_key_rotation_rewraps_document_keys_and_content_stays_readable(
     exchange: Exchange, hospitals
 ) -> None:
-    from gateway.data_keys import keys_in_use, rotate_data_keys
+    from services.ops.data_keys import keys_in_use, rotate_data_keys
     from services.registry.service import SPEC as REGISTRY
 
     a, b, local = hospitals

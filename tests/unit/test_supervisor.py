@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.supervisor import (
+from services.ops.supervisor import (
     CRASH_LIMIT,
     CRASH_WINDOW_SECONDS,
     FIRST_BACKOFF_SECONDS,

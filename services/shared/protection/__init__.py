@@ -30,13 +30,13 @@ class DataProtection:
         path = settings.data_keys_file
         if settings.environment == "production" and not path.exists():
             raise KeyringError("production needs a provisioned data key file (HIE_DATA_KEYS_FILE)")
-        keyring = load_or_create(path, suite=settings.crypto_suite)
+        keyring = load_or_create(path, environ=settings.protection_environ(), suite=settings.crypto_suite)
         source = KeyringFile(path, keyring)
         return cls(
             source=source,
             fields=FieldCipher(keyring, source=source),
             index=BlindIndex(keyring),
-            masking=default_policy(),
+            masking=default_policy(settings.protection_environ()),
         )
 
     @property

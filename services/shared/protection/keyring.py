@@ -259,7 +259,8 @@ class KeyringFile:
 def load_or_create(path: Path, *, environ: dict[str, str] | None = None, suite: str = "aes") -> DataKeyring:
     """The keyring of this deployment: HIE_DATA_KEYS (a JSON key document) when set, otherwise the
     key file, created on first use (the embedded default needs nothing configured)."""
-    env = os.environ if environ is None else environ
+    # The settings hand the variables over (Settings.protection_environ): no environment read here.
+    env = environ or {}
     inline = env.get("HIE_DATA_KEYS")
     if inline:
         return DataKeyring.from_json(json.loads(inline))

@@ -15,7 +15,6 @@ year), remove.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +165,7 @@ _DEFAULT_POLICY_FILE = Path(__file__).with_name("masking_policy.json")
 
 def default_policy(environ: dict[str, str] | None = None) -> MaskingPolicy:
     """The policy in force: HIE_MASKING_POLICY_FILE if set, otherwise the shipped regional policy."""
-    env = os.environ if environ is None else environ
+    # The settings hand the variable over (Settings.protection_environ): no environment read here.
+    env = environ or {}
     path = Path(env.get("HIE_MASKING_POLICY_FILE") or _DEFAULT_POLICY_FILE)
     return MaskingPolicy.from_json(json.loads(path.read_text(encoding="utf-8")))

@@ -9,13 +9,13 @@ are dropped only by `retire-data`, and only once nothing is left under them.
 from __future__ import annotations
 
 import asyncio
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from services.shared.config import SERVICE_PORTS, Settings
+from services.shared.components import by_port
+from services.shared.config import Settings
 from services.shared.db import engine_for
 from services.shared.process import ServiceSpec
 from services.shared.protection.fields import FieldCipher, field_key_id
@@ -34,7 +34,7 @@ SETTLE_SECONDS = 2.0
 
 def protecting_specs() -> list[ServiceSpec]:
     """Every service that stores personal data."""
-    specs = [importlib.import_module(f"services.{name}.service").SPEC for name in SERVICE_PORTS]
+    specs = [c.spec() for c in by_port()]
     return [spec for spec in specs if spec.protects_personal_data]
 
 
@@ -56,7 +56,7 @@ async def rotate_data_keys(
 ) -> RotationReport:
     """Make a new active key (unless resuming) and bring every protected value under it."""
     path = settings.data_keys_file
-    keyring = load_or_create(path, suite=settings.crypto_suite)
+    keyring = load_or_create(path, environ=settings.protection_environ(), suite=settings.crypto_suite)
     old = keyring.active.id
     if not resume:
         keyring = keyring.rotated(suite)

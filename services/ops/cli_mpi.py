@@ -48,28 +48,11 @@ def weights(
 ) -> None:
     """Print the Fellegi–Sunter weights in force (m, u, log2(m/u) per field and level), the
     thresholds, and the stored EM estimate they come from (or the shipped census priors)."""
-    from services.mpi import estimation
-    from services.mpi.standalone import open_index
-    from services.mpi.standalone import parameters as load
+    from services.mpi import admin, estimation
 
-    async def run() -> tuple[object, dict[str, object] | None, estimation.Estimate | None]:
-        async with open_index(
-            _settings(data_dir, database_url), params=load(parameters) if parameters else None
-        ) as handle:
-            master = handle.master
-            async with handle.sessions() as session:
-                await master.refresh_parameters(session, force=True)
-            fresh = None
-            if estimate:
-                async with handle.sessions() as session, session.begin():
-                    fresh = await estimation.estimate_from_index(session, master.base_params, sample=sample)
-                    if fresh.reliable:
-                        await estimation.save(session, fresh, source="on-demand")
-                async with handle.sessions() as session:
-                    await master.refresh_parameters(session, force=True)
-            return master.params, master.estimate, fresh
-
-    params, in_force, fresh = asyncio.run(run())
+    params, in_force, fresh = asyncio.run(
+        admin.weights(_settings(data_dir, database_url), parameters=parameters, estimate=estimate, sample=sample)
+    )
     if fresh is not None:
         typer.echo(
             f"estimated by EM from {fresh.records} records: {fresh.candidate_pairs} candidate pairs "
@@ -143,8 +126,8 @@ def load(
 ) -> None:
     from tqdm import tqdm
 
-    from services.mpi.bulk import EncodingError, check_encoding, codec_of, load_csv
-    from services.mpi.standalone import open_index
+    from services.mpi import admin
+    from services.mpi.bulk import EncodingError, check_encoding, codec_of
 
     settings = _settings(data_dir, database_url)
     try:
@@ -158,18 +141,17 @@ def load(
     rejects_file = rejects or file.with_suffix(".rejects.csv")
 
     async def run() -> object:
-        async with open_index(settings) as index:
-            with tqdm(total=total, unit="rows", file=sys.stderr) as bar:
-                return await load_csv(
-                    index,
-                    file,
-                    domain_id=domain,
-                    mapping=map_ or [],
-                    rejects=rejects_file,
-                    batch_size=batch,
-                    progress=bar.update,
-                    encoding=encoding,
-                )
+        with tqdm(total=total, unit="rows", file=sys.stderr) as bar:
+            return await admin.load_patients(
+                settings,
+                file,
+                domain=domain,
+                mapping=map_ or [],
+                rejects=rejects_file,
+                batch_size=batch,
+                progress=bar.update,
+                encoding=encoding,
+            )
 
     try:
         report = asyncio.run(run())
@@ -212,8 +194,7 @@ def export_links(
     database_url: DatabaseUrl = "",
 ) -> None:
     """One row per active record: domain, local_id, enterprise_id, link_method."""
-    from services.mpi import store
-    from services.mpi.standalone import open_index
+    from services.mpi import admin
 
     if format_ not in ("csv", "jsonl"):
         typer.echo("--format is csv or jsonl", err=True)
@@ -232,13 +213,12 @@ def export_links(
         if writer is not None:
             writer.writerow(["domain", "local_id", "enterprise_id", "link_method"])
         rows = 0
-        async with open_index(_settings(data_dir, database_url)) as index, index.sessions() as session:
-            async for row in store.all_links(session):
-                if writer is not None:
-                    writer.writerow(list(row))
-                else:
-                    out.write(json.dumps(dict(row._mapping), ensure_ascii=False) + "\n")  # type: ignore[attr-defined]
-                rows += 1
+        async for row in admin.links(_settings(data_dir, database_url)):
+            if writer is not None:
+                writer.writerow(list(row))
+            else:
+                out.write(json.dumps(dict(row._mapping), ensure_ascii=False) + "\n")  # type: ignore[attr-defined]
+            rows += 1
         return rows
 
     if output is None:
@@ -297,8 +277,8 @@ def bench_mpi(
     bulk-load throughput, single-registration latency; and held-out public record-linkage data
     sets (`--dataset`): precision / recall / F1, review share and blocking recall, each target
     marked met or missed."""
-    from gateway.bench import write_result
     from services.mpi.bench import heldout_files, heldout_names, run, run_heldout
+    from services.ops.bench import write_result
 
     names = [n for d in dataset or [] for n in (heldout_names() if d == "heldout" else [d])]
     for name in names:

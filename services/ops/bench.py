@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.client import HospitalClient, Practitioner
-from gateway.demo import discharge_summary_cda
 from gateway.organizations import register_organization
+from services.ops.demo import discharge_summary_cda
 from services.shared import gb11643
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks
@@ -112,7 +112,7 @@ async def replay_check_cost(database_url: str, *, rounds: int = 2000) -> dict[st
     """What refusing a reused user-assertion jti adds to each API request: one insert of the jti
     in its own transaction (gateway/deps.py), timed alone against the gateway's database.
 
-    `python -c "import asyncio; from gateway.bench import replay_check_cost;
+    `python -c "import asyncio; from services.ops.bench import replay_check_cost;
     print(asyncio.run(replay_check_cost('sqlite+aiosqlite:///tmp/replay.db')))"`
     """
     import datetime

@@ -20,8 +20,8 @@ import httpx
 
 from gateway.client import HospitalClient, Practitioner, new_traceparent
 from gateway.console.demo import print_console_sign_in
-from gateway.demo_teleconsult import consultation_steps
 from gateway.organizations import add_keys, find_organization, register_organization, set_tier
+from services.ops.demo_teleconsult import consultation_steps
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks, load_private_key, public_jwk, write_private_key
 

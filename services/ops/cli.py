@@ -20,13 +20,15 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.core import TyperOption
 
-from gateway import cli_mpi, cli_users
-from gateway.cli_mpi import MLLP_PORT
-from gateway.cli_registry import bench_registry
-from gateway.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.consent.bench import bench_consent
 from services.ops import bench_load
 from services.ops import status as ops_status
+from services.ops import cli_mpi, cli_users
+from services.ops.cli_mpi import MLLP_PORT
+from services.ops.cli_registry import bench_registry
+from services.ops.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
+from services.shared.components import DATABASE_COMPONENTS, SERVICE_BASE_PORT, SERVICES, by_port
+from services.shared.components import component as service_component
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
@@ -59,7 +61,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(cli_mpi.app, name="mpi")
 app.add_typer(cli_users.app, name="user")
-COMPONENTS = (*SERVICE_PORTS, "gateway")
+COMPONENTS = DATABASE_COMPONENTS
 
 DataDir = Annotated[Path, typer.Option(envvar="HIE_DATA_DIR", help="Keys and SQLite databases live here.")]
 DatabaseUrl = Annotated[
@@ -94,7 +96,7 @@ def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/key
         typer.echo(f"{name}: {path}")
     settings = Settings.from_env(dict(os.environ))
     data_keys = directory / "data-keys.json"
-    keyring = load_or_create(data_keys, suite=settings.crypto_suite)
+    keyring = load_or_create(data_keys, environ=settings.protection_environ(), suite=settings.crypto_suite)
     typer.echo(f"data-keys: {data_keys} (active {keyring.active.id}, {keyring.active.suite.cipher})")
     if settings.crypto_suite == "sm":
         from services.shared.protection.sm2 import load_or_create_signing_key
@@ -161,7 +163,7 @@ def keys_rotate_data(
 ) -> None:
     """Rotate the data-protection key online: new active key, then re-encrypt every protected field
     and re-wrap every document key, batch by batch, while the exchange keeps serving."""
-    from gateway.data_keys import rotate_data_keys
+    from services.ops.data_keys import rotate_data_keys
 
     report = asyncio.run(
         rotate_data_keys(_settings(data_dir, database_url), suite=suite or None, resume=resume, echo=typer.echo)
@@ -175,7 +177,7 @@ def keys_rotate_data(
 @keys_app.command("retire-data")
 def keys_retire_data(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl = "") -> None:
     """Drop old data keys that no stored value uses any more."""
-    from gateway.data_keys import retire_data_keys
+    from services.ops.data_keys import retire_data_keys
 
     retired = asyncio.run(retire_data_keys(_settings(data_dir, database_url)))
     typer.echo(f"retired: {', '.join(retired) if retired else 'none (every old key is still in use)'}")
@@ -441,7 +443,7 @@ def up(
             envvar="HIE_SERVICE_BASE_PORT",
             help="First of six consecutive gRPC ports (mpi, registry, consent, referral, teleconsult, audit)",
         ),
-    ] = 7101,
+    ] = SERVICE_BASE_PORT,
     mllp_port: Annotated[
         int | None,
         typer.Option(
@@ -475,11 +477,11 @@ def up(
         raise typer.Exit(_EXIT_PORT_TAKEN)
     if mllp_port is None:
         mllp_port = cli_mpi.default_mllp_port(service_base_port)
-    targets = {name: f"127.0.0.1:{service_base_port + i}" for i, name in enumerate(SERVICE_PORTS)}
+    targets = {c.name: f"127.0.0.1:{service_base_port + c.port_offset}" for c in by_port()}
     uses = [PortUse(gateway_port, "gateway", "--gateway-port / HIE_GATEWAY_PORT")]
     uses += [
-        PortUse(service_base_port + i, name, "--service-base-port / HIE_SERVICE_BASE_PORT")
-        for i, name in enumerate(SERVICE_PORTS)
+        PortUse(service_base_port + c.port_offset, c.name, "--service-base-port / HIE_SERVICE_BASE_PORT")
+        for c in by_port()
     ]
     if mllp_port:
         uses.append(PortUse(mllp_port, "mllp", "--mllp-port / HIE_MLLP_PORT"))
@@ -530,8 +532,8 @@ def up(
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     try:
-        # Audit first: every other service relays its audit events there.
-        for name in ("audit", "mpi", "consent", "registry", "referral", "teleconsult"):
+        # In the component list's order: audit first, as every other service relays its audit events there.
+        for name in (c.name for c in SERVICES):
             listen = {"HIE_LISTEN": targets[name], **ops_status.metrics_env(metrics_ports, name)}
             supervisor.start(name, [sys.executable, "-m", f"services.{name}"], {**env, **listen})
         deadline = time.monotonic() + 90
@@ -624,7 +626,7 @@ def demo(
 ) -> None:
     """Run one real exchange between two hospitals against a running `hie up` (the demo's three
     organisations are registered on the first run and reused after)."""
-    from gateway.demo import DemoFailed, run_demo
+    from services.ops.demo import DemoFailed, run_demo
 
     state = _running_state(data_dir)
     url = gateway_url or state.get("gateway_url")
@@ -684,7 +686,7 @@ def bench_exchange(
     import subprocess
     import tempfile
 
-    from gateway.bench import run_exchange_bench, write_result
+    from services.ops.bench import run_exchange_bench, write_result
 
     own = not gateway_url and data_dir is None
     up: subprocess.Popen[bytes] | None = None
@@ -709,7 +711,10 @@ def bench_exchange(
         )
         typer.echo(f"benchmark exchange of its own: {where}; --gateway-url measures a running one")
         up = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [sys.executable, "-m", "services.ops.cli", "up"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         gateway_url = f"http://127.0.0.1:{ports}"
         try:
@@ -764,8 +769,8 @@ def bench_audit(
     output: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-results/audit.json"),
 ) -> None:
     """Fill a fresh audit database with N chained records, then time VerifyChain on it (intact, then tampered)."""
-    from gateway.bench import write_result
     from services.audit.bench import run
+    from services.ops.bench import write_result
 
     result = run(records, database_url, log=lambda message: typer.echo(message, err=True))
     write_result(result, output)
@@ -908,23 +913,19 @@ def audit_checkpoint(data_dir: DataDir = Path(".hie"), target: AuditTarget = "")
 
 
 def _protects_personal_data(component: str) -> bool:
-    import importlib
-
     if component == "gateway":
         return False
-    return importlib.import_module(f"services.{component}.service").SPEC.protects_personal_data
+    return service_component(component).spec().protects_personal_data
 
 
 def _component_tables(component: str) -> tuple[Path, object]:
     """A component's migration folder and table metadata."""
-    import importlib
-
     if component == "gateway":
         from gateway.app import MIGRATIONS
         from gateway.store import metadata
 
         return MIGRATIONS, metadata
-    spec = importlib.import_module(f"services.{component}.service").SPEC
+    spec = service_component(component).spec()
     return spec.versions, spec.metadata
 
 

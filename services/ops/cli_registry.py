@@ -1,4 +1,4 @@
-"""`hie bench registry` (registered under the `bench` group in gateway/cli.py)."""
+"""`hie bench registry` (registered under the `bench` group in services/ops/cli.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def bench_registry(
 ) -> None:
     """Query-by-patient latency (consent-filtered), register throughput (20 KB) and streamed retrieve
     throughput (1 MB) at the registry, after filling N patients / M entries."""
-    from gateway.bench import write_result
+    from services.ops.bench import write_result
     from services.registry.bench import run
 
     result = run(

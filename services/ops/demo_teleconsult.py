@@ -14,7 +14,7 @@ from gateway.client import HospitalClient, Practitioner
 from services.teleconsult import report as consultation_report
 
 if TYPE_CHECKING:
-    from gateway.demo import DemoReport
+    from services.ops.demo import DemoReport
 
 STUDY_UID = "1.2.156.112605.14038.20261205.4711"
 
@@ -23,7 +23,7 @@ async def consultation_steps(
     report: DemoReport, *, requester: HospitalClient, consultant: HospitalClient, patient_local_id: str, run: str
 ) -> str:
     """Request → consent → accept → review → signed report → verified → closed; returns the id."""
-    from gateway.demo import DemoFailed
+    from services.ops.demo import DemoFailed
 
     echo = report.echo
     radiologist = Practitioner(id="A-RAD-01", name="赵主任", role="doctor", department="影像科")
