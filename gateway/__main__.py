@@ -13,7 +13,7 @@ from services.shared.tracing import configure_tracing
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
-    configure_tracing("gateway", settings.otel_exporter, edge=True)
+    configure_tracing("gateway", settings.otel_exporter, edge=True, sample_ratio=settings.trace_sample_ratio)
     start_metrics("gateway", settings)
     host, _, port = settings.listen_for("gateway").rpartition(":")
     uvicorn.Server(uvicorn_config(create_app(settings), settings, host=host, port=int(port))).run()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ IDLE_TIMEOUT_ENV = "HIE_CONSOLE_IDLE_MINUTES"
 DEFAULT_IDLE_TIMEOUT = datetime.timedelta(minutes=15)
 
 
-def idle_timeout_from(environ: dict[str, str] | os._Environ[str]) -> datetime.timedelta:
+def idle_timeout_from(environ: Mapping[str, str]) -> datetime.timedelta:
     """The console's idle timeout: HIE_CONSOLE_IDLE_MINUTES (1 to 480), 15 minutes by default."""
     value = environ.get(IDLE_TIMEOUT_ENV, "").strip()
     if not value:
@@ -70,7 +70,7 @@ def console_state(app: FastAPI) -> ConsoleState:
             audit=audit,
             secure_cookies=settings.public_url.startswith("https://"),
             protection=DataProtection.from_settings(settings),
-            idle_timeout=idle_timeout_from(os.environ),
+            idle_timeout=idle_timeout_from({IDLE_TIMEOUT_ENV: settings.console_idle_minutes}),
         )
         app.state.console = state
     return state

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mllp: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    configure_tracing("mllp", settings.otel_exporter)
+    configure_tracing("mllp", settings.otel_exporter, sample_ratio=settings.trace_sample_ratio)
     host = args.host or settings.mllp_host
     port = settings.mllp_port if args.port is None else args.port
     try:

@@ -21,9 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.core import TyperOption
 
 from services.consent.bench import bench_consent
-from services.ops import bench_load
+from services.ops import bench_load, cli_mpi, cli_users
 from services.ops import status as ops_status
-from services.ops import cli_mpi, cli_users
 from services.ops.cli_mpi import MLLP_PORT
 from services.ops.cli_registry import bench_registry
 from services.ops.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports

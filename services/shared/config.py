@@ -71,6 +71,10 @@ class Settings:
     # sets one per process) and how often database-held values (backlogs, queues) are sampled.
     metrics_listen: str | None = None
     metrics_sample_seconds: float = 15.0
+    # Share of exchanges whose trace is recorded, decided at the gateway (None: every one).
+    trace_sample_ratio: float | None = None
+    # The console's idle timeout in minutes as written (checked by gateway/console/state.py).
+    console_idle_minutes: str = ""
     # The data keys as an inline JSON document (instead of the key file), and the masking policy file.
     data_keys_inline: str | None = None
     masking_policy_file: Path | None = None
@@ -115,6 +119,8 @@ class Settings:
             mllp_port=int(env.get("HIE_MLLP_PORT") or MLLP_PORT),
             metrics_listen=env.get("HIE_METRICS_LISTEN") or None,
             metrics_sample_seconds=float(env.get("HIE_METRICS_SAMPLE_SECONDS", "15")),
+            trace_sample_ratio=_ratio(env.get("HIE_TRACE_SAMPLE_RATIO", "")),
+            console_idle_minutes=env.get("HIE_CONSOLE_IDLE_MINUTES", "").strip(),
             data_keys_inline=env.get("HIE_DATA_KEYS") or None,
             masking_policy_file=Path(env["HIE_MASKING_POLICY_FILE"]) if env.get("HIE_MASKING_POLICY_FILE") else None,
         )
@@ -246,3 +252,16 @@ class ComponentSettings:
     def environ(self) -> dict[str, str]:
         """The given variables, for parsers that read an environment-like mapping."""
         return dict(self.given)
+
+
+def _ratio(text: str) -> float | None:
+    """HIE_TRACE_SAMPLE_RATIO: a number from 0 to 1, or unset (every trace)."""
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UnsafeSettingsError("HIE_TRACE_SAMPLE_RATIO must be a number from 0 to 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise UnsafeSettingsError("HIE_TRACE_SAMPLE_RATIO must be a number from 0 to 1")
+    return value

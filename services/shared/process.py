@@ -171,7 +171,7 @@ def main(spec: ServiceSpec) -> None:
     """Entry point of `python -m services.<name>`."""
     settings = Settings.from_env()
     configure_logging(settings.log_level)
-    configure_tracing(spec.name, settings.otel_exporter)
+    configure_tracing(spec.name, settings.otel_exporter, sample_ratio=settings.trace_sample_ratio)
     start_metrics(spec.name, settings)
 
     async def serve() -> None:

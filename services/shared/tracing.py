@@ -7,7 +7,6 @@ identifiers or names.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import grpc
@@ -41,18 +40,16 @@ def sampler_for(exporter: str, ratio: float | None = None, *, edge: bool = False
     return ParentBased(root)
 
 
-def configure_tracing(service_name: str, exporter: str, *, edge: bool = False) -> TracerProvider:
+def configure_tracing(
+    service_name: str, exporter: str, *, edge: bool = False, sample_ratio: float | None = None
+) -> TracerProvider:
     """Install the process's tracer provider; reuse one already installed (tests install their own).
-    `edge`: the process where the exchange's traces start (the gateway)."""
+    `edge`: the process where the exchange's traces start (the gateway); `sample_ratio`: the
+    share of traces recorded there (HIE_TRACE_SAMPLE_RATIO; None: every one)."""
     existing = trace.get_tracer_provider()
     if isinstance(existing, TracerProvider):
         return existing
-    ratio_text = os.environ.get(SAMPLE_RATIO_ENV, "")
-    try:
-        ratio = float(ratio_text) if ratio_text else None
-    except ValueError:
-        _log.warning("%s is not a number; recording every trace", SAMPLE_RATIO_ENV)
-        ratio = None
+    ratio = sample_ratio
     provider = TracerProvider(
         resource=Resource.create({"service.name": service_name}), sampler=sampler_for(exporter, ratio, edge=edge)
     )

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from gateway.console.admin import add_console_user, gateway_transaction
 from gateway.console import store
+from gateway.console.admin import add_console_user, gateway_transaction
 from gateway.console.state import DEFAULT_IDLE_TIMEOUT, idle_timeout_from
 from services.shared.db import utcnow
 from tests.conftest import Exchange

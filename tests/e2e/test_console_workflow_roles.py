@@ -10,8 +10,8 @@ import secrets
 
 import httpx
 
-from gateway.console.admin import add_console_user
 from gateway.client import Practitioner
+from gateway.console.admin import add_console_user
 from gateway.organizations import set_tier
 from tests.conftest import Exchange
 from tests.factories import person

@@ -322,8 +322,8 @@ async def test_hie_status_shows_components_backlog_and_firing_alerts(
     exchange answers on this test's event loop)."""
     from typer.testing import CliRunner
 
-    from services.ops.cli import app
     from services.ops import alerts
+    from services.ops.cli import app
 
     s = scene
     runner = CliRunner()
