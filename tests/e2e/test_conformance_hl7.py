@@ -18,8 +18,8 @@ from gateway.client import HospitalClient
 from services.mpi.mllp import AdtFeed, serve
 from services.mpi.standalone import open_index
 from tests.conftest import Exchange
-from tests.factories import fresh_national_id
-from tests.fhir_rules import check_fhir
+from tests.support.factories import fresh_national_id
+from tests.support.fhir_rules import check_fhir
 
 
 @dataclass

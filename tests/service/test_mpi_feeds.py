@@ -21,7 +21,7 @@ from services.mpi.standalone import IndexHandle, open_index
 from services.shared import gb11643
 from services.shared.auth import Caller
 from tests.conftest import _backends, base_settings, drop_schemas
-from tests.factories import fresh_national_id
+from tests.support.factories import fresh_national_id
 
 FACILITY = "hosp-his-1"
 
