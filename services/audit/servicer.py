@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from hie.common.v1 import common_pb2
 from services.audit import chain, store
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
@@ -176,7 +176,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         """The person a patient access report is about; a hospital may ask only about its own patients."""
         if who.organization_type == "hospital" or not ref.domain:
             ref = common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
-        return (await identity.cross_reference(self._rt, ref)).enterprise_id
+        return (await mpi_client.cross_reference(self._rt, ref)).enterprise_id
 
     def _require_auditor(self, who: Caller) -> bool:
         """Checks the caller may read the log; True when it reads the whole region's."""

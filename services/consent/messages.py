@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2
-from services.consent import fhir_consent, policy
+from services.consent import policy, provisions
 from services.consent.store import DirectiveRecord, GrantRecord
 from services.shared.user_assertion import PURPOSES_OF_USE
 
@@ -58,14 +58,14 @@ def _period_json(message: Any, name: str) -> dict[str, str] | None:
     return out
 
 
-def period_message(period: fhir_consent.Period | None) -> consent_pb2.Period | None:
+def period_message(period: provisions.Period | None) -> consent_pb2.Period | None:
     if period is None:
         return None
     return consent_pb2.Period(start=timestamp(period.start), end=timestamp(period.end))
 
 
 def provision_json(message: consent_pb2.Provision) -> dict[str, Any]:
-    """The JSON form of a provision message (checked by `fhir_consent.provision_from_json`)."""
+    """The JSON form of a provision message (checked by `provisions.provision_from_json`)."""
     out: dict[str, Any] = {
         "type": _TYPE_NAMES.get(message.type, ""),
         "actors": [
@@ -88,11 +88,11 @@ def provision_json(message: consent_pb2.Provision) -> dict[str, Any]:
 
 def provision_message(data: dict[str, Any]) -> consent_pb2.Provision:
     """A provision message from the stored JSON form."""
-    parsed = fhir_consent.provision_from_json(data, purposes=PURPOSES_OF_USE)
+    parsed = provisions.provision_from_json(data, purposes=PURPOSES_OF_USE)
     return _provision_message(parsed)
 
 
-def _provision_message(p: fhir_consent.Provision) -> consent_pb2.Provision:
+def _provision_message(p: provisions.Provision) -> consent_pb2.Provision:
     return consent_pb2.Provision(
         type=_TYPES.get(p.type.value, 0) if p.type else 0,  # type: ignore[arg-type]
         period=period_message(p.period),

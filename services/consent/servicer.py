@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
-from services.consent import bppc, fhir_consent, messages, policy, store
+from services.consent import bppc, messages, policy, provisions, store
 from services.consent.cache import PatientConsentCache
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, PlatformCredentials, caller
 from services.shared.db import utcnow
@@ -121,7 +121,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         if not request.enterprise_id:
             # Without the person the patient's directives cannot be found: never decide without them.
             raise InvalidArgument("the patient's enterprise id is required", reason="enterprise-id-missing")
-        requester = fhir_consent.Requester(
+        requester = provisions.Requester(
             organization_id=who.organization_id,
             purpose_of_use=purpose,
             department=who.department,
@@ -174,13 +174,13 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         # directive of theirs exists, are not its business), and whether the requester holds a
         # record of the person (the care relationship).
         try:
-            person = await identity.cross_reference_by_enterprise_id(self._rt, request.enterprise_id)
+            person = await mpi_client.cross_reference_by_enterprise_id(self._rt, request.enterprise_id)
         except NotFound:
             raise NotFound("no such patient", reason="patient-not-found") from None
         domains = {r.domain for r in person.refs}
         if who.organization_type == "hospital" and who.organization_id not in domains:
             raise NotFound("no such patient", reason="patient-not-found")
-        requester = fhir_consent.Requester(
+        requester = provisions.Requester(
             organization_id=request.organization_id[:64],
             purpose_of_use=request.purpose_of_use,
             department=request.department[:64],
@@ -215,7 +215,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             raise InvalidArgument("the patient's local id is required", reason="patient-ref-missing")
         if ref.domain and ref.domain != who.organization_id:
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
-        return await identity.registered_person(
+        return await mpi_client.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
         )
 
@@ -230,7 +230,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         if record is None:
             raise NotFound("no such directive", reason="directive-not-found")
         if record.recorded_by_organization_id != who.organization_id:
-            person = await identity.cross_reference(
+            person = await mpi_client.cross_reference(
                 self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
             )
             if who.organization_id not in {r.domain for r in person.refs}:
@@ -241,7 +241,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         """A directive's evidence is the signed form the recording organisation holds: an id that
         names another organisation's registered document is refused (a reference to a local form,
         not registered at the exchange, is the hospital's own)."""
-        entry = await identity.document_source(self._rt, evidence) if evidence else None
+        entry = await mpi_client.document_source(self._rt, evidence) if evidence else None
         if entry is not None and entry.source_organization_id != who.organization_id:
             raise FailedPrecondition(
                 "the evidence must be a document your organisation registered", reason="evidence-not-own"
@@ -249,20 +249,18 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
 
     def _directive_content(
         self, message: consent_pb2.Directive
-    ) -> tuple[fhir_consent.Provision, tuple[str, ...], str, fhir_consent.Period]:
-        provision = fhir_consent.provision_from_json(
-            messages.provision_json(message.provision), purposes=PURPOSES_OF_USE
-        )
+    ) -> tuple[provisions.Provision, tuple[str, ...], str, provisions.Period]:
+        provision = provisions.provision_from_json(messages.provision_json(message.provision), purposes=PURPOSES_OF_USE)
         evidence = message.evidence_document_id.strip()
         bppc.check_directive(provision, evidence_document_id=evidence)
-        named = {code for p in fhir_consent.iter_provisions(provision) for code in p.obligations}
+        named = {code for p in provisions.iter_provisions(provision) for code in p.obligations}
         if named - policy.OBLIGATIONS.keys():
             # A receiver cannot honour an obligation nobody defined.
             raise InvalidArgument(
                 f"obligations must be among {', '.join(sorted(policy.OBLIGATIONS))}", reason="obligation-unknown"
             )
         policy_ids = bppc.check_policy_ids(tuple(message.policy_ids))
-        period = fhir_consent.Period(
+        period = provisions.Period(
             messages.moment(message.period.start, message.period.HasField("start")),
             messages.moment(message.period.end, message.period.HasField("end")),
         )
@@ -302,7 +300,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         enterprise_id = await self._own_patient(who, request.directive.patient)
         await self._own_evidence(who, evidence)
-        stored = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
+        stored = json.dumps(provisions.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
         digest = _digest(request.directive.patient.local_id, stored, policy_ids, evidence, period)
         key = request.idempotency_key[:128] or str(uuid.uuid4())
         for attempt in range(2):
@@ -326,7 +324,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         key: str,
         policy_ids: tuple[str, ...],
         evidence: str,
-        period: fhir_consent.Period,
+        period: provisions.Period,
     ) -> consent_pb2.RecordDirectiveResponse:
         async with self._rt.sessions() as session, session.begin():
             existing = await session.scalar(
@@ -417,7 +415,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 raise FailedPrecondition("a revoked directive cannot be revised", reason="directive-revoked")
             if request.expected_revision and request.expected_revision != record.revision:
                 raise FailedPrecondition("the directive was changed since it was read", reason="revision-conflict")
-            record.provision = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
+            record.provision = json.dumps(provisions.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
             record.policy_ids = json.dumps(list(policy_ids))
             record.evidence_document_id = evidence
             record.period_start, record.period_end = period.start, period.end
@@ -566,7 +564,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             raise InvalidArgument("a grant is for referral or consultation", reason="grant-invalid")
         if not grant.reference or not grant.organization_id or len(grant.document_ids) > _MAX_ITEMS:
             raise InvalidArgument("a grant needs its reference and receiving organisation", reason="grant-invalid")
-        enterprise_id = grant.enterprise_id or (await identity.cross_reference(self._rt, grant.patient)).enterprise_id
+        enterprise_id = grant.enterprise_id or (await mpi_client.cross_reference(self._rt, grant.patient)).enterprise_id
         closed = messages.moment(request.closed, request.HasField("closed"))
         end = closed + datetime.timedelta(seconds=self.regional_policy.grant_grace_seconds) if closed else None
         if end is None and grant.HasField("end"):
@@ -671,7 +669,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         if ref.domain and ref.domain != who.organization_id:
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         try:
-            person = await identity.cross_reference(
+            person = await mpi_client.cross_reference(
                 self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
             )
         except NotFound:

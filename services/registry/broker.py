@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
 from services.registry import dsub, store
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import PLATFORM, Caller, caller
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
@@ -531,7 +531,7 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
             local_id = request.patient.local_id
             if not local_id or len(local_id) > 64:
                 raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
-            enterprise_id = await identity.registered_person(
+            enterprise_id = await mpi_client.registered_person(
                 self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=local_id)
             )
         elif topic == dsub.TOPIC_DOCUMENT_TYPE:
