@@ -40,13 +40,14 @@ from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.documents import open_content, repr_digest
-from gateway.routes.fhir import FHIR_JSON, _date_range, _token
-from gateway.routes.fhir_models import validate_resource
-from gateway.routes.fhir_patient import (
+from gateway.routes.fhir.models import validate_resource
+from gateway.routes.fhir.negotiation import FHIR_JSON
+from gateway.routes.fhir.patient.resource import (
     own_local_id_of_identifier,
     own_local_id_of_patient,
     patient_id_of_reference,
 )
+from gateway.routes.fhir.search import date_range, token_code
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 
@@ -290,16 +291,18 @@ async def search_document_references(
                 raise _bad("search-value-invalid", "one patient per search")
             local_id = found
         elif name == "type":
-            query.type_codes.extend(_token(name, v, {LOINC, SHARED_TYPE_SYSTEM})[:64] for v in value.split(",") if v)
+            query.type_codes.extend(
+                token_code(name, v, {LOINC, SHARED_TYPE_SYSTEM})[:64] for v in value.split(",") if v
+            )
         elif name == "category":
-            query.class_codes.extend(_token(name, v, {CLASS_SYSTEM})[:64] for v in value.split(",") if v)
+            query.class_codes.extend(token_code(name, v, {CLASS_SYSTEM})[:64] for v in value.split(",") if v)
         elif name == "status":
             for v in value.split(","):
                 if v not in _STATUS_CODES:
                     raise _bad("status-invalid", "status: current, superseded or entered-in-error")
                 query.statuses.append(_STATUS_CODES[v])
         elif name == "date":
-            prefix, start, end = _date_range(value)
+            prefix, start, end = date_range(value)
             low = {"eq": start, "ge": start, "gt": end}.get(prefix)
             high = {"eq": end, "le": end, "lt": start}.get(prefix)
             if low is not None:
