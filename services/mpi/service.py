@@ -10,8 +10,9 @@ from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from services.mpi.domain import claim_lease
 from services.mpi.index import LINK_TOPIC, MasterIndex
 from services.mpi.matching import load_parameters
+from services.mpi.sealing import sealed_context, sealed_sessions
 from services.mpi.servicer import PatientIndexServicer
-from services.mpi.store import metadata, sealed_context, sealed_sessions
+from services.mpi.tables import metadata
 from services.shared.outbox import DeliveryPolicy, Sender
 from services.shared.process import ServiceRuntime, ServiceSpec
 from services.shared.protection.rotation import ProtectedColumns

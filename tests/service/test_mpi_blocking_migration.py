@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from hie.mpi.v1 import mpi_pb2
+from services.mpi.sealing import RecordSealing
 from services.mpi.service import SPEC as MPI
-from services.mpi.store import RecordSealing
 from services.shared.process import RunningService, start_service
 from tests.conftest import _backends, base_settings, drop_schemas
 from tests.support.hospital import Hospital, tasks_for
