@@ -21,7 +21,7 @@ from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
 from services.consent import bppc, messages, policy, provisions, store
 from services.consent.cache import PatientConsentCache
-from services.shared import mpi_client
+from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, PlatformCredentials, caller
 from services.shared.db import utcnow
@@ -138,7 +138,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         glass = [v for v in verdicts if v.break_glass]
         if glass:
             # Every access break-the-glass opened is on the record as such.
-            async with self._rt.sessions() as session, session.begin():
+            async with transactions.change(self._rt) as session:
                 await self._rt.audit.record(
                     session,
                     caller=who,
@@ -148,7 +148,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     entities=[("DocumentReference", v.item_id) for v in glass]
                     + [("BreakGlass", v.reference.removeprefix("break-glass/")) for v in glass[:1]],
                 )
-            self._rt.outbox.notify()
         return consent_pb2.DecideResponse(decisions=[messages.decision_message(v) for v in verdicts])
 
     async def Explain(self, request: consent_pb2.ExplainRequest, context: object) -> consent_pb2.ExplainResponse:
@@ -193,16 +192,14 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         item = messages.item_of(request.item)
         consent = await self.cache.get(request.enterprise_id)
         verdict = policy.decide(self.regional_policy, consent, requester, item, at)
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="consent.explain",
-                action=Action.ACTION_EXECUTE,
-                patient_enterprise_id=request.enterprise_id,
-                entities=[("DocumentReference", item.item_id)],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="consent.explain",
+            action=Action.ACTION_EXECUTE,
+            patient_enterprise_id=request.enterprise_id,
+            entities=[("DocumentReference", item.item_id)],
+        )
         return consent_pb2.ExplainResponse(
             decision=messages.decision_message(verdict), explanation=policy.explain(verdict, requester, item)
         )
@@ -326,7 +323,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         evidence: str,
         period: provisions.Period,
     ) -> consent_pb2.RecordDirectiveResponse:
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             existing = await session.scalar(
                 select(store.DirectiveRecord).where(
                     store.DirectiveRecord.recorded_by_organization_id == who.organization_id,
@@ -395,7 +392,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     request_fingerprint=digest,
                     response=answer,
                 )
-        self._rt.outbox.notify()
         return answer
 
     async def ReviseDirective(
@@ -510,16 +506,14 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             if not request.include_revoked:
                 query = query.where(store.DirectiveRecord.status == bppc.DirectiveStatus.ACTIVE.value)
             records = (await session.scalars(query.order_by(store.DirectiveRecord.recorded_at))).all()
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="consent.directive.list",
-                action=Action.ACTION_EXECUTE,
-                patient_enterprise_id=enterprise_id,
-                entities=[("Consent", r.id) for r in records],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="consent.directive.list",
+            action=Action.ACTION_EXECUTE,
+            patient_enterprise_id=enterprise_id,
+            entities=[("Consent", r.id) for r in records],
+        )
         return consent_pb2.ListDirectivesResponse(
             enterprise_id=enterprise_id, directives=[messages.directive_message(r) for r in records]
         )
@@ -531,16 +525,14 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_scope("Consent", "r")
         who.require_role(*_DIRECTIVE_READERS)
         record = await self._visible_directive(who, request.directive_id)
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="consent.directive.read",
-                action=Action.ACTION_READ,
-                patient_enterprise_id=record.enterprise_id,
-                entities=[("Consent", record.id)],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="consent.directive.read",
+            action=Action.ACTION_READ,
+            patient_enterprise_id=record.enterprise_id,
+            entities=[("Consent", record.id)],
+        )
         return consent_pb2.GetDirectiveResponse(directive=messages.directive_message(record))
 
     # --- grants --------------------------------------------------------------------------
@@ -571,7 +563,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             end = grant.end.ToDatetime(tzinfo=datetime.UTC)
         for attempt in range(2):
             try:
-                async with self._rt.sessions() as session, session.begin():
+                async with transactions.change(self._rt) as session:
                     record = await session.scalar(
                         select(store.GrantRecord).where(store.GrantRecord.reference == grant.reference[:128])
                     )
@@ -609,7 +601,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                         patient_enterprise_id=record.enterprise_id,
                         entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
                     )
-                self._rt.outbox.notify()
                 return consent_pb2.GrantAccessResponse(grant=messages.grant_message(record))
             except IntegrityError:
                 if attempt:
@@ -623,7 +614,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         self._platform_only(who)
         if not request.grant_id and not request.reference:
             raise InvalidArgument("name the grant or its reference", reason="grant-invalid")
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             if request.grant_id:
                 record = await session.get(store.GrantRecord, request.grant_id[:36])
             else:
@@ -643,7 +634,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     patient_enterprise_id=record.enterprise_id,
                     entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
                 )
-        self._rt.outbox.notify()
         return consent_pb2.RevokeGrantResponse(grant=messages.grant_message(record))
 
     # --- break-the-glass -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from services.mpi import domain, index, matching, records, review_store, store, 
 from services.mpi.disclosure import Disclosure, capped
 from services.mpi.messages import LINK_TO_PROTO, patient_message, registration_of, scored_patient
 from services.mpi.search_criteria import NameFilter, rank_key, satisfies, search_query
+from services.shared import transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -194,18 +195,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
 
     async def _write(self, operation):
         """Run a change in one transaction (serialised on SQLite), then wake the outbox relay."""
-
-        async def run():
-            async with self._rt.sessions() as session, session.begin():
-                return await operation(session)
-
-        if self._sqlite_lock is not None:
-            async with self._sqlite_lock:
-                result = await run()
-        else:
-            result = await run()
-        self._rt.outbox.notify()
-        return result
+        return await transactions.run(self._rt, operation, lock=self._sqlite_lock)
 
     async def _keyed_write(
         self,
@@ -358,7 +348,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             if found is None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
             return answer(*found)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             found = await store.person_identities(
                 session, domain=ref.domain, local_id=ref.local_id, follow_merges=False
             )
@@ -374,7 +364,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Patient", f"{ref.domain}|{ref.local_id}")],
             )
-        self._rt.outbox.notify()
         return response
 
     async def _person_by_enterprise_id(self, who: Caller, enterprise_id: str) -> mpi_pb2.CrossReferenceResponse:
@@ -406,7 +395,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             who.require_role(*_READERS)
             if who.organization_type == "hospital" and request.ref.domain != who.organization_id:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             if request.record_id:
                 record = await store.record_by_id(session, request.record_id[:64])
                 if record is not None and record.merged_into is not None:
@@ -423,7 +412,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
-        self._rt.outbox.notify()
         return mpi_pb2.GetPatientResponse(
             patient=patient_message(record, self._disclosure(who).of_found(record.domain))
         )
@@ -434,7 +422,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         self, who: Caller, query: matching.MatchRecord, *, limit: int, event: str, minimum: float | None = None
     ) -> list[mpi_pb2.ScoredPatient]:
         disclosure = self._disclosure(who)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             ranked = capped(who, await self._index.rank(session, query, limit=limit, minimum=minimum))
             await self._rt.audit.record(
                 session,
@@ -443,7 +431,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 action=Action.ACTION_EXECUTE,
                 entities=[("Patient", f"{r.record.domain}|{r.record.local_id}") for r in ranked],
             )
-        self._rt.outbox.notify()
         return [scored_patient(r, disclosure) for r in ranked]
 
     async def SearchPatients(
@@ -475,7 +462,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         if not who.is_platform:
             criteria.require_enough()
         disclosure = self._disclosure(who)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             # Every candidate is scored anyway to rank them, so filtering all of them gives the
             # total for free; pages are cut by keyset (weight, domain, local id), the ranking's order.
             ranked = await self._index.rank(session, query, limit=_CANDIDATE_CAP)
@@ -493,7 +480,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 action=Action.ACTION_EXECUTE,
                 entities=[("Patient", f"{r.record.domain}|{r.record.local_id}") for r in page],
             )
-        self._rt.outbox.notify()
         response = mpi_pb2.SearchPatientsResponse(results=[scored_patient(r, disclosure) for r in page])
         if len(following) > size:
             last = page[-1]
@@ -578,7 +564,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         after = _after(request.page_token)
         domain_filter = who.organization_id if who.organization_type == "hospital" else None
         now = utcnow()
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             rows = await review_store.open_review_tasks(
                 session,
                 limit=size,
@@ -597,7 +583,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 action=Action.ACTION_READ,
                 entities=[("ReviewTask", t.id) for t, _ in rows],
             )
-        self._rt.outbox.notify()
         token = _page_token(rows[-1][0]) if len(rows) == size else ""
         return mpi_pb2.ListReviewTasksResponse(tasks=messages, next_page_token=token)
 
@@ -783,7 +768,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_role(*_READERS)
         source = _ref(request.ref)
         _own_domain(who, source[0])
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             record = await store.find_record(session, domain=source[0], local_id=source[1])
             if record is None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
@@ -812,5 +797,4 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
-        self._rt.outbox.notify()
         return mpi_pb2.GetLinkHistoryResponse(enterprise_id=record.enterprise_id, changes=changes)
