@@ -29,6 +29,7 @@ from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
+from services.shared.timestamps import to_datetime_or_none, to_timestamp_or_none
 from services.shared.user_assertion import PURPOSES_OF_USE
 
 _log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             role=request.role[:32] or policy.BREAK_GLASS_ROLE,
             holds_record=request.organization_id in domains,
         )
-        at = messages.moment(request.at, request.HasField("at")) or utcnow()
+        at = to_datetime_or_none(request.at, request.HasField("at")) or utcnow()
         item = messages.item_of(request.item)
         consent = await self.cache.get(request.enterprise_id)
         verdict = policy.decide(self.regional_policy, consent, requester, item, at)
@@ -258,8 +259,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             )
         policy_ids = bppc.check_policy_ids(tuple(message.policy_ids))
         period = provisions.Period(
-            messages.moment(message.period.start, message.period.HasField("start")),
-            messages.moment(message.period.end, message.period.HasField("end")),
+            to_datetime_or_none(message.period.start, message.period.HasField("start")),
+            to_datetime_or_none(message.period.end, message.period.HasField("end")),
         )
         if period.start and period.end and period.end <= period.start:
             raise InvalidArgument("the directive's period ends before it starts", reason="period-invalid")
@@ -557,7 +558,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         if not grant.reference or not grant.organization_id or len(grant.document_ids) > _MAX_ITEMS:
             raise InvalidArgument("a grant needs its reference and receiving organisation", reason="grant-invalid")
         enterprise_id = grant.enterprise_id or (await mpi_client.cross_reference(self._rt, grant.patient)).enterprise_id
-        closed = messages.moment(request.closed, request.HasField("closed"))
+        closed = to_datetime_or_none(request.closed, request.HasField("closed"))
         end = closed + datetime.timedelta(seconds=self.regional_policy.grant_grace_seconds) if closed else None
         if end is None and grant.HasField("end"):
             end = grant.end.ToDatetime(tzinfo=datetime.UTC)
@@ -727,8 +728,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     answer = consent_pb2.DeclareBreakGlassResponse(
                         break_glass_id=record.id,
                         enterprise_id=person.enterprise_id,
-                        starts=messages.timestamp(record.starts),
-                        expires=messages.timestamp(record.expires),
+                        starts=to_timestamp_or_none(record.starts),
+                        expires=to_timestamp_or_none(record.expires),
                         audit_event_ids=[event_id],
                     )
                     if key:

@@ -3,12 +3,11 @@ record as a Patient message masked as the caller's disclosure allows, scored res
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
 from services.mpi import domain, index, matching, records, tables
 from services.mpi.disclosure import Disclosure
+from services.shared.timestamps import to_timestamp
 
 GENDER_FROM_PROTO = {
     mpi_pb2.GENDER_MALE: domain.Gender.MALE,
@@ -71,8 +70,6 @@ def patient_message(record: tables.PatientRecord, disclosure: Disclosure) -> mpi
             "postal_code": record.postal_code,
         }
     )
-    updated = Timestamp()
-    updated.FromDatetime(record.updated_at)
     # The hospital's own record number is an identifier too: de-identified views (research,
     # public health) lose it; every other view keeps it (hospitals act on their records by it).
     local_id = record.local_id if disclosure.identifier(record.local_id) is not None else ""
@@ -85,7 +82,7 @@ def patient_message(record: tables.PatientRecord, disclosure: Disclosure) -> mpi
         phones=[p for p in (disclosure.phone(v) for v in record.phones) if p is not None],
         address=mpi_pb2.Address(**address),
         enterprise_id=record.enterprise_id,
-        updated=updated,
+        updated=to_timestamp(record.updated_at),
         record_id=record.id,
         link_method=LINK_TO_PROTO.get(domain.LinkMethod(record.link_method), mpi_pb2.LINK_METHOD_UNSPECIFIED),
     )

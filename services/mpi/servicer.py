@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
@@ -30,6 +29,7 @@ from services.shared.idempotency import FirstAnswers
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
+from services.shared.timestamps import to_timestamp
 
 # Role per operation (from the hospital's verified user assertion).
 _REGISTRARS = ("doctor", "nurse", "data-steward", "admin")
@@ -112,12 +112,6 @@ _UNMERGE_OPERATION = "patient.unmerge"
 _DECIDE_OPERATION = "patient.review-decide"
 _ASSIGN_OPERATION = "patient.review-assign"
 _RELEASE_OPERATION = "patient.review-release"
-
-
-def _timestamp(value: datetime.datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _page_token(task: tables.ReviewTask) -> str:
@@ -532,13 +526,13 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             fields=[mpi_pb2.FieldAgreement(field=f, level=lw[0], weight=lw[1]) for f, lw in comparison.items()],
             hold=task.hold,
             status=task.status,
-            created=_timestamp(task.created_at),
+            created=to_timestamp(task.created_at),
         )
         if held is not None:
             message.assignee = held.assignee
             message.assignee_organization_id = held.organization_id
-            message.assigned.CopyFrom(_timestamp(held.assigned_at))
-            message.assignment_expires.CopyFrom(_timestamp(self._lease.expires(held.assigned_at)))
+            message.assigned.CopyFrom(to_timestamp(held.assigned_at))
+            message.assignment_expires.CopyFrom(to_timestamp(self._lease.expires(held.assigned_at)))
             message.assignment_expired = not self._lease.live(held.assigned_at, now or utcnow())
         return message
 
@@ -785,7 +779,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                     reason=h.reason or "register",
                     weight=h.score or 0.0,
                     decided_by=h.decided_by,
-                    at=_timestamp(h.created_at),
+                    at=to_timestamp(h.created_at),
                 )
                 for h in rows
             ]

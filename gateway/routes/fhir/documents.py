@@ -50,6 +50,7 @@ from gateway.routes.fhir.patient.resource import (
 from gateway.routes.fhir.search import date_range, token_code
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
+from services.shared.timestamps import isoformat
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
 
@@ -130,10 +131,6 @@ DOCUMENT_REFERENCE_SEARCH_PARAMS: list[dict[str, str]] = [
 ]
 
 
-def _iso(ts: Timestamp) -> str:
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
 def _coding(system: str, code: str, display: str = "") -> dict[str, str]:
     coding = {"system": system, "code": code} if system else {"code": code}
     if display:
@@ -174,7 +171,7 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
         ]
     resource["subject"] = {"identifier": {"system": ENTERPRISE_ID_SYSTEM, "value": entry.enterprise_id}}
     if entry.HasField("created"):
-        resource["date"] = _iso(entry.created)
+        resource["date"] = isoformat(entry.created)
     author: dict[str, Any] = {
         "identifier": {"system": f"urn:hie:practitioner:{org}", "value": entry.author.practitioner_id}
     }
@@ -204,7 +201,7 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
         attachment["size"] = entry.size
         attachment["extension"] = [{"url": SHA256_EXTENSION, "valueString": entry.sha256}]
     if entry.HasField("created"):
-        attachment["creation"] = _iso(entry.created)
+        attachment["creation"] = isoformat(entry.created)
     content: dict[str, Any] = {"attachment": attachment}
     if entry.format_code.code:
         content["format"] = _coding(entry.format_code.system, entry.format_code.code, entry.format_code.display)
@@ -215,9 +212,9 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
     if entry.practice_setting.code:
         context["practiceSetting"] = _concept(entry.practice_setting)
     if entry.HasField("service_start"):
-        context["period"] = {"start": _iso(entry.service_start)}
+        context["period"] = {"start": isoformat(entry.service_start)}
         if entry.HasField("service_end"):
-            context["period"]["end"] = _iso(entry.service_end)
+            context["period"]["end"] = isoformat(entry.service_end)
     if entry.content_kind == registry_pb2.CONTENT_KIND_IMAGING_STUDY:
         context["related"] = [
             {
@@ -726,7 +723,7 @@ def submission_set_list(submission_set: registry_pb2.SubmissionSet) -> dict[str,
     resource["code"] = {"coding": [{"system": MHD_LIST_TYPES, "code": "submissionset"}]}
     resource["subject"] = {"identifier": {"system": ENTERPRISE_ID_SYSTEM, "value": submission_set.enterprise_id}}
     if submission_set.HasField("submitted"):
-        resource["date"] = _iso(submission_set.submitted)
+        resource["date"] = isoformat(submission_set.submitted)
     resource["source"] = {
         "identifier": {"system": "urn:hie:organization", "value": submission_set.source_organization_id}
     }
