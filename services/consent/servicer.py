@@ -29,6 +29,7 @@ from services.shared.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
+from services.shared.text import has_control_characters
 from services.shared.timestamps import to_datetime_or_none, to_timestamp_or_none
 from services.shared.user_assertion import PURPOSES_OF_USE
 
@@ -72,7 +73,7 @@ def break_glass_notice_sender(
 
 def _clean(value: str, *, what: str, limit: int, reason: str) -> str:
     text = unicodedata.normalize("NFC", value).strip()
-    if len(text) > limit or any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co"} for ch in text):
+    if len(text) > limit or has_control_characters(text):
         raise InvalidArgument(f"{what} is too long or holds control characters", reason=reason)
     return text
 

@@ -54,6 +54,7 @@ from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.keys import algorithm_for, load_private_key, public_jwk
+from services.shared.nats_publisher import JetStreamPublisher
 from services.shared.outbox import DeliveryPolicy
 from services.shared.process import ServiceRuntime
 from services.shared.protection.sm2 import DEFAULT_SIGNER_ID, load_or_create_signing_key
@@ -212,7 +213,14 @@ class Notifier:
             allow_loopback=settings.allow_loopback,
             own_ports=own_ports(runtime.settings),
         )
-        self._nats: Any = None
+        # Workflow events to NATS JetStream when HIE_NATS_URL is set (stream made sure of on connect).
+        self._nats = JetStreamPublisher(
+            settings.nats_url,
+            subject=lambda event: f"hie.registry.{event['event_type']}",
+            stream=NATS_STREAM,
+            stream_subjects=["hie.registry.>"],
+            connect_options={"connect_timeout": 2, "max_reconnect_attempts": 1},
+        )
         # One client (one connection pool) for every delivery, not one per notification.
         self._http: httpx.AsyncClient | None = None
         runtime.outbox.register(
@@ -231,7 +239,7 @@ class Notifier:
             ),
         )
         if settings.nats_url:
-            runtime.outbox.register(NATS_TOPIC, self._publish_nats, DeliveryPolicy(lane="broker"))
+            runtime.outbox.register(NATS_TOPIC, self._nats, DeliveryPolicy(lane="broker"))
             runtime.background(self._close_nats_on_exit(), name="nats-close")
 
     # --- staging (inside the caller's transaction) --------------------------------------------
@@ -445,30 +453,13 @@ class Notifier:
             )
         )
 
-    async def _publish_nats(self, payloads: Sequence[bytes]) -> None:
-        """JetStream publish, de-duplicated by the event id (Nats-Msg-Id) on retries."""
-        import nats  # optional: only when HIE_NATS_URL is set
-
-        if self._nats is None or self._nats.is_closed:
-            self._nats = await nats.connect(self.settings.nats_url, connect_timeout=2, max_reconnect_attempts=1)
-            js = self._nats.jetstream()
-            try:
-                await js.find_stream_name_by_subject("hie.registry.>")
-            except nats.js.errors.NotFoundError:
-                await js.add_stream(name=NATS_STREAM, subjects=["hie.registry.>"])
-        js = self._nats.jetstream()
-        for payload in payloads:
-            event = json.loads(payload)
-            await js.publish(f"hie.registry.{event['event_type']}", payload, headers={"Nats-Msg-Id": event["event_id"]})
-
     async def _close_nats_on_exit(self) -> None:
         import asyncio
 
         try:
             await asyncio.Event().wait()
         finally:
-            if self._nats is not None and not self._nats.is_closed:
-                await self._nats.close()
+            await self._nats.close()
 
 
 def _subscription_message(record: store.SubscriptionRecord) -> notifications_pb2.Subscription:
