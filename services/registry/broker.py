@@ -302,7 +302,10 @@ class Notifier:
             notifications = []
             for sub in subscriptions:
                 # The type topic matched any of the set's types: this document's only.
-                if sub.topic == 2 and sub.type_code not in (record.type_code, record.shared_type):
+                if sub.topic == dsub.TOPIC_DOCUMENT_TYPE and sub.type_code not in (
+                    record.type_code,
+                    record.shared_type,
+                ):
                     continue
                 local_ids = sorted(local for domain, local in pairs if domain == sub.organization_id)
                 notifications.append(
