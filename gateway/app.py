@@ -33,12 +33,6 @@ from gateway.routes import (
     audit,
     consent,
     documents,
-    fhir,
-    fhir_consent,
-    fhir_documents,
-    fhir_patient,
-    fhir_referral,
-    fhir_teleconsult,
     oauth,
     patient_index,
     patients,
@@ -48,6 +42,8 @@ from gateway.routes import (
     workflow_contract,
     workflows,
 )
+from gateway.routes.fhir import capability as fhir_capability
+from gateway.routes.fhir.negotiation import FhirFormat
 from gateway.smart import ALLOWED_SCOPES, AuthorizationServer
 from gateway.standing import OrganizationStanding
 from hie.audit.v1 import audit_pb2_grpc
@@ -467,15 +463,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(teleconsult.router)
     app.include_router(referrals.router)
     app.include_router(audit.router)
-    app.include_router(fhir.router)
     app.include_router(consent.router)
-    app.include_router(fhir_consent.router)
-    app.include_router(fhir_documents.router)
     app.include_router(subscriptions.router)
-    app.include_router(fhir_patient.router)
-    app.include_router(fhir_teleconsult.router)
-    app.include_router(fhir_referral.router)
     app.include_router(patient_index.router)
+    # The FHIR facade (all under /fhir/R4): the CapabilityStatement and every resource module.
+    for fhir_router in fhir_capability.routers():
+        app.include_router(fhir_router)
     console.mount(app)
 
     @app.get("/healthz", include_in_schema=False)
@@ -566,7 +559,7 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Trace-Id", "traceresponse", "Repr-Digest", "Retry-After"],
         )
     app.add_middleware(BodySizeLimit)
-    app.add_middleware(fhir.FhirFormat)
+    app.add_middleware(FhirFormat)
     app.add_middleware(RequestMetrics)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz", server_request_hook=_scrub_url)
     return app

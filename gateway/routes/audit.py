@@ -22,6 +22,7 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.audit.v1 import audit_pb2
 from hie.common.v1 import common_pb2
+from services.shared.timestamps import isoformat
 from services.shared.user_assertion import PURPOSES_OF_USE
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
@@ -93,10 +94,6 @@ def action_name(action: int) -> str:
 # What `parse_instant` takes, stated in the OpenAPI document: empty (no bound) or an RFC 3339
 # date-time (which always carries its zone).
 OPTIONAL_INSTANT: dict[str, Any] = {"anyOf": [{"maxLength": 0}, {"format": "date-time"}]}
-
-
-def isoformat(ts: Timestamp) -> str:
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
 
 
 def timestamp(value: datetime.datetime, name: str) -> Timestamp:

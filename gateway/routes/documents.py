@@ -25,6 +25,7 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
+from services.shared.timestamps import isoformat
 
 router = APIRouter(prefix="/api/v1/documents", tags=["documents"])
 _log = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ def entry_json(entry: registry_pb2.DocumentEntry) -> dict[str, Any]:
         "size": entry.size,
         "sha256": entry.sha256,
         "status": _STATUS_NAMES.get(entry.status, "unknown"),
-        "service_start": _iso(entry.service_start) if entry.HasField("service_start") else None,
-        "service_end": _iso(entry.service_end) if entry.HasField("service_end") else None,
+        "service_start": isoformat(entry.service_start) if entry.HasField("service_start") else None,
+        "service_end": isoformat(entry.service_end) if entry.HasField("service_end") else None,
         "shared_type": (
             {"system": entry.shared_type.system, "code": entry.shared_type.code, "display": entry.shared_type.display}
             if entry.HasField("shared_type")
@@ -172,10 +173,6 @@ def entry_json(entry: registry_pb2.DocumentEntry) -> dict[str, Any]:
             else None
         ),
     }
-
-
-def _iso(ts: Timestamp) -> str:
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
 
 
 def entry_proto(

@@ -17,6 +17,7 @@ from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
 from services.shared.keys import ISSUER_MEMBER, RETIRED_MEMBER
+from services.shared.timestamps import isoformat
 
 router = APIRouter(prefix="/api/v1", tags=["subscriptions"])
 _TOPICS = {
@@ -39,10 +40,6 @@ def _broker(request: Request) -> notifications_pb2_grpc.NotificationBrokerStub:
     return notifications_pb2_grpc.NotificationBrokerStub(request.app.state.channels["registry"])
 
 
-def _iso(ts: Timestamp) -> str:
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
 def subscription_json(sub: notifications_pb2.Subscription) -> dict[str, Any]:
     return {
         "subscription_id": sub.subscription_id,
@@ -50,8 +47,8 @@ def subscription_json(sub: notifications_pb2.Subscription) -> dict[str, Any]:
         "patient_local_id": sub.patient.local_id or None,
         "type_code": sub.type_code or None,
         "endpoint_url": sub.endpoint_url,
-        "expires": _iso(sub.expires),
-        "created": _iso(sub.created),
+        "expires": isoformat(sub.expires),
+        "created": isoformat(sub.created),
     }
 
 
@@ -63,8 +60,8 @@ def dead_letter_json(dead: notifications_pb2.DeadLetter) -> dict[str, Any]:
         "event_type": dead.event_type,
         "attempts": dead.attempts,
         "last_error": dead.last_error,
-        "created": _iso(dead.created),
-        "dead_lettered": _iso(dead.dead_lettered),
+        "created": isoformat(dead.created),
+        "dead_lettered": isoformat(dead.dead_lettered),
     }
 
 

@@ -8,17 +8,16 @@ import json
 import logging
 import uuid
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from hie.common.v1 import common_pb2
 from services.audit import chain, store
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.process import ServiceRuntime
 from services.shared.protection.sm2 import Sm2VerifyingKey, load_or_create_signing_key
+from services.shared.timestamps import to_datetime, to_timestamp
 from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
@@ -31,23 +30,13 @@ CHECKPOINT_TYPE = "hie-audit-checkpoint+jwt"
 _MAX_PAGE = 500
 
 
-def _to_datetime(ts: Timestamp) -> datetime.datetime:
-    return ts.ToDatetime(tzinfo=datetime.UTC)
-
-
-def _timestamp(value: datetime.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def _fields(event: audit_pb2.AuditEvent, recorded: datetime.datetime) -> dict[str, object]:
     if not event.event_id or len(event.event_id) > 36 or not event.type:
         raise InvalidArgument("audit event needs an event id and a type", reason="audit-event-invalid")
     actor = event.actor
     return {
         "event_id": event.event_id,
-        "occurred": _to_datetime(event.occurred) if event.HasField("occurred") else recorded,
+        "occurred": to_datetime(event.occurred) if event.HasField("occurred") else recorded,
         "recorded": recorded,
         "type": event.type[:64],
         "action": int(event.action),
@@ -72,7 +61,7 @@ def _fields(event: audit_pb2.AuditEvent, recorded: datetime.datetime) -> dict[st
 def event_message(record: store.AuditRecord) -> audit_pb2.AuditEvent:
     return audit_pb2.AuditEvent(
         event_id=record.event_id,
-        occurred=_timestamp(record.occurred),
+        occurred=to_timestamp(record.occurred),
         type=record.type,
         action=record.action,  # type: ignore[arg-type]
         outcome=record.outcome,  # type: ignore[arg-type]
@@ -95,7 +84,7 @@ def event_message(record: store.AuditRecord) -> audit_pb2.AuditEvent:
         sequence=record.sequence,
         previous_hash=record.previous_hash,
         hash=record.hash,
-        recorded=_timestamp(record.recorded),
+        recorded=to_timestamp(record.recorded),
     )
 
 
@@ -176,7 +165,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         """The person a patient access report is about; a hospital may ask only about its own patients."""
         if who.organization_type == "hospital" or not ref.domain:
             ref = common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
-        return (await identity.cross_reference(self._rt, ref)).enterprise_id
+        return (await mpi_client.cross_reference(self._rt, ref)).enterprise_id
 
     def _require_auditor(self, who: Caller) -> bool:
         """Checks the caller may read the log; True when it reads the whole region's."""
@@ -214,8 +203,8 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             purpose_of_use=request.purpose_of_use,
             outcome=int(request.outcome),
             failures_only=request.failures_only,
-            since=_to_datetime(request.since) if request.HasField("since") else None,
-            until=_to_datetime(request.until) if request.HasField("until") else None,
+            since=to_datetime(request.since) if request.HasField("since") else None,
+            until=to_datetime(request.until) if request.HasField("until") else None,
         )
 
     async def Query(self, request: audit_pb2.QueryRequest, context: object) -> audit_pb2.QueryResponse:
@@ -247,8 +236,8 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         organization_id = request.organization_id if regional else who.organization_id
         search = store.AuditSearch(
             organization_id=organization_id,
-            since=_to_datetime(request.since) if request.HasField("since") else None,
-            until=_to_datetime(request.until) if request.HasField("until") else None,
+            since=to_datetime(request.since) if request.HasField("since") else None,
+            until=to_datetime(request.until) if request.HasField("until") else None,
         )
         async with self._rt.sessions() as session:
             rows = await store.volumes(session, search)
@@ -275,7 +264,7 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
         return audit_pb2.LatestCheckpointResponse(
             sequence=latest.sequence,
             hash=latest.hash,
-            signed_at=_timestamp(latest.signed_at),
+            signed_at=to_timestamp(latest.signed_at),
             jws=latest.jws,
             sm2_signature=latest.sm2_signature or "",
             sm2_public_key=self._sm2.public.hex() if self._sm2 else "",
@@ -336,8 +325,8 @@ class AuditLogServicer(audit_pb2_grpc.AuditLogServicer):
             async with self._rt.sessions() as session:
                 bounds = await store.sequence_range(
                     session,
-                    _to_datetime(request.since) if request.HasField("since") else None,
-                    _to_datetime(request.until) if request.HasField("until") else None,
+                    to_datetime(request.since) if request.HasField("since") else None,
+                    to_datetime(request.until) if request.HasField("until") else None,
                 )
             if bounds is None:
                 return audit_pb2.VerifyChainResponse(intact=True, records_checked=0)

@@ -41,7 +41,7 @@ import typer
 from sqlalchemy import text
 
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
-from services.consent import fhir_consent, messages, policy, store
+from services.consent import messages, policy, provisions, store
 from services.consent.service import SPEC as CONSENT
 from services.consent.servicer import ConsentDecisionPointServicer
 from services.shared.auth import current_caller
@@ -111,7 +111,7 @@ async def _fill(running: RunningService, enterprise_id: str) -> None:
     async with running.runtime.sessions() as session, session.begin():
         now = utcnow()
         for n, provision in enumerate(DIRECTIVES):
-            parsed = fhir_consent.provision_from_json(provision, purposes=PURPOSES_OF_USE)
+            parsed = provisions.provision_from_json(provision, purposes=PURPOSES_OF_USE)
             session.add(
                 store.DirectiveRecord(
                     id=str(uuid.uuid4()),
@@ -124,7 +124,7 @@ async def _fill(running: RunningService, enterprise_id: str) -> None:
                     evidence_document_id=f"consent-form-{n}",
                     period_start=None,
                     period_end=None,
-                    provision=json.dumps(fhir_consent.provision_to_json(parsed), ensure_ascii=False),
+                    provision=json.dumps(provisions.provision_to_json(parsed), ensure_ascii=False),
                     status="active",
                     revision=1,
                     recorded_at=now + datetime.timedelta(seconds=n),
@@ -199,7 +199,7 @@ async def run_bench(settings: Settings, keys: Path, batches: int) -> dict[str, A
                 in_service.append(time.perf_counter() - started)
             # The decision work alone: the patient's records already in hand (no database, no transport).
             consent = await servicer.cache.get(enterprise_id)
-            requester = fhir_consent.Requester(
+            requester = provisions.Requester(
                 organization_id=who.organization_id,
                 purpose_of_use=who.purpose_of_use,
                 department=who.department,

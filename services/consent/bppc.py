@@ -6,7 +6,7 @@ BPPC (ITI TF-1 §19): "the patient acknowledges one or more Privacy Policies ...
 acknowledgement is captured as a document" and "the effective time ... indicates the time
 during which the consent is in effect". The document itself is registered in the registry like
 any other; the directive keeps its id (`evidence_document_id`). The rules the directive states
-are FHIR Consent provisions (`fhir_consent.Provision`).
+are FHIR Consent provisions (`provisions.Provision`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from services.consent.fhir_consent import Period, Provision, iter_provisions
+from services.consent.provisions import Period, Provision, iter_provisions
 from services.shared.errors import InvalidArgument
 
 # A policy id is an OID or a URI (BPPC: "Privacy Policy Identifier").

@@ -7,12 +7,11 @@ import datetime
 import json
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2
-from services.consent import fhir_consent, policy
+from services.consent import policy, provisions
 from services.consent.store import DirectiveRecord, GrantRecord
+from services.shared.timestamps import isoformat, to_timestamp_or_none
 from services.shared.user_assertion import PURPOSES_OF_USE
 
 _TYPE_NAMES = {
@@ -34,38 +33,26 @@ DECISIONS = {
 }
 
 
-def timestamp(value: datetime.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def moment(ts: Timestamp, present: bool) -> datetime.datetime | None:
-    return ts.ToDatetime(tzinfo=datetime.UTC) if present else None
-
-
 def _period_json(message: Any, name: str) -> dict[str, str] | None:
     if not message.HasField(name):
         return None
     period = getattr(message, name)
     out = {}
     if period.HasField("start"):
-        out["start"] = period.start.ToDatetime(tzinfo=datetime.UTC).isoformat()
+        out["start"] = isoformat(period.start)
     if period.HasField("end"):
-        out["end"] = period.end.ToDatetime(tzinfo=datetime.UTC).isoformat()
+        out["end"] = isoformat(period.end)
     return out
 
 
-def period_message(period: fhir_consent.Period | None) -> consent_pb2.Period | None:
+def period_message(period: provisions.Period | None) -> consent_pb2.Period | None:
     if period is None:
         return None
-    return consent_pb2.Period(start=timestamp(period.start), end=timestamp(period.end))
+    return consent_pb2.Period(start=to_timestamp_or_none(period.start), end=to_timestamp_or_none(period.end))
 
 
 def provision_json(message: consent_pb2.Provision) -> dict[str, Any]:
-    """The JSON form of a provision message (checked by `fhir_consent.provision_from_json`)."""
+    """The JSON form of a provision message (checked by `provisions.provision_from_json`)."""
     out: dict[str, Any] = {
         "type": _TYPE_NAMES.get(message.type, ""),
         "actors": [
@@ -88,11 +75,11 @@ def provision_json(message: consent_pb2.Provision) -> dict[str, Any]:
 
 def provision_message(data: dict[str, Any]) -> consent_pb2.Provision:
     """A provision message from the stored JSON form."""
-    parsed = fhir_consent.provision_from_json(data, purposes=PURPOSES_OF_USE)
+    parsed = provisions.provision_from_json(data, purposes=PURPOSES_OF_USE)
     return _provision_message(parsed)
 
 
-def _provision_message(p: fhir_consent.Provision) -> consent_pb2.Provision:
+def _provision_message(p: provisions.Provision) -> consent_pb2.Provision:
     return consent_pb2.Provision(
         type=_TYPES.get(p.type.value, 0) if p.type else 0,  # type: ignore[arg-type]
         period=period_message(p.period),
@@ -125,14 +112,16 @@ def directive_message(record: DirectiveRecord) -> consent_pb2.Directive:
         recorded_by_organization_id=record.recorded_by_organization_id,
         policy_ids=json.loads(record.policy_ids),
         evidence_document_id=record.evidence_document_id,
-        period=consent_pb2.Period(start=timestamp(record.period_start), end=timestamp(record.period_end)),
+        period=consent_pb2.Period(
+            start=to_timestamp_or_none(record.period_start), end=to_timestamp_or_none(record.period_end)
+        ),
         provision=provision_message(json.loads(record.provision)),
         status=(
             consent_pb2.DIRECTIVE_STATUS_ACTIVE if record.status == "active" else consent_pb2.DIRECTIVE_STATUS_REVOKED
         ),
         revision=record.revision,
-        recorded=timestamp(record.recorded_at),
-        updated=timestamp(record.updated_at),
+        recorded=to_timestamp_or_none(record.recorded_at),
+        updated=to_timestamp_or_none(record.updated_at),
     )
 
 
@@ -144,8 +133,8 @@ def grant_message(record: GrantRecord) -> consent_pb2.AccessGrant:
         enterprise_id=record.enterprise_id,
         document_ids=json.loads(record.document_ids),
         include_summary=record.include_summary,
-        start=timestamp(record.start),
-        end=timestamp(record.end),
+        start=to_timestamp_or_none(record.start),
+        end=to_timestamp_or_none(record.end),
         revoked=record.revoked_at is not None,
         reference=record.reference,
     )

@@ -13,7 +13,7 @@ For one document and one request, the first rule that applies decides:
    relationship is the record the hospital registered, which the authority's registration report
    watches.
 2. Patient directives: among the provisions of the patient's directives in force that match the
-   request, the most specific (`fhir_consent.Specificity`) decides; at equal specificity a deny
+   request, the most specific (`provisions.Specificity`) decides; at equal specificity a deny
    beats a permit. A permit matches a document carrying a restricted sensitivity label only if
    the provision or one of its ancestors names that label (every restricted label the document
    carries). → PERMIT `directive-permit` / DENY `directive-deny`.
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from services.consent.bppc import Directive
-from services.consent.fhir_consent import Item, ProvisionType, Requester, Rule, Specificity, flatten
+from services.consent.provisions import Item, ProvisionType, Requester, Rule, Specificity, flatten
 from services.shared.config import ComponentSettings
 
 __all__ = ["Item", "Requester"]

@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
-from services.consent import bppc, fhir_consent, messages, policy, store
+from services.consent import bppc, messages, policy, provisions, store
 from services.consent.cache import PatientConsentCache
-from services.shared import identity
+from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, PlatformCredentials, caller
 from services.shared.db import utcnow
@@ -30,6 +30,8 @@ from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.metrics import BREAK_GLASS_DECLARATIONS, record_decisions
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
+from services.shared.text import has_control_characters
+from services.shared.timestamps import to_datetime_or_none, to_timestamp_or_none
 from services.shared.user_assertion import PURPOSES_OF_USE
 
 _log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def break_glass_notice_sender(
 
 def _clean(value: str, *, what: str, limit: int, reason: str) -> str:
     text = unicodedata.normalize("NFC", value).strip()
-    if len(text) > limit or any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co"} for ch in text):
+    if len(text) > limit or has_control_characters(text):
         raise InvalidArgument(f"{what} is too long or holds control characters", reason=reason)
     return text
 
@@ -122,7 +124,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         if not request.enterprise_id:
             # Without the person the patient's directives cannot be found: never decide without them.
             raise InvalidArgument("the patient's enterprise id is required", reason="enterprise-id-missing")
-        requester = fhir_consent.Requester(
+        requester = provisions.Requester(
             organization_id=who.organization_id,
             purpose_of_use=purpose,
             department=who.department,
@@ -140,7 +142,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         glass = [v for v in verdicts if v.break_glass]
         if glass:
             # Every access break-the-glass opened is on the record as such.
-            async with self._rt.sessions() as session, session.begin():
+            async with transactions.change(self._rt) as session:
                 await self._rt.audit.record(
                     session,
                     caller=who,
@@ -150,7 +152,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     entities=[("DocumentReference", v.item_id) for v in glass]
                     + [("BreakGlass", v.reference.removeprefix("break-glass/")) for v in glass[:1]],
                 )
-            self._rt.outbox.notify()
         return consent_pb2.DecideResponse(decisions=[messages.decision_message(v) for v in verdicts])
 
     async def Explain(self, request: consent_pb2.ExplainRequest, context: object) -> consent_pb2.ExplainResponse:
@@ -176,13 +177,13 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         # directive of theirs exists, are not its business), and whether the requester holds a
         # record of the person (the care relationship).
         try:
-            person = await identity.cross_reference_by_enterprise_id(self._rt, request.enterprise_id)
+            person = await mpi_client.cross_reference_by_enterprise_id(self._rt, request.enterprise_id)
         except NotFound:
             raise NotFound("no such patient", reason="patient-not-found") from None
         domains = {r.domain for r in person.refs}
         if who.organization_type == "hospital" and who.organization_id not in domains:
             raise NotFound("no such patient", reason="patient-not-found")
-        requester = fhir_consent.Requester(
+        requester = provisions.Requester(
             organization_id=request.organization_id[:64],
             purpose_of_use=request.purpose_of_use,
             department=request.department[:64],
@@ -191,20 +192,18 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             role=request.role[:32] or policy.BREAK_GLASS_ROLE,
             holds_record=request.organization_id in domains,
         )
-        at = messages.moment(request.at, request.HasField("at")) or utcnow()
+        at = to_datetime_or_none(request.at, request.HasField("at")) or utcnow()
         item = messages.item_of(request.item)
         consent = await self.cache.get(request.enterprise_id)
         verdict = policy.decide(self.regional_policy, consent, requester, item, at)
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="consent.explain",
-                action=Action.ACTION_EXECUTE,
-                patient_enterprise_id=request.enterprise_id,
-                entities=[("DocumentReference", item.item_id)],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="consent.explain",
+            action=Action.ACTION_EXECUTE,
+            patient_enterprise_id=request.enterprise_id,
+            entities=[("DocumentReference", item.item_id)],
+        )
         return consent_pb2.ExplainResponse(
             decision=messages.decision_message(verdict), explanation=policy.explain(verdict, requester, item)
         )
@@ -217,7 +216,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             raise InvalidArgument("the patient's local id is required", reason="patient-ref-missing")
         if ref.domain and ref.domain != who.organization_id:
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
-        return await identity.registered_person(
+        return await mpi_client.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
         )
 
@@ -232,7 +231,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         if record is None:
             raise NotFound("no such directive", reason="directive-not-found")
         if record.recorded_by_organization_id != who.organization_id:
-            person = await identity.cross_reference(
+            person = await mpi_client.cross_reference(
                 self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
             )
             if who.organization_id not in {r.domain for r in person.refs}:
@@ -243,7 +242,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         """A directive's evidence is the signed form the recording organisation holds: an id that
         names another organisation's registered document is refused (a reference to a local form,
         not registered at the exchange, is the hospital's own)."""
-        entry = await identity.document_source(self._rt, evidence) if evidence else None
+        entry = await mpi_client.document_source(self._rt, evidence) if evidence else None
         if entry is not None and entry.source_organization_id != who.organization_id:
             raise FailedPrecondition(
                 "the evidence must be a document your organisation registered", reason="evidence-not-own"
@@ -251,22 +250,20 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
 
     def _directive_content(
         self, message: consent_pb2.Directive
-    ) -> tuple[fhir_consent.Provision, tuple[str, ...], str, fhir_consent.Period]:
-        provision = fhir_consent.provision_from_json(
-            messages.provision_json(message.provision), purposes=PURPOSES_OF_USE
-        )
+    ) -> tuple[provisions.Provision, tuple[str, ...], str, provisions.Period]:
+        provision = provisions.provision_from_json(messages.provision_json(message.provision), purposes=PURPOSES_OF_USE)
         evidence = message.evidence_document_id.strip()
         bppc.check_directive(provision, evidence_document_id=evidence)
-        named = {code for p in fhir_consent.iter_provisions(provision) for code in p.obligations}
+        named = {code for p in provisions.iter_provisions(provision) for code in p.obligations}
         if named - policy.OBLIGATIONS.keys():
             # A receiver cannot honour an obligation nobody defined.
             raise InvalidArgument(
                 f"obligations must be among {', '.join(sorted(policy.OBLIGATIONS))}", reason="obligation-unknown"
             )
         policy_ids = bppc.check_policy_ids(tuple(message.policy_ids))
-        period = fhir_consent.Period(
-            messages.moment(message.period.start, message.period.HasField("start")),
-            messages.moment(message.period.end, message.period.HasField("end")),
+        period = provisions.Period(
+            to_datetime_or_none(message.period.start, message.period.HasField("start")),
+            to_datetime_or_none(message.period.end, message.period.HasField("end")),
         )
         if period.start and period.end and period.end <= period.start:
             raise InvalidArgument("the directive's period ends before it starts", reason="period-invalid")
@@ -304,7 +301,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         provision, policy_ids, evidence, period = self._directive_content(request.directive)
         enterprise_id = await self._own_patient(who, request.directive.patient)
         await self._own_evidence(who, evidence)
-        stored = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
+        stored = json.dumps(provisions.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
         digest = _digest(request.directive.patient.local_id, stored, policy_ids, evidence, period)
         key = request.idempotency_key[:128] or str(uuid.uuid4())
         for attempt in range(2):
@@ -328,9 +325,9 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         key: str,
         policy_ids: tuple[str, ...],
         evidence: str,
-        period: fhir_consent.Period,
+        period: provisions.Period,
     ) -> consent_pb2.RecordDirectiveResponse:
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             existing = await session.scalar(
                 select(store.DirectiveRecord).where(
                     store.DirectiveRecord.recorded_by_organization_id == who.organization_id,
@@ -399,7 +396,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     request_fingerprint=digest,
                     response=answer,
                 )
-        self._rt.outbox.notify()
         return answer
 
     async def ReviseDirective(
@@ -419,7 +415,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 raise FailedPrecondition("a revoked directive cannot be revised", reason="directive-revoked")
             if request.expected_revision and request.expected_revision != record.revision:
                 raise FailedPrecondition("the directive was changed since it was read", reason="revision-conflict")
-            record.provision = json.dumps(fhir_consent.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
+            record.provision = json.dumps(provisions.provision_to_json(provision), ensure_ascii=False, sort_keys=True)
             record.policy_ids = json.dumps(list(policy_ids))
             record.evidence_document_id = evidence
             record.period_start, record.period_end = period.start, period.end
@@ -514,16 +510,14 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             if not request.include_revoked:
                 query = query.where(store.DirectiveRecord.status == bppc.DirectiveStatus.ACTIVE.value)
             records = (await session.scalars(query.order_by(store.DirectiveRecord.recorded_at))).all()
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="consent.directive.list",
-                action=Action.ACTION_EXECUTE,
-                patient_enterprise_id=enterprise_id,
-                entities=[("Consent", r.id) for r in records],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="consent.directive.list",
+            action=Action.ACTION_EXECUTE,
+            patient_enterprise_id=enterprise_id,
+            entities=[("Consent", r.id) for r in records],
+        )
         return consent_pb2.ListDirectivesResponse(
             enterprise_id=enterprise_id, directives=[messages.directive_message(r) for r in records]
         )
@@ -535,16 +529,14 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_scope("Consent", "r")
         who.require_role(*_DIRECTIVE_READERS)
         record = await self._visible_directive(who, request.directive_id)
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="consent.directive.read",
-                action=Action.ACTION_READ,
-                patient_enterprise_id=record.enterprise_id,
-                entities=[("Consent", record.id)],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="consent.directive.read",
+            action=Action.ACTION_READ,
+            patient_enterprise_id=record.enterprise_id,
+            entities=[("Consent", record.id)],
+        )
         return consent_pb2.GetDirectiveResponse(directive=messages.directive_message(record))
 
     # --- grants --------------------------------------------------------------------------
@@ -568,14 +560,14 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             raise InvalidArgument("a grant is for referral or consultation", reason="grant-invalid")
         if not grant.reference or not grant.organization_id or len(grant.document_ids) > _MAX_ITEMS:
             raise InvalidArgument("a grant needs its reference and receiving organisation", reason="grant-invalid")
-        enterprise_id = grant.enterprise_id or (await identity.cross_reference(self._rt, grant.patient)).enterprise_id
-        closed = messages.moment(request.closed, request.HasField("closed"))
+        enterprise_id = grant.enterprise_id or (await mpi_client.cross_reference(self._rt, grant.patient)).enterprise_id
+        closed = to_datetime_or_none(request.closed, request.HasField("closed"))
         end = closed + datetime.timedelta(seconds=self.regional_policy.grant_grace_seconds) if closed else None
         if end is None and grant.HasField("end"):
             end = grant.end.ToDatetime(tzinfo=datetime.UTC)
         for attempt in range(2):
             try:
-                async with self._rt.sessions() as session, session.begin():
+                async with transactions.change(self._rt) as session:
                     record = await session.scalar(
                         select(store.GrantRecord).where(store.GrantRecord.reference == grant.reference[:128])
                     )
@@ -613,7 +605,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                         patient_enterprise_id=record.enterprise_id,
                         entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
                     )
-                self._rt.outbox.notify()
                 return consent_pb2.GrantAccessResponse(grant=messages.grant_message(record))
             except IntegrityError:
                 if attempt:
@@ -627,7 +618,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         self._platform_only(who)
         if not request.grant_id and not request.reference:
             raise InvalidArgument("name the grant or its reference", reason="grant-invalid")
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             if request.grant_id:
                 record = await session.get(store.GrantRecord, request.grant_id[:36])
             else:
@@ -647,7 +638,6 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     patient_enterprise_id=record.enterprise_id,
                     entities=[("AccessGrant", record.id), _workflow_entity(record.reference)],
                 )
-        self._rt.outbox.notify()
         return consent_pb2.RevokeGrantResponse(grant=messages.grant_message(record))
 
     # --- break-the-glass -----------------------------------------------------------------
@@ -673,7 +663,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         if ref.domain and ref.domain != who.organization_id:
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         try:
-            person = await identity.cross_reference(
+            person = await mpi_client.cross_reference(
                 self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.local_id)
             )
         except NotFound:
@@ -741,8 +731,8 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     answer = consent_pb2.DeclareBreakGlassResponse(
                         break_glass_id=record.id,
                         enterprise_id=person.enterprise_id,
-                        starts=messages.timestamp(record.starts),
-                        expires=messages.timestamp(record.expires),
+                        starts=to_timestamp_or_none(record.starts),
+                        expires=to_timestamp_or_none(record.expires),
                         audit_event_ids=[event_id],
                     )
                     if key:

@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from services.consent import fhir_consent
+from services.consent import provisions
 from services.consent.bppc import Directive, DirectiveStatus
 from services.consent.policy import AccessGrant, BreakGlass, PatientConsent
 from services.shared.db import UtcDateTime
@@ -51,7 +51,7 @@ class DirectiveRecord(Base):
     evidence_document_id: Mapped[str] = mapped_column(String(64))
     period_start: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     period_end: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
-    # The provision tree in the JSON form of fhir_consent.provision_to_json.
+    # The provision tree in the JSON form of provisions.provision_to_json.
     provision: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     revision: Mapped[int] = mapped_column(Integer)
@@ -146,10 +146,10 @@ def directive_of(record: DirectiveRecord) -> Directive:
         directive_id=record.id,
         enterprise_id=record.enterprise_id,
         recorded_by_organization_id=record.recorded_by_organization_id,
-        provision=fhir_consent.provision_from_json(json.loads(record.provision), purposes=PURPOSES_OF_USE),
+        provision=provisions.provision_from_json(json.loads(record.provision), purposes=PURPOSES_OF_USE),
         policy_ids=tuple(json.loads(record.policy_ids)),
         evidence_document_id=record.evidence_document_id,
-        period=fhir_consent.Period(record.period_start, record.period_end),
+        period=provisions.Period(record.period_start, record.period_end),
         status=DirectiveStatus(record.status),
         revision=record.revision,
         recorded_at=record.recorded_at,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import re
-import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -12,6 +11,7 @@ from typing import NewType
 
 from services.shared import gb11643
 from services.shared.errors import InvalidArgument
+from services.shared.text import clean_text
 
 EnterpriseId = NewType("EnterpriseId", str)
 
@@ -71,15 +71,6 @@ class Registration:
     identifiers: tuple[Identifier, ...] = field(default_factory=tuple)
 
 
-def _clean_text(value: str, *, what: str, limit: int) -> str:
-    text = unicodedata.normalize("NFC", value).strip()
-    if len(text) > limit:
-        raise InvalidArgument(f"{what} is longer than {limit} characters", reason=f"{what}-too-long")
-    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co"} for ch in text):
-        raise InvalidArgument(f"{what} contains control characters", reason=f"{what}-invalid")
-    return text
-
-
 def validate_local_id(local_id: str) -> str:
     if not _LOCAL_ID.fullmatch(local_id or ""):
         raise InvalidArgument(
@@ -134,7 +125,7 @@ def validate_registration(
 ) -> Registration:
     """Check and normalise a registration; InvalidArgument names the field, never its value."""
     validate_local_id(local_id)
-    name = _clean_text(name_text or f"{family}{given}", what="name", limit=_MAX_NAME)
+    name = clean_text(name_text or f"{family}{given}", what="name", limit=_MAX_NAME)
     if not name:
         raise InvalidArgument("a patient name is required", reason="name-missing")
     born = parse_birth_date(birth_date, today=today)
@@ -162,17 +153,17 @@ def validate_registration(
         domain=domain,
         local_id=local_id,
         name_text=name,
-        family=_clean_text(family, what="family", limit=_MAX_NAME),
-        given=_clean_text(given, what="given", limit=_MAX_NAME),
+        family=clean_text(family, what="family", limit=_MAX_NAME),
+        given=clean_text(given, what="given", limit=_MAX_NAME),
         gender=gender,
         birth_date=born,
         national_id=normalized_id,
         phones=tuple(dict.fromkeys(normalize_phone(p) for p in phones)),
-        province=_clean_text(province, what="province", limit=32),
-        city=_clean_text(city, what="city", limit=32),
-        district=_clean_text(district, what="district", limit=32),
-        address_line=_clean_text(address_line, what="address", limit=200),
-        postal_code=_clean_text(postal_code, what="postcode", limit=12),
+        province=clean_text(province, what="province", limit=32),
+        city=clean_text(city, what="city", limit=32),
+        district=clean_text(district, what="district", limit=32),
+        address_line=clean_text(address_line, what="address", limit=200),
+        postal_code=clean_text(postal_code, what="postcode", limit=12),
         identifiers=tuple(other_identifiers),
     )
 

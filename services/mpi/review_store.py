@@ -9,7 +9,7 @@ from sqlalchemy import Boolean, ForeignKey, Index, String, and_, delete, or_, se
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from services.mpi.store import Base, PatientRecord, ReviewTask
+from services.mpi.tables import Base, PatientRecord, ReviewTask
 from services.shared.db import UtcDateTime
 from services.shared.idempotency import idempotency_table
 

@@ -10,8 +10,10 @@ from services.mpi import metrics
 from services.mpi.domain import claim_lease
 from services.mpi.index import LINK_TOPIC, MasterIndex
 from services.mpi.matching import load_parameters
+from services.mpi.sealing import sealed_context, sealed_sessions
 from services.mpi.servicer import PatientIndexServicer
-from services.mpi.store import metadata, sealed_context, sealed_sessions
+from services.mpi.tables import metadata
+from services.shared.nats_publisher import JetStreamPublisher
 from services.shared.outbox import DeliveryPolicy, Sender
 from services.shared.process import ServiceRuntime, ServiceSpec
 from services.shared.protection.rotation import ProtectedColumns
@@ -34,22 +36,7 @@ def master_index(runtime: ServiceRuntime) -> MasterIndex:
 
 def _nats_sender(url: str) -> Sender:
     """Publish link changes to NATS JetStream; the message id de-duplicates redeliveries."""
-    import json
-
-    import nats
-
-    connection: list[object] = []
-
-    async def send(payloads: Sequence[bytes]) -> None:
-        if not connection:
-            client = await nats.connect(url)
-            connection.append(client.jetstream())
-        stream = connection[0]
-        for payload in payloads:
-            event_id = json.loads(payload)["event_id"]
-            await stream.publish(LINK_TOPIC, payload, headers={"Nats-Msg-Id": event_id})  # type: ignore[attr-defined]
-
-    return send
+    return JetStreamPublisher(url, subject=lambda _event: LINK_TOPIC)
 
 
 async def _no_subscriber(payloads: Sequence[bytes]) -> None:

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import datetime
 import hmac
 import json
 import time
-import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
-from services.mpi import domain, index, matching, review_store, store
-from services.mpi.chinese_names import NameForms, fold_latin, has_han, name_forms
+from services.mpi import domain, index, matching, records, review_store, store, tables
+from services.mpi.disclosure import Disclosure, capped
+from services.mpi.messages import LINK_TO_PROTO, patient_message, registration_of, scored_patient
+from services.mpi.search_criteria import NameFilter, rank_key, satisfies, search_query
+from services.shared import transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -29,27 +29,12 @@ from services.shared.idempotency import FirstAnswers
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection, TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
-from services.shared.protection.masking import CROSS_DOMAIN_FLOOR, MaskingPolicy, mask_name
+from services.shared.timestamps import to_timestamp
 
 # Role per operation (from the hospital's verified user assertion).
 _REGISTRARS = ("doctor", "nurse", "data-steward", "admin")
 # Auditors resolve a person to build their access report.
 _READERS = ("doctor", "nurse", "pharmacist", "technician", "data-steward", "admin", "auditor")
-_GENDER_FROM_PROTO = {
-    mpi_pb2.GENDER_MALE: domain.Gender.MALE,
-    mpi_pb2.GENDER_FEMALE: domain.Gender.FEMALE,
-    mpi_pb2.GENDER_OTHER: domain.Gender.OTHER,
-    mpi_pb2.GENDER_UNKNOWN: domain.Gender.UNKNOWN,
-    mpi_pb2.GENDER_UNSPECIFIED: domain.Gender.UNKNOWN,
-}
-_GENDER_TO_PROTO = {v: k for k, v in _GENDER_FROM_PROTO.items() if k != mpi_pb2.GENDER_UNSPECIFIED}
-_LINK_TO_PROTO = {
-    domain.LinkMethod.NEW: mpi_pb2.LINK_METHOD_NEW,
-    domain.LinkMethod.NATIONAL_ID: mpi_pb2.LINK_METHOD_NATIONAL_ID,
-    domain.LinkMethod.PROBABILISTIC: mpi_pb2.LINK_METHOD_PROBABILISTIC,
-    domain.LinkMethod.STEWARD: mpi_pb2.LINK_METHOD_STEWARD,
-    domain.LinkMethod.MERGE: mpi_pb2.LINK_METHOD_MERGE,
-}
 # Data stewards resolve uncertain matches and correct links.
 _STEWARDS = ("data-steward",)
 # A hospital merges its own records: its data steward or administrator (or its HIS feed).
@@ -57,9 +42,6 @@ _MERGERS = ("data-steward", "admin")
 # Demographic search and match: clinicians and stewards looking a patient up.
 _SEARCHERS = ("doctor", "nurse", "data-steward", "admin")
 _MAX_RESULTS = 100
-# A cross-domain search is for picking the right person, not a directory: at most this many
-# records of other domains per search (over all its pages); the caller's own records are not capped.
-CROSS_DOMAIN_RESULT_CAP = 10
 # store.candidates' default cap on the records one search reads: a search that reaches it is too
 # broad to count, so no total is given (paging still works over the records read).
 _CANDIDATE_CAP = 500
@@ -132,156 +114,7 @@ _ASSIGN_OPERATION = "patient.review-assign"
 _RELEASE_OPERATION = "patient.review-release"
 
 
-def registration_of(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registration:
-    """Validate a Patient message as a registration of `domain_id`."""
-    return _registration(patient, domain_id)
-
-
-def _registration(patient: mpi_pb2.Patient, domain_id: str) -> domain.Registration:
-    return domain.validate_registration(
-        domain=domain_id,
-        local_id=patient.ref.local_id,
-        name_text=patient.name.text,
-        family=patient.name.family,
-        given=patient.name.given,
-        gender=_GENDER_FROM_PROTO.get(patient.gender, domain.Gender.UNKNOWN),
-        birth_date=patient.birth_date,
-        phones=list(patient.phones),
-        province=patient.address.province,
-        city=patient.address.city,
-        district=patient.address.district,
-        address_line=patient.address.line,
-        postal_code=patient.address.postal_code,
-        identifiers=[domain.Identifier(system=i.system, value=i.value, type=i.type) for i in patient.identifiers],
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Disclosure:
-    """What a caller may see of a patient's personal data: the masking policy applied for the
-    caller's role and purpose of use (stewards resolve matches on full identifiers; research gets
-    de-identified records; everyone else sees national ids and phones partly hidden)."""
-
-    policy: MaskingPolicy
-    role: str
-    purpose: str
-    # The caller's own domain ("" for an organisation that registers no patients); records of any
-    # other domain found by a search are shown at most as CROSS_DOMAIN_FLOOR allows.
-    domain: str = ""
-    platform: bool = False
-    floor: dict[str, str] | None = None
-
-    @classmethod
-    def to(cls, who: Caller, policy: MaskingPolicy) -> Disclosure:
-        return cls(
-            policy=policy,
-            role=who.role,
-            purpose=who.purpose_of_use,
-            domain=who.organization_id if who.organization_type == "hospital" else "",
-            platform=who.is_platform,
-        )
-
-    def of_found(self, record_domain: str) -> Disclosure:
-        """The disclosure for a record a search or match found: another domain's record (any
-        record, for an organisation without a domain) is a candidate to pick, not a directory
-        entry."""
-        if self.platform or record_domain == self.domain:
-            return self
-        return dataclasses.replace(self, floor=CROSS_DOMAIN_FLOOR)
-
-    def national_id(self, value: str) -> str | None:
-        return self.policy.national_id(value, role=self.role, purpose=self.purpose, floor=self.floor)
-
-    def identifier(self, value: str) -> str | None:
-        return self.policy.identifier(value, role=self.role, purpose=self.purpose, floor=self.floor)
-
-    def phone(self, value: str) -> str | None:
-        return self.policy.phone(value, role=self.role, purpose=self.purpose, floor=self.floor)
-
-    def name(self, text: str, family: str, given: str) -> tuple[str, str, str]:
-        how = self.policy.treatment("name", role=self.role, purpose=self.purpose, floor=self.floor)
-        if how == "clear":
-            return text, family, given
-        if how == "partial":
-            # The family name stays (张**), the given name does not.
-            return mask_name(text), family, "*" * len(given)
-        return "", "", ""
-
-    def birth_date(self, value: str) -> str:
-        return (self.policy.birth_date(value, role=self.role, purpose=self.purpose) or "") if value else ""
-
-    def address(self, address: dict[str, str]) -> dict[str, str]:
-        return self.policy.address(address, role=self.role, purpose=self.purpose, floor=self.floor) or {}
-
-
-def patient_message(record: store.PatientRecord, disclosure: Disclosure) -> mpi_pb2.Patient:
-    """A stored record as a message, masked as the caller's disclosure allows."""
-    identifiers = []
-    for i in store.record_identifiers(record):
-        value = disclosure.identifier(i.value)
-        if value is not None:
-            identifiers.append(common_pb2.Identifier(system=i.system, value=value, type=i.type))
-    if record.national_id:
-        value = disclosure.national_id(record.national_id)
-        if value is not None:
-            identifiers.insert(
-                0,
-                common_pb2.Identifier(system=domain.NATIONAL_ID_SYSTEM, value=value, type=domain.NATIONAL_ID_TYPE),
-            )
-    text, family, given = disclosure.name(record.name_text, record.family, record.given)
-    address = disclosure.address(
-        {
-            "province": record.province,
-            "city": record.city,
-            "district": record.district,
-            "line": record.address_line,
-            "postal_code": record.postal_code,
-        }
-    )
-    updated = Timestamp()
-    updated.FromDatetime(record.updated_at)
-    # The hospital's own record number is an identifier too: de-identified views (research,
-    # public health) lose it; every other view keeps it (hospitals act on their records by it).
-    local_id = record.local_id if disclosure.identifier(record.local_id) is not None else ""
-    return mpi_pb2.Patient(
-        ref=common_pb2.PatientRef(domain=record.domain, local_id=local_id),
-        identifiers=identifiers,
-        name=mpi_pb2.HumanName(text=text, family=family, given=given),
-        gender=_GENDER_TO_PROTO[domain.Gender(record.gender)],
-        birth_date=disclosure.birth_date(record.birth_date.isoformat() if record.birth_date else ""),
-        phones=[p for p in (disclosure.phone(v) for v in record.phones) if p is not None],
-        address=mpi_pb2.Address(**address),
-        enterprise_id=record.enterprise_id,
-        updated=updated,
-        record_id=record.id,
-        link_method=_LINK_TO_PROTO.get(domain.LinkMethod(record.link_method), mpi_pb2.LINK_METHOD_UNSPECIFIED),
-    )
-
-
-def _fields(comparison: matching.Comparison) -> list[mpi_pb2.FieldAgreement]:
-    return [
-        mpi_pb2.FieldAgreement(field=f, level=comparison.levels[f], weight=comparison.weights[f])
-        for f in comparison.levels
-    ]
-
-
-def _scored(ranked: index.Ranked, disclosure: Disclosure) -> mpi_pb2.ScoredPatient:
-    return mpi_pb2.ScoredPatient(
-        patient=patient_message(ranked.record, disclosure.of_found(ranked.record.domain)),
-        weight=ranked.comparison.total,
-        probability=round(ranked.probability, 6),
-        grade=ranked.grade,
-        fields=_fields(ranked.comparison),
-    )
-
-
-def _timestamp(value: datetime.datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def _page_token(task: store.ReviewTask) -> str:
+def _page_token(task: tables.ReviewTask) -> str:
     # Keyset position (created, id): the queue is the steward's own view, so no seal is needed.
     return base64.urlsafe_b64encode(json.dumps([task.created_at.isoformat(), task.id]).encode()).decode()
 
@@ -356,18 +189,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
 
     async def _write(self, operation):
         """Run a change in one transaction (serialised on SQLite), then wake the outbox relay."""
-
-        async def run():
-            async with self._rt.sessions() as session, session.begin():
-                return await operation(session)
-
-        if self._sqlite_lock is not None:
-            async with self._sqlite_lock:
-                result = await run()
-        else:
-            result = await run()
-        self._rt.outbox.notify()
-        return result
+        return await transactions.run(self._rt, operation, lock=self._sqlite_lock)
 
     async def _keyed_write(
         self,
@@ -422,7 +244,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who = caller()
         who.require_scope("Patient", "c")
         who.require_role(*_REGISTRARS)
-        registration = _registration(request.patient, who.organization_id)
+        registration = registration_of(request.patient, who.organization_id)
         disclosure = self._disclosure(who)
         key = request.idempotency_key
         if len(key) > 128 or not key.isprintable():
@@ -450,7 +272,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                     return mpi_pb2.RegisterPatientResponse(
                         patient=patient_message(record, disclosure),
                         created=first.created,
-                        link_method=_LINK_TO_PROTO.get(
+                        link_method=LINK_TO_PROTO.get(
                             domain.LinkMethod(first.link_method), mpi_pb2.LINK_METHOD_UNSPECIFIED
                         ),
                         audit_event_ids=[first.audit_event_id],
@@ -471,7 +293,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             return mpi_pb2.RegisterPatientResponse(
                 patient=patient_message(result.record, disclosure),
                 created=result.created,
-                link_method=_LINK_TO_PROTO.get(result.method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
+                link_method=LINK_TO_PROTO.get(result.method, mpi_pb2.LINK_METHOD_UNSPECIFIED),
                 audit_event_ids=[result.audit_event_id],
                 review_task_ids=result.review_task_ids,
             )
@@ -520,7 +342,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             if found is None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
             return answer(*found)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             found = await store.person_identities(
                 session, domain=ref.domain, local_id=ref.local_id, follow_merges=False
             )
@@ -536,7 +358,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Patient", f"{ref.domain}|{ref.local_id}")],
             )
-        self._rt.outbox.notify()
         return response
 
     async def _person_by_enterprise_id(self, who: Caller, enterprise_id: str) -> mpi_pb2.CrossReferenceResponse:
@@ -568,7 +389,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             who.require_role(*_READERS)
             if who.organization_type == "hospital" and request.ref.domain != who.organization_id:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             if request.record_id:
                 record = await store.record_by_id(session, request.record_id[:64])
                 if record is not None and record.merged_into is not None:
@@ -585,7 +406,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
-        self._rt.outbox.notify()
         return mpi_pb2.GetPatientResponse(
             patient=patient_message(record, self._disclosure(who).of_found(record.domain))
         )
@@ -596,8 +416,8 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         self, who: Caller, query: matching.MatchRecord, *, limit: int, event: str, minimum: float | None = None
     ) -> list[mpi_pb2.ScoredPatient]:
         disclosure = self._disclosure(who)
-        async with self._rt.sessions() as session, session.begin():
-            ranked = _capped(who, await self._index.rank(session, query, limit=limit, minimum=minimum))
+        async with transactions.change(self._rt) as session:
+            ranked = capped(who, await self._index.rank(session, query, limit=limit, minimum=minimum))
             await self._rt.audit.record(
                 session,
                 caller=who,
@@ -605,8 +425,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 action=Action.ACTION_EXECUTE,
                 entities=[("Patient", f"{r.record.domain}|{r.record.local_id}") for r in ranked],
             )
-        self._rt.outbox.notify()
-        return [_scored(r, disclosure) for r in ranked]
+        return [scored_patient(r, disclosure) for r in ranked]
 
     async def SearchPatients(
         self, request: mpi_pb2.SearchPatientsRequest, context: object
@@ -633,20 +452,20 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             ):
                 raise InvalidArgument("the search differs from the page token's", reason="page-token-invalid")
             search = first
-        query, criteria = _search_query(search)
+        query, criteria = search_query(search)
         if not who.is_platform:
             criteria.require_enough()
         disclosure = self._disclosure(who)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             # Every candidate is scored anyway to rank them, so filtering all of them gives the
             # total for free; pages are cut by keyset (weight, domain, local id), the ranking's order.
             ranked = await self._index.rank(session, query, limit=_CANDIDATE_CAP)
-            names = _NameFilter.of(search)
-            found = _capped(
+            names = NameFilter.of(search)
+            found = capped(
                 who,
-                [r for r in ranked if _satisfies(r.comparison.levels, criteria) and names.accepts(r, criteria)],
+                [r for r in ranked if satisfies(r.comparison.levels, criteria) and names.accepts(r, criteria)],
             )
-            following = [r for r in found if after is None or _rank_key(r) > after]
+            following = [r for r in found if after is None or rank_key(r) > after]
             page = following[:size]
             await self._rt.audit.record(
                 session,
@@ -655,8 +474,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 action=Action.ACTION_EXECUTE,
                 entities=[("Patient", f"{r.record.domain}|{r.record.local_id}") for r in page],
             )
-        self._rt.outbox.notify()
-        response = mpi_pb2.SearchPatientsResponse(results=[_scored(r, disclosure) for r in page])
+        response = mpi_pb2.SearchPatientsResponse(results=[scored_patient(r, disclosure) for r in page])
         if len(following) > size:
             last = page[-1]
             response.next_page_token = self._seal.seal(
@@ -679,8 +497,8 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         patient.CopyFrom(request.patient)
         if not patient.ref.local_id:
             patient.ref.local_id = "match"
-        registration = _registration(patient, who.organization_id)
-        query = store.match_record_of_registration(registration, record_id="", enterprise_id="")
+        registration = registration_of(patient, who.organization_id)
+        query = records.match_record_of_registration(registration, record_id="", enterprise_id="")
         minimum = self._index.params.link_threshold if request.only_certain else 0.0
         results = await self._ranked_response(
             who, query, limit=min(request.count or 10, _MAX_RESULTS), event="patient.match", minimum=minimum
@@ -692,7 +510,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
     async def _task_message(
         self,
         session: object,
-        task: store.ReviewTask,
+        task: tables.ReviewTask,
         disclosure: Disclosure,
         *,
         held: review_store.ReviewAssignment | None = None,
@@ -708,17 +526,17 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             fields=[mpi_pb2.FieldAgreement(field=f, level=lw[0], weight=lw[1]) for f, lw in comparison.items()],
             hold=task.hold,
             status=task.status,
-            created=_timestamp(task.created_at),
+            created=to_timestamp(task.created_at),
         )
         if held is not None:
             message.assignee = held.assignee
             message.assignee_organization_id = held.organization_id
-            message.assigned.CopyFrom(_timestamp(held.assigned_at))
-            message.assignment_expires.CopyFrom(_timestamp(self._lease.expires(held.assigned_at)))
+            message.assigned.CopyFrom(to_timestamp(held.assigned_at))
+            message.assignment_expires.CopyFrom(to_timestamp(self._lease.expires(held.assigned_at)))
             message.assignment_expired = not self._lease.live(held.assigned_at, now or utcnow())
         return message
 
-    async def _visible_task(self, session: object, who: Caller, task_id: str) -> store.ReviewTask:
+    async def _visible_task(self, session: object, who: Caller, task_id: str) -> tables.ReviewTask:
         """The task, locked for this transaction; a hospital's steward sees only tasks with a record
         of its domain (another's reads as unknown)."""
         task = await store.review_task(session, task_id[:64], for_update=True) if task_id else None
@@ -740,7 +558,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         after = _after(request.page_token)
         domain_filter = who.organization_id if who.organization_type == "hospital" else None
         now = utcnow()
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             rows = await review_store.open_review_tasks(
                 session,
                 limit=size,
@@ -759,7 +577,6 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 action=Action.ACTION_READ,
                 entities=[("ReviewTask", t.id) for t, _ in rows],
             )
-        self._rt.outbox.notify()
         token = _page_token(rows[-1][0]) if len(rows) == size else ""
         return mpi_pb2.ListReviewTasksResponse(tasks=messages, next_page_token=token)
 
@@ -945,7 +762,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         who.require_role(*_READERS)
         source = _ref(request.ref)
         _own_domain(who, source[0])
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             record = await store.find_record(session, domain=source[0], local_id=source[1])
             if record is None:
                 raise NotFound("no patient with that local id in that domain", reason="patient-not-found")
@@ -958,11 +775,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                     ref=common_pb2.PatientRef(domain=refs[h.patient_id].domain, local_id=refs[h.patient_id].local_id),
                     enterprise_id=h.enterprise_id,
                     previous_enterprise_id=h.previous_enterprise_id or "",
-                    method=_LINK_TO_PROTO.get(domain.LinkMethod(h.method), mpi_pb2.LINK_METHOD_UNSPECIFIED),
+                    method=LINK_TO_PROTO.get(domain.LinkMethod(h.method), mpi_pb2.LINK_METHOD_UNSPECIFIED),
                     reason=h.reason or "register",
                     weight=h.score or 0.0,
                     decided_by=h.decided_by,
-                    at=_timestamp(h.created_at),
+                    at=to_timestamp(h.created_at),
                 )
                 for h in rows
             ]
@@ -974,226 +791,4 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
                 patient_enterprise_id=record.enterprise_id,
                 entities=[("Patient", f"{record.domain}|{record.local_id}")],
             )
-        self._rt.outbox.notify()
         return mpi_pb2.GetLinkHistoryResponse(enterprise_id=record.enterprise_id, changes=changes)
-
-
-def dataclasses_replace_name(query: matching.MatchRecord) -> matching.MatchRecord:
-    """A query without a name compares no name (the placeholder is dropped)."""
-    from services.mpi.chinese_names import NameForms
-
-    return dataclasses.replace(query, name=NameForms("", "", "", "", han=False))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Criteria:
-    """What every PDQ result must agree on (the parameters given)."""
-
-    has_name: bool
-    birth_date: bool
-    gender: bool
-    national_id: bool
-    identifier: bool
-    phone: bool
-
-    def require_enough(self) -> None:
-        """The minimum a search across the region needs: an identifier the caller holds (the
-        national id from the patient's card, another identifier), or a name with a birth date or
-        a phone number. A birth date or a name alone would list strangers."""
-        if self.national_id or self.identifier:
-            return
-        if self.has_name and (self.birth_date or self.phone):
-            return
-        raise InvalidArgument(
-            "search with an identifier, or a name with a birth date or phone number", reason="search-too-broad"
-        )
-
-
-def _capped(who: Caller, ranked: list[index.Ranked]) -> list[index.Ranked]:
-    """The results in order, with at most CROSS_DOMAIN_RESULT_CAP records of other domains (an
-    exchange service calling for itself is not capped)."""
-    if who.is_platform:
-        return ranked
-    own = who.organization_id if who.organization_type == "hospital" else None
-    kept, foreign = [], 0
-    for r in ranked:
-        if r.record.domain != own:
-            foreign += 1
-            if foreign > CROSS_DOMAIN_RESULT_CAP:
-                continue
-        kept.append(r)
-    return kept
-
-
-def _search_query(request: mpi_pb2.SearchPatientsRequest) -> tuple[matching.MatchRecord, _Criteria]:
-    """A PDQ search as a record to compare candidates with, and the parameters that must agree."""
-    identifiers = []
-    national_id = ""
-    if request.HasField("identifier"):
-        ident = request.identifier
-        if ident.type == domain.NATIONAL_ID_TYPE or ident.system == domain.NATIONAL_ID_SYSTEM:
-            national_id = ident.value
-        elif ident.system and ident.value:
-            identifiers.append(domain.Identifier(system=ident.system, value=ident.value, type=ident.type))
-        else:
-            raise InvalidArgument("identifier needs a system and a value", reason="identifier-invalid")
-    name = request.name or f"{request.family}{' ' if request.family and request.given else ''}{request.given}"
-    if not (name or request.birth_date or national_id or identifiers or request.phone):
-        raise InvalidArgument("give a name, birth date, identifier or phone", reason="search-too-broad")
-    registration = domain.validate_registration(
-        domain="",
-        local_id="query",
-        name_text=name or "-",
-        family=request.family,
-        given=request.given,
-        gender=_GENDER_FROM_PROTO.get(request.gender, domain.Gender.UNKNOWN),
-        birth_date=request.birth_date,
-        national_id=national_id,
-        phones=[request.phone] if request.phone else [],
-        identifiers=identifiers,
-    )
-    query = store.match_record_of_registration(registration, record_id="", enterprise_id="")
-    if not name:
-        query = dataclasses_replace_name(query)
-    criteria = _Criteria(
-        has_name=bool(name),
-        birth_date=bool(request.birth_date),
-        gender=request.gender in (mpi_pb2.GENDER_MALE, mpi_pb2.GENDER_FEMALE),
-        national_id=bool(national_id),
-        identifier=bool(identifiers),
-        phone=bool(request.phone),
-    )
-    return query, criteria
-
-
-# Name levels that are the same name written another way (characters / pinyin, a homophone, the
-# parts the other way round). A PDQ search is a FHIR string search: a spelling merely similar
-# (司徒 for 司马, a typo) is not the name sought; `$match` (MatchPatient) scores those.
-_SAME_NAME = frozenset({matching.EXACT, matching.HOMOPHONE, matching.PINYIN, matching.SWAPPED, matching.MISSING})
-
-
-def _names_agree(levels: dict[str, str]) -> bool:
-    """The same name in another writing: each part exact, homophone, pinyin or swapped (or not
-    given), not both missing."""
-    if levels["family"] not in _SAME_NAME or levels["given"] not in _SAME_NAME:
-        return False
-    return not (levels["family"] == matching.MISSING and levels["given"] == matching.MISSING)
-
-
-def _folded(text: str) -> set[str]:
-    """A value as a case- and accent-insensitive string search compares it: Han characters as
-    they are (compatibility forms unified, spaces dropped); Latin letters folded as the index's
-    pinyin is (lower-case ASCII, ü as v: lü -> lv) and plainly (accents dropped: Müller -> muller)."""
-    text = unicodedata.normalize("NFKC", text)
-    if has_han(text):
-        return {"".join(text.split())} - {""}
-    plain = unicodedata.normalize("NFKD", text.casefold())
-    return {fold_latin(text), "".join(ch for ch in plain if ch.isalnum() and not unicodedata.combining(ch))} - {""}
-
-
-@dataclasses.dataclass(frozen=True)
-class _NameFilter:
-    """FHIR string search on family, given and name (`SearchPatientsRequest.*_match`).
-
-    - prefix (no modifier): the part starts with the value, case- and accent-insensitive, on
-      its characters or on its toneless pinyin (a Latin value: `zhang` / `zh` find 张三丰); the
-      same name written another way (homophone 章 for 张, pinyin against characters, parts
-      swapped) also matches, ranked by its weight below the exact spellings; a merely similar
-      spelling (司徒 for 司马, a typo) does not;
-    - exact: the part as registered, whole and case-sensitive;
-    - contains: the value anywhere in the part, case- and accent-insensitive, on characters
-      or pinyin.
-    `name` is any part of the name: family, given, or the whole name (either order).
-    """
-
-    checks: tuple[tuple[str, str, int], ...]
-
-    @classmethod
-    def of(cls, search: mpi_pb2.SearchPatientsRequest) -> _NameFilter:
-        """The name checks of a search (one per name parameter given)."""
-        return cls(
-            tuple(
-                (field, value.strip(), mode)
-                for field, value, mode in (
-                    ("family", search.family, search.family_match),
-                    ("given", search.given, search.given_match),
-                    ("name", search.name, search.name_match),
-                )
-                if value.strip()
-            )
-        )
-
-    def accepts(self, ranked: index.Ranked, criteria: _Criteria) -> bool:
-        """Whether a candidate's name satisfies every name parameter of the search."""
-        if not criteria.has_name:
-            return True
-        agree = _names_agree(ranked.comparison.levels)
-        if not self.checks:
-            return agree
-        record = ranked.record
-        forms = name_forms(record.name_text, record.family, record.given)
-        for field, value, mode in self.checks:
-            if mode == mpi_pb2.NAME_MATCH_EXACT:
-                if value not in _registered_parts(record, field):
-                    return False
-                continue
-            wanted = _folded(value)
-            parts = _search_forms(forms, field) | {
-                f for part in _registered_parts(record, field) if not has_han(part) for f in _folded(part)
-            }
-            if mode == mpi_pb2.NAME_MATCH_CONTAINS:
-                if not any(w in p for w in wanted for p in parts):
-                    return False
-            elif not (agree or any(p.startswith(w) for w in wanted for p in parts)):
-                return False
-        return True
-
-
-def _registered_parts(record: store.PatientRecord, field: str) -> set[str]:
-    """A record's name parts as registered (`:exact` compares these whole)."""
-    family, given = (record.family or "").strip(), (record.given or "").strip()
-    if field == "family":
-        return {family}
-    if field == "given":
-        return {given}
-    parts = {family, given, (record.name_text or "").strip()}
-    if family and given:
-        parts |= {family + given, f"{given} {family}", f"{family} {given}"}
-    return parts - {""}
-
-
-def _search_forms(forms: NameForms, field: str) -> set[str]:
-    """The folded forms a case-insensitive search compares: the characters (or Latin letters)
-    and the toneless pinyin of the part; for `name`, of each part and of the whole name in
-    either order."""
-    family = {forms.family, forms.family_pinyin}
-    given = {forms.given, forms.given_pinyin}
-    if field == "family":
-        return family - {""}
-    if field == "given":
-        return given - {""}
-    whole = {
-        forms.family + forms.given,
-        forms.family_pinyin + forms.given_pinyin,
-        forms.given_pinyin + forms.family_pinyin,
-    }
-    return (family | given | whole) - {""}
-
-
-def _rank_key(ranked: index.Ranked) -> tuple[float, str, str]:
-    """The ranking's order (index.rank): weight descending, then domain and local id."""
-    return (-ranked.comparison.total, ranked.record.domain, ranked.record.local_id)
-
-
-def _satisfies(levels: dict[str, str], criteria: _Criteria) -> bool:
-    """PDQ: every parameter given must agree (the birth date exactly; the gender; the identifier;
-    the phone). Names are `_NameFilter`'s."""
-    if criteria.birth_date and levels["birth_date"] != matching.EXACT:
-        return False
-    if criteria.gender and levels["gender"] == matching.DISAGREE:
-        return False
-    if criteria.national_id and levels["national_id"] != matching.AGREE:
-        return False
-    if criteria.identifier and levels["identifier"] != matching.AGREE:
-        return False
-    return not (criteria.phone and levels["phone"] != matching.AGREE)

@@ -1,14 +1,9 @@
-"""The mpi's tables and queries.
+"""The mpi's queries: every read and write of its tables (tables.py), with personal data sealed
+on the way in and opened on the way out (sealing.py).
 
-Personal data is never stored in clear. A record's direct identifiers and name text (name,
-national id, phones, street address, other identifier values) are sealed together in one
-authenticated ciphertext (`patient.sealed`, bound to the record id); exact lookups go through
-keyed blind indexes: the national id, identifier values, every blocking key and every name value
-of the frequency table are stored as HMAC digests. The matcher still compares clear values: they
-are opened when a record is loaded (an ORM load hook reads the session's `RecordSealing`), at a
-few microseconds per candidate. Birth date, gender and the address down to the district stay in
-clear: the blocking keys and the masking policy's district level need them, and they identify no
-one on their own.
+Personal data is never stored in clear. Birth date, gender and the address down to the district
+stay in clear: the blocking keys and the masking policy's district level need them, and they
+identify no one on their own.
 """
 
 from __future__ import annotations
@@ -16,27 +11,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from sqlalchemy import (
-    Date,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
     Row,
-    String,
     Table,
-    Text,
-    UniqueConstraint,
     and_,
     bindparam,
     delete,
-    event,
     func,
     insert,
     literal,
@@ -47,427 +31,38 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, QueryContext, Session, mapped_column
-
-from services.mpi.domain import Identifier, Registration
-from services.mpi.matching import MatchRecord, ValueFrequencies, match_record
-from services.shared.db import UtcDateTime, utcnow
-from services.shared.errors import DataCorruption
-from services.shared.outbox import outbox_table
-from services.shared.protection import DataProtection, TamperedCiphertextError
-from services.shared.protection.keyring import UnknownKeyError
-
-metadata = MetaData()
-_log = logging.getLogger(__name__)
-
-
-class Base(DeclarativeBase):
-    metadata = metadata
-
-
-class PatientRecord(Base):
-    """A patient as one hospital domain registered them."""
-
-    __tablename__ = "patient"
-    __table_args__ = (
-        UniqueConstraint("domain", "local_id", name="uq_patient_domain_local_id"),
-        Index("ix_patient_enterprise_id", "enterprise_id"),
-        Index("ix_patient_national_id_index", "national_id_index"),
-    )
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    domain: Mapped[str] = mapped_column(String(64))
-    local_id: Mapped[str] = mapped_column(String(64))
-    enterprise_id: Mapped[str] = mapped_column(String(36))
-    # Name, national id, phones, street address and identifier values: see RecordSealing.
-    sealed: Mapped[str] = mapped_column(Text)
-    national_id_index: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    gender: Mapped[str] = mapped_column(String(8))
-    birth_date: Mapped[datetime.date | None] = mapped_column(Date, nullable=True)
-    province: Mapped[str] = mapped_column(String(32), default="")
-    city: Mapped[str] = mapped_column(String(32), default="")
-    district: Mapped[str] = mapped_column(String(32), default="")
-    postal_code: Mapped[str] = mapped_column(String(12), default="")
-    link_method: Mapped[str] = mapped_column(String(16))
-    # The weight of the comparison that made the current link (probabilistic links), else null.
-    link_score: Mapped[float | None] = mapped_column(Float, nullable=True)
-    linked_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
-    # Set when the hospital merged this record into another of its own (A40): the record is
-    # retired (no blocking keys, not a candidate) until an unmerge.
-    merged_into: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-    updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-
-    # The opened personal data: plain attributes the ORM neither maps nor flushes (only `sealed`
-    # is a column), set on load from the database and by `RecordSealing.apply` on write.
-    __allow_unmapped__ = True
-    name_text: str
-    family: str
-    given: str
-    national_id: str | None
-    phones: list[str]
-    address_line: str
-    identifiers: list[Identifier]
-
-
-class IdentifierRecord(Base):
-    """An identifier of a record, for exact lookup: the value only as its blind index (the value
-    itself is in the record's sealed data)."""
-
-    __tablename__ = "patient_identifier"
-    __table_args__ = (Index("ix_patient_identifier_value_index", "system", "value_index"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), index=True)
-    system: Mapped[str] = mapped_column(String(256))
-    value_index: Mapped[str] = mapped_column(String(32))
-    type: Mapped[str] = mapped_column(String(16), default="")
-
-
-class LinkHistory(Base):
-    """Every change of a record's enterprise id, and why (append-only)."""
-
-    __tablename__ = "link_history"
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), index=True)
-    enterprise_id: Mapped[str] = mapped_column(String(36))
-    method: Mapped[str] = mapped_column(String(16))
-    decided_by: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-    previous_enterprise_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    score: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # register, update, review-same, link, unlink, merge, unmerge
-    reason: Mapped[str] = mapped_column(String(32), default="", server_default="")
-
-
-class BlockingKey(Base):
-    """Candidate search index: a record under each of its blocking keys (see matching.blocking_keys)."""
-
-    __tablename__ = "blocking_key"
-    __table_args__ = (Index("ix_blocking_key_patient", "patient_id"),)
-
-    key: Mapped[str] = mapped_column(String(128), primary_key=True)
-    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), primary_key=True)
-
-
-class NameFrequency(Base):
-    """How many active records carry each name value (pinyin), per field; value "" is the total."""
-
-    __tablename__ = "name_frequency"
-
-    field: Mapped[str] = mapped_column(String(16), primary_key=True)
-    value: Mapped[str] = mapped_column(String(64), primary_key=True)
-    count: Mapped[int] = mapped_column(Integer, default=0)
-
-
-class ReviewTask(Base):
-    """A pair of records the matcher could not decide: for a data steward."""
-
-    __tablename__ = "review_task"
-    __table_args__ = (
-        Index("ix_review_task_status", "status", "created_at"),
-        Index("ix_review_task_pair", "patient_id", "candidate_id"),
-    )
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    patient_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
-    candidate_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
-    score: Mapped[float] = mapped_column(Float)
-    # JSON: {field: [level, weight]}
-    comparison: Mapped[str] = mapped_column(Text)
-    hold: Mapped[str] = mapped_column(String(32), default="")
-    # open, same, different, closed (the pair became one person another way)
-    status: Mapped[str] = mapped_column(String(16), default="open")
-    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-    decided_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
-    decided_by: Mapped[str] = mapped_column(String(64), default="")
-
-
-class NonMatch(Base):
-    """A steward's decision that two records are different people (never proposed again).
-    Stored once per pair, the smaller record id first."""
-
-    __tablename__ = "non_match"
-    __table_args__ = (Index("ix_non_match_b", "patient_b"),)
-
-    patient_a: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), primary_key=True)
-    patient_b: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), primary_key=True)
-    decided_by: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-
-
-class MergeRecord(Base):
-    """A hospital merged one of its local records into another (ADT^A40 / Merge), with what
-    moved, so an unmerge can put it back."""
-
-    __tablename__ = "merge"
-    __table_args__ = (Index("ix_merge_subsumed", "subsumed_id"),)
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    domain: Mapped[str] = mapped_column(String(64))
-    survivor_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
-    subsumed_id: Mapped[str] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
-    # JSON: [[patient_id, enterprise id before the merge], ...] of every record that moved.
-    moved: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-    decided_by: Mapped[str] = mapped_column(String(64))
-    undone_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
-
-
-class InboundMessage(Base):
-    """HL7 v2 messages applied (or refused as AE), by sending facility and control id (MSH-10),
-    so a retried message gets its first answer instead of being applied twice."""
-
-    __tablename__ = "inbound_message"
-
-    facility: Mapped[str] = mapped_column(String(64), primary_key=True)
-    control_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    ack_code: Mapped[str] = mapped_column(String(2))
-    reason: Mapped[str] = mapped_column(String(64), default="")
-    received_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-    # SHA-256 of the message's content (mllp.content_digest): a retry has the same, a different
-    # message reusing the control id does not. Empty for rows from before it was kept.
-    digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
-
-
-class BulkLoad(Base):
-    """Progress of a bulk load (`hie mpi load`), committed with each batch so a resumed load
-    neither loses nor repeats a row."""
-
-    __tablename__ = "bulk_load"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    domain: Mapped[str] = mapped_column(String(64))
-    rows_done: Mapped[int] = mapped_column(Integer, default=0)
-    counts: Mapped[str] = mapped_column(Text, default="{}")
-    updated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-
-
-class MatchEstimate(Base):
-    """An estimate of m / u per comparison level learned from the index's own records (EM), with
-    what it rests on. Aggregates only: no record, name or value is in it. The latest one is in
-    force (over the shipped priors) unless an operator names a parameters file."""
-
-    __tablename__ = "match_estimate"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    estimated_at: Mapped[datetime.datetime] = mapped_column(UtcDateTime)
-    # bulk-load (a load's rows against the index, before they are decided), index (stored
-    # records against each other), on-demand (`hie mpi weights --estimate`).
-    source: Mapped[str] = mapped_column(String(32))
-    records: Mapped[int] = mapped_column(Integer)
-    candidate_pairs: Mapped[int] = mapped_column(Integer)
-    random_pairs: Mapped[int] = mapped_column(Integer)
-    # {"prior_match": p, "fields": {field: {level: [m, u]}}}
-    parameters: Mapped[str] = mapped_column(Text)
-
-
-outbox_table(metadata)
-
-
-# Where a session finds the sealing (see `sealed_sessions`).
-_SEALING = "mpi.sealing"
-
-
-class RecordSealing:
-    """How the mpi stores personal data: one sealed blob per record, blind indexes for lookups."""
-
-    def __init__(self, protection: DataProtection) -> None:
-        self._protection = protection
-
-    # -- blind indexes (the same value gives the same digest; the database never sees the value)
-    def key(self, blocking_key: str) -> str:
-        return self._protection.index.digest("mpi.blocking-key", blocking_key)
-
-    def national_id(self, value: str) -> str:
-        return self._protection.index.digest("national-id", value)
-
-    def identifier(self, system: str, value: str) -> str:
-        return self._protection.index.digest("identifier", f"{system}|{value}")
-
-    def name_value(self, field: str, value: str) -> str:
-        """A name value of the frequency table ("" stays "": it is the field's total row)."""
-        return self._protection.index.digest("mpi.name", f"{field}|{value}") if value else ""
-
-    # -- the sealed blob
-    def seal(self, record_id: str, registration: Registration) -> str:
-        return self._seal_document(record_id, _personal_data(registration))
-
-    def _seal_document(self, record_id: str, document: dict[str, Any]) -> str:
-        return self._protection.fields.encrypt(
-            json.dumps(document, ensure_ascii=False, separators=(",", ":")), context=sealed_context(record_id)
-        )
-
-    def open(self, record_id: str, sealed: str) -> dict[str, Any]:
-        """The opened personal data; DataCorruption if it was altered, moved to another row, or is
-        under a key this process does not hold (never a guess)."""
-        try:
-            return json.loads(self._protection.fields.decrypt(sealed, context=sealed_context(record_id)))
-        except (TamperedCiphertextError, UnknownKeyError):
-            _log.error("mpi record %s failed its integrity check", record_id)
-            raise DataCorruption("a patient record failed its integrity check", reason="record-corrupt") from None
-
-    def apply(self, record: PatientRecord, registration: Registration) -> None:
-        """Write a registration's personal data to a record: sealed column, indexes, opened view
-        (from the registration itself: nothing is decrypted on the way in)."""
-        document = _personal_data(registration)
-        record.sealed = self._seal_document(record.id, document)
-        record.national_id_index = self._national_id_index(registration)
-        _set_opened(record, document)
-
-    def row(self, record_id: str, registration: Registration) -> dict[str, Any]:
-        """The personal-data columns of a new patient row (bulk insert)."""
-        return {
-            "sealed": self.seal(record_id, registration),
-            "national_id_index": self._national_id_index(registration),
-        }
-
-    def _national_id_index(self, registration: Registration) -> str | None:
-        return self.national_id(registration.national_id) if registration.national_id else None
-
-    def identifier_rows(self, record_id: str, registration: Registration) -> list[dict[str, Any]]:
-        return [
-            {
-                "patient_id": record_id,
-                "system": i.system,
-                "value_index": self.identifier(i.system, i.value),
-                "type": i.type,
-            }
-            for i in registration.identifiers
-        ]
-
-
-def _personal_data(registration: Registration) -> dict[str, Any]:
-    """What a record seals, in the shape `RecordSealing.open` returns."""
-    return {
-        "text": registration.name_text,
-        "family": registration.family,
-        "given": registration.given,
-        "national_id": registration.national_id,
-        "phones": list(registration.phones),
-        "line": registration.address_line,
-        "identifiers": [[i.system, i.value, i.type] for i in registration.identifiers],
-    }
-
-
-def sealed_context(record_id: str) -> str:
-    """The associated data of a record's sealed blob: a blob copied to another row fails to open."""
-    return f"mpi.patient.sealed:{record_id}"
-
-
-def sealed_sessions(sessions: async_sessionmaker[AsyncSession], protection: DataProtection) -> None:
-    """Make a session factory's sessions open and seal the mpi's personal data."""
-    info = dict(sessions.kw.get("info") or {})
-    info[_SEALING] = RecordSealing(protection)
-    sessions.configure(info=info)
-
-
-def sealing_of(session: AsyncSession | Session) -> RecordSealing:
-    sealing = session.info.get(_SEALING)
-    if sealing is None:
-        # A session from a factory nobody configured would write clear personal data: refuse.
-        raise RuntimeError("this session cannot seal personal data (see store.sealed_sessions)")
-    return sealing
-
-
-def _set_opened(record: PatientRecord, opened: dict[str, Any]) -> None:
-    record.name_text = opened["text"]
-    record.family = opened["family"]
-    record.given = opened["given"]
-    record.national_id = opened["national_id"]
-    record.phones = list(opened["phones"])
-    record.address_line = opened["line"]
-    record.identifiers = [Identifier(system=s, value=v, type=t) for s, v, t in opened["identifiers"]]
-
-
-def _open_stored(record: PatientRecord, session: Session) -> None:
-    _set_opened(record, sealing_of(session).open(record.id, record.sealed))
-
-
-@event.listens_for(PatientRecord, "load")
-def _open_on_load(record: PatientRecord, context: QueryContext) -> None:
-    _open_stored(record, context.session)
-
-
-@event.listens_for(PatientRecord, "refresh")
-def _open_on_refresh(record: PatientRecord, context: QueryContext, attrs: Any) -> None:
-    if attrs is None or "sealed" in attrs:
-        _open_stored(record, context.session)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from services.mpi.domain import Registration
+from services.mpi.matching import MatchRecord, ValueFrequencies
+
+# (`as` re-exports: index.py, bulk.py, estimation.py, bench.py and standalone.py still reach these
+# through `store`.)
+from services.mpi.records import match_record_of as match_record_of
+from services.mpi.records import match_record_of_registration as match_record_of_registration
+from services.mpi.records import match_record_of_row
+from services.mpi.sealing import sealed_sessions as sealed_sessions
+from services.mpi.sealing import sealing_of
+from services.mpi.tables import (
+    BlockingKey,
+    BulkLoad,
+    IdentifierRecord,
+    InboundMessage,
+    LinkHistory,
+    MatchEstimate,
+    MergeRecord,
+    NameFrequency,
+    NonMatch,
+    PatientRecord,
+    ReviewTask,
+)
+from services.mpi.tables import metadata as metadata
+from services.shared.db import utcnow
 
 
 async def find_record(session: AsyncSession, *, domain: str, local_id: str) -> PatientRecord | None:
     return await session.scalar(
         select(PatientRecord).where(PatientRecord.domain == domain, PatientRecord.local_id == local_id)
-    )
-
-
-def match_record_of(record: PatientRecord) -> MatchRecord:
-    """The comparable form of a stored record."""
-    return match_record(
-        record_id=record.id,
-        domain=record.domain,
-        enterprise_id=record.enterprise_id,
-        name_text=record.name_text,
-        family=record.family,
-        given=record.given,
-        gender=record.gender,
-        birth_date=record.birth_date,
-        national_id=record.national_id,
-        phones=record.phones,
-        province=record.province,
-        city=record.city,
-        district=record.district,
-        address_line=record.address_line,
-        postal_code=record.postal_code,
-        identifiers=[(i.system, i.value) for i in record.identifiers],
-    )
-
-
-def match_record_of_row(row: Mapping[str, Any], sealing: RecordSealing) -> MatchRecord:
-    """The comparable form of a `patient` row read with Core (no ORM object): its sealed part
-    opened here."""
-    opened = sealing.open(row["id"], row["sealed"])
-    return match_record(
-        record_id=row["id"],
-        domain=row["domain"],
-        enterprise_id=row["enterprise_id"],
-        name_text=opened["text"],
-        family=opened["family"],
-        given=opened["given"],
-        gender=row["gender"],
-        birth_date=row["birth_date"],
-        national_id=opened["national_id"],
-        phones=opened["phones"],
-        province=row["province"],
-        city=row["city"],
-        district=row["district"],
-        address_line=opened["line"],
-        postal_code=row["postal_code"],
-        identifiers=[(system, value) for system, value, _ in opened["identifiers"]],
-    )
-
-
-def match_record_of_registration(registration: Registration, *, record_id: str, enterprise_id: str) -> MatchRecord:
-    """The comparable form of a registration before (or instead of) storing it."""
-    return match_record(
-        record_id=record_id,
-        domain=registration.domain,
-        enterprise_id=enterprise_id,
-        name_text=registration.name_text,
-        family=registration.family,
-        given=registration.given,
-        gender=registration.gender.value,
-        birth_date=registration.birth_date,
-        national_id=registration.national_id,
-        phones=registration.phones,
-        province=registration.province,
-        city=registration.city,
-        district=registration.district,
-        address_line=registration.address_line,
-        postal_code=registration.postal_code,
-        identifiers=[(i.system, i.value) for i in registration.identifiers],
     )
 
 
@@ -647,10 +242,6 @@ async def records_of_person(session: AsyncSession, enterprise_id: str) -> list[P
 async def records_by_id(session: AsyncSession, ids: list[str]) -> dict[str, PatientRecord]:
     rows = await session.scalars(select(PatientRecord).where(PatientRecord.id.in_(ids)))
     return {r.id: r for r in rows}
-
-
-def record_identifiers(record: PatientRecord) -> list[Identifier]:
-    return list(record.identifiers)
 
 
 async def add_review_task(

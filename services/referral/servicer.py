@@ -35,7 +35,7 @@ from services.referral.store import (
     idempotent_answers,
     sealed_context,
 )
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, TokenVerifier, caller
 from services.shared.errors import (
@@ -396,7 +396,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 if first is not None:
                     return first
                 return referral_pb2.CreateReferralResponse(referral=await self._message(session, existing, who=who))
-        enterprise_id = await identity.registered_person(
+        enterprise_id = await mpi_client.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=ref.patient.local_id)
         )
         await self._check_documents(document_ids, enterprise_id, who.organization_id)
@@ -654,7 +654,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         patient = common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
 
         async def enterprise_id() -> str:
-            return (await identity.cross_reference(self._rt, patient)).enterprise_id
+            return (await mpi_client.cross_reference(self._rt, patient)).enterprise_id
 
         subject = self._subject(record, target=target if name == "accept" else "")
         if name == "accept" and not record.target_organization_id:
@@ -728,7 +728,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         async with self._rt.sessions() as session:
             record = self._visible(await session.get(ReferralRecord, request.referral_id[:36]), who.organization_id)
             message = await self._message(session, record, who=who)
-        person = await identity.cross_reference(
+        person = await mpi_client.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
         async with self._rt.sessions() as session, session.begin():

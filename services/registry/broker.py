@@ -19,7 +19,7 @@ from services.registry.delivery import NOTIFICATION_TOPIC, DeliveryRefused, Noti
 from services.registry.endpoints import EndpointRefused, check_endpoint, own_ports, pinned
 from services.registry.nats_publisher import NATS_STREAM, NATS_TOPIC
 from services.registry.notify_settings import NotificationSettings
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.db import utcnow
@@ -111,7 +111,7 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
             local_id = request.patient.local_id
             if not local_id or len(local_id) > 64:
                 raise InvalidArgument("a patient local id is required", reason="patient-ref-missing")
-            enterprise_id = await identity.registered_person(
+            enterprise_id = await mpi_client.registered_person(
                 self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=local_id)
             )
         elif topic == dsub.TOPIC_DOCUMENT_TYPE:

@@ -7,11 +7,11 @@ import binascii
 import datetime
 import hashlib
 import re
-import unicodedata
 import uuid
 from dataclasses import dataclass
 
 from services.shared.errors import DataCorruption, FailedPrecondition, InvalidArgument, NotFound
+from services.shared.text import clean_text as clean_text
 
 MAX_CONTENT_BYTES = 50 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -56,17 +56,6 @@ def check_stored(content: bytes, *, sha256: str, size: int) -> None:
     actual = digest(content)
     if actual.sha256 != sha256 or actual.size != size:
         raise DataCorruption("stored document content failed its integrity check", reason="content-corrupt")
-
-
-def clean_text(value: str, *, what: str, limit: int, required: bool = False) -> str:
-    text = unicodedata.normalize("NFC", value).strip()
-    if required and not text:
-        raise InvalidArgument(f"{what} is required", reason=f"{what}-missing")
-    if len(text) > limit:
-        raise InvalidArgument(f"{what} is longer than {limit} characters", reason=f"{what}-too-long")
-    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co"} for ch in text):
-        raise InvalidArgument(f"{what} contains control characters", reason=f"{what}-invalid")
-    return text
 
 
 def check_source_document_id(value: str) -> str:

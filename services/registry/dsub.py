@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from services.registry.domain import CURRENT
 from services.shared.errors import InvalidArgument
 
 TOPIC_PATIENT_DOCUMENT, TOPIC_DOCUMENT_TYPE, TOPIC_WORKFLOW_STATE = 1, 2, 3
@@ -214,7 +215,7 @@ def check_event_type(value: str) -> str:
 
 def announced(*, confidentiality: str, security_labels: list[str], status: int) -> bool:
     """Whether a new document may be announced to subscribers at all (see the module docstring)."""
-    return status == 1 and confidentiality in _ANNOUNCED_CONFIDENTIALITY and not security_labels
+    return status == CURRENT and confidentiality in _ANNOUNCED_CONFIDENTIALITY and not security_labels
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from services.registry.broker import Notifier
 from services.registry.content import ChunkWriter, read_chunks, sealed_chunks
 from services.registry.messages import entry_message, from_timestamp, submission_set_message, to_timestamp
 from services.registry.submission import Submission, as_retry, check_submission
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -204,7 +204,9 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 # retry is answered from it; a concurrent duplicate is caught by the unique
                 # constraints below): the two are independent.
                 person, existing = await asyncio.gather(
-                    identity.cross_reference(self._rt, patient_ref), self._earlier(sub, session), return_exceptions=True
+                    mpi_client.cross_reference(self._rt, patient_ref),
+                    self._earlier(sub, session),
+                    return_exceptions=True,
                 )
                 if isinstance(person, NotFound):
                     raise FailedPrecondition("register the patient first", reason="patient-not-registered")
@@ -295,7 +297,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if target is None:
             raise NotFound("no such document", reason="document-not-found")
         target_person = (
-            await identity.cross_reference(
+            await mpi_client.cross_reference(
                 self._rt, common_pb2.PatientRef(domain=target.patient_domain, local_id=target.patient_local_id)
             )
         ).enterprise_id
@@ -361,7 +363,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     # `created: false` per document.
                     return first
                 person, earlier = await asyncio.gather(
-                    identity.cross_reference(self._rt, patient_ref),
+                    mpi_client.cross_reference(self._rt, patient_ref),
                     self._earlier_of_set(subs, session),
                     return_exceptions=True,
                 )
@@ -501,7 +503,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         size = min(request.page.page_size or 20, _MAX_PAGE)
         cursor = domain.QueryCursor.decode(request.page.page_token)
         async with self._rt.sessions() as session, session.begin():
-            xref = await identity.cross_reference(self._rt, ref)
+            xref = await mpi_client.cross_reference(self._rt, ref)
             sets = await store.submission_sets_of_patient(
                 session,
                 refs=[(r.domain, r.local_id) for r in xref.refs],
@@ -658,7 +660,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         # ping) and a transaction per request instead of two; the checkout runs while mpi answers.
         # The audit event commits before any entry is returned.
         async with self._rt.sessions() as session, session.begin():
-            xref, _connection = await _together(identity.cross_reference(self._rt, ref), session.connection())
+            xref, _connection = await _together(mpi_client.cross_reference(self._rt, ref), session.connection())
             visible, next_cursor = await self._visible_page(session, request, xref, size=size, cursor=cursor)
             event_id = await self._rt.audit.record(
                 session,
@@ -739,7 +741,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             # The person's current identity, so consent follows links made since registration;
             # the later relations are read meanwhile.
             xref, related = await _together(
-                identity.cross_reference(
+                mpi_client.cross_reference(
                     self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
                 ),
                 store.related_to(session, document_id),

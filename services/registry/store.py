@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.registry import domain, dsub
 from services.shared.db import UtcDateTime
 from services.shared.idempotency import idempotency_table
 from services.shared.outbox import outbox_table
@@ -218,8 +219,8 @@ async def supersede(session: AsyncSession, document_id: str) -> bool:
     """Mark a current entry superseded; False if it was no longer current (a concurrent replacement)."""
     result = await session.execute(
         update(DocumentEntryRecord)
-        .where(DocumentEntryRecord.id == document_id, DocumentEntryRecord.status == 1)
-        .values(status=2)
+        .where(DocumentEntryRecord.id == document_id, DocumentEntryRecord.status == domain.CURRENT)
+        .values(status=domain.SUPERSEDED)
     )
     return result.rowcount == 1
 
@@ -359,8 +360,10 @@ async def matching_subscriptions(
         s.expires > now,
         s.organization_id != exclude_organization_id,
         or_(
-            (s.topic == 1) & tuple_(s.patient_domain, s.patient_local_id).in_(list(refs)),
-            (s.topic == 2) & s.type_code.in_([c for c in type_codes if c]) & s.organization_id.in_(domains),
+            (s.topic == dsub.TOPIC_PATIENT_DOCUMENT) & tuple_(s.patient_domain, s.patient_local_id).in_(list(refs)),
+            (s.topic == dsub.TOPIC_DOCUMENT_TYPE)
+            & s.type_code.in_([c for c in type_codes if c])
+            & s.organization_id.in_(domains),
         ),
     )
     return list(await session.scalars(stmt))
@@ -372,7 +375,9 @@ async def workflow_subscriptions(
     s = SubscriptionRecord
     return list(
         await session.scalars(
-            select(s).where(s.topic == 3, s.expires > now, s.organization_id.in_(list(organization_ids)))
+            select(s).where(
+                s.topic == dsub.TOPIC_WORKFLOW_STATE, s.expires > now, s.organization_id.in_(list(organization_ids))
+            )
         )
     )
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.trace import Link, SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,6 +13,7 @@ from hie.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.shared.auth import Caller, PlatformCredentials
 from services.shared.db import utcnow
 from services.shared.outbox import Outbox, Sender
+from services.shared.timestamps import to_timestamp
 from services.shared.tracing import current_trace_ids, remote_parent, remote_span_context, tracer
 
 AUDIT_TOPIC = "audit"
@@ -41,11 +41,9 @@ class AuditTrail:
     ) -> str:
         """Stage one audit event in the caller's transaction; returns its event id."""
         trace_id, span_id = current_trace_ids()
-        occurred = Timestamp()
-        occurred.FromDatetime(utcnow())
         event = audit_pb2.AuditEvent(
             event_id=str(uuid.uuid4()),
-            occurred=occurred,
+            occurred=to_timestamp(utcnow()),
             type=type,
             action=action,
             outcome=outcome,

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from enum import StrEnum
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
@@ -23,6 +22,7 @@ from services.shared.auth import PlatformCredentials
 from services.shared.db import utcnow
 from services.shared.errors import error_from_rpc
 from services.shared.outbox import Sender
+from services.shared.timestamps import to_timestamp
 
 GRANT_TOPIC = "consent.grant"
 
@@ -54,8 +54,7 @@ def grant_message(
         rpc = "GrantAccess"
         closed = None
         if effect is GrantEffect.CLOSE:
-            closed = Timestamp()
-            closed.FromDatetime(utcnow())
+            closed = to_timestamp(utcnow())
         body = consent_pb2.GrantAccessRequest(
             grant=consent_pb2.AccessGrant(
                 organization_id=organization_id,

@@ -22,7 +22,7 @@ from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
-from services.shared import identity
+from services.shared import mpi_client
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.errors import (
@@ -286,7 +286,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         record = await session.get(ConsultationRecord, item_id)
         if record is None:
             return None
-        person = await identity.cross_reference(
+        person = await mpi_client.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
         subject = self._subject(record)
@@ -304,7 +304,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
 
     async def _enterprise_id(self, record: ConsultationRecord) -> str:
         ref = common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
-        return (await identity.cross_reference(self._rt, ref)).enterprise_id
+        return (await mpi_client.cross_reference(self._rt, ref)).enterprise_id
 
     # --- request and read -----------------------------------------------------------------------
 
@@ -325,7 +325,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         who.require_role("doctor")
         c = request.consultation
         form = directory.check_form(c, requester_organization_id=who.organization_id)
-        enterprise_id = await identity.registered_person(
+        enterprise_id = await mpi_client.registered_person(
             self._rt, common_pb2.PatientRef(domain=who.organization_id, local_id=c.patient.local_id)
         )
         await self._check_documents(

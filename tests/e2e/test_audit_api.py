@@ -23,7 +23,7 @@ import pytest
 from gateway.client import HospitalClient, Practitioner
 from gateway.routes import audit as audit_routes
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 UTC = datetime.UTC
 CSV_HEADER = [

@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway.client import HospitalClient, Practitioner, new_traceparent
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import secrets
 
 from gateway.client import new_traceparent
 from tests.conftest import Exchange
-from tests.factories import person
+from tests.support.factories import person
 
 
 async def test_one_append_carries_the_events_of_several_traces_and_links_each(exchange: Exchange, spans) -> None:  # type: ignore[no-untyped-def]

@@ -26,8 +26,8 @@ from gateway.client import FreshUserAssertionHeaders, HospitalClient
 from services.shared import gb11643
 from services.shared.keys import private_pem, public_jwk
 from tests.conftest import Exchange
-from tests.factories import fresh_national_id, person
-from tests.fhir_rules import check_fhir
+from tests.support.factories import fresh_national_id, person
+from tests.support.fhir_rules import check_fhir
 
 SCOPES = "system/Patient.crus system/DocumentReference.crs system/Consent.crs system/AuditEvent.rs"
 

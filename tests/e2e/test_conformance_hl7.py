@@ -16,8 +16,8 @@ import pytest
 
 from gateway.client import HospitalClient
 from tests.conftest import Exchange
-from tests.factories import fresh_national_id
-from tests.fhir_rules import check_fhir
+from tests.support.factories import fresh_national_id
+from tests.support.fhir_rules import check_fhir
 from tests.support.mllp import running_ingress
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from gateway.client import HospitalClient, Practitioner
 from tests.conftest import Exchange
-from tests.factories import document, person
-from tests.service.test_notifications import Receiver
+from tests.support.factories import document, person
+from tests.support.webhooks import Receiver
 
 SCOPES = (
     "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/Consent.cruds "

@@ -17,7 +17,7 @@ from gateway.client import new_traceparent
 from services.ops.cli_users import add_console_user
 from services.ops.demo import discharge_summary_cda
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"

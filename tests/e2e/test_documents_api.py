@@ -18,7 +18,7 @@ from sqlalchemy import update
 from gateway.client import HospitalClient, new_traceparent
 from services.registry import store
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 MIB = 1024 * 1024
 

@@ -7,7 +7,7 @@ import secrets
 
 from gateway.client import Practitioner
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 ADMIN = Practitioner(id="AD-9", name="郑信息", role="admin", department="信息科")
 SCOPES = "system/Patient.crus system/DocumentReference.crs"

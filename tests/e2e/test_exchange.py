@@ -12,7 +12,7 @@ from gateway.client import Practitioner, new_traceparent
 from services.ops.demo import DEMO_NATIONAL_ID, discharge_summary_cda, run_demo
 from services.shared import gb11643
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 PATIENT = {
     "name": "张三",

@@ -46,7 +46,7 @@ from services.shared.auth import PlatformCredentials
 from services.shared.process import RunningService, start_service
 from services.teleconsult.service import SPEC as TELECONSULT
 from tests.conftest import Exchange, RunningGateway, _backends, base_settings, drop_schemas, serve_gateway
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 pytestmark = pytest.mark.fault
 

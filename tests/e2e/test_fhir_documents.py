@@ -14,7 +14,7 @@ import pytest
 
 from gateway.client import HospitalClient
 from tests.conftest import Exchange
-from tests.factories import person
+from tests.support.factories import person
 
 CDA = (
     "<ClinicalDocument xmlns='urn:hl7-org:v3'><title>出院小结</title>"

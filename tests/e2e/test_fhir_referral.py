@@ -18,8 +18,8 @@ from fhir.resources.R4B.task import Task
 from gateway.client import HospitalClient, Practitioner
 from gateway.organizations import set_tier
 from tests.conftest import Exchange
-from tests.factories import document, person
-from tests.fhir_rules import check_fhir
+from tests.support.factories import document, person
+from tests.support.fhir_rules import check_fhir
 
 SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus"
 BSER = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"

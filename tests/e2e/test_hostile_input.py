@@ -21,7 +21,7 @@ from gateway.organizations import set_status
 from gateway.smart import CLIENT_ASSERTION_TYPE
 from services.shared.keys import generate_ec_key, public_jwk
 from tests.conftest import Exchange, serve_gateway
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 
 def _b64url(data: bytes) -> str:

@@ -22,8 +22,8 @@ from services.registry import dsub
 from services.registry import store as registry_store
 from services.shared.db import utcnow
 from tests.conftest import Exchange
-from tests.factories import person
-from tests.service.test_notifications import Receiver
+from tests.support.factories import person
+from tests.support.webhooks import Receiver
 
 ADMIN = Practitioner(id="A-ADM-1", name="信息科管理员", role="admin", department="信息科")
 STEWARD = Practitioner(id="DS-9", name="林管理", role="data-steward", department="病案室")

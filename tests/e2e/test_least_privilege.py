@@ -20,7 +20,7 @@ from gateway.client import HospitalClient, Practitioner
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import algorithm_for, public_jwk
 from tests.conftest import Exchange
-from tests.factories import document, fresh_national_id, person
+from tests.support.factories import document, fresh_national_id, person
 
 SCOPES = (
     "system/Patient.crs system/DocumentReference.crs system/Binary.r system/ServiceRequest.crus "

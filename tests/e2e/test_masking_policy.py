@@ -10,7 +10,7 @@ import pytest
 
 from gateway.client import HospitalClient, Practitioner
 from tests.conftest import Exchange
-from tests.factories import fresh_national_id
+from tests.support.factories import fresh_national_id
 
 STEWARD = Practitioner(id="DS-9", name="吴管理", role="data-steward", department="病案室")
 ADMIN = Practitioner(id="AD-9", name="郑信息", role="admin", department="信息科")

@@ -186,7 +186,7 @@ async def test_merge_and_unmerge_over_rest(exchange: Exchange) -> None:
 
 
 async def test_rest_search_and_pixm_target_systems(exchange: Exchange) -> None:
-    from tests.factories import person
+    from tests.support.factories import person
 
     a = await _member(exchange, "市肿瘤医院")
     b = await _member(exchange, "城南社区卫生服务中心")

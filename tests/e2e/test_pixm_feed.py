@@ -12,7 +12,7 @@ import httpx
 from gateway.client import HospitalClient, Practitioner
 from services.shared import gb11643
 from tests.conftest import Exchange
-from tests.factories import fresh_national_id
+from tests.support.factories import fresh_national_id
 
 ADMIN = Practitioner(id="AD-1", name="郑信息", role="admin", department="信息科")
 FHIR_JSON = {"content-type": "application/fhir+json"}

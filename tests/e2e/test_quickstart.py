@@ -22,7 +22,7 @@ import pytest
 from gateway.client import HospitalClient, Practitioner
 from services.ops.supervisor import PortUse, taken_ports
 from services.shared.keys import load_private_key
-from tests.factories import person
+from tests.support.factories import person
 from tests.support.mllp import send
 
 ROOT = Path(__file__).resolve().parents[2]

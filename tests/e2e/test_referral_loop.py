@@ -25,7 +25,7 @@ from gateway.client import HospitalClient, Practitioner, new_traceparent
 from gateway.organizations import set_tier
 from services.referral.store import TABLES
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 SCOPES = (
     "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/AuditEvent.rs system/Task.crus"

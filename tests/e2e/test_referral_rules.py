@@ -17,7 +17,7 @@ import pytest
 from gateway.client import HospitalClient, Practitioner
 from gateway.organizations import set_tier
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/AuditEvent.rs"
 GP = Practitioner(id="C-GP-2", name="全科医生", role="doctor", department="全科")

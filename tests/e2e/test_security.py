@@ -19,7 +19,7 @@ from gateway.smart import CLIENT_ASSERTION_TYPE
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk, rotate_gateway_key
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 PATIENT = {"name": "李四", "gender": "male", "birth_date": "1980-05-06"}
 

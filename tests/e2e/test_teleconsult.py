@@ -26,8 +26,8 @@ from services.shared import workflow as shared_workflow
 from services.teleconsult import report
 from services.teleconsult.servicer import TeleconsultationsServicer
 from tests.conftest import Exchange, base_settings, start_exchange
-from tests.factories import document, person
-from tests.service.test_notifications import Receiver
+from tests.support.factories import document, person
+from tests.support.webhooks import Receiver
 
 SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/AuditEvent.rs"
 GP = Practitioner(id="Q-GP-1", name="全科医生", role="doctor", department="全科")

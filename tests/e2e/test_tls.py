@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.ops.demo import run_demo
 from services.shared.transport import GrpcTls
 from tests.conftest import base_settings, drop_schemas, start_exchange
-from tests.factories import person
+from tests.support.factories import person
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:

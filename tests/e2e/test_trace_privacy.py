@@ -5,7 +5,7 @@ from __future__ import annotations
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import Exchange
-from tests.factories import document, person
+from tests.support.factories import document, person
 
 
 async def test_spans_carry_no_patient_identifiers(exchange: Exchange, spans: InMemorySpanExporter) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,20 +15,15 @@ from services.audit import chain
 from services.audit.service import SPEC as AUDIT
 from services.audit.store import AuditRecord
 from services.shared.auth import PlatformCredentials
-from services.shared.process import RunningService, start_service
+from services.shared.process import RunningService
 from services.shared.protection.sm2 import Sm2VerifyingKey, load_or_create_signing_key
-from tests.conftest import _backends, base_settings, drop_schemas
+from tests.conftest import _backends
+from tests.support.services import Services
 
 
 @pytest.fixture(params=_backends())
-async def audit(request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path) -> AsyncIterator[RunningService]:
-    settings = base_settings(tmp_path, keys_dir, request.param)
-    running = await start_service(AUDIT, settings, listen="127.0.0.1:0")
-    try:
-        yield running
-    finally:
-        await running.stop(grace=None)
-        await drop_schemas(settings)
+async def audit(request: pytest.FixtureRequest, services: Services) -> RunningService:
+    return await services.start(AUDIT, services.settings(request.param))
 
 
 def _event(n: int) -> audit_pb2.AuditEvent:
@@ -217,15 +210,9 @@ async def test_a_time_range_is_verified_on_its_own(audit: RunningService, keys_d
 
 
 @pytest.fixture(params=_backends())
-async def sm_audit(request: pytest.FixtureRequest, tmp_path: Path, keys_dir: Path) -> AsyncIterator[RunningService]:
+async def sm_audit(request: pytest.FixtureRequest, services: Services) -> RunningService:
     """The audit service under the national-algorithms option (HIE_CRYPTO_SUITE=sm)."""
-    settings = dataclasses.replace(base_settings(tmp_path, keys_dir, request.param), crypto_suite="sm")
-    running = await start_service(AUDIT, settings, listen="127.0.0.1:0")
-    try:
-        yield running
-    finally:
-        await running.stop(grace=None)
-        await drop_schemas(settings)
+    return await services.start(AUDIT, services.settings(request.param, crypto_suite="sm"))
 
 
 async def test_checkpoints_are_co_signed_with_sm2_under_the_national_algorithms(

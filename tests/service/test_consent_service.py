@@ -23,7 +23,7 @@ from services.consent.servicer import BREAK_GLASS_TOPIC
 from services.shared.auth import PlatformCredentials
 from services.shared.process import start_service
 from tests.conftest import Exchange
-from tests.factories import direct_metadata, person
+from tests.support.factories import direct_metadata, person
 
 CONSENT_SCOPES = "system/Consent.cruds system/DocumentReference.rs system/Patient.crs"
 DOCTOR = Practitioner(id="B-DOC-7", name="乙院急诊医生", role="doctor", department="急诊科")

@@ -10,11 +10,11 @@ import pytest
 import sqlalchemy as sa
 
 from hie.mpi.v1 import mpi_pb2
+from services.mpi.sealing import RecordSealing
 from services.mpi.service import SPEC as MPI
-from services.mpi.store import RecordSealing
 from services.shared.process import RunningService, start_service
 from tests.conftest import _backends, base_settings, drop_schemas
-from tests.service.test_mpi_linking import Hospital, _tasks_for
+from tests.support.hospital import Hospital, tasks_for
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -60,7 +60,7 @@ async def test_the_migration_files_existing_records_under_birth_date_and_family_
         assert filed == 1
         second = Hospital(running, keys_dir)
         got = await second.register("B-1", "张秀芳", **_FIRST)
-        tasks = await _tasks_for(second, "B-1")
+        tasks = await tasks_for(second, "B-1")
         assert got.patient.enterprise_id == stored.patient.enterprise_id or [
             t.candidate.ref.local_id for t in tasks
         ] == ["A-1"]
@@ -104,7 +104,7 @@ async def test_0008_files_existing_records_under_the_typo_tolerant_keys(
         got = await second.register(
             "B-1", "Lodgw, Joel", birth_date="1971-08-03", line="12 Pinkerton Circuit", postal_code="4012"
         )
-        tasks = await _tasks_for(second, "B-1")
+        tasks = await tasks_for(second, "B-1")
         assert got.patient.enterprise_id == stored.patient.enterprise_id or [
             t.candidate.ref.local_id for t in tasks
         ] == ["A-1"]

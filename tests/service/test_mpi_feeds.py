@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from gateway.mllp.feed import StaticDirectory
-from services.mpi import domain, matching, store
+from services.mpi import domain, matching, records, store, tables
 from services.mpi.bulk import BatchPipeline, bulk_caller, load_csv
 from services.mpi.index import BatchLink, MasterIndex, Registered
 from services.mpi.matching import Outcome
@@ -25,7 +25,7 @@ from services.shared.auth import Caller
 from services.shared.config import Settings
 from services.shared.process import start_service
 from tests.conftest import _backends, base_settings, drop_schemas
-from tests.factories import fresh_national_id
+from tests.support.factories import fresh_national_id
 from tests.support.mllp import running_ingress, send
 
 FACILITY = "hosp-his-1"
@@ -72,7 +72,7 @@ def msa(ack: str) -> list[str]:
     return next(s for s in ack.split("\r") if s.startswith("MSA")).split("|")
 
 
-async def _record(index: IndexHandle, local_id: str) -> store.PatientRecord | None:
+async def _record(index: IndexHandle, local_id: str) -> tables.PatientRecord | None:
     async with index.sessions() as session:
         return await store.find_record(session, domain=FACILITY, local_id=local_id)
 
@@ -262,11 +262,11 @@ async def test_bulk_load_interrupted_then_resumed_loses_and_duplicates_nothing(
     assert done.counts.new + done.counts.linked + done.counts.review == 1000 - len(invalid)
     async with index.sessions() as session:
         stored = await session.scalar(
-            select(func.count()).select_from(store.PatientRecord).where(store.PatientRecord.domain == FACILITY)
+            select(func.count()).select_from(tables.PatientRecord).where(tables.PatientRecord.domain == FACILITY)
         )
         distinct = await session.scalar(
-            select(func.count(func.distinct(store.PatientRecord.local_id))).where(
-                store.PatientRecord.domain == FACILITY
+            select(func.count(func.distinct(tables.PatientRecord.local_id))).where(
+                tables.PatientRecord.domain == FACILITY
             )
         )
     assert stored == distinct == 1000 - len(invalid)
@@ -324,7 +324,7 @@ async def test_a_batch_links_to_a_record_the_batch_before_it_decided_but_has_not
     national_id = fresh_national_id()
     earlier = _person("hosp-a", "A-1", national_id)
     # The batch before, still committing: its record is not in the database, only handed on.
-    carried = store.match_record_of_registration(earlier, record_id="r-earlier", enterprise_id="e-earlier")
+    carried = records.match_record_of_registration(earlier, record_id="r-earlier", enterprise_id="e-earlier")
     loop = asyncio.get_running_loop()
     previous: asyncio.Future[dict[str, list[matching.MatchRecord]]] = loop.create_future()
     previous.set_result({key: [carried] for key in matching.blocking_keys(carried)})
@@ -358,13 +358,13 @@ async def test_a_failed_batch_fails_the_one_after_it_and_neither_commits(index: 
     with pytest.raises(PowerCut):
         await load()
     async with index.sessions() as session:
-        assert await session.scalar(select(func.count()).select_from(store.PatientRecord)) == 0
+        assert await session.scalar(select(func.count()).select_from(tables.PatientRecord)) == 0
     # The index is usable again: nothing is left locked.
     async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
         await pipeline.submit(bulk_caller(FACILITY), second)
         await pipeline.submit(bulk_caller(FACILITY), first)
     async with index.sessions() as session:
-        assert await session.scalar(select(func.count()).select_from(store.PatientRecord)) == 6
+        assert await session.scalar(select(func.count()).select_from(tables.PatientRecord)) == 6
 
 
 async def test_one_bulk_load_runs_at_a_time(index: IndexHandle) -> None:
@@ -428,10 +428,10 @@ async def test_a_block_is_read_to_its_limit_and_no_further(index: IndexHandle) -
     async with index.sessions() as session, session.begin():
         results = await index.master.register_batch(session, bulk_caller(FACILITY), registrations)
     assert all(isinstance(r, Registered) for r in results)
-    [key] = matching.name_keys(store.match_record_of_registration(registrations[0], record_id="", enterprise_id=""))
+    [key] = matching.name_keys(records.match_record_of_registration(registrations[0], record_id="", enterprise_id=""))
     async with index.sessions() as session:
         found = await store.match_candidates_by_key(session, {key})
-        stored = await session.scalar(select(func.count()).select_from(store.PatientRecord))
+        stored = await session.scalar(select(func.count()).select_from(tables.PatientRecord))
     assert stored == store.BLOCK_READ_LIMIT + 9
     assert len(found[key]) == store.BLOCK_READ_LIMIT
 

@@ -4,122 +4,20 @@
 from __future__ import annotations
 
 import json
-import secrets
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import jwt
 import pytest
 from sqlalchemy import select
 
-from gateway.client import Practitioner, user_assertion
-from hie.common.v1 import common_pb2
-from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
+from hie.mpi.v1 import mpi_pb2
 from services.mpi.index import LINK_TOPIC
 from services.mpi.service import SPEC as MPI
-from services.shared import gb11643
-from services.shared.config import TOKEN_AUDIENCE
-from services.shared.keys import generate_ec_key, load_private_key, public_jwk
-from services.shared.process import RunningService, start_service
-from tests.conftest import _backends, base_settings, drop_schemas
-from tests.factories import fresh_national_id
+from services.shared.process import RunningService
+from tests.support.factories import fresh_national_id
+from tests.support.hospital import Hospital, birth, phone, tasks_for
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module", params=_backends())
-async def mpi(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, keys_dir: Path
-) -> AsyncIterator[RunningService]:
-    settings = base_settings(tmp_path_factory.mktemp("mpi"), keys_dir, request.param)
-    running = await start_service(MPI, settings, listen="127.0.0.1:0")
-    running.runtime.outbox.poll_interval = 3600  # no audit service here: events stay in the outbox
-    try:
-        yield running
-    finally:
-        await running.stop(grace=None)
-        await drop_schemas(settings)
-
-
-class Hospital:
-    """A hospital's system calling the mpi directly (as the gateway forwards it)."""
-
-    def __init__(self, running: RunningService, keys_dir: Path, *, org_type: str = "hospital") -> None:
-        self.org = f"hosp-{secrets.token_hex(4)}"
-        self.running = running
-        self.keys_dir = keys_dir
-        self.org_type = org_type
-        # The acting practitioner (a subclass may act as several stewards of one hospital).
-        self.practitioner = "S01"
-
-    def metadata(self, role: str = "doctor") -> tuple[tuple[str, str], ...]:
-        hospital_key = generate_ec_key()
-        client_id = f"client-{self.org}"
-        gateway_key = load_private_key(self.keys_dir / "gateway.pem")
-        now = int(time.time())
-        claims = {
-            "iss": "gateway",
-            "sub": client_id,
-            "client_id": client_id,
-            "aud": TOKEN_AUDIENCE,
-            "iat": now,
-            "exp": now + 120,
-            "org": self.org,
-            # Data stewards are the platform operator's staff (services/shared/user_assertion.py).
-            "org_type": "platform-admin" if role == "data-steward" else self.org_type,
-            "scope": "system/Patient.crus",
-            "client_jkt": [public_jwk(hospital_key)["kid"]],
-        }
-        token = jwt.encode(claims, gateway_key, algorithm="ES384", headers={"kid": public_jwk(gateway_key)["kid"]})
-        practitioner = Practitioner(id=self.practitioner, name="李管理", role=role, department="信息科")
-        assertion = user_assertion(
-            key=hospital_key, client_id=client_id, practitioner=practitioner, purpose="treatment"
-        )
-        return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))
-
-    async def call(self, method: str, request: object, *, role: str = "doctor") -> object:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.running.port}") as channel:
-            stub = mpi_pb2_grpc.PatientIndexStub(channel)
-            return await getattr(stub, method)(request, metadata=self.metadata(role))
-
-    async def register(self, local_id: str, name: str, *, role: str = "doctor", **fields: object) -> object:
-        identifiers = []
-        nid = str(fields.pop("national_id", "") or "")
-        if nid:
-            identifiers.append(common_pb2.Identifier(type="NNCHN", value=nid))
-            # The gender coded in the id, unless the test says otherwise.
-            fields.setdefault("gender", _GENDERS[gb11643.gender(nid)])
-        patient = mpi_pb2.Patient(
-            ref=common_pb2.PatientRef(local_id=local_id),
-            name=mpi_pb2.HumanName(text=name),
-            identifiers=identifiers,
-            gender=fields.pop("gender", mpi_pb2.GENDER_MALE),
-            birth_date=str(fields.pop("birth_date", "1980-01-01")),
-            phones=list(fields.pop("phones", [])),
-            address=mpi_pb2.Address(line=str(fields.pop("line", "")), postal_code=str(fields.pop("postal_code", ""))),
-        )
-        return await self.call("RegisterPatient", mpi_pb2.RegisterPatientRequest(patient=patient), role=role)
-
-    def ref(self, local_id: str) -> common_pb2.PatientRef:
-        return common_pb2.PatientRef(domain=self.org, local_id=local_id)
-
-
-_GENDERS = {"male": mpi_pb2.GENDER_MALE, "female": mpi_pb2.GENDER_FEMALE}
-
-
-def phone() -> str:
-    return f"139{secrets.randbelow(10**8):08d}"
-
-
-def birth() -> str:
-    return f"19{secrets.randbelow(80) + 20}-0{secrets.randbelow(9) + 1}-1{secrets.randbelow(9)}"
-
-
-async def _tasks_for(hospital: Hospital, local_id: str) -> list[mpi_pb2.ReviewTask]:
-    listed = await hospital.call("ListReviewTasks", mpi_pb2.ListReviewTasksRequest(page_size=200), role="data-steward")
-    return [t for t in listed.tasks if local_id in {t.patient.ref.local_id, t.candidate.ref.local_id}]
 
 
 async def test_homophone_across_hospitals_links_probabilistically(mpi: RunningService, keys_dir: Path) -> None:
@@ -150,7 +48,7 @@ async def test_uncertain_pair_goes_to_review_and_different_people_is_remembered(
     with pytest.raises(grpc.aio.AioRpcError) as denied:
         await b.call("ListReviewTasks", mpi_pb2.ListReviewTasksRequest())
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    [task] = await _tasks_for(b, "B-2")
+    [task] = await tasks_for(b, "B-2")
     assert {task.patient.ref.local_id, task.candidate.ref.local_id} == {"A-2", "B-2"}
     levels = {f.field: f.level for f in task.fields}
     assert levels["family"] == "exact"
@@ -164,7 +62,7 @@ async def test_uncertain_pair_goes_to_review_and_different_people_is_remembered(
     assert decided.task.status == "different"
     # Registered again (an update), the pair is never proposed again.
     await b.register("B-2", "王秀英", birth_date=born, gender=mpi_pb2.GENDER_FEMALE, phones=[phone()])
-    assert await _tasks_for(b, "B-2") == []
+    assert await tasks_for(b, "B-2") == []
     with pytest.raises(grpc.aio.AioRpcError) as again:
         await b.call(
             "DecideReview",
@@ -179,7 +77,7 @@ async def test_steward_decides_same_person(mpi: RunningService, keys_dir: Path) 
     born = birth()
     first = await a.register("A-3", "李娜", birth_date=born, gender=mpi_pb2.GENDER_FEMALE, phones=[phone()])
     await b.register("B-3", "李娜", birth_date=born, gender=mpi_pb2.GENDER_FEMALE, phones=[phone()])
-    [task] = await _tasks_for(b, "B-3")
+    [task] = await tasks_for(b, "B-3")
     await b.call(
         "DecideReview",
         mpi_pb2.DecideReviewRequest(task_id=task.id, decision=mpi_pb2.REVIEW_DECISION_SAME),
@@ -200,7 +98,7 @@ async def test_same_national_id_with_another_name_is_reviewed_and_masked(mpi: Ru
     assert shown
     assert shown[0] != nid
     assert "*" in shown[0]
-    [task] = await _tasks_for(b, "B-4")
+    [task] = await tasks_for(b, "B-4")
     assert task.hold == "national-id-conflict"
     assert nid in [i.value for i in task.patient.identifiers]  # the steward sees the full number
 

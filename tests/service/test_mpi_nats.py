@@ -20,8 +20,8 @@ from services.mpi.service import NATS_ENV
 from services.mpi.service import SPEC as MPI
 from services.shared.process import RunningService, start_service
 from tests.conftest import base_settings
-from tests.factories import fresh_national_id
-from tests.service.test_mpi_linking import Hospital
+from tests.support.factories import fresh_national_id
+from tests.support.hospital import Hospital
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

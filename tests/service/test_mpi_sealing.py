@@ -4,7 +4,6 @@ by the migration. Real gRPC server, real database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import secrets
@@ -26,8 +25,9 @@ from services.shared.db import engine_for
 from services.shared.errors import REASON_METADATA_KEY
 from services.shared.process import RunningService, start_service
 from tests.conftest import _backends, base_settings, drop_schemas
-from tests.factories import fresh_national_id
-from tests.service.test_mpi_linking import Hospital, birth, phone
+from tests.support.factories import fresh_national_id
+from tests.support.hospital import Hospital, birth, phone
+from tests.support.services import Services
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -38,16 +38,11 @@ async def mpi(
 ) -> AsyncIterator[RunningService]:
     backend, suite = request.param
     # The national-algorithms option (SM4-GCM, HMAC-SM3) is tested the same way as the default.
-    settings = dataclasses.replace(
-        base_settings(tmp_path_factory.mktemp("mpi-sealed"), keys_dir, backend), crypto_suite=suite
-    )
-    running = await start_service(MPI, settings, listen="127.0.0.1:0")
-    running.runtime.outbox.poll_interval = 3600  # no audit service here: events stay in the outbox
+    started = Services(tmp_path_factory, keys_dir)
     try:
-        yield running
+        yield await started.start(MPI, started.settings(backend, crypto_suite=suite), quiet_outbox=True)
     finally:
-        await running.stop(grace=None)
-        await drop_schemas(settings)
+        await started.close()
 
 
 async def _stored_text(running: RunningService) -> str:

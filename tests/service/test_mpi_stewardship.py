@@ -21,8 +21,7 @@ from services.mpi.service import SPEC as MPI
 from services.shared.errors import REASON_METADATA_KEY
 from services.shared.process import RunningService, start_service
 from tests.conftest import _backends, base_settings, drop_schemas
-from tests.service.test_mpi_linking import Hospital, birth, phone
-from tests.service.test_mpi_linking import mpi as mpi  # the module's fixture, reused
+from tests.support.hospital import Hospital, birth, phone
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -10,7 +10,6 @@ import datetime
 import hashlib
 import json
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +17,6 @@ from typing import Any, TypeVar
 import grpc
 import jwt
 import pytest
-import uvicorn
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.client import HospitalClient, Practitioner, user_assertion
@@ -30,55 +28,10 @@ from services.shared.auth import PlatformCredentials
 from services.shared.process import RunningService, start_service
 from services.shared.protection.sm2 import Sm2VerifyingKey
 from tests.conftest import Exchange, drop_schemas
-from tests.factories import person
+from tests.support.factories import person
+from tests.support.webhooks import Receiver
 
 NATS_URL = "nats://127.0.0.1:4222"
-
-
-class Receiver:
-    """A hospital's notification endpoint: a real HTTP server answering scripted statuses."""
-
-    def __init__(self) -> None:
-        self.statuses: list[int] = []
-        self.received: list[tuple[dict[str, str], bytes, int]] = []
-        self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        status = self.statuses.pop(0) if self.statuses else 200
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        self.received.append((headers, body, status))
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/hie/notifications"
-        self._server = uvicorn.Server(uvicorn.Config(self, log_level="warning", access_log=False, lifespan="off"))
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        assert self._task is not None
-        self._server.should_exit = True
-        await self._task
-
-    def acknowledged(self) -> list[tuple[dict[str, str], bytes, int]]:
-        return [r for r in self.received if 200 <= r[2] < 300]
 
 
 async def eventually(check: Callable[[], bool]) -> None:

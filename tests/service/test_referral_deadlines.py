@@ -22,7 +22,7 @@ from services.shared import workflow
 from services.shared.process import RunningService, start_service
 from services.shared.workflow.engine import WORKFLOW_EVENT_TOPIC
 from tests.conftest import Exchange, base_settings, drop_schemas
-from tests.factories import direct_metadata, person
+from tests.support.factories import direct_metadata, person
 
 SCOPES = "system/ServiceRequest.crus system/DocumentReference.rs system/Patient.crs"
 GP = Practitioner(id="D-GP-1", name="社区医生", role="doctor", department="全科")

@@ -20,7 +20,7 @@ from services.referral.service import SPEC as REFERRAL
 from services.shared.consent_grants import GRANT_TOPIC
 from services.shared.process import RunningService, start_service
 from tests.conftest import Exchange, base_settings, drop_schemas
-from tests.factories import direct_metadata, document, person
+from tests.support.factories import direct_metadata, document, person
 
 SCOPES = "system/ServiceRequest.crus system/DocumentReference.rs system/Patient.crs"
 

@@ -21,7 +21,7 @@ from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import store
 from tests.conftest import Exchange
-from tests.factories import person
+from tests.support.factories import person
 
 LOINC = "http://loinc.org"
 SHARED = "urn:hie:shared-document-type"

@@ -26,7 +26,7 @@ from services.shared.auth import PlatformCredentials
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.process import RunningService, start_service
 from tests.conftest import Exchange, _backends, base_settings, drop_schemas
-from tests.factories import direct_metadata
+from tests.support.factories import direct_metadata
 
 CALLS = [
     ("mpi", mpi_pb2_grpc.PatientIndexStub, "RegisterPatient", mpi_pb2.RegisterPatientRequest()),

@@ -1,1 +1,2 @@
-"""Helpers the tests share (not tests themselves)."""
+"""Helpers the tests share (hospitals, receivers, factories, FHIR rules): imported by tests,
+never themselves collected as tests."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.consent import fhir_consent
+from services.consent import provisions
 from services.consent.bppc import Directive, DirectiveStatus
 from services.consent.policy import (
     AccessGrant,
@@ -40,10 +40,10 @@ def _directive(data: dict[str, Any], order: int) -> Directive:
         directive_id=data["id"],
         enterprise_id="E-1",
         recorded_by_organization_id="org-a",
-        provision=fhir_consent.provision_from_json(data["provision"], purposes=PURPOSES_OF_USE),
+        provision=provisions.provision_from_json(data["provision"], purposes=PURPOSES_OF_USE),
         policy_ids=("urn:oid:2.16.840.1.113883.3.1",),
         evidence_document_id="consent-form-1",
-        period=fhir_consent.period_from_json(data.get("period"), "period") or fhir_consent.Period(),
+        period=provisions.period_from_json(data.get("period"), "period") or provisions.Period(),
         status=DirectiveStatus(data.get("status", "active")),
         # Recorded in table order, a minute apart.
         recorded_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(minutes=order),
@@ -195,7 +195,7 @@ def test_explain_states_break_glass_and_what_it_overrode() -> None:
 )
 def test_bad_provisions_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument) as refused:
-        fhir_consent.provision_from_json(bad, purposes=PURPOSES_OF_USE)
+        provisions.provision_from_json(bad, purposes=PURPOSES_OF_USE)
     assert refused.value.reason == "provision-invalid"
 
 
@@ -207,8 +207,8 @@ def test_provision_json_round_trips() -> None:
         "data_period": {"start": "2026-01-01T00:00:00+00:00"},
         "provisions": [{"type": "permit", "documents": ["doc-1"], "obligations": ["deidentify"]}],
     }
-    parsed = fhir_consent.provision_from_json(source, purposes=PURPOSES_OF_USE)
-    assert fhir_consent.provision_to_json(parsed) == source
+    parsed = provisions.provision_from_json(source, purposes=PURPOSES_OF_USE)
+    assert provisions.provision_to_json(parsed) == source
 
 
 def test_policy_from_env() -> None:

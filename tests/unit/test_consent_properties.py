@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.consent.bppc import Directive, DirectiveStatus
-from services.consent.fhir_consent import Actor, ActorKind, Item, Period, Provision, ProvisionType, Requester
 from services.consent.policy import (
     RESTRICTED_SENSITIVITY,
     ConsentDecision,
@@ -20,6 +19,7 @@ from services.consent.policy import (
     decide,
     decide_batch,
 )
+from services.consent.provisions import Actor, ActorKind, Item, Period, Provision, ProvisionType, Requester
 
 NOW = datetime.datetime(2026, 11, 22, 8, tzinfo=datetime.UTC)
 ORGS = ("org-a", "org-b", "org-c")

@@ -1,4 +1,4 @@
-"""The FHIR R4 Consent facade's provision mapping (gateway/routes/fhir_consent.py), both ways."""
+"""The FHIR R4 Consent facade's provision mapping (gateway/routes/fhir/consent.py), both ways."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import ApiError
-from gateway.routes.fhir_consent import provision_message, provision_resource
+from gateway.routes.fhir.consent import provision_message, provision_resource
 
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 

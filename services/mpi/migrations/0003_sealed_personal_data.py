@@ -53,7 +53,7 @@ def upgrade() -> None:
 
 def _seal_rows(bind: sa.Connection, protection: object) -> None:
     from services.mpi.domain import Gender, Identifier, Registration
-    from services.mpi.store import RecordSealing
+    from services.mpi.sealing import RecordSealing
 
     sealing = RecordSealing(protection)  # type: ignore[arg-type]
     after = ""

@@ -20,21 +20,19 @@ import datetime
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.deps import CallContext
-from gateway.errors import ApiError, error_response
+from gateway.errors import ApiError
 from gateway.routes.audit import AuditContext, action_name, isoformat, query_page, timestamp
-from gateway.routes.fhir_consent import CONSENT_CAPABILITY
-from gateway.routes.fhir_patient import INSTANTIATES, PATIENT_CAPABILITY
+from gateway.routes.fhir.negotiation import FHIR_JSON
+from gateway.routes.fhir.search import date_range, token_code
 from hie.audit.v1 import audit_pb2
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
-FHIR_JSON = "application/fhir+json"
 
 AUDIT_EVENT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 HIE_EVENT_TYPE_SYSTEM = "urn:hie:audit-event-type"
@@ -131,129 +129,22 @@ _RESULT_PARAMS = {"_count", "page"}
 _SEARCH_PARAM_NAMES = {p["name"] for p in AUDIT_EVENT_SEARCH_PARAMS} | _RESULT_PARAMS
 _DEFAULT_COUNT = 100
 _MAX_COUNT = 500
-_FHIR_DATE = re.compile(
-    r"(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
-    r"(?:T(?P<hour>\d{2}):(?P<minute>\d{2})(?::(?P<second>\d{2})(?P<fraction>\.\d{1,9})?)?"
-    r"(?P<zone>Z|[+-]\d{2}:\d{2})?)?)?)?"
-)
-_DATE_PREFIXES = {"eq", "ge", "gt", "le", "lt"}
-_UNENCODED_PLUS = re.compile(r" (\d{2}:\d{2})$")
 
 
-# FHIR R4 http.html#mime-type: `_format` values and Accept media types meaning JSON (the only
-# format served; XML is answered 406 Not Acceptable, as FHIR allows a server that does not serve it).
-_JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json"})
-_JSON_ACCEPT = frozenset({"application/fhir+json", "application/json", "application/*", "*/*", "application/json+fhir"})
-
-
-def _accepts_json(accept: str) -> bool:
-    """Whether an Accept header admits JSON (q=0 excludes a type; no header admits anything)."""
-    if not accept.strip():
-        return True
-    for part in accept.split(","):
-        media, *params = (p.strip() for p in part.split(";"))
-        if media.lower() in _JSON_ACCEPT and not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00") for p in params):
-            return True
-    return False
-
-
-class FhirFormat:
-    """Content negotiation on the FHIR facade: `_format=json` is taken off the query (routes are
-    strict about parameters) and an XML-only request, by `_format` or Accept, is 406 with an
-    OperationOutcome. Binary reads negotiate their own content type (the document's)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "") if scope["type"] == "http" else ""
-        if not path.startswith("/fhir/"):
-            await self.app(scope, receive, send)
-            return
-        query = scope.get("query_string", b"").decode("utf-8", "replace")
-        items = parse_qsl(query, keep_blank_values=True)
-        formats = [v for k, v in items if k == "_format"]
-        acceptable = all(f.split(";")[0].strip().lower() in _JSON_FORMATS for f in formats)
-        if not formats and not path.startswith("/fhir/R4/Binary/"):
-            accept = dict(scope.get("headers", ())).get(b"accept", b"").decode("latin-1")
-            acceptable = _accepts_json(accept)
-        if not acceptable:
-            error = ApiError(
-                406, "format-not-acceptable", "only JSON (application/fhir+json) is served; XML is not supported"
-            )
-            await error_response(Request(scope), error)(scope, receive, send)
-            return
-        if formats:
-            kept = urlencode([(k, v) for k, v in items if k != "_format"])
-            scope = {**scope, "query_string": kept.encode("ascii")}
-        await self.app(scope, receive, send)
-
-
-@router.get("/metadata")
-async def capability_statement(request: Request) -> JSONResponse:
-    from gateway.routes import (  # imports this module: resolved at call time
-        fhir_documents,
-        fhir_referral,
-        fhir_teleconsult,
-    )
-
-    base = request.app.state.settings.public_url
-    statement: dict[str, Any] = {
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "date": "2026-11-22",
-        "kind": "instance",
-        "instantiates": INSTANTIATES,
-        "software": {"name": "hie-exchange", "version": "0.1.0"},
-        "implementation": {"description": "Regional health information exchange", "url": f"{base}/fhir/R4"},
-        "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json"],
-        "rest": [
-            {
-                "mode": "server",
-                "security": {
-                    "service": [
-                        {
-                            "coding": [
-                                {
-                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                    "code": "SMART-on-FHIR",
-                                }
-                            ]
-                        }
-                    ],
-                    "extension": [
-                        {
-                            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                            "extension": [{"url": "token", "valueUri": f"{base}/oauth2/token"}],
-                        }
-                    ],
-                    "description": "SMART Backend Services (private_key_jwt); see /.well-known/smart-configuration. "
-                    "Every request also carries the hospital's signed user assertion (X-HIE-User-Assertion).",
-                },
-                "resource": [
-                    {
-                        "type": "AuditEvent",
-                        "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
-                        "documentation": "The exchange's audit log (scope system/AuditEvent.r; the authority's "
-                        "auditors read the whole region's, a hospital's auditors the records of its own "
-                        "requests). Search handling is strict: an unknown search parameter, modifier or "
-                        "comma-separated (OR) value is refused with 400 and an OperationOutcome. Results "
-                        f"in sequence order, _count per page (default {_DEFAULT_COUNT}, at most {_MAX_COUNT}); "
-                        "follow the Bundle's next link (opaque `page` parameter). Bundle.total is not given.",
-                        "interaction": [{"code": "search-type"}],
-                        "searchParam": AUDIT_EVENT_SEARCH_PARAMS,
-                    },
-                    CONSENT_CAPABILITY,
-                    PATIENT_CAPABILITY,
-                    *fhir_documents.CAPABILITY_RESOURCES,
-                    *fhir_referral.CAPABILITY_RESOURCES,
-                    *fhir_teleconsult.CAPABILITY_RESOURCES,
-                ],
-            }
-        ],
-    }
-    return JSONResponse(statement, media_type=FHIR_JSON)
+# The AuditEvent entry of the CapabilityStatement (gateway/routes/fhir/capability.py assembles it).
+AUDIT_EVENT_CAPABILITY: dict[str, Any] = {
+    "type": "AuditEvent",
+    "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+    "documentation": "The exchange's audit log (scope system/AuditEvent.r; the authority's "
+    "auditors read the whole region's, a hospital's auditors the records of its own "
+    "requests). Search handling is strict: an unknown search parameter, modifier or "
+    "comma-separated (OR) value is refused with 400 and an OperationOutcome. Results "
+    f"in sequence order, _count per page (default {_DEFAULT_COUNT}, at most {_MAX_COUNT}); "
+    "follow the Bundle's next link (opaque `page` parameter). Bundle.total is not given.",
+    "interaction": [{"code": "search-type"}],
+    "searchParam": AUDIT_EVENT_SEARCH_PARAMS,
+}
+CAPABILITY_RESOURCES = [AUDIT_EVENT_CAPABILITY]
 
 
 def _coding(system: str, code: str, display: str = "") -> dict[str, str]:
@@ -274,7 +165,7 @@ def _purpose(word: str) -> dict[str, Any]:
 
 # Resource types the facade serves by id: only their references resolve within the exchange.
 # ServiceRequest: referrals and consultations are read by id on the facade
-# (routes/fhir_referral.py, routes/fhir_teleconsult.py).
+# (fhir/referral.py, fhir/teleconsult.py).
 _RESOLVABLE_TYPES = frozenset({"DocumentReference", "Binary", "Consent", "ServiceRequest"})
 
 
@@ -365,63 +256,6 @@ def _bad(reason: str, message: str) -> ApiError:
     return ApiError(400, reason, message)
 
 
-def _date_range(value: str) -> tuple[str, datetime.datetime, datetime.datetime]:
-    """(prefix, start, end) of a FHIR date search value: the implicit range [start, end) of its precision."""
-    prefix = value[:2] if value[:2].isalpha() else "eq"
-    text = value[2:] if value[:2].isalpha() else value
-    text = _UNENCODED_PLUS.sub(r"+\1", text)
-    match = _FHIR_DATE.fullmatch(text)
-    if prefix not in _DATE_PREFIXES or match is None:
-        raise _bad("date-invalid", "date: [eq|ge|gt|le|lt]YYYY[-MM[-DD[Thh:mm[:ss[.fff]]±hh:mm|Z]]]")
-    part = match.groupdict()
-    if part["hour"] is not None and part["zone"] is None:
-        raise _bad("date-invalid", "date: a time needs a time zone")
-    try:
-        year = int(part["year"])
-        if part["month"] is None:
-            start = datetime.datetime(year, 1, 1, tzinfo=datetime.UTC)
-            return prefix, start, start.replace(year=year + 1)
-        month = int(part["month"])
-        if part["day"] is None:
-            start = datetime.datetime(year, month, 1, tzinfo=datetime.UTC)
-            end = start.replace(year=year + 1, month=1) if month == 12 else start.replace(month=month + 1)
-            return prefix, start, end
-        if part["hour"] is None:
-            start = datetime.datetime(year, month, int(part["day"]), tzinfo=datetime.UTC)
-            return prefix, start, start + datetime.timedelta(days=1)
-        zone = datetime.datetime.strptime(part["zone"].replace("Z", "+00:00"), "%z").tzinfo
-        fraction = (part["fraction"] or "")[1:7]
-        start = datetime.datetime(
-            year,
-            month,
-            int(part["day"]),
-            int(part["hour"]),
-            int(part["minute"]),
-            int(part["second"] or 0),
-            int(fraction.ljust(6, "0")) if fraction else 0,
-            tzinfo=zone,
-        )
-        if fraction:
-            step = datetime.timedelta(microseconds=10 ** (6 - len(fraction)))
-        elif part["second"] is not None:
-            step = datetime.timedelta(seconds=1)
-        else:
-            step = datetime.timedelta(minutes=1)
-        return prefix, start, start + step
-    except (ValueError, OverflowError):
-        raise _bad("date-invalid", "date: not a valid date") from None
-
-
-def _token(name: str, value: str, systems: set[str]) -> str:
-    """The code of a token search value `[system|]code`; the system, if given, must be one of `systems`."""
-    system, bar, code = value.rpartition("|")
-    if bar and system and system not in systems:
-        raise _bad("search-value-invalid", f"{name}: unknown code system")
-    if not code:
-        raise _bad("search-value-invalid", f"{name}: a code is required")
-    return code
-
-
 @dataclass
 class _AuditSearch:
     """A FHIR AuditEvent search as audit service queries, whose results are OR-ed."""
@@ -464,7 +298,7 @@ def _parse_search(items: list[tuple[str, str]]) -> _AuditSearch:
         if "," in value:
             raise _bad("search-value-invalid", f"{name}: comma-separated (OR) values are not supported")
         if name == "date":
-            prefix, start, end = _date_range(value)
+            prefix, start, end = date_range(value)
             low = {"eq": start, "ge": start, "gt": end}.get(prefix)
             high = {"eq": end, "le": end, "lt": start}.get(prefix)
             if low is not None:
@@ -484,7 +318,7 @@ def _parse_search(items: list[tuple[str, str]]) -> _AuditSearch:
         elif name in {"type", "subtype"}:
             systems = {HIE_EVENT_TYPE_SYSTEM} | ({AUDIT_EVENT_TYPE_SYSTEM} if name == "type" else set())
             system = value.rpartition("|")[0]
-            code = _token(name, value, systems)
+            code = token_code(name, value, systems)
             if name == "type" and code == "rest" and system in {"", AUDIT_EVENT_TYPE_SYSTEM}:
                 continue  # every event is a RESTful operation
             if system == AUDIT_EVENT_TYPE_SYSTEM or len(code) > 64:
@@ -497,7 +331,7 @@ def _parse_search(items: list[tuple[str, str]]) -> _AuditSearch:
             search.set("outcome", _OUTCOMES_BY_CODE[value])
         elif name == "purpose":
             system = value.rpartition("|")[0]
-            code = _token(name, value, {ACT_REASON_SYSTEM, HIE_PURPOSE_SYSTEM})
+            code = token_code(name, value, {ACT_REASON_SYSTEM, HIE_PURPOSE_SYSTEM})
             words = _PURPOSES_BY_V3.get(code, []) if system in {"", ACT_REASON_SYSTEM} else []
             if not words and system in {"", HIE_PURPOSE_SYSTEM} and code in PURPOSES:
                 words = [code]

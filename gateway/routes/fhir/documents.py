@@ -40,15 +40,17 @@ from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.documents import open_content, repr_digest
-from gateway.routes.fhir import FHIR_JSON, _date_range, _token
-from gateway.routes.fhir_models import validate_resource
-from gateway.routes.fhir_patient import (
+from gateway.routes.fhir.models import validate_resource
+from gateway.routes.fhir.negotiation import FHIR_JSON
+from gateway.routes.fhir.patient.resource import (
     own_local_id_of_identifier,
     own_local_id_of_patient,
     patient_id_of_reference,
 )
+from gateway.routes.fhir.search import date_range, token_code
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
+from services.shared.timestamps import isoformat
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
 
@@ -129,10 +131,6 @@ DOCUMENT_REFERENCE_SEARCH_PARAMS: list[dict[str, str]] = [
 ]
 
 
-def _iso(ts: Timestamp) -> str:
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
-
-
 def _coding(system: str, code: str, display: str = "") -> dict[str, str]:
     coding = {"system": system, "code": code} if system else {"code": code}
     if display:
@@ -173,7 +171,7 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
         ]
     resource["subject"] = {"identifier": {"system": ENTERPRISE_ID_SYSTEM, "value": entry.enterprise_id}}
     if entry.HasField("created"):
-        resource["date"] = _iso(entry.created)
+        resource["date"] = isoformat(entry.created)
     author: dict[str, Any] = {
         "identifier": {"system": f"urn:hie:practitioner:{org}", "value": entry.author.practitioner_id}
     }
@@ -203,7 +201,7 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
         attachment["size"] = entry.size
         attachment["extension"] = [{"url": SHA256_EXTENSION, "valueString": entry.sha256}]
     if entry.HasField("created"):
-        attachment["creation"] = _iso(entry.created)
+        attachment["creation"] = isoformat(entry.created)
     content: dict[str, Any] = {"attachment": attachment}
     if entry.format_code.code:
         content["format"] = _coding(entry.format_code.system, entry.format_code.code, entry.format_code.display)
@@ -214,9 +212,9 @@ def document_reference(entry: registry_pb2.DocumentEntry, base: str) -> dict[str
     if entry.practice_setting.code:
         context["practiceSetting"] = _concept(entry.practice_setting)
     if entry.HasField("service_start"):
-        context["period"] = {"start": _iso(entry.service_start)}
+        context["period"] = {"start": isoformat(entry.service_start)}
         if entry.HasField("service_end"):
-            context["period"]["end"] = _iso(entry.service_end)
+            context["period"]["end"] = isoformat(entry.service_end)
     if entry.content_kind == registry_pb2.CONTENT_KIND_IMAGING_STUDY:
         context["related"] = [
             {
@@ -290,16 +288,18 @@ async def search_document_references(
                 raise _bad("search-value-invalid", "one patient per search")
             local_id = found
         elif name == "type":
-            query.type_codes.extend(_token(name, v, {LOINC, SHARED_TYPE_SYSTEM})[:64] for v in value.split(",") if v)
+            query.type_codes.extend(
+                token_code(name, v, {LOINC, SHARED_TYPE_SYSTEM})[:64] for v in value.split(",") if v
+            )
         elif name == "category":
-            query.class_codes.extend(_token(name, v, {CLASS_SYSTEM})[:64] for v in value.split(",") if v)
+            query.class_codes.extend(token_code(name, v, {CLASS_SYSTEM})[:64] for v in value.split(",") if v)
         elif name == "status":
             for v in value.split(","):
                 if v not in _STATUS_CODES:
                     raise _bad("status-invalid", "status: current, superseded or entered-in-error")
                 query.statuses.append(_STATUS_CODES[v])
         elif name == "date":
-            prefix, start, end = _date_range(value)
+            prefix, start, end = date_range(value)
             low = {"eq": start, "ge": start, "gt": end}.get(prefix)
             high = {"eq": end, "le": end, "lt": start}.get(prefix)
             if low is not None:
@@ -723,7 +723,7 @@ def submission_set_list(submission_set: registry_pb2.SubmissionSet) -> dict[str,
     resource["code"] = {"coding": [{"system": MHD_LIST_TYPES, "code": "submissionset"}]}
     resource["subject"] = {"identifier": {"system": ENTERPRISE_ID_SYSTEM, "value": submission_set.enterprise_id}}
     if submission_set.HasField("submitted"):
-        resource["date"] = _iso(submission_set.submitted)
+        resource["date"] = isoformat(submission_set.submitted)
     resource["source"] = {
         "identifier": {"system": "urn:hie:organization", "value": submission_set.source_organization_id}
     }

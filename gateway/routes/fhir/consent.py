@@ -32,8 +32,9 @@ from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.consent import ACTOR_KINDS, PROVISION_TYPES, isoformat, timestamp
-from gateway.routes.fhir_models import validate_resource
-from gateway.routes.fhir_patient import (
+from gateway.routes.fhir.models import validate_resource
+from gateway.routes.fhir.negotiation import FHIR_JSON
+from gateway.routes.fhir.patient.resource import (
     local_id_system,
     own_local_id_of_identifier,
     own_local_id_of_patient,
@@ -43,7 +44,6 @@ from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
-FHIR_JSON = "application/fhir+json"
 HIE_PURPOSE_SYSTEM = "urn:hie:purpose-of-use"
 ACT_REASON_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 ACT_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -74,7 +74,7 @@ _CONFIDENTIALITY = frozenset({"U", "L", "M", "N", "R", "V"})
 _PROVISION_TYPE_NAMES = {v: k for k, v in PROVISION_TYPES.items()}
 
 
-# This facade's entry in the CapabilityStatement (gateway/routes/fhir.py lists it).
+# The Consent entry of the CapabilityStatement (gateway/routes/fhir/capability.py assembles it).
 CONSENT_CAPABILITY: dict[str, Any] = {
     "type": "Consent",
     "profile": "http://hl7.org/fhir/StructureDefinition/Consent",
@@ -96,6 +96,7 @@ CONSENT_CAPABILITY: dict[str, Any] = {
         {"name": "status", "type": "token", "documentation": "active or inactive"},
     ],
 }
+CAPABILITY_RESOURCES = [CONSENT_CAPABILITY]
 
 
 def _invalid(message: str) -> ApiError:

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse
 
 from gateway.deps import CallContext, Context
 from gateway.errors import ApiError
-from gateway.routes import fhir_referral, rpc
+from gateway.routes import rpc
+from gateway.routes.fhir import referral as fhir_referral
 from gateway.routes.teleconsult import iso, report_json
 from gateway.routes.workflow_contract import FHIR_REFERRAL_STATUS, reference
 from hie.teleconsult.v1 import teleconsult_pb2

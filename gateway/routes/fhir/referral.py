@@ -29,7 +29,11 @@ from fastapi.responses import JSONResponse
 from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
-from gateway.routes.fhir_patient import own_local_id_of_identifier, own_local_id_of_patient, patient_id_of_reference
+from gateway.routes.fhir.patient.resource import (
+    own_local_id_of_identifier,
+    own_local_id_of_patient,
+    patient_id_of_reference,
+)
 from gateway.routes.referrals import SERVICES, URGENCIES, directory_metadata, state_code, state_name
 from gateway.routes.workflow_contract import FHIR_REFERRAL_STATUS, fhir_body, iso
 from hie.common.v1 import common_pb2
