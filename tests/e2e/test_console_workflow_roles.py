@@ -14,7 +14,7 @@ from gateway.client import Practitioner
 from gateway.console.admin import add_console_user
 from gateway.organizations import set_tier
 from tests.conftest import Exchange
-from tests.factories import person
+from tests.support.factories import person
 
 SCOPES = "system/Patient.crs system/DocumentReference.crs system/ServiceRequest.crus system/AuditEvent.rs"
 PASSWORD = "一个足够长的密码-2026"

@@ -19,9 +19,9 @@ import pytest
 from gateway.client import HospitalClient, Practitioner
 from gateway.organizations import set_tier
 from tests.conftest import Exchange
-from tests.e2e import test_console_browser as console
-from tests.e2e.test_console_browser import CHROMIUM, PASSWORD, _user, check_accessibility, screenshot, sign_in
-from tests.factories import document, person
+from tests.support import console
+from tests.support.console import CHROMIUM, PASSWORD, _user, check_accessibility, screenshot, sign_in
+from tests.support.factories import document, person
 
 pytestmark = [
     pytest.mark.browser,

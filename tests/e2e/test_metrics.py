@@ -24,8 +24,8 @@ from gateway.client import HospitalClient, Practitioner
 from services.shared.keys import generate_ec_key
 from services.shared.metrics import serve_metrics
 from tests.conftest import Exchange, base_settings, drop_schemas, start_exchange
-from tests.factories import document, person
-from tests.service.test_notifications import Receiver
+from tests.support.factories import document, person
+from tests.support.webhooks import Receiver
 
 SCOPES = (
     "system/Patient.crs system/DocumentReference.crs system/Consent.cruds system/ServiceRequest.crus "

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.client import HospitalClient
 from tests.conftest import Exchange
-from tests.factories import fresh_national_id
+from tests.support.factories import fresh_national_id
 from tests.support.mllp import running_ingress, send
 
 

@@ -142,7 +142,7 @@ async def test_0010_files_existing_records_under_their_street(backend: str, tmp_
         got = await second.register(
             "B-1", "Lpdge, Jowl", birth_date="1917-08-30", line="21 Pinkerton Circuit", postal_code="4012"
         )
-        tasks = await _tasks_for(second, "B-1")
+        tasks = await tasks_for(second, "B-1")
         assert got.patient.enterprise_id == stored.patient.enterprise_id or [
             t.candidate.ref.local_id for t in tasks
         ] == ["A-1"]
