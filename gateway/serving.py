@@ -35,6 +35,10 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         # (its trace) into the connection's later requests (cpython#140947), e.g. after a
         # streamed response.
         "reset_contextvars": True,
+        # h11, not httptools: under the contract run, httptools answered a plain keep-alive GET
+        # with uvicorn's bare "400 Invalid HTTP request received" (text/plain, no reason) after
+        # the generated requests before it; h11 did not. uvloop stays.
+        "http": "h11",
     }
     if settings.https_cert_file and settings.https_key_file:
         options |= {
