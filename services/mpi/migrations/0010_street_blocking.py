@@ -33,7 +33,8 @@ def upgrade() -> None:
         raise RuntimeError("re-keying the mpi's existing records needs the data keys (HIE_DATA_KEYS_FILE)")
 
     from services.mpi import matching
-    from services.mpi.store import RecordSealing, match_record_of_row
+    from services.mpi.records import match_record_of_row
+    from services.mpi.sealing import RecordSealing
 
     sealing = RecordSealing(protection)  # type: ignore[arg-type]
     after = ""
