@@ -23,6 +23,7 @@ reach): entries expire after `ttl` seconds, so staleness is bounded even then.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 
@@ -30,6 +31,15 @@ from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
 from services.shared import mpi_client
 from services.shared.process import ServiceRuntime
+
+
+def ttl_from_env() -> float:
+    """Seconds an entry may live (HIE_REGISTRY_XREF_CACHE_SECONDS, default 30); 0 turns the cache
+    off, e.g. for registry replicas the mpi's invalidation does not each reach."""
+    try:
+        return max(0.0, float(os.environ.get("HIE_REGISTRY_XREF_CACHE_SECONDS", "30")))
+    except ValueError:
+        return 30.0
 
 
 class CrossReferenceCache:
@@ -62,7 +72,7 @@ class CrossReferenceCache:
             del self._entries[key]
         generation = self.generation
         answer = await mpi_client.cross_reference(runtime, ref)
-        if generation == self.generation:
+        if generation == self.generation and self._ttl > 0:
             self._entries[key] = (time.monotonic() + self._ttl, answer)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
