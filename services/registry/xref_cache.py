@@ -51,6 +51,10 @@ class CrossReferenceCache:
         self._entries: OrderedDict[tuple[str, str], tuple[float, mpi_pb2.CrossReferenceResponse]] = OrderedDict()
         self.generation = 0
 
+    def __contains__(self, key: object) -> bool:
+        """Whether (domain, local id) has an entry (expired or not)."""
+        return key in self._entries
+
     def invalidate(self) -> int:
         """Drop every entry and move the generation on (answers in flight are not stored)."""
         self.generation += 1
