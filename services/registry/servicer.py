@@ -21,7 +21,7 @@ from services.registry.broker import Notifier
 from services.registry.content import ChunkWriter, read_chunks, sealed_chunks
 from services.registry.messages import entry_message, from_timestamp, submission_set_message, to_timestamp
 from services.registry.submission import Submission, as_retry, check_submission
-from services.registry.xref_cache import CrossReferenceCache, ttl_from_env
+from services.registry.xref_cache import CrossReferenceCache
 from services.shared import mpi_client
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
@@ -72,7 +72,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         self._notifier = notifier
         self._answers = FirstAnswers(store.idempotent_answers)
         # Cross-references for the query/read hot path, invalidated by the mpi (xref_cache.py).
-        self._xrefs = CrossReferenceCache(ttl=ttl_from_env())
+        self._xrefs = CrossReferenceCache(ttl=runtime.options.value("HIE_REGISTRY_XREF_CACHE_SECONDS"))
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:

@@ -23,7 +23,6 @@ reach): entries expire after `ttl` seconds, so staleness is bounded even then.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 
@@ -33,20 +32,13 @@ from services.shared import mpi_client
 from services.shared.process import ServiceRuntime
 
 
-def ttl_from_env() -> float:
-    """Seconds an entry may live (HIE_REGISTRY_XREF_CACHE_SECONDS, default 30); 0 turns the cache
-    off, e.g. for registry replicas the mpi's invalidation does not each reach."""
-    try:
-        return max(0.0, float(os.environ.get("HIE_REGISTRY_XREF_CACHE_SECONDS", "30")))
-    except ValueError:
-        return 30.0
-
-
 class CrossReferenceCache:
     """Cross-references by (domain, local id), valid until the mpi invalidates them or `ttl` passes."""
 
     def __init__(self, *, ttl: float = 30.0, max_entries: int = 50_000) -> None:
-        self._ttl = ttl
+        # HIE_REGISTRY_XREF_CACHE_SECONDS; 0 turns the cache off (registry replicas the mpi's
+        # invalidation does not each reach).
+        self._ttl = max(0.0, ttl)
         self._max = max_entries
         self._entries: OrderedDict[tuple[str, str], tuple[float, mpi_pb2.CrossReferenceResponse]] = OrderedDict()
         self.generation = 0
