@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
-from services.mpi import domain, index, matching, records, review_store, store, tables
+from services.mpi import domain, index, link_version, matching, records, review_store, store, tables
 from services.mpi.disclosure import Disclosure, capped
 from services.mpi.messages import LINK_TO_PROTO, patient_message, registration_of, scored_patient
 from services.mpi.search_criteria import NameFilter, rank_key, satisfies, search_query
@@ -188,8 +188,11 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
         return Disclosure.to(who, self._masking)
 
     async def _write(self, operation):
-        """Run a change in one transaction (serialised on SQLite), then wake the outbox relay."""
-        return await transactions.run(self._rt, operation, lock=self._sqlite_lock)
+        """Run a change in one transaction (serialised on SQLite), then wake the outbox relay and
+        have the registry drop its cross-references before the change's RPC returns."""
+        answer = await transactions.run(self._rt, operation, lock=self._sqlite_lock)
+        await link_version.invalidate_registry(self._rt)
+        return answer
 
     async def _keyed_write(
         self,
@@ -236,6 +239,7 @@ class PatientIndexServicer(mpi_pb2_grpc.PatientIndexServicer):
             answer, replayed = await run()
         if not replayed:
             self._rt.outbox.notify()
+            await link_version.invalidate_registry(self._rt)
         return answer
 
     async def RegisterPatient(

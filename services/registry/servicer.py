@@ -21,6 +21,7 @@ from services.registry.broker import Notifier
 from services.registry.content import ChunkWriter, read_chunks, sealed_chunks
 from services.registry.messages import entry_message, from_timestamp, submission_set_message, to_timestamp
 from services.registry.submission import Submission, as_retry, check_submission
+from services.registry.xref_cache import CrossReferenceCache
 from services.shared import mpi_client
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
@@ -70,6 +71,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         self._rt = runtime
         self._notifier = notifier
         self._answers = FirstAnswers(store.idempotent_answers)
+        # Cross-references for the query/read hot path, invalidated by the mpi (xref_cache.py).
+        self._xrefs = CrossReferenceCache(ttl=runtime.options.value("HIE_REGISTRY_XREF_CACHE_SECONDS"))
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
@@ -503,7 +506,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         size = min(request.page.page_size or 20, _MAX_PAGE)
         cursor = domain.QueryCursor.decode(request.page.page_token)
         async with self._rt.sessions() as session, session.begin():
-            xref = await mpi_client.cross_reference(self._rt, ref)
+            xref = await self._xrefs.cross_reference(self._rt, ref)
             sets = await store.submission_sets_of_patient(
                 session,
                 refs=[(r.domain, r.local_id) for r in xref.refs],
@@ -660,7 +663,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         # ping) and a transaction per request instead of two; the checkout runs while mpi answers.
         # The audit event commits before any entry is returned.
         async with self._rt.sessions() as session, session.begin():
-            xref, _connection = await _together(mpi_client.cross_reference(self._rt, ref), session.connection())
+            xref, _connection = await _together(self._xrefs.cross_reference(self._rt, ref), session.connection())
             visible, next_cursor = await self._visible_page(session, request, xref, size=size, cursor=cursor)
             event_id = await self._rt.audit.record(
                 session,
@@ -741,7 +744,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             # The person's current identity, so consent follows links made since registration;
             # the later relations are read meanwhile.
             xref, related = await _together(
-                mpi_client.cross_reference(
+                self._xrefs.cross_reference(
                     self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
                 ),
                 store.related_to(session, document_id),
@@ -763,6 +766,14 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             )
             raise PermissionDenied("consent does not permit this access", reason="consent-denied")
         return record, xref.enterprise_id, related
+
+    async def InvalidateCrossReferences(
+        self, request: registry_pb2.InvalidateCrossReferencesRequest, context: object
+    ) -> registry_pb2.InvalidateCrossReferencesResponse:
+        who = caller()
+        if not who.is_platform or who.client_id != "service:mpi":
+            raise PermissionDenied("only the mpi invalidates cross-references", reason="role")
+        return registry_pb2.InvalidateCrossReferencesResponse(generation=self._xrefs.invalidate())
 
     async def GetDocumentEntry(
         self, request: registry_pb2.GetDocumentEntryRequest, context: object

@@ -200,6 +200,8 @@ COMPONENT_SETTINGS: tuple[ComponentSetting, ...] = (
     ComponentSetting("HIE_NOTIFY_DEAD_LETTER_AFTER_SECONDS", ("registry",), str(24 * 3600), float),
     ComponentSetting("HIE_NOTIFY_TIMEOUT_SECONDS", ("registry",), "10", float),
     ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST", ("registry",)),
+    # registry: lifetime of cached mpi cross-references, 0 = off (services/registry/README.md)
+    ComponentSetting("HIE_REGISTRY_XREF_CACHE_SECONDS", ("registry",), "30", float),
     ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", ("registry",)),
     ComponentSetting("HIE_NOTIFY_PRIVATE_NETWORKS", ("registry",)),
     ComponentSetting("HIE_NOTIFY_ALLOW_LOOPBACK", ("registry",)),

@@ -317,6 +317,16 @@ class GetDocumentEntryResponse(_message.Message):
     audit_event_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, entry: _Optional[_Union[DocumentEntry, _Mapping]] = ..., audit_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class InvalidateCrossReferencesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InvalidateCrossReferencesResponse(_message.Message):
+    __slots__ = ("generation",)
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    def __init__(self, generation: _Optional[int] = ...) -> None: ...
+
 class MarkEnteredInErrorRequest(_message.Message):
     __slots__ = ("document_id", "idempotency_key")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -80,6 +80,11 @@ class DocumentRegistryStub:
                 request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsRequest.SerializeToString,
                 response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsResponse.FromString,
                 _registered_method=True)
+        self.InvalidateCrossReferences = channel.unary_unary(
+                '/hie.registry.v1.DocumentRegistry/InvalidateCrossReferences',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesResponse.FromString,
+                _registered_method=True)
 
 
 class DocumentRegistryServicer:
@@ -156,6 +161,14 @@ class DocumentRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvalidateCrossReferences(self, request, context):
+        """The mpi, after a change to who is whom commits and before that change's RPC returns: drop
+        every cross-reference the registry keeps (only the mpi's platform identity may call it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DocumentRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +216,11 @@ def add_DocumentRegistryServicer_to_server(servicer, server):
                     servicer.FindSubmissionSets,
                     request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsRequest.FromString,
                     response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsResponse.SerializeToString,
+            ),
+            'InvalidateCrossReferences': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvalidateCrossReferences,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +466,33 @@ class DocumentRegistry:
             '/hie.registry.v1.DocumentRegistry/FindSubmissionSets',
             hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsRequest.SerializeToString,
             hie_dot_registry_dot_v1_dot_registry__pb2.FindSubmissionSetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvalidateCrossReferences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.registry.v1.DocumentRegistry/InvalidateCrossReferences',
+            hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesResponse.FromString,
             options,
             channel_credentials,
             insecure,
