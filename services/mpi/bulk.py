@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import hashlib
 import json
 import re
@@ -90,6 +91,47 @@ class GrowingTables:
             self._analysed = self._size
 
 
+class QuietCollector:
+    """While a bulk load runs, the cyclic garbage collector leaves alone what the process held
+    before it (`gc.freeze`) and runs its young collections less often.
+
+    Profiled (py-spy --native, bench 200k on PostgreSQL): a third of the load's time was
+    `gc_collect_main`, rescanning the objects the process already held (the caller's rows, the
+    matcher's tables, imported modules) and each batch's thousands of short-lived rows; the more
+    the process held, the slower the load, which is why the rate fell in its last stretch. A
+    batch's objects are freed by reference counting when it ends; the collector still runs
+    (it is not disabled), only less often, and on exit everything is as it was (thresholds
+    restored, objects unfrozen: they move to the oldest generation). Nested or concurrent
+    pipelines in one process share one freeze; a freeze the process made itself is left alone."""
+
+    _depth = 0
+    _saved: tuple[int, int, int] | None = None
+    _froze = False
+    # Young collections per this many net allocations (CPython's default is 700).
+    YOUNG_THRESHOLD = 50_000
+
+    def __enter__(self) -> QuietCollector:
+        cls = type(self)
+        if cls._depth == 0:
+            cls._saved = gc.get_threshold()
+            cls._froze = gc.get_freeze_count() == 0
+            if cls._froze:
+                gc.freeze()
+            gc.set_threshold(max(cls._saved[0], self.YOUNG_THRESHOLD), *cls._saved[1:])
+        cls._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        cls = type(self)
+        cls._depth -= 1
+        if cls._depth == 0:
+            if cls._saved is not None:
+                gc.set_threshold(*cls._saved)
+            if cls._froze:
+                gc.unfreeze()
+            cls._saved, cls._froze = None, False
+
+
 BatchResults = list[Registered | DomainError]
 BatchFinish = Callable[[AsyncSession, BatchResults], Awaitable[None]]
 BatchCommitted = Callable[[BatchResults], Awaitable[None]]
@@ -125,19 +167,34 @@ class BatchPipeline:
         self._master = master
         self._in_flight: _InFlight | None = None
         self._guard: AsyncConnection | None = None
+        self._collector = QuietCollector()
 
     async def __aenter__(self) -> BatchPipeline:
+        self._collector.__enter__()
+        try:
+            await self._lock_loads()
+        except BaseException:
+            self._collector.__exit__()
+            raise
+        return self
+
+    async def _lock_loads(self) -> None:
         if self._engine.dialect.name == "postgresql":
             self._guard = await self._engine.connect()
             await self._guard.execute(
                 text("SELECT pg_advisory_lock(hashtext(current_schema()), :k)"), {"k": BULK_LOAD_LOCK}
             )
             await self._guard.commit()
-        return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        try:
+            await self._close(kind)
+        finally:
+            self._collector.__exit__()
+
+    async def _close(self, kind: type[BaseException] | None) -> None:
         try:
             if kind is None:
                 await self.drain()
