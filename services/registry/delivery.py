@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from services.registry import dsub, store
 from services.registry.endpoints import EndpointRefused, check_endpoint, own_ports, pinned
-from services.registry.nats_publisher import NATS_TOPIC, NatsPublisher
+from services.registry.nats_publisher import NATS_TOPIC, nats_publisher
 from services.registry.notify_settings import NotificationSettings
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import PLATFORM, Caller
@@ -84,7 +84,7 @@ class Notifier:
             allow_loopback=settings.allow_loopback,
             own_ports=own_ports(runtime.settings),
         )
-        self._nats = NatsPublisher(settings.nats_url)
+        self._nats = nats_publisher(settings.nats_url)
         # One client (one connection pool) for every delivery, not one per notification.
         self._http: httpx.AsyncClient | None = None
         runtime.outbox.register(
@@ -103,7 +103,7 @@ class Notifier:
             ),
         )
         if settings.nats_url:
-            runtime.outbox.register(NATS_TOPIC, self._nats.publish, DeliveryPolicy(lane="broker"))
+            runtime.outbox.register(NATS_TOPIC, self._nats, DeliveryPolicy(lane="broker"))
             runtime.background(self._nats.close_on_exit(), name="nats-close")
 
     # --- staging (inside the caller's transaction) --------------------------------------------

@@ -3,31 +3,15 @@ timestamps, both ways."""
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Iterable
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 from services.registry import document_types, domain, store
+from services.shared.timestamps import to_timestamp_or_none as to_timestamp
 
 IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
 INLINE = registry_pb2.CONTENT_KIND_INLINE
-
-
-def to_timestamp(value: datetime.datetime | None) -> Timestamp | None:
-    """A protobuf timestamp (None for None)."""
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def from_timestamp(ts: Timestamp, present: bool) -> datetime.datetime | None:
-    """An aware UTC datetime when the field was set."""
-    return ts.ToDatetime(tzinfo=datetime.UTC) if present else None
 
 
 def coding_of(record: store.EntryLike, name: str) -> registry_pb2.Coding | None:

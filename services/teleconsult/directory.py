@@ -23,7 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.teleconsult.v1 import teleconsult_pb2
 from services.shared.errors import FailedPrecondition, InvalidArgument
-from services.shared.workflow.service import timestamp
+from services.shared.timestamps import to_datetime
+from services.shared.timestamps import to_timestamp_or_none as timestamp
 from services.teleconsult import workflow
 
 MULTIDISCIPLINARY = teleconsult_pb2.CONSULTATION_KIND_MULTIDISCIPLINARY
@@ -111,7 +112,7 @@ def check_informed_consent(
     age = _age(birth_date, today)
     if ic.signer == "patient" and age is not None and age < ADULT_AGE:
         raise FailedPrecondition("a minor's guardian signs the consent", reason="consultation-guardian-required")
-    signed = ic.signed.ToDatetime(tzinfo=datetime.UTC) if ic.signed.seconds else now
+    signed = to_datetime(ic.signed) if ic.signed.seconds else now
     return {
         "evidence_document_id": ic.evidence_document_id[:64],
         "signer": ic.signer,

@@ -36,6 +36,8 @@ from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection
 from services.shared.protection.sm2 import load_or_create_signing_key
+from services.shared.timestamps import to_datetime
+from services.shared.timestamps import to_timestamp_or_none as timestamp
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
@@ -46,7 +48,6 @@ from services.shared.workflow.service import (
     check_attachments,
     one_move_rpc,
     statistics_scope,
-    timestamp,
 )
 from services.teleconsult import directory, report, workflow
 from services.teleconsult.deadlines import DeadlinePolicy
@@ -77,7 +78,7 @@ _MAX_PAGE = 200
 def _time(ts: Timestamp) -> datetime.datetime | None:
     if not ts.seconds and not ts.nanos:
         return None
-    return ts.ToDatetime(tzinfo=datetime.UTC)
+    return to_datetime(ts)
 
 
 def _not_found() -> NotFound:
