@@ -33,7 +33,7 @@ from services.referral.store import (
     idempotent_answers,
     sealed_context,
 )
-from services.shared import mpi_client
+from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, TokenVerifier, caller
 from services.shared.errors import (
@@ -425,7 +425,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             episode_id=episode_id,
             parent_referral_id=ref.parent_referral_id[:36] if ref.parent_referral_id else "",
         )
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             session.add(record)
             await session.flush()
             for seq, plan in enumerate(plans):
@@ -469,7 +469,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             answer = referral_pb2.CreateReferralResponse(referral=await self._message(session, record, who=who))
             if given_key:
                 await self._writes.keep(session, who, keep, answer)
-        self._rt.outbox.notify()
         return answer
 
     async def _check_documents(self, document_ids: Sequence[str], enterprise_id: str, requester: str) -> None:
@@ -724,16 +723,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         person = await mpi_client.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="referral.read",
-                action=Action.ACTION_READ,
-                patient_enterprise_id=person.enterprise_id,
-                entities=[("ServiceRequest", record.id)],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="referral.read",
+            action=Action.ACTION_READ,
+            patient_enterprise_id=person.enterprise_id,
+            entities=[("ServiceRequest", record.id)],
+        )
         return referral_pb2.GetReferralResponse(referral=message)
 
     async def ListReferrals(
@@ -775,15 +772,13 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 await session.scalars(query.order_by(r.created_at.desc(), r.id).offset(offset).limit(size + 1))
             )
             messages = [await self._message(session, rec, who=who, full=False) for rec in records[:size]]
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="referral.list",
-                action=Action.ACTION_READ,
-                entities=[("ServiceRequest", m.referral_id) for m in messages],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="referral.list",
+            action=Action.ACTION_READ,
+            entities=[("ServiceRequest", m.referral_id) for m in messages],
+        )
         return referral_pb2.ListReferralsResponse(
             referrals=messages, next_page_token=str(offset + size) if len(records) > size else ""
         )
@@ -809,16 +804,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         closed = all(rec.state in workflow.TERMINAL for rec in records) and any(
             rec.state == workflow.CLOSED for rec in records
         )
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="referral.episode.read",
-                action=Action.ACTION_READ,
-                patient_enterprise_id=mine[0].enterprise_id,
-                entities=[("EpisodeOfCare", request.episode_id[:36])],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="referral.episode.read",
+            action=Action.ACTION_READ,
+            patient_enterprise_id=mine[0].enterprise_id,
+            entities=[("EpisodeOfCare", request.episode_id[:36])],
+        )
         return referral_pb2.GetEpisodeResponse(
             episode_id=request.episode_id[:36], status="closed" if closed else "open", referrals=messages
         )
@@ -853,7 +846,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 f"a referral in state {workflow.state_name(record.state)} takes no follow-ups", reason="referral-state"
             )
         events: list[str] = []
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             follow_up = await session.get(FollowUpRecord, request.follow_up_id[:36])
             if follow_up is None or follow_up.referral_id != record.id:
                 raise NotFound("no such follow-up", reason="referral-follow-up-not-found")
@@ -898,7 +891,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 referral=await self._message(session, record, who=who), audit_event_ids=events
             )
             await self._writes.keep(session, who, keep, answer)
-        self._rt.outbox.notify()
         return answer
 
     # --- slots, beds --------------------------------------------------------------------------
@@ -943,7 +935,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     created_at=now,
                 )
             )
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             session.add_all(records)
             await self._rt.audit.record(
                 session,
@@ -954,7 +946,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             )
             answer = referral_pb2.PublishSlotsResponse(slots=[messages.slot(r) for r in records])
             await self._writes.keep(session, who, keep, answer)
-        self._rt.outbox.notify()
         return answer
 
     async def ListSlots(
@@ -1077,11 +1068,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             for rec in records
         ]
         stats = domain.statistics_of(facts)
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session, caller=who, type="referral.statistics", action=Action.ACTION_READ, entities=[]
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(self._rt, caller=who, type="referral.statistics", action=Action.ACTION_READ)
 
         def rows(counts: Mapping[str, int]) -> list[referral_pb2.CountRow]:
             return [referral_pb2.CountRow(key=k, count=v) for k, v in sorted(counts.items())]

@@ -33,6 +33,7 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
+from hie.registry.v1 import registry_pb2
 from services.registry import dsub, store
 from services.registry.endpoints import EndpointRefused, check_endpoint, own_ports, pinned
 from services.registry.nats_publisher import NATS_TOPIC, nats_publisher
@@ -161,12 +162,17 @@ class Notifier:
                 "status": "current",
             }
             if record.relation_type:
-                names = {1: "replaces", 2: "appends", 3: "transforms"}
+                names = {
+                    registry_pb2.RELATION_TYPE_REPLACES: "replaces",
+                    registry_pb2.RELATION_TYPE_APPENDS: "appends",
+                    registry_pb2.RELATION_TYPE_TRANSFORMS: "transforms",
+                }
                 document["relation"] = {"type": names[record.relation_type], "document_id": record.related_document_id}
             notifications = []
             for sub in subscriptions:
                 # The type topic matched any of the set's types: this document's only.
-                if sub.topic == 2 and sub.type_code not in (record.type_code, record.shared_type):
+                shared = (record.type_code, record.shared_type)
+                if sub.topic == dsub.TOPIC_DOCUMENT_TYPE and sub.type_code not in shared:
                     continue
                 local_ids = sorted(local for domain, local in pairs if domain == sub.organization_id)
                 notifications.append(
