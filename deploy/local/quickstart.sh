@@ -23,7 +23,7 @@ hie="$venv/bin/hie"
 export HIE_DATA_DIR=${HIE_DATA_DIR:-.hie}
 gateway_url="http://127.0.0.1:${HIE_GATEWAY_PORT:-8400}"
 
-HIE_UP_HINT="the quick start runs the demo now" "$hie" up &
+"$hie" up --hint "the quick start runs the demo now" &
 up_pid=$!
 stop() {
   trap - EXIT INT TERM

@@ -22,10 +22,10 @@ from gateway.routes.workflow_contract import (
     clocks_json,
     history_json,
     iso,
-    timestamp,
 )
 from hie.referral.v1 import referral_pb2
 from services.referral.directory import DIRECTORY_METADATA_KEY
+from services.shared.timestamps import to_timestamp_or_none
 
 router = APIRouter(prefix="/api/v1", tags=["referrals"])
 
@@ -230,8 +230,8 @@ async def referral_statistics(
     result = await rpc(
         request.app.state.stubs.referral.ReferralStatistics(
             referral_pb2.ReferralStatisticsRequest(
-                since=timestamp(since) if since else None,
-                until=timestamp(until) if until else None,
+                since=to_timestamp_or_none(since) if since else None,
+                until=to_timestamp_or_none(until) if until else None,
                 organization_id=organization_id,
             ),
             metadata=ctx.metadata,
@@ -304,7 +304,9 @@ async def publish_slots(
         request.app.state.stubs.referral.PublishSlots(
             referral_pb2.PublishSlotsRequest(
                 slots=[
-                    referral_pb2.Slot(department=s.department, start=timestamp(s.start), end=timestamp(s.end))
+                    referral_pb2.Slot(
+                        department=s.department, start=to_timestamp_or_none(s.start), end=to_timestamp_or_none(s.end)
+                    )
                     for s in body.slots
                 ],
                 idempotency_key=idempotency_key,

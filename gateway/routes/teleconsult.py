@@ -25,11 +25,11 @@ from gateway.routes.workflow_contract import (
     clocks_json,
     history_json,
     iso,
-    timestamp,
 )
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 from hie.teleconsult.v1 import teleconsult_pb2
+from services.shared.timestamps import to_datetime, to_timestamp_or_none
 from services.teleconsult import report as report_model
 from services.teleconsult.deadlines import KINDS, URGENCIES
 from services.teleconsult.workflow import MOVES, state_name
@@ -363,7 +363,7 @@ def report_json(r: teleconsult_pb2.Report) -> dict[str, Any]:
             jws=r.signature_jws,
             organization_id=(resource.get("performer") or [{}])[0].get("identifier", {}).get("value", ""),
             practitioner_id=r.signer_practitioner_id,
-            signed=r.signed.ToDatetime(tzinfo=datetime.UTC),
+            signed=to_datetime(r.signed),
             sm2_signature=r.sm2_signature,
         )
     return {
@@ -436,7 +436,7 @@ async def statistics(
     r = await rpc(
         request.app.state.stubs.teleconsult.ConsultationStatistics(
             teleconsult_pb2.ConsultationStatisticsRequest(
-                since=timestamp(since), until=timestamp(until), organization_id=organization_id
+                since=to_timestamp_or_none(since), until=to_timestamp_or_none(until), organization_id=organization_id
             ),
             metadata=ctx.metadata,
         )
@@ -559,8 +559,8 @@ async def add_shift(body: ShiftIn, ctx: Context, request: Request, idempotency_k
                 shift=teleconsult_pb2.RosterShift(
                     practitioner_id=body.practitioner_id,
                     kind=KINDS[body.kind],
-                    start=timestamp(body.start),
-                    end=timestamp(body.end),
+                    start=to_timestamp_or_none(body.start),
+                    end=to_timestamp_or_none(body.end),
                 ),
                 idempotency_key=idempotency_key,
             ),
@@ -615,7 +615,9 @@ async def publish_slots(
             teleconsult_pb2.PublishSlotsRequest(
                 slots=[
                     teleconsult_pb2.Slot(
-                        practitioner_id=s.practitioner_id, start=timestamp(s.start), end=timestamp(s.end)
+                        practitioner_id=s.practitioner_id,
+                        start=to_timestamp_or_none(s.start),
+                        end=to_timestamp_or_none(s.end),
                     )
                     for s in body.slots
                 ],
@@ -681,7 +683,7 @@ async def move_consultation(
             signer=ic.signer,
             guardian_name=ic.guardian_name,
             guardian_relationship=ic.guardian_relationship,
-            signed=timestamp(ic.signed),
+            signed=to_timestamp_or_none(ic.signed),
         )
     result = await rpc(
         request.app.state.stubs.teleconsult.MoveConsultation(

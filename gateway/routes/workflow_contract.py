@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from services.shared.timestamps import isoformat
+
 # Unknown fields are refused (400 invalid-request naming them), as the schema says.
 STRICT_BODY = ConfigDict(extra="forbid", strict=False)
 
@@ -31,20 +33,11 @@ def _date_time_text(value: object) -> object:
 DateTime = Annotated[datetime.datetime, BeforeValidator(_date_time_text)]
 
 
-def timestamp(value: datetime.datetime | None) -> Timestamp | None:
-    """A date-time for a service (one without an offset is taken as UTC)."""
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=datetime.UTC))
-    return ts
-
-
 def iso(ts: Timestamp) -> str | None:
     """A service's timestamp as the API writes it (None where it is unset)."""
     if not ts.seconds and not ts.nanos:
         return None
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat()
+    return isoformat(ts)
 
 
 class PeriodIn(BaseModel):

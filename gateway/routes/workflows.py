@@ -11,9 +11,10 @@ from gateway.deps import Context, IdempotencyKey
 from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.referrals import DIRECTIONS, SERVICES, URGENCIES, directory_metadata, referral_json
-from gateway.routes.workflow_contract import STRICT_BODY, VISIBLE, DateTime, timestamp
+from gateway.routes.workflow_contract import STRICT_BODY, VISIBLE, DateTime
 from hie.common.v1 import common_pb2
 from hie.referral.v1 import referral_pb2
+from services.shared.timestamps import to_timestamp_or_none
 
 router = APIRouter(prefix="/api/v1", tags=["workflows"])
 
@@ -119,7 +120,7 @@ async def create_referral(
                         medication=plan.medication,
                         warning_signs=plan.warning_signs,
                         follow_ups=[
-                            referral_pb2.FollowUp(description=f.description, due=timestamp(f.due))
+                            referral_pb2.FollowUp(description=f.description, due=to_timestamp_or_none(f.due))
                             for f in plan.follow_ups
                         ],
                     )

@@ -906,7 +906,7 @@ def free_port_block(size: int = 7) -> int:
 
 @dataclass
 class OwnExchange:
-    """The six services and the gateway as processes of this one (so their CPU is theirs)."""
+    """The services and the gateway as processes of this one (so their CPU is theirs)."""
 
     processes: list[subprocess.Popen[bytes]]
     data_dir: Path
@@ -927,11 +927,12 @@ def start_own_exchange(database_url: str, extra_env: dict[str, str] | None = Non
     """The exchange's processes as `hie up` starts them (audit first, the gateway last), in a
     temporary data dir, on free ports, in `bench_*` schemas when on PostgreSQL; ready when the
     gateway's /readyz says so (waiting up to five minutes: a busy shared machine is slow)."""
+    from services.shared.components import SERVICES
     from services.shared.config import SERVICE_PORTS
     from services.shared.keys import ensure_exchange_keys
 
     data_dir = Path(tempfile.mkdtemp(prefix="hie-bench-load-"))
-    ports = free_port_block()
+    ports = free_port_block(1 + len(SERVICES))
     keys = ensure_exchange_keys(data_dir / "keys")
     targets = {name: f"127.0.0.1:{ports + 1 + i}" for i, name in enumerate(SERVICE_PORTS)}
     url = f"http://127.0.0.1:{ports}"
@@ -950,7 +951,7 @@ def start_own_exchange(database_url: str, extra_env: dict[str, str] | None = Non
         env["HIE_DATABASE_URL"] = database_url
     log = (data_dir / "exchange.log").open("wb")
     processes = []
-    for name in ("audit", "mpi", "consent", "registry", "referral", "teleconsult"):
+    for name in (c.name for c in SERVICES):
         processes.append(
             subprocess.Popen(  # noqa: S603 - this interpreter, a fixed module name
                 [sys.executable, "-m", f"services.{name}"],

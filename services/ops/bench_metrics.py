@@ -165,16 +165,18 @@ async def _drive(base_url: str, settings: Any, *, seconds: float, concurrency: i
 
 
 def bench_exchange(*, metrics_on: bool, seconds: float, concurrency: int) -> dict[str, Any]:
+    from services.shared.components import SERVICES
     from services.shared.config import Settings
 
     data_dir = Path(tempfile.mkdtemp(prefix="hie-bench-metrics-"))
-    base = _free_block(14)
+    # The gateway and the services, then their metrics ports.
+    base = _free_block(2 * (1 + len(SERVICES)))
     env = {
         **os.environ,
         "HIE_DATA_DIR": str(data_dir),
         "HIE_GATEWAY_PORT": str(base),
         "HIE_SERVICE_BASE_PORT": str(base + 1),
-        "HIE_METRICS_BASE_PORT": str(base + 7) if metrics_on else "0",
+        "HIE_METRICS_BASE_PORT": str(base + 1 + len(SERVICES)) if metrics_on else "0",
         "HIE_MLLP_PORT": "0",
         # No rate limit in the way of the load (one client from one address).
         "HIE_RATE_LIMIT_PER_SECOND": "100000",

@@ -440,7 +440,7 @@ def up(
         int,
         typer.Option(
             envvar="HIE_SERVICE_BASE_PORT",
-            help="First of six consecutive gRPC ports (mpi, registry, consent, referral, teleconsult, audit)",
+            help=f"First of {len(SERVICES)} consecutive gRPC ports ({', '.join(c.name for c in by_port())})",
         ),
     ] = SERVICE_BASE_PORT,
     mllp_port: Annotated[
@@ -457,13 +457,17 @@ def up(
         int | None,
         typer.Option(
             envvar="HIE_METRICS_BASE_PORT",
-            help="Prometheus /metrics: gateway on this port, services on the next six; 0 turns them off"
+            help=f"Prometheus /metrics: gateway on this port, services on the next {len(SERVICES)}; 0 turns them off"
             " [default: 9400, or the service base port + 40 when that is moved]",
             show_default=False,
         ),
     ] = None,
+    # The quick start runs the demo itself; a plain `hie up` tells the operator how to.
+    hint: Annotated[str, typer.Option(hidden=True, help="What the banner tells the operator to do next")] = (
+        "run `hie demo` in another terminal"
+    ),
 ) -> None:
-    """Start the six services, the gateway and the MLLP listener as separate processes on loopback,
+    """Start the services, the gateway and the MLLP listener as separate processes on loopback,
     restart any that crashes (with backoff), and stop them all on Ctrl-C."""
     data_dir = data_dir.resolve()
     running = _running_state(data_dir)
@@ -491,7 +495,7 @@ def up(
         PortUse(p, f"{n} metrics", "--metrics-base-port / HIE_METRICS_BASE_PORT") for n, p in metrics_ports.items()
     ]
     if not all(0 < use.port < 65536 for use in uses):
-        typer.echo("ports must be between 1 and 65535 (six gRPC ports from --service-base-port)", err=True)
+        typer.echo(f"ports must be between 1 and 65535 ({len(SERVICES)} gRPC ports from --service-base-port)", err=True)
         raise typer.Exit(2)
     for first, second in duplicate_ports(uses):
         typer.echo(f"port {first.port} is given to both {first.component} and {second.component}", err=True)
@@ -563,7 +567,7 @@ def up(
         if metrics_ports:
             ports = ", ".join(f"{name} :{port}" for name, port in metrics_ports.items())
             typer.echo(f"metrics      http://127.0.0.1:<port>/metrics for {ports} (`hie status` reads them)")
-        typer.echo(f"exchange up: {gateway_url}   ({_banner_hint()}; Ctrl-C stops)")
+        typer.echo(f"exchange up: {gateway_url}   ({hint}; Ctrl-C stops)")
         while True:
             supervisor.check()
             time.sleep(0.2)
@@ -588,11 +592,6 @@ def up(
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%H:%M:%S")
-
-
-def _banner_hint() -> str:
-    """The quick start runs the demo itself; a plain `hie up` tells the operator how to."""
-    return os.environ.get("HIE_UP_HINT", "run `hie demo` in another terminal")
 
 
 @app.command()
@@ -748,15 +747,15 @@ def bench_exchange(
 
 
 def _free_port_block() -> int:
-    """A port P with P..P+6 free (the gateway, then six gRPC ports) for an exchange of one's own."""
+    """A port P with P..P+len(SERVICES) free (the gateway, then the gRPC ports) for an exchange of one's own."""
     import random
 
     for _ in range(500):
         first = random.randint(20_000, 60_000)
-        uses = [PortUse(port, "bench", "") for port in range(first, first + 7)]
+        uses = [PortUse(port, "bench", "") for port in range(first, first + 1 + len(SERVICES))]
         if not taken_ports(uses):
             return first
-    _fail("no block of seven free ports found", _EXIT_PORT_TAKEN)
+    _fail(f"no block of {1 + len(SERVICES)} free ports found", _EXIT_PORT_TAKEN)
 
 
 @bench_app.command("audit")
@@ -963,7 +962,9 @@ def db_migrate(
 
 @db_app.command("revision")
 def db_revision(
-    component: Annotated[str, typer.Argument(help="mpi, registry, consent, referral, teleconsult, audit or gateway")],
+    component: Annotated[
+        str, typer.Argument(help=f"{', '.join(DATABASE_COMPONENTS[:-1])} or {DATABASE_COMPONENTS[-1]}")
+    ],
     message: Annotated[str, typer.Option("-m", "--message")],
 ) -> None:
     """Write a new migration for a component by comparing its tables with its migrated schema

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.ops.alerts import ALERTS, Samples, evaluate
 from services.shared.config import SERVICE_PORTS
 
-# `hie up`'s metrics ports: the gateway on the base port, the six services on the next six.
+# `hie up`'s metrics ports: the gateway on the base port, the services on the ports after it.
 METRICS_BASE_PORT = 9400
 COMPONENTS = ("gateway", *SERVICE_PORTS)
 _COMPONENT_DOWN = next(a for a in ALERTS if a.name == "HieComponentDown")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hie.referral.v1 import referral_pb2
 from services.referral.store import BedCountRecord, SlotRecord
-from services.shared.workflow.service import timestamp
+from services.shared.timestamps import to_timestamp_or_none as timestamp
 
 
 def slot(record: SlotRecord) -> referral_pb2.Slot:

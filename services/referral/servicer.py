@@ -6,7 +6,6 @@ deadlines.py (clocks)."""
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import uuid
@@ -14,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -35,7 +33,7 @@ from services.referral.store import (
     idempotent_answers,
     sealed_context,
 )
-from services.shared import mpi_client
+from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, TokenVerifier, caller
 from services.shared.errors import (
@@ -49,6 +47,7 @@ from services.shared.errors import (
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection, TamperedCiphertextError
+from services.shared.timestamps import to_datetime, to_timestamp_or_none
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
@@ -87,13 +86,6 @@ _CREATE_OPERATION = "referral.create"
 _one_move = functools.partial(
     one_move_rpc, move_request=referral_pb2.MoveReferralRequest, item_id="referral_id", item="referral"
 )
-
-
-_ts = messages.timestamp
-
-
-def _dt(ts: Timestamp) -> datetime.datetime:
-    return ts.ToDatetime(tzinfo=datetime.UTC)
 
 
 class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
@@ -170,7 +162,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             reason=opened.get("reason", ""),
             state=record.state,  # type: ignore[arg-type]
             document_ids=json.loads(record.document_ids),
-            created=_ts(record.created_at),
+            created=to_timestamp_or_none(record.created_at),
             history=[
                 referral_pb2.ReferralStateChange(
                     from_state=h["from_state"],
@@ -178,7 +170,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     organization_id=h["organization_id"],
                     practitioner_id=h["practitioner_id"],
                     reason=self._open_reason(h["id"], h["reason"]),
-                    changed=_ts(h["changed_at"]),
+                    changed=to_timestamp_or_none(h["changed_at"]),
                     move=h["move"],
                     role=h["role"],
                 )
@@ -197,7 +189,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             rejection_code=record.rejection_code,
             advice=opened.get("advice", ""),
             slot_id=record.slot_id,
-            appointment_start=_ts(record.appointment_start),
+            appointment_start=to_timestamp_or_none(record.appointment_start),
             bed_department=record.bed_department,
             outcome_document_id=record.outcome_document_id,
             care_plan=referral_pb2.CarePlan(
@@ -213,7 +205,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             clocks=[
                 referral_pb2.Clock(
                     name=c["name"],
-                    due=_ts(c["due_at"]),
+                    due=to_timestamp_or_none(c["due_at"]),
                     paused=c["paused_at"] is not None,
                     fired=c["fired_at"] is not None,
                     stopped=c["stopped_at"] is not None,
@@ -233,8 +225,8 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         return referral_pb2.FollowUp(
             follow_up_id=f.id,
             description=opened.get("description", ""),
-            due=_ts(f.due_at),
-            done=_ts(f.done_at),
+            due=to_timestamp_or_none(f.due_at),
+            done=to_timestamp_or_none(f.done_at),
             note=opened.get("note", ""),
         )
 
@@ -368,7 +360,8 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         now = self.engine.now()
         plans = [
             domain.FollowUpPlan(
-                description=domain.check_text(f.description, field="care_plan.follow_ups", limit=500), due=_dt(f.due)
+                description=domain.check_text(f.description, field="care_plan.follow_ups", limit=500),
+                due=to_datetime(f.due),
             )
             for f in ref.care_plan.follow_ups
         ]
@@ -432,7 +425,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             episode_id=episode_id,
             parent_referral_id=ref.parent_referral_id[:36] if ref.parent_referral_id else "",
         )
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             session.add(record)
             await session.flush()
             for seq, plan in enumerate(plans):
@@ -476,7 +469,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             answer = referral_pb2.CreateReferralResponse(referral=await self._message(session, record, who=who))
             if given_key:
                 await self._writes.keep(session, who, keep, answer)
-        self._rt.outbox.notify()
         return answer
 
     async def _check_documents(self, document_ids: Sequence[str], enterprise_id: str, requester: str) -> None:
@@ -731,16 +723,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         person = await mpi_client.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="referral.read",
-                action=Action.ACTION_READ,
-                patient_enterprise_id=person.enterprise_id,
-                entities=[("ServiceRequest", record.id)],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="referral.read",
+            action=Action.ACTION_READ,
+            patient_enterprise_id=person.enterprise_id,
+            entities=[("ServiceRequest", record.id)],
+        )
         return referral_pb2.GetReferralResponse(referral=message)
 
     async def ListReferrals(
@@ -782,15 +772,13 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 await session.scalars(query.order_by(r.created_at.desc(), r.id).offset(offset).limit(size + 1))
             )
             messages = [await self._message(session, rec, who=who, full=False) for rec in records[:size]]
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="referral.list",
-                action=Action.ACTION_READ,
-                entities=[("ServiceRequest", m.referral_id) for m in messages],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="referral.list",
+            action=Action.ACTION_READ,
+            entities=[("ServiceRequest", m.referral_id) for m in messages],
+        )
         return referral_pb2.ListReferralsResponse(
             referrals=messages, next_page_token=str(offset + size) if len(records) > size else ""
         )
@@ -816,16 +804,14 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         closed = all(rec.state in workflow.TERMINAL for rec in records) and any(
             rec.state == workflow.CLOSED for rec in records
         )
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session,
-                caller=who,
-                type="referral.episode.read",
-                action=Action.ACTION_READ,
-                patient_enterprise_id=mine[0].enterprise_id,
-                entities=[("EpisodeOfCare", request.episode_id[:36])],
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(
+            self._rt,
+            caller=who,
+            type="referral.episode.read",
+            action=Action.ACTION_READ,
+            patient_enterprise_id=mine[0].enterprise_id,
+            entities=[("EpisodeOfCare", request.episode_id[:36])],
+        )
         return referral_pb2.GetEpisodeResponse(
             episode_id=request.episode_id[:36], status="closed" if closed else "open", referrals=messages
         )
@@ -860,7 +846,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 f"a referral in state {workflow.state_name(record.state)} takes no follow-ups", reason="referral-state"
             )
         events: list[str] = []
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             follow_up = await session.get(FollowUpRecord, request.follow_up_id[:36])
             if follow_up is None or follow_up.referral_id != record.id:
                 raise NotFound("no such follow-up", reason="referral-follow-up-not-found")
@@ -905,7 +891,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 referral=await self._message(session, record, who=who), audit_event_ids=events
             )
             await self._writes.keep(session, who, keep, answer)
-        self._rt.outbox.notify()
         return answer
 
     # --- slots, beds --------------------------------------------------------------------------
@@ -934,7 +919,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         now = self.engine.now()
         records = []
         for index, slot in enumerate(request.slots):
-            start, end = _dt(slot.start), _dt(slot.end)
+            start, end = to_datetime(slot.start), to_datetime(slot.end)
             if not slot.department or len(slot.department) > 64 or end <= start:
                 raise InvalidArgument(
                     f"slots[{index}] needs a department and an end after its start", reason="referral-slot"
@@ -950,7 +935,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                     created_at=now,
                 )
             )
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             session.add_all(records)
             await self._rt.audit.record(
                 session,
@@ -961,7 +946,6 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             )
             answer = referral_pb2.PublishSlotsResponse(slots=[messages.slot(r) for r in records])
             await self._writes.keep(session, who, keep, answer)
-        self._rt.outbox.notify()
         return answer
 
     async def ListSlots(
@@ -978,7 +962,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         if request.free_only:
             query = query.where(SlotRecord.referral_id.is_(None))
         if request.HasField("since"):
-            query = query.where(SlotRecord.start_at >= _dt(request.since))
+            query = query.where(SlotRecord.start_at >= to_datetime(request.since))
         async with self._rt.sessions() as session:
             records = list(await session.scalars(query.order_by(SlotRecord.start_at, SlotRecord.id).limit(500)))
         return referral_pb2.ListSlotsResponse(slots=[messages.slot(r) for r in records])
@@ -1048,9 +1032,9 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         r = ReferralRecord
         query = select(r)
         if request.HasField("since"):
-            query = query.where(r.created_at >= _dt(request.since))
+            query = query.where(r.created_at >= to_datetime(request.since))
         if request.HasField("until"):
-            query = query.where(r.created_at < _dt(request.until))
+            query = query.where(r.created_at < to_datetime(request.until))
         if org:
             query = query.where(or_(r.requester_organization_id == org, r.target_organization_id == org))
         clocks = TABLES.clocks
@@ -1084,11 +1068,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             for rec in records
         ]
         stats = domain.statistics_of(facts)
-        async with self._rt.sessions() as session, session.begin():
-            await self._rt.audit.record(
-                session, caller=who, type="referral.statistics", action=Action.ACTION_READ, entities=[]
-            )
-        self._rt.outbox.notify()
+        await transactions.audited(self._rt, caller=who, type="referral.statistics", action=Action.ACTION_READ)
 
         def rows(counts: Mapping[str, int]) -> list[referral_pb2.CountRow]:
             return [referral_pb2.CountRow(key=k, count=v) for k, v in sorted(counts.items())]

@@ -5,10 +5,8 @@ NATS publishing: notify_settings.py, endpoints.py, nats_publisher.py (re-exporte
 
 from __future__ import annotations
 
-import datetime
 import uuid
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +25,7 @@ from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection.sm2 import DEFAULT_SIGNER_ID
+from services.shared.timestamps import to_datetime_or_none, to_timestamp
 from services.shared.tracing import current_trace_ids
 
 __all__ = [
@@ -45,12 +44,6 @@ __all__ = [
 _SUBSCRIBERS = ("admin", "doctor", "nurse")
 
 
-def _ts(value: datetime.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def _subscription_message(record: store.SubscriptionRecord) -> notifications_pb2.Subscription:
     return notifications_pb2.Subscription(
         subscription_id=record.id,
@@ -61,8 +54,8 @@ def _subscription_message(record: store.SubscriptionRecord) -> notifications_pb2
         else None,
         type_code=record.type_code,
         endpoint_url=record.endpoint_url,
-        expires=_ts(record.expires),
-        created=_ts(record.created),
+        expires=to_timestamp(record.expires),
+        created=to_timestamp(record.created),
     )
 
 
@@ -74,8 +67,8 @@ def _dead_letter_message(record: store.DeadLetterRecord) -> notifications_pb2.De
         event_type=record.event_type,
         attempts=record.attempts,
         last_error=record.last_error,
-        created=_ts(record.created),
-        dead_lettered=_ts(record.dead_lettered),
+        created=to_timestamp(record.created),
+        dead_lettered=to_timestamp(record.dead_lettered),
     )
 
 
@@ -102,9 +95,7 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
         if topic not in dsub.TOPIC_NAMES:
             raise InvalidArgument("topic must be patient-document, document-type or workflow-state", reason="topic")
         endpoint = dsub.check_endpoint(request.endpoint_url, production=self._rt.settings.environment == "production")
-        expires = dsub.check_expiry(
-            request.expires.ToDatetime(tzinfo=datetime.UTC) if request.HasField("expires") else None, now
-        )
+        expires = dsub.check_expiry(to_datetime_or_none(request.expires, request.HasField("expires")), now)
         enterprise_id = ""
         local_id = type_code = ""
         if topic == dsub.TOPIC_PATIENT_DOCUMENT:

@@ -33,9 +33,10 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.common.v1 import common_pb2
+from hie.registry.v1 import registry_pb2
 from services.registry import dsub, store
 from services.registry.endpoints import EndpointRefused, check_endpoint, own_ports, pinned
-from services.registry.nats_publisher import NATS_TOPIC, NatsPublisher
+from services.registry.nats_publisher import NATS_TOPIC, nats_publisher
 from services.registry.notify_settings import NotificationSettings
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import PLATFORM, Caller
@@ -84,7 +85,7 @@ class Notifier:
             allow_loopback=settings.allow_loopback,
             own_ports=own_ports(runtime.settings),
         )
-        self._nats = NatsPublisher(settings.nats_url)
+        self._nats = nats_publisher(settings.nats_url)
         # One client (one connection pool) for every delivery, not one per notification.
         self._http: httpx.AsyncClient | None = None
         runtime.outbox.register(
@@ -103,7 +104,7 @@ class Notifier:
             ),
         )
         if settings.nats_url:
-            runtime.outbox.register(NATS_TOPIC, self._nats.publish, DeliveryPolicy(lane="broker"))
+            runtime.outbox.register(NATS_TOPIC, self._nats, DeliveryPolicy(lane="broker"))
             runtime.background(self._nats.close_on_exit(), name="nats-close")
 
     # --- staging (inside the caller's transaction) --------------------------------------------
@@ -161,12 +162,17 @@ class Notifier:
                 "status": "current",
             }
             if record.relation_type:
-                names = {1: "replaces", 2: "appends", 3: "transforms"}
+                names = {
+                    registry_pb2.RELATION_TYPE_REPLACES: "replaces",
+                    registry_pb2.RELATION_TYPE_APPENDS: "appends",
+                    registry_pb2.RELATION_TYPE_TRANSFORMS: "transforms",
+                }
                 document["relation"] = {"type": names[record.relation_type], "document_id": record.related_document_id}
             notifications = []
             for sub in subscriptions:
                 # The type topic matched any of the set's types: this document's only.
-                if sub.topic == 2 and sub.type_code not in (record.type_code, record.shared_type):
+                shared = (record.type_code, record.shared_type)
+                if sub.topic == dsub.TOPIC_DOCUMENT_TYPE and sub.type_code not in shared:
                     continue
                 local_ids = sorted(local for domain, local in pairs if domain == sub.organization_id)
                 notifications.append(

@@ -3,31 +3,15 @@ timestamps, both ways."""
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Iterable
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
 from services.registry import document_types, domain, store
+from services.shared.timestamps import to_timestamp_or_none
 
 IMAGING = registry_pb2.CONTENT_KIND_IMAGING_STUDY
 INLINE = registry_pb2.CONTENT_KIND_INLINE
-
-
-def to_timestamp(value: datetime.datetime | None) -> Timestamp | None:
-    """A protobuf timestamp (None for None)."""
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def from_timestamp(ts: Timestamp, present: bool) -> datetime.datetime | None:
-    """An aware UTC datetime when the field was set."""
-    return ts.ToDatetime(tzinfo=datetime.UTC) if present else None
 
 
 def coding_of(record: store.EntryLike, name: str) -> registry_pb2.Coding | None:
@@ -69,7 +53,7 @@ def submission_set_message(record: store.SubmissionSetRecord) -> registry_pb2.Su
             if record.content_type_code
             else None
         ),
-        submitted=to_timestamp(record.submitted),
+        submitted=to_timestamp_or_none(record.submitted),
         document_ids=record.document_ids.split(),
     )
 
@@ -97,15 +81,15 @@ def entry_message(
         type_code=registry_pb2.Coding(system=record.type_system, code=record.type_code, display=record.type_display),
         confidentiality=record.confidentiality,
         security_labels=store.labels_of(record.security_labels),
-        created=to_timestamp(record.created),
+        created=to_timestamp_or_none(record.created),
         title=record.title,
         language=record.language,
         mime_type=record.mime_type,
         size=record.size,
         sha256=record.sha256,
         status=record.status,  # type: ignore[arg-type]
-        service_start=to_timestamp(record.service_start),
-        service_end=to_timestamp(record.service_end),
+        service_start=to_timestamp_or_none(record.service_start),
+        service_end=to_timestamp_or_none(record.service_end),
         relations=(
             [registry_pb2.DocumentRelation(type=record.relation_type, target_document_id=record.related_document_id)]  # type: ignore[arg-type]
             if record.relation_type

@@ -19,7 +19,7 @@ from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import domain, store
 from services.registry.broker import Notifier
 from services.registry.content import ChunkWriter, read_chunks, sealed_chunks
-from services.registry.messages import entry_message, from_timestamp, submission_set_message, to_timestamp
+from services.registry.messages import entry_message, submission_set_message
 from services.registry.submission import Submission, as_retry, check_submission
 from services.registry.xref_cache import CrossReferenceCache
 from services.shared import mpi_client
@@ -40,6 +40,8 @@ from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection.fields import TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
+from services.shared.timestamps import to_datetime_or_none as from_timestamp
+from services.shared.timestamps import to_timestamp_or_none as to_timestamp
 
 _MAX_PAGE = 200
 # Documents per submission set (their content also fits in one gRPC message, at most 64 MiB).

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from hie.registry.v1 import registry_pb2
 from services.registry import document_types, domain, store
-from services.registry.messages import IMAGING, INLINE, coding_columns, from_timestamp
+from services.registry.messages import IMAGING, INLINE, coding_columns
 from services.shared.auth import Caller
 from services.shared.db import utcnow
 from services.shared.errors import AlreadyExists, InvalidArgument, NotFound
+from services.shared.timestamps import to_datetime_or_none
 
 CURRENT = registry_pb2.DOCUMENT_STATUS_CURRENT
 
@@ -93,9 +94,9 @@ def check_submission(who: Caller, header: registry_pb2.RegisterDocumentRequest) 
             target_id = str(uuid.UUID(header.relation.target_document_id))
         except ValueError:
             raise NotFound("no such document", reason="document-not-found") from None
-    created = from_timestamp(entry.created, entry.HasField("created")) or utcnow()
-    service_start = from_timestamp(entry.service_start, entry.HasField("service_start"))
-    service_end = from_timestamp(entry.service_end, entry.HasField("service_end"))
+    created = to_datetime_or_none(entry.created, entry.HasField("created")) or utcnow()
+    service_start = to_datetime_or_none(entry.service_start, entry.HasField("service_start"))
+    service_end = to_datetime_or_none(entry.service_end, entry.HasField("service_end"))
     if service_start and service_end and service_end < service_start:
         raise InvalidArgument("service period ends before it starts", reason="service-period-invalid")
     idempotency_key = header.idempotency_key.strip()[:128]

@@ -6,6 +6,7 @@ publishes again. nats-py is imported on first use: it is needed only where a NAT
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,3 +59,11 @@ class JetStreamPublisher:
         """Close the connection, if one is open."""
         if self._client is not None and not self._client.is_closed:
             await self._client.close()
+
+    async def close_on_exit(self) -> None:
+        """Wait until cancelled (the service stopping), then close the connection: run it as a
+        background task of the service."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()

@@ -23,10 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie.teleconsult.v1 import teleconsult_pb2
 from services.shared.errors import FailedPrecondition, InvalidArgument
-from services.shared.workflow.service import timestamp
+from services.shared.timestamps import to_datetime
+from services.shared.timestamps import to_timestamp_or_none as timestamp
 from services.teleconsult import workflow
 
 MULTIDISCIPLINARY = teleconsult_pb2.CONSULTATION_KIND_MULTIDISCIPLINARY
+# `qualified(..., kind=ANY_KIND)`: qualified at all, whatever kinds of consultation one takes.
+ANY_KIND = teleconsult_pb2.CONSULTATION_KIND_UNSPECIFIED
 TITLES = ("住院医师", "主治医师", "副主任医师", "主任医师")
 ADULT_AGE = 18  # 民法典: a person under 18 is a minor; the guardian consents.
 
@@ -111,7 +114,7 @@ def check_informed_consent(
     age = _age(birth_date, today)
     if ic.signer == "patient" and age is not None and age < ADULT_AGE:
         raise FailedPrecondition("a minor's guardian signs the consent", reason="consultation-guardian-required")
-    signed = ic.signed.ToDatetime(tzinfo=datetime.UTC) if ic.signed.seconds else now
+    signed = to_datetime(ic.signed) if ic.signed.seconds else now
     return {
         "evidence_document_id": ic.evidence_document_id[:64],
         "signer": ic.signer,
@@ -148,7 +151,7 @@ class QualificationRules:
             )
         for practitioner_id in chosen:
             s = specialists.get(practitioner_id)
-            if s is None or not self.qualified(s, kind=0 if kind == MULTIDISCIPLINARY else kind):
+            if s is None or not self.qualified(s, kind=ANY_KIND if kind == MULTIDISCIPLINARY else kind):
                 raise FailedPrecondition(
                     f"specialist {practitioner_id} does not meet the qualification for this consultation "
                     f"(directory entry, type, at least {self.min_practice_years} years of independent practice)",

@@ -22,7 +22,7 @@ from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2, mpi_pb2_grpc
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from hie.teleconsult.v1 import teleconsult_pb2, teleconsult_pb2_grpc
-from services.shared import mpi_client
+from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, caller
 from services.shared.errors import (
@@ -36,6 +36,8 @@ from services.shared.idempotency import FirstAnswers, check_key, fingerprint
 from services.shared.process import ServiceRuntime
 from services.shared.protection import DataProtection
 from services.shared.protection.sm2 import load_or_create_signing_key
+from services.shared.timestamps import to_datetime
+from services.shared.timestamps import to_timestamp_or_none as timestamp
 from services.shared.workflow.clocks import DeadlineScanner
 from services.shared.workflow.engine import GrantSpec, Subject, WorkflowEngine
 from services.shared.workflow.machine import ClockEffect, Decision
@@ -46,7 +48,6 @@ from services.shared.workflow.service import (
     check_attachments,
     one_move_rpc,
     statistics_scope,
-    timestamp,
 )
 from services.teleconsult import directory, report, workflow
 from services.teleconsult.deadlines import DeadlinePolicy
@@ -77,7 +78,7 @@ _MAX_PAGE = 200
 def _time(ts: Timestamp) -> datetime.datetime | None:
     if not ts.seconds and not ts.nanos:
         return None
-    return ts.ToDatetime(tzinfo=datetime.UTC)
+    return to_datetime(ts)
 
 
 def _not_found() -> NotFound:
@@ -343,7 +344,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             "mode": form.mode,
             "urgency": form.urgency,
         }
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             existing, first = await self._writes.earlier_create(
                 session, who, ConsultationRecord, keep, compared, teleconsult_pb2.RequestConsultationResponse
             )
@@ -404,7 +405,6 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             answer = teleconsult_pb2.RequestConsultationResponse(consultation=await self._message(session, record))
             if given_key:
                 await self._writes.keep(session, who, keep, answer)
-        self._rt.outbox.notify()
         return answer
 
     async def _check_documents(self, document_ids: Sequence[str], enterprise_id: str, requester: str) -> None:
@@ -430,7 +430,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         who.require_role("doctor", "nurse", "admin")
         record = await self._visible(who, request.consultation_id)
         enterprise_id = await self._enterprise_id(record)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             message = await self._message(session, record)
             side = _side(who, record)
             message.allowed_moves.extend(workflow.MACHINE.moves_from(record.state, side))
@@ -442,7 +442,6 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 patient_enterprise_id=enterprise_id,
                 entities=[("ServiceRequest", record.id)],
             )
-        self._rt.outbox.notify()
         return teleconsult_pb2.GetConsultationResponse(consultation=message)
 
     # --- moves ----------------------------------------------------------------------------------
@@ -902,7 +901,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         who.require_role("doctor", "nurse", "admin")
         record = await self._visible(who, request.consultation_id)
         enterprise_id = await self._enterprise_id(record)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             rows = list(
                 await session.scalars(
                     select(ReportRecord)
@@ -921,7 +920,6 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                     *(("DiagnosticReport", f"{record.id}-v{r.version}") for r in rows),
                 ],
             )
-        self._rt.outbox.notify()
         versions = []
         for r in rows:
             opened = self._open(report_context(r.id), r.sealed)
@@ -996,7 +994,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             query = query.where(c.id.in_(select(clocks.c.item_id).where(clocks.c.fired_at.is_not(None))))
         # Most urgent first, then oldest.
         query = query.order_by(c.urgency.desc(), c.created_at, c.id).offset(offset).limit(size + 1)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             rows = list(await session.scalars(query))
             messages = [await self._message(session, r, full=False) for r in rows[:size]]
             await self._rt.audit.record(
@@ -1007,7 +1005,6 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 patient_enterprise_id="",
                 entities=[("ServiceRequest", r.id) for r in rows[:size]],
             )
-        self._rt.outbox.notify()
         return teleconsult_pb2.ListConsultationsResponse(
             consultations=messages, next_page_token=str(offset + size) if len(rows) > size else ""
         )
@@ -1027,7 +1024,7 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
         if org:
             query = query.where((c.requester_organization_id == org) | (c.consultant_organization_id == org))
         clocks = TABLES.clocks
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             rows = list(await session.scalars(query))
             fired = {
                 item
@@ -1047,7 +1044,6 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
                 patient_enterprise_id="",
                 entities=[],
             )
-        self._rt.outbox.notify()
         return directory.statistics(rows, fired)
 
     # --- directory, rosters, slots --------------------------------------------------------------
@@ -1077,7 +1073,8 @@ class TeleconsultationsServicer(teleconsult_pb2_grpc.TeleconsultationsServicer):
             )
             await session.flush()
             return teleconsult_pb2.SetSpecialistResponse(
-                specialist=directory.specialist_message(row), qualified=self.rules.qualified(row, kind=0)
+                specialist=directory.specialist_message(row),
+                qualified=self.rules.qualified(row, kind=directory.ANY_KIND),
             )
 
         # Idempotency-Key: a retry gets the first answer and records no second audit event.

@@ -50,7 +50,8 @@ def _ports() -> tuple[int, int, int]:
             base = s.getsockname()[1]
         if base + 40 > 65535:
             continue
-        if all(_free(p) for p in (*range(base, base + 6), base + 30, base + 31)):
+        # hie up's metrics ports default to the service base port + 40 on: free too.
+        if all(_free(p) for p in (*range(base, base + 6), base + 30, base + 31, *range(base + 40, base + 47))):
             return base + 30, base, base + 31
     raise RuntimeError("no free port range")
 

@@ -25,6 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
+from services.shared import transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import Caller, PlatformCredentials
 from services.shared.consent_grants import GRANT_TOPIC, GrantEffect, consent_grant_sender, grant_message
@@ -180,7 +181,7 @@ class WorkflowEngine:
             enterprise_id = await resolve_enterprise_id()
         t = self.tables
         now = self.now()
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             values: dict[str, object] = {"state": decision.to_state, "version": t.item.c.version + 1, **(changes or {})}
             if decision.business_status and "business_status" in t.item.c:
                 values["business_status"] = decision.business_status
@@ -247,7 +248,6 @@ class WorkflowEngine:
             )
             if answer is not None:
                 await answer(session, [event_id])
-        self._rt.outbox.notify()
         return Applied(decision, [event_id], repeated=False)
 
     async def _already_applied(self, item_id: str, name: str, request_key: str) -> bool:

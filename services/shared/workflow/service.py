@@ -8,13 +8,11 @@ Each service keeps its transition table (`workflow.py`), the mapping of its rows
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -257,12 +255,3 @@ def one_move_rpc(
 
     rpc.__doc__ = f"The {move} move, as the general move RPC with move={move!r}."
     return rpc
-
-
-def timestamp(value: datetime.datetime | None) -> Timestamp | None:
-    """A stored time (always aware: UtcDateTime columns) as a protobuf timestamp."""
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
