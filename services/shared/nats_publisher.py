@@ -7,9 +7,13 @@ publishes again. nats-py is imported on first use: it is needed only where a NAT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# How long closing the connection may take when a service stops.
+_CLOSE_SECONDS = 2.0
 
 
 class JetStreamPublisher:
@@ -56,9 +60,13 @@ class JetStreamPublisher:
         return self._client.jetstream()
 
     async def close(self) -> None:
-        """Close the connection, if one is open."""
+        """Close the connection, if one is open, within a bound: nats-py's close flushes and
+        waits for its reader, which can wait without end on a connection in a bad state, and a
+        service that is stopping must not hang on its broker (seen: a registry's stop in the
+        tests waiting until the 300 s timeout)."""
         if self._client is not None and not self._client.is_closed:
-            await self._client.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.close(), _CLOSE_SECONDS)
 
     async def close_on_exit(self) -> None:
         """Wait until cancelled (the service stopping), then close the connection: run it as a

@@ -40,7 +40,9 @@ class Receiver:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/hie/notifications"
-        self._server = uvicorn.Server(uvicorn.Config(self, log_level="warning", access_log=False, lifespan="off"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+        )
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
