@@ -16,11 +16,12 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, select, update
 
-from gateway.client import HospitalClient, user_assertion
+from gateway.client import HospitalClient
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import store
 from tests.conftest import Exchange
+from tests.support.factories import grpc_metadata as metadata
 from tests.support.factories import person
 
 LOINC = "http://loinc.org"
@@ -28,13 +29,6 @@ SHARED = "urn:hie:shared-document-type"
 CDA = (
     "<ClinicalDocument xmlns='urn:hl7-org:v3'><title>出院小结</title><text>好转出院</text></ClinicalDocument>".encode()
 )
-
-
-def metadata(client: HospitalClient, token: str, purpose: str = "treatment") -> tuple[tuple[str, str], ...]:
-    assertion = user_assertion(
-        key=client.key, client_id=client.client_id, practitioner=client.practitioner, purpose=purpose
-    )
-    return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))
 
 
 class Hospital:

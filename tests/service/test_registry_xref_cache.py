@@ -14,7 +14,7 @@ from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.xref_cache import CrossReferenceCache
 from services.shared.auth import PlatformCredentials
 from tests.conftest import Exchange
-from tests.service.test_registry import metadata
+from tests.support.factories import grpc_metadata as metadata
 from tests.support.factories import person
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import jwt
 
-from gateway.client import Practitioner, user_assertion
+from gateway.client import HospitalClient, Practitioner, user_assertion
 from services.shared import gb11643
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import generate_ec_key, load_private_key, public_jwk
@@ -50,6 +50,15 @@ def document(local_id: str, content: bytes, **overrides: object) -> dict[str, ob
         "content_base64": base64.b64encode(content).decode(),
         **overrides,
     }
+
+
+def grpc_metadata(client: HospitalClient, token: str, purpose: str = "treatment") -> tuple[tuple[str, str], ...]:
+    """gRPC metadata of a member hospital's call made as the gateway makes it: its access token and
+    a fresh user assertion of its practitioner for `purpose`."""
+    assertion = user_assertion(
+        key=client.key, client_id=client.client_id, practitioner=client.practitioner, purpose=purpose
+    )
+    return (("authorization", f"Bearer {token}"), ("x-hie-user-assertion", assertion))
 
 
 def direct_metadata(
