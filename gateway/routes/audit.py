@@ -22,7 +22,7 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.audit.v1 import audit_pb2
 from hie.common.v1 import common_pb2
-from services.shared.timestamps import isoformat
+from services.shared.timestamps import isoformat, to_datetime, to_timestamp
 from services.shared.user_assertion import PURPOSES_OF_USE
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
@@ -98,12 +98,10 @@ OPTIONAL_INSTANT: dict[str, Any] = {"anyOf": [{"maxLength": 0}, {"format": "date
 
 def timestamp(value: datetime.datetime, name: str) -> Timestamp:
     """A protobuf timestamp of an aware datetime; 400 `date-invalid` when out of range."""
-    ts = Timestamp()
     try:
-        ts.FromDatetime(value.astimezone(datetime.UTC))
+        return to_timestamp(value.astimezone(datetime.UTC))
     except (OverflowError, ValueError):
         raise ApiError(400, "date-invalid", f"{name}: date out of range") from None
-    return ts
 
 
 def parse_instant(value: str, name: str) -> Timestamp | None:
@@ -276,7 +274,7 @@ async def export_events(ctx: AuditContext, request: Request, query: EventFilter)
     MAX_EXPORT_ROWS records: 422 `export-too-large`, nothing is sent.
     """
     now = datetime.datetime.now(datetime.UTC)
-    if not query.HasField("until") or query.until.ToDatetime(tzinfo=datetime.UTC) > now:
+    if not query.HasField("until") or to_datetime(query.until) > now:
         query.until.CopyFrom(timestamp(now, "until"))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
@@ -438,7 +436,7 @@ def registrations_then_reads(
         org = event.actor.organization_id
         row(org)["registrations"] += 1
         key = (org, event.patient_enterprise_id)
-        occurred = event.occurred.ToDatetime(tzinfo=datetime.UTC)
+        occurred = to_datetime(event.occurred)
         registered_at[key] = min(registered_at.get(key, occurred), occurred)
     for event in reads:
         org = event.actor.organization_id
@@ -449,7 +447,7 @@ def registrations_then_reads(
         counts_of["cross_domain_reads"] += 1
         counts_of["patients"].add(event.patient_enterprise_id)
         registered = registered_at.get((org, event.patient_enterprise_id))
-        if registered is not None and registered <= event.occurred.ToDatetime(tzinfo=datetime.UTC):
+        if registered is not None and registered <= to_datetime(event.occurred):
             counts_of["new"].add(event.patient_enterprise_id)
     patients = sum(len(c["patients"]) for c in counts.values())
     regional_share = sum(len(c["new"]) for c in counts.values()) / patients if patients else 0.0

@@ -20,6 +20,8 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2
+from services.shared.timestamps import isoformat as shared_isoformat
+from services.shared.timestamps import to_timestamp
 
 router = APIRouter(prefix="/api/v1/consent", tags=["consent"])
 
@@ -125,17 +127,15 @@ def timestamp(value: datetime.datetime | None, what: str) -> Timestamp | None:
         return None
     if value.tzinfo is None:
         raise ApiError(400, "time-zone-missing", f"{what} must carry a time zone")
-    ts = Timestamp()
     try:
-        ts.FromDatetime(value.astimezone(datetime.UTC))
+        return to_timestamp(value.astimezone(datetime.UTC))
     except (OverflowError, ValueError):
         # e.g. 0001-01-01T00:00:00+01:00 is before the first representable instant.
         raise ApiError(400, "date-invalid", f"{what}: date out of range") from None
-    return ts
 
 
 def isoformat(ts: Timestamp, present: bool) -> str | None:
-    return ts.ToDatetime(tzinfo=datetime.UTC).isoformat() if present else None
+    return shared_isoformat(ts) if present else None
 
 
 def period_message(period: PeriodIn | None, what: str) -> consent_pb2.Period | None:

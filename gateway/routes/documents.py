@@ -25,7 +25,7 @@ from gateway.errors import ApiError
 from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
-from services.shared.timestamps import isoformat
+from services.shared.timestamps import isoformat, to_timestamp
 
 router = APIRouter(prefix="/api/v1/documents", tags=["documents"])
 _log = logging.getLogger(__name__)
@@ -112,9 +112,7 @@ def _timestamp(value: datetime.datetime | None, name: str = "created") -> Timest
         return None
     if value.tzinfo is None:
         raise ApiError(400, f"{name}-invalid", f"{name} must carry a time zone")
-    ts = Timestamp()
-    ts.FromDatetime(value.astimezone(datetime.UTC))
-    return ts
+    return to_timestamp(value.astimezone(datetime.UTC))
 
 
 def entry_json(entry: registry_pb2.DocumentEntry) -> dict[str, Any]:
@@ -142,7 +140,7 @@ def entry_json(entry: registry_pb2.DocumentEntry) -> dict[str, Any]:
         },
         "confidentiality": entry.confidentiality,
         "security_labels": list(entry.security_labels),
-        "created": entry.created.ToDatetime(tzinfo=datetime.UTC).isoformat() if entry.HasField("created") else None,
+        "created": isoformat(entry.created) if entry.HasField("created") else None,
         "title": entry.title,
         "language": entry.language,
         "mime_type": entry.mime_type,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
+from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.deps import Context, IdempotencyKey
@@ -13,6 +14,7 @@ from gateway.routes import rpc
 from gateway.routes.patients import _GENDERS, _LINK_METHODS, patient_json
 from hie.common.v1 import common_pb2
 from hie.mpi.v1 import mpi_pb2
+from services.shared.timestamps import isoformat
 
 router = APIRouter(prefix="/api/v1", tags=["patient index"])
 _ASSIGNMENT_FILTERS = {
@@ -36,13 +38,19 @@ def scored_json(result: mpi_pb2.ScoredPatient) -> dict[str, Any]:
     }
 
 
+def _utc(stamp: Timestamp) -> str:
+    """ISO 8601 in UTC with a bare `Z` (this API's form since it was published; the shared
+    isoformat writes `+00:00`)."""
+    return isoformat(stamp).removesuffix("+00:00") + "Z"
+
+
 def task_json(task: mpi_pb2.ReviewTask) -> dict[str, Any]:
     return {
         "id": task.id,
         "status": task.status,
         "hold": task.hold,
         "weight": round(task.weight, 3),
-        "created": task.created.ToDatetime().isoformat() + "Z",
+        "created": _utc(task.created),
         "patient": patient_json(task.patient),
         "candidate": patient_json(task.candidate),
         "fields": fields_json(list(task.fields)),
@@ -50,9 +58,9 @@ def task_json(task: mpi_pb2.ReviewTask) -> dict[str, Any]:
             {
                 "organization_id": task.assignee_organization_id,
                 "practitioner_id": task.assignee,
-                "assigned": task.assigned.ToDatetime().isoformat() + "Z",
+                "assigned": _utc(task.assigned),
                 # The claim is a lease: once it lapses another steward may take the task.
-                "expires": task.assignment_expires.ToDatetime().isoformat() + "Z",
+                "expires": _utc(task.assignment_expires),
                 "expired": task.assignment_expired,
             }
             if task.assignee
@@ -306,7 +314,7 @@ async def link_history(
                 "reason": c.reason,
                 "weight": round(c.weight, 3),
                 "decided_by": c.decided_by,
-                "at": c.at.ToDatetime().isoformat() + "Z",
+                "at": _utc(c.at),
             }
             for c in result.changes
         ],

@@ -8,7 +8,6 @@ import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.deps import Context, IdempotencyKey
@@ -17,7 +16,7 @@ from gateway.routes import rpc
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
 from services.shared.keys import ISSUER_MEMBER, RETIRED_MEMBER
-from services.shared.timestamps import isoformat
+from services.shared.timestamps import isoformat, to_timestamp
 
 router = APIRouter(prefix="/api/v1", tags=["subscriptions"])
 _TOPICS = {
@@ -74,8 +73,7 @@ async def subscribe(body: SubscriptionIn, ctx: Context, request: Request, key: I
     ctx.require_scope("DocumentReference", "r")
     if body.expires.tzinfo is None:
         raise ApiError(400, "expiry-invalid", "expires must carry a time zone")
-    expires = Timestamp()
-    expires.FromDatetime(body.expires.astimezone(datetime.UTC))
+    expires = to_timestamp(body.expires.astimezone(datetime.UTC))
     result = await rpc(
         _broker(request).Subscribe(
             notifications_pb2.SubscribeRequest(

@@ -31,7 +31,7 @@ from services.shared.metrics import BREAK_GLASS_DECLARATIONS, record_decisions
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
 from services.shared.text import has_control_characters
-from services.shared.timestamps import to_datetime_or_none, to_timestamp_or_none
+from services.shared.timestamps import to_datetime, to_datetime_or_none, to_timestamp_or_none
 from services.shared.user_assertion import PURPOSES_OF_USE
 
 _log = logging.getLogger(__name__)
@@ -564,7 +564,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         closed = to_datetime_or_none(request.closed, request.HasField("closed"))
         end = closed + datetime.timedelta(seconds=self.regional_policy.grant_grace_seconds) if closed else None
         if end is None and grant.HasField("end"):
-            end = grant.end.ToDatetime(tzinfo=datetime.UTC)
+            end = to_datetime(grant.end)
         for attempt in range(2):
             try:
                 async with transactions.change(self._rt) as session:

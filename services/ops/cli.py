@@ -31,6 +31,7 @@ from services.shared.components import component as service_component
 from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
+from services.shared.timestamps import to_timestamp
 from services.shared.transport import GrpcTls
 
 
@@ -869,7 +870,7 @@ def audit_verify(
     for name, value in (("since", since), ("until", until)):
         if value is not None:
             moment = value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
-            getattr(request, name).FromDatetime(moment.astimezone(datetime.UTC))
+            getattr(request, name).CopyFrom(to_timestamp(moment.astimezone(datetime.UTC)))
     started = time.monotonic()
     try:
         result = _audit_call(data_dir, _audit_target(data_dir, target), "VerifyChain", request)

@@ -17,7 +17,7 @@ from services.registry.delivery import NOTIFICATION_TOPIC, DeliveryRefused, Noti
 from services.registry.endpoints import EndpointRefused, check_endpoint, own_ports, pinned
 from services.registry.nats_publisher import NATS_STREAM, NATS_TOPIC
 from services.registry.notify_settings import NotificationSettings
-from services.shared import mpi_client
+from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action
 from services.shared.auth import caller
 from services.shared.db import utcnow
@@ -239,7 +239,7 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
             "status": request.status[:32],
         }
         event = {"event_id": str(uuid.uuid4()), "event_type": event_type, "resource": resource}
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             subscriptions = await store.workflow_subscriptions(session, organization_ids=organizations, now=now)
             notifications = [
                 dsub.notification(
@@ -256,7 +256,6 @@ class NotificationBrokerServicer(notifications_pb2_grpc.NotificationBrokerServic
                 for sub in subscriptions
             ]
             await self._notifier.stage(session, notifications, event)
-        self._rt.outbox.notify()
         return notifications_pb2.PublishEventResponse(event_id=event["event_id"], notifications=len(notifications))
 
     async def GetSigningKeys(  # noqa: N802 - gRPC method name

@@ -22,7 +22,7 @@ from services.registry.content import ChunkWriter, read_chunks, sealed_chunks
 from services.registry.messages import entry_message, submission_set_message
 from services.registry.submission import Submission, as_retry, check_submission
 from services.registry.xref_cache import CrossReferenceCache
-from services.shared import mpi_client
+from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -125,18 +125,15 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         entities = [("DocumentReference", document_id)]
         if source_organization_id and source_organization_id != who.organization_id:
             entities.append(("Organization", source_organization_id))
-        async with self._rt.sessions() as session, session.begin():
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type=type,
-                action=action,  # type: ignore[arg-type]
-                outcome=outcome,  # type: ignore[arg-type]
-                patient_enterprise_id=enterprise_id,
-                entities=entities,
-            )
-        self._rt.outbox.notify()
-        return event_id
+        return await transactions.audited(
+            self._rt,
+            caller=who,
+            type=type,
+            action=action,  # type: ignore[arg-type]
+            outcome=outcome,  # type: ignore[arg-type]
+            patient_enterprise_id=enterprise_id,
+            entities=entities,
+        )
 
     # --- register ---------------------------------------------------------------------------
 
@@ -507,7 +504,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         size = min(request.page.page_size or 20, _MAX_PAGE)
         cursor = domain.QueryCursor.decode(request.page.page_token)
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             xref = await self._xrefs.cross_reference(self._rt, ref)
             sets = await store.submission_sets_of_patient(
                 session,
@@ -534,7 +531,6 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 patient_enterprise_id=xref.enterprise_id,
                 entities=[("List", s.submission_set_id) for s in found],
             )
-        self._rt.outbox.notify()
         next_token = domain.QueryCursor(sets[-1].submitted, sets[-1].id).encode() if more and sets else ""
         return registry_pb2.FindSubmissionSetsResponse(
             submission_sets=found,
@@ -664,7 +660,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         # One session for the rows and the audit event: a connection checkout (with its liveness
         # ping) and a transaction per request instead of two; the checkout runs while mpi answers.
         # The audit event commits before any entry is returned.
-        async with self._rt.sessions() as session, session.begin():
+        async with transactions.change(self._rt) as session:
             xref, _connection = await _together(self._xrefs.cross_reference(self._rt, ref), session.connection())
             visible, next_cursor = await self._visible_page(session, request, xref, size=size, cursor=cursor)
             event_id = await self._rt.audit.record(
@@ -675,7 +671,6 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                 patient_enterprise_id=xref.enterprise_id,
                 entities=[("DocumentReference", r.id) for r in visible],
             )
-        self._rt.outbox.notify()
         return registry_pb2.FindDocumentsResponse(
             enterprise_id=xref.enterprise_id,
             entries=[entry_message(r) for r in visible],

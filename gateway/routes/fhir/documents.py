@@ -50,7 +50,7 @@ from gateway.routes.fhir.patient.resource import (
 from gateway.routes.fhir.search import date_range, token_code
 from hie.common.v1 import common_pb2
 from hie.registry.v1 import registry_pb2
-from services.shared.timestamps import isoformat
+from services.shared.timestamps import isoformat, to_timestamp
 
 router = APIRouter(prefix="/fhir/R4", tags=["fhir"])
 
@@ -324,9 +324,9 @@ async def search_document_references(
     query.patient.CopyFrom(common_pb2.PatientRef(local_id=local_id))
     query.page.page_size = size
     if since is not None:
-        query.service_from.FromDatetime(since.astimezone(datetime.UTC))
+        query.service_from.CopyFrom(to_timestamp(since.astimezone(datetime.UTC)))
     if until is not None:
-        query.service_to.FromDatetime(until.astimezone(datetime.UTC))
+        query.service_to.CopyFrom(to_timestamp(until.astimezone(datetime.UTC)))
     base = request.app.state.settings.public_url
     links = [{"relation": "self", "url": f"{base}/fhir/R4/DocumentReference?{urlencode(items)}"}]
     if total_only:
@@ -439,9 +439,7 @@ def _instant(value: Any, what: str) -> Timestamp | None:
         raise _bad(f"{what}-invalid", f"{what}: not a FHIR dateTime") from None
     if moment.tzinfo is None:
         raise _bad(f"{what}-invalid", f"{what}: a time zone is required")
-    ts = Timestamp()
-    ts.FromDatetime(moment.astimezone(datetime.UTC))
-    return ts
+    return to_timestamp(moment.astimezone(datetime.UTC))
 
 
 async def _subject_local_id(ctx: Context, request: Request, subject: Any) -> str:
