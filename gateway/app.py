@@ -412,6 +412,9 @@ def create_app(settings: Settings) -> FastAPI:
         channels = {name: open_channel(target, tls=settings.grpc_tls) for name, target in settings.targets.items()}
         app.state.settings = settings
         app.state.sessions = sessions
+        app.state.assertion_ledger = store.UserAssertionLedger(
+            sessions, url=settings.database_url_for("gateway"), schema=settings.schema_for("gateway")
+        )
         app.state.verifier = TokenVerifier(settings.trusted_jwks_file)
         app.state.standing = OrganizationStanding(sessions, ttl_seconds=settings.revocation_check_seconds)
         app.state.buckets = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
@@ -447,6 +450,7 @@ def create_app(settings: Settings) -> FastAPI:
             await outbox.stop()
             for channel in channels.values():
                 await channel.close()
+            await app.state.assertion_ledger.close()
             await engine.dispose()
 
     app = FastAPI(

@@ -85,13 +85,10 @@ async def _refuse_replay(request: Request, assertion: str, client_id: str) -> No
     second use by the same client is refused, as the token endpoint does for client assertions
     (RFC 7523 §3 (7))."""
     jti, expires = assertion_id(assertion)
-    async with request.app.state.sessions() as session, session.begin():
-        fresh = await store.remember_user_assertion(
-            session,
-            jti=jti,
-            client_id=client_id,
-            expires_at=datetime.datetime.fromtimestamp(expires, tz=datetime.UTC),
-        )
+    ledger: store.UserAssertionLedger = request.app.state.assertion_ledger
+    fresh = await ledger.remember(
+        jti=jti, client_id=client_id, expires_at=datetime.datetime.fromtimestamp(expires, tz=datetime.UTC)
+    )
     if not fresh:
         raise ApiError(401, "user-assertion-replayed", "this user assertion was already used: sign one per request")
 
