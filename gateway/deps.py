@@ -60,17 +60,23 @@ async def call_context(request: Request) -> CallContext:
     assertion = request.headers.get(USER_ASSERTION_HEADER, "").strip()
     if not assertion:
         raise ApiError(401, "user-assertion", "a signed user assertion (X-HIE-User-Assertion) is required")
-    metadata = {
-        "authorization": f"Bearer {token}",
-        auth.USER_ASSERTION_KEY: assertion,
-        auth.CLIENT_ADDRESS_KEY: request.client.host if request.client else "",
-    }
+    client_address = request.client.host if request.client else ""
     try:
-        caller = auth.caller_from_claims(claims, metadata)
+        caller = auth.caller_from_claims(
+            claims, {auth.USER_ASSERTION_KEY: assertion, auth.CLIENT_ADDRESS_KEY: client_address}
+        )
     except Unauthenticated as exc:
         raise ApiError(401, exc.reason, exc.message) from None
     await _refuse_replay(request, assertion, client_id)
     annotate_caller(caller)
+    # The services get the gateway's signed statement of the verified assertion, not the
+    # assertion: they check a signature once per token and user instead of once per request.
+    statement = request.app.state.authorization.verified_user_statement(token=token, token_claims=claims, caller=caller)
+    metadata = {
+        "authorization": f"Bearer {token}",
+        auth.VERIFIED_USER_KEY: statement,
+        auth.CLIENT_ADDRESS_KEY: client_address,
+    }
     return CallContext(caller=caller, metadata=tuple((k, v) for k, v in metadata.items() if v))
 
 
@@ -79,13 +85,10 @@ async def _refuse_replay(request: Request, assertion: str, client_id: str) -> No
     second use by the same client is refused, as the token endpoint does for client assertions
     (RFC 7523 §3 (7))."""
     jti, expires = assertion_id(assertion)
-    async with request.app.state.sessions() as session, session.begin():
-        fresh = await store.remember_user_assertion(
-            session,
-            jti=jti,
-            client_id=client_id,
-            expires_at=datetime.datetime.fromtimestamp(expires, tz=datetime.UTC),
-        )
+    ledger: store.UserAssertionLedger = request.app.state.assertion_ledger
+    fresh = await ledger.remember(
+        jti=jti, client_id=client_id, expires_at=datetime.datetime.fromtimestamp(expires, tz=datetime.UTC)
+    )
     if not fresh:
         raise ApiError(401, "user-assertion-replayed", "this user assertion was already used: sign one per request")
 

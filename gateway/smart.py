@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from services.shared.auth import Caller
 from services.shared.config import TOKEN_AUDIENCE
 from services.shared.keys import algorithm_for, load_private_key, public_jwk, thumbprint
 from services.shared.metrics import TOKENS
+from services.shared.user_assertion import ActingUser, user_statement_claims
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART Backend Services: clients SHALL support RS384 or ES384; RS256 / ES256 are accepted too.
@@ -29,6 +30,10 @@ ASSERTION_ALGORITHMS = ["RS384", "ES384", "RS256", "ES256"]
 MAX_ASSERTION_LIFETIME = 300
 ACCESS_TOKEN_LIFETIME = 300
 _LEEWAY = 5
+# A verified-user statement is reused while it has this long left (a request's hops check it as
+# they reach each service), and re-signed after.
+_STATEMENT_MARGIN_SECONDS = 60
+_STATEMENT_CACHE_SIZE = 10_000
 
 # What each kind of member may be granted (SMART v2 scopes).
 ALLOWED_SCOPES: dict[str, tuple[str, ...]] = {
@@ -112,6 +117,7 @@ class AuthorizationServer:
         self._load_signing_key()
         self.issuer = issuer
         self.token_endpoint = f"{issuer}/oauth2/token"
+        self._statements: dict[tuple[str, ActingUser], tuple[str, float]] = {}
 
     async def issue(self, form: dict[str, str], *, client_address: str = "") -> IssuedToken:
         """Issue an access token, auditing the issue or the refusal (token.issue / token.refused)."""
@@ -291,6 +297,37 @@ class AuthorizationServer:
         return jwt.encode(
             claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "hie-directory+jwt"}
         )
+
+    def verified_user_statement(self, *, token: str, token_claims: Mapping[str, Any], caller: Caller) -> str:
+        """The gateway's signed statement of the user assertion it verified for this request
+        (services/shared/user_assertion.py, `user_statement_claims`): one per access token and
+        user, reused while it has a minute left, so the services downstream verify a signature
+        once per token and user instead of the hospital's once per request and hop."""
+        user = ActingUser(
+            practitioner_id=caller.practitioner_id,
+            name=caller.practitioner_name,
+            role=caller.role,
+            department=caller.department,
+            purpose_of_use=caller.purpose_of_use,
+        )
+        now = time.time()
+        token_expires = float(token_claims.get("exp", 0))
+        cached = self._statements.get((token, user))
+        if (
+            cached is not None
+            and now < cached[1]
+            and (cached[1] > now + _STATEMENT_MARGIN_SECONDS or cached[1] >= token_expires)
+        ):
+            return cached[0]
+        self._load_signing_key()
+        claims = user_statement_claims(user, issuer=self.issuer, token=token, token_claims=token_claims, now=int(now))
+        statement = jwt.encode(
+            claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "hie-user+jwt"}
+        )
+        if len(self._statements) >= _STATEMENT_CACHE_SIZE:
+            self._statements.clear()
+        self._statements[(token, user)] = (statement, float(claims["exp"]))
+        return statement
 
     def smart_configuration(self) -> dict[str, Any]:
         """GET /.well-known/smart-configuration (SMART App Launch 2.x, backend services subset)."""

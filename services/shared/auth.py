@@ -29,7 +29,13 @@ from services.shared.keys import (
     load_private_key,
     public_jwk,
 )
-from services.shared.user_assertion import PURPOSES_OF_USE, verify_user_assertion
+from services.shared.user_assertion import (
+    PURPOSES_OF_USE,
+    VERIFIED_USER_AUDIENCE,
+    ActingUser,
+    user_from_statement,
+    verify_user_assertion,
+)
 
 # Asymmetric algorithms only: "none" and HMAC (algorithm confusion) are never accepted.
 ACCEPTED_ALGORITHMS = ["ES384", "ES256", "RS384", "RS256"]
@@ -37,7 +43,10 @@ ACCEPTED_ALGORITHMS = ["ES384", "ES256", "RS384", "RS256"]
 # the gateway saw it (for audit records).
 USER_ASSERTION_KEY = "x-hie-user-assertion"
 CLIENT_ADDRESS_KEY = "x-hie-client-address"
-FORWARDED_KEYS = ("authorization", USER_ASSERTION_KEY, CLIENT_ADDRESS_KEY)
+# The gateway's signed statement of the user assertion it verified (user_assertion.py,
+# `user_statement_claims`): what the gateway forwards to services instead of the assertion.
+VERIFIED_USER_KEY = "x-hie-verified-user"
+FORWARDED_KEYS = ("authorization", USER_ASSERTION_KEY, VERIFIED_USER_KEY, CLIENT_ADDRESS_KEY)
 PLATFORM = "platform"
 _VERIFIED_CACHE_SIZE = 10_000
 
@@ -124,6 +133,8 @@ class TokenVerifier:
         self._verified: dict[str, dict[str, Any]] = {}
         self._signers: dict[str, str] = {}
         self._retired: dict[str, float] = {}
+        # Verifies the gateway's verified-user statements (their own audience), made on first use.
+        self._statements: TokenVerifier | None = None
 
     def _load(self) -> None:
         mtime = self._file.stat().st_mtime
@@ -204,8 +215,24 @@ class TokenVerifier:
         auth = metadata.get("authorization")
         if not isinstance(auth, str) or not auth.startswith("Bearer "):
             raise Unauthenticated("bearer token required", reason="token")
-        claims = self.verify(auth.removeprefix("Bearer ").strip())
+        token = auth.removeprefix("Bearer ").strip()
+        claims = self.verify(token)
+        statement = _text(metadata, VERIFIED_USER_KEY)
+        if statement:
+            return caller_from_claims(claims, metadata, user=self.verified_user(statement, token, claims))
         return caller_from_claims(claims, metadata)
+
+    def verified_user(self, statement: str, token: str, token_claims: Mapping[str, Any]) -> ActingUser:
+        """The user the gateway's statement vouches for: signed by a trusted gateway key (never a
+        platform key: the signer check in `_verify_signature`), with the statement audience, for
+        this very access token and client. Verified once per statement, like an access token."""
+        if self._statements is None:
+            self._statements = TokenVerifier(self._file, audience=VERIFIED_USER_AUDIENCE)
+        try:
+            claims = self._statements.verify(statement)
+        except Unauthenticated:
+            raise Unauthenticated("verified user statement not accepted", reason="user-assertion") from None
+        return user_from_statement(claims, token=token, token_claims=token_claims)
 
 
 def alg_fits_key(alg: str, key_type: str) -> bool:
@@ -218,11 +245,15 @@ def _text(metadata: Mapping[str, str | bytes], key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def caller_from_claims(claims: Mapping[str, Any], metadata: Mapping[str, str | bytes]) -> Caller:
+def caller_from_claims(
+    claims: Mapping[str, Any], metadata: Mapping[str, str | bytes], *, user: ActingUser | None = None
+) -> Caller:
     """Organisation and client from the access token; person and purpose from the hospital's
-    signed user assertion, verified here (a request without one acts as the system alone)."""
-    assertion = _text(metadata, USER_ASSERTION_KEY)
-    user = verify_user_assertion(assertion, claims) if assertion else None
+    signed user assertion, verified here (a request without one acts as the system alone), or
+    `user` as the gateway's verified statement of it says."""
+    if user is None:
+        assertion = _text(metadata, USER_ASSERTION_KEY)
+        user = verify_user_assertion(assertion, claims) if assertion else None
     return Caller(
         organization_id=str(claims.get("org", "")),
         organization_type=str(claims.get("org_type", "")),

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table, func, select, update
+from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.shared.db import UtcDateTime, utcnow
@@ -89,6 +89,16 @@ class Outbox:
     def __init__(self, table: Table, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._table = table
         self._sessions = sessions
+        # Built once: building the insert per message was a third of staging an audit event
+        # (1.8 % of the registry's samples per document query, issue 21's `hie bench load`).
+        self._insert = table.insert().values(
+            id=bindparam("id"),
+            topic=bindparam("topic"),
+            payload=bindparam("payload"),
+            created_at=bindparam("created_at"),
+            attempts=0,
+            next_attempt_at=bindparam("next_attempt_at"),
+        )
         self._senders: dict[str, Sender] = {}
         self._policies: dict[str, DeliveryPolicy] = {}
         self._wakes: dict[str, asyncio.Event] = {}
@@ -119,9 +129,8 @@ class Outbox:
         message_id = str(uuid.uuid4())
         now = utcnow()
         await session.execute(
-            self._table.insert().values(
-                id=message_id, topic=topic, payload=payload, created_at=now, attempts=0, next_attempt_at=now
-            )
+            self._insert,
+            {"id": message_id, "topic": topic, "payload": payload, "created_at": now, "next_attempt_at": now},
         )
         return message_id
 

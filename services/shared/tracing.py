@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -73,12 +73,27 @@ def _exporter(kind: str) -> SpanExporter | None:
     return None
 
 
+_HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+def _not_health_check(details: Any) -> bool:
+    """`filters.negate(filters.health_check())` for the call details gRPC hands the interceptors
+    (server: `.method` of the C-level handler details; client: `grpc.aio.ClientCallDetails`,
+    whose method may be bytes). OpenTelemetry's filter tries `isinstance` against gRPC's abstract
+    classes first: 1.7 % of the registry's samples per document query under `hie bench load`
+    (issue 21), for a string prefix test."""
+    method = getattr(details, "method", "") or ""
+    if isinstance(method, bytes):
+        method = method.decode()
+    return not method.lstrip("/").startswith(_HEALTH_SERVICE)
+
+
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
+    return [aio_server_interceptor(filter_=_not_health_check)]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    return list(aio_client_interceptors(filter_=filters.negate(filters.health_check())))
+    return list(aio_client_interceptors(filter_=_not_health_check))
 
 
 def annotate_caller(caller: Any) -> None:

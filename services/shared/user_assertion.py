@@ -20,6 +20,8 @@ a key registered to the same client the token was issued to.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 import uuid
 from collections.abc import Mapping
@@ -151,6 +153,75 @@ def _verify(assertion: str, token_claims: Mapping[str, Any]) -> tuple[ActingUser
         purpose_of_use=purpose,
     )
     return user, float(claims["exp"])
+
+
+# The gateway's statement of a user assertion it verified (the claims it vouches for), forwarded
+# to services in place of the hospital's assertion: see `user_statement_claims`.
+VERIFIED_USER_AUDIENCE = "urn:hie:verified-user"
+STATEMENT_LIFETIME_SECONDS = MAX_LIFETIME_SECONDS
+
+
+def token_hash(token: str) -> str:
+    """The access token's hash as RFC 9449 writes it (`ath`): base64url SHA-256, unpadded."""
+    return base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).rstrip(b"=").decode()
+
+
+def user_statement_claims(
+    user: ActingUser, *, issuer: str, token: str, token_claims: Mapping[str, Any], now: int
+) -> dict[str, Any]:
+    """What the gateway signs once it has verified a user assertion against the access token.
+
+    Every service verified the hospital's own signature of the assertion again, at every hop
+    (one ECDSA P-384 verification, about 1 ms of CPU on the 2-core bench machine, in the registry
+    and again in consent for each document query: a new assertion per request defeats any
+    cache). The gateway's statement carries the same person and purpose, bound to the access
+    token (`ath`) and client, signed with the gateway's token key: each service verifies it
+    against the trusted keys like the access token itself, once per statement, and the gateway
+    signs one per token and user for up to five minutes, not one per request."""
+    return {
+        "iss": issuer,
+        "aud": VERIFIED_USER_AUDIENCE,
+        "sub": user.practitioner_id,
+        "client_id": str(token_claims.get("client_id", "")),
+        "ath": token_hash(token),
+        "iat": now,
+        "exp": min(now + STATEMENT_LIFETIME_SECONDS, int(token_claims.get("exp", now + STATEMENT_LIFETIME_SECONDS))),
+        "jti": str(uuid.uuid4()),
+        "name": user.name,
+        "role": user.role,
+        "department": user.department,
+        "purpose_of_use": user.purpose_of_use,
+    }
+
+
+def user_from_statement(
+    statement_claims: Mapping[str, Any], *, token: str, token_claims: Mapping[str, Any]
+) -> ActingUser:
+    """The acting user a verified gateway statement vouches for, if it was issued for this access
+    token and client; Unauthenticated otherwise. The role is held to the organisation type again."""
+    if statement_claims.get("ath") != token_hash(token) or statement_claims.get("client_id") != token_claims.get(
+        "client_id"
+    ):
+        raise _refuse("the verified user statement was issued for another access token")
+    for name, limit in _STRING_CLAIMS.items():
+        if name in statement_claims:
+            _check_string(name, statement_claims[name], limit)
+    role, purpose = statement_claims.get("role"), statement_claims.get("purpose_of_use")
+    organization_type = str(token_claims.get("org_type", ""))
+    if role not in ROLES or purpose not in PURPOSES_OF_USE or not statement_claims.get("sub"):
+        raise _refuse("verified user statement not accepted")
+    if organization_type != "platform" and role not in ROLES_BY_ORGANIZATION_TYPE.get(organization_type, ()):
+        raise Unauthenticated(
+            f"an organisation of type {organization_type or 'unknown'} may not assert the role {role}",
+            reason="role-not-allowed",
+        )
+    return ActingUser(
+        practitioner_id=str(statement_claims["sub"]),
+        name=str(statement_claims.get("name", "")),
+        role=str(role),
+        department=str(statement_claims.get("department", "")),
+        purpose_of_use=str(purpose),
+    )
 
 
 def assertion_id(assertion: str) -> tuple[str, float]:
