@@ -288,8 +288,11 @@ def _typo_tolerant_keys(record: MatchRecord) -> set[str]:
         # grow with the region).
         if place:
             keys.update(f"sw:{place}:{word}" for word in record.street_words)
-    for place, prefix in ((postcode, "p"), (record.street_number, "s")):
-        # Postcode, or house number (a postcode mistyped), with the name.
+    for place, prefix in ((postcode, "p"), (record.street_number, "s"), (record.locality, "l")):
+        # Postcode, house number (a postcode mistyped), or locality (a postcode mistyped or its
+        # digits transposed, and the street too) with the name. The locality's block is its
+        # residents sharing three letters of a name part: a suburb or town does not grow with
+        # the region.
         if not place or not parts:
             continue
         if name.han:

@@ -554,6 +554,40 @@ def test_a_record_with_names_and_birth_date_all_mistyped_is_found_by_its_street(
     assert not _shares_a_key(elsewhere, a)
 
 
+def test_a_record_with_its_postcode_transposed_and_street_mistyped_is_found_by_its_locality() -> None:
+    # The postcode's digits transposed, the house number and the street mistyped, the birth date
+    # missing on one side and a typo in the family name: only the locality with the name is left.
+    a = record(
+        "a",
+        "",
+        family="ryan",
+        given="joel",
+        birth_date=D(1972, 6, 15),
+        address_line="62 lancaster hill",
+        district="Forest Hill",
+        postal_code="0370",
+    )
+    b = record(
+        "b",
+        "",
+        family="ryamn",
+        given="joel",
+        birth_date=None,
+        address_line="26 lnacaster hlil",
+        district="foresthill",
+        postal_code="3070",
+    )
+    assert _shares_a_key(b, a)
+    elsewhere = record(
+        "c", "", family="ryamn", given="joel", birth_date=None, address_line="26 lnacaster hlil", district="epping"
+    )
+    assert not _shares_a_key(elsewhere, a)
+    # A Han name files under the whole name with its district (a district's 王s are many).
+    han = record("h", "王秀英", birth_date=None, district="西城区")
+    assert "ln:西城区:wangxiuying" in matching.blocking_keys(han)
+    assert not any(k.startswith("lp:") for k in matching.blocking_keys(han))
+
+
 def test_day_and_month_swapped_with_a_name_typo_still_share_a_key() -> None:
     a = record("a", "", family="gracia", given="maria", birth_date=D(1936, 6, 1))
     b = record("b", "", family="gracai", given="maria", birth_date=D(1936, 1, 6))
