@@ -801,6 +801,9 @@ def frequency_values(record: MatchRecord) -> dict[str, str]:
 
 # --- scoring ---------------------------------------------------------------------------------
 
+# Fields that go with the address: no evidence of their own when the whole address differs.
+_ADDRESS_PARTS = frozenset({"street_number", "postcode"})
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -821,11 +824,22 @@ class Comparison:
 def score(
     a: MatchRecord, b: MatchRecord, params: MatchParameters, frequencies: ValueFrequencies | None = None
 ) -> Comparison:
-    """Compare two records and weigh every field (frequency-adjusted for names)."""
+    """Compare two records and weigh every field (frequency-adjusted for names).
+
+    A wholly different address (a move, or another household) is weighed once, by the address
+    level: the house number is part of the address line and a postcode goes with the address, so
+    their disagreeing then is no further evidence (nearly every moved person's and every other
+    household's do). Weighed as well, three fields would count one move three times (−4 to −5
+    bits, as much as a birth date typo). Their agreeing is still evidence (a move within the
+    postcode), and EM still learns every level from the comparison vectors as they are."""
     levels = compare(a, b)
     weights: dict[str, float] = {}
     values = frequency_values(a)
+    moved = levels["address"] == DIFFERENT
     for field_name, level in levels.items():
+        if moved and level == DISAGREE and field_name in _ADDRESS_PARTS:
+            weights[field_name] = 0.0
+            continue
         w = params.weight(field_name, level)
         if frequencies is not None and field_name in params.frequency_fields and level in _NAME_AGREEMENT:
             share = frequencies.share(field_name, values[field_name], params)

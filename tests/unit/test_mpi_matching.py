@@ -510,6 +510,28 @@ def test_the_house_number_is_evidence_of_its_own() -> None:
     assert score(a, same, PARAMS).total > score(a, other, PARAMS).total
 
 
+def test_a_move_is_weighed_once_by_the_address() -> None:
+    # Moved house: the address, the house number and the postcode all differ. The address level
+    # weighs the move; the house number (part of the address line) and the postcode (which goes
+    # with the address) are no further evidence then, so the move is not counted three times.
+    a = record("a", "", family="lodge", given="joel", address_line="12 Pinkerton Circuit", postal_code="4012")
+    moved = record("b", "", family="lodge", given="joel", address_line="7 Cope Place", postal_code="6714")
+    comparison = score(moved, a, PARAMS)
+    assert comparison.levels["address"] == DIFFERENT
+    assert (comparison.levels["street_number"], comparison.levels["postcode"]) == (DISAGREE, DISAGREE)
+    assert comparison.weights["street_number"] == comparison.weights["postcode"] == 0.0
+    assert comparison.weights["address"] < 0
+    assert comparison.total == pytest.approx(sum(comparison.weights.values()))
+    # Within the same address, a mistyped house number or postcode is still evidence against.
+    typo = record("c", "", family="lodge", given="joel", address_line="21 Pinkerton Circuit", postal_code="4102")
+    near = score(typo, a, PARAMS)
+    assert near.levels["address"] != DIFFERENT
+    assert near.weights["street_number"] < 0
+    # A move within the postcode: its agreeing still counts.
+    nearby = record("d", "", family="lodge", given="joel", address_line="7 Cope Place", postal_code="4012")
+    assert score(nearby, a, PARAMS).weights["postcode"] > 0
+
+
 def test_street_words_skip_numbers_and_street_types() -> None:
     assert matching.street_words("7 cope place strawberry fields") == ("cope", "stra", "fiel")
     assert matching.street_words("7 copeplace") == ("cope",)
