@@ -474,6 +474,48 @@ def test_em_with_random_pairs_keeps_u_and_levels_nobody_reached() -> None:
     assert estimated.m["family"][HOMOPHONE] == params.m["family"][HOMOPHONE]  # never seen: kept
 
 
+def test_the_locality_is_evidence_of_its_own() -> None:
+    a = record("a", "", family="lodge", given="joel", district="Frankston")
+    assert matching.compare(a, record("b", "", family="lodge", given="joel", district="frankston"))["locality"] == AGREE
+    typo = record("c", "", family="lodge", given="joel", district="Franktson")
+    assert matching.compare(a, typo)["locality"] == matching.TYPO
+    assert matching.compare(a, record("d", "", family="lodge", given="joel", district="Epping"))["locality"] == DISAGREE
+    assert matching.compare(a, record("e", "", family="lodge", given="joel"))["locality"] == MISSING
+    assert score(typo, a, PARAMS).weights["locality"] > 0
+    assert PARAMS.weight("locality", DISAGREE) < 0
+    # Part of the address: a move's other locality is weighed by the address level alone.
+    moved = record("f", "", family="lodge", given="joel", address_line="7 Cope Place", district="Epping")
+    here = record("g", "", family="lodge", given="joel", address_line="12 Pinkerton Circuit", district="Frankston")
+    assert score(moved, here, PARAMS).levels["locality"] == DISAGREE
+    assert score(moved, here, PARAMS).weights["locality"] == 0.0
+
+
+def test_em_learns_the_locality_without_counting_it_twice_in_the_posteriors() -> None:
+    # The locality is in the address's tokens too: EM learns its m from the posteriors of the
+    # other fields, and adding it does not move what EM takes for a match.
+    rng = random.Random(11)
+    vectors = []
+    for i in range(3000):
+        same = i % 10 == 0
+        address = SAME if (rng.random() < 0.9 if same else rng.random() < 0.02) else DIFFERENT
+        vectors.append(
+            {
+                "birth_date": EXACT if (rng.random() < 0.95 if same else rng.random() < 0.01) else DIFFERENT,
+                "family": EXACT if (rng.random() < 0.9 if same else rng.random() < 0.05) else DIFFERENT,
+                "given": EXACT if (rng.random() < 0.9 if same else rng.random() < 0.02) else DIFFERENT,
+                "address": address,
+                # Agreeing wherever the address is the same (its tokens hold the locality).
+                "locality": AGREE if address == SAME or rng.random() < 0.05 else DISAGREE,
+            }
+        )
+    without = estimate_parameters([{f: v for f, v in x.items() if f != "locality"} for x in vectors], PARAMS)
+    estimated = estimate_parameters(vectors, PARAMS)
+    for f, level in (("given", DIFFERENT), ("family", EXACT), ("address", SAME)):
+        assert estimated.m[f][level] == pytest.approx(without.m[f][level], abs=1e-9)
+    assert estimated.prior_match == pytest.approx(without.prior_match, abs=1e-9)
+    assert estimated.m["locality"][AGREE] > 0.8
+
+
 def test_a_nickname_of_a_latin_given_name_is_its_own_level() -> None:
     assert compare_names(name_forms("", "smith", "william"), name_forms("", "smith", "bill")) == (
         EXACT,
