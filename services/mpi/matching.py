@@ -843,10 +843,11 @@ def score(
 
     A wholly different address (a move, or another household) is weighed once, by the address
     level: the house number is part of the address line and a postcode and locality go with the
-    address, so their disagreeing then is no further evidence (nearly every moved person's and every other
-    household's do). Weighed as well, three fields would count one move three times (−4 to −5
-    bits, as much as a birth date typo). Their agreeing is still evidence (a move within the
-    postcode), and EM still learns every level from the comparison vectors as they are."""
+    address, so their disagreeing then is no further evidence (nearly every moved person's and
+    every other household's do). Weighed as well, they would count one move up to four times
+    (−4 to −5 bits for the house number and postcode alone, as much as a birth date typo). Their
+    agreeing is still evidence (a move within the postcode or town), and EM still learns every
+    level from the comparison vectors as they are."""
     levels = compare(a, b)
     weights: dict[str, float] = {}
     values = frequency_values(a)
