@@ -71,6 +71,7 @@ FIELDS = (
     "street_number",
     "postcode",
     "identifier",
+    "locality",
 )
 # Jaro–Winkler similarity of pinyin / Latin spellings at or above which names are "similar" (typos).
 SIMILAR_NAME = 0.9
@@ -98,7 +99,8 @@ class MatchRecord:
     identifiers: frozenset[tuple[str, str]] = frozenset()
     # The first number of the street address (a house number: its own evidence and a blocking key).
     street_number: str = ""
-    # The locality (district / suburb), folded: blocking with the street's words.
+    # The locality (district / suburb), folded: evidence of its own, and blocking with the name
+    # and with the street's words.
     locality: str = ""
     # The first words of a Latin street address (four letters of each, street types left out):
     # blocking by street and locality or postcode, which neither a name nor a date typo changes.
@@ -288,8 +290,11 @@ def _typo_tolerant_keys(record: MatchRecord) -> set[str]:
         # grow with the region).
         if place:
             keys.update(f"sw:{place}:{word}" for word in record.street_words)
-    for place, prefix in ((postcode, "p"), (record.street_number, "s")):
-        # Postcode, or house number (a postcode mistyped), with the name.
+    for place, prefix in ((postcode, "p"), (record.street_number, "s"), (record.locality, "l")):
+        # Postcode, house number (a postcode mistyped), or locality (a postcode mistyped or its
+        # digits transposed, and the street too) with the name. The locality's block is its
+        # residents sharing three letters of a name part: a suburb or town does not grow with
+        # the region.
         if not place or not parts:
             continue
         if name.han:
@@ -561,6 +566,18 @@ def compare_postcodes(a: str, b: str) -> str:
     return DISAGREE
 
 
+def compare_localities(a: str, b: str) -> str:
+    """The locality (suburb, town, district) as evidence of its own: agree; a typo (one edit of
+    a name of four letters or more); disagree; missing when either has none."""
+    if not a or not b:
+        return MISSING
+    if a == b:
+        return AGREE
+    if min(len(a), len(b)) >= 4 and DamerauLevenshtein.distance(a, b, score_cutoff=2) <= 1:
+        return TYPO
+    return DISAGREE
+
+
 def compare_identifiers(a: frozenset[tuple[str, str]], b: frozenset[tuple[str, str]]) -> str:
     """Another identifier (social insurance, health card, passport) in common agrees; the same
     assigning authority with another value disagrees; nothing to compare is missing."""
@@ -585,6 +602,7 @@ def compare(a: MatchRecord, b: MatchRecord) -> dict[str, str]:
         "street_number": compare_values(a.street_number, b.street_number),
         "postcode": compare_postcodes(a.postcode, b.postcode),
         "identifier": compare_identifiers(a.identifiers, b.identifiers),
+        "locality": compare_localities(a.locality, b.locality),
     }
 
 
@@ -798,6 +816,9 @@ def frequency_values(record: MatchRecord) -> dict[str, str]:
 
 # --- scoring ---------------------------------------------------------------------------------
 
+# Fields that go with the address: no evidence of their own when the whole address differs.
+_ADDRESS_PARTS = frozenset({"street_number", "postcode", "locality"})
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -818,11 +839,23 @@ class Comparison:
 def score(
     a: MatchRecord, b: MatchRecord, params: MatchParameters, frequencies: ValueFrequencies | None = None
 ) -> Comparison:
-    """Compare two records and weigh every field (frequency-adjusted for names)."""
+    """Compare two records and weigh every field (frequency-adjusted for names).
+
+    A wholly different address (a move, or another household) is weighed once, by the address
+    level: the house number is part of the address line and a postcode and locality go with the
+    address, so their disagreeing then is no further evidence (nearly every moved person's and
+    every other household's do). Weighed as well, they would count one move up to four times
+    (−4 to −5 bits for the house number and postcode alone, as much as a birth date typo). Their
+    agreeing is still evidence (a move within the postcode or town), and EM still learns every
+    level from the comparison vectors as they are."""
     levels = compare(a, b)
     weights: dict[str, float] = {}
     values = frequency_values(a)
+    moved = levels["address"] == DIFFERENT
     for field_name, level in levels.items():
+        if moved and level == DISAGREE and field_name in _ADDRESS_PARTS:
+            weights[field_name] = 0.0
+            continue
         w = params.weight(field_name, level)
         if frequencies is not None and field_name in params.frequency_fields and level in _NAME_AGREEMENT:
             share = frequencies.share(field_name, values[field_name], params)
@@ -1007,6 +1040,12 @@ def _rank(scored: ScoredCandidate) -> tuple[int, float]:
 # --- EM estimation of m and u ----------------------------------------------------------------
 
 
+# Fields whose m EM learns from the other fields' posteriors without feeding them back: the
+# locality is also in the address's tokens, and counting it twice in the posteriors would move
+# what EM takes for a match (and so every other field's m).
+_NOT_IN_POSTERIOR = frozenset({"locality"})
+
+
 def estimate_parameters(
     vectors: Sequence[Mapping[str, str]],
     start: MatchParameters,
@@ -1043,7 +1082,7 @@ def estimate_parameters(
         for vector in vectors:
             log_m, log_u = math.log(p), math.log(1 - p)
             for f, level in vector.items():
-                if f in m and level in m[f]:
+                if f in m and level in m[f] and f not in _NOT_IN_POSTERIOR:
                     log_m += math.log(m[f][level])
                     log_u += math.log(u[f][level])
             diff = log_u - log_m

@@ -1,4 +1,4 @@
-"""Migrations 0006, 0008 and 0010: records stored before matching blocked on birth date + family name
+"""Migrations 0006, 0008, 0010 and 0011: records stored before matching blocked on birth date + family name
 (0006), or on the typo-tolerant keys (0008), are filed under those keys, so a registration found
 only by them still meets its person. Real gRPC server, real database (SQLite and PostgreSQL)."""
 
@@ -141,6 +141,59 @@ async def test_0010_files_existing_records_under_their_street(backend: str, tmp_
         second = Hospital(running, keys_dir)
         got = await second.register(
             "B-1", "Lpdge, Jowl", birth_date="1917-08-30", line="21 Pinkerton Circuit", postal_code="4012"
+        )
+        tasks = await tasks_for(second, "B-1")
+        assert got.patient.enterprise_id == stored.patient.enterprise_id or [
+            t.candidate.ref.local_id for t in tasks
+        ] == ["A-1"]
+    finally:
+        await running.stop(grace=None)
+        await drop_schemas(settings)
+
+
+@pytest.mark.parametrize("backend", _backends())
+async def test_0011_files_existing_records_under_their_locality_and_name(
+    backend: str, tmp_path: Path, keys_dir: Path
+) -> None:
+    settings = base_settings(tmp_path, keys_dir, backend)
+    running = await _started(settings)
+    try:
+        first = Hospital(running, keys_dir)
+        stored = await first.register(
+            "A-1",
+            "Ryan, Joel",
+            birth_date="1972-06-15",
+            line="62 Lancaster Hill",
+            district="Forest Hill",
+            postal_code="0370",
+        )
+        assert running.runtime.protection is not None
+        sealing = RecordSealing(running.runtime.protection)
+        digests = [sealing.key(k) for k in ("lp:foresthill:rya", "lp:foresthill:joe")]
+        async with running.runtime.engine.begin() as conn:
+            for digest in digests:
+                removed = await conn.execute(sa.text("DELETE FROM blocking_key WHERE key = :k"), {"k": digest})
+                assert removed.rowcount == 1
+            await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0010'"))
+    finally:
+        await running.stop(grace=None)
+
+    running = await _started(settings)
+    try:
+        async with running.runtime.engine.connect() as conn:
+            for digest in digests:
+                filed = await conn.scalar(sa.text("SELECT count(*) FROM blocking_key WHERE key = :k"), {"k": digest})
+                assert filed == 1
+        # The postcode's digits transposed, the house number and street mistyped, the birth date
+        # replaced and a typo in the family name: only the locality with the name is left.
+        second = Hospital(running, keys_dir)
+        got = await second.register(
+            "B-1",
+            "Ryamn, Joel",
+            birth_date="1927-06-15",
+            line="26 Lnacaster Hlil",
+            district="foresthill",
+            postal_code="3070",
         )
         tasks = await tasks_for(second, "B-1")
         assert got.patient.enterprise_id == stored.patient.enterprise_id or [

@@ -74,7 +74,11 @@ class Hospital:
             gender=fields.pop("gender", mpi_pb2.GENDER_MALE),
             birth_date=str(fields.pop("birth_date", "1980-01-01")),
             phones=list(fields.pop("phones", [])),
-            address=mpi_pb2.Address(line=str(fields.pop("line", "")), postal_code=str(fields.pop("postal_code", ""))),
+            address=mpi_pb2.Address(
+                line=str(fields.pop("line", "")),
+                postal_code=str(fields.pop("postal_code", "")),
+                district=str(fields.pop("district", "")),
+            ),
         )
         return await self.call("RegisterPatient", mpi_pb2.RegisterPatientRequest(patient=patient), role=role)
 

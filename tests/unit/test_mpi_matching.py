@@ -474,6 +474,48 @@ def test_em_with_random_pairs_keeps_u_and_levels_nobody_reached() -> None:
     assert estimated.m["family"][HOMOPHONE] == params.m["family"][HOMOPHONE]  # never seen: kept
 
 
+def test_the_locality_is_evidence_of_its_own() -> None:
+    a = record("a", "", family="lodge", given="joel", district="Frankston")
+    assert matching.compare(a, record("b", "", family="lodge", given="joel", district="frankston"))["locality"] == AGREE
+    typo = record("c", "", family="lodge", given="joel", district="Franktson")
+    assert matching.compare(a, typo)["locality"] == matching.TYPO
+    assert matching.compare(a, record("d", "", family="lodge", given="joel", district="Epping"))["locality"] == DISAGREE
+    assert matching.compare(a, record("e", "", family="lodge", given="joel"))["locality"] == MISSING
+    assert score(typo, a, PARAMS).weights["locality"] > 0
+    assert PARAMS.weight("locality", DISAGREE) < 0
+    # Part of the address: a move's other locality is weighed by the address level alone.
+    moved = record("f", "", family="lodge", given="joel", address_line="7 Cope Place", district="Epping")
+    here = record("g", "", family="lodge", given="joel", address_line="12 Pinkerton Circuit", district="Frankston")
+    assert score(moved, here, PARAMS).levels["locality"] == DISAGREE
+    assert score(moved, here, PARAMS).weights["locality"] == 0.0
+
+
+def test_em_learns_the_locality_without_counting_it_twice_in_the_posteriors() -> None:
+    # The locality is in the address's tokens too: EM learns its m from the posteriors of the
+    # other fields, and adding it does not move what EM takes for a match.
+    rng = random.Random(11)
+    vectors = []
+    for i in range(3000):
+        same = i % 10 == 0
+        address = SAME if (rng.random() < 0.9 if same else rng.random() < 0.02) else DIFFERENT
+        vectors.append(
+            {
+                "birth_date": EXACT if (rng.random() < 0.95 if same else rng.random() < 0.01) else DIFFERENT,
+                "family": EXACT if (rng.random() < 0.9 if same else rng.random() < 0.05) else DIFFERENT,
+                "given": EXACT if (rng.random() < 0.9 if same else rng.random() < 0.02) else DIFFERENT,
+                "address": address,
+                # Agreeing wherever the address is the same (its tokens hold the locality).
+                "locality": AGREE if address == SAME or rng.random() < 0.05 else DISAGREE,
+            }
+        )
+    without = estimate_parameters([{f: v for f, v in x.items() if f != "locality"} for x in vectors], PARAMS)
+    estimated = estimate_parameters(vectors, PARAMS)
+    for f, level in (("given", DIFFERENT), ("family", EXACT), ("address", SAME)):
+        assert estimated.m[f][level] == pytest.approx(without.m[f][level], abs=1e-9)
+    assert estimated.prior_match == pytest.approx(without.prior_match, abs=1e-9)
+    assert estimated.m["locality"][AGREE] > 0.8
+
+
 def test_a_nickname_of_a_latin_given_name_is_its_own_level() -> None:
     assert compare_names(name_forms("", "smith", "william"), name_forms("", "smith", "bill")) == (
         EXACT,
@@ -508,6 +550,28 @@ def test_the_house_number_is_evidence_of_its_own() -> None:
     assert matching.compare(a, other)["street_number"] == DISAGREE
     assert matching.compare(a, nothing)["street_number"] == MISSING
     assert score(a, same, PARAMS).total > score(a, other, PARAMS).total
+
+
+def test_a_move_is_weighed_once_by_the_address() -> None:
+    # Moved house: the address, the house number and the postcode all differ. The address level
+    # weighs the move; the house number (part of the address line) and the postcode (which goes
+    # with the address) are no further evidence then, so the move is not counted three times.
+    a = record("a", "", family="lodge", given="joel", address_line="12 Pinkerton Circuit", postal_code="4012")
+    moved = record("b", "", family="lodge", given="joel", address_line="7 Cope Place", postal_code="6714")
+    comparison = score(moved, a, PARAMS)
+    assert comparison.levels["address"] == DIFFERENT
+    assert (comparison.levels["street_number"], comparison.levels["postcode"]) == (DISAGREE, DISAGREE)
+    assert comparison.weights["street_number"] == comparison.weights["postcode"] == 0.0
+    assert comparison.weights["address"] < 0
+    assert comparison.total == pytest.approx(sum(comparison.weights.values()))
+    # Within the same address, a mistyped house number or postcode is still evidence against.
+    typo = record("c", "", family="lodge", given="joel", address_line="21 Pinkerton Circuit", postal_code="4102")
+    near = score(typo, a, PARAMS)
+    assert near.levels["address"] != DIFFERENT
+    assert near.weights["street_number"] < 0
+    # A move within the postcode: its agreeing still counts.
+    nearby = record("d", "", family="lodge", given="joel", address_line="7 Cope Place", postal_code="4012")
+    assert score(nearby, a, PARAMS).weights["postcode"] > 0
 
 
 def test_street_words_skip_numbers_and_street_types() -> None:
@@ -552,6 +616,40 @@ def test_a_record_with_names_and_birth_date_all_mistyped_is_found_by_its_street(
         postal_code="2121",
     )
     assert not _shares_a_key(elsewhere, a)
+
+
+def test_a_record_with_its_postcode_transposed_and_street_mistyped_is_found_by_its_locality() -> None:
+    # The postcode's digits transposed, the house number and the street mistyped, the birth date
+    # missing on one side and a typo in the family name: only the locality with the name is left.
+    a = record(
+        "a",
+        "",
+        family="ryan",
+        given="joel",
+        birth_date=D(1972, 6, 15),
+        address_line="62 lancaster hill",
+        district="Forest Hill",
+        postal_code="0370",
+    )
+    b = record(
+        "b",
+        "",
+        family="ryamn",
+        given="joel",
+        birth_date=None,
+        address_line="26 lnacaster hlil",
+        district="foresthill",
+        postal_code="3070",
+    )
+    assert _shares_a_key(b, a)
+    elsewhere = record(
+        "c", "", family="ryamn", given="joel", birth_date=None, address_line="26 lnacaster hlil", district="epping"
+    )
+    assert not _shares_a_key(elsewhere, a)
+    # A Han name files under the whole name with its district (a district's 王s are many).
+    han = record("h", "王秀英", birth_date=None, district="西城区")
+    assert "ln:西城区:wangxiuying" in matching.blocking_keys(han)
+    assert not any(k.startswith("lp:") for k in matching.blocking_keys(han))
 
 
 def test_day_and_month_swapped_with_a_name_typo_still_share_a_key() -> None:
