@@ -984,12 +984,12 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['mode']} loop: {result['requests']} requests in {result['seconds']} s = {result['per_second']} req/s"
         + (f" (target rate {result['rate']}/s)" if result.get("rate") else f" ({result['clients']} clients)"),
-        f"{'operation':<18}{'n':>7}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}  errors",
+        f"{'operation':<22}{'n':>7}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}  errors",
     ]
     for op, row in result["operations"].items():
         errors = ", ".join(f"{k}×{v}" for k, v in row["errors"].items()) or "-"
         lines.append(
-            f"{op:<18}{row['n']:>7}{row['per_second']:>8}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
+            f"{op:<22}{row['n']:>7}{row['per_second']:>8}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
             f"{row['max_ms']:>9}  {errors}"
         )
     lines.append("CPU ms per request (summed over the run / requests):")
