@@ -303,19 +303,25 @@ async def _register_sample(channel: grpc.aio.Channel, hospitals: list[_Hospital]
     async def one(patient: int) -> None:
         hospital = hospitals[patient % _ORGS]
         nid = _national_id(rng)
-        async with semaphore:
-            await stub.RegisterPatient(
-                mpi_pb2.RegisterPatientRequest(
-                    patient=mpi_pb2.Patient(
-                        ref=common_pb2.PatientRef(local_id=f"P{patient}"),
-                        identifiers=[common_pb2.Identifier(type="NNCHN", value=nid)],
-                        name=mpi_pb2.HumanName(text=rng.choice(names) + "某某"),
-                        gender=mpi_pb2.GENDER_MALE if gb11643.gender(nid) == "male" else mpi_pb2.GENDER_FEMALE,
-                        birth_date=gb11643.birth_date(nid).isoformat(),
-                    )
-                ),
-                metadata=hospital.metadata(),
+        request = mpi_pb2.RegisterPatientRequest(
+            patient=mpi_pb2.Patient(
+                ref=common_pb2.PatientRef(local_id=f"P{patient}"),
+                identifiers=[common_pb2.Identifier(type="NNCHN", value=nid)],
+                name=mpi_pb2.HumanName(text=rng.choice(names) + "某某"),
+                gender=mpi_pb2.GENDER_MALE if gb11643.gender(nid) == "male" else mpi_pb2.GENDER_FEMALE,
+                birth_date=gb11643.birth_date(nid).isoformat(),
             )
+        )
+        async with semaphore:
+            for attempt in range(6):
+                try:
+                    await stub.RegisterPatient(request, metadata=hospital.metadata())
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    # UNAVAILABLE (database busy, on a shared machine): the same registration again.
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 5:
+                        raise
+                await asyncio.sleep(0.5 * 2**attempt)
 
     await asyncio.gather(*(one(p) for p in sample))
 
