@@ -49,6 +49,12 @@ def bench_registry(
         f"query by patient (consent-filtered, {query['entries_per_query']} entries/query): p50 {query['p50_ms']} ms, "
         f"p95 {query['p95_ms']} ms, p99 {query['p99_ms']} ms (target p99 <= {query['target_p99_ms']} ms)"
     )
+    cpu = query["cpu_ms_per_query"]
+    typer.echo(
+        f"query CPU ms per query: {cpu['services_and_database']} (services and database: "
+        + ", ".join(f"{k} {v}" for k, v in cpu.items() if k != "services_and_database")
+        + f"); load average {query['load_average']}"
+    )
     typer.echo(
         f"register 20 KB: {register['documents_per_second']} documents/s at concurrency {register['concurrency']} "
         f"(p50 {register['p50_ms']} ms, p99 {register['p99_ms']} ms; target >= {register['target_per_second']}/s)"

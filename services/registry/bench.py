@@ -539,8 +539,14 @@ async def run_registry_bench(
             stub = registry_pb2_grpc.DocumentRegistryStub(channel)
             await _query(stub, hospitals, sampled, 50)  # warm-up
             say(f"{queries} queries by patient")
+            meter = await _cpu_meter(settings, processes)
             query, per_query = await _query(stub, hospitals, sampled, queries)
-            say(f"query p50 {query['p50_ms']} ms, p99 {query['p99_ms']} ms; registering {registrations} x 20 KB")
+            query["cpu_ms_per_query"] = await _cpu_per(meter, settings, processes, queries)
+            query["load_average"] = [round(x, 2) for x in os.getloadavg()]
+            say(
+                f"query p50 {query['p50_ms']} ms, p99 {query['p99_ms']} ms, CPU "
+                f"{query['cpu_ms_per_query']['services_and_database']} ms/query; registering {registrations} x 20 KB"
+            )
             register, _ids = await _register_run(
                 stub, hospitals, sampled, count=registrations, size=20 * 1024, concurrency=32
             )
@@ -576,6 +582,37 @@ async def run_registry_bench(
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "run_at": datetime.datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+_SERVICES = ("audit", "mpi", "consent", "registry")
+
+
+async def _cpu_meter(settings: Settings, processes: list[asyncio.subprocess.Process]) -> Any:
+    """CPU accounting (utime + stime from /proc, as `hie bench load` does) of the four services,
+    their PostgreSQL backends and this client, started now: a figure the machine's load (other
+    work on a shared machine) does not inflate as it does wall-clock latency."""
+    from services.ops.bench_load import CpuMeter, postgres_backends
+
+    groups = {name: [process.pid] for name, process in zip(_SERVICES, processes, strict=True)}
+    backends = await postgres_backends(settings.database_url or "", [p.pid for p in processes])
+    if backends:
+        groups["postgres"] = backends
+    groups["bench-client"] = [os.getpid()]
+    meter = CpuMeter(groups)
+    meter.start()
+    return meter
+
+
+async def _cpu_per(meter: Any, settings: Settings, processes: list[asyncio.subprocess.Process], n: int) -> dict:
+    """CPU ms per operation per process group since `meter` started (and the services' total
+    with their database backends)."""
+    from services.ops.bench_load import postgres_backends
+
+    later = await postgres_backends(settings.database_url or "", [p.pid for p in processes])
+    spent = meter.stop({"postgres": later} if later else None)
+    per = {name: round(1000 * seconds / n, 3) for name, seconds in spent.items()}
+    per["services_and_database"] = round(sum(v for k, v in per.items() if k != "bench-client"), 3)
+    return per
 
 
 def _free_port() -> int:

@@ -40,6 +40,9 @@ def test_the_registry_benchmark_runs_end_to_end_at_a_tiny_scale(tmp_path: Path) 
     assert query["n"] == 10
     # 60 entries over 20 patients: three each, those labelled sensitive (PSY) left out by consent.
     assert 2 <= query["entries_per_query"] <= 3
+    assert query["cpu_ms_per_query"]["registry"] > 0
+    assert query["cpu_ms_per_query"]["services_and_database"] >= query["cpu_ms_per_query"]["registry"]
     assert result["register_20kb"]["documents"] == 4
     assert result["retrieve_1mb"]["retrievals"] == 5
     assert "query by patient" in done.stdout
+    assert "query CPU ms per query" in done.stdout
