@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+async def cpu_probe(pids: dict[str, int], database_url: str) -> Callable[[int], Awaitable[dict[str, float]]]:
+    """CPU accounting (utime + stime from /proc, as `hie bench load` does) of the named service
+    processes, their PostgreSQL backends and this process, from now: a figure the machine's load
+    (other work on a shared machine) does not inflate as it does wall-clock latency."""
+    from services.ops.bench_load import CpuMeter, postgres_backends
+
+    groups = {name: [pid] for name, pid in pids.items()}
+    backends = await postgres_backends(database_url, pids.values())
+    if backends:
+        groups["postgres"] = backends
+    groups["bench-client"] = [os.getpid()]
+    meter = CpuMeter(groups)
+    meter.start()
+
+    async def finish(n: int) -> dict[str, float]:
+        later = await postgres_backends(database_url, pids.values())
+        spent = meter.stop({"postgres": later} if later else None)
+        per = {name: round(1000 * seconds / n, 3) for name, seconds in spent.items()}
+        per["services_and_database"] = round(sum(v for k, v in per.items() if k != "bench-client"), 3)
+        return per
+
+    return finish
 
 
 def bench_registry(
@@ -40,6 +66,7 @@ def bench_registry(
         retrievals=retrievals,
         set_size=set_size,
         log=lambda message: typer.echo(message, err=True),
+        cpu_probe=cpu_probe,
     )
     write_result(result, output)
     query, register, retrieve = result["query_by_patient"], result["register_20kb"], result["retrieve_1mb"]

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -501,6 +501,7 @@ async def run_registry_bench(
     retrievals: int = 40,
     set_size: int = 50,
     log: Callable[[str], None] | None = None,
+    cpu_probe: CpuProbe | None = None,
 ) -> dict[str, Any]:
     say = log or (lambda _message: None)
     work_dir = Path(tempfile.mkdtemp(prefix="hie-bench-registry-"))
@@ -539,14 +540,13 @@ async def run_registry_bench(
             stub = registry_pb2_grpc.DocumentRegistryStub(channel)
             await _query(stub, hospitals, sampled, 50)  # warm-up
             say(f"{queries} queries by patient")
-            meter = await _cpu_meter(settings, processes)
+            pids = {name: process.pid for name, process in zip(_SERVICES, processes, strict=True)}
+            finish = await cpu_probe(pids, settings.database_url or "") if cpu_probe else None
             query, per_query = await _query(stub, hospitals, sampled, queries)
-            query["cpu_ms_per_query"] = await _cpu_per(meter, settings, processes, queries)
+            if finish is not None:
+                query["cpu_ms_per_query"] = await finish(queries)
             query["load_average"] = [round(x, 2) for x in os.getloadavg()]
-            say(
-                f"query p50 {query['p50_ms']} ms, p99 {query['p99_ms']} ms, CPU "
-                f"{query['cpu_ms_per_query']['services_and_database']} ms/query; registering {registrations} x 20 KB"
-            )
+            say(f"query p50 {query['p50_ms']} ms, p99 {query['p99_ms']} ms; registering {registrations} x 20 KB")
             register, _ids = await _register_run(
                 stub, hospitals, sampled, count=registrations, size=20 * 1024, concurrency=32
             )
@@ -585,34 +585,10 @@ async def run_registry_bench(
 
 
 _SERVICES = ("audit", "mpi", "consent", "registry")
-
-
-async def _cpu_meter(settings: Settings, processes: list[asyncio.subprocess.Process]) -> Any:
-    """CPU accounting (utime + stime from /proc, as `hie bench load` does) of the four services,
-    their PostgreSQL backends and this client, started now: a figure the machine's load (other
-    work on a shared machine) does not inflate as it does wall-clock latency."""
-    from services.ops.bench_load import CpuMeter, postgres_backends
-
-    groups = {name: [process.pid] for name, process in zip(_SERVICES, processes, strict=True)}
-    backends = await postgres_backends(settings.database_url or "", [p.pid for p in processes])
-    if backends:
-        groups["postgres"] = backends
-    groups["bench-client"] = [os.getpid()]
-    meter = CpuMeter(groups)
-    meter.start()
-    return meter
-
-
-async def _cpu_per(meter: Any, settings: Settings, processes: list[asyncio.subprocess.Process], n: int) -> dict:
-    """CPU ms per operation per process group since `meter` started (and the services' total
-    with their database backends)."""
-    from services.ops.bench_load import postgres_backends
-
-    later = await postgres_backends(settings.database_url or "", [p.pid for p in processes])
-    spent = meter.stop({"postgres": later} if later else None)
-    per = {name: round(1000 * seconds / n, 3) for name, seconds in spent.items()}
-    per["services_and_database"] = round(sum(v for k, v in per.items() if k != "bench-client"), 3)
-    return per
+# Starts CPU accounting of the services (by name: pid) and their database backends; returns what
+# gives CPU ms per operation per process group for n operations since then. The operator tooling
+# supplies it (services/ops/cli_registry.py: /proc, as `hie bench load` measures).
+CpuProbe = Callable[[dict[str, int], str], Awaitable[Callable[[int], Awaitable[dict[str, float]]]]]
 
 
 def _free_port() -> int:
