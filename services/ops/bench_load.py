@@ -4,7 +4,9 @@ It registers a region on an exchange (10 hospitals with their own keys and token
 loaded with the mpi's bulk load, documents registered as ITI-65 submission sets, one bundle per
 patient), then drives a mix of operations shaped like the reference region's day (300k
 in-hospital system calls, 100k patient-facing calls, 100k other calls): PDQ and PIX, document
-query, metadata read, retrieve, register, consent lookups, referral creation and acceptance.
+query, metadata read, retrieve, register, consent lookups, and referral and consultation moves
+(a referral created and accepted; a teleconsultation requested, the patient's informed consent
+recorded, accepted by the consulting hospital's specialist).
 
 Two modes: closed loop (N clients, each sending its next request when the last is answered:
 the maximum throughput) and open loop (requests sent at a fixed arrival rate whatever the
@@ -67,24 +69,36 @@ SCOPES = DEFAULT_SCOPES.replace("ServiceRequest.crs", "ServiceRequest.crus") + "
 
 # The day's mix (weights per 100 requests): in-hospital system calls (PIX, queries, reads,
 # retrieves, registrations) about 60 %, patient-facing lookups (PDQ, consent) about 20 %, the
-# rest (metadata reads, referral moves) about 20 %.
+# rest (metadata reads, referral and consultation moves) about 20 %.
 MIX: dict[str, int] = {
     "pix": 14,
     "pdq": 8,
     "document_query": 24,
-    "metadata_read": 12,
+    "metadata_read": 8,
     "retrieve": 14,
     "register_document": 10,
     "consent_check": 12,
-    "referral_create": 3,
-    "referral_accept": 3,
+    "referral_create": 2,
+    "referral_accept": 2,
+    "consultation_request": 2,
+    "consultation_consent": 2,
+    "consultation_accept": 2,
 }
 # The audit event type each acknowledged write must leave exactly once (under its own trace).
 WRITE_AUDIT_TYPES = {
     "register_document": "document.register",
     "referral_create": "referral.create",
     "referral_accept": "referral.accept",
+    "consultation_request": "consultation.request",
+    "consultation_consent": "consultation.record-consent",
+    "consultation_accept": "consultation.accept",
 }
+# A consultation move waits for the one before it: a consent needs a requested consultation, an
+# acceptance a consented one; with none waiting, the move before it is made instead.
+_CONSULTATION_STEPS = ("consultation_request", "consultation_consent", "consultation_accept")
+# The consulting (tertiary) hospitals' specialist every accepted consultation is assigned to.
+SPECIALIST = Practitioner(id="BL-SPEC", name="压测会诊专家", role="doctor", department="心内科")
+ADMIN = Practitioner(id="BL-ADM", name="压测信息科", role="admin", department="信息科")
 _FAMILY = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
 _GIVEN = ("伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "秀英")
 CDA = "<ClinicalDocument xmlns='urn:hl7-org:v3'><title>{title}</title><text>{text}</text></ClinicalDocument>"
@@ -298,7 +312,7 @@ class Write:
     op: str
     trace_id: str
     member: int
-    key: str  # document id or referral id
+    key: str  # document id, referral id or consultation id
 
 
 @dataclass
@@ -309,6 +323,10 @@ class Region:
     documents: list[tuple[str, int]] = field(default_factory=list)  # (document id, person index)
     writes: list[Write] = field(default_factory=list)
     pending_referrals: collections.deque[tuple[str, int]] = field(default_factory=collections.deque)
+    # Consultations waiting for their informed consent (requester, consultant, person index) and
+    # for acceptance (consultation id, consultant).
+    pending_consents: collections.deque[tuple[str, int, int, int]] = field(default_factory=collections.deque)
+    pending_accepts: collections.deque[tuple[str, int]] = field(default_factory=collections.deque)
     setup_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -333,6 +351,25 @@ async def _register_member(
     client.practitioner = DOCTOR if type == "hospital" else AUDITOR
     await client.access_token()
     return org_id, client
+
+
+async def _register_specialist(member: Member) -> None:
+    """The consulting hospital's specialist in its directory (by its admin), qualified for
+    specialist consultations, so that its doctors can accept them."""
+    r = await member.client.call(
+        "PUT",
+        f"/api/v1/specialists/{SPECIALIST.id}",
+        as_user=ADMIN,
+        json={
+            "name": SPECIALIST.name,
+            "department": SPECIALIST.department,
+            "professional_title": "主任医师",
+            "years_independent_practice": 12,
+            "kinds": ["specialist"],
+        },
+    )
+    if r.status_code != 200:
+        raise RuntimeError(f"specialist directory: HTTP {r.status_code}")
 
 
 def _patient_csv(path: Path, people: Iterable[Person], hospital: int) -> int:
@@ -434,6 +471,9 @@ async def build_region(
         org_id, client = await _register_member(settings, base_url, run, i, tier=TIERS[i])
         members.append(Member(i, org_id, TIERS[i], client))
     _, authority = await _register_member(settings, base_url, run, 0, type="authority")
+    for member in members:
+        if member.tier == "tertiary":
+            await _register_specialist(member)
     people = make_people(patients, salt=secrets.randbelow(10**6))
     region = Region(members, authority, people)
     region.setup_seconds["organisations"] = round(time.perf_counter() - started, 2)
@@ -520,6 +560,14 @@ class Traffic:
         self.rng = rng
         self.ops = list(MIX)
         self.weights = [MIX[op] for op in self.ops]
+        # A document of each person (registered by their home hospital): the material a
+        # consultation attaches and the signed consent form its informed consent cites.
+        self.document_of: dict[int, str] = {}
+        for document_id, person_index in region.documents:
+            self.document_of.setdefault(person_index, document_id)
+        self.community_patients = [
+            p for p in region.people if TIERS[p.home] == "community" and p.index in self.document_of
+        ]
 
     def pick(self) -> str:
         return self.rng.choices(self.ops, self.weights)[0]
@@ -575,6 +623,8 @@ class Traffic:
             r = await _send(member, "POST", "/api/v1/documents", json=body, traceparent=trace)
             if r.status_code == 201:
                 self._acknowledged(op, trace, member, r.json()["document_id"])
+        elif op in _CONSULTATION_STEPS:
+            op, r = await self._consultation(op, trace)
         elif op == "referral_create" or (op == "referral_accept" and not self.region.pending_referrals):
             op = "referral_create"
             r, member, referral_id, target = await self._create_referral(trace)
@@ -611,6 +661,66 @@ class Traffic:
         r = await _send(member, "POST", "/api/v1/referrals", json=body, purpose="referral", traceparent=trace)
         referral_id = r.json().get("referral_id", "") if r.status_code == 201 else ""
         return r, member, referral_id, target
+
+    async def _consultation(self, op: str, trace: str) -> tuple[str, httpx.Response]:
+        """A consultation move: requested by a community hospital of a tertiary one, the patient's
+        informed consent recorded by the requester, accepted by the consultant (assigning its
+        specialist). A move with none waiting for it makes the move before it instead."""
+        region = self.region
+        if op == "consultation_accept" and not region.pending_accepts:
+            op = "consultation_consent"
+        if op == "consultation_consent" and not region.pending_consents:
+            op = "consultation_request"
+        if op == "consultation_request":
+            # A community hospital's own patient (the attached document is the requester's own).
+            person = self.rng.choice(self.community_patients)
+            target = self.rng.choice([i for i, tier in enumerate(TIERS) if tier == "tertiary"])
+            member = region.members[person.home]
+            body = {
+                "patient_local_id": person.local_id(person.home),
+                "consultant_organization_id": region.members[target].org_id,
+                "kind": "specialist",
+                "question": "反复胸闷，冠脉造影指征请会诊",
+                "purpose": "明确诊断及治疗方案",
+                "summary": "活动后胸闷三月，心电图 ST 段压低",
+                "document_ids": [self.document_of[person.index]],
+            }
+            r = await _send(
+                member, "POST", "/api/v1/consultations", json=body, purpose="consultation", traceparent=trace
+            )
+            if r.status_code == 201:
+                consultation_id = r.json()["consultation_id"]
+                self._acknowledged(op, trace, member, consultation_id)
+                region.pending_consents.append((consultation_id, person.home, target, person.index))
+        elif op == "consultation_consent":
+            consultation_id, origin, target, person_index = region.pending_consents.popleft()
+            member = region.members[origin]
+            consent = {"evidence_document_id": self.document_of[person_index], "signer": "patient"}
+            r = await _send(
+                member,
+                "POST",
+                f"/api/v1/consultations/{consultation_id}/record-consent",
+                json={"informed_consent": consent},
+                purpose="consultation",
+                traceparent=trace,
+            )
+            if r.status_code == 200:
+                self._acknowledged(op, trace, member, consultation_id)
+                region.pending_accepts.append((consultation_id, target))
+        else:
+            consultation_id, target = region.pending_accepts.popleft()
+            member = region.members[target]
+            r = await _send(
+                member,
+                "POST",
+                f"/api/v1/consultations/{consultation_id}/accept",
+                json={"assignee_ids": [SPECIALIST.id], "reason": "同意会诊"},
+                purpose="consultation",
+                traceparent=trace,
+            )
+            if r.status_code == 200:
+                self._acknowledged(op, trace, member, consultation_id)
+        return op, r
 
     def _acknowledged(self, op: str, trace: str, member: Member, key: str) -> None:
         self.region.writes.append(Write(op, trace.split("-")[1], member.index, key))
@@ -732,6 +842,15 @@ async def _present(region: Region, write: Write) -> bool:
     if write.op == "register_document":
         r = await _send(member, "GET", f"/api/v1/documents/{write.key}")
         return r.status_code == 200
+    if write.op in _CONSULTATION_STEPS:
+        r = await _send(member, "GET", f"/api/v1/consultations/{write.key}", purpose="consultation")
+        if r.status_code != 200:
+            return False
+        if write.op == "consultation_consent":
+            return r.json().get("informed_consent") is not None
+        if write.op == "consultation_accept":
+            return r.json().get("state") not in ("requested", "")
+        return True
     r = await _send(member, "GET", f"/api/v1/referrals/{write.key}", purpose="referral")
     if r.status_code != 200:
         return False
@@ -865,12 +984,12 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['mode']} loop: {result['requests']} requests in {result['seconds']} s = {result['per_second']} req/s"
         + (f" (target rate {result['rate']}/s)" if result.get("rate") else f" ({result['clients']} clients)"),
-        f"{'operation':<18}{'n':>7}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}  errors",
+        f"{'operation':<22}{'n':>7}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}  errors",
     ]
     for op, row in result["operations"].items():
         errors = ", ".join(f"{k}×{v}" for k, v in row["errors"].items()) or "-"
         lines.append(
-            f"{op:<18}{row['n']:>7}{row['per_second']:>8}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
+            f"{op:<22}{row['n']:>7}{row['per_second']:>8}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
             f"{row['max_ms']:>9}  {errors}"
         )
     lines.append("CPU ms per request (summed over the run / requests):")

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+async def cpu_probe(pids: dict[str, int], database_url: str) -> Callable[[int], Awaitable[dict[str, float]]]:
+    """CPU accounting (utime + stime from /proc, as `hie bench load` does) of the named service
+    processes, their PostgreSQL backends and this process, from now: a figure the machine's load
+    (other work on a shared machine) does not inflate as it does wall-clock latency."""
+    from services.ops.bench_load import CpuMeter, postgres_backends
+
+    groups = {name: [pid] for name, pid in pids.items()}
+    backends = await postgres_backends(database_url, pids.values())
+    if backends:
+        groups["postgres"] = backends
+    groups["bench-client"] = [os.getpid()]
+    meter = CpuMeter(groups)
+    meter.start()
+
+    async def finish(n: int) -> dict[str, float]:
+        later = await postgres_backends(database_url, pids.values())
+        spent = meter.stop({"postgres": later} if later else None)
+        per = {name: round(1000 * seconds / n, 3) for name, seconds in spent.items()}
+        per["services_and_database"] = round(sum(v for k, v in per.items() if k != "bench-client"), 3)
+        return per
+
+    return finish
 
 
 def bench_registry(
@@ -40,6 +66,7 @@ def bench_registry(
         retrievals=retrievals,
         set_size=set_size,
         log=lambda message: typer.echo(message, err=True),
+        cpu_probe=cpu_probe,
     )
     write_result(result, output)
     query, register, retrieve = result["query_by_patient"], result["register_20kb"], result["retrieve_1mb"]
@@ -48,6 +75,12 @@ def bench_registry(
     typer.echo(
         f"query by patient (consent-filtered, {query['entries_per_query']} entries/query): p50 {query['p50_ms']} ms, "
         f"p95 {query['p95_ms']} ms, p99 {query['p99_ms']} ms (target p99 <= {query['target_p99_ms']} ms)"
+    )
+    cpu = query["cpu_ms_per_query"]
+    typer.echo(
+        f"query CPU ms per query: {cpu['services_and_database']} (services and database: "
+        + ", ".join(f"{k} {v}" for k, v in cpu.items() if k != "services_and_database")
+        + f"); load average {query['load_average']}"
     )
     typer.echo(
         f"register 20 KB: {register['documents_per_second']} documents/s at concurrency {register['concurrency']} "

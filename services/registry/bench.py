@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from services.shared.config import SERVICE_PORTS, TOKEN_AUDIENCE, Settings
 from services.shared.db import engine_for
 from services.shared.keys import algorithm_for, ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk
 from services.shared.protection import DataProtection
+from services.shared.user_assertion import MAX_LIFETIME_SECONDS
 
 UTC = datetime.UTC
 QUERY_P99_TARGET_MS = 15.0
@@ -89,13 +90,20 @@ def _bench_settings(work_dir: Path, database_url: str) -> Settings:
 @dataclasses.dataclass
 class _Hospital:
     """A member hospital as the gateway would forward it: a gateway-signed token and the
-    hospital's signed user assertion."""
+    hospital's signed user assertion (an assertion lives at most MAX_LIFETIME_SECONDS: both are
+    signed again when the last pair is a minute from expiring)."""
 
     org: str
     gateway_key_file: Path
     key: Any = dataclasses.field(default_factory=generate_ec_key)
+    _signed: tuple[float, tuple[tuple[str, str], ...]] | None = None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._signed is None or time.time() - self._signed[0] > MAX_LIFETIME_SECONDS - 60:
+            self._signed = (time.time(), self._sign())
+        return self._signed[1]
+
+    def _sign(self) -> tuple[tuple[str, str], ...]:
         now = int(time.time())
         client_id = f"client-{self.org}"
         gateway_key = load_private_key(self.gateway_key_file)
@@ -123,7 +131,7 @@ class _Hospital:
                 "sub": "D0001",
                 "aud": TOKEN_AUDIENCE,
                 "iat": now,
-                "exp": now + 3600,
+                "exp": now + MAX_LIFETIME_SECONDS,
                 "jti": str(uuid.uuid4()),
                 "name": "基准测试医生",
                 "role": "doctor",
@@ -295,19 +303,25 @@ async def _register_sample(channel: grpc.aio.Channel, hospitals: list[_Hospital]
     async def one(patient: int) -> None:
         hospital = hospitals[patient % _ORGS]
         nid = _national_id(rng)
-        async with semaphore:
-            await stub.RegisterPatient(
-                mpi_pb2.RegisterPatientRequest(
-                    patient=mpi_pb2.Patient(
-                        ref=common_pb2.PatientRef(local_id=f"P{patient}"),
-                        identifiers=[common_pb2.Identifier(type="NNCHN", value=nid)],
-                        name=mpi_pb2.HumanName(text=rng.choice(names) + "某某"),
-                        gender=mpi_pb2.GENDER_MALE if gb11643.gender(nid) == "male" else mpi_pb2.GENDER_FEMALE,
-                        birth_date=gb11643.birth_date(nid).isoformat(),
-                    )
-                ),
-                metadata=hospital.metadata(),
+        request = mpi_pb2.RegisterPatientRequest(
+            patient=mpi_pb2.Patient(
+                ref=common_pb2.PatientRef(local_id=f"P{patient}"),
+                identifiers=[common_pb2.Identifier(type="NNCHN", value=nid)],
+                name=mpi_pb2.HumanName(text=rng.choice(names) + "某某"),
+                gender=mpi_pb2.GENDER_MALE if gb11643.gender(nid) == "male" else mpi_pb2.GENDER_FEMALE,
+                birth_date=gb11643.birth_date(nid).isoformat(),
             )
+        )
+        async with semaphore:
+            for attempt in range(6):
+                try:
+                    await stub.RegisterPatient(request, metadata=hospital.metadata())
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    # UNAVAILABLE (database busy, on a shared machine): the same registration again.
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 5:
+                        raise
+                await asyncio.sleep(0.5 * 2**attempt)
 
     await asyncio.gather(*(one(p) for p in sample))
 
@@ -315,7 +329,7 @@ async def _register_sample(channel: grpc.aio.Channel, hospitals: list[_Hospital]
 async def _query(
     stub: registry_pb2_grpc.DocumentRegistryStub, hospitals: list[_Hospital], sample: list[int], queries: int
 ) -> tuple[dict[str, Any], float]:
-    metadata = {h.org: h.metadata() for h in hospitals}
+    members = {h.org: h for h in hospitals}
     rng = random.Random(11)
     latencies = []
     returned = 0
@@ -327,7 +341,7 @@ async def _query(
             registry_pb2.FindDocumentsRequest(
                 patient=common_pb2.PatientRef(local_id=f"P{patient}"), page=common_pb2.PageRequest(page_size=50)
             ),
-            metadata=metadata[org],
+            metadata=members[org].metadata(),
         )
         latencies.append(time.perf_counter() - started)
         returned += len(response.entries)
@@ -343,7 +357,7 @@ async def _register_run(
     size: int,
     concurrency: int,
 ) -> tuple[dict[str, Any], list[str]]:
-    metadata = {h.org: h.metadata() for h in hospitals}
+    members = {h.org: h for h in hospitals}
     body = ("<ClinicalDocument>" + "出院小结：病情稳定，好转出院。" * (size // 40))[: size // 3].encode()
     body = (body + b" " * size)[:size]
     semaphore = asyncio.Semaphore(concurrency)
@@ -369,7 +383,7 @@ async def _register_run(
                     ),
                     content=content,
                 ),
-                metadata=metadata[org],
+                metadata=members[org].metadata(),
             )
             latencies.append(time.perf_counter() - started)
             ids.append(response.entry.document_id)
@@ -401,7 +415,7 @@ async def _register_sets_run(
     concurrency: int,
 ) -> dict[str, Any]:
     """`count` documents of `size` bytes in submission sets of `set_size`, each set one patient's."""
-    metadata = {h.org: h.metadata() for h in hospitals}
+    members = {h.org: h for h in hospitals}
     body = ("<ClinicalDocument>" + "检验报告：血常规，白细胞正常。" * (size // 40))[: size // 3].encode()
     body = (body + b" " * size)[:size]
     semaphore = asyncio.Semaphore(concurrency)
@@ -431,7 +445,7 @@ async def _register_sets_run(
         async with semaphore:
             started = time.perf_counter()
             await stub.RegisterSubmissionSet(
-                registry_pb2.RegisterSubmissionSetRequest(documents=documents), metadata=metadata[org]
+                registry_pb2.RegisterSubmissionSetRequest(documents=documents), metadata=members[org].metadata()
             )
             latencies.append(time.perf_counter() - started)
 
@@ -452,7 +466,6 @@ async def _register_sets_run(
 async def _retrieve_run(
     stub: registry_pb2_grpc.DocumentRegistryStub, hospital: _Hospital, ids: list[str], *, rounds: int, concurrency: int
 ) -> dict[str, Any]:
-    metadata = hospital.metadata()
     semaphore = asyncio.Semaphore(concurrency)
     received = 0
 
@@ -460,7 +473,7 @@ async def _retrieve_run(
         nonlocal received
         async with semaphore:
             call = stub.RetrieveDocumentStream(
-                registry_pb2.RetrieveDocumentStreamRequest(document_id=document_id), metadata=metadata
+                registry_pb2.RetrieveDocumentStreamRequest(document_id=document_id), metadata=hospital.metadata()
             )
             async for message in call:
                 received += len(message.chunk)
@@ -488,6 +501,7 @@ async def run_registry_bench(
     retrievals: int = 40,
     set_size: int = 50,
     log: Callable[[str], None] | None = None,
+    cpu_probe: CpuProbe | None = None,
 ) -> dict[str, Any]:
     say = log or (lambda _message: None)
     work_dir = Path(tempfile.mkdtemp(prefix="hie-bench-registry-"))
@@ -526,7 +540,12 @@ async def run_registry_bench(
             stub = registry_pb2_grpc.DocumentRegistryStub(channel)
             await _query(stub, hospitals, sampled, 50)  # warm-up
             say(f"{queries} queries by patient")
+            pids = {name: process.pid for name, process in zip(_SERVICES, processes, strict=True)}
+            finish = await cpu_probe(pids, settings.database_url or "") if cpu_probe else None
             query, per_query = await _query(stub, hospitals, sampled, queries)
+            if finish is not None:
+                query["cpu_ms_per_query"] = await finish(queries)
+            query["load_average"] = [round(x, 2) for x in os.getloadavg()]
             say(f"query p50 {query['p50_ms']} ms, p99 {query['p99_ms']} ms; registering {registrations} x 20 KB")
             register, _ids = await _register_run(
                 stub, hospitals, sampled, count=registrations, size=20 * 1024, concurrency=32
@@ -563,6 +582,13 @@ async def run_registry_bench(
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "run_at": datetime.datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+_SERVICES = ("audit", "mpi", "consent", "registry")
+# Starts CPU accounting of the services (by name: pid) and their database backends; returns what
+# gives CPU ms per operation per process group for n operations since then. The operator tooling
+# supplies it (services/ops/cli_registry.py: /proc, as `hie bench load` measures).
+CpuProbe = Callable[[dict[str, int], str], Awaitable[Callable[[int], Awaitable[dict[str, float]]]]]
 
 
 def _free_port() -> int:

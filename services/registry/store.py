@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,15 +13,18 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Select,
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
     insert,
     or_,
     select,
     text,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -182,26 +186,99 @@ async def entries_of_patient(
     """A person's entries (under any of their identities), newest service time first, after a cursor.
 
     Plain rows (attribute access like the record), not ORM instances: a page reads up to a
-    thousand of them and nothing is written back."""
-    e = DocumentEntryRecord
-    columns = [c for c in e.__table__.columns if c.name != "content_key"]
-    stmt = select(*columns).where(tuple_(e.patient_domain, e.patient_local_id).in_(list(refs)))
-    if type_codes:
-        stmt = stmt.where(or_(e.type_code.in_(list(type_codes)), e.shared_type.in_(list(type_codes))))
-    if class_codes:
-        stmt = stmt.where(e.class_code.in_(list(class_codes)))
-    if statuses:
-        stmt = stmt.where(e.status.in_(list(statuses)))
-    if source_organization_ids:
-        stmt = stmt.where(e.source_organization_id.in_(list(source_organization_ids)))
-    if service_from is not None:
-        stmt = stmt.where(e.service_time >= service_from)
-    if service_to is not None:
-        stmt = stmt.where(e.service_time < service_to)
+    thousand of them and nothing is written back. Executed as Core on the session's connection
+    (in its transaction, without the ORM's execution path: the caller has nothing to flush), with
+    the statement for this shape of request built once (`_patient_query`): building and keying
+    a 45-column select per call cost the registry ≈ 1 ms of CPU per query."""
+    if not refs:
+        return []
+    stmt = _patient_query(
+        refs=len(refs),
+        type_codes=len(type_codes),
+        class_codes=len(class_codes),
+        statuses=len(statuses),
+        sources=len(source_organization_ids),
+        service_from=service_from is not None,
+        service_to=service_to is not None,
+        after=after is not None,
+    )
+    params: dict[str, Any] = {"limit": limit, "service_from": service_from, "service_to": service_to}
+    for name, values in (
+        ("ref_domain", [ref_domain for ref_domain, _ in refs]),
+        ("ref_local_id", [local_id for _, local_id in refs]),
+        ("type_code", type_codes),
+        ("class_code", class_codes),
+        ("status", statuses),
+        ("source", source_organization_ids),
+    ):
+        params.update({f"{name}_{i}": value for i, value in enumerate(values)})
     if after is not None:
-        stmt = stmt.where(tuple_(e.service_time, e.id) < tuple_(*after))
-    stmt = stmt.order_by(e.service_time.desc(), e.id.desc()).limit(limit)
-    return list((await session.execute(stmt)).all())
+        params["after_time"], params["after_id"] = after
+    connection = await session.connection()
+    return list((await connection.execute(stmt, params)).all())
+
+
+_ENTRY_COLUMNS = tuple(c for c in DocumentEntryRecord.__table__.columns if c.name != "content_key")
+
+
+@functools.lru_cache(maxsize=256)
+def _patient_query(
+    *,
+    refs: int,
+    type_codes: int,
+    class_codes: int,
+    statuses: int,
+    sources: int,
+    service_from: bool,
+    service_to: bool,
+    after: bool,
+) -> Select[Any]:
+    """The query by patient for one shape of request (how many identities, codes, statuses,
+    sources; which bounds), values as bound parameters named `<name>_<i>`.
+
+    One identity: an index scan of ix_entry_patient_time, backwards, stopping at the page's end.
+    Several (a person known at several hospitals): one such scan per identity, each limited to
+    the page, merged in order (UNION ALL under the page's ORDER BY / LIMIT). A single
+    `(domain, local id) IN (...)` reads every entry of every identity and sorts them for each
+    page: at 2 × 2,000 entries, 17.6 ms against 0.2 ms on PostgreSQL (services/registry/README.md)."""
+    e = DocumentEntryRecord.__table__.c
+
+    def values(name: str, count: int, column: Any) -> list[Any]:
+        return [bindparam(f"{name}_{i}", type_=column.type) for i in range(count)]
+
+    def identity(i: int) -> Select[Any]:
+        stmt = select(*_ENTRY_COLUMNS).where(
+            e.patient_domain == bindparam(f"ref_domain_{i}", type_=e.patient_domain.type),
+            e.patient_local_id == bindparam(f"ref_local_id_{i}", type_=e.patient_local_id.type),
+        )
+        if type_codes:
+            codes = values("type_code", type_codes, e.type_code)
+            stmt = stmt.where(or_(e.type_code.in_(codes), e.shared_type.in_(codes)))
+        if class_codes:
+            stmt = stmt.where(e.class_code.in_(values("class_code", class_codes, e.class_code)))
+        if statuses:
+            stmt = stmt.where(e.status.in_(values("status", statuses, e.status)))
+        if sources:
+            stmt = stmt.where(e.source_organization_id.in_(values("source", sources, e.source_organization_id)))
+        if service_from:
+            stmt = stmt.where(e.service_time >= bindparam("service_from", type_=e.service_time.type))
+        if service_to:
+            stmt = stmt.where(e.service_time < bindparam("service_to", type_=e.service_time.type))
+        if after:
+            stmt = stmt.where(
+                tuple_(e.service_time, e.id)
+                < tuple_(bindparam("after_time", type_=e.service_time.type), bindparam("after_id", type_=e.id.type))
+            )
+        return stmt.order_by(e.service_time.desc(), e.id.desc()).limit(bindparam("limit", type_=Integer()))
+
+    if refs == 1:
+        return identity(0)
+    merged = union_all(*(select(*identity(i).subquery(f"identity_{i}").c) for i in range(refs))).subquery("merged")
+    return (
+        select(*merged.c)
+        .order_by(merged.c.service_time.desc(), merged.c.id.desc())
+        .limit(bindparam("limit", type_=Integer()))
+    )
 
 
 async def related_to(session: AsyncSession, document_id: str) -> list[DocumentEntryRecord]:

@@ -13,32 +13,48 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from services.audit import store as audit_store
-from services.ops.bench_load import Traffic, build_region, check_writes
+from services.ops.bench_load import WRITE_AUDIT_TYPES, Traffic, build_region, check_writes
 from services.registry import store as registry_store
+from services.teleconsult import workflow as teleconsult_workflow
+from services.teleconsult.store import ConsultationRecord
 from tests.conftest import POSTGRES_URL, Exchange
 
 pytestmark = pytest.mark.load
 
 
+OPS = (
+    "register_document",
+    "register_document",
+    "register_document",
+    "referral_create",
+    "referral_accept",
+    "consultation_request",
+    "consultation_consent",
+    "consultation_accept",
+)
+CREATED = {"register_document", "referral_create", "consultation_request"}
+
+
 async def test_the_check_catches_a_lost_write_and_a_duplicated_audit_record(exchange: Exchange) -> None:
     region = await build_region(exchange.settings, exchange.base_url, patients=10, documents=20, echo=lambda _: None)
     traffic = Traffic(region, random.Random(7))
-    for op in ("register_document", "register_document", "register_document", "referral_create", "referral_accept"):
+    for op in OPS:
         sent, status, reason = await traffic.run(op)
-        assert (sent, status, reason) == (op, 200 if op == "referral_accept" else 201, "")
+        assert (sent, status, reason) == (op, 201 if op in CREATED else 200, "")
     await exchange.audit_settled()
 
     clean = await check_writes(region)
     assert clean.ok, clean.as_dict()
-    assert clean.writes == 5
+    assert [w.op for w in region.writes] == list(OPS)
     # The check's own reads are audited too: let those land before writing into the chain by hand
     # (the audit service serialises its appends in-process; this test's insert is outside that).
     await exchange.audit_settled()
 
     lost, duplicated = region.writes[0], region.writes[3]
+    lost_move, duplicated_move = region.writes[7], region.writes[6]
     # A lost write: the registry no longer holds a document it acknowledged.
     async with exchange.services["registry"].runtime.sessions() as session, session.begin():
         await session.execute(
@@ -47,28 +63,37 @@ async def test_the_check_catches_a_lost_write_and_a_duplicated_audit_record(exch
         await session.execute(
             delete(registry_store.DocumentEntryRecord).where(registry_store.DocumentEntryRecord.id == lost.key)
         )
-    # A duplicated audit record: the referral's creation recorded twice, properly chained (so the
-    # chain still verifies: only counting per acknowledged write finds it).
-    async with exchange.services["audit"].runtime.sessions() as session, session.begin():
-        await audit_store.lock_chain(session)
-        original = (
-            await session.scalars(
-                select(audit_store.AuditRecord).where(
-                    audit_store.AuditRecord.trace_id == duplicated.trace_id,
-                    audit_store.AuditRecord.type == "referral.create",
+    # A lost consultation move: the consultation is back where it was before its acceptance.
+    async with exchange.services["teleconsult"].runtime.sessions() as session, session.begin():
+        await session.execute(
+            update(ConsultationRecord)
+            .where(ConsultationRecord.id == lost_move.key)
+            .values(state=teleconsult_workflow.REQUESTED)
+        )
+    # Duplicated audit records: the referral's creation and the consultation's informed consent
+    # recorded twice, properly chained (so the chain still verifies: only counting per
+    # acknowledged write finds them).
+    for write in (duplicated, duplicated_move):
+        async with exchange.services["audit"].runtime.sessions() as session, session.begin():
+            await audit_store.lock_chain(session)
+            original = (
+                await session.scalars(
+                    select(audit_store.AuditRecord).where(
+                        audit_store.AuditRecord.trace_id == write.trace_id,
+                        audit_store.AuditRecord.type == WRITE_AUDIT_TYPES[write.op],
+                    )
                 )
-            )
-        ).one()
-        fields = original.as_mapping()
-        for derived in ("sequence", "previous_hash", "hash"):
-            fields.pop(derived, None)
-        fields.pop("id", None)
-        fields["event_id"] = str(uuid.uuid4())
-        await audit_store.append(session, fields, await audit_store.chain_head(session))
+            ).one()
+            fields = original.as_mapping()
+            for derived in ("sequence", "previous_hash", "hash"):
+                fields.pop(derived, None)
+            fields.pop("id", None)
+            fields["event_id"] = str(uuid.uuid4())
+            await audit_store.append(session, fields, await audit_store.chain_head(session))
 
     verdict = await check_writes(region, settle_seconds=1)
-    assert [w.key for w in verdict.lost] == [lost.key]
-    assert [w.trace_id for w in verdict.audited_twice] == [duplicated.trace_id]
+    assert [w.key for w in verdict.lost] == [lost.key, lost_move.key]
+    assert [w.trace_id for w in verdict.audited_twice] == [duplicated.trace_id, duplicated_move.trace_id]
     assert verdict.unaudited == []
     assert verdict.chain_intact
     assert not verdict.ok

@@ -271,6 +271,40 @@ async def test_consent_filtered_pages_are_full_and_in_service_time_order(hospita
     assert len([d for page in await a.find_all(local, page_size=4) for d in page]) == 9
 
 
+async def test_pages_merge_the_identities_of_a_person_in_service_time_order(hospitals) -> None:
+    """A person known at two hospitals: each identity's entries are read in order and merged (the
+    query reads one page per identity, not all of them); pages cross from one identity's entries
+    to the other's, and filters and the cursor apply to both."""
+    a, b, local = hospitals
+    written: list[tuple[int, str, str]] = []
+    for day in range(10):
+        hospital = a if day % 3 else b  # A: 1, 2, 4, 5, 7, 8; B: 0, 3, 6, 9
+        code = "11502-2" if day % 2 else "18842-5"
+        entry = (
+            await hospital.register(
+                local,
+                f"记录 {day}".encode(),
+                service_start=_at(day),
+                type_code=registry_pb2.Coding(system=LOINC, code=code),
+            )
+        ).entry
+        written.append((day, code, entry.document_id))
+    newest_first = [document_id for _day, _code, document_id in sorted(written)]
+    for reader in (a, b):
+        for size in (1, 3, 4, 10, 11):
+            pages = await reader.find_all(local, page_size=size)
+            assert [d for page in pages for d in page] == newest_first, size
+            assert all(len(page) == size for page in pages[:-1])
+    lab = [document_id for _day, code, document_id in sorted(written) if code == "11502-2"]
+    pages = await b.find_all(local, page_size=2, type_codes=["11502-2"])
+    assert [d for page in pages for d in page] == lab
+    recent = [document_id for day, _code, document_id in sorted(written) if 2 <= day < 8]
+    pages = await a.find_all(local, page_size=4, service_from=_at(7), service_to=_at(1))
+    assert [d for page in pages for d in page] == recent
+    both = await b.find(local, statuses=[registry_pb2.DOCUMENT_STATUS_CURRENT, registry_pb2.DOCUMENT_STATUS_SUPERSEDED])
+    assert [e.document_id for e in both.entries] == newest_first
+
+
 async def test_query_filters_class_date_range_source_and_status(hospitals) -> None:
     a, b, local = hospitals
     ecg = (
