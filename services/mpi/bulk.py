@@ -25,7 +25,13 @@ from services.mpi import domain, estimation
 from services.mpi.index import BULK_LOAD_LOCK, BatchLink, MasterIndex, Registered
 from services.mpi.matching import MatchRecord, Outcome
 from services.mpi.standalone import IndexHandle
-from services.mpi.store import active_count, bulk_load, match_record_of_registration, save_bulk_load
+from services.mpi.store import (
+    DecodedRecords,
+    active_count,
+    bulk_load,
+    match_record_of_registration,
+    save_bulk_load,
+)
 from services.shared.auth import Caller
 from services.shared.errors import DomainError
 
@@ -168,6 +174,8 @@ class BatchPipeline:
         self._in_flight: _InFlight | None = None
         self._guard: AsyncConnection | None = None
         self._collector = QuietCollector()
+        # Candidates read by one batch are read again by later ones: built once (store.DecodedRecords).
+        self._decoded = DecodedRecords()
 
     async def __aenter__(self) -> BatchPipeline:
         self._collector.__enter__()
@@ -260,6 +268,7 @@ class BatchPipeline:
             previous=previous.scored if previous is not None else None,
             scored=scored,
             committed=previous.task if previous is not None else None,
+            decoded=self._decoded,
         )
         async with self._sessions() as session, session.begin():
             results = await self._master.register_batch(session, who, registrations, link=link)
