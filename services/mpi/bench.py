@@ -477,9 +477,14 @@ async def _run(
             cpu = LoadCpu(index.engine)
             await cpu.sample()
             load_cpu = {"mpi": 0.0, "postgres": 0.0}
+            # Candidate rows the batches read (a record read by n batches counts n times), and
+            # how many of them had to be built (the rest reused: store.DecodedRecords).
+            read_mark = (0, 0)
+            # As `hie mpi load` does it: two batches in flight (bulk.BatchPipeline).
+            pipeline = BatchPipeline(index.engine, index.sessions, index.master)
 
             async def committed(results: list[object]) -> None:
-                nonlocal done, mark, mark_time
+                nonlocal done, mark, mark_time, read_mark
                 await growing.grew(len(results))
                 done += len(results)
                 if done - mark >= stretch:
@@ -488,6 +493,12 @@ async def _run(
                     for name, seconds in spent.items():
                         load_cpu[name] += seconds
                     per_record = _per_record(spent, done - mark)
+                    reads = (pipeline.decoded.hits + pipeline.decoded.misses, pipeline.decoded.misses)
+                    candidates = {
+                        "read_per_record": round((reads[0] - read_mark[0]) / (done - mark), 2),
+                        "built_per_record": round((reads[1] - read_mark[1]) / (done - mark), 2),
+                    }
+                    read_mark = reads
                     stretches.append(
                         {
                             "from": mark,
@@ -495,18 +506,19 @@ async def _run(
                             "seconds": round(now - mark_time, 2),
                             "records_per_second": round((done - mark) / (now - mark_time), 1),
                             "cpu_ms_per_record": per_record,
+                            "candidates": candidates,
                             "load_average": round(os.getloadavg()[0], 2),
                         }
                     )
                     log(
                         f"  {done} loaded, {stretches[-1]['records_per_second']} records/s since {mark}; "
-                        f"CPU ms/record mpi {per_record['mpi']:.3f} postgres {per_record['postgres']:.3f} "
-                        f"(load average {stretches[-1]['load_average']})"
+                        f"CPU ms/record mpi {per_record['mpi']:.3f} postgres {per_record['postgres']:.3f}; "
+                        f"candidates read per record {candidates['read_per_record']} (built "
+                        f"{candidates['built_per_record']}) (load average {stretches[-1]['load_average']})"
                     )
                     mark, mark_time = done, now
 
-            # As `hie mpi load` does it: two batches in flight (bulk.BatchPipeline).
-            async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+            async with pipeline:
                 for _, domain_id, local_id, fields in loaded:
                     by_domain.setdefault(domain_id, []).append(_registration(domain_id, local_id, fields))
                     batch = by_domain[domain_id]

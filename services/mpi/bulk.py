@@ -198,6 +198,11 @@ class BatchPipeline:
         # Candidates read by one batch are read again by later ones: built once (store.DecodedRecords).
         self._decoded = DecodedRecords()
 
+    @property
+    def decoded(self) -> DecodedRecords:
+        """The load's comparable records built from the rows it read (hits and misses counted)."""
+        return self._decoded
+
     async def __aenter__(self) -> BatchPipeline:
         self._collector.__enter__()
         try:

@@ -340,7 +340,9 @@ def bench_mpi(
         ms = part["cpu_ms_per_record"]
         typer.echo(
             f"  {part['from']:>9}–{part['loaded']:<9} {part['records_per_second']:>8.0f} records/s   CPU ms/record "
-            f"mpi {ms['mpi']:.3f} postgres {ms['postgres']:.3f}   load average {part['load_average']}"
+            f"mpi {ms['mpi']:.3f} postgres {ms['postgres']:.3f}   candidates read / built per record "
+            f"{part['candidates']['read_per_record']} / {part['candidates']['built_per_record']}   "
+            f"load average {part['load_average']}"
         )
     typer.echo(
         f"single registration at {lat['population']} records: p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms"
