@@ -42,8 +42,8 @@ from services.mpi.matching import MatchRecord, ValueFrequencies
 from services.mpi.records import match_record_of as match_record_of
 from services.mpi.records import match_record_of_registration as match_record_of_registration
 from services.mpi.records import match_record_of_row
+from services.mpi.sealing import RecordSealing, sealing_of
 from services.mpi.sealing import sealed_sessions as sealed_sessions
-from services.mpi.sealing import sealing_of
 from services.mpi.tables import (
     BlockingKey,
     BulkLoad,
@@ -610,8 +610,9 @@ _ACTIVE_PATIENTS = text(
 class DecodedRecords:
     """Comparable records a bulk load has already built from `patient` rows, by record id, so a
     record read again by a later batch (a member of a block many new records share) is not
-    opened and normalised again: that cost per candidate read was the half of a load's time
-    that grew with the index (a block's members are read by every batch with a record in it).
+    opened and normalised again: building them was a fifth of a load's time at 150k records on
+    PostgreSQL and grew with the index (a block's members are read by every batch with a record
+    in it; py-spy, `hie bench mpi --records 200000`).
 
     An entry is used only while the row is as it was when built: its sealed blob and clear
     columns are compared with the row read now (an updated record is re-sealed, with a fresh
@@ -620,8 +621,8 @@ class DecodedRecords:
 
     # Each entry holds a comparable record and its row's sealed blob, ~3 kB: up to ~3 GB at the
     # default, which keeps every record of a 1M-record load (with a smaller limit the records
-    # read least recently are built again when read again: at a quarter of the index, about a
-    # third of the reads of a 200k load).
+    # read least recently are built again when read again: at a quarter of the index, 40 % of
+    # the records a 200k load reads near its end).
     DEFAULT_LIMIT = 1_000_000
     _STAMP = ("sealed", "domain", "gender", "birth_date", "province", "city", "district", "postal_code")
 
@@ -634,7 +635,7 @@ class DecodedRecords:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record_of(self, row: Mapping[str, Any], sealing: Any) -> MatchRecord:
+    def record_of(self, row: Mapping[str, Any], sealing: RecordSealing) -> MatchRecord:
         """The comparable form of a `patient` row (as `match_record_of_row`), built once per
         row content."""
         record_id = row["id"]
