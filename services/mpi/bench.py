@@ -371,6 +371,72 @@ def _patient(local_id: str, fields: dict[str, Any]) -> mpi_pb2.Patient:
     )
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _process_cpu(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class LoadCpu:
+    """CPU seconds the load used since the last sample, per process: this (the mpi's) Python
+    process, and on PostgreSQL the server backends connected to the bench's database (every
+    client backend there: give the bench a database of its own for a clean figure). On a shared
+    machine wall-clock rates depend on what else runs; CPU per record does not."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._mine = 0.0
+        self._backends: dict[int, float] = {}
+
+    async def _backend_pids(self) -> list[int]:
+        if not self._postgres:
+            return []
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND backend_type = 'client backend'"
+                )
+            )
+            return [int(pid) for (pid,) in rows]
+
+    async def sample(self) -> dict[str, float]:
+        """{"mpi": seconds, "postgres": seconds} since the last sample (or since created: the
+        first call only sets the baseline and returns zeros)."""
+        mine = time.process_time()
+        spent = {"mpi": mine - self._mine, "postgres": 0.0}
+        self._mine = mine
+        seen: dict[int, float] = {}
+        for pid in await self._backend_pids():
+            cpu = _process_cpu(pid)
+            if cpu is not None:
+                seen[pid] = cpu
+                # A backend first seen now was connected since the last sample: all its time counts.
+                spent["postgres"] += cpu - self._backends.get(pid, 0.0)
+        self._backends = seen
+        return spent
+
+
+def _per_record(spent: dict[str, float], records: int) -> dict[str, float]:
+    """CPU milliseconds per record per process and their sum, and the rate they allow on two
+    cores of its own (`implied_records_per_second`): the mpi process is one thread, the batch
+    pipeline overlaps it with PostgreSQL's work, so the rate is bound by the busier of the two
+    and by the sum over two cores."""
+    ms = {name: round(seconds * 1000 / max(records, 1), 3) for name, seconds in spent.items()}
+    ms["total"] = round(sum(spent.values()) * 1000 / max(records, 1), 3)
+    bound = max(ms["mpi"], ms["postgres"], ms["total"] / 2)
+    ms["implied_records_per_second"] = round(1000 / bound) if bound else 0
+    return ms
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -402,26 +468,57 @@ async def _run(
             log(f"bulk loading {records} records …")
             started = time.perf_counter()
             by_domain: dict[str, list[domain.Registration]] = {}
-            stretches: list[dict[str, float]] = []
+            stretches: list[dict[str, Any]] = []
             growing = GrowingTables(index.engine)
-            # The load's rate by stretch: it falls as blocks grow, which one average hides.
+            # The load's rate and CPU per record by stretch: the rate falls as blocks grow, which
+            # one average hides.
             stretch = max(records // 10, 10_000)
             done, mark, mark_time = 0, 0, started
+            cpu = LoadCpu(index.engine)
+            await cpu.sample()
+            load_cpu = {"mpi": 0.0, "postgres": 0.0}
+            # Candidate rows the batches read (a record read by n batches counts n times), and
+            # how many of them had to be built (the rest reused: store.DecodedRecords).
+            read_mark = (0, 0)
+            # As `hie mpi load` does it: two batches in flight (bulk.BatchPipeline).
+            pipeline = BatchPipeline(index.engine, index.sessions, index.master)
 
             async def committed(results: list[object]) -> None:
-                nonlocal done, mark, mark_time
+                nonlocal done, mark, mark_time, read_mark
                 await growing.grew(len(results))
                 done += len(results)
                 if done - mark >= stretch:
                     now = time.perf_counter()
+                    spent = await cpu.sample()
+                    for name, seconds in spent.items():
+                        load_cpu[name] += seconds
+                    per_record = _per_record(spent, done - mark)
+                    reads = (pipeline.decoded.hits + pipeline.decoded.misses, pipeline.decoded.misses)
+                    candidates = {
+                        "read_per_record": round((reads[0] - read_mark[0]) / (done - mark), 2),
+                        "built_per_record": round((reads[1] - read_mark[1]) / (done - mark), 2),
+                    }
+                    read_mark = reads
                     stretches.append(
-                        {"loaded": done, "records_per_second": round((done - mark) / (now - mark_time), 1)}
+                        {
+                            "from": mark,
+                            "loaded": done,
+                            "seconds": round(now - mark_time, 2),
+                            "records_per_second": round((done - mark) / (now - mark_time), 1),
+                            "cpu_ms_per_record": per_record,
+                            "candidates": candidates,
+                            "load_average": round(os.getloadavg()[0], 2),
+                        }
                     )
-                    log(f"  {done} loaded, {stretches[-1]['records_per_second']} records/s since {mark}")
+                    log(
+                        f"  {done} loaded, {stretches[-1]['records_per_second']} records/s since {mark}; "
+                        f"CPU ms/record mpi {per_record['mpi']:.3f} postgres {per_record['postgres']:.3f}; "
+                        f"candidates read per record {candidates['read_per_record']} (built "
+                        f"{candidates['built_per_record']}) (load average {stretches[-1]['load_average']})"
+                    )
                     mark, mark_time = done, now
 
-            # As `hie mpi load` does it: two batches in flight (bulk.BatchPipeline).
-            async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+            async with pipeline:
                 for _, domain_id, local_id, fields in loaded:
                     by_domain.setdefault(domain_id, []).append(_registration(domain_id, local_id, fields))
                     batch = by_domain[domain_id]
@@ -432,6 +529,8 @@ async def _run(
                     if batch:
                         await pipeline.submit(bulk_caller(domain_id), batch, committed=committed)
             load_seconds = time.perf_counter() - started
+            for name, seconds in (await cpu.sample()).items():
+                load_cpu[name] += seconds
             log(f"loaded in {load_seconds:.1f} s")
             if database_url:
                 async with index.engine.begin() as conn:
@@ -534,6 +633,9 @@ async def _run(
             "records": records,
             "seconds": round(load_seconds, 2),
             "records_per_second": round(records / load_seconds, 1),
+            "cpu_seconds": {name: round(seconds, 2) for name, seconds in load_cpu.items()},
+            "cpu_ms_per_record": _per_record(load_cpu, records),
+            "load_average": [round(v, 2) for v in os.getloadavg()],
             "by_stretch": stretches,
         },
         "latency": {

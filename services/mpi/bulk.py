@@ -25,7 +25,13 @@ from services.mpi import domain, estimation
 from services.mpi.index import BULK_LOAD_LOCK, BatchLink, MasterIndex, Registered
 from services.mpi.matching import MatchRecord, Outcome
 from services.mpi.standalone import IndexHandle
-from services.mpi.store import active_count, bulk_load, match_record_of_registration, save_bulk_load
+from services.mpi.store import (
+    DecodedRecords,
+    active_count,
+    bulk_load,
+    match_record_of_registration,
+    save_bulk_load,
+)
 from services.shared.auth import Caller
 from services.shared.errors import DomainError
 
@@ -59,21 +65,34 @@ _GENDERS = {
 
 
 class GrowingTables:
-    """Keeps PostgreSQL's statistics of the tables a bulk load grows current: ANALYZE whenever
-    they have doubled since last analysed (and once early, after the first batch).
+    """Keeps PostgreSQL's statistics and visibility map of the tables a bulk load grows current:
+    ANALYZE whenever they have doubled since last analysed (and once early, after the first
+    batch), VACUUM of the tables read by index whenever they have grown by an eighth.
 
     A load multiplies the index's size; with statistics from when it was small (or none: a
     database without autovacuum, or autovacuum lagging behind a load) the planner reads the blocking
     key and patient tables whole for each batch's lookups, and the load slows as it grows. Seen
-    here: 19 million blocking-key rows read by sequential scans in the first 55,000 records."""
+    here: 19 million blocking-key rows read by sequential scans in the first 55,000 records.
+
+    VACUUM sets the visibility map of the pages the load filled, so a block's members are read
+    from the blocking-key index alone (an index-only scan) instead of a bitmap heap scan and a
+    sort per key: a third of the time per key, measured on a 200k-record index. A table that only
+    grows has no dead rows: each run visits the pages filled since the last one (the map lets it
+    skip the rest), so running it often costs little more in all than running it once. ANALYZE
+    samples the whole table each time, so it keeps to the doubling schedule."""
 
     TABLES = ("patient", "blocking_key", "patient_identifier", "name_frequency")
+    # Read by index lookups of the load (block members; known local ids).
+    VACUUMED = ("patient", "blocking_key")
+    # Vacuum again once the patient table has grown by this share since the last time.
+    GROWTH = 0.125
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
         self._size: int | None = None  # patient rows, as far as this load knows
         self._analysed: int | None = None  # that size when last analysed
+        self._vacuumed: int | None = None  # that size when last vacuumed
 
     async def grew(self, rows: int) -> None:
         """`rows` more records were committed."""
@@ -84,11 +103,19 @@ class GrowingTables:
                 known = await conn.scalar(text("SELECT reltuples FROM pg_class WHERE oid = 'patient'::regclass"))
             self._size = max(int(known or 0), 0)  # -1: never analysed
         self._size += rows
-        if self._analysed is None or self._size >= 2 * max(self._analysed, 500):
-            async with self._engine.connect() as conn:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        analyse = self._analysed is None or self._size >= 2 * max(self._analysed, 500)
+        vacuum = self._vacuumed is None or self._size >= (1 + self.GROWTH) * max(self._vacuumed, 500)
+        if not (analyse or vacuum):
+            return
+        async with self._engine.connect() as conn:
+            # VACUUM cannot run inside a transaction block.
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            if vacuum:
+                await conn.execute(text(f"VACUUM {', '.join(self.VACUUMED)}"))
+                self._vacuumed = self._size
+            if analyse:
                 await conn.execute(text(f"ANALYZE {', '.join(self.TABLES)}"))
-            self._analysed = self._size
+                self._analysed = self._size
 
 
 class QuietCollector:
@@ -168,6 +195,13 @@ class BatchPipeline:
         self._in_flight: _InFlight | None = None
         self._guard: AsyncConnection | None = None
         self._collector = QuietCollector()
+        # Candidates read by one batch are read again by later ones: built once (store.DecodedRecords).
+        self._decoded = DecodedRecords()
+
+    @property
+    def decoded(self) -> DecodedRecords:
+        """The load's comparable records built from the rows it read (hits and misses counted)."""
+        return self._decoded
 
     async def __aenter__(self) -> BatchPipeline:
         self._collector.__enter__()
@@ -260,6 +294,7 @@ class BatchPipeline:
             previous=previous.scored if previous is not None else None,
             scored=scored,
             committed=previous.task if previous is not None else None,
+            decoded=self._decoded,
         )
         async with self._sessions() as session, session.begin():
             results = await self._master.register_batch(session, who, registrations, link=link)

@@ -74,6 +74,8 @@ class BatchLink:
     scored: asyncio.Future[dict[str, list[MatchRecord]]]
     # The batch before's commit: awaited before writing rows it may also write (name counts).
     committed: Awaitable[object] | None = None
+    # Comparable records the load's earlier batches built from the rows they read (one per load).
+    decoded: store.DecodedRecords | None = None
 
 
 @dataclass(frozen=True)
@@ -747,7 +749,9 @@ class _BatchContext:
         sealing = store.sealing_of(session)
         # Each key's blind index once per batch: the lookup and the rows written both need it.
         digests = {key: sealing.key(key) for key in all_keys}
-        stored = await store.match_candidates_by_key(session, all_keys, digests=digests)
+        stored = await store.match_candidates_by_key(
+            session, all_keys, digests=digests, decoded=link.decoded if link is not None else None
+        )
         frequencies = await store.frequencies_of(
             session, {(f, v) for n in fresh for f, v in matching.frequency_values(n).items() if v}
         )

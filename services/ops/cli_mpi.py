@@ -330,7 +330,20 @@ def bench_mpi(
         f"after review (every task decided by the truth): precision {after['precision']:.4f}  "
         f"recall {after['recall']:.4f}  F1 {after['f1']:.4f}"
     )
-    typer.echo(f"bulk load: {load['records_per_second']:.0f} records/s ({load['seconds']:.1f} s)")
+    cpu = load["cpu_ms_per_record"]
+    typer.echo(
+        f"bulk load: {load['records_per_second']:.0f} records/s ({load['seconds']:.1f} s); CPU ms/record: mpi "
+        f"{cpu['mpi']:.3f}, postgres {cpu['postgres']:.3f} (two free cores: ≈ {cpu['implied_records_per_second']}/s); "
+        f"load average {load['load_average'][0]}"
+    )
+    for part in load["by_stretch"]:
+        ms = part["cpu_ms_per_record"]
+        typer.echo(
+            f"  {part['from']:>9}–{part['loaded']:<9} {part['records_per_second']:>8.0f} records/s   CPU ms/record "
+            f"mpi {ms['mpi']:.3f} postgres {ms['postgres']:.3f}   candidates read / built per record "
+            f"{part['candidates']['read_per_record']} / {part['candidates']['built_per_record']}   "
+            f"load average {part['load_average']}"
+        )
     typer.echo(
         f"single registration at {lat['population']} records: p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms"
     )

@@ -301,8 +301,24 @@ async def test_bulk_load_keeps_the_planner_statistics_of_the_growing_tables(inde
     # Analysed after the first batch, not before: the planner knows of its rows.
     assert await analysed_rows() == first.counts.new + first.counts.linked + first.counts.review
     await load_csv(index, source, domain_id=FACILITY, mapping=mapping, rejects=rejects, batch_size=100)
-    # And again once the table had doubled: the statistics are not those of the first batch.
+    # And again as the table grew: the statistics are not those of the first batch.
     assert await analysed_rows() >= 1000 - len([n for n in invalid if n <= 1000])
+    # Vacuumed too (this server may run no autovacuum): the pages the load filled are marked all
+    # visible, so a block's members are read from the blocking-key index alone.
+    async with index.engine.connect() as conn:
+        pages, visible = (
+            await conn.execute(
+                text("SELECT relpages, relallvisible FROM pg_class WHERE oid = 'blocking_key'::regclass")
+            )
+        ).one()
+        plan = "\n".join(
+            await conn.scalars(
+                text("EXPLAIN SELECT patient_id FROM blocking_key WHERE key = 'k' ORDER BY patient_id LIMIT 501")
+            )
+        )
+    assert visible > 0
+    assert visible >= pages / 2
+    assert "Index Only Scan" in plan
 
 
 # --- two batches in flight ------------------------------------------------------------------------
@@ -476,3 +492,101 @@ async def test_a_bulk_load_keeps_the_collector_off_what_the_process_held_and_res
     assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)
     async with index.sessions() as session:
         assert await session.scalar(select(func.count()).select_from(tables.PatientRecord)) == 1
+
+
+def _registration(domain_id: str, local_id: str, name: str, national_id: str, phone: str) -> domain.Registration:
+    return domain.validate_registration(
+        domain=domain_id,
+        local_id=local_id,
+        name_text=name,
+        gender=domain.Gender.MALE if gb11643.gender(national_id) == "male" else domain.Gender.FEMALE,
+        birth_date=gb11643.birth_date(national_id).isoformat(),
+        national_id=national_id,
+        phones=[phone],
+    )
+
+
+async def test_a_record_read_by_an_earlier_batch_and_changed_since_is_compared_as_it_is_now(
+    index: IndexHandle,
+) -> None:
+    # A load builds each candidate's comparable form once (store.DecodedRecords) and reuses it in
+    # later batches; a record updated meanwhile (a single registration) must be compared with its
+    # new demographics, one moved to another person (a steward's decision) linked to its new
+    # enterprise id.
+    phone, moved_id, old_id, new_id = "13912345678", fresh_national_id(), fresh_national_id(), fresh_national_id()
+    async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+        first = [
+            _registration("hosp-a", "A-1", "李四", moved_id, phone),
+            _registration("hosp-a", "X-1", "赵六", old_id, phone),
+        ]
+        await pipeline.submit(bulk_caller("hosp-a"), first)
+        await pipeline.drain()
+        # Another person with the same phone: A-1 and X-1 are read (and built) as its candidates.
+        other = _registration("hosp-b", "B-1", "王五", fresh_national_id(), phone)
+        await pipeline.submit(bulk_caller("hosp-b"), [other])
+        await pipeline.drain()
+        async with index.sessions() as session, session.begin():
+            # X-1 corrected by its hospital (another name and national id); A-1 joined by a
+            # steward to B-1's person (its enterprise id changes, its demographics do not).
+            corrected = _registration("hosp-a", "X-1", "欧阳春晓", new_id, phone)
+            await index.master.register(session, bulk_caller("hosp-a"), corrected)
+            await index.master.link(session, bulk_caller("hosp-a"), ("hosp-a", "A-1"), ("hosp-b", "B-1"))
+        # Their persons registered by a third hospital: linked by the national-id rule to the
+        # records as they are now, and to their enterprise ids now.
+        third = [
+            _registration("hosp-c", "C-1", "李四", moved_id, phone),
+            _registration("hosp-c", "C-2", "欧阳春晓", new_id, phone),
+        ]
+        await pipeline.submit(bulk_caller("hosp-c"), third)
+    async with index.sessions() as session:
+        found = {
+            (d, local_id): await store.find_record(session, domain=d, local_id=local_id)
+            for d, local_id in [
+                ("hosp-a", "A-1"),
+                ("hosp-a", "X-1"),
+                ("hosp-b", "B-1"),
+                ("hosp-c", "C-1"),
+                ("hosp-c", "C-2"),
+            ]
+        }
+    eid = {key: record.enterprise_id for key, record in found.items() if record is not None}
+    method = {key: record.link_method for key, record in found.items() if record is not None}
+    assert eid[("hosp-a", "A-1")] == eid[("hosp-b", "B-1")]
+    assert (method[("hosp-c", "C-1")], eid[("hosp-c", "C-1")]) == ("national-id", eid[("hosp-b", "B-1")])
+    assert (method[("hosp-c", "C-2")], eid[("hosp-c", "C-2")]) == ("national-id", eid[("hosp-a", "X-1")])
+
+
+async def test_a_load_builds_a_candidate_once_and_keeps_at_most_its_limit(index: IndexHandle) -> None:
+    registrations = [
+        _registration(FACILITY, f"K-{n}", "欧阳春晓", fresh_national_id(), f"137{n:08d}") for n in range(3)
+    ]
+    async with index.sessions() as session, session.begin():
+        await index.master.register_batch(session, bulk_caller(FACILITY), registrations)
+    # Each record's phone key: a block of its own.
+    phone_keys = [
+        {
+            k
+            for k in matching.blocking_keys(records.match_record_of_registration(r, record_id="", enterprise_id=""))
+            if k.startswith("p:")
+        }
+        for r in registrations
+    ]
+    decoded = store.DecodedRecords(limit=2)
+    async with index.sessions() as session:
+
+        async def read(*which: int) -> dict[str, list[matching.MatchRecord]]:
+            return await store.match_candidates_by_key(
+                session, set().union(*(phone_keys[n] for n in which)), decoded=decoded
+            )
+
+        both = await read(0, 1)  # built
+        assert (decoded.misses, decoded.hits) == (2, 0)
+        assert await read(0) == {k: v for k, v in both.items() if k in phone_keys[0]}  # reused
+        assert (decoded.misses, decoded.hits) == (2, 1)
+        await read(2)  # built; K-1, the least recently read, is dropped for the limit
+        assert len(decoded) == 2
+        await read(0)
+        await read(1)  # built again
+        assert (decoded.misses, decoded.hits) == (4, 2)
+        # The same comparable records as without reuse.
+        assert await read(0, 1, 2) == await store.match_candidates_by_key(session, set().union(*phone_keys))
