@@ -256,17 +256,37 @@ def version() -> str:
 Probe = Callable[[], Awaitable[None]]
 
 
+# A probe still running after this long (or after its interval, if longer) is abandoned and
+# tried again next time: one hung query must not freeze a gauge at its last value for good.
+PROBE_TIMEOUT_SECONDS = 10.0
+
+
 async def sample_forever(probe: Probe, interval: float, *, name: str) -> None:
-    """Run `probe` now and every `interval` seconds until cancelled; a failing probe (a database
-    that is down) is logged by type and tried again next time."""
+    """Run `probe` now and every `interval` seconds until this task is cancelled. A failing probe
+    (a database that is down), one that hangs past its timeout, and one that raises a
+    CancelledError not addressed to this task (an inner call cancelled by someone else) are
+    logged by type and tried again next time: the sampler outlives them all."""
+    timeout = max(interval, PROBE_TIMEOUT_SECONDS)
     while True:
         try:
-            await probe()
+            async with asyncio.timeout(timeout):
+                await probe()
         except asyncio.CancelledError:
-            raise
+            if owner_cancelled():
+                raise
+            _log.warning("metrics probe %s was cancelled from inside; sampling on", name)
         except Exception as exc:
             _log.warning("metrics probe %s failed: %s", name, type(exc).__name__)
+        if owner_cancelled():  # cancelled, but a layer below swallowed the CancelledError
+            raise asyncio.CancelledError
         await asyncio.sleep(interval)
+
+
+def owner_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (its owner stopping it), as opposed to
+    a CancelledError that escaped from something it awaited (Python 3.11 `Task.cancelling`)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def outbox_probe(outbox: Any, component: str) -> Probe:

@@ -27,7 +27,7 @@ from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Ta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.shared.db import UtcDateTime, utcnow
-from services.shared.metrics import OUTBOX_DEAD_LETTERS, OUTBOX_DELIVERED, OUTBOX_FAILURES
+from services.shared.metrics import OUTBOX_DEAD_LETTERS, OUTBOX_DELIVERED, OUTBOX_FAILURES, owner_cancelled
 
 _log = logging.getLogger(__name__)
 
@@ -160,8 +160,19 @@ class Outbox:
                 # nothing (what commits meanwhile sets the wake event): no empty pass after it.
                 while (await self._relay(topics))[0] >= _BATCH:
                     pass
+            except asyncio.CancelledError:
+                # stop() cancels the task; a CancelledError that escaped from a sender or the
+                # database driver (a call cancelled under it) must not end the relay silently.
+                if owner_cancelled():
+                    raise
+                _log.warning("outbox relay pass was cancelled from inside; relaying on")
             except Exception as exc:  # the relay must outlive any one failure
                 _log.warning("outbox relay pass failed: %s", type(exc).__name__)
+            if owner_cancelled():
+                # stop() cancelled this task but something below swallowed the CancelledError
+                # (SQLAlchemy logs "Exception during reset" and carries on when a cancel hits a
+                # connection's rollback): end now, or stop() waits for a relay that runs forever.
+                raise asyncio.CancelledError
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=self.poll_interval)
             if wake.is_set():
