@@ -192,10 +192,11 @@ class Outbox:
         """One pass over the given topics (none registered: every topic): (messages claimed,
         messages acknowledged)."""
         t = self._table
+        now = utcnow()
         async with self._sessions() as session, session.begin():
             query = (
                 select(t.c.id, t.c.topic, t.c.payload, t.c.attempts, t.c.created_at)
-                .where(t.c.delivered_at.is_(None), t.c.next_attempt_at <= utcnow())
+                .where(t.c.delivered_at.is_(None), t.c.next_attempt_at <= now)
                 .order_by(t.c.created_at)
                 .limit(_BATCH)
             )
@@ -206,9 +207,20 @@ class Outbox:
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.execute(query)).all()
             if rows:
-                await session.execute(
-                    update(t).where(t.c.id.in_([r.id for r in rows])).values(next_attempt_at=utcnow() + self.lease)
+                # The claim keeps only rows still due: on SQLite (no SKIP LOCKED) two passes may
+                # read the same rows, and the one whose update comes second must not send them too.
+                claimed = set(
+                    (
+                        await session.execute(
+                            update(t)
+                            .where(t.c.id.in_([r.id for r in rows]), t.c.delivered_at.is_(None))
+                            .where(t.c.next_attempt_at <= now)
+                            .values(next_attempt_at=utcnow() + self.lease)
+                            .returning(t.c.id)
+                        )
+                    ).scalars()
                 )
+                rows = [r for r in rows if r.id in claimed]
         by_topic: dict[str, list[_Claimed]] = {}
         for row in rows:
             by_topic.setdefault(row.topic, []).append(_Claimed(row.id, row.payload, row.attempts, row.created_at))

@@ -147,3 +147,31 @@ async def test_stopping_a_relay_ends_it_even_if_a_send_swallows_the_cancel(tmp_p
         assert done == {stopping}, "stop() waited for a relay that ran on after it was cancelled"
     finally:
         await engine.dispose()
+
+
+async def test_concurrent_relay_passes_deliver_each_message_once_on_sqlite(tmp_path: Path) -> None:
+    """A relay pass started beside the background relay (a drain on shutdown, a test's settle)
+    must not claim what the other holds: SQLite has no SKIP LOCKED, so the claim itself decides."""
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    sessions = session_factory(engine)
+    outbox = Outbox(table, sessions)
+    received: list[bytes] = []
+
+    async def sender(payloads: Sequence[bytes]) -> None:
+        await asyncio.sleep(0)
+        received.extend(payloads)
+
+    outbox.register("topic", sender)
+    try:
+        for round_ in range(5):
+            async with sessions() as session, session.begin():
+                for i in range(10):
+                    await outbox.add(session, "topic", f"{round_}-{i}".encode())
+            await asyncio.gather(*(outbox.relay_once() for _ in range(4)))
+        assert sorted(received) == sorted(f"{r}-{i}".encode() for r in range(5) for i in range(10))
+    finally:
+        await engine.dispose()
