@@ -7,17 +7,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import MetaData
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from services.shared import metrics
 from services.shared.db import session_factory
 from services.shared.outbox import Outbox, outbox_table
+
+SqliteOutbox = tuple[Outbox, async_sessionmaker[AsyncSession]]
+
+
+@pytest.fixture
+async def sqlite_outbox(tmp_path: Path) -> AsyncIterator[SqliteOutbox]:
+    """An outbox on a real SQLite file, stopped and disposed of after the test."""
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    sessions = session_factory(engine)
+    outbox = Outbox(table, sessions)
+    try:
+        yield outbox, sessions
+    finally:
+        await outbox.stop()
+        await engine.dispose()
 
 
 async def _cancelled_under_us() -> None:
@@ -91,14 +110,8 @@ async def test_a_sampler_ends_when_cancelled_even_if_a_probe_swallows_the_cancel
     assert task.cancelled()
 
 
-async def test_an_outbox_relay_outlives_a_send_cancelled_under_it(tmp_path: Path) -> None:
-    metadata = MetaData()
-    table = outbox_table(metadata)
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    sessions = session_factory(engine)
-    outbox = Outbox(table, sessions)
+async def test_an_outbox_relay_outlives_a_send_cancelled_under_it(sqlite_outbox: SqliteOutbox) -> None:
+    outbox, sessions = sqlite_outbox
     outbox.poll_interval, outbox.linger = 0.02, 0.0
     received: list[bytes] = []
     attempts: list[int] = []
@@ -119,17 +132,10 @@ async def test_an_outbox_relay_outlives_a_send_cancelled_under_it(tmp_path: Path
         assert [task.done() for task in outbox._tasks.values()] == [False]
     finally:
         await outbox.stop()
-        await engine.dispose()
 
 
-async def test_stopping_a_relay_ends_it_even_if_a_send_swallows_the_cancel(tmp_path: Path) -> None:
-    metadata = MetaData()
-    table = outbox_table(metadata)
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    sessions = session_factory(engine)
-    outbox = Outbox(table, sessions)
+async def test_stopping_a_relay_ends_it_even_if_a_send_swallows_the_cancel(sqlite_outbox: SqliteOutbox) -> None:
+    outbox, sessions = sqlite_outbox
     outbox.poll_interval, outbox.linger = 0.02, 0.0
     started = asyncio.Event()
 
@@ -140,25 +146,16 @@ async def test_stopping_a_relay_ends_it_even_if_a_send_swallows_the_cancel(tmp_p
     async with sessions() as session, session.begin():
         await outbox.add(session, "topic", b"message")
     outbox.start()
-    try:
-        await started.wait()
-        stopping = asyncio.create_task(outbox.stop())
-        done, _pending = await asyncio.wait([stopping], timeout=5)
-        assert done == {stopping}, "stop() waited for a relay that ran on after it was cancelled"
-    finally:
-        await engine.dispose()
+    await started.wait()
+    stopping = asyncio.create_task(outbox.stop())
+    done, _pending = await asyncio.wait([stopping], timeout=5)
+    assert done == {stopping}, "stop() waited for a relay that ran on after it was cancelled"
 
 
-async def test_concurrent_relay_passes_deliver_each_message_once_on_sqlite(tmp_path: Path) -> None:
+async def test_concurrent_relay_passes_deliver_each_message_once_on_sqlite(sqlite_outbox: SqliteOutbox) -> None:
     """A relay pass started beside the background relay (a drain on shutdown, a test's settle)
     must not claim what the other holds: SQLite has no SKIP LOCKED, so the claim itself decides."""
-    metadata = MetaData()
-    table = outbox_table(metadata)
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    sessions = session_factory(engine)
-    outbox = Outbox(table, sessions)
+    outbox, sessions = sqlite_outbox
     received: list[bytes] = []
 
     async def sender(payloads: Sequence[bytes]) -> None:
@@ -166,12 +163,9 @@ async def test_concurrent_relay_passes_deliver_each_message_once_on_sqlite(tmp_p
         received.extend(payloads)
 
     outbox.register("topic", sender)
-    try:
-        for round_ in range(5):
-            async with sessions() as session, session.begin():
-                for i in range(10):
-                    await outbox.add(session, "topic", f"{round_}-{i}".encode())
-            await asyncio.gather(*(outbox.relay_once() for _ in range(4)))
-        assert sorted(received) == sorted(f"{r}-{i}".encode() for r in range(5) for i in range(10))
-    finally:
-        await engine.dispose()
+    for round_ in range(5):
+        async with sessions() as session, session.begin():
+            for i in range(10):
+                await outbox.add(session, "topic", f"{round_}-{i}".encode())
+        await asyncio.gather(*(outbox.relay_once() for _ in range(4)))
+    assert sorted(received) == sorted(f"{r}-{i}".encode() for r in range(5) for i in range(10))
