@@ -50,6 +50,7 @@ from services.shared.config import TOKEN_AUDIENCE, Settings
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, generate_ec_key, load_private_key, public_jwk
 from services.shared.process import start_service
+from services.shared.process_cpu import cpu_seconds
 from services.shared.user_assertion import MAX_LIFETIME_SECONDS, Practitioner, user_assertion
 
 # Given-name characters grouped by reading: a homophone variant swaps within a group.
@@ -371,19 +372,6 @@ def _patient(local_id: str, fields: dict[str, Any]) -> mpi_pb2.Patient:
     )
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _process_cpu(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds; None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
 class LoadCpu:
     """CPU seconds the load used since the last sample, per process: this (the mpi's) Python
     process, and on PostgreSQL the server backends connected to the bench's database (every
@@ -416,7 +404,7 @@ class LoadCpu:
         self._mine = mine
         seen: dict[int, float] = {}
         for pid in await self._backend_pids():
-            cpu = _process_cpu(pid)
+            cpu = cpu_seconds(pid)
             if cpu is not None:
                 seen[pid] = cpu
                 # A backend first seen now was connected since the last sample: all its time counts.

@@ -57,6 +57,7 @@ from gateway.client import DEFAULT_SCOPES, HospitalClient, Practitioner, new_tra
 from services.shared import gb11643
 from services.shared.config import Settings
 from services.shared.keys import generate_ec_key, jwks
+from services.shared.process_cpu import cpu_seconds
 
 HOSPITALS = 10
 # Pre-signed user assertions per hospital at most (each lives five minutes).
@@ -113,18 +114,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # --- CPU accounting from /proc ---------------------------------------------------------------
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process, in seconds; None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def _cmdline(pid: int) -> list[str]:
