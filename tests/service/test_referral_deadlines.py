@@ -6,6 +6,7 @@ the authority finds by organisation and a notification to both sides."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -48,6 +49,14 @@ def _servicer(running: RunningService):  # type: ignore[no-untyped-def]
 
 async def _start(settings, time: FakeTime) -> RunningService:  # type: ignore[no-untyped-def]
     running = await start_service(REFERRAL, settings, listen="127.0.0.1:0")
+    # The test scans itself, at the times it sets: the service's own scanner task is stopped
+    # before the time source is swapped. Its first scan runs whenever the task is first
+    # scheduled, which can be after the swap (then it fired the clocks the test's scans expect).
+    scanners = [t for t in running.runtime._tasks if t.get_name() == "referral-deadlines"]
+    assert len(scanners) == 1
+    scanners[0].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await scanners[0]
     _servicer(running).engine.now = time
     return running
 
