@@ -383,6 +383,30 @@ def decide_batch(
     return [_decide(ctx, item) for item in items]
 
 
+def next_change(consent: PatientConsent, now: datetime.datetime) -> datetime.datetime | None:
+    """The first moment after `now` at which the patient's records may decide differently on
+    their own, with nothing recorded: a directive's effective period or one of its provisions'
+    periods starts or ends, a revocation takes effect, a grant starts or ends, a break-the-glass
+    starts or expires. None when no such moment lies ahead.
+
+    Conservative: every boundary of every record counts, whether or not it decided anything for
+    the request at hand, so a decision kept until this moment (the registry's decision cache) is
+    the decision the rules would give at any moment before it. A data period is not a boundary:
+    it is compared with the document's care time, not with now."""
+    moments: list[datetime.datetime | None] = []
+    for directive in consent.directives:
+        moments += (directive.period.start, directive.period.end, directive.revoked_at)
+    for _directive, rule in consent.rules:
+        for period in rule.periods:
+            moments += (period.start, period.end)
+    for grant in consent.grants:
+        moments += (grant.start, grant.end, grant.revoked_at)
+    for glass in consent.break_glass:
+        moments += (glass.starts, glass.expires)
+    ahead = [m for m in moments if m is not None and m > now]
+    return min(ahead, default=None)
+
+
 def decide(
     policy: RegionalPolicy,
     consent: PatientConsent,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hashlib
 import json
 import logging
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -19,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie.common.v1 import common_pb2
 from hie.consent.v1 import consent_pb2, consent_pb2_grpc
 from hie.registry.v1 import notifications_pb2, notifications_pb2_grpc
-from services.consent import bppc, messages, policy, provisions, store
+from services.consent import bppc, invalidation, messages, policy, provisions, store
 from services.consent.cache import PatientConsentCache
 from services.shared import mpi_client, transactions
 from services.shared.audit_trail import Action
@@ -31,7 +33,7 @@ from services.shared.metrics import BREAK_GLASS_DECLARATIONS, record_decisions
 from services.shared.outbox import Sender
 from services.shared.process import ServiceRuntime
 from services.shared.text import has_control_characters
-from services.shared.timestamps import to_datetime, to_datetime_or_none, to_timestamp_or_none
+from services.shared.timestamps import to_datetime, to_datetime_or_none, to_timestamp, to_timestamp_or_none
 from services.shared.user_assertion import PURPOSES_OF_USE
 
 _log = logging.getLogger(__name__)
@@ -96,6 +98,28 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_R = TypeVar("_R")
+
+
+def _invalidates(
+    enterprise_id_of: Callable[[Any], str],
+) -> Callable[[Callable[..., Awaitable[_R]]], Callable[..., Awaitable[_R]]]:
+    """For an RPC that changes a patient's consent: it returns only after the registry dropped
+    the decisions it keeps about the patient (services/consent/invalidation.py). A retry that
+    changed nothing pushes again too: cheap, and it repairs a push lost after the first commit."""
+
+    def wrap(method: Callable[..., Awaitable[_R]]) -> Callable[..., Awaitable[_R]]:
+        @functools.wraps(method)
+        async def rpc(self: ConsentDecisionPointServicer, request: Any, context: object) -> _R:
+            answer = await method(self, request, context)
+            await invalidation.invalidate_registry(self._rt, enterprise_id_of(answer))
+            return answer
+
+        return rpc
+
+    return wrap
+
+
 class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer):
     def __init__(self, runtime: ServiceRuntime, regional_policy: policy.RegionalPolicy | None = None) -> None:
         self._rt = runtime
@@ -152,7 +176,15 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     entities=[("DocumentReference", v.item_id) for v in glass]
                     + [("BreakGlass", v.reference.removeprefix("break-glass/")) for v in glass[:1]],
                 )
-        return consent_pb2.DecideResponse(decisions=[messages.decision_message(v) for v in verdicts])
+        # The registry may keep these decisions (its decision cache) until the first moment the
+        # records decide differently on their own, or until this service invalidates them after a
+        # change (`_decisions_changed`); never a break-the-glass access, which must be audited here.
+        answer = consent_pb2.DecideResponse(
+            decisions=[messages.decision_message(v) for v in verdicts], cacheable=not glass
+        )
+        if not glass and (until := policy.next_change(consent, now)) is not None:
+            answer.valid_until.CopyFrom(to_timestamp(until))
+        return answer
 
     async def Explain(self, request: consent_pb2.ExplainRequest, context: object) -> consent_pb2.ExplainResponse:
         who = caller()
@@ -292,6 +324,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             changed_at=record.updated_at,
         )
 
+    @_invalidates(lambda a: a.directive.enterprise_id)
     async def RecordDirective(
         self, request: consent_pb2.RecordDirectiveRequest, context: object
     ) -> consent_pb2.RecordDirectiveResponse:
@@ -398,6 +431,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 )
         return answer
 
+    @_invalidates(lambda a: a.directive.enterprise_id)
     async def ReviseDirective(
         self, request: consent_pb2.ReviseDirectiveRequest, context: object
     ) -> consent_pb2.ReviseDirectiveResponse:
@@ -450,6 +484,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             self._rt.outbox.notify()
         return answer
 
+    @_invalidates(lambda a: a.directive.enterprise_id)
     async def RevokeDirective(
         self, request: consent_pb2.RevokeDirectiveRequest, context: object
     ) -> consent_pb2.RevokeDirectiveResponse:
@@ -548,6 +583,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                 "grants are made by the exchange's referral and consultation workflows", reason="platform-only"
             )
 
+    @_invalidates(lambda a: a.grant.enterprise_id)
     async def GrantAccess(
         self, request: consent_pb2.GrantAccessRequest, context: object
     ) -> consent_pb2.GrantAccessResponse:
@@ -611,6 +647,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
                     raise
         raise AssertionError("unreachable")
 
+    @_invalidates(lambda a: a.grant.enterprise_id)
     async def RevokeGrant(
         self, request: consent_pb2.RevokeGrantRequest, context: object
     ) -> consent_pb2.RevokeGrantResponse:
@@ -642,6 +679,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
 
     # --- break-the-glass -----------------------------------------------------------------
 
+    @_invalidates(lambda a: a.enterprise_id)
     async def DeclareBreakGlass(
         self, request: consent_pb2.DeclareBreakGlassRequest, context: object
     ) -> consent_pb2.DeclareBreakGlassResponse:

@@ -19,6 +19,7 @@ from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import domain, store
 from services.registry.broker import Notifier
 from services.registry.content import ChunkWriter, read_chunks, sealed_chunks
+from services.registry.decision_cache import ConsentDecisionCache
 from services.registry.messages import entry_message, submission_set_message
 from services.registry.submission import Submission, as_retry, check_submission
 from services.registry.xref_cache import CrossReferenceCache
@@ -37,6 +38,7 @@ from services.shared.errors import (
     error_from_rpc,
 )
 from services.shared.idempotency import FirstAnswers, check_key, fingerprint
+from services.shared.metrics import CONSENT_DENIALS
 from services.shared.process import ServiceRuntime
 from services.shared.protection.fields import TamperedCiphertextError
 from services.shared.protection.keyring import UnknownKeyError
@@ -75,6 +77,8 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         self._answers = FirstAnswers(store.idempotent_answers)
         # Cross-references for the query/read hot path, invalidated by the mpi (xref_cache.py).
         self._xrefs = CrossReferenceCache(ttl=runtime.options.value("HIE_REGISTRY_XREF_CACHE_SECONDS"))
+        # Consent's decisions for the same hot path, invalidated by consent (decision_cache.py).
+        self._decisions = ConsentDecisionCache(max_age=runtime.options.value("HIE_REGISTRY_CONSENT_CACHE_SECONDS"))
 
     @property
     def _consent(self) -> consent_pb2_grpc.ConsentDecisionPointStub:
@@ -83,12 +87,41 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
     async def _decide(
         self, xref: mpi_pb2.CrossReferenceResponse, entries: list[store.EntryLike]
     ) -> dict[str, consent_pb2.ItemDecision]:
+        """Consent's decision for each entry, for the caller: kept decisions where consent's
+        answer to the very same question is still valid (decision_cache.py), the rest asked in
+        one batch. Either way the caller acts on and audits consent's answer."""
         if not entries:
             return {}
+        who = caller()
+        # The care relationship: the caller's organisation registered the person itself.
+        holds_record = who.organization_id in {r.domain for r in xref.refs}
+        requester = (
+            who.organization_id,
+            who.organization_type,
+            who.practitioner_id,
+            who.role,
+            who.department,
+            who.purpose_of_use,
+            holds_record,
+        )
+        decided: dict[str, consent_pb2.ItemDecision] = {}
+        missing: list[tuple[store.EntryLike, tuple[object, ...]]] = []
+        for e in entries:
+            # Every attribute the DecisionItem below carries, as the registry holds it.
+            care = e.service_start or e.created
+            key = (e.id, e.source_organization_id, e.class_code, e.type_code, e.security_labels, care)
+            kept = self._decisions.get(xref.enterprise_id, requester, key) if self._decisions.enabled else None
+            if kept is None:
+                missing.append((e, key))
+            else:
+                decided[e.id] = kept
+                if kept.decision == consent_pb2.DECISION_DENY:
+                    CONSENT_DENIALS.add(1, {"basis": kept.basis})
+        if not missing:
+            return decided
         request = consent_pb2.DecideRequest(
             enterprise_id=xref.enterprise_id,
-            # The care relationship: the caller's organisation registered the person itself.
-            requester_holds_record=caller().organization_id in {r.domain for r in xref.refs},
+            requester_holds_record=holds_record,
             items=[
                 consent_pb2.DecisionItem(
                     item_id=e.id,
@@ -99,14 +132,26 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     # When the care happened, for directives limited to a data period.
                     data_time=to_timestamp(e.service_start or e.created),
                 )
-                for e in entries
+                for e, _key in missing
             ],
         )
+        generation, asked_at = self._decisions.generation, self._decisions.now()
         try:
             response = await self._consent.Decide(request)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
-        return {d.item_id: d for d in response.decisions}
+        keys = {e.id: key for e, key in missing}
+        answered = [(d.item_id, d) for d in response.decisions if d.item_id in keys]
+        self._decisions.put(
+            xref.enterprise_id,
+            requester,
+            [(keys[item_id], d) for item_id, d in answered],
+            answer=response,
+            generation=generation,
+            asked_at=asked_at,
+        )
+        decided.update(answered)
+        return decided
 
     async def _record(
         self,
@@ -777,6 +822,16 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if not who.is_platform or who.client_id != "service:mpi":
             raise PermissionDenied("only the mpi invalidates cross-references", reason="role")
         return registry_pb2.InvalidateCrossReferencesResponse(generation=self._xrefs.invalidate())
+
+    async def InvalidateConsentDecisions(
+        self, request: registry_pb2.InvalidateConsentDecisionsRequest, context: object
+    ) -> registry_pb2.InvalidateConsentDecisionsResponse:
+        who = caller()
+        if not who.is_platform or who.client_id != "service:consent":
+            raise PermissionDenied("only the consent service invalidates consent decisions", reason="role")
+        return registry_pb2.InvalidateConsentDecisionsResponse(
+            generation=self._decisions.invalidate(request.enterprise_id[:64])
+        )
 
     async def GetDocumentEntry(
         self, request: registry_pb2.GetDocumentEntryRequest, context: object

@@ -202,6 +202,9 @@ COMPONENT_SETTINGS: tuple[ComponentSetting, ...] = (
     ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST", ("registry",)),
     # registry: lifetime of cached mpi cross-references, 0 = off (services/registry/README.md)
     ComponentSetting("HIE_REGISTRY_XREF_CACHE_SECONDS", ("registry",), "30", float),
+    # registry: the longest it keeps a consent decision, 0 = off; consent pushes invalidations
+    # only when it is on (services/registry/README.md)
+    ComponentSetting("HIE_REGISTRY_CONSENT_CACHE_SECONDS", ("registry", "consent"), "10", float),
     ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", ("registry",)),
     ComponentSetting("HIE_NOTIFY_PRIVATE_NETWORKS", ("registry",)),
     ComponentSetting("HIE_NOTIFY_ALLOW_LOOPBACK", ("registry",)),

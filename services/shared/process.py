@@ -110,6 +110,8 @@ class RunningService:
     runtime: ServiceRuntime
 
     health_server: grpc.aio.Server | None = None
+    # The servicer objects it serves, by the gRPC service's full name (tests look at their state).
+    servicers: dict[str, Any] = field(default_factory=dict)
 
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.server.stop(grace)
@@ -163,7 +165,13 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
     outbox.start()
     watch_service(runtime)
     return RunningService(
-        spec=spec, server=server, port=port, health=health_servicer, runtime=runtime, health_server=health_server
+        spec=spec,
+        server=server,
+        port=port,
+        health=health_servicer,
+        runtime=runtime,
+        health_server=health_server,
+        servicers={name: servicer for _add, servicer, name in bindings},
     )
 
 

@@ -107,10 +107,14 @@ class ItemDecision(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., basis: _Optional[str] = ..., obligations: _Optional[_Iterable[_Union[Obligation, _Mapping]]] = ..., reference: _Optional[str] = ..., break_glass: _Optional[bool] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("decisions",)
+    __slots__ = ("decisions", "cacheable", "valid_until")
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHEABLE_FIELD_NUMBER: _ClassVar[int]
+    VALID_UNTIL_FIELD_NUMBER: _ClassVar[int]
     decisions: _containers.RepeatedCompositeFieldContainer[ItemDecision]
-    def __init__(self, decisions: _Optional[_Iterable[_Union[ItemDecision, _Mapping]]] = ...) -> None: ...
+    cacheable: bool
+    valid_until: _timestamp_pb2.Timestamp
+    def __init__(self, decisions: _Optional[_Iterable[_Union[ItemDecision, _Mapping]]] = ..., cacheable: _Optional[bool] = ..., valid_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("enterprise_id", "item", "organization_id", "department", "practitioner_id", "purpose_of_use", "action", "at", "role")

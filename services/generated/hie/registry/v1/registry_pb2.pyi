@@ -327,6 +327,18 @@ class InvalidateCrossReferencesResponse(_message.Message):
     generation: int
     def __init__(self, generation: _Optional[int] = ...) -> None: ...
 
+class InvalidateConsentDecisionsRequest(_message.Message):
+    __slots__ = ("enterprise_id",)
+    ENTERPRISE_ID_FIELD_NUMBER: _ClassVar[int]
+    enterprise_id: str
+    def __init__(self, enterprise_id: _Optional[str] = ...) -> None: ...
+
+class InvalidateConsentDecisionsResponse(_message.Message):
+    __slots__ = ("generation",)
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    def __init__(self, generation: _Optional[int] = ...) -> None: ...
+
 class MarkEnteredInErrorRequest(_message.Message):
     __slots__ = ("document_id", "idempotency_key")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]

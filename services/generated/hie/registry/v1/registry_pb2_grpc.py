@@ -85,6 +85,11 @@ class DocumentRegistryStub:
                 request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesRequest.SerializeToString,
                 response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesResponse.FromString,
                 _registered_method=True)
+        self.InvalidateConsentDecisions = channel.unary_unary(
+                '/hie.registry.v1.DocumentRegistry/InvalidateConsentDecisions',
+                request_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateConsentDecisionsRequest.SerializeToString,
+                response_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateConsentDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class DocumentRegistryServicer:
@@ -169,6 +174,15 @@ class DocumentRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvalidateConsentDecisions(self, request, context):
+        """The consent service, after a change to a patient's consent (directive, grant, break-the-glass)
+        commits and before that change's RPC returns: drop the consent decisions the registry keeps
+        for the patient (only the consent service's platform identity may call it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DocumentRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +235,11 @@ def add_DocumentRegistryServicer_to_server(servicer, server):
                     servicer.InvalidateCrossReferences,
                     request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesRequest.FromString,
                     response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesResponse.SerializeToString,
+            ),
+            'InvalidateConsentDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvalidateConsentDecisions,
+                    request_deserializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateConsentDecisionsRequest.FromString,
+                    response_serializer=hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateConsentDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +512,33 @@ class DocumentRegistry:
             '/hie.registry.v1.DocumentRegistry/InvalidateCrossReferences',
             hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesRequest.SerializeToString,
             hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateCrossReferencesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvalidateConsentDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hie.registry.v1.DocumentRegistry/InvalidateConsentDecisions',
+            hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateConsentDecisionsRequest.SerializeToString,
+            hie_dot_registry_dot_v1_dot_registry__pb2.InvalidateConsentDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

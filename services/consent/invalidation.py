@@ -1,0 +1,55 @@
+"""Invalidations acknowledged before a consent change returns: the consent service's half of the
+registry's consent decision cache (services/registry/decision_cache.py explains the protocol).
+
+Every write that bumps a patient's consent version (record, revise or revoke a directive, grant or
+revoke a grant, declare break-the-glass) may change a decision about that patient, so after the
+write commits the servicer asks the registry to drop the decisions it keeps for the patient and
+waits for the acknowledgement before answering. Time needs no push: a kept decision carries the
+first moment the records decide differently on their own (`policy.next_change`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from hie.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.shared.process import ServiceRuntime
+
+_log = logging.getLogger(__name__)
+
+# Short: a registry that does not answer must not hold up consent's writes for long. Its kept
+# decisions expire on their own (HIE_REGISTRY_CONSENT_CACHE_SECONDS), which bounds staleness then.
+_TIMEOUT_SECONDS = 2.0
+_ATTEMPTS = 2
+
+
+def registry_caches(runtime: ServiceRuntime) -> bool:
+    """Whether the registry keeps decisions at all (the one setting both services read: `0`
+    turns the cache off, and consent then has nobody to tell)."""
+    return "registry" in runtime.settings.targets and bool(runtime.options.value("HIE_REGISTRY_CONSENT_CACHE_SECONDS"))
+
+
+async def invalidate_registry(runtime: ServiceRuntime, enterprise_id: str) -> None:
+    """Have the registry drop its decisions about the patient; returns once it acknowledged (or,
+    when it cannot be reached, after logging that it was not told)."""
+    if not registry_caches(runtime):
+        return
+    stub = registry_pb2_grpc.DocumentRegistryStub(runtime.channel("registry"))
+    for attempt in range(_ATTEMPTS):
+        try:
+            await stub.InvalidateConsentDecisions(
+                registry_pb2.InvalidateConsentDecisionsRequest(enterprise_id=enterprise_id),
+                metadata=runtime.credentials.metadata(),
+                timeout=_TIMEOUT_SECONDS,
+            )
+            return
+        except grpc.aio.AioRpcError as exc:
+            if attempt + 1 < _ATTEMPTS and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                await asyncio.sleep(0.05)
+                continue
+            # No PHI: the status code only (not the enterprise id).
+            _log.warning("registry consent decision invalidation not acknowledged: %s", exc.code().name)
+            return
