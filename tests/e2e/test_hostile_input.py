@@ -250,6 +250,40 @@ async def test_oversized_deep_and_malformed_bodies(exchange: Exchange) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"local_id": "A-1", "name": "张三"'.encode(), "the request body is not valid JSON (UTF-8)"),
+        (b"local_id=A-1", "the request body is not valid JSON (UTF-8)"),
+        ('{"local_id": "A-1", "name": "张三"}'.encode("gb18030"), "the request body is not valid JSON (UTF-8)"),
+        (b'["A-1"]', "the request body must be a JSON object"),
+    ],
+    ids=["truncated", "form-encoded", "gb18030", "array"],
+)
+async def test_a_body_that_is_not_a_json_object_is_refused_saying_so(
+    exchange: Exchange, body: bytes, message: str
+) -> None:
+    """Found walking the README as a newcomer: a truncated body answered "invalid fields: 33" (the
+    decoder's offset), a GB18030 body 400 reason "http" "request not served", an array "invalid
+    fields: " with no field."""
+    hospital = await exchange.member()
+    token = await hospital.access_token()
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "X-HIE-User-Assertion": user_assertion(
+            key=hospital.key, client_id=hospital.client_id, practitioner=Practitioner(), purpose="treatment"
+        ),
+    }
+    async with httpx.AsyncClient() as http:
+        refused = await http.post(f"{exchange.base_url}/api/v1/patients", content=body, headers=headers)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["reason"], error["message"]) == ("invalid-request", message)
+    assert "张" not in refused.text
+    await hospital.aclose()
+
+
+@pytest.mark.parametrize(
     "name",
     ["张San", "Zhаng Wei", "ZHANG 伟", "阿卜杜热合曼·买买提", "李\u200b四", "王\u202e五", "ｗａｎｇ"],
     ids=["han-latin", "cyrillic-a", "upper-han", "uyghur-dot", "zero-width", "bidi-override", "fullwidth"],
