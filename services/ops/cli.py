@@ -165,6 +165,7 @@ def keys_rotate_data(
     and re-wrap every document key, batch by batch, while the exchange keeps serving."""
     from services.ops.data_keys import rotate_data_keys
 
+    _require_exchange(data_dir, database_url, "mpi")
     report = asyncio.run(
         rotate_data_keys(_settings(data_dir, database_url), suite=suite or None, resume=resume, echo=typer.echo)
     )
@@ -179,6 +180,7 @@ def keys_retire_data(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl
     """Drop old data keys that no stored value uses any more."""
     from services.ops.data_keys import retire_data_keys
 
+    _require_exchange(data_dir, database_url, "mpi")
     retired = asyncio.run(retire_data_keys(_settings(data_dir, database_url)))
     typer.echo(f"retired: {', '.join(retired) if retired else 'none (every old key is still in use)'}")
 
@@ -667,7 +669,7 @@ bench_app.command("load")(bench_load.command)
 
 @bench_app.command("exchange")
 def bench_exchange(
-    exchanges: Annotated[int, typer.Option(help="How many full exchanges to run")] = 200,
+    exchanges: Annotated[int, typer.Option(min=1, help="How many full exchanges to run")] = 200,
     data_dir: Annotated[
         Path | None,
         typer.Option(help="Data dir of the exchange to measure [default: a new one of its own, removed after]"),
@@ -939,6 +941,9 @@ def db_migrate(
     from services.shared.db import engine_for
     from services.shared.protection import DataProtection
 
+    unknown = [name for name in component or () if name not in COMPONENTS]
+    if unknown:
+        _fail(f"unknown component {unknown[0]}: one of {', '.join(COMPONENTS)}", 2)
     settings = _settings(data_dir, database_url)
 
     async def run() -> None:
