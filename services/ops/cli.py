@@ -88,12 +88,18 @@ def _settings(data_dir: Path, database_url: str = "") -> Settings:
 
 @keys_app.command("init")
 def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/keys")) -> None:
-    """Create the gateway's and the platform's signing keys, the trusted JWKS and the data-protection
-    key file, and under HIE_CRYPTO_SUITE=sm the platform's SM2 key (each kept if present)."""
+    """Create the gateway's and the platform's signing keys, the web console's key, the trusted JWKS
+    and the data-protection key file, and under HIE_CRYPTO_SUITE=sm the platform's SM2 key (each
+    kept if present)."""
+    from gateway.console.assertions import CONSOLE_KEY_FILE, AssertionSigner
     from services.shared.protection.keyring import load_or_create
 
     for name, path in ensure_exchange_keys(directory).items():
         typer.echo(f"{name}: {path}")
+    # The web console's user-assertion key, beside gateway.pem where the gateway looks for it (a
+    # deployment mounts this folder read only, so the gateway cannot create it there itself).
+    AssertionSigner(directory / CONSOLE_KEY_FILE)
+    typer.echo(f"console: {directory / CONSOLE_KEY_FILE}")
     settings = Settings.from_env(dict(os.environ))
     data_keys = directory / "data-keys.json"
     keyring = load_or_create(data_keys, environ=settings.protection_environ(), suite=settings.crypto_suite)
