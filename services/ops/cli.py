@@ -28,7 +28,7 @@ from services.ops.cli_registry import bench_registry
 from services.ops.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.shared.components import DATABASE_COMPONENTS, SERVICE_BASE_PORT, SERVICES, by_port
 from services.shared.components import component as service_component
-from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
+from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings, UnsafeSettingsError
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
 from services.shared.timestamps import to_timestamp
@@ -479,6 +479,11 @@ def up(
     """Start the services, the gateway and the MLLP listener as separate processes on loopback,
     restart any that crashes (with backoff), and stop them all on Ctrl-C."""
     data_dir = data_dir.resolve()
+    try:
+        # Every process reads these settings: a wrong one is said once here, not by each crashing child.
+        _settings(data_dir, database_url)
+    except (UnsafeSettingsError, ValueError) as exc:
+        _fail(str(exc), _EXIT_USAGE)
     running = _running_state(data_dir)
     if running:
         typer.echo(
@@ -515,7 +520,10 @@ def up(
     if taken:
         raise typer.Exit(_EXIT_PORT_TAKEN)
 
-    keys = ensure_exchange_keys(data_dir / "keys")
+    try:
+        keys = ensure_exchange_keys(data_dir / "keys")
+    except OSError as exc:
+        _fail(f"cannot use the data dir {data_dir}: {exc.strerror or exc} (--data-dir / HIE_DATA_DIR)", _EXIT_USAGE)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     env = {
         **os.environ,
@@ -1009,5 +1017,15 @@ def db_revision(
         asyncio.run(run(scratch))
 
 
+def main() -> None:
+    """The `hie` command: a setting no process accepts (HIE_ENV, HIE_DATABASE_URL, …) is one line
+    and exit 2, whichever command read it, never a traceback."""
+    try:
+        app()
+    except UnsafeSettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(_EXIT_USAGE)
+
+
 if __name__ == "__main__":
-    app()
+    main()

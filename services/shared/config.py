@@ -131,6 +131,8 @@ class Settings:
         """Production must name a real database and an HTTPS public URL."""
         if self.environment not in {"development", "production"}:
             raise UnsafeSettingsError("HIE_ENV must be development or production")
+        if self.database_url and not self.database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise UnsafeSettingsError("HIE_DATABASE_URL must be postgresql+asyncpg://… (or sqlite+aiosqlite:///…)")
         if self.crypto_suite not in {"aes", "sm"}:
             raise UnsafeSettingsError("HIE_CRYPTO_SUITE must be aes or sm")
         if self.https_termination not in {"gateway", "ingress"}:

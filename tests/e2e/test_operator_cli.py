@@ -5,7 +5,11 @@ read-only commands that never create an exchange, and one-line errors with disti
 from __future__ import annotations
 
 import json
+import os
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +185,53 @@ def test_user_commands_find_the_exchange_like_the_others(tmp_path: Path) -> None
     assert out.startswith("li\t李医生\tdoctor")
     code, _out, err = _hie("user", "list", "--org", "h9", "--data-dir", str(data))
     assert (code, err.strip()) == (2, "error: no such organisation")
+
+
+def _free_base_port() -> int:
+    """The first of seven consecutive free ports (gateway + six services)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + 7 < 65536 and all(_bindable(p) for p in range(base, base + 7)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_setting_no_process_accepts_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    """Found trying `hie up --database-url mysql://…` (or `postgresql://…`, no async driver): each
+    service crashed five times with a traceback before `hie up` gave up (exit 5); an unusable
+    --data-dir ended in a FileNotFoundError traceback; any command under a wrong HIE_ENV printed
+    the settings error as a traceback."""
+    base = _free_base_port()
+    ports = ["--gateway-port", str(base + 6), "--service-base-port", str(base), "--mllp-port", "0",
+             "--metrics-base-port", "0"]  # fmt: skip
+    for url in ("mysql://hie@db/hie", "postgresql://hie@db/hie"):
+        code, _out, err = _hie("up", "--data-dir", str(tmp_path / "d"), "--database-url", url, *ports)
+        assert code == 2
+        assert err.strip() == "error: HIE_DATABASE_URL must be postgresql+asyncpg://… (or sqlite+aiosqlite:///…)"
+    (tmp_path / "a-file").write_text("")
+    code, _out, err = _hie("up", "--data-dir", str(tmp_path / "a-file" / "d"), *ports)
+    assert code == 2
+    assert err.startswith(f"error: cannot use the data dir {tmp_path / 'a-file' / 'd'}: ")
+    assert len(err.strip().splitlines()) == 1
+    # Any command, as the installed `hie` runs it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
+    listed = subprocess.run(
+        [sys.executable, "-m", "services.ops.cli", "db", "migrate", "--data-dir", str(tmp_path / "m")],
+        env={**env, "HIE_ENV": "prod"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 2, listed.stderr
+    assert listed.stderr == "error: HIE_ENV must be development or production\n"
