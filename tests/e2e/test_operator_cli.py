@@ -235,3 +235,20 @@ def test_a_setting_no_process_accepts_is_one_line_before_anything_starts(tmp_pat
     )
     assert listed.returncode == 2, listed.stderr
     assert listed.stderr == "error: HIE_ENV must be development or production\n"
+
+
+def test_a_process_started_alone_says_which_setting_is_wrong_in_one_line(tmp_path: Path) -> None:
+    """`python -m services.<name>` / `python -m gateway` with a setting they cannot run with printed
+    a traceback; a number that is not one ended in Python's "invalid literal for int()"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
+    env["HIE_DATA_DIR"] = str(tmp_path)
+    cases = [
+        (["services.audit"], {"HIE_CRYPTO_SUITE": "des"}, "audit: HIE_CRYPTO_SUITE must be aes or sm"),
+        (["gateway"], {"HIE_RATE_LIMIT_BURST": "many"}, "gateway: HIE_RATE_LIMIT_BURST must be a whole number"),
+        (["services.ops.cli", "db", "migrate"], {"HIE_MLLP_PORT": "x"}, "error: HIE_MLLP_PORT must be a whole number"),
+    ]
+    for args, setting, says in cases:
+        command = [sys.executable, "-m", *args]
+        run = subprocess.run(command, env={**env, **setting}, capture_output=True, text=True, timeout=60)
+        assert (run.returncode, run.stderr) == (2, says + "\n"), args
+    assert list(tmp_path.iterdir()) == []
