@@ -4,14 +4,14 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.serving import uvicorn_config
-from services.shared.config import Settings
+from services.shared.config import settings_or_exit
 from services.shared.metrics import start_metrics
 from services.shared.server import configure_logging
 from services.shared.tracing import configure_tracing
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    settings = settings_or_exit("gateway")
     configure_logging(settings.log_level)
     configure_tracing("gateway", settings.otel_exporter, edge=True, sample_ratio=settings.trace_sample_ratio)
     start_metrics("gateway", settings)

@@ -67,6 +67,7 @@ from services.shared.tracing import current_trace_ids
 
 _log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_NOT_JSON = "the request body is not valid JSON (UTF-8)"
 
 
 # Span attributes that would carry the request's path or query: local patient ids travel there.
@@ -560,12 +561,21 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Pydantic's own messages echo the input (possibly patient data): name the fields only.
-        fields = sorted({".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in exc.errors()})
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(request, ApiError(400, "invalid-request", _NOT_JSON))
+        fields = sorted({".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors})
+        if fields == [""]:
+            # The body as a whole is of the wrong kind (an array, a string, a number).
+            return error_response(request, ApiError(400, "invalid-request", "the request body must be a JSON object"))
         return error_response(request, ApiError(400, "invalid-request", "invalid fields: " + ", ".join(fields)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "no-route", 405: "method-not-allowed"}.get(exc.status_code, "http")
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body": a JSON body that is not UTF-8 (GB18030, Latin-1).
+            return error_response(request, ApiError(400, "invalid-request", _NOT_JSON))
         # RFC 9110 §15.5.6: a 405 names the methods the resource supports. Starlette's `Allow`
         # names those of the first route matching the path only: the path's GET and POST are
         # separate routes here, so every route of the path is asked.

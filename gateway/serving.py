@@ -6,7 +6,9 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.shared.config import Settings
 
@@ -21,6 +23,29 @@ def _modern_tls(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -
     context = default()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+_INVALID_HTTP = (
+    b'{"error": {"status": 400, "reason": "invalid-http", "message": "the request is not valid HTTP/1.1:'
+    b" percent-encode characters outside ASCII in the URL (e.g. Chinese names in a query:"
+    b' curl -G --data-urlencode family=...)"}}'
+)
+
+
+class _H11WithJsonErrors(H11Protocol):
+    """uvicorn's h11 protocol, whose refusal of a request h11 cannot parse (a URL with raw UTF-8
+    such as `?family=张`, which curl sends unencoded) is the exchange's JSON error, not a bare
+    text/plain "Invalid HTTP request received."."""
+
+    def send_400_response(self, msg: str) -> None:
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=_INVALID_HTTP),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
@@ -38,7 +63,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         # h11, not httptools: under the contract run, httptools answered a plain keep-alive GET
         # with uvicorn's bare "400 Invalid HTTP request received" (text/plain, no reason) after
         # the generated requests before it; h11 did not. uvloop stays.
-        "http": "h11",
+        "http": _H11WithJsonErrors,
     }
     if settings.https_cert_file and settings.https_key_file:
         options |= {

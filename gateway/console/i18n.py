@@ -48,6 +48,8 @@ _TEXT: dict[str, tuple[str, str]] = {
     "purpose.consultation": ("会诊", "Consultation"),
     "purpose.audit": ("审计", "Audit"),
     "purpose.operations": ("运营管理", "Operations"),
+    "purpose.research": ("科研", "Research"),
+    "purpose.public-health": ("公共卫生", "Public health"),
     "common.search": ("查询", "Search"),
     "common.none": ("没有记录。", "Nothing found."),
     "common.error": ("操作未完成", "Not done"),

@@ -1172,9 +1172,9 @@ def command(
     patients: Annotated[int, typer.Option(help="Patients (overrides --scale)")] = 0,
     documents: Annotated[int, typer.Option(help="Documents (overrides --scale)")] = 0,
     mode: Annotated[str, typer.Option(help="closed | open | both")] = "both",
-    seconds: Annotated[float, typer.Option(help="Length of each measured run")] = 30.0,
-    clients: Annotated[int, typer.Option(help="Closed loop: concurrent clients")] = 16,
-    rate: Annotated[float, typer.Option(help="Open loop: requests per second (arrival rate)")] = 100.0,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Length of each measured run")] = 30.0,
+    clients: Annotated[int, typer.Option(min=1, help="Closed loop: concurrent clients")] = 16,
+    rate: Annotated[float, typer.Option(min=0.1, help="Open loop: requests per second (arrival rate)")] = 100.0,
     only: Annotated[str, typer.Option(help=f"One operation instead of the mix: {', '.join(MIX)}")] = "",
     data_dir: Annotated[
         Path | None,

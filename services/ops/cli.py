@@ -28,7 +28,7 @@ from services.ops.cli_registry import bench_registry
 from services.ops.supervisor import GaveUp, PortUse, Supervisor, describe_exit, duplicate_ports, taken_ports
 from services.shared.components import DATABASE_COMPONENTS, SERVICE_BASE_PORT, SERVICES, by_port
 from services.shared.components import component as service_component
-from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings
+from services.shared.config import GATEWAY_PORT, SERVICE_PORTS, Settings, UnsafeSettingsError
 from services.shared.errors import DomainError
 from services.shared.keys import ensure_exchange_keys, rotate_gateway_key
 from services.shared.timestamps import to_timestamp
@@ -88,12 +88,18 @@ def _settings(data_dir: Path, database_url: str = "") -> Settings:
 
 @keys_app.command("init")
 def keys_init(directory: Annotated[Path, typer.Option("--dir")] = Path(".hie/keys")) -> None:
-    """Create the gateway's and the platform's signing keys, the trusted JWKS and the data-protection
-    key file, and under HIE_CRYPTO_SUITE=sm the platform's SM2 key (each kept if present)."""
+    """Create the gateway's and the platform's signing keys, the web console's key, the trusted JWKS
+    and the data-protection key file, and under HIE_CRYPTO_SUITE=sm the platform's SM2 key (each
+    kept if present)."""
+    from gateway.console.assertions import CONSOLE_KEY_FILE, AssertionSigner
     from services.shared.protection.keyring import load_or_create
 
     for name, path in ensure_exchange_keys(directory).items():
         typer.echo(f"{name}: {path}")
+    # The web console's user-assertion key, beside gateway.pem where the gateway looks for it (a
+    # deployment mounts this folder read only, so the gateway cannot create it there itself).
+    AssertionSigner(directory / CONSOLE_KEY_FILE)
+    typer.echo(f"console: {directory / CONSOLE_KEY_FILE}")
     settings = Settings.from_env(dict(os.environ))
     data_keys = directory / "data-keys.json"
     keyring = load_or_create(data_keys, environ=settings.protection_environ(), suite=settings.crypto_suite)
@@ -165,6 +171,7 @@ def keys_rotate_data(
     and re-wrap every document key, batch by batch, while the exchange keeps serving."""
     from services.ops.data_keys import rotate_data_keys
 
+    _require_exchange(data_dir, database_url, "mpi")
     report = asyncio.run(
         rotate_data_keys(_settings(data_dir, database_url), suite=suite or None, resume=resume, echo=typer.echo)
     )
@@ -179,6 +186,7 @@ def keys_retire_data(data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl
     """Drop old data keys that no stored value uses any more."""
     from services.ops.data_keys import retire_data_keys
 
+    _require_exchange(data_dir, database_url, "mpi")
     retired = asyncio.run(retire_data_keys(_settings(data_dir, database_url)))
     typer.echo(f"retired: {', '.join(retired) if retired else 'none (every old key is still in use)'}")
 
@@ -471,6 +479,11 @@ def up(
     """Start the services, the gateway and the MLLP listener as separate processes on loopback,
     restart any that crashes (with backoff), and stop them all on Ctrl-C."""
     data_dir = data_dir.resolve()
+    try:
+        # Every process reads these settings: a wrong one is said once here, not by each crashing child.
+        _settings(data_dir, database_url)
+    except (UnsafeSettingsError, ValueError) as exc:
+        _fail(str(exc), _EXIT_USAGE)
     running = _running_state(data_dir)
     if running:
         typer.echo(
@@ -507,7 +520,10 @@ def up(
     if taken:
         raise typer.Exit(_EXIT_PORT_TAKEN)
 
-    keys = ensure_exchange_keys(data_dir / "keys")
+    try:
+        keys = ensure_exchange_keys(data_dir / "keys")
+    except OSError as exc:
+        _fail(f"cannot use the data dir {data_dir}: {exc.strerror or exc} (--data-dir / HIE_DATA_DIR)", _EXIT_USAGE)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     env = {
         **os.environ,
@@ -667,7 +683,7 @@ bench_app.command("load")(bench_load.command)
 
 @bench_app.command("exchange")
 def bench_exchange(
-    exchanges: Annotated[int, typer.Option(help="How many full exchanges to run")] = 200,
+    exchanges: Annotated[int, typer.Option(min=1, help="How many full exchanges to run")] = 200,
     data_dir: Annotated[
         Path | None,
         typer.Option(help="Data dir of the exchange to measure [default: a new one of its own, removed after]"),
@@ -939,6 +955,9 @@ def db_migrate(
     from services.shared.db import engine_for
     from services.shared.protection import DataProtection
 
+    unknown = [name for name in component or () if name not in COMPONENTS]
+    if unknown:
+        _fail(f"unknown component {unknown[0]}: one of {', '.join(COMPONENTS)}", 2)
     settings = _settings(data_dir, database_url)
 
     async def run() -> None:
@@ -998,5 +1017,15 @@ def db_revision(
         asyncio.run(run(scratch))
 
 
+def main() -> None:
+    """The `hie` command: a setting no process accepts (HIE_ENV, HIE_DATABASE_URL, …) is one line
+    and exit 2, whichever command read it, never a traceback."""
+    try:
+        app()
+    except UnsafeSettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(_EXIT_USAGE)
+
+
 if __name__ == "__main__":
-    app()
+    main()

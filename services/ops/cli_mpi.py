@@ -258,7 +258,7 @@ def mllp(
 def bench_mpi(
     records: Annotated[int, typer.Option(min=100, help="Synthetic population size (persons ≈ records / 2)")] = 20_000,
     domains: Annotated[int, typer.Option(min=2, max=20, help="Hospital domains")] = 5,
-    latency_samples: Annotated[int, typer.Option(help="Single registrations timed after the load")] = 500,
+    latency_samples: Annotated[int, typer.Option(min=1, help="Single registrations timed after the load")] = 500,
     database_url: Annotated[
         str, typer.Option(help="postgresql+asyncpg://… (a bench_mpi_* schema, dropped after); default: SQLite")
     ] = "",

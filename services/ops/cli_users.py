@@ -15,14 +15,25 @@ from services.shared.config import Settings
 from services.shared.errors import DomainError
 
 app = typer.Typer(help="People who sign in to the web console, per organisation.", no_args_is_help=True)
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Exchange data directory")]
-DatabaseUrl = Annotated[str, typer.Option("--database-url", help="postgresql+asyncpg://… (default: SQLite)")]
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="HIE_DATA_DIR", help="Exchange data directory")]
+DatabaseUrl = Annotated[
+    str, typer.Option("--database-url", envvar="HIE_DATABASE_URL", help="postgresql+asyncpg://… (default: SQLite)")
+]
 Org = Annotated[str, typer.Option("--org", help="The organisation id")]
 Username = Annotated[str, typer.Option("--username", help="The person's sign-in name in the organisation")]
 _T = TypeVar("_T")
 
 
 def _settings(data_dir: Path, database_url: str) -> Settings:
+    # Every user command works on an exchange's organisations: none creates an exchange where
+    # there is none (a mistyped --data-dir, the wrong folder).
+    if not database_url and not (data_dir / "gateway.db").exists():
+        typer.echo(
+            f"error: no exchange data in {data_dir.resolve()} (no gateway.db): run it from the exchange's folder"
+            " or pass --data-dir / HIE_DATA_DIR (or --database-url)",
+            err=True,
+        )
+        raise typer.Exit(3)
     env = dict(os.environ)
     env["HIE_DATA_DIR"] = str(data_dir)
     if database_url:
@@ -88,11 +99,15 @@ def user_add(
 @app.command("list")
 def user_list(org: Org, data_dir: DataDir = Path(".hie"), database_url: DatabaseUrl = "") -> None:
     """The organisation's people: username, role, department, status, locked."""
+    from gateway import store as gateway_store
     from gateway.console import store
     from services.shared.db import utcnow
+    from services.shared.errors import NotFound
 
     async def run() -> list[store.ConsoleUser]:
         async with gateway_transaction(_settings(data_dir, database_url)) as session:
+            if await gateway_store.organization(session, org) is None:
+                raise NotFound("no such organisation")
             return await store.users_of(session, org)
 
     now = utcnow()

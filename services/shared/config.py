@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,12 +103,12 @@ class Settings:
             public_url=env.get("HIE_PUBLIC_URL", f"http://127.0.0.1:{GATEWAY_PORT}").rstrip("/"),
             otel_exporter=env.get("HIE_OTEL_EXPORTER", "none"),
             log_level=env.get("HIE_LOG_LEVEL", "INFO"),
-            outbox_lease_seconds=float(env.get("HIE_OUTBOX_LEASE_SECONDS", "30")),
-            rate_limit_per_second=float(env.get("HIE_RATE_LIMIT_PER_SECOND", "50")),
-            rate_limit_burst=int(env.get("HIE_RATE_LIMIT_BURST", "100")),
-            request_timeout_seconds=float(env.get("HIE_REQUEST_TIMEOUT_SECONDS", "30")),
+            outbox_lease_seconds=_number(env, "HIE_OUTBOX_LEASE_SECONDS", "30"),
+            rate_limit_per_second=_number(env, "HIE_RATE_LIMIT_PER_SECOND", "50"),
+            rate_limit_burst=int(_number(env, "HIE_RATE_LIMIT_BURST", "100", whole=True)),
+            request_timeout_seconds=_number(env, "HIE_REQUEST_TIMEOUT_SECONDS", "30"),
             cors_origins=tuple(o for o in env.get("HIE_CORS_ORIGINS", "").split(",") if o),
-            revocation_check_seconds=float(env.get("HIE_REVOCATION_CHECK_SECONDS", "5")),
+            revocation_check_seconds=_number(env, "HIE_REVOCATION_CHECK_SECONDS", "5"),
             grpc_tls=GrpcTls.from_env(env),
             data_keys_file=Path(env.get("HIE_DATA_KEYS_FILE", keys / "data-keys.json")),
             crypto_suite=env.get("HIE_CRYPTO_SUITE", "aes"),
@@ -116,9 +117,9 @@ class Settings:
             https_key_file=Path(env["HIE_HTTPS_KEY"]) if env.get("HIE_HTTPS_KEY") else None,
             https_termination=env.get("HIE_HTTPS_TERMINATION", "gateway"),
             mllp_host=env.get("HIE_MLLP_HOST", "127.0.0.1"),
-            mllp_port=int(env.get("HIE_MLLP_PORT") or MLLP_PORT),
+            mllp_port=int(_number(env, "HIE_MLLP_PORT", str(MLLP_PORT), whole=True)),
             metrics_listen=env.get("HIE_METRICS_LISTEN") or None,
-            metrics_sample_seconds=float(env.get("HIE_METRICS_SAMPLE_SECONDS", "15")),
+            metrics_sample_seconds=_number(env, "HIE_METRICS_SAMPLE_SECONDS", "15"),
             trace_sample_ratio=_ratio(env.get("HIE_TRACE_SAMPLE_RATIO", "")),
             console_idle_minutes=env.get("HIE_CONSOLE_IDLE_MINUTES", "").strip(),
             data_keys_inline=env.get("HIE_DATA_KEYS") or None,
@@ -131,6 +132,8 @@ class Settings:
         """Production must name a real database and an HTTPS public URL."""
         if self.environment not in {"development", "production"}:
             raise UnsafeSettingsError("HIE_ENV must be development or production")
+        if self.database_url and not self.database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise UnsafeSettingsError("HIE_DATABASE_URL must be postgresql+asyncpg://… (or sqlite+aiosqlite:///…)")
         if self.crypto_suite not in {"aes", "sm"}:
             raise UnsafeSettingsError("HIE_CRYPTO_SUITE must be aes or sm")
         if self.https_termination not in {"gateway", "ingress"}:
@@ -257,6 +260,26 @@ class ComponentSettings:
     def environ(self) -> dict[str, str]:
         """The given variables, for parsers that read an environment-like mapping."""
         return dict(self.given)
+
+
+def settings_or_exit(process: str) -> Settings:
+    """A process's settings from the environment; one a process cannot run with is one line on
+    stderr and exit 2 (`python -m services.<name>`, `python -m gateway`), not a traceback."""
+    try:
+        return Settings.from_env()
+    except UnsafeSettingsError as exc:
+        sys.stderr.write(f"{process}: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def _number(env: Mapping[str, str], name: str, default: str, *, whole: bool = False) -> float:
+    """A numeric setting; an unset or empty variable is the default, anything else not a number is
+    refused naming the variable (not Python's "invalid literal for int()")."""
+    text = env.get(name) or default
+    try:
+        return int(text) if whole else float(text)
+    except ValueError:
+        raise UnsafeSettingsError(f"{name} must be {'a whole number' if whole else 'a number'}") from None
 
 
 def _ratio(text: str) -> float | None:

@@ -24,7 +24,7 @@ from services.shared import migrations
 from services.shared.audit_trail import AUDIT_TOPIC, AuditTrail, audit_sender
 from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
-from services.shared.config import ComponentSettings, Settings
+from services.shared.config import ComponentSettings, Settings, settings_or_exit
 from services.shared.db import engine_for, session_factory
 from services.shared.metrics import start_metrics, watch_service
 from services.shared.outbox import Outbox
@@ -177,7 +177,7 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
 
 def main(spec: ServiceSpec) -> None:
     """Entry point of `python -m services.<name>`."""
-    settings = Settings.from_env()
+    settings = settings_or_exit(spec.name)
     configure_logging(settings.log_level)
     configure_tracing(spec.name, settings.otel_exporter, sample_ratio=settings.trace_sample_ratio)
     start_metrics(spec.name, settings)

@@ -250,6 +250,62 @@ async def test_oversized_deep_and_malformed_bodies(exchange: Exchange) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"local_id": "A-1", "name": "张三"'.encode(), "the request body is not valid JSON (UTF-8)"),
+        (b"local_id=A-1", "the request body is not valid JSON (UTF-8)"),
+        ('{"local_id": "A-1", "name": "张三"}'.encode("gb18030"), "the request body is not valid JSON (UTF-8)"),
+        (b'["A-1"]', "the request body must be a JSON object"),
+    ],
+    ids=["truncated", "form-encoded", "gb18030", "array"],
+)
+async def test_a_body_that_is_not_a_json_object_is_refused_saying_so(
+    exchange: Exchange, body: bytes, message: str
+) -> None:
+    """Found walking the README as a newcomer: a truncated body answered "invalid fields: 33" (the
+    decoder's offset), a GB18030 body 400 reason "http" "request not served", an array "invalid
+    fields: " with no field."""
+    hospital = await exchange.member()
+    token = await hospital.access_token()
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "X-HIE-User-Assertion": user_assertion(
+            key=hospital.key, client_id=hospital.client_id, practitioner=Practitioner(), purpose="treatment"
+        ),
+    }
+    async with httpx.AsyncClient() as http:
+        refused = await http.post(f"{exchange.base_url}/api/v1/patients", content=body, headers=headers)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["reason"], error["message"]) == ("invalid-request", message)
+    assert "张" not in refused.text
+    await hospital.aclose()
+
+
+async def test_a_url_with_raw_chinese_gets_a_json_400_naming_the_fix(exchange: Exchange) -> None:
+    """Found walking the README as a newcomer: `curl '…/api/v1/patients/search?family=张&…'` (curl
+    sends the query's characters unencoded, which HTTP/1.1 forbids) answered uvicorn's bare
+    text/plain "Invalid HTTP request received.": no reason, no JSON."""
+    host, port = exchange.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        "GET /api/v1/patients/search?family=张&birth_date=1949-12-31 HTTP/1.1\r\n".encode()
+        + f"Host: {host}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400", answer
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["reason"] == "invalid-http"
+    assert "percent-encode" in error["message"]
+    assert "张" not in body.decode()
+
+
+@pytest.mark.parametrize(
     "name",
     ["张San", "Zhаng Wei", "ZHANG 伟", "阿卜杜热合曼·买买提", "李\u200b四", "王\u202e五", "ｗａｎｇ"],
     ids=["han-latin", "cyrillic-a", "upper-han", "uyghur-dot", "zero-width", "bidi-override", "fullwidth"],

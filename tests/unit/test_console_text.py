@@ -23,3 +23,12 @@ def test_both_languages_are_filled() -> None:
         assert english, key
         assert translator("zh", key) == chinese
         assert translator("en", key) == english
+
+
+def test_every_purpose_of_use_is_translated() -> None:
+    """Found signing in as the demo's auditor: the audit search's purpose list showed
+    `purpose.research` and `purpose.public-health` (keys, not text)."""
+    from gateway.console.pages import PURPOSES
+    from services.shared.user_assertion import PURPOSES_OF_USE
+
+    assert sorted(p for p in {*PURPOSES, *PURPOSES_OF_USE} if f"purpose.{p}" not in _TEXT) == []
