@@ -31,9 +31,6 @@ SCOPES = (
     "system/Patient.crs system/DocumentReference.crs system/Consent.cruds system/ServiceRequest.crus "
     "system/AuditEvent.rs"
 )
-# These fail in full CI-order runs (quiet machine too) while passing alone or in any subset tried:
-# order-dependent, cause not found yet (sessions 7–8). Skipped so the rest of the suite gates.
-_FAILS_IN_FULL_SUITE = pytest.mark.skip(reason="fails in the full suite, passes alone: under investigation")
 
 PATIENT_NAME = "欧阳监测"
 EMERGENCY_DOCTOR = Practitioner(id="M-ER-1", name="急诊值班医生", role="doctor", department="急诊科")
@@ -52,15 +49,26 @@ def metrics_url() -> str:
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape() -> tuple[str, Samples]:
+async def scrape(*names: str) -> tuple[str, Samples]:
+    """The scrape page and its samples (only the series `names`, when given), parsed off the
+    event loop. Every exchange a full test run starts reports into this one process, so by the
+    time these tests run the page holds many thousands of series (each test's organisations,
+    routes and histograms): parsing all of it on the loop, ten times a second in `until`,
+    starved the exchange under test until its samplers timed out and its gauges went stale."""
     async with httpx.AsyncClient() as http:
         page = (await http.get(metrics_url(), timeout=10)).text
+    return page, await asyncio.to_thread(_parse, page, frozenset(names))
+
+
+def _parse(page: str, names: frozenset[str]) -> Samples:
+    if names:  # the sample lines of those series only (untyped to the parser; values unchanged)
+        page = "\n".join(line for line in page.splitlines() if re.split(r"[{ ]", line, maxsplit=1)[0] in names)
     samples: Samples = {}
     for family in text_string_to_metric_families(page):
         for sample in family.samples:
             labels = frozenset((k, v) for k, v in sample.labels.items() if not k.startswith("otel_scope"))
             samples[(sample.name, labels)] = sample.value
-    return page, samples
+    return samples
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -73,11 +81,11 @@ async def until(name: str, done: Callable[[float], bool], **labels: str) -> floa
     """Scrape until the summed series satisfies `done` (15 s at most); returns the last value."""
     deadline = asyncio.get_running_loop().time() + 15.0
     while True:
-        _page, samples = await scrape()
+        _page, samples = await scrape(name)
         current = value(samples, name, **labels)
         if done(current) or asyncio.get_running_loop().time() > deadline:
             return current
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
 
 
 @contextmanager
@@ -221,7 +229,6 @@ async def test_consent_denial_and_break_glass_are_counted(scene: Scene) -> None:
     )
 
 
-@_FAILS_IN_FULL_SUITE
 async def test_a_dead_lettered_notification_shows(scene: Scene) -> None:
     s = scene
     receiver = Receiver()
@@ -262,7 +269,6 @@ async def test_a_dead_lettered_notification_shows(scene: Scene) -> None:
         await receiver.stop()
 
 
-@_FAILS_IN_FULL_SUITE
 async def test_outbox_backlog_shows_while_its_relay_is_stopped(scene: Scene) -> None:
     s = scene
     outbox = s.exchange.services["registry"].runtime.outbox
@@ -321,7 +327,6 @@ async def test_the_metrics_page_carries_no_patient_data(scene: Scene) -> None:
         assert secret not in page
 
 
-@_FAILS_IN_FULL_SUITE
 async def test_hie_status_shows_components_backlog_and_firing_alerts(
     scene: Scene, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -374,7 +379,6 @@ async def test_hie_status_shows_components_backlog_and_firing_alerts(
     assert result.exit_code == 3
 
 
-@_FAILS_IN_FULL_SUITE
 async def test_a_possible_match_grows_the_review_queue_gauge(scene: Scene) -> None:
     s = scene
     before = await until("hie_mpi_review_queue_size", lambda v: True)
