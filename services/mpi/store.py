@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import operator
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -597,17 +596,13 @@ _NAME_COUNTS = text(
 # Records read per blocking key at most: scoring stops at 500 candidates anyway, and the name-only
 # block of a common name (read for records without a birth date) grows with the region.
 BLOCK_READ_LIMIT = 501
-# asyncpg's own statements (`$n` parameters), run on the session's connection: a bulk batch reads
-# thousands of rows with them, and the driver's records (tuples, also indexed by column name)
-# skip SQLAlchemy's per-row result processing (the values are the driver's either way: these
-# are untyped text statements).
-_KEYED_PAIRS = (
-    "SELECT k.key, b.patient_id FROM unnest($1::varchar[]) AS k(key) CROSS JOIN LATERAL "
-    "(SELECT patient_id FROM blocking_key WHERE key = k.key ORDER BY patient_id LIMIT $2) AS b"
+_KEYED_PAIRS = text(
+    "SELECT k.key, b.patient_id FROM unnest(CAST(:keys AS varchar[])) AS k(key) CROSS JOIN LATERAL "
+    "(SELECT patient_id FROM blocking_key WHERE key = k.key ORDER BY patient_id LIMIT :per_key) AS b"
 )
-_ACTIVE_PATIENTS = (
+_ACTIVE_PATIENTS = text(
     "SELECT p.id, p.domain, p.enterprise_id, p.sealed, p.gender, p.birth_date, p.province, p.city, "
-    "p.district, p.postal_code FROM unnest($1::varchar[]) AS i(id) "
+    "p.district, p.postal_code FROM unnest(CAST(:ids AS varchar[])) AS i(id) "
     "JOIN patient AS p ON p.id = i.id WHERE p.merged_into IS NULL"
 )
 
@@ -630,7 +625,6 @@ class DecodedRecords:
     # the records a 200k load reads near its end).
     DEFAULT_LIMIT = 1_000_000
     _STAMP = ("sealed", "domain", "gender", "birth_date", "province", "city", "district", "postal_code")
-    _stamp_of = staticmethod(operator.itemgetter(*_STAMP))
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = limit
@@ -645,7 +639,7 @@ class DecodedRecords:
         """The comparable form of a `patient` row (as `match_record_of_row`), built once per
         row content."""
         record_id = row["id"]
-        stamp = self._stamp_of(row)
+        stamp = tuple(row[c] for c in self._STAMP)
         entries = self._entries
         entry = entries.get(record_id)
         if entry is not None:
@@ -687,12 +681,11 @@ async def match_candidates_by_key(
     if session.bind.dialect.name == "postgresql":
         # One array parameter joined by index, not an IN list: SQLAlchemy renders an IN list
         # parameter by parameter, which took 30 % of a bulk load's time at 500k records.
-        connection = await session.connection()
-        driver = (await connection.get_raw_connection()).driver_connection
-        found = await driver.fetch(_KEYED_PAIRS, ordered, BLOCK_READ_LIMIT)  # type: ignore[union-attr]
-        pairs = [(clear_of[k], p) for k, p in found]
+        rows = await session.execute(_KEYED_PAIRS, {"keys": ordered, "per_key": BLOCK_READ_LIMIT})
+        pairs = [(clear_of[k], p) for k, p in rows]
         ids = sorted({p for _, p in pairs})
-        for row in await driver.fetch(_ACTIVE_PATIENTS, ids):  # type: ignore[union-attr]
+        rows = await session.execute(_ACTIVE_PATIENTS, {"ids": ids})
+        for row in rows.mappings():
             records[row["id"]] = build(row, sealing)
     else:
         for start in range(0, len(ordered), chunk):
