@@ -467,7 +467,7 @@ async def _run(
             load_cpu = {"mpi": 0.0, "postgres": 0.0}
             # Candidate rows the batches read (a record read by n batches counts n times), and
             # how many of them had to be built (the rest reused: store.DecodedRecords).
-            read_mark = (0, 0)
+            read_mark = (0, 0, 0, 0)
             # As `hie mpi load` does it: two batches in flight (bulk.BatchPipeline).
             pipeline = BatchPipeline(index.engine, index.sessions, index.master)
 
@@ -481,10 +481,19 @@ async def _run(
                     for name, seconds in spent.items():
                         load_cpu[name] += seconds
                     per_record = _per_record(spent, done - mark)
-                    reads = (pipeline.decoded.hits + pipeline.decoded.misses, pipeline.decoded.misses)
+                    reads = (
+                        pipeline.decoded.hits + pipeline.decoded.misses,
+                        pipeline.decoded.misses,
+                        pipeline.tally.scored,
+                        pipeline.tally.screened_out,
+                    )
                     candidates = {
                         "read_per_record": round((reads[0] - read_mark[0]) / (done - mark), 2),
                         "built_per_record": round((reads[1] - read_mark[1]) / (done - mark), 2),
+                        # Candidates a new record was compared with (`matching.decide`): scored in
+                        # full, and screened out (could not reach review whatever the names).
+                        "scored_per_record": round((reads[2] - read_mark[2]) / (done - mark), 2),
+                        "screened_out_per_record": round((reads[3] - read_mark[3]) / (done - mark), 2),
                     }
                     read_mark = reads
                     stretches.append(
@@ -502,7 +511,8 @@ async def _run(
                         f"  {done} loaded, {stretches[-1]['records_per_second']} records/s since {mark}; "
                         f"CPU ms/record mpi {per_record['mpi']:.3f} postgres {per_record['postgres']:.3f}; "
                         f"candidates read per record {candidates['read_per_record']} (built "
-                        f"{candidates['built_per_record']}) (load average {stretches[-1]['load_average']})"
+                        f"{candidates['built_per_record']}), scored {candidates['scored_per_record']}, screened out "
+                        f"{candidates['screened_out_per_record']} (load average {stretches[-1]['load_average']})"
                     )
                     mark, mark_time = done, now
 

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from services.mpi import domain, estimation
+from services.mpi import domain, estimation, matching
 from services.mpi.index import BULK_LOAD_LOCK, BatchLink, MasterIndex, Registered
 from services.mpi.matching import MatchRecord, Outcome
 from services.mpi.standalone import IndexHandle
@@ -197,11 +197,17 @@ class BatchPipeline:
         self._collector = QuietCollector()
         # Candidates read by one batch are read again by later ones: built once (store.DecodedRecords).
         self._decoded = DecodedRecords()
+        self._tally = matching.ScreenTally()
 
     @property
     def decoded(self) -> DecodedRecords:
         """The load's comparable records built from the rows it read (hits and misses counted)."""
         return self._decoded
+
+    @property
+    def tally(self) -> matching.ScreenTally:
+        """Candidates the load's batches scored in full and screened out (`matching.decide`)."""
+        return self._tally
 
     async def __aenter__(self) -> BatchPipeline:
         self._collector.__enter__()
@@ -295,6 +301,7 @@ class BatchPipeline:
             scored=scored,
             committed=previous.task if previous is not None else None,
             decoded=self._decoded,
+            tally=self._tally,
         )
         async with self._sessions() as session, session.begin():
             results = await self._master.register_batch(session, who, registrations, link=link)

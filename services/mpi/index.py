@@ -76,6 +76,8 @@ class BatchLink:
     committed: Awaitable[object] | None = None
     # Comparable records the load's earlier batches built from the rows they read (one per load).
     decoded: store.DecodedRecords | None = None
+    # Candidates the load's batches scored and screened out (`matching.decide`; one per load).
+    tally: matching.ScreenTally | None = None
 
 
 @dataclass(frozen=True)
@@ -662,7 +664,13 @@ class MasterIndex:
             if link is not None and n % 50 == 49:
                 # Let the batch before this one go on writing and committing meanwhile.
                 await asyncio.sleep(0)
-            decision = matching.decide(new, context.candidates_of(new), self.params, context.frequencies)
+            decision = matching.decide(
+                new,
+                context.candidates_of(new),
+                self.params,
+                context.frequencies,
+                tally=link.tally if link is not None else None,
+            )
             method = rows.add(registration, new, decision, context.in_batch)
             results[i] = Registered(record=None, created=True, method=method, outcome=decision.outcome)  # type: ignore[arg-type]
         if link is not None:

@@ -489,7 +489,9 @@ def nicknames_agree(a: str, b: str) -> bool:
     return bool(namer.canonicals_of(a) & namer.canonicals_of(b))
 
 
+@functools.lru_cache(maxsize=65_536)
 def _digits(date: datetime.date) -> str:
+    # Cached: strftime was a fifth of scoring a pair (a region's birth dates are ~40,000 days).
     return date.strftime("%Y%m%d")
 
 
@@ -591,9 +593,11 @@ def compare_identifiers(a: frozenset[tuple[str, str]], b: frozenset[tuple[str, s
 def compare(a: MatchRecord, b: MatchRecord) -> dict[str, str]:
     """The comparison vector of a pair: field → level."""
     family, given = compare_names(a.name, b.name)
+    return {"family": family, "given": given, **_levels_besides_names(a, b)}
+
+
+def _levels_besides_names(a: MatchRecord, b: MatchRecord) -> dict[str, str]:
     return {
-        "family": family,
-        "given": given,
         "birth_date": compare_birth_dates(a.birth_date, b.birth_date),
         "gender": compare_gender(a.gender, b.gender),
         "national_id": compare_values(a.national_id, b.national_id),
@@ -848,22 +852,110 @@ def score(
     (−4 to −5 bits for the house number and postcode alone, as much as a birth date typo). Their
     agreeing is still evidence (a move within the postcode or town), and EM still learns every
     level from the comparison vectors as they are."""
-    levels = compare(a, b)
-    weights: dict[str, float] = {}
-    values = frequency_values(a)
-    moved = levels["address"] == DIFFERENT
-    for field_name, level in levels.items():
-        if moved and level == DISAGREE and field_name in _ADDRESS_PARTS:
-            weights[field_name] = 0.0
-            continue
-        w = params.weight(field_name, level)
-        if frequencies is not None and field_name in params.frequency_fields and level in _NAME_AGREEMENT:
-            share = frequencies.share(field_name, values[field_name], params)
-            u_exact = params.u.get(field_name, {}).get(EXACT)
-            if share and u_exact:
-                w += min(params.max_bonus, max(-params.max_penalty, math.log2(u_exact / share)))
-        weights[field_name] = round(w, 4)
-    return Comparison(levels=levels, weights=weights, total=round(sum(weights.values()), 4))
+    return Scorer(a, params, frequencies).score(b)
+
+
+_WEIGHT_TABLES: dict[int, tuple[MatchParameters, dict[tuple[str, str], float]]] = {}
+
+
+def _weight_table(params: MatchParameters) -> dict[tuple[str, str], float]:
+    """(field, level) → `params.weight(field, level)` for every level the parameters name (any
+    other level weighs 0), computed once per parameters (the parameters are immutable)."""
+    entry = _WEIGHT_TABLES.get(id(params))
+    if entry is None or entry[0] is not params:
+        if len(_WEIGHT_TABLES) >= 64:
+            _WEIGHT_TABLES.clear()
+        table = {(f, level): params.weight(f, level) for f in params.m for level in params.m[f]}
+        entry = _WEIGHT_TABLES[id(params)] = (params, table)
+    return entry[1]
+
+
+# Bits by which a screened-out candidate's highest possible weight is under the threshold at
+# least: more than the rounding of its field weights (4 decimals, 11 fields) could add.
+_SCREEN_MARGIN = 0.001
+
+
+class Scorer:
+    """Weighs candidates against one record (`score` as a function does), with what depends on
+    that record alone worked out once: the weight of each level, and the frequency adjustment of
+    its names (a name's share is the record's own, whatever the candidate).
+
+    `screened` also tells a candidate that cannot reach a threshold before its names are
+    compared: the fields besides the names are compared and weighed as they will be (cheap:
+    equality, a few set operations), and the names are taken at the highest weight either part
+    could have with this record (its agreement with the frequency adjustment). A candidate whose
+    total cannot reach the review threshold is neither linked nor reviewed (unless its national
+    id agrees: a national-id rule or conflict), so `decide` drops it unscored."""
+
+    def __init__(self, record: MatchRecord, params: MatchParameters, frequencies: ValueFrequencies | None = None):
+        self.record = record
+        self.params = params
+        self._weights = _weight_table(params)
+        self._adjust: dict[str, float] = {}
+        if frequencies is not None:
+            values = frequency_values(record)
+            for field_name in params.frequency_fields:
+                if field_name not in values:
+                    continue
+                share = frequencies.share(field_name, values[field_name], params)
+                u_exact = params.u.get(field_name, {}).get(EXACT)
+                if share and u_exact:
+                    self._adjust[field_name] = min(
+                        params.max_bonus, max(-params.max_penalty, math.log2(u_exact / share))
+                    )
+        self._name_ceiling: float | None = None
+
+    def score(self, candidate: MatchRecord) -> Comparison:
+        """The candidate compared with the record and weighed."""
+        family, given = compare_names(self.record.name, candidate.name)
+        return self._weigh({"family": family, "given": given, **_levels_besides_names(self.record, candidate)})
+
+    def screened(self, candidate: MatchRecord, threshold: float) -> Comparison | None:
+        """As `score`, or None when the candidate's weight cannot reach `threshold` whatever
+        its names compare as (and its national id does not agree)."""
+        others = _levels_besides_names(self.record, candidate)
+        if others["national_id"] != AGREE:
+            moved = others["address"] == DIFFERENT
+            weights = self._weights
+            ceiling = self.name_ceiling()
+            for field_name, level in others.items():
+                if not (moved and level == DISAGREE and field_name in _ADDRESS_PARTS):
+                    ceiling += weights.get((field_name, level), 0.0)
+            if ceiling < threshold - _SCREEN_MARGIN:
+                return None
+        family, given = compare_names(self.record.name, candidate.name)
+        return self._weigh({"family": family, "given": given, **others})
+
+    def name_ceiling(self) -> float:
+        """The highest weight the family and given names together can have against this record
+        (a level the parameters do not name weighs 0)."""
+        if self._name_ceiling is None:
+            ceiling = 0.0
+            for field_name in ("family", "given"):
+                best = 0.0
+                for level in self.params.m.get(field_name, {}):
+                    w = self._weights.get((field_name, level), 0.0)
+                    if level in _NAME_AGREEMENT:
+                        w += self._adjust.get(field_name, 0.0)
+                    best = max(best, w)
+                ceiling += best
+            self._name_ceiling = ceiling
+        return self._name_ceiling
+
+    def _weigh(self, levels: dict[str, str]) -> Comparison:
+        weights: dict[str, float] = {}
+        moved = levels["address"] == DIFFERENT
+        table = self._weights
+        adjust = self._adjust
+        for field_name, level in levels.items():
+            if moved and level == DISAGREE and field_name in _ADDRESS_PARTS:
+                weights[field_name] = 0.0
+                continue
+            w = table.get((field_name, level), 0.0)
+            if level in _NAME_AGREEMENT and field_name in adjust:
+                w += adjust[field_name]
+            weights[field_name] = round(w, 4)
+        return Comparison(levels=levels, weights=weights, total=round(sum(weights.values()), 4))
 
 
 # --- the link decision ------------------------------------------------------------------------
@@ -889,6 +981,20 @@ class ScoredCandidate:
     rule: Rule | None = None
     # Why an automatic link is ruled out whatever the score (the pair goes to review instead).
     hold: str = ""
+
+
+@dataclass
+class ScreenTally:
+    """Candidates `decide` was given: scored in full, and screened out (could not reach review)."""
+
+    scored: int = 0
+    screened_out: int = 0
+
+    def add(self, scored: bool) -> None:
+        if scored:
+            self.scored += 1
+        else:
+            self.screened_out += 1
 
 
 @dataclass(frozen=True)
@@ -935,7 +1041,12 @@ def assess(
       ids, or two records of the same hospital domain (the hospital says
       they are two patients; a duplicate is for the hospital to merge): held for review.
     """
-    comparison = score(new, candidate, params, frequencies)
+    return _ruled(new, candidate, params, score(new, candidate, params, frequencies))
+
+
+def _ruled(
+    new: MatchRecord, candidate: MatchRecord, params: MatchParameters, comparison: Comparison
+) -> ScoredCandidate:
     levels = comparison.levels
     if levels["national_id"] == AGREE and new.national_id:
         coded = gb11643.birth_date(new.national_id)
@@ -976,6 +1087,7 @@ def decide(
     *,
     different: frozenset[str] = frozenset(),
     max_review: int = 3,
+    tally: ScreenTally | None = None,
 ) -> MatchDecision:
     """Decide what a new or changed record links to.
 
@@ -986,13 +1098,24 @@ def decide(
     national-id rule: that one is linked and the others go to review alongside (a LINK decision
     with `review`); enterprise ids between the thresholds (or held by a rule) go to review, and
     the record gets a new enterprise id meanwhile.
+
+    A candidate whose weight cannot reach the review threshold, whatever its names compare as,
+    is dropped before its names are compared (`Scorer.screened`): it could be neither linked nor
+    reviewed, so the decision is the one scoring every candidate gives (`best` of a NEW
+    decision is the best candidate that could reach review, if any). `tally` counts both.
     """
     excluded = {c.enterprise_id for c in candidates if c.record_id in different}
     best: dict[str, ScoredCandidate] = {}
+    scorer = Scorer(new, params, frequencies)
     for candidate in candidates:
         if candidate.record_id == new.record_id or candidate.enterprise_id in excluded:
             continue
-        scored = assess(new, candidate, params, frequencies)
+        comparison = scorer.screened(candidate, params.review_threshold)
+        if tally is not None:
+            tally.add(comparison is not None)
+        if comparison is None:
+            continue
+        scored = _ruled(new, candidate, params, comparison)
         current = best.get(candidate.enterprise_id)
         if current is None or _rank(scored) > _rank(current):
             best[candidate.enterprise_id] = scored

@@ -341,8 +341,9 @@ def bench_mpi(
         typer.echo(
             f"  {part['from']:>9}–{part['loaded']:<9} {part['records_per_second']:>8.0f} records/s   CPU ms/record "
             f"mpi {ms['mpi']:.3f} postgres {ms['postgres']:.3f}   candidates read / built per record "
-            f"{part['candidates']['read_per_record']} / {part['candidates']['built_per_record']}   "
-            f"load average {part['load_average']}"
+            f"{part['candidates']['read_per_record']} / {part['candidates']['built_per_record']}, scored / "
+            f"screened out {part['candidates']['scored_per_record']} / "
+            f"{part['candidates']['screened_out_per_record']}   load average {part['load_average']}"
         )
     typer.echo(
         f"single registration at {lat['population']} records: p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms"

@@ -453,6 +453,52 @@ async def test_a_block_is_read_to_its_limit_and_no_further(index: IndexHandle) -
     assert len(found[key]) == store.BLOCK_READ_LIMIT
 
 
+async def test_a_bulk_load_scores_only_the_candidates_of_a_big_block_that_could_be_reviewed(
+    index: IndexHandle,
+) -> None:
+    # 120 王伟s of one postcode, born in other years at other addresses, share the name + postcode
+    # block (and the name + district block) with a later 王伟 of the postcode; his earlier
+    # record at another hospital shares his birth date, address and phone too.
+    def wang(hospital: str, local_id: str, born: str, line: str, phone: str) -> domain.Registration:
+        return domain.validate_registration(
+            domain=hospital,
+            local_id=local_id,
+            name_text="王伟",
+            gender=domain.Gender.MALE,
+            birth_date=born,
+            phones=[phone],
+            province="北京市",
+            city="北京市",
+            district="海淀区",
+            address_line=line,
+            postal_code="100081",
+        )
+
+    namesakes = [
+        wang(FACILITY, f"W-{n}", f"{1930 + n // 4}-{1 + n % 4:02d}-28", f"学院路{n + 101}号", f"139{n:08d}")
+        for n in range(120)
+    ]
+    earlier = wang(FACILITY, "W-true", "1980-05-17", "中关村大街5号", "13812345678")
+    async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+        await pipeline.submit(bulk_caller(FACILITY), [*namesakes, earlier])
+    async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+        await pipeline.submit(
+            bulk_caller("hosp-his-2"), [wang("hosp-his-2", "B-1", "1980-05-17", "中关村大街5号", "13812345678")]
+        )
+        [result] = await pipeline.drain()
+    assert isinstance(result, Registered)
+    assert result.outcome is Outcome.LINK
+    # The namesakes were read (they share a key) but screened out before their names were
+    # compared: none of them could reach the review threshold.
+    assert (pipeline.tally.scored, pipeline.tally.screened_out) == (1, 120)
+    async with index.sessions() as session:
+        linked = await store.find_record(session, domain="hosp-his-2", local_id="B-1")
+        true = await store.find_record(session, domain=FACILITY, local_id="W-true")
+    assert linked is not None
+    assert true is not None
+    assert linked.enterprise_id == true.enterprise_id
+
+
 async def test_a_review_task_against_a_record_of_the_batch_before_waits_for_its_commit(index: IndexHandle) -> None:
     # Seen in `hie bench mpi` on PostgreSQL: the batch in flight opened a review task naming a
     # record the batch before had decided but not committed (ForeignKeyViolationError).

@@ -656,3 +656,68 @@ def test_day_and_month_swapped_with_a_name_typo_still_share_a_key() -> None:
     a = record("a", "", family="gracia", given="maria", birth_date=D(1936, 6, 1))
     b = record("b", "", family="gracai", given="maria", birth_date=D(1936, 1, 6))
     assert _shares_a_key(b, a)
+
+
+# --- screening candidates that cannot reach review ------------------------------------------
+
+
+def _namesakes(count: int) -> list[matching.MatchRecord]:
+    # One postcode's 王伟s, born in other years (and on other days) and living at other
+    # addresses: they share the name + postcode key with any 王伟 of the postcode.
+    return [
+        record(
+            f"w{n}",
+            "王伟",
+            domain="urn:hie:org:b",
+            birth_date=D(1930 + n // 4, 1 + n % 4, 28),
+            postal_code="100081",
+            district="海淀区",
+            address_line=f"学院路{n + 101}号",
+            phones=[f"139{n:08d}"],
+        )
+        for n in range(count)
+    ]
+
+
+def test_namesakes_sharing_a_big_block_are_screened_out_and_the_true_match_still_links() -> None:
+    fields = {"postal_code": "100081", "district": "海淀区", "birth_date": D(1980, 5, 17)}
+    earlier = record(
+        "c", "王伟", domain="urn:hie:org:b", address_line="中关村大街5号", phones=["13812345678"], **fields
+    )
+    new = record("n", "王伟", address_line="中关村大街5号", phones=["13812345678"], **fields)
+    tally = matching.ScreenTally()
+    decision = decide(new, [*_namesakes(200), earlier], PARAMS, tally=tally)
+    assert decision.outcome is Outcome.LINK
+    assert decision.enterprise_id == "e-c"
+    # Only the true match is scored in full: a namesake born on another day elsewhere in the
+    # postcode cannot reach the review threshold whatever its name compares as.
+    assert (tally.scored, tally.screened_out) == (1, 200)
+
+
+def test_screening_never_drops_a_candidate_that_could_be_reviewed() -> None:
+    # Pairs over the bench population (namesakes, typos, moves, twins): a screened-out
+    # candidate's full score is under the threshold, and a kept one's is the full score.
+    from services.mpi import bench, store
+
+    rows, _ = bench.population(600, 3, 5)
+    found = [
+        store.match_record_of_registration(bench._registration(d, lid, f), record_id=lid, enterprise_id=lid)
+        for _, d, lid, f in rows
+    ]
+    rng = random.Random(3)
+    frequencies = ValueFrequencies(
+        counts={("family", r.name.family_pinyin): 40 for r in found[:50]}, totals={"family": 600, "given": 600}
+    )
+    screened = 0
+    for threshold in (PARAMS.review_threshold, PARAMS.link_threshold):
+        for i, a in enumerate(found):
+            scorer = matching.Scorer(a, PARAMS, frequencies)
+            for b in [*found[max(0, i - 12) : i], *rng.sample(found, 3)]:
+                full = score(a, b, PARAMS, frequencies)
+                kept = scorer.screened(b, threshold)
+                if kept is None:
+                    screened += 1
+                    assert full.total < threshold
+                else:
+                    assert kept == full
+    assert screened > 500
