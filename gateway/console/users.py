@@ -130,7 +130,7 @@ async def add_user(
         raise NotFound("no such organisation", reason="organization-unknown")
     if role not in roles_for(org.type):
         raise InvalidArgument(
-            f"role must be one of {', '.join(roles_for(org.type))} for a {org.type}",
+            f"role must be one of {', '.join(roles_for(org.type))} for an organisation of type {org.type}",
             reason="role-not-allowed",
         )
     if not username or len(username) > 64 or not username.replace("-", "").replace("_", "").replace(".", "").isalnum():

@@ -133,10 +133,10 @@ def load(
     try:
         total = check_encoding(file, codec_of(encoding))
     except EncodingError as exc:
-        typer.echo(str(exc), err=True)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if check_domain and not asyncio.run(_is_hospital(settings, domain)):
-        typer.echo("the domain is not a registered, active hospital (see `hie org list`)", err=True)
+        typer.echo("error: the domain is not a registered, active hospital (see `hie org list`)", err=True)
         raise typer.Exit(2)
     rejects_file = rejects or file.with_suffix(".rejects.csv")
 
@@ -156,7 +156,7 @@ def load(
     try:
         report = asyncio.run(run())
     except ValueError as exc:
-        typer.echo(str(exc), err=True)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     counts = report.counts  # type: ignore[attr-defined]
     if report.already_loaded:  # type: ignore[attr-defined]
@@ -197,7 +197,7 @@ def export_links(
     from services.mpi import admin
 
     if format_ not in ("csv", "jsonl"):
-        typer.echo("--format is csv or jsonl", err=True)
+        typer.echo("error: --format is csv or jsonl", err=True)
         raise typer.Exit(2)
     if not database_url and not (data_dir / "mpi.db").exists():
         # A read-only command never creates an exchange (keys, databases) where there is none.

@@ -130,6 +130,7 @@ def test_roles_follow_the_exchange_table_of_organisation_types(tmp_path: Path) -
         refused = add(org_id, f"x-{role}", role)
         assert refused.exit_code == 2, (org_id, role, refused.output)
         assert "role must be one of" in refused.output
+        assert "for an organisation of type" in refused.output
         assert "Traceback" not in refused.output
     for org_id, role in (("hosp-1", "admin"), ("hosp-1", "auditor"), ("wjw", "auditor"), ("ops", "data-steward")):
         accepted = add(org_id, f"ok-{role}", role)

@@ -51,6 +51,7 @@ def test_load_export_and_estimate(tmp_path: Path) -> None:
     assert (tmp_path / "p.json").exists()
     bad_map = runner.invoke(app, ["mpi", "load", str(source), "--domain", "hosp-z", "--no-check-domain", *common])
     assert bad_map.exit_code == 2
+    assert "error: " in bad_map.output
 
 
 def _write(path: Path, rows: list[list[str]], encoding: str = "utf-8") -> None:
@@ -94,6 +95,7 @@ def test_gb18030_export_loads_with_encoding_and_is_named_without_it(tmp_path: Pa
     refused = runner.invoke(app, [*_LOAD, str(source), *common])
     assert refused.exit_code == 2
     assert "--encoding" in refused.output
+    assert "error: " in refused.output  # one line, like every other command's refusal
     assert "Traceback" not in refused.output
     loaded = runner.invoke(app, [*_LOAD, str(source), "--encoding", "gb18030", *common])
     assert loaded.exit_code == 0, loaded.output
