@@ -10,20 +10,9 @@ first moment the records decide differently on their own (`policy.next_change`).
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-import grpc
-
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.shared.invalidation import acknowledged
 from services.shared.process import ServiceRuntime
-
-_log = logging.getLogger(__name__)
-
-# Short: a registry that does not answer must not hold up consent's writes for long. Its kept
-# decisions expire on their own (HIE_REGISTRY_CONSENT_CACHE_SECONDS), which bounds staleness then.
-_TIMEOUT_SECONDS = 2.0
-_ATTEMPTS = 2
 
 
 def registry_caches(runtime: ServiceRuntime) -> bool:
@@ -34,22 +23,14 @@ def registry_caches(runtime: ServiceRuntime) -> bool:
 
 async def invalidate_registry(runtime: ServiceRuntime, enterprise_id: str) -> None:
     """Have the registry drop its decisions about the patient; returns once it acknowledged (or,
-    when it cannot be reached, after logging that it was not told)."""
+    when it cannot be reached, after logging that it was not told: never the enterprise id)."""
     if not registry_caches(runtime):
         return
     stub = registry_pb2_grpc.DocumentRegistryStub(runtime.channel("registry"))
-    for attempt in range(_ATTEMPTS):
-        try:
-            await stub.InvalidateConsentDecisions(
-                registry_pb2.InvalidateConsentDecisionsRequest(enterprise_id=enterprise_id),
-                metadata=runtime.credentials.metadata(),
-                timeout=_TIMEOUT_SECONDS,
-            )
-            return
-        except grpc.aio.AioRpcError as exc:
-            if attempt + 1 < _ATTEMPTS and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                await asyncio.sleep(0.05)
-                continue
-            # No PHI: the status code only (not the enterprise id).
-            _log.warning("registry consent decision invalidation not acknowledged: %s", exc.code().name)
-            return
+    request = registry_pb2.InvalidateConsentDecisionsRequest(enterprise_id=enterprise_id)
+    await acknowledged(
+        lambda timeout: stub.InvalidateConsentDecisions(
+            request, metadata=runtime.credentials.metadata(), timeout=timeout
+        ),
+        what="registry consent decision invalidation",
+    )

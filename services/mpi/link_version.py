@@ -9,20 +9,9 @@ Writes that change no link (a review task assigned) invalidate too: cheap, and n
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-import grpc
-
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.shared.invalidation import acknowledged
 from services.shared.process import ServiceRuntime
-
-_log = logging.getLogger(__name__)
-
-# Short: a registry that does not answer must not hold up the mpi's writes for long. Its
-# cache entries expire on their own (xref_cache's ttl), which bounds staleness in that case.
-_TIMEOUT_SECONDS = 2.0
-_ATTEMPTS = 2
 
 
 async def invalidate_registry(runtime: ServiceRuntime) -> None:
@@ -31,18 +20,9 @@ async def invalidate_registry(runtime: ServiceRuntime) -> None:
     if "registry" not in runtime.settings.targets:
         return
     stub = registry_pb2_grpc.DocumentRegistryStub(runtime.channel("registry"))
-    for attempt in range(_ATTEMPTS):
-        try:
-            await stub.InvalidateCrossReferences(
-                registry_pb2.InvalidateCrossReferencesRequest(),
-                metadata=runtime.credentials.metadata(),
-                timeout=_TIMEOUT_SECONDS,
-            )
-            return
-        except grpc.aio.AioRpcError as exc:
-            if attempt + 1 < _ATTEMPTS and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                await asyncio.sleep(0.05)
-                continue
-            # No PHI: the status code only.
-            _log.warning("registry cross-reference invalidation not acknowledged: %s", exc.code().name)
-            return
+    await acknowledged(
+        lambda timeout: stub.InvalidateCrossReferences(
+            registry_pb2.InvalidateCrossReferencesRequest(), metadata=runtime.credentials.metadata(), timeout=timeout
+        ),
+        what="registry cross-reference invalidation",
+    )
