@@ -8,6 +8,9 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from gateway.errors import TRACE_ID_EXTENSION
+from services.shared.tracing import current_trace_ids
+
 # What a document submission may carry: 50 MB of content, base64-encoded, plus metadata.
 DOCUMENT_BODY_LIMIT = 70 * 1024 * 1024
 DEFAULT_BODY_LIMIT = 1024 * 1024
@@ -88,25 +91,33 @@ class _BodyTooLarge(Exception):
 
 
 async def _too_large(scope: Scope, send: Send) -> None:
+    # Refused before the routes (and their security-headers middleware) run, so this answer
+    # carries the trace id itself, in the body and in X-Trace-Id, like every other refusal.
+    trace_id, _ = current_trace_ids()
     fhir = str(scope.get("path", "")).startswith("/fhir/")
     body = (
         {
             "resourceType": "OperationOutcome",
             "issue": [{"severity": "error", "code": "too-long", "diagnostics": "request body too large"}],
+            **({"extension": [{"url": TRACE_ID_EXTENSION, "valueString": trace_id}]} if trace_id else {}),
         }
         if fhir
-        else {"error": {"status": 413, "reason": "body-too-large", "message": "request body too large"}}
-    )
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/fhir+json" if fhir else b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
+        else {
+            "error": {
+                "status": 413,
+                "reason": "body-too-large",
+                "message": "request body too large",
+                "trace_id": trace_id,
+            }
         }
     )
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/fhir+json" if fhir else b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]
+    if trace_id:
+        headers.append((b"x-trace-id", trace_id.encode()))
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

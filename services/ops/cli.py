@@ -622,6 +622,10 @@ def status(
 ) -> None:
     """Is the exchange ready (exit 0, 3 when not)? Then each component's health, version, outbox
     backlog and the alerts firing, from the components' metrics endpoints."""
+    try:
+        named_endpoints = ops_status.parse_endpoints(metrics) if metrics else None
+    except ValueError as exc:
+        _fail(str(exc), _EXIT_USAGE)
     url, ready = ops_status.wait_until_ready(
         lambda: gateway_url or _running_state(data_dir).get("gateway_url", ""), wait
     )
@@ -629,7 +633,7 @@ def status(
         typer.echo(f"exchange not ready: {url or f'no running `hie up` for {data_dir.resolve()}'}", err=True)
         raise typer.Exit(_EXIT_UNREACHABLE)
     typer.echo(f"exchange ready: {url}")
-    endpoints = ops_status.parse_endpoints(metrics) if metrics else _running_state(data_dir).get("metrics", {})
+    endpoints = named_endpoints if named_endpoints is not None else _running_state(data_dir).get("metrics", {})
     ops_status.report(url, endpoints, typer.echo)
 
 

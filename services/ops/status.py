@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,11 +46,17 @@ def metrics_endpoints(ports: Mapping[str, int]) -> dict[str, str]:
 
 
 def parse_endpoints(values: list[str]) -> dict[str, str]:
-    """`name=url` (or a bare url, named by its position) from the command line."""
+    """`name=url` (or a bare url, named by its position) from the command line; ValueError
+    naming the value when it is not an http(s) URL with a host."""
     endpoints = {}
     for i, item in enumerate(values):
         name, sep, url = item.partition("=")
-        endpoints[name if sep else f"endpoint-{i + 1}"] = url if sep else item
+        if "://" in name:  # a bare URL (one whose query may hold "=")
+            name, sep, url = f"endpoint-{i + 1}", "", item
+        parsed = urlsplit(url)
+        if (sep and not name) or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"--metrics {item!r}: give name=http://host:port/metrics or a bare http(s) URL")
+        endpoints[name] = url
     return endpoints
 
 

@@ -224,6 +224,10 @@ async def test_oversized_deep_and_malformed_bodies(exchange: Exchange) -> None:
         url = f"{exchange.base_url}/api/v1/patients"
         big = await http.post(url, content=b'{"local_id": "' + b"x" * (2 * 1024 * 1024) + b'"}', headers=headers)
         assert big.status_code == 413
+        # Like every other refusal: a reason and the trace id an operator finds the request by.
+        assert big.json()["error"]["reason"] == "body-too-large"
+        assert len(big.json()["error"]["trace_id"]) == 32
+        assert big.headers["x-trace-id"] == big.json()["error"]["trace_id"]
         deep = await http.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers=headers)
         assert deep.status_code == 400
         broken_utf8 = await http.post(url, content=b'{"local_id": "A-1", "name": "\xff\xfe\xe5"}', headers=headers)
@@ -244,6 +248,19 @@ async def test_oversized_deep_and_malformed_bodies(exchange: Exchange) -> None:
     status_line = await asyncio.wait_for(reader.readline(), timeout=10)
     writer.close()
     assert status_line.split()[1] == b"413"
+    # The same on a FHIR route: an OperationOutcome carrying the trace id.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head.replace("/api/v1/documents", "/fhir/R4/").encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=10)  # the gateway closes after a 413
+    writer.close()
+    head_bytes, _, body_bytes = answer.partition(b"\r\n\r\n")
+    assert head_bytes.split()[1] == b"413"
+    outcome = json.loads(body_bytes)
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "too-long"
+    trace_header = next(line for line in head_bytes.split(b"\r\n") if line.lower().startswith(b"x-trace-id:"))
+    assert outcome["extension"][0]["valueString"].encode() == trace_header.split(b":", 1)[1].strip()
     for local_id in ("A-1", "S-1"):
         assert (await hospital.call("GET", f"/api/v1/patients/{local_id}/cross-references")).status_code == 404
     await hospital.aclose()

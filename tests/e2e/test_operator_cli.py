@@ -162,6 +162,13 @@ def test_usage_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     ):
         code, _out, _err = _hie(*command)
         assert code == 2, command
+    # A metrics endpoint that is not a URL is refused before the exchange is asked anything.
+    for value in ("nourl", "mpi=nourl", "mpi=ftp://127.0.0.1:9/metrics", "=http://127.0.0.1:9/metrics"):
+        code, out, err = _hie("status", "--gateway-url", "http://127.0.0.1:9", "--metrics", value)
+        assert code == 2, value
+        assert out == ""
+        assert err.startswith("error: --metrics "), err
+        assert "Traceback" not in err
 
 
 def test_user_commands_find_the_exchange_like_the_others(tmp_path: Path) -> None:
