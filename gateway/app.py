@@ -213,6 +213,7 @@ REQUEST_RULES: dict[tuple[str, str], dict[str, str]] = {
     },
     ("GET", "/api/v1/patients/search"): {
         "search-too-broad": "give a name, birth date, national id or phone (at least one criterion)",
+        "search-param-unknown": "only the parameters listed for this route",
         **_DEMOGRAPHICS,
     },
     ("GET", "/fhir/R4/Patient"): {

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.deps import Context, IdempotencyKey
+from gateway.errors import ApiError
 from gateway.routes import rpc
 from gateway.routes.patients import _GENDERS, _LINK_METHODS, patient_json
 from hie.common.v1 import common_pb2
@@ -99,6 +100,11 @@ _NAME_MATCH = {
 }
 
 
+_SEARCH_PARAMETERS = frozenset(
+    ("family", "given", "name", "birth_date", "gender", "national_id", "phone", "name_match", "limit", "page_token")
+)
+
+
 @router.get("/patients/search")
 async def search_patients(
     ctx: Context,
@@ -120,6 +126,15 @@ async def search_patients(
     `limit` per page; `next_page_token` (sealed, carrying the search) fetches the following page
     with no other parameter needed; `total` when the search is narrow enough to count."""
     ctx.require_scope("Patient", "r")
+    # A misspelt criterion (`birthdate`, `idcard`) must not be dropped silently: the search would
+    # run without it and answer something else than was asked.
+    unknown = sorted(set(request.query_params) - _SEARCH_PARAMETERS)
+    if unknown:
+        raise ApiError(
+            400,
+            "search-param-unknown",
+            f"unknown search parameter {unknown[0][:64]!r}: one of {', '.join(sorted(_SEARCH_PARAMETERS))}",
+        )
     search = mpi_pb2.SearchPatientsRequest(
         family=family,
         given=given,

@@ -320,6 +320,13 @@ async def test_rest_patient_search_names_by_prefix_exact_and_contains(hospitals)
         "GET", "/api/v1/patients/search", params={"family": "张", "birth_date": born.isoformat(), "name_match": "x"}
     )
     assert bad.status_code in (400, 422)
+    # The FHIR spelling on the REST route: refused by name, not run as a search without it.
+    misspelt = await a.client.call(
+        "GET", "/api/v1/patients/search", params={"family": "张", "birthdate": born.isoformat()}
+    )
+    assert misspelt.status_code == 400
+    assert misspelt.json()["error"]["reason"] == "search-param-unknown"
+    assert "'birthdate'" in misspelt.json()["error"]["message"]
 
 
 # --- 3 and 4. One identifier system, Patient ids the exchange hands out ------------------------------
