@@ -208,6 +208,10 @@ COMPONENT_SETTINGS: tuple[ComponentSetting, ...] = (
     # registry: the longest it keeps a consent decision, 0 = off; consent pushes invalidations
     # only when it is on (services/registry/README.md)
     ComponentSetting("HIE_REGISTRY_CONSENT_CACHE_SECONDS", ("registry", "consent"), "10", float),
+    # mpi and consent: every registry replica's address, for the cache invalidations each replica
+    # must receive: a name resolving to each (a k8s headless Service) or a comma-separated list;
+    # unset = HIE_REGISTRY_TARGET (one replica) (services/registry/README.md)
+    ComponentSetting("HIE_REGISTRY_REPLICAS", ("mpi", "consent")),
     ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", ("registry",)),
     ComponentSetting("HIE_NOTIFY_PRIVATE_NETWORKS", ("registry",)),
     ComponentSetting("HIE_NOTIFY_ALLOW_LOOPBACK", ("registry",)),

@@ -26,6 +26,7 @@ from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
 from services.shared.config import ComponentSettings, Settings, settings_or_exit
 from services.shared.db import engine_for, session_factory
+from services.shared.invalidation import Replicas
 from services.shared.metrics import start_metrics, watch_service
 from services.shared.outbox import Outbox
 from services.shared.protection import DataProtection
@@ -58,6 +59,7 @@ class ServiceRuntime:
     # read from the environment when it starts.
     options: ComponentSettings = field(default_factory=lambda: ComponentSettings(""))
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    _replicas: dict[str, Replicas] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -72,6 +74,24 @@ class ServiceRuntime:
             )
         return self._channels[service]
 
+    def replicas(self, service: str) -> Replicas:
+        """Every replica of a peer service, for invalidations each must receive: the addresses
+        HIE_<SERVICE>_REPLICAS names (registered for this component), else the service's target."""
+        configured = (self.options.get(f"HIE_{service.upper()}_REPLICAS") or "", self.settings.targets[service])
+        known = self._replicas.get(service)
+        if known is None or known.configured != configured:
+            if known is not None:
+                self.background(known.close(), name=f"close {service} replicas")
+            self._replicas[service] = Replicas(
+                service,
+                configured[0],
+                fallback=configured[1],
+                component=self.name,
+                credentials=self.credentials,
+                tls=self.settings.grpc_tls,
+            )
+        return self._replicas[service]
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -81,6 +101,8 @@ class ServiceRuntime:
         await self.outbox.stop()
         for channel in self._channels.values():
             await channel.close()
+        for replicas in self._replicas.values():
+            await replicas.close()
         await self.engine.dispose()
 
 

@@ -29,8 +29,11 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_pki(directory: Path) -> GrpcTls:
-    """A private CA and one certificate for 127.0.0.1 / localhost, used by every process."""
+def make_pki(
+    directory: Path, *, names: tuple[str, ...] = ("localhost",), ips: tuple[str, ...] = ("127.0.0.1",)
+) -> GrpcTls:
+    """A private CA and one certificate for `names` and `ips` (127.0.0.1 / localhost), used by
+    every process."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "HIE test CA")])
@@ -55,7 +58,9 @@ def make_pki(directory: Path) -> GrpcTls:
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [*(x509.DNSName(n) for n in names), *(x509.IPAddress(ipaddress.ip_address(i)) for i in ips)]
+            ),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
