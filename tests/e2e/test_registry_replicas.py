@@ -26,9 +26,9 @@ from services.shared.config import ComponentSettings
 from services.shared.invalidation import Replicas
 from services.shared.process import RunningService, start_service
 from tests.conftest import Exchange
-from tests.e2e.test_metrics import scrape, value
-from tests.e2e.test_tls import make_pki
 from tests.support.factories import document, grpc_metadata, person
+from tests.support.metrics import scrape, value
+from tests.support.pki import make_pki
 
 SCOPES = "system/Patient.crus system/DocumentReference.crs system/Consent.cruds"
 STEWARD = Practitioner(id="DS-41", name="欧管理", role="data-steward", department="病案室")
