@@ -61,6 +61,14 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -91,6 +99,9 @@ class Replicas:
         # As configured, to tell whether the configuration changed (ServiceRuntime.replicas).
         self.configured = (addresses, fallback)
         self._addresses = [split_address(a) for a in addresses.split(",") if a.strip()] or [split_address(fallback)]
+        # Only names need resolving; a list of IPs (compose, `hie up`, tests) is fixed.
+        self._names = [(h, p) for h, p in self._addresses if not _is_ip(h)]
+        self._fixed = sorted({_target(h, p) for h, p in self._addresses if _is_ip(h)})
         self._fallback = fallback
         self._component = component
         self._credentials = credentials
@@ -101,24 +112,20 @@ class Replicas:
     async def resolve(self) -> list[str]:
         """The replicas' addresses now ("ip:port"), in a stable order; the fallback target when no
         name resolves."""
+        if not self._names:
+            return self._fixed
         loop = asyncio.get_running_loop()
-        found: dict[str, None] = {}
-        for host, port in self._addresses:
+        found = set(self._fixed)
+        for host, port in self._names:
             try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                try:
-                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                except OSError:
-                    _log.warning("%s replicas: a name did not resolve", self.peer)
-                    metrics.INVALIDATIONS_UNACKNOWLEDGED.add(
-                        1, {"component": self._component, "peer": self.peer, "code": "UNRESOLVED"}
-                    )
-                    continue
-                for _family, _type, _proto, _name, sockaddr in infos:
-                    found[_target(str(sockaddr[0]), port)] = None
-            else:
-                found[_target(host, port)] = None
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError:
+                _log.warning("%s replicas: a name did not resolve", self.peer)
+                metrics.INVALIDATIONS_UNACKNOWLEDGED.add(
+                    1, {"component": self._component, "peer": self.peer, "code": "UNRESOLVED"}
+                )
+                continue
+            found.update(_target(str(sockaddr[0]), port) for *_rest, sockaddr in infos)
         return sorted(found) or [self._fallback]
 
     def _channel(self, target: str) -> grpc.aio.Channel:
@@ -147,7 +154,10 @@ class Replicas:
         retried once); log and count the replicas that did not acknowledge. Returns whether all
         did."""
         channels = await self.channels()
-        codes = await asyncio.gather(*(_acknowledged(lambda t, c=c: call(c, t)) for c in channels))
+        if len(channels) == 1:  # the usual single replica: no task per call
+            codes = [await _acknowledged(lambda t: call(channels[0], t))]
+        else:
+            codes = await asyncio.gather(*(_acknowledged(lambda t, c=c: call(c, t)) for c in channels))
         missed = [code for code in codes if code is not None]
         for code in missed:
             metrics.INVALIDATIONS_UNACKNOWLEDGED.add(1, {"component": self._component, "peer": self.peer, "code": code})
