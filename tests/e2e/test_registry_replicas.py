@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,24 +164,21 @@ async def test_a_link_change_is_seen_by_the_very_next_query_on_every_replica(rep
         await client.aclose()
 
 
-def _refusing_port() -> int:
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
     """A loopback port nothing listens on (bound, never listened: connections are refused)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    _REFUSING.append(sock)
-    return int(sock.getsockname()[1])
-
-
-_REFUSING: list[socket.socket] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 async def test_a_replica_that_cannot_be_told_is_counted_and_logged_and_the_write_succeeds(
-    replicated: Replicated, caplog: pytest.LogCaptureFixture
+    replicated: Replicated, refusing_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     r = replicated
     tag = secrets.token_hex(3)
     a, b, enterprise_id, note_id = await _shared_patient(r.exchange, tag)
-    _told(r.exchange, f"{r.addresses},127.0.0.1:{_refusing_port()}")
+    _told(r.exchange, f"{r.addresses},127.0.0.1:{refusing_port}")
     reader = Reader(b, f"RB-{tag}", r.second)
     assert await reader.finds() == {note_id}
     _page, samples = await scrape(UNACKNOWLEDGED)
