@@ -24,6 +24,7 @@ import grpc
 from services.shared import metrics
 from services.shared.auth import PlatformCredentials
 from services.shared.clients import open_channel
+from services.shared.config import addresses as _addresses
 from services.shared.transport import GrpcTls
 
 _log = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ async def _acknowledged(call: Callable[[float], Awaitable[object]]) -> str | Non
             # has committed, so this is a replica not told, never a failed write.
             return grpc.StatusCode.CANCELLED.name
     return None  # pragma: no cover - the loop always returns
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """("host", port) of "host:port" or "[v6]:port"; a ValueError names what is wrong."""
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"not a host:port address: {address!r}")
-    return host.strip("[]"), int(port)
 
 
 def _is_ip(host: str) -> bool:
@@ -98,7 +91,7 @@ class Replicas:
         self.peer = peer
         # As configured, to tell whether the configuration changed (ServiceRuntime.replicas).
         self.configured = (addresses, fallback)
-        self._addresses = [split_address(a) for a in addresses.split(",") if a.strip()] or [split_address(fallback)]
+        self._addresses = _addresses(addresses, f"HIE_{peer.upper()}_REPLICAS") or _addresses(fallback, "target")
         # Only names need resolving; a list of IPs (compose, `hie up`, tests) is fixed.
         self._names = [(h, p) for h, p in self._addresses if not _is_ip(h)]
         self._fixed = sorted({_target(h, p) for h, p in self._addresses if _is_ip(h)})
@@ -132,7 +125,7 @@ class Replicas:
         if target not in self._channels:
             options: list[tuple[str, str]] = []
             if self._tls is not None:
-                name = split_address(self._fallback)[0]
+                name = _addresses(self._fallback, "target")[0][0]
                 options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)]
             self._channels[target] = open_channel(
                 target, credentials=self._credentials, tls=self._tls, extra_options=options

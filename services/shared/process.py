@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,7 +25,7 @@ from services.shared import migrations
 from services.shared.audit_trail import AUDIT_TOPIC, AuditTrail, audit_sender
 from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
-from services.shared.config import ComponentSettings, Settings, settings_or_exit
+from services.shared.config import ComponentSettings, Settings, UnsafeSettingsError, settings_or_exit
 from services.shared.db import engine_for, session_factory
 from services.shared.invalidation import Replicas
 from services.shared.metrics import start_metrics, watch_service
@@ -171,6 +172,10 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         protection=protection,
         options=ComponentSettings.from_env(spec.name),
     )
+    for name in runtime.options.given:
+        if name.endswith("_REPLICAS"):
+            # A malformed replica list refuses the start, not the first write that tells them.
+            runtime.options.value(name)
     if spec.relays_audit:
         outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))
     bindings = spec.build(runtime)
@@ -213,4 +218,8 @@ def main(spec: ServiceSpec) -> None:
                 await running.health_server.stop(1)
             await running.runtime.close()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except UnsafeSettingsError as exc:
+        sys.stderr.write(f"{spec.name}: {exc}\n")
+        raise SystemExit(2) from None

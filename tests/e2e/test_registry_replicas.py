@@ -6,8 +6,11 @@ cannot be told is counted and logged by status code, and the write still succeed
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from hie.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.decision_cache import ConsentDecisionCache
 from services.registry.service import SPEC as REGISTRY
 from services.registry.xref_cache import CrossReferenceCache
-from services.shared.config import ComponentSettings
+from services.shared.config import ComponentSettings, UnsafeSettingsError
 from services.shared.invalidation import Replicas
 from services.shared.process import RunningService, start_service
 from tests.conftest import Exchange
@@ -214,8 +217,28 @@ async def test_a_name_is_resolved_to_each_of_its_addresses_on_every_invalidation
     # A name that does not resolve leaves the service's own target, so one replica is still told.
     unresolved = Replicas("registry", "no-such-host.invalid:7102", fallback="registry:7102", component="mpi")
     assert await unresolved.resolve() == ["registry:7102"]
-    with pytest.raises(ValueError, match="host:port"):
+    with pytest.raises(UnsafeSettingsError, match="HIE_REGISTRY_REPLICAS must be host:port"):
         Replicas("registry", "registry", fallback="registry:7102", component="mpi")
+
+
+def test_a_malformed_replica_list_refuses_the_start_in_one_line(tmp_path: Path, keys_dir: Path) -> None:
+    env = {
+        **os.environ,
+        "HIE_DATA_DIR": str(tmp_path),
+        "HIE_TRUSTED_JWKS_FILE": str(keys_dir / "trusted.jwks.json"),
+        "HIE_SERVICE_SIGNING_KEY_FILE": str(keys_dir / "platform.pem"),
+        "HIE_LISTEN": "127.0.0.1:0",
+        "HIE_REGISTRY_REPLICAS": "registry-replicas",  # no port
+    }
+    env.pop("HIE_DATABASE_URL", None)
+    started = subprocess.run(
+        [sys.executable, "-m", "services.consent"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert started.returncode == 2
+    assert started.stderr.strip().splitlines()[-1] == (
+        "consent: HIE_REGISTRY_REPLICAS must be host:port addresses separated by commas"
+    )
+    assert "Traceback" not in started.stderr
 
 
 async def test_under_tls_a_replica_dialled_by_ip_is_checked_against_the_registrys_name(tmp_path: Path) -> None:
