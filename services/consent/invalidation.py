@@ -5,13 +5,14 @@ Every write that bumps a patient's consent version (record, revise or revoke a d
 revoke a grant, declare break-the-glass) may change a decision about that patient, so after the
 write commits the servicer asks the registry to drop the decisions it keeps for the patient and
 waits for the acknowledgement before answering. Time needs no push: a kept decision carries the
-first moment the records decide differently on their own (`policy.next_change`).
+first moment the records decide differently on their own (`policy.next_change`). Every registry
+replica keeps its own decisions, so every replica is told (HIE_REGISTRY_REPLICAS:
+services/shared/invalidation.py), in parallel.
 """
 
 from __future__ import annotations
 
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.shared.invalidation import acknowledged
 from services.shared.process import ServiceRuntime
 
 
@@ -22,14 +23,14 @@ def registry_caches(runtime: ServiceRuntime) -> bool:
 
 
 async def invalidate_registry(runtime: ServiceRuntime, enterprise_id: str) -> None:
-    """Have the registry drop its decisions about the patient; returns once it acknowledged (or,
-    when it cannot be reached, after logging that it was not told: never the enterprise id)."""
+    """Have every registry replica drop its decisions about the patient; returns once each
+    acknowledged (or, for those that cannot be reached, after logging that they were not told:
+    never the enterprise id)."""
     if not registry_caches(runtime):
         return
-    stub = registry_pb2_grpc.DocumentRegistryStub(runtime.channel("registry"))
     request = registry_pb2.InvalidateConsentDecisionsRequest(enterprise_id=enterprise_id)
-    await acknowledged(
-        lambda timeout: stub.InvalidateConsentDecisions(
+    await runtime.replicas("registry").tell_each(
+        lambda channel, timeout: registry_pb2_grpc.DocumentRegistryStub(channel).InvalidateConsentDecisions(
             request, metadata=runtime.credentials.metadata(), timeout=timeout
         ),
         what="registry consent decision invalidation",

@@ -5,24 +5,26 @@ Every write the mpi servicer commits may change who is whom (a registration that
 unlink, merge, unmerge, a steward's same/different decision), so after each commit the mpi asks
 the registry to drop its cross-references and waits for the acknowledgement before answering.
 Writes that change no link (a review task assigned) invalidate too: cheap, and never wrong.
+Every registry replica keeps its own cache, so every replica is told (HIE_REGISTRY_REPLICAS:
+services/shared/invalidation.py), in parallel; each replica's own generation keeps an answer it
+asked for before the invalidation from being kept after it.
 """
 
 from __future__ import annotations
 
 from hie.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.shared.invalidation import acknowledged
 from services.shared.process import ServiceRuntime
 
 
 async def invalidate_registry(runtime: ServiceRuntime) -> None:
-    """Have the registry drop its cached cross-references; returns once it acknowledged (or,
-    when it cannot be reached, after logging that it was not told)."""
+    """Have every registry replica drop its cached cross-references; returns once each
+    acknowledged (or, for those that cannot be reached, after logging that they were not told)."""
     if "registry" not in runtime.settings.targets:
         return
-    stub = registry_pb2_grpc.DocumentRegistryStub(runtime.channel("registry"))
-    await acknowledged(
-        lambda timeout: stub.InvalidateCrossReferences(
-            registry_pb2.InvalidateCrossReferencesRequest(), metadata=runtime.credentials.metadata(), timeout=timeout
+    request = registry_pb2.InvalidateCrossReferencesRequest()
+    await runtime.replicas("registry").tell_each(
+        lambda channel, timeout: registry_pb2_grpc.DocumentRegistryStub(channel).InvalidateCrossReferences(
+            request, metadata=runtime.credentials.metadata(), timeout=timeout
         ),
         what="registry cross-reference invalidation",
     )

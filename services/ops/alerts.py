@@ -89,6 +89,14 @@ def _dead_letters(samples: Samples, now: float) -> list[str]:
     ]
 
 
+def _invalidations(samples: Samples, now: float) -> list[str]:
+    return [
+        f"{component}: {count:.0f} invalidation(s) not acknowledged by a replica since start"
+        for component, count in _sum_by(samples, "hie_invalidation_unacknowledged_total", "component").items()
+        if count > 0
+    ]
+
+
 def _error_ratio(samples: Samples, now: float) -> list[str]:
     total = sum(v for _l, v in _series(samples, "hie_http_server_requests_total"))
     failed = sum(v for lab, v in _series(samples, "hie_http_server_requests_total") if lab.get("status", "")[:1] == "5")
@@ -246,6 +254,16 @@ ALERTS: tuple[Alert, ...] = (
         " or (count by (component) (hie_build_info offset 10m) unless count by (component) (hie_build_info))",
         "A component (or the telemetry collector) stopped reporting: process down or unreachable",
         for_="2m",
+    ),
+    Alert(
+        "HieInvalidationUnacknowledged",
+        # A replica missing an invalidation now and then (stopping during a rollout) is expected;
+        # one missing them for 10 minutes is partitioned or hung while it may still answer reads.
+        "sum by (component, peer) (increase(hie_invalidation_unacknowledged_total[5m])) > 0",
+        "Cache invalidations keep failing to reach a replica: its kept entries are stale up to their lifetime",
+        severity="ticket",
+        for_="10m",
+        instant=_invalidations,
     ),
 )
 

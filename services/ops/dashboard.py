@@ -138,6 +138,16 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
             )
         ],
     ),
+    (
+        "Cache invalidations a replica did not acknowledge",
+        "short",
+        [
+            (
+                "sum by (component, peer, code) (increase(hie_invalidation_unacknowledged_total[$__rate_interval]))",
+                "{{component}} → {{peer}} {{code}}",
+            )
+        ],
+    ),
 ]
 
 

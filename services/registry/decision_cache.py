@@ -24,10 +24,10 @@ registry exactly as a fresh answer. Only what may be kept is kept, and only whil
 
 The care relationship (does the requesting organisation hold a record of the person) is part of
 the question, taken from the mpi's cross-reference, which the mpi invalidates in turn
-(xref_cache.py). What the acknowledged push cannot cover — a consent service that stops between
-its commit and its push, a registry that could not be reached, several registry replicas behind
-one address (the push reaches one), a consent restarted with another regional policy — is bounded
-by `max_age`; `0` turns the cache off (set it when running more than one registry replica).
+(xref_cache.py). Consent pushes to every registry replica (HIE_REGISTRY_REPLICAS), each with its
+own generation. What the acknowledged push cannot cover — a consent service that stops between
+its commit and its push, a replica that could not be reached, a consent restarted with another
+regional policy — is bounded by `max_age`; `0` turns the cache off.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ The generation lives in the registry, not in an mpi table: a counter row bumped 
 registration would serialise the mpi's writes on PostgreSQL, and the registry only ever needs
 "did an invalidation arrive while I was asking".
 
+The mpi pushes to every registry replica (HIE_REGISTRY_REPLICAS), each with its own generation.
 Safety net for what the acknowledged push cannot cover (an mpi that crashes between commit and
 push, a bulk load written straight into the mpi's database, a registry replica the push did not
 reach): entries expire after `ttl` seconds, so staleness is bounded even then.
@@ -36,8 +37,7 @@ class CrossReferenceCache:
     """Cross-references by (domain, local id), valid until the mpi invalidates them or `ttl` passes."""
 
     def __init__(self, *, ttl: float = 30.0, max_entries: int = 50_000) -> None:
-        # HIE_REGISTRY_XREF_CACHE_SECONDS; 0 turns the cache off (registry replicas the mpi's
-        # invalidation does not each reach).
+        # HIE_REGISTRY_XREF_CACHE_SECONDS; 0 turns the cache off.
         self._ttl = max(0.0, ttl)
         self._max = max_entries
         self._entries: OrderedDict[tuple[str, str], tuple[float, mpi_pb2.CrossReferenceResponse]] = OrderedDict()

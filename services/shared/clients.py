@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -58,14 +58,20 @@ class CallerForwarding(grpc.aio.UnaryUnaryClientInterceptor):
 
 
 def open_channel(
-    target: str, *, credentials: PlatformCredentials | None = None, tls: GrpcTls | None = None
+    target: str,
+    *,
+    credentials: PlatformCredentials | None = None,
+    tls: GrpcTls | None = None,
+    extra_options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
-    """A channel to a service, traced and forwarding the caller; TLS when configured."""
+    """A channel to a service, traced and forwarding the caller; TLS when configured.
+    `extra_options`: further channel arguments (a replica addressed by IP names its host)."""
     interceptors = [*client_interceptors(), CallerForwarding(credentials)]
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         *RECONNECT_OPTIONS,
+        *extra_options,
     ]
     if tls is not None:
         return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options, interceptors=interceptors)

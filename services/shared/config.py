@@ -208,6 +208,12 @@ COMPONENT_SETTINGS: tuple[ComponentSetting, ...] = (
     # registry: the longest it keeps a consent decision, 0 = off; consent pushes invalidations
     # only when it is on (services/registry/README.md)
     ComponentSetting("HIE_REGISTRY_CONSENT_CACHE_SECONDS", ("registry", "consent"), "10", float),
+    # mpi and consent: every registry replica's address, for the cache invalidations each replica
+    # must receive: a name resolving to each (a k8s headless Service) or a comma-separated list;
+    # unset = HIE_REGISTRY_TARGET (one replica) (services/registry/README.md)
+    ComponentSetting(
+        "HIE_REGISTRY_REPLICAS", ("mpi", "consent"), "", lambda text: addresses(text, "HIE_REGISTRY_REPLICAS")
+    ),
     ComponentSetting("HIE_NOTIFY_ENDPOINT_ALLOWLIST_FILE", ("registry",)),
     ComponentSetting("HIE_NOTIFY_PRIVATE_NETWORKS", ("registry",)),
     ComponentSetting("HIE_NOTIFY_ALLOW_LOOPBACK", ("registry",)),
@@ -280,6 +286,20 @@ def _number(env: Mapping[str, str], name: str, default: str, *, whole: bool = Fa
         return int(text) if whole else float(text)
     except ValueError:
         raise UnsafeSettingsError(f"{name} must be {'a whole number' if whole else 'a number'}") from None
+
+
+def addresses(text: str, name: str) -> list[tuple[str, int]]:
+    """("host", port) of each "host:port" / "[v6]:port" in a comma-separated list; anything else is
+    refused naming the variable (at start, not at the first call that uses it)."""
+    found = []
+    for address in (a.strip() for a in text.split(",")):
+        if not address:
+            continue
+        host, sep, port = address.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UnsafeSettingsError(f"{name} must be host:port addresses separated by commas")
+        found.append((host.strip("[]"), int(port)))
+    return found
 
 
 def _ratio(text: str) -> float | None:

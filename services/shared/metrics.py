@@ -158,6 +158,16 @@ OUTBOX_BACKLOG = SampledGauge("hie.outbox.backlog", "{message}", "Outbox message
 OUTBOX_OLDEST_AGE = SampledGauge(
     "hie.outbox.oldest_age", "s", "Age of the oldest unacknowledged outbox message (0 when none)", "component"
 )
+# Cache invalidations a writer (mpi, consent) sent a replica of `peer` (the registry) that did not
+# acknowledge them: that replica's kept entries are then stale up to their own lifetime.
+INVALIDATIONS_UNACKNOWLEDGED = _counter(
+    "hie.invalidation.unacknowledged",
+    "{replica}",
+    "Cache invalidations a peer replica did not acknowledge, by status code",
+    "component",
+    "peer",
+    "code",
+)
 # Subscription notifications (the registry's broker): outcome delivered | retry | dead-letter.
 NOTIFICATIONS = _counter("hie.notify.deliveries", "{attempt}", "Notification delivery attempts by outcome", "outcome")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,8 +25,9 @@ from services.shared import migrations
 from services.shared.audit_trail import AUDIT_TOPIC, AuditTrail, audit_sender
 from services.shared.auth import PlatformCredentials, TokenVerifier
 from services.shared.clients import open_channel
-from services.shared.config import ComponentSettings, Settings, settings_or_exit
+from services.shared.config import ComponentSettings, Settings, UnsafeSettingsError, settings_or_exit
 from services.shared.db import engine_for, session_factory
+from services.shared.invalidation import Replicas
 from services.shared.metrics import start_metrics, watch_service
 from services.shared.outbox import Outbox
 from services.shared.protection import DataProtection
@@ -58,6 +60,7 @@ class ServiceRuntime:
     # read from the environment when it starts.
     options: ComponentSettings = field(default_factory=lambda: ComponentSettings(""))
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    _replicas: dict[str, Replicas] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -72,6 +75,24 @@ class ServiceRuntime:
             )
         return self._channels[service]
 
+    def replicas(self, service: str) -> Replicas:
+        """Every replica of a peer service, for invalidations each must receive: the addresses
+        HIE_<SERVICE>_REPLICAS names (registered for this component), else the service's target."""
+        configured = (self.options.get(f"HIE_{service.upper()}_REPLICAS") or "", self.settings.targets[service])
+        known = self._replicas.get(service)
+        if known is None or known.configured != configured:
+            if known is not None:
+                self.background(known.close(), name=f"close {service} replicas")
+            self._replicas[service] = Replicas(
+                service,
+                configured[0],
+                fallback=configured[1],
+                component=self.name,
+                credentials=self.credentials,
+                tls=self.settings.grpc_tls,
+            )
+        return self._replicas[service]
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -81,6 +102,8 @@ class ServiceRuntime:
         await self.outbox.stop()
         for channel in self._channels.values():
             await channel.close()
+        for replicas in self._replicas.values():
+            await replicas.close()
         await self.engine.dispose()
 
 
@@ -149,6 +172,10 @@ async def start_service(spec: ServiceSpec, settings: Settings, *, listen: str | 
         protection=protection,
         options=ComponentSettings.from_env(spec.name),
     )
+    for name in runtime.options.given:
+        if name.endswith("_REPLICAS"):
+            # A malformed replica list refuses the start, not the first write that tells them.
+            runtime.options.value(name)
     if spec.relays_audit:
         outbox.register(AUDIT_TOPIC, audit_sender(audit_pb2_grpc.AuditLogStub(runtime.channel("audit")), credentials))
     bindings = spec.build(runtime)
@@ -191,4 +218,8 @@ def main(spec: ServiceSpec) -> None:
                 await running.health_server.stop(1)
             await running.runtime.close()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except UnsafeSettingsError as exc:
+        sys.stderr.write(f"{spec.name}: {exc}\n")
+        raise SystemExit(2) from None

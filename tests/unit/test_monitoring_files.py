@@ -110,8 +110,9 @@ def test_promtool_accepts_the_rules_and_config(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt install prometheus)")
 def test_rules_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
-    """promtool's rule unit tests: a stuck relay, an old backlog, a dead letter and a
-    certificate near expiry fire; a relay that keeps delivering does not."""
+    """promtool's rule unit tests: a stuck relay, an old backlog, a dead letter, a certificate
+    near expiry and invalidations that keep failing fire; a relay that keeps delivering and a
+    single missed invalidation do not."""
     assert PROMTOOL is not None
     cases = textwrap.dedent(
         f"""
@@ -134,6 +135,10 @@ def test_rules_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                 values: '0 0 1 1 1'
               - series: 'hie_credential_expiry_seconds{{component="gateway",credential="https"}}'
                 values: '86400x100'
+              - series: 'hie_invalidation_unacknowledged_total{{component="consent",peer="registry"}}'
+                values: '0+1x30'
+              - series: 'hie_invalidation_unacknowledged_total{{component="mpi",peer="registry"}}'
+                values: '0 1 1x30'
             alert_rule_test:
               - eval_time: 20m
                 alertname: HieOutboxRelayStuck
@@ -156,6 +161,11 @@ def test_rules_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                 exp_alerts:
                   - exp_labels: {{severity: ticket, component: gateway, credential: https}}
                     exp_annotations: {{summary: "{alerts.ALERTS[7].summary}"}}
+              - eval_time: 20m
+                alertname: HieInvalidationUnacknowledged
+                exp_alerts:
+                  - exp_labels: {{severity: ticket, component: consent, peer: registry}}
+                    exp_annotations: {{summary: "{alerts.ALERTS[-1].summary}"}}
         """
     )
     (tmp_path / "tests.yaml").write_text(cases)
@@ -182,6 +192,7 @@ def test_status_evaluates_the_same_conditions_on_one_scrape() -> None:
         key("hie_credential_expiry_seconds", component="gateway", credential="https"): now + 3 * 86400,
         key("hie_http_server_requests_total", route="/a", method="GET", status="200"): 150.0,
         key("hie_http_server_requests_total", route="/a", method="GET", status="503"): 50.0,
+        key("hie_invalidation_unacknowledged_total", component="consent", peer="registry", code="UNAVAILABLE"): 1.0,
     }
     fired = {alert.name for alert, _what in alerts.evaluate(troubled, now)}
     assert fired == {
@@ -191,6 +202,7 @@ def test_status_evaluates_the_same_conditions_on_one_scrape() -> None:
         "HieAuditCheckpointNotWritten",
         "HieCertificateExpiresSoon",
         "HieGatewayErrorRate",
+        "HieInvalidationUnacknowledged",
     }
 
 
