@@ -16,7 +16,7 @@ from services.shared import auth
 from services.shared.auth import Caller, TokenVerifier
 from services.shared.errors import PermissionDenied, Unauthenticated
 from services.shared.tracing import annotate_caller
-from services.shared.user_assertion import assertion_id
+from services.shared.user_assertion import check_user_assertion
 
 USER_ASSERTION_HEADER = "x-hie-user-assertion"
 _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
@@ -62,12 +62,12 @@ async def call_context(request: Request) -> CallContext:
         raise ApiError(401, "user-assertion", "a signed user assertion (X-HIE-User-Assertion) is required")
     client_address = request.client.host if request.client else ""
     try:
-        caller = auth.caller_from_claims(
-            claims, {auth.USER_ASSERTION_KEY: assertion, auth.CLIENT_ADDRESS_KEY: client_address}
-        )
+        # Decoded and verified once here; the replay check takes its jti and expiry from it.
+        verified = check_user_assertion(assertion, claims)
     except Unauthenticated as exc:
         raise ApiError(401, exc.reason, exc.message) from None
-    await _refuse_replay(request, assertion, client_id)
+    caller = auth.caller_from_claims(claims, {auth.CLIENT_ADDRESS_KEY: client_address}, user=verified.user)
+    await _refuse_replay(request, verified.jti, verified.expires, client_id)
     annotate_caller(caller)
     # The services get the gateway's signed statement of the verified assertion, not the
     # assertion: they check a signature once per token and user instead of once per request.
@@ -80,11 +80,10 @@ async def call_context(request: Request) -> CallContext:
     return CallContext(caller=caller, metadata=tuple((k, v) for k, v in metadata.items() if v))
 
 
-async def _refuse_replay(request: Request, assertion: str, client_id: str) -> None:
+async def _refuse_replay(request: Request, jti: str, expires: float, client_id: str) -> None:
     """A user assertion vouches for one request: its jti is remembered until it expires and a
     second use by the same client is refused, as the token endpoint does for client assertions
     (RFC 7523 §3 (7))."""
-    jti, expires = assertion_id(assertion)
     ledger: store.UserAssertionLedger = request.app.state.assertion_ledger
     fresh = await ledger.remember(
         jti=jti, client_id=client_id, expires_at=datetime.datetime.fromtimestamp(expires, tz=datetime.UTC)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import time
 import uuid
 from typing import Any
 
-from sqlalchemy import MetaData, String, Text, bindparam, delete, select, text
+from sqlalchemy import MetaData, String, Text, delete, select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -104,13 +105,16 @@ _PRUNE_EVERY_SECONDS = 30.0
 _last_prune = 0.0
 
 
-# Built once: constructing the statement per call was a fifth of the check's cost.
-_REMEMBER_POSTGRESQL = (
-    postgresql_insert(UsedAssertion)
-    .values(jti=bindparam("jti"), client_id=bindparam("client_id"), expires_at=bindparam("expires_at"))
-    .on_conflict_do_nothing(index_elements=[UsedAssertion.jti])
-    .returning(UsedAssertion.jti)
+# The ledger's statement for a batch of user assertion jtis (`UserAssertionLedger`): one row
+# per (jti, client, expiry) of the arrays, those already there skipped, the new ones returned.
+_REMEMBER_MANY = text(
+    "INSERT INTO used_assertion (jti, client_id, expires_at) "
+    "SELECT * FROM unnest(CAST(:jtis AS varchar[]), CAST(:client_ids AS varchar[]), CAST(:expires AS timestamptz[])) "
+    "ON CONFLICT (jti) DO NOTHING RETURNING jti"
 )
+# Statements on their way at once, and jtis in one statement.
+_BATCHES_IN_FLIGHT = 1
+_BATCH_SIZE = 256
 
 
 async def remember_user_assertion(
@@ -145,13 +149,18 @@ async def remember_user_assertion(
 class UserAssertionLedger:
     """The used user assertion jtis, checked once per API call (`remember_user_assertion`'s rule).
 
-    On PostgreSQL each check is one statement on a small pool of the ledger's own, in autocommit
-    with `synchronous_commit` off on its connections: one round trip instead of four (BEGIN, SET
-    LOCAL, INSERT, COMMIT through a session). Measured with `hie bench load --only
-    document_query` (issue 21): the session path was 15 % of the gateway's CPU per query (about
-    0.9 ms on the contended 2-core machine). The durability trade is the one the session path
-    made: a crash may forget the last jtis, reopening a replay window of at most one assertion
-    lifetime for them. On SQLite, the session path as before."""
+    On PostgreSQL the checks of the requests waiting at the same moment are one statement (an
+    `INSERT … SELECT unnest(…) ON CONFLICT DO NOTHING RETURNING jti`) on a small pool of the
+    ledger's own, in autocommit with `synchronous_commit` off: a request whose jti the statement
+    returns is the first use, any other is a replay. The batch forms by itself: while a statement
+    is on its way, the requests arriving meanwhile wait for the next one (at most
+    `_BATCHES_IN_FLIGHT` at a time), so an idle gateway still answers with one round trip and a
+    busy one pays one statement for many requests. Replicas stay correct: the database's primary
+    key decides, not memory (two requests with one jti in the same batch: the first wins).
+    Measured with `hie bench load --only document_query` (issue 21): a statement per request
+    through SQLAlchemy was about 15 % of the gateway's samples. The durability trade is the one
+    the session path made: a crash may forget the last jtis, reopening a replay window of at most
+    one assertion lifetime for them. On SQLite, the session path as before."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *, url: str, schema: str) -> None:
         self._sessions = sessions
@@ -161,35 +170,81 @@ class UserAssertionLedger:
                 url,
                 hide_parameters=True,
                 isolation_level="AUTOCOMMIT",
-                # Kept, not churned: with 4 kept and 8 overflow, 16 concurrent API calls opened
-                # and closed a connection per call beyond the fourth (a backend started and ended
-                # in PostgreSQL each time; 5 % of the gateway's samples in issue 21's document
-                # query bench). About as many connections at the peak, now reused.
-                pool_size=12,
-                max_overflow=4,
+                # `_BATCHES_IN_FLIGHT` statements at a time; the prune runs on the same connection.
+                pool_size=_BATCHES_IN_FLIGHT,
+                max_overflow=2,
                 connect_args={"server_settings": {"search_path": schema, "synchronous_commit": "off"}},
             )
             ping_when_idle(self._engine)
             trace_statements(self._engine, schema=schema)
         self._last_prune = 0.0
+        self._waiting: list[tuple[str, str, datetime.datetime, asyncio.Future[bool]]] = []
+        self._in_flight = 0
+        self._batches: set[asyncio.Task[None]] = set()
 
     async def remember(self, *, jti: str, client_id: str, expires_at: datetime.datetime) -> bool:
         """False if this client used this jti before (a replay)."""
         if self._engine is None:
             async with self._sessions() as session, session.begin():
                 return await remember_user_assertion(session, jti=jti, client_id=client_id, expires_at=expires_at)
-        async with self._engine.connect() as connection:
-            now = time.monotonic()
-            if now - self._last_prune > _PRUNE_EVERY_SECONDS:
-                self._last_prune = now
-                await connection.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
-            row = await connection.execute(
-                _REMEMBER_POSTGRESQL,
-                {"jti": f"user:{client_id}:{jti}"[:256], "client_id": client_id[:64], "expires_at": expires_at},
-            )
-            return row.first() is not None
+        fresh: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((f"user:{client_id}:{jti}"[:256], client_id[:64], expires_at, fresh))
+        self._start_batch()
+        return await fresh
+
+    def _start_batch(self) -> None:
+        if not self._waiting or self._in_flight >= _BATCHES_IN_FLIGHT:
+            return
+        batch, self._waiting = self._waiting[:_BATCH_SIZE], self._waiting[_BATCH_SIZE:]
+        self._in_flight += 1
+        # The statement's span lands in the trace of the request that started the batch.
+        task = asyncio.get_running_loop().create_task(self._insert(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _insert(self, batch: list[tuple[str, str, datetime.datetime, asyncio.Future[bool]]]) -> None:
+        assert self._engine is not None
+        try:
+            # A jti twice in one batch: the first is the use, the others replays (the statement
+            # would return it once, for both).
+            first: dict[str, tuple[str, datetime.datetime]] = {}
+            for key, client_id, expires_at, _ in batch:
+                first.setdefault(key, (client_id, expires_at))
+            async with self._engine.connect() as connection:
+                now = time.monotonic()
+                if now - self._last_prune > _PRUNE_EVERY_SECONDS:
+                    self._last_prune = now
+                    await connection.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < utcnow()))
+                rows = await connection.execute(
+                    _REMEMBER_MANY,
+                    {
+                        "jtis": list(first),
+                        "client_ids": [client_id for client_id, _ in first.values()],
+                        "expires": [expires_at for _, expires_at in first.values()],
+                    },
+                )
+                inserted = set(rows.scalars())
+        except Exception as exc:
+            # Each waiting request fails as its own statement would have (a storage fault: 503).
+            for *_, fresh in batch:
+                if not fresh.done():
+                    fresh.set_exception(exc)
+            return
+        except BaseException:
+            for *_, fresh in batch:
+                fresh.cancel()
+            raise
+        finally:
+            self._in_flight -= 1
+            self._start_batch()
+        for key, _, _, fresh in batch:
+            if not fresh.done():
+                fresh.set_result(key in inserted)
+            inserted.discard(key)
 
     async def close(self) -> None:
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
         if self._engine is not None:
             await self._engine.dispose()
 

@@ -86,11 +86,28 @@ def verify_user_assertion(assertion: str, token_claims: Mapping[str, Any]) -> Ac
     cached = _verified.get(key)
     if cached is not None and cached[0] > time.time():
         return cached[1]
-    user, expires = _verify(assertion, token_claims)
+    user, expires, _ = _verify(assertion, token_claims)
     if len(_verified) >= _CACHE_SIZE:
         _verified.clear()
     _verified[key] = (expires, user)
     return user
+
+
+@dataclass(frozen=True)
+class VerifiedAssertion:
+    """A user assertion checked now: who acts, and its jti and expiry for the replay check."""
+
+    user: ActingUser
+    jti: str
+    expires: float
+
+
+def check_user_assertion(assertion: str, token_claims: Mapping[str, Any]) -> VerifiedAssertion:
+    """Check the assertion against the verified access token's claims, every time (no cache: the
+    gateway's per-request check, where each assertion is used once); Unauthenticated otherwise.
+    The jti and expiry come from the same decoding, so the replay check needs no second one."""
+    user, expires, jti = _verify(assertion, token_claims)
+    return VerifiedAssertion(user=user, jti=jti, expires=expires)
 
 
 # Public keys built from a jwk header, by the header's exact JSON: a hospital signs every
@@ -112,7 +129,7 @@ def _public_key(jwk: dict[str, Any]) -> Any:
     return key
 
 
-def _verify(assertion: str, token_claims: Mapping[str, Any]) -> tuple[ActingUser, float]:
+def _verify(assertion: str, token_claims: Mapping[str, Any]) -> tuple[ActingUser, float, str]:
     try:
         header = jwt.get_unverified_header(assertion)
     except jwt.PyJWTError:
@@ -172,7 +189,7 @@ def _verify(assertion: str, token_claims: Mapping[str, Any]) -> tuple[ActingUser
         department=claims.get("department", ""),
         purpose_of_use=purpose,
     )
-    return user, float(claims["exp"])
+    return user, float(claims["exp"]), str(claims["jti"])
 
 
 # The gateway's statement of a user assertion it verified (the claims it vouches for), forwarded
@@ -242,12 +259,6 @@ def user_from_statement(
         department=str(statement_claims.get("department", "")),
         purpose_of_use=str(purpose),
     )
-
-
-def assertion_id(assertion: str) -> tuple[str, float]:
-    """The jti and exp of an assertion already verified (for the gateway's replay check)."""
-    claims = jwt.decode(assertion, options={"verify_signature": False})
-    return str(claims["jti"]), float(claims["exp"])
 
 
 def _check_string(name: str, value: object, limit: int) -> None:
