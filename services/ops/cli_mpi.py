@@ -127,12 +127,14 @@ def load(
     from tqdm import tqdm
 
     from services.mpi import admin
-    from services.mpi.bulk import EncodingError, check_encoding, codec_of
+    from services.mpi.bulk import EncodingError, check_encoding, codec_of, column_map, header_of
 
     settings = _settings(data_dir, database_url)
     try:
         total = check_encoding(file, codec_of(encoding))
-    except EncodingError as exc:
+        # The mapping checked before anything is drawn: its error alone, not under a progress bar.
+        column_map(map_ or [], header_of(file, codec_of(encoding)))
+    except (EncodingError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if check_domain and not asyncio.run(_is_hospital(settings, domain)):
