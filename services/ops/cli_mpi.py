@@ -82,6 +82,11 @@ def weights(
         )
     p = params  # type: ignore[assignment]
     typer.echo(f"link threshold   {p.link_threshold:>8.2f} bits (at or above: automatic link)")  # type: ignore[attr-defined]
+    if in_force is not None and p.match_weights:  # type: ignore[attr-defined]
+        typer.echo(
+            f"  from the expected precision of the links ({p.target_precision}), "  # type: ignore[attr-defined]
+            f"{p.matches_per_record:.2f} matches per record in the estimate's sample"  # type: ignore[attr-defined]
+        )
     typer.echo(f"review threshold {p.review_threshold:>8.2f} bits (between: review task; below: new person)")  # type: ignore[attr-defined]
     typer.echo(
         f"name frequency adjustment on {', '.join(p.frequency_fields)}: log2(u_exact / share), "  # type: ignore[attr-defined]

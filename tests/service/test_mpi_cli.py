@@ -207,6 +207,7 @@ def test_weights_are_learned_from_a_large_enough_load_and_shown(tmp_path: Path) 
     assert "EM estimate #" in shown.output
     assert "(index, " in shown.output  # the estimate after the load: from the whole index
     assert "from 4200 records" in shown.output
+    assert "from the expected precision of the links (0.999)" in shown.output
     exported = runner.invoke(app, ["mpi", "export-links", "--output", str(tmp_path / "links.csv"), *common])
     assert exported.exit_code == 0
     people: dict[str, set[str]] = {}
