@@ -445,7 +445,11 @@ async def _run(
     if database_url:
         env["HIE_DATABASE_URL"] = database_url
         env["HIE_DB_SCHEMA_PREFIX"] = f"bench_{secrets.token_hex(3)}_"
+    # No registry runs in the bench: without a registry target the mpi tells nobody of link
+    # changes (it would otherwise try the default port after every timed registration, log each
+    # failure and count the retry in the latency, or reach another exchange's registry there).
     settings = Settings.from_env(env)
+    settings = replace(settings, targets={k: v for k, v in settings.targets.items() if k != "registry"})
     total = records + latency_samples
     log(f"generating {total} records …")
     rows, persons = population(total, domains, seed)
@@ -986,6 +990,9 @@ def _misses(
     return {
         "link_threshold": params.link_threshold,
         "review_threshold": params.review_threshold,
+        "holds_twins": params.holds_twins(),
+        # The weights in force at the end (as `hie mpi weights` shows them): field, level, m, u, bits.
+        "weights": [[f, level, round(m, 6), round(u, 8), w] for f, level, m, u, w in params.weights_table()],
         "false_negative_pairs": sum(false_negatives.values()),
         "false_negatives_unblocked": unblocked,
         "false_negatives": false_negatives.most_common(top),

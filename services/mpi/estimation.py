@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -82,6 +82,11 @@ async def estimate(
             if a.domain != b.domain:
                 random_vectors.append(matching.compare(a, b))
     parameters = matching.estimate_parameters(vectors, start, random_vectors=random_vectors)
+    if parameters.match_weights and sample:
+        # The share of records with a match among the others (the link threshold's prior: a
+        # load of mostly new people needs more evidence per link for the same precision).
+        matches = sum(n for _, n in parameters.match_weights)
+        parameters = replace(parameters, matches_per_record=min(max(matches / len(sample), 1e-3), 1.0))
     return Estimate(parameters, len(sample), len(vectors), len(random_vectors), population)
 
 

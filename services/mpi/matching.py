@@ -637,6 +637,11 @@ class MatchParameters:
     review_precision: float = 0.5
     # Use the weights learned from the index's records (stored EM estimates) over these.
     learn_weights: bool = True
+    # What EM took for matches among the candidate pairs, by their weight: (weight in bits,
+    # expected matches), ascending; and the expected matches per sampled record (≤ 1). The link
+    # threshold follows from them (`thresholds_for`); empty: from the posterior at the threshold.
+    match_weights: tuple[tuple[float, float], ...] = ()
+    matches_per_record: float = 1.0
 
     def holds_twins(self) -> bool:
         """Whether a different given name with agreeing birth dates is held for review."""
@@ -726,6 +731,8 @@ def estimate_json(params: MatchParameters, *, population: int) -> dict[str, Any]
         "candidate_match_share": params.prior_match,
         "population": population,
         "fields": {f: {level: [params.m[f][level], params.u[f][level]] for level in params.m[f]} for f in params.m},
+        "match_weights": [[w, round(n, 3)] for w, n in params.match_weights],
+        "matches_per_record": round(params.matches_per_record, 4),
     }
 
 
@@ -737,11 +744,35 @@ def thresholds_for(params: MatchParameters, population: int) -> tuple[float, flo
     """(link, review) thresholds in bits from the target precisions: with u counted from random
     pairs, a pair's weight is its log-likelihood ratio against two people drawn at random, whose
     prior odds of being one person are about 1 : population (a record has at most a few others
-    of its person among them). A pair is linked when its posterior probability of being one
-    person reaches `target_precision`, reviewed from `review_precision`."""
+    of its person among them). A pair is reviewed from a posterior probability of being one
+    person of `review_precision`.
+
+    The link threshold is the lowest at which the links are expected to be right at
+    `target_precision` (the precision of the links made, not of the weakest one): with the
+    distribution of match weights EM found (`match_weights`), a threshold t links an expected
+    π·P_m(W ≥ t) matches per record and population·P_u(W ≥ t) others, and under the model
+    P_u(W ≥ t) = E_m[2^−W; W ≥ t] (u = m·2^−w for every comparison vector). So the links'
+    error rate is population / π × E_m[2^−W | W ≥ t]: mostly matches far above t keep it low
+    even where the weakest link's own posterior is lower. Never below the review threshold (a
+    pair more likely two people than one is not linked), never above the threshold at which
+    the weakest link's posterior reaches `target_precision` (what is used without a
+    distribution)."""
     prior = math.log2(max(population, 2))
     link = _log2_odds(params.target_precision) + prior
     review = min(_log2_odds(params.review_precision) + prior, link)
+    if params.match_weights:
+        # The largest share of false links the target allows, as a bound on E_m[2^−W | W ≥ t].
+        allowed = (1 - params.target_precision) / params.target_precision * params.matches_per_record / population
+        mass = spread = 0.0
+        for weight, matches in reversed(params.match_weights):
+            if weight < review:
+                break
+            mass += matches
+            spread += matches * 2.0**-weight
+            if mass and spread / mass > allowed:
+                break
+            # No lower than matches were seen at: below them the sample says nothing.
+            link = min(link, weight)
     return round(link, 2), round(review, 2)
 
 
@@ -759,8 +790,15 @@ def with_estimate(base: MatchParameters, estimate: Mapping[str, Any]) -> MatchPa
     population = int(estimate.get("population", 0))
     if population < 2:
         return replace(base, m=m, u=u)
-    link, review = thresholds_for(base, population)
-    return replace(base, m=m, u=u, prior_match=1 / population, link_threshold=link, review_threshold=review)
+    learned = replace(
+        base,
+        m=m,
+        u=u,
+        match_weights=tuple((float(w), float(n)) for w, n in estimate.get("match_weights", ())),
+        matches_per_record=min(max(float(estimate.get("matches_per_record", 1.0)), 1e-3), 1.0),
+    )
+    link, review = thresholds_for(learned, population)
+    return replace(learned, prior_match=1 / population, link_threshold=link, review_threshold=review)
 
 
 def _probability(value: object, name: str) -> float:
@@ -1183,19 +1221,24 @@ def estimate_parameters(
     blocking); `start` gives the levels and starting values. Missing levels carry no
     information and are skipped. Probabilities are kept ≥ 1e-6 so no level weighs infinitely.
 
-    With `random_vectors` (pairs of records drawn at random: almost all different people) u is
-    counted from those and held fixed, and EM estimates m and the match share only, as splink
-    does: candidate pairs share a blocking key, so among them different people agree on names
-    and birth dates far more often than in the population, and EM's u from them would make an
-    agreeing name worth little.
+    With `random_vectors` (pairs of records drawn at random: almost all different people) the
+    weights use u counted from those: candidate pairs share a blocking key, so among them
+    different people agree on names, streets and localities far more often than in the
+    population, and their u would make an agreeing name worth little. During EM, though, u is
+    learned among the candidates (starting from the random pairs' values): held at the random
+    pairs' values there, different people found by a key (neighbours sharing a street and
+    locality) could only be explained as matches, and m came out polluted (faker-typo:
+    m(birth date / different) 0.43, a different birth date weighing −1.2 bits instead of −11).
+    The result then also carries what EM took for matches by their weight (`match_weights`,
+    for the link threshold: `thresholds_for`).
     """
     if not vectors:
         return start
     m = {f: dict(levels) for f, levels in start.m.items()}
     u = {f: dict(levels) for f, levels in start.u.items()}
-    fixed_u = bool(random_vectors)
-    if fixed_u:
-        u = _level_shares(random_vectors, start.u)
+    random_u = _level_shares(random_vectors, start.u) if random_vectors else None
+    if random_u is not None:
+        u = {f: dict(levels) for f, levels in random_u.items()}
     p = min(max(start.prior_match, 1e-4), 0.5)
     floor = 1e-6
     for _ in range(iterations):
@@ -1224,7 +1267,7 @@ def estimate_parameters(
                 # A Dirichlet prior of `prior_weight` pairs at the starting values: a level the
                 # few matches of a small sample never reached is rare, not impossible.
                 new_m = max((m_sum[f][level] + prior_weight * start.m[f][level]) / (m_total + prior_weight), floor)
-                new_u = u[f][level] if fixed_u else (max(u_sum[f][level] / u_total, floor) if u_total else u[f][level])
+                new_u = max(u_sum[f][level] / u_total, floor) if u_total else u[f][level]
                 change = max(change, abs(new_m - m[f][level]), abs(new_u - u[f][level]))
                 m[f][level], u[f][level] = new_m, new_u
         p = new_p
@@ -1238,7 +1281,52 @@ def estimate_parameters(
         for level in m[f]:
             if (f, level) not in seen:
                 m[f][level], u[f][level] = start.m[f][level], start.u[f][level]
-    return replace(start, m=m, u=u, prior_match=p)
+    if random_u is None:
+        return replace(start, m=m, u=u, prior_match=p)
+    # What EM took for matches, by the weight they have with the u of random pairs.
+    posteriors = [_posterior(vector, m, u, p) for vector in vectors]
+    for f in random_u:
+        for level in random_u[f]:
+            if (f, level) in seen:
+                u[f][level] = random_u[f][level]
+    learned = replace(start, m=m, u=u, prior_match=p)
+    return replace(learned, match_weights=_match_weights(vectors, posteriors, learned))
+
+
+def _posterior(
+    vector: Mapping[str, str], m: Mapping[str, Mapping[str, float]], u: Mapping[str, Mapping[str, float]], p: float
+) -> float:
+    log_m, log_u = math.log(p), math.log(1 - p)
+    for f, level in vector.items():
+        if f in m and level in m[f] and f not in _NOT_IN_POSTERIOR:
+            log_m += math.log(m[f][level])
+            log_u += math.log(u[f][level])
+    diff = log_u - log_m
+    return 0.0 if diff > 700 else 1.0 / (1.0 + math.exp(diff))
+
+
+# Width (bits) of the bins of the match-weight distribution an estimate stores.
+_WEIGHT_BIN = 0.25
+
+
+def _match_weights(
+    vectors: Sequence[Mapping[str, str]], posteriors: Sequence[float], params: MatchParameters
+) -> tuple[tuple[float, float], ...]:
+    """(weight, expected matches) of the candidate pairs, weights as scored (without the
+    name-frequency adjustment) rounded down to a bin, ascending."""
+    table = _weight_table(params)
+    bins: dict[float, float] = {}
+    for vector, g in zip(vectors, posteriors, strict=True):
+        if g < 1e-6:
+            continue
+        moved = vector.get("address") == DIFFERENT
+        total = sum(
+            0.0 if moved and level == DISAGREE and f in _ADDRESS_PARTS else table.get((f, level), 0.0)
+            for f, level in vector.items()
+        )
+        key = math.floor(total / _WEIGHT_BIN) * _WEIGHT_BIN
+        bins[key] = bins.get(key, 0.0) + g
+    return tuple(sorted(bins.items()))
 
 
 def _level_shares(

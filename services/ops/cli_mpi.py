@@ -82,6 +82,11 @@ def weights(
         )
     p = params  # type: ignore[assignment]
     typer.echo(f"link threshold   {p.link_threshold:>8.2f} bits (at or above: automatic link)")  # type: ignore[attr-defined]
+    if in_force is not None and p.match_weights:  # type: ignore[attr-defined]
+        typer.echo(
+            f"  from the expected precision of the links ({p.target_precision}), "  # type: ignore[attr-defined]
+            f"{p.matches_per_record:.2f} matches per record in the estimate's sample"  # type: ignore[attr-defined]
+        )
     typer.echo(f"review threshold {p.review_threshold:>8.2f} bits (between: review task; below: new person)")  # type: ignore[attr-defined]
     typer.echo(
         f"name frequency adjustment on {', '.join(p.frequency_fields)}: log2(u_exact / share), "  # type: ignore[attr-defined]
@@ -127,12 +132,14 @@ def load(
     from tqdm import tqdm
 
     from services.mpi import admin
-    from services.mpi.bulk import EncodingError, check_encoding, codec_of
+    from services.mpi.bulk import EncodingError, check_encoding, codec_of, column_map, header_of
 
     settings = _settings(data_dir, database_url)
     try:
         total = check_encoding(file, codec_of(encoding))
-    except EncodingError as exc:
+        # The mapping checked before anything is drawn: its error alone, not under a progress bar.
+        column_map(map_ or [], header_of(file, codec_of(encoding)))
+    except (EncodingError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if check_domain and not asyncio.run(_is_hospital(settings, domain)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -721,3 +722,111 @@ def test_screening_never_drops_a_candidate_that_could_be_reviewed() -> None:
                 else:
                     assert kept == full
     assert screened > 500
+
+
+def _blocked_candidates(rng: random.Random, matches: int, others: int) -> tuple[list[dict[str, str]], list[dict]]:
+    # Candidate pairs found by a locality + street key: one person's records mostly agree on
+    # everything; different people found by the key share the locality and the street (far more
+    # often than two people drawn at random do) and nothing else.
+    def pick(p: float, yes: str, no: str) -> str:
+        return yes if rng.random() < p else no
+
+    vectors = []
+    for _ in range(matches):
+        vectors.append(
+            {
+                "family": pick(0.9, EXACT, DIFFERENT),
+                "given": pick(0.9, EXACT, DIFFERENT),
+                "birth_date": pick(0.95, EXACT, DIFFERENT),
+                "address": pick(0.9, SAME, DIFFERENT),
+                "locality": pick(0.92, AGREE, DISAGREE),
+            }
+        )
+    for _ in range(others):
+        vectors.append(
+            {
+                "family": pick(0.01, EXACT, DIFFERENT),
+                "given": pick(0.01, EXACT, DIFFERENT),
+                "birth_date": pick(0.001, EXACT, DIFFERENT),
+                "address": pick(0.6, matching.PARTIAL, DIFFERENT),
+                "locality": pick(0.95, AGREE, DISAGREE),
+            }
+        )
+    random_pairs = [
+        {
+            "family": pick(0.002, EXACT, DIFFERENT),
+            "given": pick(0.002, EXACT, DIFFERENT),
+            "birth_date": pick(0.0002, EXACT, DIFFERENT),
+            "address": pick(0.001, matching.PARTIAL, DIFFERENT),
+            "locality": pick(0.001, AGREE, DISAGREE),
+        }
+        for _ in range(20_000)
+    ]
+    return vectors, random_pairs
+
+
+def test_em_takes_blocked_namesakes_of_a_street_for_different_people() -> None:
+    """Seen on the faker-typo set: with u held at the random pairs' values during EM, different
+    people sharing a block (locality and street) could only be explained as matches, and EM
+    learned m(birth date / different) = 0.43, weighing a different birth date −1.2 bits: pairs of
+    neighbours scored up to 22 bits. u is learned among the candidates during EM (different
+    people found by a key agree on it), the weights keep the random pairs' u."""
+    vectors, random_pairs = _blocked_candidates(random.Random(5), 300, 2_700)
+    estimated = estimate_parameters(vectors, PARAMS, random_vectors=random_pairs)
+    assert estimated.m["birth_date"][DIFFERENT] < 0.1
+    assert estimated.m["family"][EXACT] > 0.8
+    assert estimated.prior_match == pytest.approx(0.1, abs=0.02)
+    assert estimated.u["locality"][AGREE] < 0.01  # the weights: u of random pairs
+    assert estimated.weight("birth_date", DIFFERENT) < -3
+
+
+def test_the_link_threshold_follows_from_the_precision_of_the_links() -> None:
+    """Thresholds from a target precision: the share of false links among all the links made at
+    a threshold, not the posterior of the weakest link. Most matches far above the threshold
+    allow a lower one; a load of few matches, or matches close to the threshold, a higher one."""
+    params = load_parameters()
+    local, review = matching.thresholds_for(params, 10_000)
+    mostly_strong = replace(params, match_weights=((16.0, 5.0), (18.0, 30.0), (40.0, 2_950.0)))
+    link, same_review = matching.thresholds_for(mostly_strong, 10_000)
+    assert same_review == review
+    assert review <= link < local
+    # 5 at 16 bits, 30 at 18: 10,000 × (5·2^−16 + 30·2^−18) ≈ 1.9 false links expected of 2,985.
+    assert link == 16.0
+    # 20 at 16 bits: ≈ 4.2 of 3,000, more than the target allows; 18 bits then.
+    more_weak = replace(params, match_weights=((16.0, 20.0), (18.0, 30.0), (40.0, 2_950.0)))
+    assert matching.thresholds_for(more_weak, 10_000)[0] == 18.0
+    # Mostly new people in the load: the same matches are fewer links among as many others.
+    few = replace(mostly_strong, matches_per_record=0.05)
+    assert matching.thresholds_for(few, 10_000)[0] > link
+    # Matches close to the threshold: no lower than the weakest link's posterior allows.
+    weak = replace(params, match_weights=((14.0, 3_000.0), (40.0, 10.0)))
+    assert matching.thresholds_for(weak, 10_000)[0] == local
+    # Never below the review threshold.
+    below = replace(params, match_weights=((13.0, 1.0), (13.5, 1.0), (60.0, 1e6)))
+    assert review < 13.5 == matching.thresholds_for(below, 10_000)[0]
+    # Stored with an estimate and taken up with it.
+    stored = matching.estimate_json(mostly_strong, population=10_000)
+    assert matching.with_estimate(params, stored).link_threshold == link
+
+
+def test_em_with_random_pairs_records_what_it_took_for_matches_by_weight() -> None:
+    vectors, random_pairs = _blocked_candidates(random.Random(7), 300, 2_700)
+    estimated = estimate_parameters(vectors, PARAMS, random_vectors=random_pairs)
+    weights = dict(estimated.match_weights)
+    assert sum(weights.values()) == pytest.approx(estimated.prior_match * len(vectors), rel=0.01)
+    strong = sum(n for w, n in weights.items() if w >= 30)
+    assert strong > 0.6 * 300  # agreeing on everything: far above any threshold
+    assert list(weights) == sorted(weights)
+
+
+def test_twins_are_left_to_the_weights_when_one_match_in_twenty_has_another_given_name() -> None:
+    """EM no longer takes neighbours for matches, so m(given / different) is what the exports'
+    given-name errors make it: 0.09–0.11 on the FEBRL sets (replaced given names), 0.002 on
+    faker-typo. Twins are about 2 % of people, and the hold applies while a different given name
+    is less than about twice as likely to be an entry error as a twin (m < 0.05)."""
+    params = load_parameters()
+    assert params.holds_twins()  # the shipped priors: m = 0.025
+    garbled = matching.with_estimate(params, {"population": 1_000, "fields": {"given": {"different": [0.08, 0.98]}}})
+    assert not garbled.holds_twins()
+    clean = matching.with_estimate(params, {"population": 1_000, "fields": {"given": {"different": [0.01, 0.98]}}})
+    assert clean.holds_twins()
