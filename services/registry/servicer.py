@@ -23,7 +23,7 @@ from services.registry.decision_cache import ConsentDecisionCache
 from services.registry.messages import entry_message, submission_set_message
 from services.registry.submission import Submission, as_retry, check_submission
 from services.registry.xref_cache import CrossReferenceCache
-from services.shared import mpi_client, transactions
+from services.shared import transactions
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -249,9 +249,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     return first
                 # mpi resolves the person while this transaction looks for an earlier attempt (a
                 # retry is answered from it; a concurrent duplicate is caught by the unique
-                # constraints below): the two are independent.
+                # constraints below): the two are independent. The person comes from the
+                # cross-reference cache when it holds them (as fresh as asking: the mpi's link
+                # changes invalidate it before they return; an unknown patient is never kept),
+                # so a hospital registering a patient's documents one by one asks the mpi once.
                 person, existing = await asyncio.gather(
-                    mpi_client.cross_reference(self._rt, patient_ref),
+                    self._xrefs.cross_reference(self._rt, patient_ref),
                     self._earlier(sub, session),
                     return_exceptions=True,
                 )
@@ -344,7 +347,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if target is None:
             raise NotFound("no such document", reason="document-not-found")
         target_person = (
-            await mpi_client.cross_reference(
+            await self._xrefs.cross_reference(
                 self._rt, common_pb2.PatientRef(domain=target.patient_domain, local_id=target.patient_local_id)
             )
         ).enterprise_id
@@ -410,7 +413,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     # `created: false` per document.
                     return first
                 person, earlier = await asyncio.gather(
-                    mpi_client.cross_reference(self._rt, patient_ref),
+                    self._xrefs.cross_reference(self._rt, patient_ref),
                     self._earlier_of_set(subs, session),
                     return_exceptions=True,
                 )

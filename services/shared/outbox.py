@@ -128,10 +128,12 @@ class Outbox:
         """Stage a message in the caller's transaction; it is sent only if that commits."""
         message_id = str(uuid.uuid4())
         now = utcnow()
-        await session.execute(
-            self._insert,
-            {"id": message_id, "topic": topic, "payload": payload, "created_at": now, "next_attempt_at": now},
-        )
+        params = {"id": message_id, "topic": topic, "payload": payload, "created_at": now, "next_attempt_at": now}
+        # On the session's connection, in its transaction: a Core insert needs nothing of the
+        # ORM session's execution path (autoflush, ORM compile state), which every audited read
+        # paid for its one outbox row (issue 21's `hie bench load` profiles of the registry).
+        connection = await session.connection()
+        await connection.execute(self._insert, params)
         return message_id
 
     def notify(self) -> None:
