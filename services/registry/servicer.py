@@ -170,8 +170,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         entities = [("DocumentReference", document_id)]
         if source_organization_id and source_organization_id != who.organization_id:
             entities.append(("Organization", source_organization_id))
-        return await transactions.audited(
-            self._rt,
+        return await self._rt.audit.record_now(
             caller=who,
             type=type,
             action=action,  # type: ignore[arg-type]
@@ -705,26 +704,25 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         size = min(request.page.page_size or 50, _MAX_PAGE)
         cursor = domain.QueryCursor.decode(request.page.page_token)
-        # One connection for the rows and the audit event, checked out while mpi answers, in
-        # autocommit: the reads need no transaction (each statement has its own snapshot under
-        # PostgreSQL's read committed anyway) and the audit event, the only write, commits on its
-        # own before any entry is returned. No BEGIN and COMMIT round trips: they were about 6 %
-        # of the registry's samples per document query (issue 21's `hie bench load`).
+        # The rows on a connection checked out while mpi answers, in autocommit: the reads need
+        # no transaction (each statement has its own snapshot under PostgreSQL's read committed
+        # anyway). No BEGIN and COMMIT round trips: they were about 6 % of the registry's samples
+        # per document query (issue 21's `hie bench load`).
         async with self._rt.sessions() as session:
             xref, _connection = await _together(
                 self._xrefs.cross_reference(self._rt, ref),
                 session.connection(execution_options={"isolation_level": "AUTOCOMMIT"}),
             )
             visible, next_cursor = await self._visible_page(session, request, xref, size=size, cursor=cursor)
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type="document.query",
-                action=Action.ACTION_EXECUTE,
-                patient_enterprise_id=xref.enterprise_id,
-                entities=[("DocumentReference", r.id) for r in visible],
-            )
-        self._rt.outbox.notify()
+        # The audit event, the only write, commits before any entry is returned, in one multi-row
+        # insert with the events of the queries answered meanwhile (`Outbox.add_now`).
+        event_id = await self._rt.audit.record_now(
+            caller=who,
+            type="document.query",
+            action=Action.ACTION_EXECUTE,
+            patient_enterprise_id=xref.enterprise_id,
+            entities=[("DocumentReference", r.id) for r in visible],
+        )
         return registry_pb2.FindDocumentsResponse(
             enterprise_id=xref.enterprise_id,
             entries=[entry_message(r) for r in visible],
