@@ -23,7 +23,7 @@ from services.registry.decision_cache import ConsentDecisionCache
 from services.registry.messages import entry_message, submission_set_message
 from services.registry.submission import Submission, as_retry, check_submission
 from services.registry.xref_cache import CrossReferenceCache
-from services.shared import mpi_client, transactions
+from services.shared import transactions
 from services.shared.audit_trail import Action, Outcome
 from services.shared.auth import Caller, caller
 from services.shared.db import utcnow
@@ -170,8 +170,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         entities = [("DocumentReference", document_id)]
         if source_organization_id and source_organization_id != who.organization_id:
             entities.append(("Organization", source_organization_id))
-        return await transactions.audited(
-            self._rt,
+        return await self._rt.audit.record_now(
             caller=who,
             type=type,
             action=action,  # type: ignore[arg-type]
@@ -249,9 +248,12 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     return first
                 # mpi resolves the person while this transaction looks for an earlier attempt (a
                 # retry is answered from it; a concurrent duplicate is caught by the unique
-                # constraints below): the two are independent.
+                # constraints below): the two are independent. The person comes from the
+                # cross-reference cache when it holds them (as fresh as asking: the mpi's link
+                # changes invalidate it before they return; an unknown patient is never kept),
+                # so a hospital registering a patient's documents one by one asks the mpi once.
                 person, existing = await asyncio.gather(
-                    mpi_client.cross_reference(self._rt, patient_ref),
+                    self._xrefs.cross_reference(self._rt, patient_ref),
                     self._earlier(sub, session),
                     return_exceptions=True,
                 )
@@ -344,7 +346,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
         if target is None:
             raise NotFound("no such document", reason="document-not-found")
         target_person = (
-            await mpi_client.cross_reference(
+            await self._xrefs.cross_reference(
                 self._rt, common_pb2.PatientRef(domain=target.patient_domain, local_id=target.patient_local_id)
             )
         ).enterprise_id
@@ -410,7 +412,7 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
                     # `created: false` per document.
                     return first
                 person, earlier = await asyncio.gather(
-                    mpi_client.cross_reference(self._rt, patient_ref),
+                    self._xrefs.cross_reference(self._rt, patient_ref),
                     self._earlier_of_set(subs, session),
                     return_exceptions=True,
                 )
@@ -702,26 +704,25 @@ class DocumentRegistryServicer(registry_pb2_grpc.DocumentRegistryServicer):
             raise NotFound("no patient with that local id in your domain", reason="patient-not-found")
         size = min(request.page.page_size or 50, _MAX_PAGE)
         cursor = domain.QueryCursor.decode(request.page.page_token)
-        # One connection for the rows and the audit event, checked out while mpi answers, in
-        # autocommit: the reads need no transaction (each statement has its own snapshot under
-        # PostgreSQL's read committed anyway) and the audit event, the only write, commits on its
-        # own before any entry is returned. No BEGIN and COMMIT round trips: they were about 6 %
-        # of the registry's samples per document query (issue 21's `hie bench load`).
+        # The rows on a connection checked out while mpi answers, in autocommit: the reads need
+        # no transaction (each statement has its own snapshot under PostgreSQL's read committed
+        # anyway). No BEGIN and COMMIT round trips: they were about 6 % of the registry's samples
+        # per document query (issue 21's `hie bench load`).
         async with self._rt.sessions() as session:
             xref, _connection = await _together(
                 self._xrefs.cross_reference(self._rt, ref),
                 session.connection(execution_options={"isolation_level": "AUTOCOMMIT"}),
             )
             visible, next_cursor = await self._visible_page(session, request, xref, size=size, cursor=cursor)
-            event_id = await self._rt.audit.record(
-                session,
-                caller=who,
-                type="document.query",
-                action=Action.ACTION_EXECUTE,
-                patient_enterprise_id=xref.enterprise_id,
-                entities=[("DocumentReference", r.id) for r in visible],
-            )
-        self._rt.outbox.notify()
+        # The audit event, the only write, commits before any entry is returned, in one multi-row
+        # insert with the events of the queries answered meanwhile (`Outbox.add_now`).
+        event_id = await self._rt.audit.record_now(
+            caller=who,
+            type="document.query",
+            action=Action.ACTION_EXECUTE,
+            patient_enterprise_id=xref.enterprise_id,
+            entities=[("DocumentReference", r.id) for r in visible],
+        )
         return registry_pb2.FindDocumentsResponse(
             enterprise_id=xref.enterprise_id,
             entries=[entry_message(r) for r in visible],

@@ -40,8 +40,38 @@ class AuditTrail:
         entities: Iterable[tuple[str, str]] = (),
     ) -> str:
         """Stage one audit event in the caller's transaction; returns its event id."""
+        event = self._event(caller, type, action, outcome, patient_enterprise_id, entities)
+        await self._outbox.add(session, AUDIT_TOPIC, event.SerializeToString())
+        return event.event_id
+
+    async def record_now(
+        self,
+        *,
+        caller: Caller,
+        type: str,
+        action: audit_pb2.Action.ValueType,
+        outcome: audit_pb2.Outcome.ValueType = audit_pb2.OUTCOME_SUCCESS,
+        patient_enterprise_id: str = "",
+        entities: Iterable[tuple[str, str]] = (),
+    ) -> str:
+        """Stage one audit event committed before this returns, in a transaction of its own shared
+        with the events staged concurrently (`Outbox.add_now`): the audit of a read, which changes
+        nothing else. Returns its event id; the relay is woken."""
+        event = self._event(caller, type, action, outcome, patient_enterprise_id, entities)
+        await self._outbox.add_now(AUDIT_TOPIC, event.SerializeToString())
+        return event.event_id
+
+    def _event(
+        self,
+        caller: Caller,
+        type: str,
+        action: audit_pb2.Action.ValueType,
+        outcome: audit_pb2.Outcome.ValueType,
+        patient_enterprise_id: str,
+        entities: Iterable[tuple[str, str]],
+    ) -> audit_pb2.AuditEvent:
         trace_id, span_id = current_trace_ids()
-        event = audit_pb2.AuditEvent(
+        return audit_pb2.AuditEvent(
             event_id=str(uuid.uuid4()),
             occurred=to_timestamp(utcnow()),
             type=type,
@@ -55,8 +85,6 @@ class AuditTrail:
             span_id=span_id,
             source_service=self._service,
         )
-        await self._outbox.add(session, AUDIT_TOPIC, event.SerializeToString())
-        return event.event_id
 
 
 def audit_sender(stub: audit_pb2_grpc.AuditLogStub, credentials: PlatformCredentials) -> Sender:

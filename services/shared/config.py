@@ -46,6 +46,8 @@ class Settings:
     # How long a relay's claim on outbox messages lasts: a relay that died mid-send (kill -9)
     # leaves them due again after it. Longer than the slowest send (a webhook's timeout).
     outbox_lease_seconds: float = 30.0
+    # The PostgreSQL connections each process opens at most and keeps (services/shared/db.py).
+    db_pool_size: int = 20
     # Gateway hardening.
     rate_limit_per_second: float = 50.0
     rate_limit_burst: int = 100
@@ -104,6 +106,7 @@ class Settings:
             otel_exporter=env.get("HIE_OTEL_EXPORTER", "none"),
             log_level=env.get("HIE_LOG_LEVEL", "INFO"),
             outbox_lease_seconds=_number(env, "HIE_OUTBOX_LEASE_SECONDS", "30"),
+            db_pool_size=int(_number(env, "HIE_DB_POOL_SIZE", "20", whole=True)),
             rate_limit_per_second=_number(env, "HIE_RATE_LIMIT_PER_SECOND", "50"),
             rate_limit_burst=int(_number(env, "HIE_RATE_LIMIT_BURST", "100", whole=True)),
             request_timeout_seconds=_number(env, "HIE_REQUEST_TIMEOUT_SECONDS", "30"),
@@ -142,6 +145,8 @@ class Settings:
             raise UnsafeSettingsError("HIE_MLLP_PORT must be a TCP port (0-65535)")
         if self.metrics_sample_seconds <= 0:
             raise UnsafeSettingsError("HIE_METRICS_SAMPLE_SECONDS must be positive")
+        if self.db_pool_size < 1:
+            raise UnsafeSettingsError("HIE_DB_POOL_SIZE must be at least 1")
         if bool(self.https_cert_file) != bool(self.https_key_file):
             raise UnsafeSettingsError("HIE_HTTPS_CERT and HIE_HTTPS_KEY go together")
         if self.environment == "production":

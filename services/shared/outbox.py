@@ -99,6 +99,9 @@ class Outbox:
             attempts=0,
             next_attempt_at=bindparam("next_attempt_at"),
         )
+        # Messages of `add_now` waiting for the insert in progress to finish, and that insert.
+        self._staged: list[tuple[dict[str, object], asyncio.Future[None]]] = []
+        self._inserting: asyncio.Task[None] | None = None
         self._senders: dict[str, Sender] = {}
         self._policies: dict[str, DeliveryPolicy] = {}
         self._wakes: dict[str, asyncio.Event] = {}
@@ -133,6 +136,42 @@ class Outbox:
             {"id": message_id, "topic": topic, "payload": payload, "created_at": now, "next_attempt_at": now},
         )
         return message_id
+
+    async def add_now(self, topic: str, payload: bytes) -> str:
+        """Stage a message committed before this returns, in no caller's transaction (the audit
+        event of a read, which changes nothing else). Messages staged concurrently go in together:
+        one multi-row insert while the previous one runs (group commit), so a burst of reads pays
+        one statement and one commit instead of one each, and a lone read waits for nobody."""
+        now = utcnow()
+        row = {"id": str(uuid.uuid4()), "topic": topic, "payload": payload, "created_at": now, "next_attempt_at": now}
+        done = asyncio.get_running_loop().create_future()
+        self._staged.append((row, done))
+        if self._inserting is None:
+            # A task of its own: a caller cancelled while waiting must not strand the others.
+            self._inserting = asyncio.create_task(self._insert_staged())
+        await done
+        self.notify()
+        return str(row["id"])
+
+    async def _insert_staged(self) -> None:
+        try:
+            while self._staged:
+                batch, self._staged = self._staged, []
+                try:
+                    async with self._sessions() as session:
+                        # One INSERT ... VALUES (...), (...) is atomic on its own: no BEGIN / COMMIT.
+                        connection = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                        await connection.execute(self._insert, [row for row, _done in batch])
+                except Exception as exc:
+                    for _row, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for _row, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._inserting = None
 
     def notify(self) -> None:
         """Tell the relays a commit added messages, so they need not wait for their next poll."""
