@@ -672,6 +672,10 @@ class MasterIndex:
                 tally=link.tally if link is not None else None,
             )
             method = rows.add(registration, new, decision, context.in_batch)
+            if link is not None and link.decoded is not None:
+                # Known to the load as written: a later batch reading it need not open it.
+                written = rows.patients[-1]
+                link.decoded.remember(written, replace_enterprise(new, str(written["enterprise_id"])))
             results[i] = Registered(record=None, created=True, method=method, outcome=decision.outcome)  # type: ignore[arg-type]
         if link is not None:
             link.scored.set_result(context.in_batch)

@@ -635,6 +635,16 @@ class DecodedRecords:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def remember(self, row: Mapping[str, Any], record: MatchRecord) -> None:
+        """Keep the comparable form of a record the load writes (`row`, as written), so a later
+        batch that reads the row does not open it again. `record` must be what
+        `match_record_of_row` builds from the row (`match_record_of_registration` of the
+        registration the row seals, with the row's enterprise id)."""
+        entries = self._entries
+        if record.record_id not in entries and len(entries) >= self.limit:
+            entries.popitem(last=False)  # the least recently read
+        entries[record.record_id] = (tuple(row[c] for c in self._STAMP), record)
+
     def record_of(self, row: Mapping[str, Any], sealing: RecordSealing) -> MatchRecord:
         """The comparable form of a `patient` row (as `match_record_of_row`), built once per
         row content."""

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from gateway.mllp.feed import StaticDirectory
-from services.mpi import domain, matching, records, store, tables
+from services.mpi import bench, domain, matching, records, store, tables
 from services.mpi.bulk import BatchPipeline, bulk_caller, load_csv
 from services.mpi.index import BatchLink, MasterIndex, Registered
 from services.mpi.matching import Outcome
@@ -636,3 +636,28 @@ async def test_a_load_builds_a_candidate_once_and_keeps_at_most_its_limit(index:
         assert (decoded.misses, decoded.hits) == (4, 2)
         # The same comparable records as without reuse.
         assert await read(0, 1, 2) == await store.match_candidates_by_key(session, set().union(*phone_keys))
+
+
+async def test_a_record_a_load_writes_is_kept_as_its_stored_row_reads(index: IndexHandle) -> None:
+    # A load keeps the comparable form of each record it writes (`DecodedRecords.remember`): a
+    # later batch reading the row reuses it instead of opening the row. What it keeps must be
+    # what the stored row builds, field for field, and the row must be recognised as unchanged.
+    rows, _ = bench.population(400, 5, seed=3)
+    registrations: dict[str, list[domain.Registration]] = {}
+    for _, domain_id, local_id, fields in rows:
+        registrations.setdefault(domain_id, []).append(bench._registration(domain_id, local_id, fields))
+    async with BatchPipeline(index.engine, index.sessions, index.master) as pipeline:
+        for domain_id, batch in registrations.items():
+            await pipeline.submit(bulk_caller(domain_id), batch)
+        await pipeline.drain()
+    decoded = pipeline.decoded
+    assert len(decoded) == 400
+    patient = tables.PatientRecord.__table__
+    async with index.sessions() as session:
+        stored = (await session.execute(select(patient))).mappings().all()
+        sealing = store.sealing_of(session)
+        for row in stored:
+            assert decoded.record_of(row, sealing) == records.match_record_of_row(row, sealing)
+    assert len(stored) == 400
+    # No row was opened: not by the load's later batches, nor here.
+    assert decoded.misses == 0
