@@ -49,7 +49,10 @@ def _statements(ledger: store.UserAssertionLedger) -> list[str]:
     return sent
 
 
-EXPIRES = utcnow() + datetime.timedelta(minutes=5)
+def _expires() -> datetime.datetime:
+    # Per use, not at import: the full run reaches this module minutes after collecting it, and a
+    # ledger prunes jtis whose expiry has passed (a pruned "same" was accepted again).
+    return utcnow() + datetime.timedelta(minutes=5)
 
 
 async def test_requests_waiting_together_share_one_statement(schema: str) -> None:
@@ -57,7 +60,7 @@ async def test_requests_waiting_together_share_one_statement(schema: str) -> Non
     sent = _statements(ledger)
     try:
         fresh = await asyncio.gather(
-            *(ledger.remember(jti=f"j{i}", client_id="c", expires_at=EXPIRES) for i in range(40))
+            *(ledger.remember(jti=f"j{i}", client_id="c", expires_at=_expires()) for i in range(40))
         )
         assert fresh == [True] * 40
         inserts = [s for s in sent if s.startswith("INSERT")]
@@ -65,7 +68,7 @@ async def test_requests_waiting_together_share_one_statement(schema: str) -> Non
         assert 1 <= len(inserts) <= 2, inserts
         # Each jti is now used: every second use is refused.
         again = await asyncio.gather(
-            *(ledger.remember(jti=f"j{i}", client_id="c", expires_at=EXPIRES) for i in range(40))
+            *(ledger.remember(jti=f"j{i}", client_id="c", expires_at=_expires()) for i in range(40))
         )
         assert again == [False] * 40
     finally:
@@ -78,21 +81,21 @@ async def test_one_jti_is_accepted_once_within_a_batch_and_across_replicas(schem
         # Two other jtis take the statements on their way; the ten uses of "batched" wait
         # together and go in one statement.
         outcomes = await asyncio.gather(
-            first.remember(jti="a", client_id="c", expires_at=EXPIRES),
-            first.remember(jti="b", client_id="c", expires_at=EXPIRES),
-            *(first.remember(jti="batched", client_id="c", expires_at=EXPIRES) for _ in range(10)),
+            first.remember(jti="a", client_id="c", expires_at=_expires()),
+            first.remember(jti="b", client_id="c", expires_at=_expires()),
+            *(first.remember(jti="batched", client_id="c", expires_at=_expires()) for _ in range(10)),
         )
         assert outcomes[:2] == [True, True]
         assert sorted(outcomes[2:]) == [False] * 9 + [True]
         # Two replicas, each with its own ledger on the one table.
         uses = [
-            ledger.remember(jti="same", client_id="c", expires_at=EXPIRES)
+            ledger.remember(jti="same", client_id="c", expires_at=_expires())
             for _ in range(10)
             for ledger in (first, second)
         ]
         assert sorted(await asyncio.gather(*uses)) == [False] * 19 + [True]
         # Another client's jti of the same value is its own.
-        assert await first.remember(jti="same", client_id="other", expires_at=EXPIRES)
+        assert await first.remember(jti="same", client_id="other", expires_at=_expires())
     finally:
         await first.close()
         await second.close()
@@ -102,7 +105,7 @@ async def test_a_database_fault_reaches_every_waiting_request(schema: str) -> No
     ledger = _ledger(f"{schema}_missing")
     try:
         outcomes = await asyncio.gather(
-            *(ledger.remember(jti=f"j{i}", client_id="c", expires_at=EXPIRES) for i in range(5)),
+            *(ledger.remember(jti=f"j{i}", client_id="c", expires_at=_expires()) for i in range(5)),
             return_exceptions=True,
         )
         assert all(isinstance(outcome, DBAPIError) for outcome in outcomes), outcomes
