@@ -1246,13 +1246,7 @@ def estimate_parameters(
         u_sum = {f: dict.fromkeys(levels, 0.0) for f, levels in u.items()}
         g_total = 0.0
         for vector in vectors:
-            log_m, log_u = math.log(p), math.log(1 - p)
-            for f, level in vector.items():
-                if f in m and level in m[f] and f not in _NOT_IN_POSTERIOR:
-                    log_m += math.log(m[f][level])
-                    log_u += math.log(u[f][level])
-            diff = log_u - log_m
-            g = 0.0 if diff > 700 else 1.0 / (1.0 + math.exp(diff))
+            g = _posterior(vector, m, u, p)
             g_total += g
             for f, level in vector.items():
                 if f in m and level in m[f]:
