@@ -228,8 +228,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         item = messages.item_of(request.item)
         consent = await self.cache.get(request.enterprise_id)
         verdict = policy.decide(self.regional_policy, consent, requester, item, at)
-        await transactions.audited(
-            self._rt,
+        await self._rt.audit.record_now(
             caller=who,
             type="consent.explain",
             action=Action.ACTION_EXECUTE,
@@ -545,8 +544,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
             if not request.include_revoked:
                 query = query.where(store.DirectiveRecord.status == bppc.DirectiveStatus.ACTIVE.value)
             records = (await session.scalars(query.order_by(store.DirectiveRecord.recorded_at))).all()
-        await transactions.audited(
-            self._rt,
+        await self._rt.audit.record_now(
             caller=who,
             type="consent.directive.list",
             action=Action.ACTION_EXECUTE,
@@ -564,8 +562,7 @@ class ConsentDecisionPointServicer(consent_pb2_grpc.ConsentDecisionPointServicer
         who.require_scope("Consent", "r")
         who.require_role(*_DIRECTIVE_READERS)
         record = await self._visible_directive(who, request.directive_id)
-        await transactions.audited(
-            self._rt,
+        await self._rt.audit.record_now(
             caller=who,
             type="consent.directive.read",
             action=Action.ACTION_READ,

@@ -723,8 +723,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         person = await mpi_client.cross_reference(
             self._rt, common_pb2.PatientRef(domain=record.patient_domain, local_id=record.patient_local_id)
         )
-        await transactions.audited(
-            self._rt,
+        await self._rt.audit.record_now(
             caller=who,
             type="referral.read",
             action=Action.ACTION_READ,
@@ -772,8 +771,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
                 await session.scalars(query.order_by(r.created_at.desc(), r.id).offset(offset).limit(size + 1))
             )
             messages = [await self._message(session, rec, who=who, full=False) for rec in records[:size]]
-        await transactions.audited(
-            self._rt,
+        await self._rt.audit.record_now(
             caller=who,
             type="referral.list",
             action=Action.ACTION_READ,
@@ -804,8 +802,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
         closed = all(rec.state in workflow.TERMINAL for rec in records) and any(
             rec.state == workflow.CLOSED for rec in records
         )
-        await transactions.audited(
-            self._rt,
+        await self._rt.audit.record_now(
             caller=who,
             type="referral.episode.read",
             action=Action.ACTION_READ,
@@ -1068,7 +1065,7 @@ class ReferralsServicer(referral_pb2_grpc.ReferralsServicer):
             for rec in records
         ]
         stats = domain.statistics_of(facts)
-        await transactions.audited(self._rt, caller=who, type="referral.statistics", action=Action.ACTION_READ)
+        await self._rt.audit.record_now(caller=who, type="referral.statistics", action=Action.ACTION_READ)
 
         def rows(counts: Mapping[str, int]) -> list[referral_pb2.CountRow]:
             return [referral_pb2.CountRow(key=k, count=v) for k, v in sorted(counts.items())]

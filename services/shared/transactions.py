@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie.audit.v1 import audit_pb2
-from services.shared.auth import Caller
 from services.shared.process import ServiceRuntime
 
 T = TypeVar("T")
@@ -35,27 +33,3 @@ async def run(
     """`operation(session)` as one change (see `change`); returns its result."""
     async with change(runtime, lock=lock) as session:
         return await operation(session)
-
-
-async def audited(
-    runtime: ServiceRuntime,
-    *,
-    caller: Caller,
-    type: str,
-    action: audit_pb2.Action.ValueType,
-    outcome: audit_pb2.Outcome.ValueType = audit_pb2.OUTCOME_SUCCESS,
-    patient_enterprise_id: str = "",
-    entities: Iterable[tuple[str, str]] = (),
-) -> str:
-    """One audit event in a transaction of its own (the audit of a read, which changes nothing
-    else), the relay woken; returns the event id."""
-    async with change(runtime) as session:
-        return await runtime.audit.record(
-            session,
-            caller=caller,
-            type=type,
-            action=action,
-            outcome=outcome,
-            patient_enterprise_id=patient_enterprise_id,
-            entities=entities,
-        )
