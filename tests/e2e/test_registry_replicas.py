@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -113,16 +114,9 @@ async def _shared_patient(exchange: Exchange, tag: str) -> tuple[HospitalClient,
     return a, b, at_a.json()["enterprise_id"], note.json()["document_id"]
 
 
-async def test_a_consent_change_is_seen_by_the_very_next_query_on_every_replica(replicated: Replicated) -> None:
-    r = replicated
-    tag = secrets.token_hex(3)
-    a, b, enterprise_id, note_id = await _shared_patient(r.exchange, tag)
-    readers = [Reader(b, f"RB-{tag}", replica) for replica in (r.first, r.second)]
-    for reader in readers:  # asked twice on each replica: the second answer is the kept one
-        assert await reader.finds() == {note_id}
-        assert await reader.finds() == {note_id}
-        assert _caches(reader.replica)[1].kept_for(enterprise_id) > 0
-    denied = await a.call(
+async def _deny(a: HospitalClient, b: HospitalClient, tag: str) -> httpx.Response:
+    """Hospital A records the patient's directive refusing hospital B."""
+    return await a.call(
         "POST",
         "/api/v1/consent/directives",
         json={
@@ -132,6 +126,18 @@ async def test_a_consent_change_is_seen_by_the_very_next_query_on_every_replica(
             "provision": {"type": "deny", "actors": [{"kind": "organization", "organization_id": b.org_id}]},  # type: ignore[attr-defined]
         },
     )
+
+
+async def test_a_consent_change_is_seen_by_the_very_next_query_on_every_replica(replicated: Replicated) -> None:
+    r = replicated
+    tag = secrets.token_hex(3)
+    a, b, enterprise_id, note_id = await _shared_patient(r.exchange, tag)
+    readers = [Reader(b, f"RB-{tag}", replica) for replica in (r.first, r.second)]
+    for reader in readers:  # asked twice on each replica: the second answer is the kept one
+        assert await reader.finds() == {note_id}
+        assert await reader.finds() == {note_id}
+        assert _caches(reader.replica)[1].kept_for(enterprise_id) > 0
+    denied = await _deny(a, b, tag)
     assert denied.status_code == 201, denied.text
     # Both replicas dropped what they kept before the directive's answer was returned.
     for reader in readers:
@@ -187,16 +193,7 @@ async def test_a_replica_that_cannot_be_told_is_counted_and_logged_and_the_write
     _page, samples = await scrape(UNACKNOWLEDGED)
     was = value(samples, UNACKNOWLEDGED, component="consent", peer="registry", code="UNAVAILABLE")
     with caplog.at_level(logging.WARNING, logger="services.shared.invalidation"):
-        denied = await a.call(
-            "POST",
-            "/api/v1/consent/directives",
-            json={
-                "patient_local_id": f"RA-{tag}",
-                "policy_ids": ["urn:oid:2.16.156.10011.2.5.1"],
-                "evidence_document_id": f"consent-form-{tag}",
-                "provision": {"type": "deny", "actors": [{"kind": "organization", "organization_id": b.org_id}]},  # type: ignore[attr-defined]
-            },
-        )
+        denied = await _deny(a, b, tag)
     assert denied.status_code == 201, denied.text
     assert await reader.finds() == set()  # the replicas that could be told were
     _page, samples = await scrape(UNACKNOWLEDGED)
